@@ -1,0 +1,118 @@
+"""Offline flip augmentation of the training split, as in the reference recipe.
+
+Each training tile is chosen with probability ``aug_prob`` (0.6); a chosen tile gets two new copies, one
+flipped vertically and one horizontally, its mask flipped identically. The copies are written losslessly
+(PNG, or TIFF for more than 4 bands) to run_dir/augmented/{images,labels} and appended to
+run_dir/splits/train.txt. Re-running replaces the earlier copies instead of adding more: the list is rebuilt
+from the original tiles each time, and the choice of tiles depends only on the seed.
+A preview figure (run_dir/figures/augment_preview.png) shows a few tiles with their flips and masks.
+
+Online flips and 90-degree rotations at load time (``online_aug``, on by default in train.py) are an
+alternative; this offline step is optional.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+import config
+from data_preprocess import DataError, read_image, read_pair_list, write_image
+from split_dataset import write_pair_list
+
+LOG = logging.getLogger("augment")
+FLIPS = {"vflip": 0, "hflip": 1}  # name -> numpy axis
+
+
+def copy_names(image_path: Path, flip: str, mask_suffix: str, bands: int) -> tuple[str, str]:
+    """File names of a flipped copy: <stem>_<flip>.png and <stem>_<flip><mask_suffix>.png."""
+    extension = ".tif" if bands > 4 else ".png"
+    stem = f"{Path(image_path).stem}_{flip}"
+    return f"{stem}{extension}", f"{stem}{mask_suffix}.png"
+
+
+def choose_tiles(n: int, probability: float, seed: int) -> np.ndarray:
+    """Indices of the tiles that get flipped copies: each with the given probability, fixed by the seed."""
+    return np.flatnonzero(np.random.default_rng(seed).random(n) < probability)
+
+
+def preview(samples: list[tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]], path: Path) -> None:
+    """Save a figure: each row is a tile and its mask, then each flip and its mask."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from miou import save_figure
+
+    columns = 2 + 2 * len(FLIPS)
+    fig, axes = plt.subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)
+    for ax_row, (image, mask, flips) in zip(axes, samples):
+        panels = [("original", image), ("mask", mask)]
+        for name, (flipped, flipped_mask) in flips.items():
+            panels += [(name, flipped), (f"{name} mask", flipped_mask)]
+        for ax, (title, array) in zip(ax_row, panels):
+            shown = array[:, :, :3] if array.ndim == 3 and array.shape[2] >= 3 else array.squeeze()
+            if shown.dtype == np.uint16:
+                shown = (shown / 257).astype(np.uint8)
+            ax.imshow(shown, cmap="gray")
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Flip the chosen training tiles, write the copies and extend train.txt."""
+    cfg = config.parse_args(argv, __doc__ or "")
+    config.check_paths(cfg)
+    config.setup_logging(cfg, "augment")
+    config.save_config(cfg, "augment")
+    run_dir = Path(cfg.run_dir)
+    train_list = run_dir / "splits" / "train.txt"
+    out_dir = (run_dir / "augmented").resolve()
+    # Entries under run_dir/augmented come from an earlier run: drop them so re-running never duplicates.
+    originals = [p for p in read_pair_list(train_list) if out_dir not in p[0].resolve().parents]
+    chosen = choose_tiles(len(originals), cfg.aug_prob, cfg.seed)
+    added: list[tuple[Path, Path]] = []
+    samples = []
+    failures = 0
+    for index in tqdm(chosen, desc="flipping", unit="tile", disable=None):
+        image_path, mask_path = originals[index]
+        try:
+            image, mask = read_image(image_path), read_image(mask_path)
+        except DataError as err:
+            LOG.error("%s", err)
+            failures += 1
+            continue
+        flips = {}
+        for flip, axis in FLIPS.items():
+            image_name, mask_name = copy_names(image_path, flip, cfg.mask_suffix, image.shape[2])
+            flipped, flipped_mask = np.flip(image, axis), np.flip(mask, axis)
+            # Masks are kept as read (0/255 or 0/1); image arrays keep their bit depth.
+            write_image(out_dir / "images" / image_name, np.ascontiguousarray(flipped.squeeze(2) if flipped.shape[2] == 1 else flipped))
+            write_image(out_dir / "labels" / mask_name, np.ascontiguousarray(flipped_mask[:, :, 0]))
+            added.append((out_dir / "images" / image_name, out_dir / "labels" / mask_name))
+            flips[flip] = (flipped, flipped_mask)
+        if len(samples) < cfg.preview_count:
+            samples.append((image, mask, flips))
+    write_pair_list(train_list, originals + added)
+    if samples:
+        preview(samples, run_dir / "figures" / "augment_preview.png")
+    LOG.info(
+        "%d of %d training tiles flipped: train.txt now lists %d tiles (%d originals + %d copies in %s)",
+        len(chosen) - failures, len(originals), len(originals) + len(added), len(originals), len(added), out_dir,
+    )
+    if failures:
+        LOG.error("%d tile(s) could not be read and were not augmented; see the messages above", failures)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(config.run_main(main))

@@ -1,0 +1,231 @@
+"""Reading images and masks, and the training Dataset.
+
+What happens to each kind of image (C = bands in the file, ``in_channels`` from config):
+- 8-bit images are scaled to [0, 1] by 1/255, 16-bit images by 1/65535 (so 12-bit sensor data looks dark,
+  which the network learns around; convert to 8-bit first if you prefer).
+- Grayscale (C = 1) with ``in_channels`` = 3 is repeated into three equal bands.
+- RGBA PNGs (C = 4) with ``in_channels`` = 3 lose their alpha band. A 4-band TIFF is read as 4 bands,
+  in file order (for example R, G, B, NIR), and needs ``in_channels=4``.
+- Any other band count that differs from ``in_channels`` is an error naming the file.
+Masks hold 255 (or 1) for farmland and 0 for background; they become class indices 1 and 0.
+Paths may contain spaces and non-ASCII (for example Chinese) characters.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
+
+
+class DataError(ValueError):
+    """An input file that cannot be used; the message names the file, the problem and the fix."""
+
+
+def is_image_file(path: Path) -> bool:
+    """Say whether a path has one of the image extensions (any letter case), hidden files excluded."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as (H, W, C) in file band order (RGB, RGBA, RGB+NIR), 8- or 16-bit or float.
+
+    Raises:
+        DataError: the file is missing, unreadable or not an image.
+    """
+    path = Path(path)
+    try:
+        # np.fromfile + imdecode instead of imread: imread cannot open non-ASCII paths on Windows.
+        raw = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror}); check that the file exists") from None
+    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    if image is None:
+        raise DataError(
+            f"{path}: not a readable image (truncated, corrupt or not an image file); "
+            "re-export it as PNG or TIFF, or remove it from the folder"
+        )
+    if image.ndim == 2:
+        image = image[:, :, None]
+    elif image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    return image
+
+
+def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+    """Convert an (H, W, C) image to float32 (in_channels, H, W) in [0, 1], following the module's rules.
+
+    Raises:
+        DataError: the band count or the value range does not fit.
+    """
+    bands = image.shape[2]
+    if bands != in_channels:
+        if bands == 1 and in_channels == 3:
+            image = np.repeat(image, 3, axis=2)
+        elif bands == 4 and in_channels == 3 and Path(path).suffix.lower() == ".png":
+            image = image[:, :, :3]
+        else:
+            raise DataError(
+                f"{path}: has {bands} band(s), expected in_channels={in_channels}; set --in_channels={bands} "
+                "for this data, or convert the image"
+            )
+    if image.dtype == np.uint8:
+        scaled = image.astype(np.float32) / 255.0
+    elif image.dtype == np.uint16:
+        scaled = image.astype(np.float32) / 65535.0
+    elif np.issubdtype(image.dtype, np.floating):
+        scaled = image.astype(np.float32)
+        if scaled.size and (np.nanmin(scaled) < 0.0 or np.nanmax(scaled) > 1.0):
+            raise DataError(
+                f"{path}: floating-point image with values outside [0, 1] "
+                f"(found {np.nanmin(scaled):.3g} to {np.nanmax(scaled):.3g}); rescale it to [0, 1] or 8/16 bit"
+            )
+    else:
+        raise DataError(f"{path}: pixel type {image.dtype} is not supported; expected 8- or 16-bit, or float")
+    return np.ascontiguousarray(scaled.transpose(2, 0, 1))
+
+
+def load_image(path: Path, in_channels: int) -> np.ndarray:
+    """Read an image file straight to float32 (in_channels, H, W) in [0, 1]."""
+    return image_to_float(read_image(path), in_channels, path)
+
+
+def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0) -> np.ndarray:
+    """Turn a mask of 0/255 (or 0/1) into class indices 0/1 (uint8, H x W).
+
+    Args:
+        mask: (H, W) or (H, W, C) array as read from the file.
+        path: the file, for messages.
+        threshold: 0 accepts only {0, 255} or {0, 1}; N > 0 makes every value >= N farmland.
+
+    Raises:
+        DataError: the mask has several differing bands, or values outside the accepted sets.
+    """
+    if mask.ndim == 3:
+        if mask.shape[2] > 1 and not all(np.array_equal(mask[:, :, 0], mask[:, :, b]) for b in range(1, min(3, mask.shape[2]))):
+            raise DataError(
+                f"{path}: colour mask with {mask.shape[2]} differing bands; expected a single-band mask "
+                "with 255 = farmland and 0 = background. Save it as a grayscale PNG"
+            )
+        mask = mask[:, :, 0]
+    if threshold > 0:
+        return (mask >= threshold).astype(np.uint8)
+    values = np.unique(mask)
+    if np.isin(values, (0, 255)).all():
+        return (mask == 255).astype(np.uint8)
+    if np.isin(values, (0, 1)).all():
+        return mask.astype(np.uint8)
+    shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+    raise DataError(
+        f"{path}: holds values {{{shown}}}; expected only 0 and 255 (or 0 and 1). Re-export masks "
+        "losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"
+    )
+
+
+def load_mask(path: Path, threshold: int = 0) -> np.ndarray:
+    """Read a mask file as class indices (uint8, H x W: 1 = farmland, 0 = background)."""
+    return mask_to_classes(read_image(path), path, threshold)
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """Write an (H, W) or (H, W, C) RGB(A) array losslessly and atomically (temporary file, then rename).
+
+    The format follows the extension (.png or .tif for lossless output); non-ASCII paths work.
+
+    Raises:
+        DataError: the array cannot be encoded in that format.
+    """
+    path = Path(path)
+    array = image
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
+    ok, encoded = cv2.imencode(path.suffix.lower() or ".png", array)
+    if not ok:
+        raise DataError(f"{path}: cannot encode an array of shape {image.shape} and type {image.dtype}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(encoded.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_pair_list(path: Path) -> list[tuple[Path, Path]]:
+    """Read a split list written by split_dataset.py: one ``image<TAB>mask`` pair per line.
+
+    Raises:
+        DataError: the list is missing or a line is malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: split list not found; run split_dataset.py first with the same --run_dir")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise DataError(f"{path}:{number}: expected 'image<TAB>mask', found {line!r}; re-run split_dataset.py")
+        pairs.append((Path(parts[0]), Path(parts[1])))
+    return pairs
+
+
+def random_d4(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply one of the 8 flips/90-degree rotations, drawn from torch's RNG, to an image and its mask alike."""
+    choice = int(torch.randint(0, 8, (1,)).item())
+    if choice & 1:
+        image, mask = image.flip(-1), mask.flip(-1)
+    if choice & 2:
+        image, mask = image.flip(-2), mask.flip(-2)
+    if choice & 4 and image.shape[-1] == image.shape[-2]:
+        image, mask = image.transpose(-1, -2), mask.transpose(-1, -2)
+    return image.contiguous(), mask.contiguous()
+
+
+class FarmlandDataset(Dataset):
+    """Pairs of (image float32 C x H x W in [0, 1], mask int64 H x W of class indices)."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        in_channels: int = 3,
+        augment: bool = False,
+        mask_threshold: int = 0,
+    ) -> None:
+        """Args: pairs of image and mask paths; augment: random flips and 90-degree rotations."""
+        self.pairs = list(pairs)
+        self.in_channels = in_channels
+        self.augment = augment
+        self.mask_threshold = mask_threshold
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = self.pairs[index]
+        image = torch.from_numpy(load_image(image_path, self.in_channels))
+        mask = torch.from_numpy(load_mask(mask_path, self.mask_threshold)).long()
+        if image.shape[1:] != mask.shape:
+            raise DataError(
+                f"{image_path}: image is {tuple(image.shape[1:])} pixels but its mask {mask_path} is "
+                f"{tuple(mask.shape)}; they must match"
+            )
+        if self.augment:
+            image, mask = random_d4(image, mask)
+        return image, mask

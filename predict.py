@@ -1,0 +1,143 @@
+"""Predict farmland masks with a trained U-Net.
+
+Input: the test split (default), or any image file or folder given as ``--predict_input``.
+Output: run_dir/predictions/<stem>_seg.png, 0 = background and 255 = farmland, the argmax of the
+network's class scores; with ``overlay`` also run_dir/predictions/overlays/<stem>_overlay.png, the mask
+drawn over the photo. The network's shape (width, bands, classes) is read from the checkpoint, so only
+the checkpoint has to be named. Tiles are read in background workers, batched by size, and run in eval
+mode without gradients. Unreadable images are reported and skipped; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import config
+from data_preprocess import DataError, is_image_file, load_image, read_pair_list, write_image
+from miou import prediction_path
+from train import load_checkpoint, model_from_checkpoint, select_device
+
+LOG = logging.getLogger("predict")
+OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown
+
+
+def list_inputs(cfg: config.Config) -> list[Path]:
+    """The images to predict: ``predict_input`` (a file or a folder), or the test split's images.
+
+    Raises:
+        DataError: the input does not exist or holds no images.
+    """
+    if not cfg.predict_input:
+        return [image for image, _ in read_pair_list(Path(cfg.run_dir) / "splits" / "test.txt")]
+    source = Path(cfg.predict_input)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise DataError(f"--predict_input={source}: no such file or folder")
+    images = sorted(p for p in source.iterdir() if p.is_file() and is_image_file(p))
+    if not images:
+        raise DataError(f"{source}: holds no images (.png .jpg .tif); point --predict_input at a folder of tiles")
+    return images
+
+
+class ImageFiles(Dataset):
+    """Reads one image per item as (index, float tensor C x H x W), or (index, error message)."""
+
+    def __init__(self, paths: Sequence[Path], in_channels: int) -> None:
+        self.paths = list(paths)
+        self.in_channels = in_channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            return index, torch.from_numpy(load_image(self.paths[index], self.in_channels))
+        except DataError as err:
+            return index, str(err)  # reported by the main process; one bad file does not stop the rest
+
+
+def batches_by_size(items: Iterator[tuple[int, torch.Tensor | str]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor | None, str | None]]:
+    """Group consecutive images of the same size into batches; pass errors through one by one."""
+    indices: list[int] = []
+    tensors: list[torch.Tensor] = []
+    for index, item in items:
+        if isinstance(item, str):
+            yield [index], None, item
+            continue
+        if tensors and (item.shape != tensors[0].shape or len(tensors) == batch_size):
+            yield indices, torch.stack(tensors), None
+            indices, tensors = [], []
+        indices.append(index)
+        tensors.append(item)
+    if tensors:
+        yield indices, torch.stack(tensors), None
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Blend the farmland tint over an (C, H, W) float image in [0, 1]; return uint8 RGB."""
+    photo = image[:3].transpose(1, 2, 0) if image.shape[0] >= 3 else np.repeat(image[:1].transpose(1, 2, 0), 3, axis=2)
+    rgb = photo * 255.0
+    farmland = mask.astype(bool)
+    rgb[farmland] = 0.55 * rgb[farmland] + 0.45 * OVERLAY_COLOUR
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+@torch.inference_mode()
+def predict_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Class indices (N, H, W) uint8 by argmax over the network's logits."""
+    return model(images.to(device)).argmax(1).to(torch.uint8).cpu().numpy()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
+    cfg = config.parse_args(argv, __doc__ or "")
+    config.check_paths(cfg)
+    config.setup_logging(cfg, "predict")
+    config.save_config(cfg, "predict")
+    run_dir = Path(cfg.run_dir)
+    device = select_device(cfg.device)
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
+    state = load_checkpoint(checkpoint, device)
+    model = model_from_checkpoint(state, device).eval()
+    in_channels = state["config"]["in_channels"]
+    paths = list_inputs(cfg)
+    outputs = [prediction_path(run_dir, p) for p in paths]
+    seen: dict[Path, Path] = {}
+    for path, out in zip(paths, outputs):
+        if out in seen:
+            raise DataError(f"{path} and {seen[out]} would both be written to {out}; give them distinct names")
+        seen[out] = path
+    LOG.info("predicting %d image(s) with %s (epoch %s) on %s", len(paths), checkpoint, state.get("epoch"), device)
+    loader = DataLoader(ImageFiles(paths, in_channels), batch_size=None, num_workers=cfg.num_workers)
+    failures, done = 0, 0
+    with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:
+        for indices, images, error in batches_by_size(iter(loader), cfg.predict_batch_size):
+            if error is not None:
+                LOG.error("%s", error)
+                failures += 1
+            else:
+                for index, image, mask in zip(indices, images.numpy(), predict_batch(model, images, device)):
+                    write_image(outputs[index], mask * np.uint8(255))
+                    if cfg.overlay:
+                        out = outputs[index].parent / "overlays" / f"{paths[index].stem}_overlay.png"
+                        write_image(out, overlay_image(image, mask))
+                    done += 1
+            bar.update(len(indices))
+    LOG.info("wrote %d mask(s) to %s", done, run_dir / "predictions")
+    if failures:
+        LOG.error("%d image(s) could not be predicted; see the messages above", failures)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(config.run_main(main))

@@ -1,0 +1,189 @@
+"""Pair every image with its mask, check each pair, and split them into train / val / test (8:1:1).
+
+Inputs: data_dir/image_subdir/<stem>.<png|jpg|tif...> and data_dir/label_subdir/<stem><mask_suffix>.png.
+Outputs (all under run_dir/splits; the data folder is only read):
+- train.txt, val.txt, test.txt: one ``image<TAB>mask`` pair of absolute paths per line;
+- rejected.csv: every file left out and why (unusable pair, quality filter, orphan image or mask);
+- summary.json: the counts.
+Unusable pairs (unreadable, sizes differ, mask values not 0/255 or 0/1, wrong band count) are reported
+one by one, the rest are still split, and the exit status is 1 so that a pipeline stops to look.
+The split is reproducible: the same files and seed give the same lists.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+import config
+from data_preprocess import DataError, image_to_float, is_image_file, mask_to_classes, read_image
+
+LOG = logging.getLogger("split_dataset")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Scan:
+    """What was found in the image and label folders."""
+
+    pairs: list[tuple[Path, Path]] = field(default_factory=list)
+    rejected: list[tuple[Path, str, str]] = field(default_factory=list)  # (file, kind, reason)
+
+
+def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
+    """Pair images with masks by stem: a.png goes with a<mask_suffix>.png (extensions in any case).
+
+    Non-image files (Thumbs.db, .DS_Store, ...) are ignored; images without a mask and masks without an
+    image are recorded as orphans; two images or two masks with the same stem are recorded as ambiguous.
+
+    Raises:
+        DataError: a folder is missing.
+    """
+    for folder, key in ((image_dir, "image_subdir"), (label_dir, "label_subdir")):
+        if not folder.is_dir():
+            raise DataError(
+                f"{folder}: folder not found; expected data_dir/{folder.name} holding the "
+                f"{'images' if key == 'image_subdir' else 'masks'} (set --data_dir or --{key})"
+            )
+    scan = Scan()
+    masks: dict[str, list[Path]] = {}
+    for path in sorted(label_dir.iterdir()):
+        if path.is_file() and is_image_file(path) and path.stem.endswith(mask_suffix) and mask_suffix:
+            masks.setdefault(path.stem[: -len(mask_suffix)], []).append(path)
+        elif path.is_file() and is_image_file(path):
+            scan.rejected.append((path, "orphan", f"mask name does not end in '{mask_suffix}' before the extension"))
+    images: dict[str, list[Path]] = {}
+    for path in sorted(image_dir.iterdir()):
+        if path.is_file() and is_image_file(path):
+            images.setdefault(path.stem, []).append(path)
+    for stem in sorted(set(images) | set(masks)):
+        found_images, found_masks = images.get(stem, []), masks.get(stem, [])
+        if len(found_images) > 1 or len(found_masks) > 1:
+            for path in found_images + found_masks:
+                scan.rejected.append((path, "error", f"stem '{stem}' is ambiguous: {[p.name for p in found_images + found_masks]}; rename so each stem is unique"))
+        elif not found_masks:
+            scan.rejected.append((found_images[0], "orphan", f"no mask {stem}{mask_suffix}.png in {label_dir}"))
+        elif not found_images:
+            scan.rejected.append((found_masks[0], "orphan", f"no image {stem}.png/.jpg/.tif in {image_dir}"))
+        else:
+            scan.pairs.append((found_images[0], found_masks[0]))
+    return scan
+
+
+def check_pair(image_path: Path, mask_path: Path, cfg: config.Config) -> tuple[str, str] | None:
+    """Check one pair; return None if usable, else (kind, reason) with kind 'error' or 'filtered'."""
+    try:
+        image = read_image(image_path)
+        image_to_float(image[:1, :1], cfg.in_channels, image_path)  # band count and pixel type only
+        mask = mask_to_classes(read_image(mask_path), mask_path, cfg.mask_threshold)
+    except DataError as err:
+        return "error", str(err)
+    if image.shape[:2] != mask.shape:
+        return "error", (
+            f"{image_path}: image is {image.shape[1]}x{image.shape[0]} pixels but its mask {mask_path.name} is "
+            f"{mask.shape[1]}x{mask.shape[0]}; they must be the same size"
+        )
+    nodata = float((image == 0).all(axis=2).mean())
+    if nodata > cfg.max_nodata_fraction:
+        return "filtered", f"{nodata:.0%} of pixels are nodata (all bands 0) > max_nodata_fraction={cfg.max_nodata_fraction}"
+    return None
+
+
+def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
+    """How many items go to train, val and test: val and test rounded, at least one each when n >= 3."""
+    counts = [0, 0, 0]
+    for i in (1, 2):
+        counts[i] = int(round(n * ratios[i]))
+        if ratios[i] > 0 and counts[i] == 0 and n >= 3:
+            counts[i] = 1
+    counts[0] = n - counts[1] - counts[2]
+    return counts
+
+
+def check_ratios(ratios: Sequence[float]) -> None:
+    """Raises ValueError unless the ratios are three non-negative numbers summing to 1 with train > 0."""
+    if len(ratios) != 3 or min(ratios) < 0 or ratios[0] <= 0 or abs(sum(ratios) - 1.0) > 1e-6:
+        raise ValueError(
+            f"split_ratios={','.join(str(r) for r in ratios)}: expected three non-negative fractions for "
+            "train, val and test that sum to 1, for example --split_ratios=0.8,0.1,0.1"
+        )
+
+
+def split_pairs(pairs: Sequence[tuple[Path, Path]], ratios: Sequence[float], seed: int) -> dict[str, list[tuple[Path, Path]]]:
+    """Shuffle the pairs (sorted first, so the folder's listing order does not matter) and cut them by ratio."""
+    check_ratios(ratios)
+    ordered = sorted(pairs, key=lambda p: p[0].name)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    shuffled = [ordered[i] for i in order]
+    n_train, n_val, _ = split_counts(len(shuffled), ratios)
+    return {
+        "train": sorted(shuffled[:n_train]),
+        "val": sorted(shuffled[n_train : n_train + n_val]),
+        "test": sorted(shuffled[n_train + n_val :]),
+    }
+
+
+def write_pair_list(path: Path, pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Write ``image<TAB>mask`` lines of absolute paths, atomically."""
+    lines = [f"{Path(i).resolve()}\t{Path(m).resolve()}\n" for i, m in pairs]
+    config.atomic_write_text(path, "".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Scan, check and split the data set; write the lists and the report under run_dir/splits."""
+    cfg = config.parse_args(argv, __doc__ or "")
+    check_ratios(cfg.split_ratios)
+    config.check_paths(cfg)
+    config.setup_logging(cfg, "split_dataset")
+    config.save_config(cfg, "split_dataset")
+    data_dir = Path(cfg.data_dir)
+    scan = find_pairs(data_dir / cfg.image_subdir, data_dir / cfg.label_subdir, cfg.mask_suffix)
+    usable = []
+    for image_path, mask_path in tqdm(scan.pairs, desc="checking pairs", unit="pair", disable=None):
+        problem = check_pair(image_path, mask_path, cfg)
+        if problem is None:
+            usable.append((image_path, mask_path))
+        else:
+            scan.rejected.append((image_path, *problem))
+    for path, kind, reason in scan.rejected:
+        (LOG.error if kind == "error" else LOG.warning)("%s %s: %s", kind, path, reason)
+    if not usable:
+        raise DataError(
+            f"no usable image/mask pairs in {data_dir}: expected {cfg.image_subdir}/<name>.png with "
+            f"{cfg.label_subdir}/<name>{cfg.mask_suffix}.png ({len(scan.rejected)} file(s) rejected, listed above)"
+        )
+    splits = split_pairs(usable, cfg.split_ratios, cfg.seed)
+    out = Path(cfg.run_dir) / "splits"
+    for name in SPLIT_NAMES:
+        write_pair_list(out / f"{name}.txt", splits[name])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["file", "kind", "reason"])
+    writer.writerows((str(p), k, r) for p, k, r in scan.rejected)
+    config.atomic_write_text(out / "rejected.csv", buffer.getvalue())
+    kinds = [k for _, k, _ in scan.rejected]
+    summary = {name: len(splits[name]) for name in SPLIT_NAMES}
+    summary.update({"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")})
+    config.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    LOG.info(
+        "split %d pairs: train %d, val %d, test %d | unusable %d, filtered %d, orphans %d (see %s)",
+        len(usable), summary["train"], summary["val"], summary["test"],
+        summary["errors"], summary["filtered"], summary["orphans"], out / "rejected.csv",
+    )
+    if summary["errors"]:
+        LOG.error("%d pair(s) are unusable and were left out; fix them (messages above) and re-run", summary["errors"])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(config.run_main(main))
