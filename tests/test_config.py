@@ -1,0 +1,93 @@
+"""config.py: typed overrides, the unknown-key error, --help, saved configs, path guards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import config
+
+REQUIRED_KEYS = (
+    "data_dir run_dir image_subdir label_subdir mask_suffix epochs batch_size lr weight_decay step_size gamma "
+    "base_width in_channels n_classes dropout seed device num_workers"
+).split()
+
+
+def test_required_keys_exist_with_reference_defaults() -> None:
+    cfg = config.Config()
+    names = {f.name for f in dataclasses.fields(config.Config)}
+    assert set(REQUIRED_KEYS) <= names
+    assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.step_size, cfg.gamma, cfg.epochs) == (5, 1e-4, 1e-8, 20, 0.5, 100)
+    assert (cfg.base_width, cfg.dropout, cfg.n_classes, cfg.aug_prob, cfg.snapshot_every) == (64, 0.3, 2, 0.6, 10)
+    assert cfg.split_ratios == (0.8, 0.1, 0.1)
+
+
+def test_every_key_has_a_comment() -> None:
+    comments = config.key_comments()
+    missing = [f.name for f in dataclasses.fields(config.Config) if not comments.get(f.name)]
+    assert missing == []
+
+
+def test_overrides_are_converted_to_the_defaults_type() -> None:
+    cfg = config.parse_args(["--epochs=7", "--lr=0.003", "--resume=TRUE", "--online_aug=no", "--split_ratios=0.7,0.2,0.1", "--data_dir=a b/数据"])
+    assert cfg.epochs == 7 and isinstance(cfg.epochs, int)
+    assert cfg.lr == pytest.approx(0.003)
+    assert cfg.resume is True and cfg.online_aug is False
+    assert cfg.split_ratios == (0.7, 0.2, 0.1)
+    assert cfg.data_dir == "a b/数据"
+
+
+def test_unknown_key_lists_the_valid_keys() -> None:
+    with pytest.raises(ValueError, match=r"unknown config key 'epoch'.*valid keys are: .*epochs"):
+        config.parse_args(["--epoch=3"])
+
+
+def test_wrong_type_names_key_and_expected_type() -> None:
+    with pytest.raises(ValueError, match=r"--epochs='ten': expected a value of type int"):
+        config.parse_args(["--epochs=ten"])
+    with pytest.raises(ValueError, match=r"--resume='maybe': expected a value of type bool"):
+        config.parse_args(["--resume=maybe"])
+
+
+def test_malformed_argument_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected --key=value"):
+        config.parse_args(["--epochs", "3"])
+
+
+def test_values_are_never_evaluated() -> None:
+    cfg = config.parse_args(["--run_dir=__import__('os').getcwd()"])
+    assert cfg.run_dir == "__import__('os').getcwd()"
+
+
+def test_help_lists_keys_defaults_and_comments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        config.parse_args(["--help"], "Train the U-Net.")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Train the U-Net." in out
+    assert "--batch_size=5" in out and "tiles per training step" in out
+    assert "--split_ratios=0.8,0.1,0.1" in out
+
+
+def test_save_config_writes_the_resolved_values(tmp_path: Path) -> None:
+    cfg = config.parse_args([f"--run_dir={tmp_path / 'run'}", "--epochs=3"])
+    path = config.save_config(cfg, "train")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert path == tmp_path / "run" / "configs" / "train.json"
+    assert saved["epochs"] == 3 and saved["batch_size"] == 5
+
+
+def test_run_dir_inside_data_dir_is_refused(tmp_path: Path) -> None:
+    cfg = config.parse_args([f"--data_dir={tmp_path}", f"--run_dir={tmp_path / 'runs'}"])
+    with pytest.raises(ValueError, match="lies inside data_dir"):
+        config.check_paths(cfg)
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
+    config.atomic_write_text(tmp_path / "a.txt", "first")
+    config.atomic_write_text(tmp_path / "a.txt", "second")
+    assert (tmp_path / "a.txt").read_text() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

@@ -1,0 +1,117 @@
+"""data_preprocess.py: image kinds, mask encodings, bad files, the Dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data_preprocess import DataError, FarmlandDataset, load_image, load_mask, random_d4, read_image, write_image
+
+
+def test_unicode_and_space_paths_round_trip(tmp_path: Path) -> None:
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    path = tmp_path / "田块 影像" / "图 1.png"
+    write_image(path, image)
+    assert (read_image(path) == image).all()  # RGB order kept, lossless
+
+
+def test_rgb_is_scaled_to_unit_range_in_chw(tmp_path: Path) -> None:
+    image = np.zeros((2, 3, 3), np.uint8)
+    image[..., 0] = 255
+    write_image(tmp_path / "a.png", image)
+    out = load_image(tmp_path / "a.png", 3)
+    assert out.shape == (3, 2, 3) and out.dtype == np.float32
+    assert out[0].min() == 1.0 and out[1:].max() == 0.0
+
+
+def test_grayscale_is_repeated_to_three_bands(tmp_path: Path) -> None:
+    write_image(tmp_path / "g.png", np.full((4, 4), 51, np.uint8))
+    out = load_image(tmp_path / "g.png", 3)
+    assert out.shape == (3, 4, 4) and np.allclose(out, 0.2)
+
+
+def test_rgba_png_drops_alpha_but_four_band_tiff_keeps_nir(tmp_path: Path) -> None:
+    rgba = np.dstack([np.full((4, 4), v, np.uint8) for v in (10, 20, 30, 40)])
+    write_image(tmp_path / "a.png", rgba)
+    assert np.allclose(load_image(tmp_path / "a.png", 3)[:, 0, 0] * 255, [10, 20, 30])
+    write_image(tmp_path / "b.tif", rgba)
+    assert np.allclose(load_image(tmp_path / "b.tif", 4)[:, 0, 0] * 255, [10, 20, 30, 40])
+    with pytest.raises(DataError, match=r"b\.tif: has 4 band\(s\), expected in_channels=3"):
+        load_image(tmp_path / "b.tif", 3)
+
+
+def test_sixteen_bit_is_scaled_by_65535(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", np.full((3, 3, 3), 65535 // 5, np.uint16))
+    assert np.allclose(load_image(tmp_path / "a.png", 3), 0.2, atol=1e-6)
+
+
+def test_jpeg_and_upper_case_extension(tmp_path: Path) -> None:
+    ok, data = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))
+    (tmp_path / "A.JPG").write_bytes(data.tobytes())
+    assert load_image(tmp_path / "A.JPG", 3).shape == (3, 8, 8)
+
+
+def test_masks_0_255_and_0_1_and_threshold(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", np.array([[0, 255]], np.uint8))
+    write_image(tmp_path / "b.png", np.array([[0, 1]], np.uint8))
+    write_image(tmp_path / "c.png", np.array([[0, 38, 200, 255]], np.uint8))
+    assert load_mask(tmp_path / "a.png").tolist() == [[0, 1]]
+    assert load_mask(tmp_path / "b.png").tolist() == [[0, 1]]
+    assert load_mask(tmp_path / "c.png", threshold=128).tolist() == [[0, 0, 1, 1]]
+
+
+def test_lossy_mask_error_names_file_values_and_fix(tmp_path: Path) -> None:
+    write_image(tmp_path / "a_mask.png", np.array([[0, 1, 38, 255]], np.uint8))
+    with pytest.raises(DataError, match=r"a_mask\.png: holds values \{0, 1, 38, 255\}; expected only 0 and 255.*mask_threshold"):
+        load_mask(tmp_path / "a_mask.png")
+
+
+def test_colour_mask_with_differing_bands_is_refused(tmp_path: Path) -> None:
+    mask = np.zeros((2, 2, 3), np.uint8)
+    mask[0, 0] = (255, 0, 0)
+    write_image(tmp_path / "m.png", mask)
+    with pytest.raises(DataError, match="colour mask"):
+        load_mask(tmp_path / "m.png")
+    write_image(tmp_path / "grey3.png", np.dstack([np.array([[0, 255]], np.uint8)] * 3))
+    assert load_mask(tmp_path / "grey3.png").tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image", None])
+def test_unreadable_files(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "bad.png"
+    if content is None:  # a PNG cut short
+        ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        content = data.tobytes()[:200]
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=r"bad\.png: not a readable image"):
+        read_image(path)
+    with pytest.raises(DataError, match="cannot be read"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_dataset_yields_tensors_and_checks_sizes(tmp_path: Path) -> None:
+    write_image(tmp_path / "i.png", np.zeros((6, 8, 3), np.uint8))
+    write_image(tmp_path / "m.png", np.full((6, 8), 255, np.uint8))
+    write_image(tmp_path / "small.png", np.full((5, 8), 255, np.uint8))
+    image, mask = FarmlandDataset([(tmp_path / "i.png", tmp_path / "m.png")])[0]
+    assert image.shape == (3, 6, 8) and image.dtype == torch.float32
+    assert mask.shape == (6, 8) and mask.dtype == torch.int64 and int(mask.sum()) == 48
+    with pytest.raises(DataError, match=r"image is \(6, 8\) pixels but its mask .*small\.png is \(5, 8\)"):
+        FarmlandDataset([(tmp_path / "i.png", tmp_path / "small.png")])[0]
+
+
+def test_online_augmentation_moves_image_and_mask_together() -> None:
+    image = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4)
+    mask = image[0].long()  # the mask equals the first band, so any shared transform keeps them equal
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(64):
+        out_image, out_mask = random_d4(image, mask)
+        assert torch.equal(out_image[0].long(), out_mask)
+        assert torch.equal(out_image[1] - 16, out_image[0])
+        seen.add(tuple(out_mask.flatten().tolist()))
+    assert len(seen) == 8  # all flips and rotations occur

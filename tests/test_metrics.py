@@ -1,0 +1,111 @@
+"""miou.py's counts and formulas against hand-computed cases, including empty masks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from miou import class_iou, confusion_matrix, scores, summarise
+
+# A 2x4 label and prediction worked by hand:
+#   label  1 1 0 0     prediction  1 0 0 1
+#          1 1 0 0                 1 1 0 0
+# farmland: tp = 3, fn = 1, fp = 1; background: tn = 3.
+LABEL = np.array([[1, 1, 0, 0], [1, 1, 0, 0]])
+PRED = np.array([[1, 0, 0, 1], [1, 1, 0, 0]])
+
+
+def test_confusion_matrix_counts_by_hand() -> None:
+    cm = confusion_matrix(PRED, LABEL)
+    assert cm.tolist() == [[3, 1], [1, 3]]  # rows = label, columns = prediction
+    assert confusion_matrix(torch.from_numpy(PRED), torch.from_numpy(LABEL)).tolist() == [[3, 1], [1, 3]]
+
+
+def test_scores_by_hand() -> None:
+    s = scores(confusion_matrix(PRED, LABEL))
+    assert s["farmland_iou"] == pytest.approx(3 / 5)
+    assert s["background_iou"] == pytest.approx(3 / 5)
+    assert s["miou"] == pytest.approx(3 / 5)
+    assert s["precision"] == pytest.approx(3 / 4)
+    assert s["recall"] == pytest.approx(3 / 4)
+    assert s["f1"] == pytest.approx(3 / 4)
+    assert s["accuracy"] == pytest.approx(6 / 8)
+    # kappa: po = 0.75, pe = (4*4 + 4*4) / 64 = 0.5, kappa = 0.25 / 0.5
+    assert s["kappa"] == pytest.approx(0.5)
+
+
+def test_unbalanced_case_by_hand() -> None:
+    # label: 6 farmland, 2 background; prediction: all farmland.
+    label = np.array([1, 1, 1, 1, 1, 1, 0, 0])
+    pred = np.ones(8, dtype=int)
+    s = scores(confusion_matrix(pred, label))
+    assert s["farmland_iou"] == pytest.approx(6 / 8)
+    assert s["background_iou"] == 0.0
+    assert s["precision"] == pytest.approx(6 / 8) and s["recall"] == 1.0
+    assert s["f1"] == pytest.approx(12 / 14)
+    assert s["kappa"] == pytest.approx(0.0)  # po = pe = 0.75
+
+
+def test_class_absent_from_label_and_prediction_is_nan_and_skipped() -> None:
+    empty = np.zeros((4, 4), dtype=int)
+    cm = confusion_matrix(empty, empty)
+    ious = class_iou(cm)
+    assert math.isnan(ious[1]) and ious[0] == 1.0
+    s = scores(cm)
+    assert math.isnan(s["farmland_iou"]) and math.isnan(s["precision"]) and math.isnan(s["recall"])
+    assert s["miou"] == 1.0  # mean over the classes that occur
+    assert s["accuracy"] == 1.0
+
+
+def test_predicting_farmland_on_an_empty_label_scores_zero() -> None:
+    cm = confusion_matrix(np.ones((2, 2), dtype=int), np.zeros((2, 2), dtype=int))
+    s = scores(cm)
+    assert s["farmland_iou"] == 0.0 and s["background_iou"] == 0.0 and s["precision"] == 0.0
+    assert math.isnan(s["recall"])
+
+
+def test_per_image_mean_and_pooled_differ_as_computed_by_hand() -> None:
+    # Image A: 3 farmland pixels all found (IoU 1); image B: 1 farmland pixel missed, nothing predicted (IoU 0);
+    # image C: no farmland anywhere (skipped for farmland).
+    rows, pooled = [], np.zeros((2, 2), dtype=np.int64)
+    for name, label, pred in (
+        ("A", [1, 1, 1, 0], [1, 1, 1, 0]),
+        ("B", [1, 0, 0, 0], [0, 0, 0, 0]),
+        ("C", [0, 0, 0, 0], [0, 0, 0, 0]),
+    ):
+        cm = confusion_matrix(np.array(pred), np.array(label))
+        pooled += cm
+        ious = class_iou(cm)
+        rows.append({"name": name, "farmland_iou": float(ious[1]), "background_iou": float(ious[0])})
+    summary = summarise(rows, pooled)
+    assert summary["per_image"]["farmland_iou"] == pytest.approx(0.5)  # (1 + 0) / 2, C skipped
+    assert summary["per_image"]["farmland_iou_images_counted"] == 2
+    assert summary["pooled"]["farmland_iou"] == pytest.approx(3 / 4)  # tp 3, fn 1
+    assert summary["per_image"]["background_iou"] == pytest.approx((1 + 3 / 4 + 1) / 3)
+    assert summary["n_images"] == 3
+
+
+def test_all_empty_split_writes_null_not_nan() -> None:
+    cm = confusion_matrix(np.zeros(4, dtype=int), np.zeros(4, dtype=int))
+    summary = summarise([{"name": "a", "farmland_iou": math.nan, "background_iou": 1.0}], cm)
+    assert summary["pooled"]["farmland_iou"] is None
+    assert summary["per_image"]["farmland_iou"] is None
+
+
+def test_vectorised_counts_match_a_per_pixel_loop() -> None:
+    rng = np.random.default_rng(1)
+    label, pred = rng.integers(0, 2, (37, 41)), rng.integers(0, 2, (37, 41))
+    expected = np.zeros((2, 2), dtype=np.int64)
+    for t, p in zip(label.ravel(), pred.ravel()):
+        expected[t, p] += 1
+    assert (confusion_matrix(pred, label) == expected).all()
+
+
+def test_bad_inputs_to_confusion_matrix() -> None:
+    with pytest.raises(ValueError, match="differs from label shape"):
+        confusion_matrix(np.zeros((2, 2), dtype=int), np.zeros((2, 3), dtype=int))
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, 2\)"):
+        confusion_matrix(np.full((2, 2), 255), np.zeros((2, 2), dtype=int))

@@ -1,0 +1,153 @@
+"""Every script's main in order on tiny data, exact resume, augmentation re-runs, predicting a folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import augment
+import miou
+import predict
+import split_dataset
+import train
+from conftest import folder_digest
+from data_preprocess import DataError, load_mask, read_pair_list, write_image
+
+TINY = ["--base_width=4", "--batch_size=4", "--num_workers=0", "--lr=0.01", "--step_size=2", "--snapshot_every=2"]
+
+
+def args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"--data_dir={data_dir}", f"--run_dir={run_dir}", *TINY, *extra]
+
+
+def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "运行 run"
+    before = folder_digest(square_data)
+    assert split_dataset.main(args(square_data, run_dir)) == 0
+    assert augment.main(args(square_data, run_dir)) == 0
+    assert train.main(args(square_data, run_dir, "--epochs=4")) == 0
+    assert predict.main(args(square_data, run_dir)) == 0
+    assert miou.main(args(square_data, run_dir)) == 0
+    assert folder_digest(square_data) == before  # nothing written into, moved or changed in the data folder
+
+    for name in ("split_dataset", "augment", "train", "predict", "miou"):
+        assert json.loads((run_dir / "configs" / f"{name}.json").read_text())["base_width"] == 4
+    for name in ("best.pth", "last.pth", "epoch_002.pth", "epoch_004.pth"):
+        assert (run_dir / "checkpoints" / name).is_file()
+    with open(run_dir / "train_log.csv", encoding="utf-8") as handle:
+        log = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in log] == [1, 2, 3, 4]
+    assert [float(r["lr"]) for r in log] == pytest.approx([0.01, 0.005, 0.005, 0.0025])  # StepLR every 2 x 0.5
+    for figure in ("training_curves.png", "augment_preview.png", "iou_per_image.png", "gallery_worst.png", "gallery_best.png"):
+        assert (run_dir / "figures" / figure).stat().st_size > 1000
+
+    test_images = [i for i, _ in read_pair_list(run_dir / "splits" / "test.txt")]
+    for image in test_images:
+        seg = load_mask(run_dir / "predictions" / f"{image.stem}_seg.png")  # 0/255 on disk, checked by load_mask
+        assert seg.shape == (32, 32)
+        assert (run_dir / "predictions" / "overlays" / f"{image.stem}_overlay.png").is_file()
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_images"] == len(test_images) == 2
+    for key in ("farmland_iou", "background_iou", "miou", "precision", "recall", "f1", "accuracy", "kappa"):
+        assert key in metrics["pooled"]
+    assert set(metrics["per_image"]) >= {"farmland_iou", "background_iou"}
+    # The pooled figures agree with a recount from the files on disk.
+    cm = sum(miou.confusion_matrix(load_mask(run_dir / "predictions" / f"{i.stem}_seg.png"), load_mask(m)) for i, m in read_pair_list(run_dir / "splits" / "test.txt"))
+    assert metrics["pooled"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    with open(run_dir / "per_image_metrics.csv", encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+
+
+def test_augment_rerun_does_not_duplicate(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    originals = read_pair_list(run_dir / "splits" / "train.txt")
+    augment.main(args(square_data, run_dir))
+    first = read_pair_list(run_dir / "splits" / "train.txt")
+    augment.main(args(square_data, run_dir))
+    second = read_pair_list(run_dir / "splits" / "train.txt")
+    assert first == second
+    copies = first[len(originals):]
+    assert first[: len(originals)] == originals and len(copies) % 2 == 0 and copies
+    # Each copy is the original flipped, and its mask flipped identically.
+    for image_path, mask_path in copies:
+        stem, flip = image_path.stem.rsplit("_", 1)
+        source_image, source_mask = next((i, m) for i, m in originals if i.stem == stem)
+        axis = 0 if flip == "vflip" else 1
+        assert np.array_equal(load_mask(mask_path), np.flip(load_mask(source_mask), axis))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_reaches_the_same_weights(square_data: Path, tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    for run_dir in (straight, interrupted):
+        split_dataset.main(args(square_data, run_dir))
+    assert train.main(args(square_data, straight, "--epochs=3")) == 0
+    assert train.main(args(square_data, interrupted, "--epochs=2")) == 0  # stopped after epoch 2
+    assert train.main(args(square_data, interrupted, "--epochs=3", "--resume=true")) == 0
+    a, b = weights(straight / "checkpoints" / "last.pth"), weights(interrupted / "checkpoints" / "last.pth")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(interrupted / "checkpoints" / "last.pth", weights_only=True)
+    assert state["epoch"] == 3 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
+
+
+def test_resume_refuses_another_network(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    train.main(args(square_data, run_dir, "--epochs=1"))
+    with pytest.raises(DataError, match=r"cannot resume, the network differs \(base_width: checkpoint 4 vs config 8\)"):
+        train.main(args(square_data, run_dir, "--epochs=2", "--resume=true", "--base_width=8"))
+    split_dataset.main(args(square_data, tmp_path / "fresh"))
+    with pytest.raises(DataError, match="last.pth: checkpoint not found"):
+        train.main(args(square_data, tmp_path / "fresh", "--resume=true"))
+
+
+def test_train_without_split_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="run split_dataset.py first"):
+        train.main(args(tmp_path / "data", tmp_path / "run"))
+
+
+def test_predict_a_folder_reports_bad_files_and_goes_on(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    train.main(args(square_data, run_dir, "--epochs=1"))
+    folder = tmp_path / "新 tiles"
+    write_image(folder / "odd size.png", np.full((37, 50, 3), 90, np.uint8))
+    write_image(folder / "b.png", np.full((32, 32, 3), 90, np.uint8))
+    (folder / "broken.png").write_bytes(b"nope")
+    code = predict.main(args(square_data, run_dir, f"--predict_input={folder}", "--overlay=false"))
+    assert code == 1
+    assert load_mask(run_dir / "predictions" / "odd size_seg.png").shape == (37, 50)
+    assert (run_dir / "predictions" / "b_seg.png").is_file()
+    assert not (run_dir / "predictions" / "broken_seg.png").exists()
+    assert not (run_dir / "predictions" / "overlays").exists()
+
+
+def test_predict_refuses_images_with_another_band_count(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    train.main(args(square_data, run_dir, "--epochs=1"))
+    write_image(tmp_path / "four.tif", np.zeros((32, 32, 4), np.uint8))
+    assert predict.main(args(square_data, run_dir, f"--predict_input={tmp_path / 'four.tif'}")) == 1
+    assert "four.tif: has 4 band(s), expected in_channels=3" in caplog.text
+
+
+def test_miou_reports_missing_predictions(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    image, mask = read_pair_list(run_dir / "splits" / "test.txt")[0]
+    write_image(run_dir / "predictions" / f"{image.stem}_seg.png", load_mask(mask) * np.uint8(255))
+    assert miou.main(args(square_data, run_dir)) == 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_images"] == 1 and metrics["pooled"]["farmland_iou"] == 1.0
+    assert "prediction not found" in caplog.text

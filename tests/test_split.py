@@ -1,0 +1,126 @@
+"""split_dataset.py: pairing, orphans, bad pairs, quality filter, reproducible 8:1:1 splits."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import split_dataset
+from conftest import folder_digest, square_tile, write_pair
+from data_preprocess import DataError, read_pair_list, write_image
+from split_dataset import find_pairs, split_counts, split_pairs
+
+
+def run_split(data_dir: Path, run_dir: Path, *extra: str) -> int:
+    return split_dataset.main([f"--data_dir={data_dir}", f"--run_dir={run_dir}", *extra])
+
+
+def rejected(run_dir: Path) -> dict[str, tuple[str, str]]:
+    with open(run_dir / "splits" / "rejected.csv", encoding="utf-8") as handle:
+        return {Path(r["file"]).name: (r["kind"], r["reason"]) for r in csv.DictReader(handle)}
+
+
+def test_split_counts() -> None:
+    assert split_counts(100, (0.8, 0.1, 0.1)) == [80, 10, 10]
+    assert split_counts(10, (0.8, 0.1, 0.1)) == [8, 1, 1]
+    assert split_counts(5, (0.8, 0.1, 0.1)) == [3, 1, 1]  # val and test never empty when they can be filled
+    assert split_counts(2, (0.8, 0.1, 0.1)) == [2, 0, 0]
+
+
+def test_split_is_reproducible_disjoint_and_complete(square_data: Path, tmp_path: Path) -> None:
+    scan = find_pairs(square_data / "images", square_data / "labels", "_mask")
+    a = split_pairs(scan.pairs, (0.8, 0.1, 0.1), seed=3)
+    b = split_pairs(list(reversed(scan.pairs)), (0.8, 0.1, 0.1), seed=3)
+    c = split_pairs(scan.pairs, (0.8, 0.1, 0.1), seed=4)
+    assert a == b and a != c
+    assert [len(a[k]) for k in ("train", "val", "test")] == [16, 2, 2]
+    everything = [p for k in ("train", "val", "test") for p in a[k]]
+    assert sorted(everything) == sorted(scan.pairs)
+
+
+def test_main_writes_lists_and_leaves_data_untouched(square_data: Path, tmp_path: Path) -> None:
+    before = folder_digest(square_data)
+    assert run_split(square_data, tmp_path / "run") == 0
+    assert folder_digest(square_data) == before
+    train = read_pair_list(tmp_path / "run" / "splits" / "train.txt")
+    assert len(train) == 16 and all(i.is_file() and m.is_file() for i, m in train)
+    assert all(m.name == f"{i.stem}_mask.png" for i, m in train)
+    summary = json.loads((tmp_path / "run" / "splits" / "summary.json").read_text())
+    assert summary == {"train": 16, "val": 2, "test": 2, "errors": 0, "filtered": 0, "orphans": 0}
+
+
+def test_orphans_junk_and_upper_case_extensions(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_pair(data, f"t.{i}", *square_tile(rng))
+    image, mask = square_tile(rng)
+    write_image(data / "images" / "UPPER.PNG", image)
+    write_image(data / "labels" / "UPPER_mask.png", mask)
+    write_image(data / "images" / "lonely.png", image)  # no mask
+    write_image(data / "labels" / "ghost_mask.png", mask)  # no image
+    (data / "images" / "Thumbs.db").write_bytes(b"\0\1")
+    (data / "images" / ".DS_Store").write_bytes(b"\0\1")
+    assert run_split(data, tmp_path / "run") == 0  # orphans are warnings, not failures
+    found = rejected(tmp_path / "run")
+    assert found["lonely.png"][0] == "orphan" and "no mask lonely_mask.png" in found["lonely.png"][1]
+    assert found["ghost_mask.png"][0] == "orphan" and "no image ghost" in found["ghost_mask.png"][1]
+    assert "Thumbs.db" not in found and ".DS_Store" not in found
+    listed = [i.name for k in ("train", "val", "test") for i, _ in read_pair_list(tmp_path / "run" / "splits" / f"{k}.txt")]
+    assert sorted(listed) == sorted(["UPPER.PNG"] + [f"t.{i}.png" for i in range(5)])
+
+
+def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        write_pair(data, f"good{i}", *square_tile(rng))
+    image, mask = square_tile(rng)
+    write_pair(data, "lossy", image, np.where(mask > 0, 250, 3).astype(np.uint8))
+    write_pair(data, "smaller", image, mask[:20])
+    write_image(data / "labels" / "corrupt_mask.png", mask)
+    (data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert run_split(data, tmp_path / "run") == 1
+    found = rejected(tmp_path / "run")
+    assert found["lossy.png"][0] == "error" and "holds values {3, 250}" in found["lossy.png"][1]
+    assert found["smaller.png"][0] == "error" and "image is 32x32 pixels but its mask smaller_mask.png is 32x20" in found["smaller.png"][1]
+    assert found["corrupt.png"][0] == "error" and "not a readable image" in found["corrupt.png"][1]
+    assert "holds values {3, 250}" in caplog.text
+    summary = json.loads((tmp_path / "run" / "splits" / "summary.json").read_text())
+    assert summary["train"] + summary["val"] + summary["test"] == 8 and summary["errors"] == 3
+    # With a threshold the lossy mask becomes usable.
+    assert run_split(data, tmp_path / "run2", "--mask_threshold=128") == 1  # the other two are still broken
+    assert "lossy.png" not in rejected(tmp_path / "run2")
+
+
+def test_quality_filter_drops_mostly_nodata_tiles(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_pair(data, f"t{i}", *square_tile(rng))
+    image, mask = square_tile(rng)
+    image[:, :24] = 0  # 75 % nodata
+    write_pair(data, "edge", image, mask)
+    assert run_split(data, tmp_path / "run") == 0
+    kind, reason = rejected(tmp_path / "run")["edge.png"]
+    assert kind == "filtered" and "75% of pixels are nodata" in reason
+    assert run_split(data, tmp_path / "run_all", "--max_nodata_fraction=1") == 0
+    assert "edge.png" not in rejected(tmp_path / "run_all")
+
+
+def test_empty_or_missing_folders(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"images: folder not found"):
+        run_split(tmp_path / "nothing", tmp_path / "run")
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "labels").mkdir()
+    with pytest.raises(DataError, match="no usable image/mask pairs"):
+        run_split(tmp_path / "empty", tmp_path / "run")
+
+
+def test_bad_ratios_are_refused(square_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sum to 1"):
+        run_split(square_data, tmp_path / "run", "--split_ratios=0.8,0.3,0.1")
