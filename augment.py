@@ -95,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_name, mask_name = copy_names(image_path, flip, cfg.mask_suffix, image.shape[2])
             flipped, flipped_mask = np.flip(image, axis), np.flip(mask, axis)
             # Masks are kept as read (0/255 or 0/1); image arrays keep their bit depth.
-            write_image(out_dir / "images" / image_name, np.ascontiguousarray(flipped.squeeze(2) if flipped.shape[2] == 1 else flipped))
+            write_image(
+                out_dir / "images" / image_name,
+                np.ascontiguousarray(flipped.squeeze(2) if flipped.shape[2] == 1 else flipped),
+            )
             write_image(out_dir / "labels" / mask_name, np.ascontiguousarray(flipped_mask[:, :, 0]))
             added.append((out_dir / "images" / image_name, out_dir / "labels" / mask_name))
             flips[flip] = (flipped, flipped_mask)
@@ -106,7 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         preview(samples, run_dir / "figures" / "augment_preview.png")
     LOG.info(
         "%d of %d training tiles flipped: train.txt now lists %d tiles (%d originals + %d copies in %s)",
-        len(chosen) - failures, len(originals), len(originals) + len(added), len(originals), len(added), out_dir,
+        len(chosen) - failures,
+        len(originals),
+        len(originals) + len(added),
+        len(originals),
+        len(added),
+        out_dir,
     )
     if failures:
         LOG.error("%d tile(s) could not be read and were not augmented; see the messages above", failures)

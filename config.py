@@ -51,6 +51,7 @@ class Config:
     resume: bool = False  # continue from run_dir/checkpoints/last.pth
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    channels_last: bool = True  # NHWC memory layout for the network: same results, faster convolutions
     # --- predict.py ------------------------------------------------------------------------------------
     predict_input: str = ""  # image file or folder to predict; empty = the test split
     checkpoint: str = ""  # weights to predict with; empty = run_dir/checkpoints/best.pth
@@ -145,10 +146,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -187,7 +197,10 @@ def setup_logging(cfg: Config, script: str) -> None:
     log_dir = Path(cfg.run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8")):
+    for handler in (
+        logging.StreamHandler(sys.stderr),
+        logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8"),
+    ):
         handler.setFormatter(formatter)
         handler.farmland_pipeline = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -13,8 +13,6 @@ Paths may contain spaces and non-ASCII (for example Chinese) characters.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +20,8 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from config import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
@@ -113,7 +113,9 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0) -> np.ndar
         DataError: the mask has several differing bands, or values outside the accepted sets.
     """
     if mask.ndim == 3:
-        if mask.shape[2] > 1 and not all(np.array_equal(mask[:, :, 0], mask[:, :, b]) for b in range(1, min(3, mask.shape[2]))):
+        if mask.shape[2] > 1 and not all(
+            np.array_equal(mask[:, :, 0], mask[:, :, b]) for b in range(1, min(3, mask.shape[2]))
+        ):
             raise DataError(
                 f"{path}: colour mask with {mask.shape[2]} differing bands; expected a single-band mask "
                 "with 255 = farmland and 0 = background. Save it as a grayscale PNG"
@@ -155,15 +157,7 @@ def write_image(path: Path, image: np.ndarray) -> None:
     ok, encoded = cv2.imencode(path.suffix.lower() or ".png", array)
     if not ok:
         raise DataError(f"{path}: cannot encode an array of shape {image.shape} and type {image.dtype}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(encoded.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def read_pair_list(path: Path) -> list[tuple[Path, Path]]:

@@ -30,13 +30,15 @@ import numpy as np
 import torch
 
 import config
-from data_preprocess import DataError, load_image, load_mask, read_pair_list, write_image
+from data_preprocess import DataError, load_image, load_mask, read_pair_list
 
 LOG = logging.getLogger("miou")
 FARMLAND = 1
 
 
-def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, n_classes: int = 2) -> np.ndarray:
+def confusion_matrix(
+    pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, n_classes: int = 2
+) -> np.ndarray:
     """Count pixels by (label, prediction): an (n_classes, n_classes) int64 matrix, rows = label.
 
     Works on any shapes that match, on CPU or GPU tensors or numpy arrays, without Python loops.
@@ -131,10 +133,17 @@ def evaluate_pairs(
         cm = confusion_matrix(pred, label, n_classes)
         pooled += cm
         ious = class_iou(cm)
-        rows.append({
-            "name": name, "tp": int(cm[1, 1]), "fp": int(cm[0, 1]), "fn": int(cm[1, 0]), "tn": int(cm[0, 0]),
-            "farmland_iou": float(ious[FARMLAND]), "background_iou": float(ious[0]),
-        })
+        rows.append(
+            {
+                "name": name,
+                "tp": int(cm[1, 1]),
+                "fp": int(cm[0, 1]),
+                "fn": int(cm[1, 0]),
+                "tn": int(cm[0, 0]),
+                "farmland_iou": float(ious[FARMLAND]),
+                "background_iou": float(ious[0]),
+            }
+        )
     return rows, pooled, errors
 
 
@@ -152,7 +161,12 @@ def summarise(rows: list[dict], pooled: np.ndarray) -> dict:
         "n_images": len(rows),
         "per_image": per_image,
         "pooled": {k: nan_to_none(v) for k, v in scores(pooled).items()},
-        "pooled_confusion": {"tp": int(pooled[1, 1]), "fp": int(pooled[0, 1]), "fn": int(pooled[1, 0]), "tn": int(pooled[0, 0])},
+        "pooled_confusion": {
+            "tp": int(pooled[1, 1]),
+            "fp": int(pooled[0, 1]),
+            "fn": int(pooled[1, 0]),
+            "tn": int(pooled[0, 0]),
+        },
         "notes": "per_image: mean over images of each image's IoU, an image skipped for a class absent from "
         "both its label and prediction; pooled: from one confusion matrix over all test pixels; null = 0/0",
     }
@@ -173,8 +187,13 @@ def plot_iou_curves(rows: list[dict], path: Path) -> None:
         ax.plot(index, values, ".-", color=colour, lw=0.8, label=f"{key.replace('_', ' ')} (mean {mean:.3f})")
         if not math.isnan(mean):
             ax.axhline(mean, color=colour, ls="--", lw=1)
-    ax.set(xlabel="test image", ylabel="IoU", ylim=(0, 1.02), title="Per-image IoU (gaps: class absent in label and prediction)")
-    ax.legend(loc="lower left")
+    ax.set(
+        xlabel="test image",
+        ylabel="IoU",
+        ylim=(0, 1.02),
+        title="Per-image IoU (gaps: class absent in label and prediction)",
+    )
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     save_figure(fig, path)
 
 
@@ -251,12 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     pooled_s, per_image = summary["pooled"], summary["per_image"]
     LOG.info(
         "%d test images | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s",
-        len(rows), *(fmt(pooled_s[k]) for k in ("farmland_iou", "background_iou", "miou", "f1", "accuracy", "kappa")),
+        len(rows),
+        *(fmt(pooled_s[k]) for k in ("farmland_iou", "background_iou", "miou", "f1", "accuracy", "kappa")),
     )
     LOG.info(
         "per-image means: farmland IoU %s (%d images), background IoU %s (%d images)",
-        fmt(per_image["farmland_iou"]), per_image["farmland_iou_images_counted"],
-        fmt(per_image["background_iou"]), per_image["background_iou_images_counted"],
+        fmt(per_image["farmland_iou"]),
+        per_image["farmland_iou_images_counted"],
+        fmt(per_image["background_iou"]),
+        per_image["background_iou_images_counted"],
     )
     LOG.info("wrote %s, %s and figures in %s", run_dir / "metrics.json", run_dir / "per_image_metrics.csv", figures)
     if errors:

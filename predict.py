@@ -23,7 +23,7 @@ from tqdm import tqdm
 import config
 from data_preprocess import DataError, is_image_file, load_image, read_pair_list, write_image
 from miou import prediction_path
-from train import load_checkpoint, model_from_checkpoint, select_device
+from train import load_checkpoint, memory_format, model_from_checkpoint, select_device
 
 LOG = logging.getLogger("predict")
 OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown
@@ -65,7 +65,9 @@ class ImageFiles(Dataset):
             return index, str(err)  # reported by the main process; one bad file does not stop the rest
 
 
-def batches_by_size(items: Iterator[tuple[int, torch.Tensor | str]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor | None, str | None]]:
+def batches_by_size(
+    items: Iterator[tuple[int, torch.Tensor | str]], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor | None, str | None]]:
     """Group consecutive images of the same size into batches; pass errors through one by one."""
     indices: list[int] = []
     tensors: list[torch.Tensor] = []
@@ -92,9 +94,12 @@ def overlay_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def predict_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+def predict_batch(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
+) -> np.ndarray:
     """Class indices (N, H, W) uint8 by argmax over the network's logits."""
-    return model(images.to(device)).argmax(1).to(torch.uint8).cpu().numpy()
+    logits = model(images.to(device, memory_format=memory_format(channels_last)))
+    return logits.argmax(1).to(torch.uint8).cpu().numpy()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = select_device(cfg.device)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
     state = load_checkpoint(checkpoint, device)
-    model = model_from_checkpoint(state, device).eval()
+    model = model_from_checkpoint(state, device, cfg.channels_last).eval()
     in_channels = state["config"]["in_channels"]
     paths = list_inputs(cfg)
     outputs = [prediction_path(run_dir, p) for p in paths]
@@ -125,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 LOG.error("%s", error)
                 failures += 1
             else:
-                for index, image, mask in zip(indices, images.numpy(), predict_batch(model, images, device)):
+                for index, image, mask in zip(indices, images.numpy(), predict_batch(model, images, device, cfg.channels_last)):
                     write_image(outputs[index], mask * np.uint8(255))
                     if cfg.overlay:
                         out = outputs[index].parent / "overlays" / f"{paths[index].stem}_overlay.png"

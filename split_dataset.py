@@ -69,7 +69,13 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
         found_images, found_masks = images.get(stem, []), masks.get(stem, [])
         if len(found_images) > 1 or len(found_masks) > 1:
             for path in found_images + found_masks:
-                scan.rejected.append((path, "error", f"stem '{stem}' is ambiguous: {[p.name for p in found_images + found_masks]}; rename so each stem is unique"))
+                scan.rejected.append(
+                    (
+                        path,
+                        "error",
+                        f"stem '{stem}' is ambiguous: {[p.name for p in found_images + found_masks]}; rename so each stem is unique",
+                    )
+                )
         elif not found_masks:
             scan.rejected.append((found_images[0], "orphan", f"no mask {stem}{mask_suffix}.png in {label_dir}"))
         elif not found_images:
@@ -94,7 +100,10 @@ def check_pair(image_path: Path, mask_path: Path, cfg: config.Config) -> tuple[s
         )
     nodata = float((image == 0).all(axis=2).mean())
     if nodata > cfg.max_nodata_fraction:
-        return "filtered", f"{nodata:.0%} of pixels are nodata (all bands 0) > max_nodata_fraction={cfg.max_nodata_fraction}"
+        return (
+            "filtered",
+            f"{nodata:.0%} of pixels are nodata (all bands 0) > max_nodata_fraction={cfg.max_nodata_fraction}",
+        )
     return None
 
 
@@ -118,7 +127,9 @@ def check_ratios(ratios: Sequence[float]) -> None:
         )
 
 
-def split_pairs(pairs: Sequence[tuple[Path, Path]], ratios: Sequence[float], seed: int) -> dict[str, list[tuple[Path, Path]]]:
+def split_pairs(
+    pairs: Sequence[tuple[Path, Path]], ratios: Sequence[float], seed: int
+) -> dict[str, list[tuple[Path, Path]]]:
     """Shuffle the pairs (sorted first, so the folder's listing order does not matter) and cut them by ratio."""
     check_ratios(ratios)
     ordered = sorted(pairs, key=lambda p: p[0].name)
@@ -172,12 +183,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.atomic_write_text(out / "rejected.csv", buffer.getvalue())
     kinds = [k for _, k, _ in scan.rejected]
     summary = {name: len(splits[name]) for name in SPLIT_NAMES}
-    summary.update({"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")})
+    summary.update(
+        {"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")}
+    )
     config.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     LOG.info(
         "split %d pairs: train %d, val %d, test %d | unusable %d, filtered %d, orphans %d (see %s)",
-        len(usable), summary["train"], summary["val"], summary["test"],
-        summary["errors"], summary["filtered"], summary["orphans"], out / "rejected.csv",
+        len(usable),
+        summary["train"],
+        summary["val"],
+        summary["test"],
+        summary["errors"],
+        summary["filtered"],
+        summary["orphans"],
+        out / "rejected.csv",
     )
     if summary["errors"]:
         LOG.error("%d pair(s) are unusable and were left out; fix them (messages above) and re-run", summary["errors"])

@@ -84,23 +84,30 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any], device: torch.device) -> nn.Module:
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The tensor layout for the network's inputs and weights (the ``channels_last`` key)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_last: bool = True) -> nn.Module:
     """Rebuild the network with the architecture stored in a checkpoint and load its weights."""
     saved = state["config"]
     model = build_model(saved["in_channels"], saved["n_classes"], saved["base_width"], saved["dropout"])
     model.load_state_dict(state["model"])
-    return model.to(device)
+    return model.to(device, memory_format=memory_format(channels_last))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, n_classes: int) -> tuple[float, np.ndarray]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, n_classes: int, layout: torch.memory_format
+) -> tuple[float, np.ndarray]:
     """Mean cross-entropy per pixel and the pooled confusion matrix of argmax predictions over a loader."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, pixels = 0.0, 0
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     for images, masks in loader:
-        images, masks = images.to(device), masks.to(device)
+        images, masks = images.to(device, memory_format=layout), masks.to(device)
         logits = model(images)
         total_loss += float(criterion(logits, masks))
         pixels += masks.numel()
@@ -144,7 +151,11 @@ def check_resumable(state: dict[str, Any], cfg: config.Config, path: Path) -> No
         DataError: naming the differing keys and how to fix them.
     """
     saved = state["config"]
-    differing = [f"{k}: checkpoint {saved.get(k)} vs config {getattr(cfg, k)}" for k in ARCHITECTURE_KEYS if saved.get(k) != getattr(cfg, k)]
+    differing = [
+        f"{k}: checkpoint {saved.get(k)} vs config {getattr(cfg, k)}"
+        for k in ARCHITECTURE_KEYS
+        if saved.get(k) != getattr(cfg, k)
+    ]
     if differing:
         raise DataError(
             f"{path}: cannot resume, the network differs ({'; '.join(differing)}); pass the checkpoint's values "
@@ -160,17 +171,27 @@ def train(cfg: config.Config) -> dict[str, Any]:
     train_pairs = read_pair_list(run_dir / "splits" / "train.txt")
     val_pairs = read_pair_list(run_dir / "splits" / "val.txt")
     if not train_pairs:
-        raise DataError(f"{run_dir / 'splits' / 'train.txt'}: the training split is empty; add data and re-run split_dataset.py")
+        raise DataError(
+            f"{run_dir / 'splits' / 'train.txt'}: the training split is empty; add data and re-run split_dataset.py"
+        )
     train_set = FarmlandDataset(train_pairs, cfg.in_channels, cfg.online_aug, cfg.mask_threshold)
     val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold)
     device = select_device(cfg.device)
     loader_generator = torch.Generator()
     common = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size, generator=loader_generator, **common)
+    train_loader = DataLoader(
+        train_set,
+        cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > cfg.batch_size,
+        generator=loader_generator,
+        **common,
+    )
     val_loader = DataLoader(val_set, cfg.batch_size, shuffle=False, **common)
     # 2. Network, optimiser, schedule, loss.
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout).to(device)
+    layout = memory_format(cfg.channels_last)
+    model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout).to(device, memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     criterion = nn.CrossEntropyLoss()
@@ -184,12 +205,20 @@ def train(cfg: config.Config) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_iou, best_epoch = state["epoch"] + 1, state["best_iou"], state["best_epoch"]
         history = list(state["history"])
-        LOG.info("resuming after epoch %d (best val farmland IoU %.4f at epoch %d)", state["epoch"], best_iou, best_epoch)
+        LOG.info(
+            "resuming after epoch %d (best val farmland IoU %.4f at epoch %d)", state["epoch"], best_iou, best_epoch
+        )
     elif (ckpt_dir / "last.pth").exists():
         LOG.warning("%s exists and will be overwritten; use --resume=true to continue that run", ckpt_dir / "last.pth")
     LOG.info(
         "training on %s | U-Net width %d, %d parameters | %d training tiles, %d validation tiles | epochs %d..%d",
-        describe_device(device), cfg.base_width, count_parameters(model), len(train_set), len(val_set), start_epoch, cfg.epochs,
+        describe_device(device),
+        cfg.base_width,
+        count_parameters(model),
+        len(train_set),
+        len(val_set),
+        start_epoch,
+        cfg.epochs,
     )
     for epoch in range(start_epoch, cfg.epochs + 1):
         # 4. One pass over the training tiles, seeded by epoch so that a resumed run repeats it exactly.
@@ -200,7 +229,8 @@ def train(cfg: config.Config) -> dict[str, Any]:
         loss_sum, steps = torch.zeros((), device=device), 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None)
         for images, masks in bar:
-            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            images = images.to(device, memory_format=layout, non_blocking=True)
+            masks = masks.to(device, non_blocking=True)
             loss = criterion(model(images), masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -218,39 +248,70 @@ def train(cfg: config.Config) -> dict[str, Any]:
             )
         scheduler.step()
         # 5. Validation: loss and pooled IoU with the same confusion-count code as miou.py.
-        val_loss, cm = evaluate(model, val_loader, device, cfg.n_classes) if len(val_set) else (math.nan, np.zeros((cfg.n_classes,) * 2, dtype=np.int64))
+        val_loss, cm = (
+            evaluate(model, val_loader, device, cfg.n_classes, layout)
+            if len(val_set)
+            else (math.nan, np.zeros((cfg.n_classes,) * 2, dtype=np.int64))
+        )
         ious = class_iou(cm)
         farmland_iou = float(np.nan_to_num(ious[FARMLAND]))
-        history.append({
-            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_farmland_iou": farmland_iou,
-            "val_miou": float(np.nanmean(ious)) if np.isfinite(ious).any() else math.nan,
-            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3),
-        })
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_farmland_iou": farmland_iou,
+                "val_miou": float(np.nanmean(ious)) if np.isfinite(ious).any() else math.nan,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
         # 6. Checkpoints: best by val farmland IoU, last every epoch, weight snapshots every N epochs.
         improved = farmland_iou > best_iou
         if improved:
             best_iou, best_epoch = farmland_iou, epoch
         state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "best_iou": best_iou, "best_epoch": best_epoch, "history": history,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "best_iou": best_iou,
+            "best_epoch": best_epoch,
+            "history": history,
             "config": dataclasses.asdict(cfg),
         }
         if improved:
             save_checkpoint(ckpt_dir / "best.pth", state)
         if cfg.snapshot_every > 0 and epoch % cfg.snapshot_every == 0:
-            save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pth", {"model": state["model"], "epoch": epoch, "config": state["config"]})
+            save_checkpoint(
+                ckpt_dir / f"epoch_{epoch:03d}.pth",
+                {"model": state["model"], "epoch": epoch, "config": state["config"]},
+            )
         save_checkpoint(ckpt_dir / "last.pth", state)
         # 7. Log line, CSV and curves.
         row = history[-1]
         LOG.info(
             "epoch %d/%d | train loss %.4f | val loss %.4f | val farmland IoU %.4f (best %.4f, epoch %d) | lr %.2e | %.1f s",
-            epoch, cfg.epochs, row["train_loss"], val_loss, farmland_iou, best_iou, best_epoch, row["lr"], row["seconds"],
+            epoch,
+            cfg.epochs,
+            row["train_loss"],
+            val_loss,
+            farmland_iou,
+            best_iou,
+            best_epoch,
+            row["lr"],
+            row["seconds"],
         )
         write_log_csv(history, run_dir / "train_log.csv")
         plot_curves(history, run_dir / "figures" / "training_curves.png")
     if start_epoch > cfg.epochs:
         LOG.info("nothing to do: the checkpoint already finished epoch %d of %d", start_epoch - 1, cfg.epochs)
-    return {"best_iou": best_iou, "best_epoch": best_epoch, "best": ckpt_dir / "best.pth", "last": ckpt_dir / "last.pth"}
+    return {
+        "best_iou": best_iou,
+        "best_epoch": best_epoch,
+        "best": ckpt_dir / "best.pth",
+        "last": ckpt_dir / "last.pth",
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

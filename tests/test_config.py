@@ -20,7 +20,14 @@ def test_required_keys_exist_with_reference_defaults() -> None:
     cfg = config.Config()
     names = {f.name for f in dataclasses.fields(config.Config)}
     assert set(REQUIRED_KEYS) <= names
-    assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.step_size, cfg.gamma, cfg.epochs) == (5, 1e-4, 1e-8, 20, 0.5, 100)
+    assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.step_size, cfg.gamma, cfg.epochs) == (
+        5,
+        1e-4,
+        1e-8,
+        20,
+        0.5,
+        100,
+    )
     assert (cfg.base_width, cfg.dropout, cfg.n_classes, cfg.aug_prob, cfg.snapshot_every) == (64, 0.3, 2, 0.6, 10)
     assert cfg.split_ratios == (0.8, 0.1, 0.1)
 
@@ -32,7 +39,16 @@ def test_every_key_has_a_comment() -> None:
 
 
 def test_overrides_are_converted_to_the_defaults_type() -> None:
-    cfg = config.parse_args(["--epochs=7", "--lr=0.003", "--resume=TRUE", "--online_aug=no", "--split_ratios=0.7,0.2,0.1", "--data_dir=a b/数据"])
+    cfg = config.parse_args(
+        [
+            "--epochs=7",
+            "--lr=0.003",
+            "--resume=TRUE",
+            "--online_aug=no",
+            "--split_ratios=0.7,0.2,0.1",
+            "--data_dir=a b/数据",
+        ]
+    )
     assert cfg.epochs == 7 and isinstance(cfg.epochs, int)
     assert cfg.lr == pytest.approx(0.003)
     assert cfg.resume is True and cfg.online_aug is False
@@ -91,3 +107,8 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     config.atomic_write_text(tmp_path / "a.txt", "second")
     assert (tmp_path / "a.txt").read_text() == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path: Path) -> None:
+    config.atomic_write_text(tmp_path / "b.txt", "x")
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~config.current_umask()

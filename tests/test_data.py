@@ -66,7 +66,9 @@ def test_masks_0_255_and_0_1_and_threshold(tmp_path: Path) -> None:
 
 def test_lossy_mask_error_names_file_values_and_fix(tmp_path: Path) -> None:
     write_image(tmp_path / "a_mask.png", np.array([[0, 1, 38, 255]], np.uint8))
-    with pytest.raises(DataError, match=r"a_mask\.png: holds values \{0, 1, 38, 255\}; expected only 0 and 255.*mask_threshold"):
+    with pytest.raises(
+        DataError, match=r"a_mask\.png: holds values \{0, 1, 38, 255\}; expected only 0 and 255.*mask_threshold"
+    ):
         load_mask(tmp_path / "a_mask.png")
 
 

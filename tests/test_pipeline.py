@@ -43,7 +43,13 @@ def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
         log = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in log] == [1, 2, 3, 4]
     assert [float(r["lr"]) for r in log] == pytest.approx([0.01, 0.005, 0.005, 0.0025])  # StepLR every 2 x 0.5
-    for figure in ("training_curves.png", "augment_preview.png", "iou_per_image.png", "gallery_worst.png", "gallery_best.png"):
+    for figure in (
+        "training_curves.png",
+        "augment_preview.png",
+        "iou_per_image.png",
+        "gallery_worst.png",
+        "gallery_best.png",
+    ):
         assert (run_dir / "figures" / figure).stat().st_size > 1000
 
     test_images = [i for i, _ in read_pair_list(run_dir / "splits" / "test.txt")]
@@ -58,7 +64,10 @@ def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
         assert key in metrics["pooled"]
     assert set(metrics["per_image"]) >= {"farmland_iou", "background_iou"}
     # The pooled figures agree with a recount from the files on disk.
-    cm = sum(miou.confusion_matrix(load_mask(run_dir / "predictions" / f"{i.stem}_seg.png"), load_mask(m)) for i, m in read_pair_list(run_dir / "splits" / "test.txt"))
+    cm = sum(
+        miou.confusion_matrix(load_mask(run_dir / "predictions" / f"{i.stem}_seg.png"), load_mask(m))
+        for i, m in read_pair_list(run_dir / "splits" / "test.txt")
+    )
     assert metrics["pooled"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
     with open(run_dir / "per_image_metrics.csv", encoding="utf-8") as handle:
         assert len(list(csv.DictReader(handle))) == 2
@@ -73,7 +82,7 @@ def test_augment_rerun_does_not_duplicate(square_data: Path, tmp_path: Path) -> 
     augment.main(args(square_data, run_dir))
     second = read_pair_list(run_dir / "splits" / "train.txt")
     assert first == second
-    copies = first[len(originals):]
+    copies = first[len(originals) :]
     assert first[: len(originals)] == originals and len(copies) % 2 == 0 and copies
     # Each copy is the original flipped, and its mask flipped identically.
     for image_path, mask_path in copies:
@@ -133,7 +142,9 @@ def test_predict_a_folder_reports_bad_files_and_goes_on(square_data: Path, tmp_p
     assert not (run_dir / "predictions" / "overlays").exists()
 
 
-def test_predict_refuses_images_with_another_band_count(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_predict_refuses_images_with_another_band_count(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     split_dataset.main(args(square_data, run_dir))
     train.main(args(square_data, run_dir, "--epochs=1"))

@@ -70,7 +70,9 @@ def test_orphans_junk_and_upper_case_extensions(tmp_path: Path) -> None:
     assert found["lonely.png"][0] == "orphan" and "no mask lonely_mask.png" in found["lonely.png"][1]
     assert found["ghost_mask.png"][0] == "orphan" and "no image ghost" in found["ghost_mask.png"][1]
     assert "Thumbs.db" not in found and ".DS_Store" not in found
-    listed = [i.name for k in ("train", "val", "test") for i, _ in read_pair_list(tmp_path / "run" / "splits" / f"{k}.txt")]
+    listed = [
+        i.name for k in ("train", "val", "test") for i, _ in read_pair_list(tmp_path / "run" / "splits" / f"{k}.txt")
+    ]
     assert sorted(listed) == sorted(["UPPER.PNG"] + [f"t.{i}.png" for i in range(5)])
 
 
@@ -87,7 +89,10 @@ def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytes
     assert run_split(data, tmp_path / "run") == 1
     found = rejected(tmp_path / "run")
     assert found["lossy.png"][0] == "error" and "holds values {3, 250}" in found["lossy.png"][1]
-    assert found["smaller.png"][0] == "error" and "image is 32x32 pixels but its mask smaller_mask.png is 32x20" in found["smaller.png"][1]
+    assert (
+        found["smaller.png"][0] == "error"
+        and "image is 32x32 pixels but its mask smaller_mask.png is 32x20" in found["smaller.png"][1]
+    )
     assert found["corrupt.png"][0] == "error" and "not a readable image" in found["corrupt.png"][1]
     assert "holds values {3, 250}" in caplog.text
     summary = json.loads((tmp_path / "run" / "splits" / "summary.json").read_text())
