@@ -14,12 +14,12 @@ Paths may contain spaces and non-ASCII (for example Chinese) characters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from config import atomic_write_bytes
 
@@ -180,9 +180,11 @@ def read_pair_list(path: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def random_d4(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply one of the 8 flips/90-degree rotations, drawn from torch's RNG, to an image and its mask alike."""
-    choice = int(torch.randint(0, 8, (1,)).item())
+def random_d4(
+    image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply one of the 8 flips/90-degree rotations, drawn from ``generator``, to an image and its mask alike."""
+    choice = int(torch.randint(0, 8, (1,), generator=generator).item())
     if choice & 1:
         image, mask = image.flip(-1), mask.flip(-1)
     if choice & 2:
@@ -192,8 +194,73 @@ def random_d4(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
     return image.contiguous(), mask.contiguous()
 
 
+class EpochSampler(Sampler):
+    """Shuffles the indices anew each epoch and gives each item its own augmentation seed.
+
+    Both follow only from (seed, epoch), never from worker processes' random state, so the order and the
+    augmentation of an epoch are the same with 0 or 8 loader workers, persistent or not, and after a resume.
+    """
+
+    def __init__(self, n_items: int, seed: int, shuffle: bool = True) -> None:
+        self.n_items, self.seed, self.shuffle, self.epoch = n_items, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order and seeds the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n_items, generator=generator) if self.shuffle else torch.arange(self.n_items)
+        seeds = torch.randint(0, 2**62, (self.n_items,), generator=generator)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+def decoded_size(pairs: Sequence[tuple[Path, Path]]) -> int:
+    """Bytes that the decoded tiles of a split would take, estimated from its first pair."""
+    if not pairs:
+        return 0
+    image, mask = read_image(pairs[0][0]), read_image(pairs[0][1])
+    return len(pairs) * (image.nbytes + mask.shape[0] * mask.shape[1])
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def should_cache(setting: str, pairs: Sequence[tuple[Path, Path]]) -> bool:
+    """Resolve the ``cache_tiles`` key: yes, no, or auto (when the tiles fit in a quarter of free memory).
+
+    Raises:
+        ValueError: an unknown setting.
+    """
+    word = setting.strip().lower()
+    if word in ("yes", "true", "on", "1"):
+        return True
+    if word in ("no", "false", "off", "0"):
+        return False
+    if word != "auto":
+        raise ValueError(f"--cache_tiles={setting!r}: expected auto, yes or no")
+    free = available_memory()
+    return free is not None and decoded_size(pairs) < free // 4
+
+
 class FarmlandDataset(Dataset):
-    """Pairs of (image float32 C x H x W in [0, 1], mask int64 H x W of class indices)."""
+    """Pairs of (image float32 C x H x W in [0, 1], mask int64 H x W of class indices).
+
+    Items are indexed by position, or by (position, augmentation seed) as EpochSampler yields them. With
+    ``cache`` the tiles are decoded once, up front, and kept as compact integer arrays; loader workers
+    forked afterwards share them instead of decoding every tile every epoch.
+    """
 
     def __init__(
         self,
@@ -201,25 +268,37 @@ class FarmlandDataset(Dataset):
         in_channels: int = 3,
         augment: bool = False,
         mask_threshold: int = 0,
+        cache: bool = False,
     ) -> None:
-        """Args: pairs of image and mask paths; augment: random flips and 90-degree rotations."""
+        """Args: pairs of image and mask paths; augment: random flips and 90-degree rotations; cache: see above."""
         self.pairs = list(pairs)
         self.in_channels = in_channels
         self.augment = augment
         self.mask_threshold = mask_threshold
+        self.cached: list[tuple[np.ndarray, np.ndarray]] | None = None
+        if cache:
+            self.cached = [self.read(i) for i in range(len(self.pairs))]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decode one pair: the image as stored (H x W x C) and the mask as class indices, sizes checked."""
         image_path, mask_path = self.pairs[index]
-        image = torch.from_numpy(load_image(image_path, self.in_channels))
-        mask = torch.from_numpy(load_mask(mask_path, self.mask_threshold)).long()
-        if image.shape[1:] != mask.shape:
+        image, mask = read_image(image_path), load_mask(mask_path, self.mask_threshold)
+        if image.shape[:2] != mask.shape:
             raise DataError(
-                f"{image_path}: image is {tuple(image.shape[1:])} pixels but its mask {mask_path} is "
-                f"{tuple(mask.shape)}; they must match"
+                f"{image_path}: image is {image.shape[:2]} pixels but its mask {mask_path} is "
+                f"{mask.shape}; they must match"
             )
-        if self.augment:
-            image, mask = random_d4(image, mask)
         return image, mask
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, mask = self.cached[index] if self.cached is not None else self.read(index)
+        image_t = torch.from_numpy(image_to_float(image, self.in_channels, self.pairs[index][0]))
+        mask_t = torch.from_numpy(mask).long()
+        if self.augment:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            image_t, mask_t = random_d4(image_t, mask_t, generator)
+        return image_t, mask_t

@@ -36,10 +36,19 @@ LOG = logging.getLogger("miou")
 FARMLAND = 1
 
 
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor, n_classes: int = 2) -> torch.Tensor:
+    """Count pixels by (label, prediction) on the tensors' own device: (n_classes, n_classes) int64, rows = label.
+
+    No checks and no transfer, for use inside training loops; values must lie in [0, n_classes).
+    """
+    flat = target.reshape(-1).long() * n_classes + pred.reshape(-1).long()
+    return torch.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
 def confusion_matrix(
     pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, n_classes: int = 2
 ) -> np.ndarray:
-    """Count pixels by (label, prediction): an (n_classes, n_classes) int64 matrix, rows = label.
+    """Count pixels by (label, prediction): an (n_classes, n_classes) int64 numpy matrix, rows = label.
 
     Works on any shapes that match, on CPU or GPU tensors or numpy arrays, without Python loops.
 
@@ -50,11 +59,9 @@ def confusion_matrix(
     target_t = torch.as_tensor(target, device=pred_t.device)
     if pred_t.shape != target_t.shape:
         raise ValueError(f"prediction shape {tuple(pred_t.shape)} differs from label shape {tuple(target_t.shape)}")
-    pred_t, target_t = pred_t.reshape(-1).long(), target_t.reshape(-1).long()
     if pred_t.numel() and (min(pred_t.min(), target_t.min()) < 0 or max(pred_t.max(), target_t.max()) >= n_classes):
         raise ValueError(f"class indices must lie in [0, {n_classes}); re-check the masks' encoding")
-    counts = torch.bincount(target_t * n_classes + pred_t, minlength=n_classes * n_classes)
-    return counts.reshape(n_classes, n_classes).cpu().numpy().astype(np.int64)
+    return confusion_counts(pred_t, target_t, n_classes).cpu().numpy().astype(np.int64)
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -11,6 +11,8 @@ logits are cropped back to the input size.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,3 +118,34 @@ def count_parameters(model: nn.Module) -> int:
 def build_model(in_channels: int, n_classes: int, base_width: int, dropout: float) -> UNet:
     """Build the U-Net from config values (one place, so train.py and predict.py agree)."""
     return UNet(in_channels=in_channels, n_classes=n_classes, base_width=base_width, dropout=dropout)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: UNet) -> UNet:
+    """Return an inference copy of the network: each BatchNorm folded into the convolution before it,
+    each Dropout2d dropped.
+
+    In eval mode BatchNorm is a fixed per-channel affine map and Dropout2d the identity, so the copy computes
+    the same function (to float rounding) with two fewer passes over memory per convolution. For
+    prediction only: the copy has no BatchNorm statistics left to train.
+    """
+    folded = copy.deepcopy(model).eval()
+    for block in folded.modules():
+        if not isinstance(block, DoubleConv):
+            continue
+        layers: list[nn.Module] = []
+        for layer in block.block:
+            if isinstance(layer, nn.BatchNorm2d):
+                conv = layers[-1]
+                assert isinstance(conv, nn.Conv2d) and conv.bias is None
+                scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+                fused = nn.Conv2d(
+                    conv.in_channels, conv.out_channels, 3, padding=1, padding_mode="reflect", bias=True
+                ).to(conv.weight.device)
+                fused.weight.copy_(conv.weight * scale[:, None, None, None])
+                fused.bias.copy_(layer.bias - layer.running_mean * scale)
+                layers[-1] = fused
+            elif not isinstance(layer, nn.Dropout2d):
+                layers.append(layer)
+        block.block = nn.Sequential(*layers)
+    return folded

@@ -10,6 +10,7 @@ mode without gradients. Unreadable images are reported and skipped; the exit sta
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ from tqdm import tqdm
 import config
 from data_preprocess import DataError, is_image_file, load_image, read_pair_list, write_image
 from miou import prediction_path
-from train import load_checkpoint, memory_format, model_from_checkpoint, select_device
+from data_preprocess import available_memory
+from net_structure import fold_batchnorm
+from train import load_checkpoint, memory_format, model_from_checkpoint, resolve_amp, select_device
 
 LOG = logging.getLogger("predict")
 OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown
@@ -93,13 +96,48 @@ def overlay_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
+def inference_model(
+    state: dict, device: torch.device, channels_last: bool = True, amp: torch.dtype | None = None
+) -> torch.nn.Module:
+    """The checkpoint's network ready for prediction: BatchNorm folded into the convolutions, Dropout removed,
+    weights in the ``amp`` dtype (bf16 or fp16; fp32 when None) and in the chosen memory layout."""
+    model = fold_batchnorm(model_from_checkpoint(state, device, channels_last))
+    return model.to(dtype=amp or torch.float32, memory_format=memory_format(channels_last)).eval()
+
+
 @torch.inference_mode()
 def predict_batch(
     model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
 ) -> np.ndarray:
-    """Class indices (N, H, W) uint8 by argmax over the network's logits."""
-    logits = model(images.to(device, memory_format=memory_format(channels_last)))
-    return logits.argmax(1).to(torch.uint8).cpu().numpy()
+    """Class indices (N, H, W) uint8 by argmax over the network's logits (inputs cast to the weights' dtype)."""
+    dtype = next(model.parameters()).dtype
+    images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=memory_format(channels_last))
+    return model(images).argmax(1).to(torch.uint8).cpu().numpy()
+
+
+@torch.inference_mode()
+def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, requested: int) -> int:
+    """The ``predict_batch_size`` key: as requested when > 0, else sized to half the device's free memory.
+
+    On CUDA the memory of one tile is measured with a trial batch of two; on a CPU, where larger batches
+    gain little, it is estimated from the network's widest activations and capped at 16.
+    """
+    if requested > 0:
+        return requested
+    dtype = next(model.parameters()).dtype
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        model(torch.zeros((2, *shape), device=device, dtype=dtype))
+        per_tile = max((torch.cuda.max_memory_allocated(device) - before) // 2, 1)
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(max(1, min(1024, free // 2 // per_tile)))
+    width = model.inc.block[0].out_channels
+    # The full-size level holds about 6 activations of `width` channels at once (convolutions, skip, concat).
+    per_tile = 6 * width * shape[-2] * shape[-1] * torch.finfo(dtype).bits // 8
+    free = available_memory() or 4 * 2**30
+    return int(max(1, min(16, free // 2 // per_tile)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = select_device(cfg.device)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
     state = load_checkpoint(checkpoint, device)
-    model = model_from_checkpoint(state, device, cfg.channels_last).eval()
+    amp = resolve_amp(cfg.amp, device)
+    model = inference_model(state, device, cfg.channels_last, amp)
     in_channels = state["config"]["in_channels"]
     paths = list_inputs(cfg)
     outputs = [prediction_path(run_dir, p) for p in paths]
@@ -121,16 +160,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out in seen:
             raise DataError(f"{path} and {seen[out]} would both be written to {out}; give them distinct names")
         seen[out] = path
-    LOG.info("predicting %d image(s) with %s (epoch %s) on %s", len(paths), checkpoint, state.get("epoch"), device)
     loader = DataLoader(ImageFiles(paths, in_channels), batch_size=None, num_workers=cfg.num_workers)
+    items = iter(loader)
+    first = next(items, None)
+    batch_size = cfg.predict_batch_size
+    if first is not None and not isinstance(first[1], str):
+        batch_size = choose_batch_size(model, tuple(first[1].shape), device, cfg.predict_batch_size)
+    LOG.info(
+        "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d",
+        len(paths),
+        checkpoint,
+        state.get("epoch"),
+        device,
+        str(amp or torch.float32).removeprefix("torch."),
+        max(batch_size, 1),
+    )
     failures, done = 0, 0
     with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:
-        for indices, images, error in batches_by_size(iter(loader), cfg.predict_batch_size):
+        stream = items if first is None else itertools.chain([first], items)
+        for indices, images, error in batches_by_size(stream, max(batch_size, 1)):
             if error is not None:
                 LOG.error("%s", error)
                 failures += 1
             else:
-                for index, image, mask in zip(indices, images.numpy(), predict_batch(model, images, device, cfg.channels_last)):
+                for index, image, mask in zip(
+                    indices, images.numpy(), predict_batch(model, images, device, cfg.channels_last)
+                ):
                     write_image(outputs[index], mask * np.uint8(255))
                     if cfg.overlay:
                         out = outputs[index].parent / "overlays" / f"{paths[index].stem}_overlay.png"

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import config
-from data_preprocess import DataError, FarmlandDataset, read_pair_list
-from miou import FARMLAND, class_iou, confusion_matrix, save_figure
+from data_preprocess import DataError, EpochSampler, FarmlandDataset, read_pair_list, should_cache
+from miou import FARMLAND, class_iou, confusion_counts, save_figure
 from net_structure import build_model, count_parameters
 
 LOG = logging.getLogger("train")
@@ -50,6 +50,39 @@ def select_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={name}: CUDA is not available on this machine; use --device=cpu or auto")
     return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: stay in fp32 unless bf16 is asked for
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """Resolve the ``amp`` key to the autocast dtype, or None for full fp32.
+
+    auto: bf16 on GPUs and CPUs that run it natively, fp16 (with a gradient scaler) on older GPUs, else off.
+
+    Raises:
+        ValueError: an unknown value, or fp16 asked for on a CPU.
+    """
+    word = name.strip().lower()
+    if word not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"--amp={name!r}: expected auto, bf16, fp16 or off")
+    if word == "off":
+        return None
+    if word == "bf16":
+        return torch.bfloat16
+    if word == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp=fp16 needs a CUDA device; on a CPU use --amp=bf16 or --amp=off")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
 
 
 def describe_device(device: torch.device) -> str:
@@ -99,20 +132,91 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, n_classes: int, layout: torch.memory_format
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    n_classes: int,
+    layout: torch.memory_format,
+    amp: torch.dtype | None = None,
 ) -> tuple[float, np.ndarray]:
     """Mean cross-entropy per pixel and the pooled confusion matrix of argmax predictions over a loader."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    total_loss, pixels = 0.0, 0
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    pixels = 0
+    cm = torch.zeros((n_classes, n_classes), dtype=torch.int64, device=device)
     for images, masks in loader:
-        images, masks = images.to(device, memory_format=layout), masks.to(device)
-        logits = model(images)
-        total_loss += float(criterion(logits, masks))
+        images = images.to(device, memory_format=layout, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(images)
+        total_loss += criterion(logits.float(), masks)
         pixels += masks.numel()
-        cm += confusion_matrix(logits.argmax(1), masks, n_classes)
-    return total_loss / max(pixels, 1), cm
+        # Counts stay on the device until the end: no transfer and no stall per batch.
+        cm += confusion_counts(logits.argmax(1), masks, n_classes)
+    return float(total_loss) / max(pixels, 1), cm.cpu().numpy()
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    layout: torch.memory_format,
+    amp: torch.dtype | None,
+    description: str = "",
+    max_steps: int = 0,
+) -> tuple[float, int]:
+    """One pass of cross-entropy training over a loader (at most ``max_steps`` batches when > 0).
+
+    Returns:
+        the mean training loss and the number of steps taken.
+    """
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    loss_sum, steps = torch.zeros((), device=device), 0
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None if description else True)
+    for images, masks in bar:
+        images = images.to(device, memory_format=layout, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = criterion(model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # the scaler is a no-op unless training in fp16
+        scaler.step(optimizer)
+        scaler.update()
+        # Summed on the device: reading the loss every step would stall a GPU.
+        loss_sum += loss.detach().float()
+        steps += 1
+        if steps % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
+        if steps == max_steps:
+            break
+    return float(loss_sum) / max(steps, 1), steps
+
+
+def make_optimizer(model: nn.Module, cfg: config.Config, device: torch.device) -> torch.optim.Optimizer:
+    """Adam as in the reference; the fused CUDA kernel on GPUs (one launch for all parameters)."""
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None
+    )
+
+
+def make_loader(dataset: FarmlandDataset, cfg: config.Config, device: torch.device, shuffle: bool) -> DataLoader:
+    """A DataLoader with seeded order (EpochSampler), workers kept alive between epochs, pinned memory on CUDA."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=EpochSampler(len(dataset), cfg.seed, shuffle),
+        drop_last=shuffle and len(dataset) > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        # Its own generator: the loader then never draws from the global RNG, which dropout uses, so
+        # persistent workers (one draw) and no workers (a draw per epoch) give the same training.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
@@ -174,27 +278,22 @@ def train(cfg: config.Config) -> dict[str, Any]:
         raise DataError(
             f"{run_dir / 'splits' / 'train.txt'}: the training split is empty; add data and re-run split_dataset.py"
         )
-    train_set = FarmlandDataset(train_pairs, cfg.in_channels, cfg.online_aug, cfg.mask_threshold)
-    val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold)
     device = select_device(cfg.device)
-    loader_generator = torch.Generator()
-    common = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(
-        train_set,
-        cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > cfg.batch_size,
-        generator=loader_generator,
-        **common,
-    )
-    val_loader = DataLoader(val_set, cfg.batch_size, shuffle=False, **common)
-    # 2. Network, optimiser, schedule, loss.
+    amp = resolve_amp(cfg.amp, device)
+    cache = should_cache(cfg.cache_tiles, train_pairs + val_pairs)
+    train_set = FarmlandDataset(train_pairs, cfg.in_channels, cfg.online_aug, cfg.mask_threshold, cache)
+    val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache)
+    train_loader = make_loader(train_set, cfg, device, shuffle=True)
+    val_loader = make_loader(val_set, cfg, device, shuffle=False)
+    # 2. Network, optimiser, schedule, loss scaling.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # tiles share one size: pick the fastest kernels once
     torch.manual_seed(cfg.seed)
     layout = memory_format(cfg.channels_last)
     model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout).to(device, memory_format=layout)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    criterion = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     # 3. Resume: restore everything the next epoch depends on.
     start_epoch, best_iou, best_epoch, history = 1, -1.0, 0, []
     if cfg.resume:
@@ -203,6 +302,7 @@ def train(cfg: config.Config) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state.get("scaler", {}))
         start_epoch, best_iou, best_epoch = state["epoch"] + 1, state["best_iou"], state["best_epoch"]
         history = list(state["history"])
         LOG.info(
@@ -211,8 +311,12 @@ def train(cfg: config.Config) -> dict[str, Any]:
     elif (ckpt_dir / "last.pth").exists():
         LOG.warning("%s exists and will be overwritten; use --resume=true to continue that run", ckpt_dir / "last.pth")
     LOG.info(
-        "training on %s | U-Net width %d, %d parameters | %d training tiles, %d validation tiles | epochs %d..%d",
+        "training on %s, %s, %s layout%s | U-Net width %d, %d parameters | %d training tiles, %d validation tiles"
+        " | epochs %d..%d",
         describe_device(device),
+        f"{str(amp).removeprefix('torch.')} mixed precision" if amp else "fp32",
+        "channels-last" if cfg.channels_last else "contiguous",
+        ", tiles cached in memory" if cache else "",
         cfg.base_width,
         count_parameters(model),
         len(train_set),
@@ -223,24 +327,11 @@ def train(cfg: config.Config) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs + 1):
         # 4. One pass over the training tiles, seeded by epoch so that a resumed run repeats it exactly.
         started = time.perf_counter()
-        torch.manual_seed(cfg.seed + epoch)
-        loader_generator.manual_seed(cfg.seed + epoch)
-        model.train()
-        loss_sum, steps = torch.zeros((), device=device), 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None)
-        for images, masks in bar:
-            images = images.to(device, memory_format=layout, non_blocking=True)
-            masks = masks.to(device, non_blocking=True)
-            loss = criterion(model(images), masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # Summed on the device: reading the loss every step would stall a GPU.
-            loss_sum += loss.detach()
-            steps += 1
-            if steps % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
-        train_loss = float(loss_sum) / max(steps, 1)
+        torch.manual_seed(cfg.seed + epoch)  # dropout; data order and augmentation follow the sampler's epoch
+        train_loader.sampler.set_epoch(epoch)
+        train_loss, _ = train_epoch(
+            model, train_loader, optimizer, scaler, device, layout, amp, f"epoch {epoch}/{cfg.epochs}"
+        )
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"epoch {epoch}: the training loss became {train_loss}; training stopped and this epoch was not "
@@ -249,7 +340,7 @@ def train(cfg: config.Config) -> dict[str, Any]:
         scheduler.step()
         # 5. Validation: loss and pooled IoU with the same confusion-count code as miou.py.
         val_loss, cm = (
-            evaluate(model, val_loader, device, cfg.n_classes, layout)
+            evaluate(model, val_loader, device, cfg.n_classes, layout, amp)
             if len(val_set)
             else (math.nan, np.zeros((cfg.n_classes,) * 2, dtype=np.int64))
         )
@@ -274,6 +365,7 @@ def train(cfg: config.Config) -> dict[str, Any]:
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "epoch": epoch,
             "best_iou": best_iou,
             "best_epoch": best_epoch,

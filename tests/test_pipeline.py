@@ -15,7 +15,7 @@ import miou
 import predict
 import split_dataset
 import train
-from conftest import folder_digest
+from conftest import folder_digest, square_tile, write_pair
 from data_preprocess import DataError, load_mask, read_pair_list, write_image
 
 TINY = ["--base_width=4", "--batch_size=4", "--num_workers=0", "--lr=0.01", "--step_size=2", "--snapshot_every=2"]
@@ -162,3 +162,39 @@ def test_miou_reports_missing_predictions(square_data: Path, tmp_path: Path, cap
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_images"] == 1 and metrics["pooled"]["farmland_iou"] == 1.0
     assert "prediction not found" in caplog.text
+
+
+def final_val_iou(run_dir: Path) -> float:
+    return float(torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["history"][-1]["val_farmland_iou"])
+
+
+def test_mixed_precision_reaches_the_same_iou(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    rng = np.random.default_rng(7)
+    for i in range(80):
+        write_pair(data_dir, f"t{i:02d}", *square_tile(rng))
+    results = {}
+    for amp in ("off", "bf16"):
+        run_dir = tmp_path / amp
+        split_dataset.main(args(data_dir, run_dir, "--split_ratios=0.5,0.5,0"))
+        assert train.main(args(data_dir, run_dir, "--epochs=12", "--lr=0.003", "--step_size=4", f"--amp={amp}")) == 0
+        results[amp] = final_val_iou(run_dir)
+    assert results["off"] > 0.9  # it learned, so the comparison means something
+    assert abs(results["off"] - results["bf16"]) <= 0.02
+
+
+def test_loader_workers_and_tile_cache_do_not_change_the_result(square_data: Path, tmp_path: Path) -> None:
+    runs = {"plain": ["--num_workers=0", "--cache_tiles=no"], "fast": ["--num_workers=2", "--cache_tiles=yes"]}
+    for name, extra in runs.items():
+        split_dataset.main(args(square_data, tmp_path / name))
+        assert train.main(args(square_data, tmp_path / name, "--epochs=2", *extra)) == 0
+    a, b = weights(tmp_path / "plain" / "checkpoints" / "last.pth"), weights(tmp_path / "fast" / "checkpoints" / "last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_precision_settings_are_refused(square_data: Path, tmp_path: Path) -> None:
+    split_dataset.main(args(square_data, tmp_path / "run"))
+    with pytest.raises(ValueError, match="--amp=fp16 needs a CUDA device"):
+        train.main(args(square_data, tmp_path / "run", "--amp=fp16", "--device=cpu"))
+    with pytest.raises(ValueError, match="expected auto, bf16, fp16 or off"):
+        train.main(args(square_data, tmp_path / "run", "--amp=half"))

@@ -1,0 +1,61 @@
+"""net_structure.py: shapes, the reference size, BatchNorm folding, memory layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from net_structure import UNet, count_parameters, fold_batchnorm
+
+
+def test_reference_width_has_the_reference_parameter_count() -> None:
+    assert count_parameters(UNet(3, 2, 64)) == 31_037_698
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 3, 37, 50), (1, 3, 64, 64), (1, 3, 17, 16)])
+def test_any_height_and_width_come_back_at_input_size(shape: tuple[int, ...]) -> None:
+    model = UNet(3, 2, 4).eval()
+    assert model(torch.rand(shape)).shape == (shape[0], 2, *shape[2:])
+
+
+def test_band_count_is_configurable_and_checked() -> None:
+    assert UNet(4, 3, 4).eval()(torch.rand(1, 4, 32, 32)).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"expected input \(N, 3, H, W\), got \(1, 4, 32, 32\)"):
+        UNet(3, 2, 4)(torch.rand(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="n_classes >= 2"):
+        UNet(3, 1, 4)
+
+
+def randomise_batchnorm(model: nn.Module) -> None:
+    """Give every BatchNorm non-trivial statistics, as after training."""
+    generator = torch.Generator().manual_seed(0)
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            n = layer.num_features
+            layer.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            layer.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            layer.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            layer.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+
+
+def test_folded_network_computes_the_same_function() -> None:
+    torch.manual_seed(0)
+    model = UNet(3, 2, 8, dropout=0.3).eval()
+    randomise_batchnorm(model)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout2d)) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is left as it was
+    x = torch.rand(2, 3, 40, 48)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_channels_last_gives_the_same_output() -> None:
+    torch.manual_seed(0)
+    model = UNet(3, 2, 8).eval()
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
