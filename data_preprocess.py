@@ -123,7 +123,8 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0) -> np.ndar
         mask = mask[:, :, 0]
     if threshold > 0:
         return (mask >= threshold).astype(np.uint8)
-    values = np.unique(mask)
+    # A histogram is linear in the pixels where np.unique sorts them: this check runs on every mask read.
+    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
     if np.isin(values, (0, 255)).all():
         return (mask == 255).astype(np.uint8)
     if np.isin(values, (0, 1)).all():

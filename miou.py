@@ -55,13 +55,25 @@ def confusion_matrix(
     Raises:
         ValueError: shapes differ, or a value lies outside [0, n_classes).
     """
-    pred_t = torch.as_tensor(pred)
-    target_t = torch.as_tensor(target, device=pred_t.device)
-    if pred_t.shape != target_t.shape:
-        raise ValueError(f"prediction shape {tuple(pred_t.shape)} differs from label shape {tuple(target_t.shape)}")
-    if pred_t.numel() and (min(pred_t.min(), target_t.min()) < 0 or max(pred_t.max(), target_t.max()) >= n_classes):
+    if isinstance(pred, torch.Tensor) or isinstance(target, torch.Tensor):
+        pred_t = torch.as_tensor(pred)
+        target_t = torch.as_tensor(target, device=pred_t.device)
+        check_classes(pred_t, target_t, n_classes)
+        return confusion_counts(pred_t, target_t, n_classes).cpu().numpy().astype(np.int64)
+    pred_a, target_a = np.asarray(pred), np.asarray(target)
+    check_classes(pred_a, target_a, n_classes)
+    # Masks are small integers: index arithmetic in uint8 (when it fits) keeps the pass over pixels cheap.
+    dtype = np.uint8 if n_classes * n_classes <= 256 else np.int64
+    flat = target_a.ravel().astype(dtype, copy=False) * dtype(n_classes) + pred_a.ravel().astype(dtype, copy=False)
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes).astype(np.int64)
+
+
+def check_classes(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, n_classes: int) -> None:
+    """Raises ValueError unless prediction and label have one shape and hold class indices in [0, n_classes)."""
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
+    if math.prod(pred.shape) and (min(pred.min(), target.min()) < 0 or max(pred.max(), target.max()) >= n_classes):
         raise ValueError(f"class indices must lie in [0, {n_classes}); re-check the masks' encoding")
-    return confusion_counts(pred_t, target_t, n_classes).cpu().numpy().astype(np.int64)
 
 
 def ratio(numerator: float, denominator: float) -> float:

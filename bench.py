@@ -1,0 +1,332 @@
+"""Benchmark: the project's fast path against the plain reference recipe, side by side, in one run.
+
+    python bench.py                      # full-width U-Net, 256x256 tiles (minutes on a small CPU)
+    python bench.py --width=16 --tile=128 --train_steps=4
+
+On the same generated tiles and network width it measures
+- training throughput (tiles/s) and peak memory: reference = fp32, contiguous memory, batch 5, no loader
+  workers, tiles decoded every time; fast = the config's defaults (mixed precision where the hardware runs
+  it natively, channels-last, loader workers, decoded-tile cache; on CUDA also fused Adam, cudnn autotune
+  and a larger batch);
+- prediction throughput (tiles/s, masks written to disk): reference = one image at a time in fp32;
+  fast = predict.py's path (BatchNorm folded, reduced precision, channels-last, batches, reading workers);
+- miou.py's time per image against a per-pixel Python loop over the same files;
+and prints each pair's ratio. Every measurement runs in a fresh process, so peak memory is its own. The
+table is printed and written as JSON with the machine (CPU model, cores, GPU), the torch version, and the
+network's FLOPs per tile, from which the achieved FLOP/s follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+import config
+from data_preprocess import FarmlandDataset, load_image, load_mask, write_image
+from make_demo_data import generate_dataset
+from miou import class_iou, confusion_matrix, evaluate_pairs
+from net_structure import build_model
+
+REFERENCE_BATCH = 5
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, GPU and library versions of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def forward_flops(width: int, tile: int) -> int:
+    """FLOPs (multiply and add counted apart) of one forward pass of one tile, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(3, 2, width, 0.0).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, tile, tile))
+    return int(counter.get_total_flops())
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: GPU memory allocated on CUDA, else this process's resident memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps: int, fast: bool) -> dict[str, float]:
+    """Tiles/s of train.py's training step with the given config overrides (one warm-up step first).
+
+    ``fast`` adds what train.py does on CUDA beyond the config: cudnn autotuning and the fused optimizer.
+    """
+    from train import make_loader, make_optimizer, memory_format, resolve_amp, select_device, train_epoch
+
+    cfg = dataclasses.replace(config.Config(), **settings)
+    device = select_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
+    torch.backends.cudnn.benchmark = fast and device.type == "cuda"
+    cache = cfg.cache_tiles == "yes"
+    loader = make_loader(FarmlandDataset(pairs, 3, True, 0, cache), cfg, device, shuffle=True)
+    layout = memory_format(cfg.channels_last)
+    torch.manual_seed(0)
+    model = build_model(3, 2, cfg.base_width, cfg.dropout).to(device, memory_format=layout)
+    if fast:
+        optimizer = make_optimizer(model, cfg, device)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    train_epoch(model, loader, optimizer, scaler, device, layout, amp, max_steps=1)
+    synchronize(device)
+    started = time.perf_counter()
+    _, taken = train_epoch(model, loader, optimizer, scaler, device, layout, amp, max_steps=steps)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"tiles_per_s": taken * cfg.batch_size / seconds, "peak_bytes": peak_memory(device), "batch": cfg.batch_size}
+
+
+def bench_predict_reference(images: list[Path], width: int, device_name: str, out_dir: Path) -> dict[str, float]:
+    """Tiles/s of the reference prediction: fp32, contiguous, one image at a time, masks written."""
+    from train import select_device
+
+    device = select_device(device_name)
+    model = build_model(3, 2, width, 0.3).to(device).eval()
+
+    def run(paths: Sequence[Path]) -> None:
+        with torch.no_grad():
+            for path in paths:
+                image = torch.from_numpy(load_image(path, 3))[None].to(device)
+                mask = model(image).argmax(1)[0].to(torch.uint8).cpu().numpy()
+                write_image(out_dir / f"{path.stem}_seg.png", mask * np.uint8(255))
+
+    return timed_predict(run, images, device)
+
+
+def bench_predict_fast(
+    images: list[Path], width: int, device_name: str, out_dir: Path, workers: int
+) -> dict[str, float]:
+    """Tiles/s of predict.py's path: folded network, reduced precision, channels-last, batches, workers."""
+    from torch.utils.data import DataLoader
+
+    from predict import ImageFiles, batches_by_size, choose_batch_size, inference_model, predict_batch
+    from train import resolve_amp, select_device
+
+    device = select_device(device_name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    state = {
+        "model": build_model(3, 2, width, 0.3).state_dict(),
+        "config": {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3},
+    }
+    model = inference_model(state, device, True, resolve_amp("auto", device))
+    batch = choose_batch_size(model, (3, *load_image(images[0], 3).shape[1:]), device, 0)
+    loader = DataLoader(ImageFiles(images, 3), batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+
+    def run(paths: Sequence[Path]) -> None:
+        for indices, tiles, _ in batches_by_size(iter(loader), batch):
+            for index, mask in zip(indices, predict_batch(model, tiles, device)):
+                write_image(out_dir / f"{images[index].stem}_seg.png", mask * np.uint8(255))
+
+    result = timed_predict(run, images, device)
+    result["batch"] = batch
+    return result
+
+
+def timed_predict(run: Callable[[Sequence[Path]], None], images: list[Path], device: torch.device) -> dict[str, float]:
+    """Warm up on the images once, then time a second pass over all of them."""
+    run(images)
+    synchronize(device)
+    started = time.perf_counter()
+    run(images)
+    synchronize(device)
+    return {"tiles_per_s": len(images) / (time.perf_counter() - started), "peak_bytes": peak_memory(device)}
+
+
+def per_pixel_counts(label: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
+    """The reference: count tp, fp, fn, tn pixel by pixel in Python."""
+    tp = fp = fn = tn = 0
+    for y in range(label.shape[0]):
+        for x in range(label.shape[1]):
+            t, p = label[y, x], pred[y, x]
+            if t and p:
+                tp += 1
+            elif p:
+                fp += 1
+            elif t:
+                fn += 1
+            else:
+                tn += 1
+    return tp, fp, fn, tn
+
+
+def bench_metrics(items: list[tuple[str, Path, Path]]) -> dict[str, float]:
+    """Seconds per image: miou.py's vectorised counts and IoUs against the per-pixel loop, on masks in memory
+    (the scoring itself); and miou.py's whole per-image work, reading and checking both files included."""
+    started = time.perf_counter()
+    rows, _, _ = evaluate_pairs(items)
+    with_io = (time.perf_counter() - started) / len(items)
+    masks = [(load_mask(label), load_mask(pred)) for _, label, pred in items]
+    started = time.perf_counter()
+    fast_counts = []
+    for label, pred in masks:
+        cm = confusion_matrix(pred, label)
+        class_iou(cm)
+        fast_counts.append((int(cm[1, 1]), int(cm[0, 1]), int(cm[1, 0]), int(cm[0, 0])))
+    fast = (time.perf_counter() - started) / len(items)
+    started = time.perf_counter()
+    counts = [per_pixel_counts(label, pred) for label, pred in masks]
+    reference = (time.perf_counter() - started) / len(items)
+    if counts != fast_counts or counts != [(r["tp"], r["fp"], r["fn"], r["tn"]) for r in rows]:
+        raise RuntimeError("the vectorised and per-pixel counts differ")
+    return {"fast_s_per_image": fast, "reference_s_per_image": reference, "miou_with_file_io_s_per_image": with_io}
+
+
+def in_subprocess(function: Callable[..., dict], *args: Any) -> dict:
+    """Run one measurement in a fresh process, so that its peak memory and warm-up are its own."""
+    # An executor, not a Pool: its worker may start loader workers of its own (a Pool's may not).
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as executor:
+        return executor.submit(function, *args).result()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every measurement, print the table and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=64, help="U-Net base width (64 = the reference network)")
+    parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--train_steps", type=int, default=3, help="timed training steps per variant")
+    parser.add_argument("--predict_tiles", type=int, default=8, help="tiles predicted per variant")
+    parser.add_argument("--metric_images", type=int, default=10, help="masks scored per metric variant")
+    parser.add_argument("--fast_batch", type=int, default=0, help="fast training batch; 0 = 5 on CPU, 32 on CUDA")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="where the JSON goes")
+    args = parser.parse_args(argv)
+    info = machine()
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    fast_batch = args.fast_batch or (32 if cuda else REFERENCE_BATCH)
+    flops = forward_flops(args.width, args.tile)
+    print(f"{info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu']}, torch {info['torch']}")
+    print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
+    with tempfile.TemporaryDirectory() as tmp:
+        n_tiles = max(
+            args.predict_tiles,
+            args.metric_images,
+            fast_batch * (args.train_steps + 1),
+            REFERENCE_BATCH * (args.train_steps + 1),
+        )
+        images = generate_dataset(Path(tmp) / "data", n_tiles, args.tile, seed=0)
+        pairs = [(p, Path(tmp) / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
+        common = {"base_width": args.width, "device": args.device}
+        reference = {
+            **common,
+            "amp": "off",
+            "channels_last": False,
+            "batch_size": REFERENCE_BATCH,
+            "num_workers": 0,
+            "cache_tiles": "no",
+        }
+        fast = {**common, "batch_size": fast_batch, "cache_tiles": "yes"}
+        results: dict[str, Any] = {
+            "machine": info,
+            "width": args.width,
+            "tile": args.tile,
+            "forward_gflop_per_tile": flops / 1e9,
+        }
+        print("training ...", flush=True)
+        results["train"] = {
+            "reference": in_subprocess(bench_train, pairs, reference, args.train_steps, False),
+            "fast": in_subprocess(bench_train, pairs, fast, args.train_steps, True),
+        }
+        print("prediction ...", flush=True)
+        to_predict = images[: args.predict_tiles]
+        workers = config.Config().num_workers
+        results["predict"] = {
+            "reference": in_subprocess(bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref"),
+            "fast": in_subprocess(bench_predict_fast, to_predict, args.width, args.device, Path(tmp) / "fast", workers),
+        }
+        print("metrics ...", flush=True)
+        items = [
+            (p.stem, m, Path(tmp) / "ref" / f"{p.stem}_seg.png")
+            for p, m in pairs[: min(args.metric_images, args.predict_tiles)]
+        ]
+        results["metrics"] = bench_metrics(items)
+    for key in ("train", "predict"):
+        pair = results[key]
+        pair["speedup"] = pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
+        passes = 3 if key == "train" else 1  # a training step is about a forward and a twice-as-costly backward
+        for variant in ("reference", "fast"):
+            pair[variant]["tflop_per_s"] = pair[variant]["tiles_per_s"] * flops * passes / 1e12
+    metrics = results["metrics"]
+    metrics["speedup"] = metrics["reference_s_per_image"] / metrics["fast_s_per_image"]
+    print_table(results)
+    config.atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """Print the measurements as a table: reference, fast, ratio."""
+    rows = []
+    for key, label in (("train", "training"), ("predict", "prediction")):
+        ref, fast = results[key]["reference"], results[key]["fast"]
+        rows.append(
+            (
+                f"{label} tiles/s",
+                f"{ref['tiles_per_s']:.2f}",
+                f"{fast['tiles_per_s']:.2f}",
+                f"{results[key]['speedup']:.2f}x",
+            )
+        )
+        rows.append((f"{label} TFLOP/s", f"{ref['tflop_per_s']:.3f}", f"{fast['tflop_per_s']:.3f}", ""))
+        rows.append(
+            (f"{label} peak memory MiB", f"{ref['peak_bytes'] / 2**20:.0f}", f"{fast['peak_bytes'] / 2**20:.0f}", "")
+        )
+    metrics = results["metrics"]
+    rows.append(
+        (
+            "IoU scoring ms per image",
+            f"{metrics['reference_s_per_image'] * 1e3:.2f}",
+            f"{metrics['fast_s_per_image'] * 1e3:.2f}",
+            f"{metrics['speedup']:.0f}x",
+        )
+    )
+    print(f"\n{'':28} {'reference':>12} {'fast':>12} {'ratio':>8}")
+    for name, ref, fast, ratio in rows:
+        print(f"{name:28} {ref:>12} {fast:>12} {ratio:>8}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
