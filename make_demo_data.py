@@ -95,8 +95,9 @@ def _voronoi_parcels(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, s
     return np.argmin(dist, axis=2).astype(np.int32)
 
 
-def _crop_rows(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, crop: np.ndarray, soil: np.ndarray,
-               scale: float) -> np.ndarray:
+def _crop_rows(
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, crop: np.ndarray, soil: np.ndarray, scale: float
+) -> np.ndarray:
     """Parallel crop rows at a per-parcel orientation and period; the gaps show soil or darker crop."""
     u, _ = _rotated(xx, yy, rng.uniform(0, np.pi))
     period = rng.uniform(3.5, 6.0) * scale  # >= 3.5 px so the rows survive the sensor blur
@@ -107,16 +108,14 @@ def _crop_rows(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, crop: n
     return crop + (gap - crop) * (0.5 - 0.5 * rows) * strength
 
 
-def _ploughed(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, soil: np.ndarray,
-              scale: float) -> np.ndarray:
+def _ploughed(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, soil: np.ndarray, scale: float) -> np.ndarray:
     """Bare soil with faint furrows, so it differs from tracks and yards only by its fine regular texture."""
     u, _ = _rotated(xx, yy, rng.uniform(0, np.pi))
     furrows = np.sin(2 * np.pi * u / (rng.uniform(3.0, 4.5) * scale))[..., None]
     return soil * (1.0 + rng.uniform(0.12, 0.2) * furrows)
 
 
-def _orchard(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, ground: np.ndarray,
-             scale: float) -> np.ndarray:
+def _orchard(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, ground: np.ndarray, scale: float) -> np.ndarray:
     """Crop-coloured ground under a regular grid of dark round tree crowns."""
     u, v = _rotated(xx, yy, rng.uniform(0, np.pi))
     spacing = rng.uniform(5.0, 8.0) * scale
@@ -149,8 +148,9 @@ def _blob(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: int, r
     return (u / ax) ** 2 + (v / ay) ** 2 + 0.35 * _smooth_noise(rng, size, 6) < 1.0
 
 
-def _draw_building(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, centre: np.ndarray,
-                   angle: float, zoom: float) -> None:
+def _draw_building(
+    rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, centre: np.ndarray, angle: float, zoom: float
+) -> None:
     """Rotated rectangular roof with a small cast shadow (drawn first, offset); both are background."""
     w, h = rng.uniform(2.5, 7.0, 2) * zoom
     c, s = np.cos(angle), np.sin(angle)
@@ -185,8 +185,11 @@ def render_tile(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, n
         green = _jitter(rng, palette[rng.integers(len(palette))], 12)
         if rng.random() < farm_share:
             farm |= inside
-            texture = (_crop_rows(rng, xx, yy, green, soil, scale) if rng.random() < 0.75
-                       else _ploughed(rng, xx, yy, _jitter(rng, soil, 6), scale))
+            texture = (
+                _crop_rows(rng, xx, yy, green, soil, scale)
+                if rng.random() < 0.75
+                else _ploughed(rng, xx, yy, _jitter(rng, soil, 6), scale)
+            )
             texture = texture * (1.0 + 0.04 * _smooth_noise(rng, size, 4)[..., None])
         else:
             kind = rng.choice(["meadow", "orchard", "forest", "water", "yard"], p=[0.45, 0.17, 0.15, 0.08, 0.15])
@@ -227,8 +230,11 @@ def render_tile(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, n
     # Tree clumps and ponds overlap any parcel, including fields (the trees are not farmland).
     for _ in range(rng.choice(4, p=[0.35, 0.35, 0.2, 0.1])):
         clump = _blob(rng, xx, yy, size, rng.uniform(0.05, 0.15) * size)
-        image[clump] = (_forest(rng, size) if rng.random() < 0.8 else np.broadcast_to(
-            _jitter(rng, WATER[rng.integers(len(WATER))], 6), image.shape))[clump]
+        image[clump] = (
+            _forest(rng, size)
+            if rng.random() < 0.8
+            else np.broadcast_to(_jitter(rng, WATER[rng.integers(len(WATER))], 6), image.shape)
+        )[clump]
         mask[clump] = 0
     # Buildings: clustered in farmyards, a few scattered on any background.
     groups = [(np.argwhere(y), int(rng.integers(2, 6))) for y in yards]
@@ -333,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = generate_dataset(args.out, args.n_tiles, args.size, args.seed)
     masks = [read_image(args.out / "labels" / f"{path.stem}_mask.png") for path in paths]
     share = float(np.mean([np.mean(mask > 0) for mask in masks]))
-    print(f"{len(paths)} tiles of {args.size}x{args.size} in {args.out / 'images'}, masks in {args.out / 'labels'}; "
-          f"{share:.0%} farmland")
+    print(
+        f"{len(paths)} tiles of {args.size}x{args.size} in {args.out / 'images'}, masks in {args.out / 'labels'}; "
+        f"{share:.0%} farmland"
+    )
     return 0
 
 

@@ -188,7 +188,10 @@ def test_loader_workers_and_tile_cache_do_not_change_the_result(square_data: Pat
     for name, extra in runs.items():
         split_dataset.main(args(square_data, tmp_path / name))
         assert train.main(args(square_data, tmp_path / name, "--epochs=2", *extra)) == 0
-    a, b = weights(tmp_path / "plain" / "checkpoints" / "last.pth"), weights(tmp_path / "fast" / "checkpoints" / "last.pth")
+    a, b = (
+        weights(tmp_path / "plain" / "checkpoints" / "last.pth"),
+        weights(tmp_path / "fast" / "checkpoints" / "last.pth"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -1,0 +1,50 @@
+"""bench.py and the prediction fast path: they run, and fast agrees with reference (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bench
+from net_structure import build_model
+from predict import choose_batch_size, inference_model, predict_batch
+
+
+def test_per_pixel_reference_counts_by_hand() -> None:
+    label = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], np.uint8)
+    pred = np.array([[1, 0, 0, 1], [1, 1, 0, 0]], np.uint8)
+    assert bench.per_pixel_counts(label, pred) == (3, 1, 1, 3)
+
+
+def test_inference_model_predicts_what_the_trained_model_predicts() -> None:
+    torch.manual_seed(0)
+    model = build_model(3, 2, 8, 0.3)
+    model.train()
+    model(torch.rand(4, 3, 32, 32))  # one training pass moves the BatchNorm statistics
+    model.eval()
+    state = {"model": model.state_dict(), "config": {"in_channels": 3, "n_classes": 2, "base_width": 8, "dropout": 0.3}}
+    fast = inference_model(state, torch.device("cpu"), channels_last=True, amp=None)
+    images = torch.rand(3, 3, 40, 40)
+    with torch.no_grad():
+        expected = model(images).argmax(1).numpy()
+    assert np.array_equal(predict_batch(fast, images, torch.device("cpu")), expected)
+    assert choose_batch_size(fast, (3, 256, 256), torch.device("cpu"), 7) == 7
+    assert 1 <= choose_batch_size(fast, (3, 256, 256), torch.device("cpu"), 0) <= 4
+
+
+def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--width=4", "--tile=32", "--train_steps=1", "--predict_tiles=2", "--metric_images=2", f"--out={out}"]
+    assert bench.main(args) == 0
+    results = json.loads(out.read_text())
+    assert results["machine"]["torch"] == torch.__version__
+    assert results["forward_gflop_per_tile"] > 0
+    for key in ("train", "predict"):
+        for variant in ("reference", "fast"):
+            assert results[key][variant]["tiles_per_s"] > 0 and results[key][variant]["peak_bytes"] > 0
+        assert results[key]["speedup"] > 0
+    assert results["metrics"]["speedup"] > 0
+    assert "IoU scoring ms per image" in capsys.readouterr().out
