@@ -53,9 +53,7 @@ class Config:
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     channels_last: bool = True  # NHWC memory layout for the network: same results, faster convolutions
     amp: str = "auto"  # mixed precision: auto (bf16 where the GPU/CPU runs it fast, else fp16 on CUDA), bf16, fp16, off
-    cache_tiles: str = (
-        "auto"  # keep decoded training tiles in memory: auto (if they fit in 1/4 of free memory), yes, no
-    )
+    cache_tiles: str = "auto"  # keep decoded training tiles in memory: auto (if they fit in 1/4 of free RAM), yes, no
     # --- predict.py ------------------------------------------------------------------------------------
     predict_input: str = ""  # image file or folder to predict; empty = the test split
     checkpoint: str = ""  # weights to predict with; empty = run_dir/checkpoints/best.pth
