@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import config
-from data_preprocess import DataError, load_image, load_mask, read_pair_list
+from data_preprocess import DataError, image_to_float, load_mask, read_image, read_pair_list
 
 LOG = logging.getLogger("miou")
 FARMLAND = 1
@@ -240,7 +240,8 @@ def gallery(
     for ax_row, row in zip(axes, rows):
         image_path, label_path, pred_path = lookup[row["name"]]
         # Show the first three bands (RGB of an RGB+NIR tile); a single band is shown in grey.
-        photo = load_image(image_path, cfg.in_channels)[:3].transpose(1, 2, 0)
+        raw = read_image(image_path)[:, :, :3]
+        photo = image_to_float(raw, raw.shape[2], image_path).transpose(1, 2, 0)
         ax_row[0].imshow(photo if photo.shape[2] == 3 else photo[:, :, 0], cmap="gray")
         ax_row[1].imshow(load_mask(label_path, cfg.mask_threshold), cmap="gray", vmin=0, vmax=1)
         ax_row[2].imshow(load_mask(pred_path), cmap="gray", vmin=0, vmax=1)
@@ -267,6 +268,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Score run_dir/predictions against the test split's labels; write metrics, CSV and figures."""
     cfg = config.parse_args(argv, __doc__ or "")
+    config.check_paths(cfg)
     config.setup_logging(cfg, "miou")
     run_dir = Path(cfg.run_dir)
     config.save_config(cfg, "miou")

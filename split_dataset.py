@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -85,8 +86,8 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     return scan
 
 
-def check_pair(image_path: Path, mask_path: Path, cfg: config.Config) -> tuple[str, str] | None:
-    """Check one pair; return None if usable, else (kind, reason) with kind 'error' or 'filtered'."""
+def check_pair(image_path: Path, mask_path: Path, cfg: config.Config) -> tuple[str, str] | tuple[int, int]:
+    """Check one pair; return its (height, width) if usable, else (kind, reason), kind 'error' or 'filtered'."""
     try:
         image = read_image(image_path)
         image_to_float(image[:1, :1], cfg.in_channels, image_path)  # band count and pixel type only
@@ -104,7 +105,7 @@ def check_pair(image_path: Path, mask_path: Path, cfg: config.Config) -> tuple[s
             "filtered",
             f"{nodata:.0%} of pixels are nodata (all bands 0) > max_nodata_fraction={cfg.max_nodata_fraction}",
         )
-    return None
+    return image.shape[0], image.shape[1]
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
@@ -158,13 +159,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.save_config(cfg, "split_dataset")
     data_dir = Path(cfg.data_dir)
     scan = find_pairs(data_dir / cfg.image_subdir, data_dir / cfg.label_subdir, cfg.mask_suffix)
-    usable = []
+    usable, sizes = [], []
     for image_path, mask_path in tqdm(scan.pairs, desc="checking pairs", unit="pair", disable=None):
-        problem = check_pair(image_path, mask_path, cfg)
-        if problem is None:
-            usable.append((image_path, mask_path))
+        result = check_pair(image_path, mask_path, cfg)
+        if isinstance(result[0], str):
+            scan.rejected.append((image_path, *result))
         else:
-            scan.rejected.append((image_path, *problem))
+            usable.append((image_path, mask_path))
+            sizes.append(result)
+    if sizes:
+        # Training stacks tiles into batches, which needs one tile size: keep the most common one.
+        common = Counter(sizes).most_common(1)[0][0]
+        for pair, size in zip(list(usable), sizes):
+            if size != common:
+                usable.remove(pair)
+                reason = (
+                    f"{pair[0]}: is {size[1]}x{size[0]} pixels but most tiles are {common[1]}x{common[0]}; "
+                    "training batches need one size: cut it to that size, or predict it with --predict_input"
+                )
+                scan.rejected.append((pair[0], "error", reason))
     for path, kind, reason in scan.rejected:
         (LOG.error if kind == "error" else LOG.warning)("%s %s: %s", kind, path, reason)
     if not usable:

@@ -302,7 +302,8 @@ def train(cfg: config.Config) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state.get("scaler", {}))
+        if state.get("scaler"):  # empty when the earlier run was not in fp16
+            scaler.load_state_dict(state["scaler"])
         start_epoch, best_iou, best_epoch = state["epoch"] + 1, state["best_iou"], state["best_epoch"]
         history = list(state["history"])
         LOG.info(
@@ -358,7 +359,11 @@ def train(cfg: config.Config) -> dict[str, Any]:
             }
         )
         # 6. Checkpoints: best by val farmland IoU, last every epoch, weight snapshots every N epochs.
-        improved = farmland_iou > best_iou
+        # No val tiles, or no farmland in them: the IoU says nothing, so best.pth follows the latest epoch.
+        scoreless = not np.isfinite(ious[FARMLAND])
+        if scoreless and epoch == start_epoch:
+            LOG.warning("the val split is empty or holds no farmland: best.pth will be the latest epoch's weights")
+        improved = scoreless or farmland_iou > best_iou
         if improved:
             best_iou, best_epoch = farmland_iou, epoch
         state = {

@@ -201,3 +201,10 @@ def test_bad_precision_settings_are_refused(square_data: Path, tmp_path: Path) -
         train.main(args(square_data, tmp_path / "run", "--amp=fp16", "--device=cpu"))
     with pytest.raises(ValueError, match="expected auto, bf16, fp16 or off"):
         train.main(args(square_data, tmp_path / "run", "--amp=half"))
+
+
+def test_without_val_tiles_best_follows_the_latest_epoch(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir, "--split_ratios=0.9,0,0.1"))
+    assert train.main(args(square_data, run_dir, "--epochs=2")) == 0
+    assert torch.load(run_dir / "checkpoints" / "best.pth", weights_only=True)["epoch"] == 2

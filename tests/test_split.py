@@ -129,3 +129,14 @@ def test_empty_or_missing_folders(tmp_path: Path) -> None:
 def test_bad_ratios_are_refused(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sum to 1"):
         run_split(square_data, tmp_path / "run", "--split_ratios=0.8,0.3,0.1")
+
+
+def test_tiles_of_another_size_are_reported(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_pair(data, f"t{i}", *square_tile(rng))
+    write_pair(data, "big", *square_tile(rng, 48))
+    assert run_split(data, tmp_path / "run") == 1
+    kind, reason = rejected(tmp_path / "run")["big.png"]
+    assert kind == "error" and "is 48x48 pixels but most tiles are 32x32" in reason
