@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +50,7 @@ class Config:
     gamma: float = 0.5  # StepLR: factor applied to the learning rate at each drop
     snapshot_every: int = 10  # also keep the weights of every N-th epoch (0 = never)
     resume: bool = False  # continue from run_dir/checkpoints/last.pth
+    deterministic: bool = False  # deterministic kernels (slower on GPU): a resumed run then ends bit-identical
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     channels_last: bool = True  # NHWC memory layout for the network: same results, faster convolutions
@@ -59,6 +61,7 @@ class Config:
     checkpoint: str = ""  # weights to predict with; empty = run_dir/checkpoints/best.pth
     predict_batch_size: int = 0  # tiles per forward pass at prediction; 0 = chosen from free memory
     overlay: bool = True  # also save each mask drawn over its photo
+    skip_existing: bool = True  # keep masks already written with this checkpoint, so an interrupted run resumes
     # --- miou.py ---------------------------------------------------------------------------------------
     gallery_size: int = 6  # tiles in each of the worst / best galleries
 
@@ -175,11 +178,36 @@ def save_config(cfg: Config, script: str) -> Path:
     return path
 
 
-def check_paths(cfg: Config) -> None:
-    """Refuse a run folder that is, or lies inside, the data folder: nothing is ever written into data_dir.
+def check_writable(folder: Path, need_bytes: int = 0) -> None:
+    """Fail at once, not hours later, when an output folder cannot be written or its disk is nearly full.
 
     Raises:
-        ValueError: run_dir and data_dir overlap.
+        ValueError: naming the folder, the problem and the fix.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"{folder}: cannot write there ({err.strerror}); choose another --run_dir or fix its permissions"
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise ValueError(
+            f"{folder}: only {free / 2**20:.0f} MiB free on its disk, about {need_bytes / 2**20:.0f} MiB are needed; "
+            "free some space or choose another --run_dir"
+        )
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse a run folder that is, or lies inside, the data folder (nothing is ever written into data_dir),
+    and one that cannot be written.
+
+    Raises:
+        ValueError: run_dir and data_dir overlap, or run_dir is not writable.
     """
     data = Path(cfg.data_dir).resolve()
     run = Path(cfg.run_dir).resolve()
@@ -188,6 +216,7 @@ def check_paths(cfg: Config) -> None:
             f"run_dir {cfg.run_dir!r} lies inside data_dir {cfg.data_dir!r}; outputs must never be written "
             "into the data folder. Choose a run_dir outside it, for example --run_dir=runs/exp"
         )
+    check_writable(run)
 
 
 def setup_logging(cfg: Config, script: str) -> None:

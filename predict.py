@@ -87,6 +87,22 @@ def batches_by_size(
         yield indices, torch.stack(tensors), None
 
 
+def overlay_path(mask_path: Path) -> Path:
+    """Where the overlay of a mask goes: predictions/overlays/<stem>_overlay.png."""
+    return mask_path.parent / "overlays" / f"{mask_path.stem.removesuffix('_seg')}_overlay.png"
+
+
+def is_complete(mask_path: Path, checkpoint: Path, overlay: bool) -> bool:
+    """Whether an earlier run already wrote this image's outputs with this checkpoint.
+
+    Outputs are written atomically, so an existing file is whole; it counts when it is newer than the
+    checkpoint (an older mask came from other weights).
+    """
+    wanted = [mask_path, overlay_path(mask_path)] if overlay else [mask_path]
+    made = Path(checkpoint).stat().st_mtime
+    return all(p.is_file() and p.stat().st_mtime >= made for p in wanted)
+
+
 def overlay_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Blend the farmland tint over an (C, H, W) float image in [0, 1]; return uint8 RGB."""
     photo = image[:3].transpose(1, 2, 0) if image.shape[0] >= 3 else np.repeat(image[:1].transpose(1, 2, 0), 3, axis=2)
@@ -154,12 +170,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = inference_model(state, device, cfg.channels_last, amp)
     in_channels = state["config"]["in_channels"]
     paths = list_inputs(cfg)
+    predictions = (run_dir / "predictions").resolve()
+    if any(p.resolve().parent == predictions or predictions in p.resolve().parents for p in paths):
+        raise DataError(
+            f"--predict_input={cfg.predict_input}: lies in the output folder {predictions}; predict another folder"
+        )
     outputs = [prediction_path(run_dir, p) for p in paths]
     seen: dict[Path, Path] = {}
     for path, out in zip(paths, outputs):
         if out in seen:
             raise DataError(f"{path} and {seen[out]} would both be written to {out}; give them distinct names")
         seen[out] = path
+    done_before = [
+        i for i, out in enumerate(outputs) if cfg.skip_existing and is_complete(out, checkpoint, cfg.overlay)
+    ]
+    if done_before:
+        LOG.info(
+            "%d of %d image(s) already have masks from this checkpoint and are skipped (--skip_existing=false redoes them)",
+            len(done_before),
+            len(paths),
+        )
+        skip = set(done_before)
+        paths = [p for i, p in enumerate(paths) if i not in skip]
+        outputs = [o for i, o in enumerate(outputs) if i not in skip]
     loader = DataLoader(ImageFiles(paths, in_channels), batch_size=None, num_workers=cfg.num_workers)
     items = iter(loader)
     first = next(items, None)
@@ -188,8 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ):
                     write_image(outputs[index], mask * np.uint8(255))
                     if cfg.overlay:
-                        out = outputs[index].parent / "overlays" / f"{paths[index].stem}_overlay.png"
-                        write_image(out, overlay_image(image, mask))
+                        write_image(overlay_path(outputs[index]), overlay_image(image, mask))
                     done += 1
             bar.update(len(indices))
     LOG.info("wrote %d mask(s) to %s", done, run_dir / "predictions")

@@ -17,6 +17,7 @@ import dataclasses
 import io
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,14 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
 
 
+def set_deterministic() -> None:
+    """Ask torch for deterministic kernels, so that the same seed gives the same weights on the same machine."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable results
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def describe_device(device: torch.device) -> str:
     """A short description of the device for the log."""
     if device.type == "cuda":
@@ -126,7 +135,10 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
     """Rebuild the network with the architecture stored in a checkpoint and load its weights."""
     saved = state["config"]
     model = build_model(saved["in_channels"], saved["n_classes"], saved["base_width"], saved["dropout"])
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # weights that do not fit the architecture the checkpoint itself declares
+        raise DataError(f"checkpoint weights do not fit a U-Net of its own config ({str(err)[:300]})") from None
     return model.to(device, memory_format=memory_format(channels_last))
 
 
@@ -278,19 +290,30 @@ def train(cfg: config.Config) -> dict[str, Any]:
         raise DataError(
             f"{run_dir / 'splits' / 'train.txt'}: the training split is empty; add data and re-run split_dataset.py"
         )
+    missing = [str(p) for pair in train_pairs + val_pairs for p in pair if not p.is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        raise DataError(
+            f"the split lists {len(missing)} file(s) that no longer exist; restore them or re-run "
+            f"split_dataset.py (and augment.py):\n  {shown}"
+        )
     device = select_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
+    if cfg.deterministic:
+        set_deterministic()
     cache = should_cache(cfg.cache_tiles, train_pairs + val_pairs)
     train_set = FarmlandDataset(train_pairs, cfg.in_channels, cfg.online_aug, cfg.mask_threshold, cache)
     val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache)
     train_loader = make_loader(train_set, cfg, device, shuffle=True)
     val_loader = make_loader(val_set, cfg, device, shuffle=False)
     # 2. Network, optimiser, schedule, loss scaling.
-    if device.type == "cuda":
+    if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # tiles share one size: pick the fastest kernels once
     torch.manual_seed(cfg.seed)
     layout = memory_format(cfg.channels_last)
     model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout).to(device, memory_format=layout)
+    # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each.
+    config.check_writable(ckpt_dir, 4 * 3 * 4 * count_parameters(model))
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)

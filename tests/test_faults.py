@@ -1,0 +1,191 @@
+"""Faults survived and untrusted files refused: kill -9 and resume, interrupted saves, NaN losses, full or
+unwritable disks, interrupted predictions, crafted checkpoints, broken splits, palette masks."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import config
+import predict
+import split_dataset
+import train
+from conftest import ROOT
+from data_preprocess import DataError, load_mask, read_pair_list, write_image
+from test_pipeline import args, weights
+
+
+def epochs_logged(run_dir: Path) -> int:
+    try:
+        with open(run_dir / "train_log.csv", encoding="utf-8") as handle:
+            return len(list(csv.DictReader(handle)))
+    except (OSError, csv.Error):
+        return 0
+
+
+def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(square_data: Path, tmp_path: Path) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    settings = ["--epochs=25", "--deterministic=true"]
+    for run_dir in (straight, killed):
+        split_dataset.main(args(square_data, run_dir))
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args(square_data, killed, *settings)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while epochs_logged(killed) < 3 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL  # it really was killed, not finished
+    interrupted_at = torch.load(killed / "checkpoints" / "last.pth", weights_only=True)["epoch"]
+    assert 3 <= interrupted_at < 25
+    assert train.main(args(square_data, killed, *settings, "--resume=true")) == 0
+    assert train.main(args(square_data, straight, *settings)) == 0
+    a, b = weights(straight / "checkpoints" / "last.pth"), weights(killed / "checkpoints" / "last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_checkpoint_save_leaves_the_previous_one(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    train.main(args(square_data, run_dir, "--epochs=1"))
+
+    def killed_before_rename(*_: object) -> None:
+        raise KeyboardInterrupt  # stands for the process dying between writing and renaming
+
+    monkeypatch.setattr(config.os, "replace", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(square_data, run_dir, "--epochs=2", "--resume=true"))
+    monkeypatch.undo()
+    assert torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 1
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    real_epoch = train.train_epoch
+    calls = []
+
+    def diverging_epoch(*a: object, **k: object) -> tuple[float, int]:
+        calls.append(1)
+        loss, steps = real_epoch(*a, **k)
+        return (float("nan"), steps) if len(calls) == 2 else (loss, steps)
+
+    monkeypatch.setattr(train, "train_epoch", diverging_epoch)
+    with pytest.raises(FloatingPointError, match=r"epoch 2: the training loss became nan.*last good checkpoint.*Lower --lr"):
+        train.main(args(square_data, run_dir, "--epochs=3"))
+    assert torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_unwritable_run_folder_and_full_disk_fail_before_training(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot write there"):
+        train.main(args(square_data, blocker / "run"))
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    monkeypatch.setattr(config.shutil, "disk_usage", lambda _: type("Usage", (), {"free": 1024})())
+    with pytest.raises(ValueError, match=r"checkpoints: only 0 MiB free on its disk, about \d+ MiB are needed"):
+        train.main(args(square_data, run_dir, "--epochs=1"))
+    assert not (run_dir / "checkpoints" / "last.pth").exists()
+
+
+def test_training_refuses_a_split_with_missing_files(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    listed = read_pair_list(run_dir / "splits" / "train.txt")
+    moved = tmp_path / "elsewhere.png"
+    listed[0][0].rename(moved)  # a file removed after the split was made
+    try:
+        with pytest.raises(DataError, match=rf"no longer exist.*\n  {listed[0][0]}"):
+            train.main(args(square_data, run_dir, "--epochs=1"))
+    finally:
+        moved.rename(listed[0][0])
+
+
+def test_crafted_checkpoint_is_refused_without_running_its_code(square_data: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "payload ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (Path.touch, (marker,))
+
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"model": Payload(), "config": {}}, crafted)
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    with pytest.raises(DataError, match="crafted.pth: not a loadable checkpoint"):
+        predict.main(args(square_data, run_dir, f"--checkpoint={crafted}"))
+    assert not marker.exists()
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_config(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    train.main(args(square_data, run_dir, "--epochs=1"))
+    state = torch.load(run_dir / "checkpoints" / "best.pth", weights_only=True)
+    state["config"]["base_width"] = 8  # the weights are of width 4
+    torch.save(state, tmp_path / "mismatch.pth")
+    with pytest.raises(DataError, match="checkpoint weights do not fit a U-Net of its own config"):
+        predict.main(args(square_data, run_dir, f"--checkpoint={tmp_path / 'mismatch.pth'}"))
+
+
+def test_interrupted_prediction_is_resumed_not_redone(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir, "--split_ratios=0.5,0.1,0.4"))
+    train.main(args(square_data, run_dir, "--epochs=1"))
+    assert predict.main(args(square_data, run_dir)) == 0
+    masks = sorted((run_dir / "predictions").glob("*_seg.png"))
+    assert len(masks) == 8
+    stamps = {m: m.stat().st_mtime_ns for m in masks}
+    masks[0].unlink()  # as if the first run had stopped before this one
+    assert predict.main(args(square_data, run_dir)) == 0
+    assert "7 of 8 image(s) already have masks from this checkpoint and are skipped" in caplog.text
+    assert masks[0].is_file()
+    assert all(m.stat().st_mtime_ns == stamps[m] for m in masks[1:])
+    # Masks older than the checkpoint came from other weights: they are redone.
+    checkpoint = run_dir / "checkpoints" / "best.pth"
+    os.utime(checkpoint, (time.time() + 60, time.time() + 60))
+    assert predict.main(args(square_data, run_dir)) == 0
+    assert all(m.stat().st_mtime_ns != stamps[m] for m in masks[1:])
+
+
+def test_output_folder_is_never_an_input_folder(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    train.main(args(square_data, run_dir, "--epochs=1"))
+    predict.main(args(square_data, run_dir))
+    with pytest.raises(DataError, match="lies in the output folder"):
+        predict.main(args(square_data, run_dir, f"--predict_input={run_dir / 'predictions'}"))
+
+
+def test_palette_mask_with_colours_is_refused(tmp_path: Path) -> None:
+    palette_mask = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    palette_mask.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 drawn red
+    palette_mask.save(tmp_path / "p_mask.png")
+    with pytest.raises(DataError, match=r"p_mask\.png: colour mask"):
+        load_mask(tmp_path / "p_mask.png")
+    grey = Image.fromarray(np.array([[0, 1]], np.uint8), mode="P")
+    grey.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)  # a palette of black and white reads as 0/255
+    grey.save(tmp_path / "g_mask.png")
+    assert load_mask(tmp_path / "g_mask.png").tolist() == [[0, 1]]
