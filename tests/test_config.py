@@ -112,3 +112,9 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
 def test_atomic_write_gives_ordinary_permissions(tmp_path: Path) -> None:
     config.atomic_write_text(tmp_path / "b.txt", "x")
     assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~config.current_umask()
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    undocumented = [f.name for f in dataclasses.fields(config.Config) if f"| `{f.name}` |" not in readme]
+    assert undocumented == []

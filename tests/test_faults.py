@@ -189,3 +189,18 @@ def test_palette_mask_with_colours_is_refused(tmp_path: Path) -> None:
     grey.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)  # a palette of black and white reads as 0/255
     grey.save(tmp_path / "g_mask.png")
     assert load_mask(tmp_path / "g_mask.png").tolist() == [[0, 1]]
+
+
+def test_augment_reports_a_broken_tile_and_flips_the_rest(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import augment
+
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    listed = read_pair_list(run_dir / "splits" / "train.txt")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    lines = [f"{broken}\t{listed[0][1]}"] + [f"{i}\t{m}" for i, m in listed[1:]]
+    (run_dir / "splits" / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert augment.main(args(square_data, run_dir, "--aug_prob=1")) == 1
+    assert "broken.png: not a readable image" in caplog.text
+    assert len(list((run_dir / "augmented" / "images").iterdir())) == 2 * (len(listed) - 1)
