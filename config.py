@@ -50,6 +50,7 @@ class Config:
     gamma: float = 0.5  # StepLR: factor applied to the learning rate at each drop
     snapshot_every: int = 10  # also keep the weights of every N-th epoch (0 = never)
     resume: bool = False  # continue from run_dir/checkpoints/last.pth
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks' tiles (small batches per GPU)
     deterministic: bool = False  # deterministic kernels (slower on GPU): a resumed run then ends bit-identical
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
@@ -219,23 +220,29 @@ def check_paths(cfg: Config) -> None:
     check_writable(run)
 
 
-def setup_logging(cfg: Config, script: str) -> None:
-    """Log to the terminal and to run_dir/logs/<script>.log; safe to call again for another script."""
+def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
+    """Log to the terminal and to run_dir/logs/<script>.log; safe to call again for another script.
+
+    Under torchrun only rank 0 logs its progress; the other ranks report warnings and errors alone.
+    """
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "farmland_pipeline", False)]:
         root.removeHandler(handler)
         handler.close()
     log_dir = Path(cfg.run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    formatter = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (
-        logging.StreamHandler(sys.stderr),
-        logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8"),
-    ):
+    formatter = logging.Formatter(
+        "%(asctime)s %(name)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s rank {rank} %(levelname)s %(message)s",
+        "%H:%M:%S",
+    )
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:  # one log file, written by one process
+        handlers.append(logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8"))
+    for handler in handlers:
         handler.setFormatter(formatter)
         handler.farmland_pipeline = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def run_main(main: Callable[[], int]) -> int:

@@ -200,23 +200,31 @@ class EpochSampler(Sampler):
 
     Both follow only from (seed, epoch), never from worker processes' random state, so the order and the
     augmentation of an epoch are the same with 0 or 8 loader workers, persistent or not, and after a resume.
+    Under distributed training each of ``world`` ranks takes every world-th item of the same order; when
+    shuffling (training) the order is padded by repeating its start so that every rank takes as many steps.
     """
 
-    def __init__(self, n_items: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, n_items: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
         self.n_items, self.seed, self.shuffle, self.epoch = n_items, seed, shuffle, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order and seeds the next iteration yields."""
         self.epoch = epoch
 
+    def positions(self) -> list[int]:
+        """The positions in the epoch's order that this rank takes."""
+        total = -(-self.n_items // self.world) * self.world if self.shuffle else self.n_items
+        return [i % max(self.n_items, 1) for i in range(self.rank, total, self.world)] if self.n_items else []
+
     def __len__(self) -> int:
-        return self.n_items
+        return len(self.positions())
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n_items, generator=generator) if self.shuffle else torch.arange(self.n_items)
         seeds = torch.randint(0, 2**62, (self.n_items,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        return iter([(int(order[i]), int(seeds[i])) for i in self.positions()])
 
 
 def decoded_size(pairs: Sequence[tuple[Path, Path]]) -> int:

@@ -26,7 +26,7 @@ from data_preprocess import DataError, is_image_file, load_image, read_pair_list
 from miou import prediction_path
 from data_preprocess import available_memory
 from net_structure import fold_batchnorm
-from train import load_checkpoint, memory_format, model_from_checkpoint, resolve_amp, select_device
+from train import all_reduce_sum, init_distributed, load_checkpoint, memory_format, model_from_checkpoint, resolve_amp
 
 LOG = logging.getLogger("predict")
 OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown
@@ -160,10 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
     cfg = config.parse_args(argv, __doc__ or "")
     config.check_paths(cfg)
-    config.setup_logging(cfg, "predict")
-    config.save_config(cfg, "predict")
+    job = init_distributed(cfg.device)
+    config.setup_logging(cfg, "predict", job.rank)
+    if job.main:
+        config.save_config(cfg, "predict")
     run_dir = Path(cfg.run_dir)
-    device = select_device(cfg.device)
+    device = job.device
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
     state = load_checkpoint(checkpoint, device)
     amp = resolve_amp(cfg.amp, device)
@@ -193,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip = set(done_before)
         paths = [p for i, p in enumerate(paths) if i not in skip]
         outputs = [o for i, o in enumerate(outputs) if i not in skip]
+    if job.world > 1:
+        # Under torchrun each rank takes every world-th image: no mask is written twice, none is missed.
+        paths, outputs = paths[job.rank :: job.world], outputs[job.rank :: job.world]
+        LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(paths))
     loader = DataLoader(ImageFiles(paths, in_channels), batch_size=None, num_workers=cfg.num_workers)
     items = iter(loader)
     first = next(items, None)
@@ -224,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         write_image(overlay_path(outputs[index]), overlay_image(image, mask))
                     done += 1
             bar.update(len(indices))
+    if job.world > 1:
+        done, failures = (int(v) for v in all_reduce_sum(torch.tensor([done, failures], device=device)))
     LOG.info("wrote %d mask(s) to %s", done, run_dir / "predictions")
     if failures:
         LOG.error("%d image(s) could not be predicted; see the messages above", failures)

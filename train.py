@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import logging
 import math
@@ -84,6 +85,54 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
+@dataclasses.dataclass
+class Distributed:
+    """Where this process stands in a torchrun job (rank 0 of 1 when started without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes logs, figures, checkpoints and reports."""
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the torchrun job if there is one: NCCL on GPUs (one per local rank), gloo on CPUs.
+
+    Without torchrun (no WORLD_SIZE, or 1) nothing changes: one process on ``select_device(device_name)``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed(device=select_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=rank, world=world, device=device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (a no-op without torchrun)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A SHA-256 of the weights and buffers, to check that every rank holds the same network."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def set_deterministic() -> None:
@@ -166,7 +215,10 @@ def evaluate(
         pixels += masks.numel()
         # Counts stay on the device until the end: no transfer and no stall per batch.
         cm += confusion_counts(logits.argmax(1), masks, n_classes)
-    return float(total_loss) / max(pixels, 1), cm.cpu().numpy()
+    # Under torchrun each rank saw its share of the tiles: sum the counts, never average rank-level IoUs.
+    totals = all_reduce_sum(torch.stack([total_loss, torch.tensor(float(pixels), device=device, dtype=torch.float64)]))
+    cm = all_reduce_sum(cm)
+    return float(totals[0]) / max(float(totals[1]), 1.0), cm.cpu().numpy()
 
 
 def train_epoch(
@@ -215,13 +267,16 @@ def make_optimizer(model: nn.Module, cfg: config.Config, device: torch.device) -
     )
 
 
-def make_loader(dataset: FarmlandDataset, cfg: config.Config, device: torch.device, shuffle: bool) -> DataLoader:
-    """A DataLoader with seeded order (EpochSampler), workers kept alive between epochs, pinned memory on CUDA."""
+def make_loader(
+    dataset: FarmlandDataset, cfg: config.Config, device: torch.device, shuffle: bool, rank: int = 0, world: int = 1
+) -> DataLoader:
+    """A DataLoader with seeded order (EpochSampler, this rank's share), workers kept alive between epochs,
+    pinned memory on CUDA."""
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        sampler=EpochSampler(len(dataset), cfg.seed, shuffle),
-        drop_last=shuffle and len(dataset) > cfg.batch_size,
+        sampler=EpochSampler(len(dataset), cfg.seed, shuffle, rank, world),
+        drop_last=shuffle and -(-len(dataset) // world) > cfg.batch_size,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=device.type == "cuda",
@@ -279,8 +334,13 @@ def check_resumable(state: dict[str, Any], cfg: config.Config, path: Path) -> No
         )
 
 
-def train(cfg: config.Config) -> dict[str, Any]:
-    """Run the whole training; return a summary (best val IoU, its epoch, checkpoint paths)."""
+def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
+    """Run the whole training; return a summary (best val IoU, its epoch, checkpoint paths).
+
+    Under torchrun (``job``) every rank trains on its share of each batch list through
+    DistributedDataParallel; rank 0 alone writes checkpoints, logs and figures.
+    """
+    job = job or Distributed(device=select_device(cfg.device))
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     # 1. Data: the split lists written by split_dataset.py (and augment.py).
@@ -297,21 +357,28 @@ def train(cfg: config.Config) -> dict[str, Any]:
             f"the split lists {len(missing)} file(s) that no longer exist; restore them or re-run "
             f"split_dataset.py (and augment.py):\n  {shown}"
         )
-    device = select_device(cfg.device)
+    device = job.device
     amp = resolve_amp(cfg.amp, device)
     if cfg.deterministic:
         set_deterministic()
     cache = should_cache(cfg.cache_tiles, train_pairs + val_pairs)
     train_set = FarmlandDataset(train_pairs, cfg.in_channels, cfg.online_aug, cfg.mask_threshold, cache)
     val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache)
-    train_loader = make_loader(train_set, cfg, device, shuffle=True)
-    val_loader = make_loader(val_set, cfg, device, shuffle=False)
+    train_loader = make_loader(train_set, cfg, device, True, job.rank, job.world)
+    val_loader = make_loader(val_set, cfg, device, False, job.rank, job.world)
     # 2. Network, optimiser, schedule, loss scaling.
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # tiles share one size: pick the fastest kernels once
     torch.manual_seed(cfg.seed)
     layout = memory_format(cfg.channels_last)
-    model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout).to(device, memory_format=layout)
+    model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout)
+    if cfg.sync_bn and job.world > 1:
+        if device.type != "cuda":
+            raise ValueError(
+                "--sync_bn=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); drop it on CPUs"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=layout)
     # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each.
     config.check_writable(ckpt_dir, 4 * 3 * 4 * count_parameters(model))
     optimizer = make_optimizer(model, cfg, device)
@@ -332,8 +399,12 @@ def train(cfg: config.Config) -> dict[str, Any]:
         LOG.info(
             "resuming after epoch %d (best val farmland IoU %.4f at epoch %d)", state["epoch"], best_iou, best_epoch
         )
-    elif (ckpt_dir / "last.pth").exists():
+    elif job.main and (ckpt_dir / "last.pth").exists():
         LOG.warning("%s exists and will be overwritten; use --resume=true to continue that run", ckpt_dir / "last.pth")
+    # DDP last, after the resumed weights are in: it starts every rank from rank 0's copy.
+    net = model
+    if job.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     LOG.info(
         "training on %s, %s, %s layout%s | U-Net width %d, %d parameters | %d training tiles, %d validation tiles"
         " | epochs %d..%d",
@@ -351,11 +422,18 @@ def train(cfg: config.Config) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs + 1):
         # 4. One pass over the training tiles, seeded by epoch so that a resumed run repeats it exactly.
         started = time.perf_counter()
-        torch.manual_seed(cfg.seed + epoch)  # dropout; data order and augmentation follow the sampler's epoch
+        # Dropout, distinct on every rank; data order and augmentation follow the sampler's epoch.
+        torch.manual_seed(cfg.seed + epoch + 1_000_003 * job.rank)
         train_loader.sampler.set_epoch(epoch)
         train_loss, _ = train_epoch(
-            model, train_loader, optimizer, scaler, device, layout, amp, f"epoch {epoch}/{cfg.epochs}"
+            net, train_loader, optimizer, scaler, device, layout, amp, f"epoch {epoch}/{cfg.epochs}" if job.main else ""
         )
+        train_loss = float(all_reduce_sum(torch.tensor(train_loss, device=device))) / job.world
+        if job.world > 1:
+            # Each rank's last forward pass moved its own BatchNorm statistics: take rank 0's everywhere, so
+            # that validation and the checkpoint see one network.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"epoch {epoch}: the training loss became {train_loss}; training stopped and this epoch was not "
@@ -400,6 +478,8 @@ def train(cfg: config.Config) -> dict[str, Any]:
             "history": history,
             "config": dataclasses.asdict(cfg),
         }
+        if not job.main:
+            continue
         if improved:
             save_checkpoint(ckpt_dir / "best.pth", state)
         if cfg.snapshot_every > 0 and epoch % cfg.snapshot_every == 0:
@@ -424,6 +504,12 @@ def train(cfg: config.Config) -> dict[str, Any]:
         )
         write_log_csv(history, run_dir / "train_log.csv")
         plot_curves(history, run_dir / "figures" / "training_curves.png")
+    if job.world > 1:
+        digests = [None] * job.world
+        torch.distributed.all_gather_object(digests, weights_digest(model))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the ranks ended with different weights: {digests}")
+        LOG.info("weights identical on all %d ranks (sha256 %s)", job.world, digests[0][:16])
     if start_epoch > cfg.epochs:
         LOG.info("nothing to do: the checkpoint already finished epoch %d of %d", start_epoch - 1, cfg.epochs)
     return {
@@ -438,9 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Train with the config and command-line overrides; print where the results are."""
     cfg = config.parse_args(argv, __doc__ or "")
     config.check_paths(cfg)
-    config.setup_logging(cfg, "train")
-    config.save_config(cfg, "train")
-    summary = train(cfg)
+    job = init_distributed(cfg.device)
+    config.setup_logging(cfg, "train", job.rank)
+    if job.main:
+        config.save_config(cfg, "train")
+    if job.world > 1:
+        LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
+    summary = train(cfg, job)
     LOG.info("best val farmland IoU %.4f at epoch %d: %s", summary["best_iou"], summary["best_epoch"], summary["best"])
     return 0
 
