@@ -26,7 +26,15 @@ from data_preprocess import DataError, is_image_file, load_image, read_pair_list
 from miou import prediction_path
 from data_preprocess import available_memory
 from net_structure import fold_batchnorm
-from train import all_reduce_sum, init_distributed, load_checkpoint, memory_format, model_from_checkpoint, resolve_amp
+from train import (
+    all_reduce_sum,
+    close_distributed,
+    init_distributed,
+    load_checkpoint,
+    memory_format,
+    model_from_checkpoint,
+    resolve_amp,
+)
 
 LOG = logging.getLogger("predict")
 OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown
@@ -158,6 +166,14 @@ def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: to
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
+    try:
+        return predict_all(argv)
+    finally:
+        close_distributed()
+
+
+def predict_all(argv: Sequence[str] | None = None) -> int:
+    """The body of main: parse the config, join torchrun's job if any, predict this rank's share."""
     cfg = config.parse_args(argv, __doc__ or "")
     config.check_paths(cfg)
     job = init_distributed(cfg.device)
@@ -183,6 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out in seen:
             raise DataError(f"{path} and {seen[out]} would both be written to {out}; give them distinct names")
         seen[out] = path
+    if job.world > 1:
+        # Under torchrun each rank takes every world-th image: no mask is written twice, none is missed.
+        # Shard before skipping finished masks: the other ranks are writing theirs meanwhile.
+        paths, outputs = paths[job.rank :: job.world], outputs[job.rank :: job.world]
+        LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(paths))
     done_before = [
         i for i, out in enumerate(outputs) if cfg.skip_existing and is_complete(out, checkpoint, cfg.overlay)
     ]
@@ -195,10 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip = set(done_before)
         paths = [p for i, p in enumerate(paths) if i not in skip]
         outputs = [o for i, o in enumerate(outputs) if i not in skip]
-    if job.world > 1:
-        # Under torchrun each rank takes every world-th image: no mask is written twice, none is missed.
-        paths, outputs = paths[job.rank :: job.world], outputs[job.rank :: job.world]
-        LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(paths))
     loader = DataLoader(ImageFiles(paths, in_channels), batch_size=None, num_workers=cfg.num_workers)
     items = iter(loader)
     first = next(items, None)

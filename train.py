@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import hashlib
 import io
 import logging
@@ -117,6 +118,16 @@ def init_distributed(device_name: str) -> Distributed:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(rank=rank, world=world, device=device)
+
+
+def close_distributed() -> None:
+    """Leave the torchrun job cleanly: without this, gloo can abort the process as it exits."""
+    if torch.distributed.is_initialized():
+        # DistributedDataParallel sits in reference cycles: free it while its process group still exists,
+        # or its destructor runs at interpreter exit against a torn-down group and aborts the process.
+        gc.collect()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -530,7 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.save_config(cfg, "train")
     if job.world > 1:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
-    summary = train(cfg, job)
+    try:
+        summary = train(cfg, job)
+    finally:
+        close_distributed()
     LOG.info("best val farmland IoU %.4f at epoch %d: %s", summary["best_iou"], summary["best_epoch"], summary["best"])
     return 0
 

@@ -51,7 +51,9 @@ def test_reduced_val_iou_equals_a_single_process_evaluation(ddp_run: Path, squar
     cfg = config.parse_args(args(square_data, ddp_run, *DDP))
     model = model_from_checkpoint(state, torch.device("cpu"), cfg.channels_last)
     val = FarmlandDataset(read_pair_list(ddp_run / "splits" / "val.txt"))
-    _, cm = evaluate(model, make_loader(val, cfg, torch.device("cpu"), False), torch.device("cpu"), 2, memory_format(True))
+    _, cm = evaluate(
+        model, make_loader(val, cfg, torch.device("cpu"), False), torch.device("cpu"), 2, memory_format(True)
+    )
     assert state["history"][-1]["val_farmland_iou"] == pytest.approx(float(class_iou(cm)[FARMLAND]), abs=1e-9)
 
 
@@ -64,14 +66,18 @@ def test_ddp_resume_continues_exactly(ddp_run: Path, square_data: Path, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_distributed_prediction_writes_what_one_process_writes(ddp_run: Path, square_data: Path, tmp_path: Path) -> None:
+def test_distributed_prediction_writes_what_one_process_writes(
+    ddp_run: Path, square_data: Path, tmp_path: Path
+) -> None:
     images = square_data / "images"
     single = tmp_path / "single"
     (single / "checkpoints").mkdir(parents=True)
     (single / "checkpoints" / "best.pth").write_bytes((ddp_run / "checkpoints" / "best.pth").read_bytes())
     torchrun("predict.py", *args(square_data, ddp_run, *DDP, f"--predict_input={images}"))
     assert predict.main(args(square_data, single, *DDP, f"--predict_input={images}")) == 0
-    ddp_files = {p.relative_to(ddp_run / "predictions"): p.read_bytes() for p in (ddp_run / "predictions").rglob("*.png")}
+    ddp_files = {
+        p.relative_to(ddp_run / "predictions"): p.read_bytes() for p in (ddp_run / "predictions").rglob("*.png")
+    }
     one_files = {p.relative_to(single / "predictions"): p.read_bytes() for p in (single / "predictions").rglob("*.png")}
     assert len(ddp_files) == 2 * 20  # a mask and an overlay for each of the 20 images
     assert ddp_files.keys() == one_files.keys()
