@@ -36,6 +36,14 @@ def copy_names(image_path: Path, flip: str, mask_suffix: str, bands: int) -> tup
     return f"{stem}{extension}", f"{stem}{mask_suffix}.png"
 
 
+def original_training_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
+    """The training split without the flipped copies of an earlier run (entries under run_dir/augmented),
+    so that re-running never duplicates and other tools see the user's own tiles."""
+    augmented = (Path(run_dir) / "augmented").resolve()
+    pairs = read_pair_list(Path(run_dir) / "splits" / "train.txt")
+    return [p for p in pairs if augmented not in p[0].resolve().parents]
+
+
 def choose_tiles(n: int, probability: float, seed: int) -> np.ndarray:
     """Indices of the tiles that get flipped copies: each with the given probability, fixed by the seed."""
     return np.flatnonzero(np.random.default_rng(seed).random(n) < probability)
@@ -76,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     train_list = run_dir / "splits" / "train.txt"
     out_dir = (run_dir / "augmented").resolve()
-    # Entries under run_dir/augmented come from an earlier run: drop them so re-running never duplicates.
-    originals = [p for p in read_pair_list(train_list) if out_dir not in p[0].resolve().parents]
+    originals = original_training_pairs(run_dir)
     chosen = choose_tiles(len(originals), cfg.aug_prob, cfg.seed)
     added: list[tuple[Path, Path]] = []
     samples = []

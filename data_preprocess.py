@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from config import atomic_write_bytes
+from config import FALSE_WORDS, TRUE_WORDS, atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
@@ -253,9 +253,9 @@ def should_cache(setting: str, pairs: Sequence[tuple[Path, Path]]) -> bool:
         ValueError: an unknown setting.
     """
     word = setting.strip().lower()
-    if word in ("yes", "true", "on", "1"):
+    if word in TRUE_WORDS:
         return True
-    if word in ("no", "false", "off", "0"):
+    if word in FALSE_WORDS:
         return False
     if word != "auto":
         raise ValueError(f"--cache_tiles={setting!r}: expected auto, yes or no")

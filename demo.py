@@ -57,10 +57,7 @@ STAGES = (split_dataset, augment, train, predict, miou)
 
 def colour_baseline_iou(run_dir: Path, mask_threshold: int = 0) -> float:
     """Fit the per-pixel colour classifier on the original training tiles; pooled farmland IoU on the test split."""
-    augmented = (run_dir / "augmented").resolve()
-    train_pairs = [
-        p for p in read_pair_list(run_dir / "splits" / "train.txt") if augmented not in p[0].resolve().parents
-    ]
+    train_pairs = augment.original_training_pairs(run_dir)
     table = fit_colour_classifier(
         [read_image(i)[:, :, :3] for i, _ in train_pairs], [load_mask(m, mask_threshold) for _, m in train_pairs]
     )
