@@ -12,6 +12,7 @@ logits are cropped back to the input size.
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,10 @@ class UNet(nn.Module):
             )
         w = base_width
         self.in_channels = in_channels
+        # Per-band input normalisation, computed on the training split by train.py and saved with the weights,
+        # so prediction always standardises exactly as training did. Identity until set.
+        self.register_buffer("band_mean", torch.zeros(in_channels))
+        self.register_buffer("band_std", torch.ones(in_channels))
         self.inc = DoubleConv(in_channels, w, dropout)
         self.down1 = Down(w, 2 * w, dropout)
         self.down2 = Down(2 * w, 4 * w, dropout)
@@ -90,6 +95,7 @@ class UNet(nn.Module):
                 f"UNet: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}; "
                 "check in_channels against the images' band count"
             )
+        x = (x - self.band_mean[:, None, None]) / self.band_std[:, None, None]
         height, width = x.shape[-2:]
         padded_h, padded_w = (max(32, -(-size // 16) * 16) for size in (height, width))
         pad_h, pad_w = padded_h - height, padded_w - width
@@ -108,6 +114,22 @@ class UNet(nn.Module):
         x = self.up4(x, x1)
         logits = self.outc(x)
         return logits[..., :height, :width]
+
+
+def set_normalisation(model: UNet, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Store per-band mean and standard deviation (of the [0, 1] scaled input) in the network.
+
+    Raises:
+        ValueError: the lengths differ from the network's bands, or a deviation is not positive.
+    """
+    if len(mean) != model.in_channels or len(std) != model.in_channels or min(std) <= 0:
+        raise ValueError(
+            f"normalisation: expected {model.in_channels} means and {model.in_channels} positive deviations, "
+            f"got {list(mean)} and {list(std)}"
+        )
+    with torch.no_grad():
+        model.band_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        model.band_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -130,13 +130,52 @@ def inference_model(
 
 
 @torch.inference_mode()
-def predict_batch(
+def predict_probabilities(
     model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
-) -> np.ndarray:
-    """Class indices (N, H, W) uint8 by argmax over the network's logits (inputs cast to the weights' dtype)."""
+) -> torch.Tensor:
+    """Class probabilities (N, n_classes, H, W), float32 on the model's device (softmax of the logits).
+
+    Inputs are cast to the weights' dtype; the softmax runs in float32 so blended or averaged
+    probabilities (overlapping windows, test-time augmentation) do not accumulate bf16 rounding.
+    """
     dtype = next(model.parameters()).dtype
     images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=memory_format(channels_last))
-    return model(images).argmax(1).to(torch.uint8).cpu().numpy()
+    return model(images).float().softmax(1)
+
+
+def decision_threshold(state: dict) -> float | None:
+    """The farmland probability threshold a checkpoint carries (tuned on validation), or None for argmax."""
+    value = state.get("threshold")
+    return None if value is None else float(value)
+
+
+def classes_from_probabilities(probabilities: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """Class indices (N, H, W) uint8 from probabilities (N, C, H, W).
+
+    With two classes and a threshold t, a pixel is farmland when its farmland probability exceeds t
+    (t = 0.5 is the argmax); otherwise the argmax over classes.
+    """
+    if threshold is not None and probabilities.shape[1] == 2:
+        return (probabilities[:, 1] > threshold).to(torch.uint8)
+    return probabilities.argmax(1).to(torch.uint8)
+
+
+@torch.inference_mode()
+def predict_batch(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    channels_last: bool = True,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """Class indices (N, H, W) uint8 for a batch of images: argmax, or the farmland threshold when given."""
+    if threshold is None:
+        # Argmax straight from the logits: no softmax pass needed.
+        dtype = next(model.parameters()).dtype
+        images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=memory_format(channels_last))
+        return model(images).argmax(1).to(torch.uint8).cpu().numpy()
+    probabilities = predict_probabilities(model, images, device, channels_last)
+    return classes_from_probabilities(probabilities, threshold).cpu().numpy()
 
 
 @torch.inference_mode()
@@ -187,6 +226,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     amp = resolve_amp(cfg.amp, device)
     model = inference_model(state, device, cfg.channels_last, amp)
     in_channels = state["config"]["in_channels"]
+    threshold = decision_threshold(state)
     paths = list_inputs(cfg)
     predictions = (run_dir / "predictions").resolve()
     if any(p.resolve().parent == predictions or predictions in p.resolve().parents for p in paths):
@@ -240,7 +280,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
                 failures += 1
             else:
                 for index, image, mask in zip(
-                    indices, images.numpy(), predict_batch(model, images, device, cfg.channels_last)
+                    indices, images.numpy(), predict_batch(model, images, device, cfg.channels_last, threshold)
                 ):
                     write_image(outputs[index], mask * np.uint8(255))
                     if cfg.overlay:

@@ -195,8 +195,12 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
     """Rebuild the network with the architecture stored in a checkpoint and load its weights."""
     saved = state["config"]
     model = build_model(saved["in_channels"], saved["n_classes"], saved["base_width"], saved["dropout"])
+    weights = dict(state["model"])
+    # Checkpoints written before normalisation was stored in the network: identity normalisation, as trained.
+    weights.setdefault("band_mean", model.band_mean)
+    weights.setdefault("band_std", model.band_std)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except RuntimeError as err:  # weights that do not fit the architecture the checkpoint itself declares
         raise DataError(f"checkpoint weights do not fit a U-Net of its own config ({str(err)[:300]})") from None
     return model.to(device, memory_format=memory_format(channels_last))
