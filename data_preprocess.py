@@ -7,12 +7,14 @@ What happens to each kind of image (C = bands in the file, ``in_channels`` from 
 - RGBA PNGs (C = 4) with ``in_channels`` = 3 lose their alpha band. A 4-band TIFF is read as 4 bands,
   in file order (for example R, G, B, NIR), and needs ``in_channels=4``.
 - Any other band count that differs from ``in_channels`` is an error naming the file.
-Masks hold 255 (or 1) for farmland and 0 for background; they become class indices 1 and 0.
+Masks hold 255 (or 1) for farmland and 0 for background; they become class indices 1 and 0. With
+``ignore_index`` set, mask pixels of that value (unlabelled) become IGNORE, which losses and metrics skip.
 Paths may contain spaces and non-ASCII (for example Chinese) characters.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from config import FALSE_WORDS, TRUE_WORDS, atomic_write_bytes
 
+IGNORE = 255  # class index of unlabelled pixels in decoded masks (never a real class: n_classes < 255)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
 
@@ -101,13 +104,14 @@ def load_image(path: Path, in_channels: int) -> np.ndarray:
     return image_to_float(read_image(path), in_channels, path)
 
 
-def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0) -> np.ndarray:
-    """Turn a mask of 0/255 (or 0/1) into class indices 0/1 (uint8, H x W).
+def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndarray:
+    """Turn a mask of 0/255 (or 0/1) into class indices 0/1 (uint8, H x W), unlabelled pixels into IGNORE.
 
     Args:
         mask: (H, W) or (H, W, C) array as read from the file.
         path: the file, for messages.
         threshold: 0 accepts only {0, 255} or {0, 1}; N > 0 makes every value >= N farmland.
+        ignore_index: the mask value of unlabelled pixels (-1: none); they become IGNORE.
 
     Raises:
         DataError: the mask has several differing bands, or values outside the accepted sets.
@@ -121,24 +125,35 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0) -> np.ndar
                 "with 255 = farmland and 0 = background. Save it as a grayscale PNG"
             )
         mask = mask[:, :, 0]
+    unlabelled = mask == ignore_index if ignore_index >= 0 else None
     if threshold > 0:
-        return (mask >= threshold).astype(np.uint8)
-    # A histogram is linear in the pixels where np.unique sorts them: this check runs on every mask read.
-    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
-    if np.isin(values, (0, 255)).all():
-        return (mask == 255).astype(np.uint8)
-    if np.isin(values, (0, 1)).all():
-        return mask.astype(np.uint8)
-    shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
-    raise DataError(
-        f"{path}: holds values {{{shown}}}; expected only 0 and 255 (or 0 and 1). Re-export masks "
-        "losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"
-    )
+        classes = (mask >= threshold).astype(np.uint8)
+    else:
+        # A histogram is linear in the pixels where np.unique sorts them: this check runs on every mask read.
+        values = (
+            np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
+        )
+        if ignore_index >= 0:
+            values = values[values != ignore_index]
+        if np.isin(values, (0, 255)).all():
+            classes = (mask == 255).astype(np.uint8)
+        elif np.isin(values, (0, 1)).all():
+            classes = mask.astype(np.uint8)
+        else:
+            shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+            raise DataError(
+                f"{path}: holds values {{{shown}}}; expected only 0 and 255 (or 0 and 1). Re-export masks "
+                "losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"
+                + ("" if ignore_index >= 0 else ", or --ignore_index=N when value N marks unlabelled pixels")
+            )
+    if unlabelled is not None:
+        classes[unlabelled] = IGNORE
+    return classes
 
 
-def load_mask(path: Path, threshold: int = 0) -> np.ndarray:
-    """Read a mask file as class indices (uint8, H x W: 1 = farmland, 0 = background)."""
-    return mask_to_classes(read_image(path), path, threshold)
+def load_mask(path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndarray:
+    """Read a mask file as class indices (uint8, H x W: 1 = farmland, 0 = background, IGNORE = unlabelled)."""
+    return mask_to_classes(read_image(path), path, threshold, ignore_index)
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
@@ -193,6 +208,59 @@ def random_d4(
     if choice & 4 and image.shape[-1] == image.shape[-2]:
         image, mask = image.transpose(-1, -2), mask.transpose(-1, -2)
     return image.contiguous(), mask.contiguous()
+
+
+def random_scale(
+    image: torch.Tensor, mask: torch.Tensor, amount: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoom an image (C, H, W) and its mask (H, W) by one random factor in [1 - amount, 1 + amount].
+
+    The image is resampled bilinearly, the mask by nearest neighbour (classes never blend); a zoom in is
+    cropped back to H x W at a random place, a zoom out reflect-padded, so the tile keeps its size.
+    """
+    factor = 1.0 + amount * (2.0 * float(torch.rand((), generator=generator)) - 1.0)
+    height, width = mask.shape
+    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    if size == (height, width):
+        return image, mask
+    image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    mask = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    if size[0] < height or size[1] < width:
+        pad_h, pad_w = max(0, height - size[0]), max(0, width - size[1])
+        # Reflection keeps parcels continuous at the new edge; masks follow the same reflection.
+        image = torch.nn.functional.pad(image[None], (0, pad_w, 0, pad_h), mode="reflect")[0]
+        mask = torch.nn.functional.pad(mask[None, None].float(), (0, pad_w, 0, pad_h), mode="reflect")[0, 0].long()
+    top = int(torch.randint(0, image.shape[-2] - height + 1, (1,), generator=generator))
+    left = int(torch.randint(0, image.shape[-1] - width + 1, (1,), generator=generator))
+    return (
+        image[:, top : top + height, left : left + width].contiguous(),
+        mask[top : top + height, left : left + width].contiguous(),
+    )
+
+
+# YIQ: luma and two chroma axes; a hue shift is a rotation of the chroma plane.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def colour_jitter(image: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random brightness, contrast and hue changes of up to ``amount`` on an image (C, H, W) in [0, 1].
+
+    Brightness and contrast apply to every band; the hue rotation (up to amount x 180 degrees) only to the
+    first three bands, read as RGB. The mask is untouched: colour changes move no parcel edge.
+    """
+    draws = 2.0 * torch.rand(3, generator=generator) - 1.0
+    brightness, contrast, hue = (float(v) * amount for v in draws)
+    mean = image.mean(dim=(-2, -1), keepdim=True)
+    image = (image - mean) * (1.0 + contrast) + mean + brightness
+    if image.shape[0] >= 3 and hue:
+        angle = hue * math.pi
+        rotate = torch.tensor(
+            [[1.0, 0.0, 0.0], [0.0, math.cos(angle), -math.sin(angle)], [0.0, math.sin(angle), math.cos(angle)]]
+        )
+        matrix = torch.linalg.inv(_RGB_TO_YIQ) @ rotate @ _RGB_TO_YIQ
+        rgb = torch.einsum("ij,jhw->ihw", matrix, image[:3])
+        image = torch.cat([rgb, image[3:]])
+    return image.clamp(0.0, 1.0)
 
 
 class EpochSampler(Sampler):
@@ -278,12 +346,19 @@ class FarmlandDataset(Dataset):
         augment: bool = False,
         mask_threshold: int = 0,
         cache: bool = False,
+        ignore_index: int = -1,
+        scale_jitter: float = 0.0,
+        colour_jitter: float = 0.0,
     ) -> None:
-        """Args: pairs of image and mask paths; augment: random flips and 90-degree rotations; cache: see above."""
+        """Args: pairs of image and mask paths; augment: random flips and 90-degree rotations, and with it
+        ``scale_jitter`` / ``colour_jitter`` (see random_scale, colour_jitter); cache: see above."""
         self.pairs = list(pairs)
         self.in_channels = in_channels
         self.augment = augment
         self.mask_threshold = mask_threshold
+        self.ignore_index = ignore_index
+        self.scale_jitter = scale_jitter
+        self.colour_jitter = colour_jitter
         self.cached: list[tuple[np.ndarray, np.ndarray]] | None = None
         if cache:
             self.cached = [self.read(i) for i in range(len(self.pairs))]
@@ -294,7 +369,7 @@ class FarmlandDataset(Dataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decode one pair: the image as stored (H x W x C) and the mask as class indices, sizes checked."""
         image_path, mask_path = self.pairs[index]
-        image, mask = read_image(image_path), load_mask(mask_path, self.mask_threshold)
+        image, mask = read_image(image_path), load_mask(mask_path, self.mask_threshold, self.ignore_index)
         if image.shape[:2] != mask.shape:
             raise DataError(
                 f"{image_path}: image is {image.shape[:2]} pixels but its mask {mask_path} is "
@@ -310,4 +385,30 @@ class FarmlandDataset(Dataset):
         if self.augment:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             image_t, mask_t = random_d4(image_t, mask_t, generator)
+            if self.scale_jitter > 0:
+                image_t, mask_t = random_scale(image_t, mask_t, self.scale_jitter, generator)
+            if self.colour_jitter > 0:
+                image_t = colour_jitter(image_t, self.colour_jitter, generator)
         return image_t, mask_t
+
+    def statistics(self) -> tuple[list[float], list[float], list[int]]:
+        """Per-band mean and standard deviation of the [0, 1] scaled images, and pixel counts per class.
+
+        Sums run in float64 over every pixel of every tile (not augmented), so the figures do not depend
+        on tile order or size. A constant band gets a deviation of 1 (nothing to scale).
+        """
+        sums = np.zeros(self.in_channels)
+        squares = np.zeros(self.in_channels)
+        classes = np.zeros(256, dtype=np.int64)
+        pixels = 0
+        for index in range(len(self.pairs)):
+            image, mask = self.cached[index] if self.cached is not None else self.read(index)
+            bands = image_to_float(image, self.in_channels, self.pairs[index][0]).reshape(self.in_channels, -1)
+            sums += bands.sum(axis=1, dtype=np.float64)
+            squares += np.square(bands, dtype=np.float64).sum(axis=1)
+            pixels += bands.shape[1]
+            classes += np.bincount(mask.ravel(), minlength=256)
+        mean = sums / max(pixels, 1)
+        std = np.sqrt(np.maximum(squares / max(pixels, 1) - mean**2, 0.0))
+        std = np.where(std > 1e-6, std, 1.0)
+        return mean.tolist(), std.tolist(), classes[:IGNORE].tolist()

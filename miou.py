@@ -8,7 +8,11 @@ one vectorised pass; every figure is then a formula over counts:
   count (``per_image.*``);
 - pooled figures from one confusion matrix summed over all test pixels (``pooled.*``): IoU per class,
   mIoU, precision, recall and F1 of farmland, overall accuracy and Cohen's kappa. A 0/0 pooled figure is
-  reported as null.
+  reported as null;
+- boundary IoU of farmland (``boundary_iou``): the IoU of the label's and the prediction's inner edge
+  bands, ``boundary_width`` pixels deep, which scores the parcel outlines that field mapping cares about
+  and that a pixel IoU dominated by parcel interiors hardly sees. Edges of the image are not parcel edges.
+Unlabelled pixels (``ignore_index``) count in no figure.
 
 Inputs: the test split (run_dir/splits/test.txt) and run_dir/predictions/<stem>_seg.png.
 Outputs: run_dir/metrics.json, run_dir/per_image_metrics.csv, and run_dir/figures/: iou_per_image.png,
@@ -26,11 +30,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 
 import config
-from data_preprocess import DataError, image_to_float, load_mask, read_image, read_pair_list
+from data_preprocess import IGNORE, DataError, image_to_float, load_mask, read_image, read_pair_list
 
 LOG = logging.getLogger("miou")
 FARMLAND = 1
@@ -39,10 +44,15 @@ FARMLAND = 1
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor, n_classes: int = 2) -> torch.Tensor:
     """Count pixels by (label, prediction) on the tensors' own device: (n_classes, n_classes) int64, rows = label.
 
-    No checks and no transfer, for use inside training loops; values must lie in [0, n_classes).
+    No checks and no transfer, for use inside training loops; values must lie in [0, n_classes), and
+    label pixels equal to IGNORE are left out.
     """
-    flat = target.reshape(-1).long() * n_classes + pred.reshape(-1).long()
-    return torch.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    target = target.reshape(-1).long()
+    flat = target * n_classes + pred.reshape(-1).long()
+    # Ignored pixels go to one extra bin that is dropped: no boolean indexing, so no device sync.
+    flat = torch.where(target == IGNORE, n_classes * n_classes, flat)
+    counts = torch.bincount(flat, minlength=n_classes * n_classes + 1)
+    return counts[: n_classes * n_classes].reshape(n_classes, n_classes)
 
 
 def confusion_matrix(
@@ -50,7 +60,8 @@ def confusion_matrix(
 ) -> np.ndarray:
     """Count pixels by (label, prediction): an (n_classes, n_classes) int64 numpy matrix, rows = label.
 
-    Works on any shapes that match, on CPU or GPU tensors or numpy arrays, without Python loops.
+    Works on any shapes that match, on CPU or GPU tensors or numpy arrays, without Python loops. Label
+    pixels equal to IGNORE (unlabelled) are not counted.
 
     Raises:
         ValueError: shapes differ, or a value lies outside [0, n_classes).
@@ -63,16 +74,27 @@ def confusion_matrix(
     pred_a, target_a = np.asarray(pred), np.asarray(target)
     check_classes(pred_a, target_a, n_classes)
     # Masks are small integers: index arithmetic in uint8 (when it fits) keeps the pass over pixels cheap.
-    dtype = np.uint8 if n_classes * n_classes <= 256 else np.int64
-    flat = target_a.ravel().astype(dtype, copy=False) * dtype(n_classes) + pred_a.ravel().astype(dtype, copy=False)
-    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes).astype(np.int64)
+    dtype = np.uint8 if n_classes * n_classes < 256 else np.int64
+    target_flat = target_a.ravel()
+    flat = target_flat.astype(dtype, copy=False) * dtype(n_classes) + pred_a.ravel().astype(dtype, copy=False)
+    if (target_flat == IGNORE).any():
+        flat[target_flat == IGNORE] = n_classes * n_classes  # an extra bin, dropped below
+    counts = np.bincount(flat, minlength=n_classes * n_classes + 1)[: n_classes * n_classes]
+    return counts.reshape(n_classes, n_classes).astype(np.int64)
 
 
 def check_classes(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, n_classes: int) -> None:
-    """Raises ValueError unless prediction and label have one shape and hold class indices in [0, n_classes)."""
+    """Raises ValueError unless prediction and label have one shape and hold class indices in [0, n_classes)
+    (the label may also hold IGNORE)."""
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
-    if math.prod(pred.shape) and (min(pred.min(), target.min()) < 0 or max(pred.max(), target.max()) >= n_classes):
+    if not math.prod(pred.shape):
+        return
+    labelled = target[target != IGNORE]
+    size = labelled.numel() if isinstance(labelled, torch.Tensor) else labelled.size
+    low = min(int(pred.min()), int(labelled.min()) if size else 0)
+    high = max(int(pred.max()), int(labelled.max()) if size else 0)
+    if low < 0 or high >= n_classes:
         raise ValueError(f"class indices must lie in [0, {n_classes}); re-check the masks' encoding")
 
 
@@ -116,6 +138,25 @@ def scores(cm: np.ndarray, positive: int = FARMLAND) -> dict[str, float]:
     }
 
 
+def boundary_band(mask: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of a binary mask within ``width`` pixels (chessboard distance) of its edge: the mask minus
+    its erosion. The image border does not count as an edge (erosion treats outside pixels as inside)."""
+    mask = mask.astype(np.uint8)
+    eroded = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=max(width, 1), borderType=cv2.BORDER_REPLICATE)
+    return (mask > eroded).astype(bool)
+
+
+def boundary_counts(pred: np.ndarray, label: np.ndarray, width: int, positive: int = FARMLAND) -> tuple[int, int]:
+    """Intersection and union of the label's and the prediction's edge bands of the positive class.
+
+    Boundary IoU = intersection / union; labelled pixels only.
+    """
+    labelled = label != IGNORE
+    label_band = boundary_band(label == positive, width) & labelled
+    pred_band = boundary_band(pred == positive, width) & labelled
+    return int(np.count_nonzero(label_band & pred_band)), int(np.count_nonzero(label_band | pred_band))
+
+
 def nan_to_none(value: float) -> float | None:
     """JSON has no NaN: undefined figures are written as null."""
     return None if isinstance(value, float) and math.isnan(value) else value
@@ -127,19 +168,23 @@ def prediction_path(run_dir: Path, image_path: Path) -> Path:
 
 
 def evaluate_pairs(
-    items: Sequence[tuple[str, Path, Path]], mask_threshold: int = 0, n_classes: int = 2
+    items: Sequence[tuple[str, Path, Path]],
+    mask_threshold: int = 0,
+    n_classes: int = 2,
+    ignore_index: int = -1,
+    boundary_width: int = 3,
 ) -> tuple[list[dict], np.ndarray, list[str]]:
     """Score each (name, label path, prediction path); unreadable items are reported and skipped.
 
     Returns:
-        per-image rows (name, counts, IoUs), the pooled confusion matrix, and error messages.
+        per-image rows (name, counts, IoUs, boundary counts), the pooled confusion matrix, and error messages.
     """
     rows: list[dict] = []
     pooled = np.zeros((n_classes, n_classes), dtype=np.int64)
     errors: list[str] = []
     for name, label_path, pred_path in items:
         try:
-            label = load_mask(label_path, mask_threshold)
+            label = load_mask(label_path, mask_threshold, ignore_index)
             if not Path(pred_path).is_file():
                 raise DataError(f"{pred_path}: prediction not found; run predict.py with the same --run_dir")
             pred = load_mask(pred_path)
@@ -152,6 +197,7 @@ def evaluate_pairs(
         cm = confusion_matrix(pred, label, n_classes)
         pooled += cm
         ious = class_iou(cm)
+        edge_inter, edge_union = boundary_counts(pred, label, boundary_width)
         rows.append(
             {
                 "name": name,
@@ -161,6 +207,9 @@ def evaluate_pairs(
                 "tn": int(cm[0, 0]),
                 "farmland_iou": float(ious[FARMLAND]),
                 "background_iou": float(ious[0]),
+                "boundary_iou": ratio(edge_inter, edge_union),
+                "boundary_intersection": edge_inter,
+                "boundary_union": edge_union,
             }
         )
     return rows, pooled, errors
@@ -169,17 +218,21 @@ def evaluate_pairs(
 def summarise(rows: list[dict], pooled: np.ndarray) -> dict:
     """The metrics.json content: per-image means (classes absent in an image skipped) and pooled figures."""
     per_image = {}
-    for key in ("farmland_iou", "background_iou"):
-        values = np.array([r[key] for r in rows], dtype=np.float64)
+    for key in ("farmland_iou", "background_iou", "boundary_iou"):
+        values = np.array([r.get(key, math.nan) for r in rows], dtype=np.float64)
         counted = values[~np.isnan(values)]
         per_image[key] = nan_to_none(float(counted.mean()) if counted.size else math.nan)
         per_image[f"{key}_images_counted"] = int(counted.size)
     present = [v for v in (per_image["farmland_iou"], per_image["background_iou"]) if v is not None]
     per_image["miou"] = nan_to_none(float(np.mean(present)) if present else math.nan)
+    pooled_scores = scores(pooled)
+    pooled_scores["boundary_iou"] = ratio(
+        sum(r.get("boundary_intersection", 0) for r in rows), sum(r.get("boundary_union", 0) for r in rows)
+    )
     return {
         "n_images": len(rows),
         "per_image": per_image,
-        "pooled": {k: nan_to_none(v) for k, v in scores(pooled).items()},
+        "pooled": {k: nan_to_none(v) for k, v in pooled_scores.items()},
         "pooled_confusion": {
             "tp": int(pooled[1, 1]),
             "fp": int(pooled[0, 1]),
@@ -187,7 +240,8 @@ def summarise(rows: list[dict], pooled: np.ndarray) -> dict:
             "tn": int(pooled[0, 0]),
         },
         "notes": "per_image: mean over images of each image's IoU, an image skipped for a class absent from "
-        "both its label and prediction; pooled: from one confusion matrix over all test pixels; null = 0/0",
+        "both its label and prediction; pooled: from one confusion matrix over all test pixels; boundary_iou: "
+        "farmland edge bands of boundary_width pixels; unlabelled pixels not counted; null = 0/0",
     }
 
 
@@ -243,7 +297,7 @@ def gallery(
         raw = read_image(image_path)[:, :, :3]
         photo = image_to_float(raw, raw.shape[2], image_path).transpose(1, 2, 0)
         ax_row[0].imshow(photo if photo.shape[2] == 3 else photo[:, :, 0], cmap="gray")
-        ax_row[1].imshow(load_mask(label_path, cfg.mask_threshold), cmap="gray", vmin=0, vmax=1)
+        ax_row[1].imshow(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index), cmap="gray", vmin=0, vmax=1)
         ax_row[2].imshow(load_mask(pred_path), cmap="gray", vmin=0, vmax=1)
         ax_row[0].set_ylabel(f"{row['name']}\nIoU {row['farmland_iou']:.3f}", fontsize=8)
         for ax, label in zip(ax_row, ("photo", "label", "prediction")):
@@ -257,7 +311,18 @@ def gallery(
 def write_csv(rows: list[dict], path: Path) -> None:
     """Write the per-image counts and IoUs as CSV (empty IoU cell = class absent in label and prediction)."""
     buffer = io.StringIO()
-    fields = ["name", "farmland_iou", "background_iou", "tp", "fp", "fn", "tn"]
+    fields = [
+        "name",
+        "farmland_iou",
+        "background_iou",
+        "boundary_iou",
+        "tp",
+        "fp",
+        "fn",
+        "tn",
+        "boundary_intersection",
+        "boundary_union",
+    ]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -274,7 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.save_config(cfg, "miou")
     pairs = read_pair_list(run_dir / "splits" / "test.txt")
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
-    rows, pooled, errors = evaluate_pairs([(n, v[1], v[2]) for n, v in lookup.items()], cfg.mask_threshold)
+    rows, pooled, errors = evaluate_pairs(
+        [(n, v[1], v[2]) for n, v in lookup.items()],
+        cfg.mask_threshold,
+        cfg.n_classes,
+        cfg.ignore_index,
+        cfg.boundary_width,
+    )
     if not rows:
         LOG.error("no test image could be scored (%d problem(s) above)", len(errors))
         return 1
@@ -290,9 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         gallery(ranked[::-1][:count], lookup, cfg, figures / "gallery_best.png", f"{count} highest farmland IoU")
     pooled_s, per_image = summary["pooled"], summary["per_image"]
     LOG.info(
-        "%d test images | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s",
+        "%d test images | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "
+        "boundary IoU %s",
         len(rows),
-        *(fmt(pooled_s[k]) for k in ("farmland_iou", "background_iou", "miou", "f1", "accuracy", "kappa")),
+        *(
+            fmt(pooled_s[k])
+            for k in ("farmland_iou", "background_iou", "miou", "f1", "accuracy", "kappa", "boundary_iou")
+        ),
     )
     LOG.info(
         "per-image means: farmland IoU %s (%d images), background IoU %s (%d images)",

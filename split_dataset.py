@@ -16,11 +16,12 @@ import csv
 import io
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -91,7 +92,7 @@ def check_pair(image_path: Path, mask_path: Path, cfg: config.Config) -> tuple[s
     try:
         image = read_image(image_path)
         image_to_float(image[:1, :1], cfg.in_channels, image_path)  # band count and pixel type only
-        mask = mask_to_classes(read_image(mask_path), mask_path, cfg.mask_threshold)
+        mask = mask_to_classes(read_image(mask_path), mask_path, cfg.mask_threshold, cfg.ignore_index)
     except DataError as err:
         return "error", str(err)
     if image.shape[:2] != mask.shape:
@@ -128,20 +129,55 @@ def check_ratios(ratios: Sequence[float]) -> None:
         )
 
 
+def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list[str], int]:
+    """The group of each pair: the first capture group (or the whole match) of ``pattern`` searched in the
+    image's stem, so tiles cut from one scene stay together. An empty pattern makes every tile its own group.
+
+    Returns:
+        one group name per pair, and how many stems did not match (each then forms a group of its own).
+
+    Raises:
+        ValueError: the pattern is not a valid regular expression.
+    """
+    if not pattern:
+        return [p[0].stem for p in pairs], 0
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(
+            f"--group_pattern={pattern!r}: not a valid regular expression ({err}); "
+            r"for tiles named <scene>_r<row>c<col> use --group_pattern='^(.+)_r\d+c\d+$'"
+        ) from None
+    groups, unmatched = [], 0
+    for image, _ in pairs:
+        match = regex.search(image.stem)
+        if match is None:
+            unmatched += 1
+            groups.append(image.stem)
+        else:
+            groups.append(match.group(1) if regex.groups else match.group(0))
+    return groups, unmatched
+
+
 def split_pairs(
-    pairs: Sequence[tuple[Path, Path]], ratios: Sequence[float], seed: int
+    pairs: Sequence[tuple[Path, Path]], ratios: Sequence[float], seed: int, groups: Sequence[str] | None = None
 ) -> dict[str, list[tuple[Path, Path]]]:
-    """Shuffle the pairs (sorted first, so the folder's listing order does not matter) and cut them by ratio."""
+    """Shuffle the groups (sorted first, so the folder's listing order does not matter) and cut them by ratio.
+
+    Without ``groups`` every pair is a group of its own. With them, the ratios apply to groups (scenes),
+    and all pairs of a group land in the same split.
+    """
     check_ratios(ratios)
-    ordered = sorted(pairs, key=lambda p: p[0].name)
+    keys = list(groups) if groups is not None else [p[0].name for p in pairs]
+    members: dict[str, list[tuple[Path, Path]]] = {}
+    for key, pair in zip(keys, pairs):
+        members.setdefault(key, []).append(pair)
+    ordered = sorted(members)
     order = np.random.default_rng(seed).permutation(len(ordered))
     shuffled = [ordered[i] for i in order]
     n_train, n_val, _ = split_counts(len(shuffled), ratios)
-    return {
-        "train": sorted(shuffled[:n_train]),
-        "val": sorted(shuffled[n_train : n_train + n_val]),
-        "test": sorted(shuffled[n_train + n_val :]),
-    }
+    parts = {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
+    return {name: sorted(pair for key in chosen for pair in members[key]) for name, chosen in parts.items()}
 
 
 def write_pair_list(path: Path, pairs: Sequence[tuple[Path, Path]]) -> None:
@@ -185,7 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"no usable image/mask pairs in {data_dir}: expected {cfg.image_subdir}/<name>.png with "
             f"{cfg.label_subdir}/<name>{cfg.mask_suffix}.png ({len(scan.rejected)} file(s) rejected, listed above)"
         )
-    splits = split_pairs(usable, cfg.split_ratios, cfg.seed)
+    groups, unmatched = scene_groups(usable, cfg.group_pattern)
+    if unmatched:
+        LOG.warning(
+            "%d of %d tile names do not match --group_pattern=%r; each of those is split as a scene of its own",
+            unmatched,
+            len(usable),
+            cfg.group_pattern,
+        )
+    splits = split_pairs(usable, cfg.split_ratios, cfg.seed, groups)
+    group_of = dict(zip(usable, groups))
     out = Path(cfg.run_dir) / "splits"
     for name in SPLIT_NAMES:
         write_pair_list(out / f"{name}.txt", splits[name])
@@ -195,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer.writerows((str(p), k, r) for p, k, r in scan.rejected)
     config.atomic_write_text(out / "rejected.csv", buffer.getvalue())
     kinds = [k for _, k, _ in scan.rejected]
-    summary = {name: len(splits[name]) for name in SPLIT_NAMES}
+    summary: dict[str, Any] = {name: len(splits[name]) for name in SPLIT_NAMES}
+    if cfg.group_pattern:
+        summary["groups"] = {name: len({group_of[p] for p in splits[name]}) for name in SPLIT_NAMES}
     summary.update(
         {"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")}
     )

@@ -32,12 +32,25 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import config
-from data_preprocess import DataError, EpochSampler, FarmlandDataset, read_pair_list, should_cache
+from data_preprocess import IGNORE, DataError, EpochSampler, FarmlandDataset, read_pair_list, should_cache
+from losses import make_loss
 from miou import FARMLAND, class_iou, confusion_counts, save_figure
-from net_structure import build_model, count_parameters
+from net_structure import build_model, count_parameters, set_normalisation
 
 LOG = logging.getLogger("train")
-LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_farmland_iou", "val_miou", "lr", "seconds"]
+LOG_FIELDS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_farmland_iou",
+    "val_miou",
+    "val_threshold",
+    "val_tuned_farmland_iou",
+    "val_predicted_farmland",
+    "lr",
+    "seconds",
+]
+THRESHOLD_BINS = 200  # farmland probability histogram resolution: thresholds are tuned in steps of 0.005
 ARCHITECTURE_KEYS = ("in_channels", "n_classes", "base_width")
 
 
@@ -214,26 +227,62 @@ def evaluate(
     n_classes: int,
     layout: torch.memory_format,
     amp: torch.dtype | None = None,
-) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy per pixel and the pooled confusion matrix of argmax predictions over a loader."""
+    criterion: nn.Module | None = None,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Validate: mean loss per labelled pixel, the pooled confusion matrix of argmax predictions, and the
+    histogram of farmland probabilities (2, THRESHOLD_BINS) of background (row 0) and farmland (row 1)
+    pixels, from which tune_threshold finds the best cut. Unlabelled pixels count nowhere.
+
+    ``criterion`` is the training loss (cross-entropy when None), weighted by each batch's labelled pixels.
+    """
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+    criterion = criterion or nn.CrossEntropyLoss(ignore_index=IGNORE)
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
-    pixels = 0
+    pixels = torch.zeros((), device=device, dtype=torch.float64)
     cm = torch.zeros((n_classes, n_classes), dtype=torch.int64, device=device)
+    histogram = torch.zeros((2, THRESHOLD_BINS), dtype=torch.int64, device=device)
     for images, masks in loader:
         images = images.to(device, memory_format=layout, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images)
-        total_loss += criterion(logits.float(), masks)
-        pixels += masks.numel()
+        labelled = (masks != IGNORE).sum()
+        if labelled:
+            total_loss += criterion(logits.float(), masks).double() * labelled
+            pixels += labelled
         # Counts stay on the device until the end: no transfer and no stall per batch.
         cm += confusion_counts(logits.argmax(1), masks, n_classes)
+        if n_classes == 2:
+            farmland = logits.float().softmax(1)[:, 1]
+            bins = (farmland * THRESHOLD_BINS).long().clamp_(max=THRESHOLD_BINS - 1)
+            for cls in (0, 1):
+                histogram[cls] += torch.bincount(bins[masks == cls], minlength=THRESHOLD_BINS)
     # Under torchrun each rank saw its share of the tiles: sum the counts, never average rank-level IoUs.
-    totals = all_reduce_sum(torch.stack([total_loss, torch.tensor(float(pixels), device=device, dtype=torch.float64)]))
+    totals = all_reduce_sum(torch.stack([total_loss, pixels]))
     cm = all_reduce_sum(cm)
-    return float(totals[0]) / max(float(totals[1]), 1.0), cm.cpu().numpy()
+    histogram = all_reduce_sum(histogram)
+    loss = float(totals[0]) / float(totals[1]) if float(totals[1]) else math.nan
+    return loss, cm.cpu().numpy(), histogram.cpu().numpy()
+
+
+def best_threshold(histogram: np.ndarray) -> tuple[float, float]:
+    """The farmland probability cut with the best farmland IoU on a (2, bins) histogram, and that IoU.
+
+    The cut k / bins makes farmland every pixel whose probability bin is k or above. Ties go to the cut
+    nearest 0.5 (the argmax). Returns (0.5, nan) when there is no farmland to score.
+    """
+    bins = histogram.shape[1]
+    # Pixels at or above each cut: reversed cumulative sums.
+    true_pos = np.cumsum(histogram[1][::-1])[::-1].astype(np.float64)
+    false_pos = np.cumsum(histogram[0][::-1])[::-1].astype(np.float64)
+    positives = float(histogram[1].sum())
+    if positives == 0:
+        return 0.5, math.nan
+    iou = true_pos / (positives + false_pos)  # tp / (tp + fp + fn), with tp + fn = all farmland pixels
+    cuts = np.arange(bins) / bins
+    best = np.flatnonzero(iou == iou.max())
+    k = int(best[np.argmin(np.abs(cuts[best] - 0.5))])
+    return float(cuts[k]), float(iou[k])
 
 
 def train_epoch(
@@ -246,14 +295,18 @@ def train_epoch(
     amp: torch.dtype | None,
     description: str = "",
     max_steps: int = 0,
+    criterion: nn.Module | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, int]:
-    """One pass of cross-entropy training over a loader (at most ``max_steps`` batches when > 0).
+    """One pass of training over a loader (at most ``max_steps`` batches when > 0).
+
+    ``criterion`` defaults to cross-entropy; ``scheduler``, when given, steps after every batch.
 
     Returns:
         the mean training loss and the number of steps taken.
     """
     model.train()
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion or nn.CrossEntropyLoss(ignore_index=IGNORE)
     loss_sum, steps = torch.zeros((), device=device), 0
     bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None if description else True)
     for images, masks in bar:
@@ -265,6 +318,8 @@ def train_epoch(
         scaler.scale(loss).backward()  # the scaler is a no-op unless training in fp16
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
         # Summed on the device: reading the loss every step would stall a GPU.
         loss_sum += loss.detach().float()
         steps += 1
@@ -280,6 +335,59 @@ def make_optimizer(model: nn.Module, cfg: config.Config, device: torch.device) -
     return torch.optim.Adam(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None
     )
+
+
+SCHEDULES = ("step", "cosine")
+
+
+def schedule_factor(step: int, cfg: config.Config, steps_per_epoch: int) -> float:
+    """The learning rate at training step ``step`` (0-based) as a fraction of ``lr``.
+
+    A linear warm-up over ``warmup_epochs`` multiplies the schedule: ``step`` drops by ``gamma`` every
+    ``step_size`` epochs (the reference's StepLR, epoch by epoch); ``cosine`` falls from 1 to 0 over all epochs.
+    """
+    warm_steps = cfg.warmup_epochs * steps_per_epoch
+    warm = min(1.0, (step + 1) / warm_steps) if warm_steps > 0 else 1.0
+    if cfg.schedule == "cosine":
+        total = max(cfg.epochs * steps_per_epoch, 1)
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return warm * cfg.gamma ** (step // steps_per_epoch // max(cfg.step_size, 1))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: config.Config, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The ``schedule`` key's learning-rate schedule with warm-up, stepped after every batch.
+
+    Raises:
+        ValueError: an unknown schedule name.
+    """
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule={cfg.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    steps = max(steps_per_epoch, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, cfg, steps))
+
+
+def collapse_message(epoch: int, streak: int, predicted_farmland: float) -> str:
+    """The warning for validation predictions stuck on one class: what it means, the likely causes, what to try."""
+    kind = {0.0: "no farmland at all", 1.0: "farmland everywhere"}.get(predicted_farmland, "no correct farmland")
+    return (
+        f"epoch {epoch}: for {streak} epochs in a row the network predicted {kind} on the validation tiles "
+        "(farmland IoU 0). The model has collapsed to one class. Likely causes: farmland is a small share of the "
+        "pixels (class imbalance), the learning rate is too low or too high for this budget, or the masks are "
+        "encoded differently than expected (0/255 vs 0/1; check run_dir/summary.json and the split's masks). "
+        "Try --loss=ce_dice or --loss=weighted_ce, --lr=1e-3 with --warmup_epochs=1, or --recipe=recommended"
+    )
+
+
+def open_tensorboard(folder: Path) -> Any:
+    """A TensorBoard SummaryWriter logging to ``folder``, or None (with a warning) when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        LOG.warning("tensorboard is not installed: curves go to train_log.csv only (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(folder))
 
 
 def make_loader(
@@ -377,16 +485,37 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
     if cfg.deterministic:
         set_deterministic()
     cache = should_cache(cfg.cache_tiles, train_pairs + val_pairs)
-    train_set = FarmlandDataset(train_pairs, cfg.in_channels, cfg.online_aug, cfg.mask_threshold, cache)
-    val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache)
+    train_set = FarmlandDataset(
+        train_pairs,
+        cfg.in_channels,
+        cfg.online_aug,
+        cfg.mask_threshold,
+        cache,
+        cfg.ignore_index,
+        cfg.scale_jitter,
+        cfg.colour_jitter,
+    )
+    val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache, cfg.ignore_index)
     train_loader = make_loader(train_set, cfg, device, True, job.rank, job.world)
     val_loader = make_loader(val_set, cfg, device, False, job.rank, job.world)
+    # Band statistics and class counts of the training split: for normalisation and class weights.
+    statistics = train_set.statistics() if cfg.normalise or cfg.loss == "weighted_ce" else None
+    if statistics:
+        LOG.info(
+            "training split: band means %s, deviations %s; class pixels %s",
+            [round(v, 4) for v in statistics[0]],
+            [round(v, 4) for v in statistics[1]],
+            statistics[2][: cfg.n_classes],
+        )
+    criterion = make_loss(cfg.loss, statistics[2] if statistics else None, cfg.n_classes, cfg.focal_gamma).to(device)
     # 2. Network, optimiser, schedule, loss scaling.
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # tiles share one size: pick the fastest kernels once
     torch.manual_seed(cfg.seed)
     layout = memory_format(cfg.channels_last)
     model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout)
+    if cfg.normalise and statistics:
+        set_normalisation(model, statistics[0], statistics[1])
     if cfg.sync_bn and job.world > 1:
         if device.type != "cuda":
             raise ValueError(
@@ -397,7 +526,7 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
     # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each.
     config.check_writable(ckpt_dir, 4 * 3 * 4 * count_parameters(model))
     optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     # 3. Resume: restore everything the next epoch depends on.
     start_epoch, best_iou, best_epoch, history = 1, -1.0, 0, []
@@ -434,6 +563,8 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
         start_epoch,
         cfg.epochs,
     )
+    board = open_tensorboard(run_dir / "tensorboard") if cfg.tensorboard and job.main else None
+    collapsed = 0  # epochs in a row whose val predictions hold one class (or no correct farmland)
     for epoch in range(start_epoch, cfg.epochs + 1):
         # 4. One pass over the training tiles, seeded by epoch so that a resumed run repeats it exactly.
         started = time.perf_counter()
@@ -441,9 +572,19 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
         torch.manual_seed(cfg.seed + epoch + 1_000_003 * job.rank)
         train_loader.sampler.set_epoch(epoch)
         train_loss, _ = train_epoch(
-            net, train_loader, optimizer, scaler, device, layout, amp, f"epoch {epoch}/{cfg.epochs}" if job.main else ""
+            net,
+            train_loader,
+            optimizer,
+            scaler,
+            device,
+            layout,
+            amp,
+            f"epoch {epoch}/{cfg.epochs}" if job.main else "",
+            criterion=criterion,
+            scheduler=scheduler,
         )
         train_loss = float(all_reduce_sum(torch.tensor(train_loss, device=device))) / job.world
+        lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         if job.world > 1:
             # Each rank's last forward pass moved its own BatchNorm statistics: take rank 0's everywhere, so
             # that validation and the checkpoint see one network.
@@ -454,15 +595,17 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
                 f"epoch {epoch}: the training loss became {train_loss}; training stopped and this epoch was not "
                 f"saved, the last good checkpoint is {ckpt_dir / 'last.pth'}. Lower --lr, or check the images for NaN values"
             )
-        scheduler.step()
         # 5. Validation: loss and pooled IoU with the same confusion-count code as miou.py.
-        val_loss, cm = (
-            evaluate(model, val_loader, device, cfg.n_classes, layout, amp)
+        val_loss, cm, histogram = (
+            evaluate(model, val_loader, device, cfg.n_classes, layout, amp, criterion)
             if len(val_set)
-            else (math.nan, np.zeros((cfg.n_classes,) * 2, dtype=np.int64))
+            else (math.nan, np.zeros((cfg.n_classes,) * 2, dtype=np.int64), np.zeros((2, THRESHOLD_BINS), np.int64))
         )
         ious = class_iou(cm)
         farmland_iou = float(np.nan_to_num(ious[FARMLAND]))
+        cut, tuned_iou = best_threshold(histogram) if cfg.tune_threshold and cfg.n_classes == 2 else (None, math.nan)
+        predicted = cm.sum(axis=0)
+        predicted_farmland = float(predicted[FARMLAND] / predicted.sum()) if predicted.sum() else math.nan
         history.append(
             {
                 "epoch": epoch,
@@ -470,18 +613,27 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
                 "val_loss": val_loss,
                 "val_farmland_iou": farmland_iou,
                 "val_miou": float(np.nanmean(ious)) if np.isfinite(ious).any() else math.nan,
-                "lr": optimizer.param_groups[0]["lr"],
+                "val_threshold": math.nan if cut is None else cut,
+                "val_tuned_farmland_iou": tuned_iou,
+                "val_predicted_farmland": predicted_farmland,
+                "lr": lr,
                 "seconds": round(time.perf_counter() - started, 3),
             }
         )
-        # 6. Checkpoints: best by val farmland IoU, last every epoch, weight snapshots every N epochs.
-        # No val tiles, or no farmland in them: the IoU says nothing, so best.pth follows the latest epoch.
+        # 6. Checkpoints: best by val farmland IoU (at the tuned threshold when tuning), last every epoch,
+        # weight snapshots every N epochs. No val tiles, or no farmland in them: the IoU says nothing, so
+        # best.pth follows the latest epoch.
         scoreless = not np.isfinite(ious[FARMLAND])
         if scoreless and epoch == start_epoch:
             LOG.warning("the val split is empty or holds no farmland: best.pth will be the latest epoch's weights")
-        improved = scoreless or farmland_iou > best_iou
+        score = tuned_iou if cut is not None and math.isfinite(tuned_iou) else farmland_iou
+        improved = scoreless or score > best_iou
         if improved:
-            best_iou, best_epoch = farmland_iou, epoch
+            best_iou, best_epoch = score, epoch
+        # A one-class network is the commonest silent failure: say so, with causes and fixes.
+        collapsed = collapsed + 1 if not scoreless and farmland_iou == 0.0 else 0
+        if collapsed == cfg.collapse_patience and job.main:
+            LOG.warning("%s", collapse_message(epoch, collapsed, predicted_farmland))
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -490,28 +642,34 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
             "epoch": epoch,
             "best_iou": best_iou,
             "best_epoch": best_epoch,
+            "threshold": cut,  # the farmland probability cut tuned on val for these weights; None = argmax
             "history": history,
             "config": dataclasses.asdict(cfg),
         }
+        # Every rank holds the same reduced scores, so every rank reaches the same decision.
+        stop_early = cfg.early_stop > 0 and epoch - best_epoch >= cfg.early_stop and epoch < cfg.epochs
         if not job.main:
+            if stop_early:
+                break
             continue
         if improved:
             save_checkpoint(ckpt_dir / "best.pth", state)
         if cfg.snapshot_every > 0 and epoch % cfg.snapshot_every == 0:
             save_checkpoint(
                 ckpt_dir / f"epoch_{epoch:03d}.pth",
-                {"model": state["model"], "epoch": epoch, "config": state["config"]},
+                {"model": state["model"], "epoch": epoch, "threshold": cut, "config": state["config"]},
             )
         save_checkpoint(ckpt_dir / "last.pth", state)
-        # 7. Log line, CSV and curves.
+        # 7. Log line, CSV, curves and TensorBoard.
         row = history[-1]
         LOG.info(
-            "epoch %d/%d | train loss %.4f | val loss %.4f | val farmland IoU %.4f (best %.4f, epoch %d) | lr %.2e | %.1f s",
+            "epoch %d/%d | train loss %.4f | val loss %.4f | val farmland IoU %.4f%s (best %.4f, epoch %d) | lr %.2e | %.1f s",
             epoch,
             cfg.epochs,
             row["train_loss"],
             val_loss,
             farmland_iou,
+            "" if cut is None else f", {tuned_iou:.4f} at threshold {cut:.3f}",
             best_iou,
             best_epoch,
             row["lr"],
@@ -519,6 +677,22 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
         )
         write_log_csv(history, run_dir / "train_log.csv")
         plot_curves(history, run_dir / "figures" / "training_curves.png")
+        if board is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, float) and math.isfinite(value):
+                    board.add_scalar(key, value, epoch)
+            board.flush()
+        if stop_early:
+            LOG.info(
+                "early stop after epoch %d: no better val farmland IoU for %d epochs (best %.4f at epoch %d)",
+                epoch,
+                cfg.early_stop,
+                best_iou,
+                best_epoch,
+            )
+            break
+    if board is not None:
+        board.close()
     if job.world > 1:
         digests = [None] * job.world
         torch.distributed.all_gather_object(digests, weights_digest(model))

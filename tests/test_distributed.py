@@ -51,7 +51,7 @@ def test_reduced_val_iou_equals_a_single_process_evaluation(ddp_run: Path, squar
     cfg = config.parse_args(args(square_data, ddp_run, *DDP))
     model = model_from_checkpoint(state, torch.device("cpu"), cfg.channels_last)
     val = FarmlandDataset(read_pair_list(ddp_run / "splits" / "val.txt"))
-    _, cm = evaluate(
+    _, cm, _ = evaluate(
         model, make_loader(val, cfg, torch.device("cpu"), False), torch.device("cpu"), 2, memory_format(True)
     )
     assert state["history"][-1]["val_farmland_iou"] == pytest.approx(float(class_iou(cm)[FARMLAND]), abs=1e-9)
