@@ -224,7 +224,7 @@ def random_scale(
     if size == (height, width):
         return image, mask
     image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-    mask = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    mask = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
     if size[0] < height or size[1] < width:
         pad_h, pad_w = max(0, height - size[0]), max(0, width - size[1])
         # Reflection keeps parcels continuous at the new edge; masks follow the same reflection.

@@ -9,7 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from data_preprocess import DataError, FarmlandDataset, load_image, load_mask, random_d4, read_image, write_image
+from data_preprocess import (
+    IGNORE,
+    DataError,
+    FarmlandDataset,
+    colour_jitter,
+    load_image,
+    load_mask,
+    random_d4,
+    random_scale,
+    read_image,
+    write_image,
+)
 
 
 def test_unicode_and_space_paths_round_trip(tmp_path: Path) -> None:
@@ -117,3 +128,50 @@ def test_online_augmentation_moves_image_and_mask_together() -> None:
         assert torch.equal(out_image[1] - 16, out_image[0])
         seen.add(tuple(out_mask.flatten().tolist()))
     assert len(seen) == 8  # all flips and rotations occur
+
+
+def test_ignore_index_marks_unlabelled_pixels(tmp_path: Path) -> None:
+    write_image(tmp_path / "m.png", np.array([[0, 128, 255]], np.uint8))
+    assert load_mask(tmp_path / "m.png", ignore_index=128).tolist() == [[0, IGNORE, 1]]
+    with pytest.raises(DataError, match="--ignore_index=N"):
+        load_mask(tmp_path / "m.png")  # without it, 128 is a value the mask must not hold
+    write_image(tmp_path / "z.png", np.array([[0, 1, 255]], np.uint8))  # 0/1 masks with 255 = unlabelled
+    assert load_mask(tmp_path / "z.png", ignore_index=255).tolist() == [[0, 1, IGNORE]]
+
+
+def test_scale_jitter_moves_image_and_mask_together() -> None:
+    generator = torch.Generator().manual_seed(3)
+    mask = torch.zeros((32, 32), dtype=torch.long)
+    mask[8:20, 10:26] = 1
+    mask[0:3, 0:3] = IGNORE
+    image = torch.stack([mask.clamp(max=1).float()] * 3)  # every band equals the mask
+    for _ in range(10):
+        out_image, out_mask = random_scale(image, mask, 0.3, generator)
+        assert out_image.shape == (3, 32, 32) and out_mask.shape == (32, 32)
+        assert set(out_mask.unique().tolist()) <= {0, 1, IGNORE}  # nearest neighbour: no blended classes
+        labelled = out_mask != IGNORE
+        agree = ((out_image[0] > 0.5).long() == out_mask)[labelled].float().mean()
+        assert agree > 0.95  # bilinear and nearest differ only along edges
+
+
+def test_colour_jitter_keeps_range_and_grey_pixels_hue() -> None:
+    generator = torch.Generator().manual_seed(0)
+    grey = torch.full((3, 4, 4), 0.5)
+    out = colour_jitter(grey, 0.3, generator)
+    assert torch.allclose(out[0], out[1], atol=1e-5) and torch.allclose(out[1], out[2], atol=1e-5)  # hue of grey: none
+    image = torch.rand((4, 8, 8), generator=generator)  # RGB + NIR
+    out = colour_jitter(image, 0.5, generator)
+    assert out.shape == image.shape and out.min() >= 0.0 and out.max() <= 1.0
+    assert torch.equal(colour_jitter(image, 0.0, generator), image.clamp(0, 1))
+
+
+def test_band_statistics_and_class_counts_by_hand(tmp_path: Path) -> None:
+    image = np.zeros((1, 2, 3), np.uint8)
+    image[0, 0] = (255, 0, 51)
+    image[0, 1] = (255, 255, 153)
+    write_image(tmp_path / "i.png", image)
+    write_image(tmp_path / "m.png", np.array([[0, 255]], np.uint8))
+    mean, std, classes = FarmlandDataset([(tmp_path / "i.png", tmp_path / "m.png")]).statistics()
+    assert mean == pytest.approx([1.0, 0.5, 0.4])
+    assert std == pytest.approx([1.0, 0.5, 0.2])  # band 0 is constant: deviation 1, nothing to scale
+    assert classes[:2] == [1, 1]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from miou import class_iou, confusion_matrix, scores, summarise
+from data_preprocess import IGNORE, write_image
+from miou import boundary_band, boundary_counts, class_iou, confusion_matrix, evaluate_pairs, scores, summarise
 
 # A 2x4 label and prediction worked by hand:
 #   label  1 1 0 0     prediction  1 0 0 1
@@ -109,3 +111,41 @@ def test_bad_inputs_to_confusion_matrix() -> None:
         confusion_matrix(np.zeros((2, 2), dtype=int), np.zeros((2, 3), dtype=int))
     with pytest.raises(ValueError, match=r"class indices must lie in \[0, 2\)"):
         confusion_matrix(np.full((2, 2), 255), np.zeros((2, 2), dtype=int))
+
+
+def test_unlabelled_pixels_count_nowhere() -> None:
+    label = np.array([[0, 1, IGNORE], [1, IGNORE, 0]], np.uint8)
+    pred = np.array([[0, 1, 1], [0, 0, 1]], np.uint8)
+    expected = [[1, 1], [1, 1]]  # rows = label: (0,0) (0,1) | (1,0) (1,1); the two IGNORE pixels left out
+    assert confusion_matrix(pred, label).tolist() == expected
+    assert confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label)).tolist() == expected
+
+
+def test_boundary_iou_by_hand() -> None:
+    label = np.zeros((6, 6), np.uint8)
+    label[1:5, 1:5] = 1  # a 4x4 parcel: its 1-pixel edge band is the 12-pixel ring
+    pred = np.zeros((6, 6), np.uint8)
+    pred[1:5, 2:6] = 1  # shifted right onto the image border, which is no edge: a 10-pixel band
+    assert int(boundary_band(label, 1).sum()) == 12
+    assert int(boundary_band(pred, 1).sum()) == 10
+    # Shared: rows 1 and 4 at columns 2..4 (6 pixels); union 12 + 10 - 6.
+    assert boundary_counts(pred, label, 1) == (6, 16)
+    assert boundary_counts(label, label, 1) == (12, 12)
+    # A 4x4 parcel is all edge at width 2.
+    assert int(boundary_band(label, 2).sum()) == 16
+
+
+def test_boundary_iou_of_empty_masks_is_undefined_and_ignored_pixels_are_skipped(tmp_path: Path) -> None:
+    empty = np.zeros((6, 6), np.uint8)
+    assert boundary_counts(empty, empty, 3) == (0, 0)
+    pred = np.zeros((6, 6), np.uint8)
+    pred[1:5, 1:5] = 1
+    label = pred.copy()
+    label[1, 1] = IGNORE  # the parcel's corner is unlabelled: (2, 2) becomes an edge pixel of the label
+    # Label band: ring - (1,1) + (2,2); prediction band: ring, less the unlabelled (1,1). Shared: 11, union: 12.
+    assert boundary_counts(pred, label, 1) == (11, 12)
+    write_image(tmp_path / "l.png", empty)
+    write_image(tmp_path / "p.png", empty)
+    rows, _, _ = evaluate_pairs([("e", tmp_path / "l.png", tmp_path / "p.png")])
+    assert math.isnan(rows[0]["boundary_iou"])
+    assert summarise(rows, np.array([[36, 0], [0, 0]]))["pooled"]["boundary_iou"] is None

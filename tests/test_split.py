@@ -140,3 +140,36 @@ def test_tiles_of_another_size_are_reported(tmp_path: Path) -> None:
     assert run_split(data, tmp_path / "run") == 1
     kind, reason = rejected(tmp_path / "run")["big.png"]
     assert kind == "error" and "is 48x48 pixels but most tiles are 32x32" in reason
+
+
+def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path) -> None:
+    data_dir = tmp_path / "scenes"
+    rng = np.random.default_rng(1)
+    for scene in range(10):
+        for row in range(2):
+            for col in range(2):
+                write_pair(data_dir, f"s{scene:02d}_r{row}c{col}", *square_tile(rng, 16))
+    write_pair(data_dir, "loose tile", *square_tile(rng, 16))  # matches no scene: a group of its own
+    run_dir = tmp_path / "run"
+    assert run_split(data_dir, run_dir, r"--group_pattern=^(.+)_r\d+c\d+$") == 0
+    scene_of = {}
+    for name in ("train", "val", "test"):
+        for image, _ in read_pair_list(run_dir / "splits" / f"{name}.txt"):
+            scene = image.stem.split("_r")[0]
+            assert scene_of.setdefault(scene, name) == name, f"{scene} is in {scene_of[scene]} and {name}"
+    summary = json.loads((run_dir / "splits" / "summary.json").read_text())
+    # 11 groups: 8.8 -> 9 train, 1 val, 1 test (val and test rounded first); every tile placed once.
+    assert summary["groups"] == {"train": 9, "val": 1, "test": 1}
+    assert summary["train"] + summary["val"] + summary["test"] == 41
+    # Without the pattern the same tiles split by tile, and scenes leak across splits.
+    assert run_split(data_dir, tmp_path / "by_tile") == 0
+    splits_of: dict[str, set[str]] = {}
+    for name in ("train", "val", "test"):
+        for image, _ in read_pair_list(tmp_path / "by_tile" / "splits" / f"{name}.txt"):
+            splits_of.setdefault(image.stem.split("_r")[0], set()).add(name)
+    assert any(len(names) > 1 for names in splits_of.values())
+
+
+def test_bad_group_pattern_is_refused_with_an_example(square_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        run_split(square_data, tmp_path / "run", "--group_pattern=(unclosed")

@@ -1,0 +1,107 @@
+"""Training options for real data: recipes, schedules, normalisation, tuned threshold, early stop,
+the collapse warning and TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import config
+import predict
+import split_dataset
+import train
+from data_preprocess import FarmlandDataset, read_image, read_pair_list
+from test_pipeline import args
+from train import best_threshold, load_checkpoint, save_checkpoint, schedule_factor
+
+
+def test_recommended_recipe_fills_keys_not_given() -> None:
+    cfg = config.parse_args(["--recipe=recommended", "--lr=0.01"])
+    assert cfg.lr == 0.01  # given explicitly: kept
+    for key, value in config.RECOMMENDED.items():
+        if key != "lr":
+            assert getattr(cfg, key) == value
+    assert config.parse_args([]).loss == "ce"  # the defaults stay the reference recipe
+    with pytest.raises(ValueError, match="expected reference or recommended"):
+        config.parse_args(["--recipe=best"])
+
+
+def test_schedules_by_hand() -> None:
+    cfg = config.Config(epochs=4, step_size=2, gamma=0.5)
+    # StepLR, epoch by epoch: steps 0..9 are epoch 1, 10..19 epoch 2, 20.. epoch 3.
+    assert [schedule_factor(s, cfg, 10) for s in (0, 9, 10, 19, 20, 39)] == [1, 1, 1, 1, 0.5, 0.5]
+    cfg.warmup_epochs = 0.5  # 5 steps of linear warm-up
+    assert [schedule_factor(s, cfg, 10) for s in (0, 1, 4, 5)] == pytest.approx([0.2, 0.4, 1.0, 1.0])
+    cfg.warmup_epochs, cfg.schedule = 0.0, "cosine"
+    assert [schedule_factor(s, cfg, 10) for s in (0, 20, 40)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="expected one of step, cosine"):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        train.make_scheduler(optimizer, config.Config(schedule="x"), 1)
+
+
+def test_best_threshold_by_hand() -> None:
+    # 4 bins; cut k makes farmland every pixel in bin k and above.
+    histogram = np.array([[5, 3, 1, 0], [0, 2, 1, 4]])
+    # k=0: 7/(7+9); k=1: 7/(7+4); k=2: 5/(7+1); k=3: 4/(7+0). Best: k=1, cut 0.25.
+    cut, iou = best_threshold(histogram)
+    assert cut == 0.25 and iou == pytest.approx(7 / 11)
+    cut, iou = best_threshold(np.array([[5, 3, 0, 0], [0, 0, 0, 0]]))  # no farmland to score
+    assert cut == 0.5 and math.isnan(iou)
+
+
+def test_normalisation_and_threshold_are_stored_and_used(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert split_dataset.main(args(square_data, run_dir)) == 0
+    extra = ["--epochs=2", "--normalise=true", "--tune_threshold=true", "--loss=ce_dice", "--colour_jitter=0.1"]
+    assert train.main(args(square_data, run_dir, *extra, "--scale_jitter=0.1")) == 0
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pth")
+    mean, std, _ = FarmlandDataset(read_pair_list(run_dir / "splits" / "train.txt")).statistics()
+    assert state["model"]["band_mean"].tolist() == pytest.approx(mean, rel=1e-6)
+    assert state["model"]["band_std"].tolist() == pytest.approx(std, rel=1e-6)
+    assert 0.0 <= state["threshold"] < 1.0
+    with open(run_dir / "train_log.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[-1]["val_tuned_farmland_iou"]) >= float(rows[-1]["val_farmland_iou"]) - 1e-9
+    # predict.py applies the checkpoint's threshold: a cut of 0 makes every pixel farmland, 1 none.
+    images = square_data / "images"
+    for cut, value in ((0.0, 255), (1.0, 0)):
+        save_checkpoint(run_dir / "checkpoints" / "cut.pth", {**state, "threshold": cut})
+        out = tmp_path / f"out{cut}"
+        checkpoint = run_dir / "checkpoints" / "cut.pth"
+        assert predict.main(args(square_data, out, f"--checkpoint={checkpoint}", f"--predict_input={images}")) == 0
+        masks = [np.unique(read_image(p)) for p in (out / "predictions").glob("*_seg.png")]
+        assert len(masks) == 20 and all(m.tolist() == [value] for m in masks)
+
+
+def test_early_stop_and_tensorboard(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    assert split_dataset.main(args(square_data, run_dir)) == 0
+    # lr 0: the val IoU can never beat epoch 1, so training stops after epoch 1 + early_stop.
+    with caplog.at_level(logging.INFO):
+        extra = ["--epochs=10", "--lr=0", "--early_stop=2", "--tensorboard=true"]
+        assert train.main(args(square_data, run_dir, *extra)) == 0
+    history = load_checkpoint(run_dir / "checkpoints" / "last.pth")["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert "early stop after epoch 3" in caplog.text
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_collapse_is_reported_with_causes(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    assert split_dataset.main(args(square_data, run_dir)) == 0
+    # Validation that always finds farmland in the labels and never in the predictions.
+    all_background = np.array([[900, 0], [124, 0]])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (0.7, all_background, np.zeros((2, 200), np.int64)))
+    with caplog.at_level(logging.WARNING):
+        assert train.main(args(square_data, run_dir, "--epochs=3", "--collapse_patience=3")) == 0
+    warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "no farmland at all" in warnings[0] and "--loss=ce_dice" in warnings[0] and "0/255" in warnings[0]
