@@ -280,7 +280,9 @@ def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
     log_dir = Path(cfg.run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter(
-        "%(asctime)s %(name)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s rank {rank} %(levelname)s %(message)s",
+        "%(asctime)s %(name)s %(levelname)s %(message)s"
+        if rank == 0
+        else f"%(asctime)s rank {rank} %(levelname)s %(message)s",
         "%H:%M:%S",
     )
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]

@@ -130,9 +130,7 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
         classes = (mask >= threshold).astype(np.uint8)
     else:
         # A histogram is linear in the pixels where np.unique sorts them: this check runs on every mask read.
-        values = (
-            np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
-        )
+        values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
         if ignore_index >= 0:
             values = values[values != ignore_index]
         if np.isin(values, (0, 255)).all():

@@ -176,7 +176,11 @@ def split_pairs(
     order = np.random.default_rng(seed).permutation(len(ordered))
     shuffled = [ordered[i] for i in order]
     n_train, n_val, _ = split_counts(len(shuffled), ratios)
-    parts = {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
+    parts = {
+        "train": shuffled[:n_train],
+        "val": shuffled[n_train : n_train + n_val],
+        "test": shuffled[n_train + n_val :],
+    }
     return {name: sorted(pair for key in chosen for pair in members[key]) for name, chosen in parts.items()}
 
 

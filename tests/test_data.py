@@ -175,3 +175,27 @@ def test_band_statistics_and_class_counts_by_hand(tmp_path: Path) -> None:
     assert mean == pytest.approx([1.0, 0.5, 0.4])
     assert std == pytest.approx([1.0, 0.5, 0.2])  # band 0 is constant: deviation 1, nothing to scale
     assert classes[:2] == [1, 1]
+
+
+def test_statistics_of_a_16_bit_four_band_tiff_standardise_every_band(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    # 12-bit sensor values in a 16-bit file, NIR far brighter than the visible bands.
+    image = np.stack(
+        [
+            rng.integers(0, 400, (8, 8)),
+            rng.integers(0, 600, (8, 8)),
+            rng.integers(0, 500, (8, 8)),
+            rng.integers(2000, 4095, (8, 8)),
+        ],
+        axis=2,
+    ).astype(np.uint16)
+    write_image(tmp_path / "i.tif", image)
+    write_image(tmp_path / "m.png", np.zeros((8, 8), np.uint8))
+    dataset = FarmlandDataset([(tmp_path / "i.tif", tmp_path / "m.png")], in_channels=4)
+    mean, std, _ = dataset.statistics()
+    scaled = image.astype(np.float64) / 65535.0
+    assert mean == pytest.approx(scaled.mean(axis=(0, 1)).tolist(), rel=1e-6)
+    assert std == pytest.approx(scaled.std(axis=(0, 1)).tolist(), rel=1e-5)
+    standardised = (dataset[0][0] - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert standardised.mean(dim=(1, 2)).abs().max() < 1e-4  # every band centred ...
+    assert (standardised.std(dim=(1, 2), unbiased=False) - 1).abs().max() < 1e-3  # ... and on one scale

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
+from test_pipeline import args, weights
 
 import config
 import predict
 import split_dataset
 import train
-from conftest import ROOT
-from data_preprocess import DataError, load_mask, read_pair_list, write_image
-from test_pipeline import args, weights
+from data_preprocess import DataError, load_mask, read_pair_list
 
 
 def epochs_logged(run_dir: Path) -> int:
@@ -40,7 +40,9 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(square_dat
         split_dataset.main(args(square_data, run_dir))
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args(square_data, killed, *settings)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120
@@ -90,7 +92,9 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
         return (float("nan"), steps) if len(calls) == 2 else (loss, steps)
 
     monkeypatch.setattr(train, "train_epoch", diverging_epoch)
-    with pytest.raises(FloatingPointError, match=r"epoch 2: the training loss became nan.*last good checkpoint.*Lower --lr"):
+    with pytest.raises(
+        FloatingPointError, match=r"epoch 2: the training loss became nan.*last good checkpoint.*Lower --lr"
+    ):
         train.main(args(square_data, run_dir, "--epochs=3"))
     assert torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 1
 
@@ -150,7 +154,9 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(square_data: Path, tmp_p
         predict.main(args(square_data, run_dir, f"--checkpoint={tmp_path / 'mismatch.pth'}"))
 
 
-def test_interrupted_prediction_is_resumed_not_redone(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_interrupted_prediction_is_resumed_not_redone(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     split_dataset.main(args(square_data, run_dir, "--split_ratios=0.5,0.1,0.4"))
     train.main(args(square_data, run_dir, "--epochs=1"))
@@ -191,7 +197,9 @@ def test_palette_mask_with_colours_is_refused(tmp_path: Path) -> None:
     assert load_mask(tmp_path / "g_mask.png").tolist() == [[0, 1]]
 
 
-def test_augment_reports_a_broken_tile_and_flips_the_rest(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_augment_reports_a_broken_tile_and_flips_the_rest(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import augment
 
     run_dir = tmp_path / "run"

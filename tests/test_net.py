@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from net_structure import UNet, count_parameters, fold_batchnorm
+from net_structure import UNet, build_model, count_parameters, fold_batchnorm, set_normalisation
+from train import model_from_checkpoint
 
 
 def test_reference_width_has_the_reference_parameter_count() -> None:
@@ -59,3 +60,22 @@ def test_channels_last_gives_the_same_output() -> None:
         expected = model(x)
         model = model.to(memory_format=torch.channels_last)
         assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+
+
+def test_normalisation_lives_in_the_network_and_survives_folding_and_old_checkpoints() -> None:
+    torch.manual_seed(0)
+    model = build_model(3, 2, 4, 0.0).eval()
+    x = torch.rand(1, 3, 32, 32)
+    mean, std = [0.2, 0.3, 0.4], [0.1, 0.2, 0.5]
+    plain = model(((x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]))
+    set_normalisation(model, mean, std)
+    assert torch.allclose(model(x), plain, atol=1e-6)
+    assert torch.allclose(fold_batchnorm(model)(x), plain, atol=1e-4)
+    state = {
+        "model": {k: v for k, v in model.state_dict().items() if not k.startswith("band_")},
+        "config": {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.0},
+    }
+    old = model_from_checkpoint(state, torch.device("cpu"), False)  # written before normalisation existed
+    assert old.band_mean.tolist() == [0, 0, 0] and old.band_std.tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="positive deviations"):
+        set_normalisation(model, mean, [0.1, 0.0, 0.5])

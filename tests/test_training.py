@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_pipeline import args
 
 import config
 import predict
 import split_dataset
 import train
 from data_preprocess import FarmlandDataset, read_image, read_pair_list
-from test_pipeline import args
 from train import best_threshold, load_checkpoint, save_checkpoint, schedule_factor
 
 
