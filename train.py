@@ -420,7 +420,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val loss")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel="loss (the loss key)", title="Loss")
     ax_loss.legend()
     ax_iou.plot(epochs, [h["val_farmland_iou"] for h in history], color="tab:green", label="val farmland IoU")
     ax_iou.plot(epochs, [h["val_miou"] for h in history], color="tab:gray", label="val mIoU")
