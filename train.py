@@ -247,9 +247,10 @@ def evaluate(
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images)
         labelled = (masks != IGNORE).sum()
-        if labelled:
-            total_loss += criterion(logits.float(), masks).double() * labelled
-            pixels += labelled
+        # A batch without labelled pixels has a NaN mean loss: weigh it out on the device, with no sync.
+        batch_loss = criterion(logits.float(), masks).double() * labelled
+        total_loss += torch.where(labelled > 0, batch_loss, torch.zeros_like(batch_loss))
+        pixels += labelled
         # Counts stay on the device until the end: no transfer and no stall per batch.
         cm += confusion_counts(logits.argmax(1), masks, n_classes)
         if n_classes == 2:
@@ -375,7 +376,7 @@ def collapse_message(epoch: int, streak: int, predicted_farmland: float) -> str:
         f"epoch {epoch}: for {streak} epochs in a row the network predicted {kind} on the validation tiles "
         "(farmland IoU 0). The model has collapsed to one class. Likely causes: farmland is a small share of the "
         "pixels (class imbalance), the learning rate is too low or too high for this budget, or the masks are "
-        "encoded differently than expected (0/255 vs 0/1; check run_dir/summary.json and the split's masks). "
+        "encoded differently than expected (0/255 vs 0/1; check run_dir/splits/summary.json and a few masks). "
         "Try --loss=ce_dice or --loss=weighted_ce, --lr=1e-3 with --warmup_epochs=1, or --recipe=recommended"
     )
 
