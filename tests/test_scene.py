@@ -15,6 +15,7 @@ import shapely
 import torch
 from rasterio.transform import Affine
 
+import make_demo_data
 import predict
 import scene
 from conftest import folder_digest
@@ -138,6 +139,12 @@ def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(checkpoin
         assert len(ids) == int(row["fields"]) == components
     assert (run_dir / "predictions" / "overlays" / "scene_overlay.png").is_file()
     assert not list((run_dir / "predictions").glob(".*"))  # no temporary files left
+
+    # Run again: the finished scene is skipped, its files untouched, and it is still in the table.
+    written = {p: p.stat().st_mtime_ns for p in (run_dir / "predictions").rglob("*") if p.is_file()}
+    assert run_predict(run_dir, checkpoint, source) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items() if p.name != "farmland_area.csv")
+    assert read_table(run_dir) == [row]
 
 
 def scene_probabilities(model: torch.nn.Module, source: Path, settings: scene.SceneSettings) -> np.ndarray:
@@ -273,6 +280,17 @@ def test_fields_cut_by_vectorising_strips_are_joined(tmp_path: Path, monkeypatch
     shapes = scene.field_shapes(source)
     assert len(shapes) == 3 and sum(s.area for s in shapes) == mask.sum()
     assert all(s.is_valid for s in shapes) and sum(len(s.interiors) for s in shapes) == 1
+
+
+def test_demo_scene_is_a_georeferenced_mosaic_with_its_label(tmp_path: Path) -> None:
+    label_path = make_demo_data.write_demo_scene(tmp_path / "scene.tif", tiles=2, size=32, seed=1)
+    with rasterio.open(tmp_path / "scene.tif") as image, rasterio.open(label_path) as label:
+        assert image.shape == label.shape == (64, 64) and image.count == 3 and image.crs.is_projected
+        assert image.transform == label.transform and set(np.unique(label.read(1))) <= {0, 1}
+    tile, mask = make_demo_data.render_tile(make_demo_data._tile_rng(1, 1), 32)  # row 0, column 1
+    with rasterio.open(tmp_path / "scene.tif") as image, rasterio.open(label_path) as label:
+        assert np.array_equal(image.read()[:, :32, 32:].transpose(1, 2, 0), tile)
+        assert np.array_equal(label.read(1)[:32, 32:], mask // 255)
 
 
 def test_windows_must_follow_the_pooling_grid() -> None:
