@@ -328,12 +328,18 @@ def open_scene(path: Path, bands: Sequence[int], in_channels: int) -> Scene:
             )
         scene.bands = tuple(bands) or tuple(range(1, scene.count + 1))
         try:
-            # The tile rules, on one pixel: the same band-count and pixel-type checks, the same message.
+            # The tile rules, on one pixel: the same band-count and pixel-type checks as for tiles.
             image_to_float(np.zeros((1, 1, len(scene.bands)), scene.dtype), in_channels, path)
         except DataError as err:
+            if len(scene.bands) == in_channels:
+                raise  # the pixel type, not the bands
+            example = ",".join(str(b) for b in range(1, min(in_channels, scene.count) + 1))
+            selected = f" selected with --bands={','.join(map(str, bands))}" if bands else ""
             raise DataError(
-                f"{err}; the checkpoint's network takes {in_channels} band(s): pick them with --bands "
-                f"(for example --bands={','.join(str(b) for b in range(1, min(in_channels, scene.count) + 1))})"
+                f"{path}: has {len(scene.bands)} band(s){selected}, expected in_channels={in_channels}, the bands "
+                f"the checkpoint's network was trained on; pick {in_channels} of the file's {scene.count} bands "
+                f"with --bands (for example --bands={example}), or predict with a checkpoint trained on "
+                f"{len(scene.bands)} bands"
             ) from None
     except BaseException:
         scene.close()

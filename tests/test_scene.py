@@ -208,7 +208,7 @@ def test_band_count_mismatch_fails_before_anything_is_written(
     run_dir = tmp_path / "run"
     assert run_predict(run_dir, checkpoint, source) == 1
     assert "four.tif: has 4 band(s), expected in_channels=3" in caplog.text
-    assert "pick them with --bands" in caplog.text
+    assert "pick 3 of the file's 4 bands with --bands (for example --bands=1,2,3)" in caplog.text
     assert not [p for p in (run_dir / "predictions").rglob("*") if p.is_file() and p.name != "farmland_area.csv"]
     assert read_table(run_dir) == []
     assert run_predict(run_dir, checkpoint, source, "--bands=1,2,5") == 1
