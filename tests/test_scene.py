@@ -259,6 +259,15 @@ def test_a_large_png_is_a_scene_in_pixels_and_small_tiles_stay_tiles(
     assert "no CRS, so areas are left empty" in caplog.text
 
 
+def test_image_size_reads_png_and_jpeg_headers(tmp_path: Path) -> None:
+    for name in ("a.png", "b.jpg"):
+        write_image(tmp_path / name, np.zeros((70, 130, 3), np.uint8))
+        assert scene.image_size(tmp_path / name) == (70, 130)
+        assert scene.is_scene(tmp_path / name, 128) and not scene.is_scene(tmp_path / name, 144)
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    assert scene.image_size(tmp_path / "c.png") is None and not scene.is_scene(tmp_path / "c.png", 64)
+
+
 def test_geographic_crs_gives_fractions_without_hectares(checkpoint: Path, tmp_path: Path) -> None:
     degrees = Affine(0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0)
     source = write_geotiff(tmp_path / "wgs84.tif", scene_pixels(), crs="EPSG:4326", transform=degrees)
