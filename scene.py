@@ -413,13 +413,14 @@ def window_probabilities(
     """Class probabilities (N, C, H, W) float32 on the CPU; with ``tta``, the mean over the 8 symmetries of
     the square, each undone before averaging (probabilities, not classes, are averaged)."""
     if not tta:
-        return predict_probabilities(model, images, device, channels_last).cpu()
+        # Contiguous (N, C, H, W): a channels-last result would make every blending step a strided one.
+        return predict_probabilities(model, images, device, channels_last).cpu().contiguous()
     total = torch.zeros(0)
     for transform in DIHEDRAL:
         turned = dihedral(images, transform).contiguous()
         probabilities = undo_dihedral(predict_probabilities(model, turned, device, channels_last).cpu(), transform)
         total = probabilities if not total.numel() else total + probabilities
-    return total / len(DIHEDRAL)
+    return (total / len(DIHEDRAL)).contiguous()
 
 
 def pad_to(block: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -547,7 +548,7 @@ def predict_scene(
     for path in targets.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings(), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             files = {kind: rasterio.open(path, "w", **profile) for kind, path in temporary.items()}
             try:
@@ -728,13 +729,18 @@ def run_scene(
     settings: SceneSettings,
     outputs: dict[str, Path],
 ) -> dict:
-    """Predict one open scene and write all its outputs; return its area row (also saved as JSON)."""
-    counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)
-    fields = None
-    if settings.polygons:
-        fields = write_fields(field_shapes(outputs["mask"]), scene, settings, outputs)
-    if settings.overlay:
-        write_overlay(scene, outputs["mask"], outputs["overlay"])
+    """Predict one open scene and write all its outputs; return its area row (also saved as JSON).
+
+    GDAL's block cache is held to GDAL_CACHE_MB throughout: by default it may grow to 5 % of the machine's
+    memory, and would fill with the scene's blocks as they are read.
+    """
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)
+        fields = None
+        if settings.polygons:
+            fields = write_fields(field_shapes(outputs["mask"]), scene, settings, outputs)
+        if settings.overlay:
+            write_overlay(scene, outputs["mask"], outputs["overlay"])
     row = area_row(scene, counts, fields, outputs["mask"])
     config.atomic_write_text(outputs["area"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
     LOG.info(
