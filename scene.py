@@ -244,6 +244,7 @@ class Scene:
     bands: tuple[int, ...] = ()  # 1-based selection, after open_scene: never empty
 
     def read_rows(self, top: int, bottom: int) -> np.ndarray:
+        """Rows [top, bottom) of the selected bands as (rows, width, bands), in the file's pixel type."""
         raise NotImplementedError
 
     def read_preview(self, height: int, width: int) -> np.ndarray:
@@ -258,10 +259,6 @@ class Scene:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def georeferenced(self) -> bool:
-        return self.crs is not None
 
 
 class RasterScene(Scene):
