@@ -77,6 +77,14 @@ class Config:
     predict_batch_size: int = 0  # tiles per forward pass at prediction; 0 = chosen from free memory
     overlay: bool = True  # also save each mask drawn over its photo
     skip_existing: bool = True  # keep masks already written with this checkpoint, so an interrupted run resumes
+    bands: str = ""  # 1-based bands to feed the network, e.g. 3,2,1 of a 4-band GeoTIFF; empty = all, in file order
+    window: int = 512  # scenes (GeoTIFFs, images over one window): window side in pixels, a multiple of 16
+    overlap: int = 128  # scenes: pixels shared by neighbouring windows and blended, a multiple of 16 below window
+    tta: bool = False  # scenes: average probabilities over the 8 flips and 90-degree turns (8x slower)
+    save_probability: bool = True  # scenes: also write the farmland probability GeoTIFF (percent, 255 = nodata)
+    polygons: bool = True  # scenes: also write the fields as polygons (GeoJSON and GeoPackage) with their areas
+    min_field_area_ha: float = 0.01  # scenes: leave out fields smaller than this (hectares; needs a projected CRS)
+    simplify_tolerance: float = 0.0  # scenes: simplify field outlines by this distance in CRS units (0 = off)
     # --- miou.py ---------------------------------------------------------------------------------------
     gallery_size: int = 6  # tiles in each of the worst / best galleries
     boundary_width: int = 3  # pixels inside each parcel edge that the boundary IoU scores

@@ -8,6 +8,7 @@ the texture (rows, furrows, crowns) and the context must. Everything follows a n
 reproduces the data exactly.
 
 Usage: python make_demo_data.py --out=demo_data --n_tiles=400 --size=64 --seed=0
+       python make_demo_data.py --scene=demo_scene/scene.tif --scene_tiles=12 --seed=1   # a GeoTIFF scene
 """
 
 from __future__ import annotations
@@ -300,6 +301,41 @@ def generate_dataset(out_dir: Path, n_tiles: int = 400, size: int = 64, seed: in
     return images
 
 
+def write_demo_scene(path: Path, tiles: int = 12, size: int = 64, seed: int = 1) -> Path:
+    """Write a GeoTIFF scene mosaicked from tiles x tiles demo tiles, and its label beside it.
+
+    The scene has a UTM CRS (zone 50N) and 1 m pixels; the label, ``<stem>_label.tif``, holds 1 for farmland
+    and 0 for background. Tiles are rendered one row at a time, so large mosaics stay small in memory.
+    Returns the label's path.
+    """
+    import rasterio  # only the scene needs GDAL; the tile data sets do not
+    from rasterio.transform import Affine
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    label_path = path.with_name(f"{path.stem}_label.tif")
+    side = tiles * size
+    profile = {
+        "driver": "GTiff",
+        "width": side,
+        "height": side,
+        "dtype": "uint8",
+        "crs": "EPSG:32650",
+        "transform": Affine(1.0, 0.0, 500000.0, 0.0, -1.0, 3500000.0),
+        "tiled": True,
+        "compress": "deflate",
+    }
+    with rasterio.open(path, "w", count=3, **profile) as image_file, rasterio.open(
+        label_path, "w", count=1, **profile
+    ) as label_file:
+        for row in range(tiles):
+            rendered = [render_tile(_tile_rng(seed, row * tiles + col), size) for col in range(tiles)]
+            window = rasterio.windows.Window(0, row * size, side, size)
+            image_file.write(np.concatenate([r[0] for r in rendered], axis=1).transpose(2, 0, 1), window=window)
+            label_file.write((np.concatenate([r[1] for r in rendered], axis=1) > 0).astype(np.uint8), 1, window=window)
+    return label_path
+
+
 def _colour_cells(image: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel colour cell indices (r, g, b), each in [0, bins)."""
     quantised = (np.asarray(image)[..., :3].astype(np.int32) * bins) // 256
@@ -333,9 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_tiles", type=int, default=400, help="number of tiles")
     parser.add_argument("--size", type=int, default=64, help="tile side in pixels (32 to 256 look right)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same tiles")
+    parser.add_argument("--scene", type=Path, help="instead of tiles, write one GeoTIFF scene here (and its label)")
+    parser.add_argument("--scene_tiles", type=int, default=12, help="the scene is a mosaic of N x N tiles")
     args = parser.parse_args(argv)
-    if args.n_tiles < 1 or args.size < 8 or args.seed < 0:
-        parser.error("--n_tiles must be >= 1, --size >= 8 and --seed >= 0")
+    if args.n_tiles < 1 or args.size < 8 or args.seed < 0 or args.scene_tiles < 1:
+        parser.error("--n_tiles and --scene_tiles must be >= 1, --size >= 8 and --seed >= 0")
+    if args.scene is not None:
+        label = write_demo_scene(args.scene, args.scene_tiles, args.size, args.seed)
+        side = args.scene_tiles * args.size
+        print(f"scene of {side}x{side} pixels in {args.scene}, its label (1 = farmland) in {label}")
+        return 0
     paths = generate_dataset(args.out, args.n_tiles, args.size, args.seed)
     masks = [read_image(args.out / "labels" / f"{path.stem}_mask.png") for path in paths]
     share = float(np.mean([np.mean(mask > 0) for mask in masks]))

@@ -6,6 +6,10 @@ network's class scores; with ``overlay`` also run_dir/predictions/overlays/<stem
 drawn over the photo. The network's shape (width, bands, classes) is read from the checkpoint, so only
 the checkpoint has to be named. Tiles are read in background workers, batched by size, and run in eval
 mode without gradients. Unreadable images are reported and skipped; the exit status is then 1.
+
+Scenes (a georeferenced GeoTIFF, or any image larger than ``window``, given as ``--predict_input``) are
+predicted by scene.py in overlapping windows into GeoTIFF masks, probabilities, field polygons and an
+area table (run_dir/predictions/farmland_area.csv); see scene.py. The test split is always read as tiles.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import config
-from data_preprocess import DataError, is_image_file, load_image, read_pair_list, write_image
+from data_preprocess import DataError, image_to_float, is_image_file, read_image, read_pair_list, write_image
 from miou import prediction_path
 from data_preprocess import available_memory
 from net_structure import fold_batchnorm
@@ -59,19 +63,38 @@ def list_inputs(cfg: config.Config) -> list[Path]:
     return images
 
 
+def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
+    """The ``bands`` key on an (H, W, C) image: those 1-based bands in that order; all when empty.
+
+    Raises:
+        DataError: a band number beyond the image's bands.
+    """
+    if not bands:
+        return image
+    if max(bands) > image.shape[2]:
+        raise DataError(
+            f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the image has "
+            f"{image.shape[2]} band(s); choose band numbers from 1 to {image.shape[2]}"
+        )
+    return image[:, :, [b - 1 for b in bands]]
+
+
 class ImageFiles(Dataset):
     """Reads one image per item as (index, float tensor C x H x W), or (index, error message)."""
 
-    def __init__(self, paths: Sequence[Path], in_channels: int) -> None:
+    def __init__(self, paths: Sequence[Path], in_channels: int, bands: Sequence[int] = ()) -> None:
         self.paths = list(paths)
         self.in_channels = in_channels
+        self.bands = tuple(bands)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        path = self.paths[index]
         try:
-            return index, torch.from_numpy(load_image(self.paths[index], self.in_channels))
+            image = select_bands(read_image(path), self.bands, path)
+            return index, torch.from_numpy(image_to_float(image, self.in_channels, path))
         except DataError as err:
             return index, str(err)  # reported by the main process; one bad file does not stop the rest
 
@@ -157,6 +180,10 @@ def classes_from_probabilities(probabilities: torch.Tensor, threshold: float | N
     """
     if threshold is not None and probabilities.shape[1] == 2:
         return (probabilities[:, 1] > threshold).to(torch.uint8)
+    if probabilities.shape[1] == 2:
+        # The argmax of two classes, ties to class 0 as argmax does, without torch's slow reduction over a
+        # two-element axis (seconds per strip of a large scene on a CPU).
+        return (probabilities[:, 1] > probabilities[:, 0]).to(torch.uint8)
     return probabilities.argmax(1).to(torch.uint8)
 
 
@@ -203,60 +230,23 @@ def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: to
     return int(max(1, min(4, free // 2 // per_tile)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
-    try:
-        return predict_all(argv)
-    finally:
-        close_distributed()
-
-
-def predict_all(argv: Sequence[str] | None = None) -> int:
-    """The body of main: parse the config, join torchrun's job if any, predict this rank's share."""
-    cfg = config.parse_args(argv, __doc__ or "")
-    config.check_paths(cfg)
-    job = init_distributed(cfg.device)
-    config.setup_logging(cfg, "predict", job.rank)
-    if job.main:
-        config.save_config(cfg, "predict")
-    run_dir = Path(cfg.run_dir)
-    device = job.device
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
-    state = load_checkpoint(checkpoint, device)
-    amp = resolve_amp(cfg.amp, device)
-    model = inference_model(state, device, cfg.channels_last, amp)
-    in_channels = state["config"]["in_channels"]
+def predict_tiles(
+    model: torch.nn.Module,
+    paths: Sequence[Path],
+    outputs: Sequence[Path],
+    cfg: config.Config,
+    state: dict,
+    checkpoint: Path,
+    device: torch.device,
+    amp: torch.dtype | None,
+    bands: Sequence[int] = (),
+) -> tuple[int, int]:
+    """Predict tiles in batches of equal size; write each mask (and overlay). Return (written, failed)."""
+    if not paths:
+        return 0, 0
     threshold = decision_threshold(state)
-    paths = list_inputs(cfg)
-    predictions = (run_dir / "predictions").resolve()
-    if any(p.resolve().parent == predictions or predictions in p.resolve().parents for p in paths):
-        raise DataError(
-            f"--predict_input={cfg.predict_input}: lies in the output folder {predictions}; predict another folder"
-        )
-    outputs = [prediction_path(run_dir, p) for p in paths]
-    seen: dict[Path, Path] = {}
-    for path, out in zip(paths, outputs):
-        if out in seen:
-            raise DataError(f"{path} and {seen[out]} would both be written to {out}; give them distinct names")
-        seen[out] = path
-    if job.world > 1:
-        # Under torchrun each rank takes every world-th image: no mask is written twice, none is missed.
-        # Shard before skipping finished masks: the other ranks are writing theirs meanwhile.
-        paths, outputs = paths[job.rank :: job.world], outputs[job.rank :: job.world]
-        LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(paths))
-    done_before = [
-        i for i, out in enumerate(outputs) if cfg.skip_existing and is_complete(out, checkpoint, cfg.overlay)
-    ]
-    if done_before:
-        LOG.info(
-            "%d of %d image(s) already have masks from this checkpoint and are skipped (--skip_existing=false redoes them)",
-            len(done_before),
-            len(paths),
-        )
-        skip = set(done_before)
-        paths = [p for i, p in enumerate(paths) if i not in skip]
-        outputs = [o for i, o in enumerate(outputs) if i not in skip]
-    loader = DataLoader(ImageFiles(paths, in_channels), batch_size=None, num_workers=cfg.num_workers)
+    dataset = ImageFiles(paths, state["config"]["in_channels"], bands)
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
     items = iter(loader)
     first = next(items, None)
     batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
@@ -287,8 +277,84 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
                         write_image(overlay_path(outputs[index]), overlay_image(image, mask))
                     done += 1
             bar.update(len(indices))
+    return done, failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
+    try:
+        return predict_all(argv)
+    finally:
+        close_distributed()
+
+
+def predict_all(argv: Sequence[str] | None = None) -> int:
+    """The body of main: parse the config, join torchrun's job if any, predict this rank's share."""
+    import scene  # scene.py builds on this module's functions, so it is imported here rather than at the top
+
+    cfg = config.parse_args(argv, __doc__ or "")
+    config.check_paths(cfg)
+    job = init_distributed(cfg.device)
+    config.setup_logging(cfg, "predict", job.rank)
+    if job.main:
+        config.save_config(cfg, "predict")
+    run_dir = Path(cfg.run_dir)
+    device = job.device
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
+    state = load_checkpoint(checkpoint, device)
+    amp = resolve_amp(cfg.amp, device)
+    model = inference_model(state, device, cfg.channels_last, amp)
+    paths = list_inputs(cfg)
+    predictions = (run_dir / "predictions").resolve()
+    if any(p.resolve().parent == predictions or predictions in p.resolve().parents for p in paths):
+        raise DataError(
+            f"--predict_input={cfg.predict_input}: lies in the output folder {predictions}; predict another folder"
+        )
+    settings = scene.SceneSettings.from_config(cfg)
+    # Scenes only when the user names the input: the test split holds tiles that miou.py scores as PNGs.
+    scene_route = [bool(cfg.predict_input) and scene.is_scene(p, settings.window) for p in paths]
+    all_paths, all_routes = list(paths), list(scene_route)
+    outputs = [prediction_path(run_dir, p) for p in paths]
+    seen: dict[Path, Path] = {}
+    for path, out in zip(paths, outputs):
+        if out in seen:
+            raise DataError(f"{path} and {seen[out]} would both be written to {out}; give them distinct names")
+        seen[out] = path
+    if job.world > 1:
+        # Under torchrun each rank takes every world-th image: no mask is written twice, none is missed.
+        # Shard before skipping finished masks: the other ranks are writing theirs meanwhile.
+        paths, outputs = paths[job.rank :: job.world], outputs[job.rank :: job.world]
+        scene_route = scene_route[job.rank :: job.world]
+        LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(paths))
+    done_before = [
+        i
+        for i, out in enumerate(outputs)
+        if not scene_route[i] and cfg.skip_existing and is_complete(out, checkpoint, cfg.overlay)
+    ]
+    if done_before:
+        LOG.info(
+            "%d of %d image(s) already have masks from this checkpoint and are skipped (--skip_existing=false redoes them)",
+            len(done_before),
+            len(paths),
+        )
+        skip = set(done_before)
+        paths = [p for i, p in enumerate(paths) if i not in skip]
+        outputs = [o for i, o in enumerate(outputs) if i not in skip]
+        scene_route = [r for i, r in enumerate(scene_route) if i not in skip]
+    scene_at = {i for i, is_scene in enumerate(scene_route) if is_scene}
+    tiles = [i for i, p in enumerate(paths) if i not in scene_at]
+    tile_paths, tile_outputs = [paths[i] for i in tiles], [outputs[i] for i in tiles]
+    done, failures = predict_tiles(model, tile_paths, tile_outputs, cfg, state, checkpoint, device, amp, settings.bands)
+    if scene_at:
+        scene_done, scene_failures = scene.predict_scenes(
+            model, [paths[i] for i in sorted(scene_at)], run_dir, state, device, settings, checkpoint, cfg.skip_existing
+        )
+        done, failures = done + scene_done, failures + scene_failures
     if job.world > 1:
         done, failures = (int(v) for v in all_reduce_sum(torch.tensor([done, failures], device=device)))
+    if job.main and any(all_routes):
+        # After the reduction above every rank has finished, so every scene's area file is in place.
+        scene.write_run_table([p for p, is_scene in zip(all_paths, all_routes) if is_scene], run_dir)
     LOG.info("wrote %d mask(s) to %s", done, run_dir / "predictions")
     if failures:
         LOG.error("%d image(s) could not be predicted; see the messages above", failures)

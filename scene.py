@@ -1,0 +1,825 @@
+"""Whole scenes: sliding-window prediction of images of any size, GeoTIFF outputs, field polygons, areas.
+
+A scene is a GeoTIFF (read with rasterio, window by window) or a PNG/JPEG of any size (read whole with the
+tile reader, no GDAL code path). It is predicted in square windows of ``window`` pixels that overlap by
+``overlap`` pixels. Each window's class probabilities are weighted by a separable cosine ramp that falls
+towards the window's edges (and never reaches 0, so the scene's own edges keep weight), summed, and divided
+by the summed weights; the classes then come from predict.classes_from_probabilities with the checkpoint's
+threshold, as for tiles. Windows are taken one row at a time and finished rows are written at once, so
+memory follows one row of windows, not the scene. Window origins fall on a grid of ``window - overlap``
+pixels, a multiple of 16 like the network's pooling grid, so a window sees the scene exactly as the whole
+scene would, and the blend equals a whole-scene prediction wherever the overlap covers the network's reach.
+
+Outputs, beside the tile masks in run_dir/predictions:
+- ``<stem>_seg.tif``: uint8, 1 = farmland, 0 = background, 255 = nodata, with a colour table; tiled and
+  DEFLATE-compressed, with the input's CRS, transform and size.
+- ``<stem>_prob.tif`` (``save_probability``): farmland probability in percent (0-100), 255 = nodata.
+- ``<stem>_fields.geojson`` and ``<stem>_fields.gpkg`` (``polygons``): one polygon per field in the scene's
+  CRS, with ``area_ha`` and ``pixels``; fields under ``min_field_area_ha`` are dropped, and outlines are
+  simplified by ``simplify_tolerance`` (CRS units) when it is above 0.
+- ``<stem>_area.json`` and one ``farmland_area.csv`` for the run: valid and farmland pixels, fractions and
+  hectares.
+- ``overlays/<stem>_overlay.png`` (``overlay``): the mask over the photo, at most 2048 pixels a side.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import rasterio
+import rasterio.features
+import shapely
+import shapely.affinity
+import torch
+from pyogrio.raw import write as write_vector
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
+from rasterio.windows import Window
+from tqdm import tqdm
+
+import config
+from data_preprocess import DataError, image_to_float, read_image, write_image
+from predict import (
+    choose_batch_size,
+    classes_from_probabilities,
+    decision_threshold,
+    overlay_image,
+    predict_probabilities,
+)
+
+LOG = logging.getLogger("scene")
+RASTER_SUFFIXES = (".tif", ".tiff")
+FARMLAND = 1
+NODATA = 255  # in the mask and the probability GeoTIFFs
+MASK_COLOURS = {0: (0, 0, 0, 255), FARMLAND: (255, 220, 0, 255), NODATA: (255, 255, 255, 0)}
+BLOCK = 256  # GeoTIFF tile side: what GIS software reads fastest
+PREVIEW_SIDE = 2048  # longest side of a scene's overlay
+POLYGON_STRIP = 1024  # mask rows vectorised at a time
+GDAL_CACHE_MB = 128  # GDAL's block cache; its default (5 % of RAM) would let dirty blocks pile up
+# The 8 symmetries of the square as (transpose, flip rows, flip columns); the first is the identity.
+DIHEDRAL = [(t, v, h) for t in (False, True) for v in (False, True) for h in (False, True)]
+AREA_FIELDS = [
+    "image",
+    "width",
+    "height",
+    "crs",
+    "pixel_area_m2",
+    "valid_pixels",
+    "farmland_pixels",
+    "farmland_fraction",
+    "valid_area_ha",
+    "farmland_area_ha",
+    "fields",
+    "mask",
+]
+
+
+# --- settings and paths ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SceneSettings:
+    """The predict.py keys that shape scene prediction (see config.py)."""
+
+    window: int = 512
+    overlap: int = 128
+    tta: bool = False
+    save_probability: bool = True
+    polygons: bool = True
+    min_field_area_ha: float = 0.0
+    simplify_tolerance: float = 0.0
+    bands: tuple[int, ...] = ()
+    overlay: bool = True
+    batch_size: int = 0
+    channels_last: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: config.Config) -> "SceneSettings":
+        """Read and check the scene keys of a config.
+
+        Raises:
+            ValueError: a window, overlap or band selection that cannot work, with the fix.
+        """
+        settings = cls(
+            window=cfg.window,
+            overlap=cfg.overlap,
+            tta=cfg.tta,
+            save_probability=cfg.save_probability,
+            polygons=cfg.polygons,
+            min_field_area_ha=cfg.min_field_area_ha,
+            simplify_tolerance=cfg.simplify_tolerance,
+            bands=parse_bands(cfg.bands),
+            overlay=cfg.overlay,
+            batch_size=cfg.predict_batch_size,
+            channels_last=cfg.channels_last,
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raises ValueError unless window and overlap keep windows on the network's 16-pixel pooling grid."""
+        if self.window < 32 or self.window % 16:
+            raise ValueError(f"--window={self.window}: expected a multiple of 16, at least 32 (for example 512)")
+        if not 0 <= self.overlap < self.window or self.overlap % 16:
+            raise ValueError(
+                f"--overlap={self.overlap}: expected a multiple of 16 from 0 to window-16 ({self.window - 16}); "
+                "windows must step by a multiple of 16 so that they see the scene as the whole scene would"
+            )
+        if self.min_field_area_ha < 0 or self.simplify_tolerance < 0:
+            raise ValueError("--min_field_area_ha and --simplify_tolerance must be 0 or more")
+
+
+def parse_bands(text: str) -> tuple[int, ...]:
+    """The ``bands`` key: 1-based band numbers such as ``3,2,1``; empty = every band in file order.
+
+    Raises:
+        ValueError: anything other than positive integers separated by commas.
+    """
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"--bands={text!r}: expected 1-based band numbers separated by commas, for example 3,2,1")
+    return tuple(int(p) for p in parts)
+
+
+def scene_outputs(run_dir: Path, image: Path) -> dict[str, Path]:
+    """Where the outputs of one scene go, by kind (all under run_dir/predictions)."""
+    folder, stem = Path(run_dir) / "predictions", Path(image).stem
+    return {
+        "mask": folder / f"{stem}_seg.tif",
+        "probability": folder / f"{stem}_prob.tif",
+        "geojson": folder / f"{stem}_fields.geojson",
+        "gpkg": folder / f"{stem}_fields.gpkg",
+        "area": folder / f"{stem}_area.json",
+        "overlay": folder / "overlays" / f"{stem}_overlay.png",
+    }
+
+
+def wanted_outputs(outputs: dict[str, Path], settings: SceneSettings) -> list[Path]:
+    """The outputs this configuration writes for a scene (used to tell a finished scene)."""
+    kinds = ["mask", "area"]
+    kinds += ["probability"] if settings.save_probability else []
+    kinds += ["geojson", "gpkg"] if settings.polygons else []
+    kinds += ["overlay"] if settings.overlay else []
+    return [outputs[k] for k in kinds]
+
+
+# --- reading scenes ------------------------------------------------------------------------------------
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of a PNG or JPEG from its header, without decoding the pixels; None if unknown."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(32)
+            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+                width, height = struct.unpack(">II", head[16:24])
+                return height, width
+            if head[:2] != b"\xff\xd8":
+                return None
+            handle.seek(2)
+            while True:
+                marker = handle.read(4)
+                if len(marker) < 4 or marker[0] != 0xFF:
+                    return None
+                kind, length = marker[1], struct.unpack(">H", marker[2:4])[0]
+                # Start-of-frame markers hold the size; C4 (Huffman), C8 and CC (arithmetic) do not.
+                if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
+                    height, width = struct.unpack(">HH", handle.read(5)[1:5])
+                    return height, width
+                handle.seek(length - 2, os.SEEK_CUR)
+    except (OSError, struct.error):
+        return None
+
+
+def is_scene(path: Path, window: int) -> bool:
+    """Whether an image takes the scene route: a georeferenced TIFF, or any image larger than one window.
+
+    Tiles (not georeferenced, at most one window a side) keep predict.py's batched tile route.
+    """
+    path = Path(path)
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    return src.crs is not None or not src.transform.is_identity or max(src.shape) > window
+        except rasterio.RasterioIOError:
+            return False  # unreadable: the tile route reports it with the usual message
+    size = image_size(path)
+    if size is None and path.suffix.lower() == ".bmp":
+        try:
+            size = read_image(path).shape[:2]
+        except DataError:
+            return False
+    return size is not None and max(size) > window
+
+
+class Scene:
+    """An open scene: size, georeferencing and bands, read by rows in the file's own pixel type.
+
+    ``read_rows`` returns (rows, width, selected bands). Use as a context manager.
+    """
+
+    path: Path
+    width: int
+    height: int
+    count: int  # bands in the file
+    dtype: np.dtype
+    crs: "rasterio.crs.CRS | None" = None
+    transform: Affine = Affine.identity()
+    nodata: float | None = None
+    bands: tuple[int, ...] = ()  # 1-based selection, after open_scene: never empty
+
+    def read_rows(self, top: int, bottom: int) -> np.ndarray:
+        """Rows [top, bottom) of the selected bands as (rows, width, bands), in the file's pixel type."""
+        raise NotImplementedError
+
+    def read_preview(self, height: int, width: int) -> np.ndarray:
+        """The selected bands shrunk to (height, width, bands), without reading the scene whole."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file."""
+
+    def __enter__(self) -> "Scene":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RasterScene(Scene):
+    """A raster read through rasterio, one block of rows at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self.src = rasterio.open(self.path)
+        except rasterio.RasterioIOError as err:
+            raise DataError(
+                f"{path}: not a readable raster ({str(err)[:200]}); check the file or re-export it as GeoTIFF"
+            ) from None
+        self.width, self.height, self.count = self.src.width, self.src.height, self.src.count
+        self.dtype = np.dtype(self.src.dtypes[0])
+        self.crs, self.transform, self.nodata = self.src.crs, self.src.transform, self.src.nodata
+
+    def read_rows(self, top: int, bottom: int) -> np.ndarray:
+        block = self.src.read(list(self.bands), window=Window(0, top, self.width, bottom - top))
+        return block.transpose(1, 2, 0)
+
+    def read_preview(self, height: int, width: int) -> np.ndarray:
+        shape = (len(self.bands), height, width)
+        small = self.src.read(list(self.bands), out_shape=shape, resampling=Resampling.average)
+        return small.transpose(1, 2, 0)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+class ImageScene(Scene):
+    """A PNG, JPEG or plain image of any size, decoded whole by the tile reader (no GDAL code path)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.image = read_image(self.path)
+        self.height, self.width, self.count = self.image.shape
+        self.dtype = self.image.dtype
+
+    def read_rows(self, top: int, bottom: int) -> np.ndarray:
+        return self.image[top:bottom][:, :, [b - 1 for b in self.bands]]
+
+    def read_preview(self, height: int, width: int) -> np.ndarray:
+        small = cv2.resize(self.image, (width, height), interpolation=cv2.INTER_AREA)
+        return small.reshape(height, width, -1)[:, :, [b - 1 for b in self.bands]]
+
+
+def open_scene(path: Path, bands: Sequence[int], in_channels: int) -> Scene:
+    """Open a scene, select its bands and check them against the network's, before any work starts.
+
+    Raises:
+        DataError: unreadable file, a band number beyond the file's bands, or a band count (after the
+            selection) that the network cannot take.
+    """
+    path = Path(path)
+    scene: Scene = RasterScene(path) if path.suffix.lower() in RASTER_SUFFIXES else ImageScene(path)
+    try:
+        if any(b > scene.count for b in bands):
+            raise DataError(
+                f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the file has "
+                f"{scene.count} band(s); choose band numbers from 1 to {scene.count}"
+            )
+        scene.bands = tuple(bands) or tuple(range(1, scene.count + 1))
+        try:
+            # The tile rules, on one pixel: the same band-count and pixel-type checks as for tiles.
+            image_to_float(np.zeros((1, 1, len(scene.bands)), scene.dtype), in_channels, path)
+        except DataError as err:
+            if len(scene.bands) == in_channels:
+                raise  # the pixel type, not the bands
+            example = ",".join(str(b) for b in range(1, min(in_channels, scene.count) + 1))
+            selected = f" selected with --bands={','.join(map(str, bands))}" if bands else ""
+            raise DataError(
+                f"{path}: has {len(scene.bands)} band(s){selected}, expected in_channels={in_channels}, the bands "
+                f"the checkpoint's network was trained on; pick {in_channels} of the file's {scene.count} bands "
+                f"with --bands (for example --bands={example}), or predict with a checkpoint trained on "
+                f"{len(scene.bands)} bands"
+            ) from None
+    except BaseException:
+        scene.close()
+        raise
+    return scene
+
+
+def nodata_mask(block: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(rows, cols) bool: pixels whose bands are all zero, or all the declared nodata value."""
+    empty = ~block.any(axis=2)
+    if nodata is not None:
+        same = np.isnan(block) if math.isnan(nodata) else block == np.asarray(nodata).astype(block.dtype)
+        empty |= same.all(axis=2)
+    return empty
+
+
+# --- windows, weights, test-time augmentation ----------------------------------------------------------
+
+
+def window_origins(size: int, window: int, overlap: int) -> list[int]:
+    """Origins of the windows along one axis: every ``window - overlap`` pixels until the scene is covered.
+
+    The last window may reach past the scene; its outside part is reflect-padded and cropped away.
+    """
+    stride = window - overlap
+    count = max(1, math.ceil((size - overlap) / stride))
+    return [i * stride for i in range(count)]
+
+
+def blend_weight(window: int, overlap: int) -> np.ndarray:
+    """1-D weight of a window's pixels: a raised-cosine ramp over ``overlap`` pixels at each end, 1 between.
+
+    Two neighbours' ramps add up to 1 across their overlap, and no pixel gets 0, so a pixel covered by a
+    single window (at the scene's edges) still has a prediction.
+    """
+    weight = np.ones(window, np.float64)
+    if overlap:
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        weight[:overlap] = ramp
+        weight[window - overlap :] = ramp[::-1]
+    return weight.astype(np.float32)
+
+
+def coverage(size: int, origins: Sequence[int], weight: np.ndarray) -> np.ndarray:
+    """Sum of the windows' weights at each position along one axis (the blend's divisor), float32."""
+    total = np.zeros(origins[-1] + len(weight), np.float64)
+    for origin in origins:
+        total[origin : origin + len(weight)] += weight
+    return total[:size].astype(np.float32)
+
+
+def dihedral(x: torch.Tensor, transform: tuple[bool, bool, bool]) -> torch.Tensor:
+    """Apply one symmetry of the square to the last two axes: flips, then the transpose."""
+    transpose, flip_rows, flip_cols = transform
+    dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
+    x = x.flip(dims) if dims else x
+    return x.transpose(-1, -2) if transpose else x
+
+
+def undo_dihedral(x: torch.Tensor, transform: tuple[bool, bool, bool]) -> torch.Tensor:
+    """Invert ``dihedral``: the transpose, then the flips (each is its own inverse)."""
+    transpose, flip_rows, flip_cols = transform
+    x = x.transpose(-1, -2) if transpose else x
+    dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
+    return x.flip(dims) if dims else x
+
+
+def window_probabilities(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool, tta: bool
+) -> torch.Tensor:
+    """Class probabilities (N, C, H, W) float32 on the CPU; with ``tta``, the mean over the 8 symmetries of
+    the square, each undone before averaging (probabilities, not classes, are averaged)."""
+    if not tta:
+        # Contiguous (N, C, H, W): a channels-last result would make every blending step a strided one.
+        return predict_probabilities(model, images, device, channels_last).cpu().contiguous()
+    total = torch.zeros(0)
+    for transform in DIHEDRAL:
+        turned = dihedral(images, transform).contiguous()
+        probabilities = undo_dihedral(predict_probabilities(model, turned, device, channels_last).cpu(), transform)
+        total = probabilities if not total.numel() else total + probabilities
+    return (total / len(DIHEDRAL)).contiguous()
+
+
+def pad_to(block: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Reflect-pad an (h, w, C) block at its bottom and right to (rows, cols, C)."""
+    extra_rows, extra_cols = rows - block.shape[0], cols - block.shape[1]
+    if extra_rows <= 0 and extra_cols <= 0:
+        return block
+    # A one-pixel side has nothing to reflect: repeat it instead.
+    mode = "reflect" if min(block.shape[:2]) > 1 else "edge"
+    return np.pad(block, ((0, max(extra_rows, 0)), (0, max(extra_cols, 0)), (0, 0)), mode=mode)
+
+
+def blended_rows(
+    model: torch.nn.Module,
+    scene: Scene,
+    in_channels: int,
+    n_classes: int,
+    device: torch.device,
+    settings: SceneSettings,
+    progress: tqdm | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Predict a scene window by window and yield its finished rows in order, top to bottom.
+
+    Yields:
+        (first row, blended class probabilities (C, rows, width) float32, nodata (rows, width) bool).
+        Memory holds one row of windows: the rows that later windows still overlap are kept, the rest
+        are yielded and dropped.
+
+    Raises:
+        DataError: a block of the file cannot be read or scaled.
+    """
+    window, overlap = settings.window, settings.overlap
+    stride = window - overlap
+    rows_at, cols_at = window_origins(scene.height, window, overlap), window_origins(scene.width, window, overlap)
+    weight = blend_weight(window, overlap)
+    weight_2d = torch.from_numpy(np.outer(weight, weight))
+    row_cover, col_cover = coverage(scene.height, rows_at, weight), coverage(scene.width, cols_at, weight)
+    padded_width = cols_at[-1] + window
+    batch = choose_batch_size(model, (in_channels, window, window), device, settings.batch_size)
+    summed = torch.zeros((n_classes, window, padded_width), dtype=torch.float32)
+    for strip, top in enumerate(rows_at):
+        bottom = min(top + window, scene.height)
+        try:
+            raw = scene.read_rows(top, bottom)
+        except rasterio.RasterioIOError as err:
+            raise DataError(f"{scene.path}: rows {top}-{bottom} cannot be read ({str(err)[:200]})") from None
+        padded = pad_to(raw, window, padded_width)
+        for start in range(0, len(cols_at), batch):
+            lefts = cols_at[start : start + batch]
+            tiles = [image_to_float(padded[:, x : x + window], in_channels, scene.path) for x in lefts]
+            probabilities = window_probabilities(
+                model, torch.from_numpy(np.stack(tiles)), device, settings.channels_last, settings.tta
+            )
+            for x, p in zip(lefts, probabilities):
+                summed[:, :, x : x + window] += p * weight_2d
+            if progress is not None:
+                progress.update(len(lefts))
+        last = strip == len(rows_at) - 1
+        done = bottom - top if last else stride
+        divisor = torch.from_numpy(np.outer(row_cover[top : top + done], col_cover))
+        blended = summed[:, :done, : scene.width] / divisor
+        yield top, blended.numpy(), nodata_mask(raw[:done], scene.nodata)
+        if not last:
+            # Keep the rows the next row of windows overlaps; clear the rest for it.
+            summed[:, : window - stride] = summed[:, stride:].clone()
+            summed[:, window - stride :] = 0
+
+
+# --- writing rasters -----------------------------------------------------------------------------------
+
+
+def temporary_beside(path: Path) -> Path:
+    """A hidden temporary name beside ``path``, renamed to ``path`` once the file is whole."""
+    # The real extension stays last: GDAL picks formats and checks names by it.
+    return path.parent / f".{path.stem}.{os.getpid()}.tmp{path.suffix}"
+
+
+def raster_profile(scene: Scene) -> dict:
+    """A tiled, DEFLATE-compressed single-band uint8 GeoTIFF with the scene's size, CRS and transform."""
+    return {
+        "driver": "GTiff",
+        "width": scene.width,
+        "height": scene.height,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": scene.crs,
+        "transform": scene.transform,
+        "nodata": NODATA,
+        "tiled": True,
+        "blockxsize": BLOCK,
+        "blockysize": BLOCK,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",  # masks of very large scenes pass 4 GB before compression
+    }
+
+
+@dataclass
+class SceneCounts:
+    """Pixel counts of one predicted scene."""
+
+    valid: int = 0
+    farmland: int = 0
+
+
+def predict_scene(
+    model: torch.nn.Module,
+    scene: Scene,
+    state: dict,
+    threshold: float | None,
+    device: torch.device,
+    settings: SceneSettings,
+    outputs: dict[str, Path],
+) -> SceneCounts:
+    """Predict a scene and write its mask (and probability) GeoTIFFs row by row; return its pixel counts.
+
+    Both files are written under temporary names and renamed when complete.
+    """
+    saved = state["config"]
+    rows_at = window_origins(scene.height, settings.window, settings.overlap)
+    cols_at = window_origins(scene.width, settings.window, settings.overlap)
+    counts = SceneCounts()
+    profile = raster_profile(scene)
+    targets = {"mask": outputs["mask"]} | ({"probability": outputs["probability"]} if settings.save_probability else {})
+    temporary = {kind: temporary_beside(path) for kind, path in targets.items()}
+    for path in targets.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            files = {kind: rasterio.open(path, "w", **profile) for kind, path in temporary.items()}
+            try:
+                files["mask"].write_colormap(1, MASK_COLOURS)
+                with tqdm(
+                    total=len(rows_at) * len(cols_at), desc=scene.path.name, unit="window", disable=None
+                ) as bar:
+                    for top, probabilities, empty in blended_rows(
+                        model, scene, saved["in_channels"], saved["n_classes"], device, settings, bar
+                    ):
+                        classes = classes_from_probabilities(torch.from_numpy(probabilities[None]), threshold)[0]
+                        mask = classes.numpy()
+                        mask[empty] = NODATA
+                        counts.valid += int(empty.size - empty.sum())
+                        counts.farmland += int(np.count_nonzero(mask == FARMLAND))
+                        where = Window(0, top, scene.width, mask.shape[0])
+                        files["mask"].write(mask, 1, window=where)
+                        if "probability" in files:
+                            percent = np.rint(probabilities[FARMLAND] * 100).astype(np.uint8)
+                            percent[empty] = NODATA
+                            files["probability"].write(percent, 1, window=where)
+            finally:
+                for handle in files.values():
+                    handle.close()
+        for kind, path in targets.items():
+            os.replace(temporary[kind], path)
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+    return counts
+
+
+# --- areas, polygons, overview ---------------------------------------------------------------------------
+
+
+def pixel_area_m2(crs: "rasterio.crs.CRS | None", transform: Affine) -> float | None:
+    """Area of one pixel in square metres for a projected CRS; None for a geographic CRS or none at all."""
+    if crs is None or not crs.is_projected:
+        return None
+    _, metres_per_unit = crs.linear_units_factor
+    return abs(transform.a * transform.e - transform.b * transform.d) * metres_per_unit**2
+
+
+def field_shapes(mask_path: Path) -> list[shapely.Polygon]:
+    """Farmland polygons of a mask GeoTIFF in pixel coordinates, vectorised a strip of rows at a time.
+
+    Polygons that reach a strip's inner border are joined with their continuation in the next strip;
+    pixel coordinates are whole numbers, so the shared edges match exactly. 4-connected pixels form a field.
+    """
+    finished: list[shapely.Polygon] = []
+    cut: list[shapely.Polygon] = []
+    with rasterio.open(mask_path) as src:
+        for top in range(0, src.height, POLYGON_STRIP):
+            bottom = min(top + POLYGON_STRIP, src.height)
+            farmland = src.read(1, window=Window(0, top, src.width, bottom - top)) == FARMLAND
+            pieces = rasterio.features.shapes(
+                farmland.view(np.uint8), mask=farmland, connectivity=4, transform=Affine.translation(0, top)
+            )
+            for geometry, _ in pieces:
+                polygon = shapely.geometry.shape(geometry)
+                _, low, _, high = polygon.bounds
+                reaches_cut = (low <= top and top > 0) or (high >= bottom and bottom < src.height)
+                (cut if reaches_cut else finished).append(polygon)
+    if cut:
+        joined = shapely.unary_union(cut)
+        finished += list(getattr(joined, "geoms", [joined]))
+    return finished
+
+
+def write_fields(
+    polygons: list[shapely.Polygon],
+    scene: Scene,
+    settings: SceneSettings,
+    outputs: dict[str, Path],
+) -> int:
+    """Write the fields as GeoJSON and GeoPackage in the scene's CRS; return how many were kept.
+
+    Each field carries ``area_ha`` (from its pixels, before simplification; empty without a projected CRS)
+    and ``pixels``. Fields under ``min_field_area_ha`` are dropped.
+    """
+    pixel_m2 = pixel_area_m2(scene.crs, scene.transform)
+    t = scene.transform
+    kept, areas, pixels = [], [], []
+    for polygon in polygons:
+        area_ha = None if pixel_m2 is None else polygon.area * pixel_m2 / 1e4
+        if area_ha is not None and area_ha < settings.min_field_area_ha:
+            continue
+        shape = shapely.affinity.affine_transform(polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
+        if settings.simplify_tolerance > 0:
+            shape = shape.simplify(settings.simplify_tolerance, preserve_topology=True)
+        kept.append(shape)
+        areas.append(math.nan if area_ha is None else area_ha)
+        pixels.append(int(round(polygon.area)))
+    if pixel_m2 is None and settings.min_field_area_ha > 0:
+        LOG.warning("%s: no projected CRS, so fields are not filtered by min_field_area_ha", scene.path)
+    geometry = shapely.to_wkb(np.array(kept, dtype=object)) if kept else np.array([], dtype=object)
+    fields = [np.arange(1, len(kept) + 1, dtype=np.int64), np.array(areas, np.float64), np.array(pixels, np.int64)]
+    crs = scene.crs.to_wkt() if scene.crs is not None else None
+    for kind, driver in (("geojson", "GeoJSON"), ("gpkg", "GPKG")):
+        path = outputs[kind]
+        temporary = temporary_beside(path)
+        try:
+            with warnings.catch_warnings():
+                # Without a CRS the fields are in pixel coordinates (column, row), as documented: no need to warn.
+                warnings.filterwarnings("ignore", "'crs' was not provided")
+                write_vector(
+                    str(temporary),
+                    geometry,
+                    fields,
+                    ["field_id", "area_ha", "pixels"],
+                    layer="fields",
+                    driver=driver,
+                    geometry_type="Polygon",
+                    crs=crs,
+                    promote_to_multi=False,
+                )
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    return len(kept)
+
+
+def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path) -> dict:
+    """One line of the area table: pixel counts and fractions always, hectares with a projected CRS."""
+    pixel_m2 = pixel_area_m2(scene.crs, scene.transform)
+    if pixel_m2 is None:
+        LOG.warning(
+            "%s: %s, so areas are left empty (pixel counts and fractions only); reproject the scene to a "
+            "projected CRS (UTM, for example) for hectares",
+            scene.path,
+            "a geographic CRS" if scene.crs is not None else "no CRS",
+        )
+    hectares = (lambda pixels: round(pixels * pixel_m2 / 1e4, 6)) if pixel_m2 is not None else (lambda pixels: None)
+    return {
+        "image": str(scene.path),
+        "width": scene.width,
+        "height": scene.height,
+        "crs": scene.crs.to_string() if scene.crs is not None else "",
+        "pixel_area_m2": pixel_m2,
+        "valid_pixels": counts.valid,
+        "farmland_pixels": counts.farmland,
+        "farmland_fraction": round(counts.farmland / counts.valid, 6) if counts.valid else None,
+        "valid_area_ha": hectares(counts.valid),
+        "farmland_area_ha": hectares(counts.farmland),
+        "fields": fields,
+        "mask": mask.name,
+    }
+
+
+def write_area_table(rows: Sequence[dict], path: Path) -> None:
+    """Write the per-scene area rows as CSV (atomically); empty cells where a figure is undefined."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=AREA_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in AREA_FIELDS})
+    config.atomic_write_text(path, buffer.getvalue())
+
+
+def write_overlay(scene: Scene, mask_path: Path, path: Path) -> None:
+    """The farmland tint over the photo, shrunk to at most PREVIEW_SIDE pixels a side."""
+    scale = min(1.0, PREVIEW_SIDE / max(scene.height, scene.width))
+    height, width = max(1, round(scene.height * scale)), max(1, round(scene.width * scale))
+    photo = image_to_float(scene.read_preview(height, width).astype(scene.dtype), len(scene.bands), scene.path)
+    with rasterio.open(mask_path) as src:
+        mask = src.read(1, out_shape=(height, width), resampling=Resampling.nearest)
+    write_image(path, overlay_image(photo, mask == FARMLAND))
+
+
+# --- one scene, start to end -----------------------------------------------------------------------------
+
+
+def run_scene(
+    model: torch.nn.Module,
+    scene: Scene,
+    state: dict,
+    device: torch.device,
+    settings: SceneSettings,
+    outputs: dict[str, Path],
+) -> dict:
+    """Predict one open scene and write all its outputs; return its area row (also saved as JSON).
+
+    GDAL's block cache is held to GDAL_CACHE_MB throughout: by default it may grow to 5 % of the machine's
+    memory, and would fill with the scene's blocks as they are read.
+    """
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)
+        fields = None
+        if settings.polygons:
+            fields = write_fields(field_shapes(outputs["mask"]), scene, settings, outputs)
+        if settings.overlay:
+            write_overlay(scene, outputs["mask"], outputs["overlay"])
+    row = area_row(scene, counts, fields, outputs["mask"])
+    config.atomic_write_text(outputs["area"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
+    LOG.info(
+        "%s: %d x %d, farmland %s of the valid pixels%s%s",
+        scene.path.name,
+        scene.width,
+        scene.height,
+        "n/a" if row["farmland_fraction"] is None else f"{row['farmland_fraction']:.1%}",
+        "" if row["farmland_area_ha"] is None else f", {row['farmland_area_ha']:.2f} ha",
+        "" if fields is None else f", {fields} field(s)",
+    )
+    return row
+
+
+
+def is_finished(outputs: dict[str, Path], settings: SceneSettings, checkpoint: Path) -> bool:
+    """Whether an earlier run wrote every output this configuration wants, after the checkpoint was made."""
+    made = Path(checkpoint).stat().st_mtime
+    return all(p.is_file() and p.stat().st_mtime >= made for p in wanted_outputs(outputs, settings))
+
+
+def predict_scenes(
+    model: torch.nn.Module,
+    paths: Sequence[Path],
+    run_dir: Path,
+    state: dict,
+    device: torch.device,
+    settings: SceneSettings,
+    checkpoint: Path,
+    skip_existing: bool = True,
+) -> tuple[int, int]:
+    """Predict scenes one after another; return (predicted, failed).
+
+    Every scene is opened and its bands checked before the first is predicted, so a wrong band count
+    is reported at once, not after hours of work on the scenes before it; bad scenes are reported and
+    skipped, the others predicted.
+    """
+    in_channels = state["config"]["in_channels"]
+    logging.getLogger("pyogrio").setLevel(logging.WARNING)  # it logs every file it writes at INFO
+    todo = [p for p in paths if not (skip_existing and is_finished(scene_outputs(run_dir, p), settings, checkpoint))]
+    if len(todo) < len(paths):
+        LOG.info(
+            "%d of %d scene(s) already have their outputs from this checkpoint and are skipped "
+            "(--skip_existing=false redoes them)",
+            len(paths) - len(todo),
+            len(paths),
+        )
+    failures, ready = 0, []
+    for path in todo:
+        try:
+            with open_scene(path, settings.bands, in_channels):
+                ready.append(path)
+        except DataError as err:
+            LOG.error("%s", err)
+            failures += 1
+    if ready:
+        LOG.info(
+            "predicting %d scene(s) in windows of %d pixels overlapping by %d%s",
+            len(ready),
+            settings.window,
+            settings.overlap,
+            ", averaged over 8 flips and turns" if settings.tta else "",
+        )
+    done = 0
+    for path in ready:
+        try:
+            with open_scene(path, settings.bands, in_channels) as scene:
+                run_scene(model, scene, state, device, settings, scene_outputs(run_dir, path))
+            done += 1
+        except DataError as err:
+            LOG.error("%s", err)
+            failures += 1
+    return done, failures
+
+
+def write_run_table(paths: Sequence[Path], run_dir: Path) -> Path:
+    """Collect the area files of a run's scenes into run_dir/predictions/farmland_area.csv."""
+    rows = []
+    for path in paths:
+        area = scene_outputs(run_dir, path)["area"]
+        if area.is_file():
+            rows.append(json.loads(area.read_text(encoding="utf-8")))
+    table = Path(run_dir) / "predictions" / "farmland_area.csv"
+    write_area_table(rows, table)
+    return table

@@ -1,0 +1,310 @@
+"""Whole scenes: georeferencing kept, nodata kept, seamless blending, TTA, polygons, areas, bands, 16-bit, PNG."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+import torch
+from rasterio.transform import Affine
+
+import make_demo_data
+import predict
+import scene
+from conftest import folder_digest
+from data_preprocess import load_mask, write_image
+from net_structure import build_model
+
+CPU = torch.device("cpu")
+CRS = "EPSG:32615"  # UTM zone 15N: metres
+TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4500000.0)  # 2 m pixels, so one pixel is 4 m2
+HEIGHT, WIDTH = 300, 370  # not multiples of any window used here
+NODATA_ROWS, NODATA_COLS = slice(0, 40), slice(0, 60)  # an all-zero corner: nodata
+
+
+def scene_pixels(seed: int = 0) -> np.ndarray:
+    """(3, HEIGHT, WIDTH) uint8: dark noise with bright rectangles, and an all-zero (nodata) corner."""
+    rng = np.random.default_rng(seed)
+    image = (rng.random((3, HEIGHT, WIDTH)) * 60 + 1).astype(np.uint8)
+    for _ in range(8):
+        y, x = rng.integers(0, HEIGHT - 60), rng.integers(0, WIDTH - 60)
+        image[:, y : y + rng.integers(20, 80), x : x + rng.integers(20, 80)] += 150
+    image[:, NODATA_ROWS, NODATA_COLS] = 0
+    return image
+
+
+def write_geotiff(path: Path, bands: np.ndarray, crs: str | None = CRS, transform: Affine = TRANSFORM, **extra) -> Path:
+    """Write (bands, H, W) as a GeoTIFF."""
+    profile = dict(driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=bands.shape[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", dtype=bands.dtype, crs=crs, transform=transform, **profile, **extra) as dst:
+        dst.write(bands)
+    return path
+
+
+@pytest.fixture(scope="module")
+def state() -> dict:
+    """A width-8 random network whose output layer is rescaled so its probabilities spread over (0, 1)
+    and split the test scene into farmland and background, instead of all sitting near 0.5."""
+    torch.manual_seed(0)
+    model = build_model(3, 2, 8, 0.3).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(scene_pixels(1)[None].astype(np.float32) / 255))
+        margin = (logits[:, 1] - logits[:, 0]).flatten()
+        low, mid, high = margin.quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()
+        scale = 4 / (high - low)
+        model.outc.weight.mul_(scale)
+        model.outc.bias.mul_(scale)
+        model.outc.bias[1] -= mid * scale
+    return {"model": model.state_dict(), "config": {"in_channels": 3, "n_classes": 2, "base_width": 8, "dropout": 0.3}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(state: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("checkpoint") / "net.pth"
+    torch.save({**state, "epoch": 1}, path)
+    return path
+
+
+def run_predict(run_dir: Path, checkpoint: Path, source: Path, *extra: str) -> int:
+    return predict.main(
+        [
+            f"--run_dir={run_dir}",
+            f"--checkpoint={checkpoint}",
+            f"--predict_input={source}",
+            "--amp=off",
+            "--num_workers=0",
+            "--window=128",
+            "--overlap=32",
+            "--min_field_area_ha=0",
+            *extra,
+        ]
+    )
+
+
+def read_table(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "predictions" / "farmland_area.csv", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(checkpoint: Path, tmp_path: Path) -> None:
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
+    before = folder_digest(tmp_path / "in")
+    run_dir = tmp_path / "run"
+    assert run_predict(run_dir, checkpoint, source) == 0
+    assert folder_digest(tmp_path / "in") == before  # the input is only read
+
+    out = scene.scene_outputs(run_dir, source)
+    with rasterio.open(out["mask"]) as src:
+        mask = src.read(1)
+        assert (src.crs.to_string(), src.transform, src.shape) == (CRS, TRANSFORM, (HEIGHT, WIDTH))
+        assert src.nodata == 255 and src.profile["tiled"] and src.compression.name.lower() == "deflate"
+        assert src.colormap(1)[1] == scene.MASK_COLOURS[1]
+    with rasterio.open(out["probability"]) as src:
+        percent = src.read(1)
+        assert (src.crs.to_string(), src.transform, src.shape) == (CRS, TRANSFORM, (HEIGHT, WIDTH))
+    nodata = np.zeros((HEIGHT, WIDTH), bool)
+    nodata[NODATA_ROWS, NODATA_COLS] = True
+    assert (mask[nodata] == 255).all() and (percent[nodata] == 255).all()  # nodata is never farmland
+    assert set(np.unique(mask[~nodata])) == {0, 1} and percent[~nodata].max() <= 100
+    # The mask is the probability thresholded at 0.5 (argmax of two classes), up to the percent rounding.
+    valid_percent, valid_mask = percent[~nodata], mask[~nodata]
+    assert ((valid_percent > 50) <= (valid_mask == 1)).all() and ((valid_percent < 50) <= (valid_mask == 0)).all()
+
+    # The area table, checked by hand: 2 m x 2 m pixels, hectares = pixels * 4 / 10,000.
+    (row,) = read_table(run_dir)
+    valid, farmland = HEIGHT * WIDTH - 40 * 60, int((mask == 1).sum())
+    assert row["crs"] == CRS and float(row["pixel_area_m2"]) == 4.0
+    assert (int(row["width"]), int(row["height"])) == (WIDTH, HEIGHT)
+    assert (int(row["valid_pixels"]), int(row["farmland_pixels"])) == (valid, farmland)
+    assert float(row["valid_area_ha"]) == pytest.approx(valid * 4 / 1e4)
+    assert float(row["farmland_area_ha"]) == pytest.approx(farmland * 4 / 1e4)
+    assert float(row["farmland_fraction"]) == pytest.approx(farmland / valid, abs=1e-6)
+
+    # The polygons cover exactly the farmland pixels: total area, CRS and count agree with the mask.
+    for kind in ("geojson", "gpkg"):
+        meta, _, geometry, (ids, area_ha, pixels) = pyogrio.raw.read(out[kind])
+        shapes = shapely.from_wkb(geometry)
+        assert rasterio.crs.CRS.from_user_input(meta["crs"]).to_epsg() == 32615
+        assert sum(s.area for s in shapes) == pytest.approx(farmland * 4.0)  # m2, exact to rasterisation
+        assert area_ha.sum() == pytest.approx(farmland * 4 / 1e4) and pixels.sum() == farmland
+        components = cv2.connectedComponents((mask == 1).astype(np.uint8), connectivity=4)[0] - 1
+        assert len(ids) == int(row["fields"]) == components
+    assert (run_dir / "predictions" / "overlays" / "scene_overlay.png").is_file()
+    assert not list((run_dir / "predictions").glob(".*"))  # no temporary files left
+
+    # Run again: the finished scene is skipped, its files untouched, and it is still in the table.
+    written = {p: p.stat().st_mtime_ns for p in (run_dir / "predictions").rglob("*") if p.is_file()}
+    assert run_predict(run_dir, checkpoint, source) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items() if p.name != "farmland_area.csv")
+    assert read_table(run_dir) == [row]
+
+
+def scene_probabilities(model: torch.nn.Module, source: Path, settings: scene.SceneSettings) -> np.ndarray:
+    with scene.open_scene(source, settings.bands, 3) as opened:
+        rows = list(scene.blended_rows(model, opened, 3, 2, CPU, settings))
+    return np.concatenate([probabilities for _, probabilities, _ in rows], axis=1)
+
+
+def test_window_by_window_equals_the_whole_scene_where_windows_overlap_enough(state: dict, tmp_path: Path) -> None:
+    source = write_geotiff(tmp_path / "scene.tif", scene_pixels())
+    model = predict.inference_model(state, CPU, True, None)
+    image = torch.from_numpy(scene_pixels()[None].astype(np.float32) / 255)
+    whole = predict.predict_probabilities(model, image, CPU)[0, 1].numpy()
+    blended = scene_probabilities(model, source, scene.SceneSettings(window=256, overlap=128, batch_size=4))[1]
+    # Away from the scene's edges (where the whole scene and a window pad differently) the blend matches the
+    # whole-scene prediction. Not bit for bit: the U-Net's reach (~200 pixels) exceeds half a window, so
+    # windows see slightly less context; measured max difference 3e-4, so 1e-3 leaves a margin.
+    inner = (slice(16, -16), slice(16, -16))
+    assert np.abs(blended - whole)[inner].max() < 1e-3
+    decided = np.abs(whole - 0.5)[inner] > 1e-3  # pixels whose class a 1e-3 change cannot flip: all here
+    assert decided.mean() > 0.99
+    assert np.array_equal((blended[inner] > 0.5)[decided], (whole[inner] > 0.5)[decided])
+    # The check has teeth: windows that do not overlap leave seams far beyond that tolerance.
+    seams = scene_probabilities(model, source, scene.SceneSettings(window=128, overlap=0, batch_size=4))[1]
+    assert np.abs(seams - whole)[inner].max() > 0.1
+
+
+def test_windows_cover_the_scene_and_weights_add_up() -> None:
+    assert scene.window_origins(300, 128, 32) == [0, 96, 192]  # the last reaches 320: padded, cropped back
+    assert scene.window_origins(100, 128, 32) == [0]  # a scene smaller than a window
+    weight = scene.blend_weight(128, 32)
+    assert weight.min() > 0 and weight[32:96].min() == 1.0
+    assert np.allclose(weight[96:] + weight[:32], 1.0)  # neighbours' ramps add up to 1 across the overlap
+    cover = scene.coverage(300, [0, 96, 192], weight)
+    assert np.allclose(cover[32:288], 1.0) and cover.min() > 0  # 1 inside, only the scene's edges are thinner
+
+
+def test_tta_averages_the_eight_symmetries(state: dict) -> None:
+    model = predict.inference_model(state, CPU, True, None)
+    images = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    averaged = scene.window_probabilities(model, images, CPU, True, tta=True)
+    plain = scene.window_probabilities(model, images, CPU, True, tta=False)
+    assert not torch.allclose(averaged, plain, atol=1e-3)  # the network alone is not symmetric
+    # Averaged over the symmetries, the prediction turns with the image: f(t(x)) = t(f(x)) for every t.
+    for transform in scene.DIHEDRAL:
+        turned = scene.window_probabilities(model, scene.dihedral(images, transform), CPU, True, tta=True)
+        assert torch.allclose(turned, scene.dihedral(averaged, transform), atol=1e-5)
+    # And it is the plain mean of the eight predictions, each turned back.
+    manual = sum(
+        scene.undo_dihedral(scene.window_probabilities(model, scene.dihedral(images, t), CPU, True, False), t)
+        for t in scene.DIHEDRAL
+    )
+    assert torch.allclose(averaged, manual / 8, atol=1e-6)
+
+
+def test_band_count_mismatch_fails_before_anything_is_written(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    four = np.concatenate([scene_pixels(), scene_pixels(2)[:1]])
+    source = write_geotiff(tmp_path / "four.tif", four)
+    run_dir = tmp_path / "run"
+    assert run_predict(run_dir, checkpoint, source) == 1
+    assert "four.tif: has 4 band(s), expected in_channels=3" in caplog.text
+    assert "pick 3 of the file's 4 bands with --bands (for example --bands=1,2,3)" in caplog.text
+    assert not [p for p in (run_dir / "predictions").rglob("*") if p.is_file() and p.name != "farmland_area.csv"]
+    assert read_table(run_dir) == []
+    assert run_predict(run_dir, checkpoint, source, "--bands=1,2,5") == 1
+    assert "asks for band 5, but the file has 4 band(s)" in caplog.text
+    with pytest.raises(ValueError, match=r"--bands='3;2': expected 1-based band numbers"):
+        run_predict(run_dir, checkpoint, source, "--bands=3;2")
+
+
+def test_band_selection_and_sixteen_bit_give_the_mask_of_the_plain_rgb_scene(checkpoint: Path, tmp_path: Path) -> None:
+    rgb = scene_pixels()
+    sources = {
+        "rgb": write_geotiff(tmp_path / "in" / "rgb.tif", rgb),
+        # Blue, green, red, near-infrared: --bands=3,2,1 must hand the network red, green, blue.
+        "bgrn": write_geotiff(tmp_path / "in" / "bgrn.tif", np.concatenate([rgb[::-1], scene_pixels(3)[:1]])),
+        # 16-bit: v * 257 / 65535 = v / 255, so the network sees the very same numbers.
+        "sixteen": write_geotiff(tmp_path / "in" / "sixteen.tif", rgb.astype(np.uint16) * 257),
+    }
+    masks = {}
+    for name, source in sources.items():
+        extra = ["--bands=3,2,1"] if name == "bgrn" else []
+        assert run_predict(tmp_path / name, checkpoint, source, "--polygons=false", *extra) == 0
+        with rasterio.open(scene.scene_outputs(tmp_path / name, source)["mask"]) as src:
+            masks[name] = src.read(1)
+    assert np.array_equal(masks["rgb"], masks["bgrn"]) and np.array_equal(masks["rgb"], masks["sixteen"])
+    assert (masks["rgb"] == 1).any() and (masks["rgb"] == 0).any()
+
+
+def test_a_large_png_is_a_scene_in_pixels_and_small_tiles_stay_tiles(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "photos"
+    big = scene_pixels()[:, :150, :200]  # larger than the 128-pixel window; the nodata corner included
+    write_image(folder / "big.png", big.transpose(1, 2, 0))
+    write_image(folder / "tile.png", scene_pixels()[:, 100:132, 100:132].transpose(1, 2, 0))
+    run_dir = tmp_path / "run"
+    assert run_predict(run_dir, checkpoint, folder, "--tta=true") == 0
+    assert load_mask(run_dir / "predictions" / "tile_seg.png").shape == (32, 32)  # the tile route, as before
+    assert not (run_dir / "predictions" / "tile_seg.tif").exists()
+    with rasterio.open(run_dir / "predictions" / "big_seg.tif") as src:
+        assert src.crs is None and src.shape == (150, 200)
+        mask = src.read(1)
+    (row,) = read_table(run_dir)
+    assert row["image"].endswith("big.png") and row["crs"] == "" and row["pixel_area_m2"] == ""
+    assert row["valid_area_ha"] == row["farmland_area_ha"] == ""  # no CRS: no hectares invented
+    assert int(row["valid_pixels"]) == 150 * 200 - 40 * 60 == int((mask != 255).sum())
+    assert int(row["farmland_pixels"]) == int((mask == 1).sum())
+    assert float(row["farmland_fraction"]) == pytest.approx((mask == 1).sum() / (mask != 255).sum(), abs=1e-6)
+    assert "no CRS, so areas are left empty" in caplog.text
+
+
+def test_image_size_reads_png_and_jpeg_headers(tmp_path: Path) -> None:
+    for name in ("a.png", "b.jpg"):
+        write_image(tmp_path / name, np.zeros((70, 130, 3), np.uint8))
+        assert scene.image_size(tmp_path / name) == (70, 130)
+        assert scene.is_scene(tmp_path / name, 128) and not scene.is_scene(tmp_path / name, 144)
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    assert scene.image_size(tmp_path / "c.png") is None and not scene.is_scene(tmp_path / "c.png", 64)
+
+
+def test_geographic_crs_gives_fractions_without_hectares(checkpoint: Path, tmp_path: Path) -> None:
+    degrees = Affine(0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0)
+    source = write_geotiff(tmp_path / "wgs84.tif", scene_pixels(), crs="EPSG:4326", transform=degrees)
+    assert run_predict(tmp_path / "run", checkpoint, source) == 0
+    (row,) = read_table(tmp_path / "run")
+    assert row["crs"] == "EPSG:4326" and row["farmland_area_ha"] == "" and float(row["farmland_fraction"]) > 0
+    _, _, geometry, (_, area_ha, _) = pyogrio.raw.read(scene.scene_outputs(tmp_path / "run", source)["geojson"])
+    assert len(geometry) and all(a is None or math.isnan(a) for a in area_ha)
+
+
+def test_fields_cut_by_vectorising_strips_are_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mask = np.zeros((50, 40), np.uint8)
+    mask[5:45, 5:10] = mask[5:45, 20:25] = mask[40:45, 5:25] = 1  # a U across three strips of 16 rows
+    mask[10:20, 30:38] = 1  # a field within one strip
+    mask[30:33, 30:38] = 1
+    mask[15:18, 6:8] = 0  # a hole
+    source = write_geotiff(tmp_path / "mask.tif", mask[None], transform=TRANSFORM)
+    monkeypatch.setattr(scene, "POLYGON_STRIP", 16)
+    shapes = scene.field_shapes(source)
+    assert len(shapes) == 3 and sum(s.area for s in shapes) == mask.sum()
+    assert all(s.is_valid for s in shapes) and sum(len(s.interiors) for s in shapes) == 1
+
+
+def test_demo_scene_is_a_georeferenced_mosaic_with_its_label(tmp_path: Path) -> None:
+    label_path = make_demo_data.write_demo_scene(tmp_path / "scene.tif", tiles=2, size=32, seed=1)
+    with rasterio.open(tmp_path / "scene.tif") as image, rasterio.open(label_path) as label:
+        assert image.shape == label.shape == (64, 64) and image.count == 3 and image.crs.is_projected
+        assert image.transform == label.transform and set(np.unique(label.read(1))) <= {0, 1}
+    tile, mask = make_demo_data.render_tile(make_demo_data._tile_rng(1, 1), 32)  # row 0, column 1
+    with rasterio.open(tmp_path / "scene.tif") as image, rasterio.open(label_path) as label:
+        assert np.array_equal(image.read()[:, :32, 32:].transpose(1, 2, 0), tile)
+        assert np.array_equal(label.read(1)[:32, 32:], mask // 255)
+
+
+def test_windows_must_follow_the_pooling_grid() -> None:
+    with pytest.raises(ValueError, match="--window=500: expected a multiple of 16"):
+        scene.SceneSettings(window=500).check()
+    with pytest.raises(ValueError, match="--overlap=100: expected a multiple of 16"):
+        scene.SceneSettings(window=512, overlap=100).check()
+    assert math.isclose(scene.pixel_area_m2(rasterio.crs.CRS.from_string(CRS), TRANSFORM), 4.0)
