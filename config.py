@@ -44,6 +44,7 @@ class Config:
     colour_jitter: float = 0.0  # online: brightness, contrast and hue jitter of up to this amount (0.1); 0 = off
     normalise: bool = False  # standardise each band by its training-split mean and std (kept in the checkpoint)
     ignore_index: int = -1  # mask value of unlabelled pixels (e.g. 128), left out of losses and metrics; -1 = none
+    bands: str = ""  # 1-based bands to use, e.g. 3,2,1 of a 4-band TIFF; empty = all; predict.py defaults to training's
     in_channels: int = 3  # bands of the input images (3 for RGB, 4 for RGB+NIR)
     n_classes: int = 2  # 0 = background, 1 = farmland
     base_width: int = 64  # channels of the first U-Net level; levels have w, 2w, 4w, 8w, 16w
@@ -77,7 +78,6 @@ class Config:
     predict_batch_size: int = 0  # tiles per forward pass at prediction; 0 = chosen from free memory
     overlay: bool = True  # also save each mask drawn over its photo
     skip_existing: bool = True  # keep masks already written with this checkpoint, so an interrupted run resumes
-    bands: str = ""  # 1-based bands to feed the network, e.g. 3,2,1 of a 4-band GeoTIFF; empty = all, in file order
     window: int = 512  # scenes (GeoTIFFs, images over one window): window side in pixels, a multiple of 16
     overlap: int = 128  # scenes: pixels shared by neighbouring windows and blended, a multiple of 16 below window
     tta: bool = False  # scenes: average probabilities over the 8 flips and 90-degree turns (8x slower)

@@ -81,7 +81,7 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
         else:
             raise DataError(
                 f"{path}: has {bands} band(s), expected in_channels={in_channels}; set --in_channels={bands} "
-                "for this data, or convert the image"
+                f"for this data, pick {in_channels} of its bands with --bands (e.g. --bands=1,2,3), or convert it"
             )
     if image.dtype == np.uint8:
         scaled = image.astype(np.float32) / 255.0
@@ -97,6 +97,34 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
     else:
         raise DataError(f"{path}: pixel type {image.dtype} is not supported; expected 8- or 16-bit, or float")
     return np.ascontiguousarray(scaled.transpose(2, 0, 1))
+
+
+def parse_bands(text: str) -> tuple[int, ...]:
+    """The ``bands`` key: 1-based band numbers such as ``3,2,1``; empty = every band in file order.
+
+    Raises:
+        ValueError: anything other than positive integers separated by commas.
+    """
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"--bands={text!r}: expected 1-based band numbers separated by commas, for example 3,2,1")
+    return tuple(int(p) for p in parts)
+
+
+def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
+    """The ``bands`` key on an (H, W, C) image: those 1-based bands in that order; all when empty.
+
+    Raises:
+        DataError: a band number beyond the image's bands.
+    """
+    if not bands:
+        return image
+    if max(bands) > image.shape[2]:
+        raise DataError(
+            f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the image has "
+            f"{image.shape[2]} band(s); choose band numbers from 1 to {image.shape[2]}"
+        )
+    return image[:, :, [b - 1 for b in bands]]
 
 
 def load_image(path: Path, in_channels: int) -> np.ndarray:
@@ -347,9 +375,11 @@ class FarmlandDataset(Dataset):
         ignore_index: int = -1,
         scale_jitter: float = 0.0,
         colour_jitter: float = 0.0,
+        bands: Sequence[int] = (),
     ) -> None:
         """Args: pairs of image and mask paths; augment: random flips and 90-degree rotations, and with it
-        ``scale_jitter`` / ``colour_jitter`` (see random_scale, colour_jitter); cache: see above."""
+        ``scale_jitter`` / ``colour_jitter`` (see random_scale, colour_jitter); cache: see above;
+        bands: the 1-based bands to keep, in that order (empty: all)."""
         self.pairs = list(pairs)
         self.in_channels = in_channels
         self.augment = augment
@@ -357,6 +387,7 @@ class FarmlandDataset(Dataset):
         self.ignore_index = ignore_index
         self.scale_jitter = scale_jitter
         self.colour_jitter = colour_jitter
+        self.bands = tuple(bands)
         self.cached: list[tuple[np.ndarray, np.ndarray]] | None = None
         if cache:
             self.cached = [self.read(i) for i in range(len(self.pairs))]
@@ -367,7 +398,8 @@ class FarmlandDataset(Dataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decode one pair: the image as stored (H x W x C) and the mask as class indices, sizes checked."""
         image_path, mask_path = self.pairs[index]
-        image, mask = read_image(image_path), load_mask(mask_path, self.mask_threshold, self.ignore_index)
+        image = select_bands(read_image(image_path), self.bands, image_path)
+        mask = load_mask(mask_path, self.mask_threshold, self.ignore_index)
         if image.shape[:2] != mask.shape:
             raise DataError(
                 f"{image_path}: image is {image.shape[:2]} pixels but its mask {mask_path} is "

@@ -325,9 +325,10 @@ def write_demo_scene(path: Path, tiles: int = 12, size: int = 64, seed: int = 1)
         "tiled": True,
         "compress": "deflate",
     }
-    with rasterio.open(path, "w", count=3, **profile) as image_file, rasterio.open(
-        label_path, "w", count=1, **profile
-    ) as label_file:
+    with (
+        rasterio.open(path, "w", count=3, **profile) as image_file,
+        rasterio.open(label_path, "w", count=1, **profile) as label_file,
+    ):
         for row in range(tiles):
             rendered = [render_tile(_tile_rng(seed, row * tiles + col), size) for col in range(tiles)]
             window = rasterio.windows.Window(0, row * size, side, size)

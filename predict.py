@@ -26,9 +26,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import config
-from data_preprocess import DataError, image_to_float, is_image_file, read_image, read_pair_list, write_image
+from data_preprocess import (
+    DataError,
+    available_memory,
+    image_to_float,
+    is_image_file,
+    read_image,
+    read_pair_list,
+    select_bands,
+    write_image,
+)
 from miou import prediction_path
-from data_preprocess import available_memory
 from net_structure import fold_batchnorm
 from train import (
     all_reduce_sum,
@@ -61,22 +69,6 @@ def list_inputs(cfg: config.Config) -> list[Path]:
     if not images:
         raise DataError(f"{source}: holds no images (.png .jpg .tif); point --predict_input at a folder of tiles")
     return images
-
-
-def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
-    """The ``bands`` key on an (H, W, C) image: those 1-based bands in that order; all when empty.
-
-    Raises:
-        DataError: a band number beyond the image's bands.
-    """
-    if not bands:
-        return image
-    if max(bands) > image.shape[2]:
-        raise DataError(
-            f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the image has "
-            f"{image.shape[2]} band(s); choose band numbers from 1 to {image.shape[2]}"
-        )
-    return image[:, :, [b - 1 for b in bands]]
 
 
 class ImageFiles(Dataset):
@@ -310,6 +302,9 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
         raise DataError(
             f"--predict_input={cfg.predict_input}: lies in the output folder {predictions}; predict another folder"
         )
+    if not cfg.bands:
+        # The bands the network was trained on, unless the user names others for these images.
+        cfg.bands = str(state["config"].get("bands", ""))
     settings = scene.SceneSettings.from_config(cfg)
     # Scenes only when the user names the input: the test split holds tiles that miou.py scores as PNGs.
     scene_route = [bool(cfg.predict_input) and scene.is_scene(p, settings.window) for p in paths]

@@ -51,7 +51,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 import config
-from data_preprocess import DataError, image_to_float, read_image, write_image
+from data_preprocess import DataError, image_to_float, parse_bands, read_image, write_image
 from predict import (
     choose_batch_size,
     classes_from_probabilities,
@@ -140,18 +140,6 @@ class SceneSettings:
             )
         if self.min_field_area_ha < 0 or self.simplify_tolerance < 0:
             raise ValueError("--min_field_area_ha and --simplify_tolerance must be 0 or more")
-
-
-def parse_bands(text: str) -> tuple[int, ...]:
-    """The ``bands`` key: 1-based band numbers such as ``3,2,1``; empty = every band in file order.
-
-    Raises:
-        ValueError: anything other than positive integers separated by commas.
-    """
-    parts = [p for p in text.replace(" ", "").split(",") if p]
-    if not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise ValueError(f"--bands={text!r}: expected 1-based band numbers separated by commas, for example 3,2,1")
-    return tuple(int(p) for p in parts)
 
 
 def scene_outputs(run_dir: Path, image: Path) -> dict[str, Path]:
@@ -327,7 +315,7 @@ def open_scene(path: Path, bands: Sequence[int], in_channels: int) -> Scene:
         try:
             # The tile rules, on one pixel: the same band-count and pixel-type checks as for tiles.
             image_to_float(np.zeros((1, 1, len(scene.bands)), scene.dtype), in_channels, path)
-        except DataError as err:
+        except DataError:
             if len(scene.bands) == in_channels:
                 raise  # the pixel type, not the bands
             example = ",".join(str(b) for b in range(1, min(in_channels, scene.count) + 1))
@@ -550,9 +538,7 @@ def predict_scene(
             files = {kind: rasterio.open(path, "w", **profile) for kind, path in temporary.items()}
             try:
                 files["mask"].write_colormap(1, MASK_COLOURS)
-                with tqdm(
-                    total=len(rows_at) * len(cols_at), desc=scene.path.name, unit="window", disable=None
-                ) as bar:
+                with tqdm(total=len(rows_at) * len(cols_at), desc=scene.path.name, unit="window", disable=None) as bar:
                     for top, probabilities, empty in blended_rows(
                         model, scene, saved["in_channels"], saved["n_classes"], device, settings, bar
                     ):
@@ -750,7 +736,6 @@ def run_scene(
         "" if fields is None else f", {fields} field(s)",
     )
     return row
-
 
 
 def is_finished(outputs: dict[str, Path], settings: SceneSettings, checkpoint: Path) -> bool:

@@ -27,7 +27,15 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from data_preprocess import DataError, image_to_float, is_image_file, mask_to_classes, read_image
+from data_preprocess import (
+    DataError,
+    image_to_float,
+    is_image_file,
+    mask_to_classes,
+    parse_bands,
+    read_image,
+    select_bands,
+)
 
 LOG = logging.getLogger("split_dataset")
 SPLIT_NAMES = ("train", "val", "test")
@@ -90,7 +98,7 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
 def check_pair(image_path: Path, mask_path: Path, cfg: config.Config) -> tuple[str, str] | tuple[int, int]:
     """Check one pair; return its (height, width) if usable, else (kind, reason), kind 'error' or 'filtered'."""
     try:
-        image = read_image(image_path)
+        image = select_bands(read_image(image_path), parse_bands(cfg.bands), image_path)
         image_to_float(image[:1, :1], cfg.in_channels, image_path)  # band count and pixel type only
         mask = mask_to_classes(read_image(mask_path), mask_path, cfg.mask_threshold, cfg.ignore_index)
     except DataError as err:

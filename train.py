@@ -32,7 +32,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import config
-from data_preprocess import IGNORE, DataError, EpochSampler, FarmlandDataset, read_pair_list, should_cache
+from data_preprocess import (
+    IGNORE,
+    DataError,
+    EpochSampler,
+    FarmlandDataset,
+    parse_bands,
+    read_pair_list,
+    should_cache,
+)
 from losses import make_loss
 from miou import FARMLAND, class_iou, confusion_counts, save_figure
 from net_structure import build_model, count_parameters, set_normalisation
@@ -495,8 +503,11 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
         cfg.ignore_index,
         cfg.scale_jitter,
         cfg.colour_jitter,
+        parse_bands(cfg.bands),
     )
-    val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache, cfg.ignore_index)
+    val_set = FarmlandDataset(
+        val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache, cfg.ignore_index, bands=parse_bands(cfg.bands)
+    )
     train_loader = make_loader(train_set, cfg, device, True, job.rank, job.world)
     val_loader = make_loader(val_set, cfg, device, False, job.rank, job.world)
     # Band statistics and class counts of the training split: for normalisation and class weights.

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import folder_digest
 
 import demo
-from conftest import folder_digest
 from data_preprocess import load_mask, read_image
 from make_demo_data import apply_colour_classifier, fit_colour_classifier, generate_dataset, render_tile
 

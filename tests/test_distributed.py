@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
+from test_pipeline import args, weights
 
 import config
 import predict
 import split_dataset
-from conftest import ROOT
 from data_preprocess import FarmlandDataset, read_pair_list
 from miou import FARMLAND, class_iou
-from test_pipeline import args, weights
 from train import evaluate, load_checkpoint, make_loader, memory_format, model_from_checkpoint
 
 DDP = ["--batch_size=1", "--num_workers=0", "--amp=off", "--predict_batch_size=1"]

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import folder_digest, square_tile, write_pair
 
 import augment
 import miou
 import predict
 import split_dataset
 import train
-from conftest import folder_digest, square_tile, write_pair
 from data_preprocess import DataError, load_mask, read_pair_list, write_image
 
 TINY = ["--base_width=4", "--batch_size=4", "--num_workers=0", "--lr=0.01", "--step_size=2", "--snapshot_every=2"]

@@ -13,12 +13,12 @@ import pytest
 import rasterio
 import shapely
 import torch
+from conftest import folder_digest
 from rasterio.transform import Affine
 
 import make_demo_data
 import predict
 import scene
-from conftest import folder_digest
 from data_preprocess import load_mask, write_image
 from net_structure import build_model
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import folder_digest, square_tile, write_pair
 
 import split_dataset
-from conftest import folder_digest, square_tile, write_pair
 from data_preprocess import DataError, read_pair_list, write_image
 from split_dataset import find_pairs, split_counts, split_pairs
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import square_tile, write_pair
 from test_pipeline import args
 
 import config
 import predict
 import split_dataset
 import train
-from data_preprocess import FarmlandDataset, read_image, read_pair_list
+from data_preprocess import DataError, FarmlandDataset, read_image, read_pair_list
 from train import best_threshold, load_checkpoint, save_checkpoint, schedule_factor
 
 
@@ -105,3 +106,24 @@ def test_collapse_is_reported_with_causes(
     warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
     assert len(warnings) == 1
     assert "no farmland at all" in warnings[0] and "--loss=ce_dice" in warnings[0] and "0/255" in warnings[0]
+
+
+def test_band_selection_trains_and_predicts_alike(tmp_path: Path) -> None:
+    data_dir = tmp_path / "rgbn"
+    rng = np.random.default_rng(5)
+    for i in range(10):
+        image, mask = square_tile(rng, 32)
+        nir = rng.integers(0, 255, (32, 32, 1), dtype=np.uint8)
+        write_pair(data_dir, f"t{i}", np.concatenate([image, nir], axis=2), mask, ext=".tif")
+    run_dir = tmp_path / "run"
+    # Four-band tiles, a three-band network fed bands 1, 2, 3 (the NIR band left out).
+    assert split_dataset.main(args(data_dir, run_dir, "--bands=1,2,3")) == 0
+    assert train.main(args(data_dir, run_dir, "--bands=1,2,3", "--epochs=1", "--normalise=true")) == 0
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pth")
+    assert state["config"]["bands"] == "1,2,3" and state["model"]["band_mean"].numel() == 3
+    # predict.py reads the bands from the checkpoint: the four-band tiles need no --bands.
+    assert predict.main(args(data_dir, run_dir, f"--predict_input={data_dir / 'images'}")) == 0
+    assert len(list((run_dir / "predictions").glob("*_seg.png"))) == 10
+    # Without the selection the four-band tiles do not fit a three-band network, and say so.
+    with pytest.raises(DataError, match="no usable image/mask pairs"):
+        split_dataset.main(args(data_dir, tmp_path / "plain"))
