@@ -236,10 +236,12 @@ def evaluate(
     layout: torch.memory_format,
     amp: torch.dtype | None = None,
     criterion: nn.Module | None = None,
+    thresholds: bool = False,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Validate: mean loss per labelled pixel, the pooled confusion matrix of argmax predictions, and the
     histogram of farmland probabilities (2, THRESHOLD_BINS) of background (row 0) and farmland (row 1)
-    pixels, from which tune_threshold finds the best cut. Unlabelled pixels count nowhere.
+    pixels, from which best_threshold finds the best cut (zeros unless ``thresholds``). Unlabelled pixels
+    count nowhere.
 
     ``criterion`` is the training loss (cross-entropy when None), weighted by each batch's labelled pixels.
     """
@@ -261,11 +263,13 @@ def evaluate(
         pixels += labelled
         # Counts stay on the device until the end: no transfer and no stall per batch.
         cm += confusion_counts(logits.argmax(1), masks, n_classes)
-        if n_classes == 2:
+        if thresholds and n_classes == 2:
             farmland = logits.float().softmax(1)[:, 1]
             bins = (farmland * THRESHOLD_BINS).long().clamp_(max=THRESHOLD_BINS - 1)
-            for cls in (0, 1):
-                histogram[cls] += torch.bincount(bins[masks == cls], minlength=THRESHOLD_BINS)
+            # One bincount over (label, bin), unlabelled pixels in a dropped extra bin: no boolean indexing,
+            # so no device sync.
+            index = torch.where(masks <= 1, masks * THRESHOLD_BINS + bins, 2 * THRESHOLD_BINS)
+            histogram += torch.bincount(index.reshape(-1), minlength=2 * THRESHOLD_BINS + 1)[:-1].view(2, -1)
     # Under torchrun each rank saw its share of the tiles: sum the counts, never average rank-level IoUs.
     totals = all_reduce_sum(torch.stack([total_loss, pixels]))
     cm = all_reduce_sum(cm)
@@ -609,7 +613,7 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
             )
         # 5. Validation: loss and pooled IoU with the same confusion-count code as miou.py.
         val_loss, cm, histogram = (
-            evaluate(model, val_loader, device, cfg.n_classes, layout, amp, criterion)
+            evaluate(model, val_loader, device, cfg.n_classes, layout, amp, criterion, cfg.tune_threshold)
             if len(val_set)
             else (math.nan, np.zeros((cfg.n_classes,) * 2, dtype=np.int64), np.zeros((2, THRESHOLD_BINS), np.int64))
         )

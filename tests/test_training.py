@@ -18,7 +18,7 @@ import config
 import predict
 import split_dataset
 import train
-from data_preprocess import DataError, FarmlandDataset, read_image, read_pair_list
+from data_preprocess import IGNORE, DataError, FarmlandDataset, read_image, read_pair_list
 from train import best_threshold, load_checkpoint, save_checkpoint, schedule_factor
 
 
@@ -127,3 +127,22 @@ def test_band_selection_trains_and_predicts_alike(tmp_path: Path) -> None:
     # Without the selection the four-band tiles do not fit a three-band network, and say so.
     with pytest.raises(DataError, match="no usable image/mask pairs"):
         split_dataset.main(args(data_dir, tmp_path / "plain"))
+
+
+def test_validation_histogram_counts_each_labelled_pixel_once() -> None:
+    # A network whose farmland probability is the input's first band: the histogram can be worked by hand.
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = x[:, :1].clamp(1e-6, 1 - 1e-6)
+            return torch.cat([torch.log1p(-p), torch.log(p)], dim=1)
+
+    images = torch.tensor([0.125, 0.125, 0.625, 0.875]).view(1, 1, 1, 4).expand(1, 3, 1, 4).contiguous()
+    masks = torch.tensor([[[0, 1, IGNORE, 1]]])
+    loader = [(images, masks)]
+    _, cm, histogram = train.evaluate(
+        Probe(), loader, torch.device("cpu"), 2, torch.contiguous_format, None, None, True
+    )
+    assert cm.tolist() == [[1, 0], [1, 1]]  # the unlabelled pixel is not counted
+    assert histogram.sum() == 3
+    # Probabilities exact in binary, so each bin is known: 0.125 -> 25, 0.875 -> 175.
+    assert histogram[0, 25] == 1 and histogram[1, 25] == 1 and histogram[1, 175] == 1
