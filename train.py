@@ -385,8 +385,8 @@ def collapse_message(epoch: int, streak: int, predicted_farmland: float) -> str:
     """The warning for validation predictions stuck on one class: what it means, the likely causes, what to try."""
     kind = {0.0: "no farmland at all", 1.0: "farmland everywhere"}.get(predicted_farmland, "no correct farmland")
     return (
-        f"epoch {epoch}: for {streak} epochs in a row the network predicted {kind} on the validation tiles "
-        "(farmland IoU 0). The model has collapsed to one class. Likely causes: farmland is a small share of the "
+        f"epoch {epoch}: for {streak} epochs in a row the network predicted {kind} on the validation tiles. "
+        "The model has collapsed to one class. Likely causes: farmland is a small share of the "
         "pixels (class imbalance), the learning rate is too low or too high for this budget, or the masks are "
         "encoded differently than expected (0/255 vs 0/1; check run_dir/splits/summary.json and a few masks). "
         "Try --loss=ce_dice or --loss=weighted_ce, --lr=1e-3 with --warmup_epochs=1, or --recipe=recommended"
@@ -647,7 +647,8 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
         if improved:
             best_iou, best_epoch = score, epoch
         # A one-class network is the commonest silent failure: say so, with causes and fixes.
-        collapsed = collapsed + 1 if not scoreless and farmland_iou == 0.0 else 0
+        one_class = int((predicted > 0).sum()) == 1  # every val pixel predicted background, or every one farmland
+        collapsed = collapsed + 1 if not scoreless and (farmland_iou == 0.0 or one_class) else 0
         if collapsed == cfg.collapse_patience and job.main:
             LOG.warning("%s", collapse_message(epoch, collapsed, predicted_farmland))
         state = {

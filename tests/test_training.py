@@ -106,6 +106,15 @@ def test_collapse_is_reported_with_causes(
     warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
     assert len(warnings) == 1
     assert "no farmland at all" in warnings[0] and "--loss=ce_dice" in warnings[0] and "0/255" in warnings[0]
+    # Farmland everywhere is a collapse too, though its farmland IoU is not 0.
+    caplog.clear()
+    all_farmland = np.array([[0, 900], [0, 124]])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (0.7, all_farmland, np.zeros((2, 200), np.int64)))
+    assert split_dataset.main(args(square_data, tmp_path / "run2")) == 0
+    with caplog.at_level(logging.WARNING):
+        assert train.main(args(square_data, tmp_path / "run2", "--epochs=3", "--collapse_patience=2")) == 0
+    warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+    assert len(warnings) == 1 and "epoch 2:" in warnings[0] and "farmland everywhere" in warnings[0]
 
 
 def test_band_selection_trains_and_predicts_alike(tmp_path: Path) -> None:
