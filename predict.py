@@ -288,12 +288,15 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     config.check_paths(cfg)
     job = init_distributed(cfg.device)
     config.setup_logging(cfg, "predict", job.rank)
-    if job.main:
-        config.save_config(cfg, "predict")
     run_dir = Path(cfg.run_dir)
     device = job.device
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
     state = load_checkpoint(checkpoint, device)
+    if not cfg.bands:
+        # The bands the network was trained on, unless the user names others for these images.
+        cfg.bands = str(state["config"].get("bands", ""))
+    if job.main:
+        config.save_config(cfg, "predict")  # as resolved, bands included
     amp = resolve_amp(cfg.amp, device)
     model = inference_model(state, device, cfg.channels_last, amp)
     paths = list_inputs(cfg)
@@ -302,9 +305,6 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
         raise DataError(
             f"--predict_input={cfg.predict_input}: lies in the output folder {predictions}; predict another folder"
         )
-    if not cfg.bands:
-        # The bands the network was trained on, unless the user names others for these images.
-        cfg.bands = str(state["config"].get("bands", ""))
     settings = scene.SceneSettings.from_config(cfg)
     # Scenes only when the user names the input: the test split holds tiles that miou.py scores as PNGs.
     scene_route = [bool(cfg.predict_input) and scene.is_scene(p, settings.window) for p in paths]

@@ -4,6 +4,7 @@ the collapse warning and TensorBoard."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from pathlib import Path
@@ -133,6 +134,7 @@ def test_band_selection_trains_and_predicts_alike(tmp_path: Path) -> None:
     # predict.py reads the bands from the checkpoint: the four-band tiles need no --bands.
     assert predict.main(args(data_dir, run_dir, f"--predict_input={data_dir / 'images'}")) == 0
     assert len(list((run_dir / "predictions").glob("*_seg.png"))) == 10
+    assert json.loads((run_dir / "configs" / "predict.json").read_text())["bands"] == "1,2,3"
     # Without the selection the four-band tiles do not fit a three-band network, and say so.
     with pytest.raises(DataError, match="no usable image/mask pairs"):
         split_dataset.main(args(data_dir, tmp_path / "plain"))
