@@ -145,17 +145,25 @@ def inference_model(
 
 
 @torch.inference_mode()
+def network_logits(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
+) -> torch.Tensor:
+    """The network's class scores (N, n_classes, H, W), inputs moved to the device and cast to the weights'
+    dtype and memory layout."""
+    dtype = next(model.parameters()).dtype
+    images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=memory_format(channels_last))
+    return model(images)
+
+
 def predict_probabilities(
     model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
 ) -> torch.Tensor:
     """Class probabilities (N, n_classes, H, W), float32 on the model's device (softmax of the logits).
 
-    Inputs are cast to the weights' dtype; the softmax runs in float32 so blended or averaged
-    probabilities (overlapping windows, test-time augmentation) do not accumulate bf16 rounding.
+    The softmax runs in float32 so blended or averaged probabilities (overlapping windows, test-time
+    augmentation) do not accumulate bf16 rounding.
     """
-    dtype = next(model.parameters()).dtype
-    images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=memory_format(channels_last))
-    return model(images).float().softmax(1)
+    return network_logits(model, images, device, channels_last).float().softmax(1)
 
 
 def decision_threshold(state: dict) -> float | None:
@@ -168,7 +176,8 @@ def classes_from_probabilities(probabilities: torch.Tensor, threshold: float | N
     """Class indices (N, H, W) uint8 from probabilities (N, C, H, W).
 
     With two classes and a threshold t, a pixel is farmland when its farmland probability exceeds t
-    (t = 0.5 is the argmax); otherwise the argmax over classes.
+    (t = 0.5 is the argmax); otherwise the argmax over classes. Without a threshold, logits serve as well
+    as probabilities: the softmax keeps their order.
     """
     if threshold is not None and probabilities.shape[1] == 2:
         return (probabilities[:, 1] > threshold).to(torch.uint8)
@@ -188,13 +197,11 @@ def predict_batch(
     threshold: float | None = None,
 ) -> np.ndarray:
     """Class indices (N, H, W) uint8 for a batch of images: argmax, or the farmland threshold when given."""
-    if threshold is None:
-        # Argmax straight from the logits: no softmax pass needed.
-        dtype = next(model.parameters()).dtype
-        images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=memory_format(channels_last))
-        return model(images).argmax(1).to(torch.uint8).cpu().numpy()
-    probabilities = predict_probabilities(model, images, device, channels_last)
-    return classes_from_probabilities(probabilities, threshold).cpu().numpy()
+    if threshold is None:  # the argmax straight from the logits: no softmax pass needed
+        scores = network_logits(model, images, device, channels_last)
+    else:
+        scores = predict_probabilities(model, images, device, channels_last)
+    return classes_from_probabilities(scores, threshold).cpu().numpy()
 
 
 @torch.inference_mode()
