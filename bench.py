@@ -6,11 +6,14 @@
 On the same generated tiles and network width it measures
 - training throughput (tiles/s) and peak memory: reference = fp32, contiguous memory, batch 5, no loader
   workers, tiles decoded every time; fast = the config's defaults (mixed precision where the hardware runs
-  it natively, channels-last, loader workers, decoded-tile cache; on CUDA also fused Adam, cudnn autotune
-  and a larger batch);
+  it natively, channels-last, loader workers, decoded-tile cache, freed memory reused; on CUDA also fused
+  Adam, cudnn autotune and a larger batch);
 - prediction throughput (tiles/s, masks written to disk): reference = one image at a time in fp32;
-  fast = predict.py's path (BatchNorm folded, reduced precision, channels-last, batches, reading workers);
+  fast = predict.py's path (BatchNorm folded, padding and concatenation written into the buffers the
+  convolutions read, reduced precision, channels-last, batches, reading workers, freed memory reused);
 - miou.py's time per image against a per-pixel Python loop over the same files;
+- the reference once more with the project's allocator setting alone (``reuse_memory``: freed memory kept for
+  reuse), so that the share of that one process-wide setting in each ratio is seen;
 and prints each pair's ratio. Every measurement runs in a fresh process, so peak memory is its own. The
 table is printed and written as JSON with the machine (CPU model, cores, GPU), the torch version, and the
 network's FLOPs per tile, from which the achieved FLOP/s follow.
@@ -94,9 +97,19 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
 
     ``fast`` adds what train.py does on CUDA beyond the config: cudnn autotuning and the fused optimizer.
     """
-    from train import make_loader, make_optimizer, memory_format, resolve_amp, select_device, train_epoch
+    from train import (
+        keep_freed_memory,
+        make_loader,
+        make_optimizer,
+        memory_format,
+        resolve_amp,
+        select_device,
+        train_epoch,
+    )
 
     cfg = dataclasses.replace(config.Config(), **settings)
+    if cfg.reuse_memory:
+        keep_freed_memory()
     device = select_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
     torch.backends.cudnn.benchmark = fast and device.type == "cuda"
@@ -119,10 +132,15 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
     return {"tiles_per_s": taken * cfg.batch_size / seconds, "peak_bytes": peak_memory(device), "batch": cfg.batch_size}
 
 
-def bench_predict_reference(images: list[Path], width: int, device_name: str, out_dir: Path) -> dict[str, float]:
-    """Tiles/s of the reference prediction: fp32, contiguous, one image at a time, masks written."""
-    from train import select_device
+def bench_predict_reference(
+    images: list[Path], width: int, device_name: str, out_dir: Path, reuse_memory: bool = False
+) -> dict[str, float]:
+    """Tiles/s of the reference prediction: fp32, contiguous, one image at a time, masks written
+    (``reuse_memory``: with the project's allocator setting alone, to show what it gives on its own)."""
+    from train import keep_freed_memory, select_device
 
+    if reuse_memory:
+        keep_freed_memory()
     device = select_device(device_name)
     model = build_model(3, 2, width, 0.3).to(device).eval()
 
@@ -143,8 +161,9 @@ def bench_predict_fast(
     from torch.utils.data import DataLoader
 
     from predict import ImageFiles, batches_by_size, choose_batch_size, inference_model, predict_batch
-    from train import resolve_amp, select_device
+    from train import keep_freed_memory, resolve_amp, select_device
 
+    keep_freed_memory()  # as predict.py does with the default reuse_memory=true
     device = select_device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -228,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=64, help="U-Net base width (64 = the reference network)")
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
     parser.add_argument("--train_steps", type=int, default=3, help="timed training steps per variant")
-    parser.add_argument("--predict_tiles", type=int, default=8, help="tiles predicted per variant")
+    parser.add_argument("--predict_tiles", type=int, default=16, help="tiles predicted per variant")
     parser.add_argument("--metric_images", type=int, default=10, help="masks scored per metric variant")
     parser.add_argument("--fast_batch", type=int, default=0, help="fast training batch; 0 = 5 on CPU, 32 on CUDA")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -257,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_size": REFERENCE_BATCH,
             "num_workers": 0,
             "cache_tiles": "no",
+            "reuse_memory": False,
         }
         fast = {**common, "batch_size": fast_batch, "cache_tiles": "yes"}
         results: dict[str, Any] = {
@@ -269,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["train"] = {
             "reference": in_subprocess(bench_train, pairs, reference, args.train_steps, False),
             "fast": in_subprocess(bench_train, pairs, fast, args.train_steps, True),
+            "reference_reuse_memory": in_subprocess(
+                bench_train, pairs, {**reference, "reuse_memory": True}, args.train_steps, False
+            ),
         }
         print("prediction ...", flush=True)
         to_predict = images[: args.predict_tiles]
@@ -276,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["predict"] = {
             "reference": in_subprocess(bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref"),
             "fast": in_subprocess(bench_predict_fast, to_predict, args.width, args.device, Path(tmp) / "fast", workers),
+            "reference_reuse_memory": in_subprocess(
+                bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref_memory", True
+            ),
         }
         print("metrics ...", flush=True)
         items = [
@@ -286,8 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("train", "predict"):
         pair = results[key]
         pair["speedup"] = pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
+        pair["speedup_reuse_memory_alone"] = (
+            pair["reference_reuse_memory"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
+        )
         passes = 3 if key == "train" else 1  # a training step is about a forward and a twice-as-costly backward
-        for variant in ("reference", "fast"):
+        for variant in ("reference", "fast", "reference_reuse_memory"):
             pair[variant]["tflop_per_s"] = pair[variant]["tiles_per_s"] * flops * passes / 1e12
     metrics = results["metrics"]
     metrics["speedup"] = metrics["reference_s_per_image"] / metrics["fast_s_per_image"]
@@ -308,6 +337,15 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{ref['tiles_per_s']:.2f}",
                 f"{fast['tiles_per_s']:.2f}",
                 f"{results[key]['speedup']:.2f}x",
+            )
+        )
+        alone = results[key]["reference_reuse_memory"]
+        rows.append(
+            (
+                "  reference + reuse_memory",
+                f"{alone['tiles_per_s']:.2f}",
+                "",
+                f"{results[key]['speedup_reuse_memory_alone']:.2f}x",
             )
         )
         rows.append((f"{label} TFLOP/s", f"{ref['tflop_per_s']:.3f}", f"{fast['tflop_per_s']:.3f}", ""))

@@ -72,6 +72,7 @@ class Config:
     channels_last: bool = True  # NHWC memory layout for the network: same results, faster convolutions
     amp: str = "auto"  # mixed precision: auto (bf16 where the GPU/CPU runs it fast, else fp16 on CUDA), bf16, fp16, off
     cache_tiles: str = "auto"  # keep decoded training tiles in memory: auto (if they fit in 1/4 of free RAM), yes, no
+    reuse_memory: bool = True  # keep freed memory for reuse (glibc) rather than fault it in anew: faster CPU passes
     # --- predict.py ------------------------------------------------------------------------------------
     predict_input: str = ""  # image file or folder to predict; empty = the test split
     checkpoint: str = ""  # weights to predict with; empty = run_dir/checkpoints/best.pth

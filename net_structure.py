@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+LEAKY_SLOPE = 0.01  # of every LeakyReLU (torch's default)
+
 
 class DoubleConv(nn.Module):
     """(3x3 conv with reflect padding, BatchNorm, Dropout2d, LeakyReLU) twice."""
@@ -30,7 +32,7 @@ class DoubleConv(nn.Module):
                 nn.Conv2d(channels_in, out_channels, 3, padding=1, padding_mode="reflect", bias=False),
                 nn.BatchNorm2d(out_channels),
                 nn.Dropout2d(dropout),
-                nn.LeakyReLU(inplace=True),
+                nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             ]
         self.block = nn.Sequential(*layers)
 
@@ -142,32 +144,102 @@ def build_model(in_channels: int, n_classes: int, base_width: int, dropout: floa
     return UNet(in_channels=in_channels, n_classes=n_classes, base_width=base_width, dropout=dropout)
 
 
+def reflect_border_(padded: torch.Tensor) -> torch.Tensor:
+    """Fill the one-pixel ring of an (N, C, H + 2, W + 2) buffer in place by reflecting its interior, as
+    ``F.pad(interior, (1, 1, 1, 1), mode="reflect")`` would; return the buffer."""
+    padded[..., 0, 1:-1] = padded[..., 2, 1:-1]
+    padded[..., -1, 1:-1] = padded[..., -3, 1:-1]
+    padded[..., 0] = padded[..., 2]  # columns last, so the corners reflect the reflected rows
+    padded[..., -1] = padded[..., -3]
+    return padded
+
+
+def padded_buffer(like: torch.Tensor, channels: int) -> torch.Tensor:
+    """An empty (N, channels, H + 2, W + 2) buffer with the dtype, device and memory layout of ``like``."""
+    n, _, height, width = like.shape
+    layout = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.empty((n, channels, height + 2, width + 2), dtype=like.dtype, device=like.device, memory_format=layout)
+
+
+class FoldedDoubleConv(nn.Module):
+    """DoubleConv for inference: each BatchNorm folded into its convolution, Dropout dropped, and the first
+    activation written straight into the reflect-padded buffer that the second convolution reads.
+
+    The convolutions themselves do not pad: padding by reflection would otherwise copy every activation once
+    more, which on a CPU cost about a tenth of the network's time.
+    """
+
+    def __init__(self, first: nn.Conv2d, second: nn.Conv2d) -> None:
+        super().__init__()
+        self.first = first
+        self.second = second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_padded(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+
+    def forward_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        """The block on an input already reflect-padded by one pixel on each side."""
+        hidden = F.conv2d(padded, self.first.weight, self.first.bias)
+        buffer = padded_buffer(hidden, hidden.shape[1])
+        interior = buffer[..., 1:-1, 1:-1]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            interior.copy_(F.leaky_relu(hidden, LEAKY_SLOPE))  # autograd cannot follow an out= argument
+        else:
+            torch.ops.aten.leaky_relu.out(hidden, LEAKY_SLOPE, out=interior)
+        del hidden  # freed before the second convolution allocates its output
+        out = F.conv2d(reflect_border_(buffer), self.second.weight, self.second.bias)
+        return F.leaky_relu(out, LEAKY_SLOPE, inplace=True)
+
+
+class FoldedUp(nn.Module):
+    """Up for inference: the skip and the upsampled map are copied once, side by side, into the padded buffer
+    of the folded double convolution (the concatenation and the padding in one pass)."""
+
+    def __init__(self, up: nn.ConvTranspose2d, conv: FoldedDoubleConv) -> None:
+        super().__init__()
+        self.up = up
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        upsampled = self.up(x)
+        buffer = padded_buffer(upsampled, skip.shape[1] + upsampled.shape[1])
+        buffer[:, : skip.shape[1], 1:-1, 1:-1] = skip
+        buffer[:, skip.shape[1] :, 1:-1, 1:-1] = upsampled
+        return self.conv.forward_padded(reflect_border_(buffer))
+
+
+def fold_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
+    """A biased 3x3 convolution without padding equal to ``norm(conv(x))`` in eval mode on padded input."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 3, bias=True).to(conv.weight.device)
+    fused.weight.copy_(conv.weight * scale[:, None, None, None])
+    fused.bias.copy_(norm.bias - norm.running_mean * scale)
+    return fused
+
+
+def fold_double_conv(block: DoubleConv) -> FoldedDoubleConv:
+    """The inference form of one DoubleConv (conv, BatchNorm, Dropout2d, LeakyReLU, twice)."""
+    convs = [layer for layer in block.block if isinstance(layer, nn.Conv2d)]
+    norms = [layer for layer in block.block if isinstance(layer, nn.BatchNorm2d)]
+    slopes = {layer.negative_slope for layer in block.block if isinstance(layer, nn.LeakyReLU)}
+    assert len(convs) == len(norms) == 2 and slopes == {LEAKY_SLOPE} and all(c.bias is None for c in convs)
+    return FoldedDoubleConv(fold_conv(convs[0], norms[0]), fold_conv(convs[1], norms[1]))
+
+
 @torch.no_grad()
 def fold_batchnorm(model: UNet) -> UNet:
     """Return an inference copy of the network: each BatchNorm folded into the convolution before it,
-    each Dropout2d dropped.
+    each Dropout2d dropped, padding and concatenation written into the buffers the convolutions read.
 
     In eval mode BatchNorm is a fixed per-channel affine map and Dropout2d the identity, so the copy computes
-    the same function (to float rounding) with two fewer passes over memory per convolution. For
-    prediction only: the copy has no BatchNorm statistics left to train.
+    the same function (to float rounding) with fewer passes over memory per convolution. For prediction
+    only: the copy has no BatchNorm statistics left to train.
     """
     folded = copy.deepcopy(model).eval()
-    for block in folded.modules():
-        if not isinstance(block, DoubleConv):
-            continue
-        layers: list[nn.Module] = []
-        for layer in block.block:
-            if isinstance(layer, nn.BatchNorm2d):
-                conv = layers[-1]
-                assert isinstance(conv, nn.Conv2d) and conv.bias is None
-                scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
-                fused = nn.Conv2d(
-                    conv.in_channels, conv.out_channels, 3, padding=1, padding_mode="reflect", bias=True
-                ).to(conv.weight.device)
-                fused.weight.copy_(conv.weight * scale[:, None, None, None])
-                fused.bias.copy_(layer.bias - layer.running_mean * scale)
-                layers[-1] = fused
-            elif not isinstance(layer, nn.Dropout2d):
-                layers.append(layer)
-        block.block = nn.Sequential(*layers)
+    folded.inc = fold_double_conv(folded.inc)
+    for down in (folded.down1, folded.down2, folded.down3, folded.down4):
+        down.conv = fold_double_conv(down.conv)
+    for name in ("up1", "up2", "up3", "up4"):
+        up = getattr(folded, name)
+        setattr(folded, name, FoldedUp(up.up, fold_double_conv(up.conv)))
     return folded

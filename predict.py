@@ -42,6 +42,7 @@ from train import (
     all_reduce_sum,
     close_distributed,
     init_distributed,
+    keep_freed_memory,
     load_checkpoint,
     memory_format,
     model_from_checkpoint,
@@ -222,7 +223,7 @@ def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: to
         per_tile = max((torch.cuda.max_memory_allocated(device) - before) // 2, 1)
         free = torch.cuda.mem_get_info(device)[0]
         return int(max(1, min(1024, free // 2 // per_tile)))
-    width = model.inc.block[0].out_channels
+    width = model.inc.first.out_channels
     # The full-size level holds about 6 activations of `width` channels at once (convolutions, skip, concat).
     per_tile = 6 * width * shape[-2] * shape[-1] * torch.finfo(dtype).bits // 8
     free = available_memory() or 4 * 2**30
@@ -305,6 +306,8 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if job.main:
         config.save_config(cfg, "predict")  # as resolved, bands included
     amp = resolve_amp(cfg.amp, device)
+    if cfg.reuse_memory:
+        keep_freed_memory()
     model = inference_model(state, device, cfg.channels_last, amp)
     paths = list_inputs(cfg)
     predictions = (run_dir / "predictions").resolve()

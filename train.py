@@ -13,6 +13,8 @@ as an uninterrupted one. Runs on CUDA when available, else on the CPU, and says 
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
 import hashlib
@@ -83,6 +85,28 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:  # not Linux: stay in fp32 unless bf16 is asked for
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# mallopt parameters from glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse rather than hand large blocks back to the system at once.
+
+    By default glibc maps every block over 32 MiB afresh and unmaps it when freed, so each activation of a
+    full-width U-Net is faulted in page by page again on every pass: on a 2-core CPU that was a fifth of the
+    prediction time. With both thresholds raised, freed activations are reused from the heap. Returns
+    whether the setting took (False off glibc, e.g. on macOS or Windows, where nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    # Blocks up to 1 GiB come from the heap (larger ones are still mapped), and the heap is not trimmed.
+    return bool(mallopt(M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
@@ -495,6 +519,8 @@ def train(cfg: config.Config, job: Distributed | None = None) -> dict[str, Any]:
         )
     device = job.device
     amp = resolve_amp(cfg.amp, device)
+    if cfg.reuse_memory:
+        keep_freed_memory()
     if cfg.deterministic:
         set_deterministic()
     cache = should_cache(cfg.cache_tiles, train_pairs + val_pairs)

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import bench
 from net_structure import build_model
 from predict import choose_batch_size, inference_model, predict_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Allocates, touches and frees 64 MiB eight times; prints the fewest page faults of the last four (the heap
+# settles within the first few, at a point that depends on what the thread pool allocated meanwhile).
+FAULTS = """
+import resource, sys, torch
+from train import keep_freed_memory
+if sys.argv[1] == "reuse":
+    assert keep_freed_memory()
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**26, dtype=torch.uint8).fill_(1)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[4:]))
+"""
 
 
 def test_per_pixel_reference_counts_by_hand() -> None:
@@ -43,8 +64,23 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
     assert results["machine"]["torch"] == torch.__version__
     assert results["forward_gflop_per_tile"] > 0
     for key in ("train", "predict"):
-        for variant in ("reference", "fast"):
+        for variant in ("reference", "fast", "reference_reuse_memory"):
             assert results[key][variant]["tiles_per_s"] > 0 and results[key][variant]["peak_bytes"] > 0
         assert results[key]["speedup"] > 0
     assert results["metrics"]["speedup"] > 0
     assert "IoU scoring ms per image" in capsys.readouterr().out
+
+
+def late_pass_faults(mode: str) -> int:
+    """Page faults of a late 64 MiB allocation in a fresh process, with or without keep_freed_memory."""
+    done = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+def test_freed_memory_is_reused_rather_than_faulted_in_again() -> None:
+    pages = 2**26 // 4096
+    assert late_pass_faults("reuse") < pages // 10
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[always]" not in thp.read_text():  # with huge pages always on, few faults either way
+        assert late_pass_faults("default") > pages // 2  # the control: glibc maps the block afresh each time

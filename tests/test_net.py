@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from net_structure import UNet, build_model, count_parameters, fold_batchnorm, set_normalisation
+from net_structure import (
+    FoldedDoubleConv,
+    FoldedUp,
+    UNet,
+    build_model,
+    count_parameters,
+    fold_batchnorm,
+    padded_buffer,
+    reflect_border_,
+    set_normalisation,
+)
 from train import model_from_checkpoint
 
 
@@ -47,9 +58,32 @@ def test_folded_network_computes_the_same_function() -> None:
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout2d)) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is left as it was
-    x = torch.rand(2, 3, 40, 48)
-    with torch.no_grad():
-        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    assert sum(isinstance(m, FoldedDoubleConv) for m in folded.modules()) == 9
+    assert sum(isinstance(m, FoldedUp) for m in folded.modules()) == 4
+    # The folded convolutions read buffers padded beforehand: they must not pad again.
+    assert all(m.padding == (0, 0) for m in folded.modules() if isinstance(m, nn.Conv2d))
+    for shape in [(2, 3, 40, 48), (1, 3, 32, 32), (1, 3, 5, 7)]:
+        x = torch.rand(shape)
+        with torch.no_grad():
+            expected = model(x)
+            assert torch.allclose(folded(x), expected, atol=1e-5)
+            channels_last = folded.to(memory_format=torch.channels_last)
+            assert torch.allclose(channels_last(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+            folded = folded.to(memory_format=torch.contiguous_format)
+            without_grad = folded(x)
+        # With gradients on, the activation is copied into the padded buffer (autograd cannot follow out=).
+        assert torch.equal(folded(x).detach(), without_grad)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 2, 3), (1, 3, 7, 9), (1, 16, 4, 4)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_reflect_border_fills_the_ring_as_reflect_padding_does(shape: tuple[int, ...], layout) -> None:
+    x = torch.rand(shape).contiguous(memory_format=layout)
+    buffer = padded_buffer(x, shape[1])
+    assert buffer.shape == (shape[0], shape[1], shape[2] + 2, shape[3] + 2)
+    assert buffer.is_contiguous(memory_format=layout)
+    buffer[..., 1:-1, 1:-1] = x
+    assert torch.equal(reflect_border_(buffer), F.pad(x, (1, 1, 1, 1), mode="reflect"))
 
 
 def test_channels_last_gives_the_same_output() -> None:
