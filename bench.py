@@ -43,6 +43,15 @@ from data_preprocess import FarmlandDataset, load_image, load_mask, write_image
 from make_demo_data import generate_dataset
 from miou import class_iou, confusion_matrix, evaluate_pairs
 from net_structure import build_model
+from train import (
+    keep_freed_memory,
+    make_loader,
+    make_optimizer,
+    memory_format,
+    resolve_amp,
+    select_device,
+    train_epoch,
+)
 
 REFERENCE_BATCH = 5
 
@@ -79,6 +88,27 @@ def forward_flops(width: int, tile: int) -> int:
     return int(counter.get_total_flops())
 
 
+def matmul_peaks(device_name: str, dtype_names: Sequence[str]) -> dict[str, float]:
+    """TFLOP/s of one large square matrix product in each dtype on the device: the practical peak that the
+    network's achieved FLOP/s is set against (a convolution is a matrix product in disguise)."""
+    device = select_device(device_name)
+    side = 8192 if device.type == "cuda" else 2048
+    repeats = 50 if device.type == "cuda" else 4
+    peaks = {}
+    for name in dtype_names:
+        dtype = getattr(torch, name)
+        a = torch.randn(side, side, device=device).to(dtype)
+        b = torch.randn(side, side, device=device).to(dtype)
+        a @ b  # warm-up: kernels chosen, threads started
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        synchronize(device)
+        peaks[name] = 2 * side**3 * repeats / (time.perf_counter() - started) / 1e12
+    return peaks
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that timings cover it."""
     if device.type == "cuda":
@@ -97,15 +127,6 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
 
     ``fast`` adds what train.py does on CUDA beyond the config: cudnn autotuning and the fused optimizer.
     """
-    from train import (
-        keep_freed_memory,
-        make_loader,
-        make_optimizer,
-        memory_format,
-        resolve_amp,
-        select_device,
-        train_epoch,
-    )
 
     cfg = dataclasses.replace(config.Config(), **settings)
     if cfg.reuse_memory:
@@ -137,7 +158,6 @@ def bench_predict_reference(
 ) -> dict[str, float]:
     """Tiles/s of the reference prediction: fp32, contiguous, one image at a time, masks written
     (``reuse_memory``: with the project's allocator setting alone, to show what it gives on its own)."""
-    from train import keep_freed_memory, select_device
 
     if reuse_memory:
         keep_freed_memory()
@@ -161,7 +181,6 @@ def bench_predict_fast(
     from torch.utils.data import DataLoader
 
     from predict import ImageFiles, batches_by_size, choose_batch_size, inference_model, predict_batch
-    from train import keep_freed_memory, resolve_amp, select_device
 
     keep_freed_memory()  # as predict.py does with the default reuse_memory=true
     device = select_device(device_name)
@@ -285,6 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tile": args.tile,
             "forward_gflop_per_tile": flops / 1e9,
         }
+        print("matrix-product peak ...", flush=True)
+        fast_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", None: "float32"}[
+            resolve_amp("auto", select_device(args.device))
+        ]
+        results["matmul_peak_tflop_per_s"] = in_subprocess(matmul_peaks, args.device, sorted({"float32", fast_dtype}))
+        results["fast_dtype"] = fast_dtype
         print("training ...", flush=True)
         results["train"] = {
             "reference": in_subprocess(bench_train, pairs, reference, args.train_steps, False),
@@ -318,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         passes = 3 if key == "train" else 1  # a training step is about a forward and a twice-as-costly backward
         for variant in ("reference", "fast", "reference_reuse_memory"):
             pair[variant]["tflop_per_s"] = pair[variant]["tiles_per_s"] * flops * passes / 1e12
+            dtype = results["fast_dtype"] if variant == "fast" else "float32"
+            pair[variant]["fraction_of_matmul_peak"] = (
+                pair[variant]["tflop_per_s"] / results["matmul_peak_tflop_per_s"][dtype]
+            )
     metrics = results["metrics"]
     metrics["speedup"] = metrics["reference_s_per_image"] / metrics["fast_s_per_image"]
     print_table(results)
@@ -350,6 +379,14 @@ def print_table(results: dict[str, Any]) -> None:
         )
         rows.append((f"{label} TFLOP/s", f"{ref['tflop_per_s']:.3f}", f"{fast['tflop_per_s']:.3f}", ""))
         rows.append(
+            (
+                "  of the matmul peak",
+                f"{ref['fraction_of_matmul_peak']:.0%}",
+                f"{fast['fraction_of_matmul_peak']:.0%}",
+                "",
+            )
+        )
+        rows.append(
             (f"{label} peak memory MiB", f"{ref['peak_bytes'] / 2**20:.0f}", f"{fast['peak_bytes'] / 2**20:.0f}", "")
         )
     metrics = results["metrics"]
@@ -361,6 +398,8 @@ def print_table(results: dict[str, Any]) -> None:
             f"{metrics['speedup']:.0f}x",
         )
     )
+    peaks = ", ".join(f"{name} {value:.3f}" for name, value in results["matmul_peak_tflop_per_s"].items())
+    print(f"\nmatrix-product peak, TFLOP/s: {peaks} (fast path in {results['fast_dtype']}, reference in float32)")
     print(f"\n{'':28} {'reference':>12} {'fast':>12} {'ratio':>8}")
     for name, ref, fast, ratio in rows:
         print(f"{name:28} {ref:>12} {fast:>12} {ratio:>8}")

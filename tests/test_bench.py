@@ -67,6 +67,8 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
         for variant in ("reference", "fast", "reference_reuse_memory"):
             assert results[key][variant]["tiles_per_s"] > 0 and results[key][variant]["peak_bytes"] > 0
         assert results[key]["speedup"] > 0
+        assert results[key]["fast"]["fraction_of_matmul_peak"] > 0
+    assert results["matmul_peak_tflop_per_s"]["float32"] > 0
     assert results["metrics"]["speedup"] > 0
     assert "IoU scoring ms per image" in capsys.readouterr().out
 
