@@ -177,10 +177,9 @@ def bench_predict_reference(
 def bench_predict_fast(
     images: list[Path], width: int, device_name: str, out_dir: Path, workers: int
 ) -> dict[str, float]:
-    """Tiles/s of predict.py's path: folded network, reduced precision, channels-last, batches, workers."""
-    from torch.utils.data import DataLoader
-
-    from predict import ImageFiles, batches_by_size, choose_batch_size, inference_model, predict_batch
+    """Tiles/s of predict.py's own tile loop (predict_tiles): folded network, reduced precision, channels-last,
+    batches read by workers, masks written by a background thread."""
+    from predict import inference_model, predict_tiles
 
     keep_freed_memory()  # as predict.py does with the default reuse_memory=true
     device = select_device(device_name)
@@ -190,18 +189,17 @@ def bench_predict_fast(
         "model": build_model(3, 2, width, 0.3).state_dict(),
         "config": {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3},
     }
-    model = inference_model(state, device, True, resolve_amp("auto", device))
-    batch = choose_batch_size(model, (3, *load_image(images[0], 3).shape[1:]), device, 0)
-    loader = DataLoader(ImageFiles(images, 3), batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    amp = resolve_amp("auto", device)
+    model = inference_model(state, device, True, amp)
+    cfg = dataclasses.replace(config.Config(), num_workers=workers, overlay=False)
+    outputs = [out_dir / f"{path.stem}_seg.png" for path in images]
 
     def run(paths: Sequence[Path]) -> None:
-        for indices, tiles, _ in batches_by_size(iter(loader), batch):
-            for index, mask in zip(indices, predict_batch(model, tiles, device)):
-                write_image(out_dir / f"{images[index].stem}_seg.png", mask * np.uint8(255))
+        done, failed = predict_tiles(model, paths, outputs, cfg, state, Path("random weights"), device, amp)
+        if done != len(paths) or failed:
+            raise RuntimeError(f"bench: predicted {done} of {len(paths)} tiles")
 
-    result = timed_predict(run, images, device)
-    result["batch"] = batch
-    return result
+    return timed_predict(run, images, device)
 
 
 def timed_predict(run: Callable[[Sequence[Path]], None], images: list[Path], device: torch.device) -> dict[str, float]:

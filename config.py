@@ -16,8 +16,11 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
+
+UMASK_LOCK = threading.Lock()  # see current_umask
 
 
 @dataclasses.dataclass
@@ -218,9 +221,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def current_umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's file-creation mask.
+
+    Read from /proc where it can be: the portable way, setting it and putting it back, would let another
+    thread writing outputs at that moment create a file with no mask at all. Elsewhere it is set and put
+    back under a lock.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 

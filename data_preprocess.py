@@ -72,17 +72,7 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
     Raises:
         DataError: the band count or the value range does not fit.
     """
-    bands = image.shape[2]
-    if bands != in_channels:
-        if bands == 1 and in_channels == 3:
-            image = np.repeat(image, 3, axis=2)
-        elif bands == 4 and in_channels == 3 and Path(path).suffix.lower() == ".png":
-            image = image[:, :, :3]
-        else:
-            raise DataError(
-                f"{path}: has {bands} band(s), expected in_channels={in_channels}; set --in_channels={bands} "
-                f"for this data, pick {in_channels} of its bands with --bands (e.g. --bands=1,2,3), or convert it"
-            )
+    image = match_bands(image, in_channels, path)
     if image.dtype == np.uint8:
         scaled = image.astype(np.float32) / 255.0
     elif image.dtype == np.uint16:
@@ -97,6 +87,38 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
     else:
         raise DataError(f"{path}: pixel type {image.dtype} is not supported; expected 8- or 16-bit, or float")
     return np.ascontiguousarray(scaled.transpose(2, 0, 1))
+
+
+def image_for_network(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+    """(in_channels, H, W) for the network: 8-bit images stay uint8, to be scaled by 1/255 where they are
+    used (a quarter of the bytes to hand between processes and to the GPU); others as image_to_float.
+
+    Raises:
+        DataError: the band count or the value range does not fit.
+    """
+    if image.dtype != np.uint8:
+        return image_to_float(image, in_channels, path)
+    return np.ascontiguousarray(match_bands(image, in_channels, path).transpose(2, 0, 1))
+
+
+def match_bands(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+    """The (H, W, C) image with in_channels bands: grey repeated to RGB, a PNG's alpha dropped.
+
+    Raises:
+        DataError: any other band count than in_channels.
+    """
+    bands = image.shape[2]
+    if bands != in_channels:
+        if bands == 1 and in_channels == 3:
+            image = np.repeat(image, 3, axis=2)
+        elif bands == 4 and in_channels == 3 and Path(path).suffix.lower() == ".png":
+            image = image[:, :, :3]
+        else:
+            raise DataError(
+                f"{path}: has {bands} band(s), expected in_channels={in_channels}; set --in_channels={bands} "
+                f"for this data, pick {in_channels} of its bands with --bands (e.g. --bands=1,2,3), or convert it"
+            )
+    return image
 
 
 def parse_bands(text: str) -> tuple[int, ...]:

@@ -14,11 +14,13 @@ area table (run_dir/predictions/farmland_area.csv); see scene.py. The test split
 
 from __future__ import annotations
 
-import itertools
+import collections
 import logging
+import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ import config
 from data_preprocess import (
     DataError,
     available_memory,
-    image_to_float,
+    image_for_network,
     is_image_file,
     read_image,
     read_pair_list,
@@ -73,7 +75,8 @@ def list_inputs(cfg: config.Config) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """Reads one image per item as (index, float tensor C x H x W), or (index, error message)."""
+    """Reads one image per item as (index, tensor C x H x W: uint8 for 8-bit images, else float in [0, 1]),
+    or (index, error message)."""
 
     def __init__(self, paths: Sequence[Path], in_channels: int, bands: Sequence[int] = ()) -> None:
         self.paths = list(paths)
@@ -87,7 +90,7 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         try:
             image = select_bands(read_image(path), self.bands, path)
-            return index, torch.from_numpy(image_to_float(image, self.in_channels, path))
+            return index, torch.from_numpy(image_for_network(image, self.in_channels, path))
         except DataError as err:
             return index, str(err)  # reported by the main process; one bad file does not stop the rest
 
@@ -95,20 +98,80 @@ class ImageFiles(Dataset):
 def batches_by_size(
     items: Iterator[tuple[int, torch.Tensor | str]], batch_size: int
 ) -> Iterator[tuple[list[int], torch.Tensor | None, str | None]]:
-    """Group consecutive images of the same size into batches; pass errors through one by one."""
+    """Group consecutive images of the same size and type into batches; pass errors through one by one."""
     indices: list[int] = []
     tensors: list[torch.Tensor] = []
     for index, item in items:
         if isinstance(item, str):
             yield [index], None, item
             continue
-        if tensors and (item.shape != tensors[0].shape or len(tensors) == batch_size):
+        if tensors and (item.shape != tensors[0].shape or item.dtype != tensors[0].dtype or len(tensors) == batch_size):
             yield indices, torch.stack(tensors), None
             indices, tensors = [], []
         indices.append(index)
         tensors.append(item)
     if tensors:
         yield indices, torch.stack(tensors), None
+
+
+class ImageBatches(Dataset):
+    """Reads the images of one batch per item, in a loader worker: each run of equal-sized images comes back
+    stacked as one tensor, so a worker hands over one tensor per batch rather than one per image (at
+    thousands of tiles a second the hand-over per tensor costs more than the decoding). Items are lists of
+    (indices, images, error) as batches_by_size yields them."""
+
+    def __init__(self, files: ImageFiles, batch_size: int) -> None:
+        self.files = files
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def __getitem__(self, item: int) -> list[tuple[list[int], torch.Tensor | None, str | None]]:
+        start = item * self.batch_size
+        indices = range(start, min(start + self.batch_size, len(self.files)))
+        return list(batches_by_size((self.files[i] for i in indices), self.batch_size))
+
+
+class BackgroundWriter:
+    """Runs output-writing jobs on background threads, so that the device is not idle while masks are
+    encoded (PNG encoding and file writes release the GIL). At most ``pending`` jobs wait at a time, so
+    memory stays bounded; the first job that fails raises its error on the next submit or at the close.
+    With ``threads=0`` jobs run at once in the caller's thread."""
+
+    def __init__(self, threads: int, pending: int = 64) -> None:
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="writer") if threads > 0 else None
+        self.pending = pending
+        self.futures: collections.deque[Future] = collections.deque()
+
+    def submit(self, job: Callable[..., None], *args: Any) -> None:
+        if self.executor is None:
+            job(*args)
+            return
+        self.futures.append(self.executor.submit(job, *args))
+        while len(self.futures) > self.pending or (self.futures and self.futures[0].done()):
+            self.futures.popleft().result()
+
+    def close(self) -> None:
+        """Wait for every job; raise the first failure."""
+        try:
+            while self.futures:
+                self.futures.popleft().result()
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def writer_threads(device: torch.device) -> int:
+    """Threads that write outputs: one on a CPU (its cores run the network; one thread overlaps the writing
+    with the next batch), several beside a GPU, which leaves the cores free."""
+    return 1 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def overlay_path(mask_path: Path) -> Path:
@@ -128,9 +191,9 @@ def is_complete(mask_path: Path, checkpoint: Path, overlay: bool) -> bool:
 
 
 def overlay_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Blend the farmland tint over an (C, H, W) float image in [0, 1]; return uint8 RGB."""
+    """Blend the farmland tint over a (C, H, W) image, float in [0, 1] or uint8; return uint8 RGB."""
     photo = image[:3].transpose(1, 2, 0) if image.shape[0] >= 3 else np.repeat(image[:1].transpose(1, 2, 0), 3, axis=2)
-    rgb = photo * 255.0
+    rgb = photo.astype(np.float32) if photo.dtype == np.uint8 else photo * 255.0
     farmland = mask.astype(bool)
     rgb[farmland] = 0.55 * rgb[farmland] + 0.45 * OVERLAY_COLOUR
     return np.clip(rgb, 0, 255).astype(np.uint8)
@@ -150,9 +213,12 @@ def network_logits(
     model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
 ) -> torch.Tensor:
     """The network's class scores (N, n_classes, H, W), inputs moved to the device and cast to the weights'
-    dtype and memory layout."""
+    dtype and memory layout; uint8 inputs are scaled to [0, 1] there (in float32, as image_to_float does)."""
     dtype = next(model.parameters()).dtype
-    images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=memory_format(channels_last))
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255.0)
+    images = images.to(dtype=dtype, memory_format=memory_format(channels_last))
     return model(images)
 
 
@@ -245,13 +311,17 @@ def predict_tiles(
     if not paths:
         return 0, 0
     threshold = decision_threshold(state)
-    dataset = ImageFiles(paths, state["config"]["in_channels"], bands)
-    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
-    items = iter(loader)
-    first = next(items, None)
-    batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
-    if first is not None and not isinstance(first[1], str):
-        batch_size = choose_batch_size(model, tuple(first[1].shape), device, cfg.predict_batch_size)
+    files = ImageFiles(paths, state["config"]["in_channels"], bands)
+    first = next((item for _, item in (files[i] for i in range(len(files))) if not isinstance(item, str)), None)
+    batch_size = cfg.predict_batch_size or 4  # used as is when no image is readable
+    if first is not None:
+        batch_size = choose_batch_size(model, tuple(first.shape), device, cfg.predict_batch_size)
+    loader = DataLoader(
+        ImageBatches(files, batch_size),
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     LOG.info(
         "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d",
         len(paths),
@@ -261,22 +331,27 @@ def predict_tiles(
         str(amp or torch.float32).removeprefix("torch."),
         batch_size,
     )
+
+    def write_outputs(index: int, image: np.ndarray | None, mask: np.ndarray) -> None:
+        write_image(outputs[index], mask * np.uint8(255))
+        if image is not None:
+            write_image(overlay_path(outputs[index]), overlay_image(image, mask))
+
     failures, done = 0, 0
     with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:
-        stream = items if first is None else itertools.chain([first], items)
-        for indices, images, error in batches_by_size(stream, batch_size):
-            if error is not None:
-                LOG.error("%s", error)
-                failures += 1
-            else:
-                for index, image, mask in zip(
-                    indices, images.numpy(), predict_batch(model, images, device, cfg.channels_last, threshold)
-                ):
-                    write_image(outputs[index], mask * np.uint8(255))
-                    if cfg.overlay:
-                        write_image(overlay_path(outputs[index]), overlay_image(image, mask))
-                    done += 1
-            bar.update(len(indices))
+        with BackgroundWriter(writer_threads(device)) as writer:
+            for groups in loader:
+                for indices, images, error in groups:
+                    if error is not None:
+                        LOG.error("%s", error)
+                        failures += 1
+                    else:
+                        masks = predict_batch(model, images, device, cfg.channels_last, threshold)
+                        photos = images.numpy() if cfg.overlay else [None] * len(indices)
+                        for index, photo, mask in zip(indices, photos, masks):
+                            writer.submit(write_outputs, index, photo, mask)
+                        done += len(indices)
+                    bar.update(len(indices))
     return done, failures
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,12 @@ def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     undocumented = [f.name for f in dataclasses.fields(config.Config) if f"| `{f.name}` |" not in readme]
     assert undocumented == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the mask from /proc")
+def test_umask_is_read_without_being_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Setting the mask and putting it back would let a writer thread create a file with no mask meanwhile.
+    expected = os.umask(0o022)
+    os.umask(expected)
+    monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("os.umask changes the mask for every thread"))
+    assert config.current_umask() == expected

@@ -1,0 +1,128 @@
+"""predict.py's tile loop: batches read by workers, 8-bit tiles scaled on the device, outputs written by
+background threads. The results must be those of the plain float path, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_pair
+
+import config
+from data_preprocess import DataError, image_to_float, read_image, write_image
+from net_structure import build_model
+from predict import (
+    BackgroundWriter,
+    ImageBatches,
+    ImageFiles,
+    inference_model,
+    network_logits,
+    overlay_image,
+    predict_batch,
+)
+
+
+def small_state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = build_model(3, 2, 4, 0.0).eval()
+    return {"model": model.state_dict(), "config": {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.0}}
+
+
+def test_eight_bit_tiles_travel_as_uint8_and_give_the_float_path_s_logits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    path, _ = write_pair(tmp_path, "a", image, np.zeros((32, 40), np.uint8))
+    sixteen = tmp_path / "b.tif"
+    write_image(sixteen, (image.astype(np.uint16) * 257))
+    files = ImageFiles([path, sixteen], 3)
+    (_, eight_bit), (_, sixteen_bit) = files[0], files[1]
+    assert eight_bit.dtype == torch.uint8 and eight_bit.shape == (3, 32, 40)
+    assert sixteen_bit.dtype == torch.float32  # other depths are scaled in the reading worker, as before
+    as_float = torch.from_numpy(image_to_float(read_image(path), 3, path))
+    model = inference_model(small_state(), torch.device("cpu"), channels_last=True, amp=None)
+    cpu = torch.device("cpu")
+    # x / 255 in float32 on either side: the same inputs, so the same logits to the last bit.
+    assert torch.equal(network_logits(model, eight_bit[None], cpu), network_logits(model, as_float[None], cpu))
+    assert torch.equal(network_logits(model, sixteen_bit[None], cpu), network_logits(model, as_float[None], cpu))
+
+
+def test_overlay_is_the_same_from_uint8_and_from_float() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    mask = (rng.random((8, 8)) > 0.5).astype(np.uint8)
+    assert np.array_equal(overlay_image(image, mask), overlay_image(image.astype(np.float32) / 255.0, mask))
+
+
+def test_image_batches_stack_runs_of_one_size_and_type_and_pass_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    paths = []
+    for stem, size in (("a", 32), ("b", 32), ("c", 48), ("d", 48), ("e", 48)):
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        paths.append(write_pair(tmp_path, stem, image, np.zeros((size, size), np.uint8))[0])
+    broken = tmp_path / "images" / "f.png"
+    broken.write_bytes(b"not a png")
+    paths.insert(3, broken)  # a, b, c, f (unreadable), d, e
+    batches = ImageBatches(ImageFiles(paths, 3), batch_size=4)
+    assert len(batches) == 2
+    first, second = batches[0], batches[1]
+    assert [(indices, None if images is None else tuple(images.shape)) for indices, images, _ in first] == [
+        ([0, 1], (2, 3, 32, 32)),
+        ([3], None),  # an error is passed on as soon as it is met
+        ([2], (1, 3, 48, 48)),
+    ]
+    assert "f.png" in first[1][2]
+    assert [(indices, tuple(images.shape)) for indices, images, _ in second] == [([4, 5], (2, 3, 48, 48))]
+    assert torch.equal(first[0][1][1], ImageFiles(paths, 3)[1][1])
+
+
+def test_background_writer_runs_every_job_and_raises_the_first_failure(tmp_path: Path) -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def job(value: int) -> None:
+        with lock:
+            seen.append(value)
+
+    with BackgroundWriter(threads=3, pending=2) as writer:
+        for value in range(50):
+            writer.submit(job, value)
+    assert sorted(seen) == list(range(50))
+
+    def fail(value: int) -> None:
+        raise DataError(f"cannot write {value}")
+
+    with pytest.raises(DataError, match="cannot write 7"):
+        with BackgroundWriter(threads=2) as writer:
+            writer.submit(job, 100)
+            writer.submit(fail, 7)
+    inline = BackgroundWriter(threads=0)
+    with pytest.raises(DataError, match="cannot write 8"):
+        inline.submit(fail, 8)  # no threads: the job runs, and fails, at once
+    inline.close()
+
+
+def test_files_written_from_threads_get_the_process_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        with BackgroundWriter(threads=4) as writer:
+            for i in range(40):
+                writer.submit(config.atomic_write_text, tmp_path / f"{i}.txt", "x")
+        assert os.umask(0o027) == 0o027  # the mask is as it was
+        assert {(tmp_path / f"{i}.txt").stat().st_mode & 0o777 for i in range(40)} == {0o640}
+    finally:
+        os.umask(previous)
+
+
+def test_predict_batch_on_uint8_tiles_equals_the_float_tiles(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    model = inference_model(small_state(4), torch.device("cpu"), channels_last=True, amp=torch.bfloat16)
+    cpu = torch.device("cpu")
+    as_float = torch.from_numpy(images.astype(np.float32) / 255.0)
+    for threshold in (None, 0.4):
+        expected = predict_batch(model, as_float, cpu, threshold=threshold)
+        assert np.array_equal(predict_batch(model, torch.from_numpy(images), cpu, threshold=threshold), expected)
