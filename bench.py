@@ -11,6 +11,8 @@ On the same generated tiles and network width it measures
 - prediction throughput (tiles/s, masks written to disk): reference = one image at a time in fp32;
   fast = predict.py's path (BatchNorm folded, padding and concatenation written into the buffers the
   convolutions read, reduced precision, channels-last, batches, reading workers, freed memory reused);
+- prediction's loop with a stand-in for the network that costs nothing (tiles/s): what reading, batching
+  and writing alone allow on this machine, the ceiling for a device however fast;
 - miou.py's time per image against a per-pixel Python loop over the same files;
 - the reference once more with the project's allocator setting alone (``reuse_memory``: freed memory kept for
   reuse), so that the share of that one process-wide setting in each ratio is seen;
@@ -164,14 +166,15 @@ def bench_predict_reference(
     device = select_device(device_name)
     model = build_model(3, 2, width, 0.3).to(device).eval()
 
-    def run(paths: Sequence[Path]) -> None:
+    def run(progress: Callable[[int], None]) -> None:
         with torch.no_grad():
-            for path in paths:
+            for handled, path in enumerate(images, 1):
                 image = torch.from_numpy(load_image(path, 3))[None].to(device)
                 mask = model(image).argmax(1)[0].to(torch.uint8).cpu().numpy()
                 write_image(out_dir / f"{path.stem}_seg.png", mask * np.uint8(255))
+                progress(handled)
 
-    return timed_predict(run, images, device)
+    return steady_rate(run, device)
 
 
 def bench_predict_fast(
@@ -192,24 +195,75 @@ def bench_predict_fast(
     amp = resolve_amp("auto", device)
     model = inference_model(state, device, True, amp)
     cfg = dataclasses.replace(config.Config(), num_workers=workers, overlay=False)
-    outputs = [out_dir / f"{path.stem}_seg.png" for path in images]
+    outputs = [out_dir / f"{i}_seg.png" for i in range(len(images))]  # a tile may come more than once
 
-    def run(paths: Sequence[Path]) -> None:
-        done, failed = predict_tiles(model, paths, outputs, cfg, state, Path("random weights"), device, amp)
-        if done != len(paths) or failed:
-            raise RuntimeError(f"bench: predicted {done} of {len(paths)} tiles")
+    def run(progress: Callable[[int], None]) -> None:
+        done, failed = predict_tiles(
+            model, images, outputs, cfg, state, Path("random weights"), device, amp, (), progress
+        )
+        if done != len(images) or failed:
+            raise RuntimeError(f"bench: predicted {done} of {len(images)} tiles")
 
-    return timed_predict(run, images, device)
+    return steady_rate(run, device)
 
 
-def timed_predict(run: Callable[[Sequence[Path]], None], images: list[Path], device: torch.device) -> dict[str, float]:
-    """Warm up on the images once, then time a second pass over all of them."""
-    run(images)
-    synchronize(device)
-    started = time.perf_counter()
-    run(images)
-    synchronize(device)
-    return {"tiles_per_s": len(images) / (time.perf_counter() - started), "peak_bytes": peak_memory(device)}
+class NoNetwork(torch.nn.Module):
+    """Stands in for the U-Net to time prediction's reading, batching and writing alone: its class scores are
+    the first two bands of the input, free to compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # predict.py casts the inputs to the weights' dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2]
+
+
+def bench_predict_loop(
+    images: list[Path], device_name: str, out_dir: Path, workers: int, tiles: int
+) -> dict[str, float]:
+    """Tiles/s of predict.py's tile loop with no network: the most that reading, batching and writing allow
+    here, whatever the device's speed. The images are read over again up to ``tiles`` tiles."""
+    from predict import predict_tiles
+
+    keep_freed_memory()
+    device = select_device(device_name)
+    cfg = dataclasses.replace(config.Config(), num_workers=workers, overlay=False, predict_batch_size=32)
+    paths = [images[i % len(images)] for i in range(tiles)]
+    outputs = [out_dir / f"{i}_seg.png" for i in range(tiles)]
+    state = {"config": {"in_channels": 3}}
+
+    def run(progress: Callable[[int], None]) -> None:
+        predict_tiles(
+            NoNetwork().to(device), paths, outputs, cfg, state, Path("no network"), device, None, (), progress
+        )
+
+    result = steady_rate(run, device)
+    result["workers"] = workers
+    return result
+
+
+def steady_rate(run: Callable[[Callable[[int], None]], None], device: torch.device) -> dict[str, float]:
+    """Tiles/s over the second half of one run: ``run`` reports the tiles handled after each batch, and the
+    first half (start-up, kernel selection, the first touch of memory) counts as warm-up.
+
+    One run, not a warm-up run and a timed one: loader workers forked from a process whose memory has grown
+    share its pages, and the parent's first write to each of them then copies it, a cost that a real run,
+    whose workers start before the network's memory is allocated, does not pay (it took a quarter off a
+    timed second pass on two cores).
+    """
+    marks: list[tuple[int, float]] = []
+
+    def progress(handled: int) -> None:
+        synchronize(device)
+        marks.append((handled, time.perf_counter()))
+
+    run(progress)
+    total = marks[-1][0]
+    handled, started = next((n, t) for n, t in marks if n >= total / 2)
+    if handled == total:
+        raise ValueError(f"bench: {total} tiles make too few batches to time; ask for more")
+    return {"tiles_per_s": (total - handled) / (marks[-1][1] - started), "peak_bytes": peak_memory(device)}
 
 
 def per_pixel_counts(label: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
@@ -251,10 +305,18 @@ def bench_metrics(items: list[tuple[str, Path, Path]]) -> dict[str, float]:
     return {"fast_s_per_image": fast, "reference_s_per_image": reference, "miou_with_file_io_s_per_image": with_io}
 
 
+def platform_start_method() -> None:
+    """In a spawned process, start later processes (loader workers) as the platform does by default, as in a
+    script run from a terminal: a spawned process otherwise spawns its own children too, and each loader's
+    workers would import torch afresh (seconds each time) where a Linux run forks them."""
+    multiprocessing.set_start_method(None, force=True)
+
+
 def in_subprocess(function: Callable[..., dict], *args: Any) -> dict:
     """Run one measurement in a fresh process, so that its peak memory and warm-up are its own."""
     # An executor, not a Pool: its worker may start loader workers of its own (a Pool's may not).
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as executor:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=platform_start_method) as executor:
         return executor.submit(function, *args).result()
 
 
@@ -263,25 +325,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=64, help="U-Net base width (64 = the reference network)")
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
-    parser.add_argument("--train_steps", type=int, default=3, help="timed training steps per variant")
-    parser.add_argument("--predict_tiles", type=int, default=16, help="tiles predicted per variant")
+    parser.add_argument("--train_steps", type=int, default=0, help="timed training steps; 0 = 3 on CPU, 30 on CUDA")
+    parser.add_argument("--predict_tiles", type=int, default=0, help="tiles predicted; 0 = 32 on CPU, 4096 on CUDA")
+    parser.add_argument("--loop_tiles", type=int, default=512, help="tiles through the prediction loop without network")
     parser.add_argument("--metric_images", type=int, default=10, help="masks scored per metric variant")
     parser.add_argument("--fast_batch", type=int, default=0, help="fast training batch; 0 = 5 on CPU, 32 on CUDA")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="prediction's reading workers; 0 = the config's 2 on CPU, cores - 2 (2 to 12) on CUDA",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="where the JSON goes")
     args = parser.parse_args(argv)
     info = machine()
     cuda = torch.cuda.is_available() and args.device != "cpu"
     fast_batch = args.fast_batch or (32 if cuda else REFERENCE_BATCH)
+    train_steps = args.train_steps or (30 if cuda else 3)
+    predict_tiles = args.predict_tiles or (4096 if cuda else 32)
     flops = forward_flops(args.width, args.tile)
     print(f"{info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu']}, torch {info['torch']}")
     print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
     with tempfile.TemporaryDirectory() as tmp:
         n_tiles = max(
-            args.predict_tiles,
+            min(predict_tiles, 256),  # predicted over again when more are asked for
             args.metric_images,
-            fast_batch * (args.train_steps + 1),
-            REFERENCE_BATCH * (args.train_steps + 1),
+            fast_batch * (train_steps + 1),
+            REFERENCE_BATCH * (train_steps + 1),
         )
         images = generate_dataset(Path(tmp) / "data", n_tiles, args.tile, seed=0)
         pairs = [(p, Path(tmp) / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
@@ -310,26 +381,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["fast_dtype"] = fast_dtype
         print("training ...", flush=True)
         results["train"] = {
-            "reference": in_subprocess(bench_train, pairs, reference, args.train_steps, False),
-            "fast": in_subprocess(bench_train, pairs, fast, args.train_steps, True),
+            "reference": in_subprocess(bench_train, pairs, reference, train_steps, False),
+            "fast": in_subprocess(bench_train, pairs, fast, train_steps, True),
             "reference_reuse_memory": in_subprocess(
-                bench_train, pairs, {**reference, "reuse_memory": True}, args.train_steps, False
+                bench_train, pairs, {**reference, "reuse_memory": True}, train_steps, False
             ),
         }
         print("prediction ...", flush=True)
-        to_predict = images[: args.predict_tiles]
-        workers = config.Config().num_workers
+        to_predict = [images[i % len(images)] for i in range(predict_tiles)]
+        workers = args.workers or (max(2, min(12, (os.cpu_count() or 4) - 2)) if cuda else config.Config().num_workers)
         results["predict"] = {
             "reference": in_subprocess(bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref"),
             "fast": in_subprocess(bench_predict_fast, to_predict, args.width, args.device, Path(tmp) / "fast", workers),
             "reference_reuse_memory": in_subprocess(
                 bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref_memory", True
             ),
+            "loop_without_network": in_subprocess(
+                bench_predict_loop, to_predict, args.device, Path(tmp) / "loop", workers, args.loop_tiles
+            ),
         }
         print("metrics ...", flush=True)
         items = [
             (p.stem, m, Path(tmp) / "ref" / f"{p.stem}_seg.png")
-            for p, m in pairs[: min(args.metric_images, args.predict_tiles)]
+            for p, m in pairs[: min(args.metric_images, predict_tiles)]
         ]
         results["metrics"] = bench_metrics(items)
     for key in ("train", "predict"):
@@ -375,6 +449,9 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{results[key]['speedup_reuse_memory_alone']:.2f}x",
             )
         )
+        if key == "predict":
+            loop = results[key]["loop_without_network"]
+            rows.append(("  loop without the network", "", f"{loop['tiles_per_s']:.0f}", ""))
         rows.append((f"{label} TFLOP/s", f"{ref['tflop_per_s']:.3f}", f"{fast['tflop_per_s']:.3f}", ""))
         rows.append(
             (

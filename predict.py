@@ -306,8 +306,13 @@ def predict_tiles(
     device: torch.device,
     amp: torch.dtype | None,
     bands: Sequence[int] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
-    """Predict tiles in batches of equal size; write each mask (and overlay). Return (written, failed)."""
+    """Predict tiles in batches of equal size; write each mask (and overlay). Return (written, failed).
+
+    ``progress``, when given, is called after each batch with the number of images handled so far (their
+    outputs may still be being written).
+    """
     if not paths:
         return 0, 0
     threshold = decision_threshold(state)
@@ -352,6 +357,8 @@ def predict_tiles(
                             writer.submit(write_outputs, index, photo, mask)
                         done += len(indices)
                     bar.update(len(indices))
+                    if progress is not None:
+                        progress(done + failures)
     return done, failures
 
 

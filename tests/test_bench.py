@@ -58,7 +58,15 @@ def test_inference_model_predicts_what_the_trained_model_predicts() -> None:
 
 def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
-    args = ["--width=4", "--tile=32", "--train_steps=1", "--predict_tiles=2", "--metric_images=2", f"--out={out}"]
+    args = [
+        "--width=4",
+        "--tile=32",
+        "--train_steps=1",
+        "--predict_tiles=8",
+        "--metric_images=2",
+        "--loop_tiles=64",
+        f"--out={out}",
+    ]
     assert bench.main(args) == 0
     results = json.loads(out.read_text())
     assert results["machine"]["torch"] == torch.__version__
@@ -69,6 +77,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
         assert results[key]["speedup"] > 0
         assert results[key]["fast"]["fraction_of_matmul_peak"] > 0
     assert results["matmul_peak_tflop_per_s"]["float32"] > 0
+    assert results["predict"]["loop_without_network"]["tiles_per_s"] > 0
     assert results["metrics"]["speedup"] > 0
     assert "IoU scoring ms per image" in capsys.readouterr().out
 
