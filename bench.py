@@ -28,7 +28,6 @@ import dataclasses
 import datetime
 import json
 import multiprocessing
-import os
 import platform
 import resource
 import tempfile
@@ -45,6 +44,7 @@ from data_preprocess import FarmlandDataset, load_image, load_mask, write_image
 from make_demo_data import generate_dataset
 from miou import class_iou, confusion_matrix, evaluate_pairs
 from net_structure import build_model
+from predict import inference_model, predict_tiles, usable_cores
 from train import (
     keep_freed_memory,
     make_loader,
@@ -71,7 +71,7 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
+        "cpu_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
         "torch": torch.__version__,
@@ -102,12 +102,15 @@ def matmul_peaks(device_name: str, dtype_names: Sequence[str]) -> dict[str, floa
         a = torch.randn(side, side, device=device).to(dtype)
         b = torch.randn(side, side, device=device).to(dtype)
         a @ b  # warm-up: kernels chosen, threads started
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        synchronize(device)
-        peaks[name] = 2 * side**3 * repeats / (time.perf_counter() - started) / 1e12
+        best = 0.0
+        for _ in range(5):  # the best of five rounds: a peak, not an average over interruptions
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            synchronize(device)
+            best = max(best, 2 * side**3 * repeats / (time.perf_counter() - started) / 1e12)
+        peaks[name] = best
     return peaks
 
 
@@ -182,8 +185,6 @@ def bench_predict_fast(
 ) -> dict[str, float]:
     """Tiles/s of predict.py's own tile loop (predict_tiles): folded network, reduced precision, channels-last,
     batches read by workers, masks written by a background thread."""
-    from predict import inference_model, predict_tiles
-
     keep_freed_memory()  # as predict.py does with the default reuse_memory=true
     device = select_device(device_name)
     if device.type == "cuda":
@@ -224,8 +225,6 @@ def bench_predict_loop(
 ) -> dict[str, float]:
     """Tiles/s of predict.py's tile loop with no network: the most that reading, batching and writing allow
     here, whatever the device's speed. The images are read over again up to ``tiles`` tiles."""
-    from predict import predict_tiles
-
     keep_freed_memory()
     device = select_device(device_name)
     cfg = dataclasses.replace(config.Config(), num_workers=workers, overlay=False, predict_batch_size=32)
@@ -259,6 +258,7 @@ def steady_rate(run: Callable[[Callable[[int], None]], None], device: torch.devi
         marks.append((handled, time.perf_counter()))
 
     run(progress)
+    progress(marks[-1][0])  # the end of the run: outputs still being written when the last batch was done
     total = marks[-1][0]
     handled, started = next((n, t) for n, t in marks if n >= total / 2)
     if handled == total:
@@ -389,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print("prediction ...", flush=True)
         to_predict = [images[i % len(images)] for i in range(predict_tiles)]
-        workers = args.workers or (max(2, min(12, (os.cpu_count() or 4) - 2)) if cuda else config.Config().num_workers)
+        workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else config.Config().num_workers)
         results["predict"] = {
             "reference": in_subprocess(bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref"),
             "fast": in_subprocess(bench_predict_fast, to_predict, args.width, args.device, Path(tmp) / "fast", workers),

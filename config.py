@@ -13,14 +13,12 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
-
-UMASK_LOCK = threading.Lock()  # see current_umask
 
 
 @dataclasses.dataclass
@@ -205,38 +203,29 @@ def apply_recipe(cfg: Config, given: Collection[str] = ()) -> Config:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside ``path`` and rename it, so a crash never leaves half a file."""
+    """Write bytes to a temporary file beside ``path`` and rename it, so a crash never leaves half a file.
+
+    The temporary file is created with mode 0666 less the process's umask, as a plain open() would (rather
+    than mkstemp's private 0600 and a chmod, which would need the umask read by setting it, unsafe while
+    other threads write outputs).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:  # a name already taken: draw another
+            continue
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-
-
-def current_umask() -> int:
-    """The process's file-creation mask.
-
-    Read from /proc where it can be: the portable way, setting it and putting it back, would let another
-    thread writing outputs at that moment create a file with no mask at all. Elsewhere it is set and put
-    back under a lock.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with UMASK_LOCK:
-        mask = os.umask(0)
-        os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -161,17 +161,35 @@ class BackgroundWriter:
             if self.executor is not None:
                 self.executor.shutdown(wait=True, cancel_futures=True)
 
+    def abandon(self) -> None:
+        """Drop the jobs not started, wait for the running ones, raise nothing: the caller is already failing,
+        and its error is the one to see."""
+        self.futures.clear()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
     def __enter__(self) -> "BackgroundWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def writer_threads(device: torch.device) -> int:
     """Threads that write outputs: one on a CPU (its cores run the network; one thread overlaps the writing
     with the next batch), several beside a GPU, which leaves the cores free."""
-    return 1 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
+    return 1 if device.type == "cpu" else max(1, min(8, usable_cores() // 2))
 
 
 def overlay_path(mask_path: Path) -> Path:
@@ -217,7 +235,9 @@ def network_logits(
     dtype = next(model.parameters()).dtype
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
-        images = images.float().div_(255.0)
+        # Divided by a tensor on the device: CUDA turns division by a Python number into a multiplication by
+        # its reciprocal, which differs from image_to_float's x / 255 in the last bit for half the values.
+        images = images.float().div_(torch.tensor(255.0, device=images.device))
     images = images.to(dtype=dtype, memory_format=memory_format(channels_last))
     return model(images)
 
@@ -288,8 +308,10 @@ def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: to
         model(torch.zeros((2, *shape), device=device, dtype=dtype))
         per_tile = max((torch.cuda.max_memory_allocated(device) - before) // 2, 1)
         free = torch.cuda.mem_get_info(device)[0]
-        return int(max(1, min(1024, free // 2 // per_tile)))
-    width = model.inc.first.out_channels
+        # Beyond about a hundred 256-pixel tiles a pass is long enough that per-batch costs vanish; larger
+        # batches would only hold more memory in flight (loader workers' shared memory, pinned copies, writes).
+        return int(max(1, min(128, free // 2 // per_tile)))
+    width = model.outc.in_channels
     # The full-size level holds about 6 activations of `width` channels at once (convolutions, skip, concat).
     per_tile = 6 * width * shape[-2] * shape[-1] * torch.finfo(dtype).bits // 8
     free = available_memory() or 4 * 2**30
@@ -344,7 +366,8 @@ def predict_tiles(
 
     failures, done = 0, 0
     with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:
-        with BackgroundWriter(writer_threads(device)) as writer:
+        # Room for two batches of jobs, so the device goes on with the next batch while one is written.
+        with BackgroundWriter(writer_threads(device), pending=2 * batch_size) as writer:
             for groups in loader:
                 for indices, images, error in groups:
                     if error is not None:

@@ -106,7 +106,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     # Blocks up to 1 GiB come from the heap (larger ones are still mapped), and the heap is not trimmed.
-    return bool(mallopt(M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    mapped = mallopt(M_MMAP_THRESHOLD, 2**30)
+    trimmed = mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # set even where the first one was refused
+    return bool(mapped) and bool(trimmed)
 
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:

@@ -110,21 +110,22 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
-def test_atomic_write_gives_ordinary_permissions(tmp_path: Path) -> None:
-    config.atomic_write_text(tmp_path / "b.txt", "x")
-    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~config.current_umask()
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_gives_ordinary_permissions_without_touching_the_umask(
+    tmp_path: Path, umask: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    previous = os.umask(umask)
+    try:
+        # Setting the mask and putting it back would let a writer thread create a file with no mask meanwhile.
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "umask", lambda *_: pytest.fail("os.umask changes the mask for every thread"))
+            config.atomic_write_text(tmp_path / "b.txt", "x")
+        assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    finally:
+        os.umask(previous)
 
 
 def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     undocumented = [f.name for f in dataclasses.fields(config.Config) if f"| `{f.name}` |" not in readme]
     assert undocumented == []
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the mask from /proc")
-def test_umask_is_read_without_being_changed(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Setting the mask and putting it back would let a writer thread create a file with no mask meanwhile.
-    expected = os.umask(0o022)
-    os.umask(expected)
-    monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("os.umask changes the mask for every thread"))
-    assert config.current_umask() == expected

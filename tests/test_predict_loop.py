@@ -99,6 +99,18 @@ def test_background_writer_runs_every_job_and_raises_the_first_failure(tmp_path:
         with BackgroundWriter(threads=2) as writer:
             writer.submit(job, 100)
             writer.submit(fail, 7)
+    # When the loop itself fails, its error is the one raised, not a writer's.
+    release = threading.Event()
+
+    def fail_later(value: int) -> None:
+        release.wait(10)
+        fail(value)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with BackgroundWriter(threads=2) as writer:
+            writer.submit(fail_later, 9)
+            release.set()
+            raise RuntimeError("out of memory")
     inline = BackgroundWriter(threads=0)
     with pytest.raises(DataError, match="cannot write 8"):
         inline.submit(fail, 8)  # no threads: the job runs, and fails, at once
