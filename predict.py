@@ -339,9 +339,9 @@ def predict_tiles(
         return 0, 0
     threshold = decision_threshold(state)
     files = ImageFiles(paths, state["config"]["in_channels"], bands)
-    first = next((item for _, item in (files[i] for i in range(len(files))) if not isinstance(item, str)), None)
-    batch_size = cfg.predict_batch_size or 4  # used as is when no image is readable
-    if first is not None:
+    _, first = files[0]  # read here for its shape, which sizes the batches (and again by a worker)
+    batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
+    if not isinstance(first, str):
         batch_size = choose_batch_size(model, tuple(first.shape), device, cfg.predict_batch_size)
     loader = DataLoader(
         ImageBatches(files, batch_size),
