@@ -132,7 +132,6 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
 
     ``fast`` adds what train.py does on CUDA beyond the config: cudnn autotuning and the fused optimizer.
     """
-
     cfg = dataclasses.replace(config.Config(), **settings)
     if cfg.reuse_memory:
         keep_freed_memory()
@@ -163,7 +162,6 @@ def bench_predict_reference(
 ) -> dict[str, float]:
     """Tiles/s of the reference prediction: fp32, contiguous, one image at a time, masks written
     (``reuse_memory``: with the project's allocator setting alone, to show what it gives on its own)."""
-
     if reuse_memory:
         keep_freed_memory()
     device = select_device(device_name)
@@ -220,16 +218,13 @@ class NoNetwork(torch.nn.Module):
         return x[:, :2]
 
 
-def bench_predict_loop(
-    images: list[Path], device_name: str, out_dir: Path, workers: int, tiles: int
-) -> dict[str, float]:
+def bench_predict_loop(paths: list[Path], device_name: str, out_dir: Path, workers: int) -> dict[str, float]:
     """Tiles/s of predict.py's tile loop with no network: the most that reading, batching and writing allow
-    here, whatever the device's speed. The images are read over again up to ``tiles`` tiles."""
+    here, whatever the device's speed."""
     keep_freed_memory()
     device = select_device(device_name)
     cfg = dataclasses.replace(config.Config(), num_workers=workers, overlay=False, predict_batch_size=32)
-    paths = [images[i % len(images)] for i in range(tiles)]
-    outputs = [out_dir / f"{i}_seg.png" for i in range(tiles)]
+    outputs = [out_dir / f"{i}_seg.png" for i in range(len(paths))]  # a tile may come more than once
     state = {"config": {"in_channels": 3}}
 
     def run(progress: Callable[[int], None]) -> None:
@@ -305,6 +300,11 @@ def bench_metrics(items: list[tuple[str, Path, Path]]) -> dict[str, float]:
     return {"fast_s_per_image": fast, "reference_s_per_image": reference, "miou_with_file_io_s_per_image": with_io}
 
 
+def repeated(images: list[Path], count: int) -> list[Path]:
+    """``count`` paths taken from the images in turn, over again when there are fewer."""
+    return [images[i % len(images)] for i in range(count)]
+
+
 def platform_start_method() -> None:
     """In a spawned process, start later processes (loader workers) as the platform does by default, as in a
     script run from a terminal: a spawned process otherwise spawns its own children too, and each loader's
@@ -374,9 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "forward_gflop_per_tile": flops / 1e9,
         }
         print("matrix-product peak ...", flush=True)
-        fast_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", None: "float32"}[
-            resolve_amp("auto", select_device(args.device))
-        ]
+        fast_dtype = str(resolve_amp("auto", select_device(args.device)) or torch.float32).removeprefix("torch.")
         results["matmul_peak_tflop_per_s"] = in_subprocess(matmul_peaks, args.device, sorted({"float32", fast_dtype}))
         results["fast_dtype"] = fast_dtype
         print("training ...", flush=True)
@@ -388,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         }
         print("prediction ...", flush=True)
-        to_predict = [images[i % len(images)] for i in range(predict_tiles)]
+        to_predict = repeated(images, predict_tiles)
         workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else config.Config().num_workers)
         results["predict"] = {
             "reference": in_subprocess(bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref"),
@@ -397,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref_memory", True
             ),
             "loop_without_network": in_subprocess(
-                bench_predict_loop, to_predict, args.device, Path(tmp) / "loop", workers, args.loop_tiles
+                bench_predict_loop, repeated(images, args.loop_tiles), args.device, Path(tmp) / "loop", workers
             ),
         }
         print("metrics ...", flush=True)

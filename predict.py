@@ -237,7 +237,7 @@ def network_logits(
     if images.dtype == torch.uint8:
         # Divided by a tensor on the device: CUDA turns division by a Python number into a multiplication by
         # its reciprocal, which differs from image_to_float's x / 255 in the last bit for half the values.
-        images = images.float().div_(torch.tensor(255.0, device=images.device))
+        images = images.float().div_(torch.full((), 255.0, device=images.device))  # filled there, not copied
     images = images.to(dtype=dtype, memory_format=memory_format(channels_last))
     return model(images)
 
