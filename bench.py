@@ -14,6 +14,8 @@ On the same generated tiles and network width it measures
 - prediction's loop with a stand-in for the network that costs nothing (tiles/s): what reading, batching
   and writing alone allow on this machine, the ceiling for a device however fast;
 - miou.py's time per image against a per-pixel Python loop over the same files;
+- megapixels/s of predict.py on a synthetic GeoTIFF scene (bench_scene.py's measurement: windows blended,
+  mask and probability GeoTIFFs written), at the same width;
 - the reference once more with the project's allocator setting alone (``reuse_memory``: freed memory kept for
   reuse), so that the share of that one process-wide setting in each ratio is seen;
 and prints each pair's ratio. Every measurement runs in a fresh process, so peak memory is its own. The
@@ -322,12 +324,20 @@ def in_subprocess(function: Callable[..., dict], *args: Any) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every measurement, print the table and write the JSON."""
+    from bench_scene import measure, random_checkpoint  # bench_scene builds on this module: imported here
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=64, help="U-Net base width (64 = the reference network)")
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
     parser.add_argument("--train_steps", type=int, default=0, help="timed training steps; 0 = 3 on CPU, 30 on CUDA")
     parser.add_argument("--predict_tiles", type=int, default=0, help="tiles predicted; 0 = 32 on CPU, 4096 on CUDA")
     parser.add_argument("--loop_tiles", type=int, default=512, help="tiles through the prediction loop without network")
+    parser.add_argument(
+        "--scene_size",
+        type=int,
+        default=0,
+        help="side of the scene predicted by predict.py; 0 = 2048 on CPU, 16384 on CUDA",
+    )
     parser.add_argument("--metric_images", type=int, default=10, help="masks scored per metric variant")
     parser.add_argument("--fast_batch", type=int, default=0, help="fast training batch; 0 = 5 on CPU, 32 on CUDA")
     parser.add_argument(
@@ -344,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast_batch = args.fast_batch or (32 if cuda else REFERENCE_BATCH)
     train_steps = args.train_steps or (30 if cuda else 3)
     predict_tiles = args.predict_tiles or (4096 if cuda else 32)
+    scene_size = args.scene_size or (16384 if cuda else 2048)
     flops = forward_flops(args.width, args.tile)
     print(f"{info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu']}, torch {info['torch']}")
     print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
@@ -404,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p, m in pairs[: min(args.metric_images, predict_tiles)]
         ]
         results["metrics"] = bench_metrics(items)
+        print("scene ...", flush=True)
+        checkpoint = random_checkpoint(args.width, Path(tmp))
+        settings = {"window": config.Config.window, "overlap": config.Config.overlap, "device": args.device}
+        results["scene"] = measure(scene_size, checkpoint, Path(tmp), settings)
     for key in ("train", "predict"):
         pair = results[key]
         pair["speedup"] = pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
@@ -473,6 +488,8 @@ def print_table(results: dict[str, Any]) -> None:
     )
     peaks = ", ".join(f"{name} {value:.3f}" for name, value in results["matmul_peak_tflop_per_s"].items())
     print(f"\nmatrix-product peak, TFLOP/s: {peaks} (fast path in {results['fast_dtype']}, reference in float32)")
+    scene = results["scene"]
+    rows.append((f"scene {scene['size']}x{scene['size']}, MP/s", "", f"{scene['megapixels_per_s']:.2f}", ""))
     print(f"\n{'':28} {'reference':>12} {'fast':>12} {'ratio':>8}")
     for name, ref, fast, ratio in rows:
         print(f"{name:28} {ref:>12} {fast:>12} {ratio:>8}")

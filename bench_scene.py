@@ -93,6 +93,16 @@ def worker(args: Sequence[str]) -> int:
     return code
 
 
+def random_checkpoint(width: int, folder: Path) -> Path:
+    """Save a seeded, untrained 3-band U-Net of this width as a checkpoint predict.py can load."""
+    torch.manual_seed(0)
+    model = build_model(3, 2, width, 0.3)
+    checkpoint = folder / f"random_{width}.pth"
+    saved = {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3}
+    torch.save({"model": model.state_dict(), "config": saved, "epoch": 0}, checkpoint)
+    return checkpoint
+
+
 def measure(size: int, checkpoint: Path, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Generate one scene, predict it in a fresh process, return MP/s and peak resident memory."""
     image = folder / f"scene_{size}.tif"
@@ -104,7 +114,6 @@ def measure(size: int, checkpoint: Path, folder: Path, settings: dict[str, Any])
         f"--checkpoint={checkpoint}",
         f"--predict_input={image}",
         "--polygons=false",
-        "--device=cpu",
         *(f"--{key}={value}" for key, value in settings.items()),
     ]
     done = subprocess.run(
@@ -139,20 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=config.Config.window, help="window side in pixels")
     parser.add_argument("--overlap", type=int, default=config.Config.overlap, help="overlap in pixels")
     parser.add_argument("--amp", default="auto", help="auto, bf16 or off")
+    parser.add_argument("--device", default="cpu", help="cpu, auto or cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench_scene.json"), help="the JSON")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    settings = {"window": args.window, "overlap": args.overlap, "amp": args.amp}
+    settings = {"window": args.window, "overlap": args.overlap, "amp": args.amp, "device": args.device}
     info = machine()
     print(f"{info['cpu']} ({info['cpu_cores']} cores), torch {info['torch']}")
     print(f"U-Net width {args.width}, window {args.window}, overlap {args.overlap}, amp {args.amp}")
     results: dict[str, Any] = {"machine": info, "width": args.width, **settings, "scenes": []}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        torch.manual_seed(0)
-        model = build_model(3, 2, args.width, 0.3)
-        checkpoint = Path(tmp) / "random.pth"
-        saved = {"in_channels": 3, "n_classes": 2, "base_width": args.width, "dropout": 0.3}
-        torch.save({"model": model.state_dict(), "config": saved, "epoch": 0}, checkpoint)
+        checkpoint = random_checkpoint(args.width, Path(tmp))
         for size in sizes:
             print(f"{size} x {size} ...", flush=True)
             results["scenes"].append(measure(size, checkpoint, Path(tmp), settings))

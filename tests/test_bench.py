@@ -65,6 +65,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
         "--predict_tiles=8",
         "--metric_images=2",
         "--loop_tiles=64",
+        "--scene_size=96",
         f"--out={out}",
     ]
     assert bench.main(args) == 0
@@ -78,6 +79,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
         assert results[key]["fast"]["fraction_of_matmul_peak"] > 0
     assert results["matmul_peak_tflop_per_s"]["float32"] > 0
     assert results["predict"]["loop_without_network"]["tiles_per_s"] > 0
+    assert results["scene"]["size"] == 96 and results["scene"]["megapixels_per_s"] > 0
     assert results["metrics"]["speedup"] > 0
     assert "IoU scoring ms per image" in capsys.readouterr().out
 
