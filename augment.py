@@ -21,9 +21,15 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-import config
-from data_preprocess import DataError, read_image, read_pair_list, write_image
-from split_dataset import write_pair_list
+import cli
+from data_preprocess import (
+    DataError,
+    original_training_pairs,
+    read_image,
+    write_image,
+    write_pair_list,
+)
+from figures import save_figure
 
 LOG = logging.getLogger("augment")
 FLIPS = {"vflip": 0, "hflip": 1}  # name -> numpy axis
@@ -34,14 +40,6 @@ def copy_names(image_path: Path, flip: str, mask_suffix: str, bands: int) -> tup
     extension = ".tif" if bands > 4 else ".png"
     stem = f"{Path(image_path).stem}_{flip}"
     return f"{stem}{extension}", f"{stem}{mask_suffix}.png"
-
-
-def original_training_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
-    """The training split without the flipped copies of an earlier run (entries under run_dir/augmented),
-    so that re-running never duplicates and other tools see the user's own tiles."""
-    augmented = (Path(run_dir) / "augmented").resolve()
-    pairs = read_pair_list(Path(run_dir) / "splits" / "train.txt")
-    return [p for p in pairs if augmented not in p[0].resolve().parents]
 
 
 def choose_tiles(n: int, probability: float, seed: int) -> np.ndarray:
@@ -55,8 +53,6 @@ def preview(samples: list[tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarr
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from miou import save_figure
 
     columns = 2 + 2 * len(FLIPS)
     fig, axes = plt.subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)
@@ -77,10 +73,10 @@ def preview(samples: list[tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarr
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Flip the chosen training tiles, write the copies and extend train.txt."""
-    cfg = config.parse_args(argv, __doc__ or "")
-    config.check_paths(cfg)
-    config.setup_logging(cfg, "augment")
-    config.save_config(cfg, "augment")
+    cfg = cli.parse_args(argv, __doc__ or "")
+    cli.check_paths(cfg)
+    cli.setup_logging(cfg, "augment")
+    cli.save_config(cfg, "augment")
     run_dir = Path(cfg.run_dir)
     train_list = run_dir / "splits" / "train.txt"
     out_dir = (run_dir / "augmented").resolve()
@@ -130,4 +126,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(config.run_main(main))
+    sys.exit(cli.run_main(main))

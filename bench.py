@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import multiprocessing
-import platform
 import resource
 import tempfile
 import time
@@ -41,45 +39,26 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-import config
+import files
+from benchmarking import measure_scene, random_checkpoint
+from config import Config
 from data_preprocess import FarmlandDataset, load_image, load_mask, write_image
-from make_demo_data import generate_dataset
-from miou import class_iou, confusion_matrix, evaluate_pairs
+from demo_data import generate_dataset
+from inference import inference_model
+from metrics import class_iou, confusion_matrix, evaluate_pairs
 from net_structure import build_model
-from predict import inference_model, predict_tiles, usable_cores
-from train import (
+from runtime import (
     keep_freed_memory,
-    make_loader,
-    make_optimizer,
+    machine,
     memory_format,
     resolve_amp,
     select_device,
-    train_epoch,
+    usable_cores,
 )
+from tile_prediction import predict_tiles
+from training import make_loader, make_optimizer, train_epoch
 
 REFERENCE_BATCH = 5
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, GPU and library versions of this machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu,
-        "cpu_cores": usable_cores(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-    }
 
 
 def forward_flops(width: int, tile: int) -> int:
@@ -134,7 +113,7 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
 
     ``fast`` adds what train.py does on CUDA beyond the config: cudnn autotuning and the fused optimizer.
     """
-    cfg = dataclasses.replace(config.Config(), **settings)
+    cfg = dataclasses.replace(Config(), **settings)
     if cfg.reuse_memory:
         keep_freed_memory()
     device = select_device(cfg.device)
@@ -195,7 +174,7 @@ def bench_predict_fast(
     }
     amp = resolve_amp("auto", device)
     model = inference_model(state, device, True, amp)
-    cfg = dataclasses.replace(config.Config(), num_workers=workers, overlay=False)
+    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False)
     outputs = [out_dir / f"{i}_seg.png" for i in range(len(images))]  # a tile may come more than once
 
     def run(progress: Callable[[int], None]) -> None:
@@ -225,7 +204,7 @@ def bench_predict_loop(paths: list[Path], device_name: str, out_dir: Path, worke
     here, whatever the device's speed."""
     keep_freed_memory()
     device = select_device(device_name)
-    cfg = dataclasses.replace(config.Config(), num_workers=workers, overlay=False, predict_batch_size=32)
+    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False, predict_batch_size=32)
     outputs = [out_dir / f"{i}_seg.png" for i in range(len(paths))]  # a tile may come more than once
     state = {"config": {"in_channels": 3}}
 
@@ -326,8 +305,6 @@ def in_subprocess(function: Callable[..., dict], *args: Any) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every measurement, print the table and write the JSON."""
-    from bench_scene import measure, random_checkpoint  # bench_scene builds on this module: imported here
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=64, help="U-Net base width (64 = the reference network)")
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
@@ -400,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print("prediction ...", flush=True)
         to_predict = repeated(images, predict_tiles)
-        workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else config.Config().num_workers)
+        workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else Config().num_workers)
         results["predict"] = {
             "reference": in_subprocess(bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref"),
             "fast": in_subprocess(bench_predict_fast, to_predict, args.width, args.device, Path(tmp) / "fast", workers),
@@ -419,8 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["metrics"] = bench_metrics(items)
         print("scene ...", flush=True)
         checkpoint = random_checkpoint(args.width, Path(tmp))
-        settings = {"window": config.Config.window, "overlap": config.Config.overlap, "device": args.device}
-        results["scene"] = measure(scene_size, checkpoint, Path(tmp), settings)
+        settings = {"window": Config.window, "overlap": Config.overlap, "device": args.device}
+        results["scene"] = measure_scene(scene_size, checkpoint, Path(tmp), settings)
     for key in ("train", "predict"):
         pair = results[key]
         pair["speedup"] = pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
@@ -437,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = results["metrics"]
     metrics["speedup"] = metrics["reference_s_per_image"] / metrics["fast_s_per_image"]
     print_table(results)
-    config.atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    files.atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(f"written to {args.out}")
     return 0
 

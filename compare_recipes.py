@@ -27,13 +27,14 @@ from typing import Sequence
 
 import numpy as np
 
-import config
+import cli
+import files
 import miou
 import predict
 import split_dataset
 import train
-from data_preprocess import load_mask, read_pair_list
-from split_dataset import SPLIT_NAMES, write_pair_list
+from data_preprocess import SPLIT_NAMES, load_mask, read_pair_list, write_pair_list
+from runtime import load_checkpoint
 
 LOG = logging.getLogger("compare_recipes")
 RECIPES = ("reference", "recommended")
@@ -72,10 +73,14 @@ def run_recipe(
     if train.main([*common, f"--recipe={recipe}", f"--epochs={epochs}"]) != 0:
         raise RuntimeError(f"{run_dir}: training failed; see {run_dir / 'logs' / 'train.log'}")
     seconds = time.perf_counter() - started
-    predict.main([*common, "--overlay=false"])
-    miou.main(common)
+    # A stale metrics.json from an earlier run must never pass for this one's.
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    if predict.main([*common, "--overlay=false"]) != 0:
+        raise RuntimeError(f"{run_dir}: prediction failed; see {run_dir / 'logs' / 'predict.log'}")
+    if miou.main(common) != 0:
+        raise RuntimeError(f"{run_dir}: scoring failed; see {run_dir / 'logs' / 'miou.log'}")
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    best = train.load_checkpoint(run_dir / "checkpoints" / "best.pth")
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pth")
     return {
         "recipe": recipe,
         "train_tiles": len(splits["train"]),
@@ -129,15 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minority_epochs", type=int, default=0, help="0: as many tile passes as the whole set")
     parser.add_argument("--skip_minority", action="store_true", help="compare on the whole data set only")
     known, overrides = parser.parse_known_args(argv)
-    cfg = config.parse_args(overrides, __doc__ or "")
+    cfg = cli.parse_args(overrides, __doc__ or "")
     if cfg.recipe != "reference":
         raise ValueError("compare_recipes.py sets --recipe itself; leave it out")
     root = Path(cfg.run_dir)
     overrides = [a for a in overrides if not a.startswith("--epochs=")]
-    config.check_paths(cfg)
+    cli.check_paths(cfg)
     if split_dataset.main([*overrides]) != 0:
         LOG.warning("some pairs were left out of the split; see %s", root / "splits" / "rejected.csv")
-    config.setup_logging(cfg, "compare_recipes")
+    cli.setup_logging(cfg, "compare_recipes")
     splits = {name: read_pair_list(root / "splits" / f"{name}.txt") for name in SPLIT_NAMES}
     datasets = [("all", splits, cfg.epochs)]
     if not known.skip_minority:
@@ -156,12 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_dir = root / data_name / recipe
             row = {"data": data_name, **run_recipe(run_dir, data_splits, recipe, epochs, overrides)}
             rows.append(row)
-            config.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs
+            cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs
             LOG.info("%s", json.dumps(row))
-            config.atomic_write_text(root / "comparison.json", json.dumps(rows, indent=2) + "\n")
+            files.atomic_write_text(root / "comparison.json", json.dumps(rows, indent=2) + "\n")
     print(table(rows))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(config.run_main(main))
+    sys.exit(cli.run_main(main))

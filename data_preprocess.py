@@ -23,15 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from config import FALSE_WORDS, TRUE_WORDS, atomic_write_bytes
+from cli import FALSE_WORDS, TRUE_WORDS
+from files import DataError, atomic_write_bytes, atomic_write_text
+from runtime import available_memory
+
+__all__ = ["DataError"]  # re-exported: scripts name input errors from here, with the readers
 
 IGNORE = 255  # class index of unlabelled pixels in decoded masks (never a real class: n_classes < 255)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
-
-
-class DataError(ValueError):
-    """An input file that cannot be used; the message names the file, the problem and the fix."""
 
 
 def is_image_file(path: Path) -> bool:
@@ -351,17 +351,6 @@ def decoded_size(pairs: Sequence[tuple[Path, Path]]) -> int:
     return len(pairs) * (image.nbytes + mask.shape[0] * mask.shape[1])
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def should_cache(setting: str, pairs: Sequence[tuple[Path, Path]]) -> bool:
     """Resolve the ``cache_tiles`` key: yes, no, or auto (when the tiles fit in a quarter of free memory).
 
@@ -464,3 +453,20 @@ class FarmlandDataset(Dataset):
         std = np.sqrt(np.maximum(squares / max(pixels, 1) - mean**2, 0.0))
         std = np.where(std > 1e-6, std, 1.0)
         return mean.tolist(), std.tolist(), classes[:IGNORE].tolist()
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def write_pair_list(path: Path, pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Write ``image<TAB>mask`` lines of absolute paths, atomically."""
+    lines = [f"{Path(i).resolve()}\t{Path(m).resolve()}\n" for i, m in pairs]
+    atomic_write_text(path, "".join(lines))
+
+
+def original_training_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
+    """The training split without the flipped copies of an earlier run (entries under run_dir/augmented),
+    so that re-running never duplicates and other tools see the user's own tiles."""
+    augmented = (Path(run_dir) / "augmented").resolve()
+    pairs = read_pair_list(Path(run_dir) / "splits" / "train.txt")
+    return [p for p in pairs if augmented not in p[0].resolve().parents]

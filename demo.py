@@ -26,13 +26,20 @@ from typing import Sequence
 import numpy as np
 
 import augment
-import config
+import cli
+import files
 import miou
 import predict
 import split_dataset
 import train
-from data_preprocess import load_mask, read_image, read_pair_list
-from make_demo_data import apply_colour_classifier, fit_colour_classifier, generate_dataset
+from data_preprocess import (
+    load_mask,
+    original_training_pairs,
+    read_image,
+    read_pair_list,
+)
+from demo_data import apply_colour_classifier, fit_colour_classifier, generate_dataset
+from metrics import confusion_matrix, scores
 
 LOG = logging.getLogger("demo")
 N_TILES, TILE_SIZE, DATA_SEED = 500, 64, 0
@@ -57,23 +64,23 @@ STAGES = (split_dataset, augment, train, predict, miou)
 
 def colour_baseline_iou(run_dir: Path, mask_threshold: int = 0) -> float:
     """Fit the per-pixel colour classifier on the original training tiles; pooled farmland IoU on the test split."""
-    train_pairs = augment.original_training_pairs(run_dir)
+    train_pairs = original_training_pairs(run_dir)
     table = fit_colour_classifier(
         [read_image(i)[:, :, :3] for i, _ in train_pairs], [load_mask(m, mask_threshold) for _, m in train_pairs]
     )
     cm = np.zeros((2, 2), dtype=np.int64)
     for image_path, mask_path in read_pair_list(run_dir / "splits" / "test.txt"):
-        cm += miou.confusion_matrix(
+        cm += confusion_matrix(
             apply_colour_classifier(table, read_image(image_path)[:, :, :3]), load_mask(mask_path, mask_threshold)
         )
-    return miou.scores(cm)["farmland_iou"]
+    return scores(cm)["farmland_iou"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate the demo data, run the five scripts on it, and compare with the colour classifier."""
     overrides = DEMO_OVERRIDES + list(sys.argv[1:] if argv is None else argv)
-    cfg = config.parse_args(overrides, __doc__ or "")
-    config.setup_logging(cfg, "demo")
+    cfg = cli.parse_args(overrides, __doc__ or "")
+    cli.setup_logging(cfg, "demo")
     started = time.perf_counter()
     data_dir, run_dir = Path(cfg.data_dir), Path(cfg.run_dir)
     generate_dataset(data_dir, N_TILES, TILE_SIZE, DATA_SEED)
@@ -81,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stage in STAGES:
         LOG.info("---- %s.py %s", stage.__name__, " ".join(overrides))
         code = stage.main(overrides)
-        config.setup_logging(cfg, "demo")
+        cli.setup_logging(cfg, "demo")
         if code != 0:
             LOG.error("%s.py failed with status %d; see the messages above", stage.__name__, code)
             return code
@@ -95,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "test_images": metrics["n_images"],
         "minutes": round(minutes, 2),
     }
-    config.atomic_write_text(run_dir / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
+    files.atomic_write_text(run_dir / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     print(
         f"\nDemo finished in {minutes:.1f} min on {metrics['n_images']} synthetic test tiles:\n"
         f"  U-Net             pooled farmland IoU {metrics['pooled']['farmland_iou']:.3f} "
@@ -107,4 +114,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(config.run_main(main))
+    sys.exit(cli.run_main(main))

@@ -50,9 +50,11 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 from tqdm import tqdm
 
-import config
-from data_preprocess import DataError, image_to_float, parse_bands, read_image, write_image
-from predict import (
+import files
+from config import Config
+from data_preprocess import image_to_float, parse_bands, read_image, write_image
+from files import DataError
+from inference import (
     choose_batch_size,
     classes_from_probabilities,
     decision_threshold,
@@ -107,7 +109,7 @@ class SceneSettings:
     channels_last: bool = True
 
     @classmethod
-    def from_config(cls, cfg: config.Config) -> "SceneSettings":
+    def from_config(cls, cfg: Config) -> "SceneSettings":
         """Read and check the scene keys of a config.
 
         Raises:
@@ -688,7 +690,7 @@ def write_area_table(rows: Sequence[dict], path: Path) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in AREA_FIELDS})
-    config.atomic_write_text(path, buffer.getvalue())
+    files.atomic_write_text(path, buffer.getvalue())
 
 
 def write_overlay(scene: Scene, mask_path: Path, path: Path) -> None:
@@ -725,7 +727,7 @@ def run_scene(
         if settings.overlay:
             write_overlay(scene, outputs["mask"], outputs["overlay"])
     row = area_row(scene, counts, fields, outputs["mask"])
-    config.atomic_write_text(outputs["area"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
+    files.atomic_write_text(outputs["area"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
     LOG.info(
         "%s: %d x %d, farmland %s of the valid pixels%s%s",
         scene.path.name,

@@ -26,8 +26,11 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-import config
+import cli
+import files
+from config import Config
 from data_preprocess import (
+    SPLIT_NAMES,
     DataError,
     image_to_float,
     is_image_file,
@@ -35,10 +38,10 @@ from data_preprocess import (
     parse_bands,
     read_image,
     select_bands,
+    write_pair_list,
 )
 
 LOG = logging.getLogger("split_dataset")
-SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass
@@ -95,7 +98,7 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     return scan
 
 
-def check_pair(image_path: Path, mask_path: Path, cfg: config.Config) -> tuple[str, str] | tuple[int, int]:
+def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str] | tuple[int, int]:
     """Check one pair; return its (height, width) if usable, else (kind, reason), kind 'error' or 'filtered'."""
     try:
         image = select_bands(read_image(image_path), parse_bands(cfg.bands), image_path)
@@ -192,19 +195,13 @@ def split_pairs(
     return {name: sorted(pair for key in chosen for pair in members[key]) for name, chosen in parts.items()}
 
 
-def write_pair_list(path: Path, pairs: Sequence[tuple[Path, Path]]) -> None:
-    """Write ``image<TAB>mask`` lines of absolute paths, atomically."""
-    lines = [f"{Path(i).resolve()}\t{Path(m).resolve()}\n" for i, m in pairs]
-    config.atomic_write_text(path, "".join(lines))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Scan, check and split the data set; write the lists and the report under run_dir/splits."""
-    cfg = config.parse_args(argv, __doc__ or "")
+    cfg = cli.parse_args(argv, __doc__ or "")
     check_ratios(cfg.split_ratios)
-    config.check_paths(cfg)
-    config.setup_logging(cfg, "split_dataset")
-    config.save_config(cfg, "split_dataset")
+    cli.check_paths(cfg)
+    cli.setup_logging(cfg, "split_dataset")
+    cli.save_config(cfg, "split_dataset")
     data_dir = Path(cfg.data_dir)
     scan = find_pairs(data_dir / cfg.image_subdir, data_dir / cfg.label_subdir, cfg.mask_suffix)
     usable, sizes = [], []
@@ -250,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["file", "kind", "reason"])
     writer.writerows((str(p), k, r) for p, k, r in scan.rejected)
-    config.atomic_write_text(out / "rejected.csv", buffer.getvalue())
+    files.atomic_write_text(out / "rejected.csv", buffer.getvalue())
     kinds = [k for _, k, _ in scan.rejected]
     summary: dict[str, Any] = {name: len(splits[name]) for name in SPLIT_NAMES}
     if cfg.group_pattern:
@@ -258,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary.update(
         {"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")}
     )
-    config.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    files.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     LOG.info(
         "split %d pairs: train %d, val %d, test %d | unusable %d, filtered %d, orphans %d (see %s)",
         len(usable),
@@ -277,4 +274,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(config.run_main(main))
+    sys.exit(cli.run_main(main))

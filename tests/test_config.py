@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+import cli
 import config
+import files
 
 REQUIRED_KEYS = (
     "data_dir run_dir image_subdir label_subdir mask_suffix epochs batch_size lr weight_decay step_size gamma "
@@ -34,13 +37,13 @@ def test_required_keys_exist_with_reference_defaults() -> None:
 
 
 def test_every_key_has_a_comment() -> None:
-    comments = config.key_comments()
+    comments = cli.key_comments()
     missing = [f.name for f in dataclasses.fields(config.Config) if not comments.get(f.name)]
     assert missing == []
 
 
 def test_overrides_are_converted_to_the_defaults_type() -> None:
-    cfg = config.parse_args(
+    cfg = cli.parse_args(
         [
             "--epochs=7",
             "--lr=0.003",
@@ -59,29 +62,29 @@ def test_overrides_are_converted_to_the_defaults_type() -> None:
 
 def test_unknown_key_lists_the_valid_keys() -> None:
     with pytest.raises(ValueError, match=r"unknown config key 'epoch'.*valid keys are: .*epochs"):
-        config.parse_args(["--epoch=3"])
+        cli.parse_args(["--epoch=3"])
 
 
 def test_wrong_type_names_key_and_expected_type() -> None:
     with pytest.raises(ValueError, match=r"--epochs='ten': expected a value of type int"):
-        config.parse_args(["--epochs=ten"])
+        cli.parse_args(["--epochs=ten"])
     with pytest.raises(ValueError, match=r"--resume='maybe': expected a value of type bool"):
-        config.parse_args(["--resume=maybe"])
+        cli.parse_args(["--resume=maybe"])
 
 
 def test_malformed_argument_is_refused() -> None:
     with pytest.raises(ValueError, match="expected --key=value"):
-        config.parse_args(["--epochs", "3"])
+        cli.parse_args(["--epochs", "3"])
 
 
 def test_values_are_never_evaluated() -> None:
-    cfg = config.parse_args(["--run_dir=__import__('os').getcwd()"])
+    cfg = cli.parse_args(["--run_dir=__import__('os').getcwd()"])
     assert cfg.run_dir == "__import__('os').getcwd()"
 
 
 def test_help_lists_keys_defaults_and_comments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        config.parse_args(["--help"], "Train the U-Net.")
+        cli.parse_args(["--help"], "Train the U-Net.")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "Train the U-Net." in out
@@ -90,22 +93,22 @@ def test_help_lists_keys_defaults_and_comments(capsys: pytest.CaptureFixture[str
 
 
 def test_save_config_writes_the_resolved_values(tmp_path: Path) -> None:
-    cfg = config.parse_args([f"--run_dir={tmp_path / 'run'}", "--epochs=3"])
-    path = config.save_config(cfg, "train")
+    cfg = cli.parse_args([f"--run_dir={tmp_path / 'run'}", "--epochs=3"])
+    path = cli.save_config(cfg, "train")
     saved = json.loads(path.read_text(encoding="utf-8"))
     assert path == tmp_path / "run" / "configs" / "train.json"
     assert saved["epochs"] == 3 and saved["batch_size"] == 5
 
 
 def test_run_dir_inside_data_dir_is_refused(tmp_path: Path) -> None:
-    cfg = config.parse_args([f"--data_dir={tmp_path}", f"--run_dir={tmp_path / 'runs'}"])
+    cfg = cli.parse_args([f"--data_dir={tmp_path}", f"--run_dir={tmp_path / 'runs'}"])
     with pytest.raises(ValueError, match="lies inside data_dir"):
-        config.check_paths(cfg)
+        cli.check_paths(cfg)
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
-    config.atomic_write_text(tmp_path / "a.txt", "first")
-    config.atomic_write_text(tmp_path / "a.txt", "second")
+    files.atomic_write_text(tmp_path / "a.txt", "first")
+    files.atomic_write_text(tmp_path / "a.txt", "second")
     assert (tmp_path / "a.txt").read_text() == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
@@ -119,13 +122,27 @@ def test_atomic_write_gives_ordinary_permissions_without_touching_the_umask(
         # Setting the mask and putting it back would let a writer thread create a file with no mask meanwhile.
         with monkeypatch.context() as patch:
             patch.setattr(os, "umask", lambda *_: pytest.fail("os.umask changes the mask for every thread"))
-            config.atomic_write_text(tmp_path / "b.txt", "x")
+            files.atomic_write_text(tmp_path / "b.txt", "x")
         assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~umask
     finally:
         os.umask(previous)
 
 
-def test_readme_documents_every_key() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    undocumented = [f.name for f in dataclasses.fields(config.Config) if f"| `{f.name}` |" not in readme]
-    assert undocumented == []
+def test_configuration_doc_documents_every_key() -> None:
+    """docs/configuration.md's key table lists every key of config.Config, and no key that it lacks."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    lines = doc.splitlines()
+    header = [i for i, line in enumerate(lines) if line.replace(" ", "") == "|key|default|meaning|"]
+    assert len(header) == 1, "docs/configuration.md needs exactly one '| key | default | meaning |' table"
+    listed: list[str] = []
+    for line in lines[header[0] + 2 :]:  # past the header and its |---| line
+        if not line.startswith("|"):
+            break
+        match = re.match(r"\| `(\w+)` \|", line)
+        assert match, f"docs/configuration.md: a key table row not formatted as | `key` | ...: {line!r}"
+        listed.append(match.group(1))
+    keys = [f.name for f in dataclasses.fields(config.Config)]
+    undocumented = [key for key in keys if key not in listed]
+    unknown = [key for key in listed if key not in keys]
+    duplicated = sorted({key for key in listed if listed.count(key) > 1})
+    assert (undocumented, unknown, duplicated) == ([], [], [])

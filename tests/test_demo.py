@@ -11,7 +11,12 @@ from conftest import folder_digest
 
 import demo
 from data_preprocess import load_mask, read_image
-from make_demo_data import apply_colour_classifier, fit_colour_classifier, generate_dataset, render_tile
+from demo_data import (
+    apply_colour_classifier,
+    fit_colour_classifier,
+    generate_dataset,
+    render_tile,
+)
 
 
 def test_tiles_are_reproducible_and_well_formed() -> None:

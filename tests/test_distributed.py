@@ -11,12 +11,14 @@ import torch
 from conftest import ROOT
 from test_pipeline import args, weights
 
-import config
+import cli
 import predict
 import split_dataset
 from data_preprocess import FarmlandDataset, read_pair_list
-from miou import FARMLAND, class_iou
-from train import evaluate, load_checkpoint, make_loader, memory_format, model_from_checkpoint
+from inference import model_from_checkpoint
+from metrics import FARMLAND, class_iou
+from runtime import load_checkpoint, memory_format
+from training import evaluate, make_loader
 
 DDP = ["--batch_size=1", "--num_workers=0", "--amp=off", "--predict_batch_size=1"]
 
@@ -48,7 +50,7 @@ def test_ddp_training_learns_and_ranks_agree(ddp_run: Path, square_data: Path) -
 
 def test_reduced_val_iou_equals_a_single_process_evaluation(ddp_run: Path, square_data: Path) -> None:
     state = load_checkpoint(ddp_run / "checkpoints" / "last.pth")
-    cfg = config.parse_args(args(square_data, ddp_run, *DDP))
+    cfg = cli.parse_args(args(square_data, ddp_run, *DDP))
     model = model_from_checkpoint(state, torch.device("cpu"), cfg.channels_last)
     val = FarmlandDataset(read_pair_list(ddp_run / "splits" / "val.txt"))
     _, cm, _ = evaluate(

@@ -18,7 +18,7 @@ from conftest import ROOT
 from PIL import Image
 from test_pipeline import args, weights
 
-import config
+import files
 import predict
 import split_dataset
 import train
@@ -70,7 +70,7 @@ def test_an_interrupted_checkpoint_save_leaves_the_previous_one(
     def killed_before_rename(*_: object) -> None:
         raise KeyboardInterrupt  # stands for the process dying between writing and renaming
 
-    monkeypatch.setattr(config.os, "replace", killed_before_rename)
+    monkeypatch.setattr(files.os, "replace", killed_before_rename)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(square_data, run_dir, "--epochs=2", "--resume=true"))
     monkeypatch.undo()
@@ -108,7 +108,7 @@ def test_unwritable_run_folder_and_full_disk_fail_before_training(
         train.main(args(square_data, blocker / "run"))
     run_dir = tmp_path / "run"
     split_dataset.main(args(square_data, run_dir))
-    monkeypatch.setattr(config.shutil, "disk_usage", lambda _: type("Usage", (), {"free": 1024})())
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: type("Usage", (), {"free": 1024})())
     with pytest.raises(ValueError, match=r"checkpoints: only 0 MiB free on its disk, about \d+ MiB are needed"):
         train.main(args(square_data, run_dir, "--epochs=1"))
     assert not (run_dir / "checkpoints" / "last.pth").exists()

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from data_preprocess import IGNORE, write_image
-from miou import boundary_band, boundary_counts, class_iou, confusion_matrix, evaluate_pairs, scores, summarise
+from metrics import (
+    boundary_band,
+    boundary_counts,
+    class_iou,
+    confusion_matrix,
+    evaluate_pairs,
+    scores,
+    summarise,
+)
 
 # A 2x4 label and prediction worked by hand:
 #   label  1 1 0 0     prediction  1 0 0 1

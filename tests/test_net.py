@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference import model_from_checkpoint
 from net_structure import (
     FoldedDoubleConv,
     FoldedUp,
@@ -18,7 +19,6 @@ from net_structure import (
     reflect_border_,
     set_normalisation,
 )
-from train import model_from_checkpoint
 
 
 def test_reference_width_has_the_reference_parameter_count() -> None:

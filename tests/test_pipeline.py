@@ -17,6 +17,7 @@ import predict
 import split_dataset
 import train
 from data_preprocess import DataError, load_mask, read_pair_list, write_image
+from metrics import confusion_matrix
 
 TINY = ["--base_width=4", "--batch_size=4", "--num_workers=0", "--lr=0.01", "--step_size=2", "--snapshot_every=2"]
 
@@ -65,7 +66,7 @@ def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
     assert set(metrics["per_image"]) >= {"farmland_iou", "background_iou"}
     # The pooled figures agree with a recount from the files on disk.
     cm = sum(
-        miou.confusion_matrix(load_mask(run_dir / "predictions" / f"{i.stem}_seg.png"), load_mask(m))
+        confusion_matrix(load_mask(run_dir / "predictions" / f"{i.stem}_seg.png"), load_mask(m))
         for i, m in read_pair_list(run_dir / "splits" / "test.txt")
     )
     assert metrics["pooled"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())

@@ -12,18 +12,11 @@ import pytest
 import torch
 from conftest import write_pair
 
-import config
+import files
 from data_preprocess import DataError, image_to_float, read_image, write_image
+from inference import inference_model, network_logits, overlay_image, predict_batch
 from net_structure import build_model
-from predict import (
-    BackgroundWriter,
-    ImageBatches,
-    ImageFiles,
-    inference_model,
-    network_logits,
-    overlay_image,
-    predict_batch,
-)
+from tile_prediction import BackgroundWriter, ImageBatches, ImageFiles
 
 
 def small_state(seed: int = 0) -> dict:
@@ -122,7 +115,7 @@ def test_files_written_from_threads_get_the_process_permissions(tmp_path: Path) 
     try:
         with BackgroundWriter(threads=4) as writer:
             for i in range(40):
-                writer.submit(config.atomic_write_text, tmp_path / f"{i}.txt", "x")
+                writer.submit(files.atomic_write_text, tmp_path / f"{i}.txt", "x")
         assert os.umask(0o027) == 0o027  # the mask is as it was
         assert {(tmp_path / f"{i}.txt").stat().st_mode & 0o777 for i in range(40)} == {0o640}
     finally:

@@ -16,7 +16,8 @@ import torch
 from conftest import folder_digest
 from rasterio.transform import Affine
 
-import make_demo_data
+import demo_data
+import inference
 import predict
 import scene
 from data_preprocess import load_mask, write_image
@@ -155,9 +156,9 @@ def scene_probabilities(model: torch.nn.Module, source: Path, settings: scene.Sc
 
 def test_window_by_window_equals_the_whole_scene_where_windows_overlap_enough(state: dict, tmp_path: Path) -> None:
     source = write_geotiff(tmp_path / "scene.tif", scene_pixels())
-    model = predict.inference_model(state, CPU, True, None)
+    model = inference.inference_model(state, CPU, True, None)
     image = torch.from_numpy(scene_pixels()[None].astype(np.float32) / 255)
-    whole = predict.predict_probabilities(model, image, CPU)[0, 1].numpy()
+    whole = inference.predict_probabilities(model, image, CPU)[0, 1].numpy()
     blended = scene_probabilities(model, source, scene.SceneSettings(window=256, overlap=128, batch_size=4))[1]
     # Away from the scene's edges (where the whole scene and a window pad differently) the blend matches the
     # whole-scene prediction. Not bit for bit: the U-Net's reach (~200 pixels) exceeds half a window, so
@@ -183,7 +184,7 @@ def test_windows_cover_the_scene_and_weights_add_up() -> None:
 
 
 def test_tta_averages_the_eight_symmetries(state: dict) -> None:
-    model = predict.inference_model(state, CPU, True, None)
+    model = inference.inference_model(state, CPU, True, None)
     images = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     averaged = scene.window_probabilities(model, images, CPU, True, tta=True)
     plain = scene.window_probabilities(model, images, CPU, True, tta=False)
@@ -292,11 +293,11 @@ def test_fields_cut_by_vectorising_strips_are_joined(tmp_path: Path, monkeypatch
 
 
 def test_demo_scene_is_a_georeferenced_mosaic_with_its_label(tmp_path: Path) -> None:
-    label_path = make_demo_data.write_demo_scene(tmp_path / "scene.tif", tiles=2, size=32, seed=1)
+    label_path = demo_data.write_demo_scene(tmp_path / "scene.tif", tiles=2, size=32, seed=1)
     with rasterio.open(tmp_path / "scene.tif") as image, rasterio.open(label_path) as label:
         assert image.shape == label.shape == (64, 64) and image.count == 3 and image.crs.is_projected
         assert image.transform == label.transform and set(np.unique(label.read(1))) <= {0, 1}
-    tile, mask = make_demo_data.render_tile(make_demo_data._tile_rng(1, 1), 32)  # row 0, column 1
+    tile, mask = demo_data.render_tile(demo_data._tile_rng(1, 1), 32)  # row 0, column 1
     with rasterio.open(tmp_path / "scene.tif") as image, rasterio.open(label_path) as label:
         assert np.array_equal(image.read()[:, :32, 32:].transpose(1, 2, 0), tile)
         assert np.array_equal(label.read(1)[:32, 32:], mask // 255)

@@ -15,23 +15,32 @@ import torch
 from conftest import square_tile, write_pair
 from test_pipeline import args
 
+import cli
 import config
 import predict
 import split_dataset
 import train
-from data_preprocess import IGNORE, DataError, FarmlandDataset, read_image, read_pair_list
-from train import best_threshold, load_checkpoint, save_checkpoint, schedule_factor
+import training
+from data_preprocess import (
+    IGNORE,
+    DataError,
+    FarmlandDataset,
+    read_image,
+    read_pair_list,
+)
+from runtime import load_checkpoint, save_checkpoint
+from training import best_threshold, schedule_factor
 
 
 def test_recommended_recipe_fills_keys_not_given() -> None:
-    cfg = config.parse_args(["--recipe=recommended", "--lr=0.01"])
+    cfg = cli.parse_args(["--recipe=recommended", "--lr=0.01"])
     assert cfg.lr == 0.01  # given explicitly: kept
     for key, value in config.RECOMMENDED.items():
         if key != "lr":
             assert getattr(cfg, key) == value
-    assert config.parse_args([]).loss == "ce"  # the defaults stay the reference recipe
+    assert cli.parse_args([]).loss == "ce"  # the defaults stay the reference recipe
     with pytest.raises(ValueError, match="expected reference or recommended"):
-        config.parse_args(["--recipe=best"])
+        cli.parse_args(["--recipe=best"])
 
 
 def test_schedules_by_hand() -> None:
@@ -44,7 +53,7 @@ def test_schedules_by_hand() -> None:
     assert [schedule_factor(s, cfg, 10) for s in (0, 20, 40)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
     with pytest.raises(ValueError, match="expected one of step, cosine"):
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        train.make_scheduler(optimizer, config.Config(schedule="x"), 1)
+        training.make_scheduler(optimizer, config.Config(schedule="x"), 1)
 
 
 def test_best_threshold_by_hand() -> None:

@@ -1,0 +1,174 @@
+"""The command line every script shares: ``--key=value`` overrides of config.py, ``--help``, recipes,
+logging, the resolved config saved beside the outputs, and one clear line (exit status 2) for a bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Collection, Sequence
+
+import config
+from config import RECOMMENDED, Config
+from files import atomic_write_text, check_writable
+
+TRUE_WORDS = {"1", "true", "yes", "y", "on"}
+FALSE_WORDS = {"0", "false", "no", "n", "off"}
+
+
+def key_comments() -> dict[str, str]:
+    """Return each key's trailing comment in config.py, used by ``--help``."""
+    comments: dict[str, str] = {}
+    pattern = re.compile(r"^\s+(\w+):\s*[\w\[\], |]+\s*=.*?#\s*(.+)$")
+    for line in Path(config.__file__).read_text(encoding="utf-8").splitlines():
+        match = pattern.match(line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def convert_value(key: str, text: str, default: Any) -> Any:
+    """Convert a command-line string to the type of ``default``.
+
+    Raises:
+        ValueError: the text cannot be read as that type; the message names the key and the fix.
+    """
+    kind = type(default)
+    try:
+        if kind is bool:
+            word = text.strip().lower()
+            if word in TRUE_WORDS:
+                return True
+            if word in FALSE_WORDS:
+                return False
+            raise ValueError(text)
+        if kind is tuple:
+            parts = [p for p in text.replace(" ", "").split(",") if p]
+            return tuple(type(default[0])(p) for p in parts) if default else tuple(parts)
+        return kind(text)
+    except ValueError:
+        shown = ",".join(str(v) for v in default) if kind is tuple else default
+        raise ValueError(
+            f"--{key}={text!r}: expected a value of type {kind.__name__} "
+            f"(the default is {shown!r}); fix the value on the command line"
+        ) from None
+
+
+def help_text(description: str = "") -> str:
+    """Return the usage text listing every key, its default and its comment."""
+    comments = key_comments()
+    lines = [description.strip(), "", "Every key can be set as --key=value:", ""] if description else []
+    for field in dataclasses.fields(Config):
+        default = field.default
+        shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
+        lines.append(f"  --{field.name}={shown!s:<14} {comments.get(field.name, '')}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str = "") -> Config:
+    """Build the config from the defaults and ``--key=value`` overrides.
+
+    Raises:
+        SystemExit: on ``--help`` (after printing the key list).
+        ValueError: an unknown key, a malformed argument or a value of the wrong type.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = Config()
+    valid = [f.name for f in dataclasses.fields(Config)]
+    given: set[str] = set()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text(description))
+            raise SystemExit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"argument {arg!r}: expected --key=value, for example --epochs=50")
+        key, text = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in valid:
+            raise ValueError(f"unknown config key {key!r}; valid keys are: {', '.join(valid)}")
+        setattr(cfg, key, convert_value(key, text, getattr(Config, key)))
+        given.add(key)
+    return apply_recipe(cfg, given)
+
+
+def apply_recipe(cfg: Config, given: Collection[str] = ()) -> Config:
+    """Fill in the chosen recipe's values for every key not in ``given`` (the keys set explicitly).
+
+    Raises:
+        ValueError: an unknown recipe name.
+    """
+    if cfg.recipe == "reference":
+        return cfg
+    if cfg.recipe != "recommended":
+        raise ValueError(f"--recipe={cfg.recipe!r}: expected reference or recommended")
+    for key, value in RECOMMENDED.items():
+        if key not in given:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def save_config(cfg: Config, script: str) -> Path:
+    """Write the resolved config of one script's run to ``run_dir/configs/<script>.json``."""
+    path = Path(cfg.run_dir) / "configs" / f"{script}.json"
+    atomic_write_text(path, json.dumps(dataclasses.asdict(cfg), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse a run folder that is, or lies inside, the data folder (nothing is ever written into data_dir),
+    and one that cannot be written.
+
+    Raises:
+        ValueError: run_dir and data_dir overlap, or run_dir is not writable.
+    """
+    data = Path(cfg.data_dir).resolve()
+    run = Path(cfg.run_dir).resolve()
+    if run == data or data in run.parents:
+        raise ValueError(
+            f"run_dir {cfg.run_dir!r} lies inside data_dir {cfg.data_dir!r}; outputs must never be written "
+            "into the data folder. Choose a run_dir outside it, for example --run_dir=runs/exp"
+        )
+    check_writable(run)
+
+
+def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
+    """Log to the terminal and to run_dir/logs/<script>.log; safe to call again for another script.
+
+    Under torchrun only rank 0 logs its progress; the other ranks report warnings and errors alone.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "farmland_pipeline", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    log_dir = Path(cfg.run_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter(
+        "%(asctime)s %(name)s %(levelname)s %(message)s"
+        if rank == 0
+        else f"%(asctime)s rank {rank} %(levelname)s %(message)s",
+        "%H:%M:%S",
+    )
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:  # one log file, written by one process
+        handlers.append(logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.farmland_pipeline = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Run a script's main; turn an input error into one clear line and exit status 2, not a traceback."""
+    try:
+        return main()
+    except (ValueError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,77 @@
+"""Files the pipeline writes and the error it raises for bad inputs.
+
+Every output is written atomically (a temporary file beside it, then a rename), so a crash or a kill never
+leaves half a file; output folders are checked for write access and room before long runs start.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """An input file that cannot be used; the message names the file, the problem and the fix."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary file beside ``path`` and rename it, so a crash never leaves half a file.
+
+    The temporary file is created with mode 0666 less the process's umask, as a plain open() would (rather
+    than mkstemp's private 0600 and a chmod, which would need the umask read by setting it, unsafe while
+    other threads write outputs).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:  # a name already taken: draw another
+            continue
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically (see atomic_write_bytes)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(folder: Path, need_bytes: int = 0) -> None:
+    """Fail at once, not hours later, when an output folder cannot be written or its disk is nearly full.
+
+    Raises:
+        ValueError: naming the folder, the problem and the fix.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"{folder}: cannot write there ({err.strerror}); choose another --run_dir or fix its permissions"
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise ValueError(
+            f"{folder}: only {free / 2**20:.0f} MiB free on its disk, about {need_bytes / 2**20:.0f} MiB are needed; "
+            "free some space or choose another --run_dir"
+        )
+
+
+def prediction_path(run_dir: Path, image_path: Path) -> Path:
+    """Where predict.py writes the mask for an image: run_dir/predictions/<stem>_seg.png."""
+    return Path(run_dir) / "predictions" / f"{Path(image_path).stem}_seg.png"

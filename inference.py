@@ -1,0 +1,146 @@
+"""A checkpoint made ready to predict, and the steps from images to classes.
+
+The network is rebuilt from the architecture a checkpoint declares, BatchNorm folded into the convolutions,
+cast to the prediction dtype; logits become float32 probabilities, and probabilities become classes by the
+checkpoint's tuned threshold or the argmax. Used by predict.py for tiles and by scene.py for scenes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from files import DataError
+from net_structure import build_model, fold_batchnorm
+from runtime import available_memory, memory_format
+
+
+def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_last: bool = True) -> nn.Module:
+    """Rebuild the network with the architecture stored in a checkpoint and load its weights."""
+    saved = state["config"]
+    model = build_model(saved["in_channels"], saved["n_classes"], saved["base_width"], saved["dropout"])
+    weights = dict(state["model"])
+    # Checkpoints written before normalisation was stored in the network: identity normalisation, as trained.
+    weights.setdefault("band_mean", model.band_mean)
+    weights.setdefault("band_std", model.band_std)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # weights that do not fit the architecture the checkpoint itself declares
+        raise DataError(f"checkpoint weights do not fit a U-Net of its own config ({str(err)[:300]})") from None
+    return model.to(device, memory_format=memory_format(channels_last))
+
+
+OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Blend the farmland tint over a (C, H, W) image, float in [0, 1] or uint8; return uint8 RGB."""
+    photo = image[:3].transpose(1, 2, 0) if image.shape[0] >= 3 else np.repeat(image[:1].transpose(1, 2, 0), 3, axis=2)
+    rgb = photo.astype(np.float32) if photo.dtype == np.uint8 else photo * 255.0
+    farmland = mask.astype(bool)
+    rgb[farmland] = 0.55 * rgb[farmland] + 0.45 * OVERLAY_COLOUR
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def inference_model(
+    state: dict, device: torch.device, channels_last: bool = True, amp: torch.dtype | None = None
+) -> torch.nn.Module:
+    """The checkpoint's network ready for prediction: BatchNorm folded into the convolutions, Dropout removed,
+    weights in the ``amp`` dtype (bf16 or fp16; fp32 when None) and in the chosen memory layout."""
+    model = fold_batchnorm(model_from_checkpoint(state, device, channels_last))
+    return model.to(dtype=amp or torch.float32, memory_format=memory_format(channels_last)).eval()
+
+
+@torch.inference_mode()
+def network_logits(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
+) -> torch.Tensor:
+    """The network's class scores (N, n_classes, H, W), inputs moved to the device and cast to the weights'
+    dtype and memory layout; uint8 inputs are scaled to [0, 1] there (in float32, as image_to_float does)."""
+    dtype = next(model.parameters()).dtype
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        # Divided by a tensor on the device: CUDA turns division by a Python number into a multiplication by
+        # its reciprocal, which differs from image_to_float's x / 255 in the last bit for half the values.
+        images = images.float().div_(torch.full((), 255.0, device=images.device))  # filled there, not copied
+    images = images.to(dtype=dtype, memory_format=memory_format(channels_last))
+    return model(images)
+
+
+def predict_probabilities(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
+) -> torch.Tensor:
+    """Class probabilities (N, n_classes, H, W), float32 on the model's device (softmax of the logits).
+
+    The softmax runs in float32 so blended or averaged probabilities (overlapping windows, test-time
+    augmentation) do not accumulate bf16 rounding.
+    """
+    return network_logits(model, images, device, channels_last).float().softmax(1)
+
+
+def decision_threshold(state: dict) -> float | None:
+    """The farmland probability threshold a checkpoint carries (tuned on validation), or None for argmax."""
+    value = state.get("threshold")
+    return None if value is None else float(value)
+
+
+def classes_from_probabilities(probabilities: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """Class indices (N, H, W) uint8 from probabilities (N, C, H, W).
+
+    With two classes and a threshold t, a pixel is farmland when its farmland probability exceeds t
+    (t = 0.5 is the argmax); otherwise the argmax over classes. Without a threshold, logits serve as well
+    as probabilities: the softmax keeps their order.
+    """
+    if threshold is not None and probabilities.shape[1] == 2:
+        return (probabilities[:, 1] > threshold).to(torch.uint8)
+    if probabilities.shape[1] == 2:
+        # The argmax of two classes, ties to class 0 as argmax does, without torch's slow reduction over a
+        # two-element axis (seconds per strip of a large scene on a CPU).
+        return (probabilities[:, 1] > probabilities[:, 0]).to(torch.uint8)
+    return probabilities.argmax(1).to(torch.uint8)
+
+
+@torch.inference_mode()
+def predict_batch(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    channels_last: bool = True,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """Class indices (N, H, W) uint8 for a batch of images: argmax, or the farmland threshold when given."""
+    if threshold is None:  # the argmax straight from the logits: no softmax pass needed
+        scores = network_logits(model, images, device, channels_last)
+    else:
+        scores = predict_probabilities(model, images, device, channels_last)
+    return classes_from_probabilities(scores, threshold).cpu().numpy()
+
+
+@torch.inference_mode()
+def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, requested: int) -> int:
+    """The ``predict_batch_size`` key: as requested when > 0, else sized to half the device's free memory.
+
+    On CUDA the memory of one tile is measured with a trial batch of two; on a CPU, where larger batches
+    gain little (measured: batches of 4 beat 8 and 16), it is estimated from the widest activations, capped at 4.
+    """
+    if requested > 0:
+        return requested
+    dtype = next(model.parameters()).dtype
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        model(torch.zeros((2, *shape), device=device, dtype=dtype))
+        per_tile = max((torch.cuda.max_memory_allocated(device) - before) // 2, 1)
+        free = torch.cuda.mem_get_info(device)[0]
+        # Beyond about a hundred 256-pixel tiles a pass is long enough that per-batch costs vanish; larger
+        # batches would only hold more memory in flight (loader workers' shared memory, pinned copies, writes).
+        return int(max(1, min(128, free // 2 // per_tile)))
+    width = model.outc.in_channels
+    # The full-size level holds about 6 activations of `width` channels at once (convolutions, skip, concat).
+    per_tile = 6 * width * shape[-2] * shape[-1] * torch.finfo(dtype).bits // 8
+    free = available_memory() or 4 * 2**30
+    return int(max(1, min(4, free // 2 // per_tile)))

@@ -1,0 +1,239 @@
+"""Where and how the network runs: device, mixed precision, torchrun set-up and teardown, the allocator
+setting, checkpoint files, usable cores and free memory, and a description of the machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import datetime
+import gc
+import hashlib
+import io
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from files import DataError, atomic_write_bytes
+
+
+def select_device(name: str) -> torch.device:
+    """Resolve the ``device`` key: 'auto' picks CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: CUDA was asked for but is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name}: CUDA is not available on this machine; use --device=cpu or auto")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: stay in fp32 unless bf16 is asked for
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# mallopt parameters from glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+
+
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse rather than hand large blocks back to the system at once.
+
+    By default glibc maps every block over 32 MiB afresh and unmaps it when freed, so each activation of a
+    full-width U-Net is faulted in page by page again on every pass: on a 2-core CPU that was a fifth of the
+    prediction time. With both thresholds raised, freed activations are reused from the heap. Returns
+    whether the setting took (False off glibc, e.g. on macOS or Windows, where nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    # Blocks up to 1 GiB come from the heap (larger ones are still mapped), and the heap is not trimmed.
+    mapped = mallopt(M_MMAP_THRESHOLD, 2**30)
+    trimmed = mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # set even where the first one was refused
+    return bool(mapped) and bool(trimmed)
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """Resolve the ``amp`` key to the autocast dtype, or None for full fp32.
+
+    auto: bf16 on GPUs and CPUs that run it natively, fp16 (with a gradient scaler) on older GPUs, else off.
+
+    Raises:
+        ValueError: an unknown value, or fp16 asked for on a CPU.
+    """
+    word = name.strip().lower()
+    if word not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"--amp={name!r}: expected auto, bf16, fp16 or off")
+    if word == "off":
+        return None
+    if word == "bf16":
+        return torch.bfloat16
+    if word == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp=fp16 needs a CUDA device; on a CPU use --amp=bf16 or --amp=off")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
+@dataclasses.dataclass
+class Distributed:
+    """Where this process stands in a torchrun job (rank 0 of 1 when started without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes logs, figures, checkpoints and reports."""
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the torchrun job if there is one: NCCL on GPUs (one per local rank), gloo on CPUs.
+
+    Without torchrun (no WORLD_SIZE, or 1) nothing changes: one process on ``select_device(device_name)``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed(device=select_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=rank, world=world, device=device)
+
+
+def close_distributed() -> None:
+    """Leave the torchrun job cleanly: without this, gloo can abort the process as it exits."""
+    if torch.distributed.is_initialized():
+        # DistributedDataParallel sits in reference cycles: free it while its process group still exists,
+        # or its destructor runs at interpreter exit against a torn-down group and aborts the process.
+        gc.collect()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (a no-op without torchrun)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A SHA-256 of the weights and buffers, to check that every rank holds the same network."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def set_deterministic() -> None:
+    """Ask torch for deterministic kernels, so that the same seed gives the same weights on the same machine."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable results
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def describe_device(device: torch.device) -> str:
+    """A short description of the device for the log."""
+    if device.type == "cuda":
+        return f"CUDA ({torch.cuda.get_device_name(device)})"
+    return f"CPU ({torch.get_num_threads()} threads){'' if torch.cuda.is_available() else ', no CUDA device found'}"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Serialise to memory, then write to a temporary file and rename: a kill never leaves half a file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain values only, never code.
+
+    Raises:
+        DataError: the file is missing or is not a checkpoint of this project.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found; train first (python train.py) or set --checkpoint")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or damaged files
+        raise DataError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise DataError(f"{path}: not a checkpoint written by train.py (expected a dict with 'model' and 'config')")
+    return state
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The tensor layout for the network's inputs and weights (the ``channels_last`` key)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, GPU and library versions of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpu_cores": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }

@@ -1,0 +1,222 @@
+"""The tile loop of predict.py: images read in batches by loader workers, masks (and overlays) written by
+background threads while the device goes on, unreadable images reported and skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from config import Config
+from data_preprocess import image_for_network, read_image, select_bands, write_image
+from files import DataError
+from inference import (
+    choose_batch_size,
+    decision_threshold,
+    overlay_image,
+    predict_batch,
+)
+from runtime import usable_cores
+
+LOG = logging.getLogger("predict")
+
+
+class ImageFiles(Dataset):
+    """Reads one image per item as (index, tensor C x H x W: uint8 for 8-bit images, else float in [0, 1]),
+    or (index, error message)."""
+
+    def __init__(self, paths: Sequence[Path], in_channels: int, bands: Sequence[int] = ()) -> None:
+        self.paths = list(paths)
+        self.in_channels = in_channels
+        self.bands = tuple(bands)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        path = self.paths[index]
+        try:
+            image = select_bands(read_image(path), self.bands, path)
+            return index, torch.from_numpy(image_for_network(image, self.in_channels, path))
+        except DataError as err:
+            return index, str(err)  # reported by the main process; one bad file does not stop the rest
+
+
+def batches_by_size(
+    items: Iterator[tuple[int, torch.Tensor | str]], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor | None, str | None]]:
+    """Group consecutive images of the same size and type into batches; pass errors through one by one."""
+    indices: list[int] = []
+    tensors: list[torch.Tensor] = []
+    for index, item in items:
+        if isinstance(item, str):
+            yield [index], None, item
+            continue
+        if tensors and (item.shape != tensors[0].shape or item.dtype != tensors[0].dtype or len(tensors) == batch_size):
+            yield indices, torch.stack(tensors), None
+            indices, tensors = [], []
+        indices.append(index)
+        tensors.append(item)
+    if tensors:
+        yield indices, torch.stack(tensors), None
+
+
+class ImageBatches(Dataset):
+    """Reads the images of one batch per item, in a loader worker: each run of equal-sized images comes back
+    stacked as one tensor, so a worker hands over one tensor per batch rather than one per image (at
+    thousands of tiles a second the hand-over per tensor costs more than the decoding). Items are lists of
+    (indices, images, error) as batches_by_size yields them."""
+
+    def __init__(self, files: ImageFiles, batch_size: int) -> None:
+        self.files = files
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def __getitem__(self, item: int) -> list[tuple[list[int], torch.Tensor | None, str | None]]:
+        start = item * self.batch_size
+        indices = range(start, min(start + self.batch_size, len(self.files)))
+        return list(batches_by_size((self.files[i] for i in indices), self.batch_size))
+
+
+class BackgroundWriter:
+    """Runs output-writing jobs on background threads, so that the device is not idle while masks are
+    encoded (PNG encoding and file writes release the GIL). At most ``pending`` jobs wait at a time, so
+    memory stays bounded; the first job that fails raises its error on the next submit or at the close.
+    With ``threads=0`` jobs run at once in the caller's thread."""
+
+    def __init__(self, threads: int, pending: int = 64) -> None:
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="writer") if threads > 0 else None
+        self.pending = pending
+        self.futures: collections.deque[Future] = collections.deque()
+
+    def submit(self, job: Callable[..., None], *args: Any) -> None:
+        if self.executor is None:
+            job(*args)
+            return
+        self.futures.append(self.executor.submit(job, *args))
+        while len(self.futures) > self.pending or (self.futures and self.futures[0].done()):
+            self.futures.popleft().result()
+
+    def close(self) -> None:
+        """Wait for every job; raise the first failure."""
+        try:
+            while self.futures:
+                self.futures.popleft().result()
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def abandon(self) -> None:
+        """Drop the jobs not started, wait for the running ones, raise nothing: the caller is already failing,
+        and its error is the one to see."""
+        self.futures.clear()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+def writer_threads(device: torch.device) -> int:
+    """Threads that write outputs: one on a CPU (its cores run the network; one thread overlaps the writing
+    with the next batch), several beside a GPU, which leaves the cores free."""
+    return 1 if device.type == "cpu" else max(1, min(8, usable_cores() // 2))
+
+
+def overlay_path(mask_path: Path) -> Path:
+    """Where the overlay of a mask goes: predictions/overlays/<stem>_overlay.png."""
+    return mask_path.parent / "overlays" / f"{mask_path.stem.removesuffix('_seg')}_overlay.png"
+
+
+def is_complete(mask_path: Path, checkpoint: Path, overlay: bool) -> bool:
+    """Whether an earlier run already wrote this image's outputs with this checkpoint.
+
+    Outputs are written atomically, so an existing file is whole; it counts when it is newer than the
+    checkpoint (an older mask came from other weights).
+    """
+    wanted = [mask_path, overlay_path(mask_path)] if overlay else [mask_path]
+    made = Path(checkpoint).stat().st_mtime
+    return all(p.is_file() and p.stat().st_mtime >= made for p in wanted)
+
+
+def predict_tiles(
+    model: torch.nn.Module,
+    paths: Sequence[Path],
+    outputs: Sequence[Path],
+    cfg: Config,
+    state: dict,
+    checkpoint: Path,
+    device: torch.device,
+    amp: torch.dtype | None,
+    bands: Sequence[int] = (),
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Predict tiles in batches of equal size; write each mask (and overlay). Return (written, failed).
+
+    ``progress``, when given, is called after each batch with the number of images handled so far (their
+    outputs may still be being written).
+    """
+    if not paths:
+        return 0, 0
+    threshold = decision_threshold(state)
+    files = ImageFiles(paths, state["config"]["in_channels"], bands)
+    _, first = files[0]  # read here for its shape, which sizes the batches (and again by a worker)
+    batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
+    if not isinstance(first, str):
+        batch_size = choose_batch_size(model, tuple(first.shape), device, cfg.predict_batch_size)
+    loader = DataLoader(
+        ImageBatches(files, batch_size),
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    LOG.info(
+        "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d",
+        len(paths),
+        checkpoint,
+        state.get("epoch"),
+        device,
+        str(amp or torch.float32).removeprefix("torch."),
+        batch_size,
+    )
+
+    def write_outputs(index: int, image: np.ndarray | None, mask: np.ndarray) -> None:
+        write_image(outputs[index], mask * np.uint8(255))
+        if image is not None:
+            write_image(overlay_path(outputs[index]), overlay_image(image, mask))
+
+    failures, done = 0, 0
+    with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:
+        # Room for two batches of jobs, so the device goes on with the next batch while one is written.
+        with BackgroundWriter(writer_threads(device), pending=2 * batch_size) as writer:
+            for groups in loader:
+                for indices, images, error in groups:
+                    if error is not None:
+                        LOG.error("%s", error)
+                        failures += 1
+                    else:
+                        masks = predict_batch(model, images, device, cfg.channels_last, threshold)
+                        photos = images.numpy() if cfg.overlay else [None] * len(indices)
+                        for index, photo, mask in zip(indices, photos, masks):
+                            writer.submit(write_outputs, index, photo, mask)
+                        done += len(indices)
+                    bar.update(len(indices))
+                    if progress is not None:
+                        progress(done + failures)
+    return done, failures

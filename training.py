@@ -1,0 +1,270 @@
+"""The pieces of training that train.py's loop calls and bench.py times: data loaders, the optimiser and
+learning-rate schedule, one epoch, validation with the threshold histogram, the tuned threshold, the
+collapse warning, and the per-epoch log (CSV, TensorBoard).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config import Config
+from data_preprocess import IGNORE, EpochSampler, FarmlandDataset
+from files import DataError, atomic_write_text
+from metrics import confusion_counts
+from runtime import all_reduce_sum
+
+LOG = logging.getLogger("train")
+
+
+LOG_FIELDS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_farmland_iou",
+    "val_miou",
+    "val_threshold",
+    "val_tuned_farmland_iou",
+    "val_predicted_farmland",
+    "lr",
+    "seconds",
+]
+
+
+THRESHOLD_BINS = 200  # farmland probability histogram resolution: thresholds are tuned in steps of 0.005
+
+
+ARCHITECTURE_KEYS = ("in_channels", "n_classes", "base_width")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    n_classes: int,
+    layout: torch.memory_format,
+    amp: torch.dtype | None = None,
+    criterion: nn.Module | None = None,
+    thresholds: bool = False,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Validate: mean loss per labelled pixel, the pooled confusion matrix of argmax predictions, and the
+    histogram of farmland probabilities (2, THRESHOLD_BINS) of background (row 0) and farmland (row 1)
+    pixels, from which best_threshold finds the best cut (zeros unless ``thresholds``). Unlabelled pixels
+    count nowhere.
+
+    ``criterion`` is the training loss (cross-entropy when None), weighted by each batch's labelled pixels.
+    """
+    model.eval()
+    criterion = criterion or nn.CrossEntropyLoss(ignore_index=IGNORE)
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    pixels = torch.zeros((), device=device, dtype=torch.float64)
+    cm = torch.zeros((n_classes, n_classes), dtype=torch.int64, device=device)
+    histogram = torch.zeros((2, THRESHOLD_BINS), dtype=torch.int64, device=device)
+    for images, masks in loader:
+        images = images.to(device, memory_format=layout, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(images)
+        labelled = (masks != IGNORE).sum()
+        # A batch without labelled pixels has a NaN mean loss: weigh it out on the device, with no sync.
+        batch_loss = criterion(logits.float(), masks).double() * labelled
+        total_loss += torch.where(labelled > 0, batch_loss, torch.zeros_like(batch_loss))
+        pixels += labelled
+        # Counts stay on the device until the end: no transfer and no stall per batch.
+        cm += confusion_counts(logits.argmax(1), masks, n_classes)
+        if thresholds and n_classes == 2:
+            farmland = logits.float().softmax(1)[:, 1]
+            bins = (farmland * THRESHOLD_BINS).long().clamp_(max=THRESHOLD_BINS - 1)
+            # One bincount over (label, bin), unlabelled pixels in a dropped extra bin: no boolean indexing,
+            # so no device sync.
+            index = torch.where(masks <= 1, masks * THRESHOLD_BINS + bins, 2 * THRESHOLD_BINS)
+            histogram += torch.bincount(index.reshape(-1), minlength=2 * THRESHOLD_BINS + 1)[:-1].view(2, -1)
+    # Under torchrun each rank saw its share of the tiles: sum the counts, never average rank-level IoUs.
+    totals = all_reduce_sum(torch.stack([total_loss, pixels]))
+    cm = all_reduce_sum(cm)
+    histogram = all_reduce_sum(histogram)
+    loss = float(totals[0]) / float(totals[1]) if float(totals[1]) else math.nan
+    return loss, cm.cpu().numpy(), histogram.cpu().numpy()
+
+
+def best_threshold(histogram: np.ndarray) -> tuple[float, float]:
+    """The farmland probability cut with the best farmland IoU on a (2, bins) histogram, and that IoU.
+
+    The cut k / bins makes farmland every pixel whose probability bin is k or above. Ties go to the cut
+    nearest 0.5 (the argmax). Returns (0.5, nan) when there is no farmland to score.
+    """
+    bins = histogram.shape[1]
+    # Pixels at or above each cut: reversed cumulative sums.
+    true_pos = np.cumsum(histogram[1][::-1])[::-1].astype(np.float64)
+    false_pos = np.cumsum(histogram[0][::-1])[::-1].astype(np.float64)
+    positives = float(histogram[1].sum())
+    if positives == 0:
+        return 0.5, math.nan
+    iou = true_pos / (positives + false_pos)  # tp / (tp + fp + fn), with tp + fn = all farmland pixels
+    cuts = np.arange(bins) / bins
+    best = np.flatnonzero(iou == iou.max())
+    k = int(best[np.argmin(np.abs(cuts[best] - 0.5))])
+    return float(cuts[k]), float(iou[k])
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    layout: torch.memory_format,
+    amp: torch.dtype | None,
+    description: str = "",
+    max_steps: int = 0,
+    criterion: nn.Module | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> tuple[float, int]:
+    """One pass of training over a loader (at most ``max_steps`` batches when > 0).
+
+    ``criterion`` defaults to cross-entropy; ``scheduler``, when given, steps after every batch.
+
+    Returns:
+        the mean training loss and the number of steps taken.
+    """
+    model.train()
+    criterion = criterion or nn.CrossEntropyLoss(ignore_index=IGNORE)
+    loss_sum, steps = torch.zeros((), device=device), 0
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None if description else True)
+    for images, masks in bar:
+        images = images.to(device, memory_format=layout, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = criterion(model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # the scaler is a no-op unless training in fp16
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        # Summed on the device: reading the loss every step would stall a GPU.
+        loss_sum += loss.detach().float()
+        steps += 1
+        if steps % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
+        if steps == max_steps:
+            break
+    return float(loss_sum) / max(steps, 1), steps
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """Adam as in the reference; the fused CUDA kernel on GPUs (one launch for all parameters)."""
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None
+    )
+
+
+SCHEDULES = ("step", "cosine")
+
+
+def schedule_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
+    """The learning rate at training step ``step`` (0-based) as a fraction of ``lr``.
+
+    A linear warm-up over ``warmup_epochs`` multiplies the schedule: ``step`` drops by ``gamma`` every
+    ``step_size`` epochs (the reference's StepLR, epoch by epoch); ``cosine`` falls from 1 to 0 over all epochs.
+    """
+    warm_steps = cfg.warmup_epochs * steps_per_epoch
+    warm = min(1.0, (step + 1) / warm_steps) if warm_steps > 0 else 1.0
+    if cfg.schedule == "cosine":
+        total = max(cfg.epochs * steps_per_epoch, 1)
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return warm * cfg.gamma ** (step // steps_per_epoch // max(cfg.step_size, 1))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The ``schedule`` key's learning-rate schedule with warm-up, stepped after every batch.
+
+    Raises:
+        ValueError: an unknown schedule name.
+    """
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule={cfg.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    steps = max(steps_per_epoch, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, cfg, steps))
+
+
+def collapse_message(epoch: int, streak: int, predicted_farmland: float) -> str:
+    """The warning for validation predictions stuck on one class: what it means, the likely causes, what to try."""
+    kind = {0.0: "no farmland at all", 1.0: "farmland everywhere"}.get(predicted_farmland, "no correct farmland")
+    return (
+        f"epoch {epoch}: for {streak} epochs in a row the network predicted {kind} on the validation tiles. "
+        "The model has collapsed to one class. Likely causes: farmland is a small share of the "
+        "pixels (class imbalance), the learning rate is too low or too high for this budget, or the masks are "
+        "encoded differently than expected (0/255 vs 0/1; check run_dir/splits/summary.json and a few masks). "
+        "Try --loss=ce_dice or --loss=weighted_ce, --lr=1e-3 with --warmup_epochs=1, or --recipe=recommended"
+    )
+
+
+def open_tensorboard(folder: Path) -> Any:
+    """A TensorBoard SummaryWriter logging to ``folder``, or None (with a warning) when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        LOG.warning("tensorboard is not installed: curves go to train_log.csv only (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def make_loader(
+    dataset: FarmlandDataset, cfg: Config, device: torch.device, shuffle: bool, rank: int = 0, world: int = 1
+) -> DataLoader:
+    """A DataLoader with seeded order (EpochSampler, this rank's share), workers kept alive between epochs,
+    pinned memory on CUDA."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=EpochSampler(len(dataset), cfg.seed, shuffle, rank, world),
+        drop_last=shuffle and -(-len(dataset) // world) > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        # Its own generator: the loader then never draws from the global RNG, which dropout uses, so
+        # persistent workers (one draw) and no workers (a draw per epoch) give the same training.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def write_log_csv(history: list[dict[str, float]], path: Path) -> None:
+    """Rewrite train_log.csv from the whole history (kept in the checkpoint, so it survives a resume)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint whose network differs from the config's.
+
+    Raises:
+        DataError: naming the differing keys and how to fix them.
+    """
+    saved = state["config"]
+    differing = [
+        f"{k}: checkpoint {saved.get(k)} vs config {getattr(cfg, k)}"
+        for k in ARCHITECTURE_KEYS
+        if saved.get(k) != getattr(cfg, k)
+    ]
+    if differing:
+        raise DataError(
+            f"{path}: cannot resume, the network differs ({'; '.join(differing)}); pass the checkpoint's values "
+            "on the command line, or start a new run_dir"
+        )
