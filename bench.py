@@ -303,8 +303,8 @@ def in_subprocess(function: Callable[..., dict], *args: Any) -> dict:
         return executor.submit(function, *args).result()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run every measurement, print the table and write the JSON."""
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with sizes that depend on the device filled in (CPU or CUDA)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=64, help="U-Net base width (64 = the reference network)")
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
@@ -328,76 +328,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="where the JSON goes")
     args = parser.parse_args(argv)
-    info = machine()
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    fast_batch = args.fast_batch or (32 if cuda else REFERENCE_BATCH)
-    train_steps = args.train_steps or (30 if cuda else 3)
-    predict_tiles = args.predict_tiles or (4096 if cuda else 32)
-    scene_size = args.scene_size or (16384 if cuda else 2048)
-    flops = forward_flops(args.width, args.tile)
-    print(f"{info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu']}, torch {info['torch']}")
-    print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
-    with tempfile.TemporaryDirectory() as tmp:
-        n_tiles = max(
-            min(predict_tiles, 256),  # predicted over again when more are asked for
-            args.metric_images,
-            fast_batch * (train_steps + 1),
-            REFERENCE_BATCH * (train_steps + 1),
-        )
-        images = generate_dataset(Path(tmp) / "data", n_tiles, args.tile, seed=0)
-        pairs = [(p, Path(tmp) / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
-        common = {"base_width": args.width, "device": args.device}
-        reference = {
-            **common,
-            "amp": "off",
-            "channels_last": False,
-            "batch_size": REFERENCE_BATCH,
-            "num_workers": 0,
-            "cache_tiles": "no",
-            "reuse_memory": False,
-        }
-        fast = {**common, "batch_size": fast_batch, "cache_tiles": "yes"}
-        results: dict[str, Any] = {
-            "machine": info,
-            "width": args.width,
-            "tile": args.tile,
-            "forward_gflop_per_tile": flops / 1e9,
-        }
-        print("matrix-product peak ...", flush=True)
-        fast_dtype = str(resolve_amp("auto", select_device(args.device)) or torch.float32).removeprefix("torch.")
-        results["matmul_peak_tflop_per_s"] = in_subprocess(matmul_peaks, args.device, sorted({"float32", fast_dtype}))
-        results["fast_dtype"] = fast_dtype
-        print("training ...", flush=True)
-        results["train"] = {
-            "reference": in_subprocess(bench_train, pairs, reference, train_steps, False),
-            "fast": in_subprocess(bench_train, pairs, fast, train_steps, True),
-            "reference_reuse_memory": in_subprocess(
-                bench_train, pairs, {**reference, "reuse_memory": True}, train_steps, False
-            ),
-        }
-        print("prediction ...", flush=True)
-        to_predict = repeated(images, predict_tiles)
-        workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else Config().num_workers)
-        results["predict"] = {
-            "reference": in_subprocess(bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref"),
-            "fast": in_subprocess(bench_predict_fast, to_predict, args.width, args.device, Path(tmp) / "fast", workers),
-            "reference_reuse_memory": in_subprocess(
-                bench_predict_reference, to_predict, args.width, args.device, Path(tmp) / "ref_memory", True
-            ),
-            "loop_without_network": in_subprocess(
-                bench_predict_loop, repeated(images, args.loop_tiles), args.device, Path(tmp) / "loop", workers
-            ),
-        }
-        print("metrics ...", flush=True)
-        items = [
-            (p.stem, m, Path(tmp) / "ref" / f"{p.stem}_seg.png")
-            for p, m in pairs[: min(args.metric_images, predict_tiles)]
-        ]
-        results["metrics"] = bench_metrics(items)
-        print("scene ...", flush=True)
-        checkpoint = random_checkpoint(args.width, Path(tmp))
-        settings = {"window": Config.window, "overlap": Config.overlap, "device": args.device}
-        results["scene"] = measure_scene(scene_size, checkpoint, Path(tmp), settings)
+    args.fast_batch = args.fast_batch or (32 if cuda else REFERENCE_BATCH)
+    args.train_steps = args.train_steps or (30 if cuda else 3)
+    args.predict_tiles = args.predict_tiles or (4096 if cuda else 32)
+    args.scene_size = args.scene_size or (16384 if cuda else 2048)
+    args.workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else Config().num_workers)
+    return args
+
+
+def measure_training(args: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> dict[str, Any]:
+    """Training tiles/s: the reference loop, the fast path, and the reference with reuse_memory alone."""
+    reference = {
+        "base_width": args.width,
+        "device": args.device,
+        "amp": "off",
+        "channels_last": False,
+        "batch_size": REFERENCE_BATCH,
+        "num_workers": 0,
+        "cache_tiles": "no",
+        "reuse_memory": False,
+    }
+    fast = {"base_width": args.width, "device": args.device, "batch_size": args.fast_batch, "cache_tiles": "yes"}
+    steps = args.train_steps
+    return {
+        "reference": in_subprocess(bench_train, pairs, reference, steps, False),
+        "fast": in_subprocess(bench_train, pairs, fast, steps, True),
+        "reference_reuse_memory": in_subprocess(bench_train, pairs, {**reference, "reuse_memory": True}, steps, False),
+    }
+
+
+def measure_prediction(args: argparse.Namespace, images: list[Path], tmp: Path) -> dict[str, Any]:
+    """Prediction tiles/s: the reference loop, predict.py's loop, the reference with reuse_memory alone, and
+    predict.py's loop with a network that costs nothing (the reading and writing ceiling)."""
+    tiles = repeated(images, args.predict_tiles)
+    return {
+        "reference": in_subprocess(bench_predict_reference, tiles, args.width, args.device, tmp / "ref"),
+        "fast": in_subprocess(bench_predict_fast, tiles, args.width, args.device, tmp / "fast", args.workers),
+        "reference_reuse_memory": in_subprocess(
+            bench_predict_reference, tiles, args.width, args.device, tmp / "ref_memory", True
+        ),
+        "loop_without_network": in_subprocess(
+            bench_predict_loop, repeated(images, args.loop_tiles), args.device, tmp / "loop", args.workers
+        ),
+    }
+
+
+def add_ratios(results: dict[str, Any], flops: float) -> None:
+    """Speed-ups against the reference, TFLOP/s and the share of the matrix-product peak of each variant."""
     for key in ("train", "predict"):
         pair = results[key]
         pair["speedup"] = pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
@@ -413,6 +391,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     metrics = results["metrics"]
     metrics["speedup"] = metrics["reference_s_per_image"] / metrics["fast_s_per_image"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every measurement, print the table and write the JSON."""
+    args = parse_arguments(argv)
+    info = machine()
+    flops = forward_flops(args.width, args.tile)
+    print(f"{info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu']}, torch {info['torch']}")
+    print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
+    results: dict[str, Any] = {
+        "machine": info,
+        "width": args.width,
+        "tile": args.tile,
+        "forward_gflop_per_tile": flops / 1e9,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        n_tiles = max(
+            min(args.predict_tiles, 256),  # predicted over again when more are asked for
+            args.metric_images,
+            args.fast_batch * (args.train_steps + 1),
+            REFERENCE_BATCH * (args.train_steps + 1),
+        )
+        images = generate_dataset(tmp / "data", n_tiles, args.tile, seed=0)
+        pairs = [(p, tmp / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
+        print("matrix-product peak ...", flush=True)
+        fast_dtype = str(resolve_amp("auto", select_device(args.device)) or torch.float32).removeprefix("torch.")
+        results["matmul_peak_tflop_per_s"] = in_subprocess(matmul_peaks, args.device, sorted({"float32", fast_dtype}))
+        results["fast_dtype"] = fast_dtype
+        print("training ...", flush=True)
+        results["train"] = measure_training(args, pairs)
+        print("prediction ...", flush=True)
+        results["predict"] = measure_prediction(args, images, tmp)
+        print("metrics ...", flush=True)
+        scored = pairs[: min(args.metric_images, args.predict_tiles)]
+        results["metrics"] = bench_metrics([(p.stem, m, tmp / "ref" / f"{p.stem}_seg.png") for p, m in scored])
+        print("scene ...", flush=True)
+        checkpoint = random_checkpoint(args.width, tmp)
+        settings = {"window": Config.window, "overlap": Config.overlap, "device": args.device}
+        results["scene"] = measure_scene(args.scene_size, checkpoint, tmp, settings)
+    add_ratios(results, flops)
     print_table(results)
     files.atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(f"written to {args.out}")

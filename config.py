@@ -97,5 +97,3 @@ RECOMMENDED: dict[str, Any] = {
     "colour_jitter": 0.1,
     "tune_threshold": True,
 }
-
-

@@ -63,6 +63,20 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torc
     return (losses * labelled).sum() / labelled.sum().clamp(min=1)
 
 
+def weighted_mean_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled pixels (each weighted by its class weight, as torch's mean
+    reduction does). A batch with no labelled pixel gives 0 with zero gradients rather than NaN, decided on
+    the device: no host sync per training step."""
+    total = F.cross_entropy(logits.float(), target, weight=weights, ignore_index=IGNORE, reduction="sum")
+    labelled = target != IGNORE
+    if weights is None:
+        denominator = labelled.sum().float()
+    else:
+        classes = torch.where(labelled, target, torch.zeros_like(target))
+        denominator = (weights[classes] * labelled).sum()
+    return total / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+
+
 class SegmentationLoss(nn.Module):
     """One of LOSSES as a module: ``loss(logits (N, K, H, W), target (N, H, W) int64) -> scalar``."""
 
@@ -81,9 +95,7 @@ class SegmentationLoss(nn.Module):
             return focal_loss(logits, target, self.focal_gamma)
         if self.name == "dice":
             return soft_dice_loss(logits, target)
-        ce = F.cross_entropy(logits.float(), target, weight=self.weights, ignore_index=IGNORE)
-        if torch.isnan(ce) and not (target != IGNORE).any():
-            ce = logits.sum() * 0.0  # a batch with no labelled pixel: no signal, and no NaN either
+        ce = weighted_mean_ce(logits, target, self.weights)
         return ce + soft_dice_loss(logits, target) if self.name == "ce_dice" else ce
 
 

@@ -68,9 +68,7 @@ def plot_iou_curves(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def gallery(
-    rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: Config, path: Path, title: str
-) -> None:
+def gallery(rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: Config, path: Path, title: str) -> None:
     """Save a photo | label | prediction grid of the given rows as one PNG."""
     import matplotlib
 

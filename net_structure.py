@@ -222,7 +222,12 @@ def fold_double_conv(block: DoubleConv) -> FoldedDoubleConv:
     convs = [layer for layer in block.block if isinstance(layer, nn.Conv2d)]
     norms = [layer for layer in block.block if isinstance(layer, nn.BatchNorm2d)]
     slopes = {layer.negative_slope for layer in block.block if isinstance(layer, nn.LeakyReLU)}
-    assert len(convs) == len(norms) == 2 and slopes == {LEAKY_SLOPE} and all(c.bias is None for c in convs)
+    if not (len(convs) == len(norms) == 2 and slopes == {LEAKY_SLOPE} and all(c.bias is None for c in convs)):
+        raise TypeError(
+            f"cannot fold {type(block).__name__}: expected two bias-free convolutions, each followed by BatchNorm, "
+            f"and LeakyReLU({LEAKY_SLOPE}); found {len(convs)} convolutions, {len(norms)} BatchNorms, slopes {slopes}. "
+            "Predict with the unfolded network, or fold only networks built by build_model"
+        )
     return FoldedDoubleConv(fold_conv(convs[0], norms[0]), fold_conv(convs[1], norms[1]))
 
 

@@ -151,7 +151,9 @@ def build_datasets(
         cfg.colour_jitter,
         bands,
     )
-    val_set = FarmlandDataset(val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache, cfg.ignore_index, bands=bands)
+    val_set = FarmlandDataset(
+        val_pairs, cfg.in_channels, False, cfg.mask_threshold, cache, cfg.ignore_index, bands=bands
+    )
     return train_set, val_set
 
 

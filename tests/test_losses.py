@@ -86,3 +86,24 @@ def test_every_loss_ignores_unlabelled_pixels_and_survives_an_unlabelled_batch(n
 def test_unknown_loss_is_refused() -> None:
     with pytest.raises(ValueError, match="expected one of ce, weighted_ce, dice, ce_dice, focal"):
         make_loss("lovasz", None, 2, 2.0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_equals_torchs_mean_with_unlabelled_pixels(weighted: bool) -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(2, 2, 5, 5, requires_grad=True)
+    target = torch.randint(0, 2, (2, 5, 5))
+    target[0, :2] = IGNORE
+    weights = torch.tensor([0.3, 1.7]) if weighted else None
+    loss = make_loss("weighted_ce" if weighted else "ce", [70, 30], 2, 2.0)
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=weights, ignore_index=IGNORE)
+    if weighted:
+        loss.weights.copy_(weights)
+    assert float(loss(logits, target)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_an_unlabelled_batch_gives_zero_loss_and_zero_gradients_without_nan() -> None:
+    logits = torch.randn(1, 2, 4, 4, requires_grad=True)
+    value = make_loss("ce", None, 2, 2.0)(logits, torch.full((1, 4, 4), IGNORE))
+    value.backward()
+    assert float(value) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))

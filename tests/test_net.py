@@ -15,6 +15,7 @@ from net_structure import (
     build_model,
     count_parameters,
     fold_batchnorm,
+    fold_double_conv,
     padded_buffer,
     reflect_border_,
     set_normalisation,
@@ -113,3 +114,10 @@ def test_normalisation_lives_in_the_network_and_survives_folding_and_old_checkpo
     assert old.band_mean.tolist() == [0, 0, 0] and old.band_std.tolist() == [1, 1, 1]
     with pytest.raises(ValueError, match="positive deviations"):
         set_normalisation(model, mean, [0.1, 0.0, 0.5])
+
+
+def test_folding_refuses_a_block_it_does_not_know() -> None:
+    block = build_model(3, 2, 4, 0.0).inc
+    block.block[0].bias = nn.Parameter(torch.zeros(block.block[0].out_channels))
+    with pytest.raises(TypeError, match="bias-free convolutions"):
+        fold_double_conv(block)
