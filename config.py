@@ -77,7 +77,9 @@ class Config:
     tta: bool = False  # scenes: average probabilities over the 8 flips and 90-degree turns (8x slower)
     save_probability: bool = True  # scenes: also write the farmland probability GeoTIFF (percent, 255 = nodata)
     polygons: bool = True  # scenes: also write the fields as polygons (GeoJSON and GeoPackage) with their areas
-    min_field_area_ha: float = 0.01  # scenes: leave out fields smaller than this (hectares; needs a projected CRS)
+    min_field_area_ha: float = 0.01  # scenes: minimum mapping unit (ha): smaller islands and holes sieved away
+    min_field_pixels: int = 0  # scenes: the minimum mapping unit in pixels where the CRS has no metres (0 = none)
+    save_sieved_mask: bool = False  # scenes: also write <stem>_sieved.tif, the mask after the minimum mapping unit
     simplify_tolerance: float = 0.0  # scenes: simplify field outlines by this distance in CRS units (0 = off)
     # --- miou.py ---------------------------------------------------------------------------------------
     gallery_size: int = 6  # tiles in each of the worst / best galleries

@@ -43,7 +43,6 @@ import rasterio.features
 import shapely
 import shapely.affinity
 import torch
-from pyogrio.raw import write as write_vector
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
@@ -51,6 +50,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 import files
+import polygons
 from config import Config
 from data_preprocess import image_to_float, parse_bands, read_image, write_image
 from files import DataError
@@ -69,7 +69,6 @@ NODATA = 255  # in the mask and the probability GeoTIFFs
 MASK_COLOURS = {0: (0, 0, 0, 255), FARMLAND: (255, 220, 0, 255), NODATA: (255, 255, 255, 0)}
 BLOCK = 256  # GeoTIFF tile side: what GIS software reads fastest
 PREVIEW_SIDE = 2048  # longest side of a scene's overlay
-POLYGON_STRIP = 1024  # mask rows vectorised at a time
 GDAL_CACHE_MB = 128  # GDAL's block cache; its default (5 % of RAM) would let dirty blocks pile up
 # The 8 symmetries of the square as (transpose, flip rows, flip columns); the first is the identity.
 DIHEDRAL = [(t, v, h) for t in (False, True) for v in (False, True) for h in (False, True)]
@@ -102,6 +101,8 @@ class SceneSettings:
     save_probability: bool = True
     polygons: bool = True
     min_field_area_ha: float = 0.0
+    min_field_pixels: int = 0
+    save_sieved_mask: bool = False
     simplify_tolerance: float = 0.0
     bands: tuple[int, ...] = ()
     overlay: bool = True
@@ -122,6 +123,8 @@ class SceneSettings:
             save_probability=cfg.save_probability,
             polygons=cfg.polygons,
             min_field_area_ha=cfg.min_field_area_ha,
+            min_field_pixels=cfg.min_field_pixels,
+            save_sieved_mask=cfg.save_sieved_mask,
             simplify_tolerance=cfg.simplify_tolerance,
             bands=parse_bands(cfg.bands),
             overlay=cfg.overlay,
@@ -140,8 +143,8 @@ class SceneSettings:
                 f"--overlap={self.overlap}: expected a multiple of 16 from 0 to window-16 ({self.window - 16}); "
                 "windows must step by a multiple of 16 so that they see the scene as the whole scene would"
             )
-        if self.min_field_area_ha < 0 or self.simplify_tolerance < 0:
-            raise ValueError("--min_field_area_ha and --simplify_tolerance must be 0 or more")
+        if self.min_field_area_ha < 0 or self.simplify_tolerance < 0 or self.min_field_pixels < 0:
+            raise ValueError("--min_field_area_ha, --min_field_pixels and --simplify_tolerance must be 0 or more")
 
 
 def scene_outputs(run_dir: Path, image: Path) -> dict[str, Path]:
@@ -149,6 +152,9 @@ def scene_outputs(run_dir: Path, image: Path) -> dict[str, Path]:
     folder, stem = Path(run_dir) / "predictions", Path(image).stem
     return {
         "mask": folder / f"{stem}_seg.tif",
+        "style": folder / f"{stem}_seg.qml",
+        "sieved": folder / f"{stem}_sieved.tif",
+        "sieved_style": folder / f"{stem}_sieved.qml",
         "probability": folder / f"{stem}_prob.tif",
         "geojson": folder / f"{stem}_fields.geojson",
         "gpkg": folder / f"{stem}_fields.gpkg",
@@ -159,7 +165,8 @@ def scene_outputs(run_dir: Path, image: Path) -> dict[str, Path]:
 
 def wanted_outputs(outputs: dict[str, Path], settings: SceneSettings) -> list[Path]:
     """The outputs this configuration writes for a scene (used to tell a finished scene)."""
-    kinds = ["mask", "area"]
+    kinds = ["mask", "style", "area"]
+    kinds += ["sieved", "sieved_style"] if settings.polygons and settings.save_sieved_mask else []
     kinds += ["probability"] if settings.save_probability else []
     kinds += ["geojson", "gpkg"] if settings.polygons else []
     kinds += ["overlay"] if settings.overlay else []
@@ -504,6 +511,38 @@ def raster_profile(scene: Scene) -> dict:
     }
 
 
+def add_overviews(path: Path, resampling: Resampling) -> None:
+    """Build internal overviews (halving until a level fits in one block) into a finished GeoTIFF."""
+    with rasterio.open(path, "r+") as dst:
+        factors, factor = [], 2
+        while max(dst.width, dst.height) / factor >= BLOCK // 2:
+            factors.append(factor)
+            factor *= 2
+        if factors:
+            dst.build_overviews(factors, resampling)
+            dst.update_tags(ns="rio_overview", resampling=resampling.name)
+
+
+def write_mask_style(path: Path) -> None:
+    """A QGIS layer style beside a mask GeoTIFF (QGIS loads <name>.qml with <name>.tif): farmland in the
+    overlay's yellow, background faint, nodata transparent."""
+    r, g, b, _ = MASK_COLOURS[FARMLAND]
+    files.atomic_write_text(
+        path,
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28" styleCategories="AllStyleCategories">\n'
+        "  <pipe>\n"
+        '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">\n'
+        "      <colorPalette>\n"
+        '        <paletteEntry value="0" color="#000000" alpha="60" label="background"/>\n'
+        f'        <paletteEntry value="{FARMLAND}" color="#{r:02x}{g:02x}{b:02x}" alpha="255" label="farmland"/>\n'
+        "      </colorPalette>\n"
+        "    </rasterrenderer>\n"
+        "  </pipe>\n"
+        "</qgis>\n",
+    )
+
+
 @dataclass
 class SceneCounts:
     """Pixel counts of one predicted scene."""
@@ -537,9 +576,9 @@ def predict_scene(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            files = {kind: rasterio.open(path, "w", **profile) for kind, path in temporary.items()}
+            handles = {kind: rasterio.open(path, "w", **profile) for kind, path in temporary.items()}
             try:
-                files["mask"].write_colormap(1, MASK_COLOURS)
+                handles["mask"].write_colormap(1, MASK_COLOURS)
                 with tqdm(total=len(rows_at) * len(cols_at), desc=scene.path.name, unit="window", disable=None) as bar:
                     for top, probabilities, empty in blended_rows(
                         model, scene, saved["in_channels"], saved["n_classes"], device, settings, bar
@@ -550,16 +589,19 @@ def predict_scene(
                         counts.valid += int(empty.size - empty.sum())
                         counts.farmland += int(np.count_nonzero(mask == FARMLAND))
                         where = Window(0, top, scene.width, mask.shape[0])
-                        files["mask"].write(mask, 1, window=where)
-                        if "probability" in files:
+                        handles["mask"].write(mask, 1, window=where)
+                        if "probability" in handles:
                             percent = np.rint(probabilities[FARMLAND] * 100).astype(np.uint8)
                             percent[empty] = NODATA
-                            files["probability"].write(percent, 1, window=where)
+                            handles["probability"].write(percent, 1, window=where)
             finally:
-                for handle in files.values():
+                for handle in handles.values():
                     handle.close()
         for kind, path in targets.items():
+            # Overviews inside the file, so that GIS software opens even a 20,000-pixel mask at once.
+            add_overviews(temporary[kind], Resampling.nearest if kind == "mask" else Resampling.average)
             os.replace(temporary[kind], path)
+        write_mask_style(outputs["style"])
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)
@@ -577,83 +619,44 @@ def pixel_area_m2(crs: "rasterio.crs.CRS | None", transform: Affine) -> float | 
     return abs(transform.a * transform.e - transform.b * transform.d) * metres_per_unit**2
 
 
-def field_shapes(mask_path: Path) -> list[shapely.Polygon]:
-    """Farmland polygons of a mask GeoTIFF in pixel coordinates, vectorised a strip of rows at a time.
-
-    Polygons that reach a strip's inner border are joined with their continuation in the next strip;
-    pixel coordinates are whole numbers, so the shared edges match exactly. 4-connected pixels form a field.
-    """
-    finished: list[shapely.Polygon] = []
-    cut: list[shapely.Polygon] = []
-    with rasterio.open(mask_path) as src:
-        for top in range(0, src.height, POLYGON_STRIP):
-            bottom = min(top + POLYGON_STRIP, src.height)
-            farmland = src.read(1, window=Window(0, top, src.width, bottom - top)) == FARMLAND
-            pieces = rasterio.features.shapes(
-                farmland.view(np.uint8), mask=farmland, connectivity=4, transform=Affine.translation(0, top)
-            )
-            for geometry, _ in pieces:
-                polygon = shapely.geometry.shape(geometry)
-                _, low, _, high = polygon.bounds
-                reaches_cut = (low <= top and top > 0) or (high >= bottom and bottom < src.height)
-                (cut if reaches_cut else finished).append(polygon)
-    if cut:
-        joined = shapely.unary_union(cut)
-        finished += list(getattr(joined, "geoms", [joined]))
-    return finished
-
-
-def write_fields(
-    polygons: list[shapely.Polygon],
-    scene: Scene,
-    settings: SceneSettings,
-    outputs: dict[str, Path],
-) -> int:
-    """Write the fields as GeoJSON and GeoPackage in the scene's CRS; return how many were kept.
+def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]) -> int:
+    """Sieve the mask to the minimum mapping unit and write its fields as GeoJSON and GeoPackage in the
+    scene's CRS as they are found (polygons.py); return how many were written.
 
     Each field carries ``area_ha`` (from its pixels, before simplification; empty without a projected CRS)
-    and ``pixels``. Fields under ``min_field_area_ha`` are dropped.
+    and ``pixels``. With ``save_sieved_mask`` the sieved mask is written too, with overviews and a style.
     """
     pixel_m2 = pixel_area_m2(scene.crs, scene.transform)
-    t = scene.transform
-    kept, areas, pixels = [], [], []
-    for polygon in polygons:
-        area_ha = None if pixel_m2 is None else polygon.area * pixel_m2 / 1e4
-        if area_ha is not None and area_ha < settings.min_field_area_ha:
-            continue
-        shape = shapely.affinity.affine_transform(polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
-        if settings.simplify_tolerance > 0:
-            shape = shape.simplify(settings.simplify_tolerance, preserve_topology=True)
-        kept.append(shape)
-        areas.append(math.nan if area_ha is None else area_ha)
-        pixels.append(int(round(polygon.area)))
-    if pixel_m2 is None and settings.min_field_area_ha > 0:
-        LOG.warning("%s: no projected CRS, so fields are not filtered by min_field_area_ha", scene.path)
-    geometry = shapely.to_wkb(np.array(kept, dtype=object)) if kept else np.array([], dtype=object)
-    fields = [np.arange(1, len(kept) + 1, dtype=np.int64), np.array(areas, np.float64), np.array(pixels, np.int64)]
-    crs = scene.crs.to_wkt() if scene.crs is not None else None
-    for kind, driver in (("geojson", "GeoJSON"), ("gpkg", "GPKG")):
-        path = outputs[kind]
-        temporary = temporary_beside(path)
-        try:
-            with warnings.catch_warnings():
-                # Without a CRS the fields are in pixel coordinates (column, row), as documented: no need to warn.
-                warnings.filterwarnings("ignore", "'crs' was not provided")
-                write_vector(
-                    str(temporary),
-                    geometry,
-                    fields,
-                    ["field_id", "area_ha", "pixels"],
-                    layer="fields",
-                    driver=driver,
-                    geometry_type="Polygon",
-                    crs=crs,
-                    promote_to_multi=False,
-                )
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-    return len(kept)
+    min_pixels = polygons.min_pixels_for(settings.min_field_area_ha, pixel_m2, settings.min_field_pixels)
+    if pixel_m2 is None and settings.min_field_area_ha > 0 and not settings.min_field_pixels:
+        LOG.warning(
+            "%s: no projected CRS, so min_field_area_ha cannot apply; set --min_field_pixels for a minimum "
+            "mapping unit in pixels",
+            scene.path,
+        )
+    sieved = temporary_beside(outputs["sieved"]) if settings.save_sieved_mask else None
+    columns = {"field_id": int, "area_ha": float, "pixels": int}
+    t, kept = scene.transform, 0
+    try:
+        with polygons.PolygonWriter({k: outputs[k] for k in ("geojson", "gpkg")}, columns, scene.crs) as writer:
+            for polygon in polygons.mask_fields(outputs["mask"], min_pixels, sieved):
+                area_ha = None if pixel_m2 is None else polygon.area * pixel_m2 / 1e4
+                if area_ha is not None and area_ha < settings.min_field_area_ha:
+                    continue
+                shape = shapely.affinity.affine_transform(polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
+                if settings.simplify_tolerance > 0:
+                    shape = shape.simplify(settings.simplify_tolerance, preserve_topology=True)
+                kept += 1
+                writer.add(shape, field_id=kept, area_ha=area_ha, pixels=int(round(polygon.area)))
+            written = writer.close()
+        if sieved is not None:
+            add_overviews(sieved, Resampling.nearest)
+            os.replace(sieved, outputs["sieved"])
+            write_mask_style(outputs["sieved_style"])
+    finally:
+        if sieved is not None:
+            sieved.unlink(missing_ok=True)
+    return written
 
 
 def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path) -> dict:
@@ -723,7 +726,7 @@ def run_scene(
         counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)
         fields = None
         if settings.polygons:
-            fields = write_fields(field_shapes(outputs["mask"]), scene, settings, outputs)
+            fields = write_fields(scene, settings, outputs)
         if settings.overlay:
             write_overlay(scene, outputs["mask"], outputs["overlay"])
     row = area_row(scene, counts, fields, outputs["mask"])

@@ -18,6 +18,7 @@ from rasterio.transform import Affine
 
 import demo_data
 import inference
+import polygons
 import predict
 import scene
 from data_preprocess import load_mask, write_image
@@ -286,8 +287,8 @@ def test_fields_cut_by_vectorising_strips_are_joined(tmp_path: Path, monkeypatch
     mask[30:33, 30:38] = 1
     mask[15:18, 6:8] = 0  # a hole
     source = write_geotiff(tmp_path / "mask.tif", mask[None], transform=TRANSFORM)
-    monkeypatch.setattr(scene, "POLYGON_STRIP", 16)
-    shapes = scene.field_shapes(source)
+    monkeypatch.setattr(polygons, "STRIP", 16)
+    shapes = list(polygons.mask_fields(source, 0))
     assert len(shapes) == 3 and sum(s.area for s in shapes) == mask.sum()
     assert all(s.is_valid for s in shapes) and sum(len(s.interiors) for s in shapes) == 1
 

@@ -1,0 +1,303 @@
+"""Field polygons from a class mask GeoTIFF, in bounded memory and time whatever the mask looks like.
+
+A minimum mapping unit comes first, as GIS practice does it: farmland islands smaller than ``min_pixels``
+become background and background holes smaller than it become farmland (4-connected pieces, nodata left
+alone). The mask is then vectorised a strip of rows at a time. A field that does not reach a strip's seam
+is written at once; only the pieces that reach a seam wait for their continuation in the next strip, where
+they are joined. Pixel coordinates are whole numbers, so shared edges match exactly.
+
+The sieve works on a strip with ``halo`` extra rows above and below. A piece that reaches the strip's rows
+and the edge of the halo spans more than ``halo`` rows, so it has more than ``halo`` pixels: with a halo of
+``min_pixels`` rows the sieve is exact. The halo is capped at SIEVE_HALO_CAP rows, so a very large unit
+(more pixels than the cap) may keep a thin sliver longer than the cap rows; a piece that reaches a cut edge
+is never removed on a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import rasterio
+import rasterio.enums
+import rasterio.features
+import shapely
+import shapely.affinity
+from pyogrio.raw import write as write_vector
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+FARMLAND = 1
+STRIP = 1024  # mask rows sieved and vectorised at a time
+SIEVE_HALO_CAP = 2048  # most rows read above and below a strip for the sieve
+BATCH = 4096  # polygons written to the vector files at a time
+
+
+def small_pieces(binary: np.ndarray, min_pixels: int, cut_top: bool, cut_bottom: bool) -> np.ndarray:
+    """Where the 4-connected pieces of ``binary`` (bool, H x W) with fewer than ``min_pixels`` pixels lie.
+
+    Pieces that touch the top row when ``cut_top`` (or the bottom row when ``cut_bottom``) continue beyond
+    the block: they are never counted small.
+    """
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(binary.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    small = stats[:, cv2.CC_STAT_AREA] < min_pixels
+    small[0] = False  # label 0 is everything outside ``binary``
+    if cut_top:
+        small[np.unique(labels[0])] = False
+    if cut_bottom:
+        small[np.unique(labels[-1])] = False
+    return small[labels]
+
+
+def sieve_block(block: np.ndarray, min_pixels: int, cut_top: bool, cut_bottom: bool) -> np.ndarray:
+    """A copy of a block of mask rows with farmland islands, then background holes, under ``min_pixels``
+    removed (islands first, so a speck inside a small hole does not keep the hole open). Nodata stays."""
+    mask = block.copy()
+    if min_pixels <= 1:
+        return mask
+    mask[small_pieces(mask == FARMLAND, min_pixels, cut_top, cut_bottom)] = 0
+    mask[small_pieces(mask == 0, min_pixels, cut_top, cut_bottom)] = FARMLAND
+    return mask
+
+
+def sieved_strips(
+    src: rasterio.io.DatasetReader, min_pixels: int, strip: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, sieved rows) of a mask GeoTIFF, ``strip`` rows (STRIP when 0) at a time, each sieved with a
+    halo of rows."""
+    strip = strip or STRIP
+    halo = min(max(min_pixels, 0), SIEVE_HALO_CAP)
+    for top in range(0, src.height, strip):
+        bottom = min(top + strip, src.height)
+        low, high = max(0, top - halo), min(src.height, bottom + halo)
+        block = src.read(1, window=Window(0, low, src.width, high - low))
+        sieved = sieve_block(block, min_pixels, low > 0, high < src.height)
+        yield top, sieved[top - low : bottom - low]
+
+
+@dataclass
+class SeamJoiner:
+    """Joins the pieces of fields cut by strip seams; hands back every field once it is whole."""
+
+    height: int
+    pending: list[shapely.Polygon] = field(default_factory=list)  # pieces reaching the last strip's bottom
+
+    def add_strip(self, pieces: Sequence[shapely.Polygon], top: int, bottom: int) -> list[shapely.Polygon]:
+        """Take one strip's pieces (pixel coordinates); return the fields finished by it."""
+        finished, waiting, continuing = [], [], []
+        for piece in pieces:
+            _, low, _, high = piece.bounds
+            if top > 0 and low <= top:
+                continuing.append(piece)
+            elif bottom < self.height and high >= bottom:
+                waiting.append(piece)
+            else:
+                finished.append(piece)
+        for whole in self.join(continuing):
+            reaches_bottom = bottom < self.height and whole.bounds[3] >= bottom
+            (waiting if reaches_bottom else finished).append(whole)
+        self.pending = waiting
+        return finished
+
+    def join(self, continuing: list[shapely.Polygon]) -> list[shapely.Polygon]:
+        """The pending pieces joined with the pieces that continue them, as separate polygons."""
+        pieces = self.pending + continuing
+        if not pieces:
+            return []
+        tree = shapely.STRtree(pieces)
+        left, right = tree.query(pieces, predicate="intersects")
+        groups = connected_groups(len(pieces), left, right)
+        joined: list[shapely.Polygon] = []
+        for members in groups:
+            union = pieces[members[0]] if len(members) == 1 else shapely.union_all([pieces[i] for i in members])
+            joined += list(getattr(union, "geoms", [union]))  # pieces touching at a corner stay apart
+        return joined
+
+    def close(self) -> list[shapely.Polygon]:
+        """The fields still waiting at the end (none when the last strip reached the scene's bottom)."""
+        rest, self.pending = self.pending, []
+        return rest
+
+
+def connected_groups(n: int, left: np.ndarray, right: np.ndarray) -> list[list[int]]:
+    """The connected groups of n items linked by the pairs (left[i], right[i]) (union-find)."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in zip(left.tolist(), right.tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[ra] = rb
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def mask_pieces(rows: np.ndarray, top: int) -> list[shapely.Polygon]:
+    """The farmland polygons of a strip of mask rows in scene pixel coordinates."""
+    farmland = rows == FARMLAND
+    if not farmland.any():
+        return []
+    shapes = rasterio.features.shapes(
+        farmland.view(np.uint8), mask=farmland, connectivity=4, transform=Affine.translation(0, top)
+    )
+    return [shapely.geometry.shape(geometry) for geometry, _ in shapes]
+
+
+def mask_fields(mask_path: Path, min_pixels: int, sieved_path: Path | None = None) -> Iterator[shapely.Polygon]:
+    """Every field of a mask GeoTIFF, in pixel coordinates, after the minimum mapping unit; each as soon as
+    it is whole. With ``sieved_path`` the sieved mask is written there too (same grid and profile)."""
+    with rasterio.open(mask_path) as src:
+        joiner = SeamJoiner(src.height)
+        sieved = None
+        if sieved_path is not None:
+            sieved = rasterio.open(sieved_path, "w", **src.profile)
+            if src.colorinterp[0] == rasterio.enums.ColorInterp.palette:
+                sieved.write_colormap(1, src.colormap(1))
+        try:
+            for top, rows in sieved_strips(src, min_pixels):
+                if sieved is not None:
+                    sieved.write(rows, 1, window=Window(0, top, src.width, rows.shape[0]))
+                yield from joiner.add_strip(mask_pieces(rows, top), top, top + rows.shape[0])
+            yield from joiner.close()
+        finally:
+            if sieved is not None:
+                sieved.close()
+
+
+def crs_member(crs: rasterio.crs.CRS | None) -> dict | None:
+    """The GeoJSON ``crs`` member GDAL reads back (an EPSG URN where there is a code, else the WKT)."""
+    if crs is None:
+        return None
+    code = crs.to_epsg()
+    name = f"urn:ogc:def:crs:EPSG::{code}" if code else crs.to_wkt()
+    return {"type": "name", "properties": {"name": name}}
+
+
+class PolygonWriter:
+    """Writes polygons with attributes to a GeoPackage and a GeoJSON file as they come, a batch at a time,
+    under temporary names renamed when complete (nothing half-written is ever left under the real names)."""
+
+    def __init__(self, paths: dict[str, Path], columns: dict[str, type], crs: rasterio.crs.CRS | None) -> None:
+        self.paths = paths
+        self.columns = columns
+        self.crs = crs
+        # The real extension stays last: GDAL picks formats and checks names by it.
+        self.temporary = {k: p.parent / f".{p.stem}.{os.getpid()}.tmp{p.suffix}" for k, p in paths.items()}
+        self.geometries: list[shapely.Geometry] = []
+        self.values: dict[str, list] = {name: [] for name in columns}
+        self.count = 0
+        self.gpkg_started = False
+        for path in self.temporary.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+        self.geojson = open(self.temporary["geojson"], "w", encoding="utf-8") if "geojson" in paths else None
+        if self.geojson is not None:
+            head = {"type": "FeatureCollection", "name": "fields"}
+            if crs_member(crs):
+                head["crs"] = crs_member(crs)
+            self.geojson.write(json.dumps(head)[:-1] + ', "features": [\n')
+
+    def add(self, geometry: shapely.Geometry, **values: float | int | str | None) -> None:
+        """Queue one polygon; a full batch is written at once."""
+        self.geometries.append(geometry)
+        for name in self.columns:
+            self.values[name].append(values[name])
+        if len(self.geometries) >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued polygons to both files."""
+        if not self.geometries and self.gpkg_started:
+            return
+        arrays = [self.array(name) for name in self.columns]
+        if "gpkg" in self.paths:
+            self.write_gpkg(arrays)
+        if self.geojson is not None:
+            self.write_geojson()
+        self.count += len(self.geometries)
+        self.geometries, self.values = [], {name: [] for name in self.columns}
+
+    def array(self, name: str) -> np.ndarray:
+        """One attribute column of the queued polygons as a typed array (None becomes NaN for floats)."""
+        kind = self.columns[name]
+        if kind is float:
+            return np.array([math.nan if v is None else v for v in self.values[name]], np.float64)
+        return np.array(self.values[name], np.int64 if kind is int else object)
+
+    def write_gpkg(self, arrays: list[np.ndarray]) -> None:
+        geometry = shapely.to_wkb(np.array(self.geometries, dtype=object)) if self.geometries else np.array([], object)
+        with warnings.catch_warnings():
+            # Without a CRS the polygons are in pixel coordinates (column, row), as documented: no need to warn.
+            warnings.filterwarnings("ignore", "'crs' was not provided")
+            write_vector(
+                str(self.temporary["gpkg"]),
+                geometry,
+                arrays,
+                list(self.columns),
+                layer="fields",
+                driver="GPKG",
+                geometry_type="Polygon",
+                crs=self.crs.to_wkt() if self.crs is not None else None,
+                promote_to_multi=False,
+                append=self.gpkg_started,
+            )
+        self.gpkg_started = True
+
+    def write_geojson(self) -> None:
+        shapes = shapely.to_geojson(np.array(self.geometries, dtype=object)) if self.geometries else []
+        for i, shape in enumerate(shapes):
+            properties = {name: clean(self.values[name][i]) for name in self.columns}
+            separator = ",\n" if self.count + i else ""
+            self.geojson.write(
+                f'{separator}{{"type": "Feature", "properties": {json.dumps(properties)}, "geometry": {shape}}}'
+            )
+
+    def close(self) -> int:
+        """Write what is queued, finish both files and move them into place; return the polygon count."""
+        self.flush()
+        if self.geojson is not None:
+            self.geojson.write("\n]}\n")
+            self.geojson.close()
+        for kind, path in self.paths.items():
+            os.replace(self.temporary[kind], path)
+        return self.count
+
+    def abandon(self) -> None:
+        """Remove the temporary files after a failure."""
+        if self.geojson is not None and not self.geojson.closed:
+            self.geojson.close()
+        for path in self.temporary.values():
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "PolygonWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self.abandon()
+
+
+def clean(value: object) -> object:
+    """A JSON-safe attribute value: NaN becomes null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def min_pixels_for(min_area_ha: float, pixel_m2: float | None, min_pixels: int) -> int:
+    """The minimum mapping unit in pixels: from hectares with a projected CRS, else the pixel count given."""
+    if pixel_m2 is None:
+        return max(min_pixels, 0)
+    return max(int(math.ceil(min_area_ha * 1e4 / pixel_m2 - 1e-9)), 0)

@@ -1,0 +1,144 @@
+"""polygons.py: the minimum mapping unit, strip-by-strip vectorising with seams joined, streamed vector files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+from rasterio.crs import CRS
+from rasterio.transform import Affine
+
+import polygons
+import scene
+
+UTM = CRS.from_epsg(32615)
+TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4500000.0)
+
+
+def write_mask(path: Path, mask: np.ndarray) -> Path:
+    profile = dict(driver="GTiff", width=mask.shape[1], height=mask.shape[0], count=1, dtype="uint8")
+    with rasterio.open(path, "w", crs=UTM, transform=TRANSFORM, nodata=255, **profile) as dst:
+        dst.write(mask, 1)
+    return path
+
+
+def blobs(shape: tuple[int, int], seed: int, cells: int = 6) -> np.ndarray:
+    """A speckled mask: smooth noise thresholded, plus salt-and-pepper."""
+    rng = np.random.default_rng(seed)
+    noise = cv2.resize(rng.random((cells, cells * shape[1] // shape[0])), shape[::-1], interpolation=cv2.INTER_CUBIC)
+    mask = (noise > 0.5).astype(np.uint8)
+    flips = rng.random(shape) < 0.08
+    mask[flips] ^= 1
+    return mask
+
+
+def reference_sieve(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """The sieve over the whole mask at once: what the strips must reproduce."""
+    return polygons.sieve_block(mask, min_pixels, False, False)
+
+
+def test_sieve_by_hand() -> None:
+    mask = np.zeros((6, 6), np.uint8)
+    mask[0:2, 0:2] = 1  # an island of 4 pixels
+    mask[3:6, 2:6] = 1  # a field of 12 pixels with a one-pixel hole
+    mask[4, 4] = 0
+    mask[0, 5] = 255  # nodata stays
+    sieved = polygons.sieve_block(mask, 5, False, False)
+    expected = np.zeros((6, 6), np.uint8)
+    expected[3:6, 2:6] = 1
+    expected[0, 5] = 255
+    assert np.array_equal(sieved, expected)
+    assert np.array_equal(polygons.sieve_block(mask, 1, False, False), mask)
+
+
+def test_a_piece_at_a_cut_edge_is_never_removed() -> None:
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0, 1] = 1  # one pixel on the top row: it may continue above
+    assert polygons.sieve_block(mask, 3, True, False)[0, 1] == 1
+    assert polygons.sieve_block(mask, 3, False, False)[0, 1] == 0
+
+
+@pytest.mark.parametrize("min_pixels", [0, 7, 40])
+def test_strips_give_the_sieve_and_fields_of_the_whole_mask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_pixels: int
+) -> None:
+    mask = blobs((150, 90), seed=min_pixels)
+    source = write_mask(tmp_path / "mask.tif", mask)
+    monkeypatch.setattr(polygons, "STRIP", 16)
+    sieved_path = tmp_path / "sieved.tif"
+    fields = list(polygons.mask_fields(source, min_pixels, sieved_path))
+    expected = reference_sieve(mask, min_pixels)
+    with rasterio.open(sieved_path) as src:
+        assert np.array_equal(src.read(1), expected)
+    n_expected, _ = cv2.connectedComponents((expected == 1).view(np.uint8), connectivity=4)
+    assert len(fields) == n_expected - 1  # one polygon per 4-connected farmland piece
+    assert sum(f.area for f in fields) == int((expected == 1).sum())
+    assert all(f.is_valid for f in fields)
+    if min_pixels:
+        assert min(f.area for f in fields) >= min_pixels
+
+
+def test_a_field_spanning_the_whole_scene_is_one_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mask = np.zeros((100, 30), np.uint8)
+    mask[:, 0:3] = 1  # a spine from top to bottom
+    mask[5::10, 3:25] = 1  # ribs, each crossing no seam or one
+    mask[50:53, 10:13] = 0
+    source = write_mask(tmp_path / "mask.tif", mask)
+    monkeypatch.setattr(polygons, "STRIP", 8)
+    (field,) = list(polygons.mask_fields(source, 0))
+    assert field.area == mask.sum() and field.is_valid and field.bounds == (0.0, 0.0, 25.0, 100.0)
+
+
+def test_vector_files_are_streamed_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(polygons, "BATCH", 3)  # several batches
+    paths = {"geojson": tmp_path / "f.geojson", "gpkg": tmp_path / "f.gpkg"}
+    boxes = [shapely.box(i * 10, 0, i * 10 + 5, 5) for i in range(7)]
+    with polygons.PolygonWriter(paths, {"field_id": int, "area_ha": float}, UTM) as writer:
+        for i, box in enumerate(boxes):
+            writer.add(box, field_id=i + 1, area_ha=None if i == 3 else box.area / 1e4)
+        assert writer.close() == 7
+    for path in paths.values():
+        info = pyogrio.read_info(path)
+        assert info["features"] == 7 and info["crs"] == "EPSG:32615"
+        _, _, geometry, (ids, areas) = pyogrio.raw.read(path)
+        assert ids.tolist() == list(range(1, 8)) and np.isnan(areas[3]) and areas[0] == pytest.approx(25e-4)
+        assert shapely.equals(shapely.from_wkb(geometry), np.array(boxes, dtype=object)).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.geojson", "f.gpkg"]  # no temporary left
+
+
+def test_no_fields_gives_empty_readable_files(tmp_path: Path) -> None:
+    paths = {"geojson": tmp_path / "f.geojson", "gpkg": tmp_path / "f.gpkg"}
+    with polygons.PolygonWriter(paths, {"field_id": int}, None) as writer:
+        assert writer.close() == 0
+    assert all(pyogrio.read_info(p)["features"] == 0 for p in paths.values())
+
+
+def test_a_failure_leaves_no_file(tmp_path: Path) -> None:
+    paths = {"geojson": tmp_path / "f.geojson", "gpkg": tmp_path / "f.gpkg"}
+    with pytest.raises(RuntimeError):
+        with polygons.PolygonWriter(paths, {"field_id": int}, UTM) as writer:
+            writer.add(shapely.box(0, 0, 1, 1), field_id=1)
+            raise RuntimeError("stop")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_minimum_mapping_unit_in_pixels() -> None:
+    assert polygons.min_pixels_for(0.01, 4.0, 0) == 25  # 100 m2 of 4 m2 pixels
+    assert polygons.min_pixels_for(0.01, 3.0, 0) == 34  # rounded up: 33.3 pixels are not enough
+    assert polygons.min_pixels_for(0.01, None, 12) == 12  # no metres: the pixel count given
+
+
+def test_overviews_and_style(tmp_path: Path) -> None:
+    source = write_mask(tmp_path / "mask.tif", blobs((600, 600), seed=1))
+    scene.add_overviews(source, rasterio.enums.Resampling.nearest)
+    with rasterio.open(source) as src:
+        assert src.overviews(1) == [2, 4]
+    style = tmp_path / "mask.qml"
+    scene.write_mask_style(style)
+    text = style.read_text()
+    assert 'type="paletted"' in text and 'value="1" color="#ffdc00"' in text
