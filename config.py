@@ -38,6 +38,7 @@ class Config:
     normalise: bool = False  # standardise each band by its training-split mean and std (kept in the checkpoint)
     ignore_index: int = -1  # mask value of unlabelled pixels (e.g. 128), left out of losses and metrics; -1 = none
     bands: str = ""  # 1-based bands to use, e.g. 3,2,1 of a 4-band TIFF; empty = all; predict.py defaults to training's
+    pixel_size_m: float = 0.0  # metres per pixel of the training tiles when they carry no georeference (0 = unknown)
     in_channels: int = 3  # bands of the input images (3 for RGB, 4 for RGB+NIR)
     n_classes: int = 2  # 0 = background, 1 = farmland
     base_width: int = 64  # channels of the first U-Net level; levels have w, 2w, 4w, 8w, 16w
@@ -80,10 +81,25 @@ class Config:
     min_field_area_ha: float = 0.01  # scenes: minimum mapping unit (ha): smaller islands and holes sieved away
     min_field_pixels: int = 0  # scenes: the minimum mapping unit in pixels where the CRS has no metres (0 = none)
     save_sieved_mask: bool = False  # scenes: also write <stem>_sieved.tif, the mask after the minimum mapping unit
+    resample_scenes: bool = True  # scenes: predict a scene of another pixel size at the model's pixel_size_m
     simplify_tolerance: float = 0.0  # scenes: simplify field outlines by this distance in CRS units (0 = off)
+    backend: str = "torch"  # torch (the checkpoint, in PyTorch) or onnx (the exported model, in onnxruntime, CPU)
+    onnx_model: str = ""  # --backend=onnx: the .onnx file; empty = run_dir/export/farmland.onnx
+    # --- export_onnx.py --------------------------------------------------------------------------------
+    quantize: str = "off"  # off, or int8: also an 8-bit copy for CPUs, offered only if it passes the test split
+    calibration_tiles: int = 32  # --quantize=int8: training tiles that calibrate the 8-bit value ranges
     # --- miou.py ---------------------------------------------------------------------------------------
     gallery_size: int = 6  # tiles in each of the worst / best galleries
     boundary_width: int = 3  # pixels inside each parcel edge that the boundary IoU scores
+    # --- make_tiles.py ---------------------------------------------------------------------------------
+    scene: str = ""  # make_tiles.py: scene GeoTIFF(s) to cut: a file, several separated by commas, or a folder
+    labels: str = ""  # make_tiles.py: farmland polygons (.gpkg .shp .geojson) or label raster (.tif, 1/255 = farmland)
+    out: str = ""  # make_tiles.py: data folder to write (images/ labels/ tiles.csv), outside the input folders
+    tile_size: int = 256  # make_tiles.py: tile side in pixels
+    tile_stride: int = 0  # make_tiles.py: pixels between tile origins (0 = tile_size: tiles do not overlap)
+    label_where: str = ""  # make_tiles.py: SQL WHERE picking the farmland polygons, e.g. DLBM LIKE '01%' (empty = all)
+    label_layer: str = ""  # make_tiles.py: layer of a multi-layer vector file (GeoPackage); empty = its only layer
+    mark_unlabelled: bool = False  # make_tiles.py: pixels outside the labels' coverage and nodata get ignore_index
 
 
 # The recommended recipe (--recipe=recommended): what measured best on real aerial tiles at a modest budget

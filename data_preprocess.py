@@ -51,6 +51,8 @@ def read_image(path: Path) -> np.ndarray:
         raw = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror}); check that the file exists") from None
+    # libtiff warns on every GeoTIFF tile about the GeoTIFF tags it does not know: errors only.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if image is None:
         raise DataError(

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import struct
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ import torch
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from tqdm import tqdm
 
@@ -103,6 +105,7 @@ class SceneSettings:
     min_field_area_ha: float = 0.0
     min_field_pixels: int = 0
     save_sieved_mask: bool = False
+    resample: bool = True
     simplify_tolerance: float = 0.0
     bands: tuple[int, ...] = ()
     overlay: bool = True
@@ -125,6 +128,7 @@ class SceneSettings:
             min_field_area_ha=cfg.min_field_area_ha,
             min_field_pixels=cfg.min_field_pixels,
             save_sieved_mask=cfg.save_sieved_mask,
+            resample=cfg.resample_scenes,
             simplify_tolerance=cfg.simplify_tolerance,
             bands=parse_bands(cfg.bands),
             overlay=cfg.overlay,
@@ -303,6 +307,36 @@ class ImageScene(Scene):
     def read_preview(self, height: int, width: int) -> np.ndarray:
         small = cv2.resize(self.image, (width, height), interpolation=cv2.INTER_AREA)
         return small.reshape(height, width, -1)[:, :, [b - 1 for b in self.bands]]
+
+
+class ResampledScene(Scene):
+    """A raster scene seen on a grid of another pixel size (bilinear, through a GDAL warped VRT, read a block
+    of rows at a time): the scene as the network saw its training tiles."""
+
+    def __init__(self, base: RasterScene, ratio: float) -> None:
+        self.base, self.path = base, base.path
+        self.width, self.height = max(1, round(base.width * ratio)), max(1, round(base.height * ratio))
+        self.count, self.dtype, self.crs, self.nodata = base.count, base.dtype, base.crs, base.nodata
+        self.bands = base.bands
+        self.transform = base.transform * Affine.scale(base.width / self.width, base.height / self.height)
+        self.vrt = WarpedVRT(
+            base.src,
+            crs=base.crs,
+            transform=self.transform,
+            width=self.width,
+            height=self.height,
+            resampling=Resampling.bilinear,
+        )
+
+    def read_rows(self, top: int, bottom: int) -> np.ndarray:
+        block = self.vrt.read(list(self.bands), window=Window(0, top, self.width, bottom - top))
+        return block.transpose(1, 2, 0)
+
+    def read_preview(self, height: int, width: int) -> np.ndarray:
+        return self.base.read_preview(height, width)
+
+    def close(self) -> None:
+        self.vrt.close()
 
 
 def open_scene(path: Path, bands: Sequence[int], in_channels: int) -> Scene:
@@ -709,6 +743,82 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path) -> None:
 # --- one scene, start to end -----------------------------------------------------------------------------
 
 
+def scene_pixel_size(scene: Scene) -> float | None:
+    """Metres per pixel (the side of a square of the pixel's area) with a projected CRS; else None."""
+    area = pixel_area_m2(scene.crs, scene.transform)
+    return math.sqrt(area) if area else None
+
+
+def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float | None:
+    """The scene's pixel size over the training tiles' (``pixel_size_m`` in the checkpoint) when the scene is
+    to be resampled to the model's pixel size; None when the sizes agree (within 2 %), either is unknown,
+    or resampling is off or impossible, with a warning when they differ by more than a quarter."""
+    trained = float(state["config"].get("pixel_size_m") or 0.0)
+    size = scene_pixel_size(scene)
+    if trained <= 0 or size is None or abs(size / trained - 1) < 0.02:
+        return None
+    if settings.resample and isinstance(scene, RasterScene):
+        LOG.info("%s: %.3g m pixels, the model's %.3g m: predicted at the model's size", scene.path, size, trained)
+        return size / trained
+    if abs(size / trained - 1) > 0.25:
+        LOG.warning(
+            "%s: %.3g m pixels, but the model was trained on %.3g m pixels and the scene is not resampled (%s); "
+            "expect poorer masks",
+            scene.path,
+            size,
+            trained,
+            "--resample_scenes=false" if not settings.resample else "not a GeoTIFF",
+        )
+    return None
+
+
+def predict_resampled(
+    model: torch.nn.Module,
+    scene: RasterScene,
+    ratio: float,
+    state: dict,
+    device: torch.device,
+    settings: SceneSettings,
+    outputs: dict[str, Path],
+) -> SceneCounts:
+    """Predict a scene on the model's pixel grid, then bring mask (nearest) and probability (bilinear) back to
+    the scene's own grid window by window; return the pixel counts on the scene's grid."""
+    folder = outputs["mask"].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with ResampledScene(scene, ratio) as view, tempfile.TemporaryDirectory(dir=folder, prefix=".resampled.") as tmp:
+        inner = {**outputs, "mask": Path(tmp) / "mask.tif", "probability": Path(tmp) / "prob.tif"}
+        inner["style"] = Path(tmp) / "mask.qml"
+        predict_scene(model, view, state, decision_threshold(state), device, settings, inner)
+        counts = warp_back(inner["mask"], scene, outputs["mask"], Resampling.nearest)
+        if settings.save_probability:
+            warp_back(inner["probability"], scene, outputs["probability"], Resampling.bilinear)
+    write_mask_style(outputs["style"])
+    return counts
+
+
+def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) -> SceneCounts:
+    """Write ``source`` (a mask or probability on another grid) onto the scene's grid at ``target``, a strip of
+    rows at a time, with overviews; return its valid and farmland pixel counts (meaningful for a mask)."""
+    counts, temporary = SceneCounts(), temporary_beside(target)
+    grid = {"crs": scene.crs, "transform": scene.transform, "width": scene.width, "height": scene.height}
+    try:
+        with rasterio.open(source) as src, WarpedVRT(src, resampling=resampling, nodata=NODATA, **grid) as vrt:
+            with rasterio.open(temporary, "w", **raster_profile(scene)) as dst:
+                if resampling == Resampling.nearest:
+                    dst.write_colormap(1, MASK_COLOURS)
+                for top in range(0, scene.height, BLOCK * 4):
+                    where = Window(0, top, scene.width, min(BLOCK * 4, scene.height - top))
+                    rows = vrt.read(1, window=where)
+                    dst.write(rows, 1, window=where)
+                    counts.valid += int(np.count_nonzero(rows != NODATA))
+                    counts.farmland += int(np.count_nonzero(rows == FARMLAND))
+        add_overviews(temporary, resampling if resampling == Resampling.nearest else Resampling.average)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return counts
+
+
 def run_scene(
     model: torch.nn.Module,
     scene: Scene,
@@ -723,7 +833,11 @@ def run_scene(
     memory, and would fill with the scene's blocks as they are read.
     """
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)
+        ratio = resample_ratio(scene, state, settings)
+        if ratio is None:
+            counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)
+        else:
+            counts = predict_resampled(model, scene, ratio, state, device, settings, outputs)
         fields = None
         if settings.polygons:
             fields = write_fields(scene, settings, outputs)

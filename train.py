@@ -66,6 +66,7 @@ from training import (
     make_optimizer,
     make_scheduler,
     open_tensorboard,
+    tiles_pixel_size,
     train_epoch,
     write_log_csv,
 )
@@ -223,6 +224,8 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     """Data, loss, network, optimiser, schedule and scaler, restored when resuming and wrapped for torchrun.
     Returns the trainer, the progress so far and the (training, validation) tile counts."""
     train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
+    if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
+        cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0
     amp = prepare_device(cfg, job.device)
     train_set, val_set = build_datasets(cfg, train_pairs, val_pairs)
     statistics = split_statistics(cfg, train_set)

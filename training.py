@@ -9,11 +9,14 @@ import csv
 import io
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
+from rasterio.errors import NotGeoreferencedWarning
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -23,6 +26,7 @@ from data_preprocess import IGNORE, EpochSampler, FarmlandDataset
 from files import DataError, atomic_write_text
 from metrics import confusion_counts
 from runtime import all_reduce_sum
+from scene import pixel_area_m2
 
 LOG = logging.getLogger("train")
 
@@ -268,3 +272,41 @@ def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:
             f"{path}: cannot resume, the network differs ({'; '.join(differing)}); pass the checkpoint's values "
             "on the command line, or start a new run_dir"
         )
+
+
+TILE_TABLE = "tiles.csv"  # make_tiles.py's table of where each tile sits on the ground
+
+
+def tiles_pixel_size(pairs: list[tuple[Path, Path]]) -> float | None:
+    """Metres per pixel of the training tiles: from the first tile's own georeference (a GeoTIFF in a projected
+    CRS), else from make_tiles.py's tiles.csv beside the images folder; None when neither tells."""
+    if not pairs:
+        return None
+    image = pairs[0][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            with rasterio.open(image) as src:
+                area = pixel_area_m2(src.crs, src.transform)
+        except rasterio.RasterioIOError:
+            area = None
+    if area:
+        return math.sqrt(area)
+    return pixel_size_from_table(image.parent.parent / TILE_TABLE, image.stem)
+
+
+def pixel_size_from_table(table: Path, stem: str) -> float | None:
+    """Metres per pixel of one tile as tiles.csv records it (its CRS must be projected); None otherwise."""
+    if not table.is_file():
+        return None
+    with table.open(newline="", encoding="utf-8") as handle:
+        row = next((r for r in csv.DictReader(handle) if r.get("tile") == stem), None)
+    if row is None or not row.get("crs"):
+        return None
+    try:
+        crs = rasterio.crs.CRS.from_user_input(row["crs"])
+        transform = rasterio.Affine(*(float(row[k]) for k in "abcdef"))
+    except (KeyError, ValueError, rasterio.errors.CRSError):
+        return None
+    area = pixel_area_m2(crs, transform)
+    return math.sqrt(area) if area else None

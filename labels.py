@@ -1,0 +1,427 @@
+"""Farmland labels on a scene's pixel grid: vector polygons or a label raster, read window by window.
+
+Two kinds of label source, opened by ``open_labels`` and checked before any scene is touched:
+- **Vector polygons** (GeoPackage, Shapefile, GeoJSON, anything GDAL reads): an SQL WHERE filter
+  (``label_where``, for example ``DLBM LIKE '01%'``, the land survey's cultivated land) picks the farmland
+  polygons. For each scene only the polygons in its extent are read, reprojected to the scene's CRS
+  (every vertex, with rasterio.warp.transform) and burnt in per window (rasterio.features.rasterize,
+  pixel centres). The labels' coverage is the layer's extent (its bounding box, reprojected as a polygon).
+- **A label raster** (GeoTIFF): 0 = background, 1 (or 255 when there is no 1) = farmland, 255 beside 1 and
+  the declared nodata = unlabelled. It is resampled (nearest) onto the scene's grid through a warped view;
+  its coverage is its valid pixels. A raster far coarser than the scene is refused (MAX_PIXEL_RATIO).
+
+``source.on_grid(grid)`` gives a scene's labels; its ``read(window)`` returns (farmland, labelled) boolean
+arrays. Files are only read. Every error is a DataError naming the file, what was expected, what was found
+and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pyogrio.errors
+import rasterio
+import rasterio.features
+import rasterio.warp
+import rasterio.windows
+import shapely
+from pyogrio.raw import read as read_vector
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from files import DataError
+
+LOG = logging.getLogger("labels")
+RASTER_SUFFIXES = (".tif", ".tiff", ".img", ".vrt", ".jp2")
+MAX_PIXEL_RATIO = 4.0  # a label raster with pixels more than this many times the scene's is refused
+ALLOWED_VALUES = (0, 1, 255)
+SQL_WORDS = frozenset(  # words of a WHERE clause that are not field names
+    (
+        "and or not like ilike in is null between glob escape true false cast as integer int real text numeric "
+        "varchar char character float double bigint date timestamp string boolean"
+    ).split()
+)
+EXAMPLE_FILTER = "--label_where=\"DLBM LIKE '01%'\""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A scene's pixel grid: CRS, affine transform and size; ``name`` is the scene file, for messages."""
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    name: str
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in the grid's CRS."""
+        return rasterio.windows.bounds(Window(0, 0, self.width, self.height), self.transform)
+
+    def pixel_size(self) -> float:
+        """The side of one pixel in CRS units (the mean of x and y for non-square pixels)."""
+        return (math.hypot(self.transform.a, self.transform.d) + math.hypot(self.transform.b, self.transform.e)) / 2
+
+
+def boxes_meet(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two (left, bottom, right, top) boxes share some area."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def reproject(geometries: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:
+    """Shapely geometries from ``src`` to ``dst`` CRS, every vertex at once (x = easting/longitude first)."""
+    if src == dst or not len(geometries):
+        return geometries
+
+    def move(coords: np.ndarray) -> np.ndarray:
+        xs, ys = rasterio.warp.transform(src, dst, coords[:, 0], coords[:, 1])
+        return np.column_stack([xs, ys])
+
+    return shapely.transform(geometries, move)
+
+
+def no_overlap(labels: Path, grid: Grid, label_box: Sequence[float], crs: CRS) -> DataError:
+    """The error for labels that miss a scene, with both extents in the scene's CRS."""
+    box = rasterio.warp.transform_bounds(crs, grid.crs, *label_box, densify_pts=21)
+    shown = ", ".join(f"{v:.6g}" for v in box)
+    scene = ", ".join(f"{v:.6g}" for v in grid.bounds)
+    return DataError(
+        f"{labels}: does not overlap the scene {grid.name}: the labels cover ({shown}) and the scene ({scene}), "
+        f"both in the scene's CRS {grid.crs.to_string()}; check that both show the same place and that each "
+        "file's CRS is right"
+    )
+
+
+def check_crs(path: Path, crs: CRS | None, kind: str) -> CRS:
+    """The file's CRS, or a DataError saying how to give it one."""
+    if crs is None or not crs:
+        fix = (
+            "assign it on a copy (gdal_translate -a_srs EPSG:xxxx in.tif out.tif)"
+            if kind == "raster"
+            else "add the .prj file beside a Shapefile, or re-export the layer with its CRS (ogr2ogr -a_srs EPSG:xxxx)"
+        )
+        raise DataError(f"{path}: has no CRS (coordinate reference system); expected a georeferenced {kind}; {fix}")
+    return CRS.from_user_input(crs)
+
+
+class Labels:
+    """A label source; ``on_grid`` gives one scene's labels. Use as a context manager."""
+
+    path: Path
+
+    def on_grid(self, grid: Grid) -> GridLabels:
+        """The labels on one scene's grid; raises DataError when they cannot be placed there."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line saying what the labels are, for the log."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files."""
+
+    def __enter__(self) -> Labels:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GridLabels:
+    """One scene's labels: ``read(window)`` -> (farmland, labelled), boolean (rows, cols)."""
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """(farmland, labelled) of the scene's pixels in ``window``, boolean (rows, cols)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files."""
+
+
+# --- vector polygons ------------------------------------------------------------------------------------
+
+
+def choose_layer(path: Path, layer: str) -> str:
+    """The layer to read: the one named, or the file's only layer.
+
+    Raises:
+        DataError: unreadable file, an unknown layer name, or several layers and none named.
+    """
+    try:
+        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as err:
+        raise DataError(
+            f"{path}: not a readable vector file ({str(err)[:200]}); expected polygons as GeoPackage, Shapefile "
+            "or GeoJSON, or a label raster (.tif)"
+        ) from None
+    if layer and layer not in layers:
+        raise DataError(f"{path}: has no layer {layer!r}; its layers are: {', '.join(layers)}; fix --label_layer")
+    if not layer and len(layers) > 1:
+        raise DataError(
+            f"{path}: holds {len(layers)} layers ({', '.join(layers)}); name the one with the farmland "
+            f"polygons, for example --label_layer={layers[0]}"
+        )
+    return layer or layers[0]
+
+
+def filter_names(where: str) -> list[str]:
+    """Field names an SQL WHERE clause seems to use (identifiers outside quotes, minus SQL words and functions)."""
+    text = re.sub(r"'(?:[^']|'')*'", " ", where)
+    names = re.findall(r'"([^"]+)"|\b([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()', text)
+    found = [quoted or bare for quoted, bare in names]
+    return [name for name in found if name.lower() not in SQL_WORDS]
+
+
+def field_values(path: Path, layer: str, names: Sequence[str], limit: int = 10) -> str:
+    """A few distinct values of some fields, read from the first features, for messages."""
+    if not names:
+        return ""
+    _, _, _, data = read_vector(path, layer=layer, columns=list(names), read_geometry=False, max_features=5000)
+    parts = []
+    for name, values in zip(names, data):
+        distinct = sorted({str(v) for v in values})
+        more = ", ..." if len(distinct) > limit else ""
+        parts.append(f"{name} holds {', '.join(repr(v) for v in distinct[:limit])}{more}")
+    return "; " + "; ".join(parts)
+
+
+def check_filter(path: Path, layer: str, where: str, fields: Sequence[str]) -> None:
+    """Run the filter once: refuse a filter GDAL cannot run or one that selects no feature.
+
+    Raises:
+        DataError: naming the unknown fields and the layer's fields, or the values the named fields hold.
+    """
+    unknown = [n for n in filter_names(where) if n.lower() not in {f.lower() for f in fields}]
+    listing = f"the fields of layer {layer} are: {', '.join(fields) or '(none)'}"
+    hint = f"; --label_where names {', '.join(unknown)}, not a field of the layer" if unknown else ""
+    try:
+        # Every column is read: some drivers (Shapefile) see only the fetched fields in a filter.
+        _, fids, _, _ = read_vector(
+            path, layer=layer, where=where, read_geometry=False, return_fids=True, max_features=1
+        )
+    except (pyogrio.errors.DataLayerError, ValueError) as err:  # GDAL's error, or ValueError (OGR SQL)
+        raise DataError(
+            f"{path}: --label_where={where!r} cannot be run on layer {layer} ({str(err)[:300]}){hint}; {listing}; "
+            f"fix the filter (text values go in single quotes: DLBM = '0101'), for example {EXAMPLE_FILTER}"
+        ) from None
+    if len(fids) == 0:
+        known = [f for f in fields if f.lower() in {n.lower() for n in filter_names(where)}]
+        raise DataError(
+            f"{path}: --label_where={where!r} selects none of the features of layer {layer}{hint}"
+            f"{field_values(path, layer, known)}; {listing}; fix the filter (values are matched as text, "
+            f"case and leading zeros count), for example {EXAMPLE_FILTER}"
+        )
+
+
+class VectorLabels(Labels):
+    """Farmland polygons from a vector layer, selected by an SQL WHERE filter."""
+
+    def __init__(self, path: Path, where: str = "", layer: str = "") -> None:
+        self.path, self.where = Path(path), where
+        self.layer = choose_layer(self.path, layer)
+        info = pyogrio.read_info(self.path, layer=self.layer, force_total_bounds=True)
+        self.crs = check_crs(self.path, info["crs"], "layer")
+        self.fields = [str(f) for f in info["fields"]]
+        self.features = int(info["features"])
+        kind = str(info["geometry_type"] or "Unknown")
+        if "polygon" not in kind.lower() and kind.lower() not in ("unknown", "geometry", "geometrycollection"):
+            raise DataError(
+                f"{self.path}: layer {self.layer} holds {kind} geometries; expected polygons (farmland parcels); "
+                "choose the parcel layer with --label_layer, or buffer lines/points into polygons first"
+            )
+        if self.features == 0:
+            raise DataError(f"{self.path}: layer {self.layer} holds no features; expected farmland polygons")
+        self.extent = tuple(float(v) for v in info["total_bounds"])
+        if where:
+            check_filter(self.path, self.layer, where, self.fields)
+
+    def describe(self) -> str:
+        chosen = f" where {self.where}" if self.where else " (all features)"
+        return f"{self.path} layer {self.layer}: {self.features} polygons in {self.crs.to_string()}{chosen}"
+
+    def on_grid(self, grid: Grid) -> PolygonsOnGrid:
+        """Read the filtered polygons in the scene's extent and reproject them to its CRS.
+
+        Raises:
+            DataError: the layer's extent misses the scene.
+        """
+        box = rasterio.warp.transform_bounds(grid.crs, self.crs, *grid.bounds, densify_pts=21)
+        if not boxes_meet(box, self.extent):
+            raise no_overlap(self.path, grid, self.extent, self.crs)
+        _, _, wkb, _ = read_vector(self.path, layer=self.layer, where=self.where or None, bbox=box)
+        geometries = shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object)
+        polygonal = np.array([g is not None and not g.is_empty and "Polygon" in g.geom_type for g in geometries])
+        geometries = geometries[polygonal] if len(geometries) else geometries
+        extent = shapely.segmentize(shapely.box(*self.extent), max((self.extent[2] - self.extent[0]) / 64, 1e-9))
+        coverage = reproject(np.array([extent]), self.crs, grid.crs)[0]
+        polygons = reproject(geometries, self.crs, grid.crs)
+        if not len(polygons):
+            LOG.warning(
+                "%s: no farmland polygons within the scene %s: its masks are all background", self.path, grid.name
+            )
+        return PolygonsOnGrid(grid, polygons, coverage)
+
+
+class PolygonsOnGrid(GridLabels):
+    """Polygons in a scene's CRS, burnt in window by window (only those the window's box meets)."""
+
+    def __init__(self, grid: Grid, polygons: np.ndarray, coverage: shapely.Geometry) -> None:
+        self.grid, self.polygons, self.coverage = grid, polygons, coverage
+        self.tree = shapely.STRtree(polygons)
+        self.count = len(polygons)
+
+    def burn(self, shapes: Sequence[shapely.Geometry], window: Window) -> np.ndarray:
+        """Pixels of the window whose centres fall inside any of the shapes."""
+        shape = (int(window.height), int(window.width))
+        if not len(shapes):
+            return np.zeros(shape, bool)
+        transform = rasterio.windows.transform(window, self.grid.transform)
+        burnt = rasterio.features.rasterize(
+            ((s, 1) for s in shapes), out_shape=shape, transform=transform, dtype="uint8"
+        )
+        return burnt.astype(bool)
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        box = shapely.box(*rasterio.windows.bounds(window, self.grid.transform))
+        hits = self.tree.query(box)
+        return self.burn(self.polygons[hits], window), self.burn([self.coverage], window)
+
+
+# --- label rasters --------------------------------------------------------------------------------------
+
+
+def raster_values(src: rasterio.DatasetReader) -> np.ndarray:
+    """The distinct values of band 1 outside its declared nodata, read block by block."""
+    found: set = set()
+    for _, window in src.block_windows(1):
+        block = src.read(1, window=window)
+        if block.dtype == np.uint8:
+            values = np.flatnonzero(np.bincount(block.ravel(), minlength=256))
+        else:
+            values = np.unique(block[~np.isnan(block)] if block.dtype.kind == "f" else block)
+        found.update(values.tolist())
+    if src.nodata is not None:
+        found.discard(src.nodata)
+    return np.array(sorted(found))
+
+
+class RasterLabels(Labels):
+    """A label raster: 0 = background, 1 (or 255 without 1) = farmland, 255 beside 1 or nodata = unlabelled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self.src = rasterio.open(self.path)
+        except rasterio.RasterioIOError as err:
+            raise DataError(
+                f"{path}: not a readable raster ({str(err)[:200]}); re-export the labels as GeoTIFF"
+            ) from None
+        try:
+            self.crs = check_crs(self.path, self.src.crs, "raster")
+            if self.src.count != 1:
+                raise DataError(
+                    f"{path}: has {self.src.count} bands; expected a single-band label raster "
+                    "(0 = background, 1 or 255 = farmland); save one band (gdal_translate -b 1)"
+                )
+            values = raster_values(self.src)
+            bad = [v for v in values.tolist() if v not in ALLOWED_VALUES]
+            if bad:
+                shown = ", ".join(f"{v:g}" for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
+                raise DataError(
+                    f"{path}: holds the values {{{shown}}}; expected only 0 = background, 1 or 255 = farmland, "
+                    "255 (beside 1) or the declared nodata = unlabelled; recode the raster (gdal_calc.py), or "
+                    "declare the value that marks unlabelled pixels as nodata (gdal_translate -a_nodata N)"
+                )
+        except BaseException:
+            self.src.close()
+            raise
+        self.farmland = 1 if 1 in values else 255
+        self.unlabelled = (255,) if self.farmland == 1 and 255 in values else ()
+
+    def describe(self) -> str:
+        extra = ", 255 = unlabelled" if self.unlabelled else ""
+        nodata = f", nodata {self.src.nodata:g} = unlabelled" if self.src.nodata is not None else ""
+        return f"{self.path}: label raster in {self.crs.to_string()}, {self.farmland} = farmland{extra}{nodata}"
+
+    def on_grid(self, grid: Grid) -> RasterOnGrid:
+        """The raster warped (nearest) onto the scene's grid.
+
+        Raises:
+            DataError: no overlap, or pixels more than MAX_PIXEL_RATIO times the scene's.
+        """
+        if not boxes_meet(
+            rasterio.warp.transform_bounds(self.crs, grid.crs, *self.src.bounds, densify_pts=21), grid.bounds
+        ):
+            raise no_overlap(self.path, grid, self.src.bounds, self.crs)
+        left, bottom, right, top = rasterio.warp.transform_bounds(self.crs, grid.crs, *self.src.bounds, densify_pts=21)
+        pixel = ((right - left) / self.src.width + (top - bottom) / self.src.height) / 2
+        if pixel > MAX_PIXEL_RATIO * grid.pixel_size():
+            raise DataError(
+                f"{self.path}: label pixels are about {pixel:.3g} {grid.crs.linear_units or 'units'} wide, "
+                f"{pixel / grid.pixel_size():.1f} times the pixels of the scene {grid.name} ({grid.pixel_size():.3g}); "
+                f"more than {MAX_PIXEL_RATIO:g} times would give blocky masks; label at the scene's resolution, "
+                "or give the farmland as polygons"
+            )
+        vrt = WarpedVRT(
+            self.src,
+            crs=grid.crs,
+            transform=grid.transform,
+            width=grid.width,
+            height=grid.height,
+            resampling=Resampling.nearest,
+            add_alpha=True,
+        )
+        return RasterOnGrid(vrt, self.farmland, self.unlabelled)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+class RasterOnGrid(GridLabels):
+    """A label raster's warped view on a scene's grid; its alpha band marks where it has data."""
+
+    def __init__(self, vrt: WarpedVRT, farmland: float, unlabelled: Sequence[float]) -> None:
+        self.vrt, self.farmland, self.unlabelled = vrt, farmland, tuple(unlabelled)
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        values, alpha = self.vrt.read(window=window)
+        labelled = alpha > 0
+        if self.unlabelled:
+            labelled &= ~np.isin(values, self.unlabelled)
+        return labelled & (values == self.farmland), labelled
+
+    def close(self) -> None:
+        self.vrt.close()
+
+
+def open_labels(path: Path, where: str = "", layer: str = "") -> Labels:
+    """Open and check a label source: a raster by its extension (.tif, .tiff, .img, .vrt, .jp2), else vectors.
+
+    Raises:
+        DataError: a missing or unreadable file, no CRS, a filter on a raster, a bad filter or layer, bad values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found; expected farmland polygons (.gpkg .shp .geojson) or a label raster (.tif)")
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        if where or layer:
+            raise DataError(
+                f"{path}: is a raster; --label_where and --label_layer apply to vector labels only; leave them out"
+            )
+        return RasterLabels(path)
+    return VectorLabels(path, where, layer)

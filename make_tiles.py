@@ -1,0 +1,367 @@
+"""Cut scenes and their farmland labels into the pipeline's tiles: images, 0/255 masks and a georeference table.
+
+    python make_tiles.py --scene=scenes/a.tif --labels=survey/fields.gpkg --out=DATA --label_where="DLBM LIKE '01%'"
+
+Inputs: one or more scenes (GeoTIFF; ``--scene=a.tif,b.tif`` or a folder of them) and the farmland as
+polygons (GeoPackage, Shapefile, GeoJSON; ``label_where`` picks the farmland features, ``label_layer`` the
+layer) or as a label raster (0 = background, 1 or 255 = farmland), in any CRS (see labels.py).
+Outputs, under ``out`` (never inside a scene's or the labels' folder; the inputs are only read):
+- ``images/<scene>_r<row>c<col>.png`` for 8-bit RGB scenes, else ``.tif`` with the scene's bands, pixel type,
+  CRS and the tile's transform (row and col are the tile's top-left pixel in the scene);
+- ``labels/<same><mask_suffix>.png``: 255 = farmland, 0 = background; with ``mark_unlabelled`` the pixels
+  outside the labels' coverage, and the scene's nodata pixels, get ``ignore_index``;
+- ``tiles.csv``: each tile's scene, row, col, size, CRS, affine transform (a, b, c, d, e, f) and pixel size,
+  so predictions can be placed back; ``logs/make_tiles.log`` and ``configs/make_tiles.json``.
+Tiles are ``tile_size`` pixels a side, every ``tile_stride`` pixels (the last row and column end at the
+scene's edge); tiles with more than ``max_nodata_fraction`` nodata pixels (all bands 0 or the declared
+nodata) are skipped, and nodata pixels are written as 0. A scene that cannot be tiled is reported and the
+others go on (exit status 1). Re-running replaces the tiles of the scenes it tiles and keeps the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.windows
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+from rasterio.windows import Window
+from tqdm import tqdm
+
+import cli
+import files
+from config import Config
+from data_preprocess import write_image
+from files import DataError
+from labels import Grid, GridLabels, Labels, open_labels
+
+LOG = logging.getLogger("make_tiles")
+SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+TILE_DTYPES = ("uint8", "uint16", "float32")  # what the pipeline's tile reader takes
+TILE_BANDS = (1, 3, 4)
+TABLE = "tiles.csv"
+COLUMNS = [
+    "tile", "scene", "image", "mask", "row", "col", "width", "height", "crs",
+    "a", "b", "c", "d", "e", "f", "pixel_size_x", "pixel_size_y", "nodata_fraction", "farmland_fraction",
+]  # fmt: skip
+
+
+def scene_paths(text: str) -> list[Path]:
+    """The scenes named by ``--scene``: files separated by commas, or folders (their rasters, sorted).
+
+    Raises:
+        ValueError: nothing named, or a folder without rasters.
+    """
+    if not text.strip():
+        raise ValueError("--scene is empty; name the scene GeoTIFF(s): --scene=a.tif, --scene=a.tif,b.tif or a folder")
+    paths: list[Path] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        path = Path(part)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SCENE_SUFFIXES)
+            if not found:
+                raise ValueError(f"--scene={part}: the folder holds no rasters ({', '.join(SCENE_SUFFIXES)})")
+            paths.extend(found)
+        else:
+            paths.append(path)  # a missing file is reported with the other bad scenes
+    return paths
+
+
+def check_settings(cfg: Config) -> None:
+    """Refuse tile settings that cannot work, before any file is read.
+
+    Raises:
+        ValueError: naming the key and the fix.
+    """
+    if cfg.tile_size < 16:
+        raise ValueError(f"--tile_size={cfg.tile_size}: expected at least 16 pixels, for example --tile_size=256")
+    if cfg.tile_stride < 0:
+        raise ValueError(f"--tile_stride={cfg.tile_stride}: expected 0 (= tile_size) or a positive number of pixels")
+    if cfg.mark_unlabelled and not 1 < cfg.ignore_index < 255:
+        raise ValueError(
+            f"--mark_unlabelled=true needs --ignore_index=N, the mask value of unlabelled pixels, other than 0, 1 "
+            f"and 255 (found {cfg.ignore_index}); for example --ignore_index=128, and pass the same to "
+            "split_dataset.py, train.py and miou.py"
+        )
+    if not cfg.labels:
+        raise ValueError("--labels is empty; name the farmland polygons (.gpkg .shp .geojson) or label raster (.tif)")
+    if not cfg.out:
+        raise ValueError("--out is empty; name the data folder to write, for example --out=data/tiles")
+
+
+def check_out(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output folder that is, or lies inside, the folder of a scene or of the labels.
+
+    Raises:
+        ValueError: naming both folders and the fix; or the folder cannot be written.
+    """
+    target = out.resolve()
+    for path in inputs:
+        folder = (path if path.is_dir() else path.parent).resolve()
+        if target == folder or folder in target.parents:
+            raise ValueError(
+                f"--out={out} lies inside {folder}, the folder of {path}; nothing is ever written beside your "
+                "scenes and labels: choose an --out outside it, for example ../tiles"
+            )
+    files.check_writable(target)
+
+
+def tile_origins(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins along one axis: every ``stride`` pixels, the last one ending at the scene's edge."""
+    if size < tile:
+        return []
+    origins = list(range(0, size - tile + 1, stride))
+    if origins[-1] != size - tile:
+        origins.append(size - tile)
+    return origins
+
+
+def nodata_pixels(block: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(rows, cols) bool of a (bands, rows, cols) block: all bands 0, or all the declared nodata value."""
+    empty = ~block.any(axis=0)
+    if nodata is not None:
+        same = np.isnan(block) if math.isnan(nodata) else block == np.asarray(nodata).astype(block.dtype)
+        empty |= same.all(axis=0)
+    return empty
+
+
+def open_scene(path: Path, tile: int) -> rasterio.DatasetReader:
+    """Open a scene and check that it can be tiled: readable, a CRS, band count, pixel type, size.
+
+    Raises:
+        DataError: naming the scene, what was found and the fix.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: scene not found; check the path given to --scene")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except rasterio.RasterioIOError as err:
+        raise DataError(
+            f"{path}: not a readable raster ({str(err)[:200]}); check the file or re-export it as GeoTIFF"
+        ) from None
+    problem = ""
+    if src.crs is None:
+        problem = (
+            "has no CRS; expected a georeferenced scene; assign its CRS on a copy (gdal_translate -a_srs EPSG:xxxx)"
+        )
+    elif src.count not in TILE_BANDS:
+        problem = (
+            f"has {src.count} bands; the tile reader takes 1, 3 or 4; make a copy with the bands to use "
+            "(gdal_translate -b 3 -b 2 -b 1 -b 4 in.tif out.tif)"
+        )
+    elif src.dtypes[0] not in TILE_DTYPES:
+        problem = (
+            f"has pixel type {src.dtypes[0]}; expected 8- or 16-bit unsigned (or float32 in [0, 1]); "
+            "convert a copy (gdal_translate -ot UInt16)"
+        )
+    elif min(src.width, src.height) < tile:
+        problem = f"is {src.width}x{src.height} pixels, smaller than tile_size={tile}; lower --tile_size"
+    if problem:
+        src.close()
+        raise DataError(f"{path}: {problem}")
+    return src
+
+
+def write_tile_image(path: Path, block: np.ndarray, src: rasterio.DatasetReader, window: Window) -> None:
+    """Write a (bands, rows, cols) tile: PNG for 8-bit RGB, else a georeferenced TIFF the tile reader opens."""
+    if path.suffix == ".png":
+        write_image(path, np.ascontiguousarray(block.transpose(1, 2, 0)))
+        return
+    profile = {
+        "driver": "GTiff",
+        "width": block.shape[2],
+        "height": block.shape[1],
+        "count": block.shape[0],
+        "dtype": block.dtype.name,
+        "crs": src.crs,
+        "transform": rasterio.windows.transform(window, src.transform),
+        "nodata": 0 if src.nodata is not None else None,
+        "compress": "deflate",
+    }
+    if block.shape[0] >= 3:  # so OpenCV reads the bands as colour samples, in order
+        profile["photometric"] = "RGB"
+    if block.shape[0] == 4:
+        profile["alpha"] = "UNSPECIFIED"
+    with MemoryFile() as memory:
+        with memory.open(**profile) as tile:
+            tile.write(block)
+        files.atomic_write_bytes(path, memory.read())
+
+
+def tile_mask(farmland: np.ndarray, labelled: np.ndarray, nodata: np.ndarray, cfg: Config) -> np.ndarray:
+    """The 0/255 mask; with mark_unlabelled, unlabelled and nodata pixels get ignore_index."""
+    mask = np.where(farmland, 255, 0).astype(np.uint8)
+    if cfg.mark_unlabelled:
+        mask[~labelled | nodata] = cfg.ignore_index
+    return mask
+
+
+def table_row(name: str, src: rasterio.DatasetReader, window: Window, cfg: Config, fractions: tuple) -> dict:
+    """One row of tiles.csv: where the tile sits in its scene and on the ground."""
+    transform = rasterio.windows.transform(window, src.transform)
+    suffix = ".png" if is_png(src) else ".tif"
+    return {
+        "tile": name,
+        "scene": str(Path(src.name).resolve()),
+        "image": f"{cfg.image_subdir}/{name}{suffix}",
+        "mask": f"{cfg.label_subdir}/{name}{cfg.mask_suffix}.png",
+        "row": int(window.row_off),
+        "col": int(window.col_off),
+        "width": int(window.width),
+        "height": int(window.height),
+        "crs": src.crs.to_string(),
+        **{k: repr(float(v)) for k, v in zip("abcdef", transform[:6])},
+        "pixel_size_x": repr(math.hypot(transform.a, transform.d)),
+        "pixel_size_y": repr(math.hypot(transform.b, transform.e)),
+        "nodata_fraction": f"{fractions[0]:.4f}",
+        "farmland_fraction": f"{fractions[1]:.4f}",
+    }
+
+
+def is_png(src: rasterio.DatasetReader) -> bool:
+    """8-bit RGB scenes give PNG tiles; every other kind keeps its bands and bit depth in a TIFF."""
+    return src.count == 3 and src.dtypes[0] == "uint8"
+
+
+def cut_tiles(src: rasterio.DatasetReader, on_grid: GridLabels, cfg: Config, out: Path) -> tuple[list[dict], int]:
+    """Write the tiles of one open scene; return the table rows and how many tiles were skipped as nodata."""
+    tile, stride = cfg.tile_size, cfg.tile_stride or cfg.tile_size
+    stem, suffix = Path(src.name).stem, ".png" if is_png(src) else ".tif"
+    windows = [
+        Window(col, row, tile, tile)
+        for row in tile_origins(src.height, tile, stride)
+        for col in tile_origins(src.width, tile, stride)
+    ]
+    rows, skipped = [], 0
+    for window in tqdm(windows, desc=stem, unit="tile", disable=None):
+        block = src.read(window=window)
+        nodata = nodata_pixels(block, src.nodata)
+        if nodata.mean() > cfg.max_nodata_fraction:
+            skipped += 1
+            continue
+        block[:, nodata] = 0
+        farmland, labelled = on_grid.read(window)
+        mask = tile_mask(farmland & ~nodata, labelled, nodata, cfg)
+        name = f"{stem}_r{int(window.row_off)}c{int(window.col_off)}"
+        write_tile_image(out / cfg.image_subdir / f"{name}{suffix}", block, src, window)
+        write_image(out / cfg.label_subdir / f"{name}{cfg.mask_suffix}.png", mask)
+        rows.append(table_row(name, src, window, cfg, (float(nodata.mean()), float((mask == 255).mean()))))
+    return rows, skipped
+
+
+def tile_scene(path: Path, labels: Labels, cfg: Config, out: Path) -> list[dict]:
+    """Cut one scene and its labels into tiles under ``out``; return their table rows.
+
+    Raises:
+        DataError: the scene cannot be read or tiled, or the labels cannot be placed on it.
+    """
+    with open_scene(path, cfg.tile_size) as src:
+        grid = Grid(src.crs, src.transform, src.width, src.height, str(path))
+        on_grid = labels.on_grid(grid)
+        try:
+            rows, skipped = cut_tiles(src, on_grid, cfg, out)
+        except rasterio.RasterioIOError as err:
+            raise DataError(
+                f"{path}: reading failed part way ({str(err)[:200]}); the scene or the label raster may be "
+                "truncated: check them (gdalinfo -checksum) and re-run"
+            ) from None
+        finally:
+            on_grid.close()
+    if not rows:
+        raise DataError(
+            f"{path}: every one of its {skipped} tiles is more than {cfg.max_nodata_fraction:.0%} nodata; "
+            "check the scene, or raise --max_nodata_fraction"
+        )
+    farmland = sum(float(r["farmland_fraction"]) for r in rows) / len(rows)
+    LOG.info("%s: %d tiles written, %d skipped as nodata, %.1f%% farmland", path, len(rows), skipped, 100 * farmland)
+    return rows
+
+
+def read_table(path: Path) -> list[dict]:
+    """The rows of an earlier tiles.csv, or none."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_table(out: Path, rows: list[dict], done: set[str]) -> Path:
+    """Write tiles.csv: this run's rows and an earlier run's rows of the scenes not tiled now.
+
+    Tiles an earlier run wrote for a scene tiled now, and not written again, are removed (they were ours).
+    """
+    path = out / TABLE
+    kept = []
+    names = {r["tile"] for r in rows}
+    for old in read_table(path):
+        if Path(old.get("scene", "")).stem not in done:
+            kept.append(old)
+        elif old.get("tile") not in names:
+            for rel in (old.get("image"), old.get("mask")):
+                if rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+                    (out / rel).unlink(missing_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(kept + rows, key=lambda r: (r["scene"], int(r["row"]), int(r["col"]))))
+    files.atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def tile_all(scenes: Sequence[Path], labels: Labels, cfg: Config, out: Path) -> tuple[list[dict], set[str], int]:
+    """Tile every scene; a bad one is reported and the others go on. Returns rows, scenes done, failures."""
+    rows: list[dict] = []
+    done: set[str] = set()
+    failed = 0
+    for path in scenes:
+        if path.stem in done:
+            LOG.error("%s: a scene named %s was already tiled in this run; rename one of them", path, path.stem)
+            failed += 1
+            continue
+        try:
+            rows.extend(tile_scene(path, labels, cfg, out))
+            done.add(path.stem)
+        except DataError as err:
+            LOG.error("%s", err)
+            failed += 1
+    return rows, done, failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Cut every scene and its labels into tiles, masks and tiles.csv under ``out``."""
+    cfg = cli.parse_args(argv, __doc__ or "")
+    check_settings(cfg)
+    scenes, out = scene_paths(cfg.scene), Path(cfg.out)
+    check_out(out, [*(Path(p.strip()) for p in cfg.scene.split(",") if p.strip()), Path(cfg.labels)])
+    logged = dataclasses.replace(cfg, run_dir=str(out))
+    cli.setup_logging(logged, "make_tiles")
+    cli.save_config(logged, "make_tiles")
+    with open_labels(Path(cfg.labels), cfg.label_where, cfg.label_layer) as labels:
+        LOG.info("labels: %s", labels.describe())
+        rows, done, failed = tile_all(scenes, labels, cfg, out)
+    table = write_table(out, rows, done)
+    LOG.info(
+        "%d tiles from %d of %d scene(s) in %s (table %s); next: python split_dataset.py --data_dir=%s "
+        "--run_dir=RUN --group_pattern='^(.+)_r\\d+c\\d+$'",
+        len(rows), len(done), len(scenes), out, table, out,
+    )  # fmt: skip
+    if failed:
+        LOG.error("%d scene(s) could not be tiled (messages above); fix them and re-run", failed)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))

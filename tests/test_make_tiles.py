@@ -1,0 +1,283 @@
+"""make_tiles.py: scenes and their labels (polygons in any CRS, filtered; label rasters on other grids) cut
+into the pipeline's tiles, masks and tiles.csv; nodata skipping, scene groups, and the bad inputs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.features
+import rasterio.warp
+import shapely
+import shapely.geometry
+from conftest import folder_digest
+from pyogrio.raw import write as write_vector
+from rasterio.transform import Affine
+
+import make_tiles
+import split_dataset
+from data_preprocess import read_image, read_pair_list
+from files import DataError
+
+UTM = "EPSG:32650"
+TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 3500000.0)  # 2 m pixels near 117 E, 31.6 N
+SIZE = 64  # scene side in pixels
+TILE = 32
+
+
+def write_scene(path: Path, bands: np.ndarray, crs: str | None = UTM, transform: Affine = TRANSFORM, **extra) -> Path:
+    """Write (bands, H, W) as a GeoTIFF."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"driver": "GTiff", "width": bands.shape[2], "height": bands.shape[1], "count": bands.shape[0]}
+    with rasterio.open(path, "w", dtype=bands.dtype, crs=crs, transform=transform, **profile, **extra) as dst:
+        dst.write(bands)
+    return path
+
+
+def scene_pixels(seed: int = 0, bands: int = 3, dtype: str = "uint8") -> np.ndarray:
+    """(bands, SIZE, SIZE) noise without zeros (so no pixel is nodata)."""
+    top = 250 if dtype == "uint8" else 60000
+    return np.random.default_rng(seed).integers(1, top, (bands, SIZE, SIZE)).astype(dtype)
+
+
+def fields_utm() -> list[shapely.Geometry]:
+    """A triangle, a disc, a rectangle with a hole and a two-part field, in the scene's CRS (metres)."""
+    x0, y0 = TRANSFORM.c, TRANSFORM.f
+    ring = shapely.box(x0 + 70.3, y0 - 60.7, x0 + 120.1, y0 - 10.9)
+    return [
+        shapely.Polygon([(x0 + 3.1, y0 - 2.2), (x0 + 55.7, y0 - 9.3), (x0 + 20.4, y0 - 58.8)]),
+        shapely.Point(x0 + 40.5, y0 - 90.2).buffer(21.3),
+        ring.difference(shapely.box(x0 + 85.2, y0 - 45.6, x0 + 100.9, y0 - 25.3)),
+        shapely.MultiPolygon(
+            [shapely.box(x0 + 5, y0 - 127, x0 + 20, y0 - 110), shapely.box(x0 + 90, y0 - 125, x0 + 126, y0 - 95)]
+        ),
+    ]
+
+
+def write_fields(path: Path, geoms: list, codes: list[str] | None = None, crs: str | None = UTM) -> Path:
+    """Write polygons (with a DLBM code each) as a vector file; the format follows the extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codes = codes or ["0101"] * len(geoms)
+    wkb = np.array(shapely.to_wkb(geoms), dtype=object)
+    write_vector(str(path), wkb, [np.array(codes, dtype=object)], ["DLBM"], geometry_type="MultiPolygon",
+                 promote_to_multi=True, crs=crs)  # fmt: skip
+    return path
+
+
+def to_wgs84(geoms: list) -> list:
+    """The polygons in EPSG:4326 (longitude, latitude), through rasterio.warp.transform_geom."""
+    return [shapely.geometry.shape(rasterio.warp.transform_geom(UTM, "EPSG:4326", g.__geo_interface__)) for g in geoms]
+
+
+def burnt(geoms: list, shape: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
+    """The whole scene's farmland as rasterize gives it (pixel centres)."""
+    return rasterio.features.rasterize([(g, 1) for g in geoms], out_shape=shape, transform=TRANSFORM).astype(bool)
+
+
+def table(out: Path) -> list[dict]:
+    with open(out / "tiles.csv", encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run(scene: Path | str, labels: Path, out: Path, *extra: str) -> int:
+    return make_tiles.main([f"--scene={scene}", f"--labels={labels}", f"--out={out}", f"--tile_size={TILE}", *extra])
+
+
+def assert_masks(out: Path, expected: np.ndarray, stem: str = "scene") -> None:
+    """Every tile's mask is the expected scene mask cut at its row and column; its image is the scene's."""
+    rows = [r for r in table(out) if r["tile"].startswith(stem)]
+    assert rows
+    for row in rows:
+        y, x = int(row["row"]), int(row["col"])
+        mask = read_image(out / row["mask"])[:, :, 0]
+        assert set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, expected[y : y + TILE, x : x + TILE], err_msg=row["tile"])
+
+
+def test_masks_are_the_polygons_burnt_in_and_tiles_keep_their_place(tmp_path: Path) -> None:
+    pixels = scene_pixels()
+    scene = write_scene(tmp_path / "in" / "scene.tif", pixels)
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    before = folder_digest(tmp_path / "in") | folder_digest(tmp_path / "vec")
+    assert run(scene, labels, tmp_path / "out", "--tile_stride=24") == 0
+    expected = burnt(fields_utm())
+    assert 0.1 < expected.mean() < 0.6
+    assert_masks(tmp_path / "out", expected)
+    rows = table(tmp_path / "out")
+    assert [(int(r["row"]), int(r["col"])) for r in rows] == [(y, x) for y in (0, 24, 32) for x in (0, 24, 32)]
+    for row in rows:
+        y, x = int(row["row"]), int(row["col"])
+        image = read_image(tmp_path / "out" / row["image"])
+        np.testing.assert_array_equal(image, pixels[:, y : y + TILE, x : x + TILE].transpose(1, 2, 0))
+        transform = Affine(*(float(row[k]) for k in "abcdef"))
+        assert transform == TRANSFORM @ Affine.translation(x, y)
+        assert (row["crs"], row["pixel_size_x"], row["image"]) == (UTM, "2.0", f"images/scene_r{y}c{x}.png")
+    assert folder_digest(tmp_path / "in") | folder_digest(tmp_path / "vec") == before  # inputs only read
+
+
+def test_labels_in_wgs84_are_reprojected_to_the_utm_scene(tmp_path: Path) -> None:
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    labels = write_fields(tmp_path / "vec" / "fields.geojson", to_wgs84(fields_utm()), crs="EPSG:4326")
+    assert run(scene, labels, tmp_path / "out") == 0
+    assert_masks(tmp_path / "out", burnt(fields_utm()))
+
+
+def test_the_filter_keeps_the_cultivated_land_codes(tmp_path: Path) -> None:
+    geoms = fields_utm()
+    codes = ["0101", "0701", "0103", "1001"]  # paddy, residential, dry land, water
+    labels = write_fields(tmp_path / "vec" / "dltb.shp", geoms, codes)
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    assert run(scene, labels, tmp_path / "out", "--label_where=DLBM LIKE '01%'") == 0
+    assert_masks(tmp_path / "out", burnt([geoms[0], geoms[2]]))
+
+
+def test_mostly_nodata_tiles_are_skipped_and_nodata_written_as_zero(tmp_path: Path) -> None:
+    pixels = scene_pixels(bands=4, dtype="uint16")
+    pixels[:, :40, :32] = 65535  # the declared nodata: the top-left tile is all nodata, the one below it a quarter
+    scene = write_scene(tmp_path / "in" / "scene.tif", pixels, nodata=65535)
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    assert run(scene, labels, tmp_path / "out", "--mark_unlabelled=true", "--ignore_index=128") == 0
+    rows = {r["tile"]: r for r in table(tmp_path / "out")}
+    assert sorted(rows) == ["scene_r0c32", "scene_r32c0", "scene_r32c32"]
+    assert rows["scene_r32c0"]["nodata_fraction"] == "0.2500"
+    image = read_image(tmp_path / "out" / "images" / "scene_r32c0.tif")
+    assert image.dtype == np.uint16 and image.shape == (TILE, TILE, 4)
+    assert (image[:8] == 0).all() and np.array_equal(image[8:], pixels[:, 40:64, :32].transpose(1, 2, 0))
+    mask = read_image(tmp_path / "out" / rows["scene_r32c0"]["mask"])[:, :, 0]
+    assert (mask[:8] == 128).all() and np.array_equal(mask[8:] == 255, burnt(fields_utm())[40:64, :32])
+    with rasterio.open(tmp_path / "out" / "images" / "scene_r32c0.tif") as tile:  # georeferenced
+        assert tile.crs == UTM and tile.transform == TRANSFORM @ Affine.translation(0, 32)
+
+
+def test_tiles_of_a_scene_stay_in_one_split(tmp_path: Path) -> None:
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    names = [f"scene{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        write_scene(tmp_path / "in" / f"{name}.tif", scene_pixels(i))
+    assert run(tmp_path / "in", labels, tmp_path / "out") == 0
+    assert len(table(tmp_path / "out")) == 5 * 4
+    run_dir = tmp_path / "run"
+    args = [f"--data_dir={tmp_path / 'out'}", f"--run_dir={run_dir}", r"--group_pattern=^(.+)_r\d+c\d+$"]
+    assert split_dataset.main([*args, "--split_ratios=0.6,0.2,0.2"]) == 0
+    seen = {}
+    for split in ("train", "val", "test"):
+        for image, _ in read_pair_list(run_dir / "splits" / f"{split}.txt"):
+            seen.setdefault(image.stem.split("_r")[0], set()).add(split)
+    assert sorted(seen) == names and all(len(splits) == 1 for splits in seen.values())
+
+
+def test_a_label_raster_on_another_grid_is_resampled_nearest(tmp_path: Path) -> None:
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    rng = np.random.default_rng(3)
+    labels = rng.choice(np.array([0, 1, 255], np.uint8), (40, 40), p=[0.5, 0.4, 0.1])
+    grid = Affine(4.0, 0.0, TRANSFORM.c - 6.0, 0.0, -4.0, TRANSFORM.f + 10.0)  # 4 m pixels, shifted
+    write_scene(tmp_path / "lab" / "labels.tif", labels[None], transform=grid)
+    assert (
+        run(scene, tmp_path / "lab" / "labels.tif", tmp_path / "out", "--mark_unlabelled=1", "--ignore_index=128") == 0
+    )
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
+    x, y = TRANSFORM @ (cols + 0.5, rows + 0.5)  # each scene pixel's centre, in metres
+    nearest = labels[((grid.f - y) // 4).astype(int), ((x - grid.c) // 4).astype(int)]
+    expected = np.select([nearest == 1, nearest == 255], [255, 128], 0)
+    for row in table(tmp_path / "out"):
+        r, c = int(row["row"]), int(row["col"])
+        np.testing.assert_array_equal(
+            read_image(tmp_path / "out" / row["mask"])[:, :, 0], expected[r : r + TILE, c : c + TILE]
+        )
+
+
+def test_outside_the_labels_extent_is_unlabelled_when_asked(tmp_path: Path) -> None:
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    x0, y0 = TRANSFORM.c, TRANSFORM.f
+    field = shapely.box(x0 + 10, y0 - 40, x0 + 40, y0 - 10)
+    extent = shapely.box(x0, y0 - 64, x0 + 64, y0)  # the layer's extent: the top-left quarter of the scene
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", [field, extent], ["0101", "0701"])
+    args = ["--label_where=DLBM = '0101'", "--mark_unlabelled=true", "--ignore_index=128"]
+    assert run(scene, labels, tmp_path / "out", *args) == 0
+    mask = read_image(tmp_path / "out" / "labels" / "scene_r0c0_mask.png")[:, :, 0]
+    assert (mask == np.where(burnt([field])[:32, :32], 255, 0)).all()
+    assert (read_image(tmp_path / "out" / "labels" / "scene_r32c32_mask.png") == 128).all()
+
+
+def test_rerunning_replaces_the_tiles_of_a_scene(tmp_path: Path) -> None:
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    assert run(scene, labels, tmp_path / "out") == 0
+    assert run(scene, labels, tmp_path / "out", "--tile_stride=16") == 0
+    assert len(list((tmp_path / "out" / "images").iterdir())) == len(table(tmp_path / "out")) == 9
+    assert run(scene, labels, tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "labels").iterdir()) == [
+        f"scene_r{y}c{x}_mask.png" for y in (0, 32) for x in (0, 32)
+    ]
+
+
+# --- bad inputs -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A scene and a land-survey style layer with farmland and other codes."""
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    labels = write_fields(tmp_path / "vec" / "dltb.gpkg", fields_utm(), ["0101", "0701", "0103", "1001"])
+    return scene, labels
+
+
+def test_a_filter_that_matches_nothing_shows_the_values(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"dltb.gpkg: --label_where=\"DLBM LIKE '11%'\" selects none.*'0101'.*'0701'"):
+        run(*inputs, tmp_path / "out", "--label_where=DLBM LIKE '11%'")
+
+
+@pytest.mark.parametrize("ext", ["gpkg", "shp"])
+def test_an_unknown_field_lists_the_fields(inputs: tuple[Path, Path], tmp_path: Path, ext: str) -> None:
+    labels = write_fields(tmp_path / "vec" / f"survey.{ext}", fields_utm(), ["0101", "0701", "0103", "1001"])
+    with pytest.raises(DataError, match=rf"survey.{ext}: .*names DLMC, not a field.*fields of layer survey are: DLBM"):
+        run(inputs[0], labels, tmp_path / "out", "--label_where=DLMC LIKE '01%'")
+
+
+@pytest.mark.filterwarnings("ignore:'crs' was not provided")
+def test_labels_without_a_crs_are_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    labels = write_fields(tmp_path / "vec" / "nocrs.gpkg", fields_utm(), crs=None)
+    with pytest.raises(DataError, match=r"nocrs.gpkg: has no CRS"):
+        run(inputs[0], labels, tmp_path / "out")
+
+
+def test_a_label_raster_with_other_values_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    values = np.zeros((1, SIZE, SIZE), np.uint8)
+    values[0, :3, :3] = [[0, 1, 7], [255, 38, 0], [1, 1, 1]]
+    labels = write_scene(tmp_path / "lab" / "labels.tif", values)
+    with pytest.raises(DataError, match=r"labels.tif: holds the values \{7, 38\}; expected only 0"):
+        run(inputs[0], labels, tmp_path / "out")
+
+
+def test_bad_scenes_are_reported_and_the_others_tiled(
+    inputs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    far = write_scene(tmp_path / "in" / "far.tif", scene_pixels(), transform=Affine(2, 0, 700000, 0, -2, 3500000))
+    nocrs = write_scene(tmp_path / "in" / "nocrs.tif", scene_pixels(), crs=None)
+    small = write_scene(tmp_path / "in" / "small.tif", scene_pixels()[:, :20, :20])
+    scenes = ",".join(str(p) for p in (far, inputs[0], nocrs, small, tmp_path / "in" / "missing.tif"))
+    assert run(scenes, inputs[1], tmp_path / "out") == 1
+    assert {r["tile"].split("_r")[0] for r in table(tmp_path / "out")} == {"scene"}
+    assert "dltb.gpkg: does not overlap the scene" in caplog.text and "far.tif" in caplog.text
+    assert "nocrs.tif: has no CRS" in caplog.text
+    assert "small.tif: is 20x20 pixels, smaller than tile_size=32" in caplog.text
+    assert "missing.tif: scene not found" in caplog.text
+
+
+def test_out_inside_an_input_folder_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--out=.* lies inside .*in, the folder of .*scene.tif"):
+        run(*inputs, tmp_path / "in" / "tiles")
+    with pytest.raises(ValueError, match=r"lies inside .*vec, the folder of .*dltb.gpkg"):
+        run(*inputs, tmp_path / "vec")
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["scene.tif"]
+
+
+def test_several_layers_need_a_choice(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    wkb = np.array(shapely.to_wkb([shapely.box(0, 0, 1, 1)]), dtype=object)
+    write_vector(str(inputs[1]), wkb, [], [], layer="XZQ", geometry_type="Polygon", crs=UTM, append=False)
+    with pytest.raises(DataError, match=r"dltb.gpkg: holds 2 layers \(dltb, XZQ\); .*--label_layer=dltb"):
+        run(*inputs, tmp_path / "out")
+    assert run(*inputs, tmp_path / "out", "--label_layer=dltb") == 0

@@ -1,0 +1,78 @@
+"""The model's pixel size travels with it: recorded at training, and scenes of another pixel size resampled."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import Affine
+from test_scene import CRS, TRANSFORM, run_predict, scene_pixels, state, write_geotiff  # noqa: F401 (a fixture)
+
+import scene
+from training import tiles_pixel_size
+
+FINE = Affine(1.0, 0.0, TRANSFORM.c, 0.0, -1.0, TRANSFORM.f)  # the same ground at 1 m pixels
+
+
+def checkpoint_at(state: dict, folder: Path, pixel_size_m: float) -> Path:
+    path = folder / f"net_{pixel_size_m}.pth"
+    torch.save({**state, "config": {**state["config"], "pixel_size_m": pixel_size_m}, "epoch": 1}, path)
+    return path
+
+
+def predicted_mask(run_dir: Path, source: Path, checkpoint: Path, *extra: str) -> np.ndarray:
+    assert run_predict(run_dir, checkpoint, source, "--polygons=false", "--overlay=false", *extra) == 0
+    with rasterio.open(scene.scene_outputs(run_dir, source)["mask"]) as src:
+        assert src.transform == rasterio.open(source).transform and src.overviews(1) is not None
+        return src.read(1)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    valid = (a != 255) & (b != 255)
+    return float((a[valid] == b[valid]).mean())
+
+
+def test_a_finer_scene_is_predicted_at_the_models_pixel_size(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    coarse = write_geotiff(tmp_path / "in" / "coarse.tif", scene_pixels(), nodata=0)
+    fine_pixels = scene_pixels().repeat(2, axis=1).repeat(2, axis=2)
+    fine = write_geotiff(tmp_path / "in" / "fine.tif", fine_pixels, transform=FINE, nodata=0)
+    model = checkpoint_at(state, tmp_path, 2.0)
+    reference = predicted_mask(tmp_path / "coarse", coarse, model).repeat(2, axis=0).repeat(2, axis=1)
+    with caplog.at_level(logging.INFO, logger="scene"):
+        resampled = predicted_mask(tmp_path / "resampled", fine, model)
+    assert "predicted at the model's size" in caplog.text
+    as_is = predicted_mask(tmp_path / "as_is", fine, model, "--resample_scenes=false")
+    assert "not resampled (--resample_scenes=false)" in caplog.text
+    assert resampled.shape == fine_pixels.shape[1:]
+    assert (resampled[:80, :120] == 255).all()  # the nodata corner, on the scene's own grid
+    # Measured 0.84 against 0.62: the random network reacts to the noise the bilinear resampling smooths.
+    assert agreement(resampled, reference) > 0.8
+    assert agreement(resampled, reference) > agreement(as_is, reference) + 0.15
+
+
+def test_a_scene_of_the_models_pixel_size_is_not_resampled(state: dict, tmp_path: Path) -> None:
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
+    unknown = predicted_mask(tmp_path / "a", source, checkpoint_at(state, tmp_path, 0.0))
+    close = predicted_mask(tmp_path / "b", source, checkpoint_at(state, tmp_path, 2.02))  # within 2 %
+    assert np.array_equal(unknown, close)
+
+
+def test_training_tiles_tell_their_pixel_size(tmp_path: Path) -> None:
+    tile = write_geotiff(tmp_path / "images" / "a.tif", scene_pixels()[:, :32, :32], transform=FINE)
+    assert tiles_pixel_size([(tile, tile)]) == pytest.approx(1.0)
+    png = tmp_path / "data" / "images" / "s_r0c0.png"
+    png.parent.mkdir(parents=True)
+    png.write_bytes(b"")
+    with open(tmp_path / "data" / "tiles.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["tile", "crs", *"abcdef"])
+        writer.writeheader()
+        writer.writerow({"tile": "s_r0c0", "crs": CRS, **dict(zip("abcdef", [0.8, 0, 5e5, 0, -0.8, 4.5e6]))})
+    assert tiles_pixel_size([(png, png)]) == pytest.approx(0.8)
+    assert tiles_pixel_size([(tmp_path / "nowhere.png", png)]) is None
