@@ -11,6 +11,10 @@ On the same generated tiles and network width it measures
 - prediction throughput (tiles/s, masks written to disk): reference = one image at a time in fp32;
   fast = predict.py's path (BatchNorm folded, padding and concatenation written into the buffers the
   convolutions read, reduced precision, channels-last, batches, reading workers, freed memory reused);
+- prediction's backends side by side in predict.py's loop (tiles/s): the fast path in float32 as well as
+  in its default precision (bf16 where the CPU runs it natively), and on a CPU the same network exported by
+  export_onnx.py run by onnxruntime, in float32 and as the 8-bit copy (``--quantize=int8``); the table names
+  the fastest (``--backend=onnx`` chooses onnxruntime);
 - prediction's loop with a stand-in for the network that costs nothing (tiles/s): what reading, batching
   and writing alone allow on this machine, the ceiling for a device however fast;
 - miou.py's time per image against a per-pixel Python loop over the same files;
@@ -40,11 +44,14 @@ import numpy as np
 import torch
 
 import files
+import onnx_build
+import onnx_quantize
 from benchmarking import measure_scene, random_checkpoint
 from config import Config
 from data_preprocess import FarmlandDataset, load_image, load_mask, write_image
 from demo_data import generate_dataset
-from inference import inference_model
+from exported_model import load_segmenter
+from inference import inference_model, model_from_checkpoint
 from metrics import class_iou, confusion_matrix, evaluate_pairs
 from net_structure import build_model
 from runtime import (
@@ -52,6 +59,7 @@ from runtime import (
     machine,
     memory_format,
     resolve_amp,
+    save_checkpoint,
     select_device,
     usable_cores,
 )
@@ -160,10 +168,11 @@ def bench_predict_reference(
 
 
 def bench_predict_fast(
-    images: list[Path], width: int, device_name: str, out_dir: Path, workers: int
+    images: list[Path], width: int, device_name: str, out_dir: Path, workers: int, amp_name: str = "auto"
 ) -> dict[str, float]:
-    """Tiles/s of predict.py's own tile loop (predict_tiles): folded network, reduced precision, channels-last,
-    batches read by workers, masks written by a background thread."""
+    """Tiles/s of predict.py's own tile loop (predict_tiles): folded network, reduced precision (``amp_name``
+    as the ``amp`` key: off for float32), channels-last, batches read by workers, masks written by a
+    background thread."""
     keep_freed_memory()  # as predict.py does with the default reuse_memory=true
     device = select_device(device_name)
     if device.type == "cuda":
@@ -172,7 +181,7 @@ def bench_predict_fast(
         "model": build_model(3, 2, width, 0.3).state_dict(),
         "config": {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3},
     }
-    amp = resolve_amp("auto", device)
+    amp = resolve_amp(amp_name, device)
     model = inference_model(state, device, True, amp)
     cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False)
     outputs = [out_dir / f"{i}_seg.png" for i in range(len(images))]  # a tile may come more than once
@@ -185,6 +194,40 @@ def bench_predict_fast(
             raise RuntimeError(f"bench: predicted {done} of {len(images)} tiles")
 
     return steady_rate(run, device)
+
+
+def export_bench_models(width: int, folder: Path, calibration: list[Path]) -> dict[str, str]:
+    """A random network of this width exported as export_onnx.py exports a checkpoint, and its 8-bit copy
+    calibrated on bench tiles (without the accuracy check, the weights being random); the two files' paths."""
+    torch.manual_seed(0)
+    state = {
+        "model": build_model(3, 2, width, 0.3).state_dict(),
+        "config": {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3},
+    }
+    checkpoint, fp32, int8 = folder / "random.pth", folder / "bench.onnx", folder / "bench_int8.onnx"
+    save_checkpoint(checkpoint, state)
+    unet = model_from_checkpoint(state, torch.device("cpu"), channels_last=False).eval()
+    metadata = onnx_build.model_metadata(state, checkpoint, Config.window, Config.overlap, None)
+    onnx_build.write_model(onnx_build.with_metadata(onnx_build.export_graph(unet), metadata), fp32)
+    onnx_quantize.quantize_int8(fp32, int8, [load_image(p, 3) for p in calibration])
+    return {"float32": str(fp32), "int8": str(int8)}
+
+
+def bench_predict_onnx(images: list[Path], model: str, out_dir: Path, workers: int) -> dict[str, float]:
+    """Tiles/s of predict.py's tile loop with ``--backend=onnx``: the exported model in onnxruntime on the CPU,
+    batches read by workers, masks written by a background thread."""
+    keep_freed_memory()
+    segmenter, state = load_segmenter(Path(model))
+    cpu = torch.device("cpu")
+    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False)
+    outputs = [out_dir / f"{i}_seg.png" for i in range(len(images))]
+
+    def run(progress: Callable[[int], None]) -> None:
+        done, failed = predict_tiles(segmenter, images, outputs, cfg, state, Path(model), cpu, None, (), progress)
+        if done != len(images) or failed:
+            raise RuntimeError(f"bench: predicted {done} of {len(images)} tiles")
+
+    return steady_rate(run, cpu)
 
 
 class NoNetwork(torch.nn.Module):
@@ -358,11 +401,29 @@ def measure_training(args: argparse.Namespace, pairs: list[tuple[Path, Path]]) -
     }
 
 
+def measure_backends(args: argparse.Namespace, images: list[Path], tmp: Path) -> dict[str, Any]:
+    """Prediction tiles/s of predict.py's loop by backend and precision: PyTorch in float32 (the fast path with
+    ``--amp=off``) and, on a CPU, onnxruntime in float32 and 8 bits (predict.py ``--backend=onnx``)."""
+    tiles = repeated(images, args.predict_tiles)
+    found = {
+        "torch_float32": in_subprocess(
+            bench_predict_fast, tiles, args.width, args.device, tmp / "f32", args.workers, "off"
+        )
+    }
+    if select_device(args.device).type == "cpu":  # the onnxruntime package in requirements.txt runs on CPUs
+        models = in_subprocess(export_bench_models, args.width, tmp, images[:8])
+        for name, path in models.items():
+            found[f"onnx_{name}"] = in_subprocess(bench_predict_onnx, tiles, path, tmp / f"onnx_{name}", args.workers)
+    return found
+
+
 def measure_prediction(args: argparse.Namespace, images: list[Path], tmp: Path) -> dict[str, Any]:
-    """Prediction tiles/s: the reference loop, predict.py's loop, the reference with reuse_memory alone, and
-    predict.py's loop with a network that costs nothing (the reading and writing ceiling)."""
+    """Prediction tiles/s: the reference loop, predict.py's loop, the reference with reuse_memory alone,
+    predict.py's loop with a network that costs nothing (the reading and writing ceiling), and predict.py's
+    loop by backend and precision (measure_backends)."""
     tiles = repeated(images, args.predict_tiles)
     return {
+        "backends": measure_backends(args, images, tmp),
         "reference": in_subprocess(bench_predict_reference, tiles, args.width, args.device, tmp / "ref"),
         "fast": in_subprocess(bench_predict_fast, tiles, args.width, args.device, tmp / "fast", args.workers),
         "reference_reuse_memory": in_subprocess(
@@ -391,6 +452,11 @@ def add_ratios(results: dict[str, Any], flops: float) -> None:
             )
     metrics = results["metrics"]
     metrics["speedup"] = metrics["reference_s_per_image"] / metrics["fast_s_per_image"]
+    backends = results["predict"]["backends"]
+    backends[f"torch_{results['fast_dtype']}"] = results["predict"]["fast"]
+    for found in backends.values():
+        found["vs_fast"] = found["tiles_per_s"] / results["predict"]["fast"]["tiles_per_s"]
+    results["predict"]["fastest_backend"] = max(backends, key=lambda name: backends[name]["tiles_per_s"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -463,6 +529,7 @@ def print_table(results: dict[str, Any]) -> None:
         if key == "predict":
             loop = results[key]["loop_without_network"]
             rows.append(("  loop without the network", "", f"{loop['tiles_per_s']:.0f}", ""))
+            rows += backend_rows(results)
         rows.append((f"{label} TFLOP/s", f"{ref['tflop_per_s']:.3f}", f"{fast['tflop_per_s']:.3f}", ""))
         rows.append(
             (
@@ -491,6 +558,24 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\n{'':28} {'reference':>12} {'fast':>12} {'ratio':>8}")
     for name, ref, fast, ratio in rows:
         print(f"{name:28} {ref:>12} {fast:>12} {ratio:>8}")
+    fastest = results["predict"]["fastest_backend"]
+    choice = "--backend=onnx" + (" --onnx_model=RUN/export/farmland_int8.onnx" if fastest == "onnx_int8" else "")
+    advice = f"predict.py {choice} (export_onnx.py first)" if fastest.startswith("onnx") else "the default (torch)"
+    print(f"\nfastest prediction here: {fastest}; to use it: {advice}")
+
+
+def backend_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Table rows of prediction tiles/s by backend and precision, with each rate over the fast path's."""
+    labels = {
+        "torch_float32": "PyTorch float32",
+        "onnx_float32": "onnxruntime float32",
+        "onnx_int8": "onnxruntime int8",
+    }
+    rows = []
+    for name, found in results["predict"]["backends"].items():
+        if name in labels:  # the fast path's own precision is the row above
+            rows.append((f"  {labels[name]}", "", f"{found['tiles_per_s']:.2f}", f"{found['vs_fast']:.2f}x"))
+    return rows
 
 
 if __name__ == "__main__":

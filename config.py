@@ -100,6 +100,12 @@ class Config:
     label_where: str = ""  # make_tiles.py: SQL WHERE picking the farmland polygons, e.g. DLBM LIKE '01%' (empty = all)
     label_layer: str = ""  # make_tiles.py: layer of a multi-layer vector file (GeoPackage); empty = its only layer
     mark_unlabelled: bool = False  # make_tiles.py: pixels outside the labels' coverage and nodata get ignore_index
+    # --- change.py ---------------------------------------------------------------------------------------
+    before: str = ""  # change.py: the earlier date: a scene, or a folder of scenes or tiles paired with after's by name
+    after: str = ""  # change.py: the later date: a scene, or a folder whose images pair with before's by file name
+    change_margin: float = 0.2  # change.py: change only where both dates are sure: prob >= t+margin, other <= t-margin
+    change_edge_tolerance: int = 0  # change.py: a change within N pixels of the other date's farmland stays stable
+    change_truth: str = ""  # change.py: a true change map (0-3 on the before grid) to score lost and gained against
 
 
 # The recommended recipe (--recipe=recommended): what measured best on real aerial tiles at a modest budget

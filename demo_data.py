@@ -358,3 +358,146 @@ def apply_colour_classifier(table: np.ndarray, image: np.ndarray) -> np.ndarray:
     """Return a uint8 HxW mask (0/1) by looking up each pixel's colour cell; vectorised."""
     r, g, b = _colour_cells(image, table.shape[0])
     return table[r, g, b].astype(np.uint8)
+
+
+# --- a second date: farmland lost and gained -------------------------------------------------------------
+
+LOSS_CHANCE = 0.4  # chance that a tile loses part of its farmland to buildings, a road or a pond by the second date
+GAIN_CHANCE = 0.3  # chance that a tile turns part of its background (bare land, meadow, yard) into a field
+TRUTH_CODES = {"stable background": 0, "stable farmland": 1, "lost": 2, "gained": 3}  # as change_detection.py's
+
+
+def _patch_region(rng: np.random.Generator, allowed: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """A rotated rectangle (part of a parcel or more) around a random ``allowed`` pixel, clipped to ``allowed``;
+    empty when under 5 % of the tile is allowed."""
+    size = allowed.shape[0]
+    cells = np.argwhere(allowed)
+    if len(cells) < 0.05 * size * size:
+        return np.zeros_like(allowed)
+    cy, cx = cells[rng.integers(len(cells))]
+    u, v = _rotated(xx - cx, yy - cy, rng.uniform(0, np.pi))
+    half = rng.uniform(0.12, 0.28, 2) * size
+    return (np.abs(u) < half[0]) & (np.abs(v) < half[1]) & allowed
+
+
+def _lost_farmland(
+    rng: np.random.Generator, farm: np.ndarray, xx: np.ndarray, yy: np.ndarray, zoom: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(where, new ground before the sensor) of farmland taken by buildings on a yard, a new paved road or a
+    pond."""
+    size = farm.shape[0]
+    kind = rng.choice(["buildings", "road", "water"], p=[0.5, 0.25, 0.25])
+    if kind == "buildings":
+        region = _patch_region(rng, farm, xx, yy)
+        ground = _meadow(rng, size, _jitter(rng, SOILS[rng.integers(len(SOILS))], 8))
+        scratch, cells, angle = np.zeros(farm.shape, np.uint8), np.argwhere(region), rng.uniform(0, np.pi)
+        for _ in range(int(rng.integers(2, 6)) if len(cells) else 0):
+            centre = cells[rng.integers(len(cells))][::-1].astype(np.float32)
+            _draw_building(rng, ground, scratch, centre, angle + rng.choice([0, np.pi / 2]), zoom)
+        return region, ground
+    if kind == "road":
+        band = np.zeros(farm.shape, np.uint8)
+        ends = rng.uniform(-0.1 * size, 1.1 * size, (2, 2))
+        ends[:, rng.integers(2)] = [-1, size]  # from one border to the opposite one
+        p0, p1 = (tuple(int(round(x)) for x in e) for e in ends)
+        cv2.line(band, p0, p1, 1, max(3, int(round(rng.uniform(3, 6) * zoom))))
+        paved = _jitter(rng, (160, 158, 152), 8)
+        return band.astype(bool) & farm, np.broadcast_to(paved, (size, size, 3)).astype(np.float32)
+    region = _blob(rng, xx, yy, size, rng.uniform(0.15, 0.25) * size) & farm
+    ripple = 1 + 0.03 * _smooth_noise(rng, size, 3)[..., None]
+    return region, _jitter(rng, WATER[rng.integers(len(WATER))], 6) * ripple
+
+
+def _gained_farmland(
+    rng: np.random.Generator, farm: np.ndarray, xx: np.ndarray, yy: np.ndarray, zoom: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(where, new ground before the sensor) of background, away from its thin roads and tracks, turned into a
+    field with crop rows or ploughed soil."""
+    open_land = cv2.erode((~farm).astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2).astype(bool)
+    region = _patch_region(rng, open_land, xx, yy)
+    scale = max(zoom, 0.5) ** 0.5
+    soil = _jitter(rng, SOILS[rng.integers(len(SOILS))], 8)
+    if rng.random() < 0.75:
+        palette = SEASONS[list(SEASONS)[rng.integers(len(SEASONS))]]
+        return region, _crop_rows(rng, xx, yy, _jitter(rng, palette[rng.integers(len(palette))], 12), soil, scale)
+    return region, _ploughed(rng, xx, yy, soil, scale)
+
+
+def changed_tile(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ground of a rendered tile at a second date: with LOSS_CHANCE part of its farmland became buildings,
+    a road or a pond, with GAIN_CHANCE part of its background became a field; the new ground is blurred and
+    noised as the sensor does, and the whole tile gets the other date's light (gain and haze).
+
+    Returns:
+        (image uint8 HxWx3, mask uint8 HxW 0/255) of the second date.
+    """
+    size = mask.shape[0]
+    zoom = size / 64.0
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    after, after_mask, farm = image.astype(np.float32), mask.copy(), mask > 0
+    changes = []
+    if rng.random() < LOSS_CHANCE:
+        changes.append((*_lost_farmland(rng, farm, xx, yy, zoom), 0))
+    if rng.random() < GAIN_CHANCE:
+        changes.append((*_gained_farmland(rng, farm, xx, yy, zoom), 255))
+    for region, ground, label in changes:
+        ground = cv2.GaussianBlur(np.ascontiguousarray(ground, np.float32), (0, 0), 0.5)
+        ground = ground + rng.normal(0, rng.uniform(1.5, 4.5), ground.shape)
+        after[region] = ground[region]
+        after_mask[region] = label
+    haze = rng.uniform(0.0, 0.1)
+    after = after * rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, 3) * (1 - haze) + haze * np.float32(180)
+    return np.clip(np.round(after), 0, 255).astype(np.uint8), after_mask
+
+
+def write_demo_change_pair(folder: Path, tiles: int = 12, size: int = 64, seed: int = 1) -> dict[str, Path]:
+    """Write two dates of a demo scene and the true change between them into ``folder``.
+
+    The before date is exactly write_demo_scene's scene of the same seed; in the after date parcels of some
+    tiles lost farmland to buildings, roads or ponds and some bare land became fields (changed_tile). Both
+    are GeoTIFFs in UTM zone 50N with 1 m pixels, written one row of tiles at a time.
+
+    Returns:
+        Paths by kind: before, after (RGB scenes), before_label, after_label (1 = farmland) and truth (0 stable
+        background, 1 stable farmland, 2 farmland lost, 3 farmland gained; TRUTH_CODES).
+    """
+    import rasterio  # only the scenes need GDAL; the tile data sets do not
+    from rasterio.transform import Affine
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"before": "before.tif", "after": "after.tif", "before_label": "before_label.tif"}
+    names |= {"after_label": "after_label.tif", "truth": "change_truth.tif"}
+    paths = {kind: folder / name for kind, name in names.items()}
+    side = tiles * size
+    profile = {
+        "driver": "GTiff",
+        "width": side,
+        "height": side,
+        "dtype": "uint8",
+        "crs": "EPSG:32650",
+        "transform": Affine(1.0, 0.0, 500000.0, 0.0, -1.0, 3500000.0),
+        "tiled": True,
+        "compress": "deflate",
+    }
+    bands = {"before": 3, "after": 3, "before_label": 1, "after_label": 1, "truth": 1}
+    handles = {kind: rasterio.open(paths[kind], "w", count=bands[kind], **profile) for kind in paths}
+    try:
+        for row in range(tiles):
+            strips: dict[str, list[np.ndarray]] = {kind: [] for kind in paths}
+            for col in range(tiles):
+                index = row * tiles + col
+                image, mask = render_tile(_tile_rng(seed, index), size)
+                after, after_mask = changed_tile(np.random.default_rng([seed, index, 2]), image, mask)
+                was, now = mask > 0, after_mask > 0
+                truth = np.where(was, np.where(now, 1, 2), np.where(now, 3, 0)).astype(np.uint8)
+                for kind, array in zip(paths, (image, after, was, now, truth)):
+                    strips[kind].append(array)
+            window = rasterio.windows.Window(0, row * size, side, size)
+            for kind, parts in strips.items():
+                block = np.concatenate(parts, axis=1).astype(np.uint8)
+                handles[kind].write(block.transpose(2, 0, 1) if block.ndim == 3 else block[None], window=window)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return paths

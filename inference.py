@@ -54,13 +54,20 @@ def inference_model(
     return model.to(dtype=amp or torch.float32, memory_format=memory_format(channels_last)).eval()
 
 
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model takes its inputs in: that of its weights, float32 for a model without parameters
+    (exported_model.OnnxSegmenter, whose graph holds its own weights)."""
+    first = next(model.parameters(), None)
+    return torch.float32 if first is None else first.dtype
+
+
 @torch.inference_mode()
 def network_logits(
     model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True
 ) -> torch.Tensor:
     """The network's class scores (N, n_classes, H, W), inputs moved to the device and cast to the weights'
     dtype and memory layout; uint8 inputs are scaled to [0, 1] there (in float32, as image_to_float does)."""
-    dtype = next(model.parameters()).dtype
+    dtype = input_dtype(model)
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         # Divided by a tensor on the device: CUDA turns division by a Python number into a multiplication by
@@ -76,9 +83,11 @@ def predict_probabilities(
     """Class probabilities (N, n_classes, H, W), float32 on the model's device (softmax of the logits).
 
     The softmax runs in float32 so blended or averaged probabilities (overlapping windows, test-time
-    augmentation) do not accumulate bf16 rounding.
+    augmentation) do not accumulate bf16 rounding. A model whose ``returns_probabilities`` is true (the
+    exported network in onnxruntime, exported_model.OnnxSegmenter) has the softmax in its graph already.
     """
-    return network_logits(model, images, device, channels_last).float().softmax(1)
+    scores = network_logits(model, images, device, channels_last).float()
+    return scores if getattr(model, "returns_probabilities", False) else scores.softmax(1)
 
 
 def decision_threshold(state: dict) -> float | None:
@@ -128,7 +137,7 @@ def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: to
     """
     if requested > 0:
         return requested
-    dtype = next(model.parameters()).dtype
+    dtype = input_dtype(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -139,7 +148,7 @@ def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: to
         # Beyond about a hundred 256-pixel tiles a pass is long enough that per-batch costs vanish; larger
         # batches would only hold more memory in flight (loader workers' shared memory, pinned copies, writes).
         return int(max(1, min(128, free // 2 // per_tile)))
-    width = model.outc.in_channels
+    width = model.outc.in_channels if hasattr(model, "outc") else model.base_width  # an OnnxSegmenter has no layers
     # The full-size level holds about 6 activations of `width` channels at once (convolutions, skip, concat).
     per_tile = 6 * width * shape[-2] * shape[-1] * torch.finfo(dtype).bits // 8
     free = available_memory() or 4 * 2**30

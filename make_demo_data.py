@@ -2,6 +2,7 @@
 
 Usage: python make_demo_data.py --out=demo_data --n_tiles=400 --size=64 --seed=0
        python make_demo_data.py --scene=demo_scene/scene.tif --scene_tiles=12 --seed=1   # a GeoTIFF scene
+       python make_demo_data.py --change_pair=demo_change --scene_tiles=12 --seed=1        # two dates and their change
 
 The generator itself lives in demo_data.py.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from data_preprocess import read_image
-from demo_data import generate_dataset, write_demo_scene
+from demo_data import generate_dataset, write_demo_change_pair, write_demo_scene
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same tiles")
     parser.add_argument("--scene", type=Path, help="instead of tiles, write one GeoTIFF scene here (and its label)")
     parser.add_argument("--scene_tiles", type=int, default=12, help="the scene is a mosaic of N x N tiles")
+    parser.add_argument(
+        "--change_pair", type=Path, help="instead, write two dates of a scene and their true change into this folder"
+    )
     args = parser.parse_args(argv)
     if args.n_tiles < 1 or args.size < 8 or args.seed < 0 or args.scene_tiles < 1:
         parser.error("--n_tiles and --scene_tiles must be >= 1, --size >= 8 and --seed >= 0")
+    if args.change_pair is not None:
+        paths = write_demo_change_pair(args.change_pair, args.scene_tiles, args.size, args.seed)
+        print("two dates of a scene and their change: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
+        return 0
     if args.scene is not None:
         label = write_demo_scene(args.scene, args.scene_tiles, args.size, args.seed)
         side = args.scene_tiles * args.size

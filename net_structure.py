@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 LEAKY_SLOPE = 0.01  # of every LeakyReLU (torch's default)
 
@@ -105,6 +106,10 @@ class UNet(nn.Module):
             # Reflection needs the pad to be smaller than the side; tiny inputs fall back to replication.
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        return self.body(x)[..., :height, :width]
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers of the U-Net figure on an input already normalised and padded to a multiple of 16."""
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
@@ -114,8 +119,7 @@ class UNet(nn.Module):
         x = self.up2(x, x3)
         x = self.up3(x, x2)
         x = self.up4(x, x1)
-        logits = self.outc(x)
-        return logits[..., :height, :width]
+        return self.outc(x)
 
 
 def set_normalisation(model: UNet, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -247,4 +251,25 @@ def fold_batchnorm(model: UNet) -> UNet:
     for name in ("up1", "up2", "up3", "up4"):
         up = getattr(folded, name)
         setattr(folded, name, FoldedUp(up.up, fold_double_conv(up.conv)))
+    return folded
+
+
+@torch.no_grad()
+def fold_batchnorm_plain(model: UNet) -> UNet:
+    """Return an inference copy of the network with each BatchNorm folded into the convolution before it and
+    each Dropout2d replaced by the identity, built from plain modules only (convolutions keep their own
+    reflect padding): the form that ``torch.onnx.export`` traces, where fold_batchnorm's buffer tricks
+    (``out=`` arguments, in-place writes into padded buffers) do not.
+    """
+    folded = copy.deepcopy(model).eval()
+    for block in folded.modules():
+        if not isinstance(block, DoubleConv):
+            continue
+        layers = list(block.block)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d):
+                layers[i], layers[i + 1] = fuse_conv_bn_eval(layer, layers[i + 1]), nn.Identity()
+            elif isinstance(layer, nn.Dropout2d):
+                layers[i] = nn.Identity()
+        block.block = nn.Sequential(*layers)
     return folded

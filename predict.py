@@ -11,6 +11,10 @@ mode without gradients. Unreadable images are reported and skipped; the exit sta
 Scenes (a georeferenced GeoTIFF, or any image larger than ``window``, given as ``--predict_input``) are
 predicted by scene.py in overlapping windows into GeoTIFF masks, probabilities, field polygons and an
 area table (run_dir/predictions/farmland_area.csv); see scene.py. The test split is always read as tiles.
+
+``--backend=onnx`` predicts with the model export_onnx.py wrote (``onnx_model``, by default
+run_dir/export/farmland.onnx) in onnxruntime on the CPU instead of the checkpoint in PyTorch: the same
+tiles, scenes and outputs, with the bands, class count and threshold read from the model's metadata.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import cli
 import scene
 from config import Config
 from data_preprocess import is_image_file, read_pair_list
+from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, prediction_path
 from inference import inference_model
 from runtime import (
+    Distributed,
     all_reduce_sum,
     close_distributed,
     init_distributed,
@@ -109,6 +115,29 @@ def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path) -> list[Job]:
     return todo
 
 
+def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegmenter | None, torch.device]:
+    """The file to predict with, its checkpoint state (for an ONNX model, the same keys from its metadata), the
+    onnxruntime model when ``backend`` is onnx (else None: the PyTorch network is built from the state), and
+    the device.
+
+    Raises:
+        ValueError: an unknown backend, or the onnx backend under torchrun.
+        DataError: the checkpoint or model cannot be used.
+    """
+    run_dir = Path(cfg.run_dir)
+    if cfg.backend == "torch":
+        checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
+        return checkpoint, load_checkpoint(checkpoint, job.device), None, job.device
+    if cfg.backend != "onnx":
+        raise ValueError(f"--backend={cfg.backend!r}: expected torch or onnx")
+    if job.world > 1:
+        raise ValueError("--backend=onnx runs in one process on the CPU; start predict.py without torchrun")
+    model_path = Path(cfg.onnx_model) if cfg.onnx_model else run_dir / "export" / "farmland.onnx"
+    segmenter, state = load_segmenter(model_path)
+    LOG.info("backend onnx: %s in onnxruntime on the CPU", model_path)
+    return model_path, state, segmenter, torch.device("cpu")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
     try:
@@ -123,18 +152,17 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     cli.check_paths(cfg)
     job = init_distributed(cfg.device)
     cli.setup_logging(cfg, "predict", job.rank)
-    run_dir, device = Path(cfg.run_dir), job.device
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
-    state = load_checkpoint(checkpoint, device)
+    run_dir = Path(cfg.run_dir)
+    checkpoint, state, segmenter, device = open_network(cfg, job)
     if not cfg.bands:
         # The bands the network was trained on, unless the user names others for these images.
         cfg.bands = str(state["config"].get("bands", ""))
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included
-    amp = resolve_amp(cfg.amp, device)
+    amp = None if segmenter is not None else resolve_amp(cfg.amp, device)  # an ONNX model runs in its own dtype
     if cfg.reuse_memory:
         keep_freed_memory()
-    model = inference_model(state, device, cfg.channels_last, amp)
+    model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
     settings = scene.SceneSettings.from_config(cfg)
     jobs = plan_jobs(cfg, list_inputs(cfg), settings)
     mine = jobs

@@ -318,7 +318,7 @@ class ResampledScene(Scene):
         self.width, self.height = max(1, round(base.width * ratio)), max(1, round(base.height * ratio))
         self.count, self.dtype, self.crs, self.nodata = base.count, base.dtype, base.crs, base.nodata
         self.bands = base.bands
-        self.transform = base.transform * Affine.scale(base.width / self.width, base.height / self.height)
+        self.transform = base.transform @ Affine.scale(base.width / self.width, base.height / self.height)
         self.vrt = WarpedVRT(
             base.src,
             crs=base.crs,

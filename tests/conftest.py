@@ -1,19 +1,48 @@
-"""Shared fixtures: tiny seeded data sets written the way users lay theirs out."""
+"""Shared fixtures: tiny seeded data sets written the way users lay theirs out, and a tiny trained run for the
+tests that only need one to exist."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+# One intra-op thread in every process of the test run, subprocesses included (torchrun's ranks, the trainer
+# killed with -9, bench.py's measurements). On two cores shared with other jobs, two OpenMP threads per
+# process wait on each other: a width-4 training step took 0.2-0.45 s instead of 0.02 s. Set before torch is
+# imported; a value already in the environment is kept, and every process uses the same one, so weights
+# compared across processes (kill -9 and resume) come from the same arithmetic.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data_preprocess import write_image  # noqa: E402
+import split_dataset
+import train
+from data_preprocess import write_image
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch first
+
+TINY = ["--base_width=4", "--batch_size=4", "--num_workers=0", "--lr=0.01", "--step_size=2", "--snapshot_every=2"]
+
+
+def args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The tiny settings every pipeline test starts from, for this data and run folder."""
+    return [f"--data_dir={data_dir}", f"--run_dir={run_dir}", *TINY, *extra]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights saved in a checkpoint."""
+    return torch.load(path, weights_only=True)["model"]
 
 
 def write_pair(data_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, ext: str = ".png") -> tuple[Path, Path]:
@@ -35,10 +64,8 @@ def square_tile(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, n
     return image, mask
 
 
-@pytest.fixture
-def square_data(tmp_path: Path) -> Path:
-    """20 tiles of 32x32 with square masks, in a folder whose name has a space and Chinese characters."""
-    data_dir = tmp_path / "农田 data"
+def write_square_data(data_dir: Path) -> Path:
+    """20 tiles of 32x32 with square masks (seed 0) under data_dir."""
     rng = np.random.default_rng(0)
     for i in range(20):
         write_pair(data_dir, f"tile {i:02d}", *square_tile(rng))
@@ -52,3 +79,48 @@ def folder_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def close_log_files() -> None:
+    """Detach the log handlers the last script's main set up, so that later tests log nowhere near its run."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "farmland_pipeline", False)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@pytest.fixture
+def square_data(tmp_path: Path) -> Path:
+    """20 tiles of 32x32 with square masks, in a folder whose name has a space and Chinese characters."""
+    return write_square_data(tmp_path / "农田 data")
+
+
+@pytest.fixture(scope="session")
+def shared_square_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tiles of square_data written once for the whole run, for tests that only read them (a test that
+    moves, changes or adds files takes square_data); checked untouched at the end."""
+    data_dir = write_square_data(tmp_path_factory.mktemp("shared") / "农田 data")
+    before = folder_digest(data_dir)
+    yield data_dir
+    assert folder_digest(data_dir) == before, "a test wrote into shared_square_data; give it square_data instead"
+
+
+@pytest.fixture(scope="session")
+def trained_run(shared_square_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A run folder split and trained once for the whole run (width 4, one epoch on shared_square_data), for
+    tests that need a trained network to exist. Read-only: a test that writes into a run takes run_copy.
+    Checked untouched at the end."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert split_dataset.main(args(shared_square_data, run_dir)) == 0
+    assert train.main(args(shared_square_data, run_dir, "--epochs=1")) == 0
+    close_log_files()
+    before = folder_digest(run_dir)
+    yield run_dir
+    assert folder_digest(run_dir) == before, "a test wrote into trained_run; give it run_copy instead"
+
+
+@pytest.fixture
+def run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    """A copy of trained_run of the test's own to write into (file times kept: checkpoints stay older than
+    anything the test writes)."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))

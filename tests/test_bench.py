@@ -1,22 +1,31 @@
-"""bench.py and the prediction fast path: they run, and fast agrees with reference (no timings asserted)."""
+"""bench.py and the prediction fast path: bench.py's measurements against stand-ins of known cost, its ratios
+worked by hand, a small real run's table, and the fast path agreeing with the reference (the project's own
+speed is never asserted)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import platform
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import bench
+from demo_data import generate_dataset
 from inference import choose_batch_size, inference_model, predict_batch
 from net_structure import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
 
 # Allocates, touches and frees 64 MiB sixteen times; prints the fewest page faults of the last eight (the heap
 # settles within the first few, at a point that depends on what the thread pool allocated meanwhile).
@@ -57,9 +66,194 @@ def test_inference_model_predicts_what_the_trained_model_predicts() -> None:
     assert 1 <= choose_batch_size(fast, (3, 256, 256), torch.device("cpu"), 0) <= 4
 
 
-def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
+class KnownCost(torch.nn.Module):
+    """A stand-in network of known cost: it sleeps ``seconds`` per tile. Its class scores come from a 1x1
+    convolution named like the U-Net's last layer, which predict.py's batch sizing reads."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.outc = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds * x.shape[0])
+        return self.outc(x)
+
+
+def known_cost_steps(seconds: float) -> Callable[..., tuple[float, int]]:
+    """A stand-in for training's train_epoch whose every step takes ``seconds``."""
+
+    def train_epoch(*_: object, max_steps: int = 0, **__: object) -> tuple[float, int]:
+        for _ in range(max_steps):
+            time.sleep(seconds)
+        return 0.5, max_steps
+
+    return train_epoch
+
+
+def near(measured: float, expected: float) -> bool:
+    """A rate measured on a stand-in of known cost: never above it (a sleep lasts at least as long as asked),
+    and not far below (what the loop around the stand-in costs, on a busy machine)."""
+    return 0.7 * expected <= measured <= 1.02 * expected
+
+
+def table_row(printed: str, name: str) -> list[str]:
+    """The cells after the first row of print_table's table that starts with ``name``."""
+    line = next(line for line in printed.splitlines() if line.startswith(name))
+    return line[len(name) :].split()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+
+def test_steady_rate_leaves_out_the_first_half_of_a_run() -> None:
+    def run(progress: Callable[[int], None]) -> None:
+        time.sleep(0.3)  # a slow first batch: start-up
+        progress(4)
+        for batch in range(2, 9):  # then 4 tiles every 0.05 s
+            time.sleep(0.05)
+            progress(4 * batch)
+
+    # The second half, tiles 17 to 32, took 4 batches of 0.05 s: 80 tiles/s (the whole run would give 49).
+    assert near(bench.steady_rate(run, CPU)["tiles_per_s"], 80)
+    with pytest.raises(ValueError, match="too few batches"):
+        bench.steady_rate(lambda progress: progress(8), CPU)  # one batch: nothing left after the warm-up half
+
+
+REFERENCE_S, FAST_S, STEP_S = 0.08, 0.02, 0.05  # seconds per reference tile, per fast tile, per training step
+
+
+def test_measurements_find_the_known_cost_of_stand_ins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    images = generate_dataset(tmp_path / "data", 4, 32, seed=0)
+    pairs = [(p, tmp_path / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
+    reused: list[str] = []
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: reused.append("asked") or True)  # pytest's allocator untouched
+    monkeypatch.setattr(bench, "train_epoch", known_cost_steps(STEP_S))
+    monkeypatch.setattr(bench, "build_model", lambda *_: KnownCost(REFERENCE_S))  # the network the reference builds
+    monkeypatch.setattr(bench, "inference_model", lambda *_: KnownCost(FAST_S))  # the fast path's network
+
+    settings = {"base_width": 4, "device": "cpu", "amp": "off", "num_workers": 0, "cache_tiles": "no"}
+    reference = {**settings, "batch_size": 5, "reuse_memory": False}
+    train = {"reference": bench.bench_train(pairs, reference, 4, False)}
+    assert reused == []
+    train["reference_reuse_memory"] = bench.bench_train(pairs, {**reference, "reuse_memory": True}, 4, False)
+    train["fast"] = bench.bench_train(pairs, {**settings, "batch_size": 10}, 4, True)
+    assert reused == ["asked"] * 2
+    tiles = images * 2
+    predict = {"reference": bench.bench_predict_reference(tiles, 4, "cpu", tmp_path / "ref")}
+    predict["reference_reuse_memory"] = bench.bench_predict_reference(tiles, 4, "cpu", tmp_path / "ref2", True)
+    predict["fast"] = bench.bench_predict_fast(tiles, 4, "cpu", tmp_path / "fast", 0)
+    assert reused == ["asked"] * 4
+    assert len(list((tmp_path / "fast").glob("*_seg.png"))) == 8  # every tile predicted and written
+
+    # Steps of 5 and 10 tiles at 0.05 s each; one tile at a time at 0.08 s, batches at 0.02 s a tile.
+    assert near(train["reference"]["tiles_per_s"], 100) and near(train["fast"]["tiles_per_s"], 200)
+    assert near(train["reference_reuse_memory"]["tiles_per_s"], 100)
+    assert (train["reference"]["batch"], train["fast"]["batch"]) == (5, 10)
+    assert near(predict["reference"]["tiles_per_s"], 12.5) and near(predict["fast"]["tiles_per_s"], 50)
+    assert near(predict["reference_reuse_memory"]["tiles_per_s"], 12.5)
+    if platform.system() == "Linux":  # peak memory in bytes, not the KiB that getrusage reports
+        assert train["fast"]["peak_bytes"] >= resident_bytes() * 0.9
+
+    predict["loop_without_network"] = {"tiles_per_s": 700.0, "workers": 0}
+    predict["backends"] = {"torch_float32": {"tiles_per_s": 5.0}}  # far below the fast path's 50
+    results: dict[str, Any] = {
+        "train": train,
+        "predict": predict,
+        "metrics": {"reference_s_per_image": 0.01, "fast_s_per_image": 0.001},
+        "matmul_peak_tflop_per_s": {"float32": 1.0, "bfloat16": 2.0},
+        "fast_dtype": "bfloat16",
+        "scene": {"size": 96, "megapixels_per_s": 0.5},
+    }
+    bench.add_ratios(results, 1e9)
+    assert train["speedup"] == pytest.approx(2, rel=0.3) and predict["speedup"] == pytest.approx(4, rel=0.3)
+    assert train["speedup_reuse_memory_alone"] == pytest.approx(1, rel=0.3)
+    assert predict["speedup"] == pytest.approx(predict["fast"]["tiles_per_s"] / predict["reference"]["tiles_per_s"])
+    assert predict["fastest_backend"] == "torch_bfloat16"
+    bench.print_table(results)
+    printed = capsys.readouterr().out
+    for key, label in (("train", "training"), ("predict", "prediction")):
+        pair = results[key]
+        rates = [f"{pair[v]['tiles_per_s']:.2f}" for v in ("reference", "fast")]
+        assert table_row(printed, f"{label} tiles/s") == [*rates, f"{pair['speedup']:.2f}x"]
+
+
+def test_ratios_and_shares_of_the_peak_worked_by_hand(capsys: pytest.CaptureFixture) -> None:
+    def rate(tiles_per_s: float) -> dict[str, float]:
+        return {"tiles_per_s": tiles_per_s, "peak_bytes": 3 * 2**30}
+
+    results: dict[str, Any] = {
+        "fast_dtype": "bfloat16",
+        "matmul_peak_tflop_per_s": {"float32": 0.1, "bfloat16": 0.4},
+        "train": {"reference": rate(2.0), "fast": rate(6.0), "reference_reuse_memory": rate(3.0)},
+        "predict": {
+            "reference": rate(10.0),
+            "fast": rate(25.0),
+            "reference_reuse_memory": rate(11.0),
+            "loop_without_network": {"tiles_per_s": 700.0, "workers": 2},
+            "backends": {"torch_float32": rate(12.5), "onnx_int8": rate(30.0)},
+        },
+        "metrics": {"reference_s_per_image": 0.0132, "fast_s_per_image": 0.00018},
+        "scene": {"size": 2048, "megapixels_per_s": 0.17},
+    }
+    bench.add_ratios(results, 1e10)  # 10 GFLOP per tile forward
+    train, predict = results["train"], results["predict"]
+    assert (train["speedup"], train["speedup_reuse_memory_alone"]) == pytest.approx((3.0, 1.5))
+    # A training step counts as 3 forward passes: 2 tiles/s x 30 GFLOP = 0.06 TFLOP/s, 60 % of the float32 peak;
+    # the fast path is set against the bfloat16 peak: 0.18 of 0.4.
+    assert (train["reference"]["tflop_per_s"], train["reference"]["fraction_of_matmul_peak"]) == pytest.approx(
+        (0.06, 0.6)
+    )
+    assert (train["fast"]["tflop_per_s"], train["fast"]["fraction_of_matmul_peak"]) == pytest.approx((0.18, 0.45))
+    assert train["reference_reuse_memory"]["fraction_of_matmul_peak"] == pytest.approx(0.9)
+    assert (predict["speedup"], predict["speedup_reuse_memory_alone"]) == pytest.approx((2.5, 1.1))
+    assert (predict["reference"]["tflop_per_s"], predict["reference"]["fraction_of_matmul_peak"]) == pytest.approx(
+        (0.1, 1.0)
+    )
+    assert (predict["fast"]["tflop_per_s"], predict["fast"]["fraction_of_matmul_peak"]) == pytest.approx((0.25, 0.625))
+    assert results["metrics"]["speedup"] == pytest.approx(0.0132 / 0.00018)
+    vs_fast = {name: found["vs_fast"] for name, found in predict["backends"].items()}
+    assert vs_fast == pytest.approx({"torch_float32": 0.5, "onnx_int8": 1.2, "torch_bfloat16": 1.0})
+    assert predict["fastest_backend"] == "onnx_int8"
+
+    bench.print_table(results)
+    printed = capsys.readouterr().out
+    assert table_row(printed, "training tiles/s") == ["2.00", "6.00", "3.00x"]
+    assert table_row(printed, "  reference + reuse_memory") == ["3.00", "1.50x"]  # training's, the first
+    assert table_row(printed, "training TFLOP/s") == ["0.060", "0.180"]
+    assert table_row(printed, "  of the matmul peak") == ["60%", "45%"]
+    assert table_row(printed, "training peak memory MiB") == ["3072", "3072"]
+    assert table_row(printed, "prediction tiles/s") == ["10.00", "25.00", "2.50x"]
+    assert table_row(printed, "  loop without the network") == ["700"]
+    assert table_row(printed, "  PyTorch float32") == ["12.50", "0.50x"]
+    assert table_row(printed, "  onnxruntime int8") == ["30.00", "1.20x"]
+    assert table_row(printed, "IoU scoring ms per image") == ["13.20", "0.18", "73x"]
+    assert table_row(printed, "scene 2048x2048, MP/s") == ["0.17"]
+    assert "fastest prediction here: onnx_int8" in printed
+
+
+def test_forward_flops_grow_with_the_tile_area() -> None:
+    # Every layer works per pixel of its level: four times the pixels, four times the FLOPs.
+    assert bench.forward_flops(4, 64) == 4 * bench.forward_flops(4, 32) > 0
+
+
+@pytest.fixture
+def one_spawned_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """bench.py's measurements in one spawned process for the whole run instead of one each: the same code,
+    pickling and start-up, without a dozen torch imports (a smoke run; peak memory is then the run's)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=bench.platform_start_method) as executor:
+        monkeypatch.setattr(bench, "in_subprocess", lambda function, *a: executor.submit(function, *a).result())
+        yield
+
+
+def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys: pytest.CaptureFixture, one_spawned_process) -> None:
     out = tmp_path / "bench.json"
-    args = [
+    argv = [
         "--width=4",
         "--tile=32",
         "--train_steps=1",
@@ -69,20 +263,52 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
         "--scene_size=96",
         f"--out={out}",
     ]
-    assert bench.main(args) == 0
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
     results = json.loads(out.read_text())
-    assert results["machine"]["torch"] == torch.__version__
-    assert results["forward_gflop_per_tile"] > 0
-    for key in ("train", "predict"):
+    settings = bench.parse_arguments(argv)
+    # Every figure that the tables of README.md and docs/performance.md read, and how they hang together.
+    assert results["machine"]["torch"] == torch.__version__ and results["machine"]["cpu_cores"] >= 1
+    assert {"cpu", "gpu"} <= results["machine"].keys()
+    assert (results["width"], results["tile"]) == (4, 32)
+    assert results["forward_gflop_per_tile"] * 1e9 == pytest.approx(bench.forward_flops(4, 32))
+    peaks = results["matmul_peak_tflop_per_s"]
+    assert peaks.keys() == {"float32", results["fast_dtype"]} and min(peaks.values()) > 0
+    for key, label, passes in (("train", "training", 3), ("predict", "prediction", 1)):
+        pair = results[key]
         for variant in ("reference", "fast", "reference_reuse_memory"):
-            assert results[key][variant]["tiles_per_s"] > 0 and results[key][variant]["peak_bytes"] > 0
-        assert results[key]["speedup"] > 0
-        assert results[key]["fast"]["fraction_of_matmul_peak"] > 0
-    assert results["matmul_peak_tflop_per_s"]["float32"] > 0
-    assert results["predict"]["loop_without_network"]["tiles_per_s"] > 0
-    assert results["scene"]["size"] == 96 and results["scene"]["megapixels_per_s"] > 0
-    assert results["metrics"]["speedup"] > 0
-    assert "IoU scoring ms per image" in capsys.readouterr().out
+            found = pair[variant]
+            assert found["tiles_per_s"] > 0 and found["peak_bytes"] > 0
+            flop_rate = found["tiles_per_s"] * results["forward_gflop_per_tile"] * passes / 1e3
+            assert found["tflop_per_s"] == pytest.approx(flop_rate)
+            peak = peaks[results["fast_dtype"] if variant == "fast" else "float32"]
+            assert found["fraction_of_matmul_peak"] == pytest.approx(found["tflop_per_s"] / peak)
+        ratio = pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
+        assert pair["speedup"] == pytest.approx(ratio)
+        alone = pair["reference_reuse_memory"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
+        assert pair["speedup_reuse_memory_alone"] == pytest.approx(alone)
+        rates = [f"{pair[v]['tiles_per_s']:.2f}" for v in ("reference", "fast")]
+        assert table_row(printed, f"{label} tiles/s") == [*rates, f"{pair['speedup']:.2f}x"]
+    assert results["train"]["reference"]["batch"] == bench.REFERENCE_BATCH
+    assert results["train"]["fast"]["batch"] == settings.fast_batch
+    predict = results["predict"]
+    assert predict["loop_without_network"]["tiles_per_s"] > 0
+    assert predict["loop_without_network"]["workers"] == settings.workers
+    backends = predict["backends"]
+    assert {"torch_float32", f"torch_{results['fast_dtype']}"} <= backends.keys()
+    for found in backends.values():
+        assert found["vs_fast"] == pytest.approx(found["tiles_per_s"] / predict["fast"]["tiles_per_s"])
+    assert predict["fastest_backend"] == max(backends, key=lambda name: backends[name]["tiles_per_s"])
+    metrics = results["metrics"]
+    assert min(metrics["reference_s_per_image"], metrics["fast_s_per_image"]) > 0
+    assert metrics["miou_with_file_io_s_per_image"] > 0
+    assert metrics["speedup"] == pytest.approx(metrics["reference_s_per_image"] / metrics["fast_s_per_image"])
+    assert table_row(printed, "IoU scoring ms per image")[-1] == f"{metrics['speedup']:.0f}x"
+    scene = results["scene"]
+    assert (scene["size"], scene["megapixels"]) == (96, pytest.approx(96 * 96 / 1e6))
+    assert scene["megapixels_per_s"] == pytest.approx(scene["megapixels"] / scene["predict_s"])
+    assert scene["peak_rss_bytes"] > 0
+    assert f"written to {out}" in printed
 
 
 def late_pass_faults(mode: str) -> int:

@@ -1,15 +1,17 @@
-"""Training and prediction under torchrun: 2 CPU processes with gloo on loopback."""
+"""Training and prediction under torchrun: 2 CPU processes with gloo on loopback. One training launch is
+shared by the module's tests; resuming needs launches of its own."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
-from test_pipeline import args, weights
+from conftest import ROOT, args, close_log_files, folder_digest, weights
 
 import cli
 import predict
@@ -25,21 +27,25 @@ DDP = ["--batch_size=1", "--num_workers=0", "--amp=off", "--predict_batch_size=1
 
 def torchrun(script: str, *arguments: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script)]
-    result = subprocess.run([*command, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*command, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-@pytest.fixture
-def ddp_run(square_data: Path, tmp_path: Path) -> Path:
-    """A 3-epoch training under torchrun on 2 processes."""
-    run_dir = tmp_path / "ddp"
-    split_dataset.main(args(square_data, run_dir))
-    torchrun("train.py", *args(square_data, run_dir, *DDP, "--epochs=3"))
-    return run_dir
+@pytest.fixture(scope="module")
+def ddp_run(shared_square_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 3-epoch training under torchrun on 2 processes, launched once for the module. Read-only: a test that
+    writes into it works on a copy (checked at the end)."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "ddp"
+    split_dataset.main(args(shared_square_data, run_dir))
+    close_log_files()
+    torchrun("train.py", *args(shared_square_data, run_dir, *DDP, "--epochs=3"))
+    before = folder_digest(run_dir)
+    yield run_dir
+    assert folder_digest(run_dir) == before, "a test wrote into ddp_run; let it work on a copy"
 
 
-def test_ddp_training_learns_and_ranks_agree(ddp_run: Path, square_data: Path) -> None:
+def test_ddp_training_learns_and_ranks_agree(ddp_run: Path) -> None:
     log = (ddp_run / "logs" / "train.log").read_text(encoding="utf-8")
     assert "distributed training: 2 ranks" in log
     assert "weights identical on all 2 ranks" in log  # the digests of both ranks' weights were compared
@@ -48,9 +54,9 @@ def test_ddp_training_learns_and_ranks_agree(ddp_run: Path, square_data: Path) -
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
-def test_reduced_val_iou_equals_a_single_process_evaluation(ddp_run: Path, square_data: Path) -> None:
+def test_reduced_val_iou_equals_a_single_process_evaluation(ddp_run: Path, shared_square_data: Path) -> None:
     state = load_checkpoint(ddp_run / "checkpoints" / "last.pth")
-    cfg = cli.parse_args(args(square_data, ddp_run, *DDP))
+    cfg = cli.parse_args(args(shared_square_data, ddp_run, *DDP))
     model = model_from_checkpoint(state, torch.device("cpu"), cfg.channels_last)
     val = FarmlandDataset(read_pair_list(ddp_run / "splits" / "val.txt"))
     _, cm, _ = evaluate(
@@ -59,27 +65,26 @@ def test_reduced_val_iou_equals_a_single_process_evaluation(ddp_run: Path, squar
     assert state["history"][-1]["val_farmland_iou"] == pytest.approx(float(class_iou(cm)[FARMLAND]), abs=1e-9)
 
 
-def test_ddp_resume_continues_exactly(ddp_run: Path, square_data: Path, tmp_path: Path) -> None:
+def test_ddp_resume_continues_exactly(ddp_run: Path, shared_square_data: Path, tmp_path: Path) -> None:
     resumed = tmp_path / "resumed"
-    split_dataset.main(args(square_data, resumed))
-    torchrun("train.py", *args(square_data, resumed, *DDP, "--epochs=2"))
-    torchrun("train.py", *args(square_data, resumed, *DDP, "--epochs=3", "--resume=true"))
+    split_dataset.main(args(shared_square_data, resumed))
+    torchrun("train.py", *args(shared_square_data, resumed, *DDP, "--epochs=2"))
+    torchrun("train.py", *args(shared_square_data, resumed, *DDP, "--epochs=3", "--resume=true"))
     a, b = weights(ddp_run / "checkpoints" / "last.pth"), weights(resumed / "checkpoints" / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_distributed_prediction_writes_what_one_process_writes(
-    ddp_run: Path, square_data: Path, tmp_path: Path
+    ddp_run: Path, shared_square_data: Path, tmp_path: Path
 ) -> None:
-    images = square_data / "images"
+    images = shared_square_data / "images"
+    ddp = Path(shutil.copytree(ddp_run, tmp_path / "ddp"))
     single = tmp_path / "single"
     (single / "checkpoints").mkdir(parents=True)
     (single / "checkpoints" / "best.pth").write_bytes((ddp_run / "checkpoints" / "best.pth").read_bytes())
-    torchrun("predict.py", *args(square_data, ddp_run, *DDP, f"--predict_input={images}"))
-    assert predict.main(args(square_data, single, *DDP, f"--predict_input={images}")) == 0
-    ddp_files = {
-        p.relative_to(ddp_run / "predictions"): p.read_bytes() for p in (ddp_run / "predictions").rglob("*.png")
-    }
+    torchrun("predict.py", *args(shared_square_data, ddp, *DDP, f"--predict_input={images}"))
+    assert predict.main(args(shared_square_data, single, *DDP, f"--predict_input={images}")) == 0
+    ddp_files = {p.relative_to(ddp / "predictions"): p.read_bytes() for p in (ddp / "predictions").rglob("*.png")}
     one_files = {p.relative_to(single / "predictions"): p.read_bytes() for p in (single / "predictions").rglob("*.png")}
     assert len(ddp_files) == 2 * 20  # a mask and an overlay for each of the 20 images
     assert ddp_files.keys() == one_files.keys()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, args, weights
 from PIL import Image
-from test_pipeline import args, weights
 
 import files
 import predict
@@ -61,18 +61,16 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(square_dat
 
 
 def test_an_interrupted_checkpoint_save_leaves_the_previous_one(
-    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run_dir = tmp_path / "run"
-    split_dataset.main(args(square_data, run_dir))
-    train.main(args(square_data, run_dir, "--epochs=1"))
+    run_dir = run_copy  # trained for one epoch
 
     def killed_before_rename(*_: object) -> None:
         raise KeyboardInterrupt  # stands for the process dying between writing and renaming
 
     monkeypatch.setattr(files.os, "replace", killed_before_rename)
     with pytest.raises(KeyboardInterrupt):
-        train.main(args(square_data, run_dir, "--epochs=2", "--resume=true"))
+        train.main(args(shared_square_data, run_dir, "--epochs=2", "--resume=true"))
     monkeypatch.undo()
     assert torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 1
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
@@ -143,46 +141,42 @@ def test_crafted_checkpoint_is_refused_without_running_its_code(square_data: Pat
     assert not marker.exists()
 
 
-def test_checkpoint_whose_weights_do_not_fit_its_config(square_data: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    split_dataset.main(args(square_data, run_dir))
-    train.main(args(square_data, run_dir, "--epochs=1"))
-    state = torch.load(run_dir / "checkpoints" / "best.pth", weights_only=True)
+def test_checkpoint_whose_weights_do_not_fit_its_config(
+    shared_square_data: Path, run_copy: Path, tmp_path: Path
+) -> None:
+    state = torch.load(run_copy / "checkpoints" / "best.pth", weights_only=True)
     state["config"]["base_width"] = 8  # the weights are of width 4
     torch.save(state, tmp_path / "mismatch.pth")
     with pytest.raises(DataError, match="checkpoint weights do not fit a U-Net of its own config"):
-        predict.main(args(square_data, run_dir, f"--checkpoint={tmp_path / 'mismatch.pth'}"))
+        predict.main(args(shared_square_data, run_copy, f"--checkpoint={tmp_path / 'mismatch.pth'}"))
 
 
 def test_interrupted_prediction_is_resumed_not_redone(
-    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    shared_square_data: Path, trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     run_dir = tmp_path / "run"
-    split_dataset.main(args(square_data, run_dir, "--split_ratios=0.5,0.1,0.4"))
-    train.main(args(square_data, run_dir, "--epochs=1"))
-    assert predict.main(args(square_data, run_dir)) == 0
+    split_dataset.main(args(shared_square_data, run_dir, "--split_ratios=0.5,0.1,0.4"))  # 8 test tiles
+    shutil.copytree(trained_run / "checkpoints", run_dir / "checkpoints")  # the trained network, file times kept
+    assert predict.main(args(shared_square_data, run_dir)) == 0
     masks = sorted((run_dir / "predictions").glob("*_seg.png"))
     assert len(masks) == 8
     stamps = {m: m.stat().st_mtime_ns for m in masks}
     masks[0].unlink()  # as if the first run had stopped before this one
-    assert predict.main(args(square_data, run_dir)) == 0
+    assert predict.main(args(shared_square_data, run_dir)) == 0
     assert "7 of 8 image(s) already have masks from this checkpoint and are skipped" in caplog.text
     assert masks[0].is_file()
     assert all(m.stat().st_mtime_ns == stamps[m] for m in masks[1:])
     # Masks older than the checkpoint came from other weights: they are redone.
     checkpoint = run_dir / "checkpoints" / "best.pth"
     os.utime(checkpoint, (time.time() + 60, time.time() + 60))
-    assert predict.main(args(square_data, run_dir)) == 0
+    assert predict.main(args(shared_square_data, run_dir)) == 0
     assert all(m.stat().st_mtime_ns != stamps[m] for m in masks[1:])
 
 
-def test_output_folder_is_never_an_input_folder(square_data: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    split_dataset.main(args(square_data, run_dir))
-    train.main(args(square_data, run_dir, "--epochs=1"))
-    predict.main(args(square_data, run_dir))
+def test_output_folder_is_never_an_input_folder(shared_square_data: Path, run_copy: Path) -> None:
+    predict.main(args(shared_square_data, run_copy))
     with pytest.raises(DataError, match="lies in the output folder"):
-        predict.main(args(square_data, run_dir, f"--predict_input={run_dir / 'predictions'}"))
+        predict.main(args(shared_square_data, run_copy, f"--predict_input={run_copy / 'predictions'}"))
 
 
 def test_palette_mask_with_colours_is_refused(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import folder_digest, square_tile, write_pair
+from conftest import args, folder_digest, square_tile, weights, write_pair
 
 import augment
 import miou
@@ -18,12 +18,6 @@ import split_dataset
 import train
 from data_preprocess import DataError, load_mask, read_pair_list, write_image
 from metrics import confusion_matrix
-
-TINY = ["--base_width=4", "--batch_size=4", "--num_workers=0", "--lr=0.01", "--step_size=2", "--snapshot_every=2"]
-
-
-def args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"--data_dir={data_dir}", f"--run_dir={run_dir}", *TINY, *extra]
 
 
 def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
@@ -93,10 +87,6 @@ def test_augment_rerun_does_not_duplicate(square_data: Path, tmp_path: Path) -> 
         assert np.array_equal(load_mask(mask_path), np.flip(load_mask(source_mask), axis))
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
-
-
 def test_resume_reaches_the_same_weights(square_data: Path, tmp_path: Path) -> None:
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     for run_dir in (straight, interrupted):
@@ -111,15 +101,12 @@ def test_resume_reaches_the_same_weights(square_data: Path, tmp_path: Path) -> N
     assert state["epoch"] == 3 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
 
 
-def test_resume_refuses_another_network(square_data: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    split_dataset.main(args(square_data, run_dir))
-    train.main(args(square_data, run_dir, "--epochs=1"))
+def test_resume_refuses_another_network(shared_square_data: Path, run_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"cannot resume, the network differs \(base_width: checkpoint 4 vs config 8\)"):
-        train.main(args(square_data, run_dir, "--epochs=2", "--resume=true", "--base_width=8"))
-    split_dataset.main(args(square_data, tmp_path / "fresh"))
+        train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true", "--base_width=8"))
+    split_dataset.main(args(shared_square_data, tmp_path / "fresh"))
     with pytest.raises(DataError, match="last.pth: checkpoint not found"):
-        train.main(args(square_data, tmp_path / "fresh", "--resume=true"))
+        train.main(args(shared_square_data, tmp_path / "fresh", "--resume=true"))
 
 
 def test_train_without_split_says_what_to_run(tmp_path: Path) -> None:
@@ -127,15 +114,15 @@ def test_train_without_split_says_what_to_run(tmp_path: Path) -> None:
         train.main(args(tmp_path / "data", tmp_path / "run"))
 
 
-def test_predict_a_folder_reports_bad_files_and_goes_on(square_data: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    split_dataset.main(args(square_data, run_dir))
-    train.main(args(square_data, run_dir, "--epochs=1"))
+def test_predict_a_folder_reports_bad_files_and_goes_on(
+    shared_square_data: Path, run_copy: Path, tmp_path: Path
+) -> None:
+    run_dir = run_copy
     folder = tmp_path / "新 tiles"
     write_image(folder / "odd size.png", np.full((37, 50, 3), 90, np.uint8))
     write_image(folder / "b.png", np.full((32, 32, 3), 90, np.uint8))
     (folder / "broken.png").write_bytes(b"nope")
-    code = predict.main(args(square_data, run_dir, f"--predict_input={folder}", "--overlay=false"))
+    code = predict.main(args(shared_square_data, run_dir, f"--predict_input={folder}", "--overlay=false"))
     assert code == 1
     assert load_mask(run_dir / "predictions" / "odd size_seg.png").shape == (37, 50)
     assert (run_dir / "predictions" / "b_seg.png").is_file()
@@ -144,13 +131,10 @@ def test_predict_a_folder_reports_bad_files_and_goes_on(square_data: Path, tmp_p
 
 
 def test_predict_refuses_images_with_another_band_count(
-    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run_dir = tmp_path / "run"
-    split_dataset.main(args(square_data, run_dir))
-    train.main(args(square_data, run_dir, "--epochs=1"))
     write_image(tmp_path / "four.tif", np.zeros((32, 32, 4), np.uint8))
-    assert predict.main(args(square_data, run_dir, f"--predict_input={tmp_path / 'four.tif'}")) == 1
+    assert predict.main(args(shared_square_data, run_copy, f"--predict_input={tmp_path / 'four.tif'}")) == 1
     assert "four.tif: has 4 band(s), expected in_channels=3" in caplog.text
 
 

@@ -11,10 +11,16 @@ import pytest
 import rasterio
 import torch
 from rasterio.transform import Affine
-from test_scene import CRS, TRANSFORM, run_predict, scene_pixels, state, write_geotiff  # noqa: F401 (a fixture)
+from test_scene import CRS, TRANSFORM, run_predict, scene_pixels, spread_state, write_geotiff
 
 import scene
 from training import tiles_pixel_size
+
+
+@pytest.fixture(scope="module")
+def state() -> dict:
+    return spread_state()
+
 
 FINE = Affine(1.0, 0.0, TRANSFORM.c, 0.0, -1.0, TRANSFORM.f)  # the same ground at 1 m pixels
 

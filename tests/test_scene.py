@@ -53,6 +53,10 @@ def write_geotiff(path: Path, bands: np.ndarray, crs: str | None = CRS, transfor
 
 @pytest.fixture(scope="module")
 def state() -> dict:
+    return spread_state()
+
+
+def spread_state() -> dict:
     """A width-8 random network whose output layer is rescaled so its probabilities spread over (0, 1)
     and split the test scene into farmland and background, instead of all sitting near 0.5."""
     torch.manual_seed(0)

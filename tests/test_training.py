@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import square_tile, write_pair
-from test_pipeline import args
+from conftest import args, square_tile, write_pair
 
 import cli
 import config

@@ -1,0 +1,198 @@
+"""Export a trained network to ONNX: for QGIS (the Deepness plugin) and for prediction with onnxruntime.
+
+    python export_onnx.py --run_dir=RUN                       # RUN/checkpoints/best.pth
+    python export_onnx.py --run_dir=RUN --checkpoint=FILE     # any checkpoint of this project
+    python export_onnx.py --run_dir=RUN --quantize=int8       # also an 8-bit copy for CPUs
+
+Writes under run_dir/export/:
+- ``farmland.onnx``: float32 input N x C x H x W (batch, height and width dynamic) scaled to 0..1 as Deepness and
+  most tools feed it (8-bit / 255, 16-bit / 65535); the checkpoint's per-band normalisation, the folded
+  BatchNorm and the softmax inside; output N x 2 x H x W probabilities (background, farmland); Deepness's
+  metadata keys and this project's (see onnx_build.py). Checked at once against PyTorch's fp32 prediction on
+  random and real tiles (probabilities within 1e-4, masks agreeing); removed, and the script fails, if not.
+- ``farmland_qgis.onnx``: the same graph with height and width fixed to ``window`` (Deepness reads its tile
+  size from the input's shape).
+- ``farmland_int8.onnx`` (``--quantize=int8``): statically quantised, calibrated on ``calibration_tiles``
+  training tiles; kept only where, on the run's test split, its pooled farmland IoU is within 0.01 of the
+  fp32 model's and its masks agree on at least 99 % of the pixels (written with a warning when the run has no
+  test split; removed, exit status 1, when it fails).
+- ``export_report.json``: the checks' figures.
+
+Predict with the export: ``python predict.py --run_dir=RUN --backend=onnx`` (``--onnx_model=FILE`` for another).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import cli
+import exported_model
+import onnx_build
+import onnx_quantize
+import scene
+from config import Config
+from data_preprocess import read_pair_list
+from files import DataError, atomic_write_text
+from inference import model_from_checkpoint
+from net_structure import UNet
+from runtime import load_checkpoint
+from training import tiles_pixel_size
+
+LOG = logging.getLogger("export_onnx")
+
+
+def checked_network(state: dict[str, Any], checkpoint: Path) -> UNet:
+    """The checkpoint's network in fp32 on the CPU, its weights checked against the architecture it declares.
+
+    Raises:
+        DataError: naming the file, for a config without the architecture, a class count other than 2, or
+            weights of another band count or width than the config says.
+    """
+    config = state["config"]
+    try:
+        bands, classes, width = int(config["in_channels"]), int(config["n_classes"]), int(config["base_width"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(
+            f"{checkpoint}: its config lacks in_channels, n_classes or base_width; export a checkpoint train.py wrote"
+        ) from None
+    if classes != 2:
+        raise DataError(f"{checkpoint}: a network of {classes} classes; the export expects 2 (background, farmland)")
+    first = state["model"].get("inc.block.0.weight")
+    if first is not None and tuple(first.shape[:2]) != (width, bands):
+        raise DataError(
+            f"{checkpoint}: its weights are of a {first.shape[1]}-band network of width {first.shape[0]}, but its "
+            f"config says in_channels={bands}, base_width={width}; the file was altered or mixed up with another "
+            "run's: export the checkpoint train.py wrote"
+        )
+    try:
+        return model_from_checkpoint(state, torch.device("cpu"), channels_last=False).eval()
+    except DataError as err:
+        raise DataError(f"{checkpoint}: {err}") from None
+
+
+def resolution_cm(cfg: Config, state: dict[str, Any]) -> float | None:
+    """The training data's pixel size in cm for Deepness: ``pixel_size_m`` given here, else the checkpoint's,
+    else the run's training tiles' georeference; None when none tells."""
+    metres = cfg.pixel_size_m or float(state["config"].get("pixel_size_m") or 0.0)
+    train = Path(cfg.run_dir) / "splits" / "train.txt"
+    if not metres and train.is_file():
+        metres = tiles_pixel_size(read_pair_list(train)) or 0.0
+    return round(metres * 100, 4) if metres > 0 else None
+
+
+def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Path) -> dict[str, Any]:
+    """Write farmland.onnx and farmland_qgis.onnx and check them against PyTorch; return the figures.
+
+    Raises:
+        DataError: the checkpoint cannot be exported, or the exported model disagrees with PyTorch (the
+            files are then removed).
+    """
+    unet = checked_network(state, checkpoint)
+    resolution = resolution_cm(cfg, state)
+    if resolution is None:
+        LOG.warning(
+            "the training tiles' pixel size is unknown, so the model carries no 'resolution' for QGIS: set it in "
+            "Deepness by hand, or export with --pixel_size_m=METRES (docs/qgis.md)"
+        )
+    metadata = onnx_build.model_metadata(state, checkpoint, cfg.window, cfg.overlap, resolution)
+    LOG.info("exporting %s (%d bands, width %d) ...", checkpoint, unet.in_channels, unet.outc.in_channels)
+    model = onnx_build.with_metadata(onnx_build.export_graph(unet), metadata)
+    path, qgis = folder / "farmland.onnx", folder / "farmland_qgis.onnx"
+    onnx_build.write_model(model, path)
+    onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), qgis)
+    try:
+        tiles = onnx_build.comparison_tiles(unet.in_channels, onnx_build.sample_tiles(Path(cfg.run_dir), state))
+        figures = onnx_build.compare_with_torch(exported_model.load_segmenter(path)[0], state, tiles)
+        window = np.random.default_rng(1).random((1, unet.in_channels, cfg.window, cfg.window), dtype=np.float32)
+        onnx_build.compare_with_torch(exported_model.load_segmenter(qgis)[0], state, [window])
+    except BaseException:
+        path.unlink(missing_ok=True)
+        qgis.unlink(missing_ok=True)
+        raise
+    LOG.info(
+        "%s: onnxruntime matches PyTorch's fp32 prediction (largest probability difference %.1e, %d of %d mask "
+        "pixels differ, each within 1e-4 of the cut)",
+        path,
+        figures["max_probability_difference"],
+        figures["mask_pixels_differing"],
+        figures["pixels"],
+    )
+    return {"file": str(path), "qgis_file": str(qgis), "resolution_cm": resolution, **figures}
+
+
+def export_int8(cfg: Config, state: dict[str, Any], folder: Path) -> tuple[dict[str, Any], int]:
+    """Write farmland_int8.onnx and check it on the test split; return its figures and the exit status.
+
+    Raises:
+        DataError: the run has no training split to calibrate on.
+    """
+    source, target = folder / "farmland.onnx", folder / "farmland_int8.onnx"
+    config = state["config"]
+    train = read_pair_list(Path(cfg.run_dir) / "splits" / "train.txt")
+    tiles = []
+    for image, _ in onnx_build.spread(train, cfg.calibration_tiles):
+        try:
+            tiles.append(onnx_build.read_tile(image, config["in_channels"], str(config.get("bands", ""))))
+        except DataError as err:
+            LOG.warning("%s (left out of the calibration)", err)
+    LOG.info("quantising to 8 bits, calibrated on %d training tile(s) ...", len(tiles))
+    onnx_quantize.quantize_int8(source, target, tiles)
+    test = Path(cfg.run_dir) / "splits" / "test.txt"
+    if not test.is_file():
+        LOG.warning("%s: written unchecked, the run has no test split (%s); check it before use", target, test)
+        return {"file": str(target), "checked": False}, 0
+    fp32, int8 = exported_model.load_segmenter(source)[0], exported_model.load_segmenter(target)[0]
+    scores = onnx_quantize.test_split_scores(
+        fp32, int8, read_pair_list(test), state, cfg.mask_threshold, cfg.ignore_index
+    )
+    summary = (
+        f"pooled test farmland IoU {scores['int8_farmland_iou']:.4f} against fp32's {scores['fp32_farmland_iou']:.4f}, "
+        f"masks agreeing on {scores['mask_agreement']:.2%} of the pixels of {scores['tiles']} tile(s)"
+    )
+    if not onnx_quantize.meets_bar(scores):
+        target.unlink(missing_ok=True)
+        LOG.error(
+            "%s: not offered, the 8-bit copy costs too much accuracy (%s; the bar: IoU within %g, agreement at least "
+            "%.0f%%); use farmland.onnx",
+            target,
+            summary,
+            onnx_quantize.IOU_MARGIN,
+            100 * onnx_quantize.MIN_AGREEMENT,
+        )
+        return {"file": None, "checked": True, "offered": False, **scores}, 1
+    LOG.info("%s: %s", target, summary)
+    return {"file": str(target), "checked": True, "offered": True, **scores}, 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export the checkpoint, check it, and write the report; exit status 1 when the 8-bit copy is refused."""
+    cfg = cli.parse_args(argv, __doc__ or "")
+    if cfg.quantize not in ("off", "int8"):
+        raise ValueError(f"--quantize={cfg.quantize!r}: expected off or int8")
+    scene.SceneSettings.from_config(cfg)  # window and overlap become the model's tile size and overlap
+    cli.check_paths(cfg)
+    cli.setup_logging(cfg, "export_onnx")
+    cli.save_config(cfg, "export_onnx")
+    run_dir = Path(cfg.run_dir)
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
+    state = load_checkpoint(checkpoint)
+    folder = run_dir / "export"
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "float32": export_fp32(cfg, state, checkpoint, folder)}
+    status = 0
+    if cfg.quantize == "int8":
+        report["int8"], status = export_int8(cfg, state, folder)
+    atomic_write_text(folder / "export_report.json", json.dumps(report, indent=2) + "\n")
+    LOG.info("wrote %s; predict with python predict.py --run_dir=%s --backend=onnx", folder, run_dir)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))

@@ -1,0 +1,155 @@
+"""The exported network run by onnxruntime, as a drop-in for the PyTorch one in predict.py and scene.py.
+
+export_onnx.py writes ``run_dir/export/farmland.onnx``: the U-Net with its per-band normalisation, BatchNorm
+folding and softmax inside the graph, float32 input N x C x H x W scaled to [0, 1] (8-bit images / 255,
+16-bit / 65535), output N x 2 x H x W probabilities (background, farmland), and metadata in the file: the
+keys QGIS's Deepness plugin reads (JSON-encoded strings) and this project's own ``farmland_*`` keys (bands,
+width, threshold, checkpoint digest). This module opens such a file, checks that it is one, and wraps the
+onnxruntime session in :class:`OnnxSegmenter`, which predict_tiles and scene.predict_scenes call as they call
+the PyTorch network (inference.predict_probabilities knows it returns probabilities, not logits).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from files import DataError
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+FORMAT_KEY = "farmland_unet"  # present in every model export_onnx.py writes: the metadata format version
+FORMAT_VERSION = 1
+CLASS_NAMES = {0: "background", 1: "farmland"}
+MIN_GRAPH_SIDE = 17  # the graph reflect-pads to a multiple of 16; smaller sides are padded here first, as torch does
+
+
+def open_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session on an .onnx file (``threads`` 0: torch's thread count).
+
+    Raises:
+        DataError: the file is missing or is not a model onnxruntime can load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: ONNX model not found; export it first (python export_onnx.py --run_dir=RUN) or set --onnx_model"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3  # errors only: onnxruntime otherwise warns about every unused initializer
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types for damaged or foreign files
+        raise DataError(
+            f"{path}: not a loadable ONNX model ({type(err).__name__}: {str(err)[:200]}); "
+            "re-export it with python export_onnx.py"
+        ) from None
+
+
+def decoded_metadata(session: ort.InferenceSession) -> dict[str, Any]:
+    """The model's metadata with each value decoded from JSON (values that are not JSON stay strings)."""
+    decoded = {}
+    for key, text in session.get_modelmeta().custom_metadata_map.items():
+        try:
+            decoded[key] = json.loads(text)
+        except ValueError:
+            decoded[key] = text
+    return decoded
+
+
+def state_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The parts of a checkpoint that prediction reads (config, threshold, epoch), from an exported model's
+    metadata, so that the tile and scene code take an ONNX model as they take a checkpoint.
+
+    Raises:
+        DataError: the file lacks this project's metadata (an ONNX model of another kind).
+    """
+    if meta.get(FORMAT_KEY) != FORMAT_VERSION:
+        found = "no" if FORMAT_KEY not in meta else f"version {meta[FORMAT_KEY]!r} of the"
+        raise DataError(
+            f"{path}: {found} farmland metadata ('{FORMAT_KEY}' = {FORMAT_VERSION} expected): not a model written "
+            "by export_onnx.py; export the checkpoint with python export_onnx.py --run_dir=RUN, or predict with "
+            "--backend=torch"
+        )
+    try:
+        config = {
+            "in_channels": int(meta["farmland_in_channels"]),
+            "n_classes": int(meta["farmland_n_classes"]),
+            "base_width": int(meta["farmland_base_width"]),
+            "bands": str(meta["farmland_bands"]),
+            "pixel_size_m": float(meta.get("farmland_pixel_size_m") or 0.0),
+        }
+        threshold = meta["farmland_threshold"]
+        return {
+            "config": config,
+            "threshold": None if threshold is None else float(threshold),
+            "epoch": meta.get("farmland_epoch"),
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(
+            f"{path}: farmland metadata incomplete or malformed ({err!r}); re-export it with export_onnx.py"
+        ) from None
+
+
+def check_shapes(session: ort.InferenceSession, state: dict[str, Any], path: Path) -> None:
+    """Raises DataError unless the graph takes (N, in_channels, H, W) images and gives (N, n_classes, H, W)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    config = state["config"]
+    if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0].shape) != 4 or len(outputs[0].shape) != 4:
+        raise DataError(f"{path}: expected one 4-d input and one 4-d output; re-export it with export_onnx.py")
+    found = (inputs[0].shape[1], outputs[0].shape[1])
+    if found != (config["in_channels"], config["n_classes"]):
+        raise DataError(
+            f"{path}: the graph takes {found[0]} band(s) and gives {found[1]} class(es), but its metadata says "
+            f"{config['in_channels']} and {config['n_classes']}; re-export it with export_onnx.py"
+        )
+
+
+class OnnxSegmenter(nn.Module):
+    """An exported model in onnxruntime behind the interface of the PyTorch network: called with a float
+    (N, C, H, W) tensor in [0, 1], it returns class probabilities (N, n_classes, H, W) as a float32 CPU tensor.
+
+    ``returns_probabilities`` tells inference.predict_probabilities not to apply a softmax again; it has no
+    parameters, so inputs are fed in float32. Runs on the CPU only.
+    """
+
+    returns_probabilities = True
+
+    def __init__(self, session: ort.InferenceSession, state: dict[str, Any], path: Path) -> None:
+        super().__init__()
+        self.session = session
+        self.path = Path(path)
+        self.in_channels = state["config"]["in_channels"]
+        self.n_classes = state["config"]["n_classes"]
+        self.base_width = state["config"]["base_width"]  # sizes CPU batches as the PyTorch network's width does
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        height, width = array.shape[-2:]
+        padded_h, padded_w = (max(32, -(-size // 16) * 16) for size in (height, width))
+        if padded_h - height >= height or padded_w - width >= width:
+            # Too small to reflect (the graph reflect-pads): replicate the border here, as UNet.forward does.
+            pads = ((0, 0), (0, 0), (0, padded_h - height), (0, padded_w - width))
+            array = np.pad(array, pads, mode="edge")
+        probabilities = self.session.run(None, {self.input_name: array})[0]
+        return torch.from_numpy(probabilities[..., :height, :width])
+
+
+def load_segmenter(path: Path, threads: int = 0) -> tuple[OnnxSegmenter, dict[str, Any]]:
+    """Open an exported model: the segmenter and the checkpoint-like state its metadata describes.
+
+    Raises:
+        DataError: missing, unloadable, or not a model written by export_onnx.py.
+    """
+    session = open_session(path, threads)
+    state = state_from_metadata(decoded_metadata(session), Path(path))
+    check_shapes(session, state, Path(path))
+    return OnnxSegmenter(session, state, Path(path)), state

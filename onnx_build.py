@@ -1,0 +1,279 @@
+"""Building the ONNX file: the exportable form of the network, the export, the metadata, the checks.
+
+The graph holds everything between a [0, 1]-scaled image and the class probabilities: the per-band
+normalisation stored in the checkpoint, the reflect padding to a multiple of 16, the U-Net with each
+BatchNorm folded into its convolution (net_structure.fold_batchnorm_plain: plain modules, which
+``torch.onnx.export(dynamo=True)`` traces), the crop back to the input size and the softmax. Batch, height and
+width are dynamic (sides of at least 17 pixels; exported_model.OnnxSegmenter pads smaller inputs first).
+
+Metadata values are strings holding JSON, as QGIS's Deepness plugin reads them (it calls ``json.loads`` on
+each): ``model_type``, ``class_names``, ``resolution`` (cm per pixel, where known), ``tiles_size`` and
+``tile_size`` (Deepness's documentation names the first, its code reads the second), ``tiles_overlap``
+(percent), ``seg_thresh``, ``seg_small_segment``, ``standardization_mean``/``standardization_std`` (identity:
+the normalisation is inside the graph, so Deepness must not apply its own), and this project's ``farmland_*``
+keys, which exported_model reads back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import exported_model
+from data_preprocess import image_to_float, parse_bands, read_image, read_pair_list, select_bands
+from demo_data import render_tile
+from files import DataError, atomic_write_bytes
+from inference import classes_from_probabilities, decision_threshold, inference_model, predict_probabilities
+from net_structure import UNet, fold_batchnorm_plain
+
+LOG = logging.getLogger("export_onnx")
+TOLERANCE = 1e-4  # largest difference in probability allowed between onnxruntime and PyTorch's fp32 path
+
+
+class ExportNet(nn.Module):
+    """Image in [0, 1] -> class probabilities, all inside one traceable graph (see the module docstring)."""
+
+    def __init__(self, unet: UNet) -> None:
+        super().__init__()
+        self.unet = fold_batchnorm_plain(unet)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        x = (x - self.unet.band_mean[:, None, None]) / self.unet.band_std[:, None, None]
+        # From 17 pixels up, the pad to the next multiple of 16 (at least 32) is shorter than the side, so
+        # reflection always works and UNet.forward's fallback to replication is never needed in the graph.
+        pad_h = (height + 15) // 16 * 16 - height
+        pad_w = (width + 15) // 16 * 16 - width
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        return self.unet.body(x)[..., :height, :width].softmax(1)
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Keep torch.onnx.export's progress lines and its notes on optional packages out of the user's log."""
+    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export_graph(unet: UNet) -> onnx.ModelProto:
+    """Trace the network with torch.onnx.export (dynamo) into a graph with dynamic batch, height and width."""
+    net = ExportNet(unet.cpu().float()).eval()
+    example = torch.rand(1, unet.in_channels, 64, 64)
+    side = {"min": exported_model.MIN_GRAPH_SIDE}
+    dims = {
+        "x": {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", **side), 3: torch.export.Dim("width", **side)}
+    }
+    with quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            net,
+            (example,),
+            dynamo=True,
+            input_names=[exported_model.INPUT_NAME],
+            output_names=[exported_model.OUTPUT_NAME],
+            dynamic_shapes=dims,
+            optimize=True,
+            opset_version=18,  # onnxruntime 1.14 and later (QGIS plugins may ship an older one than ours)
+            verbose=False,
+        )
+    model = program.model_proto
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dims_proto = value.type.tensor_type.shape.dim
+        for index, name in ((0, "batch"), (2, "height"), (3, "width")):
+            dims_proto[index].dim_param = name  # the output's own names are sympy expressions of the input's
+    return model
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def validation_iou(state: dict[str, Any]) -> float | None:
+    """The validation farmland IoU of the checkpoint's own epoch (tuned-threshold IoU where tuned), if recorded."""
+    for row in state.get("history", []):
+        if row.get("epoch") == state.get("epoch"):
+            tuned, cut = row.get("val_tuned_farmland_iou", math.nan), row.get("val_threshold", math.nan)
+            value = tuned if math.isfinite(cut) and math.isfinite(tuned) else row.get("val_farmland_iou", math.nan)
+            return round(float(value), 4) if math.isfinite(value) else None
+    return None
+
+
+def model_metadata(
+    state: dict[str, Any], checkpoint: Path, window: int, overlap: int, resolution_cm: float | None
+) -> dict[str, Any]:
+    """The metadata of the exported model (values as Python objects; with_metadata encodes each as JSON)."""
+    config, threshold = state["config"], decision_threshold(state)
+    bands = int(config["in_channels"])
+    weights = state["model"]
+    metadata: dict[str, Any] = {
+        "model_type": "Segmentor",
+        "class_names": {str(k): v for k, v in exported_model.CLASS_NAMES.items()},
+        "tiles_size": window,
+        "tile_size": window,
+        "tiles_overlap": round(100 * overlap / window),
+        "seg_thresh": 0.5 if threshold is None else threshold,
+        "seg_small_segment": 0,  # no smoothing: predict.py applies none either
+        "standardization_mean": [0.0] * bands,  # identity: the checkpoint's normalisation is inside the graph
+        "standardization_std": [1.0] * bands,
+    }
+    if resolution_cm:
+        metadata["resolution"] = resolution_cm
+    mean, std = weights.get("band_mean"), weights.get("band_std")
+    metadata |= {
+        exported_model.FORMAT_KEY: exported_model.FORMAT_VERSION,
+        "farmland_input": "float32 N x C x H x W, each band scaled to 0..1 (8-bit / 255, 16-bit / 65535); "
+        "the per-band normalisation is inside the graph",
+        "farmland_output": "float32 N x 2 x H x W class probabilities (softmax): 0 background, 1 farmland",
+        "farmland_in_channels": bands,
+        "farmland_n_classes": int(config["n_classes"]),
+        "farmland_base_width": int(config["base_width"]),
+        "farmland_bands": str(config.get("bands", "")),
+        "farmland_pixel_size_m": float(config.get("pixel_size_m") or 0.0) or None,  # scenes are resampled to it
+        "farmland_band_mean": [0.0] * bands if mean is None else [round(float(v), 6) for v in mean],
+        "farmland_band_std": [1.0] * bands if std is None else [round(float(v), 6) for v in std],
+        "farmland_threshold": threshold,
+        "farmland_checkpoint": Path(checkpoint).name,
+        "farmland_checkpoint_sha256": file_digest(checkpoint),
+        "farmland_epoch": state.get("epoch"),
+        "farmland_val_farmland_iou": validation_iou(state),
+        "farmland_precision": "float32",
+    }
+    return metadata
+
+
+def with_metadata(model: onnx.ModelProto, metadata: dict[str, Any]) -> onnx.ModelProto:
+    """Replace the model's metadata: each value JSON-encoded, as Deepness reads it."""
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=json.dumps(value))
+    model.producer_name = "farmland-unet export_onnx.py"
+    model.doc_string = (
+        "Farmland U-Net. Input 'images': float32 N x C x H x W scaled to 0..1; output 'probabilities': "
+        "N x 2 x H x W (background, farmland). Normalisation and softmax are inside the graph."
+    )
+    return model
+
+
+def write_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write a model atomically (temporary file, then rename)."""
+    atomic_write_bytes(path, model.SerializeToString())
+
+
+def fixed_size_copy(model: onnx.ModelProto, side: int) -> onnx.ModelProto:
+    """The same graph with height and width fixed to ``side`` (the batch stays dynamic): Deepness takes its
+    tile size from the input's shape and cannot load a model whose height and width are names."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in (fixed.graph.input[0], fixed.graph.output[0]):
+        for index in (2, 3):
+            value.type.tensor_type.shape.dim[index].dim_value = side
+    metadata = {p.key: json.loads(p.value) for p in fixed.metadata_props}
+    return with_metadata(fixed, metadata | {"farmland_fixed_side": side})
+
+
+def comparison_tiles(in_channels: int, real: Sequence[np.ndarray], seed: int = 0) -> list[np.ndarray]:
+    """Batches (N, C, H, W) float32 to compare onnxruntime with PyTorch on: random noise at three sizes (one
+    too small to reflect-pad, which exported_model pads itself) and the real tiles given, one batch each."""
+    rng = np.random.default_rng(seed)
+    shapes = [(2, in_channels, 64, 64), (1, in_channels, 40, 72), (1, in_channels, 12, 30)]
+    return [rng.random(shape, dtype=np.float32) for shape in shapes] + [tile[None] for tile in real]
+
+
+def compare_with_torch(
+    segmenter: exported_model.OnnxSegmenter, state: dict[str, Any], batches: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    """onnxruntime's probabilities and masks against PyTorch's fp32 prediction path (predict.py with
+    ``--amp=off``) on the same batches.
+
+    Masks must agree wherever the farmland probability lies more than TOLERANCE from the decision cut; a pixel
+    within it may go either way on float rounding alone.
+
+    Raises:
+        DataError: a probability differs by TOLERANCE or more, or a mask differs away from the cut.
+    """
+    cpu = torch.device("cpu")
+    reference = inference_model(state, cpu, channels_last=False, amp=None)
+    threshold = decision_threshold(state)
+    cut = 0.5 if threshold is None else threshold
+    worst, differing, pixels = 0.0, 0, 0
+    for batch in batches:
+        images = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        expected = predict_probabilities(reference, images, cpu, channels_last=False)
+        found = predict_probabilities(segmenter, images, cpu, channels_last=False)
+        worst = max(worst, float((expected - found).abs().max()))
+        differ = classes_from_probabilities(expected, threshold) != classes_from_probabilities(found, threshold)
+        away = int((differ & ((expected[:, 1] - cut).abs() > TOLERANCE)).sum())
+        differing, pixels = differing + int(differ.sum()), pixels + differ.numel()
+        if worst >= TOLERANCE or away:
+            raise DataError(
+                f"{segmenter.path}: onnxruntime disagrees with PyTorch's fp32 prediction on a {tuple(batch.shape)} "
+                f"batch (largest probability difference {worst:.2g}, allowed {TOLERANCE:g}; {away} mask pixel(s) "
+                f"differ away from the cut); the export is wrong and was removed. Report it with the versions: "
+                f"torch {torch.__version__}, onnxruntime {exported_model.ort.__version__}"
+            )
+    return {"max_probability_difference": worst, "mask_pixels_differing": differing, "pixels": pixels}
+
+
+def read_tile(path: Path, in_channels: int, bands: str) -> np.ndarray:
+    """One image as the network takes it: (in_channels, H, W) float32 in [0, 1], bands selected.
+
+    Raises:
+        DataError: unreadable, or bands that do not fit.
+    """
+    return image_to_float(select_bands(read_image(path), parse_bands(bands), path), in_channels, path)
+
+
+def spread(items: Sequence[Any], count: int) -> list[Any]:
+    """Up to ``count`` items taken evenly across the sequence (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
+
+
+def sample_tiles(run_dir: Path, state: dict[str, Any], count: int = 4) -> list[np.ndarray]:
+    """Up to ``count`` real tiles to check the export on: from the run's test split, else its validation or
+    training split; generated demo tiles where the run has none (or none can be read)."""
+    config = state["config"]
+    for split in ("test", "val", "train"):
+        listed = Path(run_dir) / "splits" / f"{split}.txt"
+        if not listed.is_file():
+            continue
+        tiles = []
+        for image, _ in spread(read_pair_list(listed), count):
+            try:
+                tiles.append(read_tile(image, config["in_channels"], str(config.get("bands", ""))))
+            except DataError as err:
+                LOG.warning("%s (left out of the export check)", err)
+        if tiles:
+            return tiles
+    rng = np.random.default_rng(0)
+    bands = np.arange(config["in_channels"]) % 3  # demo tiles are RGB: repeated for other band counts
+    return [render_tile(rng, 64)[0][:, :, bands].transpose(2, 0, 1).astype(np.float32) / 255 for _ in range(count)]

@@ -1,0 +1,255 @@
+"""ONNX export (export_onnx.py) and prediction with onnxruntime (predict.py --backend=onnx): the graph against
+PyTorch's fp32 path, the metadata QGIS reads, the 8-bit copy's check, every output of predict.py, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import rasterio
+import torch
+from conftest import square_tile, write_pair
+from torch import nn
+
+import cli
+import demo_data
+import export_onnx
+import exported_model
+import onnx_build
+import onnx_quantize
+import predict
+from config import Config
+from data_preprocess import read_image, write_pair_list
+from files import DataError
+from inference import inference_model, predict_probabilities
+from net_structure import build_model, set_normalisation
+from runtime import save_checkpoint
+
+CPU = torch.device("cpu")
+THRESHOLD = 0.45  # a tuned threshold, as train.py stores it
+
+
+def tiny_state(seed: int = 0) -> dict:
+    """A width-4 network in this project's checkpoint format, with what the export must carry into the graph:
+    BatchNorm statistics to fold, a per-band normalisation, a tuned threshold, a history; its output layer is
+    rescaled so that its probabilities spread over (0, 1) on square tiles instead of sitting near 0.5."""
+    torch.manual_seed(seed)
+    model = build_model(3, 2, 4, 0.1)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.normal_(0, 0.1)
+                layer.running_var.uniform_(0.5, 1.5)
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.normal_(0, 0.1)
+        set_normalisation(model, [0.45, 0.4, 0.35], [0.25, 0.2, 0.3])
+        model.eval()
+        sample = np.stack([square_tile(np.random.default_rng(i), 64)[0] for i in range(4)]).transpose(0, 3, 1, 2)
+        logits = model(torch.from_numpy(sample.astype(np.float32) / 255))
+        margin = (logits[:, 1] - logits[:, 0]).flatten()
+        low, mid, high = margin.quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()
+        scale = 4 / (high - low)
+        model.outc.weight.mul_(scale)
+        model.outc.bias.mul_(scale)
+        model.outc.bias[1] -= mid * scale
+    history = [{"epoch": 3, "val_farmland_iou": 0.7, "val_threshold": THRESHOLD, "val_tuned_farmland_iou": 0.72}]
+    config = {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.1, "bands": ""}
+    return {"model": model.state_dict(), "config": config, "epoch": 3, "threshold": THRESHOLD, "history": history}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run with splits (8 tiles of 32x32) and a checkpoint, exported once with the 8-bit copy."""
+    root = tmp_path_factory.mktemp("onnx")
+    data, run_dir = root / "data", root / "run"
+    rng = np.random.default_rng(5)
+    pairs = [write_pair(data, f"t{i}", *square_tile(rng)) for i in range(8)]
+    write_pair_list(run_dir / "splits" / "train.txt", pairs[:5])
+    write_pair_list(run_dir / "splits" / "test.txt", pairs[5:])
+    state = tiny_state()
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
+    status = export_onnx.main([f"--run_dir={run_dir}", "--quantize=int8", "--window=64", "--overlap=16"])
+    report = json.loads((run_dir / "export" / "export_report.json").read_text(encoding="utf-8"))
+    return {"run_dir": run_dir, "data": data, "state": state, "status": status, "report": report}
+
+
+def test_onnxruntime_gives_pytorch_s_fp32_probabilities_on_tiles_of_two_sizes(exported: dict) -> None:
+    segmenter, state = exported_model.load_segmenter(exported["run_dir"] / "export" / "farmland.onnx")
+    reference = inference_model(exported["state"], CPU, channels_last=False, amp=None)
+    rng = np.random.default_rng(1)
+    for shape in ((3, 3, 32, 32), (1, 3, 48, 80)):
+        images = torch.from_numpy(rng.random(shape, dtype=np.float32))
+        expected = predict_probabilities(reference, images, CPU, channels_last=False)
+        found = predict_probabilities(segmenter, images, CPU, channels_last=False)
+        assert found.shape == expected.shape == (shape[0], 2, *shape[2:])
+        assert (found - expected).abs().max() < 1e-5
+        assert torch.allclose(found.sum(1), torch.ones(1))  # the softmax is in the graph, applied once
+    assert state["threshold"] == THRESHOLD and state["config"]["in_channels"] == 3
+    figures = exported["report"]["float32"]
+    assert figures["max_probability_difference"] < onnx_build.TOLERANCE and figures["pixels"] > 0
+
+
+class Drifting(nn.Module):
+    """A stand-in for an exported model whose probabilities drift from PyTorch's by ``shift``."""
+
+    returns_probabilities = True
+
+    def __init__(self, state: dict, shift: float) -> None:
+        super().__init__()
+        self.reference = inference_model(state, CPU, channels_last=False, amp=None)
+        self.shift, self.path = shift, Path("drifting.onnx")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probabilities = self.reference(x).float().softmax(1)
+        return probabilities + torch.tensor([-self.shift, self.shift])[None, :, None, None]
+
+
+def test_the_export_check_fails_loudly_when_onnxruntime_drifts() -> None:
+    state = tiny_state()
+    batches = onnx_build.comparison_tiles(3, [])
+    assert onnx_build.compare_with_torch(Drifting(state, 0.0), state, batches)["max_probability_difference"] == 0
+    with pytest.raises(DataError, match=r"drifting.onnx: onnxruntime disagrees .*largest probability difference 0.001"):
+        onnx_build.compare_with_torch(Drifting(state, 1e-3), state, batches)
+
+
+def test_metadata_round_trip_is_json_strings_that_deepness_reads(exported: dict) -> None:
+    model = onnx.load(str(exported["run_dir"] / "export" / "farmland.onnx"))
+    raw = {p.key: p.value for p in model.metadata_props}
+    assert all(isinstance(value, str) for value in raw.values())
+    meta = {key: json.loads(value) for key, value in raw.items()}
+    assert meta["model_type"] == "Segmentor"
+    assert meta["class_names"] == {"0": "background", "1": "farmland"}
+    assert meta["tiles_size"] == meta["tile_size"] == 64 and meta["tiles_overlap"] == 25
+    assert meta["seg_thresh"] == THRESHOLD and meta["seg_small_segment"] == 0
+    assert meta["standardization_mean"] == [0.0] * 3 and meta["standardization_std"] == [1.0] * 3
+    assert "resolution" not in meta  # PNG tiles: the pixel size is unknown, and left to the mapper
+    assert meta["farmland_band_mean"] == pytest.approx([0.45, 0.4, 0.35])
+    assert meta["farmland_base_width"] == 4 and meta["farmland_val_farmland_iou"] == 0.72
+    assert len(meta["farmland_checkpoint_sha256"]) == 64 and meta["farmland_precision"] == "float32"
+    dims = [
+        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*model.graph.input, *model.graph.output)
+    ]
+    assert dims == [["batch", 3, "height", "width"], ["batch", 2, "height", "width"]]
+    fixed = onnx.load(str(exported["run_dir"] / "export" / "farmland_qgis.onnx"))
+    assert [d.dim_param or d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 64, 64]
+
+
+def test_the_int8_copy_is_offered_only_with_its_test_scores(exported: dict) -> None:
+    int8, path = exported["report"]["int8"], exported["run_dir"] / "export" / "farmland_int8.onnx"
+    assert int8["checked"] and int8["tiles"] == 3
+    assert int8["offered"] == onnx_quantize.meets_bar(int8) == path.is_file() == (exported["status"] == 0)
+    bar = {"tiles": 3, "fp32_farmland_iou": 0.80, "int8_farmland_iou": 0.795, "mask_agreement": 0.995}
+    assert onnx_quantize.meets_bar(bar)
+    assert not onnx_quantize.meets_bar(bar | {"int8_farmland_iou": 0.785})
+    assert not onnx_quantize.meets_bar(bar | {"mask_agreement": 0.98})
+    assert onnx_quantize.meets_bar(bar | {"fp32_farmland_iou": float("nan"), "int8_farmland_iou": float("nan")})
+
+
+def test_an_int8_copy_is_kept_when_it_meets_the_bar_and_removed_when_not(
+    exported: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "farmland.onnx").write_bytes((exported["run_dir"] / "export" / "farmland.onnx").read_bytes())
+    cfg = Config(run_dir=str(exported["run_dir"]), calibration_tiles=2)
+    target = folder / "farmland_int8.onnx"
+    monkeypatch.setattr(onnx_quantize, "MIN_AGREEMENT", 0.5)
+    monkeypatch.setattr(onnx_quantize, "IOU_MARGIN", 1.0)
+    figures, status = export_onnx.export_int8(cfg, exported["state"], folder)
+    assert status == 0 and figures["offered"] and target.is_file()
+    int8, state = exported_model.load_segmenter(target)
+    fp32, _ = exported_model.load_segmenter(folder / "farmland.onnx")
+    images = torch.from_numpy(np.random.default_rng(2).random((1, 3, 32, 32), dtype=np.float32))
+    assert (int8(images) - fp32(images)).abs().mean() < 0.05 and state["threshold"] == THRESHOLD
+    assert json.loads({p.key: p.value for p in onnx.load(str(target)).metadata_props}["farmland_precision"]) == "int8"
+    monkeypatch.setattr(onnx_quantize, "MIN_AGREEMENT", 1.01)  # a bar no copy can meet
+    figures, status = export_onnx.export_int8(cfg, exported["state"], folder)
+    assert status == 1 and not figures["offered"] and not target.exists()
+
+
+def run_predict(run_dir: Path, source: Path, *extra: str) -> int:
+    return predict.main(
+        [f"--run_dir={run_dir}", f"--predict_input={source}", "--amp=off", "--num_workers=0", "--window=64"]
+        + ["--overlap=16", "--min_field_area_ha=0", *extra]
+    )
+
+
+def test_predict_with_onnx_writes_the_masks_of_the_pytorch_path(exported: dict, tmp_path: Path) -> None:
+    run_dir, images = exported["run_dir"], exported["data"] / "images"
+    model = run_dir / "export" / "farmland.onnx"
+    checkpoint = run_dir / "checkpoints" / "best.pth"
+    assert run_predict(tmp_path / "torch", images, f"--checkpoint={checkpoint}") == 0
+    assert run_predict(tmp_path / "onnx", images, "--backend=onnx", f"--onnx_model={model}") == 0
+    written = sorted(p.relative_to(tmp_path / "torch") for p in (tmp_path / "torch" / "predictions").rglob("*.png"))
+    assert len(written) == 16  # 8 masks and 8 overlays
+    for name in written:
+        assert np.array_equal(read_image(tmp_path / "torch" / name), read_image(tmp_path / "onnx" / name)), name
+
+
+def test_predict_with_onnx_maps_a_geotiff_scene_as_the_pytorch_path(exported: dict, tmp_path: Path) -> None:
+    source = tmp_path / "in" / "scene.tif"
+    demo_data.write_demo_scene(source, tiles=3, size=64)
+    model = exported["run_dir"] / "export" / "farmland.onnx"
+    checkpoint = exported["run_dir"] / "checkpoints" / "best.pth"
+    assert run_predict(tmp_path / "torch", source, f"--checkpoint={checkpoint}") == 0
+    assert run_predict(tmp_path / "onnx", source, "--backend=onnx", f"--onnx_model={model}") == 0
+    outputs = {}
+    for name in ("torch", "onnx"):
+        folder = tmp_path / name / "predictions"
+        with rasterio.open(folder / "scene_seg.tif") as mask, rasterio.open(folder / "scene_prob.tif") as prob:
+            outputs[name] = (mask.read(1), prob.read(1).astype(int), mask.crs, mask.transform)
+        with open(folder / "farmland_area.csv", encoding="utf-8") as handle:
+            outputs[name] += (list(csv.DictReader(handle)),)
+        assert (folder / "scene_fields.gpkg").is_file() and (folder / "overlays" / "scene_overlay.png").is_file()
+    (mask, prob, crs, transform, table), onnx_out = outputs["torch"], outputs["onnx"]
+    assert 0 < (mask == 1).mean() < 1 and np.array_equal(mask, onnx_out[0])
+    assert np.abs(prob - onnx_out[1]).max() <= 1 and (crs, transform) == onnx_out[2:4]
+    assert [{k: v for k, v in row.items() if k != "image"} for row in table] == [
+        {k: v for k, v in row.items() if k != "image"} for row in onnx_out[4]
+    ]
+
+
+def test_a_checkpoint_of_another_band_count_or_width_is_refused_naming_the_file(tmp_path: Path) -> None:
+    state = tiny_state()
+    for key, value in (("in_channels", 4), ("base_width", 8)):
+        path = tmp_path / f"{key}.pth"
+        save_checkpoint(path, {**state, "config": {**state["config"], key: value}})
+        with pytest.raises(DataError, match=f"{path.name}: its weights are of a 3-band network of width 4"):
+            export_onnx.main([f"--run_dir={tmp_path / 'run'}", f"--checkpoint={path}"])
+    junk = tmp_path / "notes.pth"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(DataError, match="notes.pth: not a loadable checkpoint"):
+        export_onnx.main([f"--run_dir={tmp_path / 'run'}", f"--checkpoint={junk}"])
+
+
+def test_bad_onnx_files_are_one_line_errors_naming_the_file(
+    exported: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    good = (exported["run_dir"] / "export" / "farmland.onnx").read_bytes()
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(good[: len(good) // 2])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "other",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])],
+    )
+    other = tmp_path / "other.onnx"
+    other.write_bytes(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]).SerializeToString()
+    )
+    cases = {corrupt: "not a loadable ONNX model", other: "no farmland metadata", tmp_path / "none.onnx": "not found"}
+    for path, problem in cases.items():
+        argv = [f"--run_dir={tmp_path / 'run'}", "--backend=onnx", f"--onnx_model={path}", "--num_workers=0"]
+        assert cli.run_main(lambda: predict.main(argv)) == 2
+        message = capsys.readouterr().err.strip()
+        assert message.count("\n") == 0 and str(path) in message and problem in message, message
+    with pytest.raises(ValueError, match="--backend='tf': expected torch or onnx"):
+        predict.main([f"--run_dir={tmp_path / 'run'}", "--backend=tf"])
+    with pytest.raises(ValueError, match="--quantize='int4': expected off or int8"):
+        export_onnx.main([f"--run_dir={tmp_path / 'run'}", "--quantize=int4"])
