@@ -21,7 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -83,78 +83,118 @@ def sieved_strips(
 
 
 @dataclass
+class Strip:
+    """One strip's farmland pieces with their 4-connected component labels, and the labels of its first and
+    last rows (0 = not farmland), by which pieces are linked across seams."""
+
+    top: int
+    bottom: int
+    pieces: list[tuple[int, shapely.Polygon]]
+    first_row: np.ndarray
+    last_row: np.ndarray
+
+
+def strip_pieces(rows: np.ndarray, top: int) -> Strip:
+    """Label the farmland of a strip of mask rows (4-connected) and trace each label's polygon in scene pixel
+    coordinates: one polygon per label, holes included."""
+    farmland = rows == FARMLAND
+    count, labels = cv2.connectedComponents(farmland.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    pieces: list[tuple[int, shapely.Polygon]] = []
+    if count > 1:
+        shapes = rasterio.features.shapes(labels, mask=farmland, connectivity=4, transform=Affine.translation(0, top))
+        pieces = [(int(value), shapely.geometry.shape(geometry)) for geometry, value in shapes]
+    return Strip(top, top + rows.shape[0], pieces, labels[0].copy(), labels[-1].copy())
+
+
+@dataclass
 class SeamJoiner:
-    """Joins the pieces of fields cut by strip seams; hands back every field once it is whole."""
+    """Joins the pieces of fields cut by strip seams and hands back every field once it is whole.
+
+    Pieces are linked by their labels where a farmland pixel of one strip's last row sits above one of the
+    next strip's first row (4-connectivity), with union-find over (strip, label) keys; no geometry is
+    compared. A field's pieces wait until no piece of it reaches the latest seam, then are unioned once.
+    """
 
     height: int
-    pending: list[shapely.Polygon] = field(default_factory=list)  # pieces reaching the last strip's bottom
+    parent: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    members: dict[tuple[int, int], list[shapely.Polygon]] = field(default_factory=dict)
+    previous: Strip | None = None
 
-    def add_strip(self, pieces: Sequence[shapely.Polygon], top: int, bottom: int) -> list[shapely.Polygon]:
-        """Take one strip's pieces (pixel coordinates); return the fields finished by it."""
-        finished, waiting, continuing = [], [], []
-        for piece in pieces:
-            _, low, _, high = piece.bounds
-            if top > 0 and low <= top:
-                continuing.append(piece)
-            elif bottom < self.height and high >= bottom:
-                waiting.append(piece)
+    def find(self, key: tuple[int, int]) -> tuple[int, int]:
+        """The root key of a piece's field (path halving)."""
+        while self.parent.get(key, key) != key:
+            self.parent[key] = self.parent.get(self.parent[key], self.parent[key])
+            key = self.parent[key]
+        return key
+
+    def link(self, a: tuple[int, int], b: tuple[int, int]) -> None:
+        """Put two pieces in one field; the smaller member list moves into the larger."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if len(self.members.get(ra, ())) < len(self.members.get(rb, ())):
+            ra, rb = rb, ra
+        self.members.setdefault(ra, []).extend(self.members.pop(rb, []))
+        self.parent[rb] = ra
+
+    def add_strip(self, strip: Strip) -> list[shapely.Polygon]:
+        """Take one strip; return the fields it finishes."""
+        linked = set()
+        if self.previous is not None:
+            above, below = self.previous.last_row, strip.first_row
+            touching = (above > 0) & (below > 0)
+            for a, b in set(zip(above[touching].tolist(), below[touching].tolist())):
+                self.link((self.previous.top, a), (strip.top, b))
+                linked.add(b)
+        reaching = set(strip.last_row[strip.last_row > 0].tolist()) if strip.bottom < self.height else set()
+        finished: list[shapely.Polygon] = []
+        for label, piece in strip.pieces:
+            if label in linked or label in reaching:
+                self.members.setdefault(self.find((strip.top, label)), []).append(piece)
             else:
-                finished.append(piece)
-        for whole in self.join(continuing):
-            reaches_bottom = bottom < self.height and whole.bounds[3] >= bottom
-            (waiting if reaches_bottom else finished).append(whole)
-        self.pending = waiting
+                finished.append(piece)  # whole within this strip
+        still_open = {self.find((strip.top, label)) for label in reaching}
+        for root in [r for r in self.members if r not in still_open]:
+            finished += whole_fields(self.members.pop(root))
+        self.previous = strip
         return finished
-
-    def join(self, continuing: list[shapely.Polygon]) -> list[shapely.Polygon]:
-        """The pending pieces joined with the pieces that continue them, as separate polygons."""
-        pieces = self.pending + continuing
-        if not pieces:
-            return []
-        tree = shapely.STRtree(pieces)
-        left, right = tree.query(pieces, predicate="intersects")
-        groups = connected_groups(len(pieces), left, right)
-        joined: list[shapely.Polygon] = []
-        for members in groups:
-            union = pieces[members[0]] if len(members) == 1 else shapely.union_all([pieces[i] for i in members])
-            joined += list(getattr(union, "geoms", [union]))  # pieces touching at a corner stay apart
-        return joined
 
     def close(self) -> list[shapely.Polygon]:
         """The fields still waiting at the end (none when the last strip reached the scene's bottom)."""
-        rest, self.pending = self.pending, []
+        rest = [piece for root in list(self.members) for piece in whole_fields(self.members.pop(root))]
+        self.parent.clear()
         return rest
 
 
-def connected_groups(n: int, left: np.ndarray, right: np.ndarray) -> list[list[int]]:
-    """The connected groups of n items linked by the pairs (left[i], right[i]) (union-find)."""
-    parent = list(range(n))
+def whole_fields(pieces: list[shapely.Polygon]) -> list[shapely.Polygon]:
+    """The pieces of one field joined, split where they meet at a corner only (4-connectivity).
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in zip(left.tolist(), right.tolist()):
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[ra] = rb
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    return list(groups.values())
+    A piece's holes lie inside its strip (a gap open to the strip's edge is no hole), so no other piece can
+    touch them: only the outer rings are unioned, and the holes are put back into the part that holds them.
+    A field whose holes hold most of its outline (a farmland region around many parcels of background)
+    is then joined at the cost of its outer ring alone.
+    """
+    if len(pieces) == 1:
+        return pieces
+    union = shapely.union_all([shapely.Polygon(piece.exterior) for piece in pieces])
+    parts = list(getattr(union, "geoms", [union]))
+    holes = [ring for piece in pieces for ring in piece.interiors]
+    if not holes:
+        return parts
+    owner = np.zeros(len(holes), np.int64)
+    if len(parts) > 1:
+        inside = shapely.point_on_surface(shapely.polygons(holes))
+        for index, part in enumerate(parts):
+            owner[shapely.contains(part, inside)] = index
+    return [
+        shapely.Polygon(part.exterior, [*part.interiors, *(holes[j] for j in np.flatnonzero(owner == index))])
+        for index, part in enumerate(parts)
+    ]
 
 
 def mask_pieces(rows: np.ndarray, top: int) -> list[shapely.Polygon]:
     """The farmland polygons of a strip of mask rows in scene pixel coordinates."""
-    farmland = rows == FARMLAND
-    if not farmland.any():
-        return []
-    shapes = rasterio.features.shapes(
-        farmland.view(np.uint8), mask=farmland, connectivity=4, transform=Affine.translation(0, top)
-    )
-    return [shapely.geometry.shape(geometry) for geometry, _ in shapes]
+    return [piece for _, piece in strip_pieces(rows, top).pieces]
 
 
 def mask_fields(mask_path: Path, min_pixels: int, sieved_path: Path | None = None) -> Iterator[shapely.Polygon]:
@@ -171,7 +211,7 @@ def mask_fields(mask_path: Path, min_pixels: int, sieved_path: Path | None = Non
             for top, rows in sieved_strips(src, min_pixels):
                 if sieved is not None:
                     sieved.write(rows, 1, window=Window(0, top, src.width, rows.shape[0]))
-                yield from joiner.add_strip(mask_pieces(rows, top), top, top + rows.shape[0])
+                yield from joiner.add_strip(strip_pieces(rows, top))
             yield from joiner.close()
         finally:
             if sieved is not None:
