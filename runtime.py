@@ -4,6 +4,7 @@ setting, checkpoint files, usable cores and free memory, and a description of th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -14,7 +15,7 @@ import io
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -52,6 +53,20 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's starting mmap and trim thresholds
+MEMORY_SETTING = {"kept": False}  # whether keep_freed_memory is in force in this process
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt and malloc_trim are there); None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both must exist)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse rather than hand large blocks back to the system at once.
 
@@ -60,15 +75,36 @@ def keep_freed_memory() -> bool:
     prediction time. With both thresholds raised, freed activations are reused from the heap. Returns
     whether the setting took (False off glibc, e.g. on macOS or Windows, where nothing changes).
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
     # Blocks up to 1 GiB come from the heap (larger ones are still mapped), and the heap is not trimmed.
-    mapped = mallopt(M_MMAP_THRESHOLD, 2**30)
-    trimmed = mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # set even where the first one was refused
-    return bool(mapped) and bool(trimmed)
+    mapped = libc.mallopt(M_MMAP_THRESHOLD, 2**30)
+    trimmed = libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # set even where the first one was refused
+    MEMORY_SETTING["kept"] = bool(mapped) and bool(trimmed)
+    return MEMORY_SETTING["kept"]
+
+
+@contextlib.contextmanager
+def handing_back_freed_memory() -> Iterator[None]:
+    """Within the block, glibc hands freed memory back as it does by default, starting with the heap the
+    network's passes left (malloc_trim): work of many objects of all sizes after prediction (field polygons)
+    then does not add its memory on top of the kept heap. keep_freed_memory is restored after, if it was on.
+    """
+    libc = glibc()
+    kept = MEMORY_SETTING["kept"]
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
+        MEMORY_SETTING["kept"] = False
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+            if kept:
+                keep_freed_memory()
 
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:

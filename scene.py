@@ -63,6 +63,7 @@ from inference import (
     overlay_image,
     predict_probabilities,
 )
+from runtime import handing_back_freed_memory
 
 LOG = logging.getLogger("scene")
 RASTER_SUFFIXES = (".tif", ".tiff")
@@ -839,10 +840,11 @@ def run_scene(
         else:
             counts = predict_resampled(model, scene, ratio, state, device, settings, outputs)
         fields = None
-        if settings.polygons:
-            fields = write_fields(scene, settings, outputs)
-        if settings.overlay:
-            write_overlay(scene, outputs["mask"], outputs["overlay"])
+        with handing_back_freed_memory():  # peak memory: the polygons' or the prediction's, not both
+            if settings.polygons:
+                fields = write_fields(scene, settings, outputs)
+            if settings.overlay:
+                write_overlay(scene, outputs["mask"], outputs["overlay"])
     row = area_row(scene, counts, fields, outputs["mask"])
     files.atomic_write_text(outputs["area"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
     LOG.info(

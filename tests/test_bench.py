@@ -32,15 +32,30 @@ CPU = torch.device("cpu")
 FAULTS = """
 import resource, sys, torch
 import data_preprocess  # what every script imports first: the heap then starts as in a real run
-from runtime import keep_freed_memory
-if sys.argv[1] == "reuse":
+from runtime import handing_back_freed_memory, keep_freed_memory
+def passes():
+    faults = []
+    for _ in range(16):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(2**26, dtype=torch.uint8).fill_(1)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(faults[8:])
+if sys.argv[1] in ("reuse", "hand_back"):
     assert keep_freed_memory()
-faults = []
-for _ in range(16):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(2**26, dtype=torch.uint8).fill_(1)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[8:]))
+if sys.argv[1] == "hand_back":
+    def resident():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    block = torch.empty(2**28, dtype=torch.uint8).fill_(1)  # 256 MiB from the heap
+    pin = torch.empty(2**20, dtype=torch.uint8).fill_(1)  # a later block: the first is not the heap's top
+    del block
+    kept = resident()
+    with handing_back_freed_memory():
+        handed = resident()
+    print(kept - handed, passes())  # bytes handed back on entry; after the block memory is kept again
+else:
+    print(passes())
 """
 
 
@@ -313,8 +328,21 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys: pytest.CaptureF
 
 def late_pass_faults(mode: str) -> int:
     """Page faults of a late 64 MiB allocation in a fresh process, with or without keep_freed_memory."""
+    return pass_faults(mode)[-1]
+
+
+def pass_faults(mode: str) -> list[int]:
+    """The fewest page faults of late 64 MiB allocations in a fresh process, as the FAULTS script prints them."""
     done = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1])
+    return [int(v) for v in done.stdout.split()]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+def test_freed_memory_is_handed_back_for_the_polygons_and_kept_again_after() -> None:
+    pages = 2**26 // 4096
+    handed_back, after = pass_faults("hand_back")
+    assert handed_back > 200 * 2**20  # most of the 256 MiB freed inside the heap left the process
+    assert after < pages // 10
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
