@@ -21,7 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 import cv2
 import numpy as np
@@ -38,6 +38,7 @@ FARMLAND = 1
 STRIP = 1024  # mask rows sieved and vectorised at a time
 SIEVE_HALO_CAP = 2048  # most rows read above and below a strip for the sieve
 BATCH = 4096  # polygons written to the vector files at a time
+LARGE = 100_000  # coordinates of a polygon written on its own, its GeoJSON a block at a time
 
 
 def small_pieces(binary: np.ndarray, min_pixels: int, cut_top: bool, cut_bottom: bool) -> np.ndarray:
@@ -117,7 +118,7 @@ class SeamJoiner:
 
     height: int
     parent: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
-    members: dict[tuple[int, int], list[shapely.Polygon]] = field(default_factory=dict)
+    members: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)  # pieces as WKB
     previous: Strip | None = None
 
     def find(self, key: tuple[int, int]) -> tuple[int, int]:
@@ -150,7 +151,8 @@ class SeamJoiner:
         finished: list[shapely.Polygon] = []
         for label, piece in strip.pieces:
             if label in linked or label in reaching:
-                self.members.setdefault(self.find((strip.top, label)), []).append(piece)
+                # Waiting pieces are kept as WKB: a field spanning the scene may wait for all its strips.
+                self.members.setdefault(self.find((strip.top, label)), []).append(shapely.to_wkb(piece))
             else:
                 finished.append(piece)  # whole within this strip
         still_open = {self.find((strip.top, label)) for label in reaching}
@@ -166,7 +168,7 @@ class SeamJoiner:
         return rest
 
 
-def whole_fields(pieces: list[shapely.Polygon]) -> list[shapely.Polygon]:
+def whole_fields(waiting: list[bytes]) -> list[shapely.Polygon]:
     """The pieces of one field joined, split where they meet at a corner only (4-connectivity).
 
     A piece's holes lie inside its strip (a gap open to the strip's edge is no hole), so no other piece can
@@ -174,11 +176,17 @@ def whole_fields(pieces: list[shapely.Polygon]) -> list[shapely.Polygon]:
     A field whose holes hold most of its outline (a farmland region around many parcels of background)
     is then joined at the cost of its outer ring alone.
     """
-    if len(pieces) == 1:
-        return pieces
-    union = shapely.union_all([shapely.Polygon(piece.exterior) for piece in pieces])
+    if len(waiting) == 1:
+        return [shapely.from_wkb(waiting.pop())]
+    shells, holes = [], []
+    while waiting:  # each piece parsed, taken apart and dropped: the field is held once, in its rings
+        piece = shapely.from_wkb(waiting.pop())
+        shells.append(shapely.Polygon(piece.exterior))
+        holes += piece.interiors
+        del piece
+    union = shapely.union_all(shells)
+    del shells
     parts = list(getattr(union, "geoms", [union]))
-    holes = [ring for piece in pieces for ring in piece.interiors]
     if not holes:
         return parts
     owner = np.zeros(len(holes), np.int64)
@@ -197,6 +205,14 @@ def mask_pieces(rows: np.ndarray, top: int) -> list[shapely.Polygon]:
     return [piece for _, piece in strip_pieces(rows, top).pieces]
 
 
+def handed_out(fields: list[shapely.Polygon]) -> Iterator[shapely.Polygon]:
+    """Yield the fields in order, each dropped from the list as it goes: a large field is not kept here
+    while the caller turns it into another copy."""
+    fields.reverse()
+    while fields:
+        yield fields.pop()
+
+
 def mask_fields(mask_path: Path, min_pixels: int, sieved_path: Path | None = None) -> Iterator[shapely.Polygon]:
     """Every field of a mask GeoTIFF, in pixel coordinates, after the minimum mapping unit; each as soon as
     it is whole. With ``sieved_path`` the sieved mask is written there too (same grid and profile)."""
@@ -211,8 +227,8 @@ def mask_fields(mask_path: Path, min_pixels: int, sieved_path: Path | None = Non
             for top, rows in sieved_strips(src, min_pixels):
                 if sieved is not None:
                     sieved.write(rows, 1, window=Window(0, top, src.width, rows.shape[0]))
-                yield from joiner.add_strip(strip_pieces(rows, top))
-            yield from joiner.close()
+                yield from handed_out(joiner.add_strip(strip_pieces(rows, top)))
+            yield from handed_out(joiner.close())
         finally:
             if sieved is not None:
                 sieved.close()
@@ -256,8 +272,8 @@ class PolygonWriter:
         self.geometries.append(geometry)
         for name in self.columns:
             self.values[name].append(values[name])
-        if len(self.geometries) >= BATCH:
-            self.flush()
+        if len(self.geometries) >= BATCH or shapely.get_num_coordinates(geometry) > LARGE:
+            self.flush()  # a very large field goes out at once rather than wait in memory
 
     def flush(self) -> None:
         """Write the queued polygons to both files."""
@@ -298,13 +314,15 @@ class PolygonWriter:
         self.gpkg_started = True
 
     def write_geojson(self) -> None:
-        shapes = shapely.to_geojson(np.array(self.geometries, dtype=object)) if self.geometries else []
-        for i, shape in enumerate(shapes):
+        for i, geometry in enumerate(self.geometries):
             properties = {name: clean(self.values[name][i]) for name in self.columns}
             separator = ",\n" if self.count + i else ""
-            self.geojson.write(
-                f'{separator}{{"type": "Feature", "properties": {json.dumps(properties)}, "geometry": {shape}}}'
-            )
+            self.geojson.write(f'{separator}{{"type": "Feature", "properties": {json.dumps(properties)}, "geometry": ')
+            if shapely.get_num_coordinates(geometry) > LARGE:
+                write_large_polygon(self.geojson, geometry)
+            else:
+                self.geojson.write(shapely.to_geojson(geometry))
+            self.geojson.write("}")
 
     def close(self) -> int:
         """Write what is queued, finish both files and move them into place; return the polygon count."""
@@ -329,6 +347,20 @@ class PolygonWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is not None:
             self.abandon()
+
+
+def write_large_polygon(handle: TextIO, polygon: shapely.Polygon) -> None:
+    """Write a polygon's GeoJSON geometry a block of coordinates at a time: a field of tens of millions of
+    points never becomes one string of hundreds of megabytes."""
+    handle.write('{"type": "Polygon", "coordinates": [')
+    for index, ring in enumerate([polygon.exterior, *polygon.interiors]):
+        coordinates = shapely.get_coordinates(ring)
+        handle.write(",[" if index else "[")
+        for start in range(0, len(coordinates), LARGE):
+            block = coordinates[start : start + LARGE].tolist()
+            handle.write(("," if start else "") + ",".join(f"[{x!r},{y!r}]" for x, y in block))
+        handle.write("]")
+    handle.write("]}")
 
 
 def clean(value: object) -> object:

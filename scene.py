@@ -678,11 +678,13 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
                 area_ha = None if pixel_m2 is None else polygon.area * pixel_m2 / 1e4
                 if area_ha is not None and area_ha < settings.min_field_area_ha:
                     continue
+                pixels = int(round(polygon.area))
                 shape = shapely.affinity.affine_transform(polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
+                polygon = None  # a field can be very large: one copy in memory at a time
                 if settings.simplify_tolerance > 0:
                     shape = shape.simplify(settings.simplify_tolerance, preserve_topology=True)
                 kept += 1
-                writer.add(shape, field_id=kept, area_ha=area_ha, pixels=int(round(polygon.area)))
+                writer.add(shape, field_id=kept, area_ha=area_ha, pixels=pixels)
             written = writer.close()
         if sieved is not None:
             add_overviews(sieved, Resampling.nearest)

@@ -145,3 +145,18 @@ def test_overviews_and_style(tmp_path: Path) -> None:
     scene.write_mask_style(style)
     text = style.read_text()
     assert 'type="paletted"' in text and 'value="1" color="#ffdc00"' in text
+
+
+def test_a_large_field_is_written_a_block_of_coordinates_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(polygons, "LARGE", 3)  # every ring is "large" and written in blocks of 3 points
+    field = shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)], [[(2, 2), (4, 2), (4, 4), (2, 4)]])
+    paths = {"geojson": tmp_path / "f.geojson", "gpkg": tmp_path / "f.gpkg"}
+    with polygons.PolygonWriter(paths, {"field_id": int}, UTM) as writer:
+        writer.add(shapely.box(20, 0, 21, 1), field_id=1)
+        writer.add(field, field_id=2)
+        writer.close()
+    for path in paths.values():
+        _, _, geometry, (ids,) = pyogrio.raw.read(path)
+        assert ids.tolist() == [1, 2] and shapely.equals(shapely.from_wkb(geometry[1]), field)
