@@ -1,0 +1,383 @@
+"""Farmland change between two dates (耕地变化监测): where farmland was lost or gained, and how many hectares.
+
+    python change.py --before=SCENE_2019.tif --after=SCENE_2024.tif --run_dir=RUN
+    python change.py --before=scenes_2019 --after=scenes_2024 --run_dir=RUN    # folders, paired by file name
+
+Both dates are predicted with the run's checkpoint (run_dir/checkpoints/best.pth, or ``--checkpoint``) window
+by window, as predict.py predicts scenes (scene.py), into farmland probability GeoTIFFs; the after date is
+resampled onto the before scene's grid where the two differ (CRS, pixel size, extent), and the two
+probabilities become a change map: 0 stable background, 1 stable farmland, 2 farmland lost, 3 farmland gained,
+255 nodata. A pixel changes only where both dates are confident (``change_margin``), away from the other
+date's field edges when ``change_edge_tolerance`` is set, in a patch of at least the minimum mapping unit
+(``min_field_area_ha``, or ``min_field_pixels`` without a projected CRS). See docs/change.md.
+
+Outputs under run_dir/change/, per pair (``<pair>`` is the common file stem, or ``<before>_to_<after>``):
+``<pair>_change.tif`` (with a colour table, overviews and a QGIS style ``.qml``), the lost and gained patches
+as ``<pair>_change.gpkg`` and ``.geojson`` (``change``, ``area_ha``, ``prob_before``, ``prob_after``), the
+hectares in ``<pair>_change.json`` and, for the run, ``change_area.csv``, and a figure ``<pair>_change.png``;
+each date's mask and probability in dates/. A pair whose outputs are newer than the checkpoint and were
+made with the same settings is skipped. Bad pairs are reported and the others go on (exit status 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import rasterio
+import torch
+
+import change_detection
+import cli
+import files
+import polygons
+import scene
+from config import Config
+from data_preprocess import is_image_file
+from files import DataError
+from inference import decision_threshold, inference_model
+from runtime import keep_freed_memory, load_checkpoint, resolve_amp, select_device
+
+LOG = logging.getLogger("change")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Two dates of one place: the name its outputs take, and the two image files."""
+
+    name: str
+    before: Path
+    after: Path
+
+
+@dataclasses.dataclass
+class ChangeJob:
+    """What every pair of a run shares: the network, its checkpoint and the settings."""
+
+    model: torch.nn.Module
+    state: dict
+    device: torch.device
+    checkpoint: Path
+    settings: scene.SceneSettings
+    rule: change_detection.ChangeRule
+    cfg: Config
+    truth: Path | None = None
+
+    @property
+    def record(self) -> dict:
+        """The settings a pair's outputs depend on, kept in its JSON: a re-run with others redoes the pair."""
+        keys = ("change_margin", "change_edge_tolerance", "min_field_area_ha", "min_field_pixels", "simplify_tolerance")
+        return {
+            "checkpoint": str(self.checkpoint),
+            "threshold": self.rule.threshold,
+            "bands": list(self.settings.bands),
+            **{key: getattr(self.cfg, key) for key in keys},
+            "change_truth": str(self.truth or ""),
+        }
+
+
+# --- pairs and where their outputs go ----------------------------------------------------------------
+
+
+def pair_name(before: Path, after: Path) -> str:
+    """The common file stem, or ``<before stem>_to_<after stem>``."""
+    return before.stem if before.stem == after.stem else f"{before.stem}_to_{after.stem}"
+
+
+def images_by_stem(folder: Path) -> dict[str, list[Path]]:
+    """The images of a folder (not its sub-folders), by file stem."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and is_image_file(path):
+            found.setdefault(path.stem, []).append(path)
+    return found
+
+
+def list_pairs(cfg: Config) -> tuple[list[Pair], list[str]]:
+    """The pairs to compare, and a problem line for every file that has no partner or a namesake.
+
+    Raises:
+        ValueError: --before or --after missing, or a file given with a folder.
+        DataError: an input that does not exist, or two folders without a single pair.
+    """
+    if not cfg.before or not cfg.after:
+        raise ValueError("change.py needs --before and --after: two scenes, or two folders of scenes or tiles")
+    before, after = Path(cfg.before), Path(cfg.after)
+    for key, path in (("before", before), ("after", after)):
+        if not path.exists():
+            raise DataError(f"--{key}={path}: no such file or folder")
+    if before.is_file() and after.is_file():
+        return [Pair(pair_name(before, after), before, after)], []
+    if not (before.is_dir() and after.is_dir()):
+        raise ValueError(f"--before={before} and --after={after}: expected two files or two folders, not one of each")
+    first, second = images_by_stem(before), images_by_stem(after)
+    pairs, problems = [], []
+    for stem in sorted(set(first) | set(second)):
+        found = {before: first.get(stem, []), after: second.get(stem, [])}
+        for folder, paths in found.items():
+            if len(paths) > 1:
+                problems.append(f"{', '.join(map(str, paths))}: one name twice in {folder}; rename one of them")
+        lonely = [folder for folder, paths in found.items() if not paths]
+        if lonely:
+            other = after if lonely[0] == before else before
+            problems.append(
+                f"{found[other][0]}: no image named {stem}.* in {lonely[0]}; the dates are paired by file name"
+            )
+        elif all(len(paths) == 1 for paths in found.values()):
+            pairs.append(Pair(stem, found[before][0], found[after][0]))
+    if not pairs:
+        raise DataError(f"--before={before} and --after={after}: no image has a namesake in the other folder")
+    return pairs, problems
+
+
+def date_outputs(run_dir: Path, name: str, date: str) -> dict[str, Path]:
+    """Where one date's mask, style, probability and area go (run_dir/change/dates)."""
+    folder, stem = Path(run_dir) / "change" / "dates", f"{name}_{date}"
+    return {
+        "mask": folder / f"{stem}_seg.tif",
+        "style": folder / f"{stem}_seg.qml",
+        "probability": folder / f"{stem}_prob.tif",
+        "area": folder / f"{stem}_area.json",
+    }
+
+
+def pair_outputs(run_dir: Path, name: str) -> dict[str, Path]:
+    """Where a pair's change outputs go (run_dir/change)."""
+    base = Path(run_dir) / "change" / f"{name}_change"
+    kinds = {"change": ".tif", "style": ".qml", "gpkg": ".gpkg", "geojson": ".geojson", "figure": ".png"}
+    return {kind: base.with_name(base.name + suffix) for kind, suffix in kinds.items()} | {
+        "json": base.with_name(base.name + ".json")  # written last: its presence marks a finished pair
+    }
+
+
+def is_done(pair: Pair, job: ChangeJob) -> bool:
+    """Whether an earlier run wrote every output of the pair after the checkpoint, with the same settings."""
+    outputs = pair_outputs(Path(job.cfg.run_dir), pair.name)
+    made = job.checkpoint.stat().st_mtime
+    if not all(p.is_file() and p.stat().st_mtime >= made for p in outputs.values()):
+        return False
+    try:
+        return json.loads(outputs["json"].read_text(encoding="utf-8")).get("settings") == job.record
+    except (OSError, ValueError):
+        return False
+
+
+# --- one pair -------------------------------------------------------------------------------------------
+
+
+def band_count(path: Path) -> int:
+    """The bands in an image file (DataError when it cannot be read)."""
+    opened = scene.RasterScene(path) if path.suffix.lower() in scene.RASTER_SUFFIXES else scene.ImageScene(path)
+    with opened:
+        return opened.count
+
+
+@contextlib.contextmanager
+def open_pair(pair: Pair, bands: Sequence[int], in_channels: int) -> Iterator[tuple[scene.Scene, scene.Scene, bool]]:
+    """Both scenes of a pair, opened and checked, and whether the after one lies on the before one's grid.
+
+    Raises:
+        DataError: an unreadable file, band counts that differ between the dates or do not fit the network,
+            scenes without a common grid (one without a CRS) or without overlap.
+    """
+    counts = band_count(pair.before), band_count(pair.after)
+    if counts[0] != counts[1]:
+        raise DataError(
+            f"{pair.before} (before) has {counts[0]} band(s), {pair.after} (after) has {counts[1]}; expected the "
+            "same bands at both dates: export both with the same bands in the same order"
+        )
+    with (
+        scene.open_scene(pair.before, bands, in_channels) as before,
+        scene.open_scene(pair.after, bands, in_channels) as after,
+    ):
+        yield before, after, change_detection.check_grids(before, after)
+
+
+def fit_window(settings: scene.SceneSettings, image: scene.Scene) -> scene.SceneSettings:
+    """The scene settings for one image: a tile no larger than one window is predicted in a single window of
+    its own size (rounded up to 16), not padded to a full window."""
+    side = max(image.height, image.width)
+    if side > settings.window:
+        return settings
+    return dataclasses.replace(settings, window=max(32, -(-side // 16) * 16), overlap=0)
+
+
+def predict_dates(pair: Pair, before: scene.Scene, after: scene.Scene, job: ChangeJob) -> dict[str, Path]:
+    """Predict both dates (unless this checkpoint already did); return their probability GeoTIFFs by date."""
+    probabilities = {}
+    for date, image in (("before", before), ("after", after)):
+        outputs = date_outputs(Path(job.cfg.run_dir), pair.name, date)
+        settings = fit_window(job.settings, image)
+        if job.cfg.skip_existing and scene.is_finished(outputs, settings, job.checkpoint):
+            LOG.info("%s: the %s date's probability is already there from this checkpoint", pair.name, date)
+        else:
+            scene.run_scene(job.model, image, job.state, job.device, settings, outputs)
+        probabilities[date] = outputs["probability"]
+    return probabilities
+
+
+def detect_change(
+    pair: Pair, before: scene.Scene, after: scene.Scene, aligned: bool, probabilities: dict[str, Path], job: ChangeJob
+) -> dict:
+    """The change map, its polygons, table row, score and figure of one predicted pair; return the row."""
+    outputs = pair_outputs(Path(job.cfg.run_dir), pair.name)
+    pixel_m2 = scene.pixel_area_m2(before.crs, before.transform)
+    min_pixels = polygons.min_pixels_for(job.cfg.min_field_area_ha, pixel_m2, job.cfg.min_field_pixels)
+    if pixel_m2 is None and job.cfg.min_field_area_ha > 0 and not job.cfg.min_field_pixels:
+        LOG.warning("%s: no projected CRS, so min_field_area_ha cannot apply; set --min_field_pixels", pair.before)
+    rule = dataclasses.replace(job.rule, min_pixels=min_pixels)
+    with rasterio.Env(GDAL_CACHEMAX=scene.GDAL_CACHE_MB):
+        counts = change_detection.write_change_map(
+            probabilities["before"], probabilities["after"], aligned, rule, outputs["change"]
+        )
+        patches = change_detection.write_change_polygons(
+            outputs["change"],
+            probabilities["before"],
+            probabilities["after"],
+            aligned,
+            {k: outputs[k] for k in ("gpkg", "geojson")},
+            min_pixels,
+            job.cfg.simplify_tolerance,
+        )
+        grid = change_detection.grid_of(before)
+        row = change_detection.change_row(
+            pair.name, pair.before, pair.after, grid, aligned, counts, patches, outputs["change"]
+        )
+        if job.truth is not None:
+            row["accuracy"] = change_detection.score_change(outputs["change"], job.truth)
+        change_detection.write_change_figure(before, after, aligned, outputs["change"], outputs["figure"])
+    row["settings"] = job.record
+    files.atomic_write_text(outputs["json"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
+    return row
+
+
+def run_pair(pair: Pair, job: ChangeJob) -> dict:
+    """Predict both dates of a pair and write its change outputs; return its table row."""
+    in_channels = job.state["config"]["in_channels"]
+    with open_pair(pair, job.settings.bands, in_channels) as (before, after, aligned):
+        probabilities = predict_dates(pair, before, after, job)
+        row = detect_change(pair, before, after, aligned, probabilities, job)
+    unit = "ha" if row["lost_ha"] is not None else "pixels"
+    amounts = [row[f"{k}_ha"] if unit == "ha" else row[f"{k}_pixels"] for k in ("lost", "gained")]
+    LOG.info(
+        "%s: farmland lost %s %s in %d patch(es), gained %s %s in %d patch(es)%s",
+        pair.name,
+        amounts[0],
+        unit,
+        row["lost_patches"],
+        amounts[1],
+        unit,
+        row["gained_patches"],
+        ""
+        if "accuracy" not in row
+        else f"; against the truth: lost IoU {row['accuracy']['lost_iou']}, gained IoU {row['accuracy']['gained_iou']}",
+    )
+    return row
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+
+def check_pairs(pairs: Sequence[Pair], job: ChangeJob) -> tuple[list[Pair], int]:
+    """Open and check every pair before the first is predicted; return the good ones and the count of bad."""
+    ready, failures = [], 0
+    for pair in pairs:
+        try:
+            with open_pair(pair, job.settings.bands, job.state["config"]["in_channels"]):
+                ready.append(pair)
+        except DataError as err:
+            LOG.error("%s", err)
+            failures += 1
+    return ready, failures
+
+
+def make_job(cfg: Config) -> ChangeJob:
+    """Load the checkpoint, build the network and read the change settings.
+
+    Raises:
+        ValueError: a setting that cannot work; DataError: the checkpoint or the truth cannot be used.
+    """
+    if cfg.backend != "torch":
+        raise ValueError(f"--backend={cfg.backend}: change.py predicts with the checkpoint in PyTorch; drop --backend")
+    device = select_device(cfg.device)
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.run_dir) / "checkpoints" / "best.pth"
+    state = load_checkpoint(checkpoint, device)
+    if not cfg.bands:
+        cfg.bands = str(state["config"].get("bands", ""))  # the bands the network was trained on
+    threshold = decision_threshold(state)
+    rule = change_detection.ChangeRule(
+        0.5 if threshold is None else threshold, cfg.change_margin, cfg.change_edge_tolerance
+    )
+    rule.check()
+    truth = Path(cfg.change_truth) if cfg.change_truth else None
+    if truth is not None and not truth.is_file():
+        raise DataError(f"--change_truth={truth}: no such file; give the true change map (codes 0-3) of the pair")
+    if cfg.reuse_memory:
+        keep_freed_memory()
+    model = inference_model(state, device, cfg.channels_last, resolve_amp(cfg.amp, device))
+    settings = dataclasses.replace(
+        scene.SceneSettings.from_config(cfg),
+        save_probability=True,
+        polygons=False,
+        overlay=False,
+        save_sieved_mask=False,
+    )
+    return ChangeJob(model, state, device, checkpoint, settings, rule, cfg, truth)
+
+
+def write_run_table(pairs: Sequence[Pair], run_dir: Path) -> Path:
+    """Collect the JSON rows of a run's pairs into run_dir/change/change_area.csv."""
+    rows = []
+    for pair in pairs:
+        path = pair_outputs(run_dir, pair.name)["json"]
+        if path.is_file():
+            rows.append(json.loads(path.read_text(encoding="utf-8")))
+    table = Path(run_dir) / "change" / "change_area.csv"
+    change_detection.write_change_table(rows, table)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Compare every pair of dates and write its change map, patches, table and figure under run_dir/change."""
+    cfg = cli.parse_args(argv, __doc__ or "")
+    cli.check_paths(cfg)
+    cli.setup_logging(cfg, "change")
+    logging.getLogger("pyogrio").setLevel(logging.WARNING)  # it logs every file it writes at INFO
+    run_dir = Path(cfg.run_dir)
+    pairs, problems = list_pairs(cfg)
+    job = make_job(cfg)
+    cli.save_config(cfg, "change")
+    if job.truth is not None and len(pairs) != 1:
+        raise ValueError(f"--change_truth scores one pair; {len(pairs)} pairs were given")
+    for problem in problems:
+        LOG.error("%s", problem)
+    todo = [p for p in pairs if not (cfg.skip_existing and is_done(p, job))]
+    if len(todo) < len(pairs):
+        LOG.info(
+            "%d of %d pair(s) already have their change outputs from this checkpoint and settings and are skipped "
+            "(--skip_existing=false redoes them)",
+            len(pairs) - len(todo),
+            len(pairs),
+        )
+    ready, failures = check_pairs(todo, job)
+    for pair in ready:
+        try:
+            run_pair(pair, job)
+        except DataError as err:
+            LOG.error("%s", err)
+            failures += 1
+    table = write_run_table(pairs, run_dir)
+    LOG.info("change of %d pair(s) in %s", len(pairs) - failures, table.parent)
+    if failures or problems:
+        LOG.error("%d pair(s) could not be compared; see the messages above", failures + len(problems))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))

@@ -1,0 +1,705 @@
+"""Farmland change between two dates from their farmland probability GeoTIFFs, in bounded memory.
+
+The two dates are predicted by scene.py (``<stem>_prob.tif``: farmland probability in percent, 255 = nodata).
+This module turns the two probabilities into a change map on the before-scene's grid, strip by strip:
+
+- codes: 0 stable background, 1 stable farmland, 2 farmland lost, 3 farmland gained, 255 nodata (either date);
+- a pixel is lost (gained) only where both dates are confident: farmland probability at least ``t + margin``
+  at one date and at most ``t - margin`` at the other, and it is farmland by the decision threshold ``t`` at
+  the one and background at the other (``t`` is the checkpoint's tuned threshold, else 0.5); every other
+  pixel is stable, farmland where the mean of its two probabilities is above ``t``;
+- with an edge tolerance of N pixels, a lost pixel within N pixels of farmland of the after date (a gained
+  pixel within N pixels of farmland of the before date) is stable: a field edge moved by misregistration;
+- lost and gained patches (4-connected) smaller than the minimum mapping unit go back to stable. As in
+  polygons.py, each strip is read with halo rows (the unit's pixels, capped at SIEVE_HALO_CAP, plus N), which
+  makes the strip-by-strip map equal the map of the whole arrays.
+
+When the two scenes differ in CRS, pixel size or extent, the after-date probability is read through a GDAL
+warped view on the before-scene's grid (bilinear), window by window; outside the overlap is nodata.
+Then: lost and gained patches as polygons (with area and mean probabilities at both dates), a table of
+hectares, an accuracy score against a true change map, and a preview figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import rasterio
+import rasterio.features
+import rasterio.warp
+import shapely
+import shapely.affinity
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine, array_bounds
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+import figures
+import files
+import polygons
+import scene
+from data_preprocess import image_to_float
+from files import DataError
+
+STABLE_BACKGROUND, STABLE_FARMLAND, LOST, GAINED = 0, 1, 2, 3
+NODATA = scene.NODATA  # 255, as in the probability GeoTIFFs
+CHANGE_NAMES = {
+    STABLE_BACKGROUND: "stable background",
+    STABLE_FARMLAND: "stable farmland",
+    LOST: "farmland lost",
+    GAINED: "farmland gained",
+}
+CHANGE_COLOURS = {
+    STABLE_BACKGROUND: (40, 40, 40, 255),
+    STABLE_FARMLAND: (235, 215, 120, 255),
+    LOST: (215, 40, 40, 255),
+    GAINED: (30, 110, 220, 255),
+    NODATA: (255, 255, 255, 0),
+}
+STRIP = 1024  # change-map rows classified at a time (plus halo rows)
+FIGURE_SIDE = 600  # longest side of each panel of the preview figure (about its size in the PNG)
+CHANGE_FIELDS = [
+    "pair",
+    "before",
+    "after",
+    "grid",
+    "crs",
+    "pixel_area_m2",
+    "valid_pixels",
+    "valid_area_ha",
+    "farmland_before_ha",
+    "farmland_after_ha",
+    "lost_ha",
+    "gained_ha",
+    "net_ha",
+    "stable_farmland_ha",
+    "stable_background_ha",
+    "lost_patches",
+    "gained_patches",
+    "farmland_before_pixels",
+    "farmland_after_pixels",
+    "lost_pixels",
+    "gained_pixels",
+    "stable_farmland_pixels",
+    "change_map",
+]
+
+
+@dataclass(frozen=True)
+class ChangeRule:
+    """What counts as change: the decision threshold ``t`` (farmland probability), the confidence margin
+    around it, the edge tolerance in pixels and the minimum mapping unit in pixels."""
+
+    threshold: float = 0.5
+    margin: float = 0.2
+    edge_tolerance: int = 0
+    min_pixels: int = 0
+
+    def check(self) -> None:
+        """Raises ValueError unless the margin and tolerance can work."""
+        if not 0 <= self.margin < 0.5:
+            raise ValueError(f"--change_margin={self.margin}: expected 0 to below 0.5 (for example 0.2)")
+        if self.edge_tolerance < 0:
+            raise ValueError(f"--change_edge_tolerance={self.edge_tolerance}: expected 0 or more pixels")
+
+    def percent_cuts(self) -> tuple[int, int, int, int]:
+        """The rule on whole percents (the probability GeoTIFFs' values): (farmland above, confident farmland
+        at or above, confident background at or below, mean of the two dates farmland when their sum is
+        above)."""
+        levels = (self.threshold, self.threshold + self.margin, self.threshold - self.margin)
+        centre, high, low = (round(100 * v, 6) for v in levels)
+        return math.floor(centre), math.ceil(high), math.floor(low), math.floor(2 * centre)
+
+
+# --- the classes, on arrays ---------------------------------------------------------------------------
+
+
+def farmland(probability: np.ndarray, rule: ChangeRule) -> np.ndarray:
+    """Where a probability raster (percent, 255 = nodata) is farmland by the decision threshold."""
+    centre = rule.percent_cuts()[0]
+    return (probability > centre) & (probability <= 100)
+
+
+def stable_codes(before: np.ndarray, after: np.ndarray, rule: ChangeRule) -> np.ndarray:
+    """The stable class of every pixel: farmland (1) where the mean of the two probabilities is above the
+    threshold, else background (0); nodata (255) where either date is nodata. uint8, the inputs' shape."""
+    twice_centre = rule.percent_cuts()[3]
+    total = before.astype(np.int16)
+    total += after
+    codes = (total > twice_centre).astype(np.uint8)
+    codes[(before > 100) | (after > 100)] = NODATA
+    return codes
+
+
+def change_codes(before: np.ndarray, after: np.ndarray, rule: ChangeRule) -> np.ndarray:
+    """The change classes of two farmland probability rasters on one grid, pixel by pixel (no tolerance, no
+    minimum mapping unit).
+
+    Args:
+        before, after: farmland probability in percent (0-100), 255 = nodata, any integer type.
+        rule: threshold and margin.
+
+    Returns:
+        uint8 codes: 2 lost where before is farmland with probability >= t + margin and after is background
+        with probability <= t - margin, 3 gained the other way round, else the stable class (stable_codes);
+        255 where either date is nodata.
+    """
+    _, high, low, _ = rule.percent_cuts()
+    farm_before, farm_after = farmland(before, rule), farmland(after, rule)
+    sure_before, sure_after = before <= 100, after <= 100
+    lost = farm_before & ~farm_after & (before >= high) & (after <= low) & sure_after
+    gained = ~farm_before & farm_after & (after >= high) & (before <= low) & sure_before
+    codes = stable_codes(before, after, rule)
+    codes[lost & (codes != NODATA)] = LOST
+    codes[gained & (codes != NODATA)] = GAINED
+    return codes
+
+
+def absorb_edges(
+    codes: np.ndarray, stable: np.ndarray, before: np.ndarray, after: np.ndarray, rule: ChangeRule
+) -> np.ndarray:
+    """With an edge tolerance of N > 0 pixels: lost pixels within N pixels (Euclidean) of the after date's
+    farmland, and gained pixels within N pixels of the before date's farmland, become stable. A copy."""
+    n = rule.edge_tolerance
+    if n <= 0:
+        return codes
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * n + 1, 2 * n + 1))
+    out = codes.copy()
+    for code, other in ((LOST, after), (GAINED, before)):
+        near = cv2.dilate(farmland(other, rule).view(np.uint8), kernel).view(bool)
+        absorbed = (codes == code) & near
+        out[absorbed] = stable[absorbed]
+    return out
+
+
+def sieve_changes(
+    codes: np.ndarray, stable: np.ndarray, min_pixels: int, cut_top: bool = False, cut_bottom: bool = False
+) -> np.ndarray:
+    """Lost and gained patches (4-connected) of fewer than ``min_pixels`` pixels back to their stable class.
+
+    Patches touching the top row when ``cut_top`` (the bottom row when ``cut_bottom``) go on beyond the block
+    and are kept (polygons.small_pieces). A copy.
+    """
+    out = codes.copy()
+    if min_pixels <= 1:
+        return out
+    for code in (LOST, GAINED):
+        small = polygons.small_pieces(codes == code, min_pixels, cut_top, cut_bottom)
+        out[small] = stable[small]
+    return out
+
+
+def classify_block(
+    before: np.ndarray,
+    after: np.ndarray,
+    rule: ChangeRule,
+    keep: slice = slice(None),
+    cut_top: bool = False,
+    cut_bottom: bool = False,
+) -> np.ndarray:
+    """The change map of rows ``keep`` of a block: the classes and the edge tolerance on the whole block, then
+    the minimum mapping unit on the kept rows (the whole arrays by default)."""
+    stable = stable_codes(before, after, rule)
+    codes = absorb_edges(change_codes(before, after, rule), stable, before, after, rule)
+    return sieve_changes(codes[keep], stable[keep], rule.min_pixels, cut_top, cut_bottom)
+
+
+# --- the two grids -------------------------------------------------------------------------------------
+
+
+def grid_of(item: scene.Scene | rasterio.io.DatasetReader) -> dict:
+    """The pixel grid (crs, transform, width, height) of an open scene or raster."""
+    return {"crs": item.crs, "transform": item.transform, "width": item.width, "height": item.height}
+
+
+def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
+    """Whether the after scene lies on the before scene's grid (True) or must be resampled onto it (False).
+
+    Raises:
+        DataError: naming both files: one has a CRS and the other none, neither has one and their grids
+            differ, or they do not overlap.
+    """
+    names = f"{before.path} (before) and {after.path} (after)"
+    if (before.crs is None) != (after.crs is None):
+        missing, other = (before, after) if before.crs is None else (after, before)
+        raise DataError(
+            f"{names}: {missing.path} has no CRS, {other.path} has {other.crs.to_string()}; the dates cannot be put "
+            "on one grid. Georeference both (gdal_translate -a_srs / -a_ullr), or give two tiles of the same size "
+            "without georeference"
+        )
+    same_size = (before.width, before.height) == (after.width, after.height)
+    if before.crs is None:
+        if same_size and before.transform.almost_equals(after.transform):
+            return True
+        raise DataError(
+            f"{names}: neither has a CRS, and their grids differ ({before.width}x{before.height} against "
+            f"{after.width}x{after.height} pixels); expected the same size, or georeference both"
+        )
+    if same_size and before.crs == after.crs and before.transform.almost_equals(after.transform, 1e-9):
+        return True
+    west, south, east, north = array_bounds(before.height, before.width, before.transform)
+    try:
+        a_west, a_south, a_east, a_north = rasterio.warp.transform_bounds(
+            after.crs, before.crs, *array_bounds(after.height, after.width, after.transform), densify_pts=21
+        )
+    except (rasterio.errors.CRSError, ValueError) as err:  # GDAL cannot project one onto the other
+        raise DataError(f"{names}: the after scene cannot be projected onto the before scene's CRS ({err})") from None
+    if min(east, a_east) <= max(west, a_west) or min(north, a_north) <= max(south, a_south):
+        raise DataError(
+            f"{names}: the scenes do not overlap: before covers x {west:.1f} to {east:.1f}, y {south:.1f} to "
+            f"{north:.1f} and after x {a_west:.1f} to {a_east:.1f}, y {a_south:.1f} to {a_north:.1f} in "
+            f"{before.crs.to_string()}; expected two dates of the same place"
+        )
+    return False
+
+
+@contextlib.contextmanager
+def on_grid(path: Path, grid: dict, aligned: bool, resampling: Resampling = Resampling.bilinear) -> Iterator:
+    """A raster opened for reading on ``grid``: the file itself when it lies on it, else a warped view of it
+    (``resampling``; outside the file's extent is nodata)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            if aligned:
+                yield src
+                return
+            with WarpedVRT(src, resampling=resampling, nodata=NODATA, src_nodata=NODATA, **grid) as vrt:
+                yield vrt
+
+
+# --- the change map --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChangeCounts:
+    """Pixel counts of one change map (farmland at each date counted where both dates hold data)."""
+
+    valid: int = 0
+    farmland_before: int = 0
+    farmland_after: int = 0
+    lost: int = 0
+    gained: int = 0
+    stable_farmland: int = 0
+
+    def add(self, codes: np.ndarray, before: np.ndarray, after: np.ndarray, rule: ChangeRule) -> None:
+        """Count a strip of the map and its two probability rasters."""
+        valid = codes != NODATA
+        self.valid += int(np.count_nonzero(valid))
+        self.farmland_before += int(np.count_nonzero(farmland(before, rule) & valid))
+        self.farmland_after += int(np.count_nonzero(farmland(after, rule) & valid))
+        self.lost += int(np.count_nonzero(codes == LOST))
+        self.gained += int(np.count_nonzero(codes == GAINED))
+        self.stable_farmland += int(np.count_nonzero(codes == STABLE_FARMLAND))
+
+
+def change_strips(
+    before: rasterio.io.DatasetReader, after: rasterio.io.DatasetReader, rule: ChangeRule, strip: int = 0
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(first row, change codes, before and after probability rows) of two probability rasters on one grid,
+    ``strip`` rows (STRIP when 0) at a time, each classified with halo rows: exactly classify_block of the
+    whole rasters."""
+    strip = strip or STRIP
+    height, width = before.height, before.width
+    sieve_halo = min(rule.min_pixels, polygons.SIEVE_HALO_CAP) if rule.min_pixels > 1 else 0
+    halo = sieve_halo + rule.edge_tolerance
+    for top in range(0, height, strip):
+        bottom = min(top + strip, height)
+        low, high = max(0, top - halo), min(height, bottom + halo)
+        window = Window(0, low, width, high - low)
+        b, a = before.read(1, window=window), after.read(1, window=window)
+        # The tolerance is right on every row but the outer ``edge_tolerance`` ones: sieve only these.
+        s_low, s_high = max(0, top - sieve_halo), min(height, bottom + sieve_halo)
+        codes = classify_block(b, a, rule, slice(s_low - low, s_high - low), s_low > 0, s_high < height)
+        yield top, codes[top - s_low : bottom - s_low], b[top - low : bottom - low], a[top - low : bottom - low]
+
+
+def write_change_map(
+    before_prob: Path, after_prob: Path, aligned: bool, rule: ChangeRule, target: Path
+) -> ChangeCounts:
+    """Classify two probability GeoTIFFs (the after one resampled onto the before one's grid unless
+    ``aligned``) into a change GeoTIFF at ``target`` on the before grid: uint8 with a colour table, tiled,
+    compressed, with overviews and a QGIS style beside it. Written under a temporary name, then renamed."""
+    counts, temporary = ChangeCounts(), scene.temporary_beside(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            with rasterio.open(before_prob) as before:
+                with on_grid(after_prob, grid_of(before), aligned) as after:
+                    with rasterio.open(temporary, "w", **scene.raster_profile(before)) as dst:
+                        dst.write_colormap(1, CHANGE_COLOURS)
+                        for top, codes, b, a in change_strips(before, after, rule):
+                            dst.write(codes, 1, window=Window(0, top, before.width, codes.shape[0]))
+                            counts.add(codes, b, a, rule)
+            scene.add_overviews(temporary, Resampling.nearest)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+    write_change_style(target.with_suffix(".qml"))
+    return counts
+
+
+def write_change_style(path: Path) -> None:
+    """A QGIS layer style beside a change GeoTIFF: a paletted renderer with the four classes, nodata clear."""
+    entries = "".join(
+        f'        <paletteEntry value="{code}" color="#{r:02x}{g:02x}{b:02x}" '
+        f'alpha="{90 if code == STABLE_BACKGROUND else 255}" label="{CHANGE_NAMES[code]}"/>\n'
+        for code, (r, g, b, _) in CHANGE_COLOURS.items()
+        if code != NODATA
+    )
+    files.atomic_write_text(
+        path,
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28" styleCategories="AllStyleCategories">\n'
+        "  <pipe>\n"
+        '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">\n'
+        f"      <colorPalette>\n{entries}      </colorPalette>\n"
+        "    </rasterrenderer>\n"
+        "  </pipe>\n"
+        "</qgis>\n",
+    )
+
+
+# --- patches as polygons -------------------------------------------------------------------------------
+
+
+Patch = tuple[shapely.Polygon, np.ndarray]  # pixel coordinates; [sum of before %, sum of after %, pixels]
+Key = tuple[int, int]  # (first row of its strip, label in the strip): one piece of a patch
+
+
+@dataclass
+class PatchStrip:
+    """One strip's pieces of one change class with their 4-connected labels, and the labels of its first and
+    last rows (0 = not that class), by which pieces are linked across seams."""
+
+    top: int
+    bottom: int
+    pieces: list[tuple[int, shapely.Polygon]]
+    first_row: np.ndarray
+    last_row: np.ndarray
+
+
+def strip_patches(
+    codes: np.ndarray, before: np.ndarray, after: np.ndarray, code: int, top: int
+) -> tuple[PatchStrip, np.ndarray]:
+    """The 4-connected pieces of ``code`` in a strip of change rows: their labels and polygons in scene pixel
+    coordinates, and per label the sums of the two probabilities and the pixel count."""
+    binary = codes == code
+    count, labels = cv2.connectedComponents(binary.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    inside = binary.ravel()
+    flat = labels.ravel()[inside]  # only the patches' pixels: usually a small share of the strip
+    sums = np.stack([np.bincount(flat, w, count) for w in (before.ravel()[inside], after.ravel()[inside], None)], 1)
+    pieces: list[tuple[int, shapely.Polygon]] = []
+    if count > 1:
+        shapes = rasterio.features.shapes(labels, mask=binary, connectivity=4, transform=Affine.translation(0, top))
+        pieces = [(int(value), shapely.geometry.shape(geometry)) for geometry, value in shapes]
+    return PatchStrip(top, top + codes.shape[0], pieces, labels[0].copy(), labels[-1].copy()), sums
+
+
+@dataclass
+class PatchJoiner:
+    """Joins the pieces of patches cut by strip seams, as polygons.py joins fields: by the labels on either
+    side of a seam (union-find over (strip, label) keys), with one union when a patch is whole; adds up the
+    pieces' sums, and hands back every patch once no piece of it reaches the latest seam."""
+
+    height: int
+    parent: dict[Key, Key] = field(default_factory=dict)
+    members: dict[Key, list[Patch]] = field(default_factory=dict)
+    previous: PatchStrip | None = None
+
+    def find(self, key: Key) -> Key:
+        """The root key of a piece's patch (path halving)."""
+        while self.parent.get(key, key) != key:
+            self.parent[key] = self.parent.get(self.parent[key], self.parent[key])
+            key = self.parent[key]
+        return key
+
+    def link(self, a: Key, b: Key) -> None:
+        """Put two pieces in one patch."""
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.members.setdefault(ra, []).extend(self.members.pop(rb, []))
+            self.parent[rb] = ra
+
+    def add_strip(self, strip: PatchStrip, sums: np.ndarray) -> list[Patch]:
+        """Take one strip's pieces and their sums; return the patches it finishes."""
+        linked = set()
+        if self.previous is not None:
+            above, below = self.previous.last_row, strip.first_row
+            touching = (above > 0) & (below > 0)
+            for a, b in set(zip(above[touching].tolist(), below[touching].tolist())):
+                self.link((self.previous.top, a), (strip.top, b))
+                linked.add(b)
+        reaching = set(strip.last_row[strip.last_row > 0].tolist()) if strip.bottom < self.height else set()
+        finished: list[Patch] = []
+        for label, piece in strip.pieces:
+            if label in linked or label in reaching:
+                self.members.setdefault(self.find((strip.top, label)), []).append((piece, sums[label]))
+            else:
+                finished.append((piece, sums[label]))  # whole within this strip
+        still_open = {self.find((strip.top, label)) for label in reaching}
+        for root in [r for r in self.members if r not in still_open]:
+            finished += whole_patches(self.members.pop(root))
+        self.previous = strip
+        return finished
+
+    def close(self) -> list[Patch]:
+        """The patches still waiting at the end (none when the last strip reached the scene's bottom)."""
+        rest = [patch for root in list(self.members) for patch in whole_patches(self.members.pop(root))]
+        self.parent.clear()
+        return rest
+
+
+def whole_patches(pieces: list[Patch]) -> list[Patch]:
+    """The pieces of one patch unioned, with their sums added; were the union to fall apart into parts
+    (pieces meeting at a corner only), each piece's sums go to the part that holds it."""
+    if len(pieces) == 1:
+        return pieces
+    union = shapely.union_all([shape for shape, _ in pieces])
+    parts = list(getattr(union, "geoms", [union]))
+    totals = [np.zeros(3) for _ in parts]
+    for shape, sums in pieces:
+        inside = shape.representative_point()
+        totals[next((k for k, part in enumerate(parts) if part.intersects(inside)), 0)] += sums
+    return list(zip(parts, totals))
+
+
+def change_patches(
+    change: rasterio.io.DatasetReader, before: rasterio.io.DatasetReader, after: rasterio.io.DatasetReader
+) -> Iterator[tuple[int, Patch]]:
+    """(LOST or GAINED, patch) for every lost and gained patch of a change map, each as soon as it is whole,
+    with the sums of the two probabilities over it: a strip of rows at a time, pieces cut by a seam joined."""
+    joiners = {code: PatchJoiner(change.height) for code in (LOST, GAINED)}
+    for top in range(0, change.height, STRIP):
+        window = Window(0, top, change.width, min(STRIP, change.height - top))
+        codes, b, a = change.read(1, window=window), before.read(1, window=window), after.read(1, window=window)
+        for code, joiner in joiners.items():
+            yield from ((code, patch) for patch in joiner.add_strip(*strip_patches(codes, b, a, code, top)))
+    for code, joiner in joiners.items():
+        yield from ((code, patch) for patch in joiner.close())
+
+
+def write_change_polygons(
+    change_path: Path,
+    before_prob: Path,
+    after_prob: Path,
+    aligned: bool,
+    targets: dict[str, Path],
+    min_pixels: int,
+    simplify_tolerance: float = 0.0,
+) -> dict[str, int]:
+    """Write the lost and gained patches of a change map as GeoPackage and GeoJSON (``targets``: "gpkg",
+    "geojson") in its CRS, with ``change`` (lost or gained), ``area_ha`` (empty without a projected CRS),
+    ``pixels`` and the mean farmland probability at both dates; return the patch count of each kind.
+
+    Patches under ``min_pixels`` are left out (the map's sieve has removed them already, except where a
+    unit above polygons.SIEVE_HALO_CAP pixels made it keep a long sliver)."""
+    columns = {
+        "patch_id": int,
+        "change": str,
+        "area_ha": float,
+        "pixels": int,
+        "prob_before": float,
+        "prob_after": float,
+    }
+    written = {"lost": 0, "gained": 0}
+    with (
+        rasterio.open(before_prob) as before,
+        on_grid(after_prob, grid_of(before), aligned) as after,
+        rasterio.open(change_path) as change,
+    ):
+        t, pixel_m2 = before.transform, scene.pixel_area_m2(before.crs, before.transform)
+        with polygons.PolygonWriter(targets, columns, before.crs) as writer:
+            for code, (polygon, sums) in change_patches(change, before, after):
+                pixels = int(sums[2])
+                if pixels < min_pixels:
+                    continue
+                shape = shapely.affinity.affine_transform(polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
+                if simplify_tolerance > 0:
+                    shape = shape.simplify(simplify_tolerance, preserve_topology=True)
+                kind = "lost" if code == LOST else "gained"
+                written[kind] += 1
+                writer.add(
+                    shape,
+                    patch_id=sum(written.values()),
+                    change=kind,
+                    area_ha=None if pixel_m2 is None else round(pixels * pixel_m2 / 1e4, 6),
+                    pixels=pixels,
+                    prob_before=round(float(sums[0] / pixels / 100), 4),
+                    prob_after=round(float(sums[1] / pixels / 100), 4),
+                )
+            writer.close()
+    return written
+
+
+# --- the table, the score, the figure --------------------------------------------------------------------
+
+
+def change_row(
+    name: str,
+    before: Path,
+    after: Path,
+    grid: dict,
+    aligned: bool,
+    counts: ChangeCounts,
+    patches: dict[str, int],
+    change_map: Path,
+) -> dict:
+    """One line of the change table: pixel counts always, hectares with a projected CRS on the before grid
+    (net = gained - lost; stable background = valid - stable farmland - lost - gained)."""
+    pixel_m2 = scene.pixel_area_m2(grid["crs"], grid["transform"])
+
+    def hectares(pixels: int) -> float | None:
+        return None if pixel_m2 is None else round(pixels * pixel_m2 / 1e4, 6)
+
+    stable_background = counts.valid - counts.stable_farmland - counts.lost - counts.gained
+    return {
+        "pair": name,
+        "before": str(before),
+        "after": str(after),
+        "grid": "aligned" if aligned else "after resampled onto before",
+        "crs": grid["crs"].to_string() if grid["crs"] is not None else "",
+        "pixel_area_m2": pixel_m2,
+        "valid_pixels": counts.valid,
+        "valid_area_ha": hectares(counts.valid),
+        "farmland_before_ha": hectares(counts.farmland_before),
+        "farmland_after_ha": hectares(counts.farmland_after),
+        "lost_ha": hectares(counts.lost),
+        "gained_ha": hectares(counts.gained),
+        "net_ha": hectares(counts.gained - counts.lost),
+        "stable_farmland_ha": hectares(counts.stable_farmland),
+        "stable_background_ha": hectares(stable_background),
+        "lost_patches": patches["lost"],
+        "gained_patches": patches["gained"],
+        "farmland_before_pixels": counts.farmland_before,
+        "farmland_after_pixels": counts.farmland_after,
+        "lost_pixels": counts.lost,
+        "gained_pixels": counts.gained,
+        "stable_farmland_pixels": counts.stable_farmland,
+        "change_map": change_map.name,
+    }
+
+
+def write_change_table(rows: list[dict], path: Path) -> None:
+    """Write the change rows of a run as CSV (atomically); empty cells where a figure is undefined."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CHANGE_FIELDS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CHANGE_FIELDS})
+    files.atomic_write_text(path, buffer.getvalue())
+
+
+def score_change(change_path: Path, truth_path: Path) -> dict:
+    """IoU of "lost" and of "gained" of a change map against a true change map on the same grid (codes 0-3,
+    255 = unknown), over the pixels both hold data for, and the hectares of each (pixels without a projected
+    CRS); read a strip of rows at a time.
+
+    Raises:
+        DataError: the truth cannot be read or lies on another grid.
+    """
+    with rasterio.open(change_path) as pred:
+        try:
+            truth = rasterio.open(truth_path)
+        except rasterio.RasterioIOError as err:
+            raise DataError(f"--change_truth={truth_path}: not a readable raster ({str(err)[:200]})") from None
+        with truth:
+            if (truth.width, truth.height) != (pred.width, pred.height):
+                raise DataError(
+                    f"--change_truth={truth_path}: {truth.width}x{truth.height} pixels, expected the before "
+                    f"scene's grid of {pred.width}x{pred.height} (the change map {change_path.name})"
+                )
+            counts = np.zeros((2, 3), np.int64)  # lost, gained x (both, predicted only, true only)
+            for top in range(0, pred.height, STRIP):
+                window = Window(0, top, pred.width, min(STRIP, pred.height - top))
+                p, t = pred.read(1, window=window), truth.read(1, window=window)
+                valid = (p != NODATA) & (t != NODATA)
+                for i, code in enumerate((LOST, GAINED)):
+                    is_p, is_t = (p == code) & valid, (t == code) & valid
+                    counts[i] += [
+                        np.count_nonzero(is_p & is_t),
+                        np.count_nonzero(is_p & ~is_t),
+                        np.count_nonzero(~is_p & is_t),
+                    ]
+            pixel_m2 = scene.pixel_area_m2(pred.crs, pred.transform)
+    return accuracy_from_counts(counts, pixel_m2)
+
+
+def accuracy_from_counts(counts: np.ndarray, pixel_m2: float | None) -> dict:
+    """IoU, predicted and true area, and the area error of lost and gained from (both, predicted only,
+    true only) pixel counts; areas in hectares with a pixel area, else in pixels."""
+    unit, scale = ("ha", pixel_m2 / 1e4) if pixel_m2 else ("pixels", 1.0)
+    result: dict = {"area_unit": unit}
+    for (both, predicted_only, true_only), kind in zip(counts.tolist(), ("lost", "gained")):
+        union = both + predicted_only + true_only
+        predicted, true = (both + predicted_only) * scale, (both + true_only) * scale
+        result[f"{kind}_iou"] = round(both / union, 4) if union else None
+        result[f"{kind}_predicted"] = round(predicted, 4)
+        result[f"{kind}_true"] = round(true, 4)
+        result[f"{kind}_error"] = round(predicted - true, 4)
+        result[f"{kind}_relative_error"] = round((predicted - true) / true, 4) if true else None
+    return result
+
+
+def preview_shape(height: int, width: int, side: int = FIGURE_SIDE) -> tuple[int, int]:
+    """(height, width) of a preview at most ``side`` pixels a side."""
+    scale = min(1.0, side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def photo_preview(image: scene.Scene, grid: dict, aligned: bool, shape: tuple[int, int]) -> np.ndarray:
+    """An (H, W, 3) float RGB preview of a scene on the before grid, shrunk without reading it whole (the
+    scene's own reader when aligned; else a warped view of its file)."""
+    if aligned:
+        small = image.read_preview(*shape)
+    else:
+        small_grid = {**grid, "height": shape[0], "width": shape[1]}
+        small_grid["transform"] = grid["transform"] @ Affine.scale(grid["width"] / shape[1], grid["height"] / shape[0])
+        with rasterio.open(image.path) as src, WarpedVRT(src, resampling=Resampling.average, **small_grid) as vrt:
+            small = vrt.read(list(image.bands)).transpose(1, 2, 0)
+    photo = image_to_float(small.astype(image.dtype), len(image.bands), image.path)
+    rgb = photo[:3] if photo.shape[0] >= 3 else np.repeat(photo[:1], 3, axis=0)
+    return np.clip(rgb.transpose(1, 2, 0), 0, 1)
+
+
+def write_change_figure(
+    before: scene.Scene, after: scene.Scene, aligned: bool, change_path: Path, target: Path
+) -> None:
+    """Before, after and the change map side by side, each shrunk to at most FIGURE_SIDE pixels a side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    grid = grid_of(before)
+    shape = preview_shape(before.height, before.width)
+    with rasterio.open(change_path) as src:
+        codes = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+    lut = np.zeros((256, 4), np.float32)
+    for code, colour in CHANGE_COLOURS.items():
+        lut[code] = np.asarray(colour) / 255
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6))
+    panels = [
+        (photo_preview(before, grid, True, shape), f"before: {before.path.name}"),
+        (photo_preview(after, grid, aligned, shape), f"after: {after.path.name}"),
+        (lut[codes], "change"),
+    ]
+    for ax, (picture, title) in zip(axes, panels):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+    legend = [Patch(color=lut[code][:3], label=CHANGE_NAMES[code]) for code in CHANGE_NAMES]
+    axes[2].legend(handles=legend, loc="lower right", fontsize=8, framealpha=0.85)
+    figures.save_figure(fig, target)

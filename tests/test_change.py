@@ -1,0 +1,455 @@
+"""Farmland change between two dates: the classes on arrays, the confidence margin, the edge tolerance, the
+minimum mapping unit, strips against whole arrays, shifted and reprojected after-scenes, nodata, the outputs of
+change.py, re-runs, pairs of folders, bad pairs, the score against a true change map and the demo pair."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import rasterio.features
+import rasterio.warp
+import torch
+from conftest import close_log_files
+from rasterio.transform import Affine
+
+import change
+import change_detection as cd
+import demo_data
+import scene
+from data_preprocess import write_image
+from net_structure import build_model
+
+CRS = "EPSG:32615"
+TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4500000.0)  # 2 m pixels: 4 m2 each
+HEIGHT, WIDTH = 120, 150
+RULE = cd.ChangeRule(threshold=0.5, margin=0.2)
+
+
+def percent(rows: list[list[int]]) -> np.ndarray:
+    return np.array(rows, np.uint8)
+
+
+def write_geotiff(path: Path, bands: np.ndarray, crs: str | None = CRS, transform: Affine = TRANSFORM, **extra) -> Path:
+    """Write (bands, H, W) as a GeoTIFF."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = dict(driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=bands.shape[0], dtype=bands.dtype)
+    with rasterio.open(path, "w", crs=crs, transform=transform, **profile, **extra) as dst:
+        dst.write(bands)
+    return path
+
+
+def read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+# --- the classes on arrays ------------------------------------------------------------------------------
+
+
+def test_classes_of_hand_made_probabilities() -> None:
+    before = percent([[90, 90, 10, 10, 60, 255, 80]])
+    after = percent([[85, 10, 95, 5, 40, 90, 255]])
+    assert cd.change_codes(before, after, RULE).tolist() == [[1, 2, 3, 0, 0, 255, 255]]
+    # 60 -> 40 is flicker around the threshold, not change: stable, farmland by the mean (50 is not above 0.5).
+    assert cd.stable_codes(percent([[60, 60]]), percent([[40, 41]]), RULE).tolist() == [[0, 1]]
+
+
+def test_the_confidence_margin() -> None:
+    before = percent([[70, 69, 71, 60, 30, 30]])
+    after = percent([[30, 30, 31, 40, 70, 69]])
+    assert cd.change_codes(before, after, RULE).tolist() == [[2, 0, 1, 0, 3, 0]]  # 70/30 inclusive
+    no_margin = cd.ChangeRule(threshold=0.5, margin=0.0)
+    assert cd.change_codes(before, after, no_margin).tolist() == [[2, 2, 2, 2, 3, 3]]
+    assert cd.change_codes(percent([[50]]), percent([[49]]), no_margin).tolist() == [[0]]  # 50 is not farmland
+    # A tuned threshold moves the centre: t = 0.3 with margin 0.2 asks for >= 50 and <= 10.
+    tuned = cd.ChangeRule(threshold=0.3, margin=0.2)
+    assert cd.change_codes(percent([[50, 50]]), percent([[10, 11]]), tuned).tolist() == [[2, 1]]
+    with pytest.raises(ValueError, match="change_margin=0.5: expected 0 to below 0.5"):
+        cd.ChangeRule(margin=0.5).check()
+
+
+def test_edge_tolerance_absorbs_a_field_edge_moved_by_misregistration() -> None:
+    before, after = np.full((30, 60), 5, np.uint8), np.full((30, 60), 5, np.uint8)
+    before[5:25, 10:30] = 95
+    after[5:25, 12:32] = 95  # the same field, 2 pixels to the east
+    before[5:25, 45:55] = 95  # a field really lost, far from the after date's farmland
+    codes = cd.classify_block(before, after, RULE)
+    assert (codes[5:25, 10:12] == cd.LOST).all() and (codes[5:25, 30:32] == cd.GAINED).all()
+    tolerant = cd.classify_block(before, after, cd.ChangeRule(margin=0.2, edge_tolerance=2))
+    assert not np.isin(tolerant[:, :40], [cd.LOST, cd.GAINED]).any()
+    assert (tolerant[5:25, 45:55] == cd.LOST).all()
+    assert (tolerant[5:25, 44:46] == cd.classify_block(before, after, RULE)[5:25, 44:46]).all()
+
+
+def test_minimum_mapping_unit_sends_small_patches_back_to_stable() -> None:
+    before, after = np.full((20, 40), 90, np.uint8), np.full((20, 40), 90, np.uint8)
+    after[2:5, 2:5] = 20  # 9 pixels lost
+    after[10:16, 10:16] = 20  # 36 pixels lost
+    before[2:4, 30:34] = 20  # 8 pixels gained
+    codes = cd.classify_block(before, after, cd.ChangeRule(margin=0.2, min_pixels=10))
+    assert (codes[10:16, 10:16] == cd.LOST).all() and np.count_nonzero(codes == cd.LOST) == 36
+    assert codes[2, 2] == cd.STABLE_FARMLAND  # mean of 90 and 20 is above 50
+    assert codes[2, 30] == cd.STABLE_FARMLAND and not (codes == cd.GAINED).any()
+
+
+def smooth_probabilities(seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    """Percent farmland probability: blurred blobs, mostly confident, with ramps at the edges."""
+    rng = np.random.default_rng(seed)
+    field = np.zeros((height, width), np.float32)
+    for _ in range(14):
+        y, x = rng.integers(0, height), rng.integers(0, width)
+        field[max(0, y - 12) : y + int(rng.integers(6, 20)), max(0, x - 10) : x + int(rng.integers(6, 24))] = 1
+    return np.rint(cv2.GaussianBlur(field, (0, 0), 2.0) * 96 + 2).astype(np.uint8)
+
+
+def test_strip_by_strip_equals_the_whole_arrays(tmp_path: Path) -> None:
+    before, after = smooth_probabilities(1), smooth_probabilities(2)
+    before[:20, :30] = 255
+    rule = cd.ChangeRule(margin=0.2, edge_tolerance=2, min_pixels=40)
+    paths = [write_geotiff(tmp_path / f"{n}.tif", p[None]) for n, p in (("b", before), ("a", after))]
+    with rasterio.open(paths[0]) as b, rasterio.open(paths[1]) as a:
+        strips = list(cd.change_strips(b, a, rule, strip=16))
+    whole = cd.classify_block(before, after, rule)
+    assert np.array_equal(np.concatenate([codes for _, codes, _, _ in strips]), whole)
+    assert np.isin(whole, [cd.LOST, cd.GAINED]).sum() > 200  # the case is not empty
+    assert (whole[:20, :30] == 255).all()
+
+
+def test_patches_cut_by_strip_seams_are_joined_with_their_mean_probabilities(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codes = np.zeros((40, 30), np.uint8)
+    codes[2:30, 3:6] = codes[2:30, 12:15] = codes[27:30, 3:15] = cd.LOST  # a U across four strips of 8 rows
+    codes[10:14, 20:24] = codes[14:18, 24:28] = cd.GAINED  # two patches meeting at a corner, on a seam
+    codes[33:39, 3:9] = cd.LOST
+    codes[35, 5] = cd.STABLE_FARMLAND  # a hole
+    rng = np.random.default_rng(0)
+    before, after = rng.integers(0, 101, codes.shape, np.uint8), rng.integers(0, 101, codes.shape, np.uint8)
+    paths = [write_geotiff(tmp_path / f"{n}.tif", a[None]) for n, a in (("c", codes), ("b", before), ("a", after))]
+    monkeypatch.setattr(cd, "STRIP", 8)
+    with rasterio.open(paths[0]) as c, rasterio.open(paths[1]) as b, rasterio.open(paths[2]) as a:
+        patches = list(cd.change_patches(c, b, a))
+    assert sorted((code, int(sums[2])) for code, (_, sums) in patches) == [(2, 35), (2, 186), (3, 16), (3, 16)]
+    for code, (polygon, sums) in patches:
+        inside = rasterio.features.geometry_mask([polygon], codes.shape, Affine.identity(), invert=True)
+        assert (codes[inside] == code).all() and polygon.area == inside.sum() == sums[2]
+        assert (sums[0], sums[1]) == (before[inside].sum(), after[inside].sum())
+
+
+# --- the two grids ---------------------------------------------------------------------------------------
+
+
+def changed_map(tmp_path: Path, after_prob: Path, aligned: bool) -> np.ndarray:
+    before_prob = tmp_path / "before_prob.tif"
+    target = tmp_path / f"{after_prob.stem}_change.tif"
+    cd.write_change_map(before_prob, after_prob, aligned, cd.ChangeRule(margin=0.2, min_pixels=10), target)
+    return read(target)
+
+
+def test_shifted_and_reprojected_after_probabilities_give_the_aligned_change_map(tmp_path: Path) -> None:
+    before, after = smooth_probabilities(1), smooth_probabilities(2)
+    write_geotiff(tmp_path / "before_prob.tif", before[None], nodata=255)
+    aligned = changed_map(tmp_path, write_geotiff(tmp_path / "after_prob.tif", after[None], nodata=255), True)
+    # Shifted: the after raster starts 12 columns east and 8 rows south and runs 10 columns past the before's.
+    shifted = np.pad(after[8:, 12:], ((0, 0), (0, 10)), constant_values=5)
+    moved = TRANSFORM @ Affine.translation(12, 8)
+    shifted_map = changed_map(
+        tmp_path, write_geotiff(tmp_path / "shifted.tif", shifted[None], nodata=255, transform=moved), False
+    )
+    assert np.array_equal(shifted_map[8:, 12:], aligned[8:, 12:])
+    assert (shifted_map[:8] == 255).all() and (shifted_map[:, :12] == 255).all()  # outside the overlap
+    # Reprojected: Web Mercator with 1.5 m pixels, resampled (bilinear) there and back.
+    dst_crs = "EPSG:3857"
+    transform, width, height = rasterio.warp.calculate_default_transform(
+        CRS, dst_crs, WIDTH, HEIGHT, *rasterio.transform.array_bounds(HEIGHT, WIDTH, TRANSFORM), resolution=1.5
+    )
+    warped = np.full((height, width), 255, np.uint8)
+    rasterio.warp.reproject(
+        after,
+        warped,
+        src_transform=TRANSFORM,
+        src_crs=CRS,
+        dst_transform=transform,
+        dst_crs=dst_crs,
+        resampling=rasterio.warp.Resampling.bilinear,
+        dst_nodata=255,
+    )
+    path = write_geotiff(tmp_path / "mercator.tif", warped[None], crs=dst_crs, transform=transform, nodata=255)
+    mercator_map = changed_map(tmp_path, path, False)
+    inner = (slice(6, -6), slice(6, -6))
+    assert (mercator_map[inner] == aligned[inner]).mean() > 0.98
+    assert (mercator_map[inner] != 255).all()
+    for code in (cd.LOST, cd.GAINED):
+        assert abs(np.count_nonzero(mercator_map == code) / np.count_nonzero(aligned == code) - 1) < 0.1
+
+
+# --- change.py on scenes -----------------------------------------------------------------------------------
+
+
+def scene_pixels(seed: int, moved: bool = False) -> np.ndarray:
+    """(3, HEIGHT, WIDTH) uint8: dark noise with bright rectangles; ``moved`` drops three and adds two."""
+    rng = np.random.default_rng(seed)
+    image = (rng.random((3, HEIGHT, WIDTH)) * 60 + 1).astype(np.uint8)
+    boxes = [
+        (rng.integers(0, HEIGHT - 40), rng.integers(0, WIDTH - 40), rng.integers(20, 40), rng.integers(20, 40))
+        for _ in range(8)
+    ]
+    for y, x, h, w in boxes[3:] if moved else boxes[:6]:
+        image[:, y : y + h, x : x + w] += 150
+    return image
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A width-8 random network whose output layer is rescaled so that its probabilities spread over (0, 1)."""
+    torch.manual_seed(0)
+    model = build_model(3, 2, 8, 0.3).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(scene_pixels(1)[None, :, :112, :144].astype(np.float32) / 255))
+        margin = (logits[:, 1] - logits[:, 0]).flatten()
+        low, mid, high = margin.quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()
+        scale = 4 / (high - low)
+        model.outc.weight.mul_(scale)
+        model.outc.bias.mul_(scale)
+        model.outc.bias[1] -= mid * scale
+    path = tmp_path_factory.mktemp("checkpoint") / "net.pth"
+    config = {"in_channels": 3, "n_classes": 2, "base_width": 8, "dropout": 0.3}
+    torch.save({"model": model.state_dict(), "config": config, "epoch": 1}, path)
+    return path
+
+
+def run_change(run_dir: Path, checkpoint: Path, before: Path, after: Path, *extra: str) -> int:
+    code = change.main(
+        [
+            f"--run_dir={run_dir}",
+            f"--checkpoint={checkpoint}",
+            f"--before={before}",
+            f"--after={after}",
+            "--amp=off",
+            "--window=128",
+            "--overlap=32",
+            "--min_field_area_ha=0.004",  # 10 pixels of 4 m2
+            *extra,
+        ]
+    )
+    close_log_files()
+    return code
+
+
+def test_a_pair_of_scenes_gives_map_polygons_table_and_figure(checkpoint: Path, tmp_path: Path) -> None:
+    image = scene_pixels(1)
+    image[:, :20, :30] = 0  # nodata in the before scene
+    before = write_geotiff(tmp_path / "in" / "farm_2019.tif", image, nodata=0)
+    after = write_geotiff(tmp_path / "in" / "farm_2024.tif", scene_pixels(1, moved=True), nodata=0)
+    run_dir = tmp_path / "run"
+    assert run_change(run_dir, checkpoint, before, after) == 0
+    out = change.pair_outputs(run_dir, "farm_2019_to_farm_2024")
+    with rasterio.open(out["change"]) as src:
+        codes = src.read(1)
+        assert (src.crs.to_string(), src.transform, src.shape) == (CRS, TRANSFORM, (HEIGHT, WIDTH))
+        assert src.colormap(1)[cd.LOST][:3] == cd.CHANGE_COLOURS[cd.LOST][:3] and src.nodata == 255
+    assert (codes[:20, :30] == 255).all() and set(np.unique(codes)) <= {0, 1, 2, 3, 255}
+    row = json.loads(out["json"].read_text(encoding="utf-8"))
+    assert row["lost_pixels"] == np.count_nonzero(codes == cd.LOST) > 0
+    assert row["gained_pixels"] == np.count_nonzero(codes == cd.GAINED) > 0
+    assert row["lost_ha"] == pytest.approx(row["lost_pixels"] * 4 / 1e4)
+    assert row["net_ha"] == pytest.approx(row["gained_ha"] - row["lost_ha"])
+    assert row["valid_pixels"] == HEIGHT * WIDTH - 20 * 30
+    meta, _, _, (_, kinds, areas, pixels, prob_before, prob_after) = pyogrio.raw.read(out["gpkg"])
+    assert list(meta["fields"]) == ["patch_id", "change", "area_ha", "pixels", "prob_before", "prob_after"]
+    lost = kinds == "lost"
+    assert areas[lost].sum() == pytest.approx(row["lost_ha"]) and pixels[~lost].sum() == row["gained_pixels"]
+    assert (prob_before[lost] >= 0.7).all() and (prob_after[lost] <= 0.3).all()
+    assert (prob_before[~lost] <= 0.3).all() and (prob_after[~lost] >= 0.7).all()
+    features = json.loads(out["geojson"].read_text(encoding="utf-8"))["features"]
+    assert len(features) == row["lost_patches"] + row["gained_patches"] == len(kinds)
+    assert 'type="paletted"' in out["style"].read_text(encoding="utf-8")
+    assert out["figure"].stat().st_size > 10_000
+    with open(run_dir / "change" / "change_area.csv", encoding="utf-8") as handle:
+        assert [r["pair"] for r in csv.DictReader(handle)] == ["farm_2019_to_farm_2024"]
+
+
+def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_setting(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    own = Path(tmp_path / "net.pth")
+    own.write_bytes(checkpoint.read_bytes())
+    before = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
+    after = write_geotiff(tmp_path / "in" / "b.tif", scene_pixels(1, moved=True))
+    run_dir = tmp_path / "run"
+    assert run_change(run_dir, own, before, after) == 0
+    out = change.pair_outputs(run_dir, "a_to_b")
+    probability = change.date_outputs(run_dir, "a_to_b", "before")["probability"]
+    made = {p: p.stat().st_mtime_ns for p in [*out.values(), probability]}
+    assert run_change(run_dir, own, before, after) == 0
+    assert "1 of 1 pair(s) already have their change outputs" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in made} == made
+    assert run_change(run_dir, own, before, after, "--change_margin=0.3") == 0  # another setting: the change only
+    assert out["change"].stat().st_mtime_ns > made[out["change"]]
+    assert probability.stat().st_mtime_ns == made[probability]
+    later = max(p.stat().st_mtime for p in out.values()) + 10
+    os.utime(own, (later, later))  # a newer checkpoint: everything again
+    assert run_change(run_dir, own, before, after, "--change_margin=0.3") == 0
+    assert probability.stat().st_mtime_ns > made[probability]
+
+
+def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for folder, moved in (("2019", False), ("2024", True)):
+        for i, name in enumerate(("a", "b")):
+            write_image(tmp_path / folder / f"{name}.png", scene_pixels(i, moved)[:, :64, :64].transpose(1, 2, 0))
+    write_image(tmp_path / "2019" / "c.png", scene_pixels(3)[:, :64, :64].transpose(1, 2, 0))
+    run_dir = tmp_path / "run"
+    assert run_change(run_dir, checkpoint, tmp_path / "2019", tmp_path / "2024", "--min_field_pixels=10") == 1
+    assert f"c.png: no image named c.* in {tmp_path / '2024'}" in caplog.text
+    with open(run_dir / "change" / "change_area.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["pair"] for r in rows] == ["a", "b"] and rows[0]["lost_ha"] == "" and rows[0]["crs"] == ""
+    assert read(change.pair_outputs(run_dir, "a")["change"]).shape == (64, 64)
+
+
+def test_bad_pairs_name_both_files_and_the_good_pair_goes_on(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before_dir, after_dir = tmp_path / "2019", tmp_path / "2024"
+    far = Affine(2.0, 0.0, 900000.0, 0.0, -2.0, 4500000.0)
+    write_geotiff(before_dir / "good.tif", scene_pixels(1))
+    write_geotiff(after_dir / "good.tif", scene_pixels(1, moved=True))
+    write_geotiff(before_dir / "far.tif", scene_pixels(1))
+    write_geotiff(after_dir / "far.tif", scene_pixels(1), transform=far)
+    write_geotiff(before_dir / "nocrs.tif", scene_pixels(1))
+    write_geotiff(after_dir / "nocrs.tif", scene_pixels(1), crs=None, transform=Affine.identity())
+    write_geotiff(before_dir / "bands.tif", scene_pixels(1))
+    write_geotiff(after_dir / "bands.tif", np.concatenate([scene_pixels(1), scene_pixels(2)[:1]]))
+    run_dir = tmp_path / "run"
+    assert run_change(run_dir, checkpoint, before_dir, after_dir) == 1
+    text = caplog.text
+    assert f"{before_dir / 'far.tif'} (before) and {after_dir / 'far.tif'} (after): the scenes do not overlap" in text
+    assert f"{after_dir / 'nocrs.tif'} has no CRS, {before_dir / 'nocrs.tif'} has {CRS}" in text
+    assert f"{before_dir / 'bands.tif'} (before) has 3 band(s), {after_dir / 'bands.tif'} (after) has 4" in text
+    assert [p.name for p in (run_dir / "change").glob("*_change.tif")] == ["good_change.tif"]
+    assert not list((run_dir / "change" / "dates").glob("far*")) and not list(
+        (run_dir / "change" / "dates").glob("bands*")
+    )
+    with pytest.raises(ValueError, match="expected two files or two folders"):
+        run_change(run_dir, checkpoint, before_dir / "good.tif", after_dir)
+
+
+# --- shifted and reprojected scenes, end to end; accuracy --------------------------------------------------
+
+
+def fake_prediction(monkeypatch: pytest.MonkeyPatch, source: str = "band") -> None:
+    """Predict by reading the probability off the image (band 1 in percent x 2.55) or off the label beside the
+    scene (``<stem>_label.tif``, 1 = farmland -> 95 %, else 5 %): a network that sees one pixel only, so that a
+    moved after-scene must give the same probabilities, and so the same change, away from its edges."""
+
+    def run_scene(model, image, state, device, settings, outputs) -> dict:
+        with rasterio.open(image.path) as src:
+            if source == "band":
+                probability = np.rint(src.read(1) / 2.55).astype(np.uint8)
+            else:
+                with rasterio.open(image.path.with_name(image.path.stem + "_label.tif")) as label:
+                    probability = np.where(label.read(1) == 1, 95, 5).astype(np.uint8)
+        outputs["mask"].parent.mkdir(parents=True, exist_ok=True)
+        for kind in ("mask", "probability"):
+            with rasterio.open(outputs[kind], "w", **scene.raster_profile(image)) as dst:
+                dst.write(probability if kind == "probability" else (probability > 50).astype(np.uint8), 1)
+        for kind in ("style", "area"):
+            outputs[kind].write_text("{}")
+        return {}
+
+    monkeypatch.setattr(scene, "run_scene", run_scene)
+
+
+def test_shifted_and_reprojected_after_scenes_give_the_aligned_change_map(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_prediction(monkeypatch)
+    image = lambda seed: np.repeat((smooth_probabilities(seed).astype(np.float32) * 2.55).astype(np.uint8)[None], 3, 0)
+    before = write_geotiff(tmp_path / "in" / "before.tif", image(1))
+    after_pixels = image(2)
+    aligned = write_geotiff(tmp_path / "in" / "aligned.tif", after_pixels)
+    shifted = write_geotiff(
+        tmp_path / "in" / "shifted.tif", after_pixels[:, 16:, 10:], transform=TRANSFORM @ Affine.translation(10, 16)
+    )
+    transform, width, height = rasterio.warp.calculate_default_transform(
+        CRS, "EPSG:32616", WIDTH, HEIGHT, *rasterio.transform.array_bounds(HEIGHT, WIDTH, TRANSFORM), resolution=1.6
+    )
+    warped = np.zeros((3, height, width), np.uint8)
+    rasterio.warp.reproject(
+        after_pixels,
+        warped,
+        src_transform=TRANSFORM,
+        src_crs=CRS,
+        dst_transform=transform,
+        dst_crs="EPSG:32616",
+        resampling=rasterio.warp.Resampling.bilinear,
+    )
+    reprojected = write_geotiff(tmp_path / "in" / "reprojected.tif", warped, crs="EPSG:32616", transform=transform)
+    maps = {}
+    for after in (aligned, shifted, reprojected):
+        assert run_change(tmp_path / "run", checkpoint, before, after) == 0
+        maps[after.stem] = read(change.pair_outputs(tmp_path / "run", f"before_to_{after.stem}")["change"])
+        row = json.loads(change.pair_outputs(tmp_path / "run", f"before_to_{after.stem}")["json"].read_text())
+        assert row["grid"] == ("aligned" if after == aligned else "after resampled onto before")
+    assert np.array_equal(maps["shifted"][16:, 10:], maps["aligned"][16:, 10:])
+    assert (maps["shifted"][:16] == 255).all()
+    inner = (slice(8, -8), slice(8, -8))  # the reprojected scene's rotated edges leave nodata corners
+    assert (maps["reprojected"][inner] == maps["aligned"][inner]).mean() > 0.97
+    assert np.isin(maps["aligned"], [cd.LOST, cd.GAINED]).sum() > 500
+
+
+def test_the_demo_pair_and_the_score_against_its_true_change(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = demo_data.write_demo_change_pair(tmp_path / "pair", tiles=3, size=64, seed=1)
+    label = demo_data.write_demo_scene(tmp_path / "scene.tif", tiles=3, size=64, seed=1)
+    assert np.array_equal(read(paths["before"]), read(tmp_path / "scene.tif"))
+    assert np.array_equal(read(paths["before_label"]), read(label))
+    was, now, truth = read(paths["before_label"]) == 1, read(paths["after_label"]) == 1, read(paths["truth"])
+    assert np.array_equal(truth, np.where(was, np.where(now, 1, 2), np.where(now, 3, 0)))
+    assert (truth == cd.LOST).sum() > 300 and (truth == cd.GAINED).sum() > 300
+    with rasterio.open(paths["before"]) as b, rasterio.open(paths["after"]) as a:
+        difference = np.abs(b.read().astype(int) - a.read().astype(int)).mean(axis=0)
+    assert difference[truth == cd.LOST].mean() > 3 * difference[truth == cd.STABLE_FARMLAND].mean()
+    perfect = cd.score_change(paths["truth"], paths["truth"])
+    assert (perfect["lost_iou"], perfect["gained_iou"], perfect["lost_error"]) == (1.0, 1.0, 0.0)
+    # The labels as the "network": the minimum mapping unit (100 pixels of 1 m) alone keeps the score below 1.
+    fake_prediction(monkeypatch, "label")
+    for date in ("before", "after"):
+        os.replace(paths[f"{date}_label"], paths[date].with_name(f"{date}_label.tif"))
+    run_dir = tmp_path / "run"
+    assert (
+        run_change(
+            run_dir,
+            checkpoint,
+            paths["before"],
+            paths["after"],
+            f"--change_truth={paths['truth']}",
+            "--min_field_area_ha=0.01",
+        )
+        == 0
+    )
+    accuracy = json.loads(change.pair_outputs(run_dir, "before_to_after")["json"].read_text())["accuracy"]
+    assert 0.8 < accuracy["lost_iou"] < 1 and 0.8 < accuracy["gained_iou"] <= 1
+    assert accuracy["area_unit"] == "ha" and -0.2 < accuracy["lost_relative_error"] <= 0
+
+
+def test_score_of_a_hand_made_change_map(tmp_path: Path) -> None:
+    predicted = np.array([[2, 2, 0, 3, 255], [1, 2, 3, 3, 0]], np.uint8)
+    truth = np.array([[2, 0, 2, 3, 2], [1, 2, 0, 3, 255]], np.uint8)
+    paths = [write_geotiff(tmp_path / f"{n}.tif", a[None]) for n, a in (("p", predicted), ("t", truth))]
+    score = cd.score_change(*paths)
+    assert score["lost_iou"] == pytest.approx(2 / 4) and score["gained_iou"] == pytest.approx(2 / 3, abs=1e-4)
+    assert score["lost_predicted"] == pytest.approx(3 * 4 / 1e4) and score["lost_true"] == pytest.approx(3 * 4 / 1e4)
+    with pytest.raises(cd.DataError, match=r"t2.tif: 3x2 pixels, expected the before scene's grid of 5x2"):
+        cd.score_change(paths[0], write_geotiff(tmp_path / "t2.tif", truth[None, :, :3]))
