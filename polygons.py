@@ -247,10 +247,13 @@ class PolygonWriter:
     """Writes polygons with attributes to a GeoPackage and a GeoJSON file as they come, a batch at a time,
     under temporary names renamed when complete (nothing half-written is ever left under the real names)."""
 
-    def __init__(self, paths: dict[str, Path], columns: dict[str, type], crs: rasterio.crs.CRS | None) -> None:
+    def __init__(
+        self, paths: dict[str, Path], columns: dict[str, type], crs: rasterio.crs.CRS | None, layer: str = "fields"
+    ) -> None:
         self.paths = paths
         self.columns = columns
         self.crs = crs
+        self.layer = layer
         # The real extension stays last: GDAL picks formats and checks names by it.
         self.temporary = {k: p.parent / f".{p.stem}.{os.getpid()}.tmp{p.suffix}" for k, p in paths.items()}
         self.geometries: list[shapely.Geometry] = []
@@ -262,7 +265,7 @@ class PolygonWriter:
             path.unlink(missing_ok=True)
         self.geojson = open(self.temporary["geojson"], "w", encoding="utf-8") if "geojson" in paths else None
         if self.geojson is not None:
-            head = {"type": "FeatureCollection", "name": "fields"}
+            head = {"type": "FeatureCollection", "name": layer}
             if crs_member(crs):
                 head["crs"] = crs_member(crs)
             self.geojson.write(json.dumps(head)[:-1] + ', "features": [\n')
@@ -304,7 +307,7 @@ class PolygonWriter:
                 geometry,
                 arrays,
                 list(self.columns),
-                layer="fields",
+                layer=self.layer,
                 driver="GPKG",
                 geometry_type="Polygon",
                 crs=self.crs.to_wkt() if self.crs is not None else None,
