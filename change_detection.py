@@ -29,7 +29,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -375,24 +375,11 @@ def write_change_style(path: Path) -> None:
 
 
 Patch = tuple[shapely.Polygon, np.ndarray]  # pixel coordinates; [sum of before %, sum of after %, pixels]
-Key = tuple[int, int]  # (first row of its strip, label in the strip): one piece of a patch
-
-
-@dataclass
-class PatchStrip:
-    """One strip's pieces of one change class with their 4-connected labels, and the labels of its first and
-    last rows (0 = not that class), by which pieces are linked across seams."""
-
-    top: int
-    bottom: int
-    pieces: list[tuple[int, shapely.Polygon]]
-    first_row: np.ndarray
-    last_row: np.ndarray
 
 
 def strip_patches(
     codes: np.ndarray, before: np.ndarray, after: np.ndarray, code: int, top: int
-) -> tuple[PatchStrip, np.ndarray]:
+) -> tuple[polygons.Strip, np.ndarray]:
     """The 4-connected pieces of ``code`` in a strip of change rows: their labels and polygons in scene pixel
     coordinates, and per label the sums of the two probabilities and the pixel count."""
     binary = codes == code
@@ -404,61 +391,7 @@ def strip_patches(
     if count > 1:
         shapes = rasterio.features.shapes(labels, mask=binary, connectivity=4, transform=Affine.translation(0, top))
         pieces = [(int(value), shapely.geometry.shape(geometry)) for geometry, value in shapes]
-    return PatchStrip(top, top + codes.shape[0], pieces, labels[0].copy(), labels[-1].copy()), sums
-
-
-@dataclass
-class PatchJoiner:
-    """Joins the pieces of patches cut by strip seams, as polygons.py joins fields: by the labels on either
-    side of a seam (union-find over (strip, label) keys), with one union when a patch is whole; adds up the
-    pieces' sums, and hands back every patch once no piece of it reaches the latest seam."""
-
-    height: int
-    parent: dict[Key, Key] = field(default_factory=dict)
-    members: dict[Key, list[Patch]] = field(default_factory=dict)
-    previous: PatchStrip | None = None
-
-    def find(self, key: Key) -> Key:
-        """The root key of a piece's patch (path halving)."""
-        while self.parent.get(key, key) != key:
-            self.parent[key] = self.parent.get(self.parent[key], self.parent[key])
-            key = self.parent[key]
-        return key
-
-    def link(self, a: Key, b: Key) -> None:
-        """Put two pieces in one patch."""
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.members.setdefault(ra, []).extend(self.members.pop(rb, []))
-            self.parent[rb] = ra
-
-    def add_strip(self, strip: PatchStrip, sums: np.ndarray) -> list[Patch]:
-        """Take one strip's pieces and their sums; return the patches it finishes."""
-        linked = set()
-        if self.previous is not None:
-            above, below = self.previous.last_row, strip.first_row
-            touching = (above > 0) & (below > 0)
-            for a, b in set(zip(above[touching].tolist(), below[touching].tolist())):
-                self.link((self.previous.top, a), (strip.top, b))
-                linked.add(b)
-        reaching = set(strip.last_row[strip.last_row > 0].tolist()) if strip.bottom < self.height else set()
-        finished: list[Patch] = []
-        for label, piece in strip.pieces:
-            if label in linked or label in reaching:
-                self.members.setdefault(self.find((strip.top, label)), []).append((piece, sums[label]))
-            else:
-                finished.append((piece, sums[label]))  # whole within this strip
-        still_open = {self.find((strip.top, label)) for label in reaching}
-        for root in [r for r in self.members if r not in still_open]:
-            finished += whole_patches(self.members.pop(root))
-        self.previous = strip
-        return finished
-
-    def close(self) -> list[Patch]:
-        """The patches still waiting at the end (none when the last strip reached the scene's bottom)."""
-        rest = [patch for root in list(self.members) for patch in whole_patches(self.members.pop(root))]
-        self.parent.clear()
-        return rest
+    return polygons.Strip(top, top + codes.shape[0], pieces, labels[0].copy(), labels[-1].copy()), sums
 
 
 def whole_patches(pieces: list[Patch]) -> list[Patch]:
@@ -480,12 +413,14 @@ def change_patches(
 ) -> Iterator[tuple[int, Patch]]:
     """(LOST or GAINED, patch) for every lost and gained patch of a change map, each as soon as it is whole,
     with the sums of the two probabilities over it: a strip of rows at a time, pieces cut by a seam joined."""
-    joiners = {code: PatchJoiner(change.height) for code in (LOST, GAINED)}
+    joiners = {code: polygons.SeamJoiner(change.height, merge=whole_patches) for code in (LOST, GAINED)}
     for top in range(0, change.height, STRIP):
         window = Window(0, top, change.width, min(STRIP, change.height - top))
         codes, b, a = change.read(1, window=window), before.read(1, window=window), after.read(1, window=window)
         for code, joiner in joiners.items():
-            yield from ((code, patch) for patch in joiner.add_strip(*strip_patches(codes, b, a, code, top)))
+            strip, sums = strip_patches(codes, b, a, code, top)
+            items = [(label, (piece, sums[label])) for label, piece in strip.pieces]
+            yield from ((code, patch) for patch in joiner.add_strip(strip, items))
     for code, joiner in joiners.items():
         yield from ((code, patch) for patch in joiner.close())
 

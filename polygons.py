@@ -21,7 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import cv2
 import numpy as np
@@ -109,27 +109,31 @@ def strip_pieces(rows: np.ndarray, top: int) -> Strip:
 
 @dataclass
 class SeamJoiner:
-    """Joins the pieces of fields cut by strip seams and hands back every field once it is whole.
+    """Joins the pieces of regions cut by strip seams and hands back every region once it is whole.
 
-    Pieces are linked by their labels where a farmland pixel of one strip's last row sits above one of the
-    next strip's first row (4-connectivity), with union-find over (strip, label) keys; no geometry is
-    compared. A field's pieces wait until no piece of it reaches the latest seam, then are unioned once.
+    Pieces are linked by their labels where a pixel of one strip's last row sits above one of the next
+    strip's first row (4-connectivity), with union-find over (strip, label) keys; no geometry is compared.
+    A region's pieces wait (as ``keep`` stores them) until no piece of it reaches the latest seam, then
+    ``merge`` joins them once. Items are (label, piece); fields are polygons, change.py's patches carry
+    their probability sums too.
     """
 
     height: int
+    merge: Callable[[list[Any]], list[Any]]
+    keep: Callable[[Any], Any] = lambda piece: piece
     parent: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
-    members: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)  # pieces as WKB
+    members: dict[tuple[int, int], list[Any]] = field(default_factory=dict)
     previous: Strip | None = None
 
     def find(self, key: tuple[int, int]) -> tuple[int, int]:
-        """The root key of a piece's field (path halving)."""
+        """The root key of a piece's region (path halving)."""
         while self.parent.get(key, key) != key:
             self.parent[key] = self.parent.get(self.parent[key], self.parent[key])
             key = self.parent[key]
         return key
 
     def link(self, a: tuple[int, int], b: tuple[int, int]) -> None:
-        """Put two pieces in one field; the smaller member list moves into the larger."""
+        """Put two pieces in one region; the smaller member list moves into the larger."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
@@ -138,8 +142,8 @@ class SeamJoiner:
         self.members.setdefault(ra, []).extend(self.members.pop(rb, []))
         self.parent[rb] = ra
 
-    def add_strip(self, strip: Strip) -> list[shapely.Polygon]:
-        """Take one strip; return the fields it finishes."""
+    def add_strip(self, strip: Strip, items: list[tuple[int, Any]] | None = None) -> list[Any]:
+        """Take one strip (its own pieces, or ``items`` for it); return the regions it finishes."""
         linked = set()
         if self.previous is not None:
             above, below = self.previous.last_row, strip.first_row
@@ -148,22 +152,21 @@ class SeamJoiner:
                 self.link((self.previous.top, a), (strip.top, b))
                 linked.add(b)
         reaching = set(strip.last_row[strip.last_row > 0].tolist()) if strip.bottom < self.height else set()
-        finished: list[shapely.Polygon] = []
-        for label, piece in strip.pieces:
+        finished: list[Any] = []
+        for label, piece in strip.pieces if items is None else items:
             if label in linked or label in reaching:
-                # Waiting pieces are kept as WKB: a field spanning the scene may wait for all its strips.
-                self.members.setdefault(self.find((strip.top, label)), []).append(shapely.to_wkb(piece))
+                self.members.setdefault(self.find((strip.top, label)), []).append(self.keep(piece))
             else:
                 finished.append(piece)  # whole within this strip
         still_open = {self.find((strip.top, label)) for label in reaching}
         for root in [r for r in self.members if r not in still_open]:
-            finished += whole_fields(self.members.pop(root))
+            finished += self.merge(self.members.pop(root))
         self.previous = strip
         return finished
 
-    def close(self) -> list[shapely.Polygon]:
-        """The fields still waiting at the end (none when the last strip reached the scene's bottom)."""
-        rest = [piece for root in list(self.members) for piece in whole_fields(self.members.pop(root))]
+    def close(self) -> list[Any]:
+        """The regions still waiting at the end (none when the last strip reached the scene's bottom)."""
+        rest = [region for root in list(self.members) for region in self.merge(self.members.pop(root))]
         self.parent.clear()
         return rest
 
@@ -217,7 +220,8 @@ def mask_fields(mask_path: Path, min_pixels: int, sieved_path: Path | None = Non
     """Every field of a mask GeoTIFF, in pixel coordinates, after the minimum mapping unit; each as soon as
     it is whole. With ``sieved_path`` the sieved mask is written there too (same grid and profile)."""
     with rasterio.open(mask_path) as src:
-        joiner = SeamJoiner(src.height)
+        # Waiting pieces are kept as WKB: a field spanning the scene may wait for all its strips.
+        joiner = SeamJoiner(src.height, merge=whole_fields, keep=shapely.to_wkb)
         sieved = None
         if sieved_path is not None:
             sieved = rasterio.open(sieved_path, "w", **src.profile)
