@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,12 @@ import shapely
 from pyogrio.raw import read as read_vector
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from files import DataError
+from rasters import open_raster
 
 LOG = logging.getLogger("labels")
 RASTER_SUFFIXES = (".tif", ".tiff", ".img", ".vrt", ".jp2")
@@ -323,14 +322,7 @@ class RasterLabels(Labels):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self.src = rasterio.open(self.path)
-        except rasterio.RasterioIOError as err:
-            raise DataError(
-                f"{path}: not a readable raster ({str(err)[:200]}); re-export the labels as GeoTIFF"
-            ) from None
+        self.src = open_raster(self.path, "re-export the labels as GeoTIFF")
         try:
             self.crs = check_crs(self.path, self.src.crs, "raster")
             if self.src.count != 1:

@@ -26,14 +26,12 @@ import io
 import logging
 import math
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import rasterio.windows
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.windows import Window
 from tqdm import tqdm
@@ -44,6 +42,7 @@ from config import Config
 from data_preprocess import write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
+from rasters import open_raster
 
 LOG = logging.getLogger("make_tiles")
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -143,14 +142,7 @@ def open_scene(path: Path, tile: int) -> rasterio.DatasetReader:
     """
     if not path.is_file():
         raise DataError(f"{path}: scene not found; check the path given to --scene")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
-    except rasterio.RasterioIOError as err:
-        raise DataError(
-            f"{path}: not a readable raster ({str(err)[:200]}); check the file or re-export it as GeoTIFF"
-        ) from None
+    src = open_raster(path)
     problem = ""
     if src.crs is None:
         problem = (

@@ -63,6 +63,7 @@ from inference import (
     overlay_image,
     predict_probabilities,
 )
+from rasters import open_raster, pixel_area_m2, pixel_size_m
 from runtime import handing_back_freed_memory
 
 LOG = logging.getLogger("scene")
@@ -268,14 +269,7 @@ class RasterScene(Scene):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self.src = rasterio.open(self.path)
-        except rasterio.RasterioIOError as err:
-            raise DataError(
-                f"{path}: not a readable raster ({str(err)[:200]}); check the file or re-export it as GeoTIFF"
-            ) from None
+        self.src = open_raster(self.path)
         self.width, self.height, self.count = self.src.width, self.src.height, self.src.count
         self.dtype = np.dtype(self.src.dtypes[0])
         self.crs, self.transform, self.nodata = self.src.crs, self.src.transform, self.src.nodata
@@ -646,14 +640,6 @@ def predict_scene(
 # --- areas, polygons, overview ---------------------------------------------------------------------------
 
 
-def pixel_area_m2(crs: "rasterio.crs.CRS | None", transform: Affine) -> float | None:
-    """Area of one pixel in square metres for a projected CRS; None for a geographic CRS or none at all."""
-    if crs is None or not crs.is_projected:
-        return None
-    _, metres_per_unit = crs.linear_units_factor
-    return abs(transform.a * transform.e - transform.b * transform.d) * metres_per_unit**2
-
-
 def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]) -> int:
     """Sieve the mask to the minimum mapping unit and write its fields as GeoJSON and GeoPackage in the
     scene's CRS as they are found (polygons.py); return how many were written.
@@ -748,8 +734,7 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path) -> None:
 
 def scene_pixel_size(scene: Scene) -> float | None:
     """Metres per pixel (the side of a square of the pixel's area) with a projected CRS; else None."""
-    area = pixel_area_m2(scene.crs, scene.transform)
-    return math.sqrt(area) if area else None
+    return pixel_size_m(scene.crs, scene.transform)
 
 
 def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float | None:

@@ -9,14 +9,12 @@ import csv
 import io
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 import torch
-from rasterio.errors import NotGeoreferencedWarning
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -25,8 +23,8 @@ from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset
 from files import DataError, atomic_write_text
 from metrics import confusion_counts
+from rasters import open_raster, pixel_size_m
 from runtime import all_reduce_sum
-from scene import pixel_area_m2
 
 LOG = logging.getLogger("train")
 
@@ -283,16 +281,12 @@ def tiles_pixel_size(pairs: list[tuple[Path, Path]]) -> float | None:
     if not pairs:
         return None
     image = pairs[0][0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        try:
-            with rasterio.open(image) as src:
-                area = pixel_area_m2(src.crs, src.transform)
-        except rasterio.RasterioIOError:
-            area = None
-    if area:
-        return math.sqrt(area)
-    return pixel_size_from_table(image.parent.parent / TILE_TABLE, image.stem)
+    try:
+        with open_raster(image) as src:
+            size = pixel_size_m(src.crs, src.transform)
+    except DataError:
+        size = None
+    return size or pixel_size_from_table(image.parent.parent / TILE_TABLE, image.stem)
 
 
 def pixel_size_from_table(table: Path, stem: str) -> float | None:
@@ -308,5 +302,4 @@ def pixel_size_from_table(table: Path, stem: str) -> float | None:
         transform = rasterio.Affine(*(float(row[k]) for k in "abcdef"))
     except (KeyError, ValueError, rasterio.errors.CRSError):
         return None
-    area = pixel_area_m2(crs, transform)
-    return math.sqrt(area) if area else None
+    return pixel_size_m(crs, transform)
