@@ -51,6 +51,7 @@ import polygons
 import scene
 from data_preprocess import image_to_float
 from files import DataError
+from rasters import write_palette_style
 
 STABLE_BACKGROUND, STABLE_FARMLAND, LOST, GAINED = 0, 1, 2, 3
 NODATA = scene.NODATA  # 255, as in the probability GeoTIFFs
@@ -352,23 +353,12 @@ def write_change_map(
 
 def write_change_style(path: Path) -> None:
     """A QGIS layer style beside a change GeoTIFF: a paletted renderer with the four classes, nodata clear."""
-    entries = "".join(
-        f'        <paletteEntry value="{code}" color="#{r:02x}{g:02x}{b:02x}" '
-        f'alpha="{90 if code == STABLE_BACKGROUND else 255}" label="{CHANGE_NAMES[code]}"/>\n'
+    entries = [
+        (code, (r, g, b), 90 if code == STABLE_BACKGROUND else 255, CHANGE_NAMES[code])
         for code, (r, g, b, _) in CHANGE_COLOURS.items()
         if code != NODATA
-    )
-    files.atomic_write_text(
-        path,
-        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
-        '<qgis version="3.28" styleCategories="AllStyleCategories">\n'
-        "  <pipe>\n"
-        '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">\n'
-        f"      <colorPalette>\n{entries}      </colorPalette>\n"
-        "    </rasterrenderer>\n"
-        "  </pipe>\n"
-        "</qgis>\n",
-    )
+    ]
+    write_palette_style(path, entries)
 
 
 # --- patches as polygons -------------------------------------------------------------------------------

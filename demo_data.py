@@ -298,21 +298,11 @@ def generate_dataset(out_dir: Path, n_tiles: int = 400, size: int = 64, seed: in
     return images
 
 
-def write_demo_scene(path: Path, tiles: int = 12, size: int = 64, seed: int = 1) -> Path:
-    """Write a GeoTIFF scene mosaicked from tiles x tiles demo tiles, and its label beside it.
+def scene_profile(side: int) -> dict:
+    """The GeoTIFF profile of a demo scene: side x side uint8 pixels of 1 m in UTM zone 50N, tiled, DEFLATE."""
+    from rasterio.transform import Affine  # only the scenes need GDAL; the tile data sets do not
 
-    The scene has a UTM CRS (zone 50N) and 1 m pixels; the label, ``<stem>_label.tif``, holds 1 for farmland
-    and 0 for background. Tiles are rendered one row at a time, so large mosaics stay small in memory.
-    Returns the label's path.
-    """
-    import rasterio  # only the scene needs GDAL; the tile data sets do not
-    from rasterio.transform import Affine
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    label_path = path.with_name(f"{path.stem}_label.tif")
-    side = tiles * size
-    profile = {
+    return {
         "driver": "GTiff",
         "width": side,
         "height": side,
@@ -322,6 +312,22 @@ def write_demo_scene(path: Path, tiles: int = 12, size: int = 64, seed: int = 1)
         "tiled": True,
         "compress": "deflate",
     }
+
+
+def write_demo_scene(path: Path, tiles: int = 12, size: int = 64, seed: int = 1) -> Path:
+    """Write a GeoTIFF scene mosaicked from tiles x tiles demo tiles, and its label beside it.
+
+    The scene has a UTM CRS (zone 50N) and 1 m pixels; the label, ``<stem>_label.tif``, holds 1 for farmland
+    and 0 for background. Tiles are rendered one row at a time, so large mosaics stay small in memory.
+    Returns the label's path.
+    """
+    import rasterio  # only the scene needs GDAL; the tile data sets do not
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    label_path = path.with_name(f"{path.stem}_label.tif")
+    side = tiles * size
+    profile = scene_profile(side)
     with (
         rasterio.open(path, "w", count=3, **profile) as image_file,
         rasterio.open(label_path, "w", count=1, **profile) as label_file,
@@ -462,7 +468,6 @@ def write_demo_change_pair(folder: Path, tiles: int = 12, size: int = 64, seed: 
         background, 1 stable farmland, 2 farmland lost, 3 farmland gained; TRUTH_CODES).
     """
     import rasterio  # only the scenes need GDAL; the tile data sets do not
-    from rasterio.transform import Affine
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -470,16 +475,7 @@ def write_demo_change_pair(folder: Path, tiles: int = 12, size: int = 64, seed: 
     names |= {"after_label": "after_label.tif", "truth": "change_truth.tif"}
     paths = {kind: folder / name for kind, name in names.items()}
     side = tiles * size
-    profile = {
-        "driver": "GTiff",
-        "width": side,
-        "height": side,
-        "dtype": "uint8",
-        "crs": "EPSG:32650",
-        "transform": Affine(1.0, 0.0, 500000.0, 0.0, -1.0, 3500000.0),
-        "tiled": True,
-        "compress": "deflate",
-    }
+    profile = scene_profile(side)
     bands = {"before": 3, "after": 3, "before_label": 1, "after_label": 1, "truth": 1}
     handles = {kind: rasterio.open(paths[kind], "w", count=bands[kind], **profile) for kind in paths}
     try:

@@ -42,7 +42,7 @@ from config import Config
 from data_preprocess import write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
-from rasters import open_raster
+from rasters import nodata_pixels, open_raster
 
 LOG = logging.getLogger("make_tiles")
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -123,15 +123,6 @@ def tile_origins(size: int, tile: int, stride: int) -> list[int]:
     if origins[-1] != size - tile:
         origins.append(size - tile)
     return origins
-
-
-def nodata_pixels(block: np.ndarray, nodata: float | None) -> np.ndarray:
-    """(rows, cols) bool of a (bands, rows, cols) block: all bands 0, or all the declared nodata value."""
-    empty = ~block.any(axis=0)
-    if nodata is not None:
-        same = np.isnan(block) if math.isnan(nodata) else block == np.asarray(nodata).astype(block.dtype)
-        empty |= same.all(axis=0)
-    return empty
 
 
 def open_scene(path: Path, tile: int) -> rasterio.DatasetReader:
@@ -239,7 +230,7 @@ def cut_tiles(src: rasterio.DatasetReader, on_grid: GridLabels, cfg: Config, out
     rows, skipped = [], 0
     for window in tqdm(windows, desc=stem, unit="tile", disable=None):
         block = src.read(window=window)
-        nodata = nodata_pixels(block, src.nodata)
+        nodata = nodata_pixels(block, src.nodata, axis=0)
         if nodata.mean() > cfg.max_nodata_fraction:
             skipped += 1
             continue

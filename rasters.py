@@ -8,13 +8,15 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
-from files import DataError
+from files import DataError, atomic_write_text
 
 
 def open_raster(path: Path, fix: str = "check the file or re-export it as GeoTIFF") -> rasterio.io.DatasetReader:
@@ -43,3 +45,32 @@ def pixel_size_m(crs: CRS | None, transform: Affine) -> float | None:
     """Metres per pixel (the side of a square of the pixel's area) for a projected CRS; None otherwise."""
     area = pixel_area_m2(crs, transform)
     return math.sqrt(area) if area else None
+
+
+def nodata_pixels(block: np.ndarray, nodata: float | None, axis: int) -> np.ndarray:
+    """Where a block's bands (along ``axis``) are all zero, or all the declared nodata value: bool, bands gone."""
+    empty = ~block.any(axis=axis)
+    if nodata is not None:
+        same = np.isnan(block) if math.isnan(nodata) else block == np.asarray(nodata).astype(block.dtype)
+        empty |= same.all(axis=axis)
+    return empty
+
+
+def write_palette_style(path: Path, entries: Sequence[tuple[int, tuple[int, int, int], int, str]]) -> None:
+    """A QGIS layer style for a paletted single-band GeoTIFF (QGIS loads <name>.qml with <name>.tif): one
+    (value, (r, g, b), alpha, label) per class; values not listed (nodata) are transparent."""
+    lines = "".join(
+        f'        <paletteEntry value="{value}" color="#{r:02x}{g:02x}{b:02x}" alpha="{alpha}" label="{label}"/>\n'
+        for value, (r, g, b), alpha, label in entries
+    )
+    atomic_write_text(
+        path,
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28" styleCategories="AllStyleCategories">\n'
+        "  <pipe>\n"
+        '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">\n'
+        f"      <colorPalette>\n{lines}      </colorPalette>\n"
+        "    </rasterrenderer>\n"
+        "  </pipe>\n"
+        "</qgis>\n",
+    )

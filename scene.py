@@ -63,7 +63,7 @@ from inference import (
     overlay_image,
     predict_probabilities,
 )
-from rasters import open_raster, pixel_area_m2, pixel_size_m
+from rasters import nodata_pixels, open_raster, pixel_area_m2, pixel_size_m, write_palette_style
 from runtime import handing_back_freed_memory
 
 LOG = logging.getLogger("scene")
@@ -370,15 +370,6 @@ def open_scene(path: Path, bands: Sequence[int], in_channels: int) -> Scene:
     return scene
 
 
-def nodata_mask(block: np.ndarray, nodata: float | None) -> np.ndarray:
-    """(rows, cols) bool: pixels whose bands are all zero, or all the declared nodata value."""
-    empty = ~block.any(axis=2)
-    if nodata is not None:
-        same = np.isnan(block) if math.isnan(nodata) else block == np.asarray(nodata).astype(block.dtype)
-        empty |= same.all(axis=2)
-    return empty
-
-
 # --- windows, weights, test-time augmentation ----------------------------------------------------------
 
 
@@ -505,7 +496,7 @@ def blended_rows(
         done = bottom - top if last else stride
         divisor = torch.from_numpy(np.outer(row_cover[top : top + done], col_cover))
         blended = summed[:, :done, : scene.width] / divisor
-        yield top, blended.numpy(), nodata_mask(raw[:done], scene.nodata)
+        yield top, blended.numpy(), nodata_pixels(raw[:done], scene.nodata, axis=2)
         if not last:
             # Keep the rows the next row of windows overlaps; clear the rest for it.
             summed[:, : window - stride] = summed[:, stride:].clone()
@@ -553,23 +544,10 @@ def add_overviews(path: Path, resampling: Resampling) -> None:
 
 
 def write_mask_style(path: Path) -> None:
-    """A QGIS layer style beside a mask GeoTIFF (QGIS loads <name>.qml with <name>.tif): farmland in the
-    overlay's yellow, background faint, nodata transparent."""
+    """A QGIS layer style beside a mask GeoTIFF: farmland in the overlay's yellow, background faint, nodata
+    transparent."""
     r, g, b, _ = MASK_COLOURS[FARMLAND]
-    files.atomic_write_text(
-        path,
-        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
-        '<qgis version="3.28" styleCategories="AllStyleCategories">\n'
-        "  <pipe>\n"
-        '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">\n'
-        "      <colorPalette>\n"
-        '        <paletteEntry value="0" color="#000000" alpha="60" label="background"/>\n'
-        f'        <paletteEntry value="{FARMLAND}" color="#{r:02x}{g:02x}{b:02x}" alpha="255" label="farmland"/>\n'
-        "      </colorPalette>\n"
-        "    </rasterrenderer>\n"
-        "  </pipe>\n"
-        "</qgis>\n",
-    )
+    write_palette_style(path, [(0, (0, 0, 0), 60, "background"), (FARMLAND, (r, g, b), 255, "farmland")])
 
 
 @dataclass
