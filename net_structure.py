@@ -17,7 +17,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 LEAKY_SLOPE = 0.01  # of every LeakyReLU (torch's default)
 
@@ -212,10 +211,13 @@ class FoldedUp(nn.Module):
         return self.conv.forward_padded(reflect_border_(buffer))
 
 
-def fold_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
-    """A biased 3x3 convolution without padding equal to ``norm(conv(x))`` in eval mode on padded input."""
+def fold_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d, padded: bool = False) -> nn.Conv2d:
+    """A biased convolution equal to ``norm(conv(x))`` in eval mode: without padding (for input padded
+    beforehand) or, with ``padded``, with the convolution's own padding."""
     scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 3, bias=True).to(conv.weight.device)
+    shape = {"padding": conv.padding, "padding_mode": conv.padding_mode} if padded else {}
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, bias=True, **shape)
+    fused = fused.to(conv.weight.device)
     fused.weight.copy_(conv.weight * scale[:, None, None, None])
     fused.bias.copy_(norm.bias - norm.running_mean * scale)
     return fused
@@ -268,7 +270,7 @@ def fold_batchnorm_plain(model: UNet) -> UNet:
         layers = list(block.block)
         for i, layer in enumerate(layers):
             if isinstance(layer, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d):
-                layers[i], layers[i + 1] = fuse_conv_bn_eval(layer, layers[i + 1]), nn.Identity()
+                layers[i], layers[i + 1] = fold_conv(layer, layers[i + 1], padded=True), nn.Identity()
             elif isinstance(layer, nn.Dropout2d):
                 layers[i] = nn.Identity()
         block.block = nn.Sequential(*layers)
