@@ -1,23 +1,30 @@
-"""Compare the reference recipe with the recommended one on your own labelled data, side by side.
+"""Compare training recipes on your own labelled data, side by side, on the same tiles and budget.
 
     python compare_recipes.py --data_dir=path/to/data --group_pattern='^(.+)_r\\d+c\\d+$' --base_width=16 --epochs=8
 
-1. Split the data once by scene (``group_pattern``; all tiles of a scene in one split, so neighbouring
-   tiles cannot leak from training into the test figures).
+1. Split the data by scene (``group_pattern``; all tiles of a scene in one split, so neighbouring tiles
+   cannot leak from training into the test figures), once per seed of ``--split_seeds`` (the seed also
+   seeds the weights and the augmentation of that split's runs).
 2. For the whole data set, and for a minority subset (the tiles with the least farmland, the share set by
-   ``--minority_quantile``, kept within the same scene split), train the reference recipe
-   (``--recipe=reference``) and the recommended one (``--recipe=recommended``) on the same number of tile
-   passes, predict the test split and score it with miou.py.
-3. Print a table and write run_dir/comparison.json: test farmland IoU pooled and per image, boundary IoU,
-   best epoch, tuned threshold and training time of each run.
+   ``--minority_quantile``, kept within the same scene split), train every variant on the same number of
+   tile passes, predict the test split and score it with miou.py.
+3. Print a table and write run_dir/comparison.json (every figure of every run) and comparison.md (the
+   table, with the mean over split seeds when there are several).
 
-Any other ``--key=value`` is a config key passed to every run (for example ``--num_workers=4``).
-Offline flips (augment.py) are left out of both recipes, so both see exactly the same tiles.
+Variants (``--variants``, comma separated): a recipe name (``reference``, ``recommended``), optionally with
+settings changed after a ``+``: ``recommended+dropout=0+colour_jitter=0``. ``--ablate`` adds, for every
+setting of the recommended recipe, the recommended recipe with that one setting back at the reference's
+value: which settings earn their place. The default compares the two recipes.
+Any other ``--key=value`` is a config key passed to every run (for example ``--num_workers=4``); with
+``--time_budget=MINUTES`` every run trains for the same time instead of the same tile passes.
+A run whose result.json matches its settings is not trained again: an interrupted comparison continues.
+Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -33,11 +40,65 @@ import miou
 import predict
 import split_dataset
 import train
+from config import RECOMMENDED, Config
 from data_preprocess import SPLIT_NAMES, load_mask, read_pair_list, write_pair_list
 from runtime import load_checkpoint
 
 LOG = logging.getLogger("compare_recipes")
 RECIPES = ("reference", "recommended")
+SCORES = ("test_farmland_iou_pooled", "test_farmland_iou_per_image", "test_boundary_iou_pooled")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A recipe with some of its settings changed: what one row of the comparison trains."""
+
+    recipe: str
+    changes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The variant as written on the command line, e.g. recommended+dropout=0."""
+        return "+".join([self.recipe, *(f"{k}={v}" for k, v in self.changes)])
+
+    def arguments(self) -> list[str]:
+        """The train.py arguments that select it."""
+        return [f"--recipe={self.recipe}", *(f"--{k}={v}" for k, v in self.changes)]
+
+
+def parse_variant(text: str) -> Variant:
+    """``recipe[+key=value...]`` as a Variant.
+
+    Raises:
+        ValueError: an unknown recipe or config key, or a change without ``=``.
+    """
+    recipe, *changes = text.strip().split("+")
+    if recipe not in RECIPES:
+        raise ValueError(f"variant {text!r}: starts with {recipe!r}; expected one of {', '.join(RECIPES)}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    pairs = []
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep or key not in known:
+            raise ValueError(
+                f"variant {text!r}: {change!r} is not a config key=value; write e.g. recommended+dropout=0"
+            )
+        pairs.append((key, value))
+    return Variant(recipe, tuple(pairs))
+
+
+def ablation_variants() -> list[Variant]:
+    """The recommended recipe with each of its settings, one at a time, back at the reference's value."""
+    reference = Config()
+    return [Variant("recommended", ((key, str(getattr(reference, key)).lower()),)) for key in RECOMMENDED]
+
+
+def choose_variants(text: str, ablate: bool) -> list[Variant]:
+    """The variants to run: the listed ones (default: both recipes), then the ablation's, without repeats."""
+    chosen = [parse_variant(t) for t in text.split(",") if t.strip()] or [Variant(r) for r in RECIPES]
+    if ablate:
+        chosen += [Variant("recommended"), *ablation_variants()]
+    return list(dict.fromkeys(chosen))
 
 
 def farmland_fraction(mask_path: Path, mask_threshold: int = 0, ignore_index: int = -1) -> float:
@@ -62,15 +123,24 @@ def minority_splits(
     return kept, float(np.mean(shares)) if shares else float("nan")
 
 
-def run_recipe(
-    run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], recipe: str, epochs: int, overrides: Sequence[str]
+def run_variant(
+    run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], variant: Variant, epochs: int, overrides: Sequence[str]
 ) -> dict:
-    """Train, predict and score one recipe in ``run_dir``; return its figures."""
+    """Train, predict and score one variant in ``run_dir``; return its figures (kept in run_dir/result.json,
+    and taken from there instead of training again when the settings are the same)."""
+    settings = {"variant": variant.name, "epochs": epochs, "overrides": list(overrides)}
+    settings["splits"] = {name: [str(p[0]) for p in splits[name]] for name in SPLIT_NAMES}
+    saved = run_dir / "result.json"
+    if saved.is_file():
+        result = json.loads(saved.read_text(encoding="utf-8"))
+        if result.get("settings") == settings:
+            LOG.info("%s: already done, figures taken from %s", run_dir, saved)
+            return result["row"]
     for name in SPLIT_NAMES:
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     common = [*overrides, f"--run_dir={run_dir}"]  # the last value of a key wins
     started = time.perf_counter()
-    if train.main([*common, f"--recipe={recipe}", f"--epochs={epochs}"]) != 0:
+    if train.main([*common, *variant.arguments(), f"--epochs={epochs}"]) != 0:
         raise RuntimeError(f"{run_dir}: training failed; see {run_dir / 'logs' / 'train.log'}")
     seconds = time.perf_counter() - started
     # A stale metrics.json from an earlier run must never pass for this one's.
@@ -79,17 +149,26 @@ def run_recipe(
         raise RuntimeError(f"{run_dir}: prediction failed; see {run_dir / 'logs' / 'predict.log'}")
     if miou.main(common) != 0:
         raise RuntimeError(f"{run_dir}: scoring failed; see {run_dir / 'logs' / 'miou.log'}")
+    row = result_row(run_dir, splits, variant, seconds)
+    files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
+    return row
+
+
+def result_row(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], variant: Variant, seconds: float) -> dict:
+    """One run's figures: test scores from metrics.json, the training from the best and last checkpoints."""
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     best = load_checkpoint(run_dir / "checkpoints" / "best.pth")
+    history = load_checkpoint(run_dir / "checkpoints" / "last.pth")["history"]
     return {
-        "recipe": recipe,
+        "recipe": variant.name,
         "train_tiles": len(splits["train"]),
         "test_tiles": len(splits["test"]),
-        "epochs": epochs,
-        "tile_passes": epochs * len(splits["train"]),
+        "epochs": len(history),
+        "tile_passes": len(history) * len(splits["train"]),
         "best_epoch": best["epoch"],
         "threshold": best.get("threshold"),
         "train_minutes": round(seconds / 60, 2),
+        "final_train_loss": round(float(history[-1]["train_loss"]), 4),
         "test_farmland_iou_pooled": metrics["pooled"]["farmland_iou"],
         "test_farmland_iou_per_image": metrics["per_image"]["farmland_iou"],
         "test_boundary_iou_pooled": metrics["pooled"]["boundary_iou"],
@@ -104,47 +183,99 @@ def ratio_predicted(counts: dict) -> float:
     return (counts["tp"] + counts["fp"]) / total if total else float("nan")
 
 
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """For each (data, recipe) run on several split seeds, a row with the mean of its scores over the seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["data"], r["recipe"]), []).append(r)
+    means = []
+    for (data, recipe), members in groups.items():
+        if len(members) < 2:
+            continue
+        mean = {key: float(np.mean([m[key] for m in members if m[key] is not None])) for key in SCORES}
+        predicted = float(np.mean([m["test_predicted_farmland"] for m in members]))
+        minutes = float(np.mean([m["train_minutes"] for m in members]))
+        means.append(
+            {
+                "data": data,
+                "recipe": recipe,
+                "seed": "mean",
+                "test_predicted_farmland": predicted,
+                "train_minutes": minutes,
+                "worst_pooled": min(m[SCORES[0]] for m in members),
+                **mean,
+            }
+        )
+    return means
+
+
 def table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table."""
+    """The comparison as a Markdown table (rows of seed 'mean' leave the per-run columns empty)."""
     lines = [
-        "| data | recipe | train tiles | epochs | tile passes | test IoU pooled | test IoU per image | "
-        "boundary IoU | predicted farmland | best epoch | threshold | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | split seed | recipe | train tiles | tile passes | test IoU pooled | test IoU per image | "
+        "boundary IoU | predicted farmland | final train loss | best epoch | threshold | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("seed") == "mean":
+            lines.append(
+                f"| {r['data']} | mean | {r['recipe']} | | | **{fmt(r[SCORES[0]])}** (worst {fmt(r['worst_pooled'])}) "
+                f"| {fmt(r[SCORES[1]])} | {fmt(r[SCORES[2]])} | {r['test_predicted_farmland']:.3f} | | | | "
+                f"{r['train_minutes']:.1f} |"
+            )
+            continue
         threshold = "argmax" if r["threshold"] is None else f"{r['threshold']:.3f}"
         lines.append(
-            f"| {r['data']} | {r['recipe']} | {r['train_tiles']} | {r['epochs']} | {r['tile_passes']} | "
-            f"{fmt(r['test_farmland_iou_pooled'])} | {fmt(r['test_farmland_iou_per_image'])} | "
-            f"{fmt(r['test_boundary_iou_pooled'])} | {r['test_predicted_farmland']:.3f} | {r['best_epoch']} | "
-            f"{threshold} | {r['train_minutes']:.1f} |"
+            f"| {r['data']} | {r.get('seed', '')} | {r['recipe']} | {r['train_tiles']} | {r['tile_passes']} | "
+            f"{fmt(r[SCORES[0]])} | {fmt(r[SCORES[1]])} | {fmt(r[SCORES[2]])} | {r['test_predicted_farmland']:.3f} | "
+            f"{r.get('final_train_loss', '')} | {r['best_epoch']} | {threshold} | {r['train_minutes']:.1f} |"
         )
     return "\n".join(lines)
 
 
 def fmt(value: float | None) -> str:
     """Three decimals, or n/a for an undefined figure."""
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Split once, run both recipes on the whole data and on its minority subset, print and save the table."""
+def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str], Config]:
+    """This script's own options, the config keys passed to every run, and the config they make.
+
+    Raises:
+        ValueError: --recipe given (the variants set it), or bad --split_seeds.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="", help="comma separated recipe[+key=value...]; default: both recipes")
+    parser.add_argument("--ablate", action="store_true", help="add the recommended recipe less each of its settings")
+    parser.add_argument(
+        "--split_seeds", default="", help="comma separated seeds, one scene split each; default: --seed"
+    )
     parser.add_argument("--minority_quantile", type=float, default=0.25, help="share of tiles (least farmland) kept")
     parser.add_argument("--minority_epochs", type=int, default=0, help="0: as many tile passes as the whole set")
     parser.add_argument("--skip_minority", action="store_true", help="compare on the whole data set only")
+    parser.add_argument("--only_minority", action="store_true", help="compare on the minority subset only")
     known, overrides = parser.parse_known_args(argv)
     cfg = cli.parse_args(overrides, __doc__ or "")
-    if cfg.recipe != "reference":
-        raise ValueError("compare_recipes.py sets --recipe itself; leave it out")
-    root = Path(cfg.run_dir)
-    overrides = [a for a in overrides if not a.startswith("--epochs=")]
-    cli.check_paths(cfg)
-    if split_dataset.main([*overrides]) != 0:
+    if any(a.startswith("--recipe=") for a in overrides):
+        raise ValueError("compare_recipes.py sets --recipe itself through --variants; leave --recipe out")
+    try:
+        known.seeds = [int(s) for s in known.split_seeds.split(",") if s.strip()] or [cfg.seed]
+    except ValueError:
+        raise ValueError(
+            f"--split_seeds={known.split_seeds!r}: expected comma separated integers, e.g. 1,2,3"
+        ) from None
+    known.variant_list = choose_variants(known.variants, known.ablate)
+    return known, [a for a in overrides if not a.startswith(("--epochs=", "--seed="))], cfg
+
+
+def seed_datasets(
+    known: argparse.Namespace, cfg: Config, overrides: list[str], seed: int, root: Path
+) -> list[tuple[str, dict, int]]:
+    """Split the data with this seed under root; return the (name, splits, epochs) of each data set to run."""
+    if split_dataset.main([*overrides, f"--seed={seed}", f"--run_dir={root}"]) != 0:
         LOG.warning("some pairs were left out of the split; see %s", root / "splits" / "rejected.csv")
-    cli.setup_logging(cfg, "compare_recipes")
     splits = {name: read_pair_list(root / "splits" / f"{name}.txt") for name in SPLIT_NAMES}
-    datasets = [("all", splits, cfg.epochs)]
+    datasets = [] if known.only_minority else [("all", splits, cfg.epochs)]
     if not known.skip_minority:
         subset, share = minority_splits(splits, known.minority_quantile, cfg.mask_threshold, cfg.ignore_index)
         passes = cfg.epochs * len(splits["train"])
@@ -155,16 +286,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             100 * share,
         )
         datasets.append(("minority", subset, epochs))
-    rows = []
-    for data_name, data_splits, epochs in datasets:
-        for recipe in RECIPES:
-            run_dir = root / data_name / recipe
-            row = {"data": data_name, **run_recipe(run_dir, data_splits, recipe, epochs, overrides)}
-            rows.append(row)
-            cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs
-            LOG.info("%s", json.dumps(row))
-            files.atomic_write_text(root / "comparison.json", json.dumps(rows, indent=2) + "\n")
-    print(table(rows))
+    return datasets
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Split once per seed, run every variant on the whole data and on its minority subset, print and save."""
+    known, overrides, cfg = parse_arguments(argv)
+    base = Path(cfg.run_dir)
+    cli.check_paths(cfg)
+    rows: list[dict] = []
+    for seed in known.seeds:
+        root = base / f"seed_{seed}" if len(known.seeds) > 1 else base
+        datasets = seed_datasets(known, cfg, overrides, seed, root)
+        cli.setup_logging(cfg, "compare_recipes")
+        for data_name, data_splits, epochs in datasets:
+            for variant in known.variant_list:
+                run_dir = root / data_name / variant.name
+                run_args = [*overrides, f"--seed={seed}"]
+                row = {"data": data_name, "seed": seed, **run_variant(run_dir, data_splits, variant, epochs, run_args)}
+                rows.append(row)
+                cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs
+                LOG.info("%s", json.dumps(row))
+                files.atomic_write_text(base / "comparison.json", json.dumps(rows, indent=2) + "\n")
+    text = table(rows + mean_rows(rows))
+    files.atomic_write_text(base / "comparison.md", text + "\n")
+    print(text)
     return 0
 
 

@@ -1,0 +1,104 @@
+"""compare_recipes.py: variants, the ablation list, means over split seeds, and a tiny comparison end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import args, close_log_files
+
+import compare_recipes
+from config import RECOMMENDED
+
+
+def test_variant_names_round_trip_to_train_arguments() -> None:
+    variant = compare_recipes.parse_variant("recommended+dropout=0+colour_jitter=0")
+    assert variant.name == "recommended+dropout=0+colour_jitter=0"
+    assert variant.arguments() == ["--recipe=recommended", "--dropout=0", "--colour_jitter=0"]
+    assert compare_recipes.parse_variant(" reference ").arguments() == ["--recipe=reference"]
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [("fancy", "'fancy'"), ("recommended+dropout", "'dropout'"), ("recommended+no_such_key=1", "'no_such_key=1'")],
+)
+def test_bad_variants_are_refused_with_the_part_at_fault(text: str, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        compare_recipes.parse_variant(text)
+
+
+def test_ablation_turns_back_each_recommended_setting_alone() -> None:
+    variants = compare_recipes.choose_variants("reference", ablate=True)
+    names = [v.name for v in variants]
+    assert names[:2] == ["reference", "recommended"]
+    ablated = variants[2:]
+    assert [v.changes[0][0] for v in ablated] == list(RECOMMENDED)
+    assert all(len(v.changes) == 1 for v in ablated)
+    # The reference's values, as train.py's command line reads them.
+    assert "recommended+loss=ce" in names and "recommended+normalise=false" in names
+    assert len(names) == len(set(names))
+
+
+def test_means_over_split_seeds_are_computed_per_data_and_recipe() -> None:
+    def row(seed: int, recipe: str, pooled: float, per_image: float) -> dict:
+        return {
+            "data": "all",
+            "seed": seed,
+            "recipe": recipe,
+            "test_farmland_iou_pooled": pooled,
+            "test_farmland_iou_per_image": per_image,
+            "test_boundary_iou_pooled": 0.1,
+            "test_predicted_farmland": 0.2,
+            "train_minutes": 1.0,
+        }
+
+    rows = [row(1, "a", 0.5, 0.2), row(2, "a", 0.7, 0.4), row(3, "a", 0.6, 0.3), row(1, "b", 0.9, 0.9)]
+    (mean,) = compare_recipes.mean_rows(rows)  # "b" ran on one seed only: no mean row
+    assert mean["recipe"] == "a" and mean["seed"] == "mean"
+    assert mean["test_farmland_iou_pooled"] == pytest.approx(0.6)
+    assert mean["test_farmland_iou_per_image"] == pytest.approx(0.3)
+    assert mean["worst_pooled"] == 0.5
+    assert "**0.600** (worst 0.500)" in compare_recipes.table([mean])
+
+
+def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "cmp"
+    argv = [
+        *args(square_data, run_dir, "--epochs=1", "--tensorboard=false"),
+        "--variants=reference,recommended+dropout=0",
+        "--split_seeds=3,4",
+        "--skip_minority",
+    ]
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    rows = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))
+    assert [(r["seed"], r["recipe"]) for r in rows] == [
+        (3, "reference"),
+        (3, "recommended+dropout=0"),
+        (4, "reference"),
+        (4, "recommended+dropout=0"),
+    ]
+    for r in rows:
+        assert 0.0 <= r["test_farmland_iou_pooled"] <= 1.0
+        assert r["tile_passes"] == r["train_tiles"] * r["epochs"] and r["epochs"] == 1
+    # Each seed made its own scene split.
+    split_3 = (run_dir / "seed_3" / "splits" / "test.txt").read_text(encoding="utf-8")
+    split_4 = (run_dir / "seed_4" / "splits" / "test.txt").read_text(encoding="utf-8")
+    assert split_3 != split_4
+    saved = json.loads((run_dir / "seed_3" / "all" / "recommended+dropout=0" / "configs" / "train.json").read_text())
+    assert saved["dropout"] == 0 and saved["recipe"] == "recommended" and saved["seed"] == 3
+    table = (run_dir / "comparison.md").read_text(encoding="utf-8")
+    assert "| all | mean | reference |" in table and "| all | mean | recommended+dropout=0 |" in table
+    # A second call finds every run done and trains nothing again.
+    checkpoint = run_dir / "seed_4" / "all" / "reference" / "checkpoints" / "best.pth"
+    stamp = checkpoint.stat().st_mtime_ns
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert json.loads((run_dir / "comparison.json").read_text(encoding="utf-8")) == rows
+
+
+def test_recipe_key_is_refused(square_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--variants"):
+        compare_recipes.main([*args(square_data, tmp_path / "cmp"), "--recipe=recommended"])
