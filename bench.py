@@ -1,16 +1,18 @@
 """Benchmark: the project's fast path against the plain reference recipe, side by side, in one run.
 
-    python bench.py                      # full-width U-Net, 256x256 tiles (minutes on a small CPU)
-    python bench.py --width=16 --tile=128 --train_steps=4
+    python bench.py                      # widths 16, 32, 64, each encoder, 256x256 tiles (many minutes on a small CPU)
+    python bench.py --widths=16 --encoders=unet --tile=128 --train_steps=4
 
-On the same generated tiles and network width it measures
+On the same generated tiles, for every network width (``--widths``) and encoder (``--encoders``), it measures
 - training throughput (tiles/s) and peak memory: reference = fp32, contiguous memory, batch 5, no loader
   workers, tiles decoded every time; fast = the config's defaults (mixed precision where the hardware runs
   it natively, channels-last, loader workers, decoded-tile cache, freed memory reused; on CUDA also fused
-  Adam, cudnn autotune and a larger batch);
+  Adam, cudnn autotune and a larger batch); on a CPU the fast path's precision and layout are those that
+  fast_path.py times and chooses for that network, as train.py and predict.py do, and the table says which;
 - prediction throughput (tiles/s, masks written to disk): reference = one image at a time in fp32;
   fast = predict.py's path (BatchNorm folded, padding and concatenation written into the buffers the
   convolutions read, reduced precision, channels-last, batches, reading workers, freed memory reused);
+and, once, for the U-Net at ``--width`` (the widest by default):
 - prediction's backends side by side in predict.py's loop (tiles/s): the fast path in float32 as well as
   in its default precision (bf16 where the CPU runs it natively), and on a CPU the same network exported by
   export_onnx.py run by onnxruntime, in float32 and as the 8-bit copy (``--quantize=int8``); the table names
@@ -23,8 +25,9 @@ On the same generated tiles and network width it measures
 - the reference once more with the project's allocator setting alone (``reuse_memory``: freed memory kept for
   reuse), so that the share of that one process-wide setting in each ratio is seen;
 and prints each pair's ratio. Every measurement runs in a fresh process, so peak memory is its own. The
-table is printed and written as JSON with the machine (CPU model, cores, GPU), the torch version, and the
-network's FLOPs per tile, from which the achieved FLOP/s follow.
+tables are printed and written as JSON with the machine (CPU model, cores, GPU), the torch version, and the
+network's FLOPs per tile, from which the achieved FLOP/s follow; the table by width and encoder also as
+Markdown beside the JSON.
 """
 
 from __future__ import annotations
@@ -48,12 +51,13 @@ import onnx_build
 import onnx_quantize
 from benchmarking import measure_scene, random_checkpoint
 from config import Config
-from data_preprocess import FarmlandDataset, load_image, load_mask, write_image
+from data_preprocess import IGNORE, FarmlandDataset, load_image, load_mask, write_image
 from demo_data import generate_dataset
 from exported_model import load_segmenter
+from fast_path import prediction_path, training_path
 from inference import inference_model, model_from_checkpoint
 from metrics import class_iou, confusion_matrix, evaluate_pairs
-from net_structure import build_model
+from net_structure import ENCODERS, build_model
 from runtime import (
     keep_freed_memory,
     machine,
@@ -69,11 +73,11 @@ from training import make_loader, make_optimizer, train_epoch
 REFERENCE_BATCH = 5
 
 
-def forward_flops(width: int, tile: int) -> int:
+def forward_flops(width: int, tile: int, encoder: str = "unet") -> int:
     """FLOPs (multiply and add counted apart) of one forward pass of one tile, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(3, 2, width, 0.0).eval()
+    model = build_model(3, 2, width, 0.0, encoder).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, 3, tile, tile))
     return int(counter.get_total_flops())
@@ -125,13 +129,16 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
     if cfg.reuse_memory:
         keep_freed_memory()
     device = select_device(cfg.device)
-    amp = resolve_amp(cfg.amp, device)
     torch.backends.cudnn.benchmark = fast and device.type == "cuda"
     cache = cfg.cache_tiles == "yes"
-    loader = make_loader(FarmlandDataset(pairs, 3, True, 0, cache), cfg, device, shuffle=True)
-    layout = memory_format(cfg.channels_last)
+    dataset = FarmlandDataset(pairs, 3, True, 0, cache)
+    loader = make_loader(dataset, cfg, device, shuffle=True)
     torch.manual_seed(0)
-    model = build_model(3, 2, cfg.base_width, cfg.dropout).to(device, memory_format=layout)
+    model = build_model(3, 2, cfg.base_width, cfg.dropout, cfg.encoder).to(device, memory_format=memory_format(True))
+    # As train.py: under amp=auto on a CPU the precision and layout are timed and chosen (not counted below).
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
+    choice = training_path(cfg, model, criterion, tuple(dataset[0][0].shape), device)
+    amp, layout = choice.candidate.amp, choice.candidate.layout
     if fast:
         optimizer = make_optimizer(model, cfg, device)
     else:
@@ -143,18 +150,33 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
     _, taken = train_epoch(model, loader, optimizer, scaler, device, layout, amp, max_steps=steps)
     synchronize(device)
     seconds = time.perf_counter() - started
-    return {"tiles_per_s": taken * cfg.batch_size / seconds, "peak_bytes": peak_memory(device), "batch": cfg.batch_size}
+    return {
+        "tiles_per_s": taken * cfg.batch_size / seconds,
+        "peak_bytes": peak_memory(device),
+        "batch": cfg.batch_size,
+        **path_fields(choice.as_dict()),
+    }
+
+
+def path_fields(choice: dict[str, Any]) -> dict[str, Any]:
+    """A measurement's precision and layout (chosen by fast_path.py under amp=auto, else as set) and the choice."""
+    return {"precision": choice["precision"], "layout": choice["layout"], "choice": choice}
 
 
 def bench_predict_reference(
-    images: list[Path], width: int, device_name: str, out_dir: Path, reuse_memory: bool = False
+    images: list[Path],
+    width: int,
+    device_name: str,
+    out_dir: Path,
+    reuse_memory: bool = False,
+    encoder: str = "unet",
 ) -> dict[str, float]:
     """Tiles/s of the reference prediction: fp32, contiguous, one image at a time, masks written
     (``reuse_memory``: with the project's allocator setting alone, to show what it gives on its own)."""
     if reuse_memory:
         keep_freed_memory()
     device = select_device(device_name)
-    model = build_model(3, 2, width, 0.3).to(device).eval()
+    model = build_model(3, 2, width, 0.3, encoder).to(device).eval()
 
     def run(progress: Callable[[int], None]) -> None:
         with torch.no_grad():
@@ -164,26 +186,36 @@ def bench_predict_reference(
                 write_image(out_dir / f"{path.stem}_seg.png", mask * np.uint8(255))
                 progress(handled)
 
-    return steady_rate(run, device)
+    return {**steady_rate(run, device), "precision": "float32", "layout": "contiguous"}
 
 
 def bench_predict_fast(
-    images: list[Path], width: int, device_name: str, out_dir: Path, workers: int, amp_name: str = "auto"
+    images: list[Path],
+    width: int,
+    device_name: str,
+    out_dir: Path,
+    workers: int,
+    amp_name: str = "auto",
+    encoder: str = "unet",
 ) -> dict[str, float]:
     """Tiles/s of predict.py's own tile loop (predict_tiles): folded network, reduced precision (``amp_name``
-    as the ``amp`` key: off for float32), channels-last, batches read by workers, masks written by a
+    as the ``amp`` key: off for float32; under auto on a CPU the precision and layout that fast_path.py times
+    and chooses, as predict_tiles does, the choice not counted), batches read by workers, masks written by a
     background thread."""
     keep_freed_memory()  # as predict.py does with the default reuse_memory=true
     device = select_device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     state = {
-        "model": build_model(3, 2, width, 0.3).state_dict(),
-        "config": {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3},
+        "model": build_model(3, 2, width, 0.3, encoder).state_dict(),
+        "config": {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3, "encoder": encoder},
     }
-    amp = resolve_amp(amp_name, device)
-    model = inference_model(state, device, True, amp)
-    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False)
+    model = inference_model(state, device, True, resolve_amp(amp_name, device))
+    model, choice = prediction_path(model, state, amp_name, True, device, load_image(images[0], 3).shape)
+    amp = choice.candidate.amp
+    # The choice made, predict_tiles is told it, so that it does not time the candidates again.
+    chosen = {"amp": choice.candidate.amp_key, "channels_last": choice.candidate.channels_last}
+    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False, **chosen)
     outputs = [out_dir / f"{i}_seg.png" for i in range(len(images))]  # a tile may come more than once
 
     def run(progress: Callable[[int], None]) -> None:
@@ -193,7 +225,7 @@ def bench_predict_fast(
         if done != len(images) or failed:
             raise RuntimeError(f"bench: predicted {done} of {len(images)} tiles")
 
-    return steady_rate(run, device)
+    return {**steady_rate(run, device), **path_fields(choice.as_dict())}
 
 
 def export_bench_models(width: int, folder: Path, calibration: list[Path]) -> dict[str, str]:
@@ -349,10 +381,32 @@ def in_subprocess(function: Callable[..., dict], *args: Any) -> dict:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line, with sizes that depend on the device filled in (CPU or CUDA)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=64, help="U-Net base width (64 = the reference network)")
+    parser.add_argument(
+        "--widths", default="", help="base widths measured, comma-separated; empty = 16,32,64 (or --width alone)"
+    )
+    parser.add_argument(
+        "--encoders", default="", help=f"networks measured at each width, of {','.join(ENCODERS)}; empty = all"
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=0,
+        help="width of the one-off rows (memory reuse alone, backends, the loop, the scene), on the U-Net; "
+        "0 = the widest of --widths",
+    )
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
-    parser.add_argument("--train_steps", type=int, default=0, help="timed training steps; 0 = 3 on CPU, 30 on CUDA")
-    parser.add_argument("--predict_tiles", type=int, default=0, help="tiles predicted; 0 = 32 on CPU, 4096 on CUDA")
+    parser.add_argument(
+        "--train_steps",
+        type=int,
+        default=0,
+        help="timed training steps; 0 = 3 on CPU (30 on CUDA) for the full-width U-Net, up to 4x more for lighter ones",
+    )
+    parser.add_argument(
+        "--predict_tiles",
+        type=int,
+        default=0,
+        help="tiles predicted; 0 = 32 on CPU (4096 on CUDA) for the full-width U-Net, up to 4x more for lighter ones",
+    )
     parser.add_argument("--loop_tiles", type=int, default=512, help="tiles through the prediction loop without network")
     parser.add_argument(
         "--scene_size",
@@ -373,18 +427,30 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     args.fast_batch = args.fast_batch or (32 if cuda else REFERENCE_BATCH)
+    args.scaled = (args.train_steps == 0, args.predict_tiles == 0)  # defaults grow for lighter networks (case_sizes)
     args.train_steps = args.train_steps or (30 if cuda else 3)
     args.predict_tiles = args.predict_tiles or (4096 if cuda else 32)
+    widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    args.widths = widths or ([args.width] if args.width else [16, 32, 64])
+    args.width = args.width or max(args.widths)
+    args.encoders = [e.strip() for e in args.encoders.split(",") if e.strip()] or list(ENCODERS)
+    unknown = sorted(set(args.encoders) - set(ENCODERS))
+    if unknown:
+        parser.error(f"--encoders: {', '.join(unknown)} unknown; expected some of {', '.join(ENCODERS)}")
+    if min(args.widths) < 1:
+        parser.error(f"--widths={','.join(map(str, args.widths))}: expected positive widths, such as 16,32,64")
     args.scene_size = args.scene_size or (16384 if cuda else 2048)
     args.workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else Config().num_workers)
     return args
 
 
-def measure_training(args: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> dict[str, Any]:
-    """Training tiles/s: the reference loop, the fast path, and the reference with reuse_memory alone."""
-    reference = {
-        "base_width": args.width,
-        "device": args.device,
+def reference_settings(width: int, encoder: str, device: str) -> dict[str, Any]:
+    """The config overrides of the reference training recipe: fp32, contiguous, batch 5, tiles decoded every
+    time in the main process, memory handed back."""
+    return {
+        "base_width": width,
+        "encoder": encoder,
+        "device": device,
         "amp": "off",
         "channels_last": False,
         "batch_size": REFERENCE_BATCH,
@@ -392,19 +458,68 @@ def measure_training(args: argparse.Namespace, pairs: list[tuple[Path, Path]]) -
         "cache_tiles": "no",
         "reuse_memory": False,
     }
-    fast = {"base_width": args.width, "device": args.device, "batch_size": args.fast_batch, "cache_tiles": "yes"}
-    steps = args.train_steps
+
+
+FULL_WIDTH = 64  # the reference U-Net's width, whose default sizes (3 steps, 32 tiles on a CPU) the others scale
+
+
+def case_sizes(args: argparse.Namespace, flops: float, full_flops: float) -> tuple[int, int]:
+    """Timed training steps and predicted tiles of one network: as given, else the defaults of the full-width
+    U-Net times how much lighter this network is (at most 4x), so that each timing spans seconds, not a few
+    hundred milliseconds of a busy machine."""
+    scale = min(4.0, max(1.0, full_flops / flops))
+    steps = round(args.train_steps * scale) if args.scaled[0] else args.train_steps
+    tiles = round(args.predict_tiles * scale) if args.scaled[1] else args.predict_tiles
+    return steps, tiles
+
+
+def measure_case(
+    args: argparse.Namespace, pairs: list[tuple[Path, Path]], tmp: Path, width: int, encoder: str, sizes: tuple
+) -> dict[str, Any]:
+    """One network (width, encoder): training and prediction tiles/s of the reference and of the fast path
+    (with the precision and layout it chose), side by side."""
+    steps, count = sizes
+    tiles = repeated([image for image, _ in pairs], count)
+    reference = reference_settings(width, encoder, args.device)
+    # The config's defaults otherwise (amp=auto, channels-last, loader workers, memory reuse): the fast path.
+    fast = {"base_width": width, "encoder": encoder, "device": args.device, "batch_size": args.fast_batch}
+    fast["cache_tiles"] = "yes"
+    name = f"{encoder}_{width}"
     return {
-        "reference": in_subprocess(bench_train, pairs, reference, steps, False),
-        "fast": in_subprocess(bench_train, pairs, fast, steps, True),
+        "width": width,
+        "encoder": encoder,
+        "train_steps": steps,
+        "predict_tiles": count,
+        "train": {
+            "reference": in_subprocess(bench_train, pairs, reference, steps, False),
+            "fast": in_subprocess(bench_train, pairs, fast, steps, True),
+        },
+        "predict": {
+            "reference": in_subprocess(
+                bench_predict_reference, tiles, width, args.device, tmp / f"ref_{name}", False, encoder
+            ),
+            "fast": in_subprocess(
+                bench_predict_fast, tiles, width, args.device, tmp / f"fast_{name}", args.workers, "auto", encoder
+            ),
+        },
+    }
+
+
+def measure_training(args: argparse.Namespace, pairs: list[tuple[Path, Path]], case: dict[str, Any]) -> dict[str, Any]:
+    """Training tiles/s: the reference loop and the fast path (the U-Net's case at --width), and the reference
+    with reuse_memory alone."""
+    reference = reference_settings(args.width, "unet", args.device)
+    steps = case["train_steps"]
+    return {
+        **case["train"],
         "reference_reuse_memory": in_subprocess(bench_train, pairs, {**reference, "reuse_memory": True}, steps, False),
     }
 
 
-def measure_backends(args: argparse.Namespace, images: list[Path], tmp: Path) -> dict[str, Any]:
+def measure_backends(args: argparse.Namespace, images: list[Path], tmp: Path, count: int) -> dict[str, Any]:
     """Prediction tiles/s of predict.py's loop by backend and precision: PyTorch in float32 (the fast path with
     ``--amp=off``) and, on a CPU, onnxruntime in float32 and 8 bits (predict.py ``--backend=onnx``)."""
-    tiles = repeated(images, args.predict_tiles)
+    tiles = repeated(images, count)
     found = {
         "torch_float32": in_subprocess(
             bench_predict_fast, tiles, args.width, args.device, tmp / "f32", args.workers, "off"
@@ -417,15 +532,14 @@ def measure_backends(args: argparse.Namespace, images: list[Path], tmp: Path) ->
     return found
 
 
-def measure_prediction(args: argparse.Namespace, images: list[Path], tmp: Path) -> dict[str, Any]:
-    """Prediction tiles/s: the reference loop, predict.py's loop, the reference with reuse_memory alone,
-    predict.py's loop with a network that costs nothing (the reading and writing ceiling), and predict.py's
-    loop by backend and precision (measure_backends)."""
-    tiles = repeated(images, args.predict_tiles)
+def measure_prediction(args: argparse.Namespace, images: list[Path], tmp: Path, case: dict[str, Any]) -> dict[str, Any]:
+    """Prediction tiles/s: the reference loop and predict.py's loop (the U-Net's case at --width), the reference
+    with reuse_memory alone, predict.py's loop with a network that costs nothing (the reading and writing
+    ceiling), and predict.py's loop by backend and precision (measure_backends)."""
+    tiles = repeated(images, case["predict_tiles"])
     return {
-        "backends": measure_backends(args, images, tmp),
-        "reference": in_subprocess(bench_predict_reference, tiles, args.width, args.device, tmp / "ref"),
-        "fast": in_subprocess(bench_predict_fast, tiles, args.width, args.device, tmp / "fast", args.workers),
+        "backends": measure_backends(args, images, tmp, case["predict_tiles"]),
+        **case["predict"],
         "reference_reuse_memory": in_subprocess(
             bench_predict_reference, tiles, args.width, args.device, tmp / "ref_memory", True
         ),
@@ -446,10 +560,14 @@ def add_ratios(results: dict[str, Any], flops: float) -> None:
         passes = 3 if key == "train" else 1  # a training step is about a forward and a twice-as-costly backward
         for variant in ("reference", "fast", "reference_reuse_memory"):
             pair[variant]["tflop_per_s"] = pair[variant]["tiles_per_s"] * flops * passes / 1e12
-            dtype = results["fast_dtype"] if variant == "fast" else "float32"
+            # The fast path against the peak of the precision it ran in (chosen where timed, the old rule's before).
+            dtype = pair[variant].get("precision", results["fast_dtype"]) if variant == "fast" else "float32"
             pair[variant]["fraction_of_matmul_peak"] = (
                 pair[variant]["tflop_per_s"] / results["matmul_peak_tflop_per_s"][dtype]
             )
+    for case in results.get("cases", []):
+        for key in ("train", "predict"):
+            case[key]["speedup"] = case[key]["fast"]["tiles_per_s"] / case[key]["reference"]["tiles_per_s"]
     metrics = results["metrics"]
     metrics["speedup"] = metrics["reference_s_per_image"] / metrics["fast_s_per_image"]
     backends = results["predict"]["backends"]
@@ -471,14 +589,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "width": args.width,
         "tile": args.tile,
         "forward_gflop_per_tile": flops / 1e9,
+        "widths": args.widths,
+        "encoders": args.encoders,
     }
+    # Every (width, encoder) asked for, and the U-Net at --width, whose case the one-off rows go with.
+    networks = [(w, e) for w in args.widths for e in args.encoders]
+    networks += [] if (args.width, "unet") in networks else [(args.width, "unet")]
+    full_flops = forward_flops(FULL_WIDTH, args.tile)
+    network_flops = {network: forward_flops(network[0], args.tile, network[1]) for network in networks}
+    sizes = {network: case_sizes(args, network_flops[network], full_flops) for network in networks}
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         n_tiles = max(
-            min(args.predict_tiles, 256),  # predicted over again when more are asked for
+            min(max(count for _, count in sizes.values()), 256),  # predicted over again when more are asked for
             args.metric_images,
-            args.fast_batch * (args.train_steps + 1),
-            REFERENCE_BATCH * (args.train_steps + 1),
+            max(args.fast_batch, REFERENCE_BATCH) * (max(steps for steps, _ in sizes.values()) + 1),
         )
         images = generate_dataset(tmp / "data", n_tiles, args.tile, seed=0)
         pairs = [(p, tmp / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
@@ -486,13 +611,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         fast_dtype = str(resolve_amp("auto", select_device(args.device)) or torch.float32).removeprefix("torch.")
         results["matmul_peak_tflop_per_s"] = in_subprocess(matmul_peaks, args.device, sorted({"float32", fast_dtype}))
         results["fast_dtype"] = fast_dtype
-        print("training ...", flush=True)
-        results["train"] = measure_training(args, pairs)
-        print("prediction ...", flush=True)
-        results["predict"] = measure_prediction(args, images, tmp)
+        results["cases"] = []
+        for width, encoder in networks:
+            print(f"{encoder} width {width}: training and prediction, reference and fast ...", flush=True)
+            case = measure_case(args, pairs, tmp, width, encoder, sizes[width, encoder])
+            results["cases"].append({**case, "forward_gflop_per_tile": network_flops[width, encoder] / 1e9})
+        primary = next(c for c in results["cases"] if (c["width"], c["encoder"]) == (args.width, "unet"))
+        print("training, one-off rows ...", flush=True)
+        results["train"] = measure_training(args, pairs, primary)
+        print("prediction, one-off rows ...", flush=True)
+        results["predict"] = measure_prediction(args, images, tmp, primary)
         print("metrics ...", flush=True)
-        scored = pairs[: min(args.metric_images, args.predict_tiles)]
-        results["metrics"] = bench_metrics([(p.stem, m, tmp / "ref" / f"{p.stem}_seg.png") for p, m in scored])
+        scored = pairs[: min(args.metric_images, primary["predict_tiles"])]
+        masks = tmp / f"ref_unet_{args.width}"  # the reference's masks of the U-Net at --width
+        results["metrics"] = bench_metrics([(p.stem, m, masks / f"{p.stem}_seg.png") for p, m in scored])
         print("scene ...", flush=True)
         checkpoint = random_checkpoint(args.width, tmp)
         settings = {"window": Config.window, "overlap": Config.overlap, "device": args.device}
@@ -500,8 +632,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_ratios(results, flops)
     print_table(results)
     files.atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
-    print(f"written to {args.out}")
+    markdown = args.out.with_suffix(".md")
+    files.atomic_write_text(markdown, cases_markdown(results))
+    print(f"written to {args.out} (the table by width and encoder also to {markdown})")
     return 0
+
+
+def path_label(found: dict[str, Any]) -> str:
+    """The precision and layout a fast measurement ran in, 'bf16 channels-last'; '(untimed)' where fast_path.py
+    did not time the candidates (a forced amp, CUDA, a tiny network)."""
+    choice = found["choice"]
+    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(choice["precision"], "fp32")
+    label = f"{precision} {choice['layout'].replace('_', '-')}"
+    return label if choice["why"] == "measured" else f"{label} (untimed)"
+
+
+CASE_COLUMNS = ["width", "encoder", "GFLOP/tile", "training tiles/s: reference", "fast", "ratio", "fast path"]
+CASE_COLUMNS += ["prediction tiles/s: reference", "fast", "ratio", "fast path"]
+
+
+def cases_markdown(results: dict[str, Any]) -> str:
+    """The table by network (Markdown): width, encoder, forward GFLOP per tile, and for training and prediction
+    the reference's and the fast path's tiles/s, their ratio and the precision and layout the fast path chose."""
+    info = results["machine"]
+    lines = [
+        f"{info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}; {results['tile']}x{results['tile']} tiles",
+        "",
+        "| " + " | ".join(CASE_COLUMNS) + " |",
+        "|" + "---|" * len(CASE_COLUMNS),
+    ]
+    for case in results["cases"]:
+        cells = [str(case["width"]), case["encoder"], f"{case['forward_gflop_per_tile']:.1f}"]
+        for key in ("train", "predict"):
+            pair = case[key]
+            rates = [f"{pair[variant]['tiles_per_s']:.2f}" for variant in ("reference", "fast")]
+            cells += [*rates, f"{pair['speedup']:.2f}x", path_label(pair["fast"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -562,6 +729,8 @@ def print_table(results: dict[str, Any]) -> None:
     choice = "--backend=onnx" + (" --onnx_model=RUN/export/farmland_int8.onnx" if fastest == "onnx_int8" else "")
     advice = f"predict.py {choice} (export_onnx.py first)" if fastest.startswith("onnx") else "the default (torch)"
     print(f"\nfastest prediction here: {fastest}; to use it: {advice}")
+    if results.get("cases"):
+        print(f"\nby width and encoder:\n\n{cases_markdown(results)}")
 
 
 def backend_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -40,7 +40,8 @@ import scene
 from config import Config
 from data_preprocess import is_image_file
 from files import DataError
-from inference import decision_threshold, inference_model
+from inference import decision_threshold, inference_model, with_threshold
+from net_structure import encoder_of, size_multiple
 from runtime import keep_freed_memory, load_checkpoint, resolve_amp, select_device
 
 LOG = logging.getLogger("change")
@@ -200,11 +201,11 @@ def open_pair(pair: Pair, bands: Sequence[int], in_channels: int) -> Iterator[tu
 
 def fit_window(settings: scene.SceneSettings, image: scene.Scene) -> scene.SceneSettings:
     """The scene settings for one image: a tile no larger than one window is predicted in a single window of
-    its own size (rounded up to 16), not padded to a full window."""
+    its own size (rounded up to the network's grid: 16, or 32 for a ResNet encoder), not padded to a full window."""
     side = max(image.height, image.width)
     if side > settings.window:
         return settings
-    return dataclasses.replace(settings, window=max(32, -(-side // 16) * 16), overlap=0)
+    return dataclasses.replace(settings, window=max(32, -(-side // settings.grid) * settings.grid), overlap=0)
 
 
 def predict_dates(pair: Pair, before: scene.Scene, after: scene.Scene, job: ChangeJob) -> dict[str, Path]:
@@ -306,7 +307,7 @@ def make_job(cfg: Config) -> ChangeJob:
         raise ValueError(f"--backend={cfg.backend}: change.py predicts with the checkpoint in PyTorch; drop --backend")
     device = select_device(cfg.device)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.run_dir) / "checkpoints" / "best.pth"
-    state = load_checkpoint(checkpoint, device)
+    state = with_threshold(load_checkpoint(checkpoint, device), cfg.threshold)  # the user's cut, if given
     if not cfg.bands:
         cfg.bands = str(state["config"].get("bands", ""))  # the bands the network was trained on
     threshold = decision_threshold(state)
@@ -321,7 +322,7 @@ def make_job(cfg: Config) -> ChangeJob:
         keep_freed_memory()
     model = inference_model(state, device, cfg.channels_last, resolve_amp(cfg.amp, device))
     settings = dataclasses.replace(
-        scene.SceneSettings.from_config(cfg),
+        scene.SceneSettings.from_config(cfg, size_multiple(encoder_of(state["config"]))),
         save_probability=True,
         polygons=False,
         overlay=False,

@@ -265,7 +265,7 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
             f"--split_seeds={known.split_seeds!r}: expected comma separated integers, e.g. 1,2,3"
         ) from None
     known.variant_list = choose_variants(known.variants, known.ablate)
-    return known, [a for a in overrides if not a.startswith(("--epochs=", "--seed="))], cfg
+    return known, [a for a in overrides if not a.startswith(("--epochs=", "--seed=", "--run_dir="))], cfg
 
 
 def seed_datasets(

@@ -41,9 +41,12 @@ class Config:
     pixel_size_m: float = 0.0  # metres per pixel of the training tiles when they carry no georeference (0 = unknown)
     in_channels: int = 3  # bands of the input images (3 for RGB, 4 for RGB+NIR)
     n_classes: int = 2  # 0 = background, 1 = farmland
-    base_width: int = 64  # channels of the first U-Net level; levels have w, 2w, 4w, 8w, 16w
+    encoder: str = "unet"  # unet (the reference U-Net), resnet18 or resnet34 (ResNet encoder, U-Net decoder)
+    encoder_weights: str = ""  # resnet: torchvision ImageNet weights (.pth) to start from; "" = random init
+    base_width: int = 64  # channels of the first U-Net level (w, 2w, 4w, 8w, 16w); resnet: decoder widths 4w..w/4
     dropout: float = 0.3  # Dropout2d rate inside every double convolution
     epochs: int = 100  # training epochs
+    time_budget: float = 0.0  # minutes to train: the epochs that fit, planned from timed ones (not epochs); 0 = off
     batch_size: int = 5  # tiles per training step
     lr: float = 1e-4  # Adam learning rate
     loss: str = "ce"  # ce, weighted_ce (class weights from the training split), dice, ce_dice or focal
@@ -55,6 +58,7 @@ class Config:
     warmup_epochs: float = 0.0  # linear learning-rate warm-up over this many epochs, step by step; 0 = none
     early_stop: int = 0  # stop after this many epochs without a better val farmland IoU; 0 = never
     tune_threshold: bool = False  # pick the farmland probability cut with the best val IoU; predict.py uses it
+    ema: float = 0.0  # decay of a moving average of the weights (e.g. 0.999), validated beside them; 0 = off
     collapse_patience: int = 3  # warn when val predictions hold a single class for this many epochs in a row
     tensorboard: bool = True  # also log to run_dir/tensorboard when the tensorboard package is installed
     snapshot_every: int = 10  # also keep the weights of every N-th epoch (0 = never)
@@ -63,13 +67,14 @@ class Config:
     deterministic: bool = False  # deterministic kernels (slower on GPU): a resumed run then ends bit-identical
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
-    channels_last: bool = True  # NHWC memory layout for the network: same results, faster convolutions
-    amp: str = "auto"  # mixed precision: auto (bf16 where the GPU/CPU runs it fast, else fp16 on CUDA), bf16, fp16, off
+    channels_last: bool = True  # NHWC layout: same results, faster convolutions (amp=auto on a CPU: if it times faster)
+    amp: str = "auto"  # mixed precision: auto (CPU: bf16 or fp32, as timed; GPU: bf16, else fp16), bf16, fp16, off
     cache_tiles: str = "auto"  # keep decoded training tiles in memory: auto (if they fit in 1/4 of free RAM), yes, no
     reuse_memory: bool = True  # keep freed memory for reuse (glibc) rather than fault it in anew: faster CPU passes
     # --- predict.py ------------------------------------------------------------------------------------
     predict_input: str = ""  # image file or folder to predict; empty = the test split
     checkpoint: str = ""  # weights to predict with; empty = run_dir/checkpoints/best.pth
+    threshold: float = -1.0  # farmland probability cut, 0 < T < 1 (predict.py, change.py); -1 = the checkpoint's
     predict_batch_size: int = 0  # tiles per forward pass at prediction; 0 = chosen from free memory
     overlay: bool = True  # also save each mask drawn over its photo
     skip_existing: bool = True  # keep masks already written with this checkpoint, so an interrupted run resumes

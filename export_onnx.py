@@ -42,14 +42,14 @@ from config import Config
 from data_preprocess import read_pair_list
 from files import DataError, atomic_write_text
 from inference import model_from_checkpoint
-from net_structure import UNet
+from net_structure import encoder_of
 from runtime import load_checkpoint
 from training import tiles_pixel_size
 
 LOG = logging.getLogger("export_onnx")
 
 
-def checked_network(state: dict[str, Any], checkpoint: Path) -> UNet:
+def checked_network(state: dict[str, Any], checkpoint: Path) -> torch.nn.Module:
     """The checkpoint's network in fp32 on the CPU, its weights checked against the architecture it declares.
 
     Raises:
@@ -103,7 +103,13 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
             "Deepness by hand, or export with --pixel_size_m=METRES (docs/qgis.md)"
         )
     metadata = onnx_build.model_metadata(state, checkpoint, cfg.window, cfg.overlap, resolution)
-    LOG.info("exporting %s (%d bands, width %d) ...", checkpoint, unet.in_channels, unet.outc.in_channels)
+    LOG.info(
+        "exporting %s (%s, %d bands, width %d) ...",
+        checkpoint,
+        encoder_of(state["config"]),
+        unet.in_channels,
+        int(state["config"]["base_width"]),
+    )
     model = onnx_build.with_metadata(onnx_build.export_graph(unet), metadata)
     path, qgis = folder / "farmland.onnx", folder / "farmland_qgis.onnx"
     onnx_build.write_model(model, path)

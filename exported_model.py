@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from files import DataError
+from net_structure import encoder_of, size_multiple
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 FORMAT_KEY = "farmland_unet"  # present in every model export_onnx.py writes: the metadata format version
 FORMAT_VERSION = 1
 CLASS_NAMES = {0: "background", 1: "farmland"}
-MIN_GRAPH_SIDE = 17  # the graph reflect-pads to a multiple of 16; smaller sides are padded here first, as torch does
+MIN_GRAPH_SIDE = 17  # the graph reflect-pads to a multiple of 16 (or 32); smaller sides are padded here first
 
 
 def open_session(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -83,6 +84,7 @@ def state_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
             "in_channels": int(meta["farmland_in_channels"]),
             "n_classes": int(meta["farmland_n_classes"]),
             "base_width": int(meta["farmland_base_width"]),
+            "encoder": str(meta.get("farmland_encoder") or "unet"),  # models exported before the key: a U-Net
             "bands": str(meta["farmland_bands"]),
             "pixel_size_m": float(meta.get("farmland_pixel_size_m") or 0.0),
         }
@@ -129,14 +131,16 @@ class OnnxSegmenter(nn.Module):
         self.in_channels = state["config"]["in_channels"]
         self.n_classes = state["config"]["n_classes"]
         self.base_width = state["config"]["base_width"]  # sizes CPU batches as the PyTorch network's width does
+        self.size_multiple = size_multiple(encoder_of(state["config"]))  # the graph pads to a multiple of it
         self.input_name = session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         height, width = array.shape[-2:]
-        padded_h, padded_w = (max(32, -(-size // 16) * 16) for size in (height, width))
+        m = self.size_multiple
+        padded_h, padded_w = (max(32, -(-size // m) * m) for size in (height, width))
         if padded_h - height >= height or padded_w - width >= width:
-            # Too small to reflect (the graph reflect-pads): replicate the border here, as UNet.forward does.
+            # Too small to reflect (the graph reflect-pads): replicate the border here, as the networks do.
             pads = ((0, 0), (0, 0), (0, padded_h - height), (0, padded_w - width))
             array = np.pad(array, pads, mode="edge")
         probabilities = self.session.run(None, {self.input_name: array})[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 from files import atomic_write_bytes
@@ -33,7 +34,35 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="loss (the loss key)", title="Loss")
     ax_loss.legend()
     ax_iou.plot(epochs, [h["val_farmland_iou"] for h in history], color="tab:green", label="val farmland IoU")
+    ema = [h.get("val_ema_farmland_iou", math.nan) for h in history]  # the moving average's (ema key)
+    if any(math.isfinite(v) for v in ema):
+        ax_iou.plot(epochs, ema, color="tab:olive", linestyle="--", label="val farmland IoU, moving average")
     ax_iou.plot(epochs, [h["val_miou"] for h in history], color="tab:gray", label="val mIoU")
     ax_iou.set(xlabel="epoch", ylabel="IoU (pooled over val)", ylim=(0, 1), title="Validation IoU")
     ax_iou.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def plot_threshold_curve(curve: list[dict[str, float]], threshold: float, tuned: bool, epoch: int, path: Path) -> None:
+    """Save the val farmland IoU, precision and recall against the farmland probability cut as a PNG, with a
+    vertical line at ``threshold`` (the tuned cut when ``tuned``, else the argmax's 0.5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cuts = [row["threshold"] for row in curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # IoU drawn last and widest: where precision is 1 it equals recall, and would hide under it.
+    for key, label, colour, width in (
+        ("precision", "precision", "tab:blue", 1.2),
+        ("recall", "recall", "tab:orange", 1.2),
+        ("val_farmland_iou", "farmland IoU", "tab:green", 2.4),
+    ):
+        ax.plot(cuts, [row[key] for row in curve], label=label, color=colour, linewidth=width, alpha=0.85)
+    line = f"tuned threshold {threshold:.3f}" if tuned else "argmax (0.5)"
+    ax.axvline(threshold, color="tab:gray", linestyle="--", label=line)
+    ax.set(xlabel="farmland probability cut", ylabel="pooled over val", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title(f"Validation scores against the threshold (epoch {epoch})")
+    ax.legend(loc="best")
     save_figure(fig, path)

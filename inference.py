@@ -14,14 +14,16 @@ import torch
 from torch import nn
 
 from files import DataError
-from net_structure import build_model, fold_batchnorm
+from net_structure import build_model, encoder_of, fold_batchnorm
 from runtime import available_memory, memory_format
 
 
 def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_last: bool = True) -> nn.Module:
-    """Rebuild the network with the architecture stored in a checkpoint and load its weights."""
+    """Rebuild the network with the architecture stored in a checkpoint (a U-Net where it names no encoder)
+    and load its weights."""
     saved = state["config"]
-    model = build_model(saved["in_channels"], saved["n_classes"], saved["base_width"], saved["dropout"])
+    encoder = encoder_of(saved)
+    model = build_model(saved["in_channels"], saved["n_classes"], saved["base_width"], saved["dropout"], encoder)
     weights = dict(state["model"])
     # Checkpoints written before normalisation was stored in the network: identity normalisation, as trained.
     weights.setdefault("band_mean", model.band_mean)
@@ -29,7 +31,8 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:  # weights that do not fit the architecture the checkpoint itself declares
-        raise DataError(f"checkpoint weights do not fit a U-Net of its own config ({str(err)[:300]})") from None
+        network = "a U-Net" if encoder == "unet" else f"a {encoder} U-Net"
+        raise DataError(f"checkpoint weights do not fit {network} of its own config ({str(err)[:300]})") from None
     return model.to(device, memory_format=memory_format(channels_last))
 
 
@@ -94,6 +97,28 @@ def decision_threshold(state: dict) -> float | None:
     """The farmland probability threshold a checkpoint carries (tuned on validation), or None for argmax."""
     value = state.get("threshold")
     return None if value is None else float(value)
+
+
+def with_threshold(state: dict, threshold: float) -> dict:
+    """The checkpoint state (or an exported model's, exported_model.state_from_metadata) with the ``threshold``
+    key applied: a cut in (0, 1) replaces the tuned threshold or the argmax; -1 keeps the checkpoint's. Every
+    prediction path (tiles, scenes, change, the ONNX backend) reads the threshold from the state, so this is the
+    one place the user's cut enters.
+
+    Raises:
+        ValueError: a threshold neither -1 nor strictly between 0 and 1, or a model of more than two classes.
+    """
+    if threshold == -1:
+        return state
+    if not 0 < threshold < 1:
+        raise ValueError(
+            f"--threshold={threshold}: expected a farmland probability cut strictly between 0 and 1 (for example "
+            "0.4), or -1 for the checkpoint's tuned threshold (the argmax where it has none)"
+        )
+    classes = state["config"]["n_classes"]
+    if classes != 2:
+        raise ValueError(f"--threshold cuts the farmland probability of a two-class model; this one has {classes}")
+    return {**state, "threshold": float(threshold)}
 
 
 def classes_from_probabilities(probabilities: torch.Tensor, threshold: float | None = None) -> torch.Tensor:

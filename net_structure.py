@@ -7,6 +7,9 @@ skip, and a 1x1 convolution gives one logit per class. Every convolution pads by
 Any height and width are accepted: the input is reflect-padded up to a multiple of 16 (and at least 32,
 so the 1/16 level is at least 2 pixels wide, as the reflect padding of its convolutions needs), and the
 logits are cropped back to the input size.
+
+build_model builds this U-Net (the ``encoder`` key's ``unet``) or the U-Net decoder over a ResNet-18/34 encoder
+of encoders.py; the two BatchNorm foldings below hand the latter to encoders.fold_resnet_unet.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from encoders import RESNET_LAYERS, ResNetUNet, fold_resnet_unet
 
 LEAKY_SLOPE = 0.01  # of every LeakyReLU (torch's default)
 
@@ -66,6 +71,8 @@ class Up(nn.Module):
 
 class UNet(nn.Module):
     """U-Net for per-pixel classification of (N, in_channels, H, W) images into n_classes logits."""
+
+    size_multiple = 16  # inputs are padded to a multiple of it (four 2x2 max-pools)
 
     def __init__(self, in_channels: int = 3, n_classes: int = 2, base_width: int = 64, dropout: float = 0.3) -> None:
         super().__init__()
@@ -121,7 +128,7 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
-def set_normalisation(model: UNet, mean: Sequence[float], std: Sequence[float]) -> None:
+def set_normalisation(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
     """Store per-band mean and standard deviation (of the [0, 1] scaled input) in the network.
 
     Raises:
@@ -142,9 +149,32 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_model(in_channels: int, n_classes: int, base_width: int, dropout: float) -> UNet:
-    """Build the U-Net from config values (one place, so train.py and predict.py agree)."""
-    return UNet(in_channels=in_channels, n_classes=n_classes, base_width=base_width, dropout=dropout)
+ENCODERS = ("unet", *RESNET_LAYERS)  # the ``encoder`` key's values: the reference U-Net, or a ResNet encoder
+
+
+def encoder_of(config: dict) -> str:
+    """The encoder a checkpoint's config names; checkpoints written before the key existed hold a U-Net."""
+    return str(config.get("encoder") or "unet")
+
+
+def size_multiple(encoder: str) -> int:
+    """The multiple of which the network pads its inputs: 16 for the U-Net, 32 for a ResNet encoder. Scene
+    windows and overlaps must be multiples of it, so that every window sees the scene on one pooling grid."""
+    return UNet.size_multiple if encoder == "unet" else ResNetUNet.size_multiple
+
+
+def build_model(in_channels: int, n_classes: int, base_width: int, dropout: float, encoder: str = "unet") -> nn.Module:
+    """Build the network from config values (one place, so train.py and predict.py agree): the reference U-Net,
+    or a U-Net decoder over a ResNet-18/34 encoder (encoders.py).
+
+    Raises:
+        ValueError: an unknown encoder, with the valid ones.
+    """
+    if encoder == "unet":
+        return UNet(in_channels=in_channels, n_classes=n_classes, base_width=base_width, dropout=dropout)
+    if encoder not in RESNET_LAYERS:
+        raise ValueError(f"--encoder={encoder!r}: expected one of {', '.join(ENCODERS)}")
+    return ResNetUNet(encoder, in_channels, n_classes, base_width, dropout)
 
 
 def reflect_border_(padded: torch.Tensor) -> torch.Tensor:
@@ -238,14 +268,17 @@ def fold_double_conv(block: DoubleConv) -> FoldedDoubleConv:
 
 
 @torch.no_grad()
-def fold_batchnorm(model: UNet) -> UNet:
+def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Return an inference copy of the network: each BatchNorm folded into the convolution before it,
     each Dropout2d dropped, padding and concatenation written into the buffers the convolutions read.
 
     In eval mode BatchNorm is a fixed per-channel affine map and Dropout2d the identity, so the copy computes
     the same function (to float rounding) with fewer passes over memory per convolution. For prediction
-    only: the copy has no BatchNorm statistics left to train.
+    only: the copy has no BatchNorm statistics left to train. A ResNet-encoder network is folded by
+    encoders.fold_resnet_unet.
     """
+    if isinstance(model, ResNetUNet):
+        return fold_resnet_unet(model)
     folded = copy.deepcopy(model).eval()
     folded.inc = fold_double_conv(folded.inc)
     for down in (folded.down1, folded.down2, folded.down3, folded.down4):
@@ -257,12 +290,15 @@ def fold_batchnorm(model: UNet) -> UNet:
 
 
 @torch.no_grad()
-def fold_batchnorm_plain(model: UNet) -> UNet:
+def fold_batchnorm_plain(model: nn.Module) -> nn.Module:
     """Return an inference copy of the network with each BatchNorm folded into the convolution before it and
     each Dropout2d replaced by the identity, built from plain modules only (convolutions keep their own
     reflect padding): the form that ``torch.onnx.export`` traces, where fold_batchnorm's buffer tricks
-    (``out=`` arguments, in-place writes into padded buffers) do not.
+    (``out=`` arguments, in-place writes into padded buffers) do not. A ResNet-encoder network is folded by
+    encoders.fold_resnet_unet, whose copy is of plain modules already.
     """
+    if isinstance(model, ResNetUNet):
+        return fold_resnet_unet(model)
     folded = copy.deepcopy(model).eval()
     for block in folded.modules():
         if not isinstance(block, DoubleConv):

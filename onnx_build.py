@@ -1,9 +1,9 @@
 """Building the ONNX file: the exportable form of the network, the export, the metadata, the checks.
 
 The graph holds everything between a [0, 1]-scaled image and the class probabilities: the per-band
-normalisation stored in the checkpoint, the reflect padding to a multiple of 16, the U-Net with each
-BatchNorm folded into its convolution (net_structure.fold_batchnorm_plain: plain modules, which
-``torch.onnx.export(dynamo=True)`` traces), the crop back to the input size and the softmax. Batch, height and
+normalisation stored in the checkpoint, the reflect padding to a multiple of 16 (32 for a ResNet encoder), the
+network with each BatchNorm folded into its convolution (net_structure.fold_batchnorm_plain: plain modules,
+which ``torch.onnx.export(dynamo=True)`` traces), the crop back to the input size and the softmax. Batch, height and
 width are dynamic (sides of at least 17 pixels; exported_model.OnnxSegmenter pads smaller inputs first).
 
 Metadata values are strings holding JSON, as QGIS's Deepness plugin reads them (it calls ``json.loads`` on
@@ -38,7 +38,7 @@ from data_preprocess import image_to_float, parse_bands, read_image, read_pair_l
 from demo_data import render_tile
 from files import DataError, atomic_write_bytes
 from inference import classes_from_probabilities, decision_threshold, inference_model, predict_probabilities
-from net_structure import UNet, fold_batchnorm_plain
+from net_structure import encoder_of, fold_batchnorm_plain
 
 LOG = logging.getLogger("export_onnx")
 TOLERANCE = 1e-4  # largest difference in probability allowed between onnxruntime and PyTorch's fp32 path
@@ -47,17 +47,19 @@ TOLERANCE = 1e-4  # largest difference in probability allowed between onnxruntim
 class ExportNet(nn.Module):
     """Image in [0, 1] -> class probabilities, all inside one traceable graph (see the module docstring)."""
 
-    def __init__(self, unet: UNet) -> None:
+    def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = fold_batchnorm_plain(unet)
+        self.multiple = unet.size_multiple  # 16 for the U-Net, 32 for a ResNet encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2], x.shape[-1]
         x = (x - self.unet.band_mean[:, None, None]) / self.unet.band_std[:, None, None]
-        # From 17 pixels up, the pad to the next multiple of 16 (at least 32) is shorter than the side, so
-        # reflection always works and UNet.forward's fallback to replication is never needed in the graph.
-        pad_h = (height + 15) // 16 * 16 - height
-        pad_w = (width + 15) // 16 * 16 - width
+        # From 17 pixels up, the pad to the next multiple of 16 (at least 32), or of 32, is shorter than the side,
+        # so reflection always works and the networks' fallback to replication is never needed in the graph.
+        m = self.multiple
+        pad_h = (height + m - 1) // m * m - height
+        pad_w = (width + m - 1) // m * m - width
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
         return self.unet.body(x)[..., :height, :width].softmax(1)
 
@@ -79,7 +81,7 @@ def quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def export_graph(unet: UNet) -> onnx.ModelProto:
+def export_graph(unet: nn.Module) -> onnx.ModelProto:
     """Trace the network with torch.onnx.export (dynamo) into a graph with dynamic batch, height and width."""
     net = ExportNet(unet.cpu().float()).eval()
     example = torch.rand(1, unet.in_channels, 64, 64)
@@ -155,6 +157,7 @@ def model_metadata(
         "farmland_in_channels": bands,
         "farmland_n_classes": int(config["n_classes"]),
         "farmland_base_width": int(config["base_width"]),
+        "farmland_encoder": encoder_of(config),
         "farmland_bands": str(config.get("bands", "")),
         "farmland_pixel_size_m": float(config.get("pixel_size_m") or 0.0) or None,  # scenes are resampled to it
         "farmland_band_mean": [0.0] * bands if mean is None else [round(float(v), 6) for v in mean],

@@ -2,11 +2,12 @@
 
 Input: the test split (default), or any image file or folder given as ``--predict_input``.
 Output: run_dir/predictions/<stem>_seg.png, 0 = background and 255 = farmland: farmland where the
-farmland probability exceeds the threshold tuned on validation and stored in the checkpoint
-(``tune_threshold``), else the argmax of the network's class scores; with ``overlay`` also run_dir/predictions/overlays/<stem>_overlay.png, the mask
-drawn over the photo. The network's shape (width, bands, classes) is read from the checkpoint, so only
-the checkpoint has to be named. Tiles are read in background workers, batched by size, and run in eval
-mode without gradients. Unreadable images are reported and skipped; the exit status is then 1.
+farmland probability exceeds ``--threshold`` when given, else the threshold tuned on validation and stored in
+the checkpoint (``tune_threshold``), else the argmax of the network's class scores; with ``overlay`` also
+run_dir/predictions/overlays/<stem>_overlay.png, the mask drawn over the photo. The network's shape (width,
+bands, classes) is read from the checkpoint, so only the checkpoint has to be named. Tiles are read in
+background workers, batched by size, and run in eval mode without gradients. Unreadable images are
+reported and skipped; the exit status is then 1.
 
 Scenes (a georeferenced GeoTIFF, or any image larger than ``window``, given as ``--predict_input``) are
 predicted by scene.py in overlapping windows into GeoTIFF masks, probabilities, field polygons and an
@@ -20,6 +21,7 @@ tiles, scenes and outputs, with the bands, class count and threshold read from t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -33,7 +35,8 @@ from config import Config
 from data_preprocess import is_image_file, read_pair_list
 from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, prediction_path
-from inference import inference_model
+from inference import decision_threshold, inference_model, with_threshold
+from net_structure import encoder_of, size_multiple
 from runtime import (
     Distributed,
     all_reduce_sum,
@@ -108,7 +111,8 @@ def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path) -> list[Job]:
     todo = [j for j in jobs if j.is_scene or not is_complete(j.output, checkpoint, cfg.overlay)]
     if len(todo) < len(jobs):
         LOG.info(
-            "%d of %d image(s) already have masks from this checkpoint and are skipped (--skip_existing=false redoes them)",
+            "%d of %d image(s) already have masks from this checkpoint and are skipped "
+            "(--skip_existing=false redoes them)",
             len(jobs) - len(todo),
             len(jobs),
         )
@@ -138,6 +142,36 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
     return model_path, state, segmenter, torch.device("cpu")
 
 
+def apply_threshold(cfg: Config, state: dict, job: Distributed) -> dict:
+    """The state with the ``threshold`` key applied (inference.with_threshold: the checkpoint's or the exported
+    model's tuned cut, or the user's), said in the log. Finished outputs are told by the checkpoint's time alone
+    (``skip_existing``), so when the cut differs from the last predict.py run's in this run_dir, this run redoes
+    every output rather than keep masks of another cut.
+
+    Raises:
+        ValueError: a threshold neither -1 nor strictly between 0 and 1 (see with_threshold).
+    """
+    tuned = decision_threshold(state)
+    state = with_threshold(state, cfg.threshold)
+    if cfg.threshold != -1:
+        shown = "none: argmax" if tuned is None else f"{tuned:.3f}"
+        LOG.info("farmland where its probability exceeds %.3f (--threshold; the model's own: %s)", cfg.threshold, shown)
+    last_run = Path(cfg.run_dir) / "configs" / "predict.json"
+    try:
+        earlier = float(json.loads(last_run.read_text(encoding="utf-8")).get("threshold", -1.0))
+    except FileNotFoundError:
+        earlier = cfg.threshold
+    except (OSError, ValueError, TypeError, AttributeError):
+        earlier = None  # unreadable: redo rather than keep masks of an unknown cut
+    changed = earlier != cfg.threshold
+    if job.world > 1:  # also a barrier: every rank has read the last run's cut before rank 0 records this one
+        changed = bool(all_reduce_sum(torch.tensor(int(changed), device=job.device)))
+    if changed and cfg.skip_existing:
+        LOG.info("the threshold differs from the last predict.py run's (%s): existing outputs are redone", earlier)
+        cfg.skip_existing = False
+    return state
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
     try:
@@ -154,6 +188,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(cfg, "predict", job.rank)
     run_dir = Path(cfg.run_dir)
     checkpoint, state, segmenter, device = open_network(cfg, job)
+    state = apply_threshold(cfg, state, job)
     if not cfg.bands:
         # The bands the network was trained on, unless the user names others for these images.
         cfg.bands = str(state["config"].get("bands", ""))
@@ -163,7 +198,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if cfg.reuse_memory:
         keep_freed_memory()
     model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
-    settings = scene.SceneSettings.from_config(cfg)
+    settings = scene.SceneSettings.from_config(cfg, size_multiple(encoder_of(state["config"])))
     jobs = plan_jobs(cfg, list_inputs(cfg), settings)
     mine = jobs
     if job.world > 1:

@@ -111,6 +111,8 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     """Resolve the ``amp`` key to the autocast dtype, or None for full fp32.
 
     auto: bf16 on GPUs and CPUs that run it natively, fp16 (with a gradient scaler) on older GPUs, else off.
+    On a CPU this is only the first candidate: train.py and predict.py's tile loop time it against fp32 and the
+    other layout on the actual network and take the faster (fast_path.py).
 
     Raises:
         ValueError: an unknown value, or fp16 asked for on a CPU.

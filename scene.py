@@ -7,8 +7,9 @@ towards the window's edges (and never reaches 0, so the scene's own edges keep w
 by the summed weights; the classes then come from predict.classes_from_probabilities with the checkpoint's
 threshold, as for tiles. Windows are taken one row at a time and finished rows are written at once, so
 memory follows one row of windows, not the scene. Window origins fall on a grid of ``window - overlap``
-pixels, a multiple of 16 like the network's pooling grid, so a window sees the scene exactly as the whole
-scene would, and the blend equals a whole-scene prediction wherever the overlap covers the network's reach.
+pixels, a multiple of 16 (32 with a ResNet encoder) like the network's pooling grid, so a window sees the
+scene exactly as the whole scene would, and the blend equals a whole-scene prediction wherever the overlap
+covers the network's reach.
 
 Outputs, beside the tile masks in run_dir/predictions:
 - ``<stem>_seg.tif``: uint8, 1 = farmland, 0 = background, 255 = nodata, with a colour table; tiled and
@@ -113,10 +114,11 @@ class SceneSettings:
     overlay: bool = True
     batch_size: int = 0
     channels_last: bool = True
+    grid: int = 16  # the network's pooling grid: 16 for the U-Net, 32 for a ResNet encoder (net_structure)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "SceneSettings":
-        """Read and check the scene keys of a config.
+    def from_config(cls, cfg: Config, grid: int = 16) -> "SceneSettings":
+        """Read and check the scene keys of a config, for a network of this pooling ``grid``.
 
         Raises:
             ValueError: a window, overlap or band selection that cannot work, with the fix.
@@ -136,18 +138,21 @@ class SceneSettings:
             overlay=cfg.overlay,
             batch_size=cfg.predict_batch_size,
             channels_last=cfg.channels_last,
+            grid=grid,
         )
         settings.check()
         return settings
 
     def check(self) -> None:
-        """Raises ValueError unless window and overlap keep windows on the network's 16-pixel pooling grid."""
-        if self.window < 32 or self.window % 16:
-            raise ValueError(f"--window={self.window}: expected a multiple of 16, at least 32 (for example 512)")
-        if not 0 <= self.overlap < self.window or self.overlap % 16:
+        """Raises ValueError unless window and overlap keep windows on the network's pooling grid (``grid``)."""
+        g = self.grid
+        why = "" if g == 16 else f" for a network with a ResNet encoder (it pools by {g})"
+        if self.window < 32 or self.window % g:
+            raise ValueError(f"--window={self.window}: expected a multiple of {g}, at least 32 (for example 512){why}")
+        if not 0 <= self.overlap < self.window or self.overlap % g:
             raise ValueError(
-                f"--overlap={self.overlap}: expected a multiple of 16 from 0 to window-16 ({self.window - 16}); "
-                "windows must step by a multiple of 16 so that they see the scene as the whole scene would"
+                f"--overlap={self.overlap}: expected a multiple of {g} from 0 to window-{g} ({self.window - g}){why}; "
+                f"windows must step by a multiple of {g} so that they see the scene as the whole scene would"
             )
         if self.min_field_area_ha < 0 or self.simplify_tolerance < 0 or self.min_field_pixels < 0:
             raise ValueError("--min_field_area_ha, --min_field_pixels and --simplify_tolerance must be 0 or more")

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from config import Config
 from data_preprocess import image_for_network, read_image, select_bands, write_image
+from fast_path import prediction_path
 from files import DataError
 from inference import (
     choose_batch_size,
@@ -178,7 +179,12 @@ def predict_tiles(
     files = ImageFiles(paths, state["config"]["in_channels"], bands)
     _, first = files[0]  # read here for its shape, which sizes the batches (and again by a worker)
     batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
+    channels_last = cfg.channels_last
     if not isinstance(first, str):
+        # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
+        model, choice = prediction_path(model, state, cfg.amp, cfg.channels_last, device, tuple(first.shape))
+        if choice.measured:
+            amp, channels_last = choice.candidate.amp, choice.candidate.channels_last
         batch_size = choose_batch_size(model, tuple(first.shape), device, cfg.predict_batch_size)
     loader = DataLoader(
         ImageBatches(files, batch_size),
@@ -211,7 +217,7 @@ def predict_tiles(
                         LOG.error("%s", error)
                         failures += 1
                     else:
-                        masks = predict_batch(model, images, device, cfg.channels_last, threshold)
+                        masks = predict_batch(model, images, device, channels_last, threshold)
                         photos = images.numpy() if cfg.overlay else [None] * len(indices)
                         for index, photo, mask in zip(indices, photos, masks):
                             writer.submit(write_outputs, index, photo, mask)

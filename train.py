@@ -5,7 +5,11 @@ The reference recipe (Adam, StepLR, cross-entropy, batch 5, 100 epochs) plus wha
 - run_dir/checkpoints/best.pth (best val farmland IoU), last.pth (model, optimizer, scheduler, epoch, best
   score, history and config: ``--resume=true`` continues exactly where it stopped) and, every
   ``snapshot_every`` epochs, epoch_NNN.pth with the weights;
-- run_dir/train_log.csv, run_dir/figures/training_curves.png, one log line per epoch, a progress bar.
+- run_dir/train_log.csv, run_dir/figures/training_curves.png, one log line per epoch, a progress bar;
+- for two classes, the best epoch's val IoU, precision and recall against the farmland threshold:
+  run_dir/threshold_curve.csv and run_dir/figures/threshold_curve.png;
+- with ``ema``, a moving average of the weights validated beside them (best.pth takes the better); with
+  ``time_budget``, as many epochs as fit in the minutes given, the schedule planned to end with them.
 Data order, augmentation and dropout are seeded per epoch, so a resumed run ends with the same weights
 as an uninterrupted one. Runs on CUDA when available, else on the CPU, and says which.
 
@@ -20,7 +24,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +41,9 @@ from data_preprocess import (
     read_pair_list,
     should_cache,
 )
-from figures import plot_curves
+from encoders import imagenet_normalisation, load_encoder_weights
+from fast_path import training_path
+from figures import plot_curves, plot_threshold_curve
 from losses import make_loss
 from metrics import FARMLAND, class_iou
 from net_structure import build_model, count_parameters, set_normalisation
@@ -58,17 +64,25 @@ from runtime import (
 )
 from training import (
     THRESHOLD_BINS,
+    WeightAverage,
     best_threshold,
     check_resumable,
     collapse_message,
     evaluate,
+    loss_stall,
     make_loader,
     make_optimizer,
     make_scheduler,
+    make_weight_average,
+    near_prior,
     open_tensorboard,
+    prior_iou,
+    stall_message,
+    threshold_curve,
     tiles_pixel_size,
     train_epoch,
     write_log_csv,
+    write_threshold_curve,
 )
 
 LOG = logging.getLogger("train")
@@ -88,6 +102,7 @@ class Trainer:
     val_loader: DataLoader
     amp: torch.dtype | None
     layout: torch.memory_format
+    ema: WeightAverage | None = None  # the moving average of the model's weights (ema key), or None
 
 
 @dataclasses.dataclass
@@ -99,6 +114,15 @@ class Progress:
     best_epoch: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     collapsed: int = 0  # epochs in a row whose val predictions hold one class (or no correct farmland)
+    best_weights: str = "raw"  # which weights best.pth holds: raw (as trained) or ema (their moving average)
+    planned_epochs: int = 0  # time_budget: the epochs planned (0 = not yet, the first epoch is being timed)
+    elapsed: float = 0.0  # time_budget: seconds spent so far, over every epoch of this run and the runs it resumes
+    stall_warned: bool = False  # the loss-not-falling warning was given for the current streak
+    best_histogram: np.ndarray | None = None  # the best epoch's val probability histogram (threshold curve)
+    mark: float = 0.0  # time_budget: budget_clock() when the latest epoch began (not kept in checkpoints)
+
+
+budget_clock = time.monotonic  # the clock a time budget is measured by (tests put a fake one here)
 
 
 def load_splits(run_dir: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
@@ -174,15 +198,23 @@ def split_statistics(cfg: Config, train_set: FarmlandDataset) -> tuple[list[floa
 
 
 def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.memory_format) -> nn.Module:
-    """The seeded U-Net with the split's band normalisation, SyncBatchNorm under torchrun when asked, on the device.
+    """The seeded network of the ``encoder`` key with its band normalisation (the split's with ``normalise``,
+    else ImageNet's with ``encoder_weights``), the ImageNet weights loaded when a run starts (on resume
+    last.pth holds the weights), SyncBatchNorm under torchrun when asked, on the device.
 
     Raises:
-        ValueError: sync_bn asked for on CPUs.
+        ValueError: an unknown encoder, encoder_weights without a ResNet encoder, sync_bn asked for on CPUs.
+        DataError: an encoder_weights file that is not the encoder's torchvision state dict.
     """
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout)
+    model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout, cfg.encoder)
     if cfg.normalise and statistics:
         set_normalisation(model, statistics[0], statistics[1])
+    elif cfg.encoder_weights:  # the input scaling the ImageNet weights were trained with
+        set_normalisation(model, *imagenet_normalisation(cfg.in_channels))
+    if cfg.encoder_weights and not cfg.resume:
+        loaded = load_encoder_weights(model, Path(cfg.encoder_weights))
+        LOG.info("%s encoder: %d ImageNet tensors loaded from %s", cfg.encoder, loaded, cfg.encoder_weights)
     if cfg.sync_bn and job.world > 1:
         if job.device.type != "cuda":
             raise ValueError(
@@ -210,7 +242,14 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     trainer.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # empty when the earlier run was not in fp16
         trainer.scaler.load_state_dict(state["scaler"])
+    if trainer.ema is not None and state.get("ema"):
+        trainer.ema.load_state_dict(state["ema"])
+    elif trainer.ema is not None:
+        LOG.warning("%s holds no moving average of the weights: it starts from the resumed weights", last)
+        trainer.ema = WeightAverage(trainer.model, cfg.ema)
     progress = Progress(state["epoch"] + 1, state["best_iou"], state["best_epoch"], list(state["history"]))
+    progress.best_weights = state.get("best_weights", "raw")
+    progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
     LOG.info(
         "resuming after epoch %d (best val farmland IoU %.4f at epoch %d)",
         state["epoch"],
@@ -232,8 +271,12 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     criterion = make_loss(cfg.loss, statistics[2] if statistics else None, cfg.n_classes, cfg.focal_gamma)
     layout = memory_format(cfg.channels_last)
     model = build_network(cfg, statistics, job, layout)
-    # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each.
-    files.check_writable(ckpt_dir, 4 * 3 * 4 * count_parameters(model))
+    # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
+    choice = training_path(cfg, model, criterion, tuple(train_set[0][0].shape), job.device)
+    amp, layout = choice.candidate.amp, choice.candidate.layout
+    # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each
+    # (and the weights' moving average).
+    files.check_writable(ckpt_dir, 4 * (3 + (cfg.ema > 0)) * 4 * count_parameters(model))
     optimizer = make_optimizer(model, cfg, job.device)
     train_loader = make_loader(train_set, cfg, job.device, True, job.rank, job.world)
     trainer = Trainer(
@@ -247,6 +290,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
         val_loader=make_loader(val_set, cfg, job.device, False, job.rank, job.world),
         amp=amp,
         layout=layout,
+        ema=make_weight_average(model, cfg),
     )
     progress = restore(cfg, trainer, ckpt_dir, job)
     if job.world > 1:  # DDP last, after the resumed weights are in: it starts every rank from rank 0's copy
@@ -258,18 +302,19 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
 def log_start(cfg: Config, trainer: Trainer, job: Distributed, tiles: tuple[int, int], start_epoch: int) -> None:
     """One line saying where, how and on what the training runs."""
     LOG.info(
-        "training on %s, %s, %s layout%s | U-Net width %d, %d parameters | %d training tiles, %d validation tiles"
-        " | epochs %d..%d",
+        "training on %s, %s, %s layout%s | %s width %d, %d parameters | %d training tiles, %d validation tiles"
+        " | epochs %d..%s",
         describe_device(job.device),
         f"{str(trainer.amp).removeprefix('torch.')} mixed precision" if trainer.amp else "fp32",
         "channels-last" if cfg.channels_last else "contiguous",
         ", tiles cached in memory" if trainer.train_loader.dataset.cached is not None else "",
+        "U-Net" if cfg.encoder == "unet" else f"{cfg.encoder} U-Net, decoder",
         cfg.base_width,
         count_parameters(trainer.model),
         tiles[0],
         tiles[1],
         start_epoch,
-        cfg.epochs,
+        cfg.epochs or "? (planned after the first, by the time budget)",
     )
 
 
@@ -291,9 +336,10 @@ def run_epoch(cfg: Config, trainer: Trainer, job: Distributed, epoch: int) -> fl
         job.device,
         trainer.layout,
         trainer.amp,
-        f"epoch {epoch}/{cfg.epochs}" if job.main else "",
+        f"epoch {epoch}/{cfg.epochs or '?'}" if job.main else "",
         criterion=trainer.criterion,
         scheduler=trainer.scheduler,
+        ema=trainer.ema,
     )
     loss = float(all_reduce_sum(torch.tensor(loss, device=job.device))) / job.world
     if job.world > 1:
@@ -310,22 +356,34 @@ def run_epoch(cfg: Config, trainer: Trainer, job: Distributed, epoch: int) -> fl
     return loss
 
 
+def measure(cfg: Config, trainer: Trainer, job: Distributed, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
+    """One set of weights on the val split: loss, confusion matrix and farmland probability histogram (for two
+    classes always: the threshold curve reads it even when the threshold is not tuned)."""
+    if not len(trainer.val_loader.dataset):
+        return math.nan, np.zeros((cfg.n_classes,) * 2, dtype=np.int64), np.zeros((2, THRESHOLD_BINS), np.int64)
+    return evaluate(
+        model, trainer.val_loader, job.device, cfg.n_classes, trainer.layout, trainer.amp, trainer.criterion, True
+    )
+
+
+def epoch_score(row: dict, prefix: str = "val_") -> float:
+    """The figure an epoch's weights are judged by: the farmland IoU at the tuned threshold when tuned, else at
+    the argmax. ``prefix`` val_ reads the trained weights' figures, val_ema_ their moving average's."""
+    tuned, cut = row[f"{prefix}tuned_farmland_iou"], row[f"{prefix}threshold"]
+    return tuned if math.isfinite(cut) and math.isfinite(tuned) else row[f"{prefix}farmland_iou"]
+
+
 def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_loss: float, started: float) -> dict:
     """Validation loss, pooled IoU (miou.py's confusion counts) and the tuned threshold: the epoch's history row.
-    The row also carries the val confusion matrix under ``cm`` (not logged)."""
+    With ``ema`` the moving average of the weights is validated too, and ``weights`` names the better-scoring
+    of the two. The row also carries, not logged, the trained weights' val confusion matrix under ``cm`` and the
+    better weights' farmland probability histogram under ``histogram``."""
     tune = cfg.tune_threshold and cfg.n_classes == 2
-    if len(trainer.val_loader.dataset):
-        model, loader = trainer.model, trainer.val_loader
-        val_loss, cm, histogram = evaluate(
-            model, loader, job.device, cfg.n_classes, trainer.layout, trainer.amp, trainer.criterion, tune
-        )
-    else:
-        val_loss, cm = math.nan, np.zeros((cfg.n_classes,) * 2, dtype=np.int64)
-        histogram = np.zeros((2, THRESHOLD_BINS), np.int64)
+    val_loss, cm, histogram = measure(cfg, trainer, job, trainer.model)
     ious = class_iou(cm)
     cut, tuned_iou = best_threshold(histogram) if tune else (None, math.nan)
     predicted = cm.sum(axis=0)
-    return {
+    row = {
         "epoch": epoch,
         "train_loss": train_loss,
         "val_loss": val_loss,
@@ -334,25 +392,41 @@ def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_
         "val_threshold": math.nan if cut is None else cut,
         "val_tuned_farmland_iou": tuned_iou,
         "val_predicted_farmland": float(predicted[FARMLAND] / predicted.sum()) if predicted.sum() else math.nan,
+        "val_ema_farmland_iou": math.nan,
+        "val_ema_threshold": math.nan,
+        "val_ema_tuned_farmland_iou": math.nan,
+        "weights": "raw",
         "lr": trainer.optimizer.param_groups[0]["lr"],  # where the schedule stands at the end of the epoch
-        "seconds": round(time.perf_counter() - started, 3),
         "cm": cm,
+        "histogram": histogram,
     }
+    if trainer.ema is not None:
+        _, ema_cm, ema_histogram = measure(cfg, trainer, job, trainer.ema.averaged())
+        ema_cut, ema_tuned = best_threshold(ema_histogram) if tune else (None, math.nan)
+        row["val_ema_farmland_iou"] = float(np.nan_to_num(class_iou(ema_cm)[FARMLAND]))
+        row["val_ema_threshold"] = math.nan if ema_cut is None else ema_cut
+        row["val_ema_tuned_farmland_iou"] = ema_tuned
+        if epoch_score(row, "val_ema_") > epoch_score(row):
+            row["weights"], row["histogram"] = "ema", ema_histogram
+    row["seconds"] = round(time.perf_counter() - started, 3)
+    return row
 
 
 def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
     """Record the epoch: whether it is the best so far (by val farmland IoU, at the tuned threshold when
-    tuning; with nothing to score, the latest epoch is the best), and warn of a collapse to one class."""
-    cm = row.pop("cm")
+    tuning, of the better of the trained and averaged weights; with nothing to score, the latest epoch is the
+    best), and warn of a collapse to one class or of a training loss that does not fall."""
+    cm, histogram = row.pop("cm"), row.pop("histogram")
     progress.history.append(row)
     scoreless = not np.isfinite(class_iou(cm)[FARMLAND])
     if scoreless and row["epoch"] == progress.start_epoch:
         LOG.warning("the val split is empty or holds no farmland: best.pth will be the latest epoch's weights")
-    tuned = row["val_tuned_farmland_iou"]
-    score = tuned if math.isfinite(row["val_threshold"]) and math.isfinite(tuned) else row["val_farmland_iou"]
+    score = epoch_score(row, "val_ema_" if row["weights"] == "ema" else "val_")
     improved = scoreless or score > progress.best_iou
     if improved:
-        progress.best_iou, progress.best_epoch = score, row["epoch"]
+        progress.best_iou, progress.best_epoch, progress.best_weights = score, row["epoch"], row["weights"]
+        progress.best_histogram = histogram
+    check_stall(cfg, progress, job, score, cm)
     # A one-class network is the commonest silent failure: say so, with causes and fixes.
     one_class = int((cm.sum(axis=0) > 0).sum()) == 1  # every val pixel predicted background, or every one farmland
     stuck = not scoreless and (row["val_farmland_iou"] == 0.0 or one_class)
@@ -362,8 +436,27 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
     return improved
 
 
+def check_stall(cfg: Config, progress: Progress, job: Distributed, score: float, cm: np.ndarray) -> None:
+    """Warn, once per streak, when the training loss has not fallen for ``collapse_patience`` epochs in a row
+    (training.loss_stall) while the epoch's val farmland IoU (``score``) is little better than calling every
+    pixel farmland (training.near_prior): the network predicts the class prior, whether or not its predictions
+    hold one class. A loss that levels off at a good IoU is a converged network, not a stalled one."""
+    losses = [h["train_loss"] for h in progress.history]
+    streak = loss_stall(losses)
+    if streak == 0:
+        progress.stall_warned = False
+    if 0 < cfg.collapse_patience <= streak and near_prior(score, cm) and not progress.stall_warned:
+        progress.stall_warned = True
+        if job.main:
+            LOG.warning("%s", stall_message(progress.history[-1]["epoch"], streak, losses, score, prior_iou(cm)))
+
+
 def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved: bool, ckpt_dir: Path) -> None:
-    """best.pth when the epoch improved, a weight snapshot every ``snapshot_every`` epochs, last.pth always."""
+    """best.pth when the epoch improved, a weight snapshot every ``snapshot_every`` epochs, last.pth always.
+
+    best.pth and the snapshots hold the epoch's better-scoring weights, the trained ones or (``ema``) their moving
+    average, named under ``weights``, with their own tuned threshold; last.pth holds the trained weights and the
+    average under ``ema``, so that a resumed run goes on exactly."""
     row = progress.history[-1]
     epoch = row["epoch"]
     cut = None if math.isnan(row["val_threshold"]) else row["val_threshold"]
@@ -375,37 +468,55 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
         "epoch": epoch,
         "best_iou": progress.best_iou,
         "best_epoch": progress.best_epoch,
+        "best_weights": progress.best_weights,
         "threshold": cut,  # the farmland probability cut tuned on val for these weights; None = argmax
+        "weights": "raw",  # which weights "model" holds: raw (as trained) or ema (their moving average)
+        "ema": None if trainer.ema is None else trainer.ema.state_dict(),
+        "planned_epochs": progress.planned_epochs,  # time_budget: the plan the schedule follows (0 = none)
+        "elapsed": progress.elapsed,
         "history": progress.history,
         "config": dataclasses.asdict(cfg),
     }
+    chosen = state
+    if row["weights"] == "ema":
+        ema_cut = None if math.isnan(row["val_ema_threshold"]) else row["val_ema_threshold"]
+        chosen = {**state, "model": state["ema"]["model"], "threshold": ema_cut, "weights": "ema"}
     if improved:
-        save_checkpoint(ckpt_dir / "best.pth", state)
+        save_checkpoint(ckpt_dir / "best.pth", chosen)
     if cfg.snapshot_every > 0 and epoch % cfg.snapshot_every == 0:
-        snapshot = {"model": state["model"], "epoch": epoch, "threshold": cut, "config": state["config"]}
+        snapshot = {key: chosen[key] for key in ("model", "epoch", "threshold", "weights", "config")}
         save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pth", snapshot)
     save_checkpoint(ckpt_dir / "last.pth", state)
 
 
 def report(cfg: Config, progress: Progress, board: Any) -> None:
-    """The epoch's log line, train_log.csv, the curves figure and TensorBoard."""
+    """The epoch's log line, train_log.csv, the curves figure, the best epoch's threshold curve and TensorBoard."""
     row, run_dir = progress.history[-1], Path(cfg.run_dir)
     tuned = math.isfinite(row["val_threshold"])
+    ema = ""
+    if math.isfinite(row["val_ema_farmland_iou"]):
+        ema_tuned = f", {row['val_ema_tuned_farmland_iou']:.4f}" if math.isfinite(row["val_ema_threshold"]) else ""
+        ema = f" | EMA {row['val_ema_farmland_iou']:.4f}{ema_tuned}"
     LOG.info(
-        "epoch %d/%d | train loss %.4f | val loss %.4f | val farmland IoU %.4f%s (best %.4f, epoch %d) | lr %.2e | %.1f s",
+        "epoch %d/%d | train loss %.4f | val loss %.4f | val farmland IoU %.4f%s%s (best %.4f, epoch %d%s) "
+        "| lr %.2e | %.1f s",
         row["epoch"],
         cfg.epochs,
         row["train_loss"],
         row["val_loss"],
         row["val_farmland_iou"],
         f", {row['val_tuned_farmland_iou']:.4f} at threshold {row['val_threshold']:.3f}" if tuned else "",
+        ema,
         progress.best_iou,
         progress.best_epoch,
+        ", EMA weights" if progress.best_weights == "ema" else "",
         row["lr"],
         row["seconds"],
     )
     write_log_csv(progress.history, run_dir / "train_log.csv")
     plot_curves(progress.history, run_dir / "figures" / "training_curves.png")
+    if progress.best_epoch == row["epoch"]:
+        save_threshold_curve(progress, run_dir)
     if board is not None:
         for key, value in row.items():
             if key != "epoch" and isinstance(value, float) and math.isfinite(value):
@@ -413,8 +524,119 @@ def report(cfg: Config, progress: Progress, board: Any) -> None:
         board.flush()
 
 
-def check_ranks_agree(model: nn.Module, job: Distributed) -> None:
-    """Under torchrun, fail unless every rank ended with the same weights.
+def start_budget(cfg: Config, progress: Progress) -> None:
+    """Start the budget's clock. Under ``time_budget``, ``epochs`` gives way to the plan: the one kept in last.pth
+    when resuming, else 0 until the first epoch has been timed (plan_budget).
+
+    Raises:
+        ValueError: a negative budget.
+    """
+    progress.mark = budget_clock()
+    if cfg.time_budget < 0:
+        raise ValueError(f"--time_budget={cfg.time_budget}: expected minutes of training (e.g. 45), or 0 for off")
+    if cfg.time_budget == 0:
+        return
+    if cfg.epochs != Config.epochs:
+        LOG.info("--epochs=%d is ignored: --time_budget=%g plans the epochs", cfg.epochs, cfg.time_budget)
+    cfg.epochs = progress.planned_epochs
+    if cfg.epochs:
+        LOG.info(
+            "time budget %g min: going on with the plan of %d epochs (%.1f min spent)",
+            cfg.time_budget,
+            cfg.epochs,
+            progress.elapsed / 60,
+        )
+
+
+def epoch_numbers(cfg: Config, start: int) -> Iterator[int]:
+    """The epochs to run from ``start`` to ``epochs``, which is read again before each: under ``time_budget`` it
+    is the plan, 0 until the first epoch has been timed."""
+    epoch = start
+    while epoch <= cfg.epochs or (cfg.time_budget > 0 and cfg.epochs == 0):
+        yield epoch
+        epoch += 1
+
+
+def plan_budget(cfg: Config, progress: Progress, job: Distributed, epoch: int) -> bool:
+    """Under ``time_budget``: count the epoch's wall time (training, validation, and the previous epoch's
+    checkpoints and log) against the budget, and plan the epochs that fit. After the first timed epoch: as many
+    as the budget holds at its pace; once more after the second, which no longer pays for start-up (loader
+    workers, tile cache, kernel selection), unless the plan ends within 2 epochs of it. The plan becomes
+    ``epochs``, which the learning-rate schedule reads, so a cosine reaches 0 at the planned last epoch; last.pth
+    keeps it, so a resumed run follows the same plan. Under torchrun every rank plans from rank 0's clock.
+
+    Returns:
+        whether to stop before the plan's end: the next epoch would end more than half an epoch past the budget
+        (the epochs became slower than planned).
+    """
+    if cfg.time_budget <= 0:
+        return False
+    now = budget_clock()
+    seconds = max(now - progress.mark, 1e-6)
+    progress.mark = now
+    if job.world > 1:
+        measured = torch.tensor([seconds], dtype=torch.float64, device=job.device)
+        torch.distributed.broadcast(measured, 0)
+        seconds = float(measured)
+    progress.elapsed += seconds
+    budget = 60 * cfg.time_budget
+    if cfg.epochs == 0 or (epoch == 2 and cfg.epochs - epoch >= 3):
+        planned = max(epoch, epoch + math.floor((budget - progress.elapsed) / seconds))
+        LOG.info(
+            "time budget %g min: about %s per epoch, planning %d epochs%s",
+            cfg.time_budget,
+            f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s",
+            planned,
+            f" (was {cfg.epochs}; epoch 1 also paid for start-up)" if cfg.epochs else "",
+        )
+        cfg.epochs = progress.planned_epochs = planned
+    if epoch < cfg.epochs and progress.elapsed + seconds > budget + seconds / 2:
+        LOG.warning(
+            "time budget %g min: stopping after epoch %d of the %d planned, %.1f min spent: the next epoch would "
+            "end past the budget (the last took %.1f s, longer than planned), so the learning rate did not "
+            "reach the end of its schedule",
+            cfg.time_budget,
+            epoch,
+            cfg.epochs,
+            progress.elapsed / 60,
+            seconds,
+        )
+        return True
+    return False
+
+
+def stop_early(cfg: Config, progress: Progress, epoch: int) -> bool:
+    """Whether ``early_stop`` ends the run after this epoch (said in the log). Every rank holds the same reduced
+    scores, so every rank reaches the same decision."""
+    stop = cfg.early_stop > 0 and epoch - progress.best_epoch >= cfg.early_stop and epoch < cfg.epochs
+    if stop:
+        LOG.info(
+            "early stop after epoch %d: no better val farmland IoU for %d epochs (best %.4f at epoch %d)",
+            epoch,
+            cfg.early_stop,
+            progress.best_iou,
+            progress.best_epoch,
+        )
+    return stop
+
+
+def save_threshold_curve(progress: Progress, run_dir: Path) -> None:
+    """run_dir/threshold_curve.csv and figures/threshold_curve.png: the best epoch's val farmland IoU, precision
+    and recall at every farmland probability cut, with its tuned threshold (else the argmax's 0.5) marked.
+    Nothing for more than two classes, or without labelled farmland in the val split."""
+    histogram = progress.best_histogram
+    if histogram is None or not histogram[1].any():
+        return
+    row = next(h for h in reversed(progress.history) if h["epoch"] == progress.best_epoch)
+    cut = row["val_ema_threshold" if progress.best_weights == "ema" else "val_threshold"]
+    curve = threshold_curve(histogram)
+    write_threshold_curve(curve, run_dir / "threshold_curve.csv")
+    tuned = math.isfinite(cut)
+    plot_threshold_curve(curve, cut if tuned else 0.5, tuned, row["epoch"], run_dir / "figures" / "threshold_curve.png")
+
+
+def check_ranks_agree(model: nn.Module, job: Distributed, what: str = "weights") -> None:
+    """Under torchrun, fail unless every rank ended with the same weights (``what`` names them in the log).
 
     Raises:
         RuntimeError: the ranks' weights differ.
@@ -424,8 +646,8 @@ def check_ranks_agree(model: nn.Module, job: Distributed) -> None:
     digests = [None] * job.world
     torch.distributed.all_gather_object(digests, weights_digest(model))
     if len(set(digests)) != 1:
-        raise RuntimeError(f"the ranks ended with different weights: {digests}")
-    LOG.info("weights identical on all %d ranks (sha256 %s)", job.world, digests[0][:16])
+        raise RuntimeError(f"the ranks ended with different {what}: {digests}")
+    LOG.info("%s identical on all %d ranks (sha256 %s)", what, job.world, digests[0][:16])
 
 
 def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
@@ -436,34 +658,30 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
     """
     job = job or Distributed(device=select_device(cfg.device))
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
-    # 1. Data, loss, network, optimiser and schedule; restored from last.pth when resuming.
+    # 1. Data, loss, network, optimiser, schedule (and a time budget's plan); restored from last.pth when resuming.
     trainer, progress, tiles = build_trainer(cfg, job, ckpt_dir)
+    start_budget(cfg, progress)
     log_start(cfg, trainer, job, tiles, progress.start_epoch)
     board = open_tensorboard(Path(cfg.run_dir) / "tensorboard") if cfg.tensorboard and job.main else None
-    for epoch in range(progress.start_epoch, cfg.epochs + 1):
+    for epoch in epoch_numbers(cfg, progress.start_epoch):
         started = time.perf_counter()
-        # 2. One pass over the training tiles.
+        # 2. One pass over the training tiles (the moving average of the weights follows every step).
         train_loss = run_epoch(cfg, trainer, job, epoch)
-        # 3. Validation, best score, collapse warning.
+        # 3. Validation (of the moving average too), best score, collapse and stalled-loss warnings.
         improved = judge(cfg, validate(cfg, trainer, job, epoch, train_loss, started), progress, job)
-        # Every rank holds the same reduced scores, so every rank reaches the same decision.
-        stop_early = cfg.early_stop > 0 and epoch - progress.best_epoch >= cfg.early_stop and epoch < cfg.epochs
+        # 4. Under a time budget: the epochs that fit, planned from the time the epochs take.
+        out_of_time = plan_budget(cfg, progress, job, epoch)
         if job.main:
-            # 4. Checkpoints, then the log line, CSV, curves and TensorBoard.
+            # 5. Checkpoints, then the log line, CSV, curves, threshold curve and TensorBoard.
             save_checkpoints(cfg, trainer, progress, improved, ckpt_dir)
             report(cfg, progress, board)
-        if stop_early:
-            LOG.info(
-                "early stop after epoch %d: no better val farmland IoU for %d epochs (best %.4f at epoch %d)",
-                epoch,
-                cfg.early_stop,
-                progress.best_iou,
-                progress.best_epoch,
-            )
+        if out_of_time or stop_early(cfg, progress, epoch):
             break
     if board is not None:
         board.close()
     check_ranks_agree(trainer.model, job)
+    if trainer.ema is not None:
+        check_ranks_agree(trainer.ema.averaged(), job, "moving averages of the weights")
     if progress.start_epoch > cfg.epochs:
         LOG.info("nothing to do: the checkpoint already finished epoch %d of %d", progress.start_epoch - 1, cfg.epochs)
     return {

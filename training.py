@@ -5,7 +5,9 @@ collapse warning, and the per-epoch log (CSV, TensorBoard).
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -38,6 +40,10 @@ LOG_FIELDS = [
     "val_threshold",
     "val_tuned_farmland_iou",
     "val_predicted_farmland",
+    "val_ema_farmland_iou",  # the averaged weights' figures (ema key); nan when off
+    "val_ema_threshold",
+    "val_ema_tuned_farmland_iou",
+    "weights",  # raw or ema: the better-scoring weights of the epoch, the ones best.pth takes
     "lr",
     "seconds",
 ]
@@ -46,7 +52,7 @@ LOG_FIELDS = [
 THRESHOLD_BINS = 200  # farmland probability histogram resolution: thresholds are tuned in steps of 0.005
 
 
-ARCHITECTURE_KEYS = ("in_channels", "n_classes", "base_width")
+ARCHITECTURE_KEYS = ("in_channels", "n_classes", "base_width", "encoder")
 
 
 @torch.no_grad()
@@ -120,6 +126,39 @@ def best_threshold(histogram: np.ndarray) -> tuple[float, float]:
     return float(cuts[k]), float(iou[k])
 
 
+CURVE_FIELDS = ["threshold", "val_farmland_iou", "precision", "recall"]
+
+
+def threshold_curve(histogram: np.ndarray) -> list[dict[str, float]]:
+    """Farmland IoU, precision and recall at every cut k / bins of a (2, bins) histogram (evaluate's), one row
+    per cut: farmland is every pixel whose probability bin is k or above, as in best_threshold.
+
+    From the counts at each cut: tp (farmland bins >= k), fp (background bins >= k), fn = farmland - tp;
+    IoU = tp / (tp + fp + fn), precision = tp / (tp + fp), recall = tp / (tp + fn). A 0/0 figure is NaN
+    (precision where nothing is called farmland; all three without farmland in the labels).
+    """
+    bins = histogram.shape[1]
+    true_pos = np.cumsum(histogram[1][::-1])[::-1].astype(np.float64)
+    false_pos = np.cumsum(histogram[0][::-1])[::-1].astype(np.float64)
+    positives = float(histogram[1].sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = true_pos / (positives + false_pos)
+        precision = true_pos / (true_pos + false_pos)
+        recall = true_pos / positives if positives else np.full(bins, math.nan)
+    columns = (np.arange(bins) / bins, iou, precision, recall)
+    return [dict(zip(CURVE_FIELDS, (float(c[k]) for c in columns))) for k in range(bins)]
+
+
+def write_threshold_curve(curve: list[dict[str, float]], path: Path) -> None:
+    """Write threshold_curve's rows as CSV (columns CURVE_FIELDS; a NaN figure is an empty cell)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in curve:
+        writer.writerow({key: "" if math.isnan(value) else round(value, 6) for key, value in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -132,10 +171,12 @@ def train_epoch(
     max_steps: int = 0,
     criterion: nn.Module | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: WeightAverage | None = None,
 ) -> tuple[float, int]:
     """One pass of training over a loader (at most ``max_steps`` batches when > 0).
 
-    ``criterion`` defaults to cross-entropy; ``scheduler``, when given, steps after every batch.
+    ``criterion`` defaults to cross-entropy; ``scheduler``, when given, steps after every batch, and so does
+    ``ema``, the moving average of the weights.
 
     Returns:
         the mean training loss and the number of steps taken.
@@ -155,6 +196,8 @@ def train_epoch(
         scaler.update()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update()
         # Summed on the device: reading the loss every step would stall a GPU.
         loss_sum += loss.detach().float()
         steps += 1
@@ -179,11 +222,14 @@ def schedule_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
     """The learning rate at training step ``step`` (0-based) as a fraction of ``lr``.
 
     A linear warm-up over ``warmup_epochs`` multiplies the schedule: ``step`` drops by ``gamma`` every
-    ``step_size`` epochs (the reference's StepLR, epoch by epoch); ``cosine`` falls from 1 to 0 over all epochs.
+    ``step_size`` epochs (the reference's StepLR, epoch by epoch); ``cosine`` falls from 1 to 0 over ``epochs``
+    (under ``time_budget``, the planned epochs; 0 while the first epoch is timed, which holds the cosine at 1).
     """
     warm_steps = cfg.warmup_epochs * steps_per_epoch
     warm = min(1.0, (step + 1) / warm_steps) if warm_steps > 0 else 1.0
     if cfg.schedule == "cosine":
+        if cfg.epochs <= 0:  # time_budget before its plan (the first epoch is being timed): no decay yet
+            return warm
         total = max(cfg.epochs * steps_per_epoch, 1)
         return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     return warm * cfg.gamma ** (step // steps_per_epoch // max(cfg.step_size, 1))
@@ -192,7 +238,8 @@ def schedule_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The ``schedule`` key's learning-rate schedule with warm-up, stepped after every batch.
+    """The ``schedule`` key's learning-rate schedule with warm-up, stepped after every batch. It reads the
+    config at every step, so a time_budget plan (train.py sets ``epochs`` to it) applies from the next step.
 
     Raises:
         ValueError: an unknown schedule name.
@@ -213,6 +260,105 @@ def collapse_message(epoch: int, streak: int, predicted_farmland: float) -> str:
         "encoded differently than expected (0/255 vs 0/1; check run_dir/splits/summary.json and a few masks). "
         "Try --loss=ce_dice or --loss=weighted_ce, --lr=1e-3 with --warmup_epochs=1, or --recipe=recommended"
     )
+
+
+STALL_TOLERANCE = 0.01  # a training loss that has not fallen 1 % below where a streak began is not falling
+STALL_SHARE = 0.2  # a val IoU closing less of the gap from the class prior's IoU to 1 than this has learned little
+
+
+def loss_stall(losses: list[float], tolerance: float = STALL_TOLERANCE) -> int:
+    """Epochs in a row, up to the latest, whose training loss has not fallen more than ``tolerance`` (relative)
+    below the loss of the epoch that began the streak; 0 when the latest epoch fell below it.
+
+    Measured against the streak's start, not the previous epoch, so a slow steady fall resets the streak once it
+    adds up to ``tolerance``, while a loss wandering around one level does not.
+    """
+    streak, reference = 0, math.inf
+    for loss in losses:
+        if loss < reference * (1 - tolerance):
+            streak, reference = 0, loss
+        else:
+            streak += 1
+    return streak
+
+
+def prior_iou(cm: np.ndarray) -> float:
+    """The farmland IoU of calling every pixel farmland: the farmland share of the labelled val pixels (the IoU
+    a network predicting the class prior reaches at its best threshold); NaN without labelled pixels."""
+    total = cm.sum()
+    return float(cm[1].sum() / total) if total else math.nan
+
+
+def near_prior(score: float, cm: np.ndarray) -> bool:
+    """Whether a val farmland IoU is little better than the class prior's (prior_iou): it closes less than
+    STALL_SHARE of the gap from there to 1. False without labelled farmland: nothing to judge."""
+    prior = prior_iou(cm)
+    return bool(cm[1].sum() > 0) and score < prior + STALL_SHARE * (1 - prior)
+
+
+def stall_message(epoch: int, streak: int, losses: list[float], score: float, prior: float) -> str:
+    """The warning for a training loss that stopped falling while the val IoU is little better than the class
+    prior's: what it means, the likely causes, what to try."""
+    return (
+        f"epoch {epoch}: the training loss has not fallen by more than {STALL_TOLERANCE:.0%} for {streak} epochs "
+        f"in a row (now {losses[-1]:.4f}, {losses[-1 - streak]:.4f} at epoch {epoch - streak}), and the val "
+        f"farmland IoU ({score:.3f}) is little better than calling every pixel farmland ({prior:.3f}). The network is "
+        "predicting the class prior, not the image. Likely causes: a learning rate too high for this data with "
+        "strong augmentation, too much augmentation or dropout for a small budget, or labels that do not match "
+        "the images (look at a few masks over their photos). Try --lr=3e-4, --colour_jitter=0 --scale_jitter=0 "
+        "--dropout=0, or more epochs"
+    )
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights (the ``ema`` key), updated after every optimiser
+    step: ``average = d * average + (1 - d) * weights``. The decay is warmed up, d = min(ema, (1 + n) / (10 + n))
+    at the n-th update (0-based), so that the random initial weights fade within the first steps and a short run
+    benefits too. Buffers (BatchNorm's running statistics, the band normalisation) are not averaged but copied
+    from the network when the average is used (``averaged``). Under torchrun every rank averages its own
+    unwrapped network, whose parameters are identical on all ranks after every step: so are the averages.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.source = model
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+        self.mine = list(self.model.parameters())
+        self.theirs = list(model.parameters())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the network's current parameters (one fused kernel for all of them)."""
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.mine, [p.detach() for p in self.theirs], 1.0 - decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def averaged(self) -> nn.Module:
+        """The averaged network, with the network's current buffers, in eval mode."""
+        for mine, theirs in zip(self.model.buffers(), self.source.buffers()):
+            mine.copy_(theirs)
+        return self.model.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What last.pth keeps for an exact resume: the averaged weights and the update count."""
+        return {"model": self.averaged().state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+def make_weight_average(model: nn.Module, cfg: Config) -> WeightAverage | None:
+    """The moving average of ``model``'s weights when ``ema`` is on, else None.
+
+    Raises:
+        ValueError: a decay outside [0, 1).
+    """
+    if not 0 <= cfg.ema < 1:
+        raise ValueError(f"--ema={cfg.ema}: expected a decay from 0 (off) to below 1, for example 0.999")
+    return WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
 
 
 def open_tensorboard(folder: Path) -> Any:
@@ -259,7 +405,8 @@ def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:
     Raises:
         DataError: naming the differing keys and how to fix them.
     """
-    saved = state["config"]
+    # A key the checkpoint lacks was added since it was written: it then held the key's default (encoder: unet).
+    saved = {f.name: f.default for f in dataclasses.fields(Config)} | state["config"]
     differing = [
         f"{k}: checkpoint {saved.get(k)} vs config {getattr(cfg, k)}"
         for k in ARCHITECTURE_KEYS

@@ -146,7 +146,8 @@ def test_measurements_find_the_known_cost_of_stand_ins(
     images = generate_dataset(tmp_path / "data", 4, 32, seed=0)
     pairs = [(p, tmp_path / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
     reused: list[str] = []
-    monkeypatch.setattr(bench, "keep_freed_memory", lambda: reused.append("asked") or True)  # pytest's allocator untouched
+    # pytest's allocator untouched
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: reused.append("asked") or True)
     monkeypatch.setattr(bench, "train_epoch", known_cost_steps(STEP_S))
     monkeypatch.setattr(bench, "build_model", lambda *_: KnownCost(REFERENCE_S))  # the network the reference builds
     monkeypatch.setattr(bench, "inference_model", lambda *_: KnownCost(FAST_S))  # the fast path's network
@@ -169,6 +170,12 @@ def test_measurements_find_the_known_cost_of_stand_ins(
     assert near(train["reference"]["tiles_per_s"], 100) and near(train["fast"]["tiles_per_s"], 200)
     assert near(train["reference_reuse_memory"]["tiles_per_s"], 100)
     assert (train["reference"]["batch"], train["fast"]["batch"]) == (5, 10)
+    # amp=off forces float32: nothing timed, the layout as set (contiguous unless channels_last is left on).
+    assert (train["reference"]["precision"], train["reference"]["layout"]) == ("float32", "contiguous")
+    assert (train["fast"]["precision"], train["fast"]["layout"]) == ("float32", "channels_last")
+    assert train["fast"]["choice"]["why"] == "amp=off given" and train["fast"]["choice"]["step_s"] == {}
+    # amp=auto: a width-4 network on 32-pixel tiles is too small to time, so the old rule holds.
+    assert predict["fast"]["choice"]["why"].startswith("the old rule")
     assert near(predict["reference"]["tiles_per_s"], 12.5) and near(predict["fast"]["tiles_per_s"], 50)
     assert near(predict["reference_reuse_memory"]["tiles_per_s"], 12.5)
     if platform.system() == "Linux":  # peak memory in bytes, not the KiB that getrusage reports
@@ -270,6 +277,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys: pytest.CaptureF
     out = tmp_path / "bench.json"
     argv = [
         "--width=4",
+        "--encoders=unet,resnet18",
         "--tile=32",
         "--train_steps=1",
         "--predict_tiles=8",
@@ -296,7 +304,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys: pytest.CaptureF
             assert found["tiles_per_s"] > 0 and found["peak_bytes"] > 0
             flop_rate = found["tiles_per_s"] * results["forward_gflop_per_tile"] * passes / 1e3
             assert found["tflop_per_s"] == pytest.approx(flop_rate)
-            peak = peaks[results["fast_dtype"] if variant == "fast" else "float32"]
+            peak = peaks[found["precision"] if variant == "fast" else "float32"]
             assert found["fraction_of_matmul_peak"] == pytest.approx(found["tflop_per_s"] / peak)
         ratio = pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"]
         assert pair["speedup"] == pytest.approx(ratio)
@@ -324,6 +332,44 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys: pytest.CaptureF
     assert scene["megapixels_per_s"] == pytest.approx(scene["megapixels"] / scene["predict_s"])
     assert scene["peak_rss_bytes"] > 0
     assert f"written to {out}" in printed
+
+    # The table by network: every width (--width alone: that one) with every encoder, reference and fast side by
+    # side, and the precision and layout the fast path ran in; the U-Net at --width has the one-off rows above.
+    assert (results["widths"], results["encoders"]) == ([4], ["unet", "resnet18"])
+    cases = {(c["width"], c["encoder"]): c for c in results["cases"]}
+    assert list(cases) == [(4, "unet"), (4, "resnet18")]
+    markdown = out.with_suffix(".md").read_text().splitlines()
+    assert markdown[2] == "| " + " | ".join(bench.CASE_COLUMNS) + " |"
+    for (width, encoder), case in cases.items():
+        assert case["forward_gflop_per_tile"] * 1e9 == pytest.approx(bench.forward_flops(width, 32, encoder))
+        assert (case["train_steps"], case["predict_tiles"]) == (1, 8)  # as given: not scaled
+        cells = [str(width), encoder, f"{case['forward_gflop_per_tile']:.1f}"]
+        for key in ("train", "predict"):
+            pair = case[key]
+            assert pair["speedup"] == pytest.approx(pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"])
+            assert (pair["reference"]["precision"], pair["reference"]["layout"]) == ("float32", "contiguous")
+            assert pair["fast"]["choice"]["precision"] == pair["fast"]["precision"]
+            assert pair["fast"]["choice"]["why"].startswith("the old rule")  # too small to time
+            rates = [f"{pair[v]['tiles_per_s']:.2f}" for v in ("reference", "fast")]
+            cells += [*rates, f"{pair['speedup']:.2f}x", bench.path_label(pair["fast"])]
+        row = "| " + " | ".join(cells) + " |"
+        assert row in markdown and row in printed.splitlines()
+    for key in ("train", "predict"):
+        assert results[key]["fast"] == cases[4, "unet"][key]["fast"]
+
+
+def test_lighter_networks_get_more_steps_and_tiles_by_default() -> None:
+    args = bench.parse_arguments(["--device=cpu"])
+    assert (args.widths, args.width, args.encoders) == ([16, 32, 64], 64, ["unet", "resnet18", "resnet34"])
+    assert bench.case_sizes(args, 96e9, 96e9) == (3, 32)  # the full-width U-Net: as before
+    assert bench.case_sizes(args, 24e9, 96e9) == (12, 128)  # a quarter of the work: four times the steps
+    assert bench.case_sizes(args, 6e9, 96e9) == (12, 128)  # at most four times
+    given = bench.parse_arguments(["--device=cpu", "--width=16", "--train_steps=2", "--predict_tiles=8"])
+    assert (given.widths, given.width) == ([16], 16)
+    assert bench.parse_arguments(["--widths=32,16", "--encoders=resnet34"]).width == 32  # the widest
+    assert bench.case_sizes(given, 6e9, 96e9) == (2, 8)
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--encoders=unet,vgg16"])
 
 
 def late_pass_faults(mode: str) -> int:

@@ -1,0 +1,324 @@
+"""The fast path's precision and memory layout on a CPU, chosen by timing the network rather than by a rule.
+
+With ``amp=auto`` a CPU that computes bf16 natively (AVX512-BF16, AMX) used to get bf16 and channels-last
+always. Neither is always the faster: at 16 channels the convolutions are small, and what wins depends on
+the CPU, the width and the tile size. So where the choice is open (``amp=auto`` on a CPU), the candidates are
+timed on the actual network at the actual tile size for a moment before training or prediction starts, and
+the fastest is taken:
+
+1. the candidates, in order of preference: the old rule's first (bf16 channels-last where the CPU computes
+   bf16 natively), then bf16 contiguous, fp32 channels-last, fp32 contiguous; no bf16 on a CPU without
+   native bf16 (emulated, it is many times slower), no channels-last under ``channels_last=false``;
+2. two forward passes of one tile in each: the first warms it up (kernels chosen and compiled, memory first
+   touched: several times a steady pass for bf16 on AMX), the second screens it: a candidate whose pass took
+   more than PRUNE times the fastest's is left out (a forward pass's ratios foretell a step's);
+3. rounds of one step of one tile in each candidate left (training: forward and backward under autocast,
+   two rounds at least, the first also warming the backward pass up; prediction: the folded network's
+   forward pass, its screening pass counting as a round), interleaved so that a disturbance from other work
+   falls on all of them alike, until BUDGET_S is spent (at most MAX_ROUNDS); each scores its fastest step;
+4. a candidate displaces one before it in that order only when faster by more than TIE, so that a near tie
+   keeps the old rule.
+
+Nothing is timed where the choice is not open: a forced ``amp`` (bf16, fp16 or off: tests force it where
+they compare runs), CUDA (bf16, or fp16 on older GPUs, as before), or a network whose forward pass of one tile
+is under MEASURE_FROM_GFLOP, where the old rule stands: per-step overheads dominate such steps and their
+timings are noise (which keeps tiny runs, the tests', deterministic). Under torchrun rank 0 times and every
+rank takes its choice; a resumed training run keeps the choice recorded in its checkpoint's config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import pickle
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from config import Config
+from inference import inference_model, network_logits
+from net_structure import build_model, encoder_of
+from runtime import cpu_has_fast_bf16, memory_format, resolve_amp
+
+LOG = logging.getLogger("fast_path")
+
+
+BUDGET_S = 2.0  # seconds of rounds of steps after the screening passes (the minimum of rounds always runs)
+MAX_ROUNDS = 5  # timing rounds at most, however cheap a step
+PRUNE = 1.5  # a candidate whose screening pass took over this times the fastest's is not timed further
+TIE = 0.03  # a later candidate must be this much faster (3 %) to displace an earlier one
+MEASURE_FROM_GFLOP = 0.25  # smaller networks (per tile forward) keep the old rule: a width-8 U-Net on 64 px is 0.1
+COUNT_SIDE = 32  # side of the input on which a network's FLOPs are counted, then scaled to the tile
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to run the network: the autocast dtype (None = fp32) and the memory layout."""
+
+    amp: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def layout(self) -> torch.memory_format:
+        return memory_format(self.channels_last)
+
+    @property
+    def amp_key(self) -> str:
+        """The ``amp`` key's value that forces this precision."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp, "off")
+
+    def __str__(self) -> str:
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp, "fp32")
+        return f"{precision} {'channels-last' if self.channels_last else 'contiguous'}"
+
+
+@dataclasses.dataclass
+class Choice:
+    """The candidate taken, why, and what the timing found (empty where nothing was timed)."""
+
+    candidate: Candidate
+    why: str  # measured, or why nothing was: "amp=bf16 given", "CUDA", "network too small to time", ...
+    screen_s: dict[Candidate, float] = dataclasses.field(default_factory=dict)  # each one's screening pass
+    step_s: dict[Candidate, float] = dataclasses.field(default_factory=dict)  # the fastest step of those timed
+    cost_s: float = 0.0  # wall time of the whole choice (building the copies, passes, rounds)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.screen_s)
+
+    def summary(self, step: str) -> str:
+        """One log line: 'fast path: bf16 channels-last, 0.21 s/step against fp32 channels-last 0.35, ...'."""
+        if not self.measured:
+            return f"fast path: {self.candidate} ({self.why})"
+        if self.step_s:
+            others = [f"{c} {s:.3g}" for c, s in self.step_s.items() if c != self.candidate]
+            line = f"fast path: {self.candidate}, {self.step_s[self.candidate]:.3g} s/{step}"
+            line += f" against {', '.join(others)}" if others else ""
+        else:  # one candidate was left after the screening passes
+            others = [f"{c} {s:.3g}" for c, s in self.screen_s.items() if c != self.candidate]
+            line = f"fast path: {self.candidate}, forward pass {self.screen_s[self.candidate]:.3g} s"
+            line += f" against {', '.join(others)}" if others else ""
+        fastest = min(self.screen_s.values())
+        dropped = [f"{c} ({s / fastest:.1f}x)" for c, s in self.screen_s.items() if c not in self.step_s]
+        if dropped and self.step_s:
+            line += f"; left out after a first forward pass over {PRUNE:g}x the fastest: {', '.join(dropped)}"
+        return f"{line} (timed in {self.cost_s:.1f} s; --amp=bf16 or off forces a precision)"
+
+    def as_dict(self) -> dict[str, Any]:
+        """For bench.py's JSON: the precision and layout taken, why, and the seconds per pass of each candidate."""
+        return {
+            "precision": str(self.candidate.amp or torch.float32).removeprefix("torch."),
+            "layout": "channels_last" if self.candidate.channels_last else "contiguous",
+            "why": self.why,
+            "screen_s": {str(c): s for c, s in self.screen_s.items()},
+            "step_s": {str(c): s for c, s in self.step_s.items()},
+            "cost_s": self.cost_s,
+        }
+
+
+def candidates(amp_name: str, channels_last: bool, device: torch.device) -> list[Candidate]:
+    """What may be chosen, the old rule's first; a single candidate where the choice is not open (a forced
+    precision, or CUDA)."""
+    if amp_name.strip().lower() != "auto" or device.type != "cpu":
+        return [Candidate(resolve_amp(amp_name, device), channels_last)]
+    precisions = [torch.bfloat16, None] if cpu_has_fast_bf16() else [None]  # the old rule's first
+    layouts = [True, False] if channels_last else [False]
+    return [Candidate(amp, layout) for amp in precisions for layout in layouts]
+
+
+def choose(
+    options: Sequence[Candidate],
+    step: Callable[[Candidate], float],
+    screen: Callable[[Candidate], float] | None = None,
+    budget_s: float = BUDGET_S,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Choice:
+    """Time the candidates and return the fastest (steps 2 to 4 of the module's description).
+
+    Args:
+        options: the candidates, in order of preference.
+        step: runs one step of a candidate and returns its seconds.
+        screen: runs the cheaper pass that warms a candidate up and screens it (a forward pass where a step
+            is a forward and a backward pass), returning its seconds; ``step`` itself when None. Each
+            candidate runs it twice, once to warm up (never scored) and once timed; candidates over PRUNE
+            times the fastest are left out. Where it is not the step, the first round of steps warms the
+            rest of the step up, so two rounds at least are timed.
+        budget_s: seconds of rounds of steps, counted from the first; the minimum number of rounds always runs.
+        clock: the clock that budget_s is counted by.
+    """
+    started = time.perf_counter()
+    first = screen or step
+    for candidate in options:
+        first(candidate)
+    screened = {c: first(c) for c in options}
+    fastest = min(screened.values())
+    kept = [c for c in options if screened[c] <= PRUNE * fastest]
+    best = {c: math.inf if screen else screened[c] for c in kept}
+    least = 2 if screen else 1
+    rounds, begun = 0, clock()
+    while len(kept) > 1 and rounds < MAX_ROUNDS and (rounds < least or clock() - begun < budget_s):
+        for candidate in kept:
+            best[candidate] = min(best[candidate], step(candidate))
+        rounds += 1
+    taken = kept[0]
+    for candidate in kept[1:]:
+        if best[candidate] < best[taken] * (1 - TIE):
+            taken = candidate
+    timed = best if len(kept) > 1 else {}
+    return Choice(taken, "measured", screened, timed, time.perf_counter() - started)
+
+
+def forward_gflop(config: dict[str, Any], shape: Sequence[int]) -> float:
+    """GFLOP (multiply and add counted apart) of the convolutions of one forward pass of one tile of ``shape``
+    (C, H, W) through the network a config describes: counted by hooks on a COUNT_SIDE-pixel input and
+    scaled by the area, as a fully convolutional network's work grows with its pixels. The network is built
+    without initialising its weights (their values do not change the count)."""
+    with torch.device("meta"):
+        shape_keys = (config["in_channels"], config["n_classes"], config["base_width"], config.get("dropout", 0.0))
+        network = build_model(*shape_keys, encoder_of(config))
+    network = network.to_empty(device="cpu").eval()
+    for tensor in network.state_dict().values():
+        tensor.zero_()  # no uninitialised values (NaN, denormals) to slow the pass down
+    flops = [0]
+
+    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        weight = module.weight
+        if isinstance(module, nn.ConvTranspose2d):  # every input pixel spreads over out_channels x kernel
+            flops[0] += 2 * inputs[0].numel() * weight[0].numel()
+        else:  # every output value sums in_channels / groups x kernel products
+            flops[0] += 2 * output.numel() * weight[0].numel()
+
+    for module in network.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        network(torch.zeros(1, config["in_channels"], COUNT_SIDE, COUNT_SIDE))
+    return flops[0] * shape[-2] * shape[-1] / COUNT_SIDE**2 / 1e9
+
+
+def unmeasured(options: Sequence[Candidate], config: dict[str, Any], shape: Sequence[int], amp_name: str) -> str:
+    """Why nothing is timed (a forced amp, CUDA, a single candidate, a tiny network), or '' when it is."""
+    if amp_name.strip().lower() != "auto":
+        return f"amp={amp_name} given"
+    if len(options) == 1:
+        return "the old rule: CUDA, or a single candidate on this CPU"
+    gflop = forward_gflop(config, shape)
+    return f"the old rule: network too small to time, {gflop:.2g} GFLOP per tile" if gflop < MEASURE_FROM_GFLOP else ""
+
+
+def training_timers(
+    model: nn.Module, criterion: nn.Module, shape: Sequence[int], n_classes: int, device: torch.device
+) -> tuple[Callable[[Candidate], float], Callable[[Candidate], float]]:
+    """The screening pass (forward) and the step (forward and backward) of one tile in a candidate, on copies
+    of the model in each layout (the model's BatchNorm statistics and gradients stay untouched)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand((1, *shape), generator=generator).to(device)
+    masks = torch.randint(0, n_classes, (1, *shape[-2:]), generator=generator).to(device)
+    copies: dict[bool, nn.Module] = {}
+
+    def run(candidate: Candidate, backward: bool) -> float:
+        if candidate.channels_last not in copies:
+            copies[candidate.channels_last] = copy.deepcopy(model).to(memory_format=candidate.layout).train()
+        network = copies[candidate.channels_last]
+        inputs = images.contiguous(memory_format=candidate.layout)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=candidate.amp or torch.float32, enabled=candidate.amp is not None):
+            loss = criterion(network(inputs), masks)
+        if backward:
+            loss.backward()
+        seconds = time.perf_counter() - started
+        network.zero_grad(set_to_none=True)
+        return seconds
+
+    return (lambda c: run(c, False)), (lambda c: run(c, True))
+
+
+def resumed_candidate(cfg: Config) -> Candidate | None:
+    """With ``resume``, the precision and layout that last.pth's config records when its run chose them by
+    timing (its ``amp`` is then bf16 or off, not auto); None otherwise. Only the config is read."""
+    last = Path(cfg.run_dir) / "checkpoints" / "last.pth"
+    if not cfg.resume or not last.is_file():
+        return None
+    try:
+        saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["config"]
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
+        return None  # train.py's restore reports an unreadable checkpoint
+    if saved.get("amp") not in ("bf16", "off") or not isinstance(saved.get("channels_last"), bool):
+        return None
+    return Candidate(resolve_amp(saved["amp"], torch.device("cpu")), saved["channels_last"])
+
+
+def agreed(candidate: Candidate, why: str) -> tuple[Candidate, str]:
+    """Under torchrun, rank 0's candidate on every rank (gloo on CPUs); as it is otherwise."""
+    if not torch.distributed.is_initialized():
+        return candidate, why
+    chosen = torch.tensor([candidate.amp is not None, candidate.channels_last], dtype=torch.int64)
+    torch.distributed.broadcast(chosen, 0)
+    taken = Candidate(torch.bfloat16 if chosen[0] else None, bool(chosen[1]))
+    return taken, why if torch.distributed.get_rank() == 0 else "rank 0's choice"
+
+
+def training_path(
+    cfg: Config, model: nn.Module, criterion: nn.Module, shape: Sequence[int], device: torch.device
+) -> Choice:
+    """train.py's precision and layout: timed on a copy of ``model`` with ``criterion`` on a tile of ``shape``
+    (C, H, W) where the choice is open, else the old rule. Puts ``model`` in the chosen layout, logs the
+    choice, and records a timed one in ``cfg`` (``amp`` bf16 or off, ``channels_last``), whence every
+    checkpoint's config: a resumed run takes it from there instead of timing again.
+
+    Under torchrun every rank calls this; rank 0 times (the others wait) and all take its choice.
+    """
+    options = candidates(cfg.amp, cfg.channels_last, device)
+    choice = Choice(options[0], unmeasured(options, dataclasses.asdict(cfg), shape, cfg.amp))
+    if not choice.why:
+        earlier = resumed_candidate(cfg)
+        if earlier is not None:
+            choice = Choice(earlier, "as chosen when the run began, from last.pth")
+        elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device)
+            with torch.random.fork_rng(devices=[]):  # dropout's draws here leave training's untouched
+                choice = choose(options, step, screen)
+        choice.candidate, choice.why = agreed(choice.candidate, choice.why)
+        cfg.amp, cfg.channels_last = choice.candidate.amp_key, choice.candidate.channels_last
+    model.to(memory_format=choice.candidate.layout)
+    LOG.info("%s", choice.summary("training step of one tile"))
+    return choice
+
+
+def prediction_path(
+    model: nn.Module, state: dict, amp_name: str, channels_last: bool, device: torch.device, shape: Sequence[int]
+) -> tuple[nn.Module, Choice]:
+    """The network to predict with and the choice behind it: where the choice is open, the checkpoint's
+    network (``state``) is timed on one tile of ``shape`` (C, H, W) in each candidate, and the fastest copy
+    is returned; otherwise ``model`` as it is (built by inference_model with ``amp_name`` resolved and
+    ``channels_last``). Under torchrun the old rule stands (ranks predict different tiles, and none waits
+    for another); so it does for models that are no checkpoint's (onnxruntime's, stand-ins).
+    """
+    options = candidates(amp_name, channels_last, device)
+    if "model" not in state or torch.distributed.is_initialized():
+        return model, Choice(options[0], "the old rule: not a checkpoint's network, or under torchrun")
+    why = unmeasured(options, state["config"], shape, amp_name)
+    if why:
+        return model, Choice(options[0], why)
+    started = time.perf_counter()
+    folded = inference_model(state, device, False, None)
+    built = {options[0]: model}
+    images = torch.rand((1, *shape), generator=torch.Generator().manual_seed(0))
+
+    def step(candidate: Candidate) -> float:
+        if candidate not in built:
+            dtype = candidate.amp or torch.float32
+            built[candidate] = copy.deepcopy(folded).to(dtype=dtype, memory_format=candidate.layout)
+        begun = time.perf_counter()
+        network_logits(built[candidate], images, device, candidate.channels_last)
+        return time.perf_counter() - begun
+
+    choice = choose(options, step)
+    choice.cost_s = time.perf_counter() - started
+    LOG.info("%s", choice.summary("forward pass of one tile"))
+    return built[choice.candidate], choice

@@ -1,0 +1,137 @@
+"""The farmland threshold: the user's cut (--threshold) on tiles and with the ONNX backend, and the validation
+IoU, precision and recall against the threshold that training writes (threshold_curve.csv and its figure)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import args, spread_probabilities_, square_tile, write_pair
+
+import export_onnx
+import exported_model
+import predict
+import split_dataset
+import train
+from data_preprocess import image_for_network, read_image, write_pair_list
+from inference import classes_from_probabilities, inference_model, predict_probabilities, with_threshold
+from net_structure import build_model
+from runtime import load_checkpoint, save_checkpoint
+from training import THRESHOLD_BINS, threshold_curve, write_threshold_curve
+
+CPU = torch.device("cpu")
+
+
+def farmland_probabilities(model: torch.nn.Module, tile: Path) -> torch.Tensor:
+    """The (1, 2, H, W) probabilities of one tile, read as predict.py reads it."""
+    image = torch.from_numpy(image_for_network(read_image(tile), 3, tile))[None]
+    return predict_probabilities(model, image, CPU)
+
+
+def predicted_mask(run_dir: Path, tile: Path) -> np.ndarray:
+    """The (H, W) mask predict.py wrote for a tile, 0/255."""
+    return read_image(run_dir / "predictions" / f"{tile.stem}_seg.png")[..., 0]
+
+
+def test_threshold_curve_by_hand(tmp_path: Path) -> None:
+    # 4 bins; cut k makes farmland every pixel in bin k and above. 7 farmland pixels.
+    histogram = np.array([[5, 3, 1, 0], [0, 2, 1, 4]])
+    curve = threshold_curve(histogram)
+    # k: (tp, fp) = 0: (7, 9), 1: (7, 4), 2: (5, 1), 3: (4, 0); fn = 7 - tp.
+    expected = [
+        (0.0, 7 / 16, 7 / 16, 1.0),
+        (0.25, 7 / 11, 7 / 11, 1.0),
+        (0.5, 5 / 8, 5 / 6, 5 / 7),
+        (0.75, 4 / 7, 1.0, 4 / 7),
+    ]
+    assert [tuple(row.values()) for row in curve] == [pytest.approx(e, abs=1e-15) for e in expected]
+    assert list(curve[0]) == ["threshold", "val_farmland_iou", "precision", "recall"]
+    # Nothing called farmland at the top cut: precision is 0/0; recall and IoU are 0.
+    top = threshold_curve(np.array([[4, 0], [2, 0]]))[1]
+    assert math.isnan(top["precision"]) and top["recall"] == 0.0 and top["val_farmland_iou"] == 0.0
+    write_threshold_curve(threshold_curve(np.array([[4, 0], [2, 0]])), tmp_path / "curve.csv")
+    assert (tmp_path / "curve.csv").read_text().splitlines() == [
+        "threshold,val_farmland_iou,precision,recall",
+        "0.0,0.333333,0.333333,1.0",
+        "0.5,0.0,,0.0",
+    ]
+
+
+def test_training_writes_the_best_epochs_threshold_curve(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert split_dataset.main(args(square_data, run_dir)) == 0
+    assert train.main(args(square_data, run_dir, "--epochs=2", "--tune_threshold=true")) == 0
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pth")
+    best = next(h for h in state["history"] if h["epoch"] == state["best_epoch"])
+    with open(run_dir / "threshold_curve.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == THRESHOLD_BINS
+    assert [float(r["threshold"]) for r in rows[:3]] == [0.0, 0.005, 0.01]
+    # The row at the tuned threshold holds the tuned IoU the checkpoint was chosen by.
+    at_cut = next(r for r in rows if float(r["threshold"]) == pytest.approx(state["threshold"]))
+    assert float(at_cut["val_farmland_iou"]) == pytest.approx(best["val_tuned_farmland_iou"], abs=1e-6)
+    assert max(float(r["val_farmland_iou"]) for r in rows) == pytest.approx(best["val_tuned_farmland_iou"], abs=1e-6)
+    assert float(rows[0]["recall"]) == 1.0  # a cut of 0 calls every pixel farmland
+    assert (run_dir / "figures" / "threshold_curve.png").stat().st_size > 1000
+
+
+def test_user_threshold_wins_on_tiles_and_masks_are_redone(shared_square_data: Path, run_copy: Path) -> None:
+    tile = sorted((shared_square_data / "images").glob("*.png"))[0]
+    state = load_checkpoint(run_copy / "checkpoints" / "best.pth")
+    probabilities = farmland_probabilities(inference_model(state, CPU, True, None), tile)
+    middle = round(float(probabilities[0, 1].median()), 4)
+    farmland = {}
+    # One run folder for all three cuts: masks of an earlier cut, though newer than the checkpoint, are redone.
+    for cut in (0.01, 0.99, middle):
+        extra = [f"--predict_input={tile}", f"--threshold={cut}", "--amp=off", "--overlay=false"]
+        assert predict.main(args(shared_square_data, run_copy, *extra)) == 0
+        mask = predicted_mask(run_copy, tile)
+        expected = classes_from_probabilities(probabilities, cut)[0].numpy() * 255
+        assert np.array_equal(mask, expected)
+        farmland[cut] = int((mask > 0).sum())
+    assert farmland[0.01] > farmland[middle] > farmland[0.99]
+
+
+def test_user_threshold_wins_over_the_onnx_models_own(tmp_path: Path) -> None:
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    rng = np.random.default_rng(5)
+    pairs = [write_pair(data, f"t{i}", *square_tile(rng)) for i in range(6)]
+    write_pair_list(run_dir / "splits" / "train.txt", pairs[:3])
+    write_pair_list(run_dir / "splits" / "test.txt", pairs[3:])
+    torch.manual_seed(0)
+    model = build_model(3, 2, 4, 0.1).eval()
+    with torch.no_grad():
+        sample = np.stack([read_image(image) for image, _ in pairs]).transpose(0, 3, 1, 2)
+        spread_probabilities_(model, model(torch.from_numpy(sample.astype(np.float32) / 255)))
+    config = {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.1, "bands": ""}
+    state = {"model": model.state_dict(), "config": config, "threshold": 0.45, "epoch": 1}
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
+    assert export_onnx.main([f"--run_dir={run_dir}"]) == 0
+    segmenter, meta_state = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
+    assert meta_state["threshold"] == 0.45  # the model's own cut, from its metadata
+    tile = pairs[3][0]
+    probabilities = farmland_probabilities(segmenter, tile)
+    farmland = {}
+    for cut in ("-1", "0.2"):
+        argv = [f"--run_dir={run_dir}", "--backend=onnx", f"--predict_input={tile}", f"--threshold={cut}"]
+        assert predict.main([*argv, "--num_workers=0", "--overlay=false"]) == 0
+        mask = predicted_mask(run_dir, tile)
+        used = 0.45 if cut == "-1" else 0.2
+        assert np.array_equal(mask, classes_from_probabilities(probabilities, used)[0].numpy() * 255)
+        farmland[cut] = int((mask > 0).sum())
+    assert farmland["0.2"] > farmland["-1"] > 0
+
+
+def test_a_threshold_outside_0_1_is_refused(shared_square_data: Path, run_copy: Path) -> None:
+    state = {"config": {"n_classes": 2}, "threshold": 0.3}
+    assert with_threshold(state, -1) is state and with_threshold(state, 0.7)["threshold"] == 0.7
+    assert state["threshold"] == 0.3  # the checkpoint's own state is not changed
+    for bad in ("0", "1", "1.5", "-0.5"):
+        with pytest.raises(ValueError, match=r"strictly between 0 and 1 .*or -1 for the checkpoint's tuned"):
+            predict.main(args(shared_square_data, run_copy, f"--threshold={bad}"))
+    with pytest.raises(ValueError, match="two-class model; this one has 3"):
+        with_threshold({"config": {"n_classes": 3}}, 0.5)

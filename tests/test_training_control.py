@@ -1,0 +1,228 @@
+"""What steers a training run besides the recipe: the loss-not-falling warning, the moving average of the
+weights (ema) and the time budget (time_budget), each with exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import args, weights
+from torch import nn
+
+import split_dataset
+import train
+from config import Config
+from metrics import class_iou
+from runtime import Distributed, load_checkpoint
+from training import WeightAverage, loss_stall
+
+PRIOR_CM = np.array([[600, 100], [250, 50]])  # farmland IoU 50/400 = 0.125; calling all farmland scores 0.3
+GOOD_CM = np.array([[650, 50], [30, 270]])  # farmland IoU 270/350 = 0.77
+RUN_EPOCH = train.run_epoch  # the real one, which fake_clock wraps
+
+
+def scripted_row(epoch: int, loss: float, cm: np.ndarray) -> dict:
+    """A history row as train.validate returns it, for scripted losses and confusion matrices."""
+    predicted = cm.sum(axis=0)
+    return {
+        "epoch": epoch,
+        "train_loss": loss,
+        "val_loss": loss,
+        "val_farmland_iou": float(class_iou(cm)[1]),
+        "val_miou": float(np.nanmean(class_iou(cm))),
+        "val_threshold": math.nan,
+        "val_tuned_farmland_iou": math.nan,
+        "val_predicted_farmland": float(predicted[1] / predicted.sum()),
+        "val_ema_farmland_iou": math.nan,
+        "val_ema_threshold": math.nan,
+        "val_ema_tuned_farmland_iou": math.nan,
+        "weights": "raw",
+        "lr": 1e-3,
+        "seconds": 1.0,
+        "cm": cm,
+        "histogram": np.zeros((2, 200), np.int64),
+    }
+
+
+def stall_warnings(losses: list[float], cm: np.ndarray, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The loss-not-falling warnings train.judge gives over a scripted history (collapse_patience 3)."""
+    caplog.clear()
+    cfg, progress, job = Config(collapse_patience=3), train.Progress(), Distributed()
+    with caplog.at_level(logging.WARNING, logger="train"):
+        for epoch, loss in enumerate(losses, start=1):
+            train.judge(cfg, scripted_row(epoch, loss, cm), progress, job)
+    return [r.getMessage() for r in caplog.records if "has not fallen" in r.getMessage()]
+
+
+def test_loss_stall_by_hand() -> None:
+    assert loss_stall([1.0]) == 0
+    assert loss_stall([1.25, 0.99, 0.991, 0.989, 0.99]) == 3  # 0.989 is not 1 % below 0.99
+    # A slow steady fall: 0.985 is more than 1 % below 1.0, where the streak began, so it resets it.
+    assert loss_stall([1.0, 0.995, 0.99, 0.985, 0.98]) == 1
+    assert loss_stall([0.5, 0.6, 0.7]) == 2  # a rising loss is not falling either
+
+
+def test_the_stall_warning_fires_on_a_prior_predicting_network_only(caplog: pytest.LogCaptureFixture) -> None:
+    # The reported case: ce_dice sat at about 0.99 from epoch 2 to 11; the network predicts the class prior.
+    issue = [1.25, 0.990, 0.987, 0.992, 0.989, 0.991, 0.988, 0.990, 0.993, 0.989, 0.990]
+    warnings = stall_warnings(issue, PRIOR_CM, caplog)
+    assert len(warnings) == 1  # once per streak, though it lasts to epoch 11
+    message = warnings[0]
+    assert message.startswith("epoch 5: the training loss has not fallen by more than 1% for 3 epochs in a row")
+    assert "(now 0.9890, 0.9900 at epoch 2)" in message
+    assert "val farmland IoU (0.125) is little better than calling every pixel farmland (0.300)" in message
+    assert "predicting the class prior, not the image" in message
+    for fix in ("--lr=3e-4", "--colour_jitter=0 --scale_jitter=0 --dropout=0", "more epochs"):
+        assert fix in message
+    # Some farmland found (IoU 0.375), but less than a fifth of the way from the prior's 0.3 to 1: still a warning.
+    assert len(stall_warnings(issue, np.array([[600, 100], [150, 150]]), caplog)) == 1
+    # Normal training that levels off at a good IoU: no warning.
+    normal = [1.0, 0.7, 0.55, 0.48, 0.44, 0.42, 0.415, 0.413, 0.412, 0.412, 0.4125]
+    assert stall_warnings(normal, GOOD_CM, caplog) == []
+    # A slow fall adds up past 1 % before the streak reaches 3: no warning either.
+    assert stall_warnings([1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97], PRIOR_CM, caplog) == []
+    # The loss falls again, then stalls again: a second streak, a second warning.
+    twice = [1.2, 1.0, 1.0, 1.0, 1.0, 0.9, 0.9, 0.9, 0.9]
+    assert [w.split(":")[0] for w in stall_warnings(twice, PRIOR_CM, caplog)] == ["epoch 5", "epoch 9"]
+
+
+def test_weight_average_by_hand() -> None:
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    average = WeightAverage(model, decay=0.2)
+    # Decay min(0.2, (1 + n) / (10 + n)): 0.1, 2/11, then 0.2.
+    expected = []
+    value = 1.0
+    for new, decay in ((2.0, 0.1), (3.0, 2 / 11), (0.0, 0.2), (1.0, 0.2)):
+        with torch.no_grad():
+            model[0].weight.fill_(new)
+        average.update()
+        value = decay * value + (1 - decay) * new
+        expected.append(value)
+        assert average.model[0].weight.item() == pytest.approx(value, rel=1e-6)
+    assert expected[:3] == pytest.approx([1.9, 2.8, 0.56])
+    model[1].running_mean.fill_(0.7)
+    averaged = average.averaged()
+    assert averaged[1].running_mean.item() == pytest.approx(0.7) and not averaged.training  # buffers copied
+    copy = WeightAverage(model, decay=0.2)
+    copy.load_state_dict(average.state_dict())
+    assert copy.updates == 4 and copy.model[0].weight.item() == average.model[0].weight.item()
+
+
+def test_best_pth_takes_the_better_scoring_weights(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    assert split_dataset.main(args(square_data, run_dir)) == 0
+    calls = []
+
+    def evaluate(model: nn.Module, *_: object, **__: object) -> tuple[float, np.ndarray, np.ndarray]:
+        calls.append(model)  # each epoch validates the trained weights, then their moving average
+        cm = GOOD_CM if len(calls) % 2 == 0 else PRIOR_CM
+        return 0.5, cm, np.zeros((2, 200), np.int64)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert train.main(args(square_data, run_dir, "--epochs=1", "--ema=0.9")) == 0
+    assert len(calls) == 2 and calls[0] is not calls[1]
+    best, last = (load_checkpoint(run_dir / "checkpoints" / name) for name in ("best.pth", "last.pth"))
+    assert best["weights"] == "ema" and last["weights"] == "raw" and last["best_weights"] == "ema"
+    assert all(torch.equal(best["model"][k], last["ema"]["model"][k]) for k in best["model"])
+    assert not torch.equal(best["model"]["outc.weight"], last["model"]["outc.weight"])
+    row = last["history"][0]
+    assert row["weights"] == "ema" and row["val_ema_farmland_iou"] == pytest.approx(270 / 350)
+    assert row["val_farmland_iou"] == pytest.approx(50 / 400)
+    assert last["best_iou"] == pytest.approx(270 / 350)
+
+
+def test_resume_with_ema_ends_bit_identical(square_data: Path, tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    for run_dir in (straight, interrupted):
+        split_dataset.main(args(square_data, run_dir))
+    assert train.main(args(square_data, straight, "--epochs=3", "--ema=0.9")) == 0
+    assert train.main(args(square_data, interrupted, "--epochs=2", "--ema=0.9")) == 0
+    assert train.main(args(square_data, interrupted, "--epochs=3", "--ema=0.9", "--resume=true")) == 0
+    a, b = (load_checkpoint(run / "checkpoints" / "last.pth") for run in (straight, interrupted))
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 3 * 4  # 16 tiles in batches of 4, 3 epochs
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key])
+        assert torch.equal(a["ema"]["model"][key], b["ema"]["model"][key])
+    # The average trails the trained weights.
+    assert not torch.equal(a["ema"]["model"]["outc.weight"], a["model"]["outc.weight"])
+    assert [h["val_ema_farmland_iou"] for h in a["history"]] == [h["val_ema_farmland_iou"] for h in b["history"]]
+
+
+def fake_clock(monkeypatch: pytest.MonkeyPatch, durations: dict[int, float], stop_at: int = 0) -> None:
+    """A budget clock that only moves when an epoch trains: epoch e takes durations[e] (else durations[0])
+    seconds. With ``stop_at``, that epoch is interrupted before it starts."""
+    now = [0.0]
+
+    def timed_epoch(cfg: Config, trainer: train.Trainer, job: Distributed, epoch: int) -> float:
+        if epoch == stop_at:
+            raise RuntimeError("interrupted")
+        now[0] += durations.get(epoch, durations[0])
+        return RUN_EPOCH(cfg, trainer, job, epoch)
+
+    monkeypatch.setattr(train, "run_epoch", timed_epoch)
+    monkeypatch.setattr(train, "budget_clock", lambda: now[0])
+
+
+BUDGET = ["--time_budget=1", "--schedule=cosine", "--snapshot_every=0", "--tensorboard=false"]
+
+
+def test_time_budget_plans_the_epochs_and_ends_the_cosine(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    for run_dir in (straight, interrupted):
+        split_dataset.main(args(square_data, run_dir))
+    # 1 minute; epoch 1 takes 12 s (start-up), the others 6 s: planned 5 after epoch 1, then 2 + 42 // 6 = 9.
+    fake_clock(monkeypatch, {0: 6.0, 1: 12.0})
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main(args(square_data, straight, *BUDGET, "--epochs=3")) == 0
+    assert "--epochs=3 is ignored: --time_budget=1 plans the epochs" in caplog.text
+    assert "time budget 1 min: about 12.0 s per epoch, planning 5 epochs" in caplog.text
+    assert "time budget 1 min: about 6.0 s per epoch, planning 9 epochs (was 5" in caplog.text
+    state = load_checkpoint(straight / "checkpoints" / "last.pth")
+    lrs = [h["lr"] for h in state["history"]]
+    assert len(lrs) == 9 and state["planned_epochs"] == 9 and state["elapsed"] == pytest.approx(60.0)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[-2] > 0  # the cosine ends with the last planned epoch
+    assert lrs[0] == pytest.approx(0.01)  # epoch 1, before the plan: no decay yet
+    assert state["config"]["epochs"] == 9
+    # Interrupted during epoch 5, resumed: the same plan, the same schedule, the same weights.
+    fake_clock(monkeypatch, {0: 6.0, 1: 12.0}, stop_at=5)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train.main(args(square_data, interrupted, *BUDGET))
+    fake_clock(monkeypatch, {0: 6.0})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main(args(square_data, interrupted, *BUDGET, "--resume=true")) == 0
+    assert "going on with the plan of 9 epochs (0.5 min spent)" in caplog.text
+    resumed = load_checkpoint(interrupted / "checkpoints" / "last.pth")
+    assert [h["lr"] for h in resumed["history"]] == lrs and resumed["elapsed"] == pytest.approx(60.0)
+    a, b = weights(straight / "checkpoints" / "last.pth"), weights(interrupted / "checkpoints" / "last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_stops_when_epochs_slow_down(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    # Planned 9 as above; from epoch 3 on an epoch takes 30 s: after epoch 3 (48 s) the next would end at 78 s.
+    fake_clock(monkeypatch, {0: 30.0, 1: 12.0, 2: 6.0})
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main(args(square_data, run_dir, *BUDGET)) == 0
+    assert "stopping after epoch 3 of the 9 planned, 0.8 min spent" in caplog.text
+    assert len(load_checkpoint(run_dir / "checkpoints" / "last.pth")["history"]) == 3
+
+
+def test_bad_ema_and_time_budget_are_refused(shared_square_data: Path, run_copy: Path) -> None:
+    with pytest.raises(ValueError, match=r"--ema=1.0: expected a decay from 0 \(off\) to below 1"):
+        train.main(args(shared_square_data, run_copy, "--ema=1", "--epochs=1"))
+    with pytest.raises(ValueError, match=r"--time_budget=-5.0: expected minutes of training"):
+        train.main(args(shared_square_data, run_copy, "--time_budget=-5", "--epochs=1"))
