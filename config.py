@@ -113,16 +113,18 @@ class Config:
     change_truth: str = ""  # change.py: a true change map (0-3 on the before grid) to score lost and gained against
 
 
-# The recommended recipe (--recipe=recommended): what measured best on real aerial tiles at a modest budget
+# The recommended recipe (--recipe=recommended): what measured best at a modest budget on both real data sets,
+# NAIP fields (aerial, 68 % field) and deepglobe_agri (satellite, 21 % farmland), split by scene
 # (docs/real_data.md). Keys given on the command line still win.
 RECOMMENDED: dict[str, Any] = {
     "normalise": True,  # per-band standardisation: 16-bit and NIR bands on one scale
     "loss": "ce_dice",  # Dice keeps the minority class from being ignored; cross-entropy keeps it calibrated
-    "lr": 1e-3,  # with warm-up, Adam tolerates 10x the reference rate and converges in far fewer epochs
+    "lr": 1e-3,  # with warm-up, Adam tolerates 10x the reference rate; 3e-4 measured lower on NAIP's minority tiles
     "schedule": "cosine",
     "warmup_epochs": 1.0,
-    "dropout": 0.1,  # 0.3 slows learning on small data without a measured gain
-    "scale_jitter": 0.1,
-    "colour_jitter": 0.1,
+    # No dropout, zoom or colour jitter: with them the loss sat near the class prior for epochs on minority
+    # farmland (deepglobe_agri test IoU 0.23 against 0.73 without, at equal tile passes); jitter is a choice
+    # for long runs (scale_jitter, colour_jitter), not a default for short ones.
+    "dropout": 0.0,
     "tune_threshold": True,
 }
