@@ -9,13 +9,16 @@ the fastest is taken:
 1. the candidates, in order of preference: the old rule's first (bf16 channels-last where the CPU computes
    bf16 natively), then bf16 contiguous, fp32 channels-last, fp32 contiguous; no bf16 on a CPU without
    native bf16 (emulated, it is many times slower), no channels-last under ``channels_last=false``;
-2. two forward passes of one tile in each: the first warms it up (kernels chosen and compiled, memory first
-   touched: several times a steady pass for bf16 on AMX), the second screens it: a candidate whose pass took
-   more than PRUNE times the fastest's is left out (a forward pass's ratios foretell a step's);
+2. two forward passes of one tile in each, in turn: the first warms it up (kernels chosen and compiled,
+   memory first touched: several times a steady pass for bf16 on AMX), the second screens it: a candidate
+   whose pass took more than PRUNE times the fastest's is left out (a forward pass's ratios foretell a
+   step's), and one whose warm-up alone took over UNTIMED_DROP times the fastest so far is left out at once;
 3. rounds of one step of one tile in each candidate left (training: forward and backward under autocast,
    two rounds at least, the first also warming the backward pass up; prediction: the folded network's
    forward pass, its screening pass counting as a round), interleaved so that a disturbance from other work
-   falls on all of them alike, until BUDGET_S is spent (at most MAX_ROUNDS); each scores its fastest step;
+   falls on all of them alike, until BUDGET_S is spent (at most MAX_ROUNDS); each scores its fastest step.
+   Where two rounds of training steps would already overrun BUDGET_S (a wide network: a full-width U-Net's
+   fp32 step takes seconds on a small CPU), the screening passes decide instead;
 4. a candidate displaces one before it in that order only when faster by more than TIE, so that a near tie
    keeps the old rule.
 
@@ -51,8 +54,10 @@ LOG = logging.getLogger("fast_path")
 BUDGET_S = 2.0  # seconds of rounds of steps after the screening passes (the minimum of rounds always runs)
 MAX_ROUNDS = 5  # timing rounds at most, however cheap a step
 PRUNE = 1.5  # a candidate whose screening pass took over this times the fastest's is not timed further
+UNTIMED_DROP = 2.0  # ... nor screened at all when its warm-up pass alone took over this times the fastest's
 TIE = 0.03  # a later candidate must be this much faster (3 %) to displace an earlier one
 MEASURE_FROM_GFLOP = 0.25  # smaller networks (per tile forward) keep the old rule: a width-8 U-Net on 64 px is 0.1
+STEP_PER_SCREEN = 3  # a training step (forward and backward) costs about three forward passes
 COUNT_SIDE = 32  # side of the input on which a network's FLOPs are counted, then scaled to the tile
 
 
@@ -99,14 +104,14 @@ class Choice:
             others = [f"{c} {s:.3g}" for c, s in self.step_s.items() if c != self.candidate]
             line = f"fast path: {self.candidate}, {self.step_s[self.candidate]:.3g} s/{step}"
             line += f" against {', '.join(others)}" if others else ""
-        else:  # one candidate was left after the screening passes
+        else:  # one candidate was left after the screening passes, or they decided
             others = [f"{c} {s:.3g}" for c, s in self.screen_s.items() if c != self.candidate]
             line = f"fast path: {self.candidate}, forward pass {self.screen_s[self.candidate]:.3g} s"
             line += f" against {', '.join(others)}" if others else ""
         fastest = min(self.screen_s.values())
         dropped = [f"{c} ({s / fastest:.1f}x)" for c, s in self.screen_s.items() if c not in self.step_s]
         if dropped and self.step_s:
-            line += f"; left out after a first forward pass over {PRUNE:g}x the fastest: {', '.join(dropped)}"
+            line += f"; left out after a forward pass over {PRUNE:g}x the fastest's: {', '.join(dropped)}"
         return f"{line} (timed in {self.cost_s:.1f} s; --amp=bf16 or off forces a precision)"
 
     def as_dict(self) -> dict[str, Any]:
@@ -145,32 +150,46 @@ def choose(
         step: runs one step of a candidate and returns its seconds.
         screen: runs the cheaper pass that warms a candidate up and screens it (a forward pass where a step
             is a forward and a backward pass), returning its seconds; ``step`` itself when None. Each
-            candidate runs it twice, once to warm up (never scored) and once timed; candidates over PRUNE
-            times the fastest are left out. Where it is not the step, the first round of steps warms the
-            rest of the step up, so two rounds at least are timed.
+            candidate runs it twice in turn, once to warm up and once timed; a candidate whose warm-up alone
+            took over UNTIMED_DROP times the fastest timed pass so far skips the second (a warm-up pass is
+            no faster than a timed one), and candidates over PRUNE times the fastest are left out. Where it
+            is not the step, the first round of steps warms the rest of the step up, so two rounds at least
+            are timed.
         budget_s: seconds of rounds of steps, counted from the first; the minimum number of rounds always runs.
         clock: the clock that budget_s is counted by.
     """
     started = time.perf_counter()
     first = screen or step
+    screened: dict[Candidate, float] = {}
     for candidate in options:
-        first(candidate)
-    screened = {c: first(c) for c in options}
+        warm = first(candidate)  # the warm-up: never scored, except to leave a hopeless candidate out
+        if screened and warm > UNTIMED_DROP * min(screened.values()):
+            screened[candidate] = warm  # at least its screening pass: it is left out below, untimed
+            continue
+        screened[candidate] = first(candidate)
     fastest = min(screened.values())
     kept = [c for c in options if screened[c] <= PRUNE * fastest]
-    best = {c: math.inf if screen else screened[c] for c in kept}
     least = 2 if screen else 1
+    if screen and least * STEP_PER_SCREEN * sum(screened[c] for c in kept) > budget_s:
+        # Steps this long would overrun the budget: the screening passes decide (their ratios foretell a step's).
+        return Choice(fastest_of(kept, screened), "measured", screened, {}, time.perf_counter() - started)
+    best = {c: math.inf if screen else screened[c] for c in kept}
     rounds, begun = 0, clock()
     while len(kept) > 1 and rounds < MAX_ROUNDS and (rounds < least or clock() - begun < budget_s):
         for candidate in kept:
             best[candidate] = min(best[candidate], step(candidate))
         rounds += 1
+    timed = best if len(kept) > 1 else {}
+    return Choice(fastest_of(kept, best), "measured", screened, timed, time.perf_counter() - started)
+
+
+def fastest_of(kept: Sequence[Candidate], seconds: dict[Candidate, float]) -> Candidate:
+    """The fastest candidate, a later one displacing an earlier only when faster by more than TIE."""
     taken = kept[0]
     for candidate in kept[1:]:
-        if best[candidate] < best[taken] * (1 - TIE):
+        if seconds[candidate] < seconds[taken] * (1 - TIE):
             taken = candidate
-    timed = best if len(kept) > 1 else {}
-    return Choice(taken, "measured", screened, timed, time.perf_counter() - started)
+    return taken
 
 
 def forward_gflop(config: dict[str, Any], shape: Sequence[int]) -> float:
@@ -277,7 +296,7 @@ def training_path(
     choice = Choice(options[0], unmeasured(options, dataclasses.asdict(cfg), shape, cfg.amp))
     if not choice.why:
         earlier = resumed_candidate(cfg)
-        if earlier is not None:
+        if earlier in options:  # not where this CPU lacks native bf16, or channels_last is now off
             choice = Choice(earlier, "as chosen when the run began, from last.pth")
         elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             screen, step = training_timers(model, criterion, shape, cfg.n_classes, device)

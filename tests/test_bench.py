@@ -153,7 +153,7 @@ def test_measurements_find_the_known_cost_of_stand_ins(
     monkeypatch.setattr(bench, "inference_model", lambda *_: KnownCost(FAST_S))  # the fast path's network
 
     settings = {"base_width": 4, "device": "cpu", "amp": "off", "num_workers": 0, "cache_tiles": "no"}
-    reference = {**settings, "batch_size": 5, "reuse_memory": False}
+    reference = {**settings, "batch_size": 5, "reuse_memory": False, "channels_last": False}  # as bench.py
     train = {"reference": bench.bench_train(pairs, reference, 4, False)}
     assert reused == []
     train["reference_reuse_memory"] = bench.bench_train(pairs, {**reference, "reuse_memory": True}, 4, False)

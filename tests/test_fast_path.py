@@ -12,16 +12,19 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import args
 from torch import nn
 
 import bench
 import fast_path
+import split_dataset
+import train
 from config import Config
 from demo_data import generate_dataset
 from fast_path import Candidate, choose
 from inference import inference_model, predict_batch
 from net_structure import build_model
-from runtime import save_checkpoint
+from runtime import load_checkpoint, save_checkpoint
 from tile_prediction import predict_tiles
 
 CPU = torch.device("cpu")
@@ -70,8 +73,9 @@ def test_a_near_tie_keeps_the_earlier_candidate() -> None:
 
 
 def test_slow_candidates_are_screened_out_and_steps_timed_within_the_budget() -> None:
-    # The screening pass (a forward pass) runs twice per candidate: warm-up, then timed. A candidate over PRUNE
-    # times the fastest is then left out, and steps run in rounds over the others.
+    # The screening pass (a forward pass) runs twice per candidate: warm-up, then timed; but not the second time
+    # where the warm-up alone took over twice the fastest so far. A candidate over PRUNE times the fastest is
+    # then left out, and steps run in rounds over the others.
     screened: list[Candidate] = []
     stepped: list[Candidate] = []
     forward = {BF16_CL: 0.10, BF16: 0.12, FP32_CL: 0.14, FP32: 0.40}
@@ -79,17 +83,25 @@ def test_slow_candidates_are_screened_out_and_steps_timed_within_the_budget() ->
     now = [0.0]
 
     def clock() -> float:
-        now[0] += 0.5  # each look at the clock: half a second later
+        now[0] += 1.0  # each look at the clock: a second later
         return now[0]
 
-    choice = choose(ALL, stand_in(steps, stepped), stand_in(forward, screened), budget_s=1.2, clock=clock)
-    assert screened == ALL + ALL
+    choice = choose(ALL, stand_in(steps, stepped), stand_in(forward, screened), budget_s=3.0, clock=clock)
+    assert screened == [BF16_CL, BF16_CL, BF16, BF16, FP32_CL, FP32_CL, FP32]
     assert FP32 not in stepped  # 4x the fastest forward pass: never stepped
     # Two rounds at least (the first warms the backward pass up), then more while the clock reads within the
-    # budget: 0.5 s after the first round began, then 1.0 s, then 1.5 s, past it.
+    # budget: 1 s after the first round began, then 2 s, then 3 s, no longer within it.
     assert stepped == [BF16_CL, BF16, FP32_CL] * 4
     assert choice.candidate == BF16 and set(choice.step_s) == {BF16_CL, BF16, FP32_CL}
-    assert "left out after a first forward pass over 1.5x the fastest: fp32 contiguous (4.0x)" in choice.summary("s")
+    assert "left out after a forward pass over 1.5x the fastest's: fp32 contiguous (4.0x)" in choice.summary("s")
+
+
+def test_steps_too_long_for_the_budget_leave_the_choice_to_the_screening_passes() -> None:
+    # Two rounds of steps of three times 0.30 + 0.35 s would take 3.9 s, over the budget of 2 s: none is run.
+    stepped: list[Candidate] = []
+    forward = {BF16_CL: 0.35, BF16: 0.30, FP32_CL: 1.2, FP32: 1.5}
+    choice = choose(ALL, stand_in({}, stepped), stand_in(forward))
+    assert choice.candidate == BF16 and stepped == [] and choice.step_s == {}
 
 
 def test_rounds_stop_at_the_limit_however_cheap_a_step() -> None:
@@ -165,6 +177,23 @@ def test_training_takes_and_records_the_timed_choice(
     choice = fast_path.training_path(resumed, build_model(3, 2, 4, 0.3), nn.CrossEntropyLoss(), (3, 32, 32), CPU)
     assert choice.candidate == FP32 and "last.pth" in choice.why
     assert (resumed.amp, resumed.channels_last) == ("off", False)
+
+
+def test_train_py_trains_in_the_timed_choice_and_resumes_in_it(
+    shared_square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fast_path, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(fast_path, "MEASURE_FROM_GFLOP", 0.0)
+    timers = stand_in_timers({BF16_CL: 0.25, BF16: 0.4, FP32_CL: 0.35, FP32: 0.2})
+    monkeypatch.setattr(fast_path, "training_timers", timers)
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(shared_square_data, run_dir))
+    assert train.main(args(shared_square_data, run_dir, "--epochs=1")) == 0
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pth")["config"]
+    assert (saved["amp"], saved["channels_last"]) == ("off", False)  # the checkpoint says how it was trained
+    monkeypatch.setattr(fast_path, "choose", cannot_time)  # resumed: taken from last.pth, not timed again
+    assert train.main(args(shared_square_data, run_dir, "--epochs=2", "--resume=true")) == 0
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pth")["config"]["amp"] == "off"
 
 
 def test_prediction_takes_the_timed_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
