@@ -20,7 +20,10 @@ the fastest is taken:
    Where two rounds of training steps would already overrun BUDGET_S (a wide network: a full-width U-Net's
    fp32 step takes seconds on a small CPU), the screening passes decide instead;
 4. a candidate displaces one before it in that order only when faster by more than TIE, so that a near tie
-   keeps the old rule.
+   keeps the old rule;
+5. a choice other than the old rule's is confirmed: the two are timed again, CONFIRM_ROUNDS times each in
+   turn, and the switch stands only if it holds on their fastest passes (one pass each could have met a burst
+   of other work on the machine).
 
 Nothing is timed where the choice is not open: a forced ``amp`` (bf16, fp16 or off: tests force it where
 they compare runs), CUDA (bf16, or fp16 on older GPUs, as before), or a network whose forward pass of one tile
@@ -46,7 +49,7 @@ from torch import nn
 from config import Config
 from inference import inference_model, network_logits
 from net_structure import build_model, encoder_of
-from runtime import cpu_has_fast_bf16, memory_format, resolve_amp
+from runtime import cpu_has_fast_bf16, handing_back_freed_memory, memory_format, resolve_amp
 
 LOG = logging.getLogger("fast_path")
 
@@ -57,6 +60,7 @@ PRUNE = 1.5  # a candidate whose screening pass took over this times the fastest
 UNTIMED_DROP = 2.0  # ... nor screened at all when its warm-up pass alone took over this times the fastest's
 TIE = 0.03  # a later candidate must be this much faster (3 %) to displace an earlier one
 MEASURE_FROM_GFLOP = 0.25  # smaller networks (per tile forward) keep the old rule: a width-8 U-Net on 64 px is 0.1
+CONFIRM_ROUNDS = 2  # passes of the old rule's candidate and a faster one, in turn, before leaving the old rule
 STEP_PER_SCREEN = 3  # a training step (forward and backward) costs about three forward passes
 COUNT_SIDE = 32  # side of the input on which a network's FLOPs are counted, then scaled to the tile
 
@@ -142,11 +146,12 @@ def choose(
     screen: Callable[[Candidate], float] | None = None,
     budget_s: float = BUDGET_S,
     clock: Callable[[], float] = time.perf_counter,
+    release: Callable[[Candidate], None] | None = None,
 ) -> Choice:
-    """Time the candidates and return the fastest (steps 2 to 4 of the module's description).
+    """Time the candidates and return the fastest (steps 2 to 5 of the module's description).
 
     Args:
-        options: the candidates, in order of preference.
+        options: the candidates, in order of preference (the first is the old rule's).
         step: runs one step of a candidate and returns its seconds.
         screen: runs the cheaper pass that warms a candidate up and screens it (a forward pass where a step
             is a forward and a backward pass), returning its seconds; ``step`` itself when None. Each
@@ -157,30 +162,52 @@ def choose(
             are timed.
         budget_s: seconds of rounds of steps, counted from the first; the minimum number of rounds always runs.
         clock: the clock that budget_s is counted by.
+        release: called with each candidate but the first as soon as it is left out, to free its copy.
     """
     started = time.perf_counter()
     first = screen or step
     screened: dict[Candidate, float] = {}
+    released: list[Candidate] = []
+
+    def leave_out(candidate: Candidate) -> None:
+        if release is not None and candidate != options[0] and candidate not in released:
+            release(candidate)
+            released.append(candidate)
+
     for candidate in options:
         warm = first(candidate)  # the warm-up: never scored, except to leave a hopeless candidate out
         if screened and warm > UNTIMED_DROP * min(screened.values()):
             screened[candidate] = warm  # at least its screening pass: it is left out below, untimed
-            continue
-        screened[candidate] = first(candidate)
+        else:
+            screened[candidate] = first(candidate)
+        if screened[candidate] > PRUNE * min(screened.values()):
+            leave_out(candidate)  # the fastest only gets faster: it cannot come back
     fastest = min(screened.values())
     kept = [c for c in options if screened[c] <= PRUNE * fastest]
+    for candidate in options:
+        if candidate not in kept:
+            leave_out(candidate)
     least = 2 if screen else 1
-    if screen and least * STEP_PER_SCREEN * sum(screened[c] for c in kept) > budget_s:
-        # Steps this long would overrun the budget: the screening passes decide (their ratios foretell a step's).
-        return Choice(fastest_of(kept, screened), "measured", screened, {}, time.perf_counter() - started)
-    best = {c: math.inf if screen else screened[c] for c in kept}
-    rounds, begun = 0, clock()
-    while len(kept) > 1 and rounds < MAX_ROUNDS and (rounds < least or clock() - begun < budget_s):
-        for candidate in kept:
-            best[candidate] = min(best[candidate], step(candidate))
-        rounds += 1
-    timed = best if len(kept) > 1 else {}
-    return Choice(fastest_of(kept, best), "measured", screened, timed, time.perf_counter() - started)
+    best: dict[Candidate, float] = {}
+    if len(kept) > 1 and not (screen and least * STEP_PER_SCREEN * sum(screened[c] for c in kept) > budget_s):
+        best = {c: math.inf if screen else screened[c] for c in kept}
+        rounds, begun = 0, clock()
+        while rounds < MAX_ROUNDS and (rounds < least or clock() - begun < budget_s):
+            for candidate in kept:
+                best[candidate] = min(best[candidate], step(candidate))
+            rounds += 1
+    # (Where steps this long would overrun the budget, the screening passes decide: their ratios foretell a step's.)
+    taken = fastest_of(kept, best or screened)
+    if taken != options[0]:
+        # Leaving the old rule on one pass each is what a burst of other work on the machine could cause: the
+        # two are timed again, in turn, and the switch stands only if it holds on their fastest passes.
+        pair = [options[0], taken]
+        seconds, again = (best, step) if options[0] in best else (screened, first)
+        for _ in range(CONFIRM_ROUNDS):
+            for candidate in pair:
+                seconds[candidate] = min(seconds[candidate], again(candidate))
+        taken = fastest_of(pair, seconds)
+    return Choice(taken, "measured", screened, best, time.perf_counter() - started)
 
 
 def fastest_of(kept: Sequence[Candidate], seconds: dict[Candidate, float]) -> Candidate:
@@ -324,20 +351,34 @@ def prediction_path(
     why = unmeasured(options, state["config"], shape, amp_name)
     if why:
         return model, Choice(options[0], why)
+    with handing_back_freed_memory():  # the copies' memory goes back when they go, not kept beside the loop's
+        return timed_prediction(model, state, options, device, shape)
+
+
+def timed_prediction(
+    model: nn.Module, state: dict, options: Sequence[Candidate], device: torch.device, shape: Sequence[int]
+) -> tuple[nn.Module, Choice]:
+    """prediction_path's timing on one tile of ``shape``: ``model`` (the first candidate) and copies of it in the
+    others' dtype and layout. A copy cast from another dtype holds that dtype's rounding of the weights, which
+    changes no timing; the network taken in another dtype than ``model``'s is built from the checkpoint."""
     started = time.perf_counter()
-    folded = inference_model(state, device, False, None)
     built = {options[0]: model}
     images = torch.rand((1, *shape), generator=torch.Generator().manual_seed(0))
 
     def step(candidate: Candidate) -> float:
         if candidate not in built:
             dtype = candidate.amp or torch.float32
-            built[candidate] = copy.deepcopy(folded).to(dtype=dtype, memory_format=candidate.layout)
+            built[candidate] = copy.deepcopy(model).to(dtype=dtype, memory_format=candidate.layout)
         begun = time.perf_counter()
         network_logits(built[candidate], images, device, candidate.channels_last)
         return time.perf_counter() - begun
 
-    choice = choose(options, step)
+    choice = choose(options, step, release=built.pop)  # copies left out are freed at once
+    taken = built.pop(choice.candidate)
+    built.clear()
+    if choice.candidate.amp != options[0].amp:
+        del taken
+        taken = inference_model(state, device, choice.candidate.channels_last, choice.candidate.amp)
     choice.cost_s = time.perf_counter() - started
     LOG.info("%s", choice.summary("forward pass of one tile"))
-    return built[choice.candidate], choice
+    return taken, choice

@@ -86,14 +86,27 @@ def test_slow_candidates_are_screened_out_and_steps_timed_within_the_budget() ->
         now[0] += 1.0  # each look at the clock: a second later
         return now[0]
 
-    choice = choose(ALL, stand_in(steps, stepped), stand_in(forward, screened), budget_s=3.0, clock=clock)
+    released: list[Candidate] = []
+    choice = choose(
+        ALL, stand_in(steps, stepped), stand_in(forward, screened), budget_s=3.0, clock=clock, release=released.append
+    )
     assert screened == [BF16_CL, BF16_CL, BF16, BF16, FP32_CL, FP32_CL, FP32]
-    assert FP32 not in stepped  # 4x the fastest forward pass: never stepped
+    assert FP32 not in stepped and released == [FP32]  # 4x the fastest forward pass: never stepped, its copy freed
     # Two rounds at least (the first warms the backward pass up), then more while the clock reads within the
-    # budget: 1 s after the first round began, then 2 s, then 3 s, no longer within it.
-    assert stepped == [BF16_CL, BF16, FP32_CL] * 4
+    # budget: 1 s after the first round began, then 2 s, then 3 s, no longer within it. Then bf16 contiguous,
+    # the fastest, leaves the old rule: it and the old rule's candidate are stepped twice more, in turn.
+    assert stepped == [BF16_CL, BF16, FP32_CL] * 4 + [BF16_CL, BF16] * 2
     assert choice.candidate == BF16 and set(choice.step_s) == {BF16_CL, BF16, FP32_CL}
     assert "left out after a forward pass over 1.5x the fastest's: fp32 contiguous (4.0x)" in choice.summary("s")
+
+
+def test_a_switch_from_the_old_rule_must_hold_when_timed_again() -> None:
+    # The old rule's candidate met a burst of other work on its timed pass (1.0 s instead of 0.1 s), which left it
+    # out; timed again before the switch, it is the fastest after all.
+    passes = {c: iter([0.3] * 9) for c in ALL[1:]}
+    passes[BF16_CL] = iter([0.12, 1.0, 0.1, 0.1])  # warm-up, timed (the burst), then the two passes again
+    choice = choose(ALL, lambda candidate: next(passes[candidate]))
+    assert choice.candidate == BF16_CL
 
 
 def test_steps_too_long_for_the_budget_leave_the_choice_to_the_screening_passes() -> None:
@@ -205,7 +218,7 @@ def test_prediction_takes_the_timed_choice(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(fast_path, "MEASURE_FROM_GFLOP", 0.0)
     timed: list[torch.dtype] = []
 
-    def fp32_contiguous_wins(options: list[Candidate], step: Callable[[Candidate], float]) -> fast_path.Choice:
+    def fp32_contiguous_wins(options: list[Candidate], step: Callable, **_: object) -> fast_path.Choice:
         for candidate in options:
             step(candidate)  # builds each candidate's network and runs it once
             timed.append(candidate)
