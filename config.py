@@ -80,7 +80,7 @@ class Config:
     skip_existing: bool = True  # keep masks already written with this checkpoint, so an interrupted run resumes
     window: int = 512  # scenes (GeoTIFFs, images over one window): window side in pixels, a multiple of 16
     overlap: int = 128  # scenes: pixels shared by neighbouring windows and blended, a multiple of 16 below window
-    tta: bool = False  # scenes: average probabilities over the 8 flips and 90-degree turns (8x slower)
+    tta: bool = False  # tiles and scenes: average probabilities over the 8 flips and 90-degree turns (8x slower)
     save_probability: bool = True  # scenes: also write the farmland probability GeoTIFF (percent, 255 = nodata)
     polygons: bool = True  # scenes: also write the fields as polygons (GeoJSON and GeoPackage) with their areas
     min_field_area_ha: float = 0.01  # scenes: minimum mapping unit (ha): smaller islands and holes sieved away

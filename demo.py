@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nDemo finished in {minutes:.1f} min on {metrics['n_images']} synthetic test tiles:\n"
         f"  U-Net             pooled farmland IoU {metrics['pooled']['farmland_iou']:.3f} "
         f"(per-image mean {metrics['per_image']['farmland_iou']:.3f})\n"
-        f"  colour classifier pooled farmland IoU {colour_iou:.3f} (per-pixel colour lookup fitted on the same training tiles)\n"
+        f"  colour classifier pooled farmland IoU {colour_iou:.3f} "
+        "(per-pixel colour lookup fitted on the same training tiles)\n"
         f"Figures: {run_dir / 'figures'}   Metrics: {run_dir / 'metrics.json'}   Masks: {run_dir / 'predictions'}"
     )
     return 0

@@ -93,6 +93,43 @@ def predict_probabilities(
     return scores if getattr(model, "returns_probabilities", False) else scores.softmax(1)
 
 
+# The 8 symmetries of the square as (transpose, flip rows, flip columns); the first is the identity.
+DIHEDRAL = [(t, v, h) for t in (False, True) for v in (False, True) for h in (False, True)]
+
+
+def dihedral(x: torch.Tensor, transform: tuple[bool, bool, bool]) -> torch.Tensor:
+    """Apply one symmetry of the square to the last two axes: flips, then the transpose."""
+    transpose, flip_rows, flip_cols = transform
+    dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
+    x = x.flip(dims) if dims else x
+    return x.transpose(-1, -2) if transpose else x
+
+
+def undo_dihedral(x: torch.Tensor, transform: tuple[bool, bool, bool]) -> torch.Tensor:
+    """Invert ``dihedral``: the transpose, then the flips (each is its own inverse)."""
+    transpose, flip_rows, flip_cols = transform
+    x = x.transpose(-1, -2) if transpose else x
+    dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
+    return x.flip(dims) if dims else x
+
+
+def averaged_probabilities(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool, tta: bool
+) -> torch.Tensor:
+    """Class probabilities (N, C, H, W) float32 on the CPU; with ``tta`` (test-time augmentation), the mean
+    over the 8 symmetries of the square, each undone before averaging (probabilities, not classes, are
+    averaged)."""
+    if not tta:
+        # Contiguous (N, C, H, W): a channels-last result would make every blending step a strided one.
+        return predict_probabilities(model, images, device, channels_last).cpu().contiguous()
+    total = torch.zeros(0)
+    for transform in DIHEDRAL:
+        turned = dihedral(images, transform).contiguous()
+        probabilities = undo_dihedral(predict_probabilities(model, turned, device, channels_last).cpu(), transform)
+        total = probabilities if not total.numel() else total + probabilities
+    return (total / len(DIHEDRAL)).contiguous()
+
+
 def decision_threshold(state: dict) -> float | None:
     """The farmland probability threshold a checkpoint carries (tuned on validation), or None for argmax."""
     value = state.get("threshold")
@@ -144,8 +181,13 @@ def predict_batch(
     device: torch.device,
     channels_last: bool = True,
     threshold: float | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
-    """Class indices (N, H, W) uint8 for a batch of images: argmax, or the farmland threshold when given."""
+    """Class indices (N, H, W) uint8 for a batch of images: argmax, or the farmland threshold when given; with
+    ``tta``, of the probabilities averaged over the 8 flips and turns (averaged_probabilities)."""
+    if tta:
+        probabilities = averaged_probabilities(model, images, device, channels_last, True)
+        return classes_from_probabilities(probabilities, threshold).numpy()
     if threshold is None:  # the argmax straight from the logits: no softmax pass needed
         scores = network_logits(model, images, device, channels_last)
     else:

@@ -144,9 +144,8 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
 
 def apply_threshold(cfg: Config, state: dict, job: Distributed) -> dict:
     """The state with the ``threshold`` key applied (inference.with_threshold: the checkpoint's or the exported
-    model's tuned cut, or the user's), said in the log. Finished outputs are told by the checkpoint's time alone
-    (``skip_existing``), so when the cut differs from the last predict.py run's in this run_dir, this run redoes
-    every output rather than keep masks of another cut.
+    model's tuned cut, or the user's), said in the log; finished outputs of another cut are redone
+    (redo_if_masks_differ).
 
     Raises:
         ValueError: a threshold neither -1 nor strictly between 0 and 1 (see with_threshold).
@@ -156,20 +155,33 @@ def apply_threshold(cfg: Config, state: dict, job: Distributed) -> dict:
     if cfg.threshold != -1:
         shown = "none: argmax" if tuned is None else f"{tuned:.3f}"
         LOG.info("farmland where its probability exceeds %.3f (--threshold; the model's own: %s)", cfg.threshold, shown)
+    redo_if_masks_differ(cfg, job)
+    return state
+
+
+MASK_KEYS = ("threshold", "tta")  # the keys besides the checkpoint that change a finished mask
+
+
+def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
+    """Finished outputs are told by the checkpoint's time alone (``skip_existing``), so when a key of MASK_KEYS
+    differs from the last predict.py run's in this run_dir, this run redoes every output rather than keep masks
+    made another way."""
     last_run = Path(cfg.run_dir) / "configs" / "predict.json"
+    now = {key: getattr(cfg, key) for key in MASK_KEYS}
     try:
-        earlier = float(json.loads(last_run.read_text(encoding="utf-8")).get("threshold", -1.0))
+        saved = json.loads(last_run.read_text(encoding="utf-8"))
+        earlier = {key: saved.get(key, getattr(Config, key)) for key in MASK_KEYS}
     except FileNotFoundError:
-        earlier = cfg.threshold
+        earlier = now
     except (OSError, ValueError, TypeError, AttributeError):
         earlier = None  # unreadable: redo rather than keep masks of an unknown cut
-    changed = earlier != cfg.threshold
-    if job.world > 1:  # also a barrier: every rank has read the last run's cut before rank 0 records this one
+    changed = earlier != now
+    if job.world > 1:  # also a barrier: every rank has read the last run's keys before rank 0 records this one's
         changed = bool(all_reduce_sum(torch.tensor(int(changed), device=job.device)))
     if changed and cfg.skip_existing:
-        LOG.info("the threshold differs from the last predict.py run's (%s): existing outputs are redone", earlier)
+        shown = "unreadable" if earlier is None else ", ".join(f"{k}={v}" for k, v in earlier.items())
+        LOG.info("the last predict.py run here made its masks otherwise (%s): existing outputs are redone", shown)
         cfg.skip_existing = False
-    return state
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,11 +58,11 @@ from config import Config
 from data_preprocess import image_to_float, parse_bands, read_image, write_image
 from files import DataError
 from inference import (
+    averaged_probabilities,
     choose_batch_size,
     classes_from_probabilities,
     decision_threshold,
     overlay_image,
-    predict_probabilities,
 )
 from rasters import nodata_pixels, open_raster, pixel_area_m2, pixel_size_m, write_palette_style
 from runtime import handing_back_freed_memory
@@ -75,8 +75,6 @@ MASK_COLOURS = {0: (0, 0, 0, 255), FARMLAND: (255, 220, 0, 255), NODATA: (255, 2
 BLOCK = 256  # GeoTIFF tile side: what GIS software reads fastest
 PREVIEW_SIDE = 2048  # longest side of a scene's overlay
 GDAL_CACHE_MB = 128  # GDAL's block cache; its default (5 % of RAM) would let dirty blocks pile up
-# The 8 symmetries of the square as (transpose, flip rows, flip columns); the first is the identity.
-DIHEDRAL = [(t, v, h) for t in (False, True) for v in (False, True) for h in (False, True)]
 AREA_FIELDS = [
     "image",
     "width",
@@ -410,38 +408,6 @@ def coverage(size: int, origins: Sequence[int], weight: np.ndarray) -> np.ndarra
     return total[:size].astype(np.float32)
 
 
-def dihedral(x: torch.Tensor, transform: tuple[bool, bool, bool]) -> torch.Tensor:
-    """Apply one symmetry of the square to the last two axes: flips, then the transpose."""
-    transpose, flip_rows, flip_cols = transform
-    dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
-    x = x.flip(dims) if dims else x
-    return x.transpose(-1, -2) if transpose else x
-
-
-def undo_dihedral(x: torch.Tensor, transform: tuple[bool, bool, bool]) -> torch.Tensor:
-    """Invert ``dihedral``: the transpose, then the flips (each is its own inverse)."""
-    transpose, flip_rows, flip_cols = transform
-    x = x.transpose(-1, -2) if transpose else x
-    dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
-    return x.flip(dims) if dims else x
-
-
-def window_probabilities(
-    model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool, tta: bool
-) -> torch.Tensor:
-    """Class probabilities (N, C, H, W) float32 on the CPU; with ``tta``, the mean over the 8 symmetries of
-    the square, each undone before averaging (probabilities, not classes, are averaged)."""
-    if not tta:
-        # Contiguous (N, C, H, W): a channels-last result would make every blending step a strided one.
-        return predict_probabilities(model, images, device, channels_last).cpu().contiguous()
-    total = torch.zeros(0)
-    for transform in DIHEDRAL:
-        turned = dihedral(images, transform).contiguous()
-        probabilities = undo_dihedral(predict_probabilities(model, turned, device, channels_last).cpu(), transform)
-        total = probabilities if not total.numel() else total + probabilities
-    return (total / len(DIHEDRAL)).contiguous()
-
-
 def pad_to(block: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """Reflect-pad an (h, w, C) block at its bottom and right to (rows, cols, C)."""
     extra_rows, extra_cols = rows - block.shape[0], cols - block.shape[1]
@@ -490,7 +456,7 @@ def blended_rows(
         for start in range(0, len(cols_at), batch):
             lefts = cols_at[start : start + batch]
             tiles = [image_to_float(padded[:, x : x + window], in_channels, scene.path) for x in lefts]
-            probabilities = window_probabilities(
+            probabilities = averaged_probabilities(
                 model, torch.from_numpy(np.stack(tiles)), device, settings.channels_last, settings.tta
             )
             for x, p in zip(lefts, probabilities):

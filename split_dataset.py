@@ -86,7 +86,8 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
                     (
                         path,
                         "error",
-                        f"stem '{stem}' is ambiguous: {[p.name for p in found_images + found_masks]}; rename so each stem is unique",
+                        f"stem '{stem}' is ambiguous: {[p.name for p in found_images + found_masks]}; "
+                        "rename so each stem is unique",
                     )
                 )
         elif not found_masks:

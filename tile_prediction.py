@@ -193,13 +193,14 @@ def predict_tiles(
         pin_memory=device.type == "cuda",
     )
     LOG.info(
-        "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d",
+        "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d%s",
         len(paths),
         checkpoint,
         state.get("epoch"),
         device,
         str(amp or torch.float32).removeprefix("torch."),
         batch_size,
+        ", averaged over 8 flips and turns (--tta)" if cfg.tta else "",
     )
 
     def write_outputs(index: int, image: np.ndarray | None, mask: np.ndarray) -> None:
@@ -217,7 +218,7 @@ def predict_tiles(
                         LOG.error("%s", error)
                         failures += 1
                     else:
-                        masks = predict_batch(model, images, device, channels_last, threshold)
+                        masks = predict_batch(model, images, device, channels_last, threshold, cfg.tta)
                         photos = images.numpy() if cfg.overlay else [None] * len(indices)
                         for index, photo, mask in zip(indices, photos, masks):
                             writer.submit(write_outputs, index, photo, mask)

@@ -186,17 +186,18 @@ def test_windows_cover_the_scene_and_weights_add_up() -> None:
 def test_tta_averages_the_eight_symmetries(state: dict) -> None:
     model = inference.inference_model(state, CPU, True, None)
     images = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
-    averaged = scene.window_probabilities(model, images, CPU, True, tta=True)
-    plain = scene.window_probabilities(model, images, CPU, True, tta=False)
+    averaged = inference.averaged_probabilities(model, images, CPU, True, tta=True)
+    plain = inference.averaged_probabilities(model, images, CPU, True, tta=False)
     assert not torch.allclose(averaged, plain, atol=1e-3)  # the network alone is not symmetric
     # Averaged over the symmetries, the prediction turns with the image: f(t(x)) = t(f(x)) for every t.
-    for transform in scene.DIHEDRAL:
-        turned = scene.window_probabilities(model, scene.dihedral(images, transform), CPU, True, tta=True)
-        assert torch.allclose(turned, scene.dihedral(averaged, transform), atol=1e-5)
+    for transform in inference.DIHEDRAL:
+        turned = inference.averaged_probabilities(model, inference.dihedral(images, transform), CPU, True, tta=True)
+        assert torch.allclose(turned, inference.dihedral(averaged, transform), atol=1e-5)
     # And it is the plain mean of the eight predictions, each turned back.
+    of = inference.averaged_probabilities
     manual = sum(
-        scene.undo_dihedral(scene.window_probabilities(model, scene.dihedral(images, t), CPU, True, False), t)
-        for t in scene.DIHEDRAL
+        inference.undo_dihedral(of(model, inference.dihedral(images, t), CPU, True, False), t)
+        for t in inference.DIHEDRAL
     )
     assert torch.allclose(averaged, manual / 8, atol=1e-6)
 

@@ -18,7 +18,13 @@ import predict
 import split_dataset
 import train
 from data_preprocess import image_for_network, read_image, write_pair_list
-from inference import classes_from_probabilities, inference_model, predict_probabilities, with_threshold
+from inference import (
+    averaged_probabilities,
+    classes_from_probabilities,
+    inference_model,
+    predict_probabilities,
+    with_threshold,
+)
 from net_structure import build_model
 from runtime import load_checkpoint, save_checkpoint
 from training import THRESHOLD_BINS, threshold_curve, write_threshold_curve
@@ -94,6 +100,27 @@ def test_user_threshold_wins_on_tiles_and_masks_are_redone(shared_square_data: P
         assert np.array_equal(mask, expected)
         farmland[cut] = int((mask > 0).sum())
     assert farmland[0.01] > farmland[middle] > farmland[0.99]
+
+
+def test_tiles_with_tta_are_the_mean_of_eight_turns_and_redone_when_it_changes(
+    shared_square_data: Path, run_copy: Path
+) -> None:
+    tile = sorted((shared_square_data / "images").glob("*.png"))[0]
+    state = load_checkpoint(run_copy / "checkpoints" / "best.pth")
+    image = torch.from_numpy(image_for_network(read_image(tile), 3, tile))[None]
+    model = inference_model(state, CPU, True, None)
+    # The cut at the median pixel's probability, so that half the tile is farmland and the two masks can differ.
+    cut = round(float(averaged_probabilities(model, image, CPU, True, False)[0, 1].median()), 4)
+    masks = {}
+    # One run folder: the masks made one way, though newer than the checkpoint, are redone the other way.
+    for tta in (False, True, False):
+        extra = [f"--predict_input={tile}", f"--tta={tta}", f"--threshold={cut}", "--amp=off", "--overlay=false"]
+        assert predict.main(args(shared_square_data, run_copy, *extra)) == 0
+        expected = classes_from_probabilities(averaged_probabilities(model, image, CPU, True, tta), cut)
+        mask = predicted_mask(run_copy, tile)
+        assert np.array_equal(mask, expected[0].numpy() * 255)
+        masks[tta] = mask
+    assert not np.array_equal(masks[True], masks[False])  # the averaged mask is another mask
 
 
 def test_user_threshold_wins_over_the_onnx_models_own(tmp_path: Path) -> None:
