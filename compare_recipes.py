@@ -17,7 +17,10 @@ setting of the recommended recipe, the recommended recipe with that one setting 
 value: which settings earn their place. The default compares the two recipes.
 Any other ``--key=value`` is a config key passed to every run (for example ``--num_workers=4``); with
 ``--time_budget=MINUTES`` every run trains for the same time instead of the same tile passes.
-A run whose result.json matches its settings is not trained again: an interrupted comparison continues.
+``--tta`` also scores every run with predict.py's ``--tta`` (the same weights, probabilities averaged over the
+8 flips and turns of each test tile), in the run's tta/ folder: the ``_tta`` columns.
+A run whose result.json matches its settings is not trained again: an interrupted comparison continues (and
+gains its ``--tta`` figures without training when they are missing).
 Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
 """
 
@@ -47,6 +50,7 @@ from runtime import load_checkpoint
 LOG = logging.getLogger("compare_recipes")
 RECIPES = ("reference", "recommended")
 SCORES = ("test_farmland_iou_pooled", "test_farmland_iou_per_image", "test_boundary_iou_pooled")
+TTA_SCORES = ("test_farmland_iou_pooled_tta", "test_farmland_iou_per_image_tta")  # with --tta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +128,16 @@ def minority_splits(
 
 
 def run_variant(
-    run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], variant: Variant, epochs: int, overrides: Sequence[str]
+    run_dir: Path,
+    splits: dict[str, list[tuple[Path, Path]]],
+    variant: Variant,
+    epochs: int,
+    overrides: Sequence[str],
+    tta: bool = False,
 ) -> dict:
-    """Train, predict and score one variant in ``run_dir``; return its figures (kept in run_dir/result.json,
-    and taken from there instead of training again when the settings are the same)."""
+    """Train, predict and score one variant in ``run_dir`` (with ``tta``, also with test-time augmentation);
+    return its figures (kept in run_dir/result.json, and taken from there instead of training again when the
+    settings are the same)."""
     settings = {"variant": variant.name, "epochs": epochs, "overrides": list(overrides)}
     settings["splits"] = {name: [str(p[0]) for p in splits[name]] for name in SPLIT_NAMES}
     saved = run_dir / "result.json"
@@ -135,7 +145,11 @@ def run_variant(
         result = json.loads(saved.read_text(encoding="utf-8"))
         if result.get("settings") == settings:
             LOG.info("%s: already done, figures taken from %s", run_dir, saved)
-            return result["row"]
+            row = result["row"]
+            if tta and TTA_SCORES[0] not in row:
+                row = {**row, **tta_scores(run_dir, splits, overrides)}
+                files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
+            return row
     for name in SPLIT_NAMES:
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     common = [*overrides, f"--run_dir={run_dir}"]  # the last value of a key wins
@@ -150,8 +164,26 @@ def run_variant(
     if miou.main(common) != 0:
         raise RuntimeError(f"{run_dir}: scoring failed; see {run_dir / 'logs' / 'miou.log'}")
     row = result_row(run_dir, splits, variant, seconds)
+    if tta:
+        row.update(tta_scores(run_dir, splits, overrides))
     files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
     return row
+
+
+def tta_scores(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], overrides: Sequence[str]) -> dict:
+    """The test figures of the run's best.pth predicted with ``--tta=true``, in run_dir/tta (its own masks and
+    metrics.json, so the run's plain ones stay as they are)."""
+    tta_dir = run_dir / "tta"
+    write_pair_list(tta_dir / "splits" / "test.txt", splits["test"])
+    common = [*overrides, f"--run_dir={tta_dir}"]
+    (tta_dir / "metrics.json").unlink(missing_ok=True)
+    checkpoint = f"--checkpoint={run_dir / 'checkpoints' / 'best.pth'}"
+    if predict.main([*common, checkpoint, "--overlay=false", "--tta=true"]) != 0:
+        raise RuntimeError(f"{run_dir}: prediction with --tta failed; see {tta_dir / 'logs' / 'predict.log'}")
+    if miou.main(common) != 0:
+        raise RuntimeError(f"{run_dir}: scoring with --tta failed; see {tta_dir / 'logs' / 'miou.log'}")
+    metrics = json.loads((tta_dir / "metrics.json").read_text(encoding="utf-8"))
+    return {TTA_SCORES[0]: metrics["pooled"]["farmland_iou"], TTA_SCORES[1]: metrics["per_image"]["farmland_iou"]}
 
 
 def result_row(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], variant: Variant, seconds: float) -> dict:
@@ -192,7 +224,8 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     for (data, recipe), members in groups.items():
         if len(members) < 2:
             continue
-        mean = {key: float(np.mean([m[key] for m in members if m[key] is not None])) for key in SCORES}
+        keys = SCORES + tuple(k for k in TTA_SCORES if all(k in m for m in members))
+        mean = {key: float(np.mean([m[key] for m in members if m[key] is not None])) for key in keys}
         predicted = float(np.mean([m["test_predicted_farmland"] for m in members]))
         minutes = float(np.mean([m["train_minutes"] for m in members]))
         means.append(
@@ -210,25 +243,29 @@ def mean_rows(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table (rows of seed 'mean' leave the per-run columns empty)."""
+    """The comparison as a Markdown table (rows of seed 'mean' leave the per-run columns empty); a last column
+    with the ``--tta`` figures (pooled / per image) when any run has them."""
+    tta = any(TTA_SCORES[0] in r for r in rows)
     lines = [
         "| data | split seed | recipe | train tiles | tile passes | test IoU pooled | test IoU per image | "
-        "boundary IoU | predicted farmland | final train loss | best epoch | threshold | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "boundary IoU | predicted farmland | final train loss | best epoch | threshold | minutes |"
+        + (" with --tta |" if tta else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tta else ""),
     ]
     for r in rows:
+        extra = f" {fmt(r.get(TTA_SCORES[0]))} / {fmt(r.get(TTA_SCORES[1]))} |" if tta else ""
         if r.get("seed") == "mean":
             lines.append(
                 f"| {r['data']} | mean | {r['recipe']} | | | **{fmt(r[SCORES[0]])}** (worst {fmt(r['worst_pooled'])}) "
                 f"| {fmt(r[SCORES[1]])} | {fmt(r[SCORES[2]])} | {r['test_predicted_farmland']:.3f} | | | | "
-                f"{r['train_minutes']:.1f} |"
+                f"{r['train_minutes']:.1f} |" + extra
             )
             continue
         threshold = "argmax" if r["threshold"] is None else f"{r['threshold']:.3f}"
         lines.append(
             f"| {r['data']} | {r.get('seed', '')} | {r['recipe']} | {r['train_tiles']} | {r['tile_passes']} | "
             f"{fmt(r[SCORES[0]])} | {fmt(r[SCORES[1]])} | {fmt(r[SCORES[2]])} | {r['test_predicted_farmland']:.3f} | "
-            f"{r.get('final_train_loss', '')} | {r['best_epoch']} | {threshold} | {r['train_minutes']:.1f} |"
+            f"{r.get('final_train_loss', '')} | {r['best_epoch']} | {threshold} | {r['train_minutes']:.1f} |" + extra
         )
     return "\n".join(lines)
 
@@ -254,6 +291,7 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
     parser.add_argument("--minority_epochs", type=int, default=0, help="0: as many tile passes as the whole set")
     parser.add_argument("--skip_minority", action="store_true", help="compare on the whole data set only")
     parser.add_argument("--only_minority", action="store_true", help="compare on the minority subset only")
+    parser.add_argument("--tta", action="store_true", help="also score each run with test-time augmentation")
     known, overrides = parser.parse_known_args(argv)
     cfg = cli.parse_args(overrides, __doc__ or "")
     if any(a.startswith("--recipe=") for a in overrides):
@@ -303,7 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for variant in known.variant_list:
                 run_dir = root / data_name / variant.name
                 run_args = [*overrides, f"--seed={seed}"]
-                row = {"data": data_name, "seed": seed, **run_variant(run_dir, data_splits, variant, epochs, run_args)}
+                row = {
+                    "data": data_name,
+                    "seed": seed,
+                    **run_variant(run_dir, data_splits, variant, epochs, run_args, known.tta),
+                }
                 rows.append(row)
                 cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs
                 LOG.info("%s", json.dumps(row))

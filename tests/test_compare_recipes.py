@@ -97,6 +97,20 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(square_data: Pat
     close_log_files()
     assert checkpoint.stat().st_mtime_ns == stamp
     assert json.loads((run_dir / "comparison.json").read_text(encoding="utf-8")) == rows
+    # With --tta, finished runs gain their test-time-augmented figures, still without training again; the run's
+    # own masks and metrics stay the plain ones.
+    plain = (checkpoint.parents[1] / "metrics.json").read_text(encoding="utf-8")
+    assert compare_recipes.main([*argv, "--tta"]) == 0
+    close_log_files()
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert (checkpoint.parents[1] / "metrics.json").read_text(encoding="utf-8") == plain
+    with_tta = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))
+    for before, after in zip(rows, with_tta):
+        run = run_dir / f"seed_{after['seed']}" / "all" / after["recipe"]
+        scored = json.loads((run / "tta" / "metrics.json").read_text(encoding="utf-8"))
+        assert after["test_farmland_iou_pooled_tta"] == scored["pooled"]["farmland_iou"]
+        assert after == {**before, **{k: after[k] for k in compare_recipes.TTA_SCORES}}
+    assert "with --tta |" in (run_dir / "comparison.md").read_text(encoding="utf-8")
 
 
 def test_recipe_key_is_refused(square_data: Path, tmp_path: Path) -> None:
