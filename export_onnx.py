@@ -3,6 +3,7 @@
     python export_onnx.py --run_dir=RUN                       # RUN/checkpoints/best.pth
     python export_onnx.py --run_dir=RUN --checkpoint=FILE     # any checkpoint of this project
     python export_onnx.py --run_dir=RUN --quantize=int8       # also an 8-bit copy for CPUs
+    python export_onnx.py --run_dir=RUN --threshold=0.4       # QGIS's farmland cut: 0.4, not the tuned one
 
 Writes under run_dir/export/:
 - ``farmland.onnx``: float32 input N x C x H x W (batch, height and width dynamic) scaled to 0..1 as Deepness and
@@ -41,7 +42,7 @@ import scene
 from config import Config
 from data_preprocess import read_pair_list
 from files import DataError, atomic_write_text
-from inference import model_from_checkpoint
+from inference import decision_threshold, model_from_checkpoint, with_threshold
 from net_structure import encoder_of
 from runtime import load_checkpoint
 from training import tiles_pixel_size
@@ -178,6 +179,21 @@ def export_int8(cfg: Config, state: dict[str, Any], folder: Path) -> tuple[dict[
     return {"file": str(target), "checked": True, "offered": True, **scores}, 0
 
 
+def exported_threshold(cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
+    """The state with the user's ``threshold`` in place of the tuned one, if given: the cut the exported model
+    carries (QGIS's seg_thresh, predict.py --backend=onnx's default), said in the log.
+
+    Raises:
+        ValueError: a threshold neither -1 nor strictly between 0 and 1 (see inference.with_threshold).
+    """
+    tuned = decision_threshold(state)
+    state = with_threshold(state, cfg.threshold)
+    if cfg.threshold != -1:
+        shown = "none: argmax" if tuned is None else f"{tuned:.3f}"
+        LOG.info("the model's farmland cut: %.3f (--threshold; tuned on validation: %s)", cfg.threshold, shown)
+    return state
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Export the checkpoint, check it, and write the report; exit status 1 when the 8-bit copy is refused."""
     cfg = cli.parse_args(argv, __doc__ or "")
@@ -189,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.save_config(cfg, "export_onnx")
     run_dir = Path(cfg.run_dir)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
-    state = load_checkpoint(checkpoint)
+    state = exported_threshold(cfg, load_checkpoint(checkpoint))
     folder = run_dir / "export"
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "float32": export_fp32(cfg, state, checkpoint, folder)}
     status = 0

@@ -209,6 +209,19 @@ def test_predict_with_onnx_maps_a_geotiff_scene_as_the_pytorch_path(exported: di
     ]
 
 
+def test_the_users_threshold_is_the_exported_models_cut(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    with pytest.raises(ValueError, match="--threshold=1.5: expected a farmland probability cut"):
+        export_onnx.main([f"--run_dir={run_dir}", "--threshold=1.5", "--window=64", "--overlap=16"])
+    assert export_onnx.main([f"--run_dir={run_dir}", "--threshold=0.3", "--window=64", "--overlap=16"]) == 0
+    model = onnx.load(str(run_dir / "export" / "farmland_qgis.onnx"))
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["seg_thresh"] == meta["farmland_threshold"] == 0.3  # not the tuned THRESHOLD
+    segmenter, state = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
+    assert state["threshold"] == 0.3  # predict.py --backend=onnx cuts there too
+
+
 def test_a_checkpoint_of_another_band_count_or_width_is_refused_naming_the_file(tmp_path: Path) -> None:
     state = tiny_state()
     for key, value in (("in_channels", 4), ("base_width", 8)):
