@@ -70,13 +70,23 @@ class ChangeJob:
     truth: Path | None = None
 
     @property
-    def record(self) -> dict:
-        """The settings a pair's outputs depend on, kept in its JSON: a re-run with others redoes the pair."""
-        keys = ("change_margin", "change_edge_tolerance", "min_field_area_ha", "min_field_pixels", "simplify_tolerance")
+    def date_record(self) -> dict:
+        """The settings one date's mask, probability and fields depend on, kept beside them: a re-run with
+        others predicts the date again."""
+        keys = ("tta", "window", "overlap", "min_field_area_ha", "min_field_pixels", "simplify_tolerance")
         return {
             "checkpoint": str(self.checkpoint),
             "threshold": self.rule.threshold,
             "bands": list(self.settings.bands),
+            **{key: getattr(self.cfg, key) for key in keys},
+        }
+
+    @property
+    def record(self) -> dict:
+        """The settings a pair's outputs depend on, kept in its JSON: a re-run with others redoes the pair."""
+        keys = ("change_margin", "change_edge_tolerance")
+        return {
+            **self.date_record,
             **{key: getattr(self.cfg, key) for key in keys},
             "change_truth": str(self.truth or ""),
         }
@@ -144,6 +154,7 @@ def date_outputs(run_dir: Path, name: str, date: str) -> dict[str, Path]:
         "style": folder / f"{stem}_seg.qml",
         "probability": folder / f"{stem}_prob.tif",
         "area": folder / f"{stem}_area.json",
+        "record": folder / f"{stem}_settings.json",  # written last: the settings the date was predicted with
     }
 
 
@@ -164,6 +175,16 @@ def is_done(pair: Pair, job: ChangeJob) -> bool:
         return False
     try:
         return json.loads(outputs["json"].read_text(encoding="utf-8")).get("settings") == job.record
+    except (OSError, ValueError):
+        return False
+
+
+def date_is_done(outputs: dict[str, Path], settings: scene.SceneSettings, job: ChangeJob) -> bool:
+    """Whether an earlier run predicted this date after the checkpoint was made, with the same settings."""
+    if not scene.is_finished(outputs, settings, job.checkpoint):
+        return False
+    try:
+        return json.loads(outputs["record"].read_text(encoding="utf-8")) == job.date_record
     except (OSError, ValueError):
         return False
 
@@ -214,10 +235,12 @@ def predict_dates(pair: Pair, before: scene.Scene, after: scene.Scene, job: Chan
     for date, image in (("before", before), ("after", after)):
         outputs = date_outputs(Path(job.cfg.run_dir), pair.name, date)
         settings = fit_window(job.settings, image)
-        if job.cfg.skip_existing and scene.is_finished(outputs, settings, job.checkpoint):
+        if job.cfg.skip_existing and date_is_done(outputs, settings, job):
             LOG.info("%s: the %s date's probability is already there from this checkpoint", pair.name, date)
         else:
+            outputs["record"].unlink(missing_ok=True)
             scene.run_scene(job.model, image, job.state, job.device, settings, outputs)
+            files.atomic_write_text(outputs["record"], json.dumps(job.date_record, indent=2) + "\n")
         probabilities[date] = outputs["probability"]
     return probabilities
 

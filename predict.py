@@ -144,8 +144,7 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
 
 def apply_threshold(cfg: Config, state: dict, job: Distributed) -> dict:
     """The state with the ``threshold`` key applied (inference.with_threshold: the checkpoint's or the exported
-    model's tuned cut, or the user's), said in the log; finished outputs of another cut are redone
-    (redo_if_masks_differ).
+    model's tuned cut, or the user's), said in the log.
 
     Raises:
         ValueError: a threshold neither -1 nor strictly between 0 and 1 (see with_threshold).
@@ -155,17 +154,27 @@ def apply_threshold(cfg: Config, state: dict, job: Distributed) -> dict:
     if cfg.threshold != -1:
         shown = "none: argmax" if tuned is None else f"{tuned:.3f}"
         LOG.info("farmland where its probability exceeds %.3f (--threshold; the model's own: %s)", cfg.threshold, shown)
-    redo_if_masks_differ(cfg, job)
     return state
 
 
-MASK_KEYS = ("threshold", "tta")  # the keys besides the checkpoint that change a finished mask
+# The keys besides the checkpoint that change a finished output: masks, probabilities, fields.
+MASK_KEYS = (
+    "threshold",
+    "tta",
+    "bands",
+    "window",
+    "overlap",
+    "resample_scenes",
+    "min_field_area_ha",
+    "min_field_pixels",
+    "simplify_tolerance",
+)
 
 
 def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
     """Finished outputs are told by the checkpoint's time alone (``skip_existing``), so when a key of MASK_KEYS
-    differs from the last predict.py run's in this run_dir, this run redoes every output rather than keep masks
-    made another way."""
+    (``bands`` as resolved) differs from the last predict.py run's in this run_dir, this run redoes every output
+    rather than keep masks made another way."""
     last_run = Path(cfg.run_dir) / "configs" / "predict.json"
     now = {key: getattr(cfg, key) for key in MASK_KEYS}
     try:
@@ -174,13 +183,15 @@ def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
     except FileNotFoundError:
         earlier = now
     except (OSError, ValueError, TypeError, AttributeError):
-        earlier = None  # unreadable: redo rather than keep masks of an unknown cut
+        earlier = None  # unreadable: redo rather than keep outputs made in an unknown way
     changed = earlier != now
     if job.world > 1:  # also a barrier: every rank has read the last run's keys before rank 0 records this one's
         changed = bool(all_reduce_sum(torch.tensor(int(changed), device=job.device)))
     if changed and cfg.skip_existing:
-        shown = "unreadable" if earlier is None else ", ".join(f"{k}={v}" for k, v in earlier.items())
-        LOG.info("the last predict.py run here made its masks otherwise (%s): existing outputs are redone", shown)
+        shown = "its settings unreadable"
+        if earlier is not None:
+            shown = ", ".join(f"{k} {earlier[k]!r}, now {now[k]!r}" for k in MASK_KEYS if earlier[k] != now[k])
+        LOG.info("the last predict.py run here made its outputs otherwise (%s): they are redone", shown)
         cfg.skip_existing = False
 
 
@@ -204,6 +215,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if not cfg.bands:
         # The bands the network was trained on, unless the user names others for these images.
         cfg.bands = str(state["config"].get("bands", ""))
+    redo_if_masks_differ(cfg, job)
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included
     amp = None if segmenter is not None else resolve_amp(cfg.amp, device)  # an ONNX model runs in its own dtype

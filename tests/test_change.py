@@ -294,6 +294,12 @@ def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_se
     os.utime(own, (later, later))  # a newer checkpoint: everything again
     assert run_change(run_dir, own, before, after, "--change_margin=0.3") == 0
     assert probability.stat().st_mtime_ns > made[probability]
+    # Another way of predicting the dates (here test-time augmentation) predicts them again, the checkpoint as is.
+    again = probability.stat().st_mtime_ns
+    assert run_change(run_dir, own, before, after, "--change_margin=0.3", "--tta=true") == 0
+    assert probability.stat().st_mtime_ns > again
+    record = change.date_outputs(run_dir, "a_to_b", "before")["record"]
+    assert json.loads(record.read_text(encoding="utf-8"))["tta"] is True
 
 
 def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
