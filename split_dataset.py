@@ -196,6 +196,29 @@ def split_pairs(
     return {name: sorted(pair for key in chosen for pair in members[key]) for name, chosen in parts.items()}
 
 
+FEW_SCENES = 3  # validation or test splits of fewer scenes get a warning
+
+
+def warn_few_scenes(groups: dict[str, int]) -> None:
+    """Warn when the validation or test split holds fewer than FEW_SCENES scenes (``groups``: scenes per split).
+
+    Training picks its best epoch and tunes its threshold on the validation scenes; scenes differ (season,
+    light, crops), and on one or two of them both choices can be good there and poor on the others.
+    """
+    for name, purpose in (("val", "the best epoch and the threshold are chosen on"), ("test", "the scores come from")):
+        count = groups.get(name, FEW_SCENES)
+        if count < FEW_SCENES:
+            LOG.warning(
+                "the %s split holds %d scene(s), which %s: with so few, expect them to differ from scene to "
+                "scene; give it %d or more scenes (--split_ratios), or split several ways (compare_recipes.py "
+                "--split_seeds) and compare",
+                name,
+                count,
+                purpose,
+                FEW_SCENES,
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Scan, check and split the data set; write the lists and the report under run_dir/splits."""
     cfg = cli.parse_args(argv, __doc__ or "")
@@ -257,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")}
     )
     files.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    warn_few_scenes(summary.get("groups", {}))
     LOG.info(
         "split %d pairs: train %d, val %d, test %d | unusable %d, filtered %d, orphans %d (see %s)",
         len(usable),

@@ -142,7 +142,7 @@ def test_tiles_of_another_size_are_reported(tmp_path: Path) -> None:
     assert kind == "error" and "is 48x48 pixels but most tiles are 32x32" in reason
 
 
-def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path) -> None:
+def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data_dir = tmp_path / "scenes"
     rng = np.random.default_rng(1)
     for scene in range(10):
@@ -160,6 +160,8 @@ def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "splits" / "summary.json").read_text())
     # 11 groups: 8.8 -> 9 train, 1 val, 1 test (val and test rounded first); every tile placed once.
     assert summary["groups"] == {"train": 9, "val": 1, "test": 1}
+    assert "the val split holds 1 scene(s), which the best epoch and the threshold are chosen on" in caplog.text
+    assert "the test split holds 1 scene(s)" in caplog.text
     assert summary["train"] + summary["val"] + summary["test"] == 41
     # Without the pattern the same tiles split by tile, and scenes leak across splits.
     assert run_split(data_dir, tmp_path / "by_tile") == 0
