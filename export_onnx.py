@@ -42,7 +42,7 @@ import scene
 from config import Config
 from data_preprocess import read_pair_list
 from files import DataError, atomic_write_text
-from inference import decision_threshold, model_from_checkpoint, with_threshold
+from inference import model_from_checkpoint, with_threshold
 from net_structure import encoder_of
 from runtime import load_checkpoint
 from training import tiles_pixel_size
@@ -179,21 +179,6 @@ def export_int8(cfg: Config, state: dict[str, Any], folder: Path) -> tuple[dict[
     return {"file": str(target), "checked": True, "offered": True, **scores}, 0
 
 
-def exported_threshold(cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
-    """The state with the user's ``threshold`` in place of the tuned one, if given: the cut the exported model
-    carries (QGIS's seg_thresh, predict.py --backend=onnx's default), said in the log.
-
-    Raises:
-        ValueError: a threshold neither -1 nor strictly between 0 and 1 (see inference.with_threshold).
-    """
-    tuned = decision_threshold(state)
-    state = with_threshold(state, cfg.threshold)
-    if cfg.threshold != -1:
-        shown = "none: argmax" if tuned is None else f"{tuned:.3f}"
-        LOG.info("the model's farmland cut: %.3f (--threshold; tuned on validation: %s)", cfg.threshold, shown)
-    return state
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Export the checkpoint, check it, and write the report; exit status 1 when the 8-bit copy is refused."""
     cfg = cli.parse_args(argv, __doc__ or "")
@@ -205,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.save_config(cfg, "export_onnx")
     run_dir = Path(cfg.run_dir)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
-    state = exported_threshold(cfg, load_checkpoint(checkpoint))
+    state = with_threshold(load_checkpoint(checkpoint), cfg.threshold)  # the cut the model carries
     folder = run_dir / "export"
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "float32": export_fp32(cfg, state, checkpoint, folder)}
     status = 0

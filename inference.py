@@ -7,6 +7,7 @@ checkpoint's tuned threshold or the argmax. Used by predict.py for tiles and by 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,8 @@ from torch import nn
 from files import DataError
 from net_structure import build_model, encoder_of, fold_batchnorm
 from runtime import available_memory, memory_format
+
+LOG = logging.getLogger("inference")
 
 
 def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_last: bool = True) -> nn.Module:
@@ -140,7 +143,7 @@ def with_threshold(state: dict, threshold: float) -> dict:
     """The checkpoint state (or an exported model's, exported_model.state_from_metadata) with the ``threshold``
     key applied: a cut in (0, 1) replaces the tuned threshold or the argmax; -1 keeps the checkpoint's. Every
     prediction path (tiles, scenes, change, the ONNX backend) reads the threshold from the state, so this is the
-    one place the user's cut enters.
+    one place the user's cut enters, and it says so in the log.
 
     Raises:
         ValueError: a threshold neither -1 nor strictly between 0 and 1, or a model of more than two classes.
@@ -155,6 +158,9 @@ def with_threshold(state: dict, threshold: float) -> dict:
     classes = state["config"]["n_classes"]
     if classes != 2:
         raise ValueError(f"--threshold cuts the farmland probability of a two-class model; this one has {classes}")
+    tuned = decision_threshold(state)
+    shown = "none: argmax" if tuned is None else f"{tuned:.3f}"
+    LOG.info("farmland where its probability exceeds %.3f (--threshold; the model's own: %s)", threshold, shown)
     return {**state, "threshold": float(threshold)}
 
 

@@ -35,7 +35,7 @@ from config import Config
 from data_preprocess import is_image_file, read_pair_list
 from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, prediction_path
-from inference import decision_threshold, inference_model, with_threshold
+from inference import inference_model, with_threshold
 from net_structure import encoder_of, size_multiple
 from runtime import (
     Distributed,
@@ -142,21 +142,6 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
     return model_path, state, segmenter, torch.device("cpu")
 
 
-def apply_threshold(cfg: Config, state: dict, job: Distributed) -> dict:
-    """The state with the ``threshold`` key applied (inference.with_threshold: the checkpoint's or the exported
-    model's tuned cut, or the user's), said in the log.
-
-    Raises:
-        ValueError: a threshold neither -1 nor strictly between 0 and 1 (see with_threshold).
-    """
-    tuned = decision_threshold(state)
-    state = with_threshold(state, cfg.threshold)
-    if cfg.threshold != -1:
-        shown = "none: argmax" if tuned is None else f"{tuned:.3f}"
-        LOG.info("farmland where its probability exceeds %.3f (--threshold; the model's own: %s)", cfg.threshold, shown)
-    return state
-
-
 # The keys besides the checkpoint that change a finished output: masks, probabilities, fields.
 MASK_KEYS = (
     "threshold",
@@ -211,7 +196,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(cfg, "predict", job.rank)
     run_dir = Path(cfg.run_dir)
     checkpoint, state, segmenter, device = open_network(cfg, job)
-    state = apply_threshold(cfg, state, job)
+    state = with_threshold(state, cfg.threshold)  # the user's cut, if given
     if not cfg.bands:
         # The bands the network was trained on, unless the user names others for these images.
         cfg.bands = str(state["config"].get("bands", ""))
