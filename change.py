@@ -28,6 +28,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import rasterio
 import torch
@@ -73,12 +74,11 @@ class ChangeJob:
     def date_record(self) -> dict:
         """The settings one date's mask, probability and fields depend on, kept beside them: a re-run with
         others predicts the date again."""
-        keys = ("tta", "window", "overlap", "min_field_area_ha", "min_field_pixels", "simplify_tolerance")
         return {
             "checkpoint": str(self.checkpoint),
             "threshold": self.rule.threshold,
             "bands": list(self.settings.bands),
-            **{key: getattr(self.cfg, key) for key in keys},
+            **{key: getattr(self.cfg, key) for key in scene.OUTPUT_KEYS},
         }
 
     @property
@@ -173,20 +173,21 @@ def is_done(pair: Pair, job: ChangeJob) -> bool:
     made = job.checkpoint.stat().st_mtime
     if not all(p.is_file() and p.stat().st_mtime >= made for p in outputs.values()):
         return False
-    try:
-        return json.loads(outputs["json"].read_text(encoding="utf-8")).get("settings") == job.record
-    except (OSError, ValueError):
-        return False
+    row = read_record(outputs["json"])
+    return isinstance(row, dict) and row.get("settings") == job.record
 
 
 def date_is_done(outputs: dict[str, Path], settings: scene.SceneSettings, job: ChangeJob) -> bool:
     """Whether an earlier run predicted this date after the checkpoint was made, with the same settings."""
-    if not scene.is_finished(outputs, settings, job.checkpoint):
-        return False
+    return scene.is_finished(outputs, settings, job.checkpoint) and read_record(outputs["record"]) == job.date_record
+
+
+def read_record(path: Path) -> Any:
+    """A JSON file's content, or None where it is missing or unreadable (a run stopped while writing)."""
     try:
-        return json.loads(outputs["record"].read_text(encoding="utf-8")) == job.date_record
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
 
 
 # --- one pair -------------------------------------------------------------------------------------------

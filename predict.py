@@ -143,17 +143,7 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
 
 
 # The keys besides the checkpoint that change a finished output: masks, probabilities, fields.
-MASK_KEYS = (
-    "threshold",
-    "tta",
-    "bands",
-    "window",
-    "overlap",
-    "resample_scenes",
-    "min_field_area_ha",
-    "min_field_pixels",
-    "simplify_tolerance",
-)
+MASK_KEYS = ("threshold", "bands", *scene.OUTPUT_KEYS)
 
 
 def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:

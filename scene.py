@@ -93,6 +93,18 @@ AREA_FIELDS = [
 
 # --- settings and paths ----------------------------------------------------------------------------------
 
+# The config keys, besides the checkpoint, the threshold and the bands, that a finished prediction's outputs
+# (mask, probability, fields) depend on: a re-run that changes one makes them again (predict.py, change.py).
+OUTPUT_KEYS = (
+    "tta",
+    "window",
+    "overlap",
+    "resample_scenes",
+    "min_field_area_ha",
+    "min_field_pixels",
+    "simplify_tolerance",
+)
+
 
 @dataclass
 class SceneSettings:
