@@ -44,7 +44,7 @@ import predict
 import split_dataset
 import train
 from config import RECOMMENDED, Config
-from data_preprocess import SPLIT_NAMES, load_mask, read_pair_list, write_pair_list
+from data_preprocess import SPLIT_NAMES, farmland_share, load_mask, read_pair_list, write_pair_list
 from runtime import load_checkpoint
 
 LOG = logging.getLogger("compare_recipes")
@@ -107,9 +107,7 @@ def choose_variants(text: str, ablate: bool) -> list[Variant]:
 
 def farmland_fraction(mask_path: Path, mask_threshold: int = 0, ignore_index: int = -1) -> float:
     """Share of a mask's labelled pixels that are farmland."""
-    mask = load_mask(mask_path, mask_threshold, ignore_index)
-    labelled = mask <= 1
-    return float((mask == 1).sum() / max(int(labelled.sum()), 1))
+    return farmland_share(load_mask(mask_path, mask_threshold, ignore_index))
 
 
 def minority_splits(

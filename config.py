@@ -27,6 +27,7 @@ class Config:
     mask_threshold: int = 0  # 0: masks must hold only 0/255 or 0/1; N>0: values >= N are farmland (lossy masks)
     max_nodata_fraction: float = 0.5  # drop tiles whose share of all-zero (nodata) pixels exceeds this; 1 keeps all
     group_pattern: str = ""  # regex on file stems; tiles whose first group matches share a split ("" = split by tile)
+    stratify: bool = True  # reshuffle (seeded) until val and test each hold about the whole set's farmland share
     # --- augment.py ------------------------------------------------------------------------------------
     aug_prob: float = 0.6  # offline: chance that a training tile gets a vertical and a horizontal flipped copy
     preview_count: int = 4  # tiles shown in the augmentation preview figure

@@ -206,6 +206,12 @@ def load_mask(path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndar
     return mask_to_classes(read_image(path), path, threshold, ignore_index)
 
 
+def farmland_share(classes: np.ndarray) -> float:
+    """Share of a decoded mask's labelled pixels that are farmland (class 1 and up); 0 when none is labelled."""
+    labelled = classes != IGNORE
+    return float(((classes >= 1) & labelled).sum() / max(int(labelled.sum()), 1))
+
+
 def write_image(path: Path, image: np.ndarray) -> None:
     """Write an (H, W) or (H, W, C) RGB(A) array losslessly and atomically (temporary file, then rename).
 

@@ -4,10 +4,12 @@ Inputs: data_dir/image_subdir/<stem>.<png|jpg|tif...> and data_dir/label_subdir/
 Outputs (all under run_dir/splits; the data folder is only read):
 - train.txt, val.txt, test.txt: one ``image<TAB>mask`` pair of absolute paths per line;
 - rejected.csv: every file left out and why (unusable pair, quality filter, orphan image or mask);
-- summary.json: the counts.
+- summary.json: the counts and each split's farmland share.
 Unusable pairs (unreadable, sizes differ, mask values not 0/255 or 0/1, wrong band count) are reported
 one by one, the rest are still split, and the exit status is 1 so that a pipeline stops to look.
-The split is reproducible: the same files and seed give the same lists.
+The split is reproducible: the same files and seed give the same lists. With ``stratify`` (the default) the
+seeded shuffle is drawn again until val and test each hold about the whole set's farmland share, so that
+the threshold and the best epoch are not chosen on scenes without farmland, nor scored on them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from config import Config
 from data_preprocess import (
     SPLIT_NAMES,
     DataError,
+    farmland_share,
     image_to_float,
     is_image_file,
     mask_to_classes,
@@ -99,8 +102,9 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     return scan
 
 
-def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str] | tuple[int, int]:
-    """Check one pair; return its (height, width) if usable, else (kind, reason), kind 'error' or 'filtered'."""
+def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str] | tuple[int, int, float]:
+    """Check one pair; return its (height, width, farmland share) if usable, else (kind, reason), kind 'error'
+    or 'filtered'."""
     try:
         image = select_bands(read_image(image_path), parse_bands(cfg.bands), image_path)
         image_to_float(image[:1, :1], cfg.in_channels, image_path)  # band count and pixel type only
@@ -118,7 +122,7 @@ def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str
             "filtered",
             f"{nodata:.0%} of pixels are nodata (all bands 0) > max_nodata_fraction={cfg.max_nodata_fraction}",
         )
-    return image.shape[0], image.shape[1]
+    return image.shape[0], image.shape[1], farmland_share(mask)
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
@@ -171,13 +175,59 @@ def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list
     return groups, unmatched
 
 
+BALANCE_TOLERANCE = 0.25  # val's and test's farmland share within this fraction of the rarer class's share
+BALANCE_TRIES = 2000  # shuffles drawn before the closest one is taken
+
+
+def imbalance(order: np.ndarray, counts: Sequence[int], farmland: np.ndarray, tiles: np.ndarray) -> float:
+    """How far val's or test's farmland share lies from the whole set's, in units of the rarer class's share.
+
+    Args:
+        order: the groups in shuffled order, cut by ``counts`` into train, val and test.
+        farmland, tiles: per group, the sum of its tiles' farmland shares and its number of tiles.
+    """
+    overall = farmland.sum() / tiles.sum()
+    scale = min(overall, 1.0 - overall)
+    parts = np.split(order, np.cumsum(counts)[:2])[1:]
+    gaps = [abs(farmland[part].sum() / tiles[part].sum() - overall) for part in parts if len(part)]
+    return max(gaps, default=0.0) / scale if scale > 0 else 0.0
+
+
+def balanced_order(
+    counts: Sequence[int], seed: int, farmland: np.ndarray | None = None, tiles: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """A seeded shuffle of the groups and its imbalance (0 without ``farmland``).
+
+    With ``farmland`` and ``tiles`` per group, shuffles are drawn until one is within BALANCE_TOLERANCE (the
+    first draw is the plain shuffle, kept when it already is), else the closest of BALANCE_TRIES is taken.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(sum(counts))
+    if farmland is None or tiles is None:
+        return order, 0.0
+    best, best_gap = order, imbalance(order, counts, farmland, tiles)
+    for _ in range(BALANCE_TRIES - 1):
+        if best_gap <= BALANCE_TOLERANCE:
+            break
+        order = rng.permutation(sum(counts))
+        gap = imbalance(order, counts, farmland, tiles)
+        if gap < best_gap:
+            best, best_gap = order, gap
+    return best, best_gap
+
+
 def split_pairs(
-    pairs: Sequence[tuple[Path, Path]], ratios: Sequence[float], seed: int, groups: Sequence[str] | None = None
+    pairs: Sequence[tuple[Path, Path]],
+    ratios: Sequence[float],
+    seed: int,
+    groups: Sequence[str] | None = None,
+    shares: Sequence[float] | None = None,
 ) -> dict[str, list[tuple[Path, Path]]]:
     """Shuffle the groups (sorted first, so the folder's listing order does not matter) and cut them by ratio.
 
     Without ``groups`` every pair is a group of its own. With them, the ratios apply to groups (scenes),
-    and all pairs of a group land in the same split.
+    and all pairs of a group land in the same split. With ``shares`` (each pair's farmland share) the shuffle
+    is one whose val and test splits hold about the whole set's farmland share (balanced_order).
     """
     check_ratios(ratios)
     keys = list(groups) if groups is not None else [p[0].name for p in pairs]
@@ -185,9 +235,24 @@ def split_pairs(
     for key, pair in zip(keys, pairs):
         members.setdefault(key, []).append(pair)
     ordered = sorted(members)
-    order = np.random.default_rng(seed).permutation(len(ordered))
+    counts = split_counts(len(ordered), ratios)
+    farmland = tiles = None
+    if shares is not None:
+        share_of = dict(zip(pairs, shares))
+        farmland = np.array([sum(share_of[p] for p in members[k]) for k in ordered])
+        tiles = np.array([len(members[k]) for k in ordered])
+    order, gap = balanced_order(counts, seed, farmland, tiles)
+    if gap > BALANCE_TOLERANCE:
+        LOG.warning(
+            "no split of these %d %s gives val and test about the whole set's farmland share (closest: off by "
+            "%.0f%% of the rarer class's share); the split below is the closest found. More scenes, or larger "
+            "--split_ratios for val and test, balance it better",
+            len(ordered),
+            "groups" if groups is not None else "tiles",
+            100 * gap,
+        )
     shuffled = [ordered[i] for i in order]
-    n_train, n_val, _ = split_counts(len(shuffled), ratios)
+    n_train, n_val, _ = counts
     parts = {
         "train": shuffled[:n_train],
         "val": shuffled[n_train : n_train + n_val],
@@ -228,14 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.save_config(cfg, "split_dataset")
     data_dir = Path(cfg.data_dir)
     scan = find_pairs(data_dir / cfg.image_subdir, data_dir / cfg.label_subdir, cfg.mask_suffix)
-    usable, sizes = [], []
+    usable, sizes, share_of = [], [], {}
     for image_path, mask_path in tqdm(scan.pairs, desc="checking pairs", unit="pair", disable=None):
         result = check_pair(image_path, mask_path, cfg)
         if isinstance(result[0], str):
             scan.rejected.append((image_path, *result))
         else:
             usable.append((image_path, mask_path))
-            sizes.append(result)
+            sizes.append(result[:2])
+            share_of[(image_path, mask_path)] = float(result[2])
     if sizes:
         # Training stacks tiles into batches, which needs one tile size: keep the most common one.
         common = Counter(sizes).most_common(1)[0][0]
@@ -262,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             len(usable),
             cfg.group_pattern,
         )
-    splits = split_pairs(usable, cfg.split_ratios, cfg.seed, groups)
+    shares = [share_of[p] for p in usable] if cfg.stratify else None
+    splits = split_pairs(usable, cfg.split_ratios, cfg.seed, groups, shares)
     group_of = dict(zip(usable, groups))
     out = Path(cfg.run_dir) / "splits"
     for name in SPLIT_NAMES:
@@ -276,11 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary: dict[str, Any] = {name: len(splits[name]) for name in SPLIT_NAMES}
     if cfg.group_pattern:
         summary["groups"] = {name: len({group_of[p] for p in splits[name]}) for name in SPLIT_NAMES}
+    summary["farmland_share"] = {
+        name: round(float(np.mean([share_of[p] for p in splits[name]])), 4) if splits[name] else None
+        for name in SPLIT_NAMES
+    }
     summary.update(
         {"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")}
     )
     files.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     warn_few_scenes(summary.get("groups", {}))
+    LOG.info("farmland share of the pixels: %s", ", ".join(f"{k} {v}" for k, v in summary["farmland_share"].items()))
     LOG.info(
         "split %d pairs: train %d, val %d, test %d | unusable %d, filtered %d, orphans %d (see %s)",
         len(usable),

@@ -12,7 +12,7 @@ from conftest import folder_digest, square_tile, write_pair
 
 import split_dataset
 from data_preprocess import DataError, read_pair_list, write_image
-from split_dataset import find_pairs, split_counts, split_pairs
+from split_dataset import BALANCE_TOLERANCE, find_pairs, imbalance, split_counts, split_pairs
 
 
 def run_split(data_dir: Path, run_dir: Path, *extra: str) -> int:
@@ -50,7 +50,8 @@ def test_main_writes_lists_and_leaves_data_untouched(square_data: Path, tmp_path
     assert len(train) == 16 and all(i.is_file() and m.is_file() for i, m in train)
     assert all(m.name == f"{i.stem}_mask.png" for i, m in train)
     summary = json.loads((tmp_path / "run" / "splits" / "summary.json").read_text())
-    assert summary == {"train": 16, "val": 2, "test": 2, "errors": 0, "filtered": 0, "orphans": 0}
+    farmland = {"train": 0.25, "val": 0.25, "test": 0.25}  # every square tile is a quarter farmland
+    assert summary == {"train": 16, "val": 2, "test": 2, "farmland_share": farmland, "errors": 0, "filtered": 0, "orphans": 0}
 
 
 def test_orphans_junk_and_upper_case_extensions(tmp_path: Path) -> None:
@@ -175,3 +176,46 @@ def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path, caplog: pyt
 def test_bad_group_pattern_is_refused_with_an_example(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a valid regular expression"):
         run_split(square_data, tmp_path / "run", "--group_pattern=(unclosed")
+
+
+def test_imbalance_by_hand() -> None:
+    farmland, tiles = np.array([2.0, 0.0, 1.0, 0.0]), np.array([2, 2, 2, 2])  # shares 1, 0, 0.5, 0; whole 3/8
+    # val = group 2 (0.5, off by 1/8), test = group 3 (0, off by 3/8); the rarer class's share is 3/8.
+    assert imbalance(np.array([0, 1, 2, 3]), [2, 1, 1], farmland, tiles) == pytest.approx(1.0)
+    assert imbalance(np.array([1, 3, 0, 2]), [2, 1, 1], farmland, tiles) == pytest.approx((5 / 8) / (3 / 8))
+    assert imbalance(np.array([0, 1, 2, 3]), [4, 0, 0], farmland, tiles) == 0.0  # nothing held out
+
+
+def scene_pairs(count: int) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Two tiles of each of ``count`` scenes (paths only) and the scene of each."""
+    pairs = [(Path(f"s{i:02d}_r0c{c}.png"), Path(f"s{i:02d}_r0c{c}_mask.png")) for i in range(count) for c in (0, 1)]
+    return pairs, [p[0].stem[:3] for p in pairs]
+
+
+def test_stratified_split_gives_val_and_test_the_whole_sets_farmland() -> None:
+    pairs, groups = scene_pairs(20)
+    farmland_scenes = {"s00", "s03", "s07", "s11", "s16"}  # 5 of 20 scenes all farmland, the rest none: 0.25
+    shares = [1.0 if g in farmland_scenes else 0.0 for g in groups]
+    share = dict(zip(pairs, shares))
+    plain_off = 0
+    for seed in range(12):
+        plain = split_pairs(pairs, (0.6, 0.2, 0.2), seed, groups)
+        stratified = split_pairs(pairs, (0.6, 0.2, 0.2), seed, groups, shares)
+        for name in ("val", "test"):
+            assert np.mean([share[p] for p in stratified[name]]) == 0.25  # one farmland scene of four
+        plain_shares = [np.mean([share[p] for p in plain[name]]) for name in ("val", "test")]
+        if plain_shares == [0.25, 0.25]:
+            assert stratified == plain  # a plain shuffle that is balanced already is kept
+        else:
+            plain_off += 1
+        assert sorted(p for part in stratified.values() for p in part) == sorted(pairs)
+    assert plain_off >= 6  # the plain shuffles mostly are not balanced: the test above can fail
+
+
+def test_a_split_that_cannot_be_balanced_is_the_closest_and_warned(caplog: pytest.LogCaptureFixture) -> None:
+    pairs, groups = scene_pairs(3)
+    shares = [1.0 if g == "s00" else 0.0 for g in groups]
+    splits = split_pairs(pairs, (0.34, 0.33, 0.33), 5, groups, shares)
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [2, 2, 2]
+    assert "no split of these 3 groups gives val and test about the whole set's farmland share" in caplog.text
+    assert "off by 100%" in caplog.text and BALANCE_TOLERANCE < 1.0
