@@ -48,7 +48,7 @@ from torch import nn
 
 from config import Config
 from inference import inference_model, network_logits
-from net_structure import build_model, encoder_of
+from net_structure import build_model, encoder_of, smallest_batch
 from runtime import cpu_has_fast_bf16, handing_back_freed_memory, memory_format, resolve_amp
 
 LOG = logging.getLogger("fast_path")
@@ -258,13 +258,20 @@ def unmeasured(options: Sequence[Candidate], config: dict[str, Any], shape: Sequ
 
 
 def training_timers(
-    model: nn.Module, criterion: nn.Module, shape: Sequence[int], n_classes: int, device: torch.device
+    model: nn.Module,
+    criterion: nn.Module,
+    shape: Sequence[int],
+    n_classes: int,
+    device: torch.device,
+    encoder: str = "unet",
 ) -> tuple[Callable[[Candidate], float], Callable[[Candidate], float]]:
     """The screening pass (forward) and the step (forward and backward) of one tile in a candidate, on copies
-    of the model in each layout (the model's BatchNorm statistics and gradients stay untouched)."""
+    of the model in each layout (the model's BatchNorm statistics and gradients stay untouched). Where
+    BatchNorm needs two tiles (net_structure.smallest_batch), two are timed and the time halved."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand((1, *shape), generator=generator).to(device)
-    masks = torch.randint(0, n_classes, (1, *shape[-2:]), generator=generator).to(device)
+    tiles = smallest_batch(encoder, *shape[-2:])
+    images = torch.rand((tiles, *shape), generator=generator).to(device)
+    masks = torch.randint(0, n_classes, (tiles, *shape[-2:]), generator=generator).to(device)
     copies: dict[bool, nn.Module] = {}
 
     def run(candidate: Candidate, backward: bool) -> float:
@@ -277,7 +284,7 @@ def training_timers(
             loss = criterion(network(inputs), masks)
         if backward:
             loss.backward()
-        seconds = time.perf_counter() - started
+        seconds = (time.perf_counter() - started) / tiles
         network.zero_grad(set_to_none=True)
         return seconds
 
@@ -326,7 +333,7 @@ def training_path(
         if earlier in options:  # not where this CPU lacks native bf16, or channels_last is now off
             choice = Choice(earlier, "as chosen when the run began, from last.pth")
         elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device)
+            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device, cfg.encoder)
             with torch.random.fork_rng(devices=[]):  # dropout's draws here leave training's untouched
                 choice = choose(options, step, screen)
         choice.candidate, choice.why = agreed(choice.candidate, choice.why)

@@ -177,6 +177,14 @@ def size_multiple(encoder: str) -> int:
     return UNet.size_multiple if encoder == "unet" else ResNetUNet.size_multiple
 
 
+def smallest_batch(encoder: str, height: int, width: int) -> int:
+    """The fewest tiles of height x width a training batch may hold: BatchNorm needs two values per channel,
+    and a ResNet encoder's deepest map of a tile of 32 px or less is one cell (the U-Net's is 2 x 2 or more)."""
+    multiple = size_multiple(encoder)
+    cells = [max(32, -(-side // multiple) * multiple) // multiple for side in (height, width)]
+    return 2 if cells[0] * cells[1] == 1 else 1
+
+
 def build_model(in_channels: int, n_classes: int, base_width: int, dropout: float, encoder: str = "unet") -> nn.Module:
     """Build the network from config values (one place, so train.py and predict.py agree): the reference U-Net,
     or a U-Net decoder over a ResNet-18/34 encoder (encoders.py).

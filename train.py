@@ -46,7 +46,7 @@ from fast_path import training_path
 from figures import plot_curves, plot_threshold_curve
 from losses import make_loss
 from metrics import FARMLAND, class_iou
-from net_structure import build_model, count_parameters, set_normalisation
+from net_structure import build_model, count_parameters, set_normalisation, smallest_batch
 from runtime import (
     Distributed,
     all_reduce_sum,
@@ -182,6 +182,20 @@ def build_datasets(
     return train_set, val_set
 
 
+def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> None:
+    """Raises ValueError when a training batch would hold fewer tiles than BatchNorm can train on (a ResNet
+    encoder on tiles of 32 px or less needs two), with the ways out."""
+    batch = min(cfg.batch_size, -(-tiles // world))
+    needed = smallest_batch(cfg.encoder, *tile[-2:])
+    if batch < needed:
+        raise ValueError(
+            f"--encoder={cfg.encoder} on {tile[-1]}x{tile[-2]}-pixel tiles with batches of {batch} tile(s): the "
+            "encoder's deepest map of such a tile is one pixel, and BatchNorm cannot train on one value per "
+            f"channel; use --batch_size={needed} or more (per process under torchrun), tiles of more than 32 px, "
+            "or --encoder=unet"
+        )
+
+
 def split_statistics(cfg: Config, train_set: FarmlandDataset) -> tuple[list[float], list[float], list[int]] | None:
     """Band means and deviations and class pixel counts of the training split, when normalisation or class
     weights need them (None otherwise: reading every tile costs time)."""
@@ -267,12 +281,14 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
         cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0
     amp = prepare_device(cfg, job.device)
     train_set, val_set = build_datasets(cfg, train_pairs, val_pairs)
+    tile = tuple(train_set[0][0].shape)
+    check_batch(cfg, tile, len(train_set), job.world)
     statistics = split_statistics(cfg, train_set)
     criterion = make_loss(cfg.loss, statistics[2] if statistics else None, cfg.n_classes, cfg.focal_gamma)
     layout = memory_format(cfg.channels_last)
     model = build_network(cfg, statistics, job, layout)
     # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
-    choice = training_path(cfg, model, criterion, tuple(train_set[0][0].shape), job.device)
+    choice = training_path(cfg, model, criterion, tile, job.device)
     amp, layout = choice.candidate.amp, choice.candidate.layout
     # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each
     # (and the weights' moving average).

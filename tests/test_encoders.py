@@ -27,9 +27,10 @@ from encoders import (
     imagenet_normalisation,
     load_encoder_weights,
 )
+from fast_path import Candidate, training_timers
 from files import DataError
 from inference import classes_from_probabilities, inference_model, model_from_checkpoint, predict_probabilities
-from net_structure import UNet, build_model, fold_batchnorm, fold_batchnorm_plain, size_multiple
+from net_structure import UNet, build_model, fold_batchnorm, fold_batchnorm_plain, size_multiple, smallest_batch
 from runtime import Distributed, load_checkpoint
 from training import check_resumable
 
@@ -336,3 +337,23 @@ def test_a_unet_checkpoint_refuses_imagenet_weights(shared_square_data: Path, tm
     with pytest.raises(ValueError, match="add --encoder=resnet34 \\(or resnet18\\), or drop --encoder_weights"):
         train.main(args(shared_square_data, run_dir, f"--encoder_weights={weights}", "--epochs=1"))
     close_log_files()
+
+
+def test_the_smallest_batch_batchnorm_trains_on() -> None:
+    assert smallest_batch("resnet18", 32, 32) == 2  # the deepest map is one pixel
+    assert smallest_batch("resnet34", 20, 32) == 2
+    assert smallest_batch("resnet18", 33, 32) == 1  # padded to 64 x 32: two pixels
+    assert smallest_batch("unet", 16, 16) == 1  # padded to 32: 2 x 2 at the bottom
+
+
+def test_a_resnet_on_32px_tiles_refuses_batches_of_one_and_times_two(shared_square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert split_dataset.main(args(shared_square_data, run_dir)) == 0
+    with pytest.raises(ValueError, match=r"32x32-pixel tiles with batches of 1 .* use --batch_size=2 or more"):
+        train.main(args(shared_square_data, run_dir, "--encoder=resnet18", "--batch_size=1", "--epochs=1"))
+    close_log_files()
+    # The fast path's timing step (one tile where BatchNorm allows) takes two such tiles and halves the time.
+    model = build_model(3, 2, 8, 0.0, "resnet18")
+    screen, step = training_timers(model, nn.CrossEntropyLoss(), (3, 32, 32), 2, CPU, "resnet18")
+    assert step(Candidate(None, False)) > 0 and screen(Candidate(None, True)) > 0
+    assert model.encoder.bn1.num_batches_tracked.item() == 0  # timed on copies
