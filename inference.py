@@ -161,7 +161,7 @@ def with_threshold(state: dict, threshold: float) -> dict:
     tuned = decision_threshold(state)
     shown = "none: argmax" if tuned is None else f"{tuned:.3f}"
     LOG.info("farmland where its probability exceeds %.3f (--threshold; the model's own: %s)", threshold, shown)
-    return {**state, "threshold": float(threshold)}
+    return {**state, "threshold": float(threshold), "threshold_source": "user"}
 
 
 def classes_from_probabilities(probabilities: torch.Tensor, threshold: float | None = None) -> torch.Tensor:

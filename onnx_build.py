@@ -39,6 +39,7 @@ from demo_data import render_tile
 from files import DataError, atomic_write_bytes
 from inference import classes_from_probabilities, decision_threshold, inference_model, predict_probabilities
 from net_structure import encoder_of, fold_batchnorm_plain
+from training import iou_at
 
 LOG = logging.getLogger("export_onnx")
 TOLERANCE = 1e-4  # largest difference in probability allowed between onnxruntime and PyTorch's fp32 path
@@ -119,7 +120,13 @@ def file_digest(path: Path) -> str:
 
 
 def validation_iou(state: dict[str, Any]) -> float | None:
-    """The validation farmland IoU of the checkpoint's own epoch (tuned-threshold IoU where tuned), if recorded."""
+    """The validation farmland IoU of the checkpoint's own epoch (tuned-threshold IoU where tuned), if recorded;
+    at the user's cut (inference.with_threshold) it is computed from the checkpoint's val histogram, and
+    unknown (None) for a checkpoint saved without one."""
+    if state.get("threshold_source") == "user":
+        histogram = state.get("val_histogram")
+        value = math.nan if histogram is None else iou_at(np.asarray(histogram), state["threshold"])
+        return round(float(value), 4) if math.isfinite(value) else None
     for row in state.get("history", []):
         if row.get("epoch") == state.get("epoch"):
             tuned, cut = row.get("val_tuned_farmland_iou", math.nan), row.get("val_threshold", math.nan)

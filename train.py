@@ -497,8 +497,9 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
     if row["weights"] == "ema":
         ema_cut = None if math.isnan(row["val_ema_threshold"]) else row["val_ema_threshold"]
         chosen = {**state, "model": state["ema"]["model"], "threshold": ema_cut, "weights": "ema"}
-    if improved:
-        save_checkpoint(ckpt_dir / "best.pth", chosen)
+    if improved:  # with the chosen weights' val histogram, from which any cut's val IoU can be computed
+        histogram = None if progress.best_histogram is None else progress.best_histogram.tolist()
+        save_checkpoint(ckpt_dir / "best.pth", {**chosen, "val_histogram": histogram})
     if cfg.snapshot_every > 0 and epoch % cfg.snapshot_every == 0:
         snapshot = {key: chosen[key] for key in ("model", "epoch", "threshold", "weights", "config")}
         save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pth", snapshot)

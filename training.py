@@ -149,6 +149,12 @@ def threshold_curve(histogram: np.ndarray) -> list[dict[str, float]]:
     return [dict(zip(CURVE_FIELDS, (float(c[k]) for c in columns))) for k in range(bins)]
 
 
+def iou_at(histogram: np.ndarray, cut: float) -> float:
+    """Farmland IoU at the probability cut nearest ``cut`` on the (2, bins) histogram (threshold_curve's row)."""
+    bins = histogram.shape[1]
+    return threshold_curve(histogram)[min(bins - 1, max(0, round(cut * bins)))]["val_farmland_iou"]
+
+
 def write_threshold_curve(curve: list[dict[str, float]], path: Path) -> None:
     """Write threshold_curve's rows as CSV (columns CURVE_FIELDS; a NaN figure is an empty cell)."""
     buffer = io.StringIO()

@@ -220,6 +220,19 @@ def test_the_users_threshold_is_the_exported_models_cut(tmp_path: Path) -> None:
     assert meta["seg_thresh"] == meta["farmland_threshold"] == 0.3  # not the tuned THRESHOLD
     segmenter, state = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
     assert state["threshold"] == 0.3  # predict.py --backend=onnx cuts there too
+    assert meta["farmland_val_farmland_iou"] is None  # the checkpoint holds no val histogram to score 0.3 on
+
+
+def test_the_val_iou_in_the_metadata_is_at_the_models_cut(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # 4 bins; a cut of 0.3 falls on bin 1: tp = 2 + 4 + 8, fp = 5 + 3 + 2, fn = 1, IoU = 14 / 25.
+    state = {**tiny_state(), "val_histogram": [[10, 5, 3, 2], [1, 2, 4, 8]]}
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
+    for extra, expected in (([], 0.72), (["--threshold=0.3"], 0.56)):  # 0.72: the history's, at the tuned cut
+        assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16", *extra]) == 0
+        model = onnx.load(str(run_dir / "export" / "farmland_qgis.onnx"))
+        meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+        assert meta["farmland_val_farmland_iou"] == expected
 
 
 def test_a_checkpoint_of_another_band_count_or_width_is_refused_naming_the_file(tmp_path: Path) -> None:

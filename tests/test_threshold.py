@@ -27,7 +27,7 @@ from inference import (
 )
 from net_structure import build_model
 from runtime import load_checkpoint, save_checkpoint
-from training import THRESHOLD_BINS, threshold_curve, write_threshold_curve
+from training import THRESHOLD_BINS, iou_at, threshold_curve, write_threshold_curve
 
 CPU = torch.device("cpu")
 
@@ -82,6 +82,12 @@ def test_training_writes_the_best_epochs_threshold_curve(square_data: Path, tmp_
     assert float(at_cut["val_farmland_iou"]) == pytest.approx(best["val_tuned_farmland_iou"], abs=1e-6)
     assert max(float(r["val_farmland_iou"]) for r in rows) == pytest.approx(best["val_tuned_farmland_iou"], abs=1e-6)
     assert float(rows[0]["recall"]) == 1.0  # a cut of 0 calls every pixel farmland
+    # best.pth keeps the histogram behind the curve: every val pixel (2 tiles of 32x32) counted once.
+    assert np.asarray(state["val_histogram"]).shape == (2, THRESHOLD_BINS)
+    assert np.asarray(state["val_histogram"]).sum() == 2 * 32 * 32
+    assert iou_at(np.asarray(state["val_histogram"]), state["threshold"]) == pytest.approx(
+        float(at_cut["val_farmland_iou"])
+    )
     assert (run_dir / "figures" / "threshold_curve.png").stat().st_size > 1000
 
 
