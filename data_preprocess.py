@@ -206,10 +206,16 @@ def load_mask(path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndar
     return mask_to_classes(read_image(path), path, threshold, ignore_index)
 
 
+def farmland_pixels(classes: np.ndarray) -> tuple[int, int]:
+    """A decoded mask's farmland pixels (class 1 and up) and labelled pixels."""
+    labelled = classes != IGNORE
+    return int(((classes >= 1) & labelled).sum()), int(labelled.sum())
+
+
 def farmland_share(classes: np.ndarray) -> float:
     """Share of a decoded mask's labelled pixels that are farmland (class 1 and up); 0 when none is labelled."""
-    labelled = classes != IGNORE
-    return float(((classes >= 1) & labelled).sum() / max(int(labelled.sum()), 1))
+    farmland, labelled = farmland_pixels(classes)
+    return farmland / max(labelled, 1)
 
 
 def write_image(path: Path, image: np.ndarray) -> None:

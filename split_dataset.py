@@ -34,7 +34,7 @@ from config import Config
 from data_preprocess import (
     SPLIT_NAMES,
     DataError,
-    farmland_share,
+    farmland_pixels,
     image_to_float,
     is_image_file,
     mask_to_classes,
@@ -102,9 +102,9 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     return scan
 
 
-def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str] | tuple[int, int, float]:
-    """Check one pair; return its (height, width, farmland share) if usable, else (kind, reason), kind 'error'
-    or 'filtered'."""
+def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str] | tuple[int, int, int, int]:
+    """Check one pair; return its (height, width, farmland pixels, labelled pixels) if usable, else (kind,
+    reason), kind 'error' or 'filtered'."""
     try:
         image = select_bands(read_image(image_path), parse_bands(cfg.bands), image_path)
         image_to_float(image[:1, :1], cfg.in_channels, image_path)  # band count and pixel type only
@@ -122,7 +122,7 @@ def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str
             "filtered",
             f"{nodata:.0%} of pixels are nodata (all bands 0) > max_nodata_fraction={cfg.max_nodata_fraction}",
         )
-    return image.shape[0], image.shape[1], farmland_share(mask)
+    return image.shape[0], image.shape[1], *farmland_pixels(mask)
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
@@ -179,38 +179,41 @@ BALANCE_TOLERANCE = 0.25  # val's and test's farmland share within this fraction
 BALANCE_TRIES = 2000  # shuffles drawn before the closest one is taken
 
 
-def imbalance(order: np.ndarray, counts: Sequence[int], farmland: np.ndarray, tiles: np.ndarray) -> float:
+def imbalance(order: np.ndarray, counts: Sequence[int], farmland: np.ndarray, labelled: np.ndarray) -> float:
     """How far val's or test's farmland share lies from the whole set's, in units of the rarer class's share.
 
     Args:
         order: the groups in shuffled order, cut by ``counts`` into train, val and test.
-        farmland, tiles: per group, the sum of its tiles' farmland shares and its number of tiles.
+        farmland, labelled: per group, its farmland pixels and its labelled pixels.
     """
-    overall = farmland.sum() / tiles.sum()
+    if labelled.sum() == 0:
+        return 0.0
+    overall = farmland.sum() / labelled.sum()
     scale = min(overall, 1.0 - overall)
     parts = np.split(order, np.cumsum(counts)[:2])[1:]
-    gaps = [abs(farmland[part].sum() / tiles[part].sum() - overall) for part in parts if len(part)]
+    gaps = [abs(farmland[part].sum() / labelled[part].sum() - overall) for part in parts if labelled[part].sum()]
     return max(gaps, default=0.0) / scale if scale > 0 else 0.0
 
 
 def balanced_order(
-    counts: Sequence[int], seed: int, farmland: np.ndarray | None = None, tiles: np.ndarray | None = None
+    counts: Sequence[int], seed: int, farmland: np.ndarray | None = None, labelled: np.ndarray | None = None
 ) -> tuple[np.ndarray, float]:
     """A seeded shuffle of the groups and its imbalance (0 without ``farmland``).
 
-    With ``farmland`` and ``tiles`` per group, shuffles are drawn until one is within BALANCE_TOLERANCE (the
-    first draw is the plain shuffle, kept when it already is), else the closest of BALANCE_TRIES is taken.
+    With ``farmland`` and ``labelled`` pixels per group, shuffles are drawn until one is within BALANCE_TOLERANCE
+    (the first draw is the plain shuffle, kept when it already is), else the closest of BALANCE_TRIES (all
+    draws, the first included) is taken.
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(sum(counts))
-    if farmland is None or tiles is None:
+    if farmland is None or labelled is None:
         return order, 0.0
-    best, best_gap = order, imbalance(order, counts, farmland, tiles)
+    best, best_gap = order, imbalance(order, counts, farmland, labelled)
     for _ in range(BALANCE_TRIES - 1):
         if best_gap <= BALANCE_TOLERANCE:
             break
         order = rng.permutation(sum(counts))
-        gap = imbalance(order, counts, farmland, tiles)
+        gap = imbalance(order, counts, farmland, labelled)
         if gap < best_gap:
             best, best_gap = order, gap
     return best, best_gap
@@ -221,13 +224,13 @@ def split_pairs(
     ratios: Sequence[float],
     seed: int,
     groups: Sequence[str] | None = None,
-    shares: Sequence[float] | None = None,
+    pixels: Sequence[tuple[int, int]] | None = None,
 ) -> dict[str, list[tuple[Path, Path]]]:
     """Shuffle the groups (sorted first, so the folder's listing order does not matter) and cut them by ratio.
 
     Without ``groups`` every pair is a group of its own. With them, the ratios apply to groups (scenes),
-    and all pairs of a group land in the same split. With ``shares`` (each pair's farmland share) the shuffle
-    is one whose val and test splits hold about the whole set's farmland share (balanced_order).
+    and all pairs of a group land in the same split. With ``pixels`` (each pair's farmland and labelled pixels)
+    the shuffle is one whose val and test splits hold about the whole set's farmland share (balanced_order).
     """
     check_ratios(ratios)
     keys = list(groups) if groups is not None else [p[0].name for p in pairs]
@@ -236,19 +239,19 @@ def split_pairs(
         members.setdefault(key, []).append(pair)
     ordered = sorted(members)
     counts = split_counts(len(ordered), ratios)
-    farmland = tiles = None
-    if shares is not None:
-        share_of = dict(zip(pairs, shares))
-        farmland = np.array([sum(share_of[p] for p in members[k]) for k in ordered])
-        tiles = np.array([len(members[k]) for k in ordered])
-    order, gap = balanced_order(counts, seed, farmland, tiles)
+    farmland = labelled = None
+    if pixels is not None:
+        pixels_of = dict(zip(pairs, pixels))
+        sums = np.array([np.sum([pixels_of[p] for p in members[k]], axis=0) for k in ordered]).reshape(-1, 2)
+        farmland, labelled = sums[:, 0], sums[:, 1]
+    order, gap = balanced_order(counts, seed, farmland, labelled)
     if gap > BALANCE_TOLERANCE:
         LOG.warning(
             "no split of these %d %s gives val and test about the whole set's farmland share (closest: off by "
             "%.0f%% of the rarer class's share); the split below is the closest found. More scenes, or larger "
             "--split_ratios for val and test, balance it better",
             len(ordered),
-            "groups" if groups is not None else "tiles",
+            "scenes" if len(ordered) < len(pairs) else "tiles",
             100 * gap,
         )
     shuffled = [ordered[i] for i in order]
@@ -259,6 +262,12 @@ def split_pairs(
         "test": shuffled[n_train + n_val :],
     }
     return {name: sorted(pair for key in chosen for pair in members[key]) for name, chosen in parts.items()}
+
+
+def split_share(pixels: Sequence[tuple[int, int]]) -> float | None:
+    """The farmland share of a split's labelled pixels (rounded to 4 places); None when none is labelled."""
+    farmland, labelled = np.sum(pixels, axis=0) if pixels else (0, 0)
+    return round(float(farmland / labelled), 4) if labelled else None
 
 
 FEW_SCENES = 3  # validation or test splits of fewer scenes get a warning
@@ -293,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.save_config(cfg, "split_dataset")
     data_dir = Path(cfg.data_dir)
     scan = find_pairs(data_dir / cfg.image_subdir, data_dir / cfg.label_subdir, cfg.mask_suffix)
-    usable, sizes, share_of = [], [], {}
+    usable, sizes, pixels_of = [], [], {}
     for image_path, mask_path in tqdm(scan.pairs, desc="checking pairs", unit="pair", disable=None):
         result = check_pair(image_path, mask_path, cfg)
         if isinstance(result[0], str):
@@ -301,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             usable.append((image_path, mask_path))
             sizes.append(result[:2])
-            share_of[(image_path, mask_path)] = float(result[2])
+            pixels_of[(image_path, mask_path)] = (int(result[2]), int(result[3]))
     if sizes:
         # Training stacks tiles into batches, which needs one tile size: keep the most common one.
         common = Counter(sizes).most_common(1)[0][0]
@@ -328,8 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             len(usable),
             cfg.group_pattern,
         )
-    shares = [share_of[p] for p in usable] if cfg.stratify else None
-    splits = split_pairs(usable, cfg.split_ratios, cfg.seed, groups, shares)
+    pixels = [pixels_of[p] for p in usable] if cfg.stratify else None
+    splits = split_pairs(usable, cfg.split_ratios, cfg.seed, groups, pixels)
     group_of = dict(zip(usable, groups))
     out = Path(cfg.run_dir) / "splits"
     for name in SPLIT_NAMES:
@@ -343,10 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary: dict[str, Any] = {name: len(splits[name]) for name in SPLIT_NAMES}
     if cfg.group_pattern:
         summary["groups"] = {name: len({group_of[p] for p in splits[name]}) for name in SPLIT_NAMES}
-    summary["farmland_share"] = {
-        name: round(float(np.mean([share_of[p] for p in splits[name]])), 4) if splits[name] else None
-        for name in SPLIT_NAMES
-    }
+    summary["farmland_share"] = {name: split_share([pixels_of[p] for p in splits[name]]) for name in SPLIT_NAMES}
     summary.update(
         {"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")}
     )

@@ -184,16 +184,22 @@ def build_datasets(
 
 def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> None:
     """Raises ValueError when a training batch would hold fewer tiles than BatchNorm can train on (a ResNet
-    encoder on tiles of 32 px or less needs two), with the ways out."""
-    batch = min(cfg.batch_size, -(-tiles // world))
+    encoder on tiles of 32 px or less needs two; under torchrun with ``sync_bn`` the ranks' tiles count together),
+    with the ways out."""
+    per_rank = -(-tiles // world)
+    batch = min(cfg.batch_size, per_rank)
     needed = smallest_batch(cfg.encoder, *tile[-2:])
-    if batch < needed:
-        raise ValueError(
-            f"--encoder={cfg.encoder} on {tile[-1]}x{tile[-2]}-pixel tiles with batches of {batch} tile(s): the "
-            "encoder's deepest map of such a tile is one pixel, and BatchNorm cannot train on one value per "
-            f"channel; use --batch_size={needed} or more (per process under torchrun), tiles of more than 32 px, "
-            "or --encoder=unet"
-        )
+    if batch * (world if cfg.sync_bn and world > 1 else 1) >= needed:
+        return
+    if per_rank < cfg.batch_size:
+        fix = f"the training split holds {tiles} tile(s), {per_rank} per process: add training tiles"
+    else:
+        fix = f"use --batch_size={needed} or more (per process under torchrun)"
+    raise ValueError(
+        f"--encoder={cfg.encoder} on {tile[-1]}x{tile[-2]}-pixel tiles with batches of {batch} tile(s): the "
+        "encoder's deepest map of such a tile is one pixel, and BatchNorm cannot train on one value per "
+        f"channel; {fix}, or use tiles of more than 32 px, or --encoder=unet"
+    )
 
 
 def split_statistics(cfg: Config, train_set: FarmlandDataset) -> tuple[list[float], list[float], list[int]] | None:

@@ -150,9 +150,10 @@ def threshold_curve(histogram: np.ndarray) -> list[dict[str, float]]:
 
 
 def iou_at(histogram: np.ndarray, cut: float) -> float:
-    """Farmland IoU at the probability cut nearest ``cut`` on the (2, bins) histogram (threshold_curve's row)."""
+    """Farmland IoU at the bin edge nearest ``cut`` (to 1 / bins) on the (2, bins) histogram (threshold_curve's
+    row there)."""
     bins = histogram.shape[1]
-    return threshold_curve(histogram)[min(bins - 1, max(0, round(cut * bins)))]["val_farmland_iou"]
+    return threshold_curve(histogram)[min(bins - 1, max(0, math.floor(cut * bins + 0.5)))]["val_farmland_iou"]
 
 
 def write_threshold_curve(curve: list[dict[str, float]], path: Path) -> None:

@@ -357,3 +357,13 @@ def test_a_resnet_on_32px_tiles_refuses_batches_of_one_and_times_two(shared_squa
     screen, step = training_timers(model, nn.CrossEntropyLoss(), (3, 32, 32), 2, CPU, "resnet18")
     assert step(Candidate(None, False)) > 0 and screen(Candidate(None, True)) > 0
     assert model.encoder.bn1.num_batches_tracked.item() == 0  # timed on copies
+
+
+def test_the_batch_check_counts_ranks_under_sync_bn_and_names_too_few_tiles() -> None:
+    cfg = Config(encoder="resnet18", batch_size=1)
+    with pytest.raises(ValueError, match="use --batch_size=2 or more"):
+        train.check_batch(cfg, (3, 32, 32), 100, 2)
+    train.check_batch(Config(encoder="resnet18", batch_size=1, sync_bn=True), (3, 32, 32), 100, 2)  # 2 ranks' tiles
+    train.check_batch(cfg, (3, 64, 64), 100, 1)  # a 2 x 2 deepest map trains on one tile
+    with pytest.raises(ValueError, match=r"the training split holds 1 tile\(s\), 1 per process: add training tiles"):
+        train.check_batch(Config(encoder="resnet34", batch_size=5), (3, 32, 32), 1, 1)

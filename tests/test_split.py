@@ -12,7 +12,7 @@ from conftest import folder_digest, square_tile, write_pair
 
 import split_dataset
 from data_preprocess import DataError, read_pair_list, write_image
-from split_dataset import BALANCE_TOLERANCE, find_pairs, imbalance, split_counts, split_pairs
+from split_dataset import BALANCE_TOLERANCE, find_pairs, imbalance, split_counts, split_pairs, split_share
 
 
 def run_split(data_dir: Path, run_dir: Path, *extra: str) -> int:
@@ -180,11 +180,18 @@ def test_bad_group_pattern_is_refused_with_an_example(square_data: Path, tmp_pat
 
 
 def test_imbalance_by_hand() -> None:
-    farmland, tiles = np.array([2.0, 0.0, 1.0, 0.0]), np.array([2, 2, 2, 2])  # shares 1, 0, 0.5, 0; whole 3/8
+    farmland, labelled = np.array([8, 0, 4, 0]), np.array([8, 8, 8, 8])  # shares 1, 0, 0.5, 0; whole 3/8
     # val = group 2 (0.5, off by 1/8), test = group 3 (0, off by 3/8); the rarer class's share is 3/8.
-    assert imbalance(np.array([0, 1, 2, 3]), [2, 1, 1], farmland, tiles) == pytest.approx(1.0)
-    assert imbalance(np.array([1, 3, 0, 2]), [2, 1, 1], farmland, tiles) == pytest.approx((5 / 8) / (3 / 8))
-    assert imbalance(np.array([0, 1, 2, 3]), [4, 0, 0], farmland, tiles) == 0.0  # nothing held out
+    assert imbalance(np.array([0, 1, 2, 3]), [2, 1, 1], farmland, labelled) == pytest.approx(1.0)
+    assert imbalance(np.array([1, 3, 0, 2]), [2, 1, 1], farmland, labelled) == pytest.approx((5 / 8) / (3 / 8))
+    assert imbalance(np.array([0, 1, 2, 3]), [4, 0, 0], farmland, labelled) == 0.0  # nothing held out
+    assert imbalance(np.array([0, 1]), [0, 1, 1], np.array([0, 0]), np.array([0, 0])) == 0.0  # nothing labelled
+
+
+def test_the_farmland_share_is_of_labelled_pixels() -> None:
+    # One farmland pixel in a tile otherwise unlabelled, and a labelled background tile: 1 of 101 pixels.
+    assert split_share([(1, 1), (0, 100)]) == round(1 / 101, 4)
+    assert split_share([(0, 0)]) is None and split_share([]) is None
 
 
 def scene_pairs(count: int) -> tuple[list[tuple[Path, Path]], list[str]]:
@@ -193,15 +200,17 @@ def scene_pairs(count: int) -> tuple[list[tuple[Path, Path]], list[str]]:
     return pairs, [p[0].stem[:3] for p in pairs]
 
 
+FARMLAND_SCENES = {"s00", "s03", "s07", "s11", "s16"}  # 5 of 20 scenes all farmland, the rest none: 0.25
+
+
 def test_stratified_split_gives_val_and_test_the_whole_sets_farmland() -> None:
     pairs, groups = scene_pairs(20)
-    farmland_scenes = {"s00", "s03", "s07", "s11", "s16"}  # 5 of 20 scenes all farmland, the rest none: 0.25
-    shares = [1.0 if g in farmland_scenes else 0.0 for g in groups]
-    share = dict(zip(pairs, shares))
+    pixels = [(64, 64) if g in FARMLAND_SCENES else (0, 64) for g in groups]
+    share = {pair: p[0] / p[1] for pair, p in zip(pairs, pixels)}
     plain_off = 0
     for seed in range(12):
         plain = split_pairs(pairs, (0.6, 0.2, 0.2), seed, groups)
-        stratified = split_pairs(pairs, (0.6, 0.2, 0.2), seed, groups, shares)
+        stratified = split_pairs(pairs, (0.6, 0.2, 0.2), seed, groups, pixels)
         for name in ("val", "test"):
             assert np.mean([share[p] for p in stratified[name]]) == 0.25  # one farmland scene of four
         plain_shares = [np.mean([share[p] for p in plain[name]]) for name in ("val", "test")]
@@ -211,12 +220,28 @@ def test_stratified_split_gives_val_and_test_the_whole_sets_farmland() -> None:
             plain_off += 1
         assert sorted(p for part in stratified.values() for p in part) == sorted(pairs)
     assert plain_off >= 6  # the plain shuffles mostly are not balanced: the test above can fail
+    # Unlabelled tiles weigh nothing: a scene of ignored pixels changes no share.
+    unlabelled = [(0, 0) if g == "s19" else p for g, p in zip(groups, pixels)]
+    assert all(0 < len(part) for part in split_pairs(pairs, (0.6, 0.2, 0.2), 0, groups, unlabelled).values())
+
+
+def test_main_stratifies_unless_told_not_to(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(20):
+        mask = np.full((8, 8), 255 if f"s{i:02d}" in FARMLAND_SCENES else 0, np.uint8)
+        write_pair(data, f"s{i:02d}_r0c0", np.full((8, 8, 3), 100, np.uint8), mask)
+    shares = {}
+    for flag in ("true", "false"):
+        assert run_split(data, tmp_path / flag, "--split_ratios=0.6,0.2,0.2", "--seed=1", f"--stratify={flag}") == 0
+        shares[flag] = json.loads((tmp_path / flag / "splits" / "summary.json").read_text())["farmland_share"]
+    assert shares["true"] == {"train": 0.25, "val": 0.25, "test": 0.25}
+    assert shares["false"] != shares["true"]  # seed 1's plain shuffle is off balance
 
 
 def test_a_split_that_cannot_be_balanced_is_the_closest_and_warned(caplog: pytest.LogCaptureFixture) -> None:
     pairs, groups = scene_pairs(3)
-    shares = [1.0 if g == "s00" else 0.0 for g in groups]
-    splits = split_pairs(pairs, (0.34, 0.33, 0.33), 5, groups, shares)
+    pixels = [(9, 9) if g == "s00" else (0, 9) for g in groups]
+    splits = split_pairs(pairs, (0.34, 0.33, 0.33), 5, groups, pixels)
     assert [len(splits[k]) for k in ("train", "val", "test")] == [2, 2, 2]
-    assert "no split of these 3 groups gives val and test about the whole set's farmland share" in caplog.text
+    assert "no split of these 3 scenes gives val and test about the whole set's farmland share" in caplog.text
     assert "off by 100%" in caplog.text and BALANCE_TOLERANCE < 1.0
