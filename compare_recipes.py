@@ -18,9 +18,11 @@ value: which settings earn their place. The default compares the two recipes.
 Any other ``--key=value`` is a config key passed to every run (for example ``--num_workers=4``); with
 ``--time_budget=MINUTES`` every run trains for the same time instead of the same tile passes.
 ``--tta`` also scores every run with predict.py's ``--tta`` (the same weights, probabilities averaged over the
-8 flips and turns of each test tile), in the run's tta/ folder: the ``_tta`` columns.
+8 flips and turns of each test tile), in the run's tta/ folder: the ``_tta`` columns. ``--last`` also scores
+every run's last epoch (last.pth, at its own tuned threshold) in its last/ folder: the ``_last`` columns, to
+see what choosing the best epoch on the validation split gained or cost.
 A run whose result.json matches its settings is not trained again: an interrupted comparison continues (and
-gains its ``--tta`` figures without training when they are missing).
+gains its ``--tta`` and ``--last`` figures without training when they are missing).
 Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
 """
 
@@ -50,7 +52,16 @@ from runtime import load_checkpoint
 LOG = logging.getLogger("compare_recipes")
 RECIPES = ("reference", "recommended")
 SCORES = ("test_farmland_iou_pooled", "test_farmland_iou_per_image", "test_boundary_iou_pooled")
-TTA_SCORES = ("test_farmland_iou_pooled_tta", "test_farmland_iou_per_image_tta")  # with --tta
+# Extra scorings of a finished run: its folder, the checkpoint and predict.py's extra arguments.
+EXTRA_SCORINGS = {"tta": ("best.pth", ("--tta=true",)), "last": ("last.pth", ())}
+
+
+def extra_columns(kind: str) -> tuple[str, str]:
+    """The pooled and per-image columns of an extra scoring (``tta``, ``last``)."""
+    return f"test_farmland_iou_pooled_{kind}", f"test_farmland_iou_per_image_{kind}"
+
+
+TTA_SCORES = extra_columns("tta")  # with --tta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +142,9 @@ def run_variant(
     variant: Variant,
     epochs: int,
     overrides: Sequence[str],
-    tta: bool = False,
+    extras: Sequence[str] = (),
 ) -> dict:
-    """Train, predict and score one variant in ``run_dir`` (with ``tta``, also with test-time augmentation);
+    """Train, predict and score one variant in ``run_dir`` (and score it the ``extras`` ways: EXTRA_SCORINGS);
     return its figures (kept in run_dir/result.json, and taken from there instead of training again when the
     settings are the same)."""
     settings = {"variant": variant.name, "epochs": epochs, "overrides": list(overrides)}
@@ -144,8 +155,10 @@ def run_variant(
         if result.get("settings") == settings:
             LOG.info("%s: already done, figures taken from %s", run_dir, saved)
             row = result["row"]
-            if tta and TTA_SCORES[0] not in row:
-                row = {**row, **tta_scores(run_dir, splits, overrides)}
+            missing = [kind for kind in extras if extra_columns(kind)[0] not in row]
+            for kind in missing:
+                row = {**row, **extra_scores(run_dir, splits, overrides, kind)}
+            if missing:
                 files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
             return row
     for name in SPLIT_NAMES:
@@ -162,26 +175,32 @@ def run_variant(
     if miou.main(common) != 0:
         raise RuntimeError(f"{run_dir}: scoring failed; see {run_dir / 'logs' / 'miou.log'}")
     row = result_row(run_dir, splits, variant, seconds)
-    if tta:
-        row.update(tta_scores(run_dir, splits, overrides))
+    for kind in extras:
+        row.update(extra_scores(run_dir, splits, overrides, kind))
     files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
     return row
 
 
-def tta_scores(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], overrides: Sequence[str]) -> dict:
-    """The test figures of the run's best.pth predicted with ``--tta=true``, in run_dir/tta (its own masks and
-    metrics.json, so the run's plain ones stay as they are)."""
-    tta_dir = run_dir / "tta"
-    write_pair_list(tta_dir / "splits" / "test.txt", splits["test"])
-    common = [*overrides, f"--run_dir={tta_dir}"]
-    (tta_dir / "metrics.json").unlink(missing_ok=True)
-    checkpoint = f"--checkpoint={run_dir / 'checkpoints' / 'best.pth'}"
-    if predict.main([*common, checkpoint, "--overlay=false", "--tta=true"]) != 0:
-        raise RuntimeError(f"{run_dir}: prediction with --tta failed; see {tta_dir / 'logs' / 'predict.log'}")
+def extra_scores(
+    run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], overrides: Sequence[str], kind: str
+) -> dict:
+    """The test figures of one of EXTRA_SCORINGS (``tta``: best.pth with ``--tta=true``; ``last``: last.pth),
+    predicted and scored in run_dir/<kind> (its own masks and metrics.json; the run's plain ones stay)."""
+    checkpoint, arguments = EXTRA_SCORINGS[kind]
+    folder = run_dir / kind
+    write_pair_list(folder / "splits" / "test.txt", splits["test"])
+    common = [*overrides, f"--run_dir={folder}"]
+    (folder / "metrics.json").unlink(missing_ok=True)
+    weights = f"--checkpoint={run_dir / 'checkpoints' / checkpoint}"
+    if predict.main([*common, weights, "--overlay=false", *arguments]) != 0:
+        raise RuntimeError(
+            f"{run_dir}: prediction for the {kind} columns failed; see {folder / 'logs' / 'predict.log'}"
+        )
     if miou.main(common) != 0:
-        raise RuntimeError(f"{run_dir}: scoring with --tta failed; see {tta_dir / 'logs' / 'miou.log'}")
-    metrics = json.loads((tta_dir / "metrics.json").read_text(encoding="utf-8"))
-    return {TTA_SCORES[0]: metrics["pooled"]["farmland_iou"], TTA_SCORES[1]: metrics["per_image"]["farmland_iou"]}
+        raise RuntimeError(f"{run_dir}: scoring for the {kind} columns failed; see {folder / 'logs' / 'miou.log'}")
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    pooled, per_image = extra_columns(kind)
+    return {pooled: metrics["pooled"]["farmland_iou"], per_image: metrics["per_image"]["farmland_iou"]}
 
 
 def result_row(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], variant: Variant, seconds: float) -> dict:
@@ -222,7 +241,8 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     for (data, recipe), members in groups.items():
         if len(members) < 2:
             continue
-        keys = SCORES + tuple(k for k in TTA_SCORES if all(k in m for m in members))
+        extras = [k for kind in EXTRA_SCORINGS for k in extra_columns(kind)]
+        keys = SCORES + tuple(k for k in extras if all(k in m for m in members))
         mean = {key: float(np.mean([m[key] for m in members if m[key] is not None])) for key in keys}
         predicted = float(np.mean([m["test_predicted_farmland"] for m in members]))
         minutes = float(np.mean([m["train_minutes"] for m in members]))
@@ -241,17 +261,18 @@ def mean_rows(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table (rows of seed 'mean' leave the per-run columns empty); a last column
-    with the ``--tta`` figures (pooled / per image) when any run has them."""
-    tta = any(TTA_SCORES[0] in r for r in rows)
+    """The comparison as a Markdown table (rows of seed 'mean' leave the per-run columns empty); a column per
+    extra scoring (``--tta``, ``--last``; pooled / per image) that any run has."""
+    kinds = [kind for kind in EXTRA_SCORINGS if any(extra_columns(kind)[0] in r for r in rows)]
+    heads = {"tta": " with --tta |", "last": " last epoch |"}
     lines = [
         "| data | split seed | recipe | train tiles | tile passes | test IoU pooled | test IoU per image | "
         "boundary IoU | predicted farmland | final train loss | best epoch | threshold | minutes |"
-        + (" with --tta |" if tta else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tta else ""),
+        + "".join(heads[kind] for kind in kinds),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(kinds),
     ]
     for r in rows:
-        extra = f" {fmt(r.get(TTA_SCORES[0]))} / {fmt(r.get(TTA_SCORES[1]))} |" if tta else ""
+        extra = "".join(f" {fmt(r.get(extra_columns(k)[0]))} / {fmt(r.get(extra_columns(k)[1]))} |" for k in kinds)
         if r.get("seed") == "mean":
             lines.append(
                 f"| {r['data']} | mean | {r['recipe']} | | | **{fmt(r[SCORES[0]])}** (worst {fmt(r['worst_pooled'])}) "
@@ -290,6 +311,7 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
     parser.add_argument("--skip_minority", action="store_true", help="compare on the whole data set only")
     parser.add_argument("--only_minority", action="store_true", help="compare on the minority subset only")
     parser.add_argument("--tta", action="store_true", help="also score each run with test-time augmentation")
+    parser.add_argument("--last", action="store_true", help="also score each run's last epoch (last.pth)")
     known, overrides = parser.parse_known_args(argv)
     cfg = cli.parse_args(overrides, __doc__ or "")
     if any(a.startswith("--recipe=") for a in overrides):
@@ -301,6 +323,7 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
             f"--split_seeds={known.split_seeds!r}: expected comma separated integers, e.g. 1,2,3"
         ) from None
     known.variant_list = choose_variants(known.variants, known.ablate)
+    known.extras = [kind for kind in EXTRA_SCORINGS if getattr(known, kind)]
     return known, [a for a in overrides if not a.startswith(("--epochs=", "--seed=", "--run_dir="))], cfg
 
 
@@ -342,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = {
                     "data": data_name,
                     "seed": seed,
-                    **run_variant(run_dir, data_splits, variant, epochs, run_args, known.tta),
+                    **run_variant(run_dir, data_splits, variant, epochs, run_args, known.extras),
                 }
                 rows.append(row)
                 cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs

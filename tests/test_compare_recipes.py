@@ -111,6 +111,20 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(square_data: Pat
         assert after["test_farmland_iou_pooled_tta"] == scored["pooled"]["farmland_iou"]
         assert after == {**before, **{k: after[k] for k in compare_recipes.TTA_SCORES}}
     assert "with --tta |" in (run_dir / "comparison.md").read_text(encoding="utf-8")
+    # --last scores each run's last epoch in its last/ folder; where the best epoch is the last, the same figures.
+    assert compare_recipes.main([*argv, "--tta", "--last"]) == 0
+    close_log_files()
+    assert checkpoint.stat().st_mtime_ns == stamp
+    with_last = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))
+    for before, after in zip(with_tta, with_last):
+        run = run_dir / f"seed_{after['seed']}" / "all" / after["recipe"]
+        scored = json.loads((run / "last" / "metrics.json").read_text(encoding="utf-8"))
+        assert after["test_farmland_iou_per_image_last"] == scored["per_image"]["farmland_iou"]
+        assert after == {**before, **{k: after[k] for k in compare_recipes.extra_columns("last")}}
+        if after["best_epoch"] == after["epochs"]:
+            assert after["test_farmland_iou_pooled_last"] == after["test_farmland_iou_pooled"]
+    assert any(r["best_epoch"] == r["epochs"] for r in with_last)  # the comparison above was made
+    assert "with --tta | last epoch |" in (run_dir / "comparison.md").read_text(encoding="utf-8")
 
 
 def test_recipe_key_is_refused(square_data: Path, tmp_path: Path) -> None:
