@@ -279,9 +279,14 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     return progress
 
 
+KEEP_EPOCHS = ("best", "last")  # the keep_epoch key's values
+
+
 def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Trainer, Progress, tuple[int, int]]:
     """Data, loss, network, optimiser, schedule and scaler, restored when resuming and wrapped for torchrun.
     Returns the trainer, the progress so far and the (training, validation) tile counts."""
+    if cfg.keep_epoch not in KEEP_EPOCHS:
+        raise ValueError(f"--keep_epoch={cfg.keep_epoch!r}: expected one of {', '.join(KEEP_EPOCHS)}")
     train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
     if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
         cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0
@@ -436,15 +441,16 @@ def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_
 
 def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
     """Record the epoch: whether it is the best so far (by val farmland IoU, at the tuned threshold when
-    tuning, of the better of the trained and averaged weights; with nothing to score, the latest epoch is the
-    best), and warn of a collapse to one class or of a training loss that does not fall."""
+    tuning, of the better of the trained and averaged weights; with nothing to score, or with keep_epoch=last,
+    the latest epoch is the best), and warn of a collapse to one class or of a training loss that does not fall."""
     cm, histogram = row.pop("cm"), row.pop("histogram")
     progress.history.append(row)
     scoreless = not np.isfinite(class_iou(cm)[FARMLAND])
     if scoreless and row["epoch"] == progress.start_epoch:
         LOG.warning("the val split is empty or holds no farmland: best.pth will be the latest epoch's weights")
     score = epoch_score(row, "val_ema_" if row["weights"] == "ema" else "val_")
-    improved = scoreless or score > progress.best_iou
+    # keep_epoch=last: a few validation scenes pick an epoch nearly at random; the annealed last one is steadier.
+    improved = scoreless or cfg.keep_epoch == "last" or score > progress.best_iou
     if improved:
         progress.best_iou, progress.best_epoch, progress.best_weights = score, row["epoch"], row["weights"]
         progress.best_histogram = histogram

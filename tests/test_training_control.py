@@ -226,3 +226,25 @@ def test_bad_ema_and_time_budget_are_refused(shared_square_data: Path, run_copy:
         train.main(args(shared_square_data, run_copy, "--ema=1", "--epochs=1"))
     with pytest.raises(ValueError, match=r"--time_budget=-5.0: expected minutes of training"):
         train.main(args(shared_square_data, run_copy, "--time_budget=-5", "--epochs=1"))
+
+
+def test_keep_epoch_last_makes_every_epoch_the_kept_one() -> None:
+    scores = [GOOD_CM, PRIOR_CM, GOOD_CM, PRIOR_CM]  # farmland IoU 0.77, 0.125, 0.77, 0.125
+    for keep, kept in (("best", [True, False, False, False]), ("last", [True, True, True, True])):
+        cfg, progress, job = Config(keep_epoch=keep), train.Progress(), Distributed()
+        found = [train.judge(cfg, scripted_row(e, 0.5, cm), progress, job) for e, cm in enumerate(scores, 1)]
+        assert found == kept
+        assert progress.best_epoch == (1 if keep == "best" else 4)
+        assert progress.best_iou == pytest.approx(270 / 350 if keep == "best" else 50 / 400)
+
+
+def test_keep_epoch_last_saves_the_last_epoch_as_best_pth(shared_square_data: Path, run_copy: Path) -> None:
+    with pytest.raises(ValueError, match=r"--keep_epoch='first': expected one of best, last"):
+        train.main(args(shared_square_data, run_copy, "--keep_epoch=first", "--epochs=1"))
+    assert (
+        train.main(args(shared_square_data, run_copy, "--keep_epoch=last", "--tune_threshold=true", "--epochs=2")) == 0
+    )
+    best = load_checkpoint(run_copy / "checkpoints" / "best.pth")
+    last = load_checkpoint(run_copy / "checkpoints" / "last.pth")
+    assert best["epoch"] == 2 and best["threshold"] == last["history"][-1]["val_threshold"]
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
