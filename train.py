@@ -244,6 +244,17 @@ def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.
     return model.to(job.device, memory_format=layout)
 
 
+def saved_histogram(ckpt_dir: Path, epoch: int) -> np.ndarray | None:
+    """The val probability histogram best.pth keeps, when best.pth holds ``epoch``; else None (no file, another
+    epoch, or a checkpoint saved without one)."""
+    path = ckpt_dir / "best.pth"
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    saved = state.get("val_histogram")
+    return None if saved is None or state.get("epoch") != epoch else np.asarray(saved, dtype=np.int64)
+
+
 def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> Progress:
     """With ``resume``, load everything the next epoch depends on from last.pth; else start afresh.
 
@@ -270,6 +281,7 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     progress = Progress(state["epoch"] + 1, state["best_iou"], state["best_epoch"], list(state["history"]))
     progress.best_weights = state.get("best_weights", "raw")
     progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
+    progress.best_histogram = saved_histogram(ckpt_dir, progress.best_epoch)  # for threshold_curve.csv
     LOG.info(
         "resuming after epoch %d (best val farmland IoU %.4f at epoch %d)",
         state["epoch"],

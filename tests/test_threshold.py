@@ -89,6 +89,10 @@ def test_training_writes_the_best_epochs_threshold_curve(square_data: Path, tmp_
         float(at_cut["val_farmland_iou"])
     )
     assert (run_dir / "figures" / "threshold_curve.png").stat().st_size > 1000
+    # A resumed run takes the histogram back from best.pth (of its best epoch only), to write the curve again.
+    assert np.array_equal(train.saved_histogram(run_dir / "checkpoints", best["epoch"]), state["val_histogram"])
+    assert train.saved_histogram(run_dir / "checkpoints", best["epoch"] + 1) is None
+    assert train.saved_histogram(run_dir / "nowhere", best["epoch"]) is None
 
 
 def test_user_threshold_wins_on_tiles_and_masks_are_redone(shared_square_data: Path, run_copy: Path) -> None:
