@@ -238,10 +238,10 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["data"], r["recipe"]), []).append(r)
     means = []
+    extras = [k for kind in EXTRA_SCORINGS for k in extra_columns(kind)]
     for (data, recipe), members in groups.items():
         if len(members) < 2:
             continue
-        extras = [k for kind in EXTRA_SCORINGS for k in extra_columns(kind)]
         keys = SCORES + tuple(k for k in extras if all(k in m for m in members))
         mean = {key: float(np.mean([m[key] for m in members if m[key] is not None])) for key in keys}
         predicted = float(np.mean([m["test_predicted_farmland"] for m in members]))

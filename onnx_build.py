@@ -121,11 +121,12 @@ def file_digest(path: Path) -> str:
 
 def validation_iou(state: dict[str, Any]) -> float | None:
     """The validation farmland IoU of the checkpoint's own epoch (tuned-threshold IoU where tuned), if recorded;
-    at the user's cut (inference.with_threshold) it is computed from the checkpoint's val histogram, and
-    unknown (None) for a checkpoint saved without one."""
+    at the user's cut (inference.with_threshold) it is computed from the best epoch's val histogram when the
+    checkpoint holds those weights, and unknown (None) otherwise or for a checkpoint saved without one."""
     if state.get("threshold_source") == "user":
-        histogram = state.get("val_histogram")
-        value = math.nan if histogram is None else iou_at(np.asarray(histogram), state["threshold"])
+        histogram = state.get("best_histogram")
+        best = (state.get("epoch"), state.get("weights")) == (state.get("best_epoch"), state.get("best_weights"))
+        value = iou_at(np.asarray(histogram), state["threshold"]) if histogram is not None and best else math.nan
         return round(float(value), 4) if math.isfinite(value) else None
     for row in state.get("history", []):
         if row.get("epoch") == state.get("epoch"):

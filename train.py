@@ -244,17 +244,6 @@ def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.
     return model.to(job.device, memory_format=layout)
 
 
-def saved_histogram(ckpt_dir: Path, epoch: int) -> np.ndarray | None:
-    """The val probability histogram best.pth keeps, when best.pth holds ``epoch``; else None (no file, another
-    epoch, or a checkpoint saved without one)."""
-    path = ckpt_dir / "best.pth"
-    if not path.is_file():
-        return None
-    state = load_checkpoint(path)
-    saved = state.get("val_histogram")
-    return None if saved is None or state.get("epoch") != epoch else np.asarray(saved, dtype=np.int64)
-
-
 def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> Progress:
     """With ``resume``, load everything the next epoch depends on from last.pth; else start afresh.
 
@@ -281,7 +270,8 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     progress = Progress(state["epoch"] + 1, state["best_iou"], state["best_epoch"], list(state["history"]))
     progress.best_weights = state.get("best_weights", "raw")
     progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
-    progress.best_histogram = saved_histogram(ckpt_dir, progress.best_epoch)  # for threshold_curve.csv
+    if state.get("best_histogram") is not None:  # threshold_curve.csv is written from it again
+        progress.best_histogram = np.asarray(state["best_histogram"], dtype=np.int64)
     LOG.info(
         "resuming after epoch %d (best val farmland IoU %.4f at epoch %d)",
         state["epoch"],
@@ -509,6 +499,8 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
         "best_iou": progress.best_iou,
         "best_epoch": progress.best_epoch,
         "best_weights": progress.best_weights,
+        # The best epoch's val probability histogram, from which its val IoU at any cut can be computed.
+        "best_histogram": None if progress.best_histogram is None else progress.best_histogram.tolist(),
         "threshold": cut,  # the farmland probability cut tuned on val for these weights; None = argmax
         "weights": "raw",  # which weights "model" holds: raw (as trained) or ema (their moving average)
         "ema": None if trainer.ema is None else trainer.ema.state_dict(),
@@ -521,9 +513,8 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
     if row["weights"] == "ema":
         ema_cut = None if math.isnan(row["val_ema_threshold"]) else row["val_ema_threshold"]
         chosen = {**state, "model": state["ema"]["model"], "threshold": ema_cut, "weights": "ema"}
-    if improved:  # with the chosen weights' val histogram, from which any cut's val IoU can be computed
-        histogram = None if progress.best_histogram is None else progress.best_histogram.tolist()
-        save_checkpoint(ckpt_dir / "best.pth", {**chosen, "val_histogram": histogram})
+    if improved:
+        save_checkpoint(ckpt_dir / "best.pth", chosen)
     if cfg.snapshot_every > 0 and epoch % cfg.snapshot_every == 0:
         snapshot = {key: chosen[key] for key in ("model", "epoch", "threshold", "weights", "config")}
         save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pth", snapshot)

@@ -226,13 +226,18 @@ def test_the_users_threshold_is_the_exported_models_cut(tmp_path: Path) -> None:
 def test_the_val_iou_in_the_metadata_is_at_the_models_cut(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # 4 bins; a cut of 0.3 falls on bin 1: tp = 2 + 4 + 8, fp = 5 + 3 + 2, fn = 1, IoU = 14 / 25.
-    state = {**tiny_state(), "val_histogram": [[10, 5, 3, 2], [1, 2, 4, 8]]}
+    state = {**tiny_state(), "best_epoch": 3, "best_histogram": [[10, 5, 3, 2], [1, 2, 4, 8]]}
     save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
     for extra, expected in (([], 0.72), (["--threshold=0.3"], 0.56)):  # 0.72: the history's, at the tuned cut
         assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16", *extra]) == 0
         model = onnx.load(str(run_dir / "export" / "farmland_qgis.onnx"))
         meta = {p.key: json.loads(p.value) for p in model.metadata_props}
         assert meta["farmland_val_farmland_iou"] == expected
+    # A checkpoint of another epoch than the histogram's (last.pth after a better epoch): unknown at 0.3.
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", {**state, "epoch": 4})
+    assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16", "--threshold=0.3"]) == 0
+    model = onnx.load(str(run_dir / "export" / "farmland_qgis.onnx"))
+    assert json.loads({p.key: p.value for p in model.metadata_props}["farmland_val_farmland_iou"]) is None
 
 
 def test_a_checkpoint_of_another_band_count_or_width_is_refused_naming_the_file(tmp_path: Path) -> None:

@@ -83,16 +83,14 @@ def test_training_writes_the_best_epochs_threshold_curve(square_data: Path, tmp_
     assert max(float(r["val_farmland_iou"]) for r in rows) == pytest.approx(best["val_tuned_farmland_iou"], abs=1e-6)
     assert float(rows[0]["recall"]) == 1.0  # a cut of 0 calls every pixel farmland
     # best.pth keeps the histogram behind the curve: every val pixel (2 tiles of 32x32) counted once.
-    assert np.asarray(state["val_histogram"]).shape == (2, THRESHOLD_BINS)
-    assert np.asarray(state["val_histogram"]).sum() == 2 * 32 * 32
-    assert iou_at(np.asarray(state["val_histogram"]), state["threshold"]) == pytest.approx(
+    assert np.asarray(state["best_histogram"]).shape == (2, THRESHOLD_BINS)
+    assert np.asarray(state["best_histogram"]).sum() == 2 * 32 * 32
+    assert iou_at(np.asarray(state["best_histogram"]), state["threshold"]) == pytest.approx(
         float(at_cut["val_farmland_iou"])
     )
     assert (run_dir / "figures" / "threshold_curve.png").stat().st_size > 1000
-    # A resumed run takes the histogram back from best.pth (of its best epoch only), to write the curve again.
-    assert np.array_equal(train.saved_histogram(run_dir / "checkpoints", best["epoch"]), state["val_histogram"])
-    assert train.saved_histogram(run_dir / "checkpoints", best["epoch"] + 1) is None
-    assert train.saved_histogram(run_dir / "nowhere", best["epoch"]) is None
+    # last.pth carries it too, for a resumed run to write the curve again.
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pth")["best_histogram"] == state["best_histogram"]
 
 
 def test_user_threshold_wins_on_tiles_and_masks_are_redone(shared_square_data: Path, run_copy: Path) -> None:
