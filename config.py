@@ -60,6 +60,7 @@ class Config:
     early_stop: int = 0  # stop after this many epochs without a better val farmland IoU; 0 = never
     keep_epoch: str = "best"  # best.pth holds: best (the epoch with the best val IoU) or last (the latest epoch)
     tune_threshold: bool = False  # pick the farmland probability cut with the best val IoU; predict.py uses it
+    precise_bn: int = 0  # recompute BatchNorm statistics on this many training tiles before each validation; 0 = off
     ema: float = 0.0  # decay of a moving average of the weights (e.g. 0.999), validated beside them; 0 = off
     collapse_patience: int = 3  # warn when val predictions hold a single class for this many epochs in a row
     tensorboard: bool = True  # also log to run_dir/tensorboard when the tensorboard package is installed

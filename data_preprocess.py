@@ -432,11 +432,15 @@ class FarmlandDataset(Dataset):
             )
         return image, mask
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def tensors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pair as tensors, as stored: never augmented."""
         image, mask = self.cached[index] if self.cached is not None else self.read(index)
         image_t = torch.from_numpy(image_to_float(image, self.in_channels, self.pairs[index][0]))
-        mask_t = torch.from_numpy(mask).long()
+        return image_t, torch.from_numpy(mask).long()
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image_t, mask_t = self.tensors(index)
         if self.augment:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             image_t, mask_t = random_d4(image_t, mask_t, generator)
@@ -467,6 +471,21 @@ class FarmlandDataset(Dataset):
         std = np.sqrt(np.maximum(squares / max(pixels, 1) - mean**2, 0.0))
         std = np.where(std > 1e-6, std, 1.0)
         return mean.tolist(), std.tolist(), classes[:IGNORE].tolist()
+
+
+class PlainSubset(Dataset):
+    """Some tiles of a FarmlandDataset, in a fixed order and never augmented (whatever the dataset's own
+    ``augment``): what BatchNorm statistics are recomputed over."""
+
+    def __init__(self, dataset: FarmlandDataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset.tensors(self.indices[position])
 
 
 SPLIT_NAMES = ("train", "val", "test")

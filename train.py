@@ -65,6 +65,7 @@ from runtime import (
 from training import (
     THRESHOLD_BINS,
     WeightAverage,
+    batchnorm_loader,
     best_threshold,
     check_resumable,
     collapse_message,
@@ -77,6 +78,7 @@ from training import (
     near_prior,
     open_tensorboard,
     prior_iou,
+    recompute_batchnorm,
     stall_message,
     threshold_curve,
     tiles_pixel_size,
@@ -103,6 +105,7 @@ class Trainer:
     amp: torch.dtype | None
     layout: torch.memory_format
     ema: WeightAverage | None = None  # the moving average of the model's weights (ema key), or None
+    bn_tiles: DataLoader | None = None  # the tiles BatchNorm statistics are recomputed over (precise_bn), or None
 
 
 @dataclasses.dataclass
@@ -320,6 +323,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
         amp=amp,
         layout=layout,
         ema=make_weight_average(model, cfg),
+        bn_tiles=batchnorm_loader(train_set, cfg),
     )
     progress = restore(cfg, trainer, ckpt_dir, job)
     if job.world > 1:  # DDP last, after the resumed weights are in: it starts every rank from rank 0's copy
@@ -408,6 +412,8 @@ def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_
     of the two. The row also carries, not logged, the trained weights' val confusion matrix under ``cm`` and the
     better weights' farmland probability histogram under ``histogram``."""
     tune = cfg.tune_threshold and cfg.n_classes == 2
+    if trainer.bn_tiles is not None:
+        recompute_batchnorm(trainer.model, trainer.bn_tiles, job.device, trainer.layout, trainer.amp)
     val_loss, cm, histogram = measure(cfg, trainer, job, trainer.model)
     ious = class_iou(cm)
     cut, tuned_iou = best_threshold(histogram) if tune else (None, math.nan)
@@ -430,7 +436,10 @@ def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_
         "histogram": histogram,
     }
     if trainer.ema is not None:
-        _, ema_cm, ema_histogram = measure(cfg, trainer, job, trainer.ema.averaged())
+        averaged = trainer.ema.averaged()
+        if trainer.bn_tiles is not None:  # the average's own statistics, for its own weights
+            recompute_batchnorm(averaged, trainer.bn_tiles, job.device, trainer.layout, trainer.amp)
+        _, ema_cm, ema_histogram = measure(cfg, trainer, job, averaged)
         ema_cut, ema_tuned = best_threshold(ema_histogram) if tune else (None, math.nan)
         row["val_ema_farmland_iou"] = float(np.nan_to_num(class_iou(ema_cm)[FARMLAND]))
         row["val_ema_threshold"] = math.nan if ema_cut is None else ema_cut

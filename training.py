@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import Config
-from data_preprocess import IGNORE, EpochSampler, FarmlandDataset
+from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
 from files import DataError, atomic_write_text
 from metrics import confusion_counts
 from rasters import open_raster, pixel_size_m
@@ -328,9 +328,12 @@ class WeightAverage:
     unwrapped network, whose parameters are identical on all ranks after every step: so are the averages.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, copy_buffers: bool = True) -> None:
+        """``copy_buffers`` False: the average keeps BatchNorm statistics of its own (precise_bn recomputes them
+        for the averaged weights) instead of taking the network's."""
         self.source = model
         self.decay = decay
+        self.copy_buffers = copy_buffers
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.updates = 0
         self.mine = list(self.model.parameters())
@@ -345,9 +348,10 @@ class WeightAverage:
 
     @torch.no_grad()
     def averaged(self) -> nn.Module:
-        """The averaged network, with the network's current buffers, in eval mode."""
-        for mine, theirs in zip(self.model.buffers(), self.source.buffers()):
-            mine.copy_(theirs)
+        """The averaged network, with the network's current buffers (unless it keeps its own), in eval mode."""
+        if self.copy_buffers:
+            for mine, theirs in zip(self.model.buffers(), self.source.buffers()):
+                mine.copy_(theirs)
         return self.model.eval()
 
     def state_dict(self) -> dict[str, Any]:
@@ -367,7 +371,77 @@ def make_weight_average(model: nn.Module, cfg: Config) -> WeightAverage | None:
     """
     if not 0 <= cfg.ema < 1:
         raise ValueError(f"--ema={cfg.ema}: expected a decay from 0 (off) to below 1, for example 0.999")
-    return WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+    return WeightAverage(model, cfg.ema, copy_buffers=not cfg.precise_bn) if cfg.ema > 0 else None
+
+
+def batchnorm_loader(dataset: FarmlandDataset, cfg: Config) -> DataLoader | None:
+    """The training tiles BatchNorm statistics are recomputed over (``precise_bn``): that many, drawn once with
+    the run's seed, in a fixed order, not augmented; None when off. Every rank reads all of them.
+
+    Raises:
+        ValueError: a negative ``precise_bn``.
+    """
+    if cfg.precise_bn < 0:
+        raise ValueError(f"--precise_bn={cfg.precise_bn}: expected a number of training tiles, or 0 for off")
+    if not cfg.precise_bn or not len(dataset):
+        return None
+    count = min(cfg.precise_bn, len(dataset))
+    chosen = np.sort(np.random.default_rng(cfg.seed).choice(len(dataset), count, replace=False))
+    return DataLoader(PlainSubset(dataset, chosen.tolist()), batch_size=cfg.batch_size, num_workers=0)
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recompute_batchnorm(
+    model: nn.Module, loader: DataLoader, device: torch.device, layout: torch.memory_format, amp: torch.dtype | None
+) -> None:
+    """Set every BatchNorm layer's running mean and (unbiased) variance to those of its inputs over all the
+    loader's pixels, for the weights as they are now.
+
+    Training keeps running averages over the last few batches, taken while the weights moved and with dropout
+    on: with batches of a few tiles from different scenes they jump from epoch to epoch, and dropout shifts the
+    variance the network meets at prediction. Here dropout is off and each layer normalises by its batch as in
+    training, while hooks sum what reaches it. Under torchrun every rank reads the same tiles, so the
+    statistics agree.
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return
+    sums = {layer: [0.0, 0.0, 0] for layer in layers}
+
+    def collect(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach().float()
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.ndim)], correction=0)
+        count = x.numel() // x.shape[1]
+        entry = sums[layer]
+        entry[0] = entry[0] + mean.double() * count
+        entry[1] = entry[1] + (var.double() + mean.double() ** 2) * count
+        entry[2] += count
+
+    hooks = [layer.register_forward_pre_hook(collect) for layer in layers]
+    training = model.training
+    model.eval()
+    for layer in layers:
+        layer.train()
+    try:
+        for images, _ in loader:
+            images = images.to(device, memory_format=layout, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    for layer, (total, squares, count) in sums.items():
+        if count < 2:
+            continue
+        mean = total / count
+        var = (squares / count - mean**2).clamp_(min=0) * (count / (count - 1))
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(var)
 
 
 def open_tensorboard(folder: Path) -> Any:

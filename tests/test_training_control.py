@@ -12,13 +12,15 @@ import pytest
 import torch
 from conftest import args, weights
 from torch import nn
+from torch.utils.data import DataLoader
 
 import split_dataset
 import train
 from config import Config
+from inference import model_from_checkpoint
 from metrics import class_iou
 from runtime import Distributed, load_checkpoint
-from training import WeightAverage, loss_stall
+from training import WeightAverage, batchnorm_loader, loss_stall, recompute_batchnorm
 
 PRIOR_CM = np.array([[600, 100], [250, 50]])  # farmland IoU 50/400 = 0.125; calling all farmland scores 0.3
 GOOD_CM = np.array([[650, 50], [30, 270]])  # farmland IoU 270/350 = 0.77
@@ -248,3 +250,76 @@ def test_keep_epoch_last_saves_the_last_epoch_as_best_pth(shared_square_data: Pa
     last = load_checkpoint(run_copy / "checkpoints" / "last.pth")
     assert best["epoch"] == 2 and best["threshold"] == last["history"][-1]["val_threshold"]
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_recompute_batchnorm_by_hand() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout2d(0.5), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+    for layer in (model[1], model[3]):
+        layer.running_mean.fill_(5.0)
+        layer.running_var.fill_(7.0)
+    images = (
+        torch.rand(6, 3, 4, 5) * torch.tensor([1.0, 3.0, 0.5])[:, None, None]
+        + torch.tensor([0.0, 2.0, -1.0])[:, None, None]
+    )
+    loader = DataLoader(list(zip(images, torch.zeros(6, 4, 5))), batch_size=4)  # batches of 4 and 2 tiles
+    model.train()
+    recompute_batchnorm(model, loader, torch.device("cpu"), torch.contiguous_format, None)
+    assert model.training and model[0].training  # the mode it had
+    x = images.double().numpy()
+    # First layer: every pixel of the six tiles, dropout off (it would scale and zero some of them).
+    assert model[1].running_mean.numpy() == pytest.approx(x.mean(axis=(0, 2, 3)), rel=1e-5)
+    assert model[1].running_var.numpy() == pytest.approx(x.var(axis=(0, 2, 3), ddof=1), rel=1e-5)
+    # Second layer: the convolution of the first layer's output, normalised by each batch's own statistics.
+    seen = []
+    for batch in (x[:4], x[4:]):
+        mean, var = batch.mean(axis=(0, 2, 3), keepdims=True), batch.var(axis=(0, 2, 3), keepdims=True)
+        normed = (batch - mean) / np.sqrt(var + model[1].eps)  # affine weight 1, bias 0 at initialisation
+        weight, bias = model[2].weight.detach().double().numpy()[:, :, 0, 0], model[2].bias.detach().double().numpy()
+        seen.append(np.einsum("oc,nchw->nohw", weight, normed) + bias[None, :, None, None])
+    conv = np.concatenate(seen)
+    assert model[3].running_mean.numpy() == pytest.approx(conv.mean(axis=(0, 2, 3)), rel=1e-4, abs=1e-6)
+    assert model[3].running_var.numpy() == pytest.approx(conv.var(axis=(0, 2, 3), ddof=1), rel=1e-4)
+
+
+def test_precise_bn_changes_the_statistics_and_nothing_else(shared_square_data: Path, tmp_path: Path) -> None:
+    runs = {}
+    for tiles in (0, 6):
+        run_dir = tmp_path / f"bn{tiles}"
+        assert split_dataset.main(args(shared_square_data, run_dir)) == 0
+        assert (
+            train.main(
+                args(shared_square_data, run_dir, "--epochs=2", "--amp=off", "--ema=0.9", f"--precise_bn={tiles}")
+            )
+            == 0
+        )
+        runs[tiles] = load_checkpoint(run_dir / "checkpoints" / "last.pth")
+    plain, precise = runs[0]["model"], runs[6]["model"]
+    statistics = [key for key in plain if key.endswith(("running_mean", "running_var"))]
+    assert statistics and all(not torch.equal(plain[key], precise[key]) for key in statistics)
+    assert all(
+        torch.equal(plain[key], precise[key]) for key in plain if key not in statistics and "num_batches" not in key
+    )
+    # The saved statistics are those of the saved weights over six training tiles drawn with the run's seed.
+    cfg = Config(**{**runs[6]["config"], "num_workers": 0})
+    train_set, _ = train.build_datasets(cfg, *train.load_splits(tmp_path / "bn6"))
+    loader = batchnorm_loader(train_set, cfg)
+    assert loader is not None and len(loader.dataset) == 6
+    assert [t.tolist() for t in loader.dataset[0]] == [t.tolist() for t in train_set.tensors(loader.dataset.indices[0])]
+    model = model_from_checkpoint({**runs[6], "model": plain}, torch.device("cpu"), True)
+    recompute_batchnorm(model, loader, torch.device("cpu"), torch.channels_last, None)  # as trained: fp32
+    for key in statistics:
+        assert torch.allclose(model.state_dict()[key], precise[key], rtol=1e-5, atol=1e-7), key
+    # The moving average gets statistics of its own weights (without precise_bn it takes the network's).
+    average = runs[6]["ema"]["model"]
+    model = model_from_checkpoint({**runs[6], "model": average}, torch.device("cpu"), True)
+    recompute_batchnorm(model, loader, torch.device("cpu"), torch.channels_last, None)
+    for key in statistics:
+        assert torch.allclose(model.state_dict()[key], average[key], rtol=1e-5, atol=1e-7), key
+        assert not torch.equal(average[key], precise[key])
+        assert torch.equal(runs[0]["ema"]["model"][key], plain[key])
+
+
+def test_bad_precise_bn_is_refused(shared_square_data: Path, run_copy: Path) -> None:
+    with pytest.raises(ValueError, match=r"--precise_bn=-1: expected a number of training tiles, or 0 for off"):
+        train.main(args(shared_square_data, run_copy, "--precise_bn=-1", "--epochs=1"))
