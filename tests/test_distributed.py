@@ -23,6 +23,7 @@ from runtime import load_checkpoint, memory_format
 from training import evaluate, make_loader
 
 DDP = ["--batch_size=1", "--num_workers=0", "--amp=off", "--predict_batch_size=1"]
+TRAIN = [*DDP, "--precise_bn=4"]  # every rank recomputes BatchNorm statistics over the same four tiles
 
 
 def torchrun(script: str, *arguments: str) -> subprocess.CompletedProcess:
@@ -39,7 +40,7 @@ def ddp_run(shared_square_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     run_dir = tmp_path_factory.mktemp("ddp") / "ddp"
     split_dataset.main(args(shared_square_data, run_dir))
     close_log_files()
-    torchrun("train.py", *args(shared_square_data, run_dir, *DDP, "--epochs=3"))
+    torchrun("train.py", *args(shared_square_data, run_dir, *TRAIN, "--epochs=3"))
     before = folder_digest(run_dir)
     yield run_dir
     assert folder_digest(run_dir) == before, "a test wrote into ddp_run; let it work on a copy"
@@ -68,8 +69,8 @@ def test_reduced_val_iou_equals_a_single_process_evaluation(ddp_run: Path, share
 def test_ddp_resume_continues_exactly(ddp_run: Path, shared_square_data: Path, tmp_path: Path) -> None:
     resumed = tmp_path / "resumed"
     split_dataset.main(args(shared_square_data, resumed))
-    torchrun("train.py", *args(shared_square_data, resumed, *DDP, "--epochs=2"))
-    torchrun("train.py", *args(shared_square_data, resumed, *DDP, "--epochs=3", "--resume=true"))
+    torchrun("train.py", *args(shared_square_data, resumed, *TRAIN, "--epochs=2"))
+    torchrun("train.py", *args(shared_square_data, resumed, *TRAIN, "--epochs=3", "--resume=true"))
     a, b = weights(ddp_run / "checkpoints" / "last.pth"), weights(resumed / "checkpoints" / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
