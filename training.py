@@ -403,29 +403,33 @@ def recompute_batchnorm(
 
     Training keeps running averages over the last few batches, taken while the weights moved and with dropout
     on: with batches of a few tiles from different scenes they jump from epoch to epoch, and dropout shifts the
-    variance the network meets at prediction. Here dropout is off and each layer normalises by its batch as in
-    training, while hooks sum what reaches it. Under torchrun every rank reads the same tiles, so the
-    statistics agree.
+    variance the network meets at prediction. Here dropout is off, each layer normalises by its batch as in
+    training, and every batch's mean and variance are pooled over all pixels. Under torchrun every rank reads
+    the same tiles, so the statistics agree.
     """
     layers = batchnorm_layers(model)
     if not layers:
         return
     sums = {layer: [0.0, 0.0, 0] for layer in layers}
 
-    def collect(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].detach().float()
-        var, mean = torch.var_mean(x, dim=[0, *range(2, x.ndim)], correction=0)
-        count = x.numel() // x.shape[1]
+    def collect(layer: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
+        # With momentum 1 the running figures are this batch's own, as the layer computed them: read them
+        # instead of reducing the activations a second time.
+        count = inputs[0].numel() // inputs[0].shape[1]
+        mean = layer.running_mean.double()
+        var = layer.running_var.double() * ((count - 1) / count)  # kept unbiased; the batch's own variance
         entry = sums[layer]
-        entry[0] = entry[0] + mean.double() * count
-        entry[1] = entry[1] + (var.double() + mean.double() ** 2) * count
+        entry[0] = entry[0] + mean * count
+        entry[1] = entry[1] + (var + mean**2) * count
         entry[2] += count
 
-    hooks = [layer.register_forward_pre_hook(collect) for layer in layers]
+    hooks = [layer.register_forward_hook(collect) for layer in layers]
+    momenta = [layer.momentum for layer in layers]
     training = model.training
     model.eval()
     for layer in layers:
         layer.train()
+        layer.momentum = 1.0
     try:
         for images, _ in loader:
             images = images.to(device, memory_format=layout, non_blocking=True)
@@ -434,6 +438,8 @@ def recompute_batchnorm(
     finally:
         for hook in hooks:
             hook.remove()
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
         model.train(training)
     for layer, (total, squares, count) in sums.items():
         if count < 2:
