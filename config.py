@@ -58,7 +58,7 @@ class Config:
     schedule: str = "step"  # learning-rate schedule: step (step_size, gamma) or cosine (down to 0 at the last epoch)
     warmup_epochs: float = 0.0  # linear learning-rate warm-up over this many epochs, step by step; 0 = none
     early_stop: int = 0  # stop after this many epochs without a better val farmland IoU; 0 = never
-    keep_epoch: str = "best"  # best.pth holds: best (the epoch with the best val IoU) or last (the latest epoch)
+    keep_epoch: str = "best"  # best.pth holds: best (best val IoU), last (latest epoch), auto (last if val < 3 scenes)
     tune_threshold: bool = False  # pick the farmland probability cut with the best val IoU; predict.py uses it
     precise_bn: int = 0  # recompute BatchNorm statistics on this many training tiles before each validation; 0 = off
     ema: float = 0.0  # decay of a moving average of the weights (e.g. 0.999), validated beside them; 0 = off

@@ -14,6 +14,7 @@ Paths may contain spaces and non-ASCII (for example Chinese) characters.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -236,6 +237,20 @@ def write_image(path: Path, image: np.ndarray) -> None:
     if not ok:
         raise DataError(f"{path}: cannot encode an array of shape {image.shape} and type {image.dtype}")
     atomic_write_bytes(path, encoded.tobytes())
+
+
+FEW_SCENES = 3  # a validation or test split of fewer scenes is warned of; keep_epoch=auto then keeps the last epoch
+
+
+def split_scenes(run_dir: Path, split: str) -> int | None:
+    """The scenes (groups) of one split as split_dataset.py counted them (splits/summary.json), or None where
+    it did not (split by tile, lists made by hand, or an unreadable summary)."""
+    try:
+        summary = json.loads((Path(run_dir) / "splits" / "summary.json").read_text(encoding="utf-8"))
+        count = summary["groups"][split]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return count if isinstance(count, int) else None
 
 
 def read_pair_list(path: Path) -> list[tuple[Path, Path]]:

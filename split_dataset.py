@@ -32,6 +32,7 @@ import cli
 import files
 from config import Config
 from data_preprocess import (
+    FEW_SCENES,
     SPLIT_NAMES,
     DataError,
     farmland_pixels,
@@ -268,9 +269,6 @@ def split_share(pixels: Sequence[tuple[int, int]]) -> float | None:
     """The farmland share of a split's labelled pixels (rounded to 4 places); None when none is labelled."""
     farmland, labelled = np.sum(pixels, axis=0) if pixels else (0, 0)
     return round(float(farmland / labelled), 4) if labelled else None
-
-
-FEW_SCENES = 3  # validation or test splits of fewer scenes get a warning
 
 
 def warn_few_scenes(groups: dict[str, int]) -> None:

@@ -35,11 +35,13 @@ import cli
 import files
 from config import Config
 from data_preprocess import (
+    FEW_SCENES,
     DataError,
     FarmlandDataset,
     parse_bands,
     read_pair_list,
     should_cache,
+    split_scenes,
 )
 from encoders import imagenet_normalisation, load_encoder_weights
 from fast_path import training_path
@@ -284,14 +286,34 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     return progress
 
 
-KEEP_EPOCHS = ("best", "last")  # the keep_epoch key's values
+KEEP_EPOCHS = ("best", "last", "auto")  # the keep_epoch key's values
+
+
+def resolve_keep_epoch(cfg: Config, job: Distributed) -> None:
+    """keep_epoch=auto becomes last when split_dataset.py counted fewer than FEW_SCENES validation scenes (a
+    few scenes pick an epoch nearly at random), best otherwise (split by tile, or lists made by hand).
+
+    Raises:
+        ValueError: a keep_epoch that is none of KEEP_EPOCHS.
+    """
+    if cfg.keep_epoch not in KEEP_EPOCHS:
+        raise ValueError(f"--keep_epoch={cfg.keep_epoch!r}: expected one of {', '.join(KEEP_EPOCHS)}")
+    if cfg.keep_epoch != "auto":
+        return
+    scenes = split_scenes(Path(cfg.run_dir), "val")
+    cfg.keep_epoch = "last" if scenes is not None and scenes < FEW_SCENES else "best"
+    if job.main and cfg.keep_epoch == "last":
+        LOG.info(
+            "keep_epoch=auto: the val split holds %d scene(s), too few to pick an epoch by; best.pth keeps the "
+            "last epoch (--keep_epoch=best to pick by val IoU anyway)",
+            scenes,
+        )
 
 
 def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Trainer, Progress, tuple[int, int]]:
     """Data, loss, network, optimiser, schedule and scaler, restored when resuming and wrapped for torchrun.
     Returns the trainer, the progress so far and the (training, validation) tile counts."""
-    if cfg.keep_epoch not in KEEP_EPOCHS:
-        raise ValueError(f"--keep_epoch={cfg.keep_epoch!r}: expected one of {', '.join(KEEP_EPOCHS)}")
+    resolve_keep_epoch(cfg, job)
     train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
     if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
         cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0

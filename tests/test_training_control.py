@@ -3,6 +3,7 @@ weights (ema) and the time budget (time_budget), each with exact resume."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -241,7 +242,7 @@ def test_keep_epoch_last_makes_every_epoch_the_kept_one() -> None:
 
 
 def test_keep_epoch_last_saves_the_last_epoch_as_best_pth(shared_square_data: Path, run_copy: Path) -> None:
-    with pytest.raises(ValueError, match=r"--keep_epoch='first': expected one of best, last"):
+    with pytest.raises(ValueError, match=r"--keep_epoch='first': expected one of best, last, auto"):
         train.main(args(shared_square_data, run_copy, "--keep_epoch=first", "--epochs=1"))
     assert (
         train.main(args(shared_square_data, run_copy, "--keep_epoch=last", "--tune_threshold=true", "--epochs=2")) == 0
@@ -323,3 +324,29 @@ def test_precise_bn_changes_the_statistics_and_nothing_else(shared_square_data: 
 def test_bad_precise_bn_is_refused(shared_square_data: Path, run_copy: Path) -> None:
     with pytest.raises(ValueError, match=r"--precise_bn=-1: expected a number of training tiles, or 0 for off"):
         train.main(args(shared_square_data, run_copy, "--precise_bn=-1", "--epochs=1"))
+
+
+@pytest.mark.parametrize(
+    ("summary", "kept"),
+    [
+        ({"groups": {"train": 9, "val": 2, "test": 2}}, "last"),
+        ({"groups": {"train": 9, "val": 3, "test": 1}}, "best"),
+        ({"train": 16, "val": 2, "test": 2}, "best"),  # split by tile: no scenes counted
+        (None, "best"),  # lists made by hand: no summary
+        ("{not json", "best"),
+    ],
+)
+def test_keep_epoch_auto_keeps_the_last_epoch_with_few_validation_scenes(
+    summary: dict | str | None, kept: str, tmp_path: Path
+) -> None:
+    (tmp_path / "splits").mkdir()
+    if summary is not None:
+        text = summary if isinstance(summary, str) else json.dumps(summary)
+        (tmp_path / "splits" / "summary.json").write_text(text, encoding="utf-8")
+    cfg = Config(run_dir=str(tmp_path), keep_epoch="auto")
+    train.resolve_keep_epoch(cfg, Distributed())
+    assert cfg.keep_epoch == kept
+    for fixed in ("best", "last"):  # given explicitly, whatever the split
+        cfg = Config(run_dir=str(tmp_path), keep_epoch=fixed)
+        train.resolve_keep_epoch(cfg, Distributed())
+        assert cfg.keep_epoch == fixed
