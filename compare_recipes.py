@@ -136,6 +136,15 @@ def minority_splits(
     return kept, float(np.mean(shares)) if shares else float("nan")
 
 
+def write_scene_counts(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]], group_pattern: str) -> None:
+    """splits/summary.json with each split's scene count, as split_dataset.py writes it, so that a run's
+    keep_epoch=auto sees the scenes of its own (perhaps filtered) splits; nothing when split by tile."""
+    if not group_pattern:
+        return
+    groups = {name: len(set(split_dataset.scene_groups(splits[name], group_pattern)[0])) for name in SPLIT_NAMES}
+    files.atomic_write_text(run_dir / "splits" / "summary.json", json.dumps({"groups": groups}, indent=2) + "\n")
+
+
 def run_variant(
     run_dir: Path,
     splits: dict[str, list[tuple[Path, Path]]],
@@ -143,6 +152,7 @@ def run_variant(
     epochs: int,
     overrides: Sequence[str],
     extras: Sequence[str] = (),
+    group_pattern: str = "",
 ) -> dict:
     """Train, predict and score one variant in ``run_dir`` (and score it the ``extras`` ways: EXTRA_SCORINGS);
     return its figures (kept in run_dir/result.json, and taken from there instead of training again when the
@@ -163,6 +173,7 @@ def run_variant(
             return row
     for name in SPLIT_NAMES:
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
+    write_scene_counts(run_dir, splits, group_pattern)
     common = [*overrides, f"--run_dir={run_dir}"]  # the last value of a key wins
     started = time.perf_counter()
     if train.main([*common, *variant.arguments(), f"--epochs={epochs}"]) != 0:
@@ -365,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = {
                     "data": data_name,
                     "seed": seed,
-                    **run_variant(run_dir, data_splits, variant, epochs, run_args, known.extras),
+                    **run_variant(run_dir, data_splits, variant, epochs, run_args, known.extras, cfg.group_pattern),
                 }
                 rows.append(row)
                 cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs

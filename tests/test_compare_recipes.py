@@ -10,6 +10,7 @@ from conftest import args, close_log_files
 
 import compare_recipes
 from config import RECOMMENDED
+from data_preprocess import split_scenes
 
 
 def test_variant_names_round_trip_to_train_arguments() -> None:
@@ -130,3 +131,16 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(square_data: Pat
 def test_recipe_key_is_refused(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--variants"):
         compare_recipes.main([*args(square_data, tmp_path / "cmp"), "--recipe=recommended"])
+
+
+def test_each_run_records_its_splits_scene_counts_for_keep_epoch_auto(tmp_path: Path) -> None:
+    def tiles(*scenes: str) -> list[tuple[Path, Path]]:
+        return [(Path(f"images/{s}_r{i}c0.png"), Path(f"labels/{s}_r{i}c0_mask.png")) for s in scenes for i in (0, 1)]
+
+    splits = {"train": tiles("a", "b", "c", "d"), "val": tiles("e", "f"), "test": tiles("g", "h", "i")}
+    compare_recipes.write_scene_counts(tmp_path / "grouped", splits, r"^(.+)_r\d+c\d+$")
+    summary = json.loads((tmp_path / "grouped" / "splits" / "summary.json").read_text(encoding="utf-8"))
+    assert summary == {"groups": {"train": 4, "val": 2, "test": 3}}
+    assert split_scenes(tmp_path / "grouped", "val") == 2
+    compare_recipes.write_scene_counts(tmp_path / "by_tile", splits, "")  # split by tile: no scenes to count
+    assert not (tmp_path / "by_tile").exists() and split_scenes(tmp_path / "by_tile", "val") is None
