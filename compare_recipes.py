@@ -46,7 +46,7 @@ import predict
 import split_dataset
 import train
 from config import RECOMMENDED, Config
-from data_preprocess import SPLIT_NAMES, farmland_share, load_mask, read_pair_list, write_pair_list
+from data_preprocess import SPLIT_NAMES, farmland_share, load_mask, read_pair_list, scene_groups, write_pair_list
 from runtime import load_checkpoint
 
 LOG = logging.getLogger("compare_recipes")
@@ -141,7 +141,7 @@ def write_scene_counts(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]]
     keep_epoch=auto sees the scenes of its own (perhaps filtered) splits; nothing when split by tile."""
     if not group_pattern:
         return
-    groups = {name: len(set(split_dataset.scene_groups(splits[name], group_pattern)[0])) for name in SPLIT_NAMES}
+    groups = {name: len(set(scene_groups(splits[name], group_pattern)[0])) for name in SPLIT_NAMES}
     files.atomic_write_text(run_dir / "splits" / "summary.json", json.dumps({"groups": groups}, indent=2) + "\n")
 
 

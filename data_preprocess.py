@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -237,6 +238,36 @@ def write_image(path: Path, image: np.ndarray) -> None:
     if not ok:
         raise DataError(f"{path}: cannot encode an array of shape {image.shape} and type {image.dtype}")
     atomic_write_bytes(path, encoded.tobytes())
+
+
+def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list[str], int]:
+    """The group of each pair: the first capture group (or the whole match) of ``pattern`` searched in the
+    image's stem, so tiles cut from one scene stay together. An empty pattern makes every tile its own group.
+
+    Returns:
+        one group name per pair, and how many stems did not match (each then forms a group of its own).
+
+    Raises:
+        ValueError: the pattern is not a valid regular expression.
+    """
+    if not pattern:
+        return [p[0].stem for p in pairs], 0
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(
+            f"--group_pattern={pattern!r}: not a valid regular expression ({err}); "
+            r"for tiles named <scene>_r<row>c<col> use --group_pattern='^(.+)_r\d+c\d+$'"
+        ) from None
+    groups, unmatched = [], 0
+    for image, _ in pairs:
+        match = regex.search(image.stem)
+        if match is None:
+            unmatched += 1
+            groups.append(image.stem)
+        else:
+            groups.append(match.group(1) if regex.groups else match.group(0))
+    return groups, unmatched
 
 
 FEW_SCENES = 3  # a validation or test split of fewer scenes is warned of; keep_epoch=auto then keeps the last epoch

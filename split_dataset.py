@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import logging
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from data_preprocess import (
     mask_to_classes,
     parse_bands,
     read_image,
+    scene_groups,
     select_bands,
     write_pair_list,
 )
@@ -144,36 +144,6 @@ def check_ratios(ratios: Sequence[float]) -> None:
             f"split_ratios={','.join(str(r) for r in ratios)}: expected three non-negative fractions for "
             "train, val and test that sum to 1, for example --split_ratios=0.8,0.1,0.1"
         )
-
-
-def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list[str], int]:
-    """The group of each pair: the first capture group (or the whole match) of ``pattern`` searched in the
-    image's stem, so tiles cut from one scene stay together. An empty pattern makes every tile its own group.
-
-    Returns:
-        one group name per pair, and how many stems did not match (each then forms a group of its own).
-
-    Raises:
-        ValueError: the pattern is not a valid regular expression.
-    """
-    if not pattern:
-        return [p[0].stem for p in pairs], 0
-    try:
-        regex = re.compile(pattern)
-    except re.error as err:
-        raise ValueError(
-            f"--group_pattern={pattern!r}: not a valid regular expression ({err}); "
-            r"for tiles named <scene>_r<row>c<col> use --group_pattern='^(.+)_r\d+c\d+$'"
-        ) from None
-    groups, unmatched = [], 0
-    for image, _ in pairs:
-        match = regex.search(image.stem)
-        if match is None:
-            unmatched += 1
-            groups.append(image.stem)
-        else:
-            groups.append(match.group(1) if regex.groups else match.group(0))
-    return groups, unmatched
 
 
 BALANCE_TOLERANCE = 0.25  # val's and test's farmland share within this fraction of the rarer class's share
