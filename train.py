@@ -271,7 +271,7 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
         trainer.ema.load_state_dict(state["ema"])
     elif trainer.ema is not None:
         LOG.warning("%s holds no moving average of the weights: it starts from the resumed weights", last)
-        trainer.ema = WeightAverage(trainer.model, cfg.ema)
+        trainer.ema = make_weight_average(trainer.model, cfg)
     progress = Progress(state["epoch"] + 1, state["best_iou"], state["best_epoch"], list(state["history"]))
     progress.best_weights = state.get("best_weights", "raw")
     progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
@@ -308,6 +308,8 @@ def resolve_keep_epoch(cfg: Config, job: Distributed) -> None:
             "last epoch (--keep_epoch=best to pick by val IoU anyway)",
             scenes,
         )
+        if cfg.early_stop > 0:
+            LOG.warning("--early_stop=%d has no effect when the last epoch is kept: every epoch runs", cfg.early_stop)
 
 
 def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Trainer, Progress, tuple[int, int]]:
@@ -397,11 +399,9 @@ def run_epoch(cfg: Config, trainer: Trainer, job: Distributed, epoch: int) -> fl
         ema=trainer.ema,
     )
     loss = float(all_reduce_sum(torch.tensor(loss, device=job.device))) / job.world
-    if job.world > 1:
-        # Each rank's last forward pass moved its own BatchNorm statistics: take rank 0's everywhere, so
-        # that validation and the checkpoint see one network.
-        for buffer in trainer.model.buffers():
-            torch.distributed.broadcast(buffer, 0)
+    # Each rank's last forward pass moved its own BatchNorm statistics: take rank 0's everywhere, so that
+    # validation and the checkpoint see one network.
+    share_buffers(trainer.model, job)
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"epoch {epoch}: the training loss became {loss}; training stopped and this epoch was not saved, "
@@ -409,6 +409,14 @@ def run_epoch(cfg: Config, trainer: Trainer, job: Distributed, epoch: int) -> fl
             "Lower --lr, or check the images for NaN values"
         )
     return loss
+
+
+def share_buffers(model: nn.Module, job: Distributed) -> None:
+    """Under torchrun, give every rank rank 0's buffers (BatchNorm statistics): ranks that computed them apart,
+    perhaps with different kernels, then hold one network."""
+    if job.world > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
 
 
 def measure(cfg: Config, trainer: Trainer, job: Distributed, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
@@ -436,6 +444,7 @@ def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_
     tune = cfg.tune_threshold and cfg.n_classes == 2
     if trainer.bn_tiles is not None:
         recompute_batchnorm(trainer.model, trainer.bn_tiles, job.device, trainer.layout, trainer.amp)
+        share_buffers(trainer.model, job)
     val_loss, cm, histogram = measure(cfg, trainer, job, trainer.model)
     ious = class_iou(cm)
     cut, tuned_iou = best_threshold(histogram) if tune else (None, math.nan)
@@ -461,6 +470,7 @@ def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_
         averaged = trainer.ema.averaged()
         if trainer.bn_tiles is not None:  # the average's own statistics, for its own weights
             recompute_batchnorm(averaged, trainer.bn_tiles, job.device, trainer.layout, trainer.amp)
+            share_buffers(averaged, job)
         _, ema_cm, ema_histogram = measure(cfg, trainer, job, averaged)
         ema_cut, ema_tuned = best_threshold(ema_histogram) if tune else (None, math.nan)
         row["val_ema_farmland_iou"] = float(np.nan_to_num(class_iou(ema_cm)[FARMLAND]))

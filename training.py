@@ -324,7 +324,8 @@ class WeightAverage:
     step: ``average = d * average + (1 - d) * weights``. The decay is warmed up, d = min(ema, (1 + n) / (10 + n))
     at the n-th update (0-based), so that the random initial weights fade within the first steps and a short run
     benefits too. Buffers (BatchNorm's running statistics, the band normalisation) are not averaged but copied
-    from the network when the average is used (``averaged``). Under torchrun every rank averages its own
+    from the network when the average is used (``averaged``), unless ``copy_buffers`` is False (precise_bn
+    recomputes the average's own). Under torchrun every rank averages its own
     unwrapped network, whose parameters are identical on all ranks after every step: so are the averages.
     """
 
@@ -387,10 +388,15 @@ def batchnorm_loader(dataset: FarmlandDataset, cfg: Config) -> DataLoader | None
         return None
     count = min(cfg.precise_bn, len(dataset))
     chosen = np.sort(np.random.default_rng(cfg.seed).choice(len(dataset), count, replace=False))
-    return DataLoader(PlainSubset(dataset, chosen.tolist()), batch_size=cfg.batch_size, num_workers=0)
+    starts = list(range(0, count, cfg.batch_size))
+    if cfg.batch_size > 1 and len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()  # a last batch of one tile joins the one before: BatchNorm needs two values per channel
+    batches = [list(range(start, end)) for start, end in zip(starts, [*starts[1:], count])]
+    return DataLoader(PlainSubset(dataset, chosen.tolist()), batch_sampler=batches, num_workers=0)
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of the network (SyncBatchNorm under torchrun included)."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -405,19 +411,22 @@ def recompute_batchnorm(
     on: with batches of a few tiles from different scenes they jump from epoch to epoch, and dropout shifts the
     variance the network meets at prediction. Here dropout is off, each layer normalises by its batch as in
     training, and every batch's mean and variance are pooled over all pixels. Under torchrun every rank reads
-    the same tiles, so the statistics agree.
+    the same tiles (train.py then gives all ranks rank 0's figures, in case their kernels differ).
     """
     layers = batchnorm_layers(model)
     if not layers:
         return
     sums = {layer: [0.0, 0.0, 0] for layer in layers}
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
     def collect(layer: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
         # With momentum 1 the running figures are this batch's own, as the layer computed them: read them
         # instead of reducing the activations a second time.
         count = inputs[0].numel() // inputs[0].shape[1]
+        # SyncBatchNorm pooled every rank's copy of the batch (the same tiles) and unbiased by their count.
+        pooled = count * (world if isinstance(layer, nn.SyncBatchNorm) else 1)
         mean = layer.running_mean.double()
-        var = layer.running_var.double() * ((count - 1) / count)  # kept unbiased; the batch's own variance
+        var = layer.running_var.double() * ((pooled - 1) / pooled)  # kept unbiased; the batch's own variance
         entry = sums[layer]
         entry[0] = entry[0] + mean * count
         entry[1] = entry[1] + (var + mean**2) * count
@@ -428,6 +437,7 @@ def recompute_batchnorm(
     training = model.training
     model.eval()
     for layer in layers:
+        layer.reset_running_stats()  # momentum 1 would carry a NaN or infinite figure over
         layer.train()
         layer.momentum = 1.0
     try:

@@ -53,6 +53,9 @@ def test_ddp_training_learns_and_ranks_agree(ddp_run: Path) -> None:
     history = torch.load(ddp_run / "checkpoints" / "last.pth", weights_only=True)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # The saved statistics were recomputed last, over the four tiles in batches of one (training: 24 batches).
+    tracked = [v for k, v in weights(ddp_run / "checkpoints" / "last.pth").items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(v) == 4 for v in tracked)
 
 
 def test_reduced_val_iou_equals_a_single_process_evaluation(ddp_run: Path, shared_square_data: Path) -> None:

@@ -258,7 +258,8 @@ def test_recompute_batchnorm_by_hand() -> None:
     model = nn.Sequential(nn.Dropout2d(0.5), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
     for layer in (model[1], model[3]):
         layer.running_mean.fill_(5.0)
-        layer.running_var.fill_(7.0)
+        layer.running_var.fill_(math.inf)  # not carried over
+        layer.momentum = 0.3
     images = (
         torch.rand(6, 3, 4, 5) * torch.tensor([1.0, 3.0, 0.5])[:, None, None]
         + torch.tensor([0.0, 2.0, -1.0])[:, None, None]
@@ -267,6 +268,7 @@ def test_recompute_batchnorm_by_hand() -> None:
     model.train()
     recompute_batchnorm(model, loader, torch.device("cpu"), torch.contiguous_format, None)
     assert model.training and model[0].training  # the mode it had
+    assert model[1].momentum == model[3].momentum == 0.3 and int(model[3].num_batches_tracked) == 2
     x = images.double().numpy()
     # First layer: every pixel of the six tiles, dropout off (it would scale and zero some of them).
     assert model[1].running_mean.numpy() == pytest.approx(x.mean(axis=(0, 2, 3)), rel=1e-5)
@@ -350,3 +352,33 @@ def test_keep_epoch_auto_keeps_the_last_epoch_with_few_validation_scenes(
         cfg = Config(run_dir=str(tmp_path), keep_epoch=fixed)
         train.resolve_keep_epoch(cfg, Distributed())
         assert cfg.keep_epoch == fixed
+
+
+class Tiles:
+    """A stand-in for a FarmlandDataset of ``count`` tiles: batchnorm_loader only counts and indexes them."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def tensors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((3, 4, 4), float(index)), torch.zeros(4, 4, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    ("tiles", "precise_bn", "batch", "sizes"),
+    [(20, 11, 5, [5, 6]), (20, 10, 5, [5, 5]), (20, 12, 5, [5, 5, 2]), (7, 256, 3, [3, 4]), (20, 3, 1, [1, 1, 1])],
+)
+def test_batchnorm_tiles_are_seeded_and_never_end_on_a_batch_of_one(
+    tiles: int, precise_bn: int, batch: int, sizes: list[int]
+) -> None:
+    cfg = Config(precise_bn=precise_bn, batch_size=batch, seed=5)
+    loader = batchnorm_loader(Tiles(tiles), cfg)
+    assert loader is not None and [len(images) for images, _ in loader] == sizes
+    drawn = [int(images[i, 0, 0, 0]) for images, _ in loader for i in range(len(images))]
+    assert drawn == sorted(set(drawn)) and len(drawn) == min(precise_bn, tiles)  # distinct, in a fixed order
+    again = batchnorm_loader(Tiles(tiles), cfg)
+    assert drawn == [int(images[i, 0, 0, 0]) for images, _ in again for i in range(len(images))]
+    assert batchnorm_loader(Tiles(tiles), Config(precise_bn=0)) is None
