@@ -68,9 +68,7 @@ def sieve_block(block: np.ndarray, min_pixels: int, cut_top: bool, cut_bottom: b
     return mask
 
 
-def sieved_strips(
-    src: rasterio.io.DatasetReader, min_pixels: int, strip: int = 0
-) -> Iterator[tuple[int, np.ndarray]]:
+def sieved_strips(src: rasterio.io.DatasetReader, min_pixels: int, strip: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, sieved rows) of a mask GeoTIFF, ``strip`` rows (STRIP when 0) at a time, each sieved with a
     halo of rows."""
     strip = strip or STRIP

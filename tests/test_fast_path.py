@@ -28,8 +28,12 @@ from runtime import load_checkpoint, save_checkpoint
 from tile_prediction import predict_tiles
 
 CPU = torch.device("cpu")
-BF16_CL, BF16, FP32_CL, FP32 = (Candidate(torch.bfloat16, True), Candidate(torch.bfloat16, False),
-                                Candidate(None, True), Candidate(None, False))
+BF16_CL, BF16, FP32_CL, FP32 = (
+    Candidate(torch.bfloat16, True),
+    Candidate(torch.bfloat16, False),
+    Candidate(None, True),
+    Candidate(None, False),
+)
 ALL = [BF16_CL, BF16, FP32_CL, FP32]
 
 
