@@ -419,6 +419,14 @@ def share_buffers(model: nn.Module, job: Distributed) -> None:
             torch.distributed.broadcast(buffer, 0)
 
 
+def refresh_batchnorm(trainer: Trainer, job: Distributed, model: nn.Module) -> None:
+    """With precise_bn, recompute ``model``'s BatchNorm statistics over the chosen training tiles, the same on
+    every rank; nothing when off."""
+    if trainer.bn_tiles is not None:
+        recompute_batchnorm(model, trainer.bn_tiles, job.device, trainer.layout, trainer.amp)
+        share_buffers(model, job)
+
+
 def measure(cfg: Config, trainer: Trainer, job: Distributed, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
     """One set of weights on the val split: loss, confusion matrix and farmland probability histogram (for two
     classes always: the threshold curve reads it even when the threshold is not tuned)."""
@@ -442,9 +450,7 @@ def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_
     of the two. The row also carries, not logged, the trained weights' val confusion matrix under ``cm`` and the
     better weights' farmland probability histogram under ``histogram``."""
     tune = cfg.tune_threshold and cfg.n_classes == 2
-    if trainer.bn_tiles is not None:
-        recompute_batchnorm(trainer.model, trainer.bn_tiles, job.device, trainer.layout, trainer.amp)
-        share_buffers(trainer.model, job)
+    refresh_batchnorm(trainer, job, trainer.model)
     val_loss, cm, histogram = measure(cfg, trainer, job, trainer.model)
     ious = class_iou(cm)
     cut, tuned_iou = best_threshold(histogram) if tune else (None, math.nan)
@@ -468,9 +474,7 @@ def validate(cfg: Config, trainer: Trainer, job: Distributed, epoch: int, train_
     }
     if trainer.ema is not None:
         averaged = trainer.ema.averaged()
-        if trainer.bn_tiles is not None:  # the average's own statistics, for its own weights
-            recompute_batchnorm(averaged, trainer.bn_tiles, job.device, trainer.layout, trainer.amp)
-            share_buffers(averaged, job)
+        refresh_batchnorm(trainer, job, averaged)  # the average's own statistics, for its own weights
         _, ema_cm, ema_histogram = measure(cfg, trainer, job, averaged)
         ema_cut, ema_tuned = best_threshold(ema_histogram) if tune else (None, math.nan)
         row["val_ema_farmland_iou"] = float(np.nan_to_num(class_iou(ema_cm)[FARMLAND]))
