@@ -7,8 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
@@ -162,13 +165,46 @@ def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a batch scheduler's stop, ``timeout``, ``kill``): unwound like Ctrl-C."""
+
+
+def terminate_handler(owner: int) -> Callable[[int, Any], None]:
+    """A SIGTERM handler that raises Terminated in the process ``owner`` alone. A loader worker forked from it
+    inherits the handler and must die at once, as without one: it restores the default and signals itself."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated
+
+    return handler
+
+
 def run_main(main: Callable[[], int]) -> int:
-    """Run a script's main; turn an input error into one clear line and exit status 2, not a traceback."""
+    """Run a script's main; turn an input error into one clear line and exit status 2, not a traceback.
+
+    SIGTERM unwinds the run like Ctrl-C (exit status 143), so that temporary files of outputs being written are
+    removed and nothing half-written is left behind; without it the process would vanish mid-write.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate_handler(os.getpid())) if main_thread else None
     try:
         return main()
     except (ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(
+            "terminated (SIGTERM); outputs written so far are complete, the one being written was dropped",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -78,8 +78,10 @@ from training import (
     make_scheduler,
     make_weight_average,
     near_prior,
+    near_prior_loss,
     open_tensorboard,
     prior_iou,
+    prior_loss,
     recompute_batchnorm,
     stall_message,
     threshold_curve,
@@ -123,6 +125,7 @@ class Progress:
     planned_epochs: int = 0  # time_budget: the epochs planned (0 = not yet, the first epoch is being timed)
     elapsed: float = 0.0  # time_budget: seconds spent so far, over every epoch of this run and the runs it resumes
     stall_warned: bool = False  # the loss-not-falling warning was given for the current streak
+    prior_loss: float = math.nan  # training loss of a network predicting the class prior (not kept in checkpoints)
     best_histogram: np.ndarray | None = None  # the best epoch's val probability histogram (threshold curve)
     mark: float = 0.0  # time_budget: budget_clock() when the latest epoch began (not kept in checkpoints)
 
@@ -325,6 +328,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     check_batch(cfg, tile, len(train_set), job.world)
     statistics = split_statistics(cfg, train_set)
     criterion = make_loss(cfg.loss, statistics[2] if statistics else None, cfg.n_classes, cfg.focal_gamma)
+    loss_prior = prior_loss(criterion, train_set, cfg.n_classes, cfg.batch_size)  # on the CPU, before .to(device)
     layout = memory_format(cfg.channels_last)
     model = build_network(cfg, statistics, job, layout)
     # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
@@ -350,6 +354,12 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
         bn_tiles=batchnorm_loader(train_set, cfg),
     )
     progress = restore(cfg, trainer, ckpt_dir, job)
+    progress.prior_loss = loss_prior
+    if job.main and math.isfinite(progress.prior_loss):
+        LOG.info(
+            "predicting the class prior scores a training loss of %.4f: a learning network falls well below it",
+            progress.prior_loss,
+        )
     if job.world > 1:  # DDP last, after the resumed weights are in: it starts every rank from rank 0's copy
         device_ids = [job.device.index] if job.device.type == "cuda" else None
         trainer.net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -513,17 +523,21 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
 
 def check_stall(cfg: Config, progress: Progress, job: Distributed, score: float, cm: np.ndarray) -> None:
     """Warn, once per streak, when the training loss has not fallen for ``collapse_patience`` epochs in a row
-    (training.loss_stall) while the epoch's val farmland IoU (``score``) is little better than calling every
-    pixel farmland (training.near_prior): the network predicts the class prior, whether or not its predictions
-    hold one class. A loss that levels off at a good IoU is a converged network, not a stalled one."""
+    (training.loss_stall), still near the loss of predicting the class prior (training.near_prior_loss), while
+    the epoch's val farmland IoU (``score``) is little better than calling every pixel farmland
+    (training.near_prior): the network predicts the class prior, whether or not its predictions hold one class.
+    A loss that levels off at a good IoU is a converged network; one that levels off far below the prior's
+    while the val IoU stays low has learned the training scenes but not the validation ones: no stall."""
     losses = [h["train_loss"] for h in progress.history]
     streak = loss_stall(losses)
     if streak == 0:
         progress.stall_warned = False
-    if 0 < cfg.collapse_patience <= streak and near_prior(score, cm) and not progress.stall_warned:
+    stalled = 0 < cfg.collapse_patience <= streak and near_prior_loss(losses[-1], progress.prior_loss)
+    if stalled and near_prior(score, cm) and not progress.stall_warned:
         progress.stall_warned = True
         if job.main:
-            LOG.warning("%s", stall_message(progress.history[-1]["epoch"], streak, losses, score, prior_iou(cm)))
+            epoch = progress.history[-1]["epoch"]
+            LOG.warning("%s", stall_message(epoch, streak, losses, score, prior_iou(cm), progress.prior_loss))
 
 
 def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved: bool, ckpt_dir: Path) -> None:

@@ -291,6 +291,38 @@ def loss_stall(losses: list[float], tolerance: float = STALL_TOLERANCE) -> int:
     return streak
 
 
+PRIOR_TILES = 64  # training masks the class prior's loss is measured on
+PRIOR_LOSS_SHARE = 0.75  # a training loss above this share of the class prior's has learned little
+
+
+def prior_loss(
+    criterion: nn.Module, dataset: FarmlandDataset, n_classes: int, batch_size: int, tiles: int = PRIOR_TILES
+) -> float:
+    """The training loss of a network that predicts the class prior: every labelled pixel of the first ``tiles``
+    training masks given the classes' shares among them, scored in batches of ``batch_size`` as training scores
+    them. A training loss near it has learned little of the images; NaN without labelled pixels."""
+    masks = [PlainSubset(dataset, [i])[0][1] for i in range(min(tiles, len(dataset)))]
+    if not masks:
+        return math.nan
+    stacked = torch.stack(masks).long()
+    counts = torch.bincount(stacked[stacked != IGNORE].flatten(), minlength=n_classes)[:n_classes].double()
+    if counts.sum() == 0:
+        return math.nan
+    log_share = (counts / counts.sum()).clamp_min(1e-6).log().float()
+    losses = []
+    with torch.no_grad():
+        for batch in stacked.split(max(batch_size, 1)):
+            logits = log_share[None, :, None, None].expand(len(batch), n_classes, *batch.shape[-2:])
+            losses.append(float(criterion(logits.contiguous(), batch)))
+    return float(np.mean(losses))
+
+
+def near_prior_loss(loss: float, prior: float) -> bool:
+    """Whether a training loss is above PRIOR_LOSS_SHARE of the class prior's (prior_loss); True when that is
+    unknown (NaN), so the val IoU alone judges."""
+    return not math.isfinite(prior) or loss > PRIOR_LOSS_SHARE * prior
+
+
 def prior_iou(cm: np.ndarray) -> float:
     """The farmland IoU of calling every pixel farmland: the farmland share of the labelled val pixels (the IoU
     a network predicting the class prior reaches at its best threshold); NaN without labelled pixels."""
@@ -305,12 +337,15 @@ def near_prior(score: float, cm: np.ndarray) -> bool:
     return bool(cm[1].sum() > 0) and score < prior + STALL_SHARE * (1 - prior)
 
 
-def stall_message(epoch: int, streak: int, losses: list[float], score: float, prior: float) -> str:
-    """The warning for a training loss that stopped falling while the val IoU is little better than the class
-    prior's: what it means, the likely causes, what to try."""
+def stall_message(
+    epoch: int, streak: int, losses: list[float], score: float, prior: float, loss_prior: float = math.nan
+) -> str:
+    """The warning for a training loss that stopped falling near the class prior's (``loss_prior``, when known)
+    while the val IoU is little better than the class prior's: what it means, the likely causes, what to try."""
+    known = f"; predicting the class prior scores {loss_prior:.4f}" if math.isfinite(loss_prior) else ""
     return (
         f"epoch {epoch}: the training loss has not fallen by more than {STALL_TOLERANCE:.0%} for {streak} epochs "
-        f"in a row (now {losses[-1]:.4f}, {losses[-1 - streak]:.4f} at epoch {epoch - streak}), and the val "
+        f"in a row (now {losses[-1]:.4f}, {losses[-1 - streak]:.4f} at epoch {epoch - streak}{known}), and the val "
         f"farmland IoU ({score:.3f}) is little better than calling every pixel farmland ({prior:.3f}). The network is "
         "predicting the class prior, not the image. Likely causes: a learning rate too high for this data with "
         "strong augmentation, too much augmentation or dropout for a small budget, or labels that do not match "

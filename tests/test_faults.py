@@ -60,6 +60,40 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(square_dat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+TERMINATED_WRITER = """
+import sys
+from pathlib import Path
+import cli, files
+
+def main():
+    out = Path(sys.argv[1])
+    while True:
+        files.atomic_write_bytes(out, bytes(40_000_000))  # long enough that SIGTERM lands mid-write
+        print("written", flush=True)
+
+sys.exit(cli.run_main(main))
+"""
+
+
+def test_sigterm_unwinds_a_write_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    out = tmp_path / "outputs" / "big.bin"
+    process = subprocess.Popen(
+        [sys.executable, "-c", TERMINATED_WRITER, str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "written"
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert [p.name for p in out.parent.iterdir()] == ["big.bin"]  # no .big.bin.*.tmp left behind
+    assert out.stat().st_size == 40_000_000  # the last complete write, never a partial one
+
+
 def test_an_interrupted_checkpoint_save_leaves_the_previous_one(
     shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
