@@ -422,6 +422,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0,
         help="prediction's reading workers; 0 = the config's 2 on CPU, cores - 2 (2 to 12) on CUDA",
     )
+    parser.add_argument(
+        "--cases_only",
+        action="store_true",
+        help="only the table by width and encoder (no one-off rows: backends, loop, scoring, scene); minutes on a GPU",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="where the JSON goes")
     args = parser.parse_args(argv)
@@ -549,6 +554,13 @@ def measure_prediction(args: argparse.Namespace, images: list[Path], tmp: Path, 
     }
 
 
+def add_case_ratios(results: dict[str, Any]) -> None:
+    """The fast path's speed-up over the reference in training and prediction, for every network measured."""
+    for case in results.get("cases", []):
+        for key in ("train", "predict"):
+            case[key]["speedup"] = case[key]["fast"]["tiles_per_s"] / case[key]["reference"]["tiles_per_s"]
+
+
 def add_ratios(results: dict[str, Any], flops: float) -> None:
     """Speed-ups against the reference, TFLOP/s and the share of the matrix-product peak of each variant."""
     for key in ("train", "predict"):
@@ -565,9 +577,7 @@ def add_ratios(results: dict[str, Any], flops: float) -> None:
             pair[variant]["fraction_of_matmul_peak"] = (
                 pair[variant]["tflop_per_s"] / results["matmul_peak_tflop_per_s"][dtype]
             )
-    for case in results.get("cases", []):
-        for key in ("train", "predict"):
-            case[key]["speedup"] = case[key]["fast"]["tiles_per_s"] / case[key]["reference"]["tiles_per_s"]
+    add_case_ratios(results)
     metrics = results["metrics"]
     metrics["speedup"] = metrics["reference_s_per_image"] / metrics["fast_s_per_image"]
     backends = results["predict"]["backends"]
@@ -616,6 +626,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{encoder} width {width}: training and prediction, reference and fast ...", flush=True)
             case = measure_case(args, pairs, tmp, width, encoder, sizes[width, encoder])
             results["cases"].append({**case, "forward_gflop_per_tile": network_flops[width, encoder] / 1e9})
+            add_case_ratios(results)
+            write_results(args.out, results)  # row by row: a run stopped part-way keeps the rows it finished
+        if args.cases_only:
+            print(cases_markdown(results))
+            print(f"written to {args.out} and {args.out.with_suffix('.md')}")
+            return 0
         primary = next(c for c in results["cases"] if (c["width"], c["encoder"]) == (args.width, "unet"))
         print("training, one-off rows ...", flush=True)
         results["train"] = measure_training(args, pairs, primary)
@@ -631,11 +647,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["scene"] = measure_scene(args.scene_size, checkpoint, tmp, settings)
     add_ratios(results, flops)
     print_table(results)
-    files.atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
-    markdown = args.out.with_suffix(".md")
-    files.atomic_write_text(markdown, cases_markdown(results))
-    print(f"written to {args.out} (the table by width and encoder also to {markdown})")
+    write_results(args.out, results)
+    print(f"written to {args.out} (the table by width and encoder also to {args.out.with_suffix('.md')})")
     return 0
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """The JSON, and the table by width and encoder as Markdown beside it, each written atomically."""
+    files.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    files.atomic_write_text(out.with_suffix(".md"), cases_markdown(results))
 
 
 def path_label(found: dict[str, Any]) -> str:
@@ -655,8 +675,9 @@ def cases_markdown(results: dict[str, Any]) -> str:
     """The table by network (Markdown): width, encoder, forward GFLOP per tile, and for training and prediction
     the reference's and the fast path's tiles/s, their ratio and the precision and layout the fast path chose."""
     info = results["machine"]
+    gpu = f", {info['gpu']}" if info.get("gpu") else ""
     lines = [
-        f"{info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}; {results['tile']}x{results['tile']} tiles",
+        f"{info['cpu']}, {info['cpu_cores']} cores{gpu}, torch {info['torch']}; {results['tile']}x{results['tile']} tiles",
         "",
         "| " + " | ".join(CASE_COLUMNS) + " |",
         "|" + "---|" * len(CASE_COLUMNS),

@@ -298,22 +298,26 @@ PRIOR_LOSS_SHARE = 0.75  # a training loss above this share of the class prior's
 def prior_loss(
     criterion: nn.Module, dataset: FarmlandDataset, n_classes: int, batch_size: int, tiles: int = PRIOR_TILES
 ) -> float:
-    """The training loss of a network that predicts the class prior: every labelled pixel of the first ``tiles``
-    training masks given the classes' shares among them, scored in batches of ``batch_size`` as training scores
-    them. A training loss near it has learned little of the images; NaN without labelled pixels."""
-    masks = [PlainSubset(dataset, [i])[0][1] for i in range(min(tiles, len(dataset)))]
-    if not masks:
+    """The training loss of a network that predicts the class prior: every labelled pixel of ``tiles`` training
+    masks, evenly spaced over the split (lists run scene by scene), given the classes' shares among them, scored
+    in batches of ``batch_size`` as training scores them. A training loss near it has learned little of the
+    images; NaN without labelled pixels."""
+    count = min(tiles, len(dataset))
+    chosen = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int)) if count else []
+    masks = [PlainSubset(dataset, [int(i)])[0][1].long() for i in chosen]
+    counts = sum((torch.bincount(m[m != IGNORE], minlength=n_classes)[:n_classes] for m in masks), torch.zeros(1))
+    if not masks or counts.sum() == 0:
         return math.nan
-    stacked = torch.stack(masks).long()
-    counts = torch.bincount(stacked[stacked != IGNORE].flatten(), minlength=n_classes)[:n_classes].double()
-    if counts.sum() == 0:
-        return math.nan
-    log_share = (counts / counts.sum()).clamp_min(1e-6).log().float()
+    log_share = (counts.double() / counts.sum()).clamp_min(1e-6).log().float()
     losses = []
     with torch.no_grad():
-        for batch in stacked.split(max(batch_size, 1)):
-            logits = log_share[None, :, None, None].expand(len(batch), n_classes, *batch.shape[-2:])
-            losses.append(float(criterion(logits.contiguous(), batch)))
+        for start in range(0, len(masks), max(batch_size, 1)):
+            group = masks[start : start + max(batch_size, 1)]
+            # Tiles of different sizes cannot share a batch: each is then scored alone.
+            batches = [torch.stack(group)] if len({m.shape for m in group}) == 1 else [m[None] for m in group]
+            for batch in batches:
+                logits = log_share[None, :, None, None].expand(len(batch), n_classes, *batch.shape[-2:])
+                losses.append(float(criterion(logits.contiguous(), batch)))
     return float(np.mean(losses))
 
 

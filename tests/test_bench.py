@@ -358,6 +358,24 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys: pytest.CaptureF
         assert results[key]["fast"] == cases[4, "unet"][key]["fast"]
 
 
+def test_cases_only_writes_the_table_by_network_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_spawned_process
+) -> None:
+    out = tmp_path / "cases.json"
+    argv = ["--widths=4", "--encoders=unet", "--tile=32", "--train_steps=1", "--predict_tiles=8", "--cases_only"]
+    assert bench.main([*argv, f"--out={out}"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert not {"train", "predict", "metrics", "scene"} & results.keys()  # no one-off rows measured
+    (case,) = results["cases"]
+    for key in ("train", "predict"):
+        assert case[key]["speedup"] == pytest.approx(
+            case[key]["fast"]["tiles_per_s"] / case[key]["reference"]["tiles_per_s"]
+        )
+    assert out.with_suffix(".md").read_text() == bench.cases_markdown(results)
+    assert bench.cases_markdown(results).splitlines()[-1] in printed.splitlines()
+
+
 def test_lighter_networks_get_more_steps_and_tiles_by_default() -> None:
     args = bench.parse_arguments(["--device=cpu"])
     assert (args.widths, args.width, args.encoders) == ([16, 32, 64], 64, ["unet", "resnet18", "resnet34"])

@@ -138,7 +138,7 @@ def test_the_class_priors_loss_by_hand() -> None:
     # farmland (2 * 0.25 * 8 + 1) / (0.25 * 32 + 8 + 1) = 5/17, background (2 * 0.75 * 24 + 1) / (24 + 24 + 1) = 37/49.
     dice = 1 - (5 / 17 + 37 / 49) / 2
     assert prior_loss(SegmentationLoss("ce_dice"), tiles, 2, batch_size=2) == pytest.approx(entropy + dice, abs=1e-6)
-    # Unlabelled pixels count for neither class; only the first `tiles` masks are read.
+    # Unlabelled pixels count for neither class; `tiles` masks are read, evenly spaced (here the first and last).
     unlabelled = quarter.clone()
     unlabelled[1:] = torch.where(torch.arange(4) < 1, IGNORE, 0)[None]  # 3 of 16 unlabelled: shares over 13
     shares = torch.tensor([9 / 13, 4 / 13])
@@ -146,6 +146,11 @@ def test_the_class_priors_loss_by_hand() -> None:
     assert prior_loss(SegmentationLoss("ce"), MaskTiles([unlabelled, quarter]), 2, 1, tiles=1) == pytest.approx(
         expected, abs=1e-6
     )
+    blank = torch.zeros(4, 4, dtype=torch.long)  # the middle tiles are left out: the shares stay a quarter
+    spread = MaskTiles([quarter, blank, blank, quarter])
+    assert prior_loss(SegmentationLoss("ce"), spread, 2, 2, tiles=2) == pytest.approx(entropy, abs=1e-6)
+    mixed = MaskTiles([quarter, torch.cat([quarter, quarter])])  # 4x4 and 8x4: scored one by one, no error
+    assert prior_loss(SegmentationLoss("ce"), mixed, 2, batch_size=2) == pytest.approx(entropy, abs=1e-6)
     assert math.isnan(prior_loss(SegmentationLoss("ce"), MaskTiles([torch.full((4, 4), IGNORE)]), 2, 1))
     assert math.isnan(prior_loss(SegmentationLoss("ce"), MaskTiles([]), 2, 1))
 
