@@ -601,10 +601,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "forward_gflop_per_tile": flops / 1e9,
         "widths": args.widths,
         "encoders": args.encoders,
+        "device": select_device(args.device).type,
     }
     # Every (width, encoder) asked for, and the U-Net at --width, whose case the one-off rows go with.
     networks = [(w, e) for w in args.widths for e in args.encoders]
-    networks += [] if (args.width, "unet") in networks else [(args.width, "unet")]
+    if not args.cases_only:  # the one-off rows go with the U-Net at --width
+        networks += [] if (args.width, "unet") in networks else [(args.width, "unet")]
     full_flops = forward_flops(FULL_WIDTH, args.tile)
     network_flops = {network: forward_flops(network[0], args.tile, network[1]) for network in networks}
     sizes = {network: case_sizes(args, network_flops[network], full_flops) for network in networks}
@@ -675,9 +677,10 @@ def cases_markdown(results: dict[str, Any]) -> str:
     """The table by network (Markdown): width, encoder, forward GFLOP per tile, and for training and prediction
     the reference's and the fast path's tiles/s, their ratio and the precision and layout the fast path chose."""
     info = results["machine"]
-    gpu = f", {info['gpu']}" if info.get("gpu") else ""
+    gpu = f", {info['gpu']}" if info.get("gpu") and results.get("device") == "cuda" else ""
+    tile = results["tile"]
     lines = [
-        f"{info['cpu']}, {info['cpu_cores']} cores{gpu}, torch {info['torch']}; {results['tile']}x{results['tile']} tiles",
+        f"{info['cpu']}, {info['cpu_cores']} cores{gpu}, torch {info['torch']}; {tile}x{tile} tiles",
         "",
         "| " + " | ".join(CASE_COLUMNS) + " |",
         "|" + "---|" * len(CASE_COLUMNS),

@@ -169,15 +169,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (a batch scheduler's stop, ``timeout``, ``kill``): unwound like Ctrl-C."""
 
 
+def ignore_signal(signum: int, frame: Any) -> None:
+    """A handler that does nothing."""
+
+
 def terminate_handler(owner: int) -> Callable[[int, Any], None]:
-    """A SIGTERM handler that raises Terminated in the process ``owner`` alone. A loader worker forked from it
-    inherits the handler and must die at once, as without one: it restores the default and signals itself."""
+    """A SIGTERM handler that raises Terminated in the process ``owner`` alone; a process forked from it that
+    kept the handler dies at once, as without one."""
 
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != owner:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        # A scheduler stops the whole process group: the loader workers die of the signal too, and PyTorch's
+        # SIGCHLD handler would raise about each of them in the middle of the unwinding (even inside the removal
+        # of a temporary file). Their deaths are expected now.
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, ignore_signal)
         raise Terminated
 
     return handler
@@ -189,8 +198,8 @@ def run_main(main: Callable[[], int]) -> int:
     SIGTERM unwinds the run like Ctrl-C (exit status 143), so that temporary files of outputs being written are
     removed and nothing half-written is left behind; without it the process would vanish mid-write.
     """
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate_handler(os.getpid())) if main_thread else None
+    installed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, terminate_handler(os.getpid())) if installed else None
     try:
         return main()
     except (ValueError, FloatingPointError) as err:
@@ -206,5 +215,5 @@ def run_main(main: Callable[[], int]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:  # None: the handler before was not Python's; the default is the closest to it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

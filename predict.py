@@ -173,9 +173,12 @@ def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
     try:
-        return predict_all(argv)
-    finally:
-        close_distributed()
+        done = predict_all(argv)
+    except BaseException:
+        close_distributed(barrier=False)
+        raise
+    close_distributed()
+    return done
 
 
 def predict_all(argv: Sequence[str] | None = None) -> int:

@@ -165,13 +165,15 @@ def init_distributed(device_name: str) -> Distributed:
     return Distributed(rank=rank, world=world, device=device)
 
 
-def close_distributed() -> None:
-    """Leave the torchrun job cleanly: without this, gloo can abort the process as it exits."""
+def close_distributed(barrier: bool = True) -> None:
+    """Leave the torchrun job cleanly: without this, gloo can abort the process as it exits. ``barrier=False``
+    on the way out of an error or a stop, when other ranks may be gone or stuck in a collective."""
     if torch.distributed.is_initialized():
         # DistributedDataParallel sits in reference cycles: free it while its process group still exists,
         # or its destructor runs at interpreter exit against a torn-down group and aborts the process.
         gc.collect()
-        torch.distributed.barrier()
+        if barrier:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -328,7 +328,8 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     check_batch(cfg, tile, len(train_set), job.world)
     statistics = split_statistics(cfg, train_set)
     criterion = make_loss(cfg.loss, statistics[2] if statistics else None, cfg.n_classes, cfg.focal_gamma)
-    loss_prior = prior_loss(criterion, train_set, cfg.n_classes, cfg.batch_size)  # on the CPU, before .to(device)
+    # The stall warning's yardstick (only when it is on): measured while the loss is still on the CPU.
+    loss_prior = prior_loss(criterion, train_set, cfg.n_classes, cfg.batch_size) if cfg.collapse_patience else math.nan
     layout = memory_format(cfg.channels_last)
     model = build_network(cfg, statistics, job, layout)
     # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
@@ -357,7 +358,8 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     progress.prior_loss = loss_prior
     if job.main and math.isfinite(progress.prior_loss):
         LOG.info(
-            "predicting the class prior scores a training loss of %.4f: a learning network falls well below it",
+            "a prediction that ignores the image scores a training loss of %.4f at best: a learning network "
+            "falls well below it",
             progress.prior_loss,
         )
     if job.world > 1:  # DDP last, after the resumed weights are in: it starts every rank from rank 0's copy
@@ -795,8 +797,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
     try:
         summary = train(cfg, job)
-    finally:
-        close_distributed()
+    except BaseException:
+        close_distributed(barrier=False)
+        raise
+    close_distributed()
     LOG.info("best val farmland IoU %.4f at epoch %d: %s", summary["best_iou"], summary["best_epoch"], summary["best"])
     return 0
 

@@ -292,38 +292,66 @@ def loss_stall(losses: list[float], tolerance: float = STALL_TOLERANCE) -> int:
 
 
 PRIOR_TILES = 64  # training masks the class prior's loss is measured on
-PRIOR_LOSS_SHARE = 0.75  # a training loss above this share of the class prior's has learned little
+PRIOR_LOSS_SHARE = 0.75  # a training loss above this share of the best that ignores the image has learned little
+
+
+def spread_masks(dataset: FarmlandDataset, tiles: int) -> list[torch.Tensor]:
+    """Up to ``tiles`` training masks (class indices), evenly spaced over the split: lists run scene by scene."""
+    count = min(tiles, len(dataset))
+    chosen = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int)) if count else []
+    return [PlainSubset(dataset, [int(i)])[0][1].long() for i in chosen]
+
+
+def mask_batches(masks: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """The masks in batches of ``batch_size``, in order; tiles of different sizes cannot share one, and are then
+    batched alone."""
+    size = max(batch_size, 1)
+    batches = []
+    for start in range(0, len(masks), size):
+        group = masks[start : start + size]
+        batches += [torch.stack(group)] if len({m.shape for m in group}) == 1 else [m[None] for m in group]
+    return batches
 
 
 def prior_loss(
     criterion: nn.Module, dataset: FarmlandDataset, n_classes: int, batch_size: int, tiles: int = PRIOR_TILES
 ) -> float:
-    """The training loss of a network that predicts the class prior: every labelled pixel of ``tiles`` training
-    masks, evenly spaced over the split (lists run scene by scene), given the classes' shares among them, scored
-    in batches of ``batch_size`` as training scores them. A training loss near it has learned little of the
-    images; NaN without labelled pixels."""
-    count = min(tiles, len(dataset))
-    chosen = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int)) if count else []
-    masks = [PlainSubset(dataset, [int(i)])[0][1].long() for i in chosen]
+    """The lowest training loss of a prediction that ignores the image: one probability per class at every
+    pixel, fitted to ``tiles`` training masks (spread_masks) with the run's own loss, in batches of
+    ``batch_size`` as training scores them. The fit starts from the classes' shares, cross-entropy's optimum;
+    weighted and focal losses and Dice have theirs elsewhere. A network that learned nothing of the images
+    scores no better; NaN without labelled pixels."""
+    masks = spread_masks(dataset, tiles)
     counts = sum((torch.bincount(m[m != IGNORE], minlength=n_classes)[:n_classes] for m in masks), torch.zeros(1))
     if not masks or counts.sum() == 0:
         return math.nan
-    log_share = (counts.double() / counts.sum()).clamp_min(1e-6).log().float()
-    losses = []
+    device = next(iter(criterion.buffers()), torch.empty(0)).device  # the loss's class weights live there
+    batches = [batch.to(device) for batch in mask_batches(masks, batch_size)]
+    logits = (counts.double() / counts.sum()).clamp_min(1e-6).log().float().to(device).requires_grad_(True)
+
+    def mean_loss() -> torch.Tensor:
+        return torch.stack(
+            [criterion(logits[None, :, None, None].expand(len(b), -1, *b.shape[-2:]), b) for b in batches]
+        ).mean()
+
     with torch.no_grad():
-        for start in range(0, len(masks), max(batch_size, 1)):
-            group = masks[start : start + max(batch_size, 1)]
-            # Tiles of different sizes cannot share a batch: each is then scored alone.
-            batches = [torch.stack(group)] if len({m.shape for m in group}) == 1 else [m[None] for m in group]
-            for batch in batches:
-                logits = log_share[None, :, None, None].expand(len(batch), n_classes, *batch.shape[-2:])
-                losses.append(float(criterion(logits.contiguous(), batch)))
-    return float(np.mean(losses))
+        at_shares = float(mean_loss())
+    optimiser = torch.optim.LBFGS([logits], max_iter=25, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = mean_loss()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        return min(at_shares, float(mean_loss()))
 
 
 def near_prior_loss(loss: float, prior: float) -> bool:
-    """Whether a training loss is above PRIOR_LOSS_SHARE of the class prior's (prior_loss); True when that is
-    unknown (NaN), so the val IoU alone judges."""
+    """Whether a training loss is above PRIOR_LOSS_SHARE of the best that ignores the image (prior_loss); True
+    when that is unknown (NaN), so the val IoU alone judges."""
     return not math.isfinite(prior) or loss > PRIOR_LOSS_SHARE * prior
 
 
@@ -344,9 +372,9 @@ def near_prior(score: float, cm: np.ndarray) -> bool:
 def stall_message(
     epoch: int, streak: int, losses: list[float], score: float, prior: float, loss_prior: float = math.nan
 ) -> str:
-    """The warning for a training loss that stopped falling near the class prior's (``loss_prior``, when known)
+    """The warning for a training loss that stopped falling near the best that ignores the image (``loss_prior``)
     while the val IoU is little better than the class prior's: what it means, the likely causes, what to try."""
-    known = f"; predicting the class prior scores {loss_prior:.4f}" if math.isfinite(loss_prior) else ""
+    known = f"; ignoring the image scores {loss_prior:.4f} at best" if math.isfinite(loss_prior) else ""
     return (
         f"epoch {epoch}: the training loss has not fallen by more than {STALL_TOLERANCE:.0%} for {streak} epochs "
         f"in a row (now {losses[-1]:.4f}, {losses[-1 - streak]:.4f} at epoch {epoch - streak}{known}), and the val "

@@ -362,12 +362,13 @@ def test_cases_only_writes_the_table_by_network_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture, one_spawned_process
 ) -> None:
     out = tmp_path / "cases.json"
-    argv = ["--widths=4", "--encoders=unet", "--tile=32", "--train_steps=1", "--predict_tiles=8", "--cases_only"]
+    argv = ["--widths=4", "--encoders=resnet18", "--tile=32", "--train_steps=1", "--predict_tiles=8", "--cases_only"]
     assert bench.main([*argv, f"--out={out}"]) == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert not {"train", "predict", "metrics", "scene"} & results.keys()  # no one-off rows measured
-    (case,) = results["cases"]
+    (case,) = results["cases"]  # the networks asked for alone: no U-Net for the one-off rows
+    assert (case["width"], case["encoder"], results["device"]) == (4, "resnet18", "cpu")
     for key in ("train", "predict"):
         assert case[key]["speedup"] == pytest.approx(
             case[key]["fast"]["tiles_per_s"] / case[key]["reference"]["tiles_per_s"]

@@ -60,38 +60,83 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(square_dat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-TERMINATED_WRITER = """
-import sys
+SIGNALLED_WRITE = """
+import os, signal, sys
 from pathlib import Path
 import cli, files
 
+real_replace = os.replace
+
+
+def replace_after_sigterm(source, target):  # SIGTERM lands between writing the file and renaming it
+    os.kill(os.getpid(), signal.SIGTERM)
+    real_replace(source, target)
+
+
 def main():
     out = Path(sys.argv[1])
+    files.atomic_write_bytes(out, b"first")
+    os.replace = replace_after_sigterm
+    files.atomic_write_bytes(out, b"second")
+    return 0
+
+
+sys.exit(cli.run_main(main))
+"""
+
+GROUP_STOPPED_LOADER = """
+import sys
+from pathlib import Path
+from torch.utils.data import DataLoader
+import cli, files
+
+
+def main():
+    out = Path(sys.argv[1])
+    loader = DataLoader(range(1_000_000), batch_size=1000, num_workers=2, persistent_workers=True)
     while True:
-        files.atomic_write_bytes(out, bytes(40_000_000))  # long enough that SIGTERM lands mid-write
-        print("written", flush=True)
+        for _ in loader:
+            files.atomic_write_bytes(out, bytes(4_000_000))
+            print("written", flush=True)
+
 
 sys.exit(cli.run_main(main))
 """
 
 
-def test_sigterm_unwinds_a_write_and_leaves_no_temporary_file(tmp_path: Path) -> None:
-    out = tmp_path / "outputs" / "big.bin"
+def run_signalled(script: str, out: Path, group: bool = False) -> subprocess.CompletedProcess:
+    """Run a script that writes ``out``; with ``group``, SIGTERM its whole process group (a scheduler's stop:
+    the loader workers get it too) once it has written once."""
     process = subprocess.Popen(
-        [sys.executable, "-c", TERMINATED_WRITER, str(out)],
+        [sys.executable, "-c", script, str(out)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=group,
     )
-    assert process.stdout is not None and process.stdout.readline().strip() == "written"
-    time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr
-    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
-    assert [p.name for p in out.parent.iterdir()] == ["big.bin"]  # no .big.bin.*.tmp left behind
-    assert out.stat().st_size == 40_000_000  # the last complete write, never a partial one
+    if group:
+        assert process.stdout is not None and process.stdout.readline().strip() == "written"
+        os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_sigterm_during_a_write_drops_it_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    out = tmp_path / "outputs" / "result.bin"
+    done = run_signalled(SIGNALLED_WRITE, out)
+    assert done.returncode == 143, done.stderr
+    assert "terminated (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["result.bin"]  # no .result.bin.*.tmp left behind
+    assert out.read_bytes() == b"first"  # the last complete write, never the interrupted one
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_unwinds_cleanly(tmp_path: Path) -> None:
+    out = tmp_path / "outputs" / "big.bin"
+    done = run_signalled(GROUP_STOPPED_LOADER, out, group=True)
+    assert done.returncode == 143, done.stderr
+    assert "terminated (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["big.bin"] and out.stat().st_size == 4_000_000
 
 
 def test_an_interrupted_checkpoint_save_leaves_the_previous_one(

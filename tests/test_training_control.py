@@ -7,6 +7,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import train
 from config import Config
 from data_preprocess import IGNORE
 from inference import model_from_checkpoint
-from losses import SegmentationLoss
+from losses import SegmentationLoss, class_weights
 from metrics import class_iou
 from runtime import Distributed, load_checkpoint
 from training import WeightAverage, batchnorm_loader, loss_stall, prior_loss, recompute_batchnorm
@@ -111,7 +112,7 @@ def test_no_stall_warning_for_a_loss_far_below_the_class_priors(caplog: pytest.L
     warnings = stall_warnings(issue, PRIOR_CM, caplog, loss_prior=1.1)
     assert (
         len(warnings) == 1
-        and "(now 0.9890, 0.9900 at epoch 2; predicting the class prior scores 1.1000)" in (warnings[0])
+        and "(now 0.9890, 0.9900 at epoch 2; ignoring the image scores 1.1000 at best)" in warnings[0]
     )
 
 
@@ -128,29 +129,53 @@ class MaskTiles:
         return torch.zeros(3, *self.masks[index].shape), self.masks[index]
 
 
-def test_the_class_priors_loss_by_hand() -> None:
+def best_constant(loss_of_q: Callable[[np.ndarray], np.ndarray]) -> float:
+    """The lowest value of a two-class loss over constant farmland probabilities q, on a fine grid."""
+    return float(loss_of_q(np.linspace(1e-4, 1 - 1e-4, 200_001)).min())
+
+
+def test_the_best_loss_that_ignores_the_image_by_hand() -> None:
     quarter = torch.zeros(4, 4, dtype=torch.long)
     quarter[0] = 1  # 4 of 16 pixels farmland
     tiles = MaskTiles([quarter.roll(i, 0) for i in range(4)])
-    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # cross-entropy of predicting 1/4 everywhere
-    assert prior_loss(SegmentationLoss("ce"), tiles, 2, batch_size=2) == pytest.approx(entropy, abs=1e-6)
-    # Soft Dice pools each batch of two tiles (32 pixels, 8 farmland), predicted 0.25 farmland everywhere:
-    # farmland (2 * 0.25 * 8 + 1) / (0.25 * 32 + 8 + 1) = 5/17, background (2 * 0.75 * 24 + 1) / (24 + 24 + 1) = 37/49.
-    dice = 1 - (5 / 17 + 37 / 49) / 2
-    assert prior_loss(SegmentationLoss("ce_dice"), tiles, 2, batch_size=2) == pytest.approx(entropy + dice, abs=1e-6)
-    # Unlabelled pixels count for neither class; `tiles` masks are read, evenly spaced (here the first and last).
+    # Cross-entropy's best constant is the shares themselves: the entropy of a quarter.
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert prior_loss(SegmentationLoss("ce"), tiles, 2, batch_size=2) == pytest.approx(entropy, abs=1e-5)
+    # Class weights from these masks balance the classes: the best constant is 1/2, the loss log 2.
+    balanced = SegmentationLoss("weighted_ce", class_weights([48, 16], 2))
+    assert prior_loss(balanced, tiles, 2, batch_size=2) == pytest.approx(math.log(2), abs=1e-5)
+
+    # Soft Dice pools each batch of two tiles (32 pixels, 8 farmland) with a smoothing of 1; plus cross-entropy.
+    def ce_dice(q: np.ndarray) -> np.ndarray:
+        farmland = (2 * q * 8 + 1) / (q * 32 + 8 + 1)
+        background = (2 * (1 - q) * 24 + 1) / ((1 - q) * 32 + 24 + 1)
+        return -(0.25 * np.log(q) + 0.75 * np.log(1 - q)) + 1 - (farmland + background) / 2
+
+    def focal(q: np.ndarray) -> np.ndarray:  # gamma 2
+        return -(0.25 * (1 - q) ** 2 * np.log(q) + 0.75 * q**2 * np.log(1 - q))
+
+    assert best_constant(ce_dice) < ce_dice(np.array([0.25]))[0] - 1e-4  # Dice moves the optimum off the shares
+    assert best_constant(focal) < focal(np.array([0.25]))[0] - 1e-2
+    assert prior_loss(SegmentationLoss("ce_dice"), tiles, 2, batch_size=2) == pytest.approx(
+        best_constant(ce_dice), abs=1e-5
+    )
+    assert prior_loss(SegmentationLoss("focal"), tiles, 2, batch_size=2) == pytest.approx(
+        best_constant(focal), abs=1e-5
+    )
+    # Unlabelled pixels count for neither class. `tiles` masks are read: with one, the first.
     unlabelled = quarter.clone()
     unlabelled[1:] = torch.where(torch.arange(4) < 1, IGNORE, 0)[None]  # 3 of 16 unlabelled: shares over 13
     shares = torch.tensor([9 / 13, 4 / 13])
     expected = float(-(shares * shares.log()).sum())
     assert prior_loss(SegmentationLoss("ce"), MaskTiles([unlabelled, quarter]), 2, 1, tiles=1) == pytest.approx(
-        expected, abs=1e-6
+        expected, abs=1e-5
     )
-    blank = torch.zeros(4, 4, dtype=torch.long)  # the middle tiles are left out: the shares stay a quarter
+    # Evenly spaced over the split: of four tiles, two are read, the first and the last.
+    blank = torch.zeros(4, 4, dtype=torch.long)
     spread = MaskTiles([quarter, blank, blank, quarter])
-    assert prior_loss(SegmentationLoss("ce"), spread, 2, 2, tiles=2) == pytest.approx(entropy, abs=1e-6)
-    mixed = MaskTiles([quarter, torch.cat([quarter, quarter])])  # 4x4 and 8x4: scored one by one, no error
-    assert prior_loss(SegmentationLoss("ce"), mixed, 2, batch_size=2) == pytest.approx(entropy, abs=1e-6)
+    assert prior_loss(SegmentationLoss("ce"), spread, 2, 2, tiles=2) == pytest.approx(entropy, abs=1e-5)
+    mixed = MaskTiles([quarter, torch.cat([quarter, quarter])])  # 4x4 and 8x4: batched alone, no error
+    assert prior_loss(SegmentationLoss("ce"), mixed, 2, batch_size=2) == pytest.approx(entropy, abs=1e-5)
     assert math.isnan(prior_loss(SegmentationLoss("ce"), MaskTiles([torch.full((4, 4), IGNORE)]), 2, 1))
     assert math.isnan(prior_loss(SegmentationLoss("ce"), MaskTiles([]), 2, 1))
 
