@@ -180,6 +180,13 @@ def test_the_best_loss_that_ignores_the_image_by_hand() -> None:
     assert math.isnan(prior_loss(SegmentationLoss("ce"), MaskTiles([]), 2, 1))
 
 
+def test_small_batches_on_a_gpu_get_a_hint() -> None:
+    hint = train.small_batch_hint(5, torch.device("cuda"))
+    assert hint is not None and hint.startswith("batches of 5 tiles leave a GPU partly idle") and "--batch_size" in hint
+    assert train.small_batch_hint(32, torch.device("cuda")) is None
+    assert train.small_batch_hint(5, torch.device("cpu")) is None  # a CPU is busy at any batch
+
+
 def test_weight_average_by_hand() -> None:
     model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
     with torch.no_grad():
