@@ -40,9 +40,9 @@ from net_structure import encoder_of, size_multiple
 from runtime import (
     Distributed,
     all_reduce_sum,
-    close_distributed,
     init_distributed,
     keep_freed_memory,
+    leaving_distributed,
     load_checkpoint,
     resolve_amp,
 )
@@ -172,13 +172,8 @@ def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
-    try:
-        done = predict_all(argv)
-    except BaseException:
-        close_distributed(barrier=False)
-        raise
-    close_distributed()
-    return done
+    with leaving_distributed():
+        return predict_all(argv)
 
 
 def predict_all(argv: Sequence[str] | None = None) -> int:

@@ -177,6 +177,18 @@ def close_distributed(barrier: bool = True) -> None:
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def leaving_distributed() -> Iterator[None]:
+    """Around a script's work under torchrun: leave the job cleanly when it ends (close_distributed), and
+    without a barrier when it ends in an error or a stop."""
+    try:
+        yield
+    except BaseException:
+        close_distributed(barrier=False)
+        raise
+    close_distributed()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks (a no-op without torchrun)."""
     if torch.distributed.is_initialized():

@@ -52,10 +52,10 @@ from net_structure import build_model, count_parameters, set_normalisation, smal
 from runtime import (
     Distributed,
     all_reduce_sum,
-    close_distributed,
     describe_device,
     init_distributed,
     keep_freed_memory,
+    leaving_distributed,
     load_checkpoint,
     memory_format,
     resolve_amp,
@@ -125,7 +125,7 @@ class Progress:
     planned_epochs: int = 0  # time_budget: the epochs planned (0 = not yet, the first epoch is being timed)
     elapsed: float = 0.0  # time_budget: seconds spent so far, over every epoch of this run and the runs it resumes
     stall_warned: bool = False  # the loss-not-falling warning was given for the current streak
-    prior_loss: float = math.nan  # training loss of a network predicting the class prior (not kept in checkpoints)
+    prior_loss: float = math.nan  # best training loss of a prediction ignoring the image (not kept in checkpoints)
     best_histogram: np.ndarray | None = None  # the best epoch's val probability histogram (threshold curve)
     mark: float = 0.0  # time_budget: budget_clock() when the latest epoch began (not kept in checkpoints)
 
@@ -328,7 +328,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     check_batch(cfg, tile, len(train_set), job.world)
     statistics = split_statistics(cfg, train_set)
     criterion = make_loss(cfg.loss, statistics[2] if statistics else None, cfg.n_classes, cfg.focal_gamma)
-    # The stall warning's yardstick (only when it is on): measured while the loss is still on the CPU.
+    # The stall warning's yardstick, measured only when the warning is on.
     loss_prior = prior_loss(criterion, train_set, cfg.n_classes, cfg.batch_size) if cfg.collapse_patience else math.nan
     layout = memory_format(cfg.channels_last)
     model = build_network(cfg, statistics, job, layout)
@@ -543,7 +543,8 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
 
 def check_stall(cfg: Config, progress: Progress, job: Distributed, score: float, cm: np.ndarray) -> None:
     """Warn, once per streak, when the training loss has not fallen for ``collapse_patience`` epochs in a row
-    (training.loss_stall), still near the loss of predicting the class prior (training.near_prior_loss), while
+    (training.loss_stall), still near the best loss of a prediction that ignores the image (training.prior_loss,
+    near_prior_loss), while
     the epoch's val farmland IoU (``score``) is little better than calling every pixel farmland
     (training.near_prior): the network predicts the class prior, whether or not its predictions hold one class.
     A loss that levels off at a good IoU is a converged network; one that levels off far below the prior's
@@ -813,12 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.save_config(cfg, "train")
     if job.world > 1:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
-    try:
+    with leaving_distributed():
         summary = train(cfg, job)
-    except BaseException:
-        close_distributed(barrier=False)
-        raise
-    close_distributed()
     LOG.info("best val farmland IoU %.4f at epoch %d: %s", summary["best_iou"], summary["best_epoch"], summary["best"])
     return 0
 

@@ -299,7 +299,7 @@ def spread_masks(dataset: FarmlandDataset, tiles: int) -> list[torch.Tensor]:
     """Up to ``tiles`` training masks (class indices), evenly spaced over the split: lists run scene by scene."""
     count = min(tiles, len(dataset))
     chosen = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int)) if count else []
-    return [PlainSubset(dataset, [int(i)])[0][1].long() for i in chosen]
+    return [dataset.tensors(int(i))[1].long() for i in chosen]
 
 
 def mask_batches(masks: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
