@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import resolution
 from files import DataError
 
 RESNET_LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}  # BasicBlocks in layer1..layer4
@@ -121,6 +122,7 @@ class ResNetUNet(nn.Module):
     """U-Net over a ResNet-18/34 encoder for (N, in_channels, H, W) images into n_classes logits."""
 
     size_multiple = SIZE_MULTIPLE
+    min_side = 0  # its convolutions pad with zeros: a one-cell deepest map works
 
     def __init__(
         self,
@@ -129,6 +131,7 @@ class ResNetUNet(nn.Module):
         n_classes: int = 2,
         base_width: int = 64,
         dropout: float = 0.3,
+        downscale: int = 1,
     ) -> None:
         super().__init__()
         if in_channels < 1 or n_classes < 2 or base_width < 1 or not 0.0 <= dropout < 1.0:
@@ -138,6 +141,7 @@ class ResNetUNet(nn.Module):
             )
         self.encoder_name = encoder
         self.in_channels = in_channels
+        self.downscale = resolution.check_factor(downscale)  # the network works on tiles shrunk by this factor
         # Per-band input normalisation, saved with the weights (as in net_structure.UNet). Identity until set:
         # train.py sets the split's statistics (normalise) or ImageNet's (encoder_weights).
         self.register_buffer("band_mean", torch.zeros(in_channels))
@@ -159,13 +163,7 @@ class ResNetUNet(nn.Module):
                 "check in_channels against the images' band count"
             )
         x = (x - self.band_mean[:, None, None]) / self.band_std[:, None, None]
-        height, width = x.shape[-2:]
-        pad_h, pad_w = (-size % SIZE_MULTIPLE for size in (height, width))
-        if pad_h or pad_w:
-            # Reflection needs the pad to be smaller than the side; tiny inputs fall back to replication.
-            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        return self.body(x)[..., :height, :width]
+        return resolution.run_at_scale(self.body, x, self.downscale, SIZE_MULTIPLE, self.min_side)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder and decoder on an input already normalised and padded to a multiple of 32."""

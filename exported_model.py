@@ -20,15 +20,15 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+import resolution
 from files import DataError
-from net_structure import encoder_of, size_multiple
+from net_structure import input_padding
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 FORMAT_KEY = "farmland_unet"  # present in every model export_onnx.py writes: the metadata format version
 FORMAT_VERSION = 1
 CLASS_NAMES = {0: "background", 1: "farmland"}
-MIN_GRAPH_SIDE = 17  # the graph reflect-pads to a multiple of 16 (or 32); smaller sides are padded here first
 
 
 def open_session(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -85,6 +85,7 @@ def state_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
             "n_classes": int(meta["farmland_n_classes"]),
             "base_width": int(meta["farmland_base_width"]),
             "encoder": str(meta.get("farmland_encoder") or "unet"),  # models exported before the key: a U-Net
+            "downscale": int(meta.get("farmland_downscale") or 1),  # before the key: full resolution
             "bands": str(meta["farmland_bands"]),
             "pixel_size_m": float(meta.get("farmland_pixel_size_m") or 0.0),
         }
@@ -131,18 +132,19 @@ class OnnxSegmenter(nn.Module):
         self.in_channels = state["config"]["in_channels"]
         self.n_classes = state["config"]["n_classes"]
         self.base_width = state["config"]["base_width"]  # sizes CPU batches as the PyTorch network's width does
-        self.size_multiple = size_multiple(encoder_of(state["config"]))  # the graph pads to a multiple of it
+        self.grid, self.min_side = input_padding(state["config"])  # how the network pads its inputs
+        self.downscale = int(state["config"].get("downscale") or 1)  # the graph shrinks its input by this factor
         self.input_name = session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         height, width = array.shape[-2:]
-        m = self.size_multiple
-        padded_h, padded_w = (max(32, -(-size // m) * m) for size in (height, width))
-        if padded_h - height >= height or padded_w - width >= width:
-            # Too small to reflect (the graph reflect-pads): replicate the border here, as the networks do.
-            pads = ((0, 0), (0, 0), (0, padded_h - height), (0, padded_w - width))
-            array = np.pad(array, pads, mode="edge")
+        # The graph takes sides on the network's grid: pad as the PyTorch network pads (numpy's "reflect" is
+        # torch's), and crop its probabilities back.
+        padded_h, padded_w = (resolution.padded_side(side, self.grid, self.min_side) for side in (height, width))
+        if (padded_h, padded_w) != (height, width):
+            mode = "reflect" if padded_h - height < height and padded_w - width < width else "edge"
+            array = np.pad(array, ((0, 0), (0, 0), (0, padded_h - height), (0, padded_w - width)), mode=mode)
         probabilities = self.session.run(None, {self.input_name: array})[0]
         return torch.from_numpy(probabilities[..., :height, :width])
 

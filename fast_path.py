@@ -48,7 +48,7 @@ from torch import nn
 
 from config import Config
 from inference import inference_model, network_logits
-from net_structure import build_model, encoder_of, smallest_batch
+from net_structure import downscale_of, model_from_config, smallest_batch
 from runtime import cpu_has_fast_bf16, handing_back_freed_memory, memory_format, resolve_amp
 
 LOG = logging.getLogger("fast_path")
@@ -221,12 +221,11 @@ def fastest_of(kept: Sequence[Candidate], seconds: dict[Candidate, float]) -> Ca
 
 def forward_gflop(config: dict[str, Any], shape: Sequence[int]) -> float:
     """GFLOP (multiply and add counted apart) of the convolutions of one forward pass of one tile of ``shape``
-    (C, H, W) through the network a config describes: counted by hooks on a COUNT_SIDE-pixel input and
+    (C, H, W) through the network a config describes: counted by hooks on a COUNT_SIDE-pixel input (times downscale) and
     scaled by the area, as a fully convolutional network's work grows with its pixels. The network is built
     without initialising its weights (their values do not change the count)."""
     with torch.device("meta"):
-        shape_keys = (config["in_channels"], config["n_classes"], config["base_width"], config.get("dropout", 0.0))
-        network = build_model(*shape_keys, encoder_of(config))
+        network = model_from_config(config)
     network = network.to_empty(device="cpu").eval()
     for tensor in network.state_dict().values():
         tensor.zero_()  # no uninitialised values (NaN, denormals) to slow the pass down
@@ -243,8 +242,10 @@ def forward_gflop(config: dict[str, Any], shape: Sequence[int]) -> float:
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             module.register_forward_hook(count)
     with torch.no_grad():
-        network(torch.zeros(1, config["in_channels"], COUNT_SIDE, COUNT_SIDE))
-    return flops[0] * shape[-2] * shape[-1] / COUNT_SIDE**2 / 1e9
+        # At 1/downscale resolution the network must still see COUNT_SIDE pixels, or its padding would count.
+        side = COUNT_SIDE * downscale_of(config)
+        network(torch.zeros(1, config["in_channels"], side, side))
+    return flops[0] * shape[-2] * shape[-1] / side**2 / 1e9
 
 
 def unmeasured(options: Sequence[Candidate], config: dict[str, Any], shape: Sequence[int], amp_name: str) -> str:
@@ -264,12 +265,13 @@ def training_timers(
     n_classes: int,
     device: torch.device,
     encoder: str = "unet",
+    downscale: int = 1,
 ) -> tuple[Callable[[Candidate], float], Callable[[Candidate], float]]:
     """The screening pass (forward) and the step (forward and backward) of one tile in a candidate, on copies
     of the model in each layout (the model's BatchNorm statistics and gradients stay untouched). Where
     BatchNorm needs two tiles (net_structure.smallest_batch), two are timed and the time halved."""
     generator = torch.Generator().manual_seed(0)
-    tiles = smallest_batch(encoder, *shape[-2:])
+    tiles = smallest_batch(encoder, *shape[-2:], downscale)
     images = torch.rand((tiles, *shape), generator=generator).to(device)
     masks = torch.randint(0, n_classes, (tiles, *shape[-2:]), generator=generator).to(device)
     copies: dict[bool, nn.Module] = {}
@@ -333,7 +335,7 @@ def training_path(
         if earlier in options:  # not where this CPU lacks native bf16, or channels_last is now off
             choice = Choice(earlier, "as chosen when the run began, from last.pth")
         elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device, cfg.encoder)
+            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device, cfg.encoder, cfg.downscale)
             with torch.random.fork_rng(devices=[]):  # dropout's draws here leave training's untouched
                 choice = choose(options, step, screen)
         choice.candidate, choice.why = agreed(choice.candidate, choice.why)

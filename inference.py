@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from files import DataError
-from net_structure import build_model, encoder_of, fold_batchnorm
+from net_structure import encoder_of, fold_batchnorm, model_from_config
 from runtime import available_memory, memory_format
 
 LOG = logging.getLogger("inference")
@@ -26,7 +26,7 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
     and load its weights."""
     saved = state["config"]
     encoder = encoder_of(saved)
-    model = build_model(saved["in_channels"], saved["n_classes"], saved["base_width"], saved["dropout"], encoder)
+    model = model_from_config(saved)
     weights = dict(state["model"])
     # Checkpoints written before normalisation was stored in the network: identity normalisation, as trained.
     weights.setdefault("band_mean", model.band_mean)

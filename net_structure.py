@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import resolution
 from encoders import RESNET_LAYERS, ResNetUNet, fold_resnet_unet
 
 LEAKY_SLOPE = 0.01  # of every LeakyReLU (torch's default)
@@ -87,8 +88,11 @@ class UNet(nn.Module):
     """U-Net for per-pixel classification of (N, in_channels, H, W) images into n_classes logits."""
 
     size_multiple = 16  # inputs are padded to a multiple of it (four 2x2 max-pools)
+    min_side = 32  # and to at least this, so that the 1/16 level is 2 wide, as its reflect padding needs
 
-    def __init__(self, in_channels: int = 3, n_classes: int = 2, base_width: int = 64, dropout: float = 0.3) -> None:
+    def __init__(
+        self, in_channels: int = 3, n_classes: int = 2, base_width: int = 64, dropout: float = 0.3, downscale: int = 1
+    ) -> None:
         super().__init__()
         if in_channels < 1 or n_classes < 2 or base_width < 1 or not 0.0 <= dropout < 1.0:
             raise ValueError(
@@ -97,6 +101,7 @@ class UNet(nn.Module):
             )
         w = base_width
         self.in_channels = in_channels
+        self.downscale = resolution.check_factor(downscale)  # the network works on tiles shrunk by this factor
         # Per-band input normalisation, computed on the training split by train.py and saved with the weights,
         # so prediction always standardises exactly as training did. Identity until set.
         self.register_buffer("band_mean", torch.zeros(in_channels))
@@ -119,14 +124,7 @@ class UNet(nn.Module):
                 "check in_channels against the images' band count"
             )
         x = (x - self.band_mean[:, None, None]) / self.band_std[:, None, None]
-        height, width = x.shape[-2:]
-        padded_h, padded_w = (max(32, -(-size // 16) * 16) for size in (height, width))
-        pad_h, pad_w = padded_h - height, padded_w - width
-        if pad_h or pad_w:
-            # Reflection needs the pad to be smaller than the side; tiny inputs fall back to replication.
-            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        return self.body(x)[..., :height, :width]
+        return resolution.run_at_scale(self.body, x, self.downscale, self.size_multiple, self.min_side)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         """The layers of the U-Net figure on an input already normalised and padded to a multiple of 16."""
@@ -171,32 +169,62 @@ def encoder_of(config: dict) -> str:
     return str(config.get("encoder") or "unet")
 
 
-def size_multiple(encoder: str) -> int:
-    """The multiple of which the network pads its inputs: 16 for the U-Net, 32 for a ResNet encoder. Scene
-    windows and overlaps must be multiples of it, so that every window sees the scene on one pooling grid."""
-    return UNet.size_multiple if encoder == "unet" else ResNetUNet.size_multiple
+def downscale_of(config: dict) -> int:
+    """The working-resolution factor a checkpoint's config names; checkpoints written before the key existed
+    worked at full resolution."""
+    return int(config.get("downscale") or 1)
 
 
-def smallest_batch(encoder: str, height: int, width: int) -> int:
+def size_multiple(encoder: str, downscale: int = 1) -> int:
+    """The multiple of which the network pads its inputs: 16 for the U-Net, 32 for a ResNet encoder, times the
+    ``downscale`` factor. Scene windows and overlaps must be multiples of it, so that every window sees the
+    scene on one pooling grid."""
+    return (UNet.size_multiple if encoder == "unet" else ResNetUNet.size_multiple) * downscale
+
+
+def input_multiple(config: dict) -> int:
+    """size_multiple of the network a checkpoint's config describes."""
+    return size_multiple(encoder_of(config), downscale_of(config))
+
+
+def input_padding(config: dict) -> tuple[int, int]:
+    """(grid, minimum): the network a config describes pads each input side to a multiple of grid, and to at
+    least minimum pixels (resolution.pad_to_grid)."""
+    encoder, factor = encoder_of(config), downscale_of(config)
+    minimum = UNet.min_side if encoder == "unet" else ResNetUNet.min_side
+    return size_multiple(encoder, factor), minimum * factor
+
+
+def smallest_batch(encoder: str, height: int, width: int, downscale: int = 1) -> int:
     """The fewest tiles of height x width a training batch may hold: BatchNorm needs two values per channel,
-    and a ResNet encoder's deepest map of a tile of 32 px or less is one cell (the U-Net's is 2 x 2 or more)."""
+    and a ResNet encoder's deepest map of a tile of 32 px or less (after ``downscale``) is one cell (the U-Net's
+    is 2 x 2 or more)."""
     multiple = size_multiple(encoder)
-    cells = [max(32, -(-side // multiple) * multiple) // multiple for side in (height, width)]
+    sides = (-(-side // downscale) for side in (height, width))
+    cells = [max(32, -(-side // multiple) * multiple) // multiple for side in sides]
     return 2 if cells[0] * cells[1] == 1 else 1
 
 
-def build_model(in_channels: int, n_classes: int, base_width: int, dropout: float, encoder: str = "unet") -> nn.Module:
+def build_model(
+    in_channels: int, n_classes: int, base_width: int, dropout: float, encoder: str = "unet", downscale: int = 1
+) -> nn.Module:
     """Build the network from config values (one place, so train.py and predict.py agree): the reference U-Net,
-    or a U-Net decoder over a ResNet-18/34 encoder (encoders.py).
+    or a U-Net decoder over a ResNet-18/34 encoder (encoders.py), working at 1/``downscale`` resolution.
 
     Raises:
-        ValueError: an unknown encoder, with the valid ones.
+        ValueError: an unknown encoder or downscale factor, with the valid ones.
     """
     if encoder == "unet":
-        return UNet(in_channels=in_channels, n_classes=n_classes, base_width=base_width, dropout=dropout)
+        return UNet(in_channels, n_classes, base_width, dropout, downscale)
     if encoder not in RESNET_LAYERS:
         raise ValueError(f"--encoder={encoder!r}: expected one of {', '.join(ENCODERS)}")
-    return ResNetUNet(encoder, in_channels, n_classes, base_width, dropout)
+    return ResNetUNet(encoder, in_channels, n_classes, base_width, dropout, downscale)
+
+
+def model_from_config(config: dict) -> nn.Module:
+    """build_model with the values a run's config (a checkpoint's ``config``) holds."""
+    shape = (config["in_channels"], config["n_classes"], config["base_width"], config.get("dropout", 0.0))
+    return build_model(*shape, encoder_of(config), downscale_of(config))
 
 
 def reflect_border_(padded: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """Building the ONNX file: the exportable form of the network, the export, the metadata, the checks.
 
 The graph holds everything between a [0, 1]-scaled image and the class probabilities: the per-band
-normalisation stored in the checkpoint, the reflect padding to a multiple of 16 (32 for a ResNet encoder), the
-network with each BatchNorm folded into its convolution (net_structure.fold_batchnorm_plain: plain modules,
-which ``torch.onnx.export(dynamo=True)`` traces), the crop back to the input size and the softmax. Batch, height and
-width are dynamic (sides of at least 17 pixels; exported_model.OnnxSegmenter pads smaller inputs first).
+normalisation stored in the checkpoint, the shrink and grow of ``downscale`` (resolution.py), the network with
+each BatchNorm folded into its convolution (net_structure.fold_batchnorm_plain: plain modules, which
+``torch.onnx.export(dynamo=True)`` traces) and the softmax. Batch, height and width are dynamic; height and width
+are multiples of the network's grid (16 for the U-Net, 32 for a ResNet encoder, times downscale; the metadata's
+``farmland_size_multiple``, and the U-Net takes at least two grid cells): exported_model.OnnxSegmenter pads
+other sizes as the PyTorch network pads and crops the probabilities back. A scene's windows, and Deepness's
+tiles, are multiples of it already.
 
 Metadata values are strings holding JSON, as QGIS's Deepness plugin reads them (it calls ``json.loads`` on
 each): ``model_type``, ``class_names``, ``resolution`` (cm per pixel, where known), ``tiles_size`` and
@@ -30,15 +33,15 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import exported_model
+import resolution
 from data_preprocess import image_to_float, parse_bands, read_image, read_pair_list, select_bands
 from demo_data import render_tile
 from files import DataError, atomic_write_bytes
 from inference import classes_from_probabilities, decision_threshold, inference_model, predict_probabilities
-from net_structure import encoder_of, fold_batchnorm_plain
+from net_structure import downscale_of, encoder_of, fold_batchnorm_plain, input_padding
 from training import iou_at
 
 LOG = logging.getLogger("export_onnx")
@@ -51,18 +54,15 @@ class ExportNet(nn.Module):
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = fold_batchnorm_plain(unet)
-        self.multiple = unet.size_multiple  # 16 for the U-Net, 32 for a ResNet encoder
+        self.grid = unet.size_multiple * unet.downscale  # 16 for the U-Net, 32 for a ResNet encoder, times downscale
+        self.min_cells = max(1, unet.min_side // unet.size_multiple)  # the U-Net's least side: 2 grid cells
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2], x.shape[-1]
+        # Sides are multiples of the grid (the graph's input shape says so): exported_model.OnnxSegmenter pads
+        # other sizes first, as the PyTorch networks pad, so the graph itself pads nothing.
         x = (x - self.unet.band_mean[:, None, None]) / self.unet.band_std[:, None, None]
-        # From 17 pixels up, the pad to the next multiple of 16 (at least 32), or of 32, is shorter than the side,
-        # so reflection always works and the networks' fallback to replication is never needed in the graph.
-        m = self.multiple
-        pad_h = (height + m - 1) // m * m - height
-        pad_w = (width + m - 1) // m * m - width
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-        return self.unet.body(x)[..., :height, :width].softmax(1)
+        factor = self.unet.downscale
+        return resolution.grow(self.unet.body(resolution.shrink(x, factor)), factor, x.shape[-2:]).softmax(1)
 
 
 @contextlib.contextmanager
@@ -85,11 +85,10 @@ def quiet_exporter() -> Iterator[None]:
 def export_graph(unet: nn.Module) -> onnx.ModelProto:
     """Trace the network with torch.onnx.export (dynamo) into a graph with dynamic batch, height and width."""
     net = ExportNet(unet.cpu().float()).eval()
-    example = torch.rand(1, unet.in_channels, 64, 64)
-    side = {"min": exported_model.MIN_GRAPH_SIDE}
-    dims = {
-        "x": {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", **side), 3: torch.export.Dim("width", **side)}
-    }
+    length = net.grid * (net.min_cells + 1)
+    example = torch.rand(2, unet.in_channels, length, length)  # a batch of 1 would be traced as a constant
+    rows, columns = (torch.export.Dim(name, min=net.min_cells) for name in ("rows", "columns"))
+    dims = {"x": {0: torch.export.Dim("batch"), 2: net.grid * rows, 3: net.grid * columns}}
     with quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             net,
@@ -166,6 +165,8 @@ def model_metadata(
         "farmland_n_classes": int(config["n_classes"]),
         "farmland_base_width": int(config["base_width"]),
         "farmland_encoder": encoder_of(config),
+        "farmland_downscale": downscale_of(config),
+        "farmland_size_multiple": input_padding(config)[0],
         "farmland_bands": str(config.get("bands", "")),
         "farmland_pixel_size_m": float(config.get("pixel_size_m") or 0.0) or None,  # scenes are resampled to it
         "farmland_band_mean": [0.0] * bands if mean is None else [round(float(v), 6) for v in mean],

@@ -124,7 +124,7 @@ class SceneSettings:
     overlay: bool = True
     batch_size: int = 0
     channels_last: bool = True
-    grid: int = 16  # the network's pooling grid: 16 for the U-Net, 32 for a ResNet encoder (net_structure)
+    grid: int = 16  # the network's pooling grid: 16 for the U-Net, 32 for a ResNet encoder, times downscale
 
     @classmethod
     def from_config(cls, cfg: Config, grid: int = 16) -> "SceneSettings":
@@ -156,7 +156,11 @@ class SceneSettings:
     def check(self) -> None:
         """Raises ValueError unless window and overlap keep windows on the network's pooling grid (``grid``)."""
         g = self.grid
-        why = "" if g == 16 else f" for a network with a ResNet encoder (it pools by {g})"
+        why = (
+            ""
+            if g == 16
+            else f" for this network (it pools the scene by {g} pixels: 32 with a ResNet encoder, times downscale)"
+        )
         if self.window < 32 or self.window % g:
             raise ValueError(f"--window={self.window}: expected a multiple of {g}, at least 32 (for example 512){why}")
         if not 0 <= self.overlap < self.window or self.overlap % g:

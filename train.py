@@ -196,7 +196,7 @@ def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> Non
     with the ways out."""
     per_rank = -(-tiles // world)
     batch = min(cfg.batch_size, per_rank)
-    needed = smallest_batch(cfg.encoder, *tile[-2:])
+    needed = smallest_batch(cfg.encoder, *tile[-2:], cfg.downscale)
     if batch * (world if cfg.sync_bn and world > 1 else 1) >= needed:
         return
     if per_rank < cfg.batch_size:
@@ -235,7 +235,7 @@ def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.
         DataError: an encoder_weights file that is not the encoder's torchvision state dict.
     """
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout, cfg.encoder)
+    model = build_model(cfg.in_channels, cfg.n_classes, cfg.base_width, cfg.dropout, cfg.encoder, cfg.downscale)
     if cfg.normalise and statistics:
         set_normalisation(model, statistics[0], statistics[1])
     elif cfg.encoder_weights:  # the input scaling the ImageNet weights were trained with

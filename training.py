@@ -52,7 +52,7 @@ LOG_FIELDS = [
 THRESHOLD_BINS = 200  # farmland probability histogram resolution: thresholds are tuned in steps of 0.005
 
 
-ARCHITECTURE_KEYS = ("in_channels", "n_classes", "base_width", "encoder")
+ARCHITECTURE_KEYS = ("in_channels", "n_classes", "base_width", "encoder", "downscale")
 
 
 @torch.no_grad()

@@ -1,0 +1,81 @@
+"""The network's working resolution (the ``downscale`` key): tiles shrunk by an integer factor before the
+network, its logits grown back to the tile's own size after it.
+
+A network at ``downscale=2`` sees a 256-pixel tile as 128 pixels (each 2 x 2 block averaged), so it does about
+a quarter of the work per tile and each of its pooling levels reaches twice as far on the ground. Masks,
+losses and metrics stay at full resolution: the logits are grown back by bilinear interpolation, which puts
+each block's value at the block's centre. Both networks apply it inside ``forward``, so training, prediction,
+scenes and the exported graph all work at the resolution the checkpoint was trained at.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# 1 = full resolution. Powers of two keep the scene defaults (window 512, overlap 128) on the network's pooling
+# grid; beyond 4 a 256-pixel tile keeps too little of a field's edge.
+FACTORS = (1, 2, 4)
+
+
+def check_factor(factor: int) -> int:
+    """Return ``factor`` when it is a supported downscale factor.
+
+    Raises:
+        ValueError: any other value, with the valid ones.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor not in FACTORS:
+        raise ValueError(
+            f"--downscale={factor!r}: expected one of {', '.join(map(str, FACTORS))} "
+            "(1 = full resolution, 2 = half the pixels on each side)"
+        )
+    return factor
+
+
+def shrink(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average each ``factor`` x ``factor`` block of (N, C, H, W) images; a side that is not a multiple of
+    ``factor`` is first extended by repeating its last row or column."""
+    if factor == 1:
+        return x
+    pad_h, pad_w = (-side % factor for side in x.shape[-2:])
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    return F.avg_pool2d(x, factor)
+
+
+def grow(logits: torch.Tensor, factor: int, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Logits of shrunk images back to the images' own (height, width) ``size``: bilinear interpolation by
+    ``factor`` (block centres on block centres), then the padded rows and columns cropped away."""
+    if factor != 1:
+        logits = F.interpolate(logits, scale_factor=factor, mode="bilinear", align_corners=False)
+    return logits[..., : size[0], : size[1]]
+
+
+def padded_side(side: int, grid: int, minimum: int = 0) -> int:
+    """A side padded up to a multiple of ``grid``, and at least ``minimum``."""
+    return max(minimum, -(-side // grid) * grid)
+
+
+def pad_to_grid(x: torch.Tensor, grid: int, minimum: int = 0) -> torch.Tensor:
+    """Pad (N, C, H, W) images at the bottom and right to padded_side, by reflection; by replication where the
+    pad is too long to reflect (tiny inputs)."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = (padded_side(side, grid, minimum) - side for side in (height, width))
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    return x
+
+
+def run_at_scale(
+    body: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, factor: int, grid: int, minimum: int = 0
+) -> torch.Tensor:
+    """A fully convolutional ``body`` that needs sides on a ``grid`` (and at least ``minimum``) applied to
+    images of any size at 1/``factor`` resolution: padded in full resolution to the grid times the factor
+    (so that any window of a scene on that grid shrinks to the same blocks), shrunk, run, its logits grown
+    back and cropped to the images' size."""
+    size = x.shape[-2:]
+    padded = pad_to_grid(x, grid * factor, minimum * factor)
+    return grow(body(shrink(padded, factor)), factor, size)

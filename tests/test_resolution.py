@@ -1,0 +1,135 @@
+"""The ``downscale`` key (resolution.py): tiles shrunk before the network and its logits grown back, by hand
+and through the networks, training, prediction, scenes and the exported graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import args, close_log_files, square_tile, write_pair
+
+import export_onnx
+import exported_model
+import fast_path
+import predict
+import resolution
+import scene
+import split_dataset
+import train
+from data_preprocess import read_image
+from files import DataError
+from inference import model_from_checkpoint
+from net_structure import build_model, fold_batchnorm, input_multiple, model_from_config, smallest_batch
+from runtime import load_checkpoint
+
+CPU = torch.device("cpu")
+
+
+def test_shrink_averages_blocks_and_repeats_the_last_row_and_column() -> None:
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert resolution.shrink(x, 2).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # (0+1+4+5)/4 ...
+    odd = torch.arange(9.0).reshape(1, 1, 3, 3)  # padded to 4 x 4 by repeating row 2 and column 2
+    assert resolution.shrink(odd, 2).flatten().tolist() == [2.0, 3.5, 6.5, 8.0]
+    assert resolution.shrink(x, 1) is x
+
+
+def test_grow_puts_block_values_at_block_centres_and_crops() -> None:
+    logits = torch.tensor([[[[0.0, 4.0]]]])  # one row of two blocks
+    grown = resolution.grow(logits, 2, (2, 3))
+    # Columns at block coordinates -0.25 (clamped to 0), 0.25, 0.75 between the block centres 0 and 1.
+    assert grown.shape == (1, 1, 2, 3)
+    assert grown[0, 0, 0].tolist() == [0.0, 1.0, 3.0]
+    assert grown[0, 0, 1].tolist() == [0.0, 1.0, 3.0]
+
+
+@pytest.mark.parametrize("bad", [0, 3, 8, -2, 2.0, True, "2"])
+def test_unsupported_factors_are_refused_with_the_valid_ones(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"--downscale=.*expected one of 1, 2, 4"):
+        resolution.check_factor(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--downscale"):
+        build_model(3, 2, 4, 0.0, "unet", bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("encoder", ["unet", "resnet18"])
+@pytest.mark.parametrize("factor", [2, 4])
+def test_a_shrunk_network_is_the_full_one_on_block_means_grown_back(encoder: str, factor: int) -> None:
+    torch.manual_seed(0)
+    shrunk = build_model(3, 2, 8, 0.0, encoder, factor).eval()
+    full = build_model(3, 2, 8, 0.0, encoder).eval()
+    full.load_state_dict(shrunk.state_dict())  # the factor is no weight: the same parameters fit both
+    x = torch.rand(2, 3, 128, 256)  # on every grid: nothing to pad
+    with torch.no_grad():
+        expected = resolution.grow(full(resolution.shrink(x, factor)), factor, x.shape[-2:])
+        assert torch.allclose(shrunk(x), expected, atol=1e-6)
+    for shape in ((1, 3, 70, 45), (1, 3, 9, 13)):  # padded in full resolution first, then cropped back
+        x = torch.rand(shape)
+        with torch.no_grad():
+            out, folded = shrunk(x), fold_batchnorm(shrunk)(x)
+        assert out.shape == (shape[0], 2, *shape[-2:])
+        assert torch.allclose(folded, out, atol=1e-4)
+
+
+def test_the_factor_travels_in_the_config_and_multiplies_the_scene_grid() -> None:
+    config = {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.0}
+    assert model_from_config(config).downscale == 1  # checkpoints from before the key: full resolution
+    assert model_from_config(config | {"downscale": 2}).downscale == 2
+    assert input_multiple(config) == 16
+    assert input_multiple(config | {"downscale": 2}) == 32
+    assert input_multiple(config | {"downscale": 4, "encoder": "resnet18"}) == 128
+    with pytest.raises(ValueError, match="--window=496: expected a multiple of 32.*times downscale"):
+        scene.SceneSettings(window=496, overlap=0, grid=32).check()
+    # BatchNorm at the deepest level: a 64-pixel tile at 1/2 leaves a ResNet one cell, at full size four.
+    assert (smallest_batch("resnet18", 64, 64, 2), smallest_batch("resnet18", 64, 64)) == (2, 1)
+
+
+def write_tiles(data_dir: Path, count: int = 12, size: int = 64) -> Path:
+    """``count`` square tiles of ``size`` pixels (seed 3)."""
+    rng = np.random.default_rng(3)
+    for i in range(count):
+        write_pair(data_dir, f"t{i:02d}", *square_tile(rng, size))
+    return data_dir
+
+
+def test_train_resume_predict_scene_and_export_at_half_resolution(tmp_path: Path) -> None:
+    data, run_dir = write_tiles(tmp_path / "data"), tmp_path / "run"
+    keys = ["--downscale=2", "--snapshot_every=0", "--tensorboard=false"]
+    assert split_dataset.main(args(data, run_dir)) == 0
+    assert train.main(args(data, run_dir, *keys, "--epochs=1")) == 0
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
+    assert state["config"]["downscale"] == 2 and model_from_checkpoint(state, CPU).downscale == 2
+    assert train.main(args(data, run_dir, *keys, "--epochs=2", "--resume=true")) == 0
+    with pytest.raises(DataError, match=r"\(downscale: checkpoint 2 vs config 1\)"):
+        train.main(args(data, run_dir, "--epochs=3", "--resume=true"))
+    assert predict.main(args(data, run_dir)) == 0
+    masks = sorted((run_dir / "predictions").glob("*_seg.png"))
+    assert masks and all(read_image(m).shape[:2] == (64, 64) for m in masks)
+    with pytest.raises(ValueError, match="--window=80: expected a multiple of 32"):
+        predict.main(args(data, run_dir, f"--predict_input={data / 'images'}", "--window=80", "--overlap=0"))
+    with pytest.raises(ValueError, match="--window=48: expected a multiple of 32"):
+        export_onnx.main(args(data, run_dir, "--window=48", "--overlap=0"))  # Deepness's tiles too
+    assert export_onnx.main(args(data, run_dir, "--window=64", "--overlap=0")) == 0
+    report = json.loads((run_dir / "export" / "export_report.json").read_text(encoding="utf-8"))
+    assert report["float32"]["max_probability_difference"] < 1e-4
+    segmenter, meta = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
+    assert segmenter.downscale == 2 and segmenter.grid == 32 and meta["config"]["downscale"] == 2
+    reference = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / "best.pth"), CPU).eval()
+    for shape in (
+        (1, 3, 20, 30),
+        (2, 3, 50, 64),
+        (1, 3, 5, 7),
+    ):  # padded to the grid by reflection, tiny ones by replication
+        x = torch.rand(shape)
+        with torch.no_grad():
+            expected = reference(x).softmax(1)
+        assert (segmenter(x) - expected).abs().max() < 1e-4
+    close_log_files()
+
+
+def test_the_fast_path_counts_a_quarter_of_the_work_at_half_resolution() -> None:
+    config = {"in_channels": 3, "n_classes": 2, "base_width": 16, "dropout": 0.0}
+    full, half = (fast_path.forward_gflop(config | {"downscale": f}, (3, 256, 256)) for f in (1, 2))
+    assert half == pytest.approx(fast_path.forward_gflop(config, (3, 128, 128)))
+    assert half == pytest.approx(full / 4)
