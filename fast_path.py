@@ -104,11 +104,11 @@ class Choice:
         """One log line: 'fast path: bf16 channels-last, 0.21 s/step against fp32 channels-last 0.35, ...'."""
         if not self.measured:
             return f"fast path: {self.candidate} ({self.why})"
-        if self.step_s:
+        if self.candidate in self.step_s:
             others = [f"{c} {s:.3g}" for c, s in self.step_s.items() if c != self.candidate]
             line = f"fast path: {self.candidate}, {self.step_s[self.candidate]:.3g} s/{step}"
             line += f" against {', '.join(others)}" if others else ""
-        else:  # one candidate was left after the screening passes, or they decided
+        else:  # the screening passes decided: one candidate left, or the old rule's confirmed on its passes
             others = [f"{c} {s:.3g}" for c, s in self.screen_s.items() if c != self.candidate]
             line = f"fast path: {self.candidate}, forward pass {self.screen_s[self.candidate]:.3g} s"
             line += f" against {', '.join(others)}" if others else ""

@@ -111,6 +111,9 @@ def test_a_switch_from_the_old_rule_must_hold_when_timed_again() -> None:
     passes[BF16_CL] = iter([0.12, 1.0, 0.1, 0.1])  # warm-up, timed (the burst), then the two passes again
     choice = choose(ALL, lambda candidate: next(passes[candidate]))
     assert choice.candidate == BF16_CL
+    # Left out before the steps, it has only its passes to show: the log line reports those.
+    assert BF16_CL not in choice.step_s
+    assert choice.summary("step").startswith("fast path: bf16 channels-last, forward pass 0.1 s against")
 
 
 def test_steps_too_long_for_the_budget_leave_the_choice_to_the_screening_passes() -> None:
