@@ -6,7 +6,8 @@ skip, and a 1x1 convolution gives one logit per class. Every convolution pads by
 
 Any height and width are accepted: the input is reflect-padded up to a multiple of 16 (and at least 32,
 so the 1/16 level is at least 2 pixels wide, as the reflect padding of its convolutions needs), and the
-logits are cropped back to the input size.
+logits are cropped back to the input size. With ``downscale`` (resolution.py) the input is padded so in full
+resolution, to those sizes times the factor, then shrunk; the logits are grown back before the crop.
 
 build_model builds this U-Net (the ``encoder`` key's ``unet``) or the U-Net decoder over a ResNet-18/34 encoder
 of encoders.py; the two BatchNorm foldings below hand the latter to encoders.fold_resnet_unet.
