@@ -134,7 +134,9 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
     dataset = FarmlandDataset(pairs, 3, True, 0, cache)
     loader = make_loader(dataset, cfg, device, shuffle=True)
     torch.manual_seed(0)
-    model = build_model(3, 2, cfg.base_width, cfg.dropout, cfg.encoder).to(device, memory_format=memory_format(True))
+    model = build_model(3, 2, cfg.base_width, cfg.dropout, cfg.encoder, cfg.downscale).to(
+        device, memory_format=memory_format(True)
+    )
     # As train.py: under amp=auto on a CPU the precision and layout are timed and chosen (not counted below).
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
     choice = training_path(cfg, model, criterion, tuple(dataset[0][0].shape), device)

@@ -42,7 +42,7 @@ from config import Config
 from data_preprocess import is_image_file
 from files import DataError
 from inference import decision_threshold, inference_model, with_threshold
-from net_structure import input_multiple
+from net_structure import input_padding
 from runtime import keep_freed_memory, load_checkpoint, resolve_amp, select_device
 
 LOG = logging.getLogger("change")
@@ -346,7 +346,7 @@ def make_job(cfg: Config) -> ChangeJob:
         keep_freed_memory()
     model = inference_model(state, device, cfg.channels_last, resolve_amp(cfg.amp, device))
     settings = dataclasses.replace(
-        scene.SceneSettings.from_config(cfg, input_multiple(state["config"])),
+        scene.SceneSettings.from_config(cfg, *input_padding(state["config"])),
         save_probability=True,
         polygons=False,
         overlay=False,

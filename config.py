@@ -45,7 +45,7 @@ class Config:
     encoder: str = "unet"  # unet (the reference U-Net), resnet18 or resnet34 (ResNet encoder, U-Net decoder)
     encoder_weights: str = ""  # resnet: torchvision ImageNet weights (.pth) to start from; "" = random init
     base_width: int = 64  # channels of the first U-Net level (w, 2w, 4w, 8w, 16w); resnet: decoder widths 4w..w/4
-    downscale: int = 1  # the network works on tiles shrunk by this factor (2: half the pixels each side); masks stay
+    downscale: int = 1  # 1, 2 or 4: the network works on tiles shrunk by it (2: half each side); masks stay full size
     dropout: float = 0.3  # Dropout2d rate inside every double convolution
     epochs: int = 100  # training epochs
     time_budget: float = 0.0  # minutes to train: the epochs that fit, planned from timed ones (not epochs); 0 = off
@@ -82,8 +82,8 @@ class Config:
     predict_batch_size: int = 0  # tiles per forward pass at prediction; 0 = chosen from free memory
     overlay: bool = True  # also save each mask drawn over its photo
     skip_existing: bool = True  # keep masks already written with this checkpoint, so an interrupted run resumes
-    window: int = 512  # scenes (GeoTIFFs, images over one window): window side in pixels, a multiple of 16
-    overlap: int = 128  # scenes: pixels shared by neighbouring windows and blended, a multiple of 16 below window
+    window: int = 512  # scenes (GeoTIFFs, images over one window): window side in pixels, a multiple of 16 x downscale
+    overlap: int = 128  # scenes: pixels shared by neighbouring windows and blended, a multiple of 16 x downscale
     tta: bool = False  # tiles and scenes: average probabilities over the 8 flips and 90-degree turns (8x slower)
     save_probability: bool = True  # scenes: also write the farmland probability GeoTIFF (percent, 255 = nodata)
     polygons: bool = True  # scenes: also write the fields as polygons (GeoJSON and GeoPackage) with their areas

@@ -15,9 +15,10 @@ a last step without a skip reaches full size, and a 1x1 convolution gives one lo
 are 4w, 2w, w, w/2, w/4 for base width w: w = 64 gives segmentation_models.pytorch's default decoder
 (256, 128, 64, 32, 16), w = 16 a light one (64, 32, 16, 8, 4). Convolutions pad with zeros, as ResNet's do.
 
-Any height and width are accepted: the input is reflect-padded up to a multiple of 32 (the encoder's stride)
-and the logits are cropped back, as the U-Net does with 16. Scenes, whose windows must all see the scene on
-one pooling grid, need windows and overlaps that are multiples of 32 (scene.SceneSettings checks it).
+Any height and width are accepted: the input is reflect-padded up to a multiple of 32 (the encoder's stride;
+times ``downscale``, before the shrink, see resolution.py) and the logits are cropped back, as the U-Net does
+with 16. Scenes, whose windows must all see the scene on one pooling grid, need windows and overlaps that are
+multiples of that (scene.SceneSettings checks it).
 """
 
 from __future__ import annotations

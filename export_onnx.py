@@ -43,7 +43,7 @@ from config import Config
 from data_preprocess import read_pair_list
 from files import DataError, atomic_write_text
 from inference import model_from_checkpoint, with_threshold
-from net_structure import encoder_of, input_multiple
+from net_structure import encoder_of, input_padding
 from runtime import load_checkpoint
 from training import tiles_pixel_size
 
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
     state = with_threshold(load_checkpoint(checkpoint), cfg.threshold)  # the cut the model carries
-    scene.SceneSettings.from_config(cfg, input_multiple(state["config"]))  # Deepness's tiles on the network's grid
+    scene.SceneSettings.from_config(cfg, *input_padding(state["config"]))  # Deepness's tiles on the network's grid
     folder = run_dir / "export"
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "float32": export_fp32(cfg, state, checkpoint, folder)}
     status = 0

@@ -22,12 +22,14 @@ from torch import nn
 
 import resolution
 from files import DataError
-from net_structure import input_padding
+from net_structure import downscale_of, input_padding
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 FORMAT_KEY = "farmland_unet"  # present in every model export_onnx.py writes: the metadata format version
-FORMAT_VERSION = 1
+# 2: the graph takes sides on the network's grid (farmland_size_multiple) and pads nothing; 1 padded inside it.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # this reader pads every input itself, which suits both
 CLASS_NAMES = {0: "background", 1: "farmland"}
 
 
@@ -72,7 +74,7 @@ def state_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     Raises:
         DataError: the file lacks this project's metadata (an ONNX model of another kind).
     """
-    if meta.get(FORMAT_KEY) != FORMAT_VERSION:
+    if meta.get(FORMAT_KEY) not in READABLE_VERSIONS:
         found = "no" if FORMAT_KEY not in meta else f"version {meta[FORMAT_KEY]!r} of the"
         raise DataError(
             f"{path}: {found} farmland metadata ('{FORMAT_KEY}' = {FORMAT_VERSION} expected): not a model written "
@@ -133,19 +135,23 @@ class OnnxSegmenter(nn.Module):
         self.n_classes = state["config"]["n_classes"]
         self.base_width = state["config"]["base_width"]  # sizes CPU batches as the PyTorch network's width does
         self.grid, self.min_side = input_padding(state["config"])  # how the network pads its inputs
-        self.downscale = int(state["config"].get("downscale") or 1)  # the graph shrinks its input by this factor
+        self.downscale = downscale_of(state["config"])  # the graph shrinks its input by this factor
         self.input_name = session.get_inputs()[0].name
+
+    def padded(self, array: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 images padded at the bottom and right as the PyTorch network pads them
+        (numpy's "reflect" is torch's; "edge" where too short to reflect): the sides the graph takes."""
+        height, width = array.shape[-2:]
+        padded_h, padded_w = (resolution.padded_side(side, self.grid, self.min_side) for side in (height, width))
+        if (padded_h, padded_w) == (height, width):
+            return array
+        mode = "reflect" if padded_h - height < height and padded_w - width < width else "edge"
+        return np.pad(array, ((0, 0), (0, 0), (0, padded_h - height), (0, padded_w - width)), mode=mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         height, width = array.shape[-2:]
-        # The graph takes sides on the network's grid: pad as the PyTorch network pads (numpy's "reflect" is
-        # torch's), and crop its probabilities back.
-        padded_h, padded_w = (resolution.padded_side(side, self.grid, self.min_side) for side in (height, width))
-        if (padded_h, padded_w) != (height, width):
-            mode = "reflect" if padded_h - height < height and padded_w - width < width else "edge"
-            array = np.pad(array, ((0, 0), (0, 0), (0, padded_h - height), (0, padded_w - width)), mode=mode)
-        probabilities = self.session.run(None, {self.input_name: array})[0]
+        probabilities = self.session.run(None, {self.input_name: self.padded(array)})[0]
         return torch.from_numpy(probabilities[..., :height, :width])
 
 

@@ -113,7 +113,11 @@ class Choice:
             line = f"fast path: {self.candidate}, forward pass {self.screen_s[self.candidate]:.3g} s"
             line += f" against {', '.join(others)}" if others else ""
         fastest = min(self.screen_s.values())
-        dropped = [f"{c} ({s / fastest:.1f}x)" for c, s in self.screen_s.items() if c not in self.step_s]
+        dropped = [
+            f"{c} ({s / fastest:.1f}x)"
+            for c, s in self.screen_s.items()
+            if c not in self.step_s and c != self.candidate
+        ]
         if dropped and self.step_s:
             line += f"; left out after a forward pass over {PRUNE:g}x the fastest's: {', '.join(dropped)}"
         return f"{line} (timed in {self.cost_s:.1f} s; --amp=bf16 or off forces a precision)"

@@ -183,11 +183,6 @@ def size_multiple(encoder: str, downscale: int = 1) -> int:
     return (UNet.size_multiple if encoder == "unet" else ResNetUNet.size_multiple) * downscale
 
 
-def input_multiple(config: dict) -> int:
-    """size_multiple of the network a checkpoint's config describes."""
-    return size_multiple(encoder_of(config), downscale_of(config))
-
-
 def input_padding(config: dict) -> tuple[int, int]:
     """(grid, minimum): the network a config describes pads each input side to a multiple of grid, and to at
     least minimum pixels (resolution.pad_to_grid)."""

@@ -158,8 +158,8 @@ def model_metadata(
     mean, std = weights.get("band_mean"), weights.get("band_std")
     metadata |= {
         exported_model.FORMAT_KEY: exported_model.FORMAT_VERSION,
-        "farmland_input": "float32 N x C x H x W, each band scaled to 0..1 (8-bit / 255, 16-bit / 65535); "
-        "the per-band normalisation is inside the graph",
+        "farmland_input": "float32 N x C x H x W, each band scaled to 0..1 (8-bit / 255, 16-bit / 65535), H and W "
+        "multiples of farmland_size_multiple; the per-band normalisation is inside the graph",
         "farmland_output": "float32 N x 2 x H x W class probabilities (softmax): 0 background, 1 farmland",
         "farmland_in_channels": bands,
         "farmland_n_classes": int(config["n_classes"]),

@@ -36,7 +36,7 @@ from data_preprocess import is_image_file, read_pair_list
 from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, prediction_path
 from inference import inference_model, with_threshold
-from net_structure import input_multiple
+from net_structure import input_padding
 from runtime import (
     Distributed,
     all_reduce_sum,
@@ -195,7 +195,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if cfg.reuse_memory:
         keep_freed_memory()
     model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
-    settings = scene.SceneSettings.from_config(cfg, input_multiple(state["config"]))
+    settings = scene.SceneSettings.from_config(cfg, *input_padding(state["config"]))
     jobs = plan_jobs(cfg, list_inputs(cfg), settings)
     mine = jobs
     if job.world > 1:

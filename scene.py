@@ -7,9 +7,9 @@ towards the window's edges (and never reaches 0, so the scene's own edges keep w
 by the summed weights; the classes then come from predict.classes_from_probabilities with the checkpoint's
 threshold, as for tiles. Windows are taken one row at a time and finished rows are written at once, so
 memory follows one row of windows, not the scene. Window origins fall on a grid of ``window - overlap``
-pixels, a multiple of 16 (32 with a ResNet encoder) like the network's pooling grid, so a window sees the
-scene exactly as the whole scene would, and the blend equals a whole-scene prediction wherever the overlap
-covers the network's reach.
+pixels, a multiple of 16 (32 with a ResNet encoder; times downscale) like the network's pooling grid, so a
+window sees the scene exactly as the whole scene would, and the blend equals a whole-scene prediction
+wherever the overlap covers the network's reach.
 
 Outputs, beside the tile masks in run_dir/predictions:
 - ``<stem>_seg.tif``: uint8, 1 = farmland, 0 = background, 255 = nodata, with a colour table; tiled and
@@ -125,10 +125,12 @@ class SceneSettings:
     batch_size: int = 0
     channels_last: bool = True
     grid: int = 16  # the network's pooling grid: 16 for the U-Net, 32 for a ResNet encoder, times downscale
+    least: int = 32  # the shortest side the network works on without padding (the U-Net's: 32 times downscale)
 
     @classmethod
-    def from_config(cls, cfg: Config, grid: int = 16) -> "SceneSettings":
-        """Read and check the scene keys of a config, for a network of this pooling ``grid``.
+    def from_config(cls, cfg: Config, grid: int = 16, least: int = 32) -> "SceneSettings":
+        """Read and check the scene keys of a config, for a network of this pooling ``grid`` and shortest side
+        ``least`` (net_structure.input_padding).
 
         Raises:
             ValueError: a window, overlap or band selection that cannot work, with the fix.
@@ -149,6 +151,7 @@ class SceneSettings:
             batch_size=cfg.predict_batch_size,
             channels_last=cfg.channels_last,
             grid=grid,
+            least=least,
         )
         settings.check()
         return settings
@@ -161,8 +164,11 @@ class SceneSettings:
             if g == 16
             else f" for this network (it pools the scene by {g} pixels: 32 with a ResNet encoder, times downscale)"
         )
-        if self.window < 32 or self.window % g:
-            raise ValueError(f"--window={self.window}: expected a multiple of {g}, at least 32 (for example 512){why}")
+        least = max(32, self.least)
+        if self.window < least or self.window % g:
+            raise ValueError(
+                f"--window={self.window}: expected a multiple of {g}, at least {least} (for example 512){why}"
+            )
         if not 0 <= self.overlap < self.window or self.overlap % g:
             raise ValueError(
                 f"--overlap={self.overlap}: expected a multiple of {g} from 0 to window-{g} ({self.window - g}){why}; "

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 import cli
 import files
+import resolution
 from config import Config
 from data_preprocess import (
     FEW_SCENES,
@@ -192,8 +193,8 @@ def build_datasets(
 
 def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> None:
     """Raises ValueError when a training batch would hold fewer tiles than BatchNorm can train on (a ResNet
-    encoder on tiles of 32 px or less needs two; under torchrun with ``sync_bn`` the ranks' tiles count together),
-    with the ways out."""
+    encoder on tiles of 32 px or less, times ``downscale``, needs two; under torchrun with ``sync_bn`` the ranks'
+    tiles count together), with the ways out."""
     per_rank = -(-tiles // world)
     batch = min(cfg.batch_size, per_rank)
     needed = smallest_batch(cfg.encoder, *tile[-2:], cfg.downscale)
@@ -206,7 +207,8 @@ def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> Non
     raise ValueError(
         f"--encoder={cfg.encoder} on {tile[-1]}x{tile[-2]}-pixel tiles with batches of {batch} tile(s): the "
         "encoder's deepest map of such a tile is one pixel, and BatchNorm cannot train on one value per "
-        f"channel; {fix}, or use tiles of more than 32 px, or --encoder=unet"
+        f"channel; {fix}, or use tiles of more than {32 * cfg.downscale} px, or --encoder=unet"
+        + (f", or --downscale={cfg.downscale // 2}" if cfg.downscale > 1 else "")
     )
 
 
@@ -319,6 +321,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     """Data, loss, network, optimiser, schedule and scaler, restored when resuming and wrapped for torchrun.
     Returns the trainer, the progress so far and the (training, validation) tile counts."""
     resolve_keep_epoch(cfg, job)
+    resolution.check_factor(cfg.downscale)  # before any tile is read
     train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
     if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
         cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0

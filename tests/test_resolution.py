@@ -22,7 +22,7 @@ import train
 from data_preprocess import read_image
 from files import DataError
 from inference import model_from_checkpoint
-from net_structure import build_model, fold_batchnorm, input_multiple, model_from_config, smallest_batch
+from net_structure import build_model, fold_batchnorm, input_padding, model_from_config, smallest_batch
 from runtime import load_checkpoint
 
 CPU = torch.device("cpu")
@@ -53,6 +53,14 @@ def test_unsupported_factors_are_refused_with_the_valid_ones(bad: object) -> Non
         build_model(3, 2, 4, 0.0, "unet", bad)  # type: ignore[arg-type]
 
 
+def test_train_refuses_a_bad_factor_before_reading_tiles(tmp_path: Path) -> None:
+    data, run_dir = write_tiles(tmp_path / "data", count=6), tmp_path / "run"
+    assert split_dataset.main(args(data, run_dir)) == 0
+    with pytest.raises(ValueError, match=r"--downscale=0: expected one of 1, 2, 4"):
+        train.main(args(data, run_dir, "--downscale=0", "--epochs=1"))
+    close_log_files()
+
+
 @pytest.mark.parametrize("encoder", ["unet", "resnet18"])
 @pytest.mark.parametrize("factor", [2, 4])
 def test_a_shrunk_network_is_the_full_one_on_block_means_grown_back(encoder: str, factor: int) -> None:
@@ -76,9 +84,9 @@ def test_the_factor_travels_in_the_config_and_multiplies_the_scene_grid() -> Non
     config = {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.0}
     assert model_from_config(config).downscale == 1  # checkpoints from before the key: full resolution
     assert model_from_config(config | {"downscale": 2}).downscale == 2
-    assert input_multiple(config) == 16
-    assert input_multiple(config | {"downscale": 2}) == 32
-    assert input_multiple(config | {"downscale": 4, "encoder": "resnet18"}) == 128
+    assert input_padding(config) == (16, 32)  # grid and least side of the network's input
+    assert input_padding(config | {"downscale": 2}) == (32, 64)
+    assert input_padding(config | {"downscale": 4, "encoder": "resnet18"}) == (128, 0)
     with pytest.raises(ValueError, match="--window=496: expected a multiple of 32.*times downscale"):
         scene.SceneSettings(window=496, overlap=0, grid=32).check()
     # BatchNorm at the deepest level: a 64-pixel tile at 1/2 leaves a ResNet one cell, at full size four.
@@ -94,7 +102,7 @@ def write_tiles(data_dir: Path, count: int = 12, size: int = 64) -> Path:
 
 
 def test_train_resume_predict_scene_and_export_at_half_resolution(tmp_path: Path) -> None:
-    data, run_dir = write_tiles(tmp_path / "data"), tmp_path / "run"
+    data, run_dir = write_tiles(tmp_path / "data", size=72), tmp_path / "run"  # tiles off the grid of 32
     keys = ["--downscale=2", "--snapshot_every=0", "--tensorboard=false"]
     assert split_dataset.main(args(data, run_dir)) == 0
     assert train.main(args(data, run_dir, *keys, "--epochs=1")) == 0
@@ -105,14 +113,18 @@ def test_train_resume_predict_scene_and_export_at_half_resolution(tmp_path: Path
         train.main(args(data, run_dir, "--epochs=3", "--resume=true"))
     assert predict.main(args(data, run_dir)) == 0
     masks = sorted((run_dir / "predictions").glob("*_seg.png"))
-    assert masks and all(read_image(m).shape[:2] == (64, 64) for m in masks)
+    assert masks and all(read_image(m).shape[:2] == (72, 72) for m in masks)
     with pytest.raises(ValueError, match="--window=80: expected a multiple of 32"):
         predict.main(args(data, run_dir, f"--predict_input={data / 'images'}", "--window=80", "--overlap=0"))
     with pytest.raises(ValueError, match="--window=48: expected a multiple of 32"):
         export_onnx.main(args(data, run_dir, "--window=48", "--overlap=0"))  # Deepness's tiles too
-    assert export_onnx.main(args(data, run_dir, "--window=64", "--overlap=0")) == 0
+    with pytest.raises(ValueError, match="--window=32: expected a multiple of 32, at least 64"):
+        export_onnx.main(args(data, run_dir, "--window=32", "--overlap=0"))  # the U-Net's least side, shrunk
+    # The 8-bit copy is calibrated on the 72-pixel training tiles, padded as prediction pads them.
+    assert export_onnx.main(args(data, run_dir, "--window=64", "--overlap=0", "--quantize=int8")) in (0, 1)
     report = json.loads((run_dir / "export" / "export_report.json").read_text(encoding="utf-8"))
     assert report["float32"]["max_probability_difference"] < 1e-4
+    assert report["int8"]["checked"] and 0 <= report["int8"]["mask_agreement"] <= 1
     segmenter, meta = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
     assert segmenter.downscale == 2 and segmenter.grid == 32 and meta["config"]["downscale"] == 2
     reference = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / "best.pth"), CPU).eval()
