@@ -176,28 +176,30 @@ def downscale_of(config: dict) -> int:
     return int(config.get("downscale") or 1)
 
 
+def padding_of(encoder: str, downscale: int = 1) -> tuple[int, int]:
+    """(grid, minimum) in input pixels: the network pads each input side to a multiple of grid (16 for the
+    U-Net, 32 for a ResNet encoder, times ``downscale``) and to at least minimum (resolution.pad_to_grid)."""
+    network = UNet if encoder == "unet" else ResNetUNet
+    return network.size_multiple * downscale, network.min_side * downscale
+
+
 def size_multiple(encoder: str, downscale: int = 1) -> int:
-    """The multiple of which the network pads its inputs: 16 for the U-Net, 32 for a ResNet encoder, times the
-    ``downscale`` factor. Scene windows and overlaps must be multiples of it, so that every window sees the
-    scene on one pooling grid."""
-    return (UNet.size_multiple if encoder == "unet" else ResNetUNet.size_multiple) * downscale
+    """The grid of padding_of. Scene windows and overlaps must be multiples of it, so that every window sees
+    the scene on one pooling grid."""
+    return padding_of(encoder, downscale)[0]
 
 
 def input_padding(config: dict) -> tuple[int, int]:
-    """(grid, minimum): the network a config describes pads each input side to a multiple of grid, and to at
-    least minimum pixels (resolution.pad_to_grid)."""
-    encoder, factor = encoder_of(config), downscale_of(config)
-    minimum = UNet.min_side if encoder == "unet" else ResNetUNet.min_side
-    return size_multiple(encoder, factor), minimum * factor
+    """padding_of the network a config (a checkpoint's) describes."""
+    return padding_of(encoder_of(config), downscale_of(config))
 
 
 def smallest_batch(encoder: str, height: int, width: int, downscale: int = 1) -> int:
     """The fewest tiles of height x width a training batch may hold: BatchNorm needs two values per channel,
-    and a ResNet encoder's deepest map of a tile of 32 px or less (after ``downscale``) is one cell (the U-Net's
-    is 2 x 2 or more)."""
-    multiple = size_multiple(encoder)
-    sides = (-(-side // downscale) for side in (height, width))
-    cells = [max(32, -(-side // multiple) * multiple) // multiple for side in sides]
+    and a ResNet encoder's deepest map of a tile of 32 px or less (times ``downscale``) is one cell (the
+    U-Net's, padded to at least two grid cells, is 2 x 2 or more)."""
+    grid, minimum = padding_of(encoder, downscale)
+    cells = [resolution.padded_side(side, grid, minimum) // grid for side in (height, width)]
     return 2 if cells[0] * cells[1] == 1 else 1
 
 

@@ -547,8 +547,7 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
 def check_stall(cfg: Config, progress: Progress, job: Distributed, score: float, cm: np.ndarray) -> None:
     """Warn, once per streak, when the training loss has not fallen for ``collapse_patience`` epochs in a row
     (training.loss_stall), still near the best loss of a prediction that ignores the image (training.prior_loss,
-    near_prior_loss), while
-    the epoch's val farmland IoU (``score``) is little better than calling every pixel farmland
+    near_prior_loss), while the epoch's val farmland IoU (``score``) is little better than calling every pixel farmland
     (training.near_prior): the network predicts the class prior, whether or not its predictions hold one class.
     A loss that levels off at a good IoU is a converged network; one that levels off far below the prior's
     while the val IoU stays low has learned the training scenes but not the validation ones: no stall."""
