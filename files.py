@@ -31,9 +31,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
             fd = os.open(tmp, flags, 0o666)
-            break
         except FileExistsError:  # a name already taken: draw another
             continue
+        except OSError:
+            raise
+        except BaseException:
+            # A signal handled as os.open returns (SIGTERM, Ctrl-C) raises here, after the file was made.
+            tmp.unlink(missing_ok=True)
+            raise
+        break
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

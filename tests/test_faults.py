@@ -131,6 +131,24 @@ def test_sigterm_during_a_write_drops_it_and_leaves_no_temporary_file(tmp_path: 
     assert out.read_bytes() == b"first"  # the last complete write, never the interrupted one
 
 
+def test_a_signal_just_as_the_temporary_file_is_made_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "outputs" / "result.bin"
+    files.atomic_write_bytes(out, b"first")
+    real_open = os.open
+
+    def open_then_signalled(*opened: object) -> int:
+        real_open(*opened)  # the file exists; the signal is handled before its descriptor is bound
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "open", open_then_signalled)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write_bytes(out, b"second")
+    monkeypatch.undo()
+    assert [p.name for p in out.parent.iterdir()] == ["result.bin"] and out.read_bytes() == b"first"
+
+
 def test_sigterm_to_the_process_group_with_loader_workers_unwinds_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "outputs" / "big.bin"
     done = run_signalled(GROUP_STOPPED_LOADER, out, group=True)
