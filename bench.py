@@ -2,8 +2,10 @@
 
     python bench.py                      # widths 16, 32, 64, each encoder, 256x256 tiles (many minutes on a small CPU)
     python bench.py --widths=16 --encoders=unet --tile=128 --train_steps=4
+    python bench.py --widths=16 --encoders=unet --downscales=1,2   # the U-Net at full and at half resolution
 
-On the same generated tiles, for every network width (``--widths``) and encoder (``--encoders``), it measures
+On the same generated tiles, for every network width (``--widths``), encoder (``--encoders``) and working
+resolution (``--downscales``: 2 = the network sees tiles shrunk to half each side), it measures
 - training throughput (tiles/s) and peak memory: reference = fp32, contiguous memory, batch 5, no loader
   workers, tiles decoded every time; fast = the config's defaults (mixed precision where the hardware runs
   it natively, channels-last, loader workers, decoded-tile cache, freed memory reused; on CUDA also fused
@@ -26,8 +28,8 @@ and, once, for the U-Net at ``--width`` (the widest by default):
   reuse), so that the share of that one process-wide setting in each ratio is seen;
 and prints each pair's ratio. Every measurement runs in a fresh process, so peak memory is its own. The
 tables are printed and written as JSON with the machine (CPU model, cores, GPU), the torch version, and the
-network's FLOPs per tile, from which the achieved FLOP/s follow; the table by width and encoder also as
-Markdown beside the JSON.
+network's FLOPs per tile, from which the achieved FLOP/s follow; the table by network also as Markdown
+beside the JSON.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +60,7 @@ from fast_path import prediction_path, training_path
 from inference import inference_model, model_from_checkpoint
 from metrics import class_iou, confusion_matrix, evaluate_pairs
 from net_structure import ENCODERS, build_model
+from resolution import FACTORS, check_factor
 from runtime import (
     keep_freed_memory,
     machine,
@@ -73,11 +76,19 @@ from training import make_loader, make_optimizer, train_epoch
 REFERENCE_BATCH = 5
 
 
-def forward_flops(width: int, tile: int, encoder: str = "unet") -> int:
+class Network(NamedTuple):
+    """One network of the table: its width, encoder and working resolution (1 = full, 2 = half, 4)."""
+
+    width: int
+    encoder: str = "unet"
+    downscale: int = 1
+
+
+def forward_flops(width: int, tile: int, encoder: str = "unet", downscale: int = 1) -> int:
     """FLOPs (multiply and add counted apart) of one forward pass of one tile, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(3, 2, width, 0.0, encoder).eval()
+    model = build_model(3, 2, width, 0.0, encoder, downscale).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, 3, tile, tile))
     return int(counter.get_total_flops())
@@ -172,13 +183,14 @@ def bench_predict_reference(
     out_dir: Path,
     reuse_memory: bool = False,
     encoder: str = "unet",
+    downscale: int = 1,
 ) -> dict[str, float]:
     """Tiles/s of the reference prediction: fp32, contiguous, one image at a time, masks written
     (``reuse_memory``: with the project's allocator setting alone, to show what it gives on its own)."""
     if reuse_memory:
         keep_freed_memory()
     device = select_device(device_name)
-    model = build_model(3, 2, width, 0.3, encoder).to(device).eval()
+    model = build_model(3, 2, width, 0.3, encoder, downscale).to(device).eval()
 
     def run(progress: Callable[[int], None]) -> None:
         with torch.no_grad():
@@ -199,6 +211,7 @@ def bench_predict_fast(
     workers: int,
     amp_name: str = "auto",
     encoder: str = "unet",
+    downscale: int = 1,
 ) -> dict[str, float]:
     """Tiles/s of predict.py's own tile loop (predict_tiles): folded network, reduced precision (``amp_name``
     as the ``amp`` key: off for float32; under auto on a CPU the precision and layout that fast_path.py times
@@ -208,10 +221,9 @@ def bench_predict_fast(
     device = select_device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    state = {
-        "model": build_model(3, 2, width, 0.3, encoder).state_dict(),
-        "config": {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3, "encoder": encoder},
-    }
+    config = {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3, "encoder": encoder}
+    config["downscale"] = downscale
+    state = {"model": build_model(3, 2, width, 0.3, encoder, downscale).state_dict(), "config": config}
     model = inference_model(state, device, True, resolve_amp(amp_name, device))
     model, choice = prediction_path(model, state, amp_name, True, device, load_image(images[0], 3).shape)
     amp = choice.candidate.amp
@@ -390,6 +402,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--encoders", default="", help=f"networks measured at each width, of {','.join(ENCODERS)}; empty = all"
     )
     parser.add_argument(
+        "--downscales",
+        default="1",
+        help="working resolutions measured for each network, comma-separated, of 1, 2, 4 (2: half each side)",
+    )
+    parser.add_argument(
         "--width",
         type=int,
         default=0,
@@ -427,7 +444,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cases_only",
         action="store_true",
-        help="only the table by width and encoder (no one-off rows: backends, loop, scoring, scene); minutes on a GPU",
+        help="only the table by network (no one-off rows: backends, loop, scoring, scene); minutes on a GPU",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="where the JSON goes")
@@ -446,17 +463,30 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--encoders: {', '.join(unknown)} unknown; expected some of {', '.join(ENCODERS)}")
     if min(args.widths) < 1:
         parser.error(f"--widths={','.join(map(str, args.widths))}: expected positive widths, such as 16,32,64")
+    args.downscales = parse_downscales(args.downscales, parser)
     args.scene_size = args.scene_size or (16384 if cuda else 2048)
     args.workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else Config().num_workers)
     return args
 
 
-def reference_settings(width: int, encoder: str, device: str) -> dict[str, Any]:
+def parse_downscales(text: str, parser: argparse.ArgumentParser) -> list[int]:
+    """``--downscales=1,2`` as a list of factors; anything else is refused with the factors the networks take."""
+    try:
+        factors = [check_factor(int(f)) for f in text.split(",") if f.strip()]
+    except ValueError:
+        parser.error(
+            f"--downscales={text}: expected comma-separated factors of {', '.join(map(str, FACTORS))}, e.g. 1,2"
+        )
+    return factors or [1]
+
+
+def reference_settings(network: Network, device: str) -> dict[str, Any]:
     """The config overrides of the reference training recipe: fp32, contiguous, batch 5, tiles decoded every
     time in the main process, memory handed back."""
     return {
-        "base_width": width,
-        "encoder": encoder,
+        "base_width": network.width,
+        "encoder": network.encoder,
+        "downscale": network.downscale,
         "device": device,
         "amp": "off",
         "channels_last": False,
@@ -481,20 +511,22 @@ def case_sizes(args: argparse.Namespace, flops: float, full_flops: float) -> tup
 
 
 def measure_case(
-    args: argparse.Namespace, pairs: list[tuple[Path, Path]], tmp: Path, width: int, encoder: str, sizes: tuple
+    args: argparse.Namespace, pairs: list[tuple[Path, Path]], tmp: Path, network: Network, sizes: tuple
 ) -> dict[str, Any]:
-    """One network (width, encoder): training and prediction tiles/s of the reference and of the fast path
-    (with the precision and layout it chose), side by side."""
+    """One network: training and prediction tiles/s of the reference and of the fast path (with the precision
+    and layout it chose), side by side."""
     steps, count = sizes
     tiles = repeated([image for image, _ in pairs], count)
-    reference = reference_settings(width, encoder, args.device)
+    width, encoder, downscale = network
+    reference = reference_settings(network, args.device)
     # The config's defaults otherwise (amp=auto, channels-last, loader workers, memory reuse): the fast path.
-    fast = {"base_width": width, "encoder": encoder, "device": args.device, "batch_size": args.fast_batch}
-    fast["cache_tiles"] = "yes"
-    name = f"{encoder}_{width}"
+    fast = {"base_width": width, "encoder": encoder, "downscale": downscale, "device": args.device}
+    fast |= {"batch_size": args.fast_batch, "cache_tiles": "yes"}
+    name = f"{encoder}_{width}_{downscale}"
     return {
         "width": width,
         "encoder": encoder,
+        "downscale": downscale,
         "train_steps": steps,
         "predict_tiles": count,
         "train": {
@@ -503,10 +535,18 @@ def measure_case(
         },
         "predict": {
             "reference": in_subprocess(
-                bench_predict_reference, tiles, width, args.device, tmp / f"ref_{name}", False, encoder
+                bench_predict_reference, tiles, width, args.device, tmp / f"ref_{name}", False, encoder, downscale
             ),
             "fast": in_subprocess(
-                bench_predict_fast, tiles, width, args.device, tmp / f"fast_{name}", args.workers, "auto", encoder
+                bench_predict_fast,
+                tiles,
+                width,
+                args.device,
+                tmp / f"fast_{name}",
+                args.workers,
+                "auto",
+                encoder,
+                downscale,
             ),
         },
     }
@@ -515,7 +555,7 @@ def measure_case(
 def measure_training(args: argparse.Namespace, pairs: list[tuple[Path, Path]], case: dict[str, Any]) -> dict[str, Any]:
     """Training tiles/s: the reference loop and the fast path (the U-Net's case at --width), and the reference
     with reuse_memory alone."""
-    reference = reference_settings(args.width, "unet", args.device)
+    reference = reference_settings(Network(args.width), args.device)
     steps = case["train_steps"]
     return {
         **case["train"],
@@ -603,14 +643,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "forward_gflop_per_tile": flops / 1e9,
         "widths": args.widths,
         "encoders": args.encoders,
+        "downscales": args.downscales,
         "device": select_device(args.device).type,
     }
-    # Every (width, encoder) asked for, and the U-Net at --width, whose case the one-off rows go with.
-    networks = [(w, e) for w in args.widths for e in args.encoders]
-    if not args.cases_only:  # the one-off rows go with the U-Net at --width
-        networks += [] if (args.width, "unet") in networks else [(args.width, "unet")]
+    # Every network asked for, and the U-Net at --width and full resolution, whose case the one-off rows go with.
+    networks = [Network(w, e, d) for w in args.widths for e in args.encoders for d in args.downscales]
+    if not args.cases_only:
+        networks += [] if Network(args.width) in networks else [Network(args.width)]
     full_flops = forward_flops(FULL_WIDTH, args.tile)
-    network_flops = {network: forward_flops(network[0], args.tile, network[1]) for network in networks}
+    network_flops = {network: forward_flops(network.width, args.tile, *network[1:]) for network in networks}
     sizes = {network: case_sizes(args, network_flops[network], full_flops) for network in networks}
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -626,24 +667,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["matmul_peak_tflop_per_s"] = in_subprocess(matmul_peaks, args.device, sorted({"float32", fast_dtype}))
         results["fast_dtype"] = fast_dtype
         results["cases"] = []
-        for width, encoder in networks:
-            print(f"{encoder} width {width}: training and prediction, reference and fast ...", flush=True)
-            case = measure_case(args, pairs, tmp, width, encoder, sizes[width, encoder])
-            results["cases"].append({**case, "forward_gflop_per_tile": network_flops[width, encoder] / 1e9})
+        for network in networks:
+            print(f"{network_label(network)}: training and prediction, reference and fast ...", flush=True)
+            case = measure_case(args, pairs, tmp, network, sizes[network])
+            results["cases"].append({**case, "forward_gflop_per_tile": network_flops[network] / 1e9})
             add_case_ratios(results)
             write_results(args.out, results)  # row by row: a run stopped part-way keeps the rows it finished
         if args.cases_only:
             print(cases_markdown(results))
             print(f"written to {args.out} and {args.out.with_suffix('.md')}")
             return 0
-        primary = next(c for c in results["cases"] if (c["width"], c["encoder"]) == (args.width, "unet"))
+        primary = next(c for c in results["cases"] if case_network(c) == Network(args.width))
         print("training, one-off rows ...", flush=True)
         results["train"] = measure_training(args, pairs, primary)
         print("prediction, one-off rows ...", flush=True)
         results["predict"] = measure_prediction(args, images, tmp, primary)
         print("metrics ...", flush=True)
         scored = pairs[: min(args.metric_images, primary["predict_tiles"])]
-        masks = tmp / f"ref_unet_{args.width}"  # the reference's masks of the U-Net at --width
+        masks = tmp / f"ref_unet_{args.width}_1"  # the reference's masks of the U-Net at --width
         results["metrics"] = bench_metrics([(p.stem, m, masks / f"{p.stem}_seg.png") for p, m in scored])
         print("scene ...", flush=True)
         checkpoint = random_checkpoint(args.width, tmp)
@@ -652,12 +693,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_ratios(results, flops)
     print_table(results)
     write_results(args.out, results)
-    print(f"written to {args.out} (the table by width and encoder also to {args.out.with_suffix('.md')})")
+    print(f"written to {args.out} (the table by network also to {args.out.with_suffix('.md')})")
     return 0
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
-    """The JSON, and the table by width and encoder as Markdown beside it, each written atomically."""
+    """The JSON, and the table by network as Markdown beside it, each written atomically."""
     files.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     files.atomic_write_text(out.with_suffix(".md"), cases_markdown(results))
 
@@ -671,13 +712,26 @@ def path_label(found: dict[str, Any]) -> str:
     return label if choice["why"] == "measured" else f"{label} (untimed)"
 
 
-CASE_COLUMNS = ["width", "encoder", "GFLOP/tile", "training tiles/s: reference", "fast", "ratio", "fast path"]
+CASE_COLUMNS = ["width", "encoder", "downscale", "GFLOP/tile", "training tiles/s: reference", "fast", "ratio"]
+CASE_COLUMNS += ["fast path"]
 CASE_COLUMNS += ["prediction tiles/s: reference", "fast", "ratio", "fast path"]
 
 
+def network_label(network: Network) -> str:
+    """'unet width 16', with ', half resolution' (or quarter) where the network works on shrunk tiles."""
+    shrunk = {1: "", 2: ", half resolution", 4: ", quarter resolution"}[network.downscale]
+    return f"{network.encoder} width {network.width}{shrunk}"
+
+
+def case_network(case: dict[str, Any]) -> Network:
+    """The network a measured case is of (cases written before downscale was measured are at full resolution)."""
+    return Network(case["width"], case["encoder"], case.get("downscale", 1))
+
+
 def cases_markdown(results: dict[str, Any]) -> str:
-    """The table by network (Markdown): width, encoder, forward GFLOP per tile, and for training and prediction
-    the reference's and the fast path's tiles/s, their ratio and the precision and layout the fast path chose."""
+    """The table by network (Markdown): width, encoder, downscale, forward GFLOP per tile, and for training and
+    prediction the reference's and the fast path's tiles/s, their ratio and the precision and layout the fast path
+    chose."""
     info = results["machine"]
     gpu = f", {info['gpu']}" if info.get("gpu") and results.get("device") == "cuda" else ""
     tile = results["tile"]
@@ -688,7 +742,7 @@ def cases_markdown(results: dict[str, Any]) -> str:
         "|" + "---|" * len(CASE_COLUMNS),
     ]
     for case in results["cases"]:
-        cells = [str(case["width"]), case["encoder"], f"{case['forward_gflop_per_tile']:.1f}"]
+        cells = [*map(str, case_network(case)), f"{case['forward_gflop_per_tile']:.1f}"]
         for key in ("train", "predict"):
             pair = case[key]
             rates = [f"{pair[variant]['tiles_per_s']:.2f}" for variant in ("reference", "fast")]
@@ -756,7 +810,7 @@ def print_table(results: dict[str, Any]) -> None:
     advice = f"predict.py {choice} (export_onnx.py first)" if fastest.startswith("onnx") else "the default (torch)"
     print(f"\nfastest prediction here: {fastest}; to use it: {advice}")
     if results.get("cases"):
-        print(f"\nby width and encoder:\n\n{cases_markdown(results)}")
+        print(f"\nby network:\n\n{cases_markdown(results)}")
 
 
 def backend_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -9,11 +9,13 @@ the fastest is taken:
 1. the candidates, in order of preference: the old rule's first (bf16 channels-last where the CPU computes
    bf16 natively), then bf16 contiguous, fp32 channels-last, fp32 contiguous; no bf16 on a CPU without
    native bf16 (emulated, it is many times slower), no channels-last under ``channels_last=false``;
-2. two forward passes of one tile in each, in turn: the first warms it up (kernels chosen and compiled,
-   memory first touched: several times a steady pass for bf16 on AMX), the second screens it: a candidate
-   whose pass took more than PRUNE times the fastest's is left out (a forward pass's ratios foretell a
-   step's), and one whose warm-up alone took over UNTIMED_DROP times the fastest so far is left out at once;
-3. rounds of one step of one tile in each candidate left (training: forward and backward under autocast,
+2. two forward passes in each, in turn (of one tile for prediction; for training, of its batch, up to
+   TIMED_TILES_MAX tiles, so that per-step costs weigh as in training): the first warms it up (kernels
+   chosen and compiled, memory first touched: several times a steady pass for bf16 on AMX), the second
+   screens it: a candidate whose pass took more than PRUNE times the fastest's is left out (a forward pass's
+   ratios foretell a step's), and one whose warm-up alone took over UNTIMED_DROP times the fastest so far is
+   left out at once;
+3. rounds of one step in each candidate left (training: forward and backward under autocast,
    two rounds at least, the first also warming the backward pass up; prediction: the folded network's
    forward pass, its screening pass counting as a round), interleaved so that a disturbance from other work
    falls on all of them alike, until BUDGET_S is spent (at most MAX_ROUNDS); each scores its fastest step.
@@ -63,6 +65,10 @@ MEASURE_FROM_GFLOP = 0.25  # smaller networks (per tile forward) keep the old ru
 CONFIRM_ROUNDS = 2  # passes of the old rule's candidate and a faster one, in turn, before leaving the old rule
 STEP_PER_SCREEN = 3  # a training step (forward and backward) costs about three forward passes
 COUNT_SIDE = 32  # side of the input on which a network's FLOPs are counted, then scaled to the tile
+# Training is timed on its own batch, up to this many tiles: a step's costs that do not grow with its tiles
+# (autocast's bf16 copy of the weights at every forward pass) weigh on each tile as in training. Timed on one
+# tile, they made a ResNet at half resolution look faster in fp32 (28 tiles/s trained) than in bf16 (38).
+TIMED_TILES_MAX = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,20 +268,19 @@ def unmeasured(options: Sequence[Candidate], config: dict[str, Any], shape: Sequ
     return f"the old rule: network too small to time, {gflop:.2g} GFLOP per tile" if gflop < MEASURE_FROM_GFLOP else ""
 
 
+def timed_tiles(cfg: Config, shape: Sequence[int]) -> int:
+    """The tiles of the training step the fast path times: the training batch (at most TIMED_TILES_MAX), and
+    at least the smallest batch BatchNorm trains on (net_structure.smallest_batch)."""
+    return max(smallest_batch(cfg.encoder, *shape[-2:], cfg.downscale), min(cfg.batch_size, TIMED_TILES_MAX))
+
+
 def training_timers(
-    model: nn.Module,
-    criterion: nn.Module,
-    shape: Sequence[int],
-    n_classes: int,
-    device: torch.device,
-    encoder: str = "unet",
-    downscale: int = 1,
+    model: nn.Module, criterion: nn.Module, shape: Sequence[int], n_classes: int, device: torch.device, tiles: int = 1
 ) -> tuple[Callable[[Candidate], float], Callable[[Candidate], float]]:
-    """The screening pass (forward) and the step (forward and backward) of one tile in a candidate, on copies
-    of the model in each layout (the model's BatchNorm statistics and gradients stay untouched). Where
-    BatchNorm needs two tiles (net_structure.smallest_batch), two are timed and the time halved."""
+    """The screening pass (forward) and the step (forward and backward) of a batch of ``tiles`` tiles in a
+    candidate, in seconds per batch, on copies of the model in each layout (the model's BatchNorm statistics
+    and gradients stay untouched)."""
     generator = torch.Generator().manual_seed(0)
-    tiles = smallest_batch(encoder, *shape[-2:], downscale)
     images = torch.rand((tiles, *shape), generator=generator).to(device)
     masks = torch.randint(0, n_classes, (tiles, *shape[-2:]), generator=generator).to(device)
     copies: dict[bool, nn.Module] = {}
@@ -290,7 +295,7 @@ def training_timers(
             loss = criterion(network(inputs), masks)
         if backward:
             loss.backward()
-        seconds = (time.perf_counter() - started) / tiles
+        seconds = time.perf_counter() - started
         network.zero_grad(set_to_none=True)
         return seconds
 
@@ -339,13 +344,14 @@ def training_path(
         if earlier in options:  # not where this CPU lacks native bf16, or channels_last is now off
             choice = Choice(earlier, "as chosen when the run began, from last.pth")
         elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device, cfg.encoder, cfg.downscale)
+            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device, timed_tiles(cfg, shape))
             with torch.random.fork_rng(devices=[]):  # dropout's draws here leave training's untouched
                 choice = choose(options, step, screen)
         choice.candidate, choice.why = agreed(choice.candidate, choice.why)
         cfg.amp, cfg.channels_last = choice.candidate.amp_key, choice.candidate.channels_last
     model.to(memory_format=choice.candidate.layout)
-    LOG.info("%s", choice.summary("training step of one tile"))
+    tiles = timed_tiles(cfg, shape)
+    LOG.info("%s", choice.summary("training step of one tile" if tiles == 1 else f"training step of {tiles} tiles"))
     return choice
 
 

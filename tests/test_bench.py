@@ -261,6 +261,9 @@ def test_ratios_and_shares_of_the_peak_worked_by_hand(capsys: pytest.CaptureFixt
 def test_forward_flops_grow_with_the_tile_area() -> None:
     # Every layer works per pixel of its level: four times the pixels, four times the FLOPs.
     assert bench.forward_flops(4, 64) == 4 * bench.forward_flops(4, 32) > 0
+    # At half resolution a 64-pixel tile is a 32-pixel one to the network (shrinking and growing cost no FLOPs).
+    for encoder in ("unet", "resnet18"):
+        assert bench.forward_flops(4, 64, encoder, 2) == bench.forward_flops(4, 32, encoder)
 
 
 @pytest.fixture
@@ -335,15 +338,15 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path, capsys: pytest.CaptureF
 
     # The table by network: every width (--width alone: that one) with every encoder, reference and fast side by
     # side, and the precision and layout the fast path ran in; the U-Net at --width has the one-off rows above.
-    assert (results["widths"], results["encoders"]) == ([4], ["unet", "resnet18"])
+    assert (results["widths"], results["encoders"], results["downscales"]) == ([4], ["unet", "resnet18"], [1])
     cases = {(c["width"], c["encoder"]): c for c in results["cases"]}
-    assert list(cases) == [(4, "unet"), (4, "resnet18")]
+    assert list(cases) == [(4, "unet"), (4, "resnet18")] and {c["downscale"] for c in results["cases"]} == {1}
     markdown = out.with_suffix(".md").read_text().splitlines()
     assert markdown[2] == "| " + " | ".join(bench.CASE_COLUMNS) + " |"
     for (width, encoder), case in cases.items():
         assert case["forward_gflop_per_tile"] * 1e9 == pytest.approx(bench.forward_flops(width, 32, encoder))
         assert (case["train_steps"], case["predict_tiles"]) == (1, 8)  # as given: not scaled
-        cells = [str(width), encoder, f"{case['forward_gflop_per_tile']:.1f}"]
+        cells = [str(width), encoder, "1", f"{case['forward_gflop_per_tile']:.1f}"]
         for key in ("train", "predict"):
             pair = case[key]
             assert pair["speedup"] == pytest.approx(pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"])
@@ -363,18 +366,25 @@ def test_cases_only_writes_the_table_by_network_alone(
 ) -> None:
     out = tmp_path / "cases.json"
     argv = ["--widths=4", "--encoders=resnet18", "--tile=32", "--train_steps=1", "--predict_tiles=8", "--cases_only"]
-    assert bench.main([*argv, f"--out={out}"]) == 0
+    assert bench.main([*argv, "--downscales=1,2", f"--out={out}"]) == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert not {"train", "predict", "metrics", "scene"} & results.keys()  # no one-off rows measured
-    (case,) = results["cases"]  # the networks asked for alone: no U-Net for the one-off rows
-    assert (case["width"], case["encoder"], results["device"]) == (4, "resnet18", "cpu")
-    for key in ("train", "predict"):
-        assert case[key]["speedup"] == pytest.approx(
-            case[key]["fast"]["tiles_per_s"] / case[key]["reference"]["tiles_per_s"]
-        )
+    # The networks asked for alone (no U-Net for the one-off rows), each at full and at half resolution.
+    assert [bench.case_network(c) for c in results["cases"]] == [(4, "resnet18", 1), (4, "resnet18", 2)]
+    assert results["device"] == "cpu"
+    full, half = results["cases"]
+    assert half["forward_gflop_per_tile"] * 1e9 == pytest.approx(bench.forward_flops(4, 32, "resnet18", 2))
+    # 32 pixels shrink to 16, which the ResNet pads back to its 32-pixel grid: the same work as at full size.
+    assert half["forward_gflop_per_tile"] == full["forward_gflop_per_tile"]
+    for case in results["cases"]:
+        for key in ("train", "predict"):
+            pair = case[key]
+            assert pair["speedup"] == pytest.approx(pair["fast"]["tiles_per_s"] / pair["reference"]["tiles_per_s"])
     assert out.with_suffix(".md").read_text() == bench.cases_markdown(results)
-    assert bench.cases_markdown(results).splitlines()[-1] in printed.splitlines()
+    rows = bench.cases_markdown(results).splitlines()
+    assert rows[-1].startswith("| 4 | resnet18 | 2 |") and rows[-2].startswith("| 4 | resnet18 | 1 |")
+    assert rows[-1] in printed.splitlines() and "resnet18 width 4, half resolution: training" in printed
 
 
 def test_lighter_networks_get_more_steps_and_tiles_by_default() -> None:
@@ -389,6 +399,21 @@ def test_lighter_networks_get_more_steps_and_tiles_by_default() -> None:
     assert bench.case_sizes(given, 6e9, 96e9) == (2, 8)
     with pytest.raises(SystemExit):
         bench.parse_arguments(["--encoders=unet,vgg16"])
+    assert (args.downscales, bench.parse_arguments(["--downscales=2, 4"]).downscales) == ([1], [2, 4])
+
+
+@pytest.mark.parametrize("given", ["3", "1,half", "0"])
+def test_a_factor_the_networks_do_not_take_is_refused_with_the_ones_they_do(
+    given: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_arguments([f"--downscales={given}"])
+    assert f"--downscales={given}: expected comma-separated factors of 1, 2, 4, e.g. 1,2" in capsys.readouterr().err
+
+
+def test_cases_from_before_downscale_read_as_full_resolution() -> None:
+    assert bench.case_network({"width": 64, "encoder": "unet"}) == bench.Network(64, "unet", 1)
+    assert bench.network_label(bench.Network(16, "unet", 2)) == "unet width 16, half resolution"
 
 
 def late_pass_faults(mode: str) -> int:

@@ -12,6 +12,7 @@ from conftest import args, close_log_files, spread_probabilities_
 from torch import nn
 
 import export_onnx
+import fast_path
 import predict
 import scene
 import split_dataset
@@ -352,9 +353,12 @@ def test_a_resnet_on_32px_tiles_refuses_batches_of_one_and_times_two(shared_squa
     with pytest.raises(ValueError, match=r"32x32-pixel tiles with batches of 1 .* use --batch_size=2 or more"):
         train.main(args(shared_square_data, run_dir, "--encoder=resnet18", "--batch_size=1", "--epochs=1"))
     close_log_files()
-    # The fast path's timing step (one tile where BatchNorm allows) takes two such tiles and halves the time.
+    # The fast path times the training batch, and never fewer tiles than BatchNorm trains on.
+    cfg = Config(encoder="resnet18", batch_size=1)
+    assert (fast_path.timed_tiles(cfg, (3, 32, 32)), fast_path.timed_tiles(cfg, (3, 64, 64))) == (2, 1)
+    assert fast_path.timed_tiles(Config(batch_size=32), (3, 64, 64)) == fast_path.TIMED_TILES_MAX
     model = build_model(3, 2, 8, 0.0, "resnet18")
-    screen, step = training_timers(model, nn.CrossEntropyLoss(), (3, 32, 32), 2, CPU, "resnet18")
+    screen, step = training_timers(model, nn.CrossEntropyLoss(), (3, 32, 32), 2, CPU, 2)
     assert step(Candidate(None, False)) > 0 and screen(Candidate(None, True)) > 0
     assert model.encoder.bn1.num_batches_tracked.item() == 0  # timed on copies
 

@@ -188,7 +188,8 @@ def test_training_takes_and_records_the_timed_choice(
     assert choice.candidate == FP32 and choice.measured
     assert model.inc.block[0].weight.is_contiguous()  # the model in the chosen layout
     assert (cfg.amp, cfg.channels_last) == ("off", False)  # recorded, for the checkpoints' config
-    assert "fast path: fp32 contiguous, 0.2 s/training step of one tile against bf16 channels-last 0.25" in caplog.text
+    # Timed on the training batch (5 tiles): a step's fixed costs weigh on each tile as in training.
+    assert "fast path: fp32 contiguous, 0.2 s/training step of 5 tiles against bf16 channels-last 0.25" in caplog.text
 
     # A resumed run takes the choice from last.pth's config instead of timing again.
     monkeypatch.setattr(fast_path, "choose", cannot_time)
