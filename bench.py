@@ -14,7 +14,7 @@ resolution (``--downscales``: 2 = the network sees tiles shrunk to half each sid
 - prediction throughput (tiles/s, masks written to disk): reference = one image at a time in fp32;
   fast = predict.py's path (BatchNorm folded, padding and concatenation written into the buffers the
   convolutions read, reduced precision, channels-last, batches, reading workers, freed memory reused);
-and, once, for the U-Net at ``--width`` (the widest by default):
+and, once, for the U-Net at ``--width`` (the widest by default) at full resolution:
 - prediction's backends side by side in predict.py's loop (tiles/s): the fast path in float32 as well as
   in its default precision (bf16 where the CPU runs it natively), and on a CPU the same network exported by
   export_onnx.py run by onnxruntime, in float32 and as the 8-bit copy (``--quantize=int8``); the table names
@@ -221,8 +221,8 @@ def bench_predict_fast(
     device = select_device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    config = {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3, "encoder": encoder}
-    config["downscale"] = downscale
+    config = {"in_channels": 3, "n_classes": 2, "base_width": width, "dropout": 0.3}
+    config |= {"encoder": encoder, "downscale": downscale}
     state = {"model": build_model(3, 2, width, 0.3, encoder, downscale).state_dict(), "config": config}
     model = inference_model(state, device, True, resolve_amp(amp_name, device))
     model, choice = prediction_path(model, state, amp_name, True, device, load_image(images[0], 3).shape)
@@ -410,8 +410,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--width",
         type=int,
         default=0,
-        help="width of the one-off rows (memory reuse alone, backends, the loop, the scene), on the U-Net; "
-        "0 = the widest of --widths",
+        help="width of the one-off rows (memory reuse alone, backends, the loop, the scene), on the U-Net at "
+        "full resolution; 0 = the widest of --widths",
     )
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
     parser.add_argument(
@@ -472,7 +472,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def parse_downscales(text: str, parser: argparse.ArgumentParser) -> list[int]:
     """``--downscales=1,2`` as a list of factors; anything else is refused with the factors the networks take."""
     try:
-        factors = [check_factor(int(f)) for f in text.split(",") if f.strip()]
+        factors = list(dict.fromkeys(check_factor(int(f)) for f in text.split(",") if f.strip()))
     except ValueError:
         parser.error(
             f"--downscales={text}: expected comma-separated factors of {', '.join(map(str, FACTORS))}, e.g. 1,2"
@@ -522,7 +522,7 @@ def measure_case(
     # The config's defaults otherwise (amp=auto, channels-last, loader workers, memory reuse): the fast path.
     fast = {"base_width": width, "encoder": encoder, "downscale": downscale, "device": args.device}
     fast |= {"batch_size": args.fast_batch, "cache_tiles": "yes"}
-    name = f"{encoder}_{width}_{downscale}"
+    name = case_folder(network)
     return {
         "width": width,
         "encoder": encoder,
@@ -651,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.cases_only:
         networks += [] if Network(args.width) in networks else [Network(args.width)]
     full_flops = forward_flops(FULL_WIDTH, args.tile)
-    network_flops = {network: forward_flops(network.width, args.tile, *network[1:]) for network in networks}
+    network_flops = {n: forward_flops(n.width, args.tile, n.encoder, n.downscale) for n in networks}
     sizes = {network: case_sizes(args, network_flops[network], full_flops) for network in networks}
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -684,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["predict"] = measure_prediction(args, images, tmp, primary)
         print("metrics ...", flush=True)
         scored = pairs[: min(args.metric_images, primary["predict_tiles"])]
-        masks = tmp / f"ref_unet_{args.width}_1"  # the reference's masks of the U-Net at --width
+        masks = tmp / f"ref_{case_folder(Network(args.width))}"  # the reference's masks of the U-Net at --width
         results["metrics"] = bench_metrics([(p.stem, m, masks / f"{p.stem}_seg.png") for p, m in scored])
         print("scene ...", flush=True)
         checkpoint = random_checkpoint(args.width, tmp)
@@ -712,9 +712,14 @@ def path_label(found: dict[str, Any]) -> str:
     return label if choice["why"] == "measured" else f"{label} (untimed)"
 
 
-CASE_COLUMNS = ["width", "encoder", "downscale", "GFLOP/tile", "training tiles/s: reference", "fast", "ratio"]
-CASE_COLUMNS += ["fast path"]
+CASE_COLUMNS = ["width", "encoder", "downscale", "GFLOP/tile"]
+CASE_COLUMNS += ["training tiles/s: reference", "fast", "ratio", "fast path"]
 CASE_COLUMNS += ["prediction tiles/s: reference", "fast", "ratio", "fast path"]
+
+
+def case_folder(network: Network) -> str:
+    """The name of a network's folders of predicted masks: 'unet_16_1'."""
+    return f"{network.encoder}_{network.width}_{network.downscale}"
 
 
 def network_label(network: Network) -> str:

@@ -9,18 +9,18 @@ the fastest is taken:
 1. the candidates, in order of preference: the old rule's first (bf16 channels-last where the CPU computes
    bf16 natively), then bf16 contiguous, fp32 channels-last, fp32 contiguous; no bf16 on a CPU without
    native bf16 (emulated, it is many times slower), no channels-last under ``channels_last=false``;
-2. two forward passes in each, in turn (of one tile for prediction; for training, of its batch, up to
-   TIMED_TILES_MAX tiles, so that per-step costs weigh as in training): the first warms it up (kernels
-   chosen and compiled, memory first touched: several times a steady pass for bf16 on AMX), the second
-   screens it: a candidate whose pass took more than PRUNE times the fastest's is left out (a forward pass's
-   ratios foretell a step's), and one whose warm-up alone took over UNTIMED_DROP times the fastest so far is
-   left out at once;
-3. rounds of one step in each candidate left (training: forward and backward under autocast,
-   two rounds at least, the first also warming the backward pass up; prediction: the folded network's
-   forward pass, its screening pass counting as a round), interleaved so that a disturbance from other work
-   falls on all of them alike, until BUDGET_S is spent (at most MAX_ROUNDS); each scores its fastest step.
-   Where two rounds of training steps would already overrun BUDGET_S (a wide network: a full-width U-Net's
-   fp32 step takes seconds on a small CPU), the screening passes decide instead;
+2. two forward passes in each, in turn, of one tile for prediction and, for training, of its batch (up to
+   TIMED_TILES_MAX tiles, so that a step's costs that do not grow with its tiles weigh on each tile as in
+   training): the first warms it up (kernels chosen and compiled, memory first touched: several times a
+   steady pass for bf16 on AMX), the second screens it: a candidate whose pass took more than PRUNE times
+   the fastest's is left out (a forward pass's ratios foretell a step's), and one whose warm-up alone took
+   over UNTIMED_DROP times the fastest so far is left out at once;
+3. rounds of one step in each candidate left (training: forward and backward under autocast, two rounds at
+   least, the first also warming the backward pass up; prediction: the folded network's forward pass, its
+   screening pass counting as a round), interleaved so that a disturbance from other work falls on all of
+   them alike, until BUDGET_S is spent (at most MAX_ROUNDS); each scores its fastest step, per tile. Where
+   two rounds of training steps would already overrun BUDGET_S (a wide network, large tiles or a large
+   batch: a full-width U-Net's fp32 step takes seconds on a small CPU), the screening passes decide;
 4. a candidate displaces one before it in that order only when faster by more than TIE, so that a near tie
    keeps the old rule;
 5. a choice other than the old rule's is confirmed: the two are timed again, CONFIRM_ROUNDS times each in
@@ -65,9 +65,10 @@ MEASURE_FROM_GFLOP = 0.25  # smaller networks (per tile forward) keep the old ru
 CONFIRM_ROUNDS = 2  # passes of the old rule's candidate and a faster one, in turn, before leaving the old rule
 STEP_PER_SCREEN = 3  # a training step (forward and backward) costs about three forward passes
 COUNT_SIDE = 32  # side of the input on which a network's FLOPs are counted, then scaled to the tile
-# Training is timed on its own batch, up to this many tiles: a step's costs that do not grow with its tiles
-# (autocast's bf16 copy of the weights at every forward pass) weigh on each tile as in training. Timed on one
-# tile, they made a ResNet at half resolution look faster in fp32 (28 tiles/s trained) than in bf16 (38).
+# Training's candidates are timed on the training batch, up to this many tiles: a step's costs that do not
+# grow with its tiles (autocast's bf16 copy of the weights at every forward pass) then weigh on each tile as
+# in training. Timed on one tile, they made resnet18 at half resolution look faster in fp32, which then
+# trained at 24.8 tiles/s against 36.1 in bf16 (bench.py, 2-core Xeon).
 TIMED_TILES_MAX = 8
 
 
@@ -101,6 +102,7 @@ class Choice:
     screen_s: dict[Candidate, float] = dataclasses.field(default_factory=dict)  # each one's screening pass
     step_s: dict[Candidate, float] = dataclasses.field(default_factory=dict)  # the fastest step of those timed
     cost_s: float = 0.0  # wall time of the whole choice (building the copies, passes, rounds)
+    step_tiles: int = 1  # tiles of each timed step (step_s is per tile of such a step)
 
     @property
     def measured(self) -> bool:
@@ -136,6 +138,7 @@ class Choice:
             "why": self.why,
             "screen_s": {str(c): s for c, s in self.screen_s.items()},
             "step_s": {str(c): s for c, s in self.step_s.items()},
+            "step_tiles": self.step_tiles,
             "cost_s": self.cost_s,
         }
 
@@ -157,6 +160,7 @@ def choose(
     budget_s: float = BUDGET_S,
     clock: Callable[[], float] = time.perf_counter,
     release: Callable[[Candidate], None] | None = None,
+    step_tiles: int = 1,
 ) -> Choice:
     """Time the candidates and return the fastest (steps 2 to 5 of the module's description).
 
@@ -173,6 +177,8 @@ def choose(
         budget_s: seconds of rounds of steps, counted from the first; the minimum number of rounds always runs.
         clock: the clock that budget_s is counted by.
         release: called with each candidate but the first as soon as it is left out, to free its copy.
+        step_tiles: the tiles of a step where ``step`` and ``screen`` return seconds per tile: a step then takes
+            about STEP_PER_SCREEN x step_tiles screening seconds, which the budget is weighed against.
     """
     started = time.perf_counter()
     first = screen or step
@@ -199,7 +205,8 @@ def choose(
             leave_out(candidate)
     least = 2 if screen else 1
     best: dict[Candidate, float] = {}
-    if len(kept) > 1 and not (screen and least * STEP_PER_SCREEN * sum(screened[c] for c in kept) > budget_s):
+    step_estimate = STEP_PER_SCREEN * step_tiles * sum(screened[c] for c in kept)
+    if len(kept) > 1 and not (screen and least * step_estimate > budget_s):
         best = {c: math.inf if screen else screened[c] for c in kept}
         rounds, begun = 0, clock()
         while rounds < MAX_ROUNDS and (rounds < least or clock() - begun < budget_s):
@@ -217,7 +224,7 @@ def choose(
             for candidate in pair:
                 seconds[candidate] = min(seconds[candidate], again(candidate))
         taken = fastest_of(pair, seconds)
-    return Choice(taken, "measured", screened, best, time.perf_counter() - started)
+    return Choice(taken, "measured", screened, best, time.perf_counter() - started, step_tiles)
 
 
 def fastest_of(kept: Sequence[Candidate], seconds: dict[Candidate, float]) -> Candidate:
@@ -269,17 +276,22 @@ def unmeasured(options: Sequence[Candidate], config: dict[str, Any], shape: Sequ
 
 
 def timed_tiles(cfg: Config, shape: Sequence[int]) -> int:
-    """The tiles of the training step the fast path times: the training batch (at most TIMED_TILES_MAX), and
-    at least the smallest batch BatchNorm trains on (net_structure.smallest_batch)."""
+    """The tiles of the batch that training's candidates are timed on: the training batch (at most
+    TIMED_TILES_MAX), and at least the smallest batch BatchNorm trains on (net_structure.smallest_batch)."""
     return max(smallest_batch(cfg.encoder, *shape[-2:], cfg.downscale), min(cfg.batch_size, TIMED_TILES_MAX))
 
 
 def training_timers(
-    model: nn.Module, criterion: nn.Module, shape: Sequence[int], n_classes: int, device: torch.device, tiles: int = 1
+    model: nn.Module,
+    criterion: nn.Module,
+    shape: Sequence[int],
+    n_classes: int,
+    device: torch.device,
+    tiles: int,
 ) -> tuple[Callable[[Candidate], float], Callable[[Candidate], float]]:
     """The screening pass (forward) and the step (forward and backward) of a batch of ``tiles`` tiles in a
-    candidate, in seconds per batch, on copies of the model in each layout (the model's BatchNorm statistics
-    and gradients stay untouched)."""
+    candidate, each in seconds per tile, on copies of the model in each layout (the model's BatchNorm
+    statistics and gradients stay untouched)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.rand((tiles, *shape), generator=generator).to(device)
     masks = torch.randint(0, n_classes, (tiles, *shape[-2:]), generator=generator).to(device)
@@ -295,7 +307,7 @@ def training_timers(
             loss = criterion(network(inputs), masks)
         if backward:
             loss.backward()
-        seconds = time.perf_counter() - started
+        seconds = (time.perf_counter() - started) / tiles
         network.zero_grad(set_to_none=True)
         return seconds
 
@@ -339,19 +351,19 @@ def training_path(
     """
     options = candidates(cfg.amp, cfg.channels_last, device)
     choice = Choice(options[0], unmeasured(options, dataclasses.asdict(cfg), shape, cfg.amp))
+    tiles = timed_tiles(cfg, shape)
     if not choice.why:
         earlier = resumed_candidate(cfg)
         if earlier in options:  # not where this CPU lacks native bf16, or channels_last is now off
             choice = Choice(earlier, "as chosen when the run began, from last.pth")
         elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device, timed_tiles(cfg, shape))
+            screen, step = training_timers(model, criterion, shape, cfg.n_classes, device, tiles)
             with torch.random.fork_rng(devices=[]):  # dropout's draws here leave training's untouched
-                choice = choose(options, step, screen)
+                choice = choose(options, step, screen, step_tiles=tiles)
         choice.candidate, choice.why = agreed(choice.candidate, choice.why)
         cfg.amp, cfg.channels_last = choice.candidate.amp_key, choice.candidate.channels_last
     model.to(memory_format=choice.candidate.layout)
-    tiles = timed_tiles(cfg, shape)
-    LOG.info("%s", choice.summary("training step of one tile" if tiles == 1 else f"training step of {tiles} tiles"))
+    LOG.info("%s", choice.summary("training step of one tile" if tiles == 1 else f"tile in training steps of {tiles}"))
     return choice
 
 

@@ -6,6 +6,7 @@ leaves half a file; output folders are checked for write access and room before 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -33,11 +34,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:  # a name already taken: draw another
             continue
-        except OSError:
+        except OSError:  # the file could not be made: nothing to remove
             raise
         except BaseException:
-            # A signal handled as os.open returns (SIGTERM, Ctrl-C) raises here, after the file was made.
-            tmp.unlink(missing_ok=True)
+            # A signal handled as os.open returns (SIGTERM, Ctrl-C) raises here, after the file was made; its
+            # descriptor was never bound, and is closed when the process ends.
+            remove_quietly(tmp)
             raise
         break
     try:
@@ -45,8 +47,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a temporary file if it is there; a failure (Windows refuses to remove a file still open) must not
+    hide the error being raised."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,8 +73,10 @@ def check_writable(folder: Path, need_bytes: int = 0) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(probe)
     except OSError as err:
         raise ValueError(
             f"{folder}: cannot write there ({err.strerror}); choose another --run_dir or fix its permissions"

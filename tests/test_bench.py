@@ -399,7 +399,7 @@ def test_lighter_networks_get_more_steps_and_tiles_by_default() -> None:
     assert bench.case_sizes(given, 6e9, 96e9) == (2, 8)
     with pytest.raises(SystemExit):
         bench.parse_arguments(["--encoders=unet,vgg16"])
-    assert (args.downscales, bench.parse_arguments(["--downscales=2, 4"]).downscales) == ([1], [2, 4])
+    assert (args.downscales, bench.parse_arguments(["--downscales=2, 4,2"]).downscales) == ([1], [2, 4])
 
 
 @pytest.mark.parametrize("given", ["3", "1,half", "0"])

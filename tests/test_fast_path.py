@@ -124,6 +124,17 @@ def test_steps_too_long_for_the_budget_leave_the_choice_to_the_screening_passes(
     assert choice.candidate == BF16 and stepped == [] and choice.step_s == {}
 
 
+def test_the_budget_weighs_steps_of_several_tiles_whole() -> None:
+    # Per tile, two rounds of three times 0.05 + 0.06 s take 0.66 s, inside the 2 s; steps of 5 tiles take 3.3 s.
+    forward = {BF16_CL: 0.05, BF16: 0.06, FP32_CL: 0.5, FP32: 0.5}
+    steps = {BF16_CL: 0.15, BF16: 0.12}
+    for tiles, timed in ((1, True), (5, False)):
+        stepped: list[Candidate] = []
+        choice = choose(ALL, stand_in(steps, stepped), stand_in(forward), step_tiles=tiles)
+        assert bool(stepped) == timed and choice.step_tiles == tiles
+        assert choice.candidate == (BF16 if timed else BF16_CL)  # on the screening passes a near tie keeps the rule
+
+
 def test_rounds_stop_at_the_limit_however_cheap_a_step() -> None:
     stepped: list[Candidate] = []
     choose(ALL[:2], stand_in({BF16_CL: 0.001, BF16: 0.0012}, stepped), clock=lambda: 0.0)
@@ -169,9 +180,16 @@ def test_forced_settings_and_tiny_networks_time_nothing(monkeypatch: pytest.Monk
     assert fast_path.prediction_path(model, state, "auto", True, CPU, (3, 32, 32))[0] is model
 
 
-def stand_in_timers(seconds: dict[Candidate, float]) -> Callable[..., tuple]:
-    """training_timers' stand-in: a forward pass a third of a step, the step as given."""
-    return lambda *_: (stand_in({c: s / 3 for c, s in seconds.items()}), stand_in(seconds))
+def stand_in_timers(seconds: dict[Candidate, float], asked: list | None = None) -> Callable[..., tuple]:
+    """training_timers' stand-in: a forward pass a third of a step, the step as given; the tiles it was asked
+    to time on are appended to ``asked``."""
+
+    def timers(*given: object) -> tuple:
+        if asked is not None:
+            asked.append(given[-1])
+        return stand_in({c: s / 3 for c, s in seconds.items()}), stand_in(seconds)
+
+    return timers
 
 
 def test_training_takes_and_records_the_timed_choice(
@@ -179,7 +197,8 @@ def test_training_takes_and_records_the_timed_choice(
 ) -> None:
     monkeypatch.setattr(fast_path, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(fast_path, "MEASURE_FROM_GFLOP", 0.0)  # time even a width-4 network
-    timers = stand_in_timers({BF16_CL: 0.25, BF16: 0.4, FP32_CL: 0.35, FP32: 0.2})
+    asked: list = []
+    timers = stand_in_timers({BF16_CL: 0.025, BF16: 0.04, FP32_CL: 0.035, FP32: 0.02}, asked)
     monkeypatch.setattr(fast_path, "training_timers", timers)
     model = build_model(3, 2, 4, 0.3)
     cfg = Config(base_width=4, run_dir=str(tmp_path))
@@ -188,8 +207,11 @@ def test_training_takes_and_records_the_timed_choice(
     assert choice.candidate == FP32 and choice.measured
     assert model.inc.block[0].weight.is_contiguous()  # the model in the chosen layout
     assert (cfg.amp, cfg.channels_last) == ("off", False)  # recorded, for the checkpoints' config
-    # Timed on the training batch (5 tiles): a step's fixed costs weigh on each tile as in training.
-    assert "fast path: fp32 contiguous, 0.2 s/training step of 5 tiles against bf16 channels-last 0.25" in caplog.text
+    # Timed on the training batch (5 tiles), so that a step's fixed costs weigh on each tile as in training.
+    assert asked == [5] and choice.step_tiles == 5 and choice.as_dict()["step_tiles"] == 5
+    assert "fast path: fp32 contiguous, 0.02 s/tile in training steps of 5 against bf16 channels-last 0.025" in (
+        caplog.text
+    )
 
     # A resumed run takes the choice from last.pth's config instead of timing again.
     monkeypatch.setattr(fast_path, "choose", cannot_time)
@@ -205,7 +227,7 @@ def test_train_py_trains_in_the_timed_choice_and_resumes_in_it(
 ) -> None:
     monkeypatch.setattr(fast_path, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(fast_path, "MEASURE_FROM_GFLOP", 0.0)
-    timers = stand_in_timers({BF16_CL: 0.25, BF16: 0.4, FP32_CL: 0.35, FP32: 0.2})
+    timers = stand_in_timers({BF16_CL: 0.025, BF16: 0.04, FP32_CL: 0.035, FP32: 0.02})
     monkeypatch.setattr(fast_path, "training_timers", timers)
     run_dir = tmp_path / "run"
     split_dataset.main(args(shared_square_data, run_dir))

@@ -136,16 +136,17 @@ def test_a_signal_just_as_the_temporary_file_is_made_leaves_nothing_behind(
 ) -> None:
     out = tmp_path / "outputs" / "result.bin"
     files.atomic_write_bytes(out, b"first")
-    real_open = os.open
+    real_open, opened = os.open, []
 
-    def open_then_signalled(*opened: object) -> int:
-        real_open(*opened)  # the file exists; the signal is handled before its descriptor is bound
+    def open_then_signalled(*given: object) -> int:
+        opened.append(real_open(*given))  # the file exists; the signal is handled before its descriptor is bound
         raise KeyboardInterrupt
 
     monkeypatch.setattr(files.os, "open", open_then_signalled)
     with pytest.raises(KeyboardInterrupt):
         files.atomic_write_bytes(out, b"second")
     monkeypatch.undo()
+    os.close(opened[0])
     assert [p.name for p in out.parent.iterdir()] == ["result.bin"] and out.read_bytes() == b"first"
 
 
