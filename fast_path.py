@@ -68,7 +68,7 @@ COUNT_SIDE = 32  # side of the input on which a network's FLOPs are counted, the
 # Training's candidates are timed on the training batch, up to this many tiles: a step's costs that do not
 # grow with its tiles (autocast's bf16 copy of the weights at every forward pass) then weigh on each tile as
 # in training. Timed on one tile, they made resnet18 at half resolution look faster in fp32, which then
-# trained at 24.8 tiles/s against 36.1 in bf16 (bench.py, 2-core Xeon).
+# trained at 24.8 tiles/s against 36.6 in bf16 (bench.py, 2-core Xeon).
 TIMED_TILES_MAX = 8
 
 
