@@ -139,14 +139,9 @@ class OnnxSegmenter(nn.Module):
         self.input_name = session.get_inputs()[0].name
 
     def padded(self, array: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) float32 images padded at the bottom and right as the PyTorch network pads them
-        (numpy's "reflect" is torch's; "edge" where too short to reflect): the sides the graph takes."""
-        height, width = array.shape[-2:]
-        padded_h, padded_w = (resolution.padded_side(side, self.grid, self.min_side) for side in (height, width))
-        if (padded_h, padded_w) == (height, width):
-            return array
-        mode = "reflect" if padded_h - height < height and padded_w - width < width else "edge"
-        return np.pad(array, ((0, 0), (0, 0), (0, padded_h - height), (0, padded_w - width)), mode=mode)
+        """(N, C, H, W) float32 images padded at the bottom and right exactly as the PyTorch network pads them
+        (resolution.pad_to_grid): the sides the graph takes."""
+        return resolution.pad_to_grid(torch.from_numpy(array), self.grid, self.min_side).numpy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())

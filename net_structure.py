@@ -183,12 +183,6 @@ def padding_of(encoder: str, downscale: int = 1) -> tuple[int, int]:
     return network.size_multiple * downscale, network.min_side * downscale
 
 
-def size_multiple(encoder: str, downscale: int = 1) -> int:
-    """The grid of padding_of. Scene windows and overlaps must be multiples of it, so that every window sees
-    the scene on one pooling grid."""
-    return padding_of(encoder, downscale)[0]
-
-
 def input_padding(config: dict) -> tuple[int, int]:
     """padding_of the network a config (a checkpoint's) describes."""
     return padding_of(encoder_of(config), downscale_of(config))

@@ -31,7 +31,7 @@ from encoders import (
 from fast_path import Candidate, training_timers
 from files import DataError
 from inference import classes_from_probabilities, inference_model, model_from_checkpoint, predict_probabilities
-from net_structure import UNet, build_model, fold_batchnorm, fold_batchnorm_plain, size_multiple, smallest_batch
+from net_structure import UNet, build_model, fold_batchnorm, fold_batchnorm_plain, padding_of, smallest_batch
 from runtime import Distributed, load_checkpoint
 from training import check_resumable
 
@@ -92,7 +92,7 @@ def test_build_model_takes_the_encoder_and_refuses_others() -> None:
     assert isinstance(model, ResNetUNet) and model.encoder.conv1.weight.shape == (64, 4, 7, 7)
     assert model.outc.out_channels == 3 and decoder_widths(16) == (64, 32, 16, 8, 4)
     assert decoder_widths(64) == (256, 128, 64, 32, 16)
-    assert (size_multiple("unet"), size_multiple("resnet18")) == (16, 32)
+    assert (padding_of("unet")[0], padding_of("resnet18")[0]) == (16, 32)
     with pytest.raises(ValueError, match="--encoder='resnet50': expected one of unet, resnet18, resnet34"):
         build_model(3, 2, 4, 0.1, "resnet50")
 
