@@ -6,10 +6,15 @@ a quarter of the work per tile and each of its pooling levels reaches twice as f
 losses and metrics stay at full resolution: the logits are grown back by bilinear interpolation, which puts
 each block's value at the block's centre. Both networks apply it inside ``forward``, so training, prediction,
 scenes and the exported graph all work at the resolution the checkpoint was trained at.
+
+``downscale=0`` (auto, the recommended recipe's) lets the tiles' pixel size choose: the factor whose working
+pixel lies nearest WORKING_PIXEL_M (0.5 m tiles: 4, 1 m: 2, 2 m and coarser: 1), half resolution when the
+pixel size is unknown. train.py settles it before building the network; checkpoints hold the factor chosen.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,6 +23,11 @@ import torch.nn.functional as F
 # 1 = full resolution. Powers of two keep the scene defaults (window 512, overlap 128) on the network's pooling
 # grid; beyond 4 a 256-pixel tile keeps too little of a field's edge.
 FACTORS = (1, 2, 4)
+AUTO = 0  # downscale=0: the factor follows the tiles' pixel size (factor_for_pixel)
+# Both real data sets scored best with the network working at about 2 m per pixel (docs/real_data.md, section 11):
+# deepglobe_agri's 0.5 m tiles at a quarter, NAIP's 1 m tiles at half, either set averaged to 2 m at full.
+WORKING_PIXEL_M = 2.0
+UNKNOWN_PIXEL_FACTOR = 2  # tiles without a pixel size: half resolution, the better choice on both sets
 
 
 def check_factor(factor: int) -> int:
@@ -32,6 +42,31 @@ def check_factor(factor: int) -> int:
             "(1 = full resolution, 2 = half the pixels on each side)"
         )
     return factor
+
+
+def check_setting(value: int) -> int:
+    """Return the ``downscale`` key's ``value`` when it is AUTO or one of FACTORS.
+
+    Raises:
+        ValueError: any other value, with the valid ones.
+    """
+    if value == AUTO and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return check_factor(value)
+    except ValueError:
+        raise ValueError(
+            f"--downscale={value!r}: expected 0 (auto: chosen from the tiles' pixel size) or one of "
+            f"{', '.join(map(str, FACTORS))} (1 = full resolution, 2 = half the pixels on each side)"
+        ) from None
+
+
+def factor_for_pixel(pixel_size_m: float) -> int:
+    """The factor in FACTORS whose working pixel (``pixel_size_m`` times it) lies nearest WORKING_PIXEL_M on
+    a log scale (a tie goes to the finer one); UNKNOWN_PIXEL_FACTOR when the pixel size is unknown (0 or less)."""
+    if not pixel_size_m > 0:
+        return UNKNOWN_PIXEL_FACTOR
+    return min(FACTORS, key=lambda f: (abs(math.log(pixel_size_m * f / WORKING_PIXEL_M)), f))
 
 
 def shrink(x: torch.Tensor, factor: int) -> torch.Tensor:

@@ -317,14 +317,38 @@ def resolve_keep_epoch(cfg: Config, job: Distributed) -> None:
             LOG.warning("--early_stop=%d has no effect when the last epoch is kept: every epoch runs", cfg.early_stop)
 
 
+def resolve_downscale(cfg: Config, job: Distributed) -> None:
+    """downscale=0 (auto) becomes the factor that suits the tiles' pixel size (resolution.factor_for_pixel);
+    the checkpoint stores the factor, so resuming, prediction and export follow it."""
+    if cfg.downscale != resolution.AUTO:
+        return
+    cfg.downscale = resolution.factor_for_pixel(cfg.pixel_size_m)
+    if not job.main:
+        return
+    if cfg.pixel_size_m > 0:
+        LOG.info(
+            "downscale=auto: tiles of %.3g m per pixel, the network works at %.3g m (downscale=%d)",
+            cfg.pixel_size_m,
+            cfg.pixel_size_m * cfg.downscale,
+            cfg.downscale,
+        )
+    else:
+        LOG.info(
+            "downscale=auto: the tiles carry no pixel size, so the network works at half resolution "
+            "(downscale=%d); give --pixel_size_m=METRES to let it follow the tiles (0.5 m: 4, 1 m: 2, 2 m: 1)",
+            cfg.downscale,
+        )
+
+
 def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Trainer, Progress, tuple[int, int]]:
     """Data, loss, network, optimiser, schedule and scaler, restored when resuming and wrapped for torchrun.
     Returns the trainer, the progress so far and the (training, validation) tile counts."""
     resolve_keep_epoch(cfg, job)
-    resolution.check_factor(cfg.downscale)  # before any tile is read
+    resolution.check_setting(cfg.downscale)  # before any tile is read
     train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
     if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
         cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0
+    resolve_downscale(cfg, job)
     amp = prepare_device(cfg, job.device)
     train_set, val_set = build_datasets(cfg, train_pairs, val_pairs)
     tile = tuple(train_set[0][0].shape)

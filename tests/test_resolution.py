@@ -56,8 +56,52 @@ def test_unsupported_factors_are_refused_with_the_valid_ones(bad: object) -> Non
 def test_train_refuses_a_bad_factor_before_reading_tiles(tmp_path: Path) -> None:
     data, run_dir = write_tiles(tmp_path / "data", count=6), tmp_path / "run"
     assert split_dataset.main(args(data, run_dir)) == 0
-    with pytest.raises(ValueError, match=r"--downscale=0: expected one of 1, 2, 4"):
-        train.main(args(data, run_dir, "--downscale=0", "--epochs=1"))
+    with pytest.raises(ValueError, match=r"--downscale=3: expected 0 \(auto.*or one of 1, 2, 4"):
+        train.main(args(data, run_dir, "--downscale=3", "--epochs=1"))
+    close_log_files()
+
+
+@pytest.mark.parametrize(
+    "pixel, factor",
+    [(0.3, 4), (0.5, 4), (0.7, 4), (0.8, 2), (1.0, 2), (1.4, 2), (1.5, 1), (2.0, 1), (10.0, 1)],
+)
+def test_auto_brings_the_working_pixel_nearest_two_metres(pixel: float, factor: int) -> None:
+    # Switch points at 2 / sqrt(8) = 0.707 m and 2 / sqrt(2) = 1.414 m, halfway on a log scale.
+    assert resolution.factor_for_pixel(pixel) == factor
+
+
+@pytest.mark.parametrize("unknown", [0.0, -1.0, float("nan")])
+def test_auto_works_at_half_resolution_when_the_pixel_size_is_unknown(unknown: float) -> None:
+    assert resolution.factor_for_pixel(unknown) == 2
+
+
+def test_auto_is_a_setting_of_the_key_but_no_factor_of_a_network() -> None:
+    assert resolution.check_setting(resolution.AUTO) == 0 and resolution.check_setting(4) == 4
+    for bad in (3, -1, 2.0, True, "0"):
+        with pytest.raises(ValueError, match=r"expected 0 \(auto"):
+            resolution.check_setting(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--downscale=0"):
+        build_model(3, 2, 4, 0.0, "unet", resolution.AUTO)
+
+
+@pytest.mark.parametrize("pixel, factor", [(0.5, 4), (0.0, 2)])
+def test_training_settles_auto_from_the_pixel_size_and_saves_the_factor(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, pixel: float, factor: int
+) -> None:
+    data, run_dir = write_tiles(tmp_path / "data", count=6), tmp_path / "run"  # PNG tiles: no georeference
+    assert split_dataset.main(args(data, run_dir)) == 0
+    keys = ["--downscale=0", f"--pixel_size_m={pixel}", "--epochs=1", "--snapshot_every=0", "--tensorboard=false"]
+    with caplog.at_level("INFO"):
+        assert train.main(args(data, run_dir, *keys)) == 0
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pth")
+    assert state["config"]["downscale"] == factor and model_from_checkpoint(state, CPU).downscale == factor
+    hint = "tiles of 0.5 m per pixel, the network works at 2 m" if pixel else "give --pixel_size_m=METRES"
+    assert "downscale=auto: " in caplog.text and hint in caplog.text
+    saved = json.loads((run_dir / "configs" / "train.json").read_text(encoding="utf-8"))
+    assert saved["downscale"] == 0  # the command as given; the checkpoint holds the factor chosen
+    # Resuming settles auto the same way, so the checkpoint's factor matches.
+    assert train.main(args(data, run_dir, *keys[:-3], "--epochs=2", "--resume=true", "--tensorboard=false")) == 0
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pth")["config"]["downscale"] == factor
     close_log_files()
 
 
