@@ -45,8 +45,7 @@ class Config:
     encoder: str = "unet"  # unet (the reference U-Net), resnet18 or resnet34 (ResNet encoder, U-Net decoder)
     encoder_weights: str = ""  # resnet: torchvision ImageNet weights (.pth) to start from; "" = random init
     base_width: int = 64  # channels of the first U-Net level (w, 2w, 4w, 8w, 16w); resnet: decoder widths 4w..w/4
-    downscale: int = 1  # 1, 2 or 4: the network works on tiles shrunk by it (2: half each side); masks stay full size;
-    # 0 = auto: the factor that brings the tiles' pixel size nearest 2 m (0.5 m: 4, 1 m: 2, 2 m: 1; unknown: 2)
+    downscale: int = 1  # 1, 2, 4: the network works on tiles shrunk by it; 0 = auto: about 2 m per pixel (unknown: 2)
     dropout: float = 0.3  # Dropout2d rate inside every double convolution
     epochs: int = 100  # training epochs
     time_budget: float = 0.0  # minutes to train: the epochs that fit, planned from timed ones (not epochs); 0 = off
