@@ -172,8 +172,12 @@ def encoder_of(config: dict) -> str:
 
 def downscale_of(config: dict) -> int:
     """The working-resolution factor a checkpoint's config names; checkpoints written before the key existed
-    worked at full resolution."""
-    return int(config.get("downscale") or 1)
+    worked at full resolution.
+
+    Raises:
+        ValueError: a value that is no factor (training stores the factor that auto chose, never 0).
+    """
+    return resolution.check_factor(config.get("downscale", 1))
 
 
 def padding_of(encoder: str, downscale: int = 1) -> tuple[int, int]:

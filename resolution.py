@@ -50,7 +50,7 @@ def check_setting(value: int) -> int:
     Raises:
         ValueError: any other value, with the valid ones.
     """
-    if value == AUTO and isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and value == AUTO:
         return value
     try:
         return check_factor(value)
@@ -63,7 +63,7 @@ def check_setting(value: int) -> int:
 
 def factor_for_pixel(pixel_size_m: float) -> int:
     """The factor in FACTORS whose working pixel (``pixel_size_m`` times it) lies nearest WORKING_PIXEL_M on
-    a log scale (a tie goes to the finer one); UNKNOWN_PIXEL_FACTOR when the pixel size is unknown (0 or less)."""
+    a log scale (switching at 0.71 m and 1.41 m); UNKNOWN_PIXEL_FACTOR when the pixel size is unknown (0 or less)."""
     if not pixel_size_m > 0:
         return UNKNOWN_PIXEL_FACTOR
     return min(FACTORS, key=lambda f: (abs(math.log(pixel_size_m * f / WORKING_PIXEL_M)), f))

@@ -327,14 +327,14 @@ def resolve_downscale(cfg: Config, job: Distributed) -> None:
         return
     if cfg.pixel_size_m > 0:
         LOG.info(
-            "downscale=auto: tiles of %.3g m per pixel, the network works at %.3g m (downscale=%d)",
+            "downscale=0 (auto): tiles of %.3g m per pixel, the network works at %.3g m (downscale=%d)",
             cfg.pixel_size_m,
             cfg.pixel_size_m * cfg.downscale,
             cfg.downscale,
         )
     else:
         LOG.info(
-            "downscale=auto: the tiles carry no pixel size, so the network works at half resolution "
+            "downscale=0 (auto): the tiles carry no pixel size, so the network works at half resolution "
             "(downscale=%d); give --pixel_size_m=METRES to let it follow the tiles (0.5 m: 4, 1 m: 2, 2 m: 1)",
             cfg.downscale,
         )

@@ -579,9 +579,14 @@ def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:
         if saved.get(k) != getattr(cfg, k)
     ]
     if differing:
+        auto = (
+            " (downscale=0, auto, follows the tiles' pixel size: give the first run's --pixel_size_m)"
+            if saved.get("downscale") != cfg.downscale
+            else ""
+        )
         raise DataError(
             f"{path}: cannot resume, the network differs ({'; '.join(differing)}); pass the checkpoint's values "
-            "on the command line, or start a new run_dir"
+            f"on the command line{auto}, or start a new run_dir"
         )
 
 

@@ -63,7 +63,9 @@ def test_means_over_split_seeds_are_computed_per_data_and_recipe() -> None:
     assert "**0.600** (worst 0.500)" in compare_recipes.table([mean])
 
 
-def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(square_data: Path, tmp_path: Path) -> None:
+def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = tmp_path / "cmp"
     argv = [
         *args(square_data, run_dir, "--epochs=1", "--tensorboard=false"),
@@ -126,6 +128,13 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(square_data: Pat
             assert after["test_farmland_iou_pooled_last"] == after["test_farmland_iou_pooled"]
     assert any(r["best_epoch"] == r["epochs"] for r in with_last)  # the comparison above was made
     assert "with --tta | last epoch |" in (run_dir / "comparison.md").read_text(encoding="utf-8")
+    # A recommended recipe changed since is trained again under its old name; the reference is not.
+    recommended = run_dir / "seed_4" / "all" / "recommended+dropout=0" / "checkpoints" / "best.pth"
+    old_stamp = recommended.stat().st_mtime_ns
+    monkeypatch.setitem(compare_recipes.RECOMMENDED, "lr", 2e-3)
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    assert checkpoint.stat().st_mtime_ns == stamp and recommended.stat().st_mtime_ns != old_stamp
 
 
 def test_recipe_key_is_refused(square_data: Path, tmp_path: Path) -> None:

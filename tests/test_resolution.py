@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from conftest import args, close_log_files, square_tile, write_pair
+from rasterio.transform import Affine
 
 import export_onnx
 import exported_model
@@ -22,7 +24,14 @@ import train
 from data_preprocess import read_image
 from files import DataError
 from inference import model_from_checkpoint
-from net_structure import build_model, fold_batchnorm, input_padding, model_from_config, smallest_batch
+from net_structure import (
+    build_model,
+    downscale_of,
+    fold_batchnorm,
+    input_padding,
+    model_from_config,
+    smallest_batch,
+)
 from runtime import load_checkpoint
 
 CPU = torch.device("cpu")
@@ -63,7 +72,7 @@ def test_train_refuses_a_bad_factor_before_reading_tiles(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     "pixel, factor",
-    [(0.3, 4), (0.5, 4), (0.7, 4), (0.8, 2), (1.0, 2), (1.4, 2), (1.5, 1), (2.0, 1), (10.0, 1)],
+    [(0.3, 4), (0.5, 4), (0.7, 4), (0.72, 2), (1.0, 2), (1.4, 2), (1.43, 1), (2.0, 1), (10.0, 1)],
 )
 def test_auto_brings_the_working_pixel_nearest_two_metres(pixel: float, factor: int) -> None:
     # Switch points at 2 / sqrt(8) = 0.707 m and 2 / sqrt(2) = 1.414 m, halfway on a log scale.
@@ -77,7 +86,7 @@ def test_auto_works_at_half_resolution_when_the_pixel_size_is_unknown(unknown: f
 
 def test_auto_is_a_setting_of_the_key_but_no_factor_of_a_network() -> None:
     assert resolution.check_setting(resolution.AUTO) == 0 and resolution.check_setting(4) == 4
-    for bad in (3, -1, 2.0, True, "0"):
+    for bad in (3, -1, 2.0, 0.0, True, False, "0"):
         with pytest.raises(ValueError, match=r"expected 0 \(auto"):
             resolution.check_setting(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--downscale=0"):
@@ -96,7 +105,7 @@ def test_training_settles_auto_from_the_pixel_size_and_saves_the_factor(
     state = load_checkpoint(run_dir / "checkpoints" / "best.pth")
     assert state["config"]["downscale"] == factor and model_from_checkpoint(state, CPU).downscale == factor
     hint = "tiles of 0.5 m per pixel, the network works at 2 m" if pixel else "give --pixel_size_m=METRES"
-    assert "downscale=auto: " in caplog.text and hint in caplog.text
+    assert "downscale=0 (auto): " in caplog.text and hint in caplog.text
     saved = json.loads((run_dir / "configs" / "train.json").read_text(encoding="utf-8"))
     assert saved["downscale"] == 0  # the command as given; the checkpoint holds the factor chosen
     # Resuming settles auto the same way, so the checkpoint's factor matches.
@@ -189,3 +198,31 @@ def test_the_fast_path_counts_a_quarter_of_the_work_at_half_resolution() -> None
     full, half = (fast_path.forward_gflop(config | {"downscale": f}, (3, 256, 256)) for f in (1, 2))
     assert half == pytest.approx(fast_path.forward_gflop(config, (3, 128, 128)))
     assert half == pytest.approx(full / 4)
+
+
+def test_auto_reads_the_pixel_size_of_georeferenced_tiles_and_resume_names_it(tmp_path: Path) -> None:
+    data, run_dir, rng = tmp_path / "data", tmp_path / "run", np.random.default_rng(5)
+    for i in range(6):  # GeoTIFF tiles of 0.5 m pixels in UTM, no --pixel_size_m
+        image, mask = square_tile(rng, 64)
+        path = data / "images" / f"g{i}.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        transform = Affine(0.5, 0.0, 500000.0 + 32.0 * i, 0.0, -0.5, 4000000.0)
+        profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "uint8"}
+        with rasterio.open(path, "w", crs="EPSG:32650", transform=transform, **profile) as dst:
+            dst.write(image.transpose(2, 0, 1))
+        write_pair(data, f"g{i}", image, mask)  # the mask; its PNG image is ignored beside the GeoTIFF
+        (data / "images" / f"g{i}.png").unlink()
+    keys = ["--downscale=0", "--snapshot_every=0", "--tensorboard=false"]
+    assert split_dataset.main(args(data, run_dir)) == 0
+    assert train.main(args(data, run_dir, *keys, "--epochs=1")) == 0
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
+    assert (state["config"]["pixel_size_m"], state["config"]["downscale"]) == (0.5, 4)
+    with pytest.raises(DataError, match=r"downscale: checkpoint 4 vs config 1\).*give the first run's --pixel_size_m"):
+        train.main(args(data, run_dir, *keys, "--epochs=2", "--resume=true", "--pixel_size_m=2"))
+    close_log_files()
+
+
+def test_a_checkpoint_config_without_a_factor_is_refused_and_an_old_one_is_full_resolution() -> None:
+    assert downscale_of({}) == 1 and downscale_of({"downscale": 4}) == 4
+    with pytest.raises(ValueError, match="--downscale=0"):
+        downscale_of({"downscale": 0})
