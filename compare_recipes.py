@@ -158,7 +158,7 @@ def run_variant(
     return its figures (kept in run_dir/result.json, and taken from there instead of training again when the
     settings are the same)."""
     settings = {"variant": variant.name, "epochs": epochs, "overrides": list(overrides)}
-    if variant.name.split("+", 1)[0] == "recommended":  # the recipe's values change as it is measured again
+    if variant.recipe == "recommended":  # the recipe's values change as it is measured again
         settings["recipe"] = {key: str(value) for key, value in RECOMMENDED.items()}
     settings["splits"] = {name: [str(p[0]) for p in splits[name]] for name in SPLIT_NAMES}
     saved = run_dir / "result.json"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 # 1 = full resolution. Powers of two keep the scene defaults (window 512, overlap 128) on the network's pooling
 # grid; beyond 4 a 256-pixel tile keeps too little of a field's edge.
 FACTORS = (1, 2, 4)
+FACTOR_MEANING = "(1 = full resolution, 2 = half the pixels on each side)"  # said by every refusal of a factor
 AUTO = 0  # downscale=0: the factor follows the tiles' pixel size (factor_for_pixel)
 # Both real data sets scored best with the network working at about 2 m per pixel (docs/real_data.md, section 11):
 # deepglobe_agri's 0.5 m tiles at a quarter, NAIP's 1 m tiles at half, either set averaged to 2 m at full.
@@ -37,10 +38,7 @@ def check_factor(factor: int) -> int:
         ValueError: any other value, with the valid ones.
     """
     if isinstance(factor, bool) or not isinstance(factor, int) or factor not in FACTORS:
-        raise ValueError(
-            f"--downscale={factor!r}: expected one of {', '.join(map(str, FACTORS))} "
-            "(1 = full resolution, 2 = half the pixels on each side)"
-        )
+        raise ValueError(f"--downscale={factor!r}: expected one of {', '.join(map(str, FACTORS))} {FACTOR_MEANING}")
     return factor
 
 
@@ -57,7 +55,7 @@ def check_setting(value: int) -> int:
     except ValueError:
         raise ValueError(
             f"--downscale={value!r}: expected 0 (auto: chosen from the tiles' pixel size) or one of "
-            f"{', '.join(map(str, FACTORS))} (1 = full resolution, 2 = half the pixels on each side)"
+            f"{', '.join(map(str, FACTORS))} {FACTOR_MEANING}"
         ) from None
 
 

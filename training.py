@@ -580,7 +580,8 @@ def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:
     ]
     if differing:
         auto = (
-            " (downscale=0, auto, follows the tiles' pixel size: give the first run's --pixel_size_m)"
+            " (if the run chose its factor by downscale=0, auto, from the tiles' pixel size: give the first run's "
+            "--pixel_size_m)"
             if saved.get("downscale") != cfg.downscale
             else ""
         )
