@@ -20,7 +20,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
+import rasterio
 import torch
+from rasterio.transform import Affine
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -52,6 +54,16 @@ def write_pair(data_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, e
     write_image(image_path, image)
     write_image(mask_path, mask)
     return image_path, mask_path
+
+
+def write_geotiff(path: Path, bands: np.ndarray, crs: str | None, transform: Affine, **extra) -> Path:
+    """Write (bands, H, W) as a GeoTIFF in ``crs`` with ``transform`` (and any other profile keys), making its
+    folder; the test modules bind their own scene's CRS and transform."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"driver": "GTiff", "width": bands.shape[2], "height": bands.shape[1], "count": bands.shape[0]}
+    with rasterio.open(path, "w", dtype=bands.dtype, crs=crs, transform=transform, **profile, **extra) as dst:
+        dst.write(bands)
+    return path
 
 
 def square_tile(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:

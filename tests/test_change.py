@@ -5,6 +5,7 @@ change.py, re-runs, pairs of folders, bad pairs, the score against a true change
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import rasterio.features
 import rasterio.warp
 import torch
 from conftest import close_log_files, spread_probabilities_
+from conftest import write_geotiff as geotiff
 from rasterio.transform import Affine
 
 import change
@@ -37,13 +39,7 @@ def percent(rows: list[list[int]]) -> np.ndarray:
     return np.array(rows, np.uint8)
 
 
-def write_geotiff(path: Path, bands: np.ndarray, crs: str | None = CRS, transform: Affine = TRANSFORM, **extra) -> Path:
-    """Write (bands, H, W) as a GeoTIFF."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = dict(driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=bands.shape[0], dtype=bands.dtype)
-    with rasterio.open(path, "w", crs=crs, transform=transform, **profile, **extra) as dst:
-        dst.write(bands)
-    return path
+write_geotiff = functools.partial(geotiff, crs=CRS, transform=TRANSFORM)  # this module's scenes
 
 
 def read(path: Path) -> np.ndarray:

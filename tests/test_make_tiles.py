@@ -4,6 +4,7 @@ into the pipeline's tiles, masks and tiles.csv; nodata skipping, scene groups, a
 from __future__ import annotations
 
 import csv
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import rasterio.warp
 import shapely
 import shapely.geometry
 from conftest import folder_digest
+from conftest import write_geotiff as geotiff
 from pyogrio.raw import write as write_vector
 from rasterio.transform import Affine
 
@@ -28,13 +30,7 @@ SIZE = 64  # scene side in pixels
 TILE = 32
 
 
-def write_scene(path: Path, bands: np.ndarray, crs: str | None = UTM, transform: Affine = TRANSFORM, **extra) -> Path:
-    """Write (bands, H, W) as a GeoTIFF."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {"driver": "GTiff", "width": bands.shape[2], "height": bands.shape[1], "count": bands.shape[0]}
-    with rasterio.open(path, "w", dtype=bands.dtype, crs=crs, transform=transform, **profile, **extra) as dst:
-        dst.write(bands)
-    return path
+write_scene = functools.partial(geotiff, crs=UTM, transform=TRANSFORM)  # this module's scene
 
 
 def scene_pixels(seed: int = 0, bands: int = 3, dtype: str = "uint8") -> np.ndarray:

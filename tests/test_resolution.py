@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
-from conftest import args, close_log_files, square_tile, write_pair
+from conftest import args, close_log_files, square_tile, write_geotiff, write_pair
 from rasterio.transform import Affine
 
 import export_onnx
@@ -204,12 +203,8 @@ def test_auto_reads_the_pixel_size_of_georeferenced_tiles_and_resume_names_it(tm
     data, run_dir, rng = tmp_path / "data", tmp_path / "run", np.random.default_rng(5)
     for i in range(6):  # GeoTIFF tiles of 0.5 m pixels in UTM, no --pixel_size_m
         image, mask = square_tile(rng, 64)
-        path = data / "images" / f"g{i}.tif"
-        path.parent.mkdir(parents=True, exist_ok=True)
         transform = Affine(0.5, 0.0, 500000.0 + 32.0 * i, 0.0, -0.5, 4000000.0)
-        profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "uint8"}
-        with rasterio.open(path, "w", crs="EPSG:32650", transform=transform, **profile) as dst:
-            dst.write(image.transpose(2, 0, 1))
+        write_geotiff(data / "images" / f"g{i}.tif", image.transpose(2, 0, 1), "EPSG:32650", transform)
         write_pair(data, f"g{i}", image, mask)  # the mask; its PNG image is ignored beside the GeoTIFF
         (data / "images" / f"g{i}.png").unlink()
     keys = ["--downscale=0", "--snapshot_every=0", "--tensorboard=false"]

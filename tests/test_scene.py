@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import rasterio
 import shapely
 import torch
 from conftest import folder_digest, spread_probabilities_
+from conftest import write_geotiff as geotiff
 from rasterio.transform import Affine
 
 import demo_data
@@ -42,13 +44,7 @@ def scene_pixels(seed: int = 0) -> np.ndarray:
     return image
 
 
-def write_geotiff(path: Path, bands: np.ndarray, crs: str | None = CRS, transform: Affine = TRANSFORM, **extra) -> Path:
-    """Write (bands, H, W) as a GeoTIFF."""
-    profile = dict(driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=bands.shape[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", dtype=bands.dtype, crs=crs, transform=transform, **profile, **extra) as dst:
-        dst.write(bands)
-    return path
+write_geotiff = functools.partial(geotiff, crs=CRS, transform=TRANSFORM)  # this module's scene
 
 
 @pytest.fixture(scope="module")
