@@ -258,14 +258,15 @@ def test_the_folded_network_computes_the_same_function(encoder: str) -> None:
 
 
 def tiny_state(encoder: str = "resnet18") -> dict:
-    """A checkpoint state of a random, BatchNorm-randomised network of width 4 whose farmland probabilities
-    spread over (0, 1)."""
+    """A checkpoint state of a random, BatchNorm-randomised network of width 16 whose farmland probabilities
+    spread over (0, 1). Not narrower: at width 4 the decoder's last stage has one channel, most pixels share
+    one output, and spreading the rest multiplies the margin (and its rounding) by up to a thousand."""
     torch.manual_seed(0)
-    model = build_model(3, 2, 4, 0.3, encoder)
+    model = build_model(3, 2, 16, 0.3, encoder)
     randomise_batchnorm(model)
     with torch.no_grad():
         spread_probabilities_(model, model(torch.rand(2, 3, 64, 64)))
-    saved = {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.3, "encoder": encoder}
+    saved = {"in_channels": 3, "n_classes": 2, "base_width": 16, "dropout": 0.3, "encoder": encoder}
     return {"model": model.state_dict(), "config": saved}
 
 
@@ -274,10 +275,13 @@ def test_prediction_in_bf16_is_close_to_fp32() -> None:
     images = torch.rand(2, 3, 64, 64)
     fp32 = predict_probabilities(inference_model(state, CPU, True, None), images, CPU)
     bf16 = predict_probabilities(inference_model(state, CPU, True, torch.bfloat16), images, CPU)
-    assert fp32[:, 1].std() > 0.1  # probabilities spread over (0, 1), not all near 0.5
-    # Measured: mean difference 0.003 (max 0.18), masks agreeing on 98.6-100 % of pixels; the U-Net's alike.
+    sure = (fp32[:, 1] - 0.5).abs() > 0.1  # pixels whose class bf16's rounding should not flip
+    assert sure.float().mean() > 0.7  # probabilities spread over (0, 1), not all near 0.5
+    # Measured with bf16 emulated on a CPU without it: mean difference 0.007 (max 0.10), every pixel of `sure`
+    # (82 % of them) of the same class; the U-Net's alike.
     assert (bf16 - fp32).abs().mean() < 0.02 and (bf16 - fp32).abs().max() < 0.3
-    assert (classes_from_probabilities(bf16) == classes_from_probabilities(fp32)).float().mean() > 0.97
+    agree = classes_from_probabilities(bf16) == classes_from_probabilities(fp32)
+    assert agree[sure].float().mean() > 0.99
 
 
 def test_checkpoints_without_an_encoder_are_u_nets() -> None:
