@@ -30,7 +30,13 @@ from encoders import (
 )
 from fast_path import Candidate, training_timers
 from files import DataError
-from inference import classes_from_probabilities, inference_model, model_from_checkpoint, predict_probabilities
+from inference import (
+    classes_from_probabilities,
+    inference_model,
+    input_dtype,
+    model_from_checkpoint,
+    predict_probabilities,
+)
 from net_structure import UNet, build_model, fold_batchnorm, fold_batchnorm_plain, padding_of, smallest_batch
 from runtime import Distributed, load_checkpoint
 from training import check_resumable
@@ -259,8 +265,8 @@ def test_the_folded_network_computes_the_same_function(encoder: str) -> None:
 
 def tiny_state(encoder: str = "resnet18") -> dict:
     """A checkpoint state of a random, BatchNorm-randomised network of width 16 whose farmland probabilities
-    spread over (0, 1). Not narrower: at width 4 the decoder's last stage has one channel, most pixels share
-    one output, and spreading the rest multiplies the margin (and its rounding) by up to a thousand."""
+    spread over (0, 1). Not narrower: at width 4 the decoder's last stage has one channel and most pixels share
+    one output, and at widths 4 and 8 spreading the rest multiplied the margin (and its rounding) by 100 to 1,000."""
     torch.manual_seed(0)
     model = build_model(3, 2, 16, 0.3, encoder)
     randomise_batchnorm(model)
@@ -274,7 +280,10 @@ def test_prediction_in_bf16_is_close_to_fp32() -> None:
     state = tiny_state()
     images = torch.rand(2, 3, 64, 64)
     fp32 = predict_probabilities(inference_model(state, CPU, True, None), images, CPU)
-    bf16 = predict_probabilities(inference_model(state, CPU, True, torch.bfloat16), images, CPU)
+    reduced = inference_model(state, CPU, True, torch.bfloat16)
+    assert input_dtype(reduced) is torch.bfloat16
+    bf16 = predict_probabilities(reduced, images, CPU)
+    assert not torch.equal(bf16, fp32)
     sure = (fp32[:, 1] - 0.5).abs() > 0.1  # pixels whose class bf16's rounding should not flip
     assert sure.float().mean() > 0.7  # probabilities spread over (0, 1), not all near 0.5
     # Measured with bf16 emulated on a CPU without it: mean difference 0.007 (max 0.10), every pixel of `sure`
