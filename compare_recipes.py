@@ -22,7 +22,9 @@ Any other ``--key=value`` is a config key passed to every run (for example ``--n
 every run's last epoch (last.pth, at its own tuned threshold) in its last/ folder: the ``_last`` columns, to
 see what choosing the best epoch on the validation split gained or cost.
 A run whose result.json matches its settings is not trained again: an interrupted comparison continues (and
-gains its ``--tta`` and ``--last`` figures without training when they are missing).
+gains its ``--tta`` and ``--last`` figures without training when they are missing). A run stopped part-way
+through its epochs goes on from its last.pth with ``--resume=true``; its minutes then count the epochs before
+the stop too.
 Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
 """
 
@@ -145,6 +147,15 @@ def write_scene_counts(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]]
     files.atomic_write_text(run_dir / "splits" / "summary.json", json.dumps({"groups": groups}, indent=2) + "\n")
 
 
+def resumed_seconds(run_dir: Path, resume: bool) -> float:
+    """Seconds of the epochs that a run continued with ``--resume=true`` already holds in its last.pth (their
+    ``seconds`` in the history), so that its minutes count them too; 0 when not resuming or nothing to resume."""
+    last = run_dir / "checkpoints" / "last.pth"
+    if not resume or not last.is_file():
+        return 0.0
+    return sum(float(epoch.get("seconds", 0.0)) for epoch in load_checkpoint(last).get("history", []))
+
+
 def run_variant(
     run_dir: Path,
     splits: dict[str, list[tuple[Path, Path]]],
@@ -153,10 +164,12 @@ def run_variant(
     overrides: Sequence[str],
     extras: Sequence[str] = (),
     group_pattern: str = "",
+    resume: bool = False,
 ) -> dict:
     """Train, predict and score one variant in ``run_dir`` (and score it the ``extras`` ways: EXTRA_SCORINGS);
     return its figures (kept in run_dir/result.json, and taken from there instead of training again when the
-    settings are the same)."""
+    settings are the same). ``resume``: the run continues from its last.pth (``--resume=true``), and its minutes
+    add those of the epochs it continues from."""
     settings = {"variant": variant.name, "epochs": epochs, "overrides": list(overrides)}
     if variant.recipe == "recommended":  # the recipe's values change as it is measured again
         settings["recipe"] = {key: str(value) for key, value in RECOMMENDED.items()}
@@ -177,10 +190,11 @@ def run_variant(
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     write_scene_counts(run_dir, splits, group_pattern)
     common = [*overrides, f"--run_dir={run_dir}"]  # the last value of a key wins
+    earlier = resumed_seconds(run_dir, resume)
     started = time.perf_counter()
     if train.main([*common, *variant.arguments(), f"--epochs={epochs}"]) != 0:
         raise RuntimeError(f"{run_dir}: training failed; see {run_dir / 'logs' / 'train.log'}")
-    seconds = time.perf_counter() - started
+    seconds = earlier + time.perf_counter() - started
     # A stale metrics.json from an earlier run must never pass for this one's.
     (run_dir / "metrics.json").unlink(missing_ok=True)
     if predict.main([*common, "--overlay=false"]) != 0:
@@ -378,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = {
                     "data": data_name,
                     "seed": seed,
-                    **run_variant(run_dir, data_splits, variant, epochs, run_args, known.extras, cfg.group_pattern),
+                    **run_variant(
+                        run_dir, data_splits, variant, epochs, run_args, known.extras, cfg.group_pattern, cfg.resume
+                    ),
                 }
                 rows.append(row)
                 cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs

@@ -11,6 +11,7 @@ from conftest import args, close_log_files
 import compare_recipes
 from config import RECOMMENDED
 from data_preprocess import split_scenes
+from runtime import load_checkpoint
 
 
 def test_variant_names_round_trip_to_train_arguments() -> None:
@@ -135,6 +136,32 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(
     assert compare_recipes.main(argv) == 0
     close_log_files()
     assert checkpoint.stat().st_mtime_ns == stamp and recommended.stat().st_mtime_ns != old_stamp
+
+
+def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "cmp"
+    base = [*args(square_data, run_dir, "--tensorboard=false"), "--variants=reference", "--skip_minority"]
+    assert compare_recipes.main([*base, "--epochs=1"]) == 0
+    close_log_files()
+    run = run_dir / "all" / "reference"
+    first = load_checkpoint(run / "checkpoints" / "last.pth")["history"]
+    earlier = sum(epoch["seconds"] for epoch in first)
+    assert earlier > 0
+    assert compare_recipes.resumed_seconds(run, resume=False) == 0.0
+    assert compare_recipes.resumed_seconds(run, resume=True) == pytest.approx(earlier)
+    assert compare_recipes.resumed_seconds(tmp_path / "none", resume=True) == 0.0
+    # Asked for two epochs with --resume=true, the run goes on from its first instead of starting again, and its
+    # minutes add what the first epoch took (made ten minutes longer here, so that the sum shows in the row).
+    real = compare_recipes.resumed_seconds
+    monkeypatch.setattr(compare_recipes, "resumed_seconds", lambda path, resume: real(path, resume) + 600 * resume)
+    assert compare_recipes.main([*base, "--epochs=2", "--resume=true"]) == 0
+    close_log_files()
+    both = load_checkpoint(run / "checkpoints" / "last.pth")["history"]
+    assert len(both) == 2 and both[0]["seconds"] == first[0]["seconds"]
+    row = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))[0]
+    assert row["epochs"] == 2 and row["train_minutes"] >= 10 + earlier / 60 - 0.01
 
 
 def test_recipe_key_is_refused(square_data: Path, tmp_path: Path) -> None:
