@@ -275,10 +275,12 @@ def unmeasured(options: Sequence[Candidate], config: dict[str, Any], shape: Sequ
     return f"the old rule: network too small to time, {gflop:.2g} GFLOP per tile" if gflop < MEASURE_FROM_GFLOP else ""
 
 
-def timed_tiles(cfg: Config, shape: Sequence[int]) -> int:
-    """The tiles of the batch that training's candidates are timed on: the training batch (at most
-    TIMED_TILES_MAX), and at least the smallest batch BatchNorm trains on (net_structure.smallest_batch)."""
-    return max(smallest_batch(cfg.encoder, *shape[-2:], cfg.downscale), min(cfg.batch_size, TIMED_TILES_MAX))
+def timed_tiles(cfg: Config, shape: Sequence[int], batch: int = 0) -> int:
+    """The tiles of the batch that training's candidates are timed on: the training batch (``batch``, which a
+    training split smaller than ``batch_size`` makes smaller; 0 = ``batch_size``; at most TIMED_TILES_MAX), and at
+    least the smallest batch BatchNorm trains on (net_structure.smallest_batch)."""
+    batch = min(batch or cfg.batch_size, TIMED_TILES_MAX)
+    return max(smallest_batch(cfg.encoder, *shape[-2:], cfg.downscale), batch)
 
 
 def training_timers(
@@ -340,18 +342,18 @@ def agreed(candidate: Candidate, why: str) -> tuple[Candidate, str]:
 
 
 def training_path(
-    cfg: Config, model: nn.Module, criterion: nn.Module, shape: Sequence[int], device: torch.device
+    cfg: Config, model: nn.Module, criterion: nn.Module, shape: Sequence[int], device: torch.device, batch: int = 0
 ) -> Choice:
-    """train.py's precision and layout: timed on a copy of ``model`` with ``criterion`` on a tile of ``shape``
-    (C, H, W) where the choice is open, else the old rule. Puts ``model`` in the chosen layout, logs the
-    choice, and records a timed one in ``cfg`` (``amp`` bf16 or off, ``channels_last``), whence every
-    checkpoint's config: a resumed run takes it from there instead of timing again.
+    """train.py's precision and layout: timed on a copy of ``model`` with ``criterion`` on a batch of ``batch``
+    tiles (timed_tiles) of ``shape`` (C, H, W) where the choice is open, else the old rule. Puts ``model`` in the
+    chosen layout, logs the choice, and records a timed one in ``cfg`` (``amp`` bf16 or off, ``channels_last``),
+    whence every checkpoint's config: a resumed run takes it from there instead of timing again.
 
     Under torchrun every rank calls this; rank 0 times (the others wait) and all take its choice.
     """
     options = candidates(cfg.amp, cfg.channels_last, device)
     choice = Choice(options[0], unmeasured(options, dataclasses.asdict(cfg), shape, cfg.amp))
-    tiles = timed_tiles(cfg, shape)
+    tiles = timed_tiles(cfg, shape, batch)
     if not choice.why:
         earlier = resumed_candidate(cfg)
         if earlier in options:  # not where this CPU lacks native bf16, or channels_last is now off

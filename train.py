@@ -191,12 +191,18 @@ def build_datasets(
     return train_set, val_set
 
 
+def training_batch(cfg: Config, tiles: int, world: int) -> int:
+    """Tiles in a training batch of each process: ``batch_size``, or fewer where the split holds fewer per
+    process."""
+    return min(cfg.batch_size, -(-tiles // world))
+
+
 def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> None:
     """Raises ValueError when a training batch would hold fewer tiles than BatchNorm can train on (a ResNet
     encoder on tiles of 32 px or less, times ``downscale``, needs two; under torchrun with ``sync_bn`` the ranks'
     tiles count together), with the ways out."""
     per_rank = -(-tiles // world)
-    batch = min(cfg.batch_size, per_rank)
+    batch = training_batch(cfg, tiles, world)
     needed = smallest_batch(cfg.encoder, *tile[-2:], cfg.downscale)
     if batch * (world if cfg.sync_bn and world > 1 else 1) >= needed:
         return
@@ -360,7 +366,8 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     layout = memory_format(cfg.channels_last)
     model = build_network(cfg, statistics, job, layout)
     # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
-    choice = training_path(cfg, model, criterion, tile, job.device)
+    batch = training_batch(cfg, len(train_set), job.world)
+    choice = training_path(cfg, model, criterion, tile, job.device, batch)
     amp, layout = choice.candidate.amp, choice.candidate.layout
     # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each
     # (and the weights' moving average).
