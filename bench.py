@@ -71,7 +71,7 @@ from runtime import (
     usable_cores,
 )
 from tile_prediction import predict_tiles
-from training import make_loader, make_optimizer, train_epoch
+from training import make_loader, make_optimizer, train_epoch, training_batch
 
 REFERENCE_BATCH = 5
 
@@ -150,7 +150,7 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
     )
     # As train.py: under amp=auto on a CPU the precision and layout are timed and chosen (not counted below).
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
-    choice = training_path(cfg, model, criterion, tuple(dataset[0][0].shape), device)
+    choice = training_path(cfg, model, criterion, tuple(dataset[0][0].shape), device, training_batch(cfg, len(dataset)))
     amp, layout = choice.candidate.amp, choice.candidate.layout
     if fast:
         optimizer = make_optimizer(model, cfg, device)

@@ -23,8 +23,8 @@ every run's last epoch (last.pth, at its own tuned threshold) in its last/ folde
 see what choosing the best epoch on the validation split gained or cost.
 A run whose result.json matches its settings is not trained again: an interrupted comparison continues (and
 gains its ``--tta`` and ``--last`` figures without training when they are missing). A run stopped part-way
-through its epochs goes on from its last.pth with ``--resume=true``; its minutes then count the epochs before
-the stop too.
+through its epochs goes on from its last.pth with ``--resume=true`` (runs done are taken as they are, runs not
+begun start afresh); its minutes then count the epochs before the stop too.
 Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
 """
 
@@ -100,6 +100,8 @@ def parse_variant(text: str) -> Variant:
             raise ValueError(
                 f"variant {text!r}: {change!r} is not a config key=value; write e.g. recommended+dropout=0"
             )
+        if key == "resume":
+            raise ValueError(f"variant {text!r}: resume is no recipe setting; pass --resume=true to go on with runs")
         pairs.append((key, value))
     return Variant(recipe, tuple(pairs))
 
@@ -168,9 +170,11 @@ def run_variant(
 ) -> dict:
     """Train, predict and score one variant in ``run_dir`` (and score it the ``extras`` ways: EXTRA_SCORINGS);
     return its figures (kept in run_dir/result.json, and taken from there instead of training again when the
-    settings are the same). ``resume``: the run continues from its last.pth (``--resume=true``), and its minutes
-    add those of the epochs it continues from."""
-    settings = {"variant": variant.name, "epochs": epochs, "overrides": list(overrides)}
+    settings are the same). ``resume`` (``--resume=true``): a run stopped part-way continues from its last.pth,
+    and its minutes add the seconds of the epochs it continues from (their start-up not counted); a run not
+    begun starts afresh. Whether a run resumed is no part of its settings."""
+    kept = [a for a in overrides if not a.startswith("--resume=")]
+    settings = {"variant": variant.name, "epochs": epochs, "overrides": kept}
     if variant.recipe == "recommended":  # the recipe's values change as it is measured again
         settings["recipe"] = {key: str(value) for key, value in RECOMMENDED.items()}
     settings["splits"] = {name: [str(p[0]) for p in splits[name]] for name in SPLIT_NAMES}
@@ -190,9 +194,10 @@ def run_variant(
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     write_scene_counts(run_dir, splits, group_pattern)
     common = [*overrides, f"--run_dir={run_dir}"]  # the last value of a key wins
+    resume = resume and (run_dir / "checkpoints" / "last.pth").is_file()
     earlier = resumed_seconds(run_dir, resume)
     started = time.perf_counter()
-    if train.main([*common, *variant.arguments(), f"--epochs={epochs}"]) != 0:
+    if train.main([*common, *variant.arguments(), f"--epochs={epochs}", f"--resume={str(resume).lower()}"]) != 0:
         raise RuntimeError(f"{run_dir}: training failed; see {run_dir / 'logs' / 'train.log'}")
     seconds = earlier + time.perf_counter() - started
     # A stale metrics.json from an earlier run must never pass for this one's.

@@ -88,6 +88,7 @@ from training import (
     threshold_curve,
     tiles_pixel_size,
     train_epoch,
+    training_batch,
     write_log_csv,
     write_threshold_curve,
 )
@@ -191,23 +192,16 @@ def build_datasets(
     return train_set, val_set
 
 
-def training_batch(cfg: Config, tiles: int, world: int) -> int:
-    """Tiles in a training batch of each process: ``batch_size``, or fewer where the split holds fewer per
-    process."""
-    return min(cfg.batch_size, -(-tiles // world))
-
-
 def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> None:
     """Raises ValueError when a training batch would hold fewer tiles than BatchNorm can train on (a ResNet
     encoder on tiles of 32 px or less, times ``downscale``, needs two; under torchrun with ``sync_bn`` the ranks'
     tiles count together), with the ways out."""
-    per_rank = -(-tiles // world)
     batch = training_batch(cfg, tiles, world)
     needed = smallest_batch(cfg.encoder, *tile[-2:], cfg.downscale)
     if batch * (world if cfg.sync_bn and world > 1 else 1) >= needed:
         return
-    if per_rank < cfg.batch_size:
-        fix = f"the training split holds {tiles} tile(s), {per_rank} per process: add training tiles"
+    if batch < cfg.batch_size:
+        fix = f"the training split holds {tiles} tile(s), {batch} per process: add training tiles"
     else:
         fix = f"use --batch_size={needed} or more (per process under torchrun)"
     raise ValueError(

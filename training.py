@@ -537,6 +537,12 @@ def open_tensorboard(folder: Path) -> Any:
     return SummaryWriter(log_dir=str(folder))
 
 
+def training_batch(cfg: Config, tiles: int, world: int = 1) -> int:
+    """Tiles in a training batch of each process: ``batch_size``, or fewer where the split holds fewer per
+    process (make_loader then keeps the one short batch)."""
+    return min(cfg.batch_size, -(-tiles // world))
+
+
 def make_loader(
     dataset: FarmlandDataset, cfg: Config, device: torch.device, shuffle: bool, rank: int = 0, world: int = 1
 ) -> DataLoader:

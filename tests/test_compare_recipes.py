@@ -142,8 +142,8 @@ def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
     square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir = tmp_path / "cmp"
-    base = [*args(square_data, run_dir, "--tensorboard=false"), "--variants=reference", "--skip_minority"]
-    assert compare_recipes.main([*base, "--epochs=1"]) == 0
+    base = [*args(square_data, run_dir, "--tensorboard=false"), "--skip_minority"]
+    assert compare_recipes.main([*base, "--epochs=1", "--variants=reference"]) == 0
     close_log_files()
     run = run_dir / "all" / "reference"
     first = load_checkpoint(run / "checkpoints" / "last.pth")["history"]
@@ -153,15 +153,25 @@ def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
     assert compare_recipes.resumed_seconds(run, resume=True) == pytest.approx(earlier)
     assert compare_recipes.resumed_seconds(tmp_path / "none", resume=True) == 0.0
     # Asked for two epochs with --resume=true, the run goes on from its first instead of starting again, and its
-    # minutes add what the first epoch took (made ten minutes longer here, so that the sum shows in the row).
+    # minutes add what the first epoch took (made ten minutes longer here, so that the sum shows in the row); a
+    # run not begun yet starts afresh.
     real = compare_recipes.resumed_seconds
     monkeypatch.setattr(compare_recipes, "resumed_seconds", lambda path, resume: real(path, resume) + 600 * resume)
-    assert compare_recipes.main([*base, "--epochs=2", "--resume=true"]) == 0
+    both_variants = [*base, "--epochs=2", "--variants=reference,recommended+dropout=0"]
+    assert compare_recipes.main([*both_variants, "--resume=true"]) == 0
     close_log_files()
     both = load_checkpoint(run / "checkpoints" / "last.pth")["history"]
     assert len(both) == 2 and both[0]["seconds"] == first[0]["seconds"]
-    row = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))[0]
-    assert row["epochs"] == 2 and row["train_minutes"] >= 10 + earlier / 60 - 0.01
+    rows = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))
+    assert [r["epochs"] for r in rows] == [2, 2]
+    assert rows[0]["train_minutes"] >= 10 + earlier / 60 - 0.01 and rows[1]["train_minutes"] < 10
+    # Called again without --resume, both runs are done: nothing is trained again.
+    stamps = [(run_dir / "all" / r["recipe"] / "checkpoints" / "last.pth").stat().st_mtime_ns for r in rows]
+    assert compare_recipes.main(both_variants) == 0
+    close_log_files()
+    assert [(run_dir / "all" / r["recipe"] / "checkpoints" / "last.pth").stat().st_mtime_ns for r in rows] == stamps
+    with pytest.raises(ValueError, match="resume is no recipe setting"):
+        compare_recipes.parse_variant("reference+resume=true")
 
 
 def test_recipe_key_is_refused(square_data: Path, tmp_path: Path) -> None:

@@ -165,3 +165,9 @@ def test_validation_histogram_counts_each_labelled_pixel_once() -> None:
     assert histogram.sum() == 3
     # Probabilities exact in binary, so each bin is known: 0.125 -> 25, 0.875 -> 175.
     assert histogram[0, 25] == 1 and histogram[1, 25] == 1 and histogram[1, 175] == 1
+
+
+def test_a_training_batch_is_the_batch_size_or_the_tiles_each_process_holds() -> None:
+    assert training.training_batch(config.Config(batch_size=8), 20) == 8
+    assert training.training_batch(config.Config(batch_size=8), 3) == 3  # a split of 3 tiles: one batch of 3
+    assert training.training_batch(config.Config(batch_size=8), 10, world=4) == 3  # at most 3 tiles per process
