@@ -537,10 +537,15 @@ def open_tensorboard(folder: Path) -> Any:
     return SummaryWriter(log_dir=str(folder))
 
 
+def tiles_per_process(tiles: int, world: int = 1) -> int:
+    """Training tiles each process draws per epoch: equal shares, the last padded (EpochSampler)."""
+    return -(-tiles // world)
+
+
 def training_batch(cfg: Config, tiles: int, world: int = 1) -> int:
     """Tiles in a training batch of each process: ``batch_size``, or fewer where the split holds fewer per
     process (make_loader then keeps the one short batch)."""
-    return min(cfg.batch_size, -(-tiles // world))
+    return min(cfg.batch_size, tiles_per_process(tiles, world))
 
 
 def make_loader(
@@ -552,7 +557,7 @@ def make_loader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=EpochSampler(len(dataset), cfg.seed, shuffle, rank, world),
-        drop_last=shuffle and -(-len(dataset) // world) > cfg.batch_size,
+        drop_last=shuffle and tiles_per_process(len(dataset), world) > cfg.batch_size,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=device.type == "cuda",

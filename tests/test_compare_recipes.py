@@ -166,10 +166,11 @@ def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
     assert [r["epochs"] for r in rows] == [2, 2]
     assert rows[0]["train_minutes"] >= 10 + earlier / 60 - 0.01 and rows[1]["train_minutes"] < 10
     # Called again without --resume, both runs are done: nothing is trained again.
-    stamps = [(run_dir / "all" / r["recipe"] / "checkpoints" / "last.pth").stat().st_mtime_ns for r in rows]
+    lasts = [run_dir / "all" / r["recipe"] / "checkpoints" / "last.pth" for r in rows]
+    stamps = [last.stat().st_mtime_ns for last in lasts]
     assert compare_recipes.main(both_variants) == 0
     close_log_files()
-    assert [(run_dir / "all" / r["recipe"] / "checkpoints" / "last.pth").stat().st_mtime_ns for r in rows] == stamps
+    assert [last.stat().st_mtime_ns for last in lasts] == stamps
     with pytest.raises(ValueError, match="resume is no recipe setting"):
         compare_recipes.parse_variant("reference+resume=true")
 
