@@ -149,12 +149,12 @@ def write_scene_counts(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]]
     files.atomic_write_text(run_dir / "splits" / "summary.json", json.dumps({"groups": groups}, indent=2) + "\n")
 
 
-def resumed_seconds(run_dir: Path, resume: bool) -> float:
-    """Seconds of the epochs that a run continued with ``--resume=true`` already holds in its last.pth (their
-    ``seconds`` in the history), so that its minutes count them too; 0 when not resuming or nothing to resume."""
-    last = run_dir / "checkpoints" / "last.pth"
-    if not resume or not last.is_file():
-        return 0.0
+def resumed_seconds(last: Path) -> float | None:
+    """Seconds of the epochs that a run's ``last`` (its last.pth) holds (their ``seconds`` in the history), so
+    that the minutes of a run continued with ``--resume=true`` count them too; None where there is no last.pth
+    (nothing to resume: the run starts afresh)."""
+    if not last.is_file():
+        return None
     return sum(float(epoch.get("seconds", 0.0)) for epoch in load_checkpoint(last).get("history", []))
 
 
@@ -194,12 +194,12 @@ def run_variant(
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     write_scene_counts(run_dir, splits, group_pattern)
     common = [*overrides, f"--run_dir={run_dir}"]  # the last value of a key wins
-    resume = resume and (run_dir / "checkpoints" / "last.pth").is_file()
-    earlier = resumed_seconds(run_dir, resume)
+    earlier = resumed_seconds(run_dir / "checkpoints" / "last.pth") if resume else None
+    resume = earlier is not None
     started = time.perf_counter()
     if train.main([*common, *variant.arguments(), f"--epochs={epochs}", f"--resume={str(resume).lower()}"]) != 0:
         raise RuntimeError(f"{run_dir}: training failed; see {run_dir / 'logs' / 'train.log'}")
-    seconds = earlier + time.perf_counter() - started
+    seconds = (earlier or 0.0) + time.perf_counter() - started
     # A stale metrics.json from an earlier run must never pass for this one's.
     (run_dir / "metrics.json").unlink(missing_ok=True)
     if predict.main([*common, "--overlay=false"]) != 0:

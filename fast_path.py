@@ -275,11 +275,11 @@ def unmeasured(options: Sequence[Candidate], config: dict[str, Any], shape: Sequ
     return f"the old rule: network too small to time, {gflop:.2g} GFLOP per tile" if gflop < MEASURE_FROM_GFLOP else ""
 
 
-def timed_tiles(cfg: Config, shape: Sequence[int], batch: int = 0) -> int:
-    """The tiles of the batch that training's candidates are timed on: the training batch, ``batch`` tiles
-    (0: ``batch_size``; training.training_batch), at most TIMED_TILES_MAX, and at least the smallest batch
-    BatchNorm trains on (net_structure.smallest_batch)."""
-    batch = min(batch or cfg.batch_size, TIMED_TILES_MAX)
+def timed_tiles(cfg: Config, shape: Sequence[int], batch: int) -> int:
+    """The tiles of the batch that training's candidates are timed on: the training batch of ``batch`` tiles
+    (training.training_batch: what each process steps on, not ``batch_size`` alone), at most TIMED_TILES_MAX,
+    and at least the smallest batch BatchNorm trains on (net_structure.smallest_batch)."""
+    batch = min(batch, TIMED_TILES_MAX)
     return max(smallest_batch(cfg.encoder, *shape[-2:], cfg.downscale), batch)
 
 
@@ -342,10 +342,10 @@ def agreed(candidate: Candidate, why: str) -> tuple[Candidate, str]:
 
 
 def training_path(
-    cfg: Config, model: nn.Module, criterion: nn.Module, shape: Sequence[int], device: torch.device, batch: int = 0
+    cfg: Config, model: nn.Module, criterion: nn.Module, shape: Sequence[int], device: torch.device, batch: int
 ) -> Choice:
     """train.py's precision and layout: timed on a copy of ``model`` with ``criterion`` on a batch of ``batch``
-    tiles (0: ``batch_size``; timed_tiles) of ``shape`` (C, H, W) where the choice is open, else the old rule.
+    tiles (training.training_batch; timed_tiles) of ``shape`` (C, H, W) where the choice is open, else the old rule.
     Puts ``model`` in the chosen layout, logs the choice, and records a timed one in ``cfg`` (``amp`` bf16 or off,
     ``channels_last``), whence every checkpoint's config: a resumed run takes it from there instead of timing
     again.

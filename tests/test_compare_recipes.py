@@ -149,14 +149,18 @@ def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
     first = load_checkpoint(run / "checkpoints" / "last.pth")["history"]
     earlier = sum(epoch["seconds"] for epoch in first)
     assert earlier > 0
-    assert compare_recipes.resumed_seconds(run, resume=False) == 0.0
-    assert compare_recipes.resumed_seconds(run, resume=True) == pytest.approx(earlier)
-    assert compare_recipes.resumed_seconds(tmp_path / "none", resume=True) == 0.0
+    assert compare_recipes.resumed_seconds(run / "checkpoints" / "last.pth") == pytest.approx(earlier)
+    assert compare_recipes.resumed_seconds(tmp_path / "none" / "last.pth") is None
     # Asked for two epochs with --resume=true, the run goes on from its first instead of starting again, and its
     # minutes add what the first epoch took (made ten minutes longer here, so that the sum shows in the row); a
     # run not begun yet starts afresh.
     real = compare_recipes.resumed_seconds
-    monkeypatch.setattr(compare_recipes, "resumed_seconds", lambda path, resume: real(path, resume) + 600 * resume)
+
+    def ten_minutes_longer(last: Path) -> float | None:
+        seconds = real(last)
+        return None if seconds is None else seconds + 600
+
+    monkeypatch.setattr(compare_recipes, "resumed_seconds", ten_minutes_longer)
     both_variants = [*base, "--epochs=2", "--variants=reference,recommended+dropout=0"]
     assert compare_recipes.main([*both_variants, "--resume=true"]) == 0
     close_log_files()
