@@ -3,9 +3,10 @@
 Input: the test split (default), or any image file or folder given as ``--predict_input``.
 Output: run_dir/predictions/<stem>_seg.png, 0 = background and 255 = farmland: farmland where the
 farmland probability exceeds ``--threshold`` when given, else the threshold tuned on validation and stored in
-the checkpoint (``tune_threshold``), else the argmax of the network's class scores; with ``overlay`` also
-run_dir/predictions/overlays/<stem>_overlay.png, the mask drawn over the photo. The network's shape (width,
-bands, classes) is read from the checkpoint, so only the checkpoint has to be named. Tiles are read in
+the checkpoint (``tune_threshold``), else the argmax of the network's class scores; farmland pieces and holes
+under ``sieve_cells`` pixels of the network's working grid are then joined to their surroundings. With
+``overlay`` also run_dir/predictions/overlays/<stem>_overlay.png, the mask drawn over the photo. The network's
+shape (width, bands, classes) is read from the checkpoint, so only the checkpoint has to be named. Tiles are read in
 background workers, batched by size, and run in eval mode without gradients. Unreadable images are
 reported and skipped; the exit status is then 1.
 
@@ -143,7 +144,9 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
 
 
 # The keys besides the checkpoint that change a finished output: masks, probabilities, fields.
-MASK_KEYS = ("threshold", "bands", *scene.OUTPUT_KEYS)
+MASK_KEYS = ("threshold", "bands", "sieve_cells", *scene.OUTPUT_KEYS)
+# What outputs made before a key of MASK_KEYS existed were made with, where that is not the key's default.
+BEFORE_KEY = {"sieve_cells": 0}
 
 
 def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
@@ -154,7 +157,7 @@ def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
     now = {key: getattr(cfg, key) for key in MASK_KEYS}
     try:
         saved = json.loads(last_run.read_text(encoding="utf-8"))
-        earlier = {key: saved.get(key, getattr(Config, key)) for key in MASK_KEYS}
+        earlier = {key: saved.get(key, BEFORE_KEY.get(key, getattr(Config, key))) for key in MASK_KEYS}
     except FileNotFoundError:
         earlier = now
     except (OSError, ValueError, TypeError, AttributeError):

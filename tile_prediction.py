@@ -25,6 +25,8 @@ from inference import (
     overlay_image,
     predict_batch,
 )
+from net_structure import downscale_of
+from polygons import sieve_block
 from runtime import usable_cores
 
 LOG = logging.getLogger("predict")
@@ -145,6 +147,19 @@ def overlay_path(mask_path: Path) -> Path:
     return mask_path.parent / "overlays" / f"{mask_path.stem.removesuffix('_seg')}_overlay.png"
 
 
+def sieve_pixels(cells: int, config: dict) -> int:
+    """The tile pixels under which a farmland piece or hole of a tile's mask is sieved away: ``cells`` pixels of
+    the network's working grid (``sieve_cells``), each downscale x downscale tile pixels (net_structure.downscale_of
+    of the checkpoint's ``config``). The network decides no finer than its grid, so such pieces are speckle.
+
+    Raises:
+        ValueError: a negative ``cells``.
+    """
+    if cells < 0:
+        raise ValueError(f"--sieve_cells={cells}: expected a number of working pixels, or 0 to keep every piece")
+    return cells * downscale_of(config) ** 2
+
+
 def is_complete(mask_path: Path, checkpoint: Path, overlay: bool) -> bool:
     """Whether an earlier run already wrote this image's outputs with this checkpoint.
 
@@ -168,11 +183,13 @@ def predict_tiles(
     bands: Sequence[int] = (),
     progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
-    """Predict tiles in batches of equal size; write each mask (and overlay). Return (written, failed).
+    """Predict tiles in batches of equal size; write each mask, sieved (``sieve_cells``: sieve_pixels), and its
+    overlay. Return (written, failed).
 
     ``progress``, when given, is called after each batch with the number of images handled so far (their
     outputs may still be being written).
     """
+    min_pixels = sieve_pixels(cfg.sieve_cells, state["config"])
     if not paths:
         return 0, 0
     threshold = decision_threshold(state)
@@ -204,6 +221,7 @@ def predict_tiles(
     )
 
     def write_outputs(index: int, image: np.ndarray | None, mask: np.ndarray) -> None:
+        mask = sieve_block(mask, min_pixels, False, False)  # the whole tile: pieces at its edge are sieved too
         write_image(outputs[index], mask * np.uint8(255))
         if image is not None:
             write_image(overlay_path(outputs[index]), overlay_image(image, mask))

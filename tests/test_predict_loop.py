@@ -3,6 +3,7 @@ background threads. The results must be those of the plain float path, bit for b
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from conftest import write_pair
 
 import files
+import tile_prediction
+from config import Config
 from data_preprocess import DataError, image_to_float, read_image, write_image
 from inference import inference_model, network_logits, overlay_image, predict_batch
 from net_structure import build_model
@@ -131,3 +134,46 @@ def test_predict_batch_on_uint8_tiles_equals_the_float_tiles(tmp_path: Path) -> 
     for threshold in (None, 0.4):
         expected = predict_batch(model, as_float, cpu, threshold=threshold)
         assert np.array_equal(predict_batch(model, torch.from_numpy(images), cpu, threshold=threshold), expected)
+
+
+def speckled_mask() -> np.ndarray:
+    """32 x 32: a 12 x 12 field of 144 pixels with a 2 x 2 hole, a 3 x 3 speck, and a 5 x 4 piece at the edge."""
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:16, 4:16] = 1
+    mask[9:11, 9:11] = 0  # the hole: 4 pixels
+    mask[24:27, 6:9] = 1  # the speck: 9 pixels
+    mask[27:32, 28:32] = 1  # the piece at the corner: 20 pixels
+    return mask
+
+
+def test_tile_masks_lose_pieces_and_holes_under_sieve_cells_of_the_working_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert tile_prediction.sieve_pixels(16, {"downscale": 4}) == 256  # 16 cells of 4 x 4 tile pixels
+    assert tile_prediction.sieve_pixels(16, {"downscale": 2}) == 64
+    assert tile_prediction.sieve_pixels(16, {}) == 16  # checkpoints before downscale: full resolution
+    assert tile_prediction.sieve_pixels(0, {"downscale": 2}) == 0
+    with pytest.raises(ValueError, match=r"--sieve_cells=-1: expected a number of working pixels, or 0"):
+        tile_prediction.sieve_pixels(-1, {})
+    rng = np.random.default_rng(5)
+    paths = [write_pair(tmp_path, "a", rng.integers(0, 256, (32, 32, 3), np.uint8), speckled_mask())[0]]
+    drawn = speckled_mask()
+    monkeypatch.setattr(tile_prediction, "predict_batch", lambda *_, **__: drawn[None])
+    state = small_state()
+    cpu = torch.device("cpu")
+    model = inference_model(state, cpu, channels_last=False, amp=None)
+    written = {}
+    for cells in (0, 16, 21):
+        output = tmp_path / str(cells) / "a_seg.png"
+        cfg = dataclasses.replace(Config(), num_workers=0, overlay=False, sieve_cells=cells)
+        assert tile_prediction.predict_tiles(
+            model, paths, [output], cfg, state, Path("w"), torch.device("cpu"), None
+        ) == (1, 0)
+        written[cells] = read_image(output)[..., 0]
+    assert np.array_equal(written[0], drawn * 255)  # off: the mask as drawn
+    sieved = drawn.copy()
+    sieved[9:11, 9:11] = 1  # the hole filled
+    sieved[24:27, 6:9] = 0  # the speck gone; the 20-pixel piece stays, at the tile's edge as anywhere
+    assert np.array_equal(written[16], sieved * 255)
+    sieved[27:32, 28:32] = 0  # under 21 pixels it goes too
+    assert np.array_equal(written[21], sieved * 255)

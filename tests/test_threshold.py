@@ -17,6 +17,7 @@ import exported_model
 import predict
 import split_dataset
 import train
+from config import Config
 from data_preprocess import image_for_network, read_image, write_pair_list
 from inference import (
     averaged_probabilities,
@@ -26,7 +27,9 @@ from inference import (
     with_threshold,
 )
 from net_structure import build_model
+from polygons import sieve_block
 from runtime import load_checkpoint, save_checkpoint
+from tile_prediction import sieve_pixels
 from training import THRESHOLD_BINS, iou_at, threshold_curve, write_threshold_curve
 
 CPU = torch.device("cpu")
@@ -101,13 +104,18 @@ def test_user_threshold_wins_on_tiles_and_masks_are_redone(shared_square_data: P
     farmland = {}
     # One run folder for all three cuts: masks of an earlier cut, though newer than the checkpoint, are redone.
     for cut in (0.01, 0.99, middle):
-        extra = [f"--predict_input={tile}", f"--threshold={cut}", "--amp=off", "--overlay=false"]
+        extra = [f"--predict_input={tile}", f"--threshold={cut}", "--amp=off", "--overlay=false", "--sieve_cells=0"]
         assert predict.main(args(shared_square_data, run_copy, *extra)) == 0
         mask = predicted_mask(run_copy, tile)
-        expected = classes_from_probabilities(probabilities, cut)[0].numpy() * 255
-        assert np.array_equal(mask, expected)
+        expected = classes_from_probabilities(probabilities, cut)[0].numpy()
+        assert np.array_equal(mask, expected * 255)
         farmland[cut] = int((mask > 0).sum())
     assert farmland[0.01] > farmland[middle] > farmland[0.99]
+    # The same cut with the default sieve: the mask is redone, its specks and pinholes joined to their surroundings.
+    extra = [f"--predict_input={tile}", f"--threshold={middle}", "--amp=off", "--overlay=false"]
+    assert predict.main(args(shared_square_data, run_copy, *extra)) == 0
+    sieved = sieve_block(expected, sieve_pixels(Config().sieve_cells, state["config"]), False, False)
+    assert not np.array_equal(sieved, expected) and np.array_equal(predicted_mask(run_copy, tile), sieved * 255)
 
 
 def test_tiles_with_tta_are_the_mean_of_eight_turns_and_redone_when_it_changes(
@@ -123,6 +131,7 @@ def test_tiles_with_tta_are_the_mean_of_eight_turns_and_redone_when_it_changes(
     # One run folder: the masks made one way, though newer than the checkpoint, are redone the other way.
     for tta in (False, True, False):
         extra = [f"--predict_input={tile}", f"--tta={tta}", f"--threshold={cut}", "--amp=off", "--overlay=false"]
+        extra.append("--sieve_cells=0")  # the network's own masks
         assert predict.main(args(shared_square_data, run_copy, *extra)) == 0
         expected = classes_from_probabilities(averaged_probabilities(model, image, CPU, True, tta), cut)
         mask = predicted_mask(run_copy, tile)
@@ -156,7 +165,10 @@ def test_user_threshold_wins_over_the_onnx_models_own(tmp_path: Path) -> None:
         assert predict.main([*argv, "--num_workers=0", "--overlay=false"]) == 0
         mask = predicted_mask(run_dir, tile)
         used = 0.45 if cut == "-1" else 0.2
-        assert np.array_equal(mask, classes_from_probabilities(probabilities, used)[0].numpy() * 255)
+        expected = classes_from_probabilities(probabilities, used)[0].numpy()
+        # Sieved as the PyTorch backend sieves, on the grid the model's metadata names.
+        expected = sieve_block(expected, sieve_pixels(Config().sieve_cells, meta_state["config"]), False, False)
+        assert np.array_equal(mask, expected * 255)
         farmland[cut] = int((mask > 0).sum())
     assert farmland["0.2"] > farmland["-1"] > 0
 
