@@ -21,8 +21,9 @@ Any other ``--key=value`` is a config key passed to every run (for example ``--n
 8 flips and turns of each test tile), in the run's tta/ folder: the ``_tta`` columns. ``--last`` also scores
 every run's last epoch (last.pth, at its own tuned threshold) in its last/ folder: the ``_last`` columns, to
 see what choosing the best epoch on the validation split gained or cost.
-A run whose result.json matches its settings is not trained again: an interrupted comparison continues (and
-gains its ``--tta`` and ``--last`` figures without training when they are missing). A run stopped part-way
+A run whose result.json matches its settings (the recipe's values and the masks' ``sieve_cells`` among them) is
+not trained again: an interrupted comparison continues (and gains its ``--tta`` and ``--last`` figures without
+training when they are missing). A run stopped part-way
 through its epochs goes on from its last.pth with ``--resume=true`` (runs done are taken as they are, runs not
 begun start afresh); its minutes then count the epochs before the stop too.
 Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
@@ -175,6 +176,8 @@ def run_variant(
     begun starts afresh. Whether a run resumed is no part of its settings."""
     kept = [a for a in overrides if not a.startswith("--resume=")]
     settings = {"variant": variant.name, "epochs": epochs, "overrides": kept}
+    # Masks are sieved at prediction (sieve_cells): figures made under another sieve, or before it, are not these.
+    settings["sieve_cells"] = cli.parse_args(kept).sieve_cells
     if variant.recipe == "recommended":  # the recipe's values change as it is measured again
         settings["recipe"] = {key: str(value) for key, value in RECOMMENDED.items()}
     settings["splits"] = {name: [str(p[0]) for p in splits[name]] for name in SPLIT_NAMES}

@@ -9,7 +9,7 @@ import pytest
 from conftest import args, close_log_files
 
 import compare_recipes
-from config import RECOMMENDED
+from config import RECOMMENDED, Config
 from data_preprocess import split_scenes
 from runtime import load_checkpoint
 
@@ -136,6 +136,14 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(
     assert compare_recipes.main(argv) == 0
     close_log_files()
     assert checkpoint.stat().st_mtime_ns == stamp and recommended.stat().st_mtime_ns != old_stamp
+    # Masks sieved otherwise are other figures: the run is made again under the sieve it names.
+    saved = json.loads((checkpoint.parents[1] / "result.json").read_text(encoding="utf-8"))
+    assert saved["settings"]["sieve_cells"] == Config().sieve_cells == 16
+    assert compare_recipes.main([*argv, "--variants=reference", "--sieve_cells=0"]) == 0
+    close_log_files()
+    assert checkpoint.stat().st_mtime_ns != stamp
+    saved = json.loads((checkpoint.parents[1] / "result.json").read_text(encoding="utf-8"))
+    assert saved["settings"]["sieve_cells"] == 0
 
 
 def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
