@@ -13,7 +13,8 @@ resolution (``--downscales``: 2 = the network sees tiles shrunk to half each sid
   fast_path.py times and chooses for that network, as train.py and predict.py do, and the table says which;
 - prediction throughput (tiles/s, masks written to disk): reference = one image at a time in fp32;
   fast = predict.py's path (BatchNorm folded, padding and concatenation written into the buffers the
-  convolutions read, reduced precision, channels-last, batches, reading workers, freed memory reused);
+  convolutions read, reduced precision, channels-last, batches, reading workers, freed memory reused); its
+  masks are written unsieved (``sieve_cells=0``), as the reference writes them, here and below;
 and, once, for the U-Net at ``--width`` (the widest by default) at full resolution:
 - prediction's backends side by side in predict.py's loop (tiles/s): the fast path in float32 as well as
   in its default precision (bf16 where the CPU runs it natively), and on a CPU the same network exported by
@@ -229,7 +230,7 @@ def bench_predict_fast(
     amp = choice.candidate.amp
     # The choice made, predict_tiles is told it, so that it does not time the candidates again.
     chosen = {"amp": choice.candidate.amp_key, "channels_last": choice.candidate.channels_last}
-    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False, **chosen)
+    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False, sieve_cells=0, **chosen)
     outputs = [out_dir / f"{i}_seg.png" for i in range(len(images))]  # a tile may come more than once
 
     def run(progress: Callable[[int], None]) -> None:
@@ -265,7 +266,7 @@ def bench_predict_onnx(images: list[Path], model: str, out_dir: Path, workers: i
     keep_freed_memory()
     segmenter, state = load_segmenter(Path(model))
     cpu = torch.device("cpu")
-    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False)
+    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False, sieve_cells=0)
     outputs = [out_dir / f"{i}_seg.png" for i in range(len(images))]
 
     def run(progress: Callable[[int], None]) -> None:
@@ -293,7 +294,7 @@ def bench_predict_loop(paths: list[Path], device_name: str, out_dir: Path, worke
     here, whatever the device's speed."""
     keep_freed_memory()
     device = select_device(device_name)
-    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False, predict_batch_size=32)
+    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False, predict_batch_size=32, sieve_cells=0)
     outputs = [out_dir / f"{i}_seg.png" for i in range(len(paths))]  # a tile may come more than once
     state = {"config": {"in_channels": 3}}
 

@@ -21,11 +21,12 @@ Any other ``--key=value`` is a config key passed to every run (for example ``--n
 8 flips and turns of each test tile), in the run's tta/ folder: the ``_tta`` columns. ``--last`` also scores
 every run's last epoch (last.pth, at its own tuned threshold) in its last/ folder: the ``_last`` columns, to
 see what choosing the best epoch on the validation split gained or cost.
-A run whose result.json matches its settings (the recipe's values and the masks' ``sieve_cells`` among them) is
-not trained again: an interrupted comparison continues (and gains its ``--tta`` and ``--last`` figures without
-training when they are missing). A run stopped part-way
-through its epochs goes on from its last.pth with ``--resume=true`` (runs done are taken as they are, runs not
-begun start afresh); its minutes then count the epochs before the stop too.
+A run whose result.json matches its settings (the recipe's values among them) is not trained again: an
+interrupted comparison continues (and gains its ``--tta`` and ``--last`` figures without training when they are
+missing); one whose masks were sieved otherwise (``sieve_cells``, or made before the sieve) is predicted and
+scored again from its weights. A run stopped part-way through its epochs goes on from its last.pth with
+``--resume=true`` (runs done are taken as they are, runs not begun start afresh); its minutes then count the
+epochs before the stop too.
 Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
 """
 
@@ -65,6 +66,8 @@ def extra_columns(kind: str) -> tuple[str, str]:
 
 
 TTA_SCORES = extra_columns("tta")  # with --tta
+# Keys that act at prediction alone: a variant's changes reach only train.py, where these do nothing.
+PREDICTION_KEYS = ("threshold", "tta", "sieve_cells")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +106,11 @@ def parse_variant(text: str) -> Variant:
             )
         if key == "resume":
             raise ValueError(f"variant {text!r}: resume is no recipe setting; pass --resume=true to go on with runs")
+        if key in PREDICTION_KEYS:
+            raise ValueError(
+                f"variant {text!r}: {key} is a setting of prediction, not of training; give --{key}={value} to the "
+                "whole comparison"
+            )
         pairs.append((key, value))
     return Variant(recipe, tuple(pairs))
 
@@ -171,28 +179,19 @@ def run_variant(
 ) -> dict:
     """Train, predict and score one variant in ``run_dir`` (and score it the ``extras`` ways: EXTRA_SCORINGS);
     return its figures (kept in run_dir/result.json, and taken from there instead of training again when the
-    settings are the same). ``resume`` (``--resume=true``): a run stopped part-way continues from its last.pth,
-    and its minutes add the seconds of the epochs it continues from (their start-up not counted); a run not
-    begun starts afresh. Whether a run resumed is no part of its settings."""
-    kept = [a for a in overrides if not a.startswith("--resume=")]
+    settings are the same: done_row). ``resume`` (``--resume=true``): a run stopped part-way continues from its
+    last.pth, and its minutes add the seconds of the epochs it continues from (their start-up not counted); a
+    run not begun starts afresh. Whether a run resumed is no part of its settings."""
+    kept = [a for a in overrides if not a.startswith(("--resume=", "--sieve_cells="))]
     settings = {"variant": variant.name, "epochs": epochs, "overrides": kept}
-    # Masks are sieved at prediction (sieve_cells): figures made under another sieve, or before it, are not these.
-    settings["sieve_cells"] = cli.parse_args(kept).sieve_cells
+    # Masks are sieved at prediction: figures made under another sieve, or before it, are not these.
+    settings["sieve_cells"] = cli.parse_args(overrides).sieve_cells
     if variant.recipe == "recommended":  # the recipe's values change as it is measured again
         settings["recipe"] = {key: str(value) for key, value in RECOMMENDED.items()}
     settings["splits"] = {name: [str(p[0]) for p in splits[name]] for name in SPLIT_NAMES}
-    saved = run_dir / "result.json"
-    if saved.is_file():
-        result = json.loads(saved.read_text(encoding="utf-8"))
-        if result.get("settings") == settings:
-            LOG.info("%s: already done, figures taken from %s", run_dir, saved)
-            row = result["row"]
-            missing = [kind for kind in extras if extra_columns(kind)[0] not in row]
-            for kind in missing:
-                row = {**row, **extra_scores(run_dir, splits, overrides, kind)}
-            if missing:
-                files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
-            return row
+    done = done_row(run_dir, settings, splits, variant, overrides, extras)
+    if done is not None:
+        return done
     for name in SPLIT_NAMES:
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     write_scene_counts(run_dir, splits, group_pattern)
@@ -203,17 +202,60 @@ def run_variant(
     if train.main([*common, *variant.arguments(), f"--epochs={epochs}", f"--resume={str(resume).lower()}"]) != 0:
         raise RuntimeError(f"{run_dir}: training failed; see {run_dir / 'logs' / 'train.log'}")
     seconds = (earlier or 0.0) + time.perf_counter() - started
+    predict_and_score(run_dir, common)
+    row = result_row(run_dir, splits, variant, seconds)
+    for kind in extras:
+        row.update(extra_scores(run_dir, splits, overrides, kind))
+    files.atomic_write_text(run_dir / "result.json", json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
+    return row
+
+
+def done_row(
+    run_dir: Path,
+    settings: dict,
+    splits: dict[str, list[tuple[Path, Path]]],
+    variant: Variant,
+    overrides: Sequence[str],
+    extras: Sequence[str],
+) -> dict | None:
+    """The figures of a run that run_dir/result.json says was done under ``settings``, with its missing
+    ``extras`` scored; where only the sieve differs (``sieve_cells``), its weights predicted and scored again,
+    extras included, without training. None where the run is to be trained."""
+    saved = run_dir / "result.json"
+    if not saved.is_file():
+        return None
+    result = json.loads(saved.read_text(encoding="utf-8"))
+    earlier, row = result.get("settings", {}), result["row"]
+    weights = [run_dir / "checkpoints" / name for name in ("best.pth", "last.pth")]
+    if {**earlier, "sieve_cells": settings["sieve_cells"]} != settings or not all(w.is_file() for w in weights):
+        return None
+    if earlier.get("sieve_cells") == settings["sieve_cells"]:
+        LOG.info("%s: already done, figures taken from %s", run_dir, saved)
+        missing = [kind for kind in extras if extra_columns(kind)[0] not in row]
+    else:
+        LOG.info("%s: done with masks sieved otherwise; predicted and scored again, not trained", run_dir)
+        predict_and_score(run_dir, [*overrides, f"--run_dir={run_dir}"])
+        row = result_row(run_dir, splits, variant, row["train_minutes"] * 60)
+        missing = [kind for kind in EXTRA_SCORINGS if kind in extras or extra_columns(kind)[0] in result["row"]]
+    for kind in missing:
+        row = {**row, **extra_scores(run_dir, splits, overrides, kind)}
+    if row != result["row"] or earlier != settings:
+        files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
+    return row
+
+
+def predict_and_score(run_dir: Path, common: list[str]) -> None:
+    """predict.py on the run's test split, then miou.py: its masks and metrics.json.
+
+    Raises:
+        RuntimeError: either failed (its log named).
+    """
     # A stale metrics.json from an earlier run must never pass for this one's.
     (run_dir / "metrics.json").unlink(missing_ok=True)
     if predict.main([*common, "--overlay=false"]) != 0:
         raise RuntimeError(f"{run_dir}: prediction failed; see {run_dir / 'logs' / 'predict.log'}")
     if miou.main(common) != 0:
         raise RuntimeError(f"{run_dir}: scoring failed; see {run_dir / 'logs' / 'miou.log'}")
-    row = result_row(run_dir, splits, variant, seconds)
-    for kind in extras:
-        row.update(extra_scores(run_dir, splits, overrides, kind))
-    files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
-    return row
 
 
 def extra_scores(

@@ -81,7 +81,7 @@ class Config:
     threshold: float = -1.0  # farmland probability cut, 0 < T < 1 (predict.py, change.py); -1 = the checkpoint's
     predict_batch_size: int = 0  # tiles per forward pass at prediction; 0 = chosen from free memory
     overlay: bool = True  # also save each mask drawn over its photo
-    sieve_cells: int = 16  # tiles: farmland pieces and holes under this many working pixels join their surroundings
+    sieve_cells: int = 16  # tiles: farmland pieces and holes under this many working pixels are sieved; 0 = off
     skip_existing: bool = True  # keep masks already written with this checkpoint, so an interrupted run resumes
     window: int = 512  # scenes (GeoTIFFs, images over one window): window side in pixels, a multiple of 16 x downscale
     overlap: int = 128  # scenes: pixels shared by neighbouring windows and blended, a multiple of 16 x downscale

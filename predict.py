@@ -47,7 +47,7 @@ from runtime import (
     load_checkpoint,
     resolve_amp,
 )
-from tile_prediction import is_complete, predict_tiles
+from tile_prediction import is_complete, predict_tiles, sieve_pixels
 
 LOG = logging.getLogger("predict")
 
@@ -104,12 +104,12 @@ def plan_jobs(cfg: Config, paths: list[Path], settings: scene.SceneSettings) -> 
     return jobs
 
 
-def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path) -> list[Job]:
-    """The jobs still to do: tiles whose outputs this checkpoint already wrote are skipped (``skip_existing``);
-    scenes decide for themselves in scene.py."""
+def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path, redo_tiles: bool = False) -> list[Job]:
+    """The jobs still to do: tiles whose outputs this checkpoint already wrote are skipped (``skip_existing``),
+    unless ``redo_tiles``; scenes decide for themselves in scene.py."""
     if not cfg.skip_existing:
         return jobs
-    todo = [j for j in jobs if j.is_scene or not is_complete(j.output, checkpoint, cfg.overlay)]
+    todo = [j for j in jobs if j.is_scene or redo_tiles or not is_complete(j.output, checkpoint, cfg.overlay)]
     if len(todo) < len(jobs):
         LOG.info(
             "%d of %d image(s) already have masks from this checkpoint and are skipped "
@@ -145,14 +145,16 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
 
 # The keys besides the checkpoint that change a finished output: masks, probabilities, fields.
 MASK_KEYS = ("threshold", "bands", "sieve_cells", *scene.OUTPUT_KEYS)
+TILE_KEYS = ("sieve_cells",)  # those of MASK_KEYS that tile masks alone depend on: scenes keep their outputs
 # What outputs made before a key of MASK_KEYS existed were made with, where that is not the key's default.
 BEFORE_KEY = {"sieve_cells": 0}
 
 
-def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
+def redo_if_masks_differ(cfg: Config, job: Distributed) -> bool:
     """Finished outputs are told by the checkpoint's time alone (``skip_existing``), so when a key of MASK_KEYS
-    (``bands`` as resolved) differs from the last predict.py run's in this run_dir, this run redoes every output
-    rather than keep masks made another way."""
+    (``bands`` as resolved) differs from the last predict.py run's in this run_dir, this run redoes the outputs
+    rather than keep masks made another way: every output (``skip_existing`` turned off), or only the tiles'
+    where only keys of TILE_KEYS differ (then True is returned)."""
     last_run = Path(cfg.run_dir) / "configs" / "predict.json"
     now = {key: getattr(cfg, key) for key in MASK_KEYS}
     try:
@@ -162,15 +164,20 @@ def redo_if_masks_differ(cfg: Config, job: Distributed) -> None:
         earlier = now
     except (OSError, ValueError, TypeError, AttributeError):
         earlier = None  # unreadable: redo rather than keep outputs made in an unknown way
-    changed = earlier != now
+    differ = list(MASK_KEYS) if earlier is None else [key for key in MASK_KEYS if earlier[key] != now[key]]
+    flags = [bool(differ), any(key not in TILE_KEYS for key in differ)]  # (anything, scenes too)
     if job.world > 1:  # also a barrier: every rank has read the last run's keys before rank 0 records this one's
-        changed = bool(all_reduce_sum(torch.tensor(int(changed), device=job.device)))
-    if changed and cfg.skip_existing:
-        shown = "its settings unreadable"
-        if earlier is not None:
-            shown = ", ".join(f"{k} {earlier[k]!r}, now {now[k]!r}" for k in MASK_KEYS if earlier[k] != now[k])
-        LOG.info("the last predict.py run here made its outputs otherwise (%s): they are redone", shown)
+        flags = [bool(v) for v in all_reduce_sum(torch.tensor([int(f) for f in flags], device=job.device))]
+    if not flags[0] or not cfg.skip_existing:
+        return False
+    shown = "its settings unreadable"
+    if earlier is not None:
+        shown = ", ".join(f"{k} {earlier[k]!r}, now {now[k]!r}" for k in differ)
+    LOG.info("the last predict.py run here made its outputs otherwise (%s): they are redone", shown)
+    if flags[1]:
         cfg.skip_existing = False
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,10 +195,11 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     checkpoint, state, segmenter, device = open_network(cfg, job)
     state = with_threshold(state, cfg.threshold)  # the user's cut, if given
+    sieve_pixels(cfg.sieve_cells, state["config"])  # a bad sieve_cells refused before any output is redone
     if not cfg.bands:
         # The bands the network was trained on, unless the user names others for these images.
         cfg.bands = str(state["config"].get("bands", ""))
-    redo_if_masks_differ(cfg, job)
+    redo_tiles = redo_if_masks_differ(cfg, job)
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included
     amp = None if segmenter is not None else resolve_amp(cfg.amp, device)  # an ONNX model runs in its own dtype
@@ -206,7 +214,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
         # Shard before skipping finished masks: the other ranks are writing theirs meanwhile.
         mine = jobs[job.rank :: job.world]
         LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(mine))
-    mine = unfinished(mine, cfg, checkpoint)
+    mine = unfinished(mine, cfg, checkpoint, redo_tiles)
     tiles = [j for j in mine if not j.is_scene]
     scenes = [j.image for j in mine if j.is_scene]
     done, failures = predict_tiles(

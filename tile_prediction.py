@@ -160,6 +160,16 @@ def sieve_pixels(cells: int, config: dict) -> int:
     return cells * downscale_of(config) ** 2
 
 
+SIEVE_SHARE = 16  # a piece of more than this share of a tile (1/16) is never speck, however small the tile
+
+
+def sieve_tile(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """A copy of a tile's mask (H x W, 0/1) with its farmland pieces, then its holes, under ``min_pixels``
+    (sieve_pixels) joined to their surroundings; pieces at the tile's edge too, and never one of more than
+    1/SIEVE_SHARE of the tile, so that a small tile of one class, or of two large pieces, stays as it is."""
+    return sieve_block(mask, min(min_pixels, mask.size // SIEVE_SHARE), False, False)
+
+
 def is_complete(mask_path: Path, checkpoint: Path, overlay: bool) -> bool:
     """Whether an earlier run already wrote this image's outputs with this checkpoint.
 
@@ -221,7 +231,7 @@ def predict_tiles(
     )
 
     def write_outputs(index: int, image: np.ndarray | None, mask: np.ndarray) -> None:
-        mask = sieve_block(mask, min_pixels, False, False)  # the whole tile: pieces at its edge are sieved too
+        mask = sieve_tile(mask, min_pixels)
         write_image(outputs[index], mask * np.uint8(255))
         if image is not None:
             write_image(overlay_path(outputs[index]), overlay_image(image, mask))

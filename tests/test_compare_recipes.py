@@ -23,7 +23,13 @@ def test_variant_names_round_trip_to_train_arguments() -> None:
 
 @pytest.mark.parametrize(
     "text, named",
-    [("fancy", "'fancy'"), ("recommended+dropout", "'dropout'"), ("recommended+no_such_key=1", "'no_such_key=1'")],
+    [
+        ("fancy", "'fancy'"),
+        ("recommended+dropout", "'dropout'"),
+        ("recommended+no_such_key=1", "'no_such_key=1'"),
+        ("recommended+sieve_cells=0", "sieve_cells is a setting of prediction, not of training; give --sieve_cells=0"),
+        ("reference+tta=true", "tta is a setting of prediction"),
+    ],
 )
 def test_bad_variants_are_refused_with_the_part_at_fault(text: str, named: str) -> None:
     with pytest.raises(ValueError, match=named):
@@ -136,14 +142,29 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(
     assert compare_recipes.main(argv) == 0
     close_log_files()
     assert checkpoint.stat().st_mtime_ns == stamp and recommended.stat().st_mtime_ns != old_stamp
-    # Masks sieved otherwise are other figures: the run is made again under the sieve it names.
-    saved = json.loads((checkpoint.parents[1] / "result.json").read_text(encoding="utf-8"))
+    # A run made before the sieve (its settings without sieve_cells) is predicted and scored again, its extra
+    # columns too, and not trained; so is one asked for another sieve.
+    result = checkpoint.parents[1] / "result.json"
+    saved = json.loads(result.read_text(encoding="utf-8"))
     assert saved["settings"]["sieve_cells"] == Config().sieve_cells == 16
-    assert compare_recipes.main([*argv, "--variants=reference", "--sieve_cells=0"]) == 0
-    close_log_files()
-    assert checkpoint.stat().st_mtime_ns != stamp
-    saved = json.loads((checkpoint.parents[1] / "result.json").read_text(encoding="utf-8"))
-    assert saved["settings"]["sieve_cells"] == 0
+    del saved["settings"]["sieve_cells"]
+    result.write_text(json.dumps(saved), encoding="utf-8")
+    scored = (checkpoint.parents[1] / "metrics.json").stat().st_mtime_ns
+    for cells in (16, 0):
+        assert compare_recipes.main([*argv, "--variants=reference", f"--sieve_cells={cells}"]) == 0
+        close_log_files()
+        assert checkpoint.stat().st_mtime_ns == stamp  # not trained
+        again = json.loads(result.read_text(encoding="utf-8"))
+        assert again["settings"] == {**saved["settings"], "sieve_cells": cells}
+        assert (checkpoint.parents[1] / "metrics.json").stat().st_mtime_ns > scored
+        scored = (checkpoint.parents[1] / "metrics.json").stat().st_mtime_ns
+        metrics = json.loads((checkpoint.parents[1] / "metrics.json").read_text(encoding="utf-8"))
+        assert again["row"]["test_farmland_iou_pooled"] == metrics["pooled"]["farmland_iou"]
+        assert {"test_farmland_iou_pooled_tta", "test_farmland_iou_pooled_last"} <= set(again["row"])
+        assert again["row"]["train_minutes"] == saved["row"]["train_minutes"]
+    predicted = json.loads((checkpoint.parents[1] / "configs" / "predict.json").read_text(encoding="utf-8"))
+    tta = json.loads((checkpoint.parents[1] / "tta" / "configs" / "predict.json").read_text(encoding="utf-8"))
+    assert predicted["sieve_cells"] == tta["sieve_cells"] == 0
 
 
 def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
@@ -165,6 +186,7 @@ def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
     real = compare_recipes.resumed_seconds
 
     def ten_minutes_longer(last: Path) -> float | None:
+        """resumed_seconds, ten minutes more where there is a last.pth."""
         seconds = real(last)
         return None if seconds is None else seconds + 600
 

@@ -367,10 +367,10 @@ def test_a_resnet_on_32px_tiles_refuses_batches_of_one_and_times_two(shared_squa
         train.main(args(shared_square_data, run_dir, "--encoder=resnet18", "--batch_size=1", "--epochs=1"))
     close_log_files()
     # The fast path times the training batch, and never fewer tiles than BatchNorm trains on.
-    cfg = Config(encoder="resnet18", batch_size=1)
+    cfg = Config(encoder="resnet18")
     assert (fast_path.timed_tiles(cfg, (3, 32, 32), 1), fast_path.timed_tiles(cfg, (3, 64, 64), 1)) == (2, 1)
-    assert fast_path.timed_tiles(Config(batch_size=32), (3, 64, 64), 32) == fast_path.TIMED_TILES_MAX
-    assert fast_path.timed_tiles(Config(batch_size=5), (3, 64, 64), 3) == 3  # a split of 3 tiles
+    assert fast_path.timed_tiles(Config(), (3, 64, 64), 32) == fast_path.TIMED_TILES_MAX
+    assert fast_path.timed_tiles(Config(), (3, 64, 64), 3) == 3  # a split of 3 tiles
     model = build_model(3, 2, 8, 0.0, "resnet18")
     screen, step = training_timers(model, nn.CrossEntropyLoss(), (3, 32, 32), 2, CPU, 2)
     assert step(Candidate(None, False)) > 0 and screen(Candidate(None, True)) > 0

@@ -177,3 +177,27 @@ def test_tile_masks_lose_pieces_and_holes_under_sieve_cells_of_the_working_grid(
     assert np.array_equal(written[16], sieved * 255)
     sieved[27:32, 28:32] = 0  # under 21 pixels it goes too
     assert np.array_equal(written[21], sieved * 255)
+    # A network at half resolution: 4 cells of 2 x 2 tile pixels sieve as 16 pixels do; the overlay shows the
+    # sieved mask.
+    halved = {**state, "config": {**state["config"], "downscale": 2}}
+    output = tmp_path / "half" / "a_seg.png"
+    cfg = dataclasses.replace(Config(), num_workers=0, overlay=True, sieve_cells=4)
+    assert tile_prediction.predict_tiles(model, paths, [output], cfg, halved, Path("w"), cpu, None) == (1, 0)
+    assert np.array_equal(read_image(output)[..., 0], written[16])
+    photo = read_image(paths[0]).transpose(2, 0, 1)
+    overlay = read_image(tile_prediction.overlay_path(output))
+    assert np.array_equal(overlay, overlay_image(photo, written[16] // 255))
+
+
+def test_a_tile_smaller_than_the_sieve_keeps_its_one_class_and_its_large_pieces() -> None:
+    # 12 x 12 pixels at a quarter resolution: 16 cells are 256 pixels, more than the tile.
+    empty, full = np.zeros((12, 12), np.uint8), np.ones((12, 12), np.uint8)
+    minimum = tile_prediction.sieve_pixels(16, {"downscale": 4})
+    assert np.array_equal(tile_prediction.sieve_tile(empty, minimum), empty)
+    assert np.array_equal(tile_prediction.sieve_tile(full, minimum), full)
+    halves = np.zeros((12, 12), np.uint8)
+    halves[:, :6] = 1
+    halves[2, 9] = 1  # a speck of 1 pixel; the cap is 144 // 16 = 9 pixels
+    kept = halves.copy()
+    kept[2, 9] = 0
+    assert np.array_equal(tile_prediction.sieve_tile(halves, minimum), kept)

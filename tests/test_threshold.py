@@ -4,6 +4,7 @@ IoU, precision and recall against the threshold that training writes (threshold_
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -27,9 +28,8 @@ from inference import (
     with_threshold,
 )
 from net_structure import build_model
-from polygons import sieve_block
-from runtime import load_checkpoint, save_checkpoint
-from tile_prediction import sieve_pixels
+from runtime import Distributed, load_checkpoint, save_checkpoint
+from tile_prediction import sieve_pixels, sieve_tile
 from training import THRESHOLD_BINS, iou_at, threshold_curve, write_threshold_curve
 
 CPU = torch.device("cpu")
@@ -114,8 +114,9 @@ def test_user_threshold_wins_on_tiles_and_masks_are_redone(shared_square_data: P
     # The same cut with the default sieve: the mask is redone, its specks and pinholes joined to their surroundings.
     extra = [f"--predict_input={tile}", f"--threshold={middle}", "--amp=off", "--overlay=false"]
     assert predict.main(args(shared_square_data, run_copy, *extra)) == 0
-    sieved = sieve_block(expected, sieve_pixels(Config().sieve_cells, state["config"]), False, False)
-    assert not np.array_equal(sieved, expected) and np.array_equal(predicted_mask(run_copy, tile), sieved * 255)
+    unsieved = classes_from_probabilities(probabilities, middle)[0].numpy()
+    sieved = sieve_tile(unsieved, sieve_pixels(Config().sieve_cells, state["config"]))
+    assert not np.array_equal(sieved, unsieved) and np.array_equal(predicted_mask(run_copy, tile), sieved * 255)
 
 
 def test_tiles_with_tta_are_the_mean_of_eight_turns_and_redone_when_it_changes(
@@ -159,18 +160,19 @@ def test_user_threshold_wins_over_the_onnx_models_own(tmp_path: Path) -> None:
     assert meta_state["threshold"] == 0.45  # the model's own cut, from its metadata
     tile = pairs[3][0]
     probabilities = farmland_probabilities(segmenter, tile)
-    farmland = {}
+    farmland, specks = {}, []
     for cut in ("-1", "0.2"):
         argv = [f"--run_dir={run_dir}", "--backend=onnx", f"--predict_input={tile}", f"--threshold={cut}"]
         assert predict.main([*argv, "--num_workers=0", "--overlay=false"]) == 0
         mask = predicted_mask(run_dir, tile)
         used = 0.45 if cut == "-1" else 0.2
-        expected = classes_from_probabilities(probabilities, used)[0].numpy()
+        unsieved = classes_from_probabilities(probabilities, used)[0].numpy()
         # Sieved as the PyTorch backend sieves, on the grid the model's metadata names.
-        expected = sieve_block(expected, sieve_pixels(Config().sieve_cells, meta_state["config"]), False, False)
+        expected = sieve_tile(unsieved, sieve_pixels(Config().sieve_cells, meta_state["config"]))
         assert np.array_equal(mask, expected * 255)
         farmland[cut] = int((mask > 0).sum())
-    assert farmland["0.2"] > farmland["-1"] > 0
+        specks.append(not np.array_equal(expected, unsieved))
+    assert farmland["0.2"] > farmland["-1"] > 0 and any(specks)
 
 
 def test_a_threshold_outside_0_1_is_refused(shared_square_data: Path, run_copy: Path) -> None:
@@ -182,3 +184,30 @@ def test_a_threshold_outside_0_1_is_refused(shared_square_data: Path, run_copy: 
             predict.main(args(shared_square_data, run_copy, f"--threshold={bad}"))
     with pytest.raises(ValueError, match="two-class model; this one has 3"):
         with_threshold({"config": {"n_classes": 3}}, 0.5)
+
+
+def test_a_sieve_change_redoes_tile_masks_alone_and_masks_before_the_sieve_count_as_unsieved(tmp_path: Path) -> None:
+    def last_run(drop: str = "", **changed: object) -> None:
+        """Record a predict.py run in tmp_path with the default mask keys, ``changed``, and without ``drop``."""
+        keys = {key: getattr(Config(), key) for key in predict.MASK_KEYS if key != drop} | changed
+        (tmp_path / "configs").mkdir(exist_ok=True)
+        (tmp_path / "configs" / "predict.json").write_text(json.dumps(keys), encoding="utf-8")
+
+    job = Distributed()
+    last_run(drop="sieve_cells")  # a run made before the key: its masks were not sieved
+    cfg = Config(run_dir=str(tmp_path))
+    assert predict.redo_if_masks_differ(cfg, job) is True and cfg.skip_existing  # tiles redone, scenes kept
+    cfg = Config(run_dir=str(tmp_path), sieve_cells=0)
+    assert predict.redo_if_masks_differ(cfg, job) is False and cfg.skip_existing  # made so: nothing redone
+    last_run(sieve_cells=8, threshold=0.3)
+    cfg = Config(run_dir=str(tmp_path))
+    assert predict.redo_if_masks_differ(cfg, job) is False and not cfg.skip_existing  # scenes redone too
+    # The tiles to redo, though their masks are newer than the checkpoint; a scene decides for itself.
+    checkpoint = tmp_path / "best.pth"
+    checkpoint.write_bytes(b"weights")
+    jobs = [predict.Job(tmp_path / f"{stem}.png", tmp_path / f"{stem}_seg.png", stem == "s") for stem in "abs"]
+    for j in jobs:
+        j.output.write_bytes(b"mask")
+    cfg = Config(run_dir=str(tmp_path), overlay=False)
+    assert [j.image.stem for j in predict.unfinished(jobs, cfg, checkpoint)] == ["s"]
+    assert predict.unfinished(jobs, cfg, checkpoint, redo_tiles=True) == jobs
