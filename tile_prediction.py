@@ -220,7 +220,7 @@ def predict_tiles(
         pin_memory=device.type == "cuda",
     )
     LOG.info(
-        "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d%s",
+        "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d%s%s",
         len(paths),
         checkpoint,
         state.get("epoch"),
@@ -228,6 +228,7 @@ def predict_tiles(
         str(amp or torch.float32).removeprefix("torch."),
         batch_size,
         ", averaged over 8 flips and turns (--tta)" if cfg.tta else "",
+        f", pieces and holes under {min_pixels} pixels sieved (--sieve_cells={cfg.sieve_cells})" if min_pixels else "",
     )
 
     def write_outputs(index: int, image: np.ndarray | None, mask: np.ndarray) -> None:

@@ -4,6 +4,7 @@ background threads. The results must be those of the plain float path, bit for b
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from pathlib import Path
@@ -147,7 +148,7 @@ def speckled_mask() -> np.ndarray:
 
 
 def test_tile_masks_lose_pieces_and_holes_under_sieve_cells_of_the_working_grid(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert tile_prediction.sieve_pixels(16, {"downscale": 4}) == 256  # 16 cells of 4 x 4 tile pixels
     assert tile_prediction.sieve_pixels(16, {"downscale": 2}) == 64
@@ -166,10 +167,12 @@ def test_tile_masks_lose_pieces_and_holes_under_sieve_cells_of_the_working_grid(
     for cells in (0, 16, 21):
         output = tmp_path / str(cells) / "a_seg.png"
         cfg = dataclasses.replace(Config(), num_workers=0, overlay=False, sieve_cells=cells)
-        assert tile_prediction.predict_tiles(
-            model, paths, [output], cfg, state, Path("w"), torch.device("cpu"), None
-        ) == (1, 0)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=tile_prediction.LOG.name):
+            assert tile_prediction.predict_tiles(model, paths, [output], cfg, state, Path("w"), cpu, None) == (1, 0)
         written[cells] = read_image(output)[..., 0]
+        said = f"pieces and holes under {cells} pixels sieved (--sieve_cells={cells})"
+        assert (said in caplog.text) == (cells > 0)
     assert np.array_equal(written[0], drawn * 255)  # off: the mask as drawn
     sieved = drawn.copy()
     sieved[9:11, 9:11] = 1  # the hole filled
