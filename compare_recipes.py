@@ -202,12 +202,7 @@ def run_variant(
     if train.main([*common, *variant.arguments(), f"--epochs={epochs}", f"--resume={str(resume).lower()}"]) != 0:
         raise RuntimeError(f"{run_dir}: training failed; see {run_dir / 'logs' / 'train.log'}")
     seconds = (earlier or 0.0) + time.perf_counter() - started
-    predict_and_score(run_dir, common)
-    row = result_row(run_dir, splits, variant, seconds)
-    for kind in extras:
-        row.update(extra_scores(run_dir, splits, overrides, kind))
-    files.atomic_write_text(run_dir / "result.json", json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
-    return row
+    return scored_row(run_dir, settings, splits, variant, overrides, seconds, extras)
 
 
 def done_row(
@@ -229,33 +224,46 @@ def done_row(
     weights = [run_dir / "checkpoints" / name for name in ("best.pth", "last.pth")]
     if {**earlier, "sieve_cells": settings["sieve_cells"]} != settings or not all(w.is_file() for w in weights):
         return None
-    if earlier.get("sieve_cells") == settings["sieve_cells"]:
-        LOG.info("%s: already done, figures taken from %s", run_dir, saved)
-        missing = [kind for kind in extras if extra_columns(kind)[0] not in row]
-    else:
+    if earlier.get("sieve_cells") != settings["sieve_cells"]:
         LOG.info("%s: done with masks sieved otherwise; predicted and scored again, not trained", run_dir)
-        predict_and_score(run_dir, [*overrides, f"--run_dir={run_dir}"])
-        row = result_row(run_dir, splits, variant, row["train_minutes"] * 60)
-        missing = [kind for kind in EXTRA_SCORINGS if kind in extras or extra_columns(kind)[0] in result["row"]]
+        kinds = [kind for kind in EXTRA_SCORINGS if kind in extras or extra_columns(kind)[0] in row]
+        return scored_row(run_dir, settings, splits, variant, overrides, row["train_minutes"] * 60, kinds)
+    LOG.info("%s: already done, figures taken from %s", run_dir, saved)
+    missing = [kind for kind in extras if extra_columns(kind)[0] not in row]
     for kind in missing:
         row = {**row, **extra_scores(run_dir, splits, overrides, kind)}
-    if row != result["row"] or earlier != settings:
+    if missing:
         files.atomic_write_text(saved, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
     return row
 
 
-def predict_and_score(run_dir: Path, common: list[str]) -> None:
-    """predict.py on the run's test split, then miou.py: its masks and metrics.json.
+def scored_row(
+    run_dir: Path,
+    settings: dict,
+    splits: dict[str, list[tuple[Path, Path]]],
+    variant: Variant,
+    overrides: Sequence[str],
+    seconds: float,
+    kinds: Sequence[str],
+) -> dict:
+    """Predict and score a trained run's test split (predict.py, then miou.py), and the ``kinds`` of
+    EXTRA_SCORINGS; its figures, with ``seconds`` of training, kept in run_dir/result.json under ``settings``.
 
     Raises:
-        RuntimeError: either failed (its log named).
+        RuntimeError: prediction or scoring failed (its log named).
     """
+    common = [*overrides, f"--run_dir={run_dir}"]
     # A stale metrics.json from an earlier run must never pass for this one's.
     (run_dir / "metrics.json").unlink(missing_ok=True)
     if predict.main([*common, "--overlay=false"]) != 0:
         raise RuntimeError(f"{run_dir}: prediction failed; see {run_dir / 'logs' / 'predict.log'}")
     if miou.main(common) != 0:
         raise RuntimeError(f"{run_dir}: scoring failed; see {run_dir / 'logs' / 'miou.log'}")
+    row = result_row(run_dir, splits, variant, seconds)
+    for kind in kinds:
+        row.update(extra_scores(run_dir, splits, overrides, kind))
+    files.atomic_write_text(run_dir / "result.json", json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
+    return row
 
 
 def extra_scores(
