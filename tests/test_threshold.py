@@ -27,7 +27,7 @@ from inference import (
     predict_probabilities,
     with_threshold,
 )
-from net_structure import build_model
+from net_structure import build_model, downscale_of
 from runtime import Distributed, load_checkpoint, save_checkpoint
 from tile_prediction import sieve_pixels, sieve_tile
 from training import THRESHOLD_BINS, iou_at, threshold_curve, write_threshold_curve
@@ -141,23 +141,25 @@ def test_tiles_with_tta_are_the_mean_of_eight_turns_and_redone_when_it_changes(
     assert not np.array_equal(masks[True], masks[False])  # the averaged mask is another mask
 
 
-def test_user_threshold_wins_over_the_onnx_models_own(tmp_path: Path) -> None:
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_user_threshold_wins_over_the_onnx_models_own(tmp_path: Path, downscale: int) -> None:
     data, run_dir = tmp_path / "data", tmp_path / "run"
     rng = np.random.default_rng(5)
     pairs = [write_pair(data, f"t{i}", *square_tile(rng)) for i in range(6)]
     write_pair_list(run_dir / "splits" / "train.txt", pairs[:3])
     write_pair_list(run_dir / "splits" / "test.txt", pairs[3:])
     torch.manual_seed(0)
-    model = build_model(3, 2, 4, 0.1).eval()
+    model = build_model(3, 2, 4, 0.1, downscale=downscale).eval()
     with torch.no_grad():
         sample = np.stack([read_image(image) for image, _ in pairs]).transpose(0, 3, 1, 2)
         spread_probabilities_(model, model(torch.from_numpy(sample.astype(np.float32) / 255)))
-    config = {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.1, "bands": ""}
+    config = {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.1, "bands": "", "downscale": downscale}
     state = {"model": model.state_dict(), "config": config, "threshold": 0.45, "epoch": 1}
     save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
     assert export_onnx.main([f"--run_dir={run_dir}"]) == 0
     segmenter, meta_state = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
     assert meta_state["threshold"] == 0.45  # the model's own cut, from its metadata
+    assert downscale_of(meta_state["config"]) == downscale  # and the grid the sieve works on
     tile = pairs[3][0]
     probabilities = farmland_probabilities(segmenter, tile)
     farmland, specks = {}, []
