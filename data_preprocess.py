@@ -4,8 +4,9 @@ What happens to each kind of image (C = bands in the file, ``in_channels`` from 
 - 8-bit images are scaled to [0, 1] by 1/255, 16-bit images by 1/65535 (so 12-bit sensor data looks dark,
   which the network learns around; convert to 8-bit first if you prefer).
 - Grayscale (C = 1) with ``in_channels`` = 3 is repeated into three equal bands.
-- RGBA PNGs (C = 4) with ``in_channels`` = 3 lose their alpha band. A 4-band TIFF is read as 4 bands,
-  in file order (for example R, G, B, NIR), and needs ``in_channels=4``.
+- RGBA PNGs (C = 4) with ``in_channels`` = 3 lose their alpha band. TIFFs are read through GDAL, every band
+  in file order (for example B, G, R, NIR), whatever their sample layout or photometric tag; a 4-band TIFF
+  needs ``in_channels=4`` or three of its bands picked with ``bands``.
 - Any other band count that differs from ``in_channels`` is an error naming the file.
 Masks hold 255 (or 1) for farmland and 0 for background; they become class indices 1 and 0. With
 ``ignore_index`` set, mask pixels of that value (unlabelled) become IGNORE, which losses and metrics skip.
@@ -17,12 +18,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
+from rasterio import MemoryFile
+from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch.utils.data import Dataset, Sampler
 
 from cli import FALSE_WORDS, TRUE_WORDS
@@ -34,6 +39,7 @@ __all__ = ["DataError"]  # re-exported: scripts name input errors from here, wit
 IGNORE = 255  # class index of unlabelled pixels in decoded masks (never a real class: n_classes < 255)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
+TIFF_EXTENSIONS = (".tif", ".tiff")  # decoded by GDAL (decode_tiff), the others by OpenCV
 
 
 def is_image_file(path: Path) -> bool:
@@ -53,21 +59,53 @@ def read_image(path: Path) -> np.ndarray:
         raw = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror}); check that the file exists") from None
-    # libtiff warns on every GeoTIFF tile about the GeoTIFF tags it does not know: errors only.
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    tiff = path.suffix.lower() in TIFF_EXTENSIONS
+    image = (decode_tiff(raw) if tiff else decode_other(raw)) if raw.size else None
     if image is None:
         raise DataError(
             f"{path}: not a readable image (truncated, corrupt or not an image file); "
             "re-export it as PNG or TIFF, or remove it from the folder"
         )
-    if image.ndim == 2:
-        image = image[:, :, None]
-    elif image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
     return image
+
+
+def decode_other(raw: np.ndarray) -> np.ndarray | None:
+    """A PNG, JPEG or BMP as (H, W, C), colour in RGB(A) order; None where OpenCV cannot decode it."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    if image is None or image.ndim == 2:
+        return None if image is None else image[:, :, None]
+    if image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    return image
+
+
+def decode_tiff(raw: np.ndarray) -> np.ndarray | None:
+    """A TIFF's bands as (H, W, C) in file order, palette colours expanded to RGB; None where GDAL cannot read it.
+
+    OpenCV reads a TIFF by its photometric tag: a 3- or 4-band 16-bit TIFF tagged grey (as GDAL writes them)
+    comes back as one band of wrong values, and more than 4 bands not at all. GDAL reads every layout.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with MemoryFile(raw.tobytes()) as memory, memory.open(driver="GTiff") as src:
+                bands = src.read()
+                if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
+                    bands = palette_colours(bands[0], src.colormap(1))
+    except RasterioError:
+        return None
+    return np.ascontiguousarray(bands.transpose(1, 2, 0))
+
+
+def palette_colours(indices: np.ndarray, colormap: dict[int, tuple[int, ...]]) -> np.ndarray:
+    """(3, H, W) uint8 RGB of a palette image's indices."""
+    table = np.zeros((max(int(indices.max()), *colormap) + 1, 3), np.uint8)
+    for index, colour in colormap.items():
+        table[index] = colour[:3]
+    return table[indices].transpose(2, 0, 1)
 
 
 def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:

@@ -47,7 +47,6 @@ from rasters import nodata_pixels, open_raster
 LOG = logging.getLogger("make_tiles")
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 TILE_DTYPES = ("uint8", "uint16", "float32")  # what the pipeline's tile reader takes
-TILE_BANDS = (1, 3, 4)
 TABLE = "tiles.csv"
 COLUMNS = [
     "tile", "scene", "image", "mask", "row", "col", "width", "height", "crs",
@@ -139,11 +138,6 @@ def open_scene(path: Path, tile: int) -> rasterio.DatasetReader:
         problem = (
             "has no CRS; expected a georeferenced scene; assign its CRS on a copy (gdal_translate -a_srs EPSG:xxxx)"
         )
-    elif src.count not in TILE_BANDS:
-        problem = (
-            f"has {src.count} bands; the tile reader takes 1, 3 or 4; make a copy with the bands to use "
-            "(gdal_translate -b 3 -b 2 -b 1 -b 4 in.tif out.tif)"
-        )
     elif src.dtypes[0] not in TILE_DTYPES:
         problem = (
             f"has pixel type {src.dtypes[0]}; expected 8- or 16-bit unsigned (or float32 in [0, 1]); "
@@ -173,7 +167,7 @@ def write_tile_image(path: Path, block: np.ndarray, src: rasterio.DatasetReader,
         "nodata": 0 if src.nodata is not None else None,
         "compress": "deflate",
     }
-    if block.shape[0] >= 3:  # so OpenCV reads the bands as colour samples, in order
+    if block.shape[0] in (3, 4):  # image viewers show the first three bands as colour
         profile["photometric"] = "RGB"
     if block.shape[0] == 4:
         profile["alpha"] = "UNSPECIFIED"

@@ -291,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 scan.rejected.append((pair[0], "error", reason))
     for path, kind, reason in scan.rejected:
-        (LOG.error if kind == "error" else LOG.warning)("%s %s: %s", kind, path, reason)
+        said = reason if reason.startswith(f"{path}:") else f"{path}: {reason}"  # the readers' errors name it
+        (LOG.error if kind == "error" else LOG.warning)("%s %s", kind, said)
     if not usable:
         raise DataError(
             f"no usable image/mask pairs in {data_dir}: expected {cfg.image_subdir}/<name>.png with "

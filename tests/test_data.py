@@ -7,7 +7,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import rasterio
 import torch
+from conftest import write_geotiff
+from rasterio.transform import Affine
 
 from data_preprocess import (
     IGNORE,
@@ -55,6 +58,24 @@ def test_rgba_png_drops_alpha_but_four_band_tiff_keeps_nir(tmp_path: Path) -> No
         load_image(tmp_path / "b.tif", 3)
 
 
+@pytest.mark.parametrize("interleave", ["pixel", "band"])
+def test_tiffs_as_gdal_writes_them_keep_every_band_in_file_order(tmp_path: Path, interleave: str) -> None:
+    # Tagged grey with 3, 4 or 5 samples (gdal_translate's default): OpenCV read such a 16-bit tile as one band.
+    for count in (3, 4, 5):
+        bands = np.arange(count, dtype=np.uint16)[:, None, None] * 1000 + np.arange(12, dtype=np.uint16).reshape(3, 4)
+        path = write_geotiff(tmp_path / f"高分 {count}.tif", bands + 1, None, Affine.identity(), interleave=interleave)
+        image = read_image(path)
+        assert image.dtype == np.uint16 and np.array_equal(image, bands.transpose(1, 2, 0) + 1)
+    assert np.allclose(load_image(tmp_path / "高分 5.tif", 5)[:, 0, 0] * 65535, [1, 1001, 2001, 3001, 4001])
+    with pytest.raises(DataError, match=r"高分 5\.tif: has 5 band\(s\), expected in_channels=3; set --in_channels=5"):
+        load_image(tmp_path / "高分 5.tif", 3)
+    # A palette image gives its colours, as OpenCV did.
+    palette = write_geotiff(tmp_path / "p.tif", np.array([[[0, 2, 1]]], np.uint8), None, Affine.identity())
+    with rasterio.open(palette, "r+") as dst:
+        dst.write_colormap(1, {0: (0, 0, 0, 255), 1: (255, 0, 0, 255), 2: (0, 128, 255, 255)})
+    assert read_image(palette)[0].tolist() == [[0, 0, 0], [0, 128, 255], [255, 0, 0]]
+
+
 def test_sixteen_bit_is_scaled_by_65535(tmp_path: Path) -> None:
     write_image(tmp_path / "a.png", np.full((3, 3, 3), 65535 // 5, np.uint16))
     assert np.allclose(load_image(tmp_path / "a.png", 3), 0.2, atol=1e-6)
@@ -93,14 +114,15 @@ def test_colour_mask_with_differing_bands_is_refused(tmp_path: Path) -> None:
     assert load_mask(tmp_path / "grey3.png").tolist() == [[0, 1]]
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
 @pytest.mark.parametrize("content", [b"", b"not an image", None])
-def test_unreadable_files(tmp_path: Path, content: bytes | None) -> None:
-    path = tmp_path / "bad.png"
+def test_unreadable_files(tmp_path: Path, content: bytes | None, suffix: str) -> None:
+    path = tmp_path / f"bad{suffix}"
     if content is None:  # a PNG cut short
         ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
         content = data.tobytes()[:200]
     path.write_bytes(content)
-    with pytest.raises(DataError, match=r"bad\.png: not a readable image"):
+    with pytest.raises(DataError, match=rf"bad\{suffix}: not a readable image"):
         read_image(path)
     with pytest.raises(DataError, match="cannot be read"):
         read_image(tmp_path / "missing.png")

@@ -148,6 +148,19 @@ def test_mostly_nodata_tiles_are_skipped_and_nodata_written_as_zero(tmp_path: Pa
         assert tile.crs == UTM and tile.transform == TRANSFORM @ Affine.translation(0, 32)
 
 
+@pytest.mark.parametrize("bands", [2, 5])
+def test_scenes_of_any_band_count_give_tiles_of_the_same_bands(tmp_path: Path, bands: int) -> None:
+    pixels = scene_pixels(bands=bands, dtype="uint16")
+    scene = write_scene(tmp_path / "in" / "scene.tif", pixels)
+    assert run(scene, write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm()), tmp_path / "out") == 0
+    rows = table(tmp_path / "out")
+    assert len(rows) == 4
+    for row in rows:
+        y, x = int(row["row"]), int(row["col"])
+        image = read_image(tmp_path / "out" / row["image"])
+        np.testing.assert_array_equal(image, pixels[:, y : y + TILE, x : x + TILE].transpose(1, 2, 0))
+
+
 def test_tiles_of_a_scene_stay_in_one_split(tmp_path: Path) -> None:
     labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
     names = [f"scene{i}" for i in range(5)]

@@ -97,6 +97,8 @@ def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytes
     )
     assert found["corrupt.png"][0] == "error" and "not a readable image" in found["corrupt.png"][1]
     assert "holds values {3, 250}" in caplog.text
+    corrupt = data / "images" / "corrupt.png"
+    assert f"error {corrupt}: not a readable image" in caplog.text  # the file named once
     summary = json.loads((tmp_path / "run" / "splits" / "summary.json").read_text())
     assert summary["train"] + summary["val"] + summary["test"] == 8 and summary["errors"] == 3
     # With a threshold the lossy mask becomes usable.
