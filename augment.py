@@ -2,7 +2,7 @@
 
 Each training tile is chosen with probability ``aug_prob`` (0.6); a chosen tile gets two new copies, one
 flipped vertically and one horizontally, its mask flipped identically. The copies are written losslessly
-(PNG, or TIFF for more than 4 bands) to run_dir/augmented/{images,labels} and appended to
+(PNG, or TIFF for 2 or more than 4 bands) to run_dir/augmented/{images,labels} and appended to
 run_dir/splits/train.txt. Re-running replaces the earlier copies instead of adding more: the list is rebuilt
 from the original tiles each time, and the choice of tiles depends only on the seed.
 A preview figure (run_dir/figures/augment_preview.png) shows a few tiles with their flips and masks.
@@ -36,8 +36,9 @@ FLIPS = {"vflip": 0, "hflip": 1}  # name -> numpy axis
 
 
 def copy_names(image_path: Path, flip: str, mask_suffix: str, bands: int) -> tuple[str, str]:
-    """File names of a flipped copy: <stem>_<flip>.png and <stem>_<flip><mask_suffix>.png."""
-    extension = ".tif" if bands > 4 else ".png"
+    """File names of a flipped copy: <stem>_<flip>.png (.tif for 2 or more than 4 bands, which PNG cannot hold)
+    and <stem>_<flip><mask_suffix>.png."""
+    extension = ".png" if bands in (1, 3, 4) else ".tif"
     stem = f"{Path(image_path).stem}_{flip}"
     return f"{stem}{extension}", f"{stem}{mask_suffix}.png"
 
@@ -61,7 +62,8 @@ def preview(samples: list[tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarr
         for name, (flipped, flipped_mask) in flips.items():
             panels += [(name, flipped), (f"{name} mask", flipped_mask)]
         for ax, (title, array) in zip(ax_row, panels):
-            shown = array[:, :, :3] if array.ndim == 3 and array.shape[2] >= 3 else array.squeeze()
+            bands = array.reshape(*array.shape[:2], -1)
+            shown = bands[:, :, :3] if bands.shape[2] >= 3 else bands[:, :, 0]  # colour, or the first band in grey
             if shown.dtype == np.uint16:
                 shown = (shown / 257).astype(np.uint8)
             ax.imshow(shown, cmap="gray")

@@ -59,8 +59,9 @@ def read_image(path: Path) -> np.ndarray:
         raw = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror}); check that the file exists") from None
-    tiff = path.suffix.lower() in TIFF_EXTENSIONS
-    image = (decode_tiff(raw) if tiff else decode_other(raw)) if raw.size else None
+    image = decode_tiff(raw) if raw.size and path.suffix.lower() in TIFF_EXTENSIONS else None
+    if image is None and raw.size:
+        image = decode_other(raw)  # also a PNG or JPEG saved under a TIFF name
     if image is None:
         raise DataError(
             f"{path}: not a readable image (truncated, corrupt or not an image file); "
@@ -71,7 +72,7 @@ def read_image(path: Path) -> np.ndarray:
 
 def decode_other(raw: np.ndarray) -> np.ndarray | None:
     """A PNG, JPEG or BMP as (H, W, C), colour in RGB(A) order; None where OpenCV cannot decode it."""
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a failure is reported, naming the file
     image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     if image is None or image.ndim == 2:
         return None if image is None else image[:, :, None]
@@ -259,23 +260,46 @@ def farmland_share(classes: np.ndarray) -> float:
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
-    """Write an (H, W) or (H, W, C) RGB(A) array losslessly and atomically (temporary file, then rename).
+    """Write an (H, W) or (H, W, C) array losslessly and atomically (temporary file, then rename).
 
-    The format follows the extension (.png or .tif for lossless output); non-ASCII paths work.
+    The format follows the extension (.png or .tif for lossless output); 1, 3 or 4 bands (grey, RGB, RGBA) as
+    OpenCV writes them, other band counts as a TIFF of that many bands. Non-ASCII paths work.
 
     Raises:
         DataError: the array cannot be encoded in that format.
     """
     path = Path(path)
+    bands = 1 if image.ndim == 2 else image.shape[2]
+    if bands not in (1, 3, 4) and path.suffix.lower() in TIFF_EXTENSIONS:
+        atomic_write_bytes(path, encode_tiff(np.moveaxis(image, 2, 0)))
+        return
     array = image
-    if array.ndim == 3 and array.shape[2] == 3:
+    if bands == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    elif array.ndim == 3 and array.shape[2] == 4:
+    elif bands == 4:
         array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
-    ok, encoded = cv2.imencode(path.suffix.lower() or ".png", array)
+    try:
+        ok, encoded = cv2.imencode(path.suffix.lower() or ".png", array)
+    except cv2.error:
+        ok = False
     if not ok:
-        raise DataError(f"{path}: cannot encode an array of shape {image.shape} and type {image.dtype}")
+        raise DataError(
+            f"{path}: cannot encode an array of shape {image.shape} and type {image.dtype} as "
+            f"{path.suffix or 'PNG'}; 2 or more than 4 bands need a .tif name"
+        )
     atomic_write_bytes(path, encoded.tobytes())
+
+
+def encode_tiff(bands: np.ndarray, **profile: object) -> bytes:
+    """A (C, H, W) array as the bytes of a DEFLATE-compressed TIFF; ``profile``: more creation options of
+    rasterio's GTiff driver (crs, transform, nodata, photometric)."""
+    shape = {"width": bands.shape[2], "height": bands.shape[1], "count": bands.shape[0], "dtype": bands.dtype.name}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile() as memory:
+            with memory.open(driver="GTiff", compress="deflate", **shape, **profile) as tiff:
+                tiff.write(bands)
+            return memory.read()
 
 
 def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list[str], int]:

@@ -32,14 +32,13 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.windows
-from rasterio.io import MemoryFile
 from rasterio.windows import Window
 from tqdm import tqdm
 
 import cli
 import files
 from config import Config
-from data_preprocess import write_image
+from data_preprocess import encode_tiff, write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
 from rasters import nodata_pixels, open_raster
@@ -125,7 +124,7 @@ def tile_origins(size: int, tile: int, stride: int) -> list[int]:
 
 
 def open_scene(path: Path, tile: int) -> rasterio.DatasetReader:
-    """Open a scene and check that it can be tiled: readable, a CRS, band count, pixel type, size.
+    """Open a scene and check that it can be tiled: readable, a CRS, pixel type, size.
 
     Raises:
         DataError: naming the scene, what was found and the fix.
@@ -157,24 +156,15 @@ def write_tile_image(path: Path, block: np.ndarray, src: rasterio.DatasetReader,
         write_image(path, np.ascontiguousarray(block.transpose(1, 2, 0)))
         return
     profile = {
-        "driver": "GTiff",
-        "width": block.shape[2],
-        "height": block.shape[1],
-        "count": block.shape[0],
-        "dtype": block.dtype.name,
         "crs": src.crs,
         "transform": rasterio.windows.transform(window, src.transform),
         "nodata": 0 if src.nodata is not None else None,
-        "compress": "deflate",
     }
     if block.shape[0] in (3, 4):  # image viewers show the first three bands as colour
         profile["photometric"] = "RGB"
     if block.shape[0] == 4:
         profile["alpha"] = "UNSPECIFIED"
-    with MemoryFile() as memory:
-        with memory.open(**profile) as tile:
-            tile.write(block)
-        files.atomic_write_bytes(path, memory.read())
+    files.atomic_write_bytes(path, encode_tiff(block, **profile))
 
 
 def tile_mask(farmland: np.ndarray, labelled: np.ndarray, nodata: np.ndarray, cfg: Config) -> np.ndarray:

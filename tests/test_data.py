@@ -69,11 +69,24 @@ def test_tiffs_as_gdal_writes_them_keep_every_band_in_file_order(tmp_path: Path,
     assert np.allclose(load_image(tmp_path / "高分 5.tif", 5)[:, 0, 0] * 65535, [1, 1001, 2001, 3001, 4001])
     with pytest.raises(DataError, match=r"高分 5\.tif: has 5 band\(s\), expected in_channels=3; set --in_channels=5"):
         load_image(tmp_path / "高分 5.tif", 3)
+    # Written back: any band count as a TIFF, only 1, 3 or 4 as a PNG.
+    write_image(tmp_path / "copy.tif", read_image(tmp_path / "高分 5.tif"))
+    assert np.array_equal(read_image(tmp_path / "copy.tif"), read_image(tmp_path / "高分 5.tif"))
+    with pytest.raises(DataError, match=r"copy\.png: cannot encode .* 2 or more than 4 bands need a \.tif name"):
+        write_image(tmp_path / "copy.png", read_image(tmp_path / "高分 5.tif"))
+    assert not (tmp_path / "copy.png").exists()
     # A palette image gives its colours, as OpenCV did.
     palette = write_geotiff(tmp_path / "p.tif", np.array([[[0, 2, 1]]], np.uint8), None, Affine.identity())
     with rasterio.open(palette, "r+") as dst:
         dst.write_colormap(1, {0: (0, 0, 0, 255), 1: (255, 0, 0, 255), 2: (0, 128, 255, 255)})
     assert read_image(palette)[0].tolist() == [[0, 0, 0], [0, 128, 255], [255, 0, 0]]
+
+
+def test_a_png_or_jpeg_under_a_tiff_name_is_read(tmp_path: Path) -> None:
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    write_image(tmp_path / "a.png", image)
+    (tmp_path / "a.tif").write_bytes((tmp_path / "a.png").read_bytes())
+    assert np.array_equal(read_image(tmp_path / "a.tif"), image)
 
 
 def test_sixteen_bit_is_scaled_by_65535(tmp_path: Path) -> None:
@@ -118,9 +131,13 @@ def test_colour_mask_with_differing_bands_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("content", [b"", b"not an image", None])
 def test_unreadable_files(tmp_path: Path, content: bytes | None, suffix: str) -> None:
     path = tmp_path / f"bad{suffix}"
-    if content is None:  # a PNG cut short
-        ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-        content = data.tobytes()[:200]
+    if content is None:  # cut short
+        pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        if suffix == ".tif":
+            tiff = write_geotiff(tmp_path / "whole.tif", pixels.transpose(2, 0, 1), None, Affine.identity())
+            content = tiff.read_bytes()[: tiff.stat().st_size // 2]
+        else:
+            content = cv2.imencode(".png", pixels)[1].tobytes()[:200]
     path.write_bytes(content)
     with pytest.raises(DataError, match=rf"bad\{suffix}: not a readable image"):
         read_image(path)

@@ -16,7 +16,7 @@ import miou
 import predict
 import split_dataset
 import train
-from data_preprocess import DataError, load_mask, read_pair_list, write_image
+from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
 from metrics import confusion_matrix
 
 
@@ -85,6 +85,27 @@ def test_augment_rerun_does_not_duplicate(square_data: Path, tmp_path: Path) -> 
         source_image, source_mask = next((i, m) for i, m in originals if i.stem == stem)
         axis = 0 if flip == "vflip" else 1
         assert np.array_equal(load_mask(mask_path), np.flip(load_mask(source_mask), axis))
+
+
+@pytest.mark.parametrize("bands", [2, 5])
+def test_augment_writes_flips_of_2_and_5_band_tiles_as_tiffs(tmp_path: Path, bands: int) -> None:
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        image, mask = square_tile(rng)
+        stack = np.dstack([image[..., :1].astype(np.uint16) * 200 + b for b in range(bands)])
+        write_pair(data, f"t{i}", stack, mask, ext=".tif")
+    extra = (f"--in_channels={bands}", "--aug_prob=1")
+    assert split_dataset.main(args(data, run_dir, *extra)) == 0
+    originals = read_pair_list(run_dir / "splits" / "train.txt")
+    assert augment.main(args(data, run_dir, *extra)) == 0
+    copies = read_pair_list(run_dir / "splits" / "train.txt")[len(originals) :]
+    assert len(copies) == 2 * len(originals)
+    for image_path, _ in copies:
+        stem, flip = image_path.stem.rsplit("_", 1)
+        source = next(i for i, _ in originals if i.stem == stem)
+        assert image_path.suffix == ".tif"
+        assert np.array_equal(read_image(image_path), np.flip(read_image(source), 0 if flip == "vflip" else 1))
 
 
 def test_resume_reaches_the_same_weights(square_data: Path, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import folder_digest, square_tile, write_pair
+from conftest import folder_digest, square_tile, write_geotiff, write_pair
+from rasterio.transform import Affine
 
 import split_dataset
 from data_preprocess import DataError, read_pair_list, write_image
@@ -88,6 +89,9 @@ def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytes
     write_pair(data, "smaller", image, mask[:20])
     write_image(data / "labels" / "corrupt_mask.png", mask)
     (data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    whole = write_geotiff(tmp_path / "whole.tif", image.transpose(2, 0, 1), None, Affine.identity())
+    (data / "images" / "cut.tif").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    write_image(data / "labels" / "cut_mask.png", mask)
     assert run_split(data, tmp_path / "run") == 1
     found = rejected(tmp_path / "run")
     assert found["lossy.png"][0] == "error" and "holds values {3, 250}" in found["lossy.png"][1]
@@ -96,13 +100,16 @@ def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytes
         and "image is 32x32 pixels but its mask smaller_mask.png is 32x20" in found["smaller.png"][1]
     )
     assert found["corrupt.png"][0] == "error" and "not a readable image" in found["corrupt.png"][1]
+    assert found["cut.tif"][0] == "error" and "not a readable image" in found["cut.tif"][1]
+    said = (tmp_path / "run" / "logs" / "split_dataset.log").read_text(encoding="utf-8")
+    assert "cut.tif: not a readable image" in said and "rasterio" not in said  # GDAL's own notes kept out
     assert "holds values {3, 250}" in caplog.text
     corrupt = data / "images" / "corrupt.png"
     assert f"error {corrupt}: not a readable image" in caplog.text  # the file named once
     summary = json.loads((tmp_path / "run" / "splits" / "summary.json").read_text())
-    assert summary["train"] + summary["val"] + summary["test"] == 8 and summary["errors"] == 3
+    assert summary["train"] + summary["val"] + summary["test"] == 8 and summary["errors"] == 4
     # With a threshold the lossy mask becomes usable.
-    assert run_split(data, tmp_path / "run2", "--mask_threshold=128") == 1  # the other two are still broken
+    assert run_split(data, tmp_path / "run2", "--mask_threshold=128") == 1  # the other three are still broken
     assert "lossy.png" not in rejected(tmp_path / "run2")
 
 
