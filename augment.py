@@ -29,7 +29,7 @@ from data_preprocess import (
     write_image,
     write_pair_list,
 )
-from figures import save_figure
+from figures import photo_to_show, save_figure
 
 LOG = logging.getLogger("augment")
 FLIPS = {"vflip": 0, "hflip": 1}  # name -> numpy axis
@@ -48,7 +48,10 @@ def choose_tiles(n: int, probability: float, seed: int) -> np.ndarray:
     return np.flatnonzero(np.random.default_rng(seed).random(n) < probability)
 
 
-def preview(samples: list[tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]], path: Path) -> None:
+Sample = tuple[Path, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]  # tile, image, mask, flips
+
+
+def preview(samples: list[Sample], path: Path) -> None:
     """Save a figure: each row is a tile and its mask, then each flip and its mask."""
     import matplotlib
 
@@ -57,16 +60,12 @@ def preview(samples: list[tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarr
 
     columns = 2 + 2 * len(FLIPS)
     fig, axes = plt.subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)
-    for ax_row, (image, mask, flips) in zip(axes, samples):
+    for ax_row, (tile, image, mask, flips) in zip(axes, samples):
         panels = [("original", image), ("mask", mask)]
         for name, (flipped, flipped_mask) in flips.items():
             panels += [(name, flipped), (f"{name} mask", flipped_mask)]
         for ax, (title, array) in zip(ax_row, panels):
-            bands = array.reshape(*array.shape[:2], -1)
-            shown = bands[:, :, :3] if bands.shape[2] >= 3 else bands[:, :, 0]  # colour, or the first band in grey
-            if shown.dtype == np.uint16:
-                shown = (shown / 257).astype(np.uint8)
-            ax.imshow(shown, cmap="gray")
+            ax.imshow(photo_to_show(array, tile), cmap="gray")
             ax.set_title(title, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     originals = original_training_pairs(run_dir)
     chosen = choose_tiles(len(originals), cfg.aug_prob, cfg.seed)
     added: list[tuple[Path, Path]] = []
-    samples = []
+    samples: list[Sample] = []
     failures = 0
     for index in tqdm(chosen, desc="flipping", unit="tile", disable=None):
         image_path, mask_path = originals[index]
@@ -108,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             added.append((out_dir / "images" / image_name, out_dir / "labels" / mask_name))
             flips[flip] = (flipped, flipped_mask)
         if len(samples) < cfg.preview_count:
-            samples.append((image, mask, flips))
+            samples.append((image_path, image, mask, flips))
     write_pair_list(train_list, originals + added)
     if samples:
         preview(samples, run_dir / "figures" / "augment_preview.png")

@@ -6,6 +6,9 @@ import io
 import math
 from pathlib import Path
 
+import numpy as np
+
+from data_preprocess import image_to_float
 from files import atomic_write_bytes
 
 
@@ -18,6 +21,15 @@ def save_figure(fig: "object", path: Path) -> None:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def photo_to_show(image: np.ndarray, path: Path) -> np.ndarray:
+    """An (H, W, C) tile in [0, 1] for imshow: its first three bands as colour (RGB of an RGB+NIR tile), or its
+    first band (H, W) where it has fewer, to be shown in grey."""
+    bands = image.reshape(*image.shape[:2], -1)
+    shown = bands[:, :, :3] if bands.shape[2] >= 3 else bands[:, :, :1]
+    photo = image_to_float(shown, shown.shape[2], path).transpose(1, 2, 0)
+    return photo if photo.shape[2] == 3 else photo[:, :, 0]
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:

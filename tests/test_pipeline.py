@@ -17,6 +17,7 @@ import predict
 import split_dataset
 import train
 from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
+from figures import photo_to_show
 from metrics import confusion_matrix
 
 
@@ -106,6 +107,11 @@ def test_augment_writes_flips_of_2_and_5_band_tiles_as_tiffs(tmp_path: Path, ban
         source = next(i for i, _ in originals if i.stem == stem)
         assert image_path.suffix == ".tif"
         assert np.array_equal(read_image(image_path), np.flip(read_image(source), 0 if flip == "vflip" else 1))
+    assert (run_dir / "figures" / "augment_preview.png").stat().st_size > 0
+    # The preview shows the first three bands as colour, or the first alone in grey.
+    shown = photo_to_show(read_image(originals[0][0]), originals[0][0])
+    first = read_image(originals[0][0]).astype(np.float32) / 65535
+    assert np.allclose(shown, first[:, :, :3] if bands >= 3 else first[:, :, 0])
 
 
 def test_resume_reaches_the_same_weights(square_data: Path, tmp_path: Path) -> None:
