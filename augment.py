@@ -2,9 +2,10 @@
 
 Each training tile is chosen with probability ``aug_prob`` (0.6); a chosen tile gets two new copies, one
 flipped vertically and one horizontally, its mask flipped identically. The copies are written losslessly
-(PNG, or TIFF for 2 or more than 4 bands) to run_dir/augmented/{images,labels} and appended to
-run_dir/splits/train.txt. Re-running replaces the earlier copies instead of adding more: the list is rebuilt
-from the original tiles each time, and the choice of tiles depends only on the seed.
+(PNG, or TIFF where a PNG cannot hold the tile: 2 or more than 4 bands, float values) to
+run_dir/augmented/{images,labels} and appended to run_dir/splits/train.txt. Re-running replaces the earlier
+copies instead of adding more: the list is rebuilt from the original tiles each time, and the choice of tiles
+depends only on the seed.
 A preview figure (run_dir/figures/augment_preview.png) shows a few tiles with their flips and masks.
 
 Online flips and 90-degree rotations at load time (``online_aug``, on by default in train.py) are an
@@ -25,6 +26,8 @@ import cli
 from data_preprocess import (
     DataError,
     original_training_pairs,
+    parse_bands,
+    png_holds,
     read_image,
     write_image,
     write_pair_list,
@@ -35,10 +38,10 @@ LOG = logging.getLogger("augment")
 FLIPS = {"vflip": 0, "hflip": 1}  # name -> numpy axis
 
 
-def copy_names(image_path: Path, flip: str, mask_suffix: str, bands: int) -> tuple[str, str]:
-    """File names of a flipped copy: <stem>_<flip>.png (.tif for 2 or more than 4 bands, which PNG cannot hold)
-    and <stem>_<flip><mask_suffix>.png."""
-    extension = ".png" if bands in (1, 3, 4) else ".tif"
+def copy_names(image_path: Path, flip: str, mask_suffix: str, image: np.ndarray) -> tuple[str, str]:
+    """File names of a flipped copy: <stem>_<flip>.png (.tif where a PNG cannot hold the image: 2 or more than
+    4 bands, or float values) and <stem>_<flip><mask_suffix>.png."""
+    extension = ".png" if png_holds(image) else ".tif"
     stem = f"{Path(image_path).stem}_{flip}"
     return f"{stem}{extension}", f"{stem}{mask_suffix}.png"
 
@@ -51,8 +54,9 @@ def choose_tiles(n: int, probability: float, seed: int) -> np.ndarray:
 Sample = tuple[Path, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]  # tile, image, mask, flips
 
 
-def preview(samples: list[Sample], path: Path) -> None:
-    """Save a figure: each row is a tile and its mask, then each flip and its mask."""
+def preview(samples: list[Sample], path: Path, bands: Sequence[int] = ()) -> None:
+    """Save a figure: each row is a tile and its mask, then each flip and its mask; ``bands``: the tiles' bands
+    to show (the ``bands`` key), as training reads them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,11 +65,11 @@ def preview(samples: list[Sample], path: Path) -> None:
     columns = 2 + 2 * len(FLIPS)
     fig, axes = plt.subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)
     for ax_row, (tile, image, mask, flips) in zip(axes, samples):
-        panels = [("original", image), ("mask", mask)]
+        panels = [("original", photo_to_show(image, tile, bands)), ("mask", mask[:, :, 0])]
         for name, (flipped, flipped_mask) in flips.items():
-            panels += [(name, flipped), (f"{name} mask", flipped_mask)]
+            panels += [(name, photo_to_show(flipped, tile, bands)), (f"{name} mask", flipped_mask[:, :, 0])]
         for ax, (title, array) in zip(ax_row, panels):
-            ax.imshow(photo_to_show(array, tile), cmap="gray")
+            ax.imshow(array, cmap="gray")
             ax.set_title(title, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -96,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         flips = {}
         for flip, axis in FLIPS.items():
-            image_name, mask_name = copy_names(image_path, flip, cfg.mask_suffix, image.shape[2])
+            image_name, mask_name = copy_names(image_path, flip, cfg.mask_suffix, image)
             flipped, flipped_mask = np.flip(image, axis), np.flip(mask, axis)
             # Masks are kept as read (0/255 or 0/1); image arrays keep their bit depth.
             write_image(
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples.append((image_path, image, mask, flips))
     write_pair_list(train_list, originals + added)
     if samples:
-        preview(samples, run_dir / "figures" / "augment_preview.png")
+        preview(samples, run_dir / "figures" / "augment_preview.png", parse_bands(cfg.bands))
     LOG.info(
         "%d of %d training tiles flipped: train.txt now lists %d tiles (%d originals + %d copies in %s)",
         len(chosen) - failures,

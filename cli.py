@@ -163,9 +163,6 @@ def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
         handler.farmland_pipeline = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    # GDAL's own notes on a file it cannot read (as INFO and WARNING records, naming an in-memory copy of a
-    # tile) would come before the script's line that names the file and the fix.
-    logging.getLogger("rasterio").setLevel(logging.ERROR)
 
 
 class Terminated(KeyboardInterrupt):

@@ -15,9 +15,12 @@ Paths may contain spaces and non-ASCII (for example Chinese) characters.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,6 +43,8 @@ IGNORE = 255  # class index of unlabelled pixels in decoded masks (never a real 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")  # decoded by GDAL (decode_tiff), the others by OpenCV
+GDAL_LOGGERS = ("rasterio._env", "rasterio._err")  # where rasterio passes GDAL's own messages on
+DECODING = threading.local()  # .active while this thread decodes a tile (quiet_gdal)
 
 
 def is_image_file(path: Path) -> bool:
@@ -90,15 +95,37 @@ def decode_tiff(raw: np.ndarray) -> np.ndarray | None:
     comes back as one band of wrong values, and more than 4 bands not at all. GDAL reads every layout.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with MemoryFile(raw.tobytes()) as memory, memory.open(driver="GTiff") as src:
-                bands = src.read()
-                if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
-                    bands = palette_colours(bands[0], src.colormap(1))
+        with quiet_gdal(), MemoryFile(raw.tobytes()) as memory, memory.open(driver="GTiff") as src:
+            bands = src.read()
+            if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
+                bands = palette_colours(bands[0], src.colormap(1))
+            elif src.count == 2 and src.colorinterp[1] == ColorInterp.alpha:
+                bands = bands[:1]  # grey and alpha: the grey, as for an RGBA PNG's colour
     except RasterioError:
         return None
     return np.ascontiguousarray(bands.transpose(1, 2, 0))
+
+
+@contextlib.contextmanager
+def quiet_gdal() -> Iterator[None]:
+    """Decode a tile without GDAL's own notes on it (INFO and WARNING records that name an in-memory copy, not
+    the file): read_image reports a tile it cannot read by its name. Other threads' records pass."""
+    for name in GDAL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not_while_decoding not in logger.filters:
+            logger.addFilter(not_while_decoding)
+    DECODING.active = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            yield
+    finally:
+        DECODING.active = False
+
+
+def not_while_decoding(record: logging.LogRecord) -> bool:
+    """A logging filter: False while this thread decodes a tile (quiet_gdal)."""
+    return not getattr(DECODING, "active", False)
 
 
 def palette_colours(indices: np.ndarray, colormap: dict[int, tuple[int, ...]]) -> np.ndarray:
@@ -259,35 +286,53 @@ def farmland_share(classes: np.ndarray) -> float:
     return farmland / max(labelled, 1)
 
 
+def png_holds(image: np.ndarray) -> bool:
+    """Whether a PNG holds an (H, W) or (H, W, C) array as it is: 1, 3 or 4 bands of 8- or 16-bit values."""
+    bands = 1 if image.ndim == 2 else image.shape[2]
+    return bands in (1, 3, 4) and image.dtype in (np.uint8, np.uint16)
+
+
 def write_image(path: Path, image: np.ndarray) -> None:
     """Write an (H, W) or (H, W, C) array losslessly and atomically (temporary file, then rename).
 
-    The format follows the extension (.png or .tif for lossless output); 1, 3 or 4 bands (grey, RGB, RGBA) as
-    OpenCV writes them, other band counts as a TIFF of that many bands. Non-ASCII paths work.
+    The format follows the extension: .png for what a PNG holds (png_holds), .tif for any band count and pixel
+    type (through GDAL where a PNG could not hold it). Non-ASCII paths work.
 
     Raises:
-        DataError: the array cannot be encoded in that format.
+        DataError: the array cannot be written in that format, with the name to use instead.
     """
     path = Path(path)
+    suffix = path.suffix.lower() or ".png"
+    if suffix in TIFF_EXTENSIONS and not png_holds(image):
+        try:
+            encoded = encode_tiff(image.reshape(*image.shape[:2], -1).transpose(2, 0, 1))
+        except RasterioError as err:
+            raise DataError(f"{path}: cannot write an array of type {image.dtype} as a TIFF ({err})") from None
+    elif suffix == ".png" and not png_holds(image):
+        raise DataError(
+            f"{path}: a PNG holds 1, 3 or 4 bands of 8 or 16 bits, not an array of shape {image.shape} and type "
+            f"{image.dtype}; give it a .tif name"
+        )
+    else:
+        encoded = encode_with_opencv(path, image, suffix)
+    atomic_write_bytes(path, encoded)
+
+
+def encode_with_opencv(path: Path, image: np.ndarray, suffix: str) -> bytes:
+    """The bytes of an (H, W) or (H, W, C) grey, RGB or RGBA array in the format of ``suffix``."""
     bands = 1 if image.ndim == 2 else image.shape[2]
-    if bands not in (1, 3, 4) and path.suffix.lower() in TIFF_EXTENSIONS:
-        atomic_write_bytes(path, encode_tiff(np.moveaxis(image, 2, 0)))
-        return
-    array = image
-    if bands == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    elif bands == 4:
-        array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
     try:
-        ok, encoded = cv2.imencode(path.suffix.lower() or ".png", array)
+        array = image
+        if bands == 3:
+            array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+        elif bands == 4:
+            array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
+        ok, encoded = cv2.imencode(suffix, array)
     except cv2.error:
         ok = False
     if not ok:
-        raise DataError(
-            f"{path}: cannot encode an array of shape {image.shape} and type {image.dtype} as "
-            f"{path.suffix or 'PNG'}; 2 or more than 4 bands need a .tif name"
-        )
-    atomic_write_bytes(path, encoded.tobytes())
+        raise DataError(f"{path}: cannot encode an array of shape {image.shape} and type {image.dtype} as {suffix}")
+    return encoded.tobytes()
 
 
 def encode_tiff(bands: np.ndarray, **profile: object) -> bytes:

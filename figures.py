@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from data_preprocess import image_to_float
+from data_preprocess import image_to_float, select_bands
 from files import atomic_write_bytes
 
 
@@ -23,11 +24,12 @@ def save_figure(fig: "object", path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def photo_to_show(image: np.ndarray, path: Path) -> np.ndarray:
-    """An (H, W, C) tile in [0, 1] for imshow: its first three bands as colour (RGB of an RGB+NIR tile), or its
-    first band (H, W) where it has fewer, to be shown in grey."""
-    bands = image.reshape(*image.shape[:2], -1)
-    shown = bands[:, :, :3] if bands.shape[2] >= 3 else bands[:, :, :1]
+def photo_to_show(image: np.ndarray, path: Path, bands: Sequence[int] = ()) -> np.ndarray:
+    """An (H, W, C) tile in [0, 1] for imshow: of the ``bands`` picked (the key; empty: all), the first three as
+    colour (RGB of an RGB+NIR tile, or of B, G, R, NIR picked as 3,2,1), or the first (H, W) where there are
+    fewer, to be shown in grey."""
+    picked = select_bands(image.reshape(*image.shape[:2], -1), bands, path)
+    shown = picked[:, :, :3] if picked.shape[2] >= 3 else picked[:, :, :1]
     photo = image_to_float(shown, shown.shape[2], path).transpose(1, 2, 0)
     return photo if photo.shape[2] == 3 else photo[:, :, 0]
 

@@ -35,7 +35,7 @@ import numpy as np
 import cli
 import files
 from config import Config
-from data_preprocess import load_mask, read_image, read_pair_list
+from data_preprocess import load_mask, parse_bands, read_image, read_pair_list
 from figures import photo_to_show, save_figure
 from files import prediction_path
 from metrics import evaluate_pairs, summarise
@@ -78,7 +78,7 @@ def gallery(rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: C
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         image_path, label_path, pred_path = lookup[row["name"]]
-        ax_row[0].imshow(photo_to_show(read_image(image_path), image_path), cmap="gray")
+        ax_row[0].imshow(photo_to_show(read_image(image_path), image_path, parse_bands(cfg.bands)), cmap="gray")
         ax_row[1].imshow(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index), cmap="gray", vmin=0, vmax=1)
         ax_row[2].imshow(load_mask(pred_path), cmap="gray", vmin=0, vmax=1)
         ax_row[0].set_ylabel(f"{row['name']}\nIoU {row['farmland_iou']:.3f}", fontsize=8)

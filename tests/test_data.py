@@ -72,9 +72,18 @@ def test_tiffs_as_gdal_writes_them_keep_every_band_in_file_order(tmp_path: Path,
     # Written back: any band count as a TIFF, only 1, 3 or 4 as a PNG.
     write_image(tmp_path / "copy.tif", read_image(tmp_path / "高分 5.tif"))
     assert np.array_equal(read_image(tmp_path / "copy.tif"), read_image(tmp_path / "高分 5.tif"))
-    with pytest.raises(DataError, match=r"copy\.png: cannot encode .* 2 or more than 4 bands need a \.tif name"):
+    with pytest.raises(DataError, match=r"copy\.png: a PNG holds 1, 3 or 4 bands of 8 or 16 bits, not .*\(3, 4, 5\)"):
         write_image(tmp_path / "copy.png", read_image(tmp_path / "高分 5.tif"))
     assert not (tmp_path / "copy.png").exists()
+    # Grey with an alpha band reads as its grey band, as an RGBA PNG loses its alpha.
+    grey = write_geotiff(
+        tmp_path / "ga.tif",
+        np.stack([bands[0], bands[0] * 0 + 255]).astype(np.uint8),
+        None,
+        Affine.identity(),
+        alpha="YES",
+    )
+    assert np.array_equal(read_image(grey), bands[0].astype(np.uint8)[:, :, None])
     # A palette image gives its colours, as OpenCV did.
     palette = write_geotiff(tmp_path / "p.tif", np.array([[[0, 2, 1]]], np.uint8), None, Affine.identity())
     with rasterio.open(palette, "r+") as dst:
@@ -82,11 +91,20 @@ def test_tiffs_as_gdal_writes_them_keep_every_band_in_file_order(tmp_path: Path,
     assert read_image(palette)[0].tolist() == [[0, 0, 0], [0, 128, 255], [255, 0, 0]]
 
 
-def test_a_png_or_jpeg_under_a_tiff_name_is_read(tmp_path: Path) -> None:
-    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-    write_image(tmp_path / "a.png", image)
-    (tmp_path / "a.tif").write_bytes((tmp_path / "a.png").read_bytes())
-    assert np.array_equal(read_image(tmp_path / "a.tif"), image)
+@pytest.mark.parametrize("kind", [".png", ".jpg"])
+def test_a_png_or_jpeg_under_a_tiff_name_is_read(tmp_path: Path, kind: str) -> None:
+    image = np.full((8, 8, 3), (200, 100, 50), np.uint8)  # flat colour: JPEG keeps it to within a step or two
+    write_image(tmp_path / f"a{kind}", image)
+    (tmp_path / "a.tif").write_bytes((tmp_path / f"a{kind}").read_bytes())
+    assert np.abs(read_image(tmp_path / "a.tif").astype(int) - image).max() <= 2
+
+
+def test_float_tiles_are_written_as_tiffs_only(tmp_path: Path) -> None:
+    image = np.linspace(0, 1, 4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
+    write_image(tmp_path / "f.tif", image)
+    assert np.array_equal(read_image(tmp_path / "f.tif"), image)  # lossless, RGB order kept
+    with pytest.raises(DataError, match=r"f\.png: a PNG holds 1, 3 or 4 bands of 8 or 16 bits, not .*float32"):
+        write_image(tmp_path / "f.png", image)
 
 
 def test_sixteen_bit_is_scaled_by_65535(tmp_path: Path) -> None:

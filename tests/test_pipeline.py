@@ -88,13 +88,14 @@ def test_augment_rerun_does_not_duplicate(square_data: Path, tmp_path: Path) -> 
         assert np.array_equal(load_mask(mask_path), np.flip(load_mask(source_mask), axis))
 
 
-@pytest.mark.parametrize("bands", [2, 5])
-def test_augment_writes_flips_of_2_and_5_band_tiles_as_tiffs(tmp_path: Path, bands: int) -> None:
+@pytest.mark.parametrize("bands, dtype", [(2, np.uint16), (5, np.uint16), (3, np.float32)])
+def test_augment_writes_flips_a_png_cannot_hold_as_tiffs(tmp_path: Path, bands: int, dtype: type) -> None:
     data, run_dir = tmp_path / "data", tmp_path / "run"
     rng = np.random.default_rng(0)
+    scale, step = (200, 1) if dtype == np.uint16 else (1 / 300, 0.1)  # float tiles hold values in [0, 1]
     for i in range(10):
         image, mask = square_tile(rng)
-        stack = np.dstack([image[..., :1].astype(np.uint16) * 200 + b for b in range(bands)])
+        stack = np.dstack([(image[..., :1] * scale + b * step).astype(dtype) for b in range(bands)])
         write_pair(data, f"t{i}", stack, mask, ext=".tif")
     extra = (f"--in_channels={bands}", "--aug_prob=1")
     assert split_dataset.main(args(data, run_dir, *extra)) == 0
@@ -110,8 +111,11 @@ def test_augment_writes_flips_of_2_and_5_band_tiles_as_tiffs(tmp_path: Path, ban
     assert (run_dir / "figures" / "augment_preview.png").stat().st_size > 0
     # The preview shows the first three bands as colour, or the first alone in grey.
     shown = photo_to_show(read_image(originals[0][0]), originals[0][0])
-    first = read_image(originals[0][0]).astype(np.float32) / 65535
+    first = read_image(originals[0][0]).astype(np.float32) / (65535 if dtype == np.uint16 else 1)
     assert np.allclose(shown, first[:, :, :3] if bands >= 3 else first[:, :, 0])
+    if bands >= 3:  # the bands picked, in their order: B, G, R as 3,2,1 shows R, G, B
+        picked = photo_to_show(read_image(originals[0][0]), originals[0][0], (3, 2, 1))
+        assert np.allclose(picked, first[:, :, [2, 1, 0]])
 
 
 def test_resume_reaches_the_same_weights(square_data: Path, tmp_path: Path) -> None:
