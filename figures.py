@@ -24,14 +24,20 @@ def save_figure(fig: "object", path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+STRETCH_PERCENTILES = (2.0, 98.0)  # each shown band from its 2nd to its 98th percentile, as GIS viewers do
+
+
 def photo_to_show(image: np.ndarray, path: Path, bands: Sequence[int] = ()) -> np.ndarray:
     """An (H, W, C) tile in [0, 1] for imshow: of the ``bands`` picked (the key; empty: all), the first three as
     colour (RGB of an RGB+NIR tile, or of B, G, R, NIR picked as 3,2,1), or the first (H, W) where there are
-    fewer, to be shown in grey."""
+    fewer, to be shown in grey; each band stretched (STRETCH_PERCENTILES), so that 10- or 12-bit values in a
+    16-bit file are not shown black."""
     picked = select_bands(image.reshape(*image.shape[:2], -1), bands, path)
     shown = picked[:, :, :3] if picked.shape[2] >= 3 else picked[:, :, :1]
     photo = image_to_float(shown, shown.shape[2], path).transpose(1, 2, 0)
-    return photo if photo.shape[2] == 3 else photo[:, :, 0]
+    low, high = np.percentile(photo, STRETCH_PERCENTILES, axis=(0, 1))
+    stretched = np.clip((photo - low) / np.where(high > low, high - low, 1.0), 0.0, 1.0)
+    return stretched if stretched.shape[2] == 3 else stretched[:, :, 0]
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
