@@ -44,7 +44,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")  # decoded by GDAL (decode_tiff), the others by OpenCV
 GDAL_LOGGERS = ("rasterio._env", "rasterio._err")  # where rasterio passes GDAL's own messages on
-DECODING = threading.local()  # .active while this thread decodes a tile (quiet_gdal)
+DECODING = threading.local()  # .active while this thread decodes or encodes a tile (quiet_gdal)
 
 
 def is_image_file(path: Path) -> bool:
@@ -79,8 +79,10 @@ def decode_other(raw: np.ndarray) -> np.ndarray | None:
     """A PNG, JPEG or BMP as (H, W, C), colour in RGB(A) order; None where OpenCV cannot decode it."""
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a failure is reported, naming the file
     image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
-    if image is None or image.ndim == 2:
-        return None if image is None else image[:, :, None]
+    if image is None:
+        return None
+    if image.ndim == 2:
+        return image[:, :, None]
     if image.shape[2] == 3:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if image.shape[2] == 4:
@@ -108,8 +110,9 @@ def decode_tiff(raw: np.ndarray) -> np.ndarray | None:
 
 @contextlib.contextmanager
 def quiet_gdal() -> Iterator[None]:
-    """Decode a tile without GDAL's own notes on it (INFO and WARNING records that name an in-memory copy, not
-    the file): read_image reports a tile it cannot read by its name. Other threads' records pass."""
+    """Decode or encode a tile in memory without GDAL's own notes on it (INFO and WARNING records that name an
+    in-memory copy, not the file, and the warning that it has no georeference): read_image reports a tile it
+    cannot read by its name. Other threads' records pass."""
     for name in GDAL_LOGGERS:
         logger = logging.getLogger(name)
         if not_while_decoding not in logger.filters:
@@ -124,7 +127,7 @@ def quiet_gdal() -> Iterator[None]:
 
 
 def not_while_decoding(record: logging.LogRecord) -> bool:
-    """A logging filter: False while this thread decodes a tile (quiet_gdal)."""
+    """A logging filter: False while this thread decodes or encodes a tile (quiet_gdal)."""
     return not getattr(DECODING, "active", False)
 
 
@@ -339,12 +342,10 @@ def encode_tiff(bands: np.ndarray, **profile: object) -> bytes:
     """A (C, H, W) array as the bytes of a DEFLATE-compressed TIFF; ``profile``: more creation options of
     rasterio's GTiff driver (crs, transform, nodata, photometric)."""
     shape = {"width": bands.shape[2], "height": bands.shape[1], "count": bands.shape[0], "dtype": bands.dtype.name}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with MemoryFile() as memory:
-            with memory.open(driver="GTiff", compress="deflate", **shape, **profile) as tiff:
-                tiff.write(bands)
-            return memory.read()
+    with quiet_gdal(), MemoryFile() as memory:
+        with memory.open(driver="GTiff", compress="deflate", **shape, **profile) as tiff:
+            tiff.write(bands)
+        return memory.read()
 
 
 def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list[str], int]:

@@ -76,9 +76,10 @@ def gallery(rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: C
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
+    bands = parse_bands(cfg.bands)
     for ax_row, row in zip(axes, rows):
         image_path, label_path, pred_path = lookup[row["name"]]
-        ax_row[0].imshow(photo_to_show(read_image(image_path), image_path, parse_bands(cfg.bands)), cmap="gray")
+        ax_row[0].imshow(photo_to_show(read_image(image_path), image_path, bands), cmap="gray")
         ax_row[1].imshow(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index), cmap="gray", vmin=0, vmax=1)
         ax_row[2].imshow(load_mask(pred_path), cmap="gray", vmin=0, vmax=1)
         ax_row[0].set_ylabel(f"{row['name']}\nIoU {row['farmland_iou']:.3f}", fontsize=8)
