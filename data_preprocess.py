@@ -23,7 +23,7 @@ import re
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 import cv2
 import numpy as np
@@ -44,6 +44,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")  # decoded by GDAL (decode_tiff), the others by OpenCV
 GDAL_LOGGERS = ("rasterio._env", "rasterio._err")  # where rasterio passes GDAL's own messages on
+MAX_TILE_BYTES_UNKNOWN_MEMORY = 4 * 2**30  # largest decoded tile where the free memory cannot be read
 DECODING = threading.local()  # .active while this thread decodes or encodes a tile (quiet_gdal)
 
 
@@ -64,9 +65,9 @@ def read_image(path: Path) -> np.ndarray:
         raw = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror}); check that the file exists") from None
-    image = decode_tiff(raw) if raw.size and path.suffix.lower() in TIFF_EXTENSIONS else None
+    image = decode_tiff(raw, path) if raw.size and path.suffix.lower() in TIFF_EXTENSIONS else None
     if image is None and raw.size:
-        image = decode_other(raw)  # also a PNG or JPEG saved under a TIFF name
+        image = decode_other(raw, path)  # also a PNG or JPEG saved under a TIFF name
     if image is None:
         raise DataError(
             f"{path}: not a readable image (truncated, corrupt or not an image file); "
@@ -75,10 +76,21 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
-def decode_other(raw: np.ndarray) -> np.ndarray | None:
-    """A PNG, JPEG or BMP as (H, W, C), colour in RGB(A) order; None where OpenCV cannot decode it."""
+def decode_other(raw: np.ndarray, path: Path) -> np.ndarray | None:
+    """A PNG, JPEG or BMP as (H, W, C), colour in RGB(A) order; None where OpenCV cannot decode it.
+
+    Raises:
+        DataError: the header declares more pixels than OpenCV decodes.
+    """
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a failure is reported, naming the file
-    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # raised where the header declares more pixels than OpenCV decodes (2**30)
+        raise DataError(
+            f"{path}: declares more than 2**30 pixels, more than OpenCV decodes; a whole scene saved as PNG or JPEG "
+            "goes to predict.py as a GeoTIFF (gdal_translate in.png out.tif), which it reads in windows; if the "
+            "file should be small, its header is corrupt: export it again"
+        ) from None
     if image is None:
         return None
     if image.ndim == 2:
@@ -90,15 +102,22 @@ def decode_other(raw: np.ndarray) -> np.ndarray | None:
     return image
 
 
-def decode_tiff(raw: np.ndarray) -> np.ndarray | None:
+def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:
     """A TIFF's bands as (H, W, C) in file order, palette colours expanded to RGB; None where GDAL cannot read it.
 
     OpenCV reads a TIFF by its photometric tag: a 3- or 4-band 16-bit TIFF tagged grey (as GDAL writes them)
     comes back as one band of wrong values, and more than 4 bands not at all. GDAL reads every layout.
+
+    Raises:
+        DataError: the TIFF declares more pixels than memory holds (a whole scene, or a corrupt header).
     """
     try:
         with quiet_gdal(), MemoryFile(raw.tobytes()) as memory, memory.open(driver="GTiff") as src:
-            bands = src.read()
+            check_tile_size(path, src.height, src.width, src.count, np.dtype(src.dtypes[0]).itemsize)
+            try:
+                bands = src.read()
+            except MemoryError:
+                raise_too_large(path, src.height, src.width, src.count, np.dtype(src.dtypes[0]).itemsize)
             if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
                 bands = palette_colours(bands[0], src.colormap(1))
             elif src.count == 2 and src.colorinterp[1] == ColorInterp.alpha:
@@ -106,6 +125,29 @@ def decode_tiff(raw: np.ndarray) -> np.ndarray | None:
     except RasterioError:
         return None
     return np.ascontiguousarray(bands.transpose(1, 2, 0))
+
+
+def check_tile_size(path: Path, height: int, width: int, count: int, itemsize: int) -> None:
+    """Refuse a tile whose decoded size would take more than half the memory available (4 GiB where unknown).
+
+    Raises:
+        DataError: naming the file, its declared size and what to do with it.
+    """
+    free = available_memory()
+    limit = free // 2 if free is not None else MAX_TILE_BYTES_UNKNOWN_MEMORY
+    if height * width * count * itemsize > limit:
+        raise_too_large(path, height, width, count, itemsize)
+
+
+def raise_too_large(path: Path, height: int, width: int, count: int, itemsize: int) -> NoReturn:
+    """Raise the error for a tile too large to decode whole."""
+    gib = height * width * count * itemsize / 2**30
+    raise DataError(
+        f"{path}: declares {width} x {height} pixels in {count} band(s), {gib:.1f} GiB decoded, more than this "
+        "machine's memory holds as one tile; a whole scene goes to predict.py as it is (read in windows, "
+        "docs/scenes.md) or is cut into tiles for training with make_tiles.py; if the file should be small, its "
+        "header is corrupt: export it again"
+    ) from None
 
 
 @contextlib.contextmanager

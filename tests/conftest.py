@@ -66,6 +66,21 @@ def write_geotiff(path: Path, bands: np.ndarray, crs: str | None, transform: Aff
     return path
 
 
+def declare_size(path: Path, width: int, height: int) -> None:
+    """Rewrite a little-endian TIFF's width, height and rows-per-strip tags in place (as LONGs), leaving its
+    pixels."""
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"II*\x00"
+    ifd = int.from_bytes(data[4:8], "little")
+    for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(data[ifd : ifd + 2], "little"), 12):
+        value = {256: width, 257: height, 278: height}.get(int.from_bytes(data[entry : entry + 2], "little"))
+        if value is not None:  # type LONG (4), one value, held in the entry itself
+            data[entry + 2 : entry + 12] = (
+                (4).to_bytes(2, "little") + (1).to_bytes(4, "little") + value.to_bytes(4, "little")
+            )
+    path.write_bytes(bytes(data))
+
+
 def square_tile(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """A noisy tile with one bright square of 'farmland'; mask 0/255."""
     image = (rng.random((size, size, 3)) * 60).astype(np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import cv2
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import write_geotiff
+from conftest import declare_size, write_geotiff
 from rasterio.transform import Affine
 
 from data_preprocess import (
@@ -161,6 +162,34 @@ def test_unreadable_files(tmp_path: Path, content: bytes | None, suffix: str) ->
         read_image(path)
     with pytest.raises(DataError, match="cannot be read"):
         read_image(tmp_path / "missing.png")
+
+
+def test_a_tiff_declaring_more_pixels_than_memory_holds_is_refused_by_name(tmp_path: Path, monkeypatch) -> None:
+    # A whole scene among the tiles, or a corrupt header: numpy raised MemoryError.
+    path = write_geotiff(tmp_path / "大图.tif", np.ones((4, 16, 16), np.uint16), None, Affine.identity())
+    declare_size(path, 1_000_000, 1_000_000)
+    message = r"大图\.tif: declares 1000000 x 1000000 pixels in 4 band\(s\), 7450\.6 GiB decoded, .* make_tiles\.py"
+    with pytest.raises(DataError, match=message):
+        read_image(path)
+    monkeypatch.setattr("data_preprocess.available_memory", lambda: None)  # unknown: at most 4 GiB
+    with pytest.raises(DataError, match=message):
+        read_image(path)
+    # The limit is half the free memory: a small tile passes until memory is nearly gone.
+    small = write_geotiff(tmp_path / "small.tif", np.ones((4, 16, 16), np.uint16), None, Affine.identity())
+    assert read_image(small).shape == (16, 16, 4)
+    monkeypatch.setattr("data_preprocess.available_memory", lambda: 4 * 16 * 16 * 2 * 2 - 2)
+    with pytest.raises(DataError, match=r"small\.tif: declares 16 x 16 pixels in 4 band\(s\)"):
+        read_image(small)
+
+
+def test_a_png_declaring_more_pixels_than_opencv_decodes_is_refused_by_name(tmp_path: Path) -> None:
+    # OpenCV raised its own error (pixels <= CV_IO_MAX_IMAGE_PIXELS) instead of returning nothing.
+    png = bytearray(cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes())
+    png[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR's width and height, then its checksum made again
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+    (tmp_path / "huge.png").write_bytes(bytes(png))
+    with pytest.raises(DataError, match=r"huge\.png: declares more than 2\*\*30 pixels, .* as a GeoTIFF"):
+        read_image(tmp_path / "huge.png")
 
 
 def test_dataset_yields_tensors_and_checks_sizes(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import folder_digest, square_tile, write_geotiff, write_pair
+from conftest import declare_size, folder_digest, square_tile, write_geotiff, write_pair
 from rasterio.transform import Affine
 
 import split_dataset
@@ -92,6 +92,9 @@ def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytes
     whole = write_geotiff(tmp_path / "whole.tif", image.transpose(2, 0, 1), None, Affine.identity())
     (data / "images" / "cut.tif").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     write_image(data / "labels" / "cut_mask.png", mask)
+    huge = write_geotiff(data / "images" / "huge.tif", image.transpose(2, 0, 1), None, Affine.identity())
+    declare_size(huge, 1_000_000, 1_000_000)  # a corrupt header, or a whole scene among the tiles
+    write_image(data / "labels" / "huge_mask.png", mask)
     assert run_split(data, tmp_path / "run") == 1
     found = rejected(tmp_path / "run")
     assert found["lossy.png"][0] == "error" and "holds values {3, 250}" in found["lossy.png"][1]
@@ -101,15 +104,16 @@ def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytes
     )
     assert found["corrupt.png"][0] == "error" and "not a readable image" in found["corrupt.png"][1]
     assert found["cut.tif"][0] == "error" and "not a readable image" in found["cut.tif"][1]
+    assert found["huge.tif"][0] == "error" and "declares 1000000 x 1000000 pixels in 3 band(s)" in found["huge.tif"][1]
     said = (tmp_path / "run" / "logs" / "split_dataset.log").read_text(encoding="utf-8")
     assert "cut.tif: not a readable image" in said and "rasterio" not in said  # GDAL's own notes kept out
     assert "holds values {3, 250}" in caplog.text
     corrupt = data / "images" / "corrupt.png"
     assert f"error {corrupt}: not a readable image" in caplog.text  # the file named once
     summary = json.loads((tmp_path / "run" / "splits" / "summary.json").read_text())
-    assert summary["train"] + summary["val"] + summary["test"] == 8 and summary["errors"] == 4
+    assert summary["train"] + summary["val"] + summary["test"] == 8 and summary["errors"] == 5
     # With a threshold the lossy mask becomes usable.
-    assert run_split(data, tmp_path / "run2", "--mask_threshold=128") == 1  # the other three are still broken
+    assert run_split(data, tmp_path / "run2", "--mask_threshold=128") == 1  # the other four are still broken
     assert "lossy.png" not in rejected(tmp_path / "run2")
 
 
