@@ -38,12 +38,12 @@ LOG = logging.getLogger("augment")
 FLIPS = {"vflip": 0, "hflip": 1}  # name -> numpy axis
 
 
-def copy_names(image_path: Path, flip: str, mask_suffix: str, image: np.ndarray) -> tuple[str, str]:
-    """File names of a flipped copy: <stem>_<flip>.png (.tif where a PNG cannot hold the image: 2 or more than
-    4 bands, or float values) and <stem>_<flip><mask_suffix>.png."""
-    extension = ".png" if png_holds(image) else ".tif"
+def copy_names(image_path: Path, flip: str, mask_suffix: str, image: np.ndarray, mask: np.ndarray) -> tuple[str, str]:
+    """File names of a flipped copy: <stem>_<flip>.png and <stem>_<flip><mask_suffix>.png, each .tif where a PNG
+    cannot hold it (2 or more than 4 bands, or float or 32-bit values: such masks are read from TIFFs too)."""
     stem = f"{Path(image_path).stem}_{flip}"
-    return f"{stem}{extension}", f"{stem}{mask_suffix}.png"
+    extension, mask_extension = (".png" if png_holds(array) else ".tif" for array in (image, mask[:, :, 0]))
+    return f"{stem}{extension}", f"{stem}{mask_suffix}{mask_extension}"
 
 
 def choose_tiles(n: int, probability: float, seed: int) -> np.ndarray:
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         flips = {}
         for flip, axis in FLIPS.items():
-            image_name, mask_name = copy_names(image_path, flip, cfg.mask_suffix, image)
+            image_name, mask_name = copy_names(image_path, flip, cfg.mask_suffix, image, mask)
             flipped, flipped_mask = np.flip(image, axis), np.flip(mask, axis)
             # Masks are kept as read (0/255 or 0/1); image arrays keep their bit depth.
             write_image(

@@ -260,6 +260,20 @@ def detect_change(
         counts = change_detection.write_change_map(
             probabilities["before"], probabilities["after"], aligned, rule, outputs["change"]
         )
+        if change_detection.margin_hides_change(counts):
+            LOG.warning(
+                "%s: %.1f%% of the valid pixels are farmland at one date and not the other by the threshold %.2f, "
+                "but only %.1f%% pass the confidence margin (--change_margin=%g): the network's probabilities "
+                "seldom leave %.2f to %.2f. A smaller --change_margin (for example 0.1) finds more change, less "
+                "surely; a network trained longer separates the classes better",
+                pair.name,
+                100 * counts.disagree / counts.valid,
+                rule.threshold,
+                100 * (counts.lost + counts.gained) / counts.valid,
+                rule.margin,
+                rule.threshold - rule.margin,
+                rule.threshold + rule.margin,
+            )
         patches = change_detection.write_change_polygons(
             outputs["change"],
             probabilities["before"],
@@ -355,14 +369,12 @@ def make_job(cfg: Config) -> ChangeJob:
     return ChangeJob(model, state, device, checkpoint, settings, rule, cfg, truth)
 
 
-def write_run_table(pairs: Sequence[Pair], run_dir: Path) -> Path:
-    """Collect the JSON rows of a run's pairs into run_dir/change/change_area.csv."""
-    rows = []
-    for pair in pairs:
-        path = pair_outputs(run_dir, pair.name)["json"]
-        if path.is_file():
-            rows.append(json.loads(path.read_text(encoding="utf-8")))
-    table = Path(run_dir) / "change" / "change_area.csv"
+def write_run_table(run_dir: Path) -> Path:
+    """Collect the JSON rows of every pair compared in run_dir (by this command or an earlier one) into
+    run_dir/change/change_area.csv."""
+    folder = Path(run_dir) / "change"
+    rows = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*_change.json"))]
+    table = folder / "change_area.csv"
     change_detection.write_change_table(rows, table)
     return table
 
@@ -396,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DataError as err:
             LOG.error("%s", err)
             failures += 1
-    table = write_run_table(pairs, run_dir)
+    table = write_run_table(run_dir)
     LOG.info("change of %d pair(s) in %s", len(pairs) - failures, table.parent)
     if failures or problems:
         LOG.error("%d pair(s) could not be compared; see the messages above", failures + len(problems))

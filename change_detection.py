@@ -292,16 +292,26 @@ class ChangeCounts:
     lost: int = 0
     gained: int = 0
     stable_farmland: int = 0
+    disagree: int = 0  # farmland at one date and not the other by the threshold alone, margin or not
 
     def add(self, codes: np.ndarray, before: np.ndarray, after: np.ndarray, rule: ChangeRule) -> None:
         """Count a strip of the map and its two probability rasters."""
         valid = codes != NODATA
         self.valid += int(np.count_nonzero(valid))
-        self.farmland_before += int(np.count_nonzero(farmland(before, rule) & valid))
-        self.farmland_after += int(np.count_nonzero(farmland(after, rule) & valid))
+        farmland_before, farmland_after = farmland(before, rule) & valid, farmland(after, rule) & valid
+        self.farmland_before += int(np.count_nonzero(farmland_before))
+        self.farmland_after += int(np.count_nonzero(farmland_after))
+        self.disagree += int(np.count_nonzero(farmland_before != farmland_after))
         self.lost += int(np.count_nonzero(codes == LOST))
         self.gained += int(np.count_nonzero(codes == GAINED))
         self.stable_farmland += int(np.count_nonzero(codes == STABLE_FARMLAND))
+
+
+def margin_hides_change(counts: ChangeCounts) -> bool:
+    """Whether the confidence margin keeps most of the change by the threshold out of the map: at least 1 % of
+    the valid pixels differ between the dates by the threshold, and under a quarter of those count as change
+    (a network whose probabilities seldom leave threshold +- margin, as one trained briefly)."""
+    return counts.disagree >= 0.01 * counts.valid and counts.lost + counts.gained < 0.25 * counts.disagree
 
 
 def change_strips(
@@ -594,6 +604,8 @@ def photo_preview(image: scene.Scene, grid: dict, aligned: bool, shape: tuple[in
         with rasterio.open(image.path) as src, WarpedVRT(src, resampling=Resampling.average, **small_grid) as vrt:
             small = vrt.read(list(image.bands)).transpose(1, 2, 0)
     photo = image_to_float(small.astype(image.dtype), len(image.bands), image.path)
+    if image.dtype != np.uint8:
+        photo = figures.stretched(photo, channel_axis=0)  # 10- or 12-bit values of a 16-bit scene would be black
     rgb = photo[:3] if photo.shape[0] >= 3 else np.repeat(photo[:1], 3, axis=0)
     return np.clip(rgb.transpose(1, 2, 0), 0, 1)
 

@@ -192,6 +192,15 @@ def terminate_handler(owner: int) -> Callable[[int, Any], None]:
     return handler
 
 
+def as_raised(message: str) -> str:
+    """An error's message as raised, where a DataLoader worker raised it: PyTorch puts the worker's traceback
+    before it and the exception's module and name (``files.DataError: ``) at the start of its last line."""
+    if not (message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def run_main(main: Callable[[], int]) -> int:
     """Run a script's main; turn an input error into one clear line and exit status 2, not a traceback.
 
@@ -203,7 +212,7 @@ def run_main(main: Callable[[], int]) -> int:
     try:
         return main()
     except (ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {as_raised(str(err))}", file=sys.stderr)
         return 2
     except Terminated:
         print(

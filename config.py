@@ -39,7 +39,7 @@ class Config:
     normalise: bool = False  # standardise each band by its training-split mean and std (kept in the checkpoint)
     ignore_index: int = -1  # mask value of unlabelled pixels (e.g. 128), left out of losses and metrics; -1 = none
     bands: str = ""  # 1-based bands to use, e.g. 3,2,1 of a 4-band TIFF; empty = all; predict.py defaults to training's
-    pixel_size_m: float = 0.0  # metres per pixel of the training tiles when they carry no georeference (0 = unknown)
+    pixel_size_m: float = 0.0  # metres per pixel of the training tiles; 0 = from GeoTIFF tiles or make_tiles' table
     in_channels: int = 3  # bands of the input images (3 for RGB, 4 for RGB+NIR)
     n_classes: int = 2  # 0 = background, 1 = farmland
     encoder: str = "unet"  # unet (the reference U-Net), resnet18 or resnet34 (ResNet encoder, U-Net decoder)

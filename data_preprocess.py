@@ -41,7 +41,6 @@ __all__ = ["DataError"]  # re-exported: scripts name input errors from here, wit
 
 IGNORE = 255  # class index of unlabelled pixels in decoded masks (never a real class: n_classes < 255)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")  # decoded by GDAL (decode_tiff), the others by OpenCV
 GDAL_LOGGERS = ("rasterio._env", "rasterio._err")  # where rasterio passes GDAL's own messages on
 MAX_TILE_BYTES_UNKNOWN_MEMORY = 4 * 2**30  # largest decoded tile where the free memory cannot be read
@@ -194,10 +193,15 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
         scaled = image.astype(np.float32) / 65535.0
     elif np.issubdtype(image.dtype, np.floating):
         scaled = image.astype(np.float32)
-        if scaled.size and (np.nanmin(scaled) < 0.0 or np.nanmax(scaled) > 1.0):
+        if np.isnan(scaled).any():
+            raise DataError(
+                f"{path}: floating-point image with NaN pixels (nodata?); fill them with 0, which counts as nodata "
+                "(max_nodata_fraction), for example with gdal_calc or numpy.nan_to_num, or export the tile as 8/16 bit"
+            )
+        if scaled.size and (scaled.min() < 0.0 or scaled.max() > 1.0):
             raise DataError(
                 f"{path}: floating-point image with values outside [0, 1] "
-                f"(found {np.nanmin(scaled):.3g} to {np.nanmax(scaled):.3g}); rescale it to [0, 1] or 8/16 bit"
+                f"(found {scaled.min():.3g} to {scaled.max():.3g}); rescale it to [0, 1] or 8/16 bit"
             )
     else:
         raise DataError(f"{path}: pixel type {image.dtype} is not supported; expected 8- or 16-bit, or float")
@@ -231,7 +235,8 @@ def match_bands(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
         else:
             raise DataError(
                 f"{path}: has {bands} band(s), expected in_channels={in_channels}; set --in_channels={bands} "
-                f"for this data, pick {in_channels} of its bands with --bands (e.g. --bands=1,2,3), or convert it"
+                f"for this data, pick {in_channels} of its bands with --bands (e.g. --bands="
+                f"{','.join(str(b) for b in range(1, min(in_channels, bands) + 1))}), or convert it"
             )
     return image
 
@@ -246,6 +251,23 @@ def parse_bands(text: str) -> tuple[int, ...]:
     if not all(p.isdigit() and int(p) >= 1 for p in parts):
         raise ValueError(f"--bands={text!r}: expected 1-based band numbers separated by commas, for example 3,2,1")
     return tuple(int(p) for p in parts)
+
+
+def parse_bands_for(text: str, in_channels: int) -> tuple[int, ...]:
+    """The ``bands`` key for a network of ``in_channels`` inputs: as many bands as it takes (or one, repeated
+    into three grey bands), so that a mismatch is one message at the start, not one per tile.
+
+    Raises:
+        ValueError: a malformed key, or another number of bands than in_channels.
+    """
+    bands = parse_bands(text)
+    if bands and len(bands) != in_channels and not (len(bands) == 1 and in_channels == 3):
+        example = ",".join(str(b) for b in range(1, in_channels + 1))
+        raise ValueError(
+            f"--bands={text} picks {len(bands)} band(s) but in_channels={in_channels}; set --in_channels={len(bands)} "
+            f"or pick {in_channels} bands (for example --bands={example})"
+        )
+    return bands
 
 
 def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
@@ -304,10 +326,18 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
             classes = mask.astype(np.uint8)
         else:
             shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+            other = values[~np.isin(values, (0, 1, 255))]
+            one_more = other.size == 1 and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
+            if one_more and ignore_index < 0:  # 0/255 or 0/1 and one more value: most likely unlabelled pixels
+                fix = (
+                    f"if {other[0]} marks unlabelled pixels (make_tiles.py --mark_unlabelled writes the --ignore_index "
+                    f"it is given), set --ignore_index={other[0]}; else re-export the masks losslessly (PNG, not JPEG)"
+                )
+            else:
+                fix = "re-export masks losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"
+                fix += "" if ignore_index >= 0 else ", or --ignore_index=N when value N marks unlabelled pixels"
             raise DataError(
-                f"{path}: holds values {{{shown}}}; expected only 0 and 255 (or 0 and 1). Re-export masks "
-                "losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"
-                + ("" if ignore_index >= 0 else ", or --ignore_index=N when value N marks unlabelled pixels")
+                f"{path}: holds values {{{shown}}}; expected only 0 and 255 (or 0 and 1). {fix[0].upper()}{fix[1:]}"
             )
     if unlabelled is not None:
         classes[unlabelled] = IGNORE

@@ -34,10 +34,16 @@ def photo_to_show(image: np.ndarray, path: Path, bands: Sequence[int] = ()) -> n
     16-bit file are not shown black."""
     picked = select_bands(image.reshape(*image.shape[:2], -1), bands, path)
     shown = picked[:, :, :3] if picked.shape[2] >= 3 else picked[:, :, :1]
-    photo = image_to_float(shown, shown.shape[2], path).transpose(1, 2, 0)
-    low, high = np.percentile(photo, STRETCH_PERCENTILES, axis=(0, 1))
-    stretched = np.clip((photo - low) / np.where(high > low, high - low, 1.0), 0.0, 1.0)
-    return stretched if stretched.shape[2] == 3 else stretched[:, :, 0]
+    photo = stretched(image_to_float(shown, shown.shape[2], path), channel_axis=0).transpose(1, 2, 0)
+    return photo if photo.shape[2] == 3 else photo[:, :, 0]
+
+
+def stretched(photo: np.ndarray, channel_axis: int) -> np.ndarray:
+    """A float image in [0, 1], each band stretched from its STRETCH_PERCENTILES: 10- or 12-bit values of a
+    16-bit file (Gaofen-2's) shown as they are would be black."""
+    pixels = tuple(axis for axis in range(photo.ndim) if axis != channel_axis % photo.ndim)
+    low, high = np.percentile(photo, STRETCH_PERCENTILES, axis=pixels, keepdims=True)
+    return np.clip((photo - low) / np.where(high > low, high - low, 1.0), 0.0, 1.0).astype(np.float32)
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:

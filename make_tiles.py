@@ -38,7 +38,7 @@ from tqdm import tqdm
 import cli
 import files
 from config import Config
-from data_preprocess import encode_tiff, write_image
+from data_preprocess import encode_tiff, read_image, write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
 from rasters import nodata_pixels, open_raster
@@ -306,6 +306,17 @@ def tile_all(scenes: Sequence[Path], labels: Labels, cfg: Config, out: Path) -> 
     return rows, done, failed
 
 
+def next_step(cfg: Config, out: Path, rows: list[dict]) -> str:
+    """The split command for these tiles, with the keys every later script needs for them too: the band count
+    when it is not 3, and the mask value of unlabelled pixels."""
+    keys = ""
+    bands = read_image(out / rows[0]["image"]).shape[2] if rows else 3
+    keys += f" --in_channels={bands}" if bands != 3 else ""
+    keys += f" --ignore_index={cfg.ignore_index}" if cfg.mark_unlabelled else ""
+    command = f"next: python split_dataset.py --data_dir={out} --run_dir=RUN --group_pattern='^(.+)_r\\d+c\\d+$'"
+    return command + keys + (f" (and{keys} on train.py and miou.py too)" if keys else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Cut every scene and its labels into tiles, masks and tiles.csv under ``out``."""
     cfg = cli.parse_args(argv, __doc__ or "")
@@ -318,12 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open_labels(Path(cfg.labels), cfg.label_where, cfg.label_layer) as labels:
         LOG.info("labels: %s", labels.describe())
         rows, done, failed = tile_all(scenes, labels, cfg, out)
-    table = write_table(out, rows, done)
-    LOG.info(
-        "%d tiles from %d of %d scene(s) in %s (table %s); next: python split_dataset.py --data_dir=%s "
-        "--run_dir=RUN --group_pattern='^(.+)_r\\d+c\\d+$'",
-        len(rows), len(done), len(scenes), out, table, out,
-    )  # fmt: skip
+    if done:
+        table = write_table(out, rows, done)
+        LOG.info("%d tiles from %d of %d scene(s) in %s (table %s); %s", len(rows), len(done), len(scenes), out,
+                 table, next_step(cfg, out, rows))  # fmt: skip
     if failed:
         LOG.error("%d scene(s) could not be tiled (messages above); fix them and re-run", failed)
         return 1

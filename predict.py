@@ -22,7 +22,6 @@ tiles, scenes and outputs, with the bands, class count and threshold read from t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -33,11 +32,12 @@ import torch
 import cli
 import scene
 from config import Config
-from data_preprocess import is_image_file, read_pair_list
+from data_preprocess import is_image_file, parse_bands, read_pair_list
 from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, prediction_path
 from inference import inference_model, with_threshold
 from net_structure import input_padding
+from output_record import outputs_since
 from runtime import (
     Distributed,
     all_reduce_sum,
@@ -104,12 +104,13 @@ def plan_jobs(cfg: Config, paths: list[Path], settings: scene.SceneSettings) -> 
     return jobs
 
 
-def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path, redo_tiles: bool = False) -> list[Job]:
-    """The jobs still to do: tiles whose outputs this checkpoint already wrote are skipped (``skip_existing``),
-    unless ``redo_tiles``; scenes decide for themselves in scene.py."""
+def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path, since: float = 0.0) -> list[Job]:
+    """The jobs still to do: tiles whose outputs this checkpoint already wrote after ``since`` (the time this
+    run's settings took effect, output_record) are skipped (``skip_existing``); scenes decide for themselves in
+    scene.py."""
     if not cfg.skip_existing:
         return jobs
-    todo = [j for j in jobs if j.is_scene or redo_tiles or not is_complete(j.output, checkpoint, cfg.overlay)]
+    todo = [j for j in jobs if j.is_scene or not is_complete(j.output, checkpoint, cfg.overlay, since)]
     if len(todo) < len(jobs):
         LOG.info(
             "%d of %d image(s) already have masks from this checkpoint and are skipped "
@@ -143,43 +144,6 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
     return model_path, state, segmenter, torch.device("cpu")
 
 
-# The keys besides the checkpoint that change a finished output: masks, probabilities, fields.
-MASK_KEYS = ("threshold", "bands", "sieve_cells", *scene.OUTPUT_KEYS)
-TILE_KEYS = ("sieve_cells",)  # those of MASK_KEYS that tile masks alone depend on: scenes keep their outputs
-# What outputs made before a key of MASK_KEYS existed were made with, where that is not the key's default.
-BEFORE_KEY = {"sieve_cells": 0}
-
-
-def redo_if_masks_differ(cfg: Config, job: Distributed) -> bool:
-    """Finished outputs are told by the checkpoint's time alone (``skip_existing``), so when a key of MASK_KEYS
-    (``bands`` as resolved) differs from the last predict.py run's in this run_dir, this run redoes the outputs
-    rather than keep masks made another way: every output (``skip_existing`` turned off), or only the tiles'
-    where only keys of TILE_KEYS differ (then True is returned)."""
-    last_run = Path(cfg.run_dir) / "configs" / "predict.json"
-    now = {key: getattr(cfg, key) for key in MASK_KEYS}
-    try:
-        saved = json.loads(last_run.read_text(encoding="utf-8"))
-        earlier = {key: saved.get(key, BEFORE_KEY.get(key, getattr(Config, key))) for key in MASK_KEYS}
-    except FileNotFoundError:
-        earlier = now
-    except (OSError, ValueError, TypeError, AttributeError):
-        earlier = None  # unreadable: redo rather than keep outputs made in an unknown way
-    differ = list(MASK_KEYS) if earlier is None else [key for key in MASK_KEYS if earlier[key] != now[key]]
-    flags = [bool(differ), any(key not in TILE_KEYS for key in differ)]  # (anything, scenes too)
-    if job.world > 1:  # also a barrier: every rank has read the last run's keys before rank 0 records this one's
-        flags = [bool(v) for v in all_reduce_sum(torch.tensor([int(f) for f in flags], device=job.device))]
-    if not flags[0] or not cfg.skip_existing:
-        return False
-    shown = "its settings unreadable"
-    if earlier is not None:
-        shown = ", ".join(f"{k} {earlier[k]!r}, now {now[k]!r}" for k in differ)
-    LOG.info("the last predict.py run here made its outputs otherwise (%s): they are redone", shown)
-    if flags[1]:
-        cfg.skip_existing = False
-        return False
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
     with leaving_distributed():
@@ -196,10 +160,17 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     checkpoint, state, segmenter, device = open_network(cfg, job)
     state = with_threshold(state, cfg.threshold)  # the user's cut, if given
     sieve_pixels(cfg.sieve_cells, state["config"])  # a bad sieve_cells refused before any output is redone
+    trained = str(state["config"].get("bands", ""))
     if not cfg.bands:
-        # The bands the network was trained on, unless the user names others for these images.
-        cfg.bands = str(state["config"].get("bands", ""))
-    redo_tiles = redo_if_masks_differ(cfg, job)
+        cfg.bands = trained  # the bands the network was trained on, unless the user names others for these images
+    elif trained and parse_bands(cfg.bands) != parse_bands(trained):
+        LOG.warning(
+            "--bands=%s differs from the bands the network was trained on (--bands=%s): right only where these "
+            "images hold those bands at other numbers; leave --bands out to use the training's",
+            cfg.bands,
+            trained,
+        )
+    since = outputs_since(cfg, checkpoint, job)
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included
     amp = None if segmenter is not None else resolve_amp(cfg.amp, device)  # an ONNX model runs in its own dtype
@@ -214,7 +185,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
         # Shard before skipping finished masks: the other ranks are writing theirs meanwhile.
         mine = jobs[job.rank :: job.world]
         LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(mine))
-    mine = unfinished(mine, cfg, checkpoint, redo_tiles)
+    mine = unfinished(mine, cfg, checkpoint, since.tiles)
     tiles = [j for j in mine if not j.is_scene]
     scenes = [j.image for j in mine if j.is_scene]
     done, failures = predict_tiles(
@@ -222,14 +193,14 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     )
     if scenes:
         scene_done, scene_failures = scene.predict_scenes(
-            model, scenes, run_dir, state, device, settings, checkpoint, cfg.skip_existing
+            model, scenes, run_dir, state, device, settings, checkpoint, cfg.skip_existing, since.scenes
         )
         done, failures = done + scene_done, failures + scene_failures
     if job.world > 1:
         done, failures = (int(v) for v in all_reduce_sum(torch.tensor([done, failures], device=device)))
     if job.main and any(j.is_scene for j in jobs):
         # After the reduction above every rank has finished, so every scene's area file is in place.
-        scene.write_run_table([j.image for j in jobs if j.is_scene], run_dir)
+        scene.write_run_table(run_dir)
     LOG.info("wrote %d mask(s) to %s", done, run_dir / "predictions")
     if failures:
         LOG.error("%d image(s) could not be predicted; see the messages above", failures)

@@ -56,6 +56,7 @@ import files
 import polygons
 from config import Config
 from data_preprocess import image_to_float, parse_bands, read_image, write_image
+from figures import stretched
 from files import DataError
 from inference import (
     averaged_probabilities,
@@ -359,8 +360,9 @@ class ResampledScene(Scene):
         self.vrt.close()
 
 
-def open_scene(path: Path, bands: Sequence[int], in_channels: int) -> Scene:
-    """Open a scene, select its bands and check them against the network's, before any work starts.
+def open_scene(path: Path, bands: Sequence[int], in_channels: int, trained: str = "") -> Scene:
+    """Open a scene, select its bands and check them against the network's, before any work starts; ``trained``:
+    the checkpoint's ``bands`` key, offered as the fix where they fit the file.
 
     Raises:
         DataError: unreadable file, a band number beyond the file's bands, or a band count (after the
@@ -382,6 +384,9 @@ def open_scene(path: Path, bands: Sequence[int], in_channels: int) -> Scene:
             if len(scene.bands) == in_channels:
                 raise  # the pixel type, not the bands
             example = ",".join(str(b) for b in range(1, min(in_channels, scene.count) + 1))
+            known = parse_bands(trained)
+            if len(known) == in_channels and max(known) <= scene.count:
+                example = f"{trained}, the bands it was trained on"
             selected = f" selected with --bands={','.join(map(str, bands))}" if bands else ""
             raise DataError(
                 f"{path}: has {len(scene.bands)} band(s){selected}, expected in_channels={in_channels}, the bands "
@@ -695,6 +700,8 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path) -> None:
     scale = min(1.0, PREVIEW_SIDE / max(scene.height, scene.width))
     height, width = max(1, round(scene.height * scale)), max(1, round(scene.width * scale))
     photo = image_to_float(scene.read_preview(height, width).astype(scene.dtype), len(scene.bands), scene.path)
+    if scene.dtype != np.uint8:
+        photo = stretched(photo, channel_axis=0)
     with rasterio.open(mask_path) as src:
         mask = src.read(1, out_shape=(height, width), resampling=Resampling.nearest)
     write_image(path, overlay_image(photo, mask == FARMLAND))
@@ -817,9 +824,10 @@ def run_scene(
     return row
 
 
-def is_finished(outputs: dict[str, Path], settings: SceneSettings, checkpoint: Path) -> bool:
-    """Whether an earlier run wrote every output this configuration wants, after the checkpoint was made."""
-    made = Path(checkpoint).stat().st_mtime
+def is_finished(outputs: dict[str, Path], settings: SceneSettings, checkpoint: Path, since: float = 0.0) -> bool:
+    """Whether an earlier run wrote every output this configuration wants, after the checkpoint was made and
+    after ``since`` (output_record.Since: older outputs were made with other settings)."""
+    made = max(Path(checkpoint).stat().st_mtime, since)
     return all(p.is_file() and p.stat().st_mtime >= made for p in wanted_outputs(outputs, settings))
 
 
@@ -832,8 +840,10 @@ def predict_scenes(
     settings: SceneSettings,
     checkpoint: Path,
     skip_existing: bool = True,
+    since: float = 0.0,
 ) -> tuple[int, int]:
-    """Predict scenes one after another; return (predicted, failed).
+    """Predict scenes one after another; return (predicted, failed). With ``skip_existing``, scenes whose outputs
+    are newer than the checkpoint and than ``since`` are kept.
 
     Every scene is opened and its bands checked before the first is predicted, so a wrong band count
     is reported at once, not after hours of work on the scenes before it; bad scenes are reported and
@@ -841,7 +851,8 @@ def predict_scenes(
     """
     in_channels = state["config"]["in_channels"]
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # it logs every file it writes at INFO
-    todo = [p for p in paths if not (skip_existing and is_finished(scene_outputs(run_dir, p), settings, checkpoint))]
+    done_before = [skip_existing and is_finished(scene_outputs(run_dir, p), settings, checkpoint, since) for p in paths]
+    todo = [p for p, done in zip(paths, done_before) if not done]
     if len(todo) < len(paths):
         LOG.info(
             "%d of %d scene(s) already have their outputs from this checkpoint and are skipped "
@@ -852,7 +863,7 @@ def predict_scenes(
     failures, ready = 0, []
     for path in todo:
         try:
-            with open_scene(path, settings.bands, in_channels):
+            with open_scene(path, settings.bands, in_channels, str(state["config"].get("bands", ""))):
                 ready.append(path)
         except DataError as err:
             LOG.error("%s", err)
@@ -868,7 +879,7 @@ def predict_scenes(
     done = 0
     for path in ready:
         try:
-            with open_scene(path, settings.bands, in_channels) as scene:
+            with open_scene(path, settings.bands, in_channels, str(state["config"].get("bands", ""))) as scene:
                 run_scene(model, scene, state, device, settings, scene_outputs(run_dir, path))
             done += 1
         except DataError as err:
@@ -877,13 +888,11 @@ def predict_scenes(
     return done, failures
 
 
-def write_run_table(paths: Sequence[Path], run_dir: Path) -> Path:
-    """Collect the area files of a run's scenes into run_dir/predictions/farmland_area.csv."""
-    rows = []
-    for path in paths:
-        area = scene_outputs(run_dir, path)["area"]
-        if area.is_file():
-            rows.append(json.loads(area.read_text(encoding="utf-8")))
-    table = Path(run_dir) / "predictions" / "farmland_area.csv"
+def write_run_table(run_dir: Path) -> Path:
+    """Collect the area files of every scene predicted in run_dir (by this command or an earlier one) into
+    run_dir/predictions/farmland_area.csv."""
+    folder = Path(run_dir) / "predictions"
+    rows = [json.loads(area.read_text(encoding="utf-8")) for area in sorted(folder.glob("*_area.json"))]
+    table = folder / "farmland_area.csv"
     write_area_table(rows, table)
     return table

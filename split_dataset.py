@@ -39,6 +39,7 @@ from data_preprocess import (
     is_image_file,
     mask_to_classes,
     parse_bands,
+    parse_bands_for,
     read_image,
     scene_groups,
     select_bands,
@@ -74,8 +75,9 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     scan = Scan()
     masks: dict[str, list[Path]] = {}
     for path in sorted(label_dir.iterdir()):
-        if path.is_file() and is_image_file(path) and path.stem.endswith(mask_suffix) and mask_suffix:
-            masks.setdefault(path.stem[: -len(mask_suffix)], []).append(path)
+        if path.is_file() and is_image_file(path) and path.stem.endswith(mask_suffix):
+            # An empty suffix pairs labels/a.png with images/a.png.
+            masks.setdefault(path.stem[: len(path.stem) - len(mask_suffix)], []).append(path)
         elif path.is_file() and is_image_file(path):
             scan.rejected.append((path, "orphan", f"mask name does not end in '{mask_suffix}' before the extension"))
     images: dict[str, list[Path]] = {}
@@ -108,7 +110,8 @@ def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str
     reason), kind 'error' or 'filtered'."""
     try:
         image = select_bands(read_image(image_path), parse_bands(cfg.bands), image_path)
-        image_to_float(image[:1, :1], cfg.in_channels, image_path)  # band count and pixel type only
+        # Band count and pixel type; the value range of float tiles, whose every pixel is checked.
+        image_to_float(image if np.issubdtype(image.dtype, np.floating) else image[:1, :1], cfg.in_channels, image_path)
         mask = mask_to_classes(read_image(mask_path), mask_path, cfg.mask_threshold, cfg.ignore_index)
     except DataError as err:
         return "error", str(err)
@@ -127,13 +130,18 @@ def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
-    """How many items go to train, val and test: val and test rounded, at least one each when n >= 3."""
+    """How many items go to train, val and test: val and test rounded, at least one each when n >= 3, and train
+    never empty (rounding up a few items, or scenes, could take them all)."""
     counts = [0, 0, 0]
     for i in (1, 2):
         counts[i] = int(round(n * ratios[i]))
         if ratios[i] > 0 and counts[i] == 0 and n >= 3:
             counts[i] = 1
     counts[0] = n - counts[1] - counts[2]
+    while counts[0] < 1 and counts[1] + counts[2] > 0:
+        larger = 1 if counts[1] >= counts[2] else 2
+        counts[larger] -= 1
+        counts[0] += 1
     return counts
 
 
@@ -265,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Scan, check and split the data set; write the lists and the report under run_dir/splits."""
     cfg = cli.parse_args(argv, __doc__ or "")
     check_ratios(cfg.split_ratios)
+    parse_bands_for(cfg.bands, cfg.in_channels)
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "split_dataset")
     cli.save_config(cfg, "split_dataset")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from config import Config
 from data_preprocess import image_for_network, read_image, select_bands, write_image
 from fast_path import prediction_path
+from figures import stretched
 from files import DataError
 from inference import (
     choose_batch_size,
@@ -170,14 +171,15 @@ def sieve_tile(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     return sieve_block(mask, min(min_pixels, mask.size // SIEVE_SHARE), False, False)
 
 
-def is_complete(mask_path: Path, checkpoint: Path, overlay: bool) -> bool:
-    """Whether an earlier run already wrote this image's outputs with this checkpoint.
+def is_complete(mask_path: Path, checkpoint: Path, overlay: bool, since: float = 0.0) -> bool:
+    """Whether an earlier run already wrote this image's outputs with this checkpoint and settings.
 
     Outputs are written atomically, so an existing file is whole; it counts when it is newer than the
-    checkpoint (an older mask came from other weights).
+    checkpoint (an older mask came from other weights) and than ``since`` (output_record.Since: older ones
+    were made with other settings).
     """
     wanted = [mask_path, overlay_path(mask_path)] if overlay else [mask_path]
-    made = Path(checkpoint).stat().st_mtime
+    made = max(Path(checkpoint).stat().st_mtime, since)
     return all(p.is_file() and p.stat().st_mtime >= made for p in wanted)
 
 
@@ -235,7 +237,8 @@ def predict_tiles(
         mask = sieve_tile(mask, min_pixels)
         write_image(outputs[index], mask * np.uint8(255))
         if image is not None:
-            write_image(overlay_path(outputs[index]), overlay_image(image, mask))
+            photo = image if image.dtype == np.uint8 else stretched(image, channel_axis=0)  # 16-bit: not black
+            write_image(overlay_path(outputs[index]), overlay_image(photo, mask))
 
     failures, done = 0, 0
     with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:

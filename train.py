@@ -39,7 +39,7 @@ from data_preprocess import (
     FEW_SCENES,
     DataError,
     FarmlandDataset,
-    parse_bands,
+    parse_bands_for,
     read_pair_list,
     should_cache,
     split_scenes,
@@ -173,8 +173,8 @@ def build_datasets(
     cfg: Config, train_pairs: list[tuple[Path, Path]], val_pairs: list[tuple[Path, Path]]
 ) -> tuple[FarmlandDataset, FarmlandDataset]:
     """The training set (online augmentation, jitters) and the validation set (as is)."""
+    bands = parse_bands_for(cfg.bands, cfg.in_channels)
     cache = should_cache(cfg.cache_tiles, train_pairs + val_pairs)
-    bands = parse_bands(cfg.bands)
     train_set = FarmlandDataset(
         train_pairs,
         cfg.in_channels,

@@ -72,6 +72,20 @@ def test_the_confidence_margin() -> None:
         cd.ChangeRule(margin=0.5).check()
 
 
+def test_a_margin_that_hides_most_change_by_the_threshold_is_told() -> None:
+    # A briefly trained network: probabilities mostly within 0.3 to 0.7, so the dates disagree but seldom surely.
+    before = percent([[65, 62, 40, 58, 66, 61, 42, 57, 90, 20] * 10])
+    after = percent([[35, 38, 60, 42, 34, 39, 58, 43, 10, 20] * 10])
+    counts = cd.ChangeCounts()
+    counts.add(cd.change_codes(before, after, RULE), before, after, RULE)
+    assert (counts.valid, counts.disagree, counts.lost, counts.gained) == (100, 90, 10, 0)
+    assert cd.margin_hides_change(counts)  # 10 of the 90 pixels that differ by the threshold pass the margin
+    before[0, 0::10], after[0, 0::10], before[0, 1::10], after[0, 1::10] = 90, 10, 80, 20  # two more sure losses
+    sure = cd.ChangeCounts()
+    sure.add(cd.change_codes(before, after, RULE), before, after, RULE)
+    assert (sure.disagree, sure.lost) == (90, 30) and not cd.margin_hides_change(sure)
+
+
 def test_edge_tolerance_absorbs_a_field_edge_moved_by_misregistration() -> None:
     before, after = np.full((30, 60), 5, np.uint8), np.full((30, 60), 5, np.uint8)
     before[5:25, 10:30] = 95

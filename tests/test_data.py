@@ -219,8 +219,12 @@ def test_online_augmentation_moves_image_and_mask_together() -> None:
 def test_ignore_index_marks_unlabelled_pixels(tmp_path: Path) -> None:
     write_image(tmp_path / "m.png", np.array([[0, 128, 255]], np.uint8))
     assert load_mask(tmp_path / "m.png", ignore_index=128).tolist() == [[0, IGNORE, 1]]
-    with pytest.raises(DataError, match="--ignore_index=N"):
-        load_mask(tmp_path / "m.png")  # without it, 128 is a value the mask must not hold
+    # Without it, 128 is a value the mask must not hold; the fix offered is the key, not a cut (--mask_threshold=128
+    # would make those pixels farmland).
+    with pytest.raises(
+        DataError, match=r"\{0, 128, 255\}; .*If 128 marks unlabelled pixels .*set --ignore_index=128; else"
+    ):
+        load_mask(tmp_path / "m.png")
     write_image(tmp_path / "z.png", np.array([[0, 1, 255]], np.uint8))  # 0/1 masks with 255 = unlabelled
     assert load_mask(tmp_path / "z.png", ignore_index=255).tolist() == [[0, 1, IGNORE]]
 

@@ -4,6 +4,7 @@ unwritable disks, interrupted predictions, crafted checkpoints, broken splits, p
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import torch
 from conftest import ROOT, args, weights
 from PIL import Image
 
+import cli
 import files
 import predict
 import split_dataset
@@ -102,6 +104,26 @@ def main():
 
 sys.exit(cli.run_main(main))
 """
+
+
+class UnreadableTiles(torch.utils.data.Dataset):
+    """Tiles that fail in the loader's worker, as a tile changed after the split would."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise DataError(f"t{index}.tif: floating-point image with values outside [0, 1]; rescale it")
+
+
+def test_an_input_error_in_a_loader_worker_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    def main() -> int:
+        for _ in torch.utils.data.DataLoader(UnreadableTiles(), num_workers=1):
+            pass
+        return 0
+
+    assert cli.run_main(main) == 2
+    assert capsys.readouterr().err == "error: t0.tif: floating-point image with values outside [0, 1]; rescale it\n"
 
 
 def run_signalled(script: str, out: Path, group: bool = False) -> subprocess.CompletedProcess:
@@ -269,6 +291,21 @@ def test_interrupted_prediction_is_resumed_not_redone(
     os.utime(checkpoint, (time.time() + 60, time.time() + 60))
     assert predict.main(args(shared_square_data, run_dir)) == 0
     assert all(m.stat().st_mtime_ns != stamps[m] for m in masks[1:])
+    # Another checkpoint, though older than every mask (a snapshot): all redone.
+    other = run_dir / "checkpoints" / "last.pth"
+    os.utime(other, (time.time() - 600, time.time() - 600))
+    stamps = {m: m.stat().st_mtime_ns for m in masks}
+    assert predict.main(args(shared_square_data, run_dir, f"--checkpoint={other}")) == 0
+    assert all(m.stat().st_mtime_ns != stamps[m] for m in masks)
+    # A new cut whose redo stopped after five masks: the next run with it redoes the other three.
+    assert predict.main(args(shared_square_data, run_dir, f"--checkpoint={other}", "--threshold=0.3")) == 0
+    since = json.loads((run_dir / "configs" / "predict_outputs.json").read_text(encoding="utf-8"))["tiles_since"]
+    for mask in masks[:3]:
+        os.utime(mask, (since - 60, since - 60))  # as if made before the cut changed
+    caplog.clear()
+    assert predict.main(args(shared_square_data, run_dir, f"--checkpoint={other}", "--threshold=0.3")) == 0
+    assert "5 of 8 image(s) already have masks from this checkpoint and are skipped" in caplog.text
+    assert all(m.stat().st_mtime > since for m in masks)
 
 
 def test_output_folder_is_never_an_input_folder(shared_square_data: Path, run_copy: Path) -> None:

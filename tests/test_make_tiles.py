@@ -121,13 +121,14 @@ def test_labels_in_wgs84_are_reprojected_to_the_utm_scene(tmp_path: Path) -> Non
     assert_masks(tmp_path / "out", burnt(fields_utm()))
 
 
-def test_the_filter_keeps_the_cultivated_land_codes(tmp_path: Path) -> None:
+def test_the_filter_keeps_the_cultivated_land_codes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     geoms = fields_utm()
     codes = ["0101", "0701", "0103", "1001"]  # paddy, residential, dry land, water
     labels = write_fields(tmp_path / "vec" / "dltb.shp", geoms, codes)
     scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
     assert run(scene, labels, tmp_path / "out", "--label_where=DLBM LIKE '01%'") == 0
     assert_masks(tmp_path / "out", burnt([geoms[0], geoms[2]]))
+    assert "dltb.shp layer dltb: 2 polygons of 4 where DLBM LIKE '01%' in EPSG:32650" in caplog.text  # not "4"
 
 
 def test_mostly_nodata_tiles_are_skipped_and_nodata_written_as_zero(tmp_path: Path) -> None:
@@ -149,7 +150,9 @@ def test_mostly_nodata_tiles_are_skipped_and_nodata_written_as_zero(tmp_path: Pa
 
 
 @pytest.mark.parametrize("bands", [2, 5])
-def test_scenes_of_any_band_count_give_tiles_of_the_same_bands(tmp_path: Path, bands: int) -> None:
+def test_scenes_of_any_band_count_give_tiles_of_the_same_bands(
+    tmp_path: Path, bands: int, caplog: pytest.LogCaptureFixture
+) -> None:
     pixels = scene_pixels(bands=bands, dtype="uint16")
     scene = write_scene(tmp_path / "in" / "scene.tif", pixels)
     assert run(scene, write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm()), tmp_path / "out") == 0
@@ -159,6 +162,10 @@ def test_scenes_of_any_band_count_give_tiles_of_the_same_bands(tmp_path: Path, b
         y, x = int(row["row"]), int(row["col"])
         image = read_image(tmp_path / "out" / row["image"])
         np.testing.assert_array_equal(image, pixels[:, y : y + TILE, x : x + TILE].transpose(1, 2, 0))
+    # The next command says the band count, which every later script needs too.
+    assert f"--group_pattern='^(.+)_r\\d+c\\d+$' --in_channels={bands} (and --in_channels={bands} on" in caplog.text
+    # The next command says the band count, which every later script needs too.
+    assert f"--group_pattern='^(.+)_r\\d+c\\d+$' --in_channels={bands} (and --in_channels={bands} on" in caplog.text
 
 
 def test_tiles_of_a_scene_stay_in_one_split(tmp_path: Path) -> None:
@@ -198,7 +205,7 @@ def test_a_label_raster_on_another_grid_is_resampled_nearest(tmp_path: Path) -> 
         )
 
 
-def test_outside_the_labels_extent_is_unlabelled_when_asked(tmp_path: Path) -> None:
+def test_outside_the_labels_extent_is_unlabelled_when_asked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
     x0, y0 = TRANSFORM.c, TRANSFORM.f
     field = shapely.box(x0 + 10, y0 - 40, x0 + 40, y0 - 10)
@@ -209,6 +216,7 @@ def test_outside_the_labels_extent_is_unlabelled_when_asked(tmp_path: Path) -> N
     mask = read_image(tmp_path / "out" / "labels" / "scene_r0c0_mask.png")[:, :, 0]
     assert (mask == np.where(burnt([field])[:32, :32], 255, 0)).all()
     assert (read_image(tmp_path / "out" / "labels" / "scene_r32c32_mask.png") == 128).all()
+    assert "--group_pattern='^(.+)_r\\d+c\\d+$' --ignore_index=128 (and --ignore_index=128 on" in caplog.text
 
 
 def test_rerunning_replaces_the_tiles_of_a_scene(tmp_path: Path) -> None:
@@ -274,6 +282,10 @@ def test_bad_scenes_are_reported_and_the_others_tiled(
     assert "nocrs.tif: has no CRS" in caplog.text
     assert "small.tif: is 20x20 pixels, smaller than tile_size=32" in caplog.text
     assert "missing.tif: scene not found" in caplog.text
+    # Nothing tiled: no next step offered and no table written.
+    caplog.clear()
+    assert run(str(tmp_path / "in" / "missing.tif"), inputs[1], tmp_path / "none") == 1
+    assert "next:" not in caplog.text and not (tmp_path / "none" / "tiles.csv").exists()
 
 
 def test_out_inside_an_input_folder_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -88,6 +88,27 @@ def test_augment_rerun_does_not_duplicate(square_data: Path, tmp_path: Path) -> 
         assert np.array_equal(load_mask(mask_path), np.flip(load_mask(source_mask), axis))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_augment_writes_mask_flips_a_png_cannot_hold_as_tiffs(tmp_path: Path, dtype: type) -> None:
+    # Such masks were written under a .png name: the write was refused and the whole run stopped.
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        image, mask = square_tile(rng)
+        write_image(data / "images" / f"t{i}.png", image)
+        write_image(data / "labels" / f"t{i}_mask.tif", (mask > 0).astype(dtype))
+    assert split_dataset.main(args(data, run_dir)) == 0
+    originals = read_pair_list(run_dir / "splits" / "train.txt")
+    assert augment.main(args(data, run_dir, "--aug_prob=1")) == 0
+    copies = read_pair_list(run_dir / "splits" / "train.txt")[len(originals) :]
+    assert len(copies) == 2 * len(originals)
+    for image_path, mask_path in copies:
+        stem, flip = image_path.stem.rsplit("_", 1)
+        source = next(m for i, m in originals if i.stem == stem)
+        assert image_path.suffix == ".png" and mask_path.suffix == ".tif" and read_image(mask_path).dtype == dtype
+        assert np.array_equal(load_mask(mask_path), np.flip(load_mask(source), 0 if flip == "vflip" else 1))
+
+
 @pytest.mark.parametrize("bands, dtype", [(2, np.uint16), (5, np.uint16), (3, np.float32)])
 def test_augment_writes_flips_a_png_cannot_hold_as_tiffs(tmp_path: Path, bands: int, dtype: type) -> None:
     data, run_dir = tmp_path / "data", tmp_path / "run"

@@ -24,6 +24,7 @@ import polygons
 import predict
 import scene
 from data_preprocess import load_mask, write_image
+from files import DataError
 from net_structure import build_model
 
 CPU = torch.device("cpu")
@@ -142,6 +143,28 @@ def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(checkpoin
     assert run_predict(run_dir, checkpoint, source) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in written.items() if p.name != "farmland_area.csv")
     assert read_table(run_dir) == [row]
+    # Another scene by another command: the table holds every scene of the run, not this command's alone.
+    other = tmp_path / "in" / "other.tif"
+    other.write_bytes(source.read_bytes())
+    assert run_predict(run_dir, checkpoint, other) == 0
+    assert [r["image"] for r in read_table(run_dir)] == [str(other), str(source)] and read_table(run_dir)[1] == row
+
+
+def test_overlays_of_16_bit_scenes_and_tiles_are_stretched(checkpoint: Path, tmp_path: Path) -> None:
+    # 10-bit values in a 16-bit file, as Gaofen-2 delivers them: the overlay's photo was black (values 0 to 4).
+    ten_bit = scene_pixels().astype(np.uint16) * 4
+    source = write_geotiff(tmp_path / "in" / "gf2.tif", ten_bit)
+    assert run_predict(tmp_path / "run", checkpoint, source) == 0
+    overlay = load_overlay(tmp_path / "run" / "predictions" / "overlays" / "gf2_overlay.png")
+    assert overlay[:, :, 2].max() >= 128  # blue, which the farmland tint does not add to
+    tile = tmp_path / "tiles" / "gf2_tile.tif"
+    geotiff(tile, ten_bit[:, :64, :64], None, Affine.identity())
+    assert run_predict(tmp_path / "run", checkpoint, tile.parent) == 0
+    assert load_overlay(tmp_path / "run" / "predictions" / "overlays" / "gf2_tile_overlay.png")[:, :, 2].max() >= 128
+
+
+def load_overlay(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
 
 
 def scene_probabilities(model: torch.nn.Module, source: Path, settings: scene.SceneSettings) -> np.ndarray:
@@ -211,6 +234,9 @@ def test_band_count_mismatch_fails_before_anything_is_written(
     assert read_table(run_dir) == []
     assert run_predict(run_dir, checkpoint, source, "--bands=1,2,5") == 1
     assert "asks for band 5, but the file has 4 band(s)" in caplog.text
+    # A network trained on picked bands offers those as the fix, not the file's first three.
+    with pytest.raises(DataError, match=r"with --bands=1,2,3,4, .* --bands=3,2,1, the bands it was trained on"):
+        scene.open_scene(source, (1, 2, 3, 4), 3, "3,2,1")
     with pytest.raises(ValueError, match=r"--bands='3;2': expected 1-based band numbers"):
         run_predict(run_dir, checkpoint, source, "--bands=3;2")
 

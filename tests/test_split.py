@@ -29,6 +29,9 @@ def test_split_counts() -> None:
     assert split_counts(100, (0.8, 0.1, 0.1)) == [80, 10, 10]
     assert split_counts(10, (0.8, 0.1, 0.1)) == [8, 1, 1]
     assert split_counts(5, (0.8, 0.1, 0.1)) == [3, 1, 1]  # val and test never empty when they can be filled
+    assert split_counts(4, (0.2, 0.4, 0.4)) == [1, 1, 2]  # train never empty: rounding gave it 0
+    assert split_counts(3, (0.02, 0.97, 0.01)) == [1, 1, 1]  # and -1
+    assert split_counts(3, (0.05, 0.5, 0.45)) == [1, 1, 1]
     assert split_counts(2, (0.8, 0.1, 0.1)) == [2, 0, 0]
 
 
@@ -79,6 +82,22 @@ def test_orphans_junk_and_upper_case_extensions(tmp_path: Path) -> None:
     assert sorted(listed) == sorted(["UPPER.PNG"] + [f"t.{i}.png" for i in range(5)])
 
 
+def test_masks_named_as_their_images_pair_with_an_empty_suffix(tmp_path: Path) -> None:
+    # Every mask was an orphan ("does not end in ''") and every image had "no mask".
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        image, mask = square_tile(rng)
+        write_image(data / "images" / f"t{i}.png", image)
+        write_image(data / "labels" / f"t{i}.png", mask)
+    assert run_split(data, tmp_path / "run", "--mask_suffix=") == 0
+    pairs = [p for k in ("train", "val", "test") for p in read_pair_list(tmp_path / "run" / "splits" / f"{k}.txt")]
+    assert sorted((i.name, m.parent.name, m.name) for i, m in pairs) == [
+        (f"t{i}.png", "labels", f"t{i}.png") for i in range(5)
+    ]
+    assert not rejected(tmp_path / "run")
+
+
 def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -117,6 +136,27 @@ def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytes
     assert "lossy.png" not in rejected(tmp_path / "run2")
 
 
+def test_float_tiles_are_checked_pixel_by_pixel(tmp_path: Path) -> None:
+    # The range was checked at the first pixel only: training then stopped in a loader worker on such a tile.
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_pair(data, f"good{i}", *square_tile(rng))
+    image, mask = square_tile(rng)
+    bright = np.full(image.shape, 5.0, np.float32)
+    bright[0, 0] = 0.2
+    holes = (image / 255).astype(np.float32)
+    holes[5:9, 5:9] = np.nan
+    for stem, pixels in (("bright", bright), ("holes", holes), ("fine", (image / 255).astype(np.float32))):
+        write_pair(data, stem, pixels, mask, ext=".tif")
+    assert run_split(data, tmp_path / "run") == 1
+    found = rejected(tmp_path / "run")
+    assert found["bright.tif"][1].endswith("values outside [0, 1] (found 0.2 to 5); rescale it to [0, 1] or 8/16 bit")
+    assert "bright.tif: floating-point image" in found["bright.tif"][1]
+    assert "holes.tif: floating-point image with NaN pixels (nodata?); fill them with 0" in found["holes.tif"][1]
+    assert set(found) == {"bright.tif", "holes.tif"}  # the float tile in [0, 1] is split with the rest
+
+
 def test_quality_filter_drops_mostly_nodata_tiles(tmp_path: Path) -> None:
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -139,6 +179,16 @@ def test_empty_or_missing_folders(tmp_path: Path) -> None:
     (tmp_path / "empty" / "labels").mkdir()
     with pytest.raises(DataError, match="no usable image/mask pairs"):
         run_split(tmp_path / "empty", tmp_path / "run")
+
+
+def test_bands_that_do_not_fit_in_channels_are_refused_once(square_data: Path, tmp_path: Path) -> None:
+    # Each tile was refused as "has 3 band(s)" (the bands picked), with an example of three bands for four.
+    message = r"--bands=4,3,2 picks 3 band\(s\) but in_channels=4; set --in_channels=3 or pick 4 bands \(for "
+    message += r"example --bands=1,2,3,4\)"
+    with pytest.raises(ValueError, match=message):
+        run_split(square_data, tmp_path / "run", "--bands=4,3,2", "--in_channels=4")
+    assert not (tmp_path / "run" / "splits").exists()
+    assert run_split(square_data, tmp_path / "run", "--bands=2") == 0  # one band, repeated into three grey ones
 
 
 def test_bad_ratios_are_refused(square_data: Path, tmp_path: Path) -> None:

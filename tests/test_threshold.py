@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from inference import (
     with_threshold,
 )
 from net_structure import build_model, downscale_of
+from output_record import MASK_KEYS, RECORD, Since, outputs_since
 from runtime import Distributed, load_checkpoint, save_checkpoint
 from tile_prediction import sieve_pixels, sieve_tile
 from training import THRESHOLD_BINS, iou_at, threshold_curve, write_threshold_curve
@@ -188,28 +190,35 @@ def test_a_threshold_outside_0_1_is_refused(shared_square_data: Path, run_copy: 
         with_threshold({"config": {"n_classes": 3}}, 0.5)
 
 
-def test_a_sieve_change_redoes_tile_masks_alone_and_masks_before_the_sieve_count_as_unsieved(tmp_path: Path) -> None:
-    def last_run(drop: str = "", **changed: object) -> None:
-        """Record a predict.py run in tmp_path with the default mask keys, ``changed``, and without ``drop``."""
-        keys = {key: getattr(Config(), key) for key in predict.MASK_KEYS if key != drop} | changed
-        (tmp_path / "configs").mkdir(exist_ok=True)
-        (tmp_path / "configs" / "predict.json").write_text(json.dumps(keys), encoding="utf-8")
+def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finished_next_time(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    keys = {key: getattr(Config(), key) for key in MASK_KEYS if key != "sieve_cells"}
+    (tmp_path / "configs" / "predict.json").write_text(json.dumps(keys), encoding="utf-8")  # before the sieve
+    checkpoint, other = tmp_path / "best.pth", tmp_path / "epoch_010.pth"
+    job, start = Distributed(), time.time()
 
-    job = Distributed()
-    last_run(drop="sieve_cells")  # a run made before the key: its masks were not sieved
-    cfg = Config(run_dir=str(tmp_path))
-    assert predict.redo_if_masks_differ(cfg, job) is True and cfg.skip_existing  # tiles redone, scenes kept
-    cfg = Config(run_dir=str(tmp_path), sieve_cells=0)
-    assert predict.redo_if_masks_differ(cfg, job) is False and cfg.skip_existing  # made so: nothing redone
-    last_run(sieve_cells=8, threshold=0.3)
-    cfg = Config(run_dir=str(tmp_path))
-    assert predict.redo_if_masks_differ(cfg, job) is False and not cfg.skip_existing  # scenes redone too
-    # The tiles to redo, though their masks are newer than the checkpoint; a scene decides for itself.
-    checkpoint = tmp_path / "best.pth"
+    def since(model: Path = checkpoint, **keys: object) -> Since:
+        return outputs_since(Config(run_dir=str(tmp_path), **keys), model, job)
+
+    redo = since()  # masks made before the key were not sieved: tile masks redone, scenes kept
+    assert start - 1 <= redo.tiles <= time.time() + 1 and redo.scenes == 0
+    assert since() == redo  # a run stopped during that redo: the next redoes what it left, keeps what it made
+    record = json.loads((tmp_path / RECORD).read_text(encoding="utf-8"))
+    assert record["model"] == str(checkpoint.resolve()) and record["sieve_cells"] == 16
+    assert record["tiles_since"] == redo.tiles and record["scenes_since"] == 0
+    assert since(sieve_cells=0).scenes == 0  # only the sieve again: scenes keep theirs
+    assert since(sieve_cells=0, threshold=0.3).scenes >= start - 1  # a new cut: scenes too
+    (tmp_path / RECORD).write_text(json.dumps(record | {"tiles_since": 0.0, "scenes_since": 0.0}), encoding="utf-8")
+    assert since() == Since()  # the record's model and keys: nothing redone
+    assert since(other).scenes >= start - 1  # another checkpoint, though older than the outputs: all redone
+    assert since(other, skip_existing=False).scenes >= start - 1
+    (tmp_path / RECORD).write_text("{not json", encoding="utf-8")
+    assert since(other).tiles >= start - 1  # an unreadable record: redo rather than keep
+    # Tiles to redo: their masks are newer than the checkpoint but older than the settings; a scene decides itself.
     checkpoint.write_bytes(b"weights")
     jobs = [predict.Job(tmp_path / f"{stem}.png", tmp_path / f"{stem}_seg.png", stem == "s") for stem in "abs"]
     for j in jobs:
         j.output.write_bytes(b"mask")
     cfg = Config(run_dir=str(tmp_path), overlay=False)
     assert [j.image.stem for j in predict.unfinished(jobs, cfg, checkpoint)] == ["s"]
-    assert predict.unfinished(jobs, cfg, checkpoint, redo_tiles=True) == jobs
+    assert predict.unfinished(jobs, cfg, checkpoint, since=time.time() + 5) == jobs

@@ -126,7 +126,7 @@ def test_collapse_is_reported_with_causes(
     assert len(warnings) == 1 and "epoch 2:" in warnings[0] and "farmland everywhere" in warnings[0]
 
 
-def test_band_selection_trains_and_predicts_alike(tmp_path: Path) -> None:
+def test_band_selection_trains_and_predicts_alike(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data_dir = tmp_path / "rgbn"
     rng = np.random.default_rng(5)
     for i in range(10):
@@ -143,6 +143,9 @@ def test_band_selection_trains_and_predicts_alike(tmp_path: Path) -> None:
     assert predict.main(args(data_dir, run_dir, f"--predict_input={data_dir / 'images'}")) == 0
     assert len(list((run_dir / "predictions").glob("*_seg.png"))) == 10
     assert json.loads((run_dir / "configs" / "predict.json").read_text())["bands"] == "1,2,3"
+    # Other bands are the user's to name, with a warning.
+    assert predict.main(args(data_dir, run_dir, f"--predict_input={data_dir / 'images'}", "--bands=3,2,1")) == 0
+    assert "--bands=3,2,1 differs from the bands the network was trained on (--bands=1,2,3)" in caplog.text
     # Without the selection the four-band tiles do not fit a three-band network, and say so.
     with pytest.raises(DataError, match="no usable image/mask pairs"):
         split_dataset.main(args(data_dir, tmp_path / "plain"))

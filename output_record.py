@@ -1,0 +1,103 @@
+"""What a run's predictions were made with: run_dir/configs/predict_outputs.json.
+
+predict.py keeps the outputs an earlier run finished (``skip_existing``), so that an interrupted run resumes.
+An output counts as made by this run's model with this run's settings when it is newer than the model file
+and than the moment those took effect. The record holds the model file and the keys of MASK_KEYS, and the
+time from which tile outputs and scene outputs were made with them. When the model or a key changes, that
+time moves to now: every older output is redone, by this run or, if it is stopped, by the next with the same
+settings (a record written before the outputs it describes would otherwise vouch for them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config import Config
+from files import atomic_write_text
+from runtime import Distributed, all_reduce_sum
+from scene import OUTPUT_KEYS
+
+LOG = logging.getLogger("predict")
+
+RECORD = Path("configs") / "predict_outputs.json"
+# The keys besides the model that change a finished output: masks, probabilities, fields.
+MASK_KEYS = ("threshold", "bands", "sieve_cells", *OUTPUT_KEYS)
+TILE_KEYS = ("sieve_cells",)  # those of MASK_KEYS that tile masks alone depend on: scenes keep their outputs
+# What outputs made before a key of MASK_KEYS existed were made with, where that is not the key's default.
+BEFORE_KEY = {"sieve_cells": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Since:
+    """Times (seconds since the epoch) from which tile and scene outputs were made with this model and
+    settings: an older output is redone."""
+
+    tiles: float = 0.0
+    scenes: float = 0.0
+
+
+def settings_now(cfg: Config, model: Path) -> dict[str, Any]:
+    """The model file and the keys of MASK_KEYS (``bands`` as resolved) of this run."""
+    return {"model": str(Path(model).resolve())} | {key: getattr(cfg, key) for key in MASK_KEYS}
+
+
+def read_earlier(run_dir: Path, now: dict[str, Any]) -> tuple[dict[str, Any] | None, Since]:
+    """The last run's model and keys, and its Since; None for the keys where its record cannot be read.
+
+    A run folder of an older version has configs/predict.json alone: its keys, with this run's model file
+    (told apart by file times only, as then). A folder without either has nothing to redo.
+    """
+    record, older = Path(run_dir) / RECORD, Path(run_dir) / "configs" / "predict.json"
+    try:
+        saved = json.loads((record if record.is_file() else older).read_text(encoding="utf-8"))
+        keys = {key: saved.get(key, BEFORE_KEY.get(key, getattr(Config, key))) for key in MASK_KEYS}
+        since = Since(float(saved.get("tiles_since", 0.0)), float(saved.get("scenes_since", 0.0)))
+        return {"model": saved.get("model", now["model"])} | keys, since
+    except FileNotFoundError:
+        return now, Since()
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None, Since()  # unreadable: redo rather than keep outputs made in an unknown way
+
+
+def outputs_since(cfg: Config, model: Path, job: Distributed) -> Since:
+    """This run's Since, after recording it (rank 0): unchanged where the model and keys are the last run's,
+    else now for tiles, and for scenes too unless only keys of TILE_KEYS differ; now for both where
+    ``skip_existing`` is off (every output is redone)."""
+    now = settings_now(cfg, model)
+    earlier, since = read_earlier(Path(cfg.run_dir), now)
+    differ = list(now) if earlier is None else [key for key in now if earlier[key] != now[key]]
+    flags = [bool(differ) or not cfg.skip_existing, any(key not in TILE_KEYS for key in differ)]
+    if job.world > 1:  # also a barrier: every rank has read the last run's record before rank 0 writes this one
+        flags = [bool(v) for v in all_reduce_sum(torch.tensor([int(f) for f in flags], device=job.device))]
+    start = file_system_now(Path(cfg.run_dir) / RECORD.parent)
+    if flags[0]:
+        since = Since(start, start if flags[1] or not cfg.skip_existing else since.scenes)
+    if differ and cfg.skip_existing:
+        shown = "its record unreadable"
+        if earlier is not None:
+            shown = ", ".join(f"{k} {earlier[k]!r}, now {now[k]!r}" for k in differ)
+        LOG.info(
+            "the last predict.py run here made its outputs otherwise (%s): %s redone",
+            shown,
+            "they are" if flags[1] else "tile masks are (scenes keep theirs)",
+        )
+    if job.main:
+        record = now | {"tiles_since": since.tiles, "scenes_since": since.scenes}
+        atomic_write_text(Path(cfg.run_dir) / RECORD, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return since
+
+
+def file_system_now(folder: Path) -> float:
+    """The time of a file written now in ``folder``, by the file system's clock and in its steps (two seconds
+    on FAT): an output written after it is never older, whatever the machine's own clock says."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as probe:
+        return os.fstat(probe.fileno()).st_mtime
