@@ -269,7 +269,7 @@ def detect_change(
                 pair.name,
                 100 * counts.disagree / counts.valid,
                 rule.threshold,
-                100 * (counts.lost + counts.gained) / counts.valid,
+                100 * counts.sure / counts.valid,
                 rule.margin,
                 rule.threshold - rule.margin,
                 rule.threshold + rule.margin,

@@ -51,7 +51,7 @@ import polygons
 import scene
 from data_preprocess import image_to_float
 from files import DataError
-from rasters import write_palette_style
+from rasters import nodata_pixels, write_palette_style
 
 STABLE_BACKGROUND, STABLE_FARMLAND, LOST, GAINED = 0, 1, 2, 3
 NODATA = scene.NODATA  # 255, as in the probability GeoTIFFs
@@ -293,6 +293,7 @@ class ChangeCounts:
     gained: int = 0
     stable_farmland: int = 0
     disagree: int = 0  # farmland at one date and not the other by the threshold alone, margin or not
+    sure: int = 0  # of those, the ones past the margin at both dates (before the edge tolerance and the sieve)
 
     def add(self, codes: np.ndarray, before: np.ndarray, after: np.ndarray, rule: ChangeRule) -> None:
         """Count a strip of the map and its two probability rasters."""
@@ -302,6 +303,9 @@ class ChangeCounts:
         self.farmland_before += int(np.count_nonzero(farmland_before))
         self.farmland_after += int(np.count_nonzero(farmland_after))
         self.disagree += int(np.count_nonzero(farmland_before != farmland_after))
+        _, high, low, _ = rule.percent_cuts()
+        sure_before, sure_after = (before >= high) & (before <= 100), (after >= high) & (after <= 100)
+        self.sure += int(np.count_nonzero(valid & ((sure_before & (after <= low)) | ((before <= low) & sure_after))))
         self.lost += int(np.count_nonzero(codes == LOST))
         self.gained += int(np.count_nonzero(codes == GAINED))
         self.stable_farmland += int(np.count_nonzero(codes == STABLE_FARMLAND))
@@ -309,9 +313,10 @@ class ChangeCounts:
 
 def margin_hides_change(counts: ChangeCounts) -> bool:
     """Whether the confidence margin keeps most of the change by the threshold out of the map: at least 1 % of
-    the valid pixels differ between the dates by the threshold, and under a quarter of those count as change
-    (a network whose probabilities seldom leave threshold +- margin, as one trained briefly)."""
-    return counts.disagree >= 0.01 * counts.valid and counts.lost + counts.gained < 0.25 * counts.disagree
+    the valid pixels differ between the dates by the threshold, and under a quarter of those lie past the margin
+    at both dates (a network whose probabilities seldom leave threshold +- margin, as one trained briefly); the
+    edge tolerance and the minimum mapping unit, which remove change for other reasons, are not counted."""
+    return counts.disagree >= 0.01 * counts.valid and counts.sure < 0.25 * counts.disagree
 
 
 def change_strips(
@@ -604,8 +609,8 @@ def photo_preview(image: scene.Scene, grid: dict, aligned: bool, shape: tuple[in
         with rasterio.open(image.path) as src, WarpedVRT(src, resampling=Resampling.average, **small_grid) as vrt:
             small = vrt.read(list(image.bands)).transpose(1, 2, 0)
     photo = image_to_float(small.astype(image.dtype), len(image.bands), image.path)
-    if image.dtype != np.uint8:
-        photo = figures.stretched(photo, channel_axis=0)  # 10- or 12-bit values of a 16-bit scene would be black
+    if image.dtype != np.uint8:  # 10- or 12-bit values of a 16-bit scene would be black
+        photo = figures.stretched(photo, 0, ~nodata_pixels(small.astype(image.dtype), image.nodata, axis=2))
     rgb = photo[:3] if photo.shape[0] >= 3 else np.repeat(photo[:1], 3, axis=0)
     return np.clip(rgb.transpose(1, 2, 0), 0, 1)
 

@@ -86,9 +86,9 @@ def decode_other(raw: np.ndarray, path: Path) -> np.ndarray | None:
         image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     except cv2.error:  # raised where the header declares more pixels than OpenCV decodes (2**30)
         raise DataError(
-            f"{path}: declares more than 2**30 pixels, more than OpenCV decodes; a whole scene saved as PNG or JPEG "
-            "goes to predict.py as a GeoTIFF (gdal_translate in.png out.tif), which it reads in windows; if the "
-            "file should be small, its header is corrupt: export it again"
+            f"{path}: declares a size OpenCV will not decode (over 2**30 pixels, or 2**20 a side); a whole scene "
+            "saved as PNG or JPEG goes to predict.py as a GeoTIFF (gdal_translate in.png out.tif), which it reads in "
+            "windows; if the file should be small, its header is corrupt: export it again"
         ) from None
     if image is None:
         return None
@@ -193,19 +193,28 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
         scaled = image.astype(np.float32) / 65535.0
     elif np.issubdtype(image.dtype, np.floating):
         scaled = image.astype(np.float32)
-        if np.isnan(scaled).any():
-            raise DataError(
-                f"{path}: floating-point image with NaN pixels (nodata?); fill them with 0, which counts as nodata "
-                "(max_nodata_fraction), for example with gdal_calc or numpy.nan_to_num, or export the tile as 8/16 bit"
-            )
-        if scaled.size and (scaled.min() < 0.0 or scaled.max() > 1.0):
+        # NaN is left to the callers: a scene's nodata, a tile's fault (check_tile_values).
+        if scaled.size and (np.nanmin(scaled) < 0.0 or np.nanmax(scaled) > 1.0):
             raise DataError(
                 f"{path}: floating-point image with values outside [0, 1] "
-                f"(found {scaled.min():.3g} to {scaled.max():.3g}); rescale it to [0, 1] or 8/16 bit"
+                f"(found {np.nanmin(scaled):.3g} to {np.nanmax(scaled):.3g}); rescale it to [0, 1] or 8/16 bit"
             )
     else:
         raise DataError(f"{path}: pixel type {image.dtype} is not supported; expected 8- or 16-bit, or float")
     return np.ascontiguousarray(scaled.transpose(2, 0, 1))
+
+
+def check_tile_values(image: np.ndarray, path: Path) -> None:
+    """Refuse a float tile with NaN pixels, which would make the loss NaN (scenes treat NaN as nodata).
+
+    Raises:
+        DataError: naming the file and how to fill them.
+    """
+    if np.issubdtype(image.dtype, np.floating) and np.isnan(image).any():
+        raise DataError(
+            f"{path}: floating-point image with NaN pixels (nodata?); fill them with 0, which counts as nodata "
+            "(max_nodata_fraction), for example with gdal_calc or numpy.nan_to_num, or export the tile as 8/16 bit"
+        )
 
 
 def image_for_network(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
@@ -235,8 +244,12 @@ def match_bands(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
         else:
             raise DataError(
                 f"{path}: has {bands} band(s), expected in_channels={in_channels}; set --in_channels={bands} "
-                f"for this data, pick {in_channels} of its bands with --bands (e.g. --bands="
-                f"{','.join(str(b) for b in range(1, min(in_channels, bands) + 1))}), or convert it"
+                + (
+                    f"for this data, pick {in_channels} of its bands with --bands (e.g. --bands="
+                    f"{','.join(str(b) for b in range(1, in_channels + 1))}), or convert it"
+                    if bands > in_channels
+                    else "for this data, or convert it"
+                )
             )
     return image
 
@@ -327,11 +340,13 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
         else:
             shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
             other = values[~np.isin(values, (0, 1, 255))]
-            one_more = other.size == 1 and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
+            one_more = other.size == 1 and float(other[0]).is_integer()
+            one_more = one_more and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
             if one_more and ignore_index < 0:  # 0/255 or 0/1 and one more value: most likely unlabelled pixels
+                value = int(other[0])
                 fix = (
-                    f"if {other[0]} marks unlabelled pixels (make_tiles.py --mark_unlabelled writes the --ignore_index "
-                    f"it is given), set --ignore_index={other[0]}; else re-export the masks losslessly (PNG, not JPEG)"
+                    f"if {value} marks unlabelled pixels (make_tiles.py --mark_unlabelled writes the --ignore_index "
+                    f"it is given), set --ignore_index={value}; else re-export the masks losslessly (PNG, not JPEG)"
                 )
             else:
                 fix = "re-export masks losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"

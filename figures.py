@@ -38,12 +38,18 @@ def photo_to_show(image: np.ndarray, path: Path, bands: Sequence[int] = ()) -> n
     return photo if photo.shape[2] == 3 else photo[:, :, 0]
 
 
-def stretched(photo: np.ndarray, channel_axis: int) -> np.ndarray:
-    """A float image in [0, 1], each band stretched from its STRETCH_PERCENTILES: 10- or 12-bit values of a
-    16-bit file (Gaofen-2's) shown as they are would be black."""
-    pixels = tuple(axis for axis in range(photo.ndim) if axis != channel_axis % photo.ndim)
-    low, high = np.percentile(photo, STRETCH_PERCENTILES, axis=pixels, keepdims=True)
-    return np.clip((photo - low) / np.where(high > low, high - low, 1.0), 0.0, 1.0).astype(np.float32)
+def stretched(photo: np.ndarray, channel_axis: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """A float image in [0, 1], each band stretched from its STRETCH_PERCENTILES over the ``valid`` pixels
+    (all where None; nodata would pull the cuts to its value), a constant band left as it is: 10- or 12-bit
+    values of a 16-bit file (Gaofen-2's) shown as they are would be black."""
+    bands = np.moveaxis(photo, channel_axis, -1)
+    pixels = bands.reshape(-1, bands.shape[-1])
+    if valid is not None and valid.any():
+        pixels = pixels[valid.reshape(-1)]
+    low, high = np.nanpercentile(pixels, STRETCH_PERCENTILES, axis=0) if pixels.size else (0.0, 1.0)
+    spread = np.where(high > low, high - low, 1.0)
+    out = np.where(high > low, np.clip((bands - low) / spread, 0.0, 1.0), np.clip(bands, 0.0, 1.0))
+    return np.moveaxis(out, -1, channel_axis).astype(np.float32)
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:

@@ -197,9 +197,8 @@ def field_values(path: Path, layer: str, names: Sequence[str], limit: int = 10) 
     return "; " + "; ".join(parts)
 
 
-def check_filter(path: Path, layer: str, where: str, fields: Sequence[str]) -> int:
-    """Run the filter once, without geometries; return how many features it selects. Refuse a filter GDAL
-    cannot run or one that selects no feature.
+def check_filter(path: Path, layer: str, where: str, fields: Sequence[str]) -> None:
+    """Run the filter once: refuse a filter GDAL cannot run or one that selects no feature.
 
     Raises:
         DataError: naming the unknown fields and the layer's fields, or the values the named fields hold.
@@ -209,7 +208,9 @@ def check_filter(path: Path, layer: str, where: str, fields: Sequence[str]) -> i
     hint = f"; --label_where names {', '.join(unknown)}, not a field of the layer" if unknown else ""
     try:
         # Every column is read: some drivers (Shapefile) see only the fetched fields in a filter.
-        _, fids, _, _ = read_vector(path, layer=layer, where=where, read_geometry=False, return_fids=True)
+        _, fids, _, _ = read_vector(
+            path, layer=layer, where=where, read_geometry=False, return_fids=True, max_features=1
+        )
     except (pyogrio.errors.DataLayerError, ValueError) as err:  # GDAL's error, or ValueError (OGR SQL)
         raise DataError(
             f"{path}: --label_where={where!r} cannot be run on layer {layer} ({str(err)[:300]}){hint}; {listing}; "
@@ -222,7 +223,6 @@ def check_filter(path: Path, layer: str, where: str, fields: Sequence[str]) -> i
             f"{field_values(path, layer, known)}; {listing}; fix the filter (values are matched as text, "
             f"case and leading zeros count), for example {EXAMPLE_FILTER}"
         )
-    return len(fids)
 
 
 class VectorLabels(Labels):
@@ -244,11 +244,13 @@ class VectorLabels(Labels):
         if self.features == 0:
             raise DataError(f"{self.path}: layer {self.layer} holds no features; expected farmland polygons")
         self.extent = tuple(float(v) for v in info["total_bounds"])
-        self.selected = check_filter(self.path, self.layer, where, self.fields) if where else self.features
+        if where:
+            check_filter(self.path, self.layer, where, self.fields)
 
     def describe(self) -> str:
-        chosen = f" of {self.features} where {self.where}" if self.where else " (all features)"
-        return f"{self.path} layer {self.layer}: {self.selected} polygons{chosen} in {self.crs.to_string()}"
+        # The layer's count: counting the filter's selection would read the whole layer (a province's survey).
+        chosen = f", those where {self.where} used" if self.where else " (all used)"
+        return f"{self.path} layer {self.layer}: {self.features} polygons in {self.crs.to_string()}{chosen}"
 
     def on_grid(self, grid: Grid) -> PolygonsOnGrid:
         """Read the filtered polygons in the scene's extent and reproject them to its CRS.

@@ -699,9 +699,10 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path) -> None:
     """The farmland tint over the photo, shrunk to at most PREVIEW_SIDE pixels a side."""
     scale = min(1.0, PREVIEW_SIDE / max(scene.height, scene.width))
     height, width = max(1, round(scene.height * scale)), max(1, round(scene.width * scale))
-    photo = image_to_float(scene.read_preview(height, width).astype(scene.dtype), len(scene.bands), scene.path)
+    preview = scene.read_preview(height, width).astype(scene.dtype)
+    photo = image_to_float(preview, len(scene.bands), scene.path)
     if scene.dtype != np.uint8:
-        photo = stretched(photo, channel_axis=0)
+        photo = stretched(photo, 0, ~nodata_pixels(preview, scene.nodata, axis=2))
     with rasterio.open(mask_path) as src:
         mask = src.read(1, out_shape=(height, width), resampling=Resampling.nearest)
     write_image(path, overlay_image(photo, mask == FARMLAND))

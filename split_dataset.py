@@ -34,6 +34,7 @@ from data_preprocess import (
     FEW_SCENES,
     SPLIT_NAMES,
     DataError,
+    check_tile_values,
     farmland_pixels,
     image_to_float,
     is_image_file,
@@ -112,6 +113,7 @@ def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str
         image = select_bands(read_image(image_path), parse_bands(cfg.bands), image_path)
         # Band count and pixel type; the value range of float tiles, whose every pixel is checked.
         image_to_float(image if np.issubdtype(image.dtype, np.floating) else image[:1, :1], cfg.in_channels, image_path)
+        check_tile_values(image, image_path)
         mask = mask_to_classes(read_image(mask_path), mask_path, cfg.mask_threshold, cfg.ignore_index)
     except DataError as err:
         return "error", str(err)

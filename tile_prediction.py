@@ -237,7 +237,7 @@ def predict_tiles(
         mask = sieve_tile(mask, min_pixels)
         write_image(outputs[index], mask * np.uint8(255))
         if image is not None:
-            photo = image if image.dtype == np.uint8 else stretched(image, channel_axis=0)  # 16-bit: not black
+            photo = image if image.dtype == np.uint8 else stretched(image, 0, image.any(axis=0))  # 16-bit: not black
             write_image(overlay_path(outputs[index]), overlay_image(photo, mask))
 
     failures, done = 0, 0

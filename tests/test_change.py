@@ -78,12 +78,19 @@ def test_a_margin_that_hides_most_change_by_the_threshold_is_told() -> None:
     after = percent([[35, 38, 60, 42, 34, 39, 58, 43, 10, 20] * 10])
     counts = cd.ChangeCounts()
     counts.add(cd.change_codes(before, after, RULE), before, after, RULE)
-    assert (counts.valid, counts.disagree, counts.lost, counts.gained) == (100, 90, 10, 0)
+    assert (counts.valid, counts.disagree, counts.sure, counts.lost, counts.gained) == (100, 90, 10, 10, 0)
     assert cd.margin_hides_change(counts)  # 10 of the 90 pixels that differ by the threshold pass the margin
     before[0, 0::10], after[0, 0::10], before[0, 1::10], after[0, 1::10] = 90, 10, 80, 20  # two more sure losses
     sure = cd.ChangeCounts()
     sure.add(cd.change_codes(before, after, RULE), before, after, RULE)
-    assert (sure.disagree, sure.lost) == (90, 30) and not cd.margin_hides_change(sure)
+    assert (sure.disagree, sure.sure) == (90, 30) and not cd.margin_hides_change(sure)
+    # Sure change the minimum mapping unit removes (specks) is not the margin's doing: no warning.
+    specks = cd.ChangeCounts()
+    before, after = np.full((20, 20), 95, np.uint8), np.full((20, 20), 95, np.uint8)
+    after[::4, ::4] = 5
+    rule = cd.ChangeRule(margin=0.2, min_pixels=4)
+    specks.add(cd.classify_block(before, after, rule), before, after, rule)
+    assert (specks.disagree, specks.sure, specks.lost) == (25, 25, 0) and not cd.margin_hides_change(specks)
 
 
 def test_edge_tolerance_absorbs_a_field_edge_moved_by_misregistration() -> None:

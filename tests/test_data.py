@@ -188,7 +188,7 @@ def test_a_png_declaring_more_pixels_than_opencv_decodes_is_refused_by_name(tmp_
     png[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR's width and height, then its checksum made again
     png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
     (tmp_path / "huge.png").write_bytes(bytes(png))
-    with pytest.raises(DataError, match=r"huge\.png: declares more than 2\*\*30 pixels, .* as a GeoTIFF"):
+    with pytest.raises(DataError, match=r"huge\.png: declares a size OpenCV will not decode .* as a GeoTIFF"):
         read_image(tmp_path / "huge.png")
 
 
@@ -227,6 +227,10 @@ def test_ignore_index_marks_unlabelled_pixels(tmp_path: Path) -> None:
         load_mask(tmp_path / "m.png")
     write_image(tmp_path / "z.png", np.array([[0, 1, 255]], np.uint8))  # 0/1 masks with 255 = unlabelled
     assert load_mask(tmp_path / "z.png", ignore_index=255).tolist() == [[0, 1, IGNORE]]
+    # A float mask's extra value is not offered as the (integer) key.
+    write_image(tmp_path / "f.tif", np.array([[0.0, 0.5, 1.0]], np.float32))
+    with pytest.raises(DataError, match=r"\{0\.0, 0\.5, 1\.0\}; expected only 0 and 255 \(or 0 and 1\)\. Re-export"):
+        load_mask(tmp_path / "f.tif")
 
 
 def test_scale_jitter_moves_image_and_mask_together() -> None:

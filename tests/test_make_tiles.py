@@ -128,7 +128,7 @@ def test_the_filter_keeps_the_cultivated_land_codes(tmp_path: Path, caplog: pyte
     scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
     assert run(scene, labels, tmp_path / "out", "--label_where=DLBM LIKE '01%'") == 0
     assert_masks(tmp_path / "out", burnt([geoms[0], geoms[2]]))
-    assert "dltb.shp layer dltb: 2 polygons of 4 where DLBM LIKE '01%' in EPSG:32650" in caplog.text  # not "4"
+    assert "dltb.shp layer dltb: 4 polygons in EPSG:32650, those where DLBM LIKE '01%' used" in caplog.text
 
 
 def test_mostly_nodata_tiles_are_skipped_and_nodata_written_as_zero(tmp_path: Path) -> None:
@@ -162,8 +162,6 @@ def test_scenes_of_any_band_count_give_tiles_of_the_same_bands(
         y, x = int(row["row"]), int(row["col"])
         image = read_image(tmp_path / "out" / row["image"])
         np.testing.assert_array_equal(image, pixels[:, y : y + TILE, x : x + TILE].transpose(1, 2, 0))
-    # The next command says the band count, which every later script needs too.
-    assert f"--group_pattern='^(.+)_r\\d+c\\d+$' --in_channels={bands} (and --in_channels={bands} on" in caplog.text
     # The next command says the band count, which every later script needs too.
     assert f"--group_pattern='^(.+)_r\\d+c\\d+$' --in_channels={bands} (and --in_channels={bands} on" in caplog.text
 
