@@ -170,8 +170,7 @@ def pair_outputs(run_dir: Path, name: str) -> dict[str, Path]:
 def is_done(pair: Pair, job: ChangeJob) -> bool:
     """Whether an earlier run wrote every output of the pair after the checkpoint, with the same settings."""
     outputs = pair_outputs(Path(job.cfg.run_dir), pair.name)
-    made = job.checkpoint.stat().st_mtime
-    if not all(p.is_file() and p.stat().st_mtime >= made for p in outputs.values()):
+    if not files.written_after(outputs.values(), job.checkpoint):
         return False
     row = read_record(outputs["json"])
     return isinstance(row, dict) and row.get("settings") == job.record

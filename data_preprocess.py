@@ -112,11 +112,12 @@ def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:
     """
     try:
         with quiet_gdal(), MemoryFile(raw.tobytes()) as memory, memory.open(driver="GTiff") as src:
-            check_tile_size(path, src.height, src.width, src.count, np.dtype(src.dtypes[0]).itemsize)
+            declared = (path, src.height, src.width, src.count, np.dtype(src.dtypes[0]).itemsize)
+            check_tile_size(*declared)
             try:
                 bands = src.read()
             except MemoryError:
-                raise_too_large(path, src.height, src.width, src.count, np.dtype(src.dtypes[0]).itemsize)
+                raise_too_large(*declared)
             if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
                 bands = palette_colours(bands[0], src.colormap(1))
             elif src.count == 2 and src.colorinterp[1] == ColorInterp.alpha:

@@ -12,6 +12,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 
 class DataError(ValueError):
@@ -87,6 +88,14 @@ def check_writable(folder: Path, need_bytes: int = 0) -> None:
             f"{folder}: only {free / 2**20:.0f} MiB free on its disk, about {need_bytes / 2**20:.0f} MiB are needed; "
             "free some space or choose another --run_dir"
         )
+
+
+def written_after(paths: Iterable[Path], model: Path, since: float = 0.0) -> bool:
+    """Whether every file exists and was written after the model file and after ``since`` (seconds since the
+    epoch): outputs are written atomically, so an existing one is whole, and an older one came from other
+    weights or settings."""
+    made = max(Path(model).stat().st_mtime, since)
+    return all(p.is_file() and p.stat().st_mtime >= made for p in paths)
 
 
 def prediction_path(run_dir: Path, image_path: Path) -> Path:

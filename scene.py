@@ -828,8 +828,7 @@ def run_scene(
 def is_finished(outputs: dict[str, Path], settings: SceneSettings, checkpoint: Path, since: float = 0.0) -> bool:
     """Whether an earlier run wrote every output this configuration wants, after the checkpoint was made and
     after ``since`` (output_record.Since: older outputs were made with other settings)."""
-    made = max(Path(checkpoint).stat().st_mtime, since)
-    return all(p.is_file() and p.stat().st_mtime >= made for p in wanted_outputs(outputs, settings))
+    return files.written_after(wanted_outputs(outputs, settings), checkpoint, since)
 
 
 def predict_scenes(
@@ -850,7 +849,7 @@ def predict_scenes(
     is reported at once, not after hours of work on the scenes before it; bad scenes are reported and
     skipped, the others predicted.
     """
-    in_channels = state["config"]["in_channels"]
+    in_channels, trained = state["config"]["in_channels"], str(state["config"].get("bands", ""))
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # it logs every file it writes at INFO
     done_before = [skip_existing and is_finished(scene_outputs(run_dir, p), settings, checkpoint, since) for p in paths]
     todo = [p for p, done in zip(paths, done_before) if not done]
@@ -864,7 +863,7 @@ def predict_scenes(
     failures, ready = 0, []
     for path in todo:
         try:
-            with open_scene(path, settings.bands, in_channels, str(state["config"].get("bands", ""))):
+            with open_scene(path, settings.bands, in_channels, trained):
                 ready.append(path)
         except DataError as err:
             LOG.error("%s", err)
@@ -880,7 +879,7 @@ def predict_scenes(
     done = 0
     for path in ready:
         try:
-            with open_scene(path, settings.bands, in_channels, str(state["config"].get("bands", ""))) as scene:
+            with open_scene(path, settings.bands, in_channels, trained) as scene:
                 run_scene(model, scene, state, device, settings, scene_outputs(run_dir, path))
             done += 1
         except DataError as err:

@@ -19,7 +19,7 @@ from config import Config
 from data_preprocess import image_for_network, read_image, select_bands, write_image
 from fast_path import prediction_path
 from figures import stretched
-from files import DataError
+from files import DataError, written_after
 from inference import (
     choose_batch_size,
     decision_threshold,
@@ -172,15 +172,9 @@ def sieve_tile(mask: np.ndarray, min_pixels: int) -> np.ndarray:
 
 
 def is_complete(mask_path: Path, checkpoint: Path, overlay: bool, since: float = 0.0) -> bool:
-    """Whether an earlier run already wrote this image's outputs with this checkpoint and settings.
-
-    Outputs are written atomically, so an existing file is whole; it counts when it is newer than the
-    checkpoint (an older mask came from other weights) and than ``since`` (output_record.Since: older ones
-    were made with other settings).
-    """
-    wanted = [mask_path, overlay_path(mask_path)] if overlay else [mask_path]
-    made = max(Path(checkpoint).stat().st_mtime, since)
-    return all(p.is_file() and p.stat().st_mtime >= made for p in wanted)
+    """Whether an earlier run already wrote this image's outputs with this checkpoint and settings: newer than
+    the checkpoint and than ``since`` (output_record.Since)."""
+    return written_after([mask_path, overlay_path(mask_path)] if overlay else [mask_path], checkpoint, since)
 
 
 def predict_tiles(
