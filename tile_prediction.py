@@ -28,7 +28,7 @@ from inference import (
 )
 from net_structure import downscale_of
 from polygons import sieve_block
-from runtime import usable_cores
+from runtime import loader_worker_started, usable_cores
 
 LOG = logging.getLogger("predict")
 
@@ -213,6 +213,7 @@ def predict_tiles(
         ImageBatches(files, batch_size),
         batch_size=None,
         num_workers=cfg.num_workers,
+        worker_init_fn=loader_worker_started,
         pin_memory=device.type == "cuda",
     )
     LOG.info(

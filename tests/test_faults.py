@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -22,8 +23,11 @@ from PIL import Image
 import cli
 import files
 import predict
+import runtime
 import split_dataset
+import tile_prediction
 import train
+import training
 from data_preprocess import DataError, load_mask, read_pair_list
 
 
@@ -88,14 +92,26 @@ sys.exit(cli.run_main(main))
 
 GROUP_STOPPED_LOADER = """
 import sys
+import time
+from multiprocessing import synchronize
 from pathlib import Path
 from torch.utils.data import DataLoader
-import cli, files
+import cli, files, runtime
+
+
+def slow_is_set(event):
+    with event._cond:  # each worker checks the shared stop event before each batch, holding its lock a while
+        time.sleep(0.02)
+        return event._flag.acquire(False) and (event._flag.release() or True)
 
 
 def main():
+    synchronize.Event.is_set = slow_is_set
     out = Path(sys.argv[1])
-    loader = DataLoader(range(1_000_000), batch_size=1000, num_workers=2, persistent_workers=True)
+    loader = DataLoader(
+        range(1_000_000), batch_size=1, num_workers=2, persistent_workers=True,
+        worker_init_fn=runtime.loader_worker_started,
+    )
     while True:
         for _ in loader:
             files.atomic_write_bytes(out, bytes(4_000_000))
@@ -178,6 +194,25 @@ def test_sigterm_to_the_process_group_with_loader_workers_unwinds_cleanly(tmp_pa
     assert done.returncode == 143, done.stderr
     assert "terminated (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
     assert [p.name for p in out.parent.iterdir()] == ["big.bin"] and out.stat().st_size == 4_000_000
+
+
+def test_the_training_and_prediction_loaders_leave_the_first_sigterm_to_the_main_process(
+    shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: dict[str, set] = {"training": set(), "tile_prediction": set()}
+
+    def recording(module: str) -> Callable[..., torch.utils.data.DataLoader]:
+        def loader(*given: object, **settings: object) -> torch.utils.data.DataLoader:
+            made[module].add(settings.get("worker_init_fn"))
+            return torch.utils.data.DataLoader(*given, **settings)
+
+        return loader
+
+    monkeypatch.setattr(training, "DataLoader", recording("training"))
+    monkeypatch.setattr(tile_prediction, "DataLoader", recording("tile_prediction"))
+    assert train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true")) == 0
+    assert predict.main(args(shared_square_data, run_copy)) == 0
+    assert made == {"training": {runtime.loader_worker_started}, "tile_prediction": {runtime.loader_worker_started}}
 
 
 def test_an_interrupted_checkpoint_save_leaves_the_previous_one(
