@@ -29,6 +29,7 @@ from data_preprocess import (
     parse_bands,
     png_holds,
     read_image,
+    shown_channels,
     write_image,
     write_pair_list,
 )
@@ -54,9 +55,9 @@ def choose_tiles(n: int, probability: float, seed: int) -> np.ndarray:
 Sample = tuple[Path, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]  # tile, image, mask, flips
 
 
-def preview(samples: list[Sample], path: Path, bands: Sequence[int] = ()) -> None:
+def preview(samples: list[Sample], path: Path, bands: Sequence[int] = (), shown: Sequence[int] = ()) -> None:
     """Save a figure: each row is a tile and its mask, then each flip and its mask; ``bands``: the tiles' bands
-    to show (the ``bands`` key), as training reads them."""
+    (the ``bands`` key), as training reads them, of which those at ``shown`` (shown_channels) are shown."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,9 +66,9 @@ def preview(samples: list[Sample], path: Path, bands: Sequence[int] = ()) -> Non
     columns = 2 + 2 * len(FLIPS)
     fig, axes = plt.subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)
     for ax_row, (tile, image, mask, flips) in zip(axes, samples):
-        panels = [("original", photo_to_show(image, tile, bands)), ("mask", mask[:, :, 0])]
+        panels = [("original", photo_to_show(image, tile, bands, shown)), ("mask", mask[:, :, 0])]
         for name, (flipped, flipped_mask) in flips.items():
-            panels += [(name, photo_to_show(flipped, tile, bands)), (f"{name} mask", flipped_mask[:, :, 0])]
+            panels += [(name, photo_to_show(flipped, tile, bands, shown)), (f"{name} mask", flipped_mask[:, :, 0])]
         for ax, (title, array) in zip(ax_row, panels):
             ax.imshow(array, cmap="gray")
             ax.set_title(title, fontsize=8)
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.parse_args(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "augment")
+    bands = parse_bands(cfg.bands)
+    shown = shown_channels(cfg.rgb_bands, bands, cfg.in_channels)
     cli.save_config(cfg, "augment")
     run_dir = Path(cfg.run_dir)
     train_list = run_dir / "splits" / "train.txt"
@@ -114,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples.append((image_path, image, mask, flips))
     write_pair_list(train_list, originals + added)
     if samples:
-        preview(samples, run_dir / "figures" / "augment_preview.png", parse_bands(cfg.bands))
+        preview(samples, run_dir / "figures" / "augment_preview.png", bands, shown)
     LOG.info(
         "%d of %d training tiles flipped: train.txt now lists %d tiles (%d originals + %d copies in %s)",
         len(chosen) - failures,

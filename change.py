@@ -39,7 +39,7 @@ import files
 import polygons
 import scene
 from config import Config
-from data_preprocess import is_image_file
+from data_preprocess import is_image_file, rgb_bands_for
 from files import DataError
 from inference import decision_threshold, inference_model, with_threshold
 from net_structure import input_padding
@@ -239,7 +239,7 @@ def predict_dates(pair: Pair, before: scene.Scene, after: scene.Scene, job: Chan
             LOG.info("%s: the %s date's probability is already there from this checkpoint", pair.name, date)
         else:
             outputs["record"].unlink(missing_ok=True)
-            scene.run_scene(job.model, image, job.state, job.device, settings, outputs)
+            scene.run_scene(job.model, image, job.state, job.device, settings, outputs, job.checkpoint)
             files.atomic_write_text(outputs["record"], json.dumps(job.date_record, indent=2) + "\n")
         probabilities[date] = outputs["probability"]
     return probabilities
@@ -286,9 +286,18 @@ def detect_change(
         row = change_detection.change_row(
             pair.name, pair.before, pair.after, grid, aligned, counts, patches, outputs["change"]
         )
+        # Which network and cut made the pair, in the table too: it may hold pairs of an earlier training.
+        row |= {
+            "model": str(job.checkpoint.resolve()),
+            "epoch": job.state.get("epoch"),
+            "threshold": rule.threshold,
+            "change_margin": rule.margin,
+        }
         if job.truth is not None:
             row["accuracy"] = change_detection.score_change(outputs["change"], job.truth)
-        change_detection.write_change_figure(before, after, aligned, outputs["change"], outputs["figure"])
+        change_detection.write_change_figure(
+            before, after, aligned, outputs["change"], outputs["figure"], job.settings.shown
+        )
     row["settings"] = job.record
     files.atomic_write_text(outputs["json"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
     return row
@@ -347,6 +356,7 @@ def make_job(cfg: Config) -> ChangeJob:
     state = with_threshold(load_checkpoint(checkpoint, device), cfg.threshold)  # the user's cut, if given
     if not cfg.bands:
         cfg.bands = str(state["config"].get("bands", ""))  # the bands the network was trained on
+    cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, state["config"])
     threshold = decision_threshold(state)
     rule = change_detection.ChangeRule(
         0.5 if threshold is None else threshold, cfg.change_margin, cfg.change_edge_tolerance
@@ -359,7 +369,7 @@ def make_job(cfg: Config) -> ChangeJob:
         keep_freed_memory()
     model = inference_model(state, device, cfg.channels_last, resolve_amp(cfg.amp, device))
     settings = dataclasses.replace(
-        scene.SceneSettings.from_config(cfg, *input_padding(state["config"])),
+        scene.SceneSettings.from_config(cfg, *input_padding(state["config"]), state["config"]["in_channels"]),
         save_probability=True,
         polygons=False,
         overlay=False,

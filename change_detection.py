@@ -28,7 +28,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ import figures
 import files
 import polygons
 import scene
-from data_preprocess import image_to_float
+from data_preprocess import image_to_float, picked_for_colour
 from files import DataError
 from rasters import nodata_pixels, write_palette_style
 
@@ -94,6 +94,10 @@ CHANGE_FIELDS = [
     "gained_pixels",
     "stable_farmland_pixels",
     "change_map",
+    "model",
+    "epoch",
+    "threshold",
+    "change_margin",
 ]
 
 
@@ -596,9 +600,12 @@ def preview_shape(height: int, width: int, side: int = FIGURE_SIDE) -> tuple[int
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def photo_preview(image: scene.Scene, grid: dict, aligned: bool, shape: tuple[int, int]) -> np.ndarray:
-    """An (H, W, 3) float RGB preview of a scene on the before grid, shrunk without reading it whole (the
-    scene's own reader when aligned; else a warped view of its file)."""
+def photo_preview(
+    image: scene.Scene, grid: dict, aligned: bool, shape: tuple[int, int], shown: Sequence[int] = ()
+) -> np.ndarray:
+    """An (H, W, 3) float RGB preview of a scene on the before grid, its channels at ``shown`` (SceneSettings)
+    as colour or grey, shrunk without reading it whole (the scene's own reader when aligned; else a warped
+    view of its file)."""
     if aligned:
         small = image.read_preview(*shape)
     else:
@@ -609,14 +616,15 @@ def photo_preview(image: scene.Scene, grid: dict, aligned: bool, shape: tuple[in
     photo = image_to_float(small.astype(image.dtype), len(image.bands), image.path)
     if image.dtype != np.uint8:  # 10- or 12-bit values of a 16-bit scene would be black
         photo = figures.stretched(photo, 0, ~nodata_pixels(small.astype(image.dtype), image.nodata, axis=2))
-    rgb = photo[:3] if photo.shape[0] >= 3 else np.repeat(photo[:1], 3, axis=0)
-    return np.clip(rgb.transpose(1, 2, 0), 0, 1)
+    picked = photo[picked_for_colour(photo.shape[0], shown)]
+    return np.clip(np.broadcast_to(picked.transpose(1, 2, 0), (*shape, 3)), 0, 1)
 
 
 def write_change_figure(
-    before: scene.Scene, after: scene.Scene, aligned: bool, change_path: Path, target: Path
+    before: scene.Scene, after: scene.Scene, aligned: bool, change_path: Path, target: Path, shown: Sequence[int] = ()
 ) -> None:
-    """Before, after and the change map side by side, each shrunk to at most FIGURE_SIDE pixels a side (PNG)."""
+    """Before, after (their channels at ``shown``: SceneSettings.shown) and the change map side by side, each
+    shrunk to at most FIGURE_SIDE pixels a side (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -632,8 +640,8 @@ def write_change_figure(
         lut[code] = np.asarray(colour) / 255
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.6))
     panels = [
-        (photo_preview(before, grid, True, shape), f"before: {before.path.name}"),
-        (photo_preview(after, grid, aligned, shape), f"after: {after.path.name}"),
+        (photo_preview(before, grid, True, shape, shown), f"before: {before.path.name}"),
+        (photo_preview(after, grid, aligned, shape, shown), f"after: {after.path.name}"),
         (lut[codes], "change"),
     ]
     for ax, (picture, title) in zip(axes, panels):

@@ -173,6 +173,24 @@ def ignore_signal(signum: int, frame: Any) -> None:
     """A handler that does nothing."""
 
 
+def leave_loader_workers_to_the_exit() -> None:
+    """Skip PyTorch's orderly stop of DataLoader workers from now on, as it does once Python is exiting; the
+    workers are ended with the process (multiprocessing terminates them at exit).
+
+    A worker killed by a SIGTERM to the whole group may die holding the lock of its loader's shared stop event,
+    and the orderly stop would wait for that lock for ever. Only a process that is ending may call this.
+    """
+    loader_utils = sys.modules.get("torch.utils.data._utils")  # not imported: this process made no loader
+    if loader_utils is not None and hasattr(loader_utils, "python_exit_status"):
+        loader_utils.python_exit_status = True
+
+
+def loader_worker_terminated(err: RuntimeError) -> bool:
+    """Whether ``err`` is PyTorch's report of a DataLoader worker killed by SIGTERM: when a scheduler stops the
+    whole process group, its SIGCHLD handler can run before this process's own SIGTERM handler."""
+    return "is killed by signal: Terminated" in str(err)
+
+
 def terminate_handler(owner: int) -> Callable[[int, Any], None]:
     """A SIGTERM handler that raises Terminated in the process ``owner`` alone; a process forked from it that
     kept the handler dies at once, as without one."""
@@ -187,6 +205,7 @@ def terminate_handler(owner: int) -> Callable[[int, Any], None]:
         # of a temporary file). Their deaths are expected now.
         if hasattr(signal, "SIGCHLD"):
             signal.signal(signal.SIGCHLD, ignore_signal)
+        leave_loader_workers_to_the_exit()
         raise Terminated
 
     return handler
@@ -214,7 +233,12 @@ def run_main(main: Callable[[], int]) -> int:
     except (ValueError, FloatingPointError) as err:
         print(f"error: {as_raised(str(err))}", file=sys.stderr)
         return 2
-    except Terminated:
+    except (Terminated, RuntimeError) as err:
+        if not isinstance(err, Terminated) and not loader_worker_terminated(err):
+            raise
+        if installed:  # this process's own SIGTERM may still be on its way: the run is ending anyway
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        leave_loader_workers_to_the_exit()
         print(
             "terminated (SIGTERM); outputs written so far are complete, the one being written was dropped",
             file=sys.stderr,

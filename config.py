@@ -39,6 +39,7 @@ class Config:
     normalise: bool = False  # standardise each band by its training-split mean and std (kept in the checkpoint)
     ignore_index: int = -1  # mask value of unlabelled pixels (e.g. 128), left out of losses and metrics; -1 = none
     bands: str = ""  # 1-based bands to use, e.g. 3,2,1 of a 4-band TIFF; empty = all; predict.py defaults to training's
+    rgb_bands: str = ""  # of those, the bands figures show as red, green, blue: 3,2,1 of B,G,R,NIR; empty = first 3
     pixel_size_m: float = 0.0  # metres per pixel of the training tiles; 0 = from GeoTIFF tiles or make_tiles' table
     in_channels: int = 3  # bands of the input images (3 for RGB, 4 for RGB+NIR)
     n_classes: int = 2  # 0 = background, 1 = farmland

@@ -255,15 +255,16 @@ def match_bands(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
     return image
 
 
-def parse_bands(text: str) -> tuple[int, ...]:
-    """The ``bands`` key: 1-based band numbers such as ``3,2,1``; empty = every band in file order.
+def parse_bands(text: str, key: str = "bands") -> tuple[int, ...]:
+    """The ``bands`` key (or another ``key`` of band numbers): 1-based band numbers such as ``3,2,1``; empty =
+    every band in file order.
 
     Raises:
         ValueError: anything other than positive integers separated by commas.
     """
     parts = [p for p in text.replace(" ", "").split(",") if p]
     if not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise ValueError(f"--bands={text!r}: expected 1-based band numbers separated by commas, for example 3,2,1")
+        raise ValueError(f"--{key}={text!r}: expected 1-based band numbers separated by commas, for example 3,2,1")
     return tuple(int(p) for p in parts)
 
 
@@ -282,6 +283,48 @@ def parse_bands_for(text: str, in_channels: int) -> tuple[int, ...]:
             f"or pick {in_channels} bands (for example --bands={example})"
         )
     return bands
+
+
+def shown_channels(rgb_bands: str, bands: Sequence[int], in_channels: int) -> tuple[int, ...]:
+    """The ``rgb_bands`` key as 0-based positions among the channels the network reads (the ``bands`` picked,
+    or the file's first in_channels): three shown as red, green and blue, or one shown in grey; empty: ().
+
+    Raises:
+        ValueError: not one or three band numbers, or a band the network does not read, with the fix.
+    """
+    rgb = parse_bands(rgb_bands, "rgb_bands")
+    used = list(bands) if bands else list(range(1, in_channels + 1))
+    if rgb and len(rgb) not in (1, 3):
+        raise ValueError(f"--rgb_bands={rgb_bands}: expected three bands (red, green, blue) or one (grey)")
+    if any(b not in used for b in rgb):
+        raise ValueError(
+            f"--rgb_bands={rgb_bands}: figures and overlays show bands the network reads, and it reads "
+            f"{','.join(map(str, used))} of the file"
+            + (f" (--bands={','.join(map(str, bands))})" if bands else "")
+            + "; name three of those (or one, for grey), for example --rgb_bands="
+            + (
+                "3,2,1 (red, green, blue of Gaofen-2's B, G, R, NIR)"
+                if {1, 2, 3} <= set(used)
+                else ",".join(map(str, used[:3]))
+            )
+        )
+    return tuple(used.index(b) for b in rgb)
+
+
+def rgb_bands_for(given: str, bands: str, trained: dict) -> str:
+    """The ``rgb_bands`` key of a prediction: as given, else the training's (``trained``: its config) where the
+    bands read are the training's; else empty (the first three)."""
+    if given or parse_bands(bands) != parse_bands(str(trained.get("bands", ""))):
+        return given
+    return str(trained.get("rgb_bands", ""))
+
+
+def picked_for_colour(channels: int, shown: Sequence[int] = ()) -> list[int]:
+    """The positions of ``channels`` to show: ``shown`` (shown_channels) where it fits, else the first three
+    (RGB of an RGB+NIR image) or, with fewer, the first (grey)."""
+    if shown and max(shown) < channels:
+        return list(shown)
+    return [0, 1, 2] if channels >= 3 else [0]
 
 
 def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:

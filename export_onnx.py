@@ -191,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
     state = with_threshold(load_checkpoint(checkpoint), cfg.threshold)  # the cut the model carries
-    scene.SceneSettings.from_config(cfg, *input_padding(state["config"]))  # Deepness's tiles on the network's grid
+    config = state["config"]
+    scene.SceneSettings.from_config(cfg, *input_padding(config), config["in_channels"])  # Deepness tiles on its grid
     folder = run_dir / "export"
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "float32": export_fp32(cfg, state, checkpoint, folder)}
     status = 0

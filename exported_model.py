@@ -89,6 +89,7 @@ def state_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
             "encoder": str(meta.get("farmland_encoder") or "unet"),  # models exported before the key: a U-Net
             "downscale": int(meta.get("farmland_downscale") or 1),  # before the key: full resolution
             "bands": str(meta["farmland_bands"]),
+            "rgb_bands": str(meta.get("farmland_rgb_bands") or ""),  # models exported before the key: the first 3
             "pixel_size_m": float(meta.get("farmland_pixel_size_m") or 0.0),
         }
         threshold = meta["farmland_threshold"]

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_preprocess import image_to_float, select_bands
+from data_preprocess import image_to_float, picked_for_colour, select_bands
 from files import atomic_write_bytes
 
 
@@ -27,14 +27,13 @@ def save_figure(fig: "object", path: Path) -> None:
 STRETCH_PERCENTILES = (2.0, 98.0)  # each shown band from its 2nd to its 98th percentile, as GIS viewers do
 
 
-def photo_to_show(image: np.ndarray, path: Path, bands: Sequence[int] = ()) -> np.ndarray:
-    """An (H, W, C) tile in [0, 1] for imshow: of the ``bands`` picked (the key; empty: all), the first three as
-    colour (RGB of an RGB+NIR tile, or of B, G, R, NIR picked as 3,2,1), or the first (H, W) where there are
-    fewer, to be shown in grey; each band stretched (STRETCH_PERCENTILES), so that 10- or 12-bit values in a
-    16-bit file are not shown black."""
+def photo_to_show(image: np.ndarray, path: Path, bands: Sequence[int] = (), shown: Sequence[int] = ()) -> np.ndarray:
+    """An (H, W, C) tile in [0, 1] for imshow: of the ``bands`` picked (the key; empty: all), those at ``shown``
+    (data_preprocess.shown_channels) as colour or grey, by default the first three or the first; each band stretched
+    (STRETCH_PERCENTILES), so that 10- or 12-bit values in a 16-bit file are not shown black."""
     picked = select_bands(image.reshape(*image.shape[:2], -1), bands, path)
-    shown = picked[:, :, :3] if picked.shape[2] >= 3 else picked[:, :, :1]
-    photo = stretched(image_to_float(shown, shown.shape[2], path), channel_axis=0).transpose(1, 2, 0)
+    colour = picked[:, :, picked_for_colour(picked.shape[2], shown)]
+    photo = stretched(image_to_float(colour, colour.shape[2], path), channel_axis=0).transpose(1, 2, 0)
     return photo if photo.shape[2] == 3 else photo[:, :, 0]
 
 

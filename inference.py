@@ -8,12 +8,13 @@ checkpoint's tuned threshold or the argmax. Used by predict.py for tiles and by 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from data_preprocess import picked_for_colour
 from files import DataError
 from net_structure import encoder_of, fold_batchnorm, model_from_config
 from runtime import available_memory, memory_format
@@ -42,9 +43,10 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
 OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown
 
 
-def overlay_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Blend the farmland tint over a (C, H, W) image, float in [0, 1] or uint8; return uint8 RGB."""
-    photo = image[:3].transpose(1, 2, 0) if image.shape[0] >= 3 else np.repeat(image[:1].transpose(1, 2, 0), 3, axis=2)
+def overlay_image(image: np.ndarray, mask: np.ndarray, shown: Sequence[int] = ()) -> np.ndarray:
+    """Blend the farmland tint over a (C, H, W) image, float in [0, 1] or uint8, its channels at ``shown`` as
+    colour or grey (data_preprocess.shown_channels; by default the first three); return uint8 RGB."""
+    photo = np.broadcast_to(image[picked_for_colour(image.shape[0], shown)].transpose(1, 2, 0), (*image.shape[1:], 3))
     rgb = photo.astype(np.float32) if photo.dtype == np.uint8 else photo * 255.0
     farmland = mask.astype(bool)
     rgb[farmland] = 0.55 * rgb[farmland] + 0.45 * OVERLAY_COLOUR

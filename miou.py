@@ -35,7 +35,7 @@ import numpy as np
 import cli
 import files
 from config import Config
-from data_preprocess import load_mask, parse_bands, read_image, read_pair_list
+from data_preprocess import load_mask, parse_bands, read_image, read_pair_list, shown_channels
 from figures import photo_to_show, save_figure
 from files import prediction_path
 from metrics import evaluate_pairs, summarise
@@ -77,9 +77,10 @@ def gallery(rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: C
 
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
     bands = parse_bands(cfg.bands)
+    shown = shown_channels(cfg.rgb_bands, bands, cfg.in_channels)
     for ax_row, row in zip(axes, rows):
         image_path, label_path, pred_path = lookup[row["name"]]
-        ax_row[0].imshow(photo_to_show(read_image(image_path), image_path, bands), cmap="gray")
+        ax_row[0].imshow(photo_to_show(read_image(image_path), image_path, bands, shown), cmap="gray")
         ax_row[1].imshow(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index), cmap="gray", vmin=0, vmax=1)
         ax_row[2].imshow(load_mask(pred_path), cmap="gray", vmin=0, vmax=1)
         ax_row[0].set_ylabel(f"{row['name']}\nIoU {row['farmland_iou']:.3f}", fontsize=8)
@@ -118,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.parse_args(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "miou")
+    shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # a bad key refused before the scoring
     run_dir = Path(cfg.run_dir)
     cli.save_config(cfg, "miou")
     pairs = read_pair_list(run_dir / "splits" / "test.txt")

@@ -168,6 +168,7 @@ def model_metadata(
         "farmland_downscale": downscale_of(config),
         "farmland_size_multiple": input_padding(config)[0],
         "farmland_bands": str(config.get("bands", "")),
+        "farmland_rgb_bands": str(config.get("rgb_bands", "")),  # the bands predict.py's overlays show
         "farmland_pixel_size_m": float(config.get("pixel_size_m") or 0.0) or None,  # scenes are resampled to it
         "farmland_band_mean": [0.0] * bands if mean is None else [round(float(v), 6) for v in mean],
         "farmland_band_std": [1.0] * bands if std is None else [round(float(v), 6) for v in std],

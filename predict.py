@@ -32,7 +32,7 @@ import torch
 import cli
 import scene
 from config import Config
-from data_preprocess import is_image_file, parse_bands, read_pair_list
+from data_preprocess import is_image_file, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, prediction_path
 from inference import inference_model, with_threshold
@@ -170,6 +170,9 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
             cfg.bands,
             trained,
         )
+    cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, state["config"])
+    # Scene keys checked (and rgb_bands against the bands) before the outputs' record is touched.
+    settings = scene.SceneSettings.from_config(cfg, *input_padding(state["config"]), state["config"]["in_channels"])
     since = outputs_since(cfg, checkpoint, job)
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included
@@ -177,7 +180,6 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if cfg.reuse_memory:
         keep_freed_memory()
     model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
-    settings = scene.SceneSettings.from_config(cfg, *input_padding(state["config"]))
     jobs = plan_jobs(cfg, list_inputs(cfg), settings)
     mine = jobs
     if job.world > 1:

@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import platform
-import signal
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -257,22 +256,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def loader_worker_started(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: the worker leaves the first SIGTERM to the main process, which stops it.
-
-    A scheduler's stop (``scancel``, ``kill`` of the process group) reaches the workers too, and PyTorch's own
-    handler lets a worker die of a SIGTERM its parent did not send, wherever it is: dead inside a check of the
-    loader's shared stop event, it keeps that event's lock, and the main process, unwinding, waits for the lock
-    for ever. A second SIGTERM (the main process ending a worker that does not stop) kills at once.
-    """
-    signal.signal(signal.SIGTERM, die_at_the_next_signal)
-
-
-def die_at_the_next_signal(signum: int, frame: Any) -> None:
-    """A handler that lets this signal pass once: the next one has its default effect."""
-    signal.signal(signum, signal.SIG_DFL)
 
 
 def available_memory() -> int | None:

@@ -55,7 +55,7 @@ from tqdm import tqdm
 import files
 import polygons
 from config import Config
-from data_preprocess import image_to_float, parse_bands, read_image, write_image
+from data_preprocess import image_to_float, parse_bands, read_image, shown_channels, write_image
 from figures import stretched
 from files import DataError
 from inference import (
@@ -89,6 +89,9 @@ AREA_FIELDS = [
     "farmland_area_ha",
     "fields",
     "mask",
+    "model",
+    "epoch",
+    "threshold",
 ]
 
 
@@ -123,15 +126,18 @@ class SceneSettings:
     simplify_tolerance: float = 0.0
     bands: tuple[int, ...] = ()
     overlay: bool = True
+    shown: tuple[int, ...] = ()  # the channels the overlay shows (data_preprocess.shown_channels); () = the first three
     batch_size: int = 0
     channels_last: bool = True
     grid: int = 16  # the network's pooling grid: 16 for the U-Net, 32 for a ResNet encoder, times downscale
     least: int = 32  # the shortest side the network works on without padding (the U-Net's: 32 times downscale)
 
     @classmethod
-    def from_config(cls, cfg: Config, grid: int = 16, least: int = 32) -> "SceneSettings":
+    def from_config(
+        cls, cfg: Config, grid: int = 16, least: int = 32, in_channels: int | None = None
+    ) -> "SceneSettings":
         """Read and check the scene keys of a config, for a network of this pooling ``grid`` and shortest side
-        ``least`` (net_structure.input_padding).
+        ``least`` (net_structure.input_padding) that reads ``in_channels`` bands (None: the config's).
 
         Raises:
             ValueError: a window, overlap or band selection that cannot work, with the fix.
@@ -149,6 +155,7 @@ class SceneSettings:
             simplify_tolerance=cfg.simplify_tolerance,
             bands=parse_bands(cfg.bands),
             overlay=cfg.overlay,
+            shown=shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), in_channels or cfg.in_channels),
             batch_size=cfg.predict_batch_size,
             channels_last=cfg.channels_last,
             grid=grid,
@@ -658,8 +665,10 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
     return written
 
 
-def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path) -> dict:
-    """One line of the area table: pixel counts and fractions always, hectares with a projected CRS."""
+def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, model_file: Path, state: dict) -> dict:
+    """One line of the area table: pixel counts and fractions always, hectares with a projected CRS, and the
+    model file, its epoch and the cut that made the mask (empty: argmax), so that a table holding scenes
+    predicted before a retraining says which rows are whose."""
     pixel_m2 = pixel_area_m2(scene.crs, scene.transform)
     if pixel_m2 is None:
         LOG.warning(
@@ -682,6 +691,9 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path) 
         "farmland_area_ha": hectares(counts.farmland),
         "fields": fields,
         "mask": mask.name,
+        "model": str(Path(model_file).resolve()),
+        "epoch": state.get("epoch"),
+        "threshold": decision_threshold(state),
     }
 
 
@@ -695,8 +707,9 @@ def write_area_table(rows: Sequence[dict], path: Path) -> None:
     files.atomic_write_text(path, buffer.getvalue())
 
 
-def write_overlay(scene: Scene, mask_path: Path, path: Path) -> None:
-    """The farmland tint over the photo, shrunk to at most PREVIEW_SIDE pixels a side."""
+def write_overlay(scene: Scene, mask_path: Path, path: Path, shown: Sequence[int] = ()) -> None:
+    """The farmland tint over the photo (its channels at ``shown``: SceneSettings.shown), shrunk to at most
+    PREVIEW_SIDE pixels a side."""
     scale = min(1.0, PREVIEW_SIDE / max(scene.height, scene.width))
     height, width = max(1, round(scene.height * scale)), max(1, round(scene.width * scale))
     preview = scene.read_preview(height, width).astype(scene.dtype)
@@ -705,7 +718,7 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path) -> None:
         photo = stretched(photo, 0, ~nodata_pixels(preview, scene.nodata, axis=2))
     with rasterio.open(mask_path) as src:
         mask = src.read(1, out_shape=(height, width), resampling=Resampling.nearest)
-    write_image(path, overlay_image(photo, mask == FARMLAND))
+    write_image(path, overlay_image(photo, mask == FARMLAND, shown))
 
 
 # --- one scene, start to end -----------------------------------------------------------------------------
@@ -793,8 +806,10 @@ def run_scene(
     device: torch.device,
     settings: SceneSettings,
     outputs: dict[str, Path],
+    model_file: Path,
 ) -> dict:
-    """Predict one open scene and write all its outputs; return its area row (also saved as JSON).
+    """Predict one open scene with the network of ``model_file`` and write all its outputs; return its area
+    row (also saved as JSON).
 
     GDAL's block cache is held to GDAL_CACHE_MB throughout: by default it may grow to 5 % of the machine's
     memory, and would fill with the scene's blocks as they are read.
@@ -810,8 +825,8 @@ def run_scene(
             if settings.polygons:
                 fields = write_fields(scene, settings, outputs)
             if settings.overlay:
-                write_overlay(scene, outputs["mask"], outputs["overlay"])
-    row = area_row(scene, counts, fields, outputs["mask"])
+                write_overlay(scene, outputs["mask"], outputs["overlay"], settings.shown)
+    row = area_row(scene, counts, fields, outputs["mask"], model_file, state)
     files.atomic_write_text(outputs["area"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
     LOG.info(
         "%s: %d x %d, farmland %s of the valid pixels%s%s",
@@ -880,7 +895,7 @@ def predict_scenes(
     for path in ready:
         try:
             with open_scene(path, settings.bands, in_channels, trained) as scene:
-                run_scene(model, scene, state, device, settings, scene_outputs(run_dir, path))
+                run_scene(model, scene, state, device, settings, scene_outputs(run_dir, path), checkpoint)
             done += 1
         except DataError as err:
             LOG.error("%s", err)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from config import Config
-from data_preprocess import image_for_network, read_image, select_bands, write_image
+from data_preprocess import image_for_network, read_image, select_bands, shown_channels, write_image
 from fast_path import prediction_path
 from figures import stretched
 from files import DataError, written_after
@@ -28,7 +28,7 @@ from inference import (
 )
 from net_structure import downscale_of
 from polygons import sieve_block
-from runtime import loader_worker_started, usable_cores
+from runtime import usable_cores
 
 LOG = logging.getLogger("predict")
 
@@ -199,6 +199,7 @@ def predict_tiles(
     if not paths:
         return 0, 0
     threshold = decision_threshold(state)
+    shown = shown_channels(cfg.rgb_bands, bands, state["config"]["in_channels"])
     files = ImageFiles(paths, state["config"]["in_channels"], bands)
     _, first = files[0]  # read here for its shape, which sizes the batches (and again by a worker)
     batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
@@ -213,7 +214,6 @@ def predict_tiles(
         ImageBatches(files, batch_size),
         batch_size=None,
         num_workers=cfg.num_workers,
-        worker_init_fn=loader_worker_started,
         pin_memory=device.type == "cuda",
     )
     LOG.info(
@@ -233,7 +233,7 @@ def predict_tiles(
         write_image(outputs[index], mask * np.uint8(255))
         if image is not None:
             photo = image if image.dtype == np.uint8 else stretched(image, 0, image.any(axis=0))  # 16-bit: not black
-            write_image(overlay_path(outputs[index]), overlay_image(photo, mask))
+            write_image(overlay_path(outputs[index]), overlay_image(photo, mask, shown))
 
     failures, done = 0, 0
     with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:

@@ -42,6 +42,7 @@ from data_preprocess import (
     parse_bands_for,
     read_pair_list,
     should_cache,
+    shown_channels,
     split_scenes,
 )
 from encoders import imagenet_normalisation, load_encoder_weights
@@ -835,6 +836,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Train with the config and command-line overrides; print where the results are."""
     cfg = cli.parse_args(argv, __doc__ or "")
     cli.check_paths(cfg)
+    # Kept in the checkpoint for predict.py's and change.py's figures: a bad one is refused here, not there.
+    shown_channels(cfg.rgb_bands, parse_bands_for(cfg.bands, cfg.in_channels), cfg.in_channels)
     job = init_distributed(cfg.device)
     cli.setup_logging(cfg, "train", job.rank)
     if job.main:

@@ -26,7 +26,7 @@ from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
 from files import DataError, atomic_write_text
 from metrics import confusion_counts
 from rasters import open_raster, pixel_size_m
-from runtime import all_reduce_sum, loader_worker_started
+from runtime import all_reduce_sum
 
 LOG = logging.getLogger("train")
 
@@ -560,7 +560,6 @@ def make_loader(
         drop_last=shuffle and tiles_per_process(len(dataset), world) > cfg.batch_size,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
-        worker_init_fn=loader_worker_started,
         pin_memory=device.type == "cuda",
         # Its own generator: the loader then never draws from the global RNG, which dropout uses, so
         # persistent workers (one draw) and no workers (a draw per epoch) give the same training.

@@ -286,7 +286,29 @@ def test_a_pair_of_scenes_gives_map_polygons_table_and_figure(checkpoint: Path, 
     assert 'type="paletted"' in out["style"].read_text(encoding="utf-8")
     assert out["figure"].stat().st_size > 10_000
     with open(run_dir / "change" / "change_area.csv", encoding="utf-8") as handle:
-        assert [r["pair"] for r in csv.DictReader(handle)] == ["farm_2019_to_farm_2024"]
+        (table_row,) = csv.DictReader(handle)
+    assert table_row["pair"] == "farm_2019_to_farm_2024" and float(table_row["lost_ha"]) == row["lost_ha"]
+    made_by = [table_row[k] for k in ("model", "epoch", "threshold", "change_margin")]
+    assert made_by == [str(checkpoint), "1", "0.5", "0.2"]  # the epoch the fixture saved, the default cut
+
+
+def test_the_change_figure_shows_the_rgb_bands(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
+    with scene.open_scene(source, (), 3) as opened:
+        grid, shape = cd.grid_of(opened), cd.preview_shape(opened.height, opened.width)
+        first_three = cd.photo_preview(opened, grid, True, shape)
+        reversed_bands = cd.photo_preview(opened, grid, True, shape, (2, 1, 0))
+        grey = cd.photo_preview(opened, grid, True, shape, (1,))
+    assert first_three.shape == (*shape, 3) and first_three.std(axis=(0, 1)).min() > 0.1
+    assert np.array_equal(reversed_bands, first_three[:, :, ::-1])
+    assert np.array_equal(grey, np.repeat(first_three[:, :, 1:2], 3, axis=2))
+    drawn = []
+    monkeypatch.setattr(cd, "write_change_figure", lambda *given: drawn.append(given[-1]))
+    after = write_geotiff(tmp_path / "in" / "b.tif", scene_pixels(1, moved=True))
+    assert run_change(tmp_path / "run", checkpoint, source, after, "--rgb_bands=3,2,1") == 0
+    assert drawn == [(2, 1, 0)]
 
 
 def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_setting(
@@ -370,7 +392,7 @@ def fake_prediction(monkeypatch: pytest.MonkeyPatch, source: str = "band") -> No
     scene (``<stem>_label.tif``, 1 = farmland -> 95 %, else 5 %): a network that sees one pixel only, so that a
     moved after-scene must give the same probabilities, and so the same change, away from its edges."""
 
-    def run_scene(model, image, state, device, settings, outputs) -> dict:
+    def run_scene(model, image, state, device, settings, outputs, model_file) -> dict:
         with rasterio.open(image.path) as src:
             if source == "band":
                 probability = np.rint(src.read(1) / 2.55).astype(np.uint8)

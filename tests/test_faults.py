@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -23,11 +22,8 @@ from PIL import Image
 import cli
 import files
 import predict
-import runtime
 import split_dataset
-import tile_prediction
 import train
-import training
 from data_preprocess import DataError, load_mask, read_pair_list
 
 
@@ -96,7 +92,7 @@ import time
 from multiprocessing import synchronize
 from pathlib import Path
 from torch.utils.data import DataLoader
-import cli, files, runtime
+import cli, files
 
 
 def slow_is_set(event):
@@ -108,14 +104,27 @@ def slow_is_set(event):
 def main():
     synchronize.Event.is_set = slow_is_set
     out = Path(sys.argv[1])
-    loader = DataLoader(
-        range(1_000_000), batch_size=1, num_workers=2, persistent_workers=True,
-        worker_init_fn=runtime.loader_worker_started,
-    )
+    loader = DataLoader(range(1_000_000), batch_size=1, num_workers=2, persistent_workers=True)
     while True:
         for _ in loader:
             files.atomic_write_bytes(out, bytes(4_000_000))
             print("written", flush=True)
+
+
+sys.exit(cli.run_main(main))
+"""
+
+
+FAILING_LOADER = """
+import sys
+from torch.utils.data import DataLoader
+import cli
+
+
+def main():
+    for batch in DataLoader(range(1_000_000), batch_size=1, num_workers=2, persistent_workers=True):
+        if batch.item() == 10:
+            raise RuntimeError("a fault in the middle of a loader loop")
 
 
 sys.exit(cli.run_main(main))
@@ -140,6 +149,25 @@ def test_an_input_error_in_a_loader_worker_is_one_line(capsys: pytest.CaptureFix
 
     assert cli.run_main(main) == 2
     assert capsys.readouterr().err == "error: t0.tif: floating-point image with values outside [0, 1]; rescale it\n"
+
+
+def test_a_loader_worker_killed_by_sigterm_ends_the_run_as_terminated(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PyTorch's SIGCHLD handler may report the group's SIGTERM from a worker before this process's own arrives.
+    monkeypatch.setattr(torch.utils.data._utils, "python_exit_status", False)  # restored after the test
+
+    def stopped() -> int:
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+
+    def broken() -> int:
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Segmentation fault. ")
+
+    assert cli.run_main(stopped) == 143
+    assert capsys.readouterr().err.startswith("terminated (SIGTERM); outputs written so far are complete")
+    assert torch.utils.data._utils.python_exit_status is True  # its workers are left to the exit
+    with pytest.raises(RuntimeError, match="Segmentation fault"):
+        cli.run_main(broken)
 
 
 def run_signalled(script: str, out: Path, group: bool = False) -> subprocess.CompletedProcess:
@@ -196,23 +224,10 @@ def test_sigterm_to_the_process_group_with_loader_workers_unwinds_cleanly(tmp_pa
     assert [p.name for p in out.parent.iterdir()] == ["big.bin"] and out.stat().st_size == 4_000_000
 
 
-def test_the_training_and_prediction_loaders_leave_the_first_sigterm_to_the_main_process(
-    shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    made: dict[str, set] = {"training": set(), "tile_prediction": set()}
-
-    def recording(module: str) -> Callable[..., torch.utils.data.DataLoader]:
-        def loader(*given: object, **settings: object) -> torch.utils.data.DataLoader:
-            made[module].add(settings.get("worker_init_fn"))
-            return torch.utils.data.DataLoader(*given, **settings)
-
-        return loader
-
-    monkeypatch.setattr(training, "DataLoader", recording("training"))
-    monkeypatch.setattr(tile_prediction, "DataLoader", recording("tile_prediction"))
-    assert train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true")) == 0
-    assert predict.main(args(shared_square_data, run_copy)) == 0
-    assert made == {"training": {runtime.loader_worker_started}, "tile_prediction": {runtime.loader_worker_started}}
+def test_an_error_with_loader_workers_running_ends_the_process(tmp_path: Path) -> None:
+    # Raised past run_main, the error keeps the loader alive until the exit, which must still end its workers.
+    done = run_signalled(FAILING_LOADER, tmp_path / "unused")
+    assert done.returncode == 1 and "a fault in the middle of a loader loop" in done.stderr
 
 
 def test_an_interrupted_checkpoint_save_leaves_the_previous_one(

@@ -204,14 +204,16 @@ def test_predict_with_onnx_maps_a_geotiff_scene_as_the_pytorch_path(exported: di
     (mask, prob, crs, transform, table), onnx_out = outputs["torch"], outputs["onnx"]
     assert 0 < (mask == 1).mean() < 1 and np.array_equal(mask, onnx_out[0])
     assert np.abs(prob - onnx_out[1]).max() <= 1 and (crs, transform) == onnx_out[2:4]
-    assert [{k: v for k, v in row.items() if k != "image"} for row in table] == [
-        {k: v for k, v in row.items() if k != "image"} for row in onnx_out[4]
+    assert [{k: v for k, v in row.items() if k not in ("image", "model")} for row in table] == [
+        {k: v for k, v in row.items() if k not in ("image", "model")} for row in onnx_out[4]
     ]
 
 
 def test_the_users_threshold_is_the_exported_models_cut(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    trained = tiny_state()
+    trained["config"]["rgb_bands"] = "3,2,1"
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", trained)
     with pytest.raises(ValueError, match="--threshold=1.5: expected a farmland probability cut"):
         export_onnx.main([f"--run_dir={run_dir}", "--threshold=1.5", "--window=64", "--overlap=16"])
     assert export_onnx.main([f"--run_dir={run_dir}", "--threshold=0.3", "--window=64", "--overlap=16"]) == 0
@@ -220,6 +222,7 @@ def test_the_users_threshold_is_the_exported_models_cut(tmp_path: Path) -> None:
     assert meta["seg_thresh"] == meta["farmland_threshold"] == 0.3  # not the tuned THRESHOLD
     segmenter, state = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
     assert state["threshold"] == 0.3  # predict.py --backend=onnx cuts there too
+    assert state["config"]["rgb_bands"] == "3,2,1"  # and its overlays show the bands the training's did
     assert meta["farmland_val_farmland_iou"] is None  # the checkpoint holds no val histogram to score 0.3 on
 
 

@@ -243,6 +243,17 @@ def test_bad_precision_settings_are_refused(square_data: Path, tmp_path: Path) -
         train.main(args(square_data, tmp_path / "run", "--amp=half"))
 
 
+def test_rgb_bands_outside_the_bands_read_are_refused_before_any_work(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    listed = (run_dir / "splits" / "train.txt").read_bytes()
+    for script in (augment, train, miou):
+        with pytest.raises(ValueError, match=r"--rgb_bands=4,2,1: .* it reads 1,2,3 of the file"):
+            script.main(args(square_data, run_dir, "--rgb_bands=4,2,1"))
+    assert (run_dir / "splits" / "train.txt").read_bytes() == listed  # augment extended nothing
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
+
+
 def test_without_val_tiles_best_follows_the_latest_epoch(square_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     split_dataset.main(args(square_data, run_dir, "--split_ratios=0.9,0,0.1"))

@@ -14,10 +14,11 @@ import pytest
 import torch
 from conftest import write_pair
 
+import figures
 import files
 import tile_prediction
 from config import Config
-from data_preprocess import DataError, image_to_float, read_image, write_image
+from data_preprocess import DataError, image_to_float, read_image, shown_channels, write_image
 from inference import inference_model, network_logits, overlay_image, predict_batch
 from net_structure import build_model
 from tile_prediction import BackgroundWriter, ImageBatches, ImageFiles
@@ -52,6 +53,30 @@ def test_overlay_is_the_same_from_uint8_and_from_float() -> None:
     image = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
     mask = (rng.random((8, 8)) > 0.5).astype(np.uint8)
     assert np.array_equal(overlay_image(image, mask), overlay_image(image.astype(np.float32) / 255.0, mask))
+
+
+def test_rgb_bands_name_the_bands_that_figures_and_overlays_show() -> None:
+    gf2 = np.dstack([np.full((4, 5), v, np.uint8) for v in (10, 20, 30, 40)])  # B, G, R, NIR; constant bands
+    path = Path("gf2.tif")
+    assert shown_channels("3,2,1", (), 4) == (2, 1, 0) and shown_channels("", (), 4) == ()
+    assert figures.photo_to_show(gf2, path)[0, 0].tolist() == pytest.approx([10 / 255, 20 / 255, 30 / 255])
+    true_colour = figures.photo_to_show(gf2, path, (), shown_channels("3,2,1", (), 4))
+    assert true_colour[0, 0].tolist() == pytest.approx([30 / 255, 20 / 255, 10 / 255])
+    # Of the bands the network reads (4, 3, 2: NIR, R, G), band 3 as red, 2 as green and 4 as blue.
+    picked = figures.photo_to_show(gf2, path, (4, 3, 2), shown_channels("3,2,4", (4, 3, 2), 3))
+    assert picked[0, 0].tolist() == pytest.approx([30 / 255, 20 / 255, 40 / 255])
+    assert np.allclose(figures.photo_to_show(gf2, path, (), (3,)), np.full((4, 5), 40 / 255))  # one band: grey
+    blank = np.zeros((4, 5), np.uint8)
+    assert overlay_image(gf2.transpose(2, 0, 1), blank, (2, 1, 0))[0, 0].tolist() == [30, 20, 10]
+    assert overlay_image(gf2.transpose(2, 0, 1), blank, (3,))[0, 0].tolist() == [40, 40, 40]
+    with pytest.raises(ValueError, match="--rgb_bands=3,2: expected three bands"):
+        shown_channels("3,2", (), 4)
+    with pytest.raises(ValueError, match=r"it reads 1,2,3,4 of the file; .*--rgb_bands=3,2,1 \(red, green, blue"):
+        shown_channels("5,2,1", (), 4)
+    with pytest.raises(
+        ValueError, match=r"it reads 4,3,2 of the file \(--bands=4,3,2\).* for example --rgb_bands=4,3,2$"
+    ):
+        shown_channels("1,2,3", (4, 3, 2), 3)
 
 
 def test_image_batches_stack_runs_of_one_size_and_type_and_pass_errors(tmp_path: Path) -> None:

@@ -125,6 +125,10 @@ def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(checkpoin
     assert float(row["valid_area_ha"]) == pytest.approx(valid * 4 / 1e4)
     assert float(row["farmland_area_ha"]) == pytest.approx(farmland * 4 / 1e4)
     assert float(row["farmland_fraction"]) == pytest.approx(farmland / valid, abs=1e-6)
+    assert (row["model"], row["epoch"], row["threshold"]) == (str(checkpoint), "1", "")  # argmax: no cut
+    assert run_predict(tmp_path / "cut", checkpoint, source, "--threshold=0.3", "--polygons=false") == 0
+    (cut,) = read_table(tmp_path / "cut")
+    assert cut["threshold"] == "0.3" and int(cut["farmland_pixels"]) >= farmland  # a lower cut: more farmland
 
     # The polygons cover exactly the farmland pixels: total area, CRS and count agree with the mask.
     for kind in ("geojson", "gpkg"):
@@ -161,6 +165,29 @@ def test_overlays_of_16_bit_scenes_and_tiles_are_stretched(checkpoint: Path, tmp
     geotiff(tile, ten_bit[:, :64, :64], None, Affine.identity())
     assert run_predict(tmp_path / "run", checkpoint, tile.parent) == 0
     assert load_overlay(tmp_path / "run" / "predictions" / "overlays" / "gf2_tile_overlay.png")[:, :, 2].max() >= 128
+
+
+def test_rgb_bands_pick_the_colours_of_scene_and_tile_overlays(state: dict, checkpoint: Path, tmp_path: Path) -> None:
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels())  # three bands of different noise
+    write_image(tmp_path / "tiles" / "tile.png", scene_pixels(2)[:, :64, :64].transpose(1, 2, 0))
+    trained_so = tmp_path / "trained with rgb_bands.pth"
+    torch.save({**state, "epoch": 1, "config": {**state["config"], "rgb_bands": "3,2,1"}}, trained_so)
+    runs = {"first three": (checkpoint,), "given": (checkpoint, "--rgb_bands=3,2,1"), "from training": (trained_so,)}
+    overlays = {}
+    for name, (model, *extra) in runs.items():
+        run_dir = tmp_path / name
+        for inputs in (source, tmp_path / "tiles"):
+            assert run_predict(run_dir, model, inputs, *extra) == 0
+        folder = run_dir / "predictions"
+        with rasterio.open(folder / "scene_seg.tif") as src:  # 0, 1 = farmland, 255 = nodata
+            untinted = np.concatenate([src.read(1).ravel() != 1, load_mask(folder / "tile_seg.png").ravel() == 0])
+        pictures = [load_overlay(folder / "overlays" / f"{stem}_overlay.png") for stem in ("scene", "tile")]
+        overlays[name] = np.concatenate([p.reshape(-1, 3) for p in pictures])[untinted]
+    # The same masks (the network reads the same bands), the photo's bands in the other order.
+    assert np.array_equal(overlays["given"], overlays["first three"][:, ::-1])
+    assert np.array_equal(overlays["from training"], overlays["given"])
+    with pytest.raises(ValueError, match=r"--rgb_bands=4,2,1: .* it reads 1,2,3 of the file.*--rgb_bands=3,2,1"):
+        run_predict(tmp_path / "bad", checkpoint, source, "--rgb_bands=4,2,1")
 
 
 def load_overlay(path: Path) -> np.ndarray:
