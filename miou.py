@@ -68,8 +68,16 @@ def plot_iou_curves(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def gallery(rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: Config, path: Path, title: str) -> None:
-    """Save a photo | label | prediction grid of the given rows as one PNG."""
+def gallery(
+    rows: list[dict],
+    lookup: dict[str, tuple[Path, Path, Path]],
+    cfg: Config,
+    shown: Sequence[int],
+    path: Path,
+    title: str,
+) -> None:
+    """Save a photo | label | prediction grid of the given rows as one PNG, the photo's bands at ``shown``
+    (shown_channels) as colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +85,6 @@ def gallery(rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: C
 
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
     bands = parse_bands(cfg.bands)
-    shown = shown_channels(cfg.rgb_bands, bands, cfg.in_channels)
     for ax_row, row in zip(axes, rows):
         image_path, label_path, pred_path = lookup[row["name"]]
         ax_row[0].imshow(photo_to_show(read_image(image_path), image_path, bands, shown), cmap="gray")
@@ -119,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.parse_args(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "miou")
-    shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # a bad key refused before the scoring
+    shown = shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # refused before the scoring
     run_dir = Path(cfg.run_dir)
     cli.save_config(cfg, "miou")
     pairs = read_pair_list(run_dir / "splits" / "test.txt")
@@ -142,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranked = sorted((r for r in rows if not math.isnan(r["farmland_iou"])), key=lambda r: r["farmland_iou"])
     count = min(cfg.gallery_size, len(ranked))
     if count:
-        gallery(ranked[:count], lookup, cfg, figures / "gallery_worst.png", f"{count} lowest farmland IoU")
-        gallery(ranked[::-1][:count], lookup, cfg, figures / "gallery_best.png", f"{count} highest farmland IoU")
+        gallery(ranked[:count], lookup, cfg, shown, figures / "gallery_worst.png", f"{count} lowest farmland IoU")
+        gallery(ranked[::-1][:count], lookup, cfg, shown, figures / "gallery_best.png", f"{count} highest farmland IoU")
     pooled_s, per_image = summary["pooled"], summary["per_image"]
     LOG.info(
         "%d test images | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "

@@ -191,7 +191,16 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     tiles = [j for j in mine if not j.is_scene]
     scenes = [j.image for j in mine if j.is_scene]
     done, failures = predict_tiles(
-        model, [j.image for j in tiles], [j.output for j in tiles], cfg, state, checkpoint, device, amp, settings.bands
+        model,
+        [j.image for j in tiles],
+        [j.output for j in tiles],
+        cfg,
+        state,
+        checkpoint,
+        device,
+        amp,
+        settings.bands,
+        shown=settings.shown,
     )
     if scenes:
         scene_done, scene_failures = scene.predict_scenes(

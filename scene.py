@@ -142,6 +142,7 @@ class SceneSettings:
         Raises:
             ValueError: a window, overlap or band selection that cannot work, with the fix.
         """
+        bands = parse_bands(cfg.bands)
         settings = cls(
             window=cfg.window,
             overlap=cfg.overlap,
@@ -153,9 +154,9 @@ class SceneSettings:
             save_sieved_mask=cfg.save_sieved_mask,
             resample=cfg.resample_scenes,
             simplify_tolerance=cfg.simplify_tolerance,
-            bands=parse_bands(cfg.bands),
+            bands=bands,
             overlay=cfg.overlay,
-            shown=shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), in_channels or cfg.in_channels),
+            shown=shown_channels(cfg.rgb_bands, bands, in_channels or cfg.in_channels),
             batch_size=cfg.predict_batch_size,
             channels_last=cfg.channels_last,
             grid=grid,

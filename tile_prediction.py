@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from config import Config
-from data_preprocess import image_for_network, read_image, select_bands, shown_channels, write_image
+from data_preprocess import image_for_network, read_image, select_bands, write_image
 from fast_path import prediction_path
 from figures import stretched
 from files import DataError, written_after
@@ -188,9 +188,10 @@ def predict_tiles(
     amp: torch.dtype | None,
     bands: Sequence[int] = (),
     progress: Callable[[int], None] | None = None,
+    shown: Sequence[int] = (),
 ) -> tuple[int, int]:
     """Predict tiles in batches of equal size; write each mask, sieved (``sieve_cells``: sieve_pixels), and its
-    overlay. Return (written, failed).
+    overlay (of the ``bands`` read, those at ``shown``: SceneSettings.shown). Return (written, failed).
 
     ``progress``, when given, is called after each batch with the number of images handled so far (their
     outputs may still be being written).
@@ -199,7 +200,6 @@ def predict_tiles(
     if not paths:
         return 0, 0
     threshold = decision_threshold(state)
-    shown = shown_channels(cfg.rgb_bands, bands, state["config"]["in_channels"])
     files = ImageFiles(paths, state["config"]["in_channels"], bands)
     _, first = files[0]  # read here for its shape, which sizes the batches (and again by a worker)
     batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
