@@ -469,13 +469,17 @@ def encode_with_opencv(path: Path, image: np.ndarray, suffix: str) -> bytes:
     return encoded.tobytes()
 
 
-def encode_tiff(bands: np.ndarray, **profile: object) -> bytes:
-    """A (C, H, W) array as the bytes of a DEFLATE-compressed TIFF; ``profile``: more creation options of
-    rasterio's GTiff driver (crs, transform, nodata, photometric)."""
+def encode_tiff(bands: np.ndarray, descriptions: Sequence[str | None] = (), **profile: object) -> bytes:
+    """A (C, H, W) array as the bytes of a DEFLATE-compressed TIFF; ``descriptions``: a name per band (None or
+    empty: none), which GIS software shows; ``profile``: more creation options of rasterio's GTiff driver (crs,
+    transform, nodata, photometric)."""
     shape = {"width": bands.shape[2], "height": bands.shape[1], "count": bands.shape[0], "dtype": bands.dtype.name}
     with quiet_gdal(), MemoryFile() as memory:
         with memory.open(driver="GTiff", compress="deflate", **shape, **profile) as tiff:
             tiff.write(bands)
+            for band, text in enumerate(descriptions, start=1):
+                if text:
+                    tiff.set_band_description(band, text)
         return memory.read()
 
 

@@ -164,7 +164,8 @@ def write_tile_image(path: Path, block: np.ndarray, src: rasterio.DatasetReader,
         profile["photometric"] = "RGB"
     if block.shape[0] == 4:
         profile["alpha"] = "UNSPECIFIED"
-    files.atomic_write_bytes(path, encode_tiff(block, **profile))
+    # Band names (Gaofen-2's blue, green, red, NIR) travel with the tile, so GIS software still shows them.
+    files.atomic_write_bytes(path, encode_tiff(block, src.descriptions, **profile))
 
 
 def tile_mask(farmland: np.ndarray, labelled: np.ndarray, nodata: np.ndarray, cfg: Config) -> np.ndarray:

@@ -166,6 +166,21 @@ def test_scenes_of_any_band_count_give_tiles_of_the_same_bands(
     assert f"--group_pattern='^(.+)_r\\d+c\\d+$' --in_channels={bands} (and --in_channels={bands} on" in caplog.text
 
 
+def test_tiff_tiles_keep_the_band_names_of_their_scene(tmp_path: Path) -> None:
+    named = write_scene(tmp_path / "in" / "named.tif", scene_pixels(bands=4, dtype="uint16"))
+    with rasterio.open(named, "r+") as src:
+        for band, text in enumerate(["Blue", "Green", "Red", "NIR"], start=1):
+            src.set_band_description(band, text)
+    write_scene(tmp_path / "in" / "plain.tif", scene_pixels(seed=1, bands=4, dtype="uint16"))
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    assert run(f"{named},{tmp_path / 'in' / 'plain.tif'}", labels, tmp_path / "out") == 0
+    seen = {}
+    for row in table(tmp_path / "out"):
+        with rasterio.open(tmp_path / "out" / row["image"]) as tile:
+            seen.setdefault(row["image"].split("/")[-1].split("_r")[0], set()).add(tile.descriptions)
+    assert seen == {"named": {("Blue", "Green", "Red", "NIR")}, "plain": {(None, None, None, None)}}
+
+
 def test_tiles_of_a_scene_stay_in_one_split(tmp_path: Path) -> None:
     labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
     names = [f"scene{i}" for i in range(5)]
