@@ -396,6 +396,23 @@ def in_subprocess(function: Callable[..., dict], *args: Any) -> dict:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line, with sizes that depend on the device filled in (CPU or CUDA)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_network_arguments(parser)
+    _add_size_arguments(parser)
+    parser.add_argument(
+        "--cases_only",
+        action="store_true",
+        help="only the table by network (no one-off rows: backends, loop, scoring, scene); minutes on a GPU",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="where the JSON goes")
+    args = parser.parse_args(argv)
+    _fill_sizes(args, torch.cuda.is_available() and args.device != "cpu")
+    _fill_networks(args, parser)
+    return args
+
+
+def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The keys that say which networks are measured: widths, encoders, working resolutions, tile side."""
     parser.add_argument(
         "--widths", default="", help="base widths measured, comma-separated; empty = 16,32,64 (or --width alone)"
     )
@@ -415,6 +432,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "full resolution; 0 = the widest of --widths",
     )
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
+
+
+def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The keys that size each measurement; 0 leaves the size to the device (``_fill_sizes``)."""
     parser.add_argument(
         "--train_steps",
         type=int,
@@ -442,32 +463,33 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0,
         help="prediction's reading workers; 0 = the config's 2 on CPU, cores - 2 (2 to 12) on CUDA",
     )
-    parser.add_argument(
-        "--cases_only",
-        action="store_true",
-        help="only the table by network (no one-off rows: backends, loop, scoring, scene); minutes on a GPU",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="where the JSON goes")
-    args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
+
+
+def _fill_sizes(args: argparse.Namespace, cuda: bool) -> None:
+    """Replace the sizes left at 0 with the device's defaults (a GPU gets more work, so that timings span seconds)."""
     args.fast_batch = args.fast_batch or (32 if cuda else REFERENCE_BATCH)
     args.scaled = (args.train_steps == 0, args.predict_tiles == 0)  # defaults grow for lighter networks (case_sizes)
     args.train_steps = args.train_steps or (30 if cuda else 3)
     args.predict_tiles = args.predict_tiles or (4096 if cuda else 32)
-    widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    args.scene_size = args.scene_size or (16384 if cuda else 2048)
+    args.workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else Config().num_workers)
+
+
+def _fill_networks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Turn the comma-separated widths, encoders and downscales into lists, refusing what cannot be built."""
+    try:  # a width or encoder named twice is measured once
+        widths = list(dict.fromkeys(int(w) for w in args.widths.split(",") if w.strip()))
+    except ValueError:
+        widths = [0]
+    if min(widths, default=1) < 1:
+        parser.error(f"--widths={args.widths}: expected comma-separated positive widths, such as 16,32,64")
     args.widths = widths or ([args.width] if args.width else [16, 32, 64])
     args.width = args.width or max(args.widths)
-    args.encoders = [e.strip() for e in args.encoders.split(",") if e.strip()] or list(ENCODERS)
+    args.encoders = list(dict.fromkeys(e.strip() for e in args.encoders.split(",") if e.strip())) or list(ENCODERS)
     unknown = sorted(set(args.encoders) - set(ENCODERS))
     if unknown:
         parser.error(f"--encoders: {', '.join(unknown)} unknown; expected some of {', '.join(ENCODERS)}")
-    if min(args.widths) < 1:
-        parser.error(f"--widths={','.join(map(str, args.widths))}: expected positive widths, such as 16,32,64")
     args.downscales = parse_downscales(args.downscales, parser)
-    args.scene_size = args.scene_size or (16384 if cuda else 2048)
-    args.workers = args.workers or (max(2, min(12, usable_cores() - 2)) if cuda else Config().num_workers)
-    return args
 
 
 def parse_downscales(text: str, parser: argparse.ArgumentParser) -> list[int]:
@@ -635,38 +657,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(argv)
     info = machine()
     flops = forward_flops(args.width, args.tile)
-    print(f"{info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu']}, torch {info['torch']}")
-    print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
-    results: dict[str, Any] = {
-        "machine": info,
-        "width": args.width,
-        "tile": args.tile,
-        "forward_gflop_per_tile": flops / 1e9,
-        "widths": args.widths,
-        "encoders": args.encoders,
-        "downscales": args.downscales,
-        "device": select_device(args.device).type,
-    }
-    # Every network asked for, and the U-Net at --width and full resolution, whose case the one-off rows go with.
-    networks = [Network(w, e, d) for w in args.widths for e in args.encoders for d in args.downscales]
-    if not args.cases_only:
-        networks += [] if Network(args.width) in networks else [Network(args.width)]
+    results = _start_results(args, info, flops)
+    networks = _networks_measured(args)
     full_flops = forward_flops(FULL_WIDTH, args.tile)
     network_flops = {n: forward_flops(n.width, args.tile, n.encoder, n.downscale) for n in networks}
     sizes = {network: case_sizes(args, network_flops[network], full_flops) for network in networks}
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        n_tiles = max(
-            min(max(count for _, count in sizes.values()), 256),  # predicted over again when more are asked for
-            args.metric_images,
-            max(args.fast_batch, REFERENCE_BATCH) * (max(steps for steps, _ in sizes.values()) + 1),
-        )
-        images = generate_dataset(tmp / "data", n_tiles, args.tile, seed=0)
-        pairs = [(p, tmp / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
-        print("matrix-product peak ...", flush=True)
-        fast_dtype = str(resolve_amp("auto", select_device(args.device)) or torch.float32).removeprefix("torch.")
-        results["matmul_peak_tflop_per_s"] = in_subprocess(matmul_peaks, args.device, sorted({"float32", fast_dtype}))
-        results["fast_dtype"] = fast_dtype
+        images, pairs = _generate_tiles(args, tmp, sizes)
+        _measure_matmul_peaks(args, results)
         results["cases"] = []
         for network in networks:
             print(f"{network_label(network)}: training and prediction, reference and fast ...", flush=True)
@@ -678,24 +677,77 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(cases_markdown(results))
             print(f"written to {args.out} and {args.out.with_suffix('.md')}")
             return 0
-        primary = next(c for c in results["cases"] if case_network(c) == Network(args.width))
-        print("training, one-off rows ...", flush=True)
-        results["train"] = measure_training(args, pairs, primary)
-        print("prediction, one-off rows ...", flush=True)
-        results["predict"] = measure_prediction(args, images, tmp, primary)
-        print("metrics ...", flush=True)
-        scored = pairs[: min(args.metric_images, primary["predict_tiles"])]
-        masks = tmp / f"ref_{case_folder(Network(args.width))}"  # the reference's masks of the U-Net at --width
-        results["metrics"] = bench_metrics([(p.stem, m, masks / f"{p.stem}_seg.png") for p, m in scored])
-        print("scene ...", flush=True)
-        checkpoint = random_checkpoint(args.width, tmp)
-        settings = {"window": Config.window, "overlap": Config.overlap, "device": args.device}
-        results["scene"] = measure_scene(args.scene_size, checkpoint, tmp, settings)
+        _measure_one_off_rows(args, results, images, pairs, tmp)
     add_ratios(results, flops)
     print_table(results)
     write_results(args.out, results)
     print(f"written to {args.out} (the table by network also to {args.out.with_suffix('.md')})")
     return 0
+
+
+def _start_results(args: argparse.Namespace, info: dict[str, Any], flops: int) -> dict[str, Any]:
+    """Print the machine and the U-Net's cost per tile; the results' first fields, which say what was measured."""
+    print(f"{info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu']}, torch {info['torch']}")
+    print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
+    return {
+        "machine": info,
+        "width": args.width,
+        "tile": args.tile,
+        "forward_gflop_per_tile": flops / 1e9,
+        "widths": args.widths,
+        "encoders": args.encoders,
+        "downscales": args.downscales,
+        "device": select_device(args.device).type,
+    }
+
+
+def _networks_measured(args: argparse.Namespace) -> list[Network]:
+    """Every network asked for, and the U-Net at --width and full resolution, whose case the one-off rows go with."""
+    networks = [Network(w, e, d) for w in args.widths for e in args.encoders for d in args.downscales]
+    if not args.cases_only:
+        networks += [] if Network(args.width) in networks else [Network(args.width)]
+    return networks
+
+
+def _generate_tiles(
+    args: argparse.Namespace, tmp: Path, sizes: dict[Network, tuple[int, int]]
+) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """The generated tiles and their (image, mask) pairs: enough for the largest batch, case and scoring."""
+    n_tiles = max(
+        min(max(count for _, count in sizes.values()), 256),  # predicted over again when more are asked for
+        args.metric_images,
+        max(args.fast_batch, REFERENCE_BATCH) * (max(steps for steps, _ in sizes.values()) + 1),
+    )
+    images = generate_dataset(tmp / "data", n_tiles, args.tile, seed=0)
+    pairs = [(p, tmp / "data" / "labels" / f"{p.stem}_mask.png") for p in images]
+    return images, pairs
+
+
+def _measure_matmul_peaks(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The matrix-product peak in float32 and in the fast path's precision, which the FLOP/s are set against."""
+    print("matrix-product peak ...", flush=True)
+    fast_dtype = str(resolve_amp("auto", select_device(args.device)) or torch.float32).removeprefix("torch.")
+    results["matmul_peak_tflop_per_s"] = in_subprocess(matmul_peaks, args.device, sorted({"float32", fast_dtype}))
+    results["fast_dtype"] = fast_dtype
+
+
+def _measure_one_off_rows(
+    args: argparse.Namespace, results: dict[str, Any], images: list[Path], pairs: list[tuple[Path, Path]], tmp: Path
+) -> None:
+    """The rows measured once, on the U-Net at --width: training, prediction, scoring and the scene."""
+    primary = next(c for c in results["cases"] if case_network(c) == Network(args.width))
+    print("training, one-off rows ...", flush=True)
+    results["train"] = measure_training(args, pairs, primary)
+    print("prediction, one-off rows ...", flush=True)
+    results["predict"] = measure_prediction(args, images, tmp, primary)
+    print("metrics ...", flush=True)
+    scored = pairs[: min(args.metric_images, primary["predict_tiles"])]
+    masks = tmp / f"ref_{case_folder(Network(args.width))}"  # the reference's masks of the U-Net at --width
+    results["metrics"] = bench_metrics([(p.stem, m, masks / f"{p.stem}_seg.png") for p, m in scored])
+    print("scene ...", flush=True)
+    checkpoint = random_checkpoint(args.width, tmp)
+    settings = {"window": Config.window, "overlap": Config.overlap, "device": args.device}
+    results["scene"] = measure_scene(args.scene_size, checkpoint, tmp, settings)
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
@@ -761,40 +813,7 @@ def print_table(results: dict[str, Any]) -> None:
     """Print the measurements as a table: reference, fast, ratio."""
     rows = []
     for key, label in (("train", "training"), ("predict", "prediction")):
-        ref, fast = results[key]["reference"], results[key]["fast"]
-        rows.append(
-            (
-                f"{label} tiles/s",
-                f"{ref['tiles_per_s']:.2f}",
-                f"{fast['tiles_per_s']:.2f}",
-                f"{results[key]['speedup']:.2f}x",
-            )
-        )
-        alone = results[key]["reference_reuse_memory"]
-        rows.append(
-            (
-                "  reference + reuse_memory",
-                f"{alone['tiles_per_s']:.2f}",
-                "",
-                f"{results[key]['speedup_reuse_memory_alone']:.2f}x",
-            )
-        )
-        if key == "predict":
-            loop = results[key]["loop_without_network"]
-            rows.append(("  loop without the network", "", f"{loop['tiles_per_s']:.0f}", ""))
-            rows += backend_rows(results)
-        rows.append((f"{label} TFLOP/s", f"{ref['tflop_per_s']:.3f}", f"{fast['tflop_per_s']:.3f}", ""))
-        rows.append(
-            (
-                "  of the matmul peak",
-                f"{ref['fraction_of_matmul_peak']:.0%}",
-                f"{fast['fraction_of_matmul_peak']:.0%}",
-                "",
-            )
-        )
-        rows.append(
-            (f"{label} peak memory MiB", f"{ref['peak_bytes'] / 2**20:.0f}", f"{fast['peak_bytes'] / 2**20:.0f}", "")
-        )
+        rows += _pair_rows(results, key, label)
     metrics = results["metrics"]
     rows.append(
         (
@@ -811,12 +830,45 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\n{'':28} {'reference':>12} {'fast':>12} {'ratio':>8}")
     for name, ref, fast, ratio in rows:
         print(f"{name:28} {ref:>12} {fast:>12} {ratio:>8}")
+    _print_fastest_backend(results)
+    if results.get("cases"):
+        print(f"\nby network:\n\n{cases_markdown(results)}")
+
+
+def _pair_rows(results: dict[str, Any], key: str, label: str) -> list[tuple[str, str, str, str]]:
+    """Table rows of training's or prediction's measurements, from tiles/s down to peak memory."""
+    pair = results[key]
+    ref, fast = pair["reference"], pair["fast"]
+    rows = [(f"{label} tiles/s", f"{ref['tiles_per_s']:.2f}", f"{fast['tiles_per_s']:.2f}", f"{pair['speedup']:.2f}x")]
+    alone = pair["reference_reuse_memory"]
+    rows.append(
+        ("  reference + reuse_memory", f"{alone['tiles_per_s']:.2f}", "", f"{pair['speedup_reuse_memory_alone']:.2f}x")
+    )
+    if key == "predict":
+        loop = pair["loop_without_network"]
+        rows.append(("  loop without the network", "", f"{loop['tiles_per_s']:.0f}", ""))
+        rows += backend_rows(results)
+    rows.append((f"{label} TFLOP/s", f"{ref['tflop_per_s']:.3f}", f"{fast['tflop_per_s']:.3f}", ""))
+    rows.append(
+        (
+            "  of the matmul peak",
+            f"{ref['fraction_of_matmul_peak']:.0%}",
+            f"{fast['fraction_of_matmul_peak']:.0%}",
+            "",
+        )
+    )
+    rows.append(
+        (f"{label} peak memory MiB", f"{ref['peak_bytes'] / 2**20:.0f}", f"{fast['peak_bytes'] / 2**20:.0f}", "")
+    )
+    return rows
+
+
+def _print_fastest_backend(results: dict[str, Any]) -> None:
+    """Print the fastest way to predict here, and the predict.py options that select it."""
     fastest = results["predict"]["fastest_backend"]
     choice = "--backend=onnx" + (" --onnx_model=RUN/export/farmland_int8.onnx" if fastest == "onnx_int8" else "")
     advice = f"predict.py {choice} (export_onnx.py first)" if fastest.startswith("onnx") else "the default (torch)"
     print(f"\nfastest prediction here: {fastest}; to use it: {advice}")
-    if results.get("cases"):
-        print(f"\nby network:\n\n{cases_markdown(results)}")
 
 
 def backend_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -182,14 +182,38 @@ def choose(
     """
     started = time.perf_counter()
     first = screen or step
-    screened: dict[Candidate, float] = {}
+    leave_out = _releaser(options[0], release)
+    screened = _screened(options, first, leave_out)
+    fastest = min(screened.values())
+    kept = [c for c in options if screened[c] <= PRUNE * fastest]
+    for candidate in options:
+        if candidate not in kept:
+            leave_out(candidate)
+    best = _timed_steps(kept, step, screened, bool(screen), budget_s, clock, step_tiles)
+    taken = fastest_of(kept, best or screened)
+    if taken != options[0]:
+        seconds, again = (best, step) if options[0] in best else (screened, first)
+        taken = _confirmed(options[0], taken, seconds, again)
+    return Choice(taken, "measured", screened, best, time.perf_counter() - started, step_tiles)
+
+
+def _releaser(first: Candidate, release: Callable[[Candidate], None] | None) -> Callable[[Candidate], None]:
+    """``release`` called once at most per candidate left out, never for ``first`` (the network itself)."""
     released: list[Candidate] = []
 
     def leave_out(candidate: Candidate) -> None:
-        if release is not None and candidate != options[0] and candidate not in released:
+        if release is not None and candidate != first and candidate not in released:
             release(candidate)
             released.append(candidate)
 
+    return leave_out
+
+
+def _screened(
+    options: Sequence[Candidate], first: Callable[[Candidate], float], leave_out: Callable[[Candidate], None]
+) -> dict[Candidate, float]:
+    """Each candidate's screening pass after its warm-up (step 2), those over PRUNE times the fastest left out."""
+    screened: dict[Candidate, float] = {}
     for candidate in options:
         warm = first(candidate)  # the warm-up: never scored, except to leave a hopeless candidate out
         if screened and warm > UNTIMED_DROP * min(screened.values()):
@@ -198,33 +222,45 @@ def choose(
             screened[candidate] = first(candidate)
         if screened[candidate] > PRUNE * min(screened.values()):
             leave_out(candidate)  # the fastest only gets faster: it cannot come back
-    fastest = min(screened.values())
-    kept = [c for c in options if screened[c] <= PRUNE * fastest]
-    for candidate in options:
-        if candidate not in kept:
-            leave_out(candidate)
-    least = 2 if screen else 1
-    best: dict[Candidate, float] = {}
+    return screened
+
+
+def _timed_steps(
+    kept: Sequence[Candidate],
+    step: Callable[[Candidate], float],
+    screened: dict[Candidate, float],
+    screen_apart: bool,
+    budget_s: float,
+    clock: Callable[[], float],
+    step_tiles: int,
+) -> dict[Candidate, float]:
+    """Each kept candidate's fastest step over interleaved rounds (step 3); empty where none are timed."""
+    least = 2 if screen_apart else 1  # a screening pass apart from the step leaves the backward pass to warm up
     step_estimate = STEP_PER_SCREEN * step_tiles * sum(screened[c] for c in kept)
-    if len(kept) > 1 and not (screen and least * step_estimate > budget_s):
-        best = {c: math.inf if screen else screened[c] for c in kept}
-        rounds, begun = 0, clock()
-        while rounds < MAX_ROUNDS and (rounds < least or clock() - begun < budget_s):
-            for candidate in kept:
-                best[candidate] = min(best[candidate], step(candidate))
-            rounds += 1
-    # (Where steps this long would overrun the budget, the screening passes decide: their ratios foretell a step's.)
-    taken = fastest_of(kept, best or screened)
-    if taken != options[0]:
-        # Leaving the old rule on one pass each is what a burst of other work on the machine could cause: the
-        # two are timed again, in turn, and the switch stands only if it holds on their fastest passes.
-        pair = [options[0], taken]
-        seconds, again = (best, step) if options[0] in best else (screened, first)
-        for _ in range(CONFIRM_ROUNDS):
-            for candidate in pair:
-                seconds[candidate] = min(seconds[candidate], again(candidate))
-        taken = fastest_of(pair, seconds)
-    return Choice(taken, "measured", screened, best, time.perf_counter() - started, step_tiles)
+    # Where steps this long would overrun the budget, the screening passes decide: their ratios foretell a step's.
+    if len(kept) <= 1 or (screen_apart and least * step_estimate > budget_s):
+        return {}
+    best = {c: math.inf if screen_apart else screened[c] for c in kept}
+    rounds, begun = 0, clock()
+    while rounds < MAX_ROUNDS and (rounds < least or clock() - begun < budget_s):
+        for candidate in kept:
+            best[candidate] = min(best[candidate], step(candidate))
+        rounds += 1
+    return best
+
+
+def _confirmed(
+    rule: Candidate, taken: Candidate, seconds: dict[Candidate, float], again: Callable[[Candidate], float]
+) -> Candidate:
+    """``taken`` if it still beats the old rule's ``rule`` after CONFIRM_ROUNDS more passes of ``again`` (step 5)."""
+    # Leaving the old rule on one pass each is what a burst of other work on the machine could cause: the
+    # two are timed again, in turn, and the switch stands only if it holds on their fastest passes. ``seconds``
+    # are lowered in place, as the Choice reports the fastest pass of each.
+    pair = [rule, taken]
+    for _ in range(CONFIRM_ROUNDS):
+        for candidate in pair:
+            seconds[candidate] = min(seconds[candidate], again(candidate))
+    return fastest_of(pair, seconds)
 
 
 def fastest_of(kept: Sequence[Candidate], seconds: dict[Candidate, float]) -> Candidate:

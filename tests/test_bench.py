@@ -402,6 +402,18 @@ def test_lighter_networks_get_more_steps_and_tiles_by_default() -> None:
     assert (args.downscales, bench.parse_arguments(["--downscales=2, 4,2"]).downscales) == ([1], [2, 4])
 
 
+@pytest.mark.parametrize("given", ["a", "16,0", "-8"])
+def test_a_width_that_is_not_a_positive_number_is_refused(given: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_arguments([f"--widths={given}"])
+    assert f"--widths={given}: expected comma-separated positive widths, such as 16,32,64" in capsys.readouterr().err
+
+
+def test_a_width_or_encoder_named_twice_is_measured_once() -> None:
+    args = bench.parse_arguments(["--device=cpu", "--widths=16,8,16", "--encoders=unet,resnet18,unet"])
+    assert (args.widths, args.encoders) == ([16, 8], ["unet", "resnet18"])
+
+
 @pytest.mark.parametrize("given", ["3", "1,half", "0"])
 def test_a_factor_the_networks_do_not_take_is_refused_with_the_ones_they_do(
     given: str, capsys: pytest.CaptureFixture
