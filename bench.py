@@ -406,6 +406,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="where the JSON goes")
     args = parser.parse_args(argv)
+    try:  # refused before any measurement starts
+        select_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     _fill_sizes(args, torch.cuda.is_available() and args.device != "cpu")
     _fill_networks(args, parser)
     return args

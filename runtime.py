@@ -27,11 +27,14 @@ def select_device(name: str) -> torch.device:
     """Resolve the ``device`` key: 'auto' picks CUDA when available, else the CPU.
 
     Raises:
-        ValueError: CUDA was asked for but is not available.
+        ValueError: not a device name, or CUDA was asked for but is not available.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name}: expected auto, cpu, cuda or cuda:N (the N-th GPU)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={name}: CUDA is not available on this machine; use --device=cpu or auto")
     return device

@@ -409,6 +409,15 @@ def test_a_width_that_is_not_a_positive_number_is_refused(given: str, capsys: py
     assert f"--widths={given}: expected comma-separated positive widths, such as 16,32,64" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda_is_refused_before_measuring(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--device=cuda"])
+    captured = capsys.readouterr()
+    assert "--device=cuda: CUDA is not available on this machine; use --device=cpu or auto" in captured.err
+    assert captured.out == ""  # nothing measured or printed first
+
+
 def test_a_width_or_encoder_named_twice_is_measured_once() -> None:
     args = bench.parse_arguments(["--device=cpu", "--widths=16,8,16", "--encoders=unet,resnet18,unet"])
     assert (args.widths, args.encoders) == ([16, 8], ["unet", "resnet18"])

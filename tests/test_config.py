@@ -13,6 +13,7 @@ import pytest
 import cli
 import config
 import files
+import runtime
 
 REQUIRED_KEYS = (
     "data_dir run_dir image_subdir label_subdir mask_suffix epochs batch_size lr weight_decay step_size gamma "
@@ -90,6 +91,13 @@ def test_help_lists_keys_defaults_and_comments(capsys: pytest.CaptureFixture[str
     assert "Train the U-Net." in out
     assert "--batch_size=5" in out and "tiles per training step" in out
     assert "--split_ratios=0.8,0.1,0.1" in out
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda0", "CPU:x"])
+def test_a_device_torch_does_not_know_is_refused_with_the_names_it_takes(name: str) -> None:
+    with pytest.raises(ValueError, match=f"--device={re.escape(name)}: expected auto, cpu, cuda or cuda:N"):
+        runtime.select_device(name)
+    assert runtime.select_device("cpu").type == "cpu"
 
 
 def test_save_config_writes_the_resolved_values(tmp_path: Path) -> None:
