@@ -81,14 +81,16 @@ class ChangeJob:
             **{key: getattr(self.cfg, key) for key in scene.OUTPUT_KEYS},
         }
 
-    @property
-    def record(self) -> dict:
-        """The settings a pair's outputs depend on, kept in its JSON: a re-run with others redoes the pair."""
+    def record(self, pair: Pair) -> dict:
+        """The inputs and settings a pair's outputs depend on, kept in its JSON: a re-run with other files
+        under the same names (paired folders of other dates) or other settings redoes the pair."""
         keys = ("change_margin", "change_edge_tolerance")
         return {
             **self.date_record,
             **{key: getattr(self.cfg, key) for key in keys},
             "change_truth": str(self.truth or ""),
+            "before": str(pair.before.resolve()),
+            "after": str(pair.after.resolve()),
         }
 
 
@@ -168,17 +170,21 @@ def pair_outputs(run_dir: Path, name: str) -> dict[str, Path]:
 
 
 def is_done(pair: Pair, job: ChangeJob) -> bool:
-    """Whether an earlier run wrote every output of the pair after the checkpoint, with the same settings."""
+    """Whether an earlier run wrote every output of the pair from these two files, after the checkpoint and
+    after either file last changed, with the same settings."""
     outputs = pair_outputs(Path(job.cfg.run_dir), pair.name)
-    if not files.written_after(outputs.values(), job.checkpoint):
+    changed = max(pair.before.stat().st_mtime, pair.after.stat().st_mtime)
+    if not files.written_after(outputs.values(), job.checkpoint, changed):
         return False
     row = read_record(outputs["json"])
-    return isinstance(row, dict) and row.get("settings") == job.record
+    return isinstance(row, dict) and row.get("settings") == job.record(pair)
 
 
-def date_is_done(outputs: dict[str, Path], settings: scene.SceneSettings, job: ChangeJob) -> bool:
-    """Whether an earlier run predicted this date after the checkpoint was made, with the same settings."""
-    return scene.is_finished(outputs, settings, job.checkpoint) and read_record(outputs["record"]) == job.date_record
+def date_is_done(outputs: dict[str, Path], settings: scene.SceneSettings, image: Path, job: ChangeJob) -> bool:
+    """Whether an earlier run predicted this date from this very image file, after the checkpoint was made
+    and after the file last changed, with the same settings."""
+    finished = scene.is_finished(outputs, settings, job.checkpoint, image)
+    return finished and read_record(outputs["record"]) == job.date_record
 
 
 def read_record(path: Path) -> Any:
@@ -235,7 +241,7 @@ def predict_dates(pair: Pair, before: scene.Scene, after: scene.Scene, job: Chan
     for date, image in (("before", before), ("after", after)):
         outputs = date_outputs(Path(job.cfg.run_dir), pair.name, date)
         settings = fit_window(job.settings, image)
-        if job.cfg.skip_existing and date_is_done(outputs, settings, job):
+        if job.cfg.skip_existing and date_is_done(outputs, settings, image.path, job):
             LOG.info("%s: the %s date's probability is already there from this checkpoint", pair.name, date)
         else:
             outputs["record"].unlink(missing_ok=True)
@@ -298,7 +304,7 @@ def detect_change(
         change_detection.write_change_figure(
             before, after, aligned, outputs["change"], outputs["figure"], job.settings.shown
         )
-    row["settings"] = job.record
+    row["settings"] = job.record(pair)
     files.atomic_write_text(outputs["json"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
     return row
 

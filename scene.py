@@ -841,10 +841,26 @@ def run_scene(
     return row
 
 
-def is_finished(outputs: dict[str, Path], settings: SceneSettings, checkpoint: Path, since: float = 0.0) -> bool:
-    """Whether an earlier run wrote every output this configuration wants, after the checkpoint was made and
-    after ``since`` (output_record.Since: older outputs were made with other settings)."""
-    return files.written_after(wanted_outputs(outputs, settings), checkpoint, since)
+def is_finished(
+    outputs: dict[str, Path], settings: SceneSettings, checkpoint: Path, image: Path, since: float = 0.0
+) -> bool:
+    """Whether an earlier run wrote every output this configuration wants for this very ``image`` file (its
+    area file names it), after the checkpoint was made, after the image last changed and after ``since``
+    (output_record.Since: older outputs were made with other settings). A scene of the same name from another
+    folder (another date), or one exported again, is predicted again rather than taken for done."""
+    since = max(since, Path(image).stat().st_mtime)
+    return files.written_after(wanted_outputs(outputs, settings), checkpoint, since) and made_from(
+        outputs["area"], image
+    )
+
+
+def made_from(area: Path, image: Path) -> bool:
+    """Whether a scene's area file was written for ``image`` (the same file, however the path was spelt)."""
+    try:
+        recorded = json.loads(area.read_text(encoding="utf-8"))["image"]
+        return Path(recorded).resolve() == Path(image).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable or from another version: predict again
 
 
 def predict_scenes(
@@ -867,7 +883,10 @@ def predict_scenes(
     """
     in_channels, trained = state["config"]["in_channels"], str(state["config"].get("bands", ""))
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # it logs every file it writes at INFO
-    done_before = [skip_existing and is_finished(scene_outputs(run_dir, p), settings, checkpoint, since) for p in paths]
+    done_before = [
+        skip_existing and p.is_file() and is_finished(scene_outputs(run_dir, p), settings, checkpoint, p, since)
+        for p in paths
+    ]
     todo = [p for p, done in zip(paths, done_before) if not done]
     if len(todo) < len(paths):
         LOG.info(

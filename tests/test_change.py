@@ -341,6 +341,31 @@ def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_se
     assert json.loads(record.read_text(encoding="utf-8"))["tta"] is True
 
 
+def test_other_files_under_the_same_names_are_compared_again(checkpoint: Path, tmp_path: Path) -> None:
+    # Paired folders of dates share file names by design: 2019 against 2024 after 2019 against 2022.
+    before = write_geotiff(tmp_path / "2019" / "a.tif", scene_pixels(1))
+    for folder, seed in (("2022", 2), ("2024", 3)):
+        write_geotiff(tmp_path / folder / "a.tif", scene_pixels(seed, moved=True))
+    run_dir = tmp_path / "run"
+    assert run_change(run_dir, checkpoint, before, tmp_path / "2022" / "a.tif") == 0
+    assert run_change(run_dir, checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
+    assert run_change(tmp_path / "fresh", checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
+    rows = {}
+    for name in ("run", "fresh"):
+        with open(tmp_path / name / "change" / "change_area.csv", encoding="utf-8") as handle:
+            rows[name] = list(csv.DictReader(handle))
+    assert [r["after"] for r in rows["run"]] == [str(tmp_path / "2024" / "a.tif")]
+    keys = ("lost_pixels", "gained_pixels", "lost_ha", "gained_ha")
+    assert [r[k] for r in rows["run"] for k in keys] == [r[k] for r in rows["fresh"] for k in keys]
+    # The same file exported again (newer than the outputs) is compared again too.
+    probability = change.date_outputs(run_dir, "a", "after")["probability"]
+    made = probability.stat().st_mtime_ns
+    later = probability.stat().st_mtime + 10
+    os.utime(tmp_path / "2024" / "a.tif", (later, later))
+    assert run_change(run_dir, checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
+    assert probability.stat().st_mtime_ns > made
+
+
 def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -154,6 +154,24 @@ def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(checkpoin
     assert [r["image"] for r in read_table(run_dir)] == [str(other), str(source)] and read_table(run_dir)[1] == row
 
 
+def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    first = write_geotiff(tmp_path / "2019" / "a.tif", scene_pixels(1))
+    second = write_geotiff(tmp_path / "2024" / "a.tif", scene_pixels(2))
+    run_dir = tmp_path / "run"
+    assert run_predict(run_dir, checkpoint, first, "--polygons=false") == 0
+    assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
+    assert run_predict(tmp_path / "fresh", checkpoint, second, "--polygons=false") == 0
+    (row,) = read_table(run_dir)
+    (fresh,) = read_table(tmp_path / "fresh")
+    assert row["image"] == str(second) and row["farmland_pixels"] == fresh["farmland_pixels"]
+    mask = run_dir / "predictions" / "a_seg.tif"
+    made = mask.stat().st_mtime_ns
+    assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
+    assert mask.stat().st_mtime_ns == made  # the same file again: skipped
+
+
 def test_overlays_of_16_bit_scenes_and_tiles_are_stretched(checkpoint: Path, tmp_path: Path) -> None:
     # 10-bit values in a 16-bit file, as Gaofen-2 delivers them: the overlay's photo was black (values 0 to 4).
     ten_bit = scene_pixels().astype(np.uint16) * 4
