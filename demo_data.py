@@ -162,6 +162,144 @@ def _draw_building(
         cv2.fillPoly(mask, pts, 0, lineType=cv2.LINE_8, shift=4)
 
 
+def _field_texture(
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, green: np.ndarray, soil: np.ndarray, scale: float
+) -> np.ndarray:
+    """Texture of a farmland parcel: crop rows, or ploughed soil, under faint low-frequency shading."""
+    texture = (
+        _crop_rows(rng, xx, yy, green, soil, scale)
+        if rng.random() < 0.75
+        else _ploughed(rng, xx, yy, _jitter(rng, soil, 6), scale)
+    )
+    return texture * (1.0 + 0.04 * _smooth_noise(rng, xx.shape[0], 4)[..., None])
+
+
+def _background_texture(
+    rng: np.random.Generator,
+    kind: str,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    green: np.ndarray,
+    soil: np.ndarray,
+    scale: float,
+) -> np.ndarray:
+    """Texture of a background parcel of ``kind``: meadow, orchard, forest, water or yard."""
+    size = xx.shape[0]
+    if kind == "meadow":
+        return _meadow(rng, size, green)
+    if kind == "orchard":
+        return _orchard(rng, xx, yy, _meadow(rng, size, green), scale)
+    if kind == "forest":
+        return _forest(rng, size)
+    if kind == "water":
+        ripple = 1 + 0.03 * _smooth_noise(rng, size, 3)[..., None]
+        return _jitter(rng, WATER[rng.integers(len(WATER))], 6) * ripple
+    # farmyard: trampled soil, the same colours as bare fields, with buildings added later
+    return _meadow(rng, size, _jitter(rng, soil, 8))
+
+
+def _paint_parcels(
+    rng: np.random.Generator,
+    parcels: np.ndarray,
+    palette: Sequence[Sequence[float]],
+    soils: Sequence[np.ndarray],
+    farm_share: float,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Fill each parcel with a field or background texture; return (image float32, farmland, farmyards)."""
+    size = parcels.shape[0]
+    image = np.zeros((size, size, 3), np.float32)
+    farm = np.zeros((size, size), bool)
+    yards = []
+    for label in np.unique(parcels):
+        inside = parcels == label
+        soil = soils[rng.integers(2)]
+        green = _jitter(rng, palette[rng.integers(len(palette))], 12)
+        if rng.random() < farm_share:
+            farm |= inside
+            texture = _field_texture(rng, xx, yy, green, soil, scale)
+        else:
+            kind = rng.choice(["meadow", "orchard", "forest", "water", "yard"], p=[0.45, 0.17, 0.15, 0.08, 0.15])
+            texture = _background_texture(rng, kind, xx, yy, green, soil, scale)
+            if kind == "yard":
+                yards.append(inside)
+        image[inside] = texture[inside]
+    return image, farm, yards
+
+
+def _draw_tracks(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    mask: np.ndarray,
+    parcels: np.ndarray,
+    soils: Sequence[np.ndarray],
+    zoom: float,
+) -> None:
+    """Tracks along the edges of some parcels: thin soil-coloured lines between fields, background in the mask."""
+    kernel = np.ones((2 * max(1, round(zoom / 2)) + 1,) * 2, np.uint8)
+    for label in np.unique(parcels):
+        if rng.random() < 0.2:
+            cell = (parcels == label).astype(np.uint8)
+            edge = (cell - cv2.erode(cell, kernel, borderType=cv2.BORDER_REPLICATE)) > 0
+            # Compacted tracks are lighter than the soil they are cut into; lighter keeps them visible.
+            image[edge] = _jitter(rng, soils[rng.integers(2)], 8) * rng.uniform(1.18, 1.4)
+            mask[edge] = 0
+
+
+def _draw_roads(
+    rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, soils: Sequence[np.ndarray], zoom: float
+) -> None:
+    """Straight dirt or paved roads crossing the tile from border to border."""
+    size = mask.shape[0]
+    for _ in range(rng.choice(3, p=[0.45, 0.4, 0.15])):
+        ends = rng.uniform(-0.1 * size, 1.1 * size, (2, 2))
+        ends[:, rng.integers(2)] = [-1, size]  # run from one border to the opposite one
+        p0, p1 = (tuple(int(round(x)) for x in e) for e in ends)
+        width = max(1, int(round(rng.uniform(1, 2.6) * zoom)))
+        dirt = rng.random() < 0.75  # dirt roads (lighter than the soil) or grey paved ones
+        road = _jitter(rng, soils[rng.integers(2)] * rng.uniform(1.15, 1.35) if dirt else (160, 158, 152), 8)
+        cv2.line(image, p0, p1, [float(x) for x in road], width)
+        cv2.line(mask, p0, p1, 0, width)
+
+
+def _draw_clumps(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> None:
+    """Tree clumps and ponds over any parcel, fields included (the trees are not farmland)."""
+    size = mask.shape[0]
+    for _ in range(rng.choice(4, p=[0.35, 0.35, 0.2, 0.1])):
+        clump = _blob(rng, xx, yy, size, rng.uniform(0.05, 0.15) * size)
+        image[clump] = (
+            _forest(rng, size)
+            if rng.random() < 0.8
+            else np.broadcast_to(_jitter(rng, WATER[rng.integers(len(WATER))], 6), image.shape)
+        )[clump]
+        mask[clump] = 0
+
+
+def _place_buildings(
+    rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, yards: Sequence[np.ndarray], zoom: float
+) -> None:
+    """Buildings: clustered in farmyards, a few scattered on any background."""
+    groups = [(np.argwhere(y), int(rng.integers(2, 6))) for y in yards]
+    groups += [(np.argwhere(mask == 0), 1) for _ in range(int(rng.integers(0, 3)))]
+    for cells, count in groups:
+        angle = rng.uniform(0, np.pi)  # buildings of one yard share an orientation
+        for _ in range(count if len(cells) else 0):
+            centre = cells[rng.integers(len(cells))][::-1].astype(np.float32)
+            _draw_building(rng, image, mask, centre, angle + rng.choice([0, np.pi / 2]), zoom)
+
+
+def _sensor(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """The whole tile as the sensor sees it: per-tile gain and haze, slight optical blur, then noise; uint8."""
+    image = image * rng.uniform(0.88, 1.12) * rng.uniform(0.96, 1.04, 3)
+    haze = rng.uniform(0.0, 0.15)
+    image = image * (1 - haze) + haze * np.float32(180)
+    image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), rng.uniform(0.35, 0.65))
+    image = image + rng.normal(0, rng.uniform(1.5, 4.5), image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
 def render_tile(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Return (image uint8 HxWx3 RGB, mask uint8 HxW with values 0/255)."""
     # A tile always shows about the same ground area: objects grow with the tile (zoom), while row and
@@ -173,83 +311,14 @@ def render_tile(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, n
     soils = [_jitter(rng, SOILS[i], 8) for i in rng.choice(len(SOILS), 2, replace=False)]
     parcels = (_subdivision_parcels if rng.random() < 0.6 else _voronoi_parcels)(rng, xx, yy, size)
     farm_share = rng.uniform(0.1, 0.95)  # mixes mostly-farmland and mostly-background tiles
-
-    image = np.zeros((size, size, 3), np.float32)
-    farm = np.zeros((size, size), bool)
-    yards = []
-    for label in np.unique(parcels):
-        inside = parcels == label
-        soil = soils[rng.integers(2)]
-        green = _jitter(rng, palette[rng.integers(len(palette))], 12)
-        if rng.random() < farm_share:
-            farm |= inside
-            texture = (
-                _crop_rows(rng, xx, yy, green, soil, scale)
-                if rng.random() < 0.75
-                else _ploughed(rng, xx, yy, _jitter(rng, soil, 6), scale)
-            )
-            texture = texture * (1.0 + 0.04 * _smooth_noise(rng, size, 4)[..., None])
-        else:
-            kind = rng.choice(["meadow", "orchard", "forest", "water", "yard"], p=[0.45, 0.17, 0.15, 0.08, 0.15])
-            if kind == "meadow":
-                texture = _meadow(rng, size, green)
-            elif kind == "orchard":
-                texture = _orchard(rng, xx, yy, _meadow(rng, size, green), scale)
-            elif kind == "forest":
-                texture = _forest(rng, size)
-            elif kind == "water":
-                ripple = 1 + 0.03 * _smooth_noise(rng, size, 3)[..., None]
-                texture = _jitter(rng, WATER[rng.integers(len(WATER))], 6) * ripple
-            else:  # farmyard: trampled soil, the same colours as bare fields, with buildings added below
-                texture = _meadow(rng, size, _jitter(rng, soil, 8))
-                yards.append(inside)
-        image[inside] = texture[inside]
-
+    image, farm, yards = _paint_parcels(rng, parcels, palette, soils, farm_share, xx, yy, scale)
     mask = farm.astype(np.uint8) * 255
-    # Tracks along the edges of some parcels: thin soil-coloured lines between fields, background in the mask.
-    kernel = np.ones((2 * max(1, round(zoom / 2)) + 1,) * 2, np.uint8)
-    for label in np.unique(parcels):
-        if rng.random() < 0.2:
-            cell = (parcels == label).astype(np.uint8)
-            edge = (cell - cv2.erode(cell, kernel, borderType=cv2.BORDER_REPLICATE)) > 0
-            # Compacted tracks are lighter than the soil they are cut into; lighter keeps them visible.
-            image[edge] = _jitter(rng, soils[rng.integers(2)], 8) * rng.uniform(1.18, 1.4)
-            mask[edge] = 0
-    # Straight roads crossing the tile.
-    for _ in range(rng.choice(3, p=[0.45, 0.4, 0.15])):
-        ends = rng.uniform(-0.1 * size, 1.1 * size, (2, 2))
-        ends[:, rng.integers(2)] = [-1, size]  # run from one border to the opposite one
-        p0, p1 = (tuple(int(round(x)) for x in e) for e in ends)
-        width = max(1, int(round(rng.uniform(1, 2.6) * zoom)))
-        dirt = rng.random() < 0.75  # dirt roads (lighter than the soil) or grey paved ones
-        road = _jitter(rng, soils[rng.integers(2)] * rng.uniform(1.15, 1.35) if dirt else (160, 158, 152), 8)
-        cv2.line(image, p0, p1, [float(x) for x in road], width)
-        cv2.line(mask, p0, p1, 0, width)
-    # Tree clumps and ponds overlap any parcel, including fields (the trees are not farmland).
-    for _ in range(rng.choice(4, p=[0.35, 0.35, 0.2, 0.1])):
-        clump = _blob(rng, xx, yy, size, rng.uniform(0.05, 0.15) * size)
-        image[clump] = (
-            _forest(rng, size)
-            if rng.random() < 0.8
-            else np.broadcast_to(_jitter(rng, WATER[rng.integers(len(WATER))], 6), image.shape)
-        )[clump]
-        mask[clump] = 0
-    # Buildings: clustered in farmyards, a few scattered on any background.
-    groups = [(np.argwhere(y), int(rng.integers(2, 6))) for y in yards]
-    groups += [(np.argwhere(mask == 0), 1) for _ in range(int(rng.integers(0, 3)))]
-    for cells, count in groups:
-        angle = rng.uniform(0, np.pi)  # buildings of one yard share an orientation
-        for _ in range(count if len(cells) else 0):
-            centre = cells[rng.integers(len(cells))][::-1].astype(np.float32)
-            _draw_building(rng, image, mask, centre, angle + rng.choice([0, np.pi / 2]), zoom)
-
-    # Sensor: per-tile gain and haze, slight optical blur, then noise; all applied to the whole tile.
-    image = image * rng.uniform(0.88, 1.12) * rng.uniform(0.96, 1.04, 3)
-    haze = rng.uniform(0.0, 0.15)
-    image = image * (1 - haze) + haze * np.float32(180)
-    image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), rng.uniform(0.35, 0.65))
-    image = image + rng.normal(0, rng.uniform(1.5, 4.5), image.shape)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
+    # Each step draws from rng in turn, so reordering them changes every tile of a seed (bump GENERATOR_VERSION).
+    _draw_tracks(rng, image, mask, parcels, soils, zoom)
+    _draw_roads(rng, image, mask, soils, zoom)
+    _draw_clumps(rng, image, mask, xx, yy)
+    _place_buildings(rng, image, mask, yards, zoom)
+    return _sensor(rng, image), mask
 
 
 def _tile_rng(seed: int, index: int) -> np.random.Generator:

@@ -271,6 +271,102 @@ def warn_few_scenes(groups: dict[str, int]) -> None:
             )
 
 
+def _check_pairs(scan: Scan, cfg: Config) -> tuple[list[tuple[Path, Path]], dict[tuple[Path, Path], tuple[int, int]]]:
+    """Check every pair found; reject the unusable ones into ``scan.rejected``; return (usable, pixels of each)."""
+    usable, sizes, pixels_of = [], [], {}
+    for image_path, mask_path in tqdm(scan.pairs, desc="checking pairs", unit="pair", disable=None):
+        result = check_pair(image_path, mask_path, cfg)
+        if isinstance(result[0], str):
+            scan.rejected.append((image_path, *result))
+        else:
+            usable.append((image_path, mask_path))
+            sizes.append(result[:2])
+            pixels_of[(image_path, mask_path)] = (int(result[2]), int(result[3]))
+    _keep_common_size(usable, sizes, scan.rejected)
+    return usable, pixels_of
+
+
+def _keep_common_size(
+    usable: list[tuple[Path, Path]], sizes: list[tuple[int, int]], rejected: list[tuple[Path, str, str]]
+) -> None:
+    """Move the pairs whose size is not the most common one from ``usable`` to ``rejected``."""
+    if not sizes:
+        return
+    # Training stacks tiles into batches, which needs one tile size: keep the most common one.
+    common = Counter(sizes).most_common(1)[0][0]
+    for pair, size in zip(list(usable), sizes):
+        if size != common:
+            usable.remove(pair)
+            reason = (
+                f"{pair[0]}: is {size[1]}x{size[0]} pixels but most tiles are {common[1]}x{common[0]}; "
+                "training batches need one size: cut it to that size, or predict it with --predict_input"
+            )
+            rejected.append((pair[0], "error", reason))
+
+
+def _log_rejected(rejected: Sequence[tuple[Path, str, str]]) -> None:
+    """Log each file left out: errors as errors, filtered files and orphans as warnings."""
+    for path, kind, reason in rejected:
+        said = reason if reason.startswith(f"{path}:") else f"{path}: {reason}"  # the readers' errors name it
+        (LOG.error if kind == "error" else LOG.warning)("%s %s", kind, said)
+
+
+def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
+    """Each usable pair's scene (scene_groups), warning about the names ``pattern`` does not match."""
+    groups, unmatched = scene_groups(usable, pattern)
+    if unmatched:
+        LOG.warning(
+            "%d of %d tile names do not match --group_pattern=%r; each of those is split as a scene of its own",
+            unmatched,
+            len(usable),
+            pattern,
+        )
+    return groups
+
+
+def _write_rejected(path: Path, rejected: Sequence[tuple[Path, str, str]]) -> None:
+    """Write rejected.csv: one (file, kind, reason) row per file left out."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["file", "kind", "reason"])
+    writer.writerows((str(p), k, r) for p, k, r in rejected)
+    files.atomic_write_text(path, buffer.getvalue())
+
+
+def _summary(
+    splits: dict[str, list[tuple[Path, Path]]],
+    rejected: Sequence[tuple[Path, str, str]],
+    pixels_of: dict[tuple[Path, Path], tuple[int, int]],
+    group_of: dict[tuple[Path, Path], str] | None,
+) -> dict[str, Any]:
+    """summary.json's content: pairs (and scenes, given ``group_of``) per split, farmland shares, rejections."""
+    kinds = [k for _, k, _ in rejected]
+    summary: dict[str, Any] = {name: len(splits[name]) for name in SPLIT_NAMES}
+    if group_of is not None:
+        summary["groups"] = {name: len({group_of[p] for p in splits[name]}) for name in SPLIT_NAMES}
+    summary["farmland_share"] = {name: split_share([pixels_of[p] for p in splits[name]]) for name in SPLIT_NAMES}
+    summary.update(
+        {"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")}
+    )
+    return summary
+
+
+def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path) -> None:
+    """Log the farmland shares and the split counts."""
+    LOG.info("farmland share of the pixels: %s", ", ".join(f"{k} {v}" for k, v in summary["farmland_share"].items()))
+    LOG.info(
+        "split %d pairs: train %d, val %d, test %d | unusable %d, filtered %d, orphans %d (see %s)",
+        n_usable,
+        summary["train"],
+        summary["val"],
+        summary["test"],
+        summary["errors"],
+        summary["filtered"],
+        summary["orphans"],
+        rejected_path,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Scan, check and split the data set; write the lists and the report under run_dir/splits."""
     cfg = cli.parse_args(argv, __doc__ or "")
@@ -281,75 +377,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.save_config(cfg, "split_dataset")
     data_dir = Path(cfg.data_dir)
     scan = find_pairs(data_dir / cfg.image_subdir, data_dir / cfg.label_subdir, cfg.mask_suffix)
-    usable, sizes, pixels_of = [], [], {}
-    for image_path, mask_path in tqdm(scan.pairs, desc="checking pairs", unit="pair", disable=None):
-        result = check_pair(image_path, mask_path, cfg)
-        if isinstance(result[0], str):
-            scan.rejected.append((image_path, *result))
-        else:
-            usable.append((image_path, mask_path))
-            sizes.append(result[:2])
-            pixels_of[(image_path, mask_path)] = (int(result[2]), int(result[3]))
-    if sizes:
-        # Training stacks tiles into batches, which needs one tile size: keep the most common one.
-        common = Counter(sizes).most_common(1)[0][0]
-        for pair, size in zip(list(usable), sizes):
-            if size != common:
-                usable.remove(pair)
-                reason = (
-                    f"{pair[0]}: is {size[1]}x{size[0]} pixels but most tiles are {common[1]}x{common[0]}; "
-                    "training batches need one size: cut it to that size, or predict it with --predict_input"
-                )
-                scan.rejected.append((pair[0], "error", reason))
-    for path, kind, reason in scan.rejected:
-        said = reason if reason.startswith(f"{path}:") else f"{path}: {reason}"  # the readers' errors name it
-        (LOG.error if kind == "error" else LOG.warning)("%s %s", kind, said)
+    usable, pixels_of = _check_pairs(scan, cfg)
+    _log_rejected(scan.rejected)
     if not usable:
         raise DataError(
             f"no usable image/mask pairs in {data_dir}: expected {cfg.image_subdir}/<name>.png with "
             f"{cfg.label_subdir}/<name>{cfg.mask_suffix}.png ({len(scan.rejected)} file(s) rejected, listed above)"
         )
-    groups, unmatched = scene_groups(usable, cfg.group_pattern)
-    if unmatched:
-        LOG.warning(
-            "%d of %d tile names do not match --group_pattern=%r; each of those is split as a scene of its own",
-            unmatched,
-            len(usable),
-            cfg.group_pattern,
-        )
+    groups = _scenes_of(usable, cfg.group_pattern)
     pixels = [pixels_of[p] for p in usable] if cfg.stratify else None
     splits = split_pairs(usable, cfg.split_ratios, cfg.seed, groups, pixels)
-    group_of = dict(zip(usable, groups))
     out = Path(cfg.run_dir) / "splits"
     for name in SPLIT_NAMES:
         write_pair_list(out / f"{name}.txt", splits[name])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file", "kind", "reason"])
-    writer.writerows((str(p), k, r) for p, k, r in scan.rejected)
-    files.atomic_write_text(out / "rejected.csv", buffer.getvalue())
-    kinds = [k for _, k, _ in scan.rejected]
-    summary: dict[str, Any] = {name: len(splits[name]) for name in SPLIT_NAMES}
-    if cfg.group_pattern:
-        summary["groups"] = {name: len({group_of[p] for p in splits[name]}) for name in SPLIT_NAMES}
-    summary["farmland_share"] = {name: split_share([pixels_of[p] for p in splits[name]]) for name in SPLIT_NAMES}
-    summary.update(
-        {"errors": kinds.count("error"), "filtered": kinds.count("filtered"), "orphans": kinds.count("orphan")}
-    )
+    _write_rejected(out / "rejected.csv", scan.rejected)
+    summary = _summary(splits, scan.rejected, pixels_of, dict(zip(usable, groups)) if cfg.group_pattern else None)
     files.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     warn_few_scenes(summary.get("groups", {}))
-    LOG.info("farmland share of the pixels: %s", ", ".join(f"{k} {v}" for k, v in summary["farmland_share"].items()))
-    LOG.info(
-        "split %d pairs: train %d, val %d, test %d | unusable %d, filtered %d, orphans %d (see %s)",
-        len(usable),
-        summary["train"],
-        summary["val"],
-        summary["test"],
-        summary["errors"],
-        summary["filtered"],
-        summary["orphans"],
-        out / "rejected.csv",
-    )
+    _log_summary(summary, len(usable), out / "rejected.csv")
     if summary["errors"]:
         LOG.error("%d pair(s) are unusable and were left out; fix them (messages above) and re-run", summary["errors"])
         return 1

@@ -177,6 +177,72 @@ def is_complete(mask_path: Path, checkpoint: Path, overlay: bool, since: float =
     return written_after([mask_path, overlay_path(mask_path)] if overlay else [mask_path], checkpoint, since)
 
 
+def _write_tile_outputs(
+    mask_path: Path, image: np.ndarray | None, mask: np.ndarray, min_pixels: int, shown: Sequence[int]
+) -> None:
+    """Write one tile's sieved mask and, given its ``image``, its overlay."""
+    mask = sieve_tile(mask, min_pixels)
+    write_image(mask_path, mask * np.uint8(255))
+    if image is not None:
+        photo = image if image.dtype == np.uint8 else stretched(image, 0, image.any(axis=0))  # 16-bit: not black
+        write_image(overlay_path(mask_path), overlay_image(photo, mask, shown))
+
+
+def _prediction_setup(
+    model: torch.nn.Module,
+    files: ImageFiles,
+    cfg: Config,
+    state: dict,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> tuple[torch.nn.Module, torch.dtype | None, bool, int]:
+    """The model, precision, layout and batch size to predict with: (model, amp, channels_last, batch_size)."""
+    _, first = files[0]  # read here for its shape, which sizes the batches (and again by a worker)
+    batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
+    channels_last = cfg.channels_last
+    if not isinstance(first, str):
+        # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
+        model, choice = prediction_path(model, state, cfg.amp, cfg.channels_last, device, tuple(first.shape))
+        if choice.measured:
+            amp, channels_last = choice.candidate.amp, choice.candidate.channels_last
+        batch_size = choose_batch_size(model, tuple(first.shape), device, cfg.predict_batch_size)
+    return model, amp, channels_last, batch_size
+
+
+def _batch_loader(files: ImageFiles, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """A loader that reads one batch of images per item, in ``workers`` worker processes (0: in this one)."""
+    return DataLoader(
+        ImageBatches(files, batch_size),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _log_plan(
+    count: int,
+    checkpoint: Path,
+    state: dict,
+    device: torch.device,
+    amp: torch.dtype | None,
+    batch_size: int,
+    cfg: Config,
+    min_pixels: int,
+) -> None:
+    """Log what is predicted, with which checkpoint, and how."""
+    LOG.info(
+        "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d%s%s",
+        count,
+        checkpoint,
+        state.get("epoch"),
+        device,
+        str(amp or torch.float32).removeprefix("torch."),
+        batch_size,
+        ", averaged over 8 flips and turns (--tta)" if cfg.tta else "",
+        f", pieces and holes under {min_pixels} pixels sieved (--sieve_cells={cfg.sieve_cells})" if min_pixels else "",
+    )
+
+
 def predict_tiles(
     model: torch.nn.Module,
     paths: Sequence[Path],
@@ -201,40 +267,9 @@ def predict_tiles(
         return 0, 0
     threshold = decision_threshold(state)
     files = ImageFiles(paths, state["config"]["in_channels"], bands)
-    _, first = files[0]  # read here for its shape, which sizes the batches (and again by a worker)
-    batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
-    channels_last = cfg.channels_last
-    if not isinstance(first, str):
-        # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
-        model, choice = prediction_path(model, state, cfg.amp, cfg.channels_last, device, tuple(first.shape))
-        if choice.measured:
-            amp, channels_last = choice.candidate.amp, choice.candidate.channels_last
-        batch_size = choose_batch_size(model, tuple(first.shape), device, cfg.predict_batch_size)
-    loader = DataLoader(
-        ImageBatches(files, batch_size),
-        batch_size=None,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    LOG.info(
-        "predicting %d image(s) with %s (epoch %s) on %s, %s, batches of up to %d%s%s",
-        len(paths),
-        checkpoint,
-        state.get("epoch"),
-        device,
-        str(amp or torch.float32).removeprefix("torch."),
-        batch_size,
-        ", averaged over 8 flips and turns (--tta)" if cfg.tta else "",
-        f", pieces and holes under {min_pixels} pixels sieved (--sieve_cells={cfg.sieve_cells})" if min_pixels else "",
-    )
-
-    def write_outputs(index: int, image: np.ndarray | None, mask: np.ndarray) -> None:
-        mask = sieve_tile(mask, min_pixels)
-        write_image(outputs[index], mask * np.uint8(255))
-        if image is not None:
-            photo = image if image.dtype == np.uint8 else stretched(image, 0, image.any(axis=0))  # 16-bit: not black
-            write_image(overlay_path(outputs[index]), overlay_image(photo, mask, shown))
-
+    model, amp, channels_last, batch_size = _prediction_setup(model, files, cfg, state, device, amp)
+    loader = _batch_loader(files, batch_size, cfg.num_workers, device)
+    _log_plan(len(paths), checkpoint, state, device, amp, batch_size, cfg, min_pixels)
     failures, done = 0, 0
     with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:
         # Room for two batches of jobs, so the device goes on with the next batch while one is written.
@@ -248,7 +283,7 @@ def predict_tiles(
                         masks = predict_batch(model, images, device, channels_last, threshold, cfg.tta)
                         photos = images.numpy() if cfg.overlay else [None] * len(indices)
                         for index, photo, mask in zip(indices, photos, masks):
-                            writer.submit(write_outputs, index, photo, mask)
+                            writer.submit(_write_tile_outputs, outputs[index], photo, mask, min_pixels, shown)
                         done += len(indices)
                     bar.update(len(indices))
                     if progress is not None:
