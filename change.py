@@ -259,7 +259,11 @@ def detect_change(
     pixel_m2 = scene.pixel_area_m2(before.crs, before.transform)
     min_pixels = polygons.min_pixels_for(job.cfg.min_field_area_ha, pixel_m2, job.cfg.min_field_pixels)
     if pixel_m2 is None and job.cfg.min_field_area_ha > 0 and not job.cfg.min_field_pixels:
-        LOG.warning("%s: no projected CRS, so min_field_area_ha cannot apply; set --min_field_pixels", pair.before)
+        LOG.warning(
+            "%s: %s, so min_field_area_ha cannot apply; set --min_field_pixels",
+            pair.before,
+            scene.area_problem(before.crs),
+        )
     rule = dataclasses.replace(job.rule, min_pixels=min_pixels)
     with rasterio.Env(GDAL_CACHEMAX=scene.GDAL_CACHE_MB):
         counts = change_detection.write_change_map(

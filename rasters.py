@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.errors import NotGeoreferencedWarning
+from rasterio.errors import CRSError, NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 from files import DataError, atomic_write_text
@@ -33,16 +33,37 @@ def open_raster(path: Path, fix: str = "check the file or re-export it as GeoTIF
         raise DataError(f"{path}: not a readable raster ({str(err)[:200]}); {fix}") from None
 
 
+# Projections whose map metres stretch with latitude (Mercator, Web Mercator included, by 1/cos(latitude) each
+# way: a pixel of the map's 1 m x 1 m covers 0.65 m2 at 36 degrees): their units measure no ground area.
+STRETCHED_PROJECTIONS = {"merc": "Mercator", "webmerc": "Mercator", "eqc": "plate carree", "mill": "Miller"}
+
+
+def area_problem(crs: CRS | None) -> str:
+    """Why a CRS gives no ground area, in words for a warning ('' where its units are metres on the ground)."""
+    if crs is None:
+        return "no CRS"
+    if not crs.is_projected:
+        return "a geographic CRS"
+    try:
+        projection = crs.to_dict().get("proj", "")
+    except (CRSError, ValueError):  # a CRS PROJ cannot write as a dict is left to its linear unit
+        projection = ""
+    if projection in STRETCHED_PROJECTIONS:
+        return f"a {STRETCHED_PROJECTIONS[projection]} projection, whose metres stretch with latitude"
+    return ""
+
+
 def pixel_area_m2(crs: CRS | None, transform: Affine) -> float | None:
-    """Area of one pixel in square metres for a projected CRS; None for a geographic CRS or none at all."""
-    if crs is None or not crs.is_projected:
+    """Area of one pixel in square metres for a projected CRS whose units are metres (or feet) on the ground;
+    None for a geographic CRS, none at all, or one that stretches with latitude (area_problem)."""
+    if area_problem(crs):
         return None
     _, metres_per_unit = crs.linear_units_factor
     return abs(transform.a * transform.e - transform.b * transform.d) * metres_per_unit**2
 
 
 def pixel_size_m(crs: CRS | None, transform: Affine) -> float | None:
-    """Metres per pixel (the side of a square of the pixel's area) for a projected CRS; None otherwise."""
+    """Metres per pixel (the side of a square of the pixel's area) where pixel_area_m2 knows it; None otherwise."""
     area = pixel_area_m2(crs, transform)
     return math.sqrt(area) if area else None
 

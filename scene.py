@@ -65,7 +65,7 @@ from inference import (
     decision_threshold,
     overlay_image,
 )
-from rasters import nodata_pixels, open_raster, pixel_area_m2, pixel_size_m, write_palette_style
+from rasters import area_problem, nodata_pixels, open_raster, pixel_area_m2, pixel_size_m, write_palette_style
 from runtime import handing_back_freed_memory
 
 LOG = logging.getLogger("scene")
@@ -635,9 +635,10 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
     min_pixels = polygons.min_pixels_for(settings.min_field_area_ha, pixel_m2, settings.min_field_pixels)
     if pixel_m2 is None and settings.min_field_area_ha > 0 and not settings.min_field_pixels:
         LOG.warning(
-            "%s: no projected CRS, so min_field_area_ha cannot apply; set --min_field_pixels for a minimum "
-            "mapping unit in pixels",
+            "%s: %s, so min_field_area_ha cannot apply; set --min_field_pixels for a minimum mapping unit in "
+            "pixels, or reproject the scene to UTM",
             scene.path,
+            area_problem(scene.crs),
         )
     sieved = temporary_beside(outputs["sieved"]) if settings.save_sieved_mask else None
     columns = {"field_id": int, "area_ha": float, "pixels": int}
@@ -674,9 +675,9 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, 
     if pixel_m2 is None:
         LOG.warning(
             "%s: %s, so areas are left empty (pixel counts and fractions only); reproject the scene to a "
-            "projected CRS (UTM, for example) for hectares",
+            "projected CRS in ground metres (UTM, for example) for hectares",
             scene.path,
-            "a geographic CRS" if scene.crs is not None else "no CRS",
+            area_problem(scene.crs),
         )
     hectares = (lambda pixels: round(pixels * pixel_m2 / 1e4, 6)) if pixel_m2 is not None else (lambda pixels: None)
     return {

@@ -337,12 +337,22 @@ def test_image_size_reads_png_and_jpeg_headers(tmp_path: Path) -> None:
     assert scene.image_size(tmp_path / "c.png") is None and not scene.is_scene(tmp_path / "c.png", 64)
 
 
-def test_geographic_crs_gives_fractions_without_hectares(checkpoint: Path, tmp_path: Path) -> None:
-    degrees = Affine(0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0)
-    source = write_geotiff(tmp_path / "wgs84.tif", scene_pixels(), crs="EPSG:4326", transform=degrees)
+@pytest.mark.parametrize(
+    "crs, transform, said",
+    [
+        ("EPSG:4326", Affine(0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0), "a geographic CRS"),
+        # Web Mercator's 1 m map pixels at 36.5 degrees north cover 0.65 m2: hectares would be 55 % too large.
+        ("EPSG:3857", Affine(1.0, 0.0, 13024000.0, 0.0, -1.0, 4369000.0), "a Mercator projection"),
+    ],
+)
+def test_geographic_crs_gives_fractions_without_hectares(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, crs: str, transform: Affine, said: str
+) -> None:
+    source = write_geotiff(tmp_path / "in.tif", scene_pixels(), crs=crs, transform=transform)
     assert run_predict(tmp_path / "run", checkpoint, source) == 0
     (row,) = read_table(tmp_path / "run")
-    assert row["crs"] == "EPSG:4326" and row["farmland_area_ha"] == "" and float(row["farmland_fraction"]) > 0
+    assert row["crs"] == crs and row["farmland_area_ha"] == "" and float(row["farmland_fraction"]) > 0
+    assert f"{source}: {said}" in caplog.text and "reproject the scene" in caplog.text
     _, _, geometry, (_, area_ha, _) = pyogrio.raw.read(scene.scene_outputs(tmp_path / "run", source)["geojson"])
     assert len(geometry) and all(a is None or math.isnan(a) for a in area_ha)
 
@@ -377,3 +387,19 @@ def test_windows_must_follow_the_pooling_grid() -> None:
     with pytest.raises(ValueError, match="--overlap=100: expected a multiple of 16"):
         scene.SceneSettings(window=512, overlap=100).check()
     assert math.isclose(scene.pixel_area_m2(rasterio.crs.CRS.from_string(CRS), TRANSFORM), 4.0)
+
+
+@pytest.mark.parametrize(
+    "crs, area",
+    [
+        ("EPSG:32650", 4.0),  # UTM
+        ("EPSG:4547", 4.0),  # CGCS2000 Gauss-Kruger (transverse Mercator): ground metres
+        ("EPSG:2227", 4.0 * 0.3048006096**2),  # US survey feet
+        ("EPSG:3857", None),  # Web Mercator: metres that stretch with latitude
+        ("EPSG:3395", None),  # World Mercator
+        ("EPSG:4490", None),  # CGCS2000 in degrees
+    ],
+)
+def test_pixel_area_in_ground_metres_or_none(crs: str, area: float | None) -> None:
+    found = scene.pixel_area_m2(rasterio.crs.CRS.from_string(crs), Affine(2.0, 0, 0, 0, -2.0, 0))
+    assert found == area if area is None else math.isclose(found, area, rel_tol=1e-6)
