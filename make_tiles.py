@@ -96,8 +96,9 @@ def check_settings(cfg: Config) -> None:
         raise ValueError("--out is empty; name the data folder to write, for example --out=data/tiles")
 
 
-def check_out(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output folder that is, or lies inside, the folder of a scene or of the labels.
+def check_out(out: Path, inputs: Sequence[Path], subdirs: Sequence[str] = ("images", "labels")) -> None:
+    """Refuse an output folder that is, or lies inside, the folder of a scene or of the labels, and one whose
+    tile folders (``subdirs``) are, or hold, such a folder.
 
     Raises:
         ValueError: naming both folders and the fix; or the folder cannot be written.
@@ -110,6 +111,12 @@ def check_out(out: Path, inputs: Sequence[Path]) -> None:
                 f"--out={out} lies inside {folder}, the folder of {path}; nothing is ever written beside your "
                 "scenes and labels: choose an --out outside it, for example ../tiles"
             )
+        for sub in (target / name for name in subdirs):
+            if folder == sub or sub in folder.parents:
+                raise ValueError(
+                    f"--out={out} would write its tiles into {sub}, where {path} lies; nothing is ever written "
+                    "beside your scenes and labels: choose another --out, for example ../tiles"
+                )
     files.check_writable(target)
 
 
@@ -293,9 +300,21 @@ def tile_all(scenes: Sequence[Path], labels: Labels, cfg: Config, out: Path) -> 
     rows: list[dict] = []
     done: set[str] = set()
     failed = 0
+    earlier = {Path(r.get("scene", "")).stem: r.get("scene", "") for r in read_table(out / TABLE)}
     for path in scenes:
         if path.stem in done:
             LOG.error("%s: a scene named %s was already tiled in this run; rename one of them", path, path.stem)
+            failed += 1
+            continue
+        if earlier.get(path.stem, str(path.resolve())) != str(path.resolve()):
+            # Tiles are named by the scene's stem: tiling this one would overwrite the other's tiles.
+            LOG.error(
+                "%s: %s holds the tiles of %s, another scene of the same name; rename one of them or tile "
+                "into another --out",
+                path,
+                out,
+                earlier[path.stem],
+            )
             failed += 1
             continue
         try:
@@ -323,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.parse_args(argv, __doc__ or "")
     check_settings(cfg)
     scenes, out = scene_paths(cfg.scene), Path(cfg.out)
-    check_out(out, [*(Path(p.strip()) for p in cfg.scene.split(",") if p.strip()), Path(cfg.labels)])
+    inputs = [*(Path(p.strip()) for p in cfg.scene.split(",") if p.strip()), Path(cfg.labels)]
+    check_out(out, inputs, (cfg.image_subdir, cfg.label_subdir))
     logged = dataclasses.replace(cfg, run_dir=str(out))
     cli.setup_logging(logged, "make_tiles")
     cli.save_config(logged, "make_tiles")

@@ -309,6 +309,31 @@ def test_out_inside_an_input_folder_is_refused(inputs: tuple[Path, Path], tmp_pa
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["scene.tif"]
 
 
+def test_out_whose_tile_folders_hold_the_scenes_is_refused(tmp_path: Path) -> None:
+    write_scene(tmp_path / "project" / "images" / "a.tif", scene_pixels())
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    with pytest.raises(ValueError, match=r"--out=.*project would write its tiles into .*images, where .*images"):
+        run(tmp_path / "project" / "images", labels, tmp_path / "project")
+    with pytest.raises(ValueError, match=r"would write its tiles into .*labels, where .*x/f.gpkg"):
+        run(write_scene(tmp_path / "in" / "b.tif", scene_pixels()), tmp_path / "project" / "labels" / "x" / "f.gpkg",
+            tmp_path / "project")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "project").rglob("*")) == ["a.tif", "images"]
+
+
+def test_a_scene_of_another_folder_under_a_tiled_name_is_refused_and_its_tiles_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    first = write_scene(tmp_path / "2019" / "a.tif", scene_pixels(0))
+    second = write_scene(tmp_path / "2024" / "a.tif", scene_pixels(1))
+    assert run(first, labels, tmp_path / "out") == 0
+    before = folder_digest(tmp_path / "out" / "images")
+    assert run(f"{second},{first}", labels, tmp_path / "out") == 1  # the other goes on
+    assert f"{second}: {tmp_path / 'out'} holds the tiles of {first.resolve()}, another scene" in caplog.text
+    assert folder_digest(tmp_path / "out" / "images") == before
+    assert {r["scene"] for r in table(tmp_path / "out")} == {str(first.resolve())}
+
+
 def test_several_layers_need_a_choice(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     wkb = np.array(shapely.to_wkb([shapely.box(0, 0, 1, 1)]), dtype=object)
     write_vector(str(inputs[1]), wkb, [], [], layer="XZQ", geometry_type="Polygon", crs=UTM, append=False)
