@@ -80,13 +80,14 @@ class Job:
     is_scene: bool
 
 
-def plan_jobs(cfg: Config, paths: list[Path], settings: scene.SceneSettings) -> list[Job]:
-    """One job per input image, refusing inputs in the output folder and two inputs with one output.
+def plan_jobs(cfg: Config, paths: list[Path], settings: scene.SceneSettings) -> tuple[list[Job], int]:
+    """One job per input image, and how many inputs were left out: images that share a name (a.tif and a.jpg)
+    would overwrite each other's outputs, so each such name is reported and skipped, and the others go on.
 
     Scenes only when the user names the input: the test split holds tiles that miou.py scores as PNGs.
 
     Raises:
-        DataError: an input inside run_dir/predictions, or two inputs that would share a mask.
+        DataError: an input inside run_dir/predictions.
     """
     run_dir = Path(cfg.run_dir)
     predictions = (run_dir / "predictions").resolve()
@@ -94,14 +95,24 @@ def plan_jobs(cfg: Config, paths: list[Path], settings: scene.SceneSettings) -> 
         raise DataError(
             f"--predict_input={cfg.predict_input}: lies in the output folder {predictions}; predict another folder"
         )
-    jobs, seen = [], {}
-    for path in paths:
-        output = prediction_path(run_dir, path)
-        if output in seen:
-            raise DataError(f"{path} and {seen[output]} would both be written to {output}; give them distinct names")
-        seen[output] = path
+    by_name: dict[Path, list[Path]] = {}
+    for path in paths:  # outputs are named by the stem: a tile's mask, a scene's files
+        by_name.setdefault(prediction_path(run_dir, path), []).append(path)
+    jobs, refused = [], 0
+    for output, namesakes in by_name.items():
+        if len(namesakes) > 1:
+            LOG.error(
+                "%s: share the name %s, so their outputs in %s would overwrite each other; both skipped: rename "
+                "one, or move the other out of the folder (a browse .jpg beside its scene, for example)",
+                " and ".join(map(str, namesakes)),
+                namesakes[0].stem,
+                predictions,
+            )
+            refused += len(namesakes)
+            continue
+        path = namesakes[0]
         jobs.append(Job(path, output, bool(cfg.predict_input) and scene.is_scene(path, settings.window)))
-    return jobs
+    return jobs, refused
 
 
 def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path, since: float = 0.0) -> list[Job]:
@@ -180,7 +191,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if cfg.reuse_memory:
         keep_freed_memory()
     model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
-    jobs = plan_jobs(cfg, list_inputs(cfg), settings)
+    jobs, refused = plan_jobs(cfg, list_inputs(cfg), settings)
     mine = jobs
     if job.world > 1:
         # Under torchrun each rank takes every world-th image: no mask is written twice, none is missed.
@@ -207,6 +218,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
             model, scenes, run_dir, state, device, settings, checkpoint, cfg.skip_existing, since.scenes
         )
         done, failures = done + scene_done, failures + scene_failures
+    failures += refused if job.main else 0  # every rank saw them; counted once
     if job.world > 1:
         done, failures = (int(v) for v in all_reduce_sum(torch.tensor([done, failures], device=device)))
     if job.main and any(j.is_scene for j in jobs):

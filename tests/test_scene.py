@@ -172,6 +172,20 @@ def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
     assert mask.stat().st_mtime_ns == made  # the same file again: skipped
 
 
+def test_images_sharing_a_name_are_reported_and_the_others_predicted(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A delivery folder: the scene, its browse JPEG of the same name, and another scene.
+    scene_file = write_geotiff(tmp_path / "in" / "gf2_mss1.tiff", scene_pixels(1))
+    browse = tmp_path / "in" / "gf2_mss1.jpg"
+    write_image(browse, scene_pixels(1)[:, ::4, ::4].transpose(1, 2, 0))
+    other = write_geotiff(tmp_path / "in" / "other.tif", scene_pixels(2))
+    assert run_predict(tmp_path / "run", checkpoint, tmp_path / "in", "--polygons=false") == 1
+    assert f"{browse} and {scene_file}: share the name gf2_mss1, so their outputs" in caplog.text
+    assert [r["image"] for r in read_table(tmp_path / "run")] == [str(other)]
+    assert not list((tmp_path / "run" / "predictions").glob("gf2_mss1*"))
+
+
 def test_overlays_of_16_bit_scenes_and_tiles_are_stretched(checkpoint: Path, tmp_path: Path) -> None:
     # 10-bit values in a 16-bit file, as Gaofen-2 delivers them: the overlay's photo was black (values 0 to 4).
     ten_bit = scene_pixels().astype(np.uint16) * 4
