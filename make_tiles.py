@@ -210,8 +210,11 @@ def is_png(src: rasterio.DatasetReader) -> bool:
     return src.count == 3 and src.dtypes[0] == "uint8"
 
 
-def cut_tiles(src: rasterio.DatasetReader, on_grid: GridLabels, cfg: Config, out: Path) -> tuple[list[dict], int]:
-    """Write the tiles of one open scene; return the table rows and how many tiles were skipped as nodata."""
+def cut_tiles(
+    src: rasterio.DatasetReader, on_grid: GridLabels, cfg: Config, out: Path, written: list[Path]
+) -> tuple[list[dict], int]:
+    """Write the tiles of one open scene, each file added to ``written`` once whole; return the table rows and
+    how many tiles were skipped as nodata."""
     tile, stride = cfg.tile_size, cfg.tile_stride or cfg.tile_size
     stem, suffix = Path(src.name).stem, ".png" if is_png(src) else ".tif"
     windows = [
@@ -230,8 +233,14 @@ def cut_tiles(src: rasterio.DatasetReader, on_grid: GridLabels, cfg: Config, out
         farmland, labelled = on_grid.read(window)
         mask = tile_mask(farmland & ~nodata, labelled, nodata, cfg)
         name = f"{stem}_r{int(window.row_off)}c{int(window.col_off)}"
-        write_tile_image(out / cfg.image_subdir / f"{name}{suffix}", block, src, window)
-        write_image(out / cfg.label_subdir / f"{name}{cfg.mask_suffix}.png", mask)
+        image_path, mask_path = (
+            out / cfg.image_subdir / f"{name}{suffix}",
+            out / cfg.label_subdir / f"{name}{cfg.mask_suffix}.png",
+        )
+        write_tile_image(image_path, block, src, window)
+        written.append(image_path)
+        write_image(mask_path, mask)
+        written.append(mask_path)
         rows.append(table_row(name, src, window, cfg, (float(nodata.mean()), float((mask == 255).mean()))))
     return rows, skipped
 
@@ -245,12 +254,16 @@ def tile_scene(path: Path, labels: Labels, cfg: Config, out: Path) -> list[dict]
     with open_scene(path, cfg.tile_size) as src:
         grid = Grid(src.crs, src.transform, src.width, src.height, str(path))
         on_grid = labels.on_grid(grid)
+        written: list[Path] = []
         try:
-            rows, skipped = cut_tiles(src, on_grid, cfg, out)
+            rows, skipped = cut_tiles(src, on_grid, cfg, out, written)
         except rasterio.RasterioIOError as err:
+            for tile in written:  # half a scene's tiles would go into training unnoticed
+                tile.unlink(missing_ok=True)
+            reason = "; ".join(dict.fromkeys(str(e)[:200] for e in (err.__cause__ or err.__context__, err) if e))
             raise DataError(
-                f"{path}: reading failed part way ({str(err)[:200]}); the scene or the label raster may be "
-                "truncated: check them (gdalinfo -checksum) and re-run"
+                f"{path}: reading failed part way ({reason}); the scene or the label raster may be truncated: "
+                f"check them (gdalinfo -checksum) and re-run (the {len(written) // 2} tiles cut before were removed)"
             ) from None
         finally:
             on_grid.close()

@@ -309,6 +309,22 @@ def test_out_inside_an_input_folder_is_refused(inputs: tuple[Path, Path], tmp_pa
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["scene.tif"]
 
 
+def test_a_scene_truncated_part_way_leaves_no_tiles_and_the_others_are_tiled(
+    inputs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    big = np.random.default_rng(0).integers(1, 250, (3, 256, 256), dtype=np.uint8)
+    whole = write_scene(tmp_path / "cut" / "whole.tif", big, compress="deflate").read_bytes()
+    truncated = tmp_path / "in" / "truncated.tif"
+    truncated.write_bytes(whole[: len(whole) * 6 // 10])  # opens; its last rows cannot be read
+    scene, labels = inputs
+    assert run(f"{truncated},{scene}", labels, tmp_path / "out") == 1
+    assert f"{truncated}: reading failed part way (" in caplog.text and "IReadBlock failed" in caplog.text
+    assert "tiles cut before were removed" in caplog.text
+    for sub in ("images", "labels"):
+        assert {p.name.split("_r")[0] for p in (tmp_path / "out" / sub).iterdir()} == {"scene"}
+    assert {Path(r["scene"]).stem for r in table(tmp_path / "out")} == {"scene"}
+
+
 def test_out_whose_tile_folders_hold_the_scenes_is_refused(tmp_path: Path) -> None:
     write_scene(tmp_path / "project" / "images" / "a.tif", scene_pixels())
     labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
