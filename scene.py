@@ -791,6 +791,9 @@ def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) 
                 for top in range(0, scene.height, BLOCK * 4):
                     where = Window(0, top, scene.width, min(BLOCK * 4, scene.height - top))
                     rows = vrt.read(1, window=where)
+                    # The scene's own nodata, which resampling blurred into its neighbours' classes.
+                    pixels = scene.read_rows(top, top + int(where.height))
+                    rows[nodata_pixels(pixels, scene.nodata, axis=2)] = NODATA
                     dst.write(rows, 1, window=where)
                     counts.valid += int(np.count_nonzero(rows != NODATA))
                     counts.farmland += int(np.count_nonzero(rows == FARMLAND))

@@ -63,6 +63,18 @@ def test_a_finer_scene_is_predicted_at_the_models_pixel_size(
     assert agreement(resampled, reference) > agreement(as_is, reference) + 0.15
 
 
+def test_a_resampled_scene_keeps_its_nodata_exactly_without_a_declared_value(state: dict, tmp_path: Path) -> None:
+    # No nodata value in the file, only an all-zero corner: resampling blurs it into its neighbours' classes.
+    fine_pixels = scene_pixels().repeat(2, axis=1).repeat(2, axis=2)
+    fine = write_geotiff(tmp_path / "in" / "fine.tif", fine_pixels, transform=FINE)
+    resampled = predicted_mask(tmp_path / "run", fine, checkpoint_at(state, tmp_path, 2.0))
+    empty = ~fine_pixels.any(axis=0)
+    assert np.array_equal(resampled == 255, empty)
+    with open(tmp_path / "run" / "predictions" / "farmland_area.csv", encoding="utf-8") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert int(row["valid_pixels"]) == int((~empty).sum())
+
+
 def test_a_scene_of_the_models_pixel_size_is_not_resampled(state: dict, tmp_path: Path) -> None:
     source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
     unknown = predicted_mask(tmp_path / "a", source, checkpoint_at(state, tmp_path, 0.0))
