@@ -210,6 +210,10 @@ def is_png(src: rasterio.DatasetReader) -> bool:
     return src.count == 3 and src.dtypes[0] == "uint8"
 
 
+class PartlyTiled(DataError):
+    """A scene that failed after some of its tiles were written: none of its tiles may stay."""
+
+
 def cut_tiles(
     src: rasterio.DatasetReader, on_grid: GridLabels, cfg: Config, out: Path, written: list[Path]
 ) -> tuple[list[dict], int]:
@@ -261,9 +265,9 @@ def tile_scene(path: Path, labels: Labels, cfg: Config, out: Path) -> list[dict]
             for tile in written:  # half a scene's tiles would go into training unnoticed
                 tile.unlink(missing_ok=True)
             reason = "; ".join(dict.fromkeys(str(e)[:200] for e in (err.__cause__ or err.__context__, err) if e))
-            raise DataError(
+            raise PartlyTiled(
                 f"{path}: reading failed part way ({reason}); the scene or the label raster may be truncated: "
-                f"check them (gdalinfo -checksum) and re-run (the {len(written) // 2} tiles cut before were removed)"
+                "check them (gdalinfo -checksum) and re-run (its tiles were removed, an earlier run's too)"
             ) from None
         finally:
             on_grid.close()
@@ -308,10 +312,14 @@ def write_table(out: Path, rows: list[dict], done: set[str]) -> Path:
     return path
 
 
-def tile_all(scenes: Sequence[Path], labels: Labels, cfg: Config, out: Path) -> tuple[list[dict], set[str], int]:
-    """Tile every scene; a bad one is reported and the others go on. Returns rows, scenes done, failures."""
+def tile_all(
+    scenes: Sequence[Path], labels: Labels, cfg: Config, out: Path
+) -> tuple[list[dict], set[str], set[str], int]:
+    """Tile every scene; a bad one is reported and the others go on. Returns rows, scenes done, scenes whose
+    tiles must all go (PartlyTiled; an earlier run's half-overwritten tiles with them), failures."""
     rows: list[dict] = []
     done: set[str] = set()
+    dropped: set[str] = set()
     failed = 0
     earlier = {Path(r.get("scene", "")).stem: r.get("scene", "") for r in read_table(out / TABLE)}
     for path in scenes:
@@ -336,7 +344,9 @@ def tile_all(scenes: Sequence[Path], labels: Labels, cfg: Config, out: Path) -> 
         except DataError as err:
             LOG.error("%s", err)
             failed += 1
-    return rows, done, failed
+            if isinstance(err, PartlyTiled):
+                dropped.add(path.stem)
+    return rows, done, dropped, failed
 
 
 def next_step(cfg: Config, out: Path, rows: list[dict]) -> str:
@@ -362,9 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.save_config(logged, "make_tiles")
     with open_labels(Path(cfg.labels), cfg.label_where, cfg.label_layer) as labels:
         LOG.info("labels: %s", labels.describe())
-        rows, done, failed = tile_all(scenes, labels, cfg, out)
+        rows, done, dropped, failed = tile_all(scenes, labels, cfg, out)
+    if done or dropped:  # a dropped scene's earlier rows and tiles go too: this run overwrote some of them
+        table = write_table(out, rows, done | dropped)
     if done:
-        table = write_table(out, rows, done)
         LOG.info("%d tiles from %d of %d scene(s) in %s (table %s); %s", len(rows), len(done), len(scenes), out,
                  table, next_step(cfg, out, rows))  # fmt: skip
     if failed:

@@ -80,11 +80,14 @@ class Job:
     is_scene: bool
 
 
-def plan_jobs(cfg: Config, paths: list[Path], settings: scene.SceneSettings) -> tuple[list[Job], int]:
+def plan_jobs(
+    cfg: Config, paths: list[Path], settings: scene.SceneSettings, report: bool = True
+) -> tuple[list[Job], int]:
     """One job per input image, and how many inputs were left out: images that share a name (a.tif and a.jpg)
     would overwrite each other's outputs, so each such name is reported and skipped, and the others go on.
 
     Scenes only when the user names the input: the test split holds tiles that miou.py scores as PNGs.
+    ``report``: log the namesakes (under torchrun, rank 0 alone does).
 
     Raises:
         DataError: an input inside run_dir/predictions.
@@ -101,7 +104,7 @@ def plan_jobs(cfg: Config, paths: list[Path], settings: scene.SceneSettings) -> 
     jobs, refused = [], 0
     for output, namesakes in by_name.items():
         if len(namesakes) > 1:
-            LOG.error(
+            (LOG.error if report else LOG.debug)(
                 "%s: share the name %s, so their outputs in %s would overwrite each other; both skipped: rename "
                 "one, or move the other out of the folder (a browse .jpg beside its scene, for example)",
                 " and ".join(map(str, namesakes)),
@@ -191,7 +194,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if cfg.reuse_memory:
         keep_freed_memory()
     model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
-    jobs, refused = plan_jobs(cfg, list_inputs(cfg), settings)
+    jobs, refused = plan_jobs(cfg, list_inputs(cfg), settings, job.main)
     mine = jobs
     if job.world > 1:
         # Under torchrun each rank takes every world-th image: no mask is written twice, none is missed.

@@ -53,18 +53,24 @@ def area_problem(crs: CRS | None) -> str:
     return ""
 
 
-def pixel_area_m2(crs: CRS | None, transform: Affine) -> float | None:
-    """Area of one pixel in square metres for a projected CRS whose units are metres (or feet) on the ground;
-    None for a geographic CRS, none at all, or one that stretches with latitude (area_problem)."""
-    if area_problem(crs):
+def map_pixel_area(crs: CRS | None, transform: Affine) -> float | None:
+    """Area of one pixel in the square metres of a projected CRS's map units; None without one."""
+    if crs is None or not crs.is_projected:
         return None
     _, metres_per_unit = crs.linear_units_factor
     return abs(transform.a * transform.e - transform.b * transform.d) * metres_per_unit**2
 
 
+def pixel_area_m2(crs: CRS | None, transform: Affine) -> float | None:
+    """Area of one pixel in square metres on the ground, for a projected CRS whose units are metres (or feet)
+    there; None for a geographic CRS, none at all, or one that stretches with latitude (area_problem)."""
+    return None if area_problem(crs) else map_pixel_area(crs, transform)
+
+
 def pixel_size_m(crs: CRS | None, transform: Affine) -> float | None:
-    """Metres per pixel (the side of a square of the pixel's area) where pixel_area_m2 knows it; None otherwise."""
-    area = pixel_area_m2(crs, transform)
+    """Metres per pixel (the side of a square of the pixel's area) in a projected CRS's map units; None
+    otherwise. Mercator's too: tiles and scenes of one area share its stretch, so their sizes compare."""
+    area = map_pixel_area(crs, transform)
     return math.sqrt(area) if area else None
 
 

@@ -682,6 +682,7 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, 
     hectares = (lambda pixels: round(pixels * pixel_m2 / 1e4, 6)) if pixel_m2 is not None else (lambda pixels: None)
     return {
         "image": str(scene.path),
+        "image_file": str(Path(scene.path).resolve()),  # the file itself, however its path was spelt
         "width": scene.width,
         "height": scene.height,
         "crs": scene.crs.to_string() if scene.crs is not None else "",
@@ -861,8 +862,8 @@ def is_finished(
 def made_from(area: Path, image: Path) -> bool:
     """Whether a scene's area file was written for ``image`` (the same file, however the path was spelt)."""
     try:
-        recorded = json.loads(area.read_text(encoding="utf-8"))["image"]
-        return Path(recorded).resolve() == Path(image).resolve()
+        row = json.loads(area.read_text(encoding="utf-8"))
+        return Path(row.get("image_file") or row["image"]).resolve() == Path(image).resolve()
     except (OSError, ValueError, KeyError, TypeError):
         return False  # unreadable or from another version: predict again
 

@@ -313,13 +313,14 @@ def test_a_scene_truncated_part_way_leaves_no_tiles_and_the_others_are_tiled(
     inputs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     big = np.random.default_rng(0).integers(1, 250, (3, 256, 256), dtype=np.uint8)
-    whole = write_scene(tmp_path / "cut" / "whole.tif", big, compress="deflate").read_bytes()
-    truncated = tmp_path / "in" / "truncated.tif"
-    truncated.write_bytes(whole[: len(whole) * 6 // 10])  # opens; its last rows cannot be read
+    truncated = write_scene(tmp_path / "in" / "truncated.tif", big, compress="deflate")
     scene, labels = inputs
+    assert run(f"{truncated},{scene}", labels, tmp_path / "out") == 0  # tiled whole first
+    whole = truncated.read_bytes()
+    truncated.write_bytes(whole[: len(whole) * 6 // 10])  # opens; its last rows cannot be read
     assert run(f"{truncated},{scene}", labels, tmp_path / "out") == 1
     assert f"{truncated}: reading failed part way (" in caplog.text and "IReadBlock failed" in caplog.text
-    assert "tiles cut before were removed" in caplog.text
+    assert "its tiles were removed, an earlier run's too" in caplog.text
     for sub in ("images", "labels"):
         assert {p.name.split("_r")[0] for p in (tmp_path / "out" / sub).iterdir()} == {"scene"}
     assert {Path(r["scene"]).stem for r in table(tmp_path / "out")} == {"scene"}

@@ -155,7 +155,7 @@ def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(checkpoin
 
 
 def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
-    checkpoint: Path, tmp_path: Path
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = write_geotiff(tmp_path / "2019" / "a.tif", scene_pixels(1))
     second = write_geotiff(tmp_path / "2024" / "a.tif", scene_pixels(2))
@@ -170,6 +170,12 @@ def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
     made = mask.stat().st_mtime_ns
     assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
     assert mask.stat().st_mtime_ns == made  # the same file again: skipped
+    monkeypatch.chdir(tmp_path / "2024")  # recorded as a.tif, then named from elsewhere: still the same file
+    assert run_predict(run_dir, checkpoint, Path("a.tif"), "--polygons=false", "--skip_existing=false") == 0
+    made = mask.stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
+    assert mask.stat().st_mtime_ns == made
 
 
 def test_images_sharing_a_name_are_reported_and_the_others_predicted(
@@ -417,3 +423,6 @@ def test_windows_must_follow_the_pooling_grid() -> None:
 def test_pixel_area_in_ground_metres_or_none(crs: str, area: float | None) -> None:
     found = scene.pixel_area_m2(rasterio.crs.CRS.from_string(crs), Affine(2.0, 0, 0, 0, -2.0, 0))
     assert found == area if area is None else math.isclose(found, area, rel_tol=1e-6)
+    # The pixel size in map units, which resampling compares with the training tiles', stays for Mercator.
+    size = scene.pixel_size_m(rasterio.crs.CRS.from_string(crs), Affine(2.0, 0, 0, 0, -2.0, 0))
+    assert size is None if crs == "EPSG:4490" else math.isclose(size, math.sqrt(area or 4.0), rel_tol=1e-6)
