@@ -28,7 +28,6 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import rasterio
 import torch
@@ -176,7 +175,7 @@ def is_done(pair: Pair, job: ChangeJob) -> bool:
     changed = max(pair.before.stat().st_mtime, pair.after.stat().st_mtime)
     if not files.written_after(outputs.values(), job.checkpoint, changed):
         return False
-    row = read_record(outputs["json"])
+    row = files.read_record(outputs["json"])
     return isinstance(row, dict) and row.get("settings") == job.record(pair)
 
 
@@ -184,15 +183,7 @@ def date_is_done(outputs: dict[str, Path], settings: scene.SceneSettings, image:
     """Whether an earlier run predicted this date from this very image file, after the checkpoint was made
     and after the file last changed, with the same settings."""
     finished = scene.is_finished(outputs, settings, job.checkpoint, image)
-    return finished and read_record(outputs["record"]) == job.date_record
-
-
-def read_record(path: Path) -> Any:
-    """A JSON file's content, or None where it is missing or unreadable (a run stopped while writing)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return finished and files.read_record(outputs["record"]) == job.date_record
 
 
 # --- one pair -------------------------------------------------------------------------------------------

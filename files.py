@@ -7,12 +7,13 @@ leaves half a file; output folders are checked for write access and room before 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 
 class DataError(ValueError):
@@ -88,6 +89,14 @@ def check_writable(folder: Path, need_bytes: int = 0) -> None:
             f"{folder}: only {free / 2**20:.0f} MiB free on its disk, about {need_bytes / 2**20:.0f} MiB are needed; "
             "free some space or choose another --run_dir"
         )
+
+
+def read_record(path: Path) -> Any:
+    """A JSON file's content, or None where it is missing or unreadable (a run stopped while writing)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def written_after(paths: Iterable[Path], model: Path, since: float = 0.0) -> bool:

@@ -861,11 +861,10 @@ def is_finished(
 
 def made_from(area: Path, image: Path) -> bool:
     """Whether a scene's area file was written for ``image`` (the same file, however the path was spelt)."""
-    try:
-        row = json.loads(area.read_text(encoding="utf-8"))
-        return Path(row.get("image_file") or row["image"]).resolve() == Path(image).resolve()
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # unreadable or from another version: predict again
+    row = files.read_record(area)
+    recorded = (row.get("image_file") or row.get("image")) if isinstance(row, dict) else None
+    # Unreadable, or from a version that did not record it: predict again.
+    return isinstance(recorded, str) and Path(recorded).resolve() == Path(image).resolve()
 
 
 def predict_scenes(
