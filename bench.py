@@ -481,12 +481,13 @@ def _fill_sizes(args: argparse.Namespace, cuda: bool) -> None:
 
 def _fill_networks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Turn the comma-separated widths, encoders and downscales into lists, refusing what cannot be built."""
+    refusal = f"--widths={args.widths}: expected comma-separated positive widths, such as 16,32,64"
     try:  # a width or encoder named twice is measured once
         widths = list(dict.fromkeys(int(w) for w in args.widths.split(",") if w.strip()))
     except ValueError:
-        widths = [0]
+        parser.error(refusal)
     if min(widths, default=1) < 1:
-        parser.error(f"--widths={args.widths}: expected comma-separated positive widths, such as 16,32,64")
+        parser.error(refusal)
     args.widths = widths or ([args.width] if args.width else [16, 32, 64])
     args.width = args.width or max(args.widths)
     args.encoders = list(dict.fromkeys(e.strip() for e in args.encoders.split(",") if e.strip())) or list(ENCODERS)
