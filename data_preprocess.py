@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, Sampler
 
 from cli import FALSE_WORDS, TRUE_WORDS
 from files import DataError, atomic_write_bytes, atomic_write_text
+from png_text import with_text
 from runtime import available_memory
 
 __all__ = ["DataError"]  # re-exported: scripts name input errors from here, with the readers
@@ -426,11 +427,12 @@ def png_holds(image: np.ndarray) -> bool:
     return bands in (1, 3, 4) and image.dtype in (np.uint8, np.uint16)
 
 
-def write_image(path: Path, image: np.ndarray) -> None:
+def write_image(path: Path, image: np.ndarray, text: dict[str, str] | None = None) -> None:
     """Write an (H, W) or (H, W, C) array losslessly and atomically (temporary file, then rename).
 
     The format follows the extension: .png for what a PNG holds (png_holds), .tif for any band count and pixel
-    type (through GDAL where a PNG could not hold it). Non-ASCII paths work.
+    type (through GDAL where a PNG could not hold it). Non-ASCII paths work. ``text``: keys and texts a PNG
+    stores beside its pixels (png_text.py); other formats are written without them.
 
     Raises:
         DataError: the array cannot be written in that format, with the name to use instead.
@@ -449,6 +451,9 @@ def write_image(path: Path, image: np.ndarray) -> None:
         )
     else:
         encoded = encode_with_opencv(path, image, suffix)
+    if suffix == ".png":
+        for key, value in (text or {}).items():
+            encoded = with_text(encoded, key, value)
     atomic_write_bytes(path, encoded)
 
 

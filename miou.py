@@ -22,6 +22,7 @@ gallery_worst.png, gallery_best.png.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -121,11 +122,28 @@ def write_csv(rows: list[dict], path: Path) -> None:
     files.atomic_write_text(path, buffer.getvalue())
 
 
+def bands_of_the_run(cfg: Config) -> Config:
+    """``cfg`` with, where it names neither ``bands`` nor ``rgb_bands``, the bands the predictions were read and
+    shown with (run_dir/configs/predict.json) and the network's band count (configs/train.json): the galleries
+    then show the test tiles as the overlays do, without the training's keys given again here."""
+    if cfg.bands or cfg.rgb_bands:
+        return cfg
+    configs = Path(cfg.run_dir) / "configs"
+    predicted, trained = (files.read_record(configs / f"{name}.json") for name in ("predict", "train"))
+    keys = {}
+    if isinstance(trained, dict) and isinstance(trained.get("in_channels"), int):
+        keys["in_channels"] = trained["in_channels"]
+    if isinstance(predicted, dict):
+        keys |= {key: str(predicted.get(key) or "") for key in ("bands", "rgb_bands")}
+    return dataclasses.replace(cfg, **keys)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Score run_dir/predictions against the test split's labels; write metrics, CSV and figures."""
     cfg = cli.parse_args(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "miou")
+    cfg = bands_of_the_run(cfg)
     shown = shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # refused before the scoring
     run_dir = Path(cfg.run_dir)
     cli.save_config(cfg, "miou")

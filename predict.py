@@ -37,7 +37,7 @@ from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, prediction_path
 from inference import inference_model, with_threshold
 from net_structure import input_padding
-from output_record import outputs_since
+from output_record import Since, outputs_since
 from runtime import (
     Distributed,
     all_reduce_sum,
@@ -124,7 +124,7 @@ def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path, since: float = 0.
     scene.py."""
     if not cfg.skip_existing:
         return jobs
-    todo = [j for j in jobs if j.is_scene or not is_complete(j.output, checkpoint, cfg.overlay, since)]
+    todo = [j for j in jobs if j.is_scene or not is_complete(j.output, j.image, checkpoint, cfg.overlay, since)]
     if len(todo) < len(jobs):
         LOG.info(
             "%d of %d image(s) already have masks from this checkpoint and are skipped "
@@ -158,6 +158,66 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
     return model_path, state, segmenter, torch.device("cpu")
 
 
+def resolve_bands(cfg: Config, trained: dict) -> None:
+    """Set ``bands`` and ``rgb_bands`` in ``cfg`` to the training's (``trained``: the checkpoint's config) unless
+    the user gave others for these images; warn where the bands read differ from the training's."""
+    bands = str(trained.get("bands", ""))
+    if not cfg.bands:
+        cfg.bands = bands  # the bands the network was trained on, unless the user names others for these images
+    elif bands and parse_bands(cfg.bands) != parse_bands(bands):
+        LOG.warning(
+            "--bands=%s differs from the bands the network was trained on (--bands=%s): right only where these "
+            "images hold those bands at other numbers; leave --bands out to use the training's",
+            cfg.bands,
+            bands,
+        )
+    cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, trained)
+
+
+def my_share(jobs: list[Job], job: Distributed) -> list[Job]:
+    """This rank's jobs: under torchrun every world-th, so that no output is written twice and none is missed.
+    Shard before skipping finished outputs: the other ranks are writing theirs meanwhile."""
+    if job.world == 1:
+        return jobs
+    mine = jobs[job.rank :: job.world]
+    LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(mine))
+    return mine
+
+
+def predict_jobs(
+    jobs: list[Job],
+    model: torch.nn.Module,
+    cfg: Config,
+    state: dict,
+    checkpoint: Path,
+    device: torch.device,
+    amp: torch.dtype | None,
+    settings: scene.SceneSettings,
+    since: Since,
+) -> tuple[int, int]:
+    """Predict the tiles, then the scenes, among ``jobs``; return (written, failed)."""
+    tiles = [j for j in jobs if not j.is_scene]
+    scenes = [j.image for j in jobs if j.is_scene]
+    done, failures = predict_tiles(
+        model,
+        [j.image for j in tiles],
+        [j.output for j in tiles],
+        cfg,
+        state,
+        checkpoint,
+        device,
+        amp,
+        settings.bands,
+        shown=settings.shown,
+    )
+    if scenes:
+        scene_done, scene_failures = scene.predict_scenes(
+            model, scenes, Path(cfg.run_dir), state, device, settings, checkpoint, cfg.skip_existing, since.scenes
+        )
+        done, failures = done + scene_done, failures + scene_failures
+    return done, failures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
     with leaving_distributed():
@@ -174,17 +234,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     checkpoint, state, segmenter, device = open_network(cfg, job)
     state = with_threshold(state, cfg.threshold)  # the user's cut, if given
     sieve_pixels(cfg.sieve_cells, state["config"])  # a bad sieve_cells refused before any output is redone
-    trained = str(state["config"].get("bands", ""))
-    if not cfg.bands:
-        cfg.bands = trained  # the bands the network was trained on, unless the user names others for these images
-    elif trained and parse_bands(cfg.bands) != parse_bands(trained):
-        LOG.warning(
-            "--bands=%s differs from the bands the network was trained on (--bands=%s): right only where these "
-            "images hold those bands at other numbers; leave --bands out to use the training's",
-            cfg.bands,
-            trained,
-        )
-    cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, state["config"])
+    resolve_bands(cfg, state["config"])
     # Scene keys checked (and rgb_bands against the bands) before the outputs' record is touched.
     settings = scene.SceneSettings.from_config(cfg, *input_padding(state["config"]), state["config"]["in_channels"])
     since = outputs_since(cfg, checkpoint, job)
@@ -195,32 +245,8 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
         keep_freed_memory()
     model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
     jobs, refused = plan_jobs(cfg, list_inputs(cfg), settings, job.main)
-    mine = jobs
-    if job.world > 1:
-        # Under torchrun each rank takes every world-th image: no mask is written twice, none is missed.
-        # Shard before skipping finished masks: the other ranks are writing theirs meanwhile.
-        mine = jobs[job.rank :: job.world]
-        LOG.info("distributed prediction: %d ranks, %d image(s) on rank 0", job.world, len(mine))
-    mine = unfinished(mine, cfg, checkpoint, since.tiles)
-    tiles = [j for j in mine if not j.is_scene]
-    scenes = [j.image for j in mine if j.is_scene]
-    done, failures = predict_tiles(
-        model,
-        [j.image for j in tiles],
-        [j.output for j in tiles],
-        cfg,
-        state,
-        checkpoint,
-        device,
-        amp,
-        settings.bands,
-        shown=settings.shown,
-    )
-    if scenes:
-        scene_done, scene_failures = scene.predict_scenes(
-            model, scenes, run_dir, state, device, settings, checkpoint, cfg.skip_existing, since.scenes
-        )
-        done, failures = done + scene_done, failures + scene_failures
+    mine = unfinished(my_share(jobs, job), cfg, checkpoint, since.tiles)
+    done, failures = predict_jobs(mine, model, cfg, state, checkpoint, device, amp, settings, since)
     failures += refused if job.main else 0  # every rank saw them; counted once
     if job.world > 1:
         done, failures = (int(v) for v in all_reduce_sum(torch.tensor([done, failures], device=device)))

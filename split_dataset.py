@@ -294,9 +294,10 @@ def _keep_common_size(
         return
     # Training stacks tiles into batches, which needs one tile size: keep the most common one.
     common = Counter(sizes).most_common(1)[0][0]
-    for pair, size in zip(list(usable), sizes):
+    pairs = list(usable)
+    usable[:] = [pair for pair, size in zip(pairs, sizes) if size == common]  # one pass: sets hold many tiles
+    for pair, size in zip(pairs, sizes):
         if size != common:
-            usable.remove(pair)
             reason = (
                 f"{pair[0]}: is {size[1]}x{size[0]} pixels but most tiles are {common[1]}x{common[0]}; "
                 "training batches need one size: cut it to that size, or predict it with --predict_input"
@@ -355,7 +356,7 @@ def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path) ->
     """Log the farmland shares and the split counts."""
     LOG.info("farmland share of the pixels: %s", ", ".join(f"{k} {v}" for k, v in summary["farmland_share"].items()))
     LOG.info(
-        "split %d pairs: train %d, val %d, test %d | unusable %d, filtered %d, orphans %d (see %s)",
+        "split %d pairs: train %d, val %d, test %d | files left out: unusable %d, filtered %d, orphans %d (see %s)",
         n_usable,
         summary["train"],
         summary["val"],
@@ -396,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warn_few_scenes(summary.get("groups", {}))
     _log_summary(summary, len(usable), out / "rejected.csv")
     if summary["errors"]:
-        LOG.error("%d pair(s) are unusable and were left out; fix them (messages above) and re-run", summary["errors"])
+        LOG.error("%d file(s) are unusable and were left out; fix them (messages above) and re-run", summary["errors"])
         return 1
     return 0
 

@@ -27,6 +27,7 @@ from inference import (
     predict_batch,
 )
 from net_structure import downscale_of
+from png_text import read_text
 from polygons import sieve_block
 from runtime import usable_cores
 
@@ -171,21 +172,48 @@ def sieve_tile(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     return sieve_block(mask, min(min_pixels, mask.size // SIEVE_SHARE), False, False)
 
 
-def is_complete(mask_path: Path, checkpoint: Path, overlay: bool, since: float = 0.0) -> bool:
+SOURCE_KEY = "farmland-source"  # the PNG text of a tile's mask and overlay naming the image
+
+
+def is_complete(mask_path: Path, image: Path, checkpoint: Path, overlay: bool, since: float = 0.0) -> bool:
     """Whether an earlier run already wrote this image's outputs with this checkpoint and settings: newer than
-    the checkpoint and than ``since`` (output_record.Since)."""
-    return written_after([mask_path, overlay_path(mask_path)] if overlay else [mask_path], checkpoint, since)
+    the checkpoint, than ``since`` (output_record.Since) and than the image, and each predicted from this very
+    image file (another folder's tiles of the same names write the same outputs)."""
+    outputs = [mask_path, overlay_path(mask_path)] if overlay else [mask_path]
+    if not written_after(outputs, checkpoint, since):
+        return False
+    try:
+        made = image.stat().st_mtime
+        source = str(image.resolve())
+    except OSError:
+        return False
+    return all(p.stat().st_mtime >= made and read_text(p, SOURCE_KEY) == source for p in outputs)
 
 
 def _write_tile_outputs(
-    mask_path: Path, image: np.ndarray | None, mask: np.ndarray, min_pixels: int, shown: Sequence[int]
+    mask_path: Path, source: Path, image: np.ndarray | None, mask: np.ndarray, min_pixels: int, shown: Sequence[int]
 ) -> None:
-    """Write one tile's sieved mask and, given its ``image``, its overlay."""
+    """Write one tile's sieved mask and, given the ``image``, its overlay; each names its ``source`` image file
+    (is_complete)."""
     mask = sieve_tile(mask, min_pixels)
-    write_image(mask_path, mask * np.uint8(255))
+    text = {SOURCE_KEY: str(source.resolve())}
+    write_image(mask_path, mask * np.uint8(255), text)
     if image is not None:
         photo = image if image.dtype == np.uint8 else stretched(image, 0, image.any(axis=0))  # 16-bit: not black
-        write_image(overlay_path(mask_path), overlay_image(photo, mask, shown))
+        write_image(overlay_path(mask_path), overlay_image(photo, mask, shown), text)
+
+
+FIRST_TRIES = 8  # images read to find one that sizes the batches and times the precisions
+
+
+def first_readable(files: ImageFiles) -> torch.Tensor | None:
+    """The first of the first FIRST_TRIES images that reads, or None: an unreadable first file (reported with
+    the others later) must not leave the batches unsized and the precision untimed."""
+    for index in range(min(FIRST_TRIES, len(files))):
+        _, image = files[index]
+        if not isinstance(image, str):
+            return image
+    return None
 
 
 def _prediction_setup(
@@ -197,10 +225,10 @@ def _prediction_setup(
     amp: torch.dtype | None,
 ) -> tuple[torch.nn.Module, torch.dtype | None, bool, int]:
     """The model, precision, layout and batch size to predict with: (model, amp, channels_last, batch_size)."""
-    _, first = files[0]  # read here for its shape, which sizes the batches (and again by a worker)
-    batch_size = cfg.predict_batch_size or 4  # used as is when the first image is unreadable
+    first = first_readable(files)  # read here for its shape, which sizes the batches (and again by a worker)
+    batch_size = cfg.predict_batch_size or 4  # used as is when no image in reach is readable
     channels_last = cfg.channels_last
-    if not isinstance(first, str):
+    if first is not None:
         # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
         model, choice = prediction_path(model, state, cfg.amp, cfg.channels_last, device, tuple(first.shape))
         if choice.measured:
@@ -283,7 +311,9 @@ def predict_tiles(
                         masks = predict_batch(model, images, device, channels_last, threshold, cfg.tta)
                         photos = images.numpy() if cfg.overlay else [None] * len(indices)
                         for index, photo, mask in zip(indices, photos, masks):
-                            writer.submit(_write_tile_outputs, outputs[index], photo, mask, min_pixels, shown)
+                            writer.submit(
+                                _write_tile_outputs, outputs[index], paths[index], photo, mask, min_pixels, shown
+                            )
                         done += len(indices)
                     bar.update(len(indices))
                     if progress is not None:

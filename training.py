@@ -5,6 +5,7 @@ collapse warning, and the per-epoch log (CSV, TensorBoard).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -12,7 +13,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import rasterio
@@ -500,6 +501,28 @@ def recompute_batchnorm(
         entry[2] += count
 
     hooks = [layer.register_forward_hook(collect) for layer in layers]
+    try:
+        with batch_statistics_mode(model, layers):
+            for images, _ in loader:
+                images = images.to(device, memory_format=layout, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer, (total, squares, count) in sums.items():
+        if count < 2:
+            continue
+        mean = total / count
+        var = (squares / count - mean**2).clamp_(min=0) * (count / (count - 1))
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(var)
+
+
+@contextlib.contextmanager
+def batch_statistics_mode(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
+    """The model in eval mode (no dropout) but its BatchNorm ``layers`` normalising by each batch and keeping that
+    batch's own figures as their running ones (momentum 1), from reset statistics; restored on leaving."""
     momenta = [layer.momentum for layer in layers]
     training = model.training
     model.eval()
@@ -508,23 +531,11 @@ def recompute_batchnorm(
         layer.train()
         layer.momentum = 1.0
     try:
-        for images, _ in loader:
-            images = images.to(device, memory_format=layout, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                model(images)
+        yield
     finally:
-        for hook in hooks:
-            hook.remove()
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
         model.train(training)
-    for layer, (total, squares, count) in sums.items():
-        if count < 2:
-            continue
-        mean = total / count
-        var = (squares / count - mean**2).clamp_(min=0) * (count / (count - 1))
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(var)
 
 
 def open_tensorboard(folder: Path) -> Any:

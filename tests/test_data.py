@@ -11,6 +11,7 @@ import pytest
 import rasterio
 import torch
 from conftest import declare_size, write_geotiff
+from PIL import Image
 from rasterio.transform import Affine
 
 from data_preprocess import (
@@ -25,6 +26,7 @@ from data_preprocess import (
     read_image,
     write_image,
 )
+from png_text import read_text, with_text
 
 
 def test_unicode_and_space_paths_round_trip(tmp_path: Path) -> None:
@@ -293,3 +295,24 @@ def test_statistics_of_a_16_bit_four_band_tiff_standardise_every_band(tmp_path: 
     standardised = (dataset[0][0] - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     assert standardised.mean(dim=(1, 2)).abs().max() < 1e-4  # every band centred ...
     assert (standardised.std(dim=(1, 2), unbiased=False) - 1).abs().max() < 1e-3  # ... and on one scale
+
+
+def test_png_text_travels_with_the_pixels(tmp_path: Path) -> None:
+    mask = np.tile(np.array([[0, 255]], np.uint8), (4, 2))
+    path = tmp_path / "a_seg.png"
+    write_image(path, mask, {"farmland-source": "D:/农田/2022/a.tif"})
+    assert read_text(path, "farmland-source") == "D:/农田/2022/a.tif"
+    assert read_text(path, "farmland") is None  # a key that only begins the same
+    assert np.array_equal(read_image(path)[..., 0], mask)
+    with Image.open(path) as image:  # another reader checks each chunk's CRC and finds the text too
+        image.load()
+        assert image.info["farmland-source"] == "D:/农田/2022/a.tif"
+    write_image(tmp_path / "b.png", mask)
+    assert read_text(tmp_path / "b.png", "farmland-source") is None
+    path.write_bytes(path.read_bytes()[:40])  # cut inside the text chunk
+    assert read_text(path, "farmland-source") is None
+    assert read_text(tmp_path / "missing.png", "farmland-source") is None
+    with pytest.raises(ValueError, match="not a PNG"):
+        with_text(b"GIF89a", "key", "text")
+    with pytest.raises(ValueError, match="printable Latin-1"):
+        with_text((tmp_path / "b.png").read_bytes(), "two words", "text")

@@ -24,7 +24,9 @@ import files
 import predict
 import split_dataset
 import train
-from data_preprocess import DataError, load_mask, read_pair_list
+from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
+from png_text import read_text
+from tile_prediction import SOURCE_KEY
 
 
 def epochs_logged(run_dir: Path) -> int:
@@ -356,6 +358,37 @@ def test_interrupted_prediction_is_resumed_not_redone(
     assert predict.main(args(shared_square_data, run_dir, f"--checkpoint={other}", "--threshold=0.3")) == 0
     assert "5 of 8 image(s) already have masks from this checkpoint and are skipped" in caplog.text
     assert all(m.stat().st_mtime > since for m in masks)
+
+
+def test_tiles_of_another_folder_under_the_same_names_are_predicted_again(
+    shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = sorted((shared_square_data / "images").iterdir())[:3]
+    dates = {}
+    for date, turn in (("2019", 0), ("2022", 2)):  # the same names, other pixels: a later date's tiles
+        dates[date] = tmp_path / date
+        dates[date].mkdir()
+        for image in images:
+            write_image(dates[date] / image.name, np.rot90(read_image(image), turn).copy())
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run_copy / "checkpoints", fresh / "checkpoints")
+    assert predict.main(args(shared_square_data, fresh, f"--predict_input={dates['2022']}")) == 0
+    expected = {m.name: read_image(m) for m in (fresh / "predictions").glob("*_seg.png")}
+    assert predict.main(args(shared_square_data, run_copy, f"--predict_input={dates['2019']}")) == 0
+    caplog.clear()
+    assert predict.main(args(shared_square_data, run_copy, f"--predict_input={dates['2022']}")) == 0
+    assert "already have masks" not in caplog.text
+    assert len(expected) == 3
+    for image in images:
+        mask = run_copy / "predictions" / f"{image.stem}_seg.png"
+        assert np.array_equal(read_image(mask), expected[mask.name])
+        assert read_text(mask, SOURCE_KEY) == str((dates["2022"] / image.name).resolve())
+    # An image exported again after its mask was written is predicted again; the others are kept.
+    later = time.time() + 60
+    os.utime(dates["2022"] / images[0].name, (later, later))
+    caplog.clear()
+    assert predict.main(args(shared_square_data, run_copy, f"--predict_input={dates['2022']}")) == 0
+    assert "2 of 3 image(s) already have masks from this checkpoint and are skipped" in caplog.text
 
 
 def test_output_folder_is_never_an_input_folder(shared_square_data: Path, run_copy: Path) -> None:

@@ -157,3 +157,23 @@ def test_boundary_iou_of_empty_masks_is_undefined_and_ignored_pixels_are_skipped
     rows, _, _ = evaluate_pairs([("e", tmp_path / "l.png", tmp_path / "p.png")])
     assert math.isnan(rows[0]["boundary_iou"])
     assert summarise(rows, np.array([[36, 0], [0, 0]]))["pooled"]["boundary_iou"] is None
+
+
+def test_miou_shows_the_bands_the_predictions_were_made_with(tmp_path: Path) -> None:
+    import json
+
+    import miou
+    from config import Config
+
+    run = Config(run_dir=str(tmp_path))
+    assert miou.bands_of_the_run(run) == run  # no records: the keys as given
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "train.json").write_text(json.dumps({"in_channels": 4, "rgb_bands": "3,2,1"}), "utf-8")
+    (tmp_path / "configs" / "predict.json").write_text(json.dumps({"bands": "", "rgb_bands": "3,2,1"}), "utf-8")
+    seen = miou.bands_of_the_run(run)
+    assert (seen.in_channels, seen.bands, seen.rgb_bands) == (4, "", "3,2,1")
+    given = Config(run_dir=str(tmp_path), rgb_bands="1,2,3")
+    assert miou.bands_of_the_run(given) == given  # the user's keys win
+    (tmp_path / "configs" / "predict.json").write_text("{cut short", "utf-8")
+    seen = miou.bands_of_the_run(run)
+    assert (seen.in_channels, seen.bands, seen.rgb_bands) == (4, "", "")

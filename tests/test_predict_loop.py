@@ -101,6 +101,19 @@ def test_image_batches_stack_runs_of_one_size_and_type_and_pass_errors(tmp_path:
     assert torch.equal(first[0][1][1], ImageFiles(paths, 3)[1][1])
 
 
+def test_batches_are_sized_by_the_first_readable_image(tmp_path: Path) -> None:
+    broken = []
+    for stem in "ab":
+        broken.append(tmp_path / f"{stem}.png")
+        broken[-1].write_bytes(b"not a png")
+    image = np.random.default_rng(3).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    good = write_pair(tmp_path, "c", image, np.zeros((40, 24), np.uint8))[0]
+    first = tile_prediction.first_readable(ImageFiles([*broken, good], 3))
+    assert first is not None and tuple(first.shape) == (3, 40, 24)
+    assert tile_prediction.first_readable(ImageFiles(broken, 3)) is None
+    assert tile_prediction.first_readable(ImageFiles([], 3)) is None
+
+
 def test_background_writer_runs_every_job_and_raises_the_first_failure(tmp_path: Path) -> None:
     seen: list[int] = []
     lock = threading.Lock()

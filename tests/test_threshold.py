@@ -20,7 +20,7 @@ import predict
 import split_dataset
 import train
 from config import Config
-from data_preprocess import image_for_network, read_image, write_pair_list
+from data_preprocess import image_for_network, read_image, write_image, write_pair_list
 from inference import (
     averaged_probabilities,
     classes_from_probabilities,
@@ -31,7 +31,7 @@ from inference import (
 from net_structure import build_model, downscale_of
 from output_record import MASK_KEYS, RECORD, Since, outputs_since
 from runtime import Distributed, load_checkpoint, save_checkpoint
-from tile_prediction import sieve_pixels, sieve_tile
+from tile_prediction import SOURCE_KEY, sieve_pixels, sieve_tile
 from training import THRESHOLD_BINS, iou_at, threshold_curve, write_threshold_curve
 
 CPU = torch.device("cpu")
@@ -218,7 +218,8 @@ def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finishe
     checkpoint.write_bytes(b"weights")
     jobs = [predict.Job(tmp_path / f"{stem}.png", tmp_path / f"{stem}_seg.png", stem == "s") for stem in "abs"]
     for j in jobs:
-        j.output.write_bytes(b"mask")
+        j.image.write_bytes(b"image")
+        write_image(j.output, np.zeros((2, 2), np.uint8), {SOURCE_KEY: str(j.image.resolve())})
     cfg = Config(run_dir=str(tmp_path), overlay=False)
     assert [j.image.stem for j in predict.unfinished(jobs, cfg, checkpoint)] == ["s"]
     assert predict.unfinished(jobs, cfg, checkpoint, since=time.time() + 5) == jobs
