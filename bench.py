@@ -57,7 +57,7 @@ from config import Config
 from data_preprocess import IGNORE, FarmlandDataset, load_image, load_mask, write_image
 from demo_data import generate_dataset
 from exported_model import load_segmenter
-from fast_path import prediction_path, training_path
+from fast_path import prediction_choice, training_choice
 from inference import inference_model, model_from_checkpoint
 from metrics import class_iou, confusion_matrix, evaluate_pairs
 from net_structure import ENCODERS, build_model
@@ -151,7 +151,9 @@ def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps:
     )
     # As train.py: under amp=auto on a CPU the precision and layout are timed and chosen (not counted below).
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
-    choice = training_path(cfg, model, criterion, tuple(dataset[0][0].shape), device, training_batch(cfg, len(dataset)))
+    choice = training_choice(
+        cfg, model, criterion, tuple(dataset[0][0].shape), device, training_batch(cfg, len(dataset))
+    )
     amp, layout = choice.candidate.amp, choice.candidate.layout
     if fast:
         optimizer = make_optimizer(model, cfg, device)
@@ -226,7 +228,7 @@ def bench_predict_fast(
     config |= {"encoder": encoder, "downscale": downscale}
     state = {"model": build_model(3, 2, width, 0.3, encoder, downscale).state_dict(), "config": config}
     model = inference_model(state, device, True, resolve_amp(amp_name, device))
-    model, choice = prediction_path(model, state, amp_name, True, device, load_image(images[0], 3).shape)
+    model, choice = prediction_choice(model, state, amp_name, True, device, load_image(images[0], 3).shape)
     amp = choice.candidate.amp
     # The choice made, predict_tiles is told it, so that it does not time the candidates again.
     chosen = {"amp": choice.candidate.amp_key, "channels_last": choice.candidate.channels_last}
@@ -691,9 +693,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _start_results(args: argparse.Namespace, info: dict[str, Any], flops: int) -> dict[str, Any]:
-    """Print the machine and the U-Net's cost per tile; the results' first fields, which say what was measured."""
+    """Print the machine and the cost per tile of the U-Net the one-off rows measure (with ``--cases_only``, the
+    cases instead); the results' first fields, which say what was measured."""
     print(f"{info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu']}, torch {info['torch']}")
-    print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
+    if args.cases_only:
+        print(
+            f"widths {','.join(map(str, args.widths))}, encoders {','.join(args.encoders)}, downscales "
+            f"{','.join(map(str, args.downscales))}, {args.tile}x{args.tile} tiles"
+        )
+    else:
+        print(f"U-Net width {args.width}, {args.tile}x{args.tile} tiles: {flops / 1e9:.1f} GFLOP per tile forward")
     return {
         "machine": info,
         "width": args.width,

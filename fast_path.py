@@ -377,7 +377,7 @@ def agreed(candidate: Candidate, why: str) -> tuple[Candidate, str]:
     return taken, why if torch.distributed.get_rank() == 0 else "rank 0's choice"
 
 
-def training_path(
+def training_choice(
     cfg: Config, model: nn.Module, criterion: nn.Module, shape: Sequence[int], device: torch.device, batch: int
 ) -> Choice:
     """train.py's precision and layout: timed on a copy of ``model`` with ``criterion`` on a batch of ``batch``
@@ -406,7 +406,7 @@ def training_path(
     return choice
 
 
-def prediction_path(
+def prediction_choice(
     model: nn.Module, state: dict, amp_name: str, channels_last: bool, device: torch.device, shape: Sequence[int]
 ) -> tuple[nn.Module, Choice]:
     """The network to predict with and the choice behind it: where the choice is open, the checkpoint's
@@ -428,7 +428,7 @@ def prediction_path(
 def timed_prediction(
     model: nn.Module, state: dict, options: Sequence[Candidate], device: torch.device, shape: Sequence[int]
 ) -> tuple[nn.Module, Choice]:
-    """prediction_path's timing on one tile of ``shape``: ``model`` (the first candidate) and copies of it in the
+    """prediction_choice's timing on one tile of ``shape``: ``model`` (the first candidate) and copies of it in the
     others' dtype and layout. A copy cast from another dtype holds that dtype's rounding of the weights, which
     changes no timing; the network taken in another dtype than ``model``'s is built from the checkpoint."""
     started = time.perf_counter()

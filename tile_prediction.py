@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from config import Config
 from data_preprocess import image_for_network, read_image, select_bands, write_image
-from fast_path import prediction_path
+from fast_path import prediction_choice
 from figures import stretched
 from files import DataError, written_after
 from inference import (
@@ -230,7 +230,7 @@ def _prediction_setup(
     channels_last = cfg.channels_last
     if first is not None:
         # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
-        model, choice = prediction_path(model, state, cfg.amp, cfg.channels_last, device, tuple(first.shape))
+        model, choice = prediction_choice(model, state, cfg.amp, cfg.channels_last, device, tuple(first.shape))
         if choice.measured:
             amp, channels_last = choice.candidate.amp, choice.candidate.channels_last
         batch_size = choose_batch_size(model, tuple(first.shape), device, cfg.predict_batch_size)

@@ -46,7 +46,7 @@ from data_preprocess import (
     split_scenes,
 )
 from encoders import imagenet_normalisation, load_encoder_weights
-from fast_path import training_path
+from fast_path import training_choice
 from figures import plot_curves, plot_threshold_curve
 from losses import make_loss
 from metrics import FARMLAND, class_iou
@@ -362,7 +362,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     model = build_network(cfg, statistics, job, layout)
     # amp=auto on a CPU: the faster precision and layout, timed on this network and tile size (fast_path.py).
     batch = training_batch(cfg, len(train_set), job.world)
-    choice = training_path(cfg, model, criterion, tile, job.device, batch)
+    choice = training_choice(cfg, model, criterion, tile, job.device, batch)
     amp, layout = choice.candidate.amp, choice.candidate.layout
     # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each
     # (and the weights' moving average).

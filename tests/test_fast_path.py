@@ -167,17 +167,17 @@ def test_forced_settings_and_tiny_networks_time_nothing(monkeypatch: pytest.Monk
     model = build_model(3, 2, 4, 0.3)
     for amp, channels_last, expected in (("off", False, FP32), ("bf16", True, BF16_CL)):
         cfg = Config(base_width=4, amp=amp, channels_last=channels_last)
-        choice = fast_path.training_path(cfg, model, nn.CrossEntropyLoss(), (3, 256, 256), CPU, 5)
+        choice = fast_path.training_choice(cfg, model, nn.CrossEntropyLoss(), (3, 256, 256), CPU, 5)
         assert choice.candidate == expected and choice.why == f"amp={amp} given" and not choice.measured
         assert (cfg.amp, cfg.channels_last) == (amp, channels_last)  # the config as it was
         assert model.inc.block[0].weight.is_contiguous(memory_format=expected.layout)
     # amp=auto on a width-4 network of 32-pixel tiles (the tests' size): the old rule, deterministic.
     cfg = Config(base_width=4)
-    choice = fast_path.training_path(cfg, model, nn.CrossEntropyLoss(), (3, 32, 32), CPU, 5)
+    choice = fast_path.training_choice(cfg, model, nn.CrossEntropyLoss(), (3, 32, 32), CPU, 5)
     assert choice.candidate == fast_path.candidates("auto", True, CPU)[0] and "too small" in choice.why
     assert cfg.amp == "auto"
     state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg)}
-    assert fast_path.prediction_path(model, state, "auto", True, CPU, (3, 32, 32))[0] is model
+    assert fast_path.prediction_choice(model, state, "auto", True, CPU, (3, 32, 32))[0] is model
 
 
 def stand_in_timers(seconds: dict[Candidate, float], asked: list | None = None) -> Callable[..., tuple]:
@@ -203,7 +203,7 @@ def test_training_takes_and_records_the_timed_choice(
     model = build_model(3, 2, 4, 0.3)
     cfg = Config(base_width=4, run_dir=str(tmp_path))
     with caplog.at_level(logging.INFO, logger="fast_path"):
-        choice = fast_path.training_path(cfg, model, nn.CrossEntropyLoss(), (3, 32, 32), CPU, 5)
+        choice = fast_path.training_choice(cfg, model, nn.CrossEntropyLoss(), (3, 32, 32), CPU, 5)
     assert choice.candidate == FP32 and choice.measured
     assert model.inc.block[0].weight.is_contiguous()  # the model in the chosen layout
     assert (cfg.amp, cfg.channels_last) == ("off", False)  # recorded, for the checkpoints' config
@@ -217,7 +217,7 @@ def test_training_takes_and_records_the_timed_choice(
     monkeypatch.setattr(fast_path, "choose", cannot_time)
     save_checkpoint(tmp_path / "checkpoints" / "last.pth", {"model": {}, "config": dataclasses.asdict(cfg)})
     resumed = Config(base_width=4, run_dir=str(tmp_path), resume=True)
-    choice = fast_path.training_path(resumed, build_model(3, 2, 4, 0.3), nn.CrossEntropyLoss(), (3, 32, 32), CPU, 5)
+    choice = fast_path.training_choice(resumed, build_model(3, 2, 4, 0.3), nn.CrossEntropyLoss(), (3, 32, 32), CPU, 5)
     assert choice.candidate == FP32 and "last.pth" in choice.why
     assert (resumed.amp, resumed.channels_last) == ("off", False)
 
@@ -256,7 +256,7 @@ def test_prediction_takes_the_timed_choice(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(fast_path, "choose", fp32_contiguous_wins)
     given = inference_model(state, CPU, True, torch.bfloat16)
-    model, choice = fast_path.prediction_path(given, state, "auto", True, CPU, (3, 32, 32))
+    model, choice = fast_path.prediction_choice(given, state, "auto", True, CPU, (3, 32, 32))
     assert timed == ALL and choice.candidate == FP32
     weight = next(model.parameters())
     assert weight.dtype == torch.float32 and model is not given
