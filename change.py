@@ -101,11 +101,14 @@ def pair_name(before: Path, after: Path) -> str:
     return before.stem if before.stem == after.stem else f"{before.stem}_to_{after.stem}"
 
 
-def images_by_stem(folder: Path) -> dict[str, list[Path]]:
-    """The images of a folder (not its sub-folders), by file stem."""
+def images_by_stem(folder: Path, problems: list[str]) -> dict[str, list[Path]]:
+    """The images of a folder (not its sub-folders), by file stem; an image whose name is not UTF-8 is left out
+    and its error added to ``problems``."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and is_image_file(path):
+        if path.is_file() and is_image_file(path) and files.name_problem(path):
+            problems.append(str(files.name_problem(path)))
+        elif path.is_file() and is_image_file(path):
             found.setdefault(path.stem, []).append(path)
     return found
 
@@ -127,8 +130,9 @@ def list_pairs(cfg: Config) -> tuple[list[Pair], list[str]]:
         return [Pair(pair_name(before, after), before, after)], []
     if not (before.is_dir() and after.is_dir()):
         raise ValueError(f"--before={before} and --after={after}: expected two files or two folders, not one of each")
-    first, second = images_by_stem(before), images_by_stem(after)
-    pairs, problems = [], []
+    problems: list[str] = []
+    first, second = images_by_stem(before, problems), images_by_stem(after, problems)
+    pairs = []
     for stem in sorted(set(first) | set(second)):
         found = {before: first.get(stem, []), after: second.get(stem, [])}
         for folder, paths in found.items():

@@ -157,7 +157,7 @@ def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
     )
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank == 0:  # one log file, written by one process
-        handlers.append(logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8"))
+        handlers.append(logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8", errors="backslashreplace"))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.farmland_pipeline = True  # type: ignore[attr-defined]

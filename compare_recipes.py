@@ -317,6 +317,18 @@ def ratio_predicted(counts: dict) -> float:
     return (counts["tp"] + counts["fp"]) / total if total else float("nan")
 
 
+def defined(values: Sequence[float | None]) -> list[float]:
+    """The figures that are defined: not null (0/0, a test split without farmland that none is predicted in)
+    and not NaN."""
+    return [float(v) for v in values if v is not None and np.isfinite(v)]
+
+
+def mean_of(values: Sequence[float | None]) -> float | None:
+    """The mean of the defined figures (``defined``); None where none is."""
+    kept = defined(values)
+    return float(np.mean(kept)) if kept else None
+
+
 def mean_rows(rows: list[dict]) -> list[dict]:
     """For each (data, recipe) run on several split seeds, a row with the mean of its scores over the seeds."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -328,7 +340,7 @@ def mean_rows(rows: list[dict]) -> list[dict]:
         if len(members) < 2:
             continue
         keys = SCORES + tuple(k for k in extras if all(k in m for m in members))
-        mean = {key: float(np.mean([m[key] for m in members if m[key] is not None])) for key in keys}
+        mean = {key: mean_of([m[key] for m in members]) for key in keys}
         predicted = float(np.mean([m["test_predicted_farmland"] for m in members]))
         minutes = float(np.mean([m["train_minutes"] for m in members]))
         means.append(
@@ -338,7 +350,7 @@ def mean_rows(rows: list[dict]) -> list[dict]:
                 "seed": "mean",
                 "test_predicted_farmland": predicted,
                 "train_minutes": minutes,
-                "worst_pooled": min(m[SCORES[0]] for m in members),
+                "worst_pooled": min(pooled) if (pooled := defined([m[SCORES[0]] for m in members])) else None,
                 **mean,
             }
         )

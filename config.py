@@ -34,7 +34,7 @@ class Config:
     # --- data_preprocess.py / train.py -----------------------------------------------------------------
     recipe: str = "reference"  # reference (these defaults) or recommended (RECOMMENDED below); explicit keys win
     online_aug: bool = True  # random flips and 90-degree rotations of training tiles at load time
-    scale_jitter: float = 0.0  # online: random zoom by up to this fraction (0.1: 0.9x to 1.1x), mask alike; 0 = off
+    scale_jitter: float = 0.0  # online: random zoom by up to this fraction, below 0.5 (0.1: 0.9x to 1.1x); 0 = off
     colour_jitter: float = 0.0  # online: brightness, contrast and hue jitter of up to this amount (0.1); 0 = off
     normalise: bool = False  # standardise each band by its training-split mean and std (kept in the checkpoint)
     ignore_index: int = -1  # mask value of unlabelled pixels (e.g. 128), left out of losses and metrics; -1 = none
@@ -48,12 +48,12 @@ class Config:
     base_width: int = 64  # channels of the first U-Net level (w, 2w, 4w, 8w, 16w); resnet: decoder widths 4w..w/4
     downscale: int = 1  # 1, 2, 4: the network works on tiles shrunk by it; 0 = auto: about 2 m per pixel (unknown: 2)
     dropout: float = 0.3  # Dropout2d rate inside every double convolution
-    epochs: int = 100  # training epochs
+    epochs: int = 100  # training epochs, 1 or more
     time_budget: float = 0.0  # minutes to train: the epochs that fit, planned from timed ones (not epochs); 0 = off
     batch_size: int = 5  # tiles per training step
     lr: float = 1e-4  # Adam learning rate
     loss: str = "ce"  # ce, weighted_ce (class weights from the training split), dice, ce_dice or focal
-    focal_gamma: float = 2.0  # focusing exponent of the focal loss
+    focal_gamma: float = 2.0  # focusing exponent of the focal loss, 0 or more (0: cross-entropy)
     weight_decay: float = 1e-8  # Adam weight decay
     step_size: int = 20  # StepLR: epochs between learning-rate drops
     gamma: float = 0.5  # StepLR: factor applied to the learning rate at each drop
@@ -62,9 +62,9 @@ class Config:
     early_stop: int = 0  # stop after this many epochs without a better val farmland IoU; 0 = never
     keep_epoch: str = "best"  # best.pth holds: best (best val IoU), last (latest epoch), auto (last if val < 3 scenes)
     tune_threshold: bool = False  # pick the farmland probability cut with the best val IoU; predict.py uses it
-    precise_bn: int = 0  # recompute BatchNorm statistics on this many training tiles before each validation; 0 = off
+    precise_bn: int = 0  # recompute BatchNorm statistics over this many training tiles (2+) before validating; 0 = off
     ema: float = 0.0  # decay of a moving average of the weights (e.g. 0.999), validated beside them; 0 = off
-    collapse_patience: int = 3  # warn when val predictions hold a single class for this many epochs in a row
+    collapse_patience: int = 3  # warn when val predictions hold one class, or the loss stalls, N epochs on end; 0 = off
     tensorboard: bool = True  # also log to run_dir/tensorboard when the tensorboard package is installed
     snapshot_every: int = 10  # also keep the weights of every N-th epoch (0 = never)
     resume: bool = False  # continue from run_dir/checkpoints/last.pth

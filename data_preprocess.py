@@ -489,7 +489,7 @@ def encode_tiff(bands: np.ndarray, descriptions: Sequence[str | None] = (), **pr
 
 
 def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list[str], int]:
-    """The group of each pair: the first capture group (or the whole match) of ``pattern`` searched in the
+    """The group of each pair: the first capture group that took part (else the whole match) of ``pattern`` in the
     image's stem, so tiles cut from one scene stay together. An empty pattern makes every tile its own group.
 
     Returns:
@@ -514,7 +514,8 @@ def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list
             unmatched += 1
             groups.append(image.stem)
         else:
-            groups.append(match.group(1) if regex.groups else match.group(0))
+            # The first group that took part: in a|b patterns each alternative may have its own.
+            groups.append(next((g for g in match.groups() if g is not None), match.group(0)))
     return groups, unmatched
 
 
@@ -536,13 +537,22 @@ def read_pair_list(path: Path) -> list[tuple[Path, Path]]:
     """Read a split list written by split_dataset.py: one ``image<TAB>mask`` pair per line.
 
     Raises:
-        DataError: the list is missing or a line is malformed.
+        DataError: the list is missing, not UTF-8 text, or a line is malformed.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split list not found; run split_dataset.py first with the same --run_dir")
+    try:
+        # utf-8-sig: an editor that saved the list with a byte-order mark would glue it to the first path.
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: expected UTF-8 text, found byte {err.object[err.start]:#04x}, which is not UTF-8 there; "
+            "save the list as UTF-8 (the encoding split_dataset.py writes), or re-run split_dataset.py"
+        ) from None
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
@@ -572,11 +582,13 @@ def random_scale(
     """Zoom an image (C, H, W) and its mask (H, W) by one random factor in [1 - amount, 1 + amount].
 
     The image is resampled bilinearly, the mask by nearest neighbour (classes never blend); a zoom in is
-    cropped back to H x W at a random place, a zoom out reflect-padded, so the tile keeps its size.
+    cropped back to H x W at a random place, a zoom out reflect-padded, so the tile keeps its size. A zoom out
+    keeps more than half of each side: reflection cannot pad by as much as the side it reflects (train.py
+    refuses an ``amount`` of 0.5 or more; rounding on small tiles could still reach half).
     """
     factor = 1.0 + amount * (2.0 * float(torch.rand((), generator=generator)) - 1.0)
     height, width = mask.shape
-    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    size = (max(height // 2 + 1, round(height * factor)), max(width // 2 + 1, round(width * factor)))
     if size == (height, width):
         return image, mask
     image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]

@@ -61,8 +61,9 @@ def remove_quietly(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text atomically (see atomic_write_bytes)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write UTF-8 text atomically (see atomic_write_bytes). A file name that is not UTF-8 (name_problem), in a
+    saved config for one, is written with its odd bytes as \\udcNN escapes rather than stopping the run."""
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def check_writable(folder: Path, need_bytes: int = 0) -> None:
@@ -97,6 +98,24 @@ def read_record(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def shown_path(path: Path) -> str:
+    """``path`` as text that any log, list or table can hold: a name whose bytes are not UTF-8 (GBK names
+    unpacked on Linux, for example) with those bytes as \\xNN escapes; any other path as it is."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def name_problem(path: Path) -> str | None:
+    """The error for a file whose name is not UTF-8, which the pipeline's lists, tables and logs cannot hold
+    (and which another machine would show garbled); None for any other name."""
+    shown = shown_path(path)
+    if shown == str(path):
+        return None
+    return (
+        f"{shown}: the file name is not UTF-8 text (its bytes are in another encoding, such as GBK); rename it, "
+        "for example with convmv -f gbk -t utf-8 --notest FILE, and run again"
+    )
 
 
 def written_after(paths: Iterable[Path], model: Path, since: float = 0.0) -> bool:

@@ -59,7 +59,10 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torc
     labelled = target != IGNORE
     classes = torch.where(labelled, target, torch.zeros_like(target))
     log_pt = log_p.gather(1, classes[:, None])[:, 0]
-    losses = -((1.0 - log_pt.exp()) ** gamma) * log_pt
+    # 1 - p_t from log p_t without cancellation, kept above 0: at p_t = 1 the power's gradient for gamma < 1
+    # would be infinite, and infinity times log p_t = 0 is NaN, which would poison every weight.
+    easy = (-torch.expm1(log_pt)).clamp_min(torch.finfo(log_pt.dtype).tiny)
+    losses = -(easy**gamma) * log_pt
     return (losses * labelled).sum() / labelled.sum().clamp(min=1)
 
 

@@ -323,6 +323,10 @@ def tile_all(
     failed = 0
     earlier = {Path(r.get("scene", "")).stem: r.get("scene", "") for r in read_table(out / TABLE)}
     for path in scenes:
+        if files.name_problem(path):
+            LOG.error("%s", files.name_problem(path))
+            failed += 1
+            continue
         if path.stem in done:
             LOG.error("%s: a scene named %s was already tiled in this run; rename one of them", path, path.stem)
             failed += 1

@@ -132,11 +132,12 @@ def boundary_band(mask: np.ndarray, width: int) -> np.ndarray:
 def boundary_counts(pred: np.ndarray, label: np.ndarray, width: int, positive: int = FARMLAND) -> tuple[int, int]:
     """Intersection and union of the label's and the prediction's edge bands of the positive class.
 
-    Boundary IoU = intersection / union; labelled pixels only.
+    Boundary IoU = intersection / union; labelled pixels only. Unlabelled pixels count as inside in both masks,
+    so the edge of an unlabelled area is no parcel edge (its true outline is unknown), as the image border is not.
     """
-    labelled = label != IGNORE
-    label_band = boundary_band(label == positive, width) & labelled
-    pred_band = boundary_band(pred == positive, width) & labelled
+    unlabelled = label == IGNORE
+    label_band = boundary_band((label == positive) | unlabelled, width) & ~unlabelled
+    pred_band = boundary_band((pred == positive) | unlabelled, width) & ~unlabelled
     return int(np.count_nonzero(label_band & pred_band)), int(np.count_nonzero(label_band | pred_band))
 
 

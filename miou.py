@@ -40,6 +40,8 @@ from data_preprocess import load_mask, parse_bands, read_image, read_pair_list, 
 from figures import photo_to_show, save_figure
 from files import prediction_path
 from metrics import evaluate_pairs, summarise
+from png_text import read_texts
+from tile_prediction import SOURCE_KEY, STAMP_KEY, source_texts
 
 LOG = logging.getLogger("miou")
 
@@ -122,6 +124,24 @@ def write_csv(rows: list[dict], path: Path) -> None:
     files.atomic_write_text(path, buffer.getvalue())
 
 
+def made_elsewhere(mask: Path, image: Path) -> str | None:
+    """The error for a test image whose mask predict.py made from another file of that name (``--predict_input``
+    into this run), or from this one before it changed; None where the mask records this image as it is now, or
+    records nothing (masks made otherwise are scored as they are)."""
+    made = {k: v for k, v in read_texts(mask).items() if k in (SOURCE_KEY, STAMP_KEY)}
+    try:
+        source = source_texts(image)
+    except OSError:
+        return None  # a missing image is the split's problem, reported where the label is read
+    if not made or made == source:
+        return None
+    if made.get(SOURCE_KEY) != source[SOURCE_KEY]:
+        why = f"was made from {made.get(SOURCE_KEY)}, not from the test image {source[SOURCE_KEY]}"
+    else:
+        why = f"was made before the test image {source[SOURCE_KEY]} last changed"
+    return f"{mask}: {why}; not scored: predict the test split again (predict.py, this --run_dir, no --predict_input)"
+
+
 def bands_of_the_run(cfg: Config) -> Config:
     """``cfg`` with, where it names neither ``bands`` nor ``rgb_bands``, the bands the predictions were read and
     shown with (run_dir/configs/predict.json) and the network's band count (configs/train.json): the galleries
@@ -143,19 +163,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.parse_args(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "miou")
+    if cfg.boundary_width < 1:
+        raise ValueError(f"--boundary_width={cfg.boundary_width}: expected the edge band's depth in pixels, 1 or more")
     cfg = bands_of_the_run(cfg)
     shown = shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # refused before the scoring
     run_dir = Path(cfg.run_dir)
     cli.save_config(cfg, "miou")
     pairs = read_pair_list(run_dir / "splits" / "test.txt")
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
+    stale = [problem for image, _, mask in lookup.values() if (problem := made_elsewhere(mask, image))]
+    for problem in stale:
+        LOG.error("%s", problem)
     rows, pooled, errors = evaluate_pairs(
-        [(n, v[1], v[2]) for n, v in lookup.items()],
+        [(n, v[1], v[2]) for n, v in lookup.items() if not made_elsewhere(v[2], v[0])],
         cfg.mask_threshold,
         cfg.n_classes,
         cfg.ignore_index,
         cfg.boundary_width,
     )
+    errors += stale
     if not rows:
         LOG.error("no test image could be scored (%d problem(s) above)", len(errors))
         return 1

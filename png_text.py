@@ -37,26 +37,32 @@ def with_text(encoded: bytes, key: str, text: str) -> bytes:
     return encoded[:HEADER_END] + _chunk(b"iTXt", data) + encoded[HEADER_END:]
 
 
-def read_text(path: Path, key: str) -> str | None:
-    """The text stored under ``key`` in an uncompressed iTXt chunk before the PNG's pixels; None where the file
-    is missing, unreadable, not a PNG, or holds no such text."""
+def read_texts(path: Path) -> dict[str, str]:
+    """Every text stored in an uncompressed iTXt chunk before the PNG's pixels, by key; empty where the file is
+    missing, unreadable, not a PNG, or holds none."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(READ_LIMIT)
     except OSError:
-        return None
-    if not head.startswith(SIGNATURE):
-        return None
-    wanted, position = key.encode("latin-1") + b"\x00", len(SIGNATURE)
-    while position + 8 <= len(head):
+        return {}
+    texts: dict[str, str] = {}
+    position = len(SIGNATURE)
+    while head.startswith(SIGNATURE) and position + 8 <= len(head):
         (length,) = struct.unpack(">I", head[position : position + 4])
         kind, data = head[position + 4 : position + 8], head[position + 8 : position + 8 + length]
         if kind == b"IDAT" or len(data) < length:
-            return None  # the pixels begin, or the chunk runs past what was read
-        if kind == b"iTXt" and data.startswith(wanted):
-            return _itxt_text(data[len(wanted) :])
+            break  # the pixels begin, or the chunk runs past what was read
+        key, _, rest = data.partition(b"\x00")
+        text = _itxt_text(rest) if kind == b"iTXt" else None
+        if text is not None:
+            texts[key.decode("latin-1")] = text
         position += 12 + length
-    return None
+    return texts
+
+
+def read_text(path: Path, key: str) -> str | None:
+    """The text stored under ``key`` (read_texts), or None."""
+    return read_texts(path).get(key)
 
 
 def _itxt_text(rest: bytes) -> str | None:

@@ -34,7 +34,7 @@ import scene
 from config import Config
 from data_preprocess import is_image_file, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter
-from files import DataError, prediction_path
+from files import DataError, name_problem, prediction_path
 from inference import inference_model, with_threshold
 from net_structure import input_padding
 from output_record import Since, outputs_since
@@ -99,9 +99,13 @@ def plan_jobs(
             f"--predict_input={cfg.predict_input}: lies in the output folder {predictions}; predict another folder"
         )
     by_name: dict[Path, list[Path]] = {}
-    for path in paths:  # outputs are named by the stem: a tile's mask, a scene's files
-        by_name.setdefault(prediction_path(run_dir, path), []).append(path)
     jobs, refused = [], 0
+    for path in paths:  # outputs are named by the stem: a tile's mask, a scene's files
+        if name_problem(path):
+            (LOG.error if report else LOG.debug)("%s", name_problem(path))
+            refused += 1
+            continue
+        by_name.setdefault(prediction_path(run_dir, path), []).append(path)
     for output, namesakes in by_name.items():
         if len(namesakes) > 1:
             (LOG.error if report else LOG.debug)(

@@ -76,14 +76,18 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     scan = Scan()
     masks: dict[str, list[Path]] = {}
     for path in sorted(label_dir.iterdir()):
-        if path.is_file() and is_image_file(path) and path.stem.endswith(mask_suffix):
+        if path.is_file() and is_image_file(path) and files.name_problem(path):
+            scan.rejected.append((Path(files.shown_path(path)), "error", files.name_problem(path)))
+        elif path.is_file() and is_image_file(path) and path.stem.endswith(mask_suffix):
             # An empty suffix pairs labels/a.png with images/a.png.
             masks.setdefault(path.stem[: len(path.stem) - len(mask_suffix)], []).append(path)
         elif path.is_file() and is_image_file(path):
             scan.rejected.append((path, "orphan", f"mask name does not end in '{mask_suffix}' before the extension"))
     images: dict[str, list[Path]] = {}
     for path in sorted(image_dir.iterdir()):
-        if path.is_file() and is_image_file(path):
+        if path.is_file() and is_image_file(path) and files.name_problem(path):
+            scan.rejected.append((Path(files.shown_path(path)), "error", files.name_problem(path)))
+        elif path.is_file() and is_image_file(path):
             images.setdefault(path.stem, []).append(path)
     for stem in sorted(set(images) | set(masks)):
         found_images, found_masks = images.get(stem, []), masks.get(stem, [])

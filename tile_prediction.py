@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from config import Config
-from data_preprocess import image_for_network, read_image, select_bands, write_image
+from data_preprocess import check_tile_values, image_for_network, read_image, select_bands, write_image
 from fast_path import prediction_choice
 from figures import stretched
-from files import DataError, written_after
+from files import DataError, shown_path, written_after
 from inference import (
     choose_batch_size,
     decision_threshold,
@@ -27,7 +27,7 @@ from inference import (
     predict_batch,
 )
 from net_structure import downscale_of
-from png_text import read_text
+from png_text import read_texts
 from polygons import sieve_block
 from runtime import usable_cores
 
@@ -50,6 +50,7 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         try:
             image = select_bands(read_image(path), self.bands, path)
+            check_tile_values(image, path)  # NaN would spread through the network to an all-background mask
             return index, torch.from_numpy(image_for_network(image, self.in_channels, path))
         except DataError as err:
             return index, str(err)  # reported by the main process; one bad file does not stop the rest
@@ -173,21 +174,32 @@ def sieve_tile(mask: np.ndarray, min_pixels: int) -> np.ndarray:
 
 
 SOURCE_KEY = "farmland-source"  # the PNG text of a tile's mask and overlay naming the image
+STAMP_KEY = "farmland-source-stamp"  # and the image file's size and modification time then
+
+
+def source_texts(image: Path) -> dict[str, str]:
+    """What a tile's outputs record of the image file they are made from: its full path and its size and
+    modification time (a file copied in with its old time, cp -p or rsync -a, differs from the one before).
+
+    Raises:
+        OSError: the image cannot be found.
+    """
+    info = image.stat()
+    return {SOURCE_KEY: shown_path(image.resolve()), STAMP_KEY: f"{info.st_size} bytes, {info.st_mtime_ns} ns"}
 
 
 def is_complete(mask_path: Path, image: Path, checkpoint: Path, overlay: bool, since: float = 0.0) -> bool:
     """Whether an earlier run already wrote this image's outputs with this checkpoint and settings: newer than
-    the checkpoint, than ``since`` (output_record.Since) and than the image, and each predicted from this very
-    image file (another folder's tiles of the same names write the same outputs)."""
+    the checkpoint and than ``since`` (output_record.Since), and each made from this very image file as it is
+    now (another folder's tiles of the same names write the same outputs; an image may be exported again)."""
     outputs = [mask_path, overlay_path(mask_path)] if overlay else [mask_path]
     if not written_after(outputs, checkpoint, since):
         return False
     try:
-        made = image.stat().st_mtime
-        source = str(image.resolve())
+        source = source_texts(image)
     except OSError:
         return False
-    return all(p.stat().st_mtime >= made and read_text(p, SOURCE_KEY) == source for p in outputs)
+    return all(source.items() <= read_texts(p).items() for p in outputs)
 
 
 def _write_tile_outputs(
@@ -196,7 +208,10 @@ def _write_tile_outputs(
     """Write one tile's sieved mask and, given the ``image``, its overlay; each names its ``source`` image file
     (is_complete)."""
     mask = sieve_tile(mask, min_pixels)
-    text = {SOURCE_KEY: str(source.resolve())}
+    try:
+        text = source_texts(source)
+    except OSError:
+        text = {}  # the image went after it was read: these outputs vouch for nothing and are made again
     write_image(mask_path, mask * np.uint8(255), text)
     if image is not None:
         photo = image if image.dtype == np.uint8 else stretched(image, 0, image.any(axis=0))  # 16-bit: not black

@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from fast_path import training_choice
 from figures import plot_curves, plot_threshold_curve
 from losses import make_loss
 from metrics import FARMLAND, class_iou
-from net_structure import build_model, count_parameters, set_normalisation, smallest_batch
+from net_structure import ENCODERS, build_model, count_parameters, set_normalisation, smallest_batch
 from runtime import (
     Distributed,
     all_reduce_sum,
@@ -263,8 +263,8 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     """
     last = ckpt_dir / "last.pth"
     if not cfg.resume:
-        if job.main and last.exists():
-            LOG.warning("%s exists and will be overwritten; use --resume=true to continue that run", last)
+        if job.main:
+            warn_earlier_run(Path(cfg.run_dir))
         return Progress()
     state = load_checkpoint(last, job.device)
     check_resumable(state, cfg, last)
@@ -290,6 +290,33 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
         progress.best_epoch,
     )
     return progress
+
+
+# What an earlier run leaves that a fresh one may not overwrite, beside its checkpoints (relative to run_dir).
+EARLIER_OUTPUTS = ("threshold_curve.csv", "figures/threshold_curve.png", "tensorboard")
+
+
+def warn_earlier_run(run_dir: Path) -> None:
+    """Warn when a fresh run starts in a run folder holding an earlier run's checkpoints: last.pth and best.pth
+    are overwritten, but its weight snapshots (epoch_NNN.pth), threshold curve and TensorBoard logs stay beside
+    the new run's unless it writes files of the same names. Nothing is deleted: they may be all that is left."""
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoints = [ckpt_dir / name for name in ("last.pth", "best.pth") if (ckpt_dir / name).exists()]
+    snapshots = sorted(ckpt_dir.glob("epoch_*.pth"))
+    if not checkpoints and not snapshots:
+        return
+    others = [name for name in EARLIER_OUTPUTS if (run_dir / name).exists()]
+    kept = [f"checkpoints/{p.name}" for p in snapshots] + others
+    parts = [f"this fresh run overwrites {' and '.join(p.name for p in checkpoints)}"] if checkpoints else []
+    if kept:
+        shown = ", ".join(kept[:12]) + (f" and {len(kept) - 12} more" if len(kept) > 12 else "")
+        parts.append(f"the earlier run's {shown} stay beside the new run's outputs and will be mixed with them")
+    LOG.warning(
+        "%s holds an earlier run's checkpoints: %s; use --resume=true to continue that run, or a new --run_dir "
+        "to keep the two apart (nothing is deleted)",
+        run_dir,
+        "; ".join(parts),
+    )
 
 
 KEEP_EPOCHS = ("best", "last", "auto")  # the keep_epoch key's values
@@ -341,11 +368,46 @@ def resolve_downscale(cfg: Config, job: Distributed) -> None:
         )
 
 
+# Settings checked before any tile is read: (key, whether a value is valid, what is expected, the fix).
+SETTING_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
+    ("in_channels", lambda v: v >= 1, "1 or more bands", "--in_channels=3 for RGB, 4 for RGB+NIR"),
+    ("n_classes", lambda v: v >= 2, "2 or more classes (0 = background, 1 = farmland)", "--n_classes=2"),
+    ("base_width", lambda v: v >= 1, "1 or more channels", "--base_width=64 as the reference"),
+    ("encoder", lambda v: v in ENCODERS, f"one of {', '.join(ENCODERS)}", "--encoder=unet"),
+    ("dropout", lambda v: 0 <= v < 1, "a rate from 0 to below 1", "--dropout=0.3 as the reference, or 0"),
+    ("epochs", lambda v: v >= 1, "1 or more epochs", "--epochs=100 as the reference, or --time_budget=MINUTES"),
+    (
+        "time_budget",
+        lambda v: math.isfinite(v) and v >= 0,
+        "minutes of training (e.g. 45), or 0 for off",
+        "--time_budget=45, or 0 to train --epochs",
+    ),
+    # A zoom out by half or more would need more reflect padding than the shrunk tile holds.
+    ("scale_jitter", lambda v: 0 <= v < 0.5, "a zoom fraction from 0 (off) to below 0.5", "--scale_jitter=0.1"),
+    ("focal_gamma", lambda v: v >= 0, "a focusing exponent of 0 or more", "--focal_gamma=2 (0 is cross-entropy)"),
+    ("collapse_patience", lambda v: v >= 0, "a number of epochs, or 0 for off", "--collapse_patience=3"),
+)
+
+
+def check_settings(cfg: Config) -> None:
+    """Refuse, before any tile is read, a setting that would fail or mislead later (the architecture keys before
+    the split statistics and the prior loss that use n_classes, epochs and the time budget before the loop).
+
+    Raises:
+        ValueError: the first key of SETTING_RULES whose value is not valid, naming what was expected and the fix.
+    """
+    resolution.check_setting(cfg.downscale)
+    for key, valid, expected, fix in SETTING_RULES:
+        value = getattr(cfg, key)
+        if not valid(value):
+            raise ValueError(f"--{key}={value}: expected {expected}; use {fix}")
+
+
 def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Trainer, Progress, tuple[int, int]]:
     """Data, loss, network, optimiser, schedule and scaler, restored when resuming and wrapped for torchrun.
     Returns the trainer, the progress so far and the (training, validation) tile counts."""
+    check_settings(cfg)
     resolve_keep_epoch(cfg, job)
-    resolution.check_setting(cfg.downscale)  # before any tile is read
     train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
     if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
         cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0
@@ -565,7 +627,7 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
     one_class = int((cm.sum(axis=0) > 0).sum()) == 1  # every val pixel predicted background, or every one farmland
     stuck = not scoreless and (row["val_farmland_iou"] == 0.0 or one_class)
     progress.collapsed = progress.collapsed + 1 if stuck else 0
-    if progress.collapsed == cfg.collapse_patience and job.main:
+    if 0 < cfg.collapse_patience == progress.collapsed and job.main:  # 0: the warning is off
         LOG.warning("%s", collapse_message(row["epoch"], progress.collapsed, row["val_predicted_farmland"]))
     return improved
 
@@ -666,14 +728,9 @@ def report(cfg: Config, progress: Progress, board: Any) -> None:
 
 def start_budget(cfg: Config, progress: Progress) -> None:
     """Start the budget's clock. Under ``time_budget``, ``epochs`` gives way to the plan: the one kept in last.pth
-    when resuming, else 0 until the first epoch has been timed (plan_budget).
-
-    Raises:
-        ValueError: a negative budget.
-    """
+    when resuming, else 0 until the first epoch has been timed (plan_budget). check_settings refused a budget
+    that is negative or not finite."""
     progress.mark = budget_clock()
-    if cfg.time_budget < 0:
-        raise ValueError(f"--time_budget={cfg.time_budget}: expected minutes of training (e.g. 45), or 0 for off")
     if cfg.time_budget == 0:
         return
     if cfg.epochs != Config.epochs:
@@ -791,15 +848,19 @@ def check_ranks_agree(model: nn.Module, job: Distributed, what: str = "weights")
 
 
 def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
-    """Run the whole training; return a summary (best val IoU, its epoch, checkpoint paths).
+    """Run the whole training; return a summary (best val IoU, its epoch, checkpoint paths). The config as given
+    goes to run_dir/configs/train.json once the inputs are checked and the trainer is built.
 
     Under torchrun (``job``) every rank trains on its share of each batch list through
     DistributedDataParallel; rank 0 alone writes checkpoints, logs and figures.
     """
     job = job or Distributed(device=select_device(cfg.device))
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    given = dataclasses.replace(cfg)  # the command as given: build_trainer settles the auto keys in cfg
     # 1. Data, loss, network, optimiser, schedule (and a time budget's plan); restored from last.pth when resuming.
     trainer, progress, tiles = build_trainer(cfg, job, ckpt_dir)
+    if job.main:  # only once the inputs passed: a failed attempt leaves the earlier run's record as it was
+        cli.save_config(given, "train")
     start_budget(cfg, progress)
     log_start(cfg, trainer, job, tiles, progress.start_epoch)
     board = open_tensorboard(Path(cfg.run_dir) / "tensorboard") if cfg.tensorboard and job.main else None
@@ -840,8 +901,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown_channels(cfg.rgb_bands, parse_bands_for(cfg.bands, cfg.in_channels), cfg.in_channels)
     job = init_distributed(cfg.device)
     cli.setup_logging(cfg, "train", job.rank)
-    if job.main:
-        cli.save_config(cfg, "train")
     if job.world > 1:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
     with leaving_distributed():

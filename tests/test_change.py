@@ -373,9 +373,14 @@ def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
         for i, name in enumerate(("a", "b")):
             write_image(tmp_path / folder / f"{name}.png", scene_pixels(i, moved)[:, :64, :64].transpose(1, 2, 0))
     write_image(tmp_path / "2019" / "c.png", scene_pixels(3)[:, :64, :64].transpose(1, 2, 0))
+    for folder in ("2019", "2024"):  # a name in GBK bytes, as unpacked on Linux: reported, not paired
+        write_image(
+            Path(os.fsdecode(os.fsencode(tmp_path / folder) + b"/\xb5\xd8.png")), np.zeros((64, 64, 3), np.uint8)
+        )
     run_dir = tmp_path / "run"
     assert run_change(run_dir, checkpoint, tmp_path / "2019", tmp_path / "2024", "--min_field_pixels=10") == 1
     assert f"c.png: no image named c.* in {tmp_path / '2024'}" in caplog.text
+    assert f"{tmp_path / '2024'}/\\xb5\\xd8.png: the file name is not UTF-8" in caplog.text
     with open(run_dir / "change" / "change_area.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["pair"] for r in rows] == ["a", "b"] and rows[0]["lost_ha"] == "" and rows[0]["crs"] == ""

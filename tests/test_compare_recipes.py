@@ -49,7 +49,7 @@ def test_ablation_turns_back_each_recommended_setting_alone() -> None:
 
 
 def test_means_over_split_seeds_are_computed_per_data_and_recipe() -> None:
-    def row(seed: int, recipe: str, pooled: float, per_image: float) -> dict:
+    def row(seed: int, recipe: str, pooled: float | None, per_image: float | None) -> dict:
         return {
             "data": "all",
             "seed": seed,
@@ -68,6 +68,12 @@ def test_means_over_split_seeds_are_computed_per_data_and_recipe() -> None:
     assert mean["test_farmland_iou_per_image"] == pytest.approx(0.3)
     assert mean["worst_pooled"] == 0.5
     assert "**0.600** (worst 0.500)" in compare_recipes.table([mean])
+    # A test split without farmland that none was predicted in: pooled IoU 0/0 (null), left out of the mean.
+    rows = [row(1, "c", None, None), row(2, "c", 0.4, 0.2), row(1, "d", None, None), row(2, "d", None, None)]
+    c, d = compare_recipes.mean_rows(rows)
+    assert c["test_farmland_iou_pooled"] == pytest.approx(0.4) and c["worst_pooled"] == pytest.approx(0.4)
+    assert d["test_farmland_iou_pooled"] is None and d["worst_pooled"] is None
+    assert "**n/a** (worst n/a)" in compare_recipes.table([d])
 
 
 def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(

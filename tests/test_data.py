@@ -24,6 +24,7 @@ from data_preprocess import (
     random_d4,
     random_scale,
     read_image,
+    read_pair_list,
     write_image,
 )
 from png_text import read_text, with_text
@@ -248,6 +249,34 @@ def test_scale_jitter_moves_image_and_mask_together() -> None:
         labelled = out_mask != IGNORE
         agree = ((out_image[0] > 0.5).long() == out_mask)[labelled].float().mean()
         assert agree > 0.95  # bilinear and nearest differ only along edges
+
+
+def test_scale_jitter_keeps_the_tile_size_when_a_zoom_out_rounds_to_half() -> None:
+    # On a 4 x 4 tile a factor below 0.625 rounds to 2 pixels a side: reflect padding by 2 needs more than 2.
+    mask = torch.tensor([[0, 0, 1, 1]] * 4)
+    image = torch.stack([mask.float()] * 3)
+    sides = set()
+    for seed in range(40):
+        generator = torch.Generator().manual_seed(seed)
+        out_image, out_mask = random_scale(image, mask, 0.49, generator)
+        assert out_image.shape == (3, 4, 4) and out_mask.shape == (4, 4)
+        assert set(out_mask.unique().tolist()) <= {0, 1}
+        draw = float(torch.rand((), generator=torch.Generator().manual_seed(seed)))  # random_scale's first draw
+        sides.add(round(4 * (1.0 + 0.49 * (2.0 * draw - 1.0))))
+    assert 2 in sides  # the seeds reached the rounding that used to fail
+
+
+def test_a_split_list_with_a_byte_order_mark_or_not_in_utf8(tmp_path: Path) -> None:
+    listed = "images/农田 a.png\tlabels/农田 a_mask.png\nimages/b.png\tlabels/b_mask.png\n"
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + listed.encode("utf-8"))  # as Windows Notepad saves it
+    assert read_pair_list(tmp_path / "bom.txt") == [
+        (Path("images/农田 a.png"), Path("labels/农田 a_mask.png")),
+        (Path("images/b.png"), Path("labels/b_mask.png")),
+    ]
+    (tmp_path / "gbk.txt").write_bytes(listed.encode("gbk"))  # a Chinese Windows editor's default
+    # 农 is c5 a9 in GBK, which happens to be UTF-8 too; 田 (cc ef) is not.
+    with pytest.raises(DataError, match=r"gbk\.txt:1: expected UTF-8 text, found byte 0xcc, .*; save the list as UTF"):
+        read_pair_list(tmp_path / "gbk.txt")
 
 
 def test_colour_jitter_keeps_range_and_grey_pixels_hue() -> None:

@@ -375,6 +375,7 @@ def test_tiles_of_another_folder_under_the_same_names_are_predicted_again(
     assert predict.main(args(shared_square_data, fresh, f"--predict_input={dates['2022']}")) == 0
     expected = {m.name: read_image(m) for m in (fresh / "predictions").glob("*_seg.png")}
     assert predict.main(args(shared_square_data, run_copy, f"--predict_input={dates['2019']}")) == 0
+    earlier = {image.stem: read_image(run_copy / "predictions" / f"{image.stem}_seg.png") for image in images}
     caplog.clear()
     assert predict.main(args(shared_square_data, run_copy, f"--predict_input={dates['2022']}")) == 0
     assert "already have masks" not in caplog.text
@@ -383,12 +384,55 @@ def test_tiles_of_another_folder_under_the_same_names_are_predicted_again(
         mask = run_copy / "predictions" / f"{image.stem}_seg.png"
         assert np.array_equal(read_image(mask), expected[mask.name])
         assert read_text(mask, SOURCE_KEY) == str((dates["2022"] / image.name).resolve())
-    # An image exported again after its mask was written is predicted again; the others are kept.
+    # An image exported again after its mask was written, and one replaced by a copy that keeps its older time
+    # (cp -p), are predicted again; the third is kept.
     later = time.time() + 60
     os.utime(dates["2022"] / images[0].name, (later, later))
+    shutil.copy2(dates["2019"] / images[1].name, dates["2022"] / images[1].name)
     caplog.clear()
     assert predict.main(args(shared_square_data, run_copy, f"--predict_input={dates['2022']}")) == 0
-    assert "2 of 3 image(s) already have masks from this checkpoint and are skipped" in caplog.text
+    assert "1 of 3 image(s) already have masks from this checkpoint and are skipped" in caplog.text
+    assert np.array_equal(read_image(run_copy / "predictions" / f"{images[1].stem}_seg.png"), earlier[images[1].stem])
+
+
+def test_miou_scores_no_mask_made_from_another_image(
+    shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import miou
+
+    assert predict.main(args(shared_square_data, run_copy)) == 0
+    assert miou.main(args(shared_square_data, run_copy)) == 0
+    scored = json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["n_images"]
+    test_image = read_pair_list(run_copy / "splits" / "test.txt")[0][0]
+    other = tmp_path / "other date" / test_image.name  # the same name in another folder, predicted into this run
+    write_image(other, np.rot90(read_image(test_image)).copy())
+    assert predict.main(args(shared_square_data, run_copy, f"--predict_input={other.parent}")) == 0
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_copy)) == 1
+    assert f"was made from {other.resolve()}, not from the test image {test_image.resolve()}" in caplog.text
+    assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["n_images"] == scored - 1
+    assert predict.main(args(shared_square_data, run_copy)) == 0  # the test split predicted again: all scored
+    assert miou.main(args(shared_square_data, run_copy)) == 0
+
+
+def test_names_that_are_not_utf8_are_reported_and_the_rest_go_on(
+    square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = sorted((square_data / "images").iterdir())
+    odd = Path(os.fsdecode(os.fsencode(images[0].parent) + b"/\xb8\xfb\xb5\xd8.png"))  # GBK bytes of 耕地
+    shutil.copy(images[0], odd)
+    run_dir = tmp_path / "split run"
+    assert split_dataset.main(args(square_data, run_dir)) == 1  # an unusable file: reported, the split made
+    listed = sum(len(read_pair_list(run_dir / "splits" / f"{name}.txt")) for name in ("train", "val", "test"))
+    assert listed == len(images)
+    assert r"\xb8\xfb\xb5\xd8.png: the file name is not UTF-8" in caplog.text
+    assert r"\xb8\xfb\xb5\xd8.png" in (run_dir / "splits" / "rejected.csv").read_text(encoding="utf-8")
+    caplog.clear()
+    assert predict.main(args(square_data, run_copy, f"--predict_input={square_data / 'images'}")) == 1
+    assert r"\xb8\xfb\xb5\xd8.png: the file name is not UTF-8" in caplog.text
+    assert sorted(m.name for m in (run_copy / "predictions").glob("*_seg.png")) == sorted(
+        f"{image.stem}_seg.png" for image in images
+    )
 
 
 def test_output_folder_is_never_an_input_folder(shared_square_data: Path, run_copy: Path) -> None:

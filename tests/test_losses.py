@@ -107,3 +107,20 @@ def test_an_unlabelled_batch_gives_zero_loss_and_zero_gradients_without_nan() ->
     value = make_loss("ce", None, 2, 2.0)(logits, torch.full((1, 4, 4), IGNORE))
     value.backward()
     assert float(value) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_gradients_stay_finite_when_the_true_class_is_certain(gamma: float) -> None:
+    # Pixel 0: a margin of 200, so p_t rounds to 1 in float32 and (1 - p_t) to 0, where the old (1 - p_t) ** gamma
+    # had an infinite gradient for gamma < 1; pixel 1: p = 1/2 each, label farmland.
+    logits, target = pixels([[200.0, 0.0], [0.0, 0.0]], [0, 1])
+    logits.requires_grad_(True)
+    value = SegmentationLoss("focal", focal_gamma=gamma)(logits, target)
+    value.backward()
+    assert float(value) == pytest.approx(0.5**gamma * math.log(2) / 2, rel=1e-6)  # the certain pixel adds 0
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0, :, 0, 0].abs().max() < 1e-12  # nothing left to learn from the certain pixel
+    # Pixel 1 by hand: d/dz_1 of -(1 - p) ** gamma * log p with p = sigmoid(z_1 - z_0) = 1/2, halved by the mean.
+    d_dp = gamma * 0.5 ** (gamma - 1) * math.log(0.5) - 0.5**gamma / 0.5
+    assert float(logits.grad[0, 1, 0, 1]) == pytest.approx(d_dp * 0.25 / 2, rel=1e-5)
+    assert float(logits.grad[0, 0, 0, 1]) == pytest.approx(-d_dp * 0.25 / 2, rel=1e-5)

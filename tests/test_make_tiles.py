@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -288,8 +290,11 @@ def test_bad_scenes_are_reported_and_the_others_tiled(
     far = write_scene(tmp_path / "in" / "far.tif", scene_pixels(), transform=Affine(2, 0, 700000, 0, -2, 3500000))
     nocrs = write_scene(tmp_path / "in" / "nocrs.tif", scene_pixels(), crs=None)
     small = write_scene(tmp_path / "in" / "small.tif", scene_pixels()[:, :20, :20])
-    scenes = ",".join(str(p) for p in (far, inputs[0], nocrs, small, tmp_path / "in" / "missing.tif"))
+    odd = Path(os.fsdecode(os.fsencode(tmp_path / "in") + b"/\xb8\xfb.tif"))  # a name in GBK bytes
+    shutil.copy(inputs[0], odd)
+    scenes = ",".join(str(p) for p in (far, inputs[0], nocrs, small, tmp_path / "in" / "missing.tif", odd))
     assert run(scenes, inputs[1], tmp_path / "out") == 1
+    assert r"\xb8\xfb.tif: the file name is not UTF-8" in caplog.text
     assert {r["tile"].split("_r")[0] for r in table(tmp_path / "out")} == {"scene"}
     assert "dltb.gpkg: does not overlap the scene" in caplog.text and "far.tif" in caplog.text
     assert "nocrs.tif: has no CRS" in caplog.text

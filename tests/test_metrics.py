@@ -149,9 +149,15 @@ def test_boundary_iou_of_empty_masks_is_undefined_and_ignored_pixels_are_skipped
     pred = np.zeros((6, 6), np.uint8)
     pred[1:5, 1:5] = 1
     label = pred.copy()
-    label[1, 1] = IGNORE  # the parcel's corner is unlabelled: (2, 2) becomes an edge pixel of the label
-    # Label band: ring - (1,1) + (2,2); prediction band: ring, less the unlabelled (1,1). Shared: 11, union: 12.
-    assert boundary_counts(pred, label, 1) == (11, 12)
+    label[1, 1] = IGNORE  # the parcel's corner is unlabelled: inside, not a new edge making (2, 2) one
+    # Both bands: the ring less the unlabelled (1,1). Shared: 11, union: 11.
+    assert boundary_counts(pred, label, 1) == (11, 11)
+    field = np.ones((6, 6), np.uint8)
+    field[:, 4:] = IGNORE  # farmland whose right third is unlabelled: the unlabelled area's edge is no parcel edge
+    assert boundary_counts(np.ones((6, 6), np.uint8), field, 1) == (0, 0)
+    assert boundary_counts((field == 1).astype(np.uint8), field, 1) == (0, 0)
+    field[:, :2] = 0  # a true edge between columns 1 and 2: both bands are column 2
+    assert boundary_counts((field == 1).astype(np.uint8), field, 1) == (6, 6)
     write_image(tmp_path / "l.png", empty)
     write_image(tmp_path / "p.png", empty)
     rows, _, _ = evaluate_pairs([("e", tmp_path / "l.png", tmp_path / "p.png")])

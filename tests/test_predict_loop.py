@@ -111,6 +111,10 @@ def test_batches_are_sized_by_the_first_readable_image(tmp_path: Path) -> None:
     first = tile_prediction.first_readable(ImageFiles([*broken, good], 3))
     assert first is not None and tuple(first.shape) == (3, 40, 24)
     assert tile_prediction.first_readable(ImageFiles(broken, 3)) is None
+    holed = tmp_path / "holed.tif"  # a float tile with NaN pixels: refused by name, as split_dataset.py does
+    write_image(holed, np.where(np.arange(40)[:, None, None] < 4, np.nan, 0.5) * np.ones((40, 24, 3), np.float32))
+    _, error = ImageFiles([holed], 3)[0]
+    assert isinstance(error, str) and error.startswith(f"{holed}: floating-point image with NaN pixels")
     assert tile_prediction.first_readable(ImageFiles([], 3)) is None
 
 

@@ -12,7 +12,7 @@ from conftest import declare_size, folder_digest, square_tile, write_geotiff, wr
 from rasterio.transform import Affine
 
 import split_dataset
-from data_preprocess import DataError, read_pair_list, write_image
+from data_preprocess import DataError, read_pair_list, scene_groups, write_image
 from split_dataset import BALANCE_TOLERANCE, find_pairs, imbalance, split_counts, split_pairs, split_share
 
 
@@ -240,6 +240,14 @@ def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path, caplog: pyt
 def test_bad_group_pattern_is_refused_with_an_example(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a valid regular expression"):
         run_split(square_data, tmp_path / "run", "--group_pattern=(unclosed")
+
+
+def test_each_alternative_of_a_group_pattern_may_hold_the_group() -> None:
+    stems = ["a_r0c1", "a_r1c0", "b_7", "b_8", "lone"]
+    pairs = [(Path(f"{stem}.png"), Path(f"{stem}_mask.png")) for stem in stems]
+    groups, unmatched = scene_groups(pairs, r"^(.+)_r\d+c\d+$|^(.+)_\d+$")
+    assert groups == ["a", "a", "b", "b", "lone"] and unmatched == 1
+    assert scene_groups(pairs, r"^[ab]")[0] == ["a", "a", "b", "b", "lone"]  # no group: the whole match
 
 
 def test_imbalance_by_hand() -> None:

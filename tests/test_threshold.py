@@ -31,7 +31,7 @@ from inference import (
 from net_structure import build_model, downscale_of
 from output_record import MASK_KEYS, RECORD, Since, outputs_since
 from runtime import Distributed, load_checkpoint, save_checkpoint
-from tile_prediction import SOURCE_KEY, sieve_pixels, sieve_tile
+from tile_prediction import sieve_pixels, sieve_tile, source_texts
 from training import THRESHOLD_BINS, iou_at, threshold_curve, write_threshold_curve
 
 CPU = torch.device("cpu")
@@ -219,7 +219,7 @@ def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finishe
     jobs = [predict.Job(tmp_path / f"{stem}.png", tmp_path / f"{stem}_seg.png", stem == "s") for stem in "abs"]
     for j in jobs:
         j.image.write_bytes(b"image")
-        write_image(j.output, np.zeros((2, 2), np.uint8), {SOURCE_KEY: str(j.image.resolve())})
+        write_image(j.output, np.zeros((2, 2), np.uint8), source_texts(j.image))
     cfg = Config(run_dir=str(tmp_path), overlay=False)
     assert [j.image.stem for j in predict.unfinished(jobs, cfg, checkpoint)] == ["s"]
     assert predict.unfinished(jobs, cfg, checkpoint, since=time.time() + 5) == jobs

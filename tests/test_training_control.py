@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 import split_dataset
 import train
 from config import Config
-from data_preprocess import IGNORE
+from data_preprocess import IGNORE, DataError
 from inference import model_from_checkpoint
 from losses import SegmentationLoss, class_weights
 from metrics import class_iou
@@ -318,6 +318,74 @@ def test_time_budget_stops_when_epochs_slow_down(
     assert len(load_checkpoint(run_dir / "checkpoints" / "last.pth")["history"]) == 3
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("--n_classes=1", r"--n_classes=1: expected 2 or more classes .*; use --n_classes=2"),
+        ("--epochs=0", r"--epochs=0: expected 1 or more epochs; use --epochs=100"),
+        ("--time_budget=nan", r"--time_budget=nan: expected minutes of training \(e\.g\. 45\), or 0 for off; use"),
+        ("--time_budget=inf", r"--time_budget=inf: expected minutes of training"),
+        ("--scale_jitter=0.5", r"--scale_jitter=0.5: expected a zoom fraction from 0 \(off\) to below 0\.5"),
+        ("--scale_jitter=-0.1", r"--scale_jitter=-0.1: expected a zoom fraction"),
+        ("--focal_gamma=-0.5", r"--focal_gamma=-0.5: expected a focusing exponent of 0 or more; use --focal_gamma=2"),
+        ("--collapse_patience=-1", r"--collapse_patience=-1: expected a number of epochs, or 0 for off"),
+    ],
+)
+def test_settings_that_would_fail_later_are_refused_before_any_tile_is_read(
+    setting: str, message: str, shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_tiles(*_: object) -> None:
+        raise AssertionError("a tile was read before the settings were checked")
+
+    monkeypatch.setattr(train, "load_splits", read_tiles)
+    epochs = [] if setting.startswith("--epochs") else ["--epochs=1"]  # the old code trained with the others
+    with pytest.raises(ValueError, match=message):
+        train.main(args(shared_square_data, run_copy, *epochs, "--loss=focal", setting))
+
+
+def test_a_refused_attempt_leaves_the_earlier_runs_config(shared_square_data: Path, run_copy: Path) -> None:
+    saved = run_copy / "configs" / "train.json"
+    before = saved.read_bytes()
+    with pytest.raises(ValueError, match="--keep_epoch='first'"):
+        train.main(args(shared_square_data, run_copy, "--keep_epoch=first", "--epochs=5"))
+    val = run_copy / "splits" / "val.txt"
+    val.write_text(val.read_text(encoding="utf-8") + "gone.png\tgone_mask.png\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no longer exist"):
+        train.main(args(shared_square_data, run_copy, "--epochs=5"))
+    assert saved.read_bytes() == before and json.loads(before)["epochs"] == 1  # trained_run's one epoch
+
+
+def test_a_fresh_run_names_the_earlier_runs_outputs_it_leaves(
+    shared_square_data: Path, run_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt_dir = run_copy / "checkpoints"
+    (ckpt_dir / "epoch_004.pth").write_bytes((ckpt_dir / "last.pth").read_bytes())  # a snapshot of a longer run
+    assert (run_copy / "threshold_curve.csv").is_file()
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert train.main(args(shared_square_data, run_copy, "--epochs=1", "--snapshot_every=0")) == 0
+    warning = next(r.getMessage() for r in caplog.records if "an earlier run's checkpoints" in r.getMessage())
+    assert "this fresh run overwrites last.pth and best.pth" in warning
+    assert "the earlier run's checkpoints/epoch_004.pth, threshold_curve.csv, figures/threshold_curve.png" in warning
+    assert "stay beside the new run's outputs" in warning and "or a new --run_dir" in warning
+    assert (ckpt_dir / "epoch_004.pth").read_bytes()  # warned of, never deleted
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train"):  # no earlier run, no warning
+        train.warn_earlier_run(run_copy / "splits")
+    assert not caplog.records
+
+
+def test_collapse_patience_0_turns_the_collapse_warning_off(caplog: pytest.LogCaptureFixture) -> None:
+    one_class = np.array([[700, 0], [300, 0]])  # every val pixel predicted background
+    for patience, cms, warned in ((0, [GOOD_CM] * 3, []), (0, [one_class] * 3, []), (2, [one_class] * 3, [2])):
+        caplog.clear()
+        cfg, progress, job = Config(collapse_patience=patience), train.Progress(), Distributed()
+        with caplog.at_level(logging.WARNING, logger="train"):
+            for epoch, cm in enumerate(cms, start=1):
+                train.judge(cfg, scripted_row(epoch, 0.5, cm), progress, job)
+        found = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+        assert [int(m.split(":")[0].removeprefix("epoch ")) for m in found] == warned
+
+
 def test_bad_ema_and_time_budget_are_refused(shared_square_data: Path, run_copy: Path) -> None:
     with pytest.raises(ValueError, match=r"--ema=1.0: expected a decay from 0 \(off\) to below 1"):
         train.main(args(shared_square_data, run_copy, "--ema=1", "--epochs=1"))
@@ -418,8 +486,11 @@ def test_precise_bn_changes_the_statistics_and_nothing_else(shared_square_data: 
 
 
 def test_bad_precise_bn_is_refused(shared_square_data: Path, run_copy: Path) -> None:
-    with pytest.raises(ValueError, match=r"--precise_bn=-1: expected a number of training tiles, or 0 for off"):
+    with pytest.raises(ValueError, match=r"--precise_bn=-1: expected a number of training tiles, 2 or more"):
         train.main(args(shared_square_data, run_copy, "--precise_bn=-1", "--epochs=1"))
+    # One tile: a ResNet encoder's one-pixel deepest map gives BatchNorm one value per channel, after epoch 1.
+    with pytest.raises(ValueError, match=r"--precise_bn=1: expected .* 2 or more .*; use --precise_bn=256"):
+        train.main(args(shared_square_data, run_copy, "--precise_bn=1", "--epochs=1", "--encoder=resnet18"))
 
 
 @pytest.mark.parametrize(
