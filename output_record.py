@@ -45,8 +45,11 @@ class Since:
 
 
 def settings_now(cfg: Config, model: Path) -> dict[str, Any]:
-    """The model file and the keys of MASK_KEYS (``bands`` as resolved) of this run."""
-    return {"model": str(Path(model).resolve())} | {key: getattr(cfg, key) for key in MASK_KEYS}
+    """The model file, its size and time (a model copied over it with an older time, cp -p, is other weights
+    that its outputs' times would not tell), and the keys of MASK_KEYS (``bands`` as resolved) of this run."""
+    info = Path(model).stat()
+    stamp = f"{info.st_size} bytes, {info.st_mtime_ns} ns"
+    return {"model": str(Path(model).resolve()), "model_stamp": stamp} | {key: getattr(cfg, key) for key in MASK_KEYS}
 
 
 def read_earlier(run_dir: Path, now: dict[str, Any]) -> tuple[dict[str, Any] | None, Since]:
@@ -60,7 +63,8 @@ def read_earlier(run_dir: Path, now: dict[str, Any]) -> tuple[dict[str, Any] | N
         saved = json.loads((record if record.is_file() else older).read_text(encoding="utf-8"))
         keys = {key: saved.get(key, BEFORE_KEY.get(key, getattr(Config, key))) for key in MASK_KEYS}
         since = Since(float(saved.get("tiles_since", 0.0)), float(saved.get("scenes_since", 0.0)))
-        return {"model": saved.get("model", now["model"])} | keys, since
+        model = {key: saved.get(key, now[key]) for key in ("model", "model_stamp")}  # older records lack the stamp
+        return model | keys, since
     except FileNotFoundError:
         return now, Since()
     except (OSError, ValueError, TypeError, AttributeError):

@@ -864,7 +864,9 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
     start_budget(cfg, progress)
     log_start(cfg, trainer, job, tiles, progress.start_epoch)
     board = open_tensorboard(Path(cfg.run_dir) / "tensorboard") if cfg.tensorboard and job.main else None
-    for epoch in epoch_numbers(cfg, progress.start_epoch):
+    # A resumed run that had stopped early stays stopped, unless a larger early_stop is given.
+    stopped = progress.start_epoch > 1 and stop_early(cfg, progress, progress.start_epoch - 1)
+    for epoch in [] if stopped else epoch_numbers(cfg, progress.start_epoch):
         started = time.perf_counter()
         # 2. One pass over the training tiles (the moving average of the weights follows every step).
         train_loss = run_epoch(cfg, trainer, job, epoch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -195,6 +196,8 @@ def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finishe
     keys = {key: getattr(Config(), key) for key in MASK_KEYS if key != "sieve_cells"}
     (tmp_path / "configs" / "predict.json").write_text(json.dumps(keys), encoding="utf-8")  # before the sieve
     checkpoint, other = tmp_path / "best.pth", tmp_path / "epoch_010.pth"
+    checkpoint.write_bytes(b"weights")
+    other.write_bytes(b"other weights")
     job, start = Distributed(), time.time()
 
     def since(model: Path = checkpoint, **keys: object) -> Since:
@@ -210,6 +213,9 @@ def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finishe
     assert since(sieve_cells=0, threshold=0.3).scenes >= start - 1  # a new cut: scenes too
     (tmp_path / RECORD).write_text(json.dumps(record | {"tiles_since": 0.0, "scenes_since": 0.0}), encoding="utf-8")
     assert since() == Since()  # the record's model and keys: nothing redone
+    checkpoint.write_bytes(b"retrained")
+    os.utime(checkpoint, (start - 600, start - 600))  # other weights copied over it with an older time (cp -p)
+    assert since().scenes >= start - 1
     assert since(other).scenes >= start - 1  # another checkpoint, though older than the outputs: all redone
     assert since(other, skip_existing=False).scenes >= start - 1
     (tmp_path / RECORD).write_text("{not json", encoding="utf-8")

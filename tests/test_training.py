@@ -100,6 +100,13 @@ def test_early_stop_and_tensorboard(square_data: Path, tmp_path: Path, caplog: p
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert "early stop after epoch 3" in caplog.text
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # Resumed, the run stays stopped; with a larger early_stop it goes on until that stops it.
+    stamp = (run_dir / "checkpoints" / "last.pth").stat().st_mtime_ns
+    assert train.main(args(square_data, run_dir, *extra, "--resume=true")) == 0
+    assert (run_dir / "checkpoints" / "last.pth").stat().st_mtime_ns == stamp
+    assert train.main(args(square_data, run_dir, *extra[:-2], "--early_stop=3", "--resume=true")) == 0
+    history = load_checkpoint(run_dir / "checkpoints" / "last.pth")["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 
 def test_collapse_is_reported_with_causes(
