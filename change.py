@@ -425,7 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = write_run_table(run_dir)
     LOG.info("change of %d pair(s) in %s", len(pairs) - failures, table.parent)
     if failures or problems:
-        LOG.error("%d pair(s) could not be compared; see the messages above", failures + len(problems))
+        # A problem is a file (or a name) that found no pair; a failure is a pair that could not be compared.
+        told = [f"{failures} pair(s) could not be compared"] if failures else []
+        told += [f"{len(problems)} problem(s) left files unpaired"] if problems else []
+        LOG.error("%s; see the messages above", " and ".join(told))
         return 1
     return 0
 

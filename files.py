@@ -112,6 +112,11 @@ def name_problem(path: Path) -> str | None:
     shown = shown_path(path)
     if shown == str(path):
         return None
+    if shown_path(Path(path).parent) != str(Path(path).parent):
+        return (
+            f"{shown}: a folder name in this path is not UTF-8 text (its bytes are in another encoding, such as "
+            "GBK); rename the folder, for example with convmv -f gbk -t utf-8 --notest -r FOLDER, and run again"
+        )
     return (
         f"{shown}: the file name is not UTF-8 text (its bytes are in another encoding, such as GBK); rename it, "
         "for example with convmv -f gbk -t utf-8 --notest FILE, and run again"

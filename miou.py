@@ -29,7 +29,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -126,8 +126,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def made_elsewhere(mask: Path, image: Path) -> str | None:
     """The error for a test image whose mask predict.py made from another file of that name (``--predict_input``
-    into this run), or from this one before it changed; None where the mask records this image as it is now, or
-    records nothing (masks made otherwise are scored as they are)."""
+    into this run); None where the mask records this image, or records nothing (masks made otherwise are scored
+    as they are). A mask made before the image's last change (or a mere touch) is scored, with a warning."""
     made = {k: v for k, v in read_texts(mask).items() if k in (SOURCE_KEY, STAMP_KEY)}
     try:
         source = source_texts(image)
@@ -135,26 +135,32 @@ def made_elsewhere(mask: Path, image: Path) -> str | None:
         return None  # a missing image is the split's problem, reported where the label is read
     if not made or made == source:
         return None
-    if made.get(SOURCE_KEY) != source[SOURCE_KEY]:
-        why = f"was made from {made.get(SOURCE_KEY)}, not from the test image {source[SOURCE_KEY]}"
-    else:
-        why = f"was made before the test image {source[SOURCE_KEY]} last changed"
-    return f"{mask}: {why}; not scored: predict the test split again (predict.py, this --run_dir, no --predict_input)"
+    if made.get(SOURCE_KEY) == source[SOURCE_KEY]:
+        LOG.warning(
+            "%s: made before the test image %s last changed (or was touched); predict the test split again if its "
+            "pixels changed",
+            mask,
+            source[SOURCE_KEY],
+        )
+        return None
+    return (
+        f"{mask}: was made from {made.get(SOURCE_KEY)}, not from the test image {source[SOURCE_KEY]}; not scored: "
+        "predict the test split again (predict.py, this --run_dir, no --predict_input)"
+    )
 
 
 def bands_of_the_run(cfg: Config) -> Config:
-    """``cfg`` with, where it names neither ``bands`` nor ``rgb_bands``, the bands the predictions were read and
-    shown with (run_dir/configs/predict.json) and the network's band count (configs/train.json): the galleries
+    """``cfg`` with, where it names neither ``bands`` nor ``rgb_bands``, those of the training
+    (run_dir/configs/train.json), with which predict.py reads the test split, and its band count: the galleries
     then show the test tiles as the overlays do, without the training's keys given again here."""
     if cfg.bands or cfg.rgb_bands:
         return cfg
-    configs = Path(cfg.run_dir) / "configs"
-    predicted, trained = (files.read_record(configs / f"{name}.json") for name in ("predict", "train"))
-    keys = {}
-    if isinstance(trained, dict) and isinstance(trained.get("in_channels"), int):
+    trained = files.read_record(Path(cfg.run_dir) / "configs" / "train.json")
+    if not isinstance(trained, dict):
+        return cfg
+    keys: dict[str, Any] = {key: str(trained.get(key) or "") for key in ("bands", "rgb_bands")}
+    if isinstance(trained.get("in_channels"), int):
         keys["in_channels"] = trained["in_channels"]
-    if isinstance(predicted, dict):
-        keys |= {key: str(predicted.get(key) or "") for key in ("bands", "rgb_bands")}
     return dataclasses.replace(cfg, **keys)
 
 

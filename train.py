@@ -375,7 +375,7 @@ SETTING_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("base_width", lambda v: v >= 1, "1 or more channels", "--base_width=64 as the reference"),
     ("encoder", lambda v: v in ENCODERS, f"one of {', '.join(ENCODERS)}", "--encoder=unet"),
     ("dropout", lambda v: 0 <= v < 1, "a rate from 0 to below 1", "--dropout=0.3 as the reference, or 0"),
-    ("epochs", lambda v: v >= 1, "1 or more epochs", "--epochs=100 as the reference, or --time_budget=MINUTES"),
+    # epochs: checked in check_settings, where the time budget is known (under one it is planned, not read).
     (
         "time_budget",
         lambda v: math.isfinite(v) and v >= 0,
@@ -397,6 +397,11 @@ def check_settings(cfg: Config) -> None:
         ValueError: the first key of SETTING_RULES whose value is not valid, naming what was expected and the fix.
     """
     resolution.check_setting(cfg.downscale)
+    if cfg.epochs < 1 and cfg.time_budget == 0:
+        raise ValueError(
+            f"--epochs={cfg.epochs}: expected 1 or more epochs; use --epochs=100 as the reference, or "
+            "--time_budget=MINUTES"
+        )
     for key, valid, expected, fix in SETTING_RULES:
         value = getattr(cfg, key)
         if not valid(value):

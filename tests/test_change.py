@@ -381,6 +381,7 @@ def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
     assert run_change(run_dir, checkpoint, tmp_path / "2019", tmp_path / "2024", "--min_field_pixels=10") == 1
     assert f"c.png: no image named c.* in {tmp_path / '2024'}" in caplog.text
     assert f"{tmp_path / '2024'}/\\xb5\\xd8.png: the file name is not UTF-8" in caplog.text
+    assert "3 problem(s) left files unpaired; see the messages above" in caplog.text  # c.png and both odd names
     with open(run_dir / "change" / "change_area.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["pair"] for r in rows] == ["a", "b"] and rows[0]["lost_ha"] == "" and rows[0]["crs"] == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import declare_size, write_geotiff
 from PIL import Image
 from rasterio.transform import Affine
 
+import files
 from data_preprocess import (
     IGNORE,
     DataError,
@@ -343,5 +345,12 @@ def test_png_text_travels_with_the_pixels(tmp_path: Path) -> None:
     assert read_text(tmp_path / "missing.png", "farmland-source") is None
     with pytest.raises(ValueError, match="not a PNG"):
         with_text(b"GIF89a", "key", "text")
+    odd_folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xb5\xd8/a.png"))  # GBK bytes in a folder's name
+    assert files.name_problem(odd_folder) == (
+        f"{tmp_path}/\\xb5\\xd8/a.png: a folder name in this path is not UTF-8 text (its bytes are in another "
+        "encoding, such as GBK); rename the folder, for example with convmv -f gbk -t utf-8 --notest -r FOLDER, and "
+        "run again"
+    )
+    assert files.name_problem(tmp_path / "农田" / "a.png") is None
     with pytest.raises(ValueError, match="printable Latin-1"):
         with_text((tmp_path / "b.png").read_bytes(), "two words", "text")

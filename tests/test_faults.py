@@ -413,6 +413,18 @@ def test_miou_scores_no_mask_made_from_another_image(
     assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["n_images"] == scored - 1
     assert predict.main(args(shared_square_data, run_copy)) == 0  # the test split predicted again: all scored
     assert miou.main(args(shared_square_data, run_copy)) == 0
+    # A test image touched after its mask was made: scored, with a warning to predict again if it changed.
+    mask = run_copy / "predictions" / f"{test_image.stem}_seg.png"
+    was = test_image.stat()
+    later = mask.stat().st_mtime + 60
+    os.utime(test_image, (later, later))
+    caplog.clear()
+    try:
+        assert miou.main(args(shared_square_data, run_copy)) == 0
+    finally:
+        os.utime(test_image, ns=(was.st_atime_ns, was.st_mtime_ns))  # shared data: as it was for later tests
+    assert f"{mask}: made before the test image {test_image.resolve()} last changed" in caplog.text
+    assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["n_images"] == scored
 
 
 def test_names_that_are_not_utf8_are_reported_and_the_rest_go_on(

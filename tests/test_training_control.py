@@ -343,6 +343,12 @@ def test_settings_that_would_fail_later_are_refused_before_any_tile_is_read(
         train.main(args(shared_square_data, run_copy, *epochs, "--loss=focal", setting))
 
 
+def test_epochs_are_not_checked_under_a_time_budget() -> None:
+    train.check_settings(Config(epochs=0, time_budget=45.0))  # the budget plans the epochs: 0 is ignored
+    with pytest.raises(ValueError, match=r"--epochs=0: expected 1 or more epochs"):
+        train.check_settings(Config(epochs=0))
+
+
 def test_a_refused_attempt_leaves_the_earlier_runs_config(shared_square_data: Path, run_copy: Path) -> None:
     saved = run_copy / "configs" / "train.json"
     before = saved.read_bytes()
