@@ -75,6 +75,7 @@ class ChangeJob:
         others predicts the date again."""
         return {
             "checkpoint": str(self.checkpoint),
+            "checkpoint_stamp": files.file_stamp(self.checkpoint),  # other weights copied over it, cp -p
             "threshold": self.rule.threshold,
             "bands": list(self.settings.bands),
             **{key: getattr(self.cfg, key) for key in scene.OUTPUT_KEYS},
@@ -90,6 +91,8 @@ class ChangeJob:
             "change_truth": str(self.truth or ""),
             "before": str(pair.before.resolve()),
             "after": str(pair.after.resolve()),
+            "before_stamp": files.file_stamp(pair.before),
+            "after_stamp": files.file_stamp(pair.after),
         }
 
 

@@ -123,6 +123,17 @@ def name_problem(path: Path) -> str | None:
     )
 
 
+def file_stamp(path: Path) -> str:
+    """A file's size and modification time, as records keep them: a file copied over another with its own
+    older time (cp -p, rsync -a) differs, where comparing times alone would take it for the one before.
+
+    Raises:
+        OSError: the file cannot be found.
+    """
+    info = Path(path).stat()
+    return f"{info.st_size} bytes, {info.st_mtime_ns} ns"
+
+
 def written_after(paths: Iterable[Path], model: Path, since: float = 0.0) -> bool:
     """Whether every file exists and was written after the model file and after ``since`` (seconds since the
     epoch): outputs are written atomically, so an existing one is whole, and an older one came from other

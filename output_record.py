@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from config import Config
-from files import atomic_write_text
+from files import atomic_write_text, file_stamp
 from runtime import Distributed, all_reduce_sum
 from scene import OUTPUT_KEYS
 
@@ -47,9 +47,8 @@ class Since:
 def settings_now(cfg: Config, model: Path) -> dict[str, Any]:
     """The model file, its size and time (a model copied over it with an older time, cp -p, is other weights
     that its outputs' times would not tell), and the keys of MASK_KEYS (``bands`` as resolved) of this run."""
-    info = Path(model).stat()
-    stamp = f"{info.st_size} bytes, {info.st_mtime_ns} ns"
-    return {"model": str(Path(model).resolve()), "model_stamp": stamp} | {key: getattr(cfg, key) for key in MASK_KEYS}
+    model_keys = {"model": str(Path(model).resolve()), "model_stamp": file_stamp(model)}
+    return model_keys | {key: getattr(cfg, key) for key in MASK_KEYS}
 
 
 def read_earlier(run_dir: Path, now: dict[str, Any]) -> tuple[dict[str, Any] | None, Since]:

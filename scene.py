@@ -683,6 +683,7 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, 
     return {
         "image": str(scene.path),
         "image_file": str(Path(scene.path).resolve()),  # the file itself, however its path was spelt
+        "image_stamp": files.file_stamp(scene.path),  # and as it was: a copy with an older time is told apart
         "width": scene.width,
         "height": scene.height,
         "crs": scene.crs.to_string() if scene.crs is not None else "",
@@ -860,11 +861,14 @@ def is_finished(
 
 
 def made_from(area: Path, image: Path) -> bool:
-    """Whether a scene's area file was written for ``image`` (the same file, however the path was spelt)."""
+    """Whether a scene's area file was written for ``image`` (the same file, however the path was spelt) as it
+    is now (its size and time, where the area file records them)."""
     row = files.read_record(area)
     recorded = (row.get("image_file") or row.get("image")) if isinstance(row, dict) else None
     # Unreadable, or from a version that did not record it: predict again.
-    return isinstance(recorded, str) and Path(recorded).resolve() == Path(image).resolve()
+    if not isinstance(recorded, str) or Path(recorded).resolve() != Path(image).resolve():
+        return False
+    return row.get("image_stamp", files.file_stamp(image)) == files.file_stamp(image)
 
 
 def predict_scenes(

@@ -19,7 +19,7 @@ from config import Config
 from data_preprocess import check_tile_values, image_for_network, read_image, select_bands, write_image
 from fast_path import prediction_choice
 from figures import stretched
-from files import DataError, shown_path, written_after
+from files import DataError, file_stamp, shown_path, written_after
 from inference import (
     choose_batch_size,
     decision_threshold,
@@ -184,8 +184,7 @@ def source_texts(image: Path) -> dict[str, str]:
     Raises:
         OSError: the image cannot be found.
     """
-    info = image.stat()
-    return {SOURCE_KEY: shown_path(image.resolve()), STAMP_KEY: f"{info.st_size} bytes, {info.st_mtime_ns} ns"}
+    return {SOURCE_KEY: shown_path(image.resolve()), STAMP_KEY: file_stamp(image)}
 
 
 def is_complete(mask_path: Path, image: Path, checkpoint: Path, overlay: bool, since: float = 0.0) -> bool:

@@ -8,6 +8,7 @@ import csv
 import functools
 import json
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -362,6 +363,11 @@ def test_other_files_under_the_same_names_are_compared_again(checkpoint: Path, t
     made = probability.stat().st_mtime_ns
     later = probability.stat().st_mtime + 10
     os.utime(tmp_path / "2024" / "a.tif", (later, later))
+    assert run_change(run_dir, checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
+    assert probability.stat().st_mtime_ns > made
+    # Another date's file copied over it with its own, older time (cp -p): compared again as well.
+    made = probability.stat().st_mtime_ns
+    shutil.copy2(tmp_path / "2022" / "a.tif", tmp_path / "2024" / "a.tif")
     assert run_change(run_dir, checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
     assert probability.stat().st_mtime_ns > made
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -176,6 +177,11 @@ def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
     monkeypatch.chdir(tmp_path)
     assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
     assert mask.stat().st_mtime_ns == made
+    # Another scene copied over it with its own, older time (cp -p): predicted again, as a fresh run does.
+    shutil.copy2(first, second)
+    assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
+    assert mask.stat().st_mtime_ns != made
+    assert read_table(run_dir)[0]["farmland_pixels"] != fresh["farmland_pixels"]
 
 
 def test_images_sharing_a_name_are_reported_and_the_others_predicted(
