@@ -38,7 +38,7 @@ import files
 import polygons
 import scene
 from config import Config
-from data_preprocess import is_image_file, rgb_bands_for
+from data_preprocess import list_images, rgb_bands_for
 from files import DataError
 from inference import decision_threshold, inference_model, with_threshold
 from net_structure import input_padding
@@ -108,10 +108,10 @@ def images_by_stem(folder: Path, problems: list[str]) -> dict[str, list[Path]]:
     """The images of a folder (not its sub-folders), by file stem; an image whose name is not UTF-8 is left out
     and its error added to ``problems``."""
     found: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and is_image_file(path) and files.name_problem(path):
-            problems.append(str(files.name_problem(path)))
-        elif path.is_file() and is_image_file(path):
+    for path in list_images(folder):
+        if problem := files.name_problem(path):
+            problems.append(problem)
+        else:
             found.setdefault(path.stem, []).append(path)
     return found
 
@@ -176,11 +176,10 @@ def pair_outputs(run_dir: Path, name: str) -> dict[str, Path]:
 
 
 def is_done(pair: Pair, job: ChangeJob) -> bool:
-    """Whether an earlier run wrote every output of the pair from these two files, after the checkpoint and
-    after either file last changed, with the same settings."""
+    """Whether an earlier run wrote every output of the pair after the checkpoint, from these two files as they
+    are now (the record holds their paths, sizes and times) and with the same settings."""
     outputs = pair_outputs(Path(job.cfg.run_dir), pair.name)
-    changed = max(pair.before.stat().st_mtime, pair.after.stat().st_mtime)
-    if not files.written_after(outputs.values(), job.checkpoint, changed):
+    if not files.written_after(outputs.values(), job.checkpoint):
         return False
     row = files.read_record(outputs["json"])
     return isinstance(row, dict) and row.get("settings") == job.record(pair)

@@ -53,6 +53,11 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def list_images(folder: Path) -> list[Path]:
+    """The image files of a folder (not of its sub-folders), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read an image as (H, W, C) in file band order (RGB, RGBA, RGB+NIR), 8- or 16-bit or float.
 

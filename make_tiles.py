@@ -323,8 +323,8 @@ def tile_all(
     failed = 0
     earlier = {Path(r.get("scene", "")).stem: r.get("scene", "") for r in read_table(out / TABLE)}
     for path in scenes:
-        if files.name_problem(path):
-            LOG.error("%s", files.name_problem(path))
+        if problem := files.name_problem(path):
+            LOG.error("%s", problem)
             failed += 1
             continue
         if path.stem in done:

@@ -177,17 +177,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.save_config(cfg, "miou")
     pairs = read_pair_list(run_dir / "splits" / "test.txt")
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
-    stale = [problem for image, _, mask in lookup.values() if (problem := made_elsewhere(mask, image))]
-    for problem in stale:
+    stale = {name: made_elsewhere(mask, image) for name, (image, _, mask) in lookup.items()}  # once: it may warn
+    for problem in filter(None, stale.values()):
         LOG.error("%s", problem)
     rows, pooled, errors = evaluate_pairs(
-        [(n, v[1], v[2]) for n, v in lookup.items() if not made_elsewhere(v[2], v[0])],
+        [(n, v[1], v[2]) for n, v in lookup.items() if not stale[n]],
         cfg.mask_threshold,
         cfg.n_classes,
         cfg.ignore_index,
         cfg.boundary_width,
     )
-    errors += stale
+    errors += list(filter(None, stale.values()))
     if not rows:
         LOG.error("no test image could be scored (%d problem(s) above)", len(errors))
         return 1

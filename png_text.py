@@ -60,11 +60,6 @@ def read_texts(path: Path) -> dict[str, str]:
     return texts
 
 
-def read_text(path: Path, key: str) -> str | None:
-    """The text stored under ``key`` (read_texts), or None."""
-    return read_texts(path).get(key)
-
-
 def _itxt_text(rest: bytes) -> str | None:
     """The text of an iTXt chunk's data after its keyword and null: None where it is compressed or malformed."""
     if rest[:1] != b"\x00":

@@ -32,7 +32,7 @@ import torch
 import cli
 import scene
 from config import Config
-from data_preprocess import is_image_file, parse_bands, read_pair_list, rgb_bands_for
+from data_preprocess import list_images, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, name_problem, prediction_path
 from inference import inference_model, with_threshold
@@ -65,7 +65,7 @@ def list_inputs(cfg: Config) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise DataError(f"--predict_input={source}: no such file or folder")
-    images = sorted(p for p in source.iterdir() if p.is_file() and is_image_file(p))
+    images = list_images(source)
     if not images:
         raise DataError(f"{source}: holds no images (.png .jpg .tif); point --predict_input at a folder of tiles")
     return images
@@ -101,8 +101,8 @@ def plan_jobs(
     by_name: dict[Path, list[Path]] = {}
     jobs, refused = [], 0
     for path in paths:  # outputs are named by the stem: a tile's mask, a scene's files
-        if name_problem(path):
-            (LOG.error if report else LOG.debug)("%s", name_problem(path))
+        if problem := name_problem(path):
+            (LOG.error if report else LOG.debug)("%s", problem)
             refused += 1
             continue
         by_name.setdefault(prediction_path(run_dir, path), []).append(path)

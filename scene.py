@@ -868,7 +868,8 @@ def made_from(area: Path, image: Path) -> bool:
     # Unreadable, or from a version that did not record it: predict again.
     if not isinstance(recorded, str) or Path(recorded).resolve() != Path(image).resolve():
         return False
-    return row.get("image_stamp", files.file_stamp(image)) == files.file_stamp(image)
+    stamp = files.file_stamp(image)
+    return row.get("image_stamp", stamp) == stamp
 
 
 def predict_scenes(

@@ -37,7 +37,7 @@ from data_preprocess import (
     check_tile_values,
     farmland_pixels,
     image_to_float,
-    is_image_file,
+    list_images,
     mask_to_classes,
     parse_bands,
     parse_bands_for,
@@ -75,19 +75,19 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
             )
     scan = Scan()
     masks: dict[str, list[Path]] = {}
-    for path in sorted(label_dir.iterdir()):
-        if path.is_file() and is_image_file(path) and files.name_problem(path):
-            scan.rejected.append((Path(files.shown_path(path)), "error", files.name_problem(path)))
-        elif path.is_file() and is_image_file(path) and path.stem.endswith(mask_suffix):
+    for path in list_images(label_dir):
+        if problem := files.name_problem(path):
+            scan.rejected.append((Path(files.shown_path(path)), "error", problem))
+        elif path.stem.endswith(mask_suffix):
             # An empty suffix pairs labels/a.png with images/a.png.
             masks.setdefault(path.stem[: len(path.stem) - len(mask_suffix)], []).append(path)
-        elif path.is_file() and is_image_file(path):
+        else:
             scan.rejected.append((path, "orphan", f"mask name does not end in '{mask_suffix}' before the extension"))
     images: dict[str, list[Path]] = {}
-    for path in sorted(image_dir.iterdir()):
-        if path.is_file() and is_image_file(path) and files.name_problem(path):
-            scan.rejected.append((Path(files.shown_path(path)), "error", files.name_problem(path)))
-        elif path.is_file() and is_image_file(path):
+    for path in list_images(image_dir):
+        if problem := files.name_problem(path):
+            scan.rejected.append((Path(files.shown_path(path)), "error", problem))
+        else:
             images.setdefault(path.stem, []).append(path)
     for stem in sorted(set(images) | set(masks)):
         found_images, found_masks = images.get(stem, []), masks.get(stem, [])

@@ -386,6 +386,14 @@ SETTING_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("scale_jitter", lambda v: 0 <= v < 0.5, "a zoom fraction from 0 (off) to below 0.5", "--scale_jitter=0.1"),
     ("focal_gamma", lambda v: v >= 0, "a focusing exponent of 0 or more", "--focal_gamma=2 (0 is cross-entropy)"),
     ("collapse_patience", lambda v: v >= 0, "a number of epochs, or 0 for off", "--collapse_patience=3"),
+    # One tile's one-pixel deepest maps (a ResNet encoder's) give BatchNorm no statistics.
+    (
+        "precise_bn",
+        lambda v: v == 0 or v >= 2,
+        "a number of training tiles, 2 or more (BatchNorm cannot take statistics of a single tile's one-pixel "
+        "maps), or 0 for off",
+        "--precise_bn=256 as the recommended recipe does, or 0",
+    ),
 )
 
 

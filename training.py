@@ -445,18 +445,9 @@ def make_weight_average(model: nn.Module, cfg: Config) -> WeightAverage | None:
 
 def batchnorm_loader(dataset: FarmlandDataset, cfg: Config) -> DataLoader | None:
     """The training tiles BatchNorm statistics are recomputed over (``precise_bn``): that many, drawn once with
-    the run's seed, in a fixed order, not augmented; None when off. Every rank reads all of them.
-
-    Raises:
-        ValueError: a negative ``precise_bn``, or 1: a batch of one tile fails on a ResNet encoder's one-pixel
-            deepest map (BatchNorm needs two values per channel), and one tile is no estimate of the split.
+    the run's seed, in a fixed order, not augmented; None when off. Every rank reads all of them. train.py's
+    check_settings refused a ``precise_bn`` of 1 or below 0.
     """
-    if cfg.precise_bn < 0 or cfg.precise_bn == 1:
-        raise ValueError(
-            f"--precise_bn={cfg.precise_bn}: expected a number of training tiles, 2 or more (BatchNorm cannot take "
-            "statistics of a single tile's one-pixel maps), or 0 for off; use --precise_bn=256 as the recommended "
-            "recipe does, or 0"
-        )
     if not cfg.precise_bn or not len(dataset):
         return None
     count = min(cfg.precise_bn, len(dataset))

@@ -29,7 +29,7 @@ from data_preprocess import (
     read_pair_list,
     write_image,
 )
-from png_text import read_text, with_text
+from png_text import read_texts, with_text
 
 
 def test_unicode_and_space_paths_round_trip(tmp_path: Path) -> None:
@@ -332,17 +332,17 @@ def test_png_text_travels_with_the_pixels(tmp_path: Path) -> None:
     mask = np.tile(np.array([[0, 255]], np.uint8), (4, 2))
     path = tmp_path / "a_seg.png"
     write_image(path, mask, {"farmland-source": "D:/农田/2022/a.tif"})
-    assert read_text(path, "farmland-source") == "D:/农田/2022/a.tif"
-    assert read_text(path, "farmland") is None  # a key that only begins the same
+    assert read_texts(path).get("farmland-source") == "D:/农田/2022/a.tif"
+    assert read_texts(path).get("farmland") is None  # a key that only begins the same
     assert np.array_equal(read_image(path)[..., 0], mask)
     with Image.open(path) as image:  # another reader checks each chunk's CRC and finds the text too
         image.load()
         assert image.info["farmland-source"] == "D:/农田/2022/a.tif"
     write_image(tmp_path / "b.png", mask)
-    assert read_text(tmp_path / "b.png", "farmland-source") is None
+    assert read_texts(tmp_path / "b.png").get("farmland-source") is None
     path.write_bytes(path.read_bytes()[:40])  # cut inside the text chunk
-    assert read_text(path, "farmland-source") is None
-    assert read_text(tmp_path / "missing.png", "farmland-source") is None
+    assert read_texts(path).get("farmland-source") is None
+    assert read_texts(tmp_path / "missing.png").get("farmland-source") is None
     with pytest.raises(ValueError, match="not a PNG"):
         with_text(b"GIF89a", "key", "text")
     odd_folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xb5\xd8/a.png"))  # GBK bytes in a folder's name

@@ -25,7 +25,7 @@ import predict
 import split_dataset
 import train
 from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
-from png_text import read_text
+from png_text import read_texts
 from tile_prediction import SOURCE_KEY
 
 
@@ -383,7 +383,7 @@ def test_tiles_of_another_folder_under_the_same_names_are_predicted_again(
     for image in images:
         mask = run_copy / "predictions" / f"{image.stem}_seg.png"
         assert np.array_equal(read_image(mask), expected[mask.name])
-        assert read_text(mask, SOURCE_KEY) == str((dates["2022"] / image.name).resolve())
+        assert read_texts(mask).get(SOURCE_KEY) == str((dates["2022"] / image.name).resolve())
     # An image exported again after its mask was written, and one replaced by a copy that keeps its older time
     # (cp -p), are predicted again; the third is kept.
     later = time.time() + 60
