@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
-from files import DataError, atomic_write_text
+from files import DataError, atomic_write_text, shown_path
 from metrics import confusion_counts
 from rasters import open_raster, pixel_size_m
 from runtime import all_reduce_sum
@@ -613,30 +613,71 @@ TILE_TABLE = "tiles.csv"  # make_tiles.py's table of where each tile sits on the
 
 
 def tiles_pixel_size(pairs: list[tuple[Path, Path]]) -> float | None:
-    """Metres per pixel of the training tiles: from the first tile's own georeference (a GeoTIFF in a projected
-    CRS), else from make_tiles.py's tiles.csv beside the images folder; None when neither tells."""
-    if not pairs:
+    """Metres per pixel of the training tiles: each tile's own georeference (a GeoTIFF in a projected CRS), else
+    its row of make_tiles.py's tiles.csv beside the images folder; None when no tile tells. Tiles of several
+    sizes get a warning naming them, and the size most of them share is the one returned."""
+    tables: dict[Path, dict[str, float | None]] = {}
+    sizes: dict[float, list[Path]] = {}
+    first: dict[float, float] = {}
+    for image, _ in pairs:
+        size = tile_pixel_size(image, tables)
+        if size is not None:
+            key = float(f"{size:.3g}")  # float noise in the transforms is one size
+            sizes.setdefault(key, []).append(image)
+            first.setdefault(key, size)
+    if not sizes:
         return None
-    image = pairs[0][0]
+    common = max(sizes, key=lambda s: len(sizes[s]))
+    if len(sizes) > 1:
+        LOG.warning(mixed_sizes_message(sizes, common, len(pairs)))
+    return first[common]
+
+
+def tile_pixel_size(image: Path, tables: dict[Path, dict[str, float | None]]) -> float | None:
+    """One tile's metres per pixel, from its georeference or its folder's tiles.csv (read once into ``tables``)."""
     try:
         with open_raster(image) as src:
             size = pixel_size_m(src.crs, src.transform)
     except DataError:
         size = None
-    return size or pixel_size_from_table(image.parent.parent / TILE_TABLE, image.stem)
+    if size:
+        return size
+    table = image.parent.parent / TILE_TABLE
+    if table not in tables:
+        tables[table] = pixel_sizes_from_table(table)
+    return tables[table].get(image.stem)
 
 
-def pixel_size_from_table(table: Path, stem: str) -> float | None:
-    """Metres per pixel of one tile as tiles.csv records it (its CRS must be projected); None otherwise."""
+def mixed_sizes_message(sizes: dict[float, list[Path]], common: float, tiles: int) -> str:
+    """The warning for training tiles of several pixel sizes: how many of each, one example of each other size."""
+    counts = ", ".join(f"{len(sizes[s])} at {s:g} m" for s in sorted(sizes, key=lambda s: -len(sizes[s])))
+    examples = "; ".join(f"{shown_path(sizes[s][0])} is {s:g} m" for s in sizes if s != common)
+    unknown = tiles - sum(len(v) for v in sizes.values())
+    return (
+        f"the training tiles have several pixel sizes ({counts}"
+        + (f", {unknown} without one" if unknown else "")
+        + f"; {examples}): the network works at one, so the tiles of {common:g} m, the most, set it and the others "
+        "are seen at a scale the model will not be used at. Resample the scenes to one pixel size before tiling "
+        "(gdalwarp -tr), train one model per size, or give --pixel_size_m=METRES to say which size to work at"
+    )
+
+
+def pixel_sizes_from_table(table: Path) -> dict[str, float | None]:
+    """Metres per pixel of each tile (by stem) as tiles.csv records it (its CRS must be projected); {} without
+    the table."""
     if not table.is_file():
-        return None
-    with table.open(newline="", encoding="utf-8") as handle:
-        row = next((r for r in csv.DictReader(handle) if r.get("tile") == stem), None)
-    if row is None or not row.get("crs"):
+        return {}
+    with table.open(newline="", encoding="utf-8-sig") as handle:
+        return {row.get("tile") or "": row_pixel_size(row) for row in csv.DictReader(handle)}
+
+
+def row_pixel_size(row: dict[str, str]) -> float | None:
+    """Metres per pixel of one tiles.csv row; None when its CRS is missing, unreadable or geographic."""
+    if not row.get("crs"):
         return None
     try:
         crs = rasterio.crs.CRS.from_user_input(row["crs"])
         transform = rasterio.Affine(*(float(row[k]) for k in "abcdef"))
-    except (KeyError, ValueError, rasterio.errors.CRSError):
+    except (KeyError, TypeError, ValueError, rasterio.errors.CRSError):
         return None
     return pixel_size_m(crs, transform)

@@ -94,3 +94,20 @@ def test_training_tiles_tell_their_pixel_size(tmp_path: Path) -> None:
         writer.writerow({"tile": "s_r0c0", "crs": CRS, **dict(zip("abcdef", [0.8, 0, 5e5, 0, -0.8, 4.5e6]))})
     assert tiles_pixel_size([(png, png)]) == pytest.approx(0.8)
     assert tiles_pixel_size([(tmp_path / "nowhere.png", png)]) is None
+
+
+def test_training_tiles_of_several_pixel_sizes_take_the_most_common_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    coarse = Affine(3.2, 0, 5e5, 0, -3.2, 4.5e6)
+    tiles = [
+        write_geotiff(tmp_path / "images" / f"{name}.tif", scene_pixels()[:, :16, :16], transform=transform)
+        for name, transform in [("a", coarse), ("b", FINE), ("c", FINE), ("d", Affine(1.0000001, 0, 5e5, 0, -1, 4.5e6))]
+    ]
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert tiles_pixel_size([(t, t) for t in tiles]) == pytest.approx(1.0)  # three of 1 m, first of 3.2 m
+    assert "several pixel sizes (3 at 1 m, 1 at 3.2 m" in caplog.text and "a.tif is 3.2 m" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert tiles_pixel_size([(t, t) for t in tiles[1:]]) == pytest.approx(1.0)
+    assert not caplog.text
