@@ -74,6 +74,32 @@ def pixel_size_m(crs: CRS | None, transform: Affine) -> float | None:
     return math.sqrt(area) if area else None
 
 
+def ground_pixel_size_estimate(crs: CRS | None, transform: Affine, width: int, height: int) -> float | None:
+    """About how many metres on the ground a pixel of a grid in a geographic CRS (degrees) spans at the grid's
+    centre (the side of a square of its area, on the WGS 84 ellipsoid); None for any other grid."""
+    if crs is None or not crs.is_geographic:
+        return None
+    try:
+        degrees_per_unit = math.degrees(crs.units_factor[1])
+    except (CRSError, TypeError, IndexError):  # a unit PROJ does not name: degrees, as nearly all are
+        degrees_per_unit = 1.0
+    lat = math.radians((transform @ (width / 2, height / 2))[1] * degrees_per_unit)
+    if not -math.pi / 2 <= lat <= math.pi / 2:
+        return None
+    # Metres per degree of latitude and of longitude at that latitude (series for WGS 84).
+    per_lat = 111132.92 - 559.82 * math.cos(2 * lat) + 1.175 * math.cos(4 * lat)
+    per_lon = 111412.84 * math.cos(lat) - 93.5 * math.cos(3 * lat)
+    degrees_area = abs(transform.a * transform.e - transform.b * transform.d) * degrees_per_unit**2
+    return math.sqrt(degrees_area * per_lat * per_lon) or None
+
+
+def utm_epsg(crs: CRS, transform: Affine, width: int, height: int) -> int:
+    """The EPSG code of the WGS 84 UTM zone of a geographic grid's centre (32601..32660 north, 32701.. south)."""
+    lon, lat = transform @ (width / 2, height / 2)  # degrees, as geographic CRSs have them
+    zone = min(60, max(1, int((lon + 180) // 6) + 1))
+    return (32600 if lat >= 0 else 32700) + zone
+
+
 def nodata_pixels(block: np.ndarray, nodata: float | None, axis: int) -> np.ndarray:
     """Where a block's bands (along ``axis``) are all zero, or all the declared nodata value: bool, bands gone."""
     empty = ~block.any(axis=axis)

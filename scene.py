@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import struct
 import tempfile
 import warnings
@@ -65,7 +66,16 @@ from inference import (
     decision_threshold,
     overlay_image,
 )
-from rasters import area_problem, nodata_pixels, open_raster, pixel_area_m2, pixel_size_m, write_palette_style
+from rasters import (
+    area_problem,
+    ground_pixel_size_estimate,
+    nodata_pixels,
+    open_raster,
+    pixel_area_m2,
+    pixel_size_m,
+    utm_epsg,
+    write_palette_style,
+)
 from runtime import handing_back_freed_memory
 
 LOG = logging.getLogger("scene")
@@ -739,6 +749,8 @@ def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float 
     or resampling is off or impossible, with a warning when they differ by more than a quarter."""
     trained = float(state["config"].get("pixel_size_m") or 0.0)
     size = scene_pixel_size(scene)
+    if trained > 0 and size is None:
+        warn_geographic_size(scene, trained)
     if trained <= 0 or size is None or abs(size / trained - 1) < 0.02:
         return None
     if settings.resample and isinstance(scene, RasterScene):
@@ -754,6 +766,28 @@ def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float 
             "--resample_scenes=false" if not settings.resample else "not a GeoTIFF",
         )
     return None
+
+
+def warn_geographic_size(scene: Scene, trained: float) -> None:
+    """A scene in degrees is predicted on its own pixels: warn, with the reprojection that fixes it, when they
+    span more than a quarter more or less ground than the model's (estimated at the scene's centre)."""
+    size = ground_pixel_size_estimate(scene.crs, scene.transform, scene.width, scene.height)
+    if size is None or abs(size / trained - 1) <= 0.25:
+        return
+    epsg = utm_epsg(scene.crs, scene.transform, scene.width, scene.height)
+    LOG.warning(
+        "%s: a geographic CRS, pixels of about %.3g m on the ground, but the model was trained on %.3g m pixels and "
+        "a scene in degrees is predicted on its own pixels; expect poorer masks. Reproject it to the model's pixel "
+        "size first, for example: gdalwarp -t_srs EPSG:%d -tr %g %g -r bilinear %s %s",
+        scene.path,
+        size,
+        trained,
+        epsg,
+        trained,
+        trained,
+        shlex.quote(str(scene.path)),
+        shlex.quote(str(scene.path.with_name(f"{scene.path.stem}_utm.tif"))),
+    )
 
 
 def predict_resampled(

@@ -111,3 +111,18 @@ def test_training_tiles_of_several_pixel_sizes_take_the_most_common_with_a_warni
     with caplog.at_level(logging.WARNING, logger="train"):
         assert tiles_pixel_size([(t, t) for t in tiles[1:]]) == pytest.approx(1.0)
     assert not caplog.text
+
+
+def test_a_scene_in_degrees_of_another_ground_size_is_predicted_with_the_reprojection_to_make(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    degrees = Affine(3e-5, 0, 116.3, 0, -3e-5, 40.0)  # about 2.55 m east-west by 3.33 m north-south at 40 N
+    source = write_geotiff(tmp_path / "in" / "geo.tif", scene_pixels(), crs="EPSG:4326", transform=degrees)
+    with caplog.at_level(logging.WARNING):
+        predicted_mask(tmp_path / "fine", source, checkpoint_at(state, tmp_path, 0.8))
+    assert f"{source}: a geographic CRS, pixels of about 2.92 m on the ground" in caplog.text
+    assert f"gdalwarp -t_srs EPSG:32650 -tr 0.8 0.8 -r bilinear {source}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        predicted_mask(tmp_path / "near", source, checkpoint_at(state, tmp_path, 2.9))  # within a quarter
+    assert "gdalwarp" not in caplog.text
