@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import threading
 import warnings
 from pathlib import Path
@@ -207,7 +208,12 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
                 f"(found {np.nanmin(scaled):.3g} to {np.nanmax(scaled):.3g}); rescale it to [0, 1] or 8/16 bit"
             )
     else:
-        raise DataError(f"{path}: pixel type {image.dtype} is not supported; expected 8- or 16-bit, or float")
+        raise DataError(
+            f"{path}: pixel type {image.dtype} is not supported; expected 8- or 16-bit unsigned, or float in [0, 1]; "
+            f"convert a copy: gdal_translate -ot UInt16 {shlex.quote(str(path))} "
+            f"{shlex.quote(str(Path(path).with_name(Path(path).stem + '_uint16.tif')))} (negative values become 0; "
+            "add -scale MIN MAX 0 65535 where values exceed 65535)"
+        )
     return np.ascontiguousarray(scaled.transpose(2, 0, 1))
 
 

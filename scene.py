@@ -406,11 +406,16 @@ def open_scene(path: Path, bands: Sequence[int], in_channels: int, trained: str 
             if len(known) == in_channels and max(known) <= scene.count:
                 example = f"{trained}, the bands it was trained on"
             selected = f" selected with --bands={','.join(map(str, bands))}" if bands else ""
+            fix = (
+                f"pick {in_channels} of the file's {scene.count} bands with --bands (for example --bands={example}), "
+                f"or predict with a checkpoint trained on {len(scene.bands)} bands"
+                if scene.count >= in_channels
+                else f"the file has only {scene.count}: predict it with a checkpoint trained on {scene.count} bands, "
+                f"or use a product of the scene with all {in_channels} bands"
+            )
             raise DataError(
                 f"{path}: has {len(scene.bands)} band(s){selected}, expected in_channels={in_channels}, the bands "
-                f"the checkpoint's network was trained on; pick {in_channels} of the file's {scene.count} bands "
-                f"with --bands (for example --bands={example}), or predict with a checkpoint trained on "
-                f"{len(scene.bands)} bands"
+                f"the checkpoint's network was trained on; {fix}"
             ) from None
     except BaseException:
         scene.close()

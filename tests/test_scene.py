@@ -308,6 +308,13 @@ def test_band_count_mismatch_fails_before_anything_is_written(
     # A network trained on picked bands offers those as the fix, not the file's first three.
     with pytest.raises(DataError, match=r"with --bands=1,2,3,4, .* --bands=3,2,1, the bands it was trained on"):
         scene.open_scene(source, (1, 2, 3, 4), 3, "3,2,1")
+    # Fewer bands than the network's: no --bands can help, and the message does not offer one.
+    with pytest.raises(DataError, match=r"has 2 band\(s\), .*; the file has only 2: predict it with a checkpoint") as e:
+        scene.open_scene(write_geotiff(tmp_path / "two.tif", four[:2]), (), 3)
+    assert "--bands" not in str(e.value)
+    signed = write_geotiff(tmp_path / "signed.tif", four[:3].astype(np.int16))
+    with pytest.raises(DataError, match=r"pixel type int16 is not supported.* gdal_translate -ot UInt16 .*signed\.tif"):
+        scene.open_scene(signed, (), 3)
     with pytest.raises(ValueError, match=r"--bands='3;2': expected 1-based band numbers"):
         run_predict(run_dir, checkpoint, source, "--bands=3;2")
 
