@@ -771,7 +771,9 @@ class FarmlandDataset(Dataset):
         """Per-band mean and standard deviation of the [0, 1] scaled images, and pixel counts per class.
 
         Sums run in float64 over every pixel of every tile (not augmented), so the figures do not depend
-        on tile order or size. A constant band gets a deviation of 1 (nothing to scale).
+        on tile order or size; nodata pixels (all bands zero: a scene's edge) are left out of the band figures,
+        which would otherwise pull the means down and inflate the deviations. A constant band gets a deviation
+        of 1 (nothing to scale).
         """
         sums = np.zeros(self.in_channels)
         squares = np.zeros(self.in_channels)
@@ -780,6 +782,7 @@ class FarmlandDataset(Dataset):
         for index in range(len(self.pairs)):
             image, mask = self.cached[index] if self.cached is not None else self.read(index)
             bands = image_to_float(image, self.in_channels, self.pairs[index][0]).reshape(self.in_channels, -1)
+            bands = bands[:, bands.any(axis=0)]
             sums += bands.sum(axis=1, dtype=np.float64)
             squares += np.square(bands, dtype=np.float64).sum(axis=1)
             pixels += bands.shape[1]

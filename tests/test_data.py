@@ -304,6 +304,17 @@ def test_band_statistics_and_class_counts_by_hand(tmp_path: Path) -> None:
     assert classes[:2] == [1, 1]
 
 
+def test_band_statistics_leave_nodata_pixels_out(tmp_path: Path) -> None:
+    image = np.zeros((2, 2, 3), np.uint8)
+    image[0, 0] = (255, 0, 51)
+    image[0, 1] = (255, 255, 153)  # the bottom row is nodata, as at a scene's rotated edge
+    write_image(tmp_path / "i.png", image)
+    write_image(tmp_path / "m.png", np.array([[0, 255], [0, 0]], np.uint8))
+    mean, std, classes = FarmlandDataset([(tmp_path / "i.png", tmp_path / "m.png")]).statistics()
+    assert mean == pytest.approx([1.0, 0.5, 0.4]) and std == pytest.approx([1.0, 0.5, 0.2])
+    assert classes[:2] == [3, 1]  # the class counts keep every pixel
+
+
 def test_statistics_of_a_16_bit_four_band_tiff_standardise_every_band(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     # 12-bit sensor values in a 16-bit file, NIR far brighter than the visible bands.
