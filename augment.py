@@ -33,7 +33,7 @@ from data_preprocess import (
     write_image,
     write_pair_list,
 )
-from figures import photo_to_show, save_figure
+from figures import photo_to_show, pyplot, save_figure
 
 LOG = logging.getLogger("augment")
 FLIPS = {"vflip": 0, "hflip": 1}  # name -> numpy axis
@@ -58,10 +58,7 @@ Sample = tuple[Path, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndar
 def preview(samples: list[Sample], path: Path, bands: Sequence[int] = (), shown: Sequence[int] = ()) -> None:
     """Save a figure: each row is a tile and its mask, then each flip and its mask; ``bands``: the tiles' bands
     (the ``bands`` key), as training reads them, of which those at ``shown`` (shown_channels) are shown."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     columns = 2 + 2 * len(FLIPS)
     fig, axes = plt.subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)

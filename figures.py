@@ -2,21 +2,51 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from data_preprocess import image_to_float, picked_for_colour, select_bands
 from files import atomic_write_bytes
 
+# Fonts with Chinese characters, tried in this order where installed (Linux, Windows, macOS): figures name tiles
+# and scenes, whose names DejaVu Sans, matplotlib's own font, would show as empty boxes.
+CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Microsoft YaHei",
+    "SimHei",
+    "PingFang SC",
+    "Heiti SC",
+    "Arial Unicode MS",
+)
+
+
+@functools.cache
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed), with the first installed font of CJK_FONTS after
+    DejaVu Sans, so that a glyph DejaVu lacks is drawn from it (matplotlib falls back along font.family)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    matplotlib.rcParams["font.family"] = ["DejaVu Sans", *[name for name in CJK_FONTS if name in installed][:1]]
+    return plt
+
 
 def save_figure(fig: "object", path: Path) -> None:
     """Render a matplotlib figure to PNG in memory, then write it atomically, and close it."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)
@@ -53,10 +83,7 @@ def stretched(photo: np.ndarray, channel_axis: int, valid: np.ndarray | None = N
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     """Save the training and validation loss and the val IoU per epoch as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -77,10 +104,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
 def plot_threshold_curve(curve: list[dict[str, float]], threshold: float, tuned: bool, epoch: int, path: Path) -> None:
     """Save the val farmland IoU, precision and recall against the farmland probability cut as a PNG, with a
     vertical line at ``threshold`` (the tuned cut when ``tuned``, else the argmax's 0.5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cuts = [row["threshold"] for row in curve]
     fig, ax = plt.subplots(figsize=(6, 4))

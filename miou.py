@@ -37,7 +37,7 @@ import cli
 import files
 from config import Config
 from data_preprocess import load_mask, parse_bands, read_image, read_pair_list, shown_channels
-from figures import photo_to_show, save_figure
+from figures import photo_to_show, pyplot, save_figure
 from files import prediction_path
 from metrics import evaluate_pairs, summarise
 from png_text import read_texts
@@ -48,10 +48,7 @@ LOG = logging.getLogger("miou")
 
 def plot_iou_curves(rows: list[dict], path: Path) -> None:
     """Save the per-image farmland and background IoU, with their means, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4))
     index = np.arange(len(rows))
@@ -81,10 +78,7 @@ def gallery(
 ) -> None:
     """Save a photo | label | prediction grid of the given rows as one PNG, the photo's bands at ``shown``
     (shown_channels) as colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
     bands = parse_bands(cfg.bands)

@@ -365,3 +365,19 @@ def test_png_text_travels_with_the_pixels(tmp_path: Path) -> None:
     assert files.name_problem(tmp_path / "农田" / "a.png") is None
     with pytest.raises(ValueError, match="printable Latin-1"):
         with_text((tmp_path / "b.png").read_bytes(), "two words", "text")
+
+
+def test_figures_fall_back_to_an_installed_chinese_font(monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+    from matplotlib import font_manager
+
+    import figures
+
+    monkeypatch.setitem(matplotlib.rcParams, "font.family", ["sans-serif"])
+    entries = [font_manager.FontEntry(name=name) for name in ("DejaVu Sans", "Heiti SC", "SimHei")]
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", entries)
+    figures.pyplot.__wrapped__()
+    assert matplotlib.rcParams["font.family"] == ["DejaVu Sans", "SimHei"]  # the first of CJK_FONTS installed
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", entries[:1])
+    figures.pyplot.__wrapped__()
+    assert matplotlib.rcParams["font.family"] == ["DejaVu Sans"]
