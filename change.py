@@ -4,10 +4,11 @@
     python change.py --before=scenes_2019 --after=scenes_2024 --run_dir=RUN    # folders, paired by file name
 
 Both dates are predicted with the run's checkpoint (run_dir/checkpoints/best.pth, or ``--checkpoint``) window
-by window, as predict.py predicts scenes (scene.py), into farmland probability GeoTIFFs; the after date is
-resampled onto the before scene's grid where the two differ (CRS, pixel size, extent), and the two
-probabilities become a change map: 0 stable background, 1 stable farmland, 2 farmland lost, 3 farmland gained,
-255 nodata. A pixel changes only where both dates are confident (``change_margin``), away from the other
+by window, as predict.py predicts scenes (scene.py), into a mask and a farmland probability GeoTIFF; the after
+date is resampled onto the before scene's grid where the two differ (CRS, pixel size, extent), and the two
+dates become a change map: 0 stable background, 1 stable farmland, 2 farmland lost, 3 farmland gained,
+255 nodata. A date's farmland is its mask; a pixel changes only where the masks differ and both dates are
+confident (``change_margin``, on the probabilities), away from the other
 date's field edges when ``change_edge_tolerance`` is set, in a patch of at least the minimum mapping unit
 (``min_field_area_ha``, or ``min_field_pixels`` without a projected CRS). See docs/change.md.
 
@@ -88,6 +89,7 @@ class ChangeJob:
         return {
             **self.date_record,
             **{key: getattr(self.cfg, key) for key in keys},
+            "change_rule": change_detection.RULE_VERSION,  # a pair compared by an earlier rule is compared again
             "change_truth": str(self.truth or ""),
             "before": str(pair.before.resolve()),
             "after": str(pair.after.resolve()),
@@ -232,24 +234,32 @@ def fit_window(settings: scene.SceneSettings, image: scene.Scene) -> scene.Scene
     return dataclasses.replace(settings, window=max(32, -(-side // settings.grid) * settings.grid), overlap=0)
 
 
-def predict_dates(pair: Pair, before: scene.Scene, after: scene.Scene, job: ChangeJob) -> dict[str, Path]:
-    """Predict both dates (unless this checkpoint already did); return their probability GeoTIFFs by date."""
-    probabilities = {}
+def predict_dates(
+    pair: Pair, before: scene.Scene, after: scene.Scene, job: ChangeJob
+) -> dict[str, change_detection.Date]:
+    """Predict both dates (unless this checkpoint already did); return their mask and probability GeoTIFFs by
+    date."""
+    dates = {}
     for date, image in (("before", before), ("after", after)):
         outputs = date_outputs(Path(job.cfg.run_dir), pair.name, date)
         settings = fit_window(job.settings, image)
         if job.cfg.skip_existing and date_is_done(outputs, settings, image.path, job):
-            LOG.info("%s: the %s date's probability is already there from this checkpoint", pair.name, date)
+            LOG.info("%s: the %s date's mask and probability are already there from this checkpoint", pair.name, date)
         else:
             outputs["record"].unlink(missing_ok=True)
             scene.run_scene(job.model, image, job.state, job.device, settings, outputs, job.checkpoint)
             files.atomic_write_text(outputs["record"], json.dumps(job.date_record, indent=2) + "\n")
-        probabilities[date] = outputs["probability"]
-    return probabilities
+        dates[date] = change_detection.Date(outputs["mask"], outputs["probability"])
+    return dates
 
 
 def detect_change(
-    pair: Pair, before: scene.Scene, after: scene.Scene, aligned: bool, probabilities: dict[str, Path], job: ChangeJob
+    pair: Pair,
+    before: scene.Scene,
+    after: scene.Scene,
+    aligned: bool,
+    dates: dict[str, change_detection.Date],
+    job: ChangeJob,
 ) -> dict:
     """The change map, its polygons, table row, score and figure of one predicted pair; return the row."""
     outputs = pair_outputs(Path(job.cfg.run_dir), pair.name)
@@ -263,9 +273,7 @@ def detect_change(
         )
     rule = dataclasses.replace(job.rule, min_pixels=min_pixels)
     with rasterio.Env(GDAL_CACHEMAX=scene.GDAL_CACHE_MB):
-        counts = change_detection.write_change_map(
-            probabilities["before"], probabilities["after"], aligned, rule, outputs["change"]
-        )
+        counts = change_detection.write_change_map(dates["before"], dates["after"], aligned, rule, outputs["change"])
         if change_detection.margin_hides_change(counts):
             LOG.warning(
                 "%s: %.1f%% of the valid pixels are farmland at one date and not the other by the threshold %.2f, "
@@ -282,8 +290,8 @@ def detect_change(
             )
         patches = change_detection.write_change_polygons(
             outputs["change"],
-            probabilities["before"],
-            probabilities["after"],
+            dates["before"].probability,
+            dates["after"].probability,
             aligned,
             {k: outputs[k] for k in ("gpkg", "geojson")},
             min_pixels,
@@ -314,8 +322,8 @@ def run_pair(pair: Pair, job: ChangeJob) -> dict:
     """Predict both dates of a pair and write its change outputs; return its table row."""
     in_channels = job.state["config"]["in_channels"]
     with open_pair(pair, job.settings.bands, in_channels) as (before, after, aligned):
-        probabilities = predict_dates(pair, before, after, job)
-        row = detect_change(pair, before, after, aligned, probabilities, job)
+        dates = predict_dates(pair, before, after, job)
+        row = detect_change(pair, before, after, aligned, dates, job)
     unit = "ha" if row["lost_ha"] is not None else "pixels"
     amounts = [row[f"{k}_ha"] if unit == "ha" else row[f"{k}_pixels"] for k in ("lost", "gained")]
     LOG.info(
@@ -390,6 +398,15 @@ def write_run_table(run_dir: Path) -> Path:
     run_dir/change/change_area.csv."""
     folder = Path(run_dir) / "change"
     rows = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*_change.json"))]
+    older = [row["pair"] for row in rows if row.get("settings", {}).get("change_rule") != change_detection.RULE_VERSION]
+    if older:
+        LOG.warning(
+            "%d pair(s) in %s were compared by an earlier version of the change rule (docs/change.md) and keep "
+            "their rows until change.py compares them again: %s",
+            len(older),
+            folder / "change_area.csv",
+            ", ".join(older),
+        )
     table = folder / "change_area.csv"
     change_detection.write_change_table(rows, table)
     return table

@@ -1,21 +1,27 @@
-"""Farmland change between two dates from their farmland probability GeoTIFFs, in bounded memory.
+"""Farmland change between two dates from their masks and farmland probability GeoTIFFs, in bounded memory.
 
-The two dates are predicted by scene.py (``<stem>_prob.tif``: farmland probability in percent, 255 = nodata).
-This module turns the two probabilities into a change map on the before-scene's grid, strip by strip:
+The two dates are predicted by scene.py: ``<stem>_seg.tif`` (1 farmland, 0 background, 255 nodata: the
+decision, made from the unrounded probability by the threshold ``t``) and ``<stem>_prob.tif`` (the farmland
+probability in whole percent, 255 = nodata). This module turns the two dates into a change map on the
+before-scene's grid, strip by strip:
 
 - codes: 0 stable background, 1 stable farmland, 2 farmland lost, 3 farmland gained, 255 nodata (either date);
-- a pixel is lost (gained) only where both dates are confident: farmland probability at least ``t + margin``
-  at one date and at most ``t - margin`` at the other, and it is farmland by the decision threshold ``t`` at
-  the one and background at the other (``t`` is the checkpoint's tuned threshold, else 0.5); every other
-  pixel is stable, farmland where the mean of its two probabilities is above ``t``;
+- a date's farmland is its mask, never its rounded probability, so that the change table's farmland of a date
+  is the date's own mask and area;
+- a pixel is lost (gained) only where the masks say farmland at one date and background at the other and both
+  dates are confident: farmland probability, the whole percent the GeoTIFF holds, at least ``100 (t + margin)``
+  at the one and at most ``100 (t - margin)`` at the other (ChangeRule.percent_cuts); every other pixel is
+  stable: the class of its two masks where they agree, else farmland where the mean of its two probabilities
+  is above ``t``;
 - with an edge tolerance of N pixels, a lost pixel within N pixels of farmland of the after date (a gained
   pixel within N pixels of farmland of the before date) is stable: a field edge moved by misregistration;
 - lost and gained patches (4-connected) smaller than the minimum mapping unit go back to stable. As in
   polygons.py, each strip is read with halo rows (the unit's pixels, capped at SIEVE_HALO_CAP, plus N), which
   makes the strip-by-strip map equal the map of the whole arrays.
 
-When the two scenes differ in CRS, pixel size or extent, the after-date probability is read through a GDAL
-warped view on the before-scene's grid (bilinear), window by window; outside the overlap is nodata.
+When the two scenes differ in CRS, pixel size or extent, the after date is read through GDAL warped views on
+the before-scene's grid (its mask nearest, its probability bilinear), window by window; outside the overlap is
+nodata.
 Then: lost and gained patches as polygons (with area and mean probabilities at both dates), a table of
 hectares, an accuracy score against a true change map, and a preview figure.
 """
@@ -31,6 +37,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -68,6 +75,10 @@ CHANGE_COLOURS = {
     GAINED: (30, 110, 220, 255),
     NODATA: (255, 255, 255, 0),
 }
+# The version of the rule that makes the change classes and counts, recorded with every pair (change.py): a pair
+# compared by an earlier rule is compared again. 2: a date's farmland is its mask (1: its probability rounded to
+# whole percents, which counted the pixels written as exactly the threshold's percent as background).
+RULE_VERSION = 2
 STRIP = 1024  # change-map rows classified at a time (plus halo rows)
 FIGURE_SIDE = 600  # longest side of each panel of the preview figure (about its size in the PNG)
 CHANGE_FIELDS = [
@@ -101,6 +112,15 @@ CHANGE_FIELDS = [
 ]
 
 
+class Date(NamedTuple):
+    """One date as scene.py writes it: its mask (1 farmland, 0 background, 255 nodata; the decision) and its
+    farmland probability in whole percent (255 nodata; for the margin and the mean). Arrays, open rasters or
+    the files' paths."""
+
+    mask: Any
+    probability: Any
+
+
 @dataclass(frozen=True)
 class ChangeRule:
     """What counts as change: the decision threshold ``t`` (farmland probability), the confidence margin
@@ -118,62 +138,70 @@ class ChangeRule:
         if self.edge_tolerance < 0:
             raise ValueError(f"--change_edge_tolerance={self.edge_tolerance}: expected 0 or more pixels")
 
-    def percent_cuts(self) -> tuple[int, int, int, int]:
-        """The rule on whole percents (the probability GeoTIFFs' values): (farmland above, confident farmland
-        at or above, confident background at or below, mean of the two dates farmland when their sum is
-        above)."""
+    def percent_cuts(self) -> tuple[int, int, int]:
+        """The rule on the whole percents P the probability GeoTIFFs hold: (confident farmland at or above,
+        confident background at or below, the two dates' mean farmland when their sum is above), exactly
+        P >= 100 (t + margin), P <= 100 (t - margin) and P_before + P_after > 200 t. With margin 0 nothing is
+        asked of the probability: the masks alone decide (a mask cut at a t between two percents would
+        otherwise fail P >= 100 t on the pixels written as the percent below t)."""
         levels = (self.threshold, self.threshold + self.margin, self.threshold - self.margin)
-        centre, high, low = (round(100 * v, 6) for v in levels)
-        return math.floor(centre), math.ceil(high), math.floor(low), math.floor(2 * centre)
+        centre, high, low = (round(100 * v, 6) for v in levels)  # 100 * (0.56 + 0.2) is 76.00000000000001
+        if self.margin == 0:
+            return 0, 100, math.floor(2 * centre)
+        return math.ceil(high), math.floor(low), math.floor(2 * centre)
 
 
 # --- the classes, on arrays ---------------------------------------------------------------------------
 
 
-def farmland(probability: np.ndarray, rule: ChangeRule) -> np.ndarray:
-    """Where a probability raster (percent, 255 = nodata) is farmland by the decision threshold."""
-    centre = rule.percent_cuts()[0]
-    return (probability > centre) & (probability <= 100)
+def farmland(mask: np.ndarray) -> np.ndarray:
+    """Where a date's mask (1 farmland, 0 background, 255 nodata) is farmland: the date's own decision."""
+    return mask == scene.FARMLAND
 
 
-def stable_codes(before: np.ndarray, after: np.ndarray, rule: ChangeRule) -> np.ndarray:
-    """The stable class of every pixel: farmland (1) where the mean of the two probabilities is above the
-    threshold, else background (0); nodata (255) where either date is nodata. uint8, the inputs' shape."""
-    twice_centre = rule.percent_cuts()[3]
-    total = before.astype(np.int16)
-    total += after
-    codes = (total > twice_centre).astype(np.uint8)
-    codes[(before > 100) | (after > 100)] = NODATA
+def holds_data(date: Date) -> np.ndarray:
+    """Where a date holds data: in its mask and in its probability (scene.py writes both from the same pixels;
+    resampled, the bilinear probability holds data wherever the nearest mask does)."""
+    return (date.mask != NODATA) & (date.probability <= 100)
+
+
+def stable_codes(before: Date, after: Date, rule: ChangeRule) -> np.ndarray:
+    """The stable class of every pixel: the class of the two masks where they agree; where they differ,
+    farmland (1) where the mean of the two probabilities is above the threshold, else background (0); nodata
+    (255) where either date is nodata. uint8, the inputs' shape."""
+    twice_centre = rule.percent_cuts()[2]
+    farm_before, farm_after = farmland(before.mask), farmland(after.mask)
+    total = before.probability.astype(np.int16)
+    total += after.probability
+    codes = np.where(farm_before == farm_after, farm_before, total > twice_centre).astype(np.uint8)
+    codes[~(holds_data(before) & holds_data(after))] = NODATA
     return codes
 
 
-def change_codes(before: np.ndarray, after: np.ndarray, rule: ChangeRule) -> np.ndarray:
-    """The change classes of two farmland probability rasters on one grid, pixel by pixel (no tolerance, no
-    minimum mapping unit).
+def change_codes(before: Date, after: Date, rule: ChangeRule) -> np.ndarray:
+    """The change classes of two dates on one grid, pixel by pixel (no tolerance, no minimum mapping unit).
 
     Args:
-        before, after: farmland probability in percent (0-100), 255 = nodata, any integer type.
+        before, after: each date's mask (1 farmland, 0 background, 255 nodata) and farmland probability in
+            whole percent (0-100, 255 = nodata), any integer type.
         rule: threshold and margin.
 
     Returns:
-        uint8 codes: 2 lost where before is farmland with probability >= t + margin and after is background
-        with probability <= t - margin, 3 gained the other way round, else the stable class (stable_codes);
-        255 where either date is nodata.
+        uint8 codes: 2 lost where the before mask is farmland with probability >= 100 (t + margin) and the
+        after mask is background with probability <= 100 (t - margin), 3 gained the other way round, else the
+        stable class (stable_codes); 255 where either date is nodata.
     """
-    _, high, low, _ = rule.percent_cuts()
-    farm_before, farm_after = farmland(before, rule), farmland(after, rule)
-    sure_before, sure_after = before <= 100, after <= 100
-    lost = farm_before & ~farm_after & (before >= high) & (after <= low) & sure_after
-    gained = ~farm_before & farm_after & (after >= high) & (before <= low) & sure_before
+    high, low, _ = rule.percent_cuts()
+    farm_before, farm_after = farmland(before.mask), farmland(after.mask)
+    lost = farm_before & ~farm_after & (before.probability >= high) & (after.probability <= low)
+    gained = ~farm_before & farm_after & (after.probability >= high) & (before.probability <= low)
     codes = stable_codes(before, after, rule)
     codes[lost & (codes != NODATA)] = LOST
     codes[gained & (codes != NODATA)] = GAINED
     return codes
 
 
-def absorb_edges(
-    codes: np.ndarray, stable: np.ndarray, before: np.ndarray, after: np.ndarray, rule: ChangeRule
-) -> np.ndarray:
+def absorb_edges(codes: np.ndarray, stable: np.ndarray, before: Date, after: Date, rule: ChangeRule) -> np.ndarray:
     """With an edge tolerance of N > 0 pixels: lost pixels within N pixels (Euclidean) of the after date's
     farmland, and gained pixels within N pixels of the before date's farmland, become stable. A copy."""
     n = rule.edge_tolerance
@@ -182,7 +210,7 @@ def absorb_edges(
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * n + 1, 2 * n + 1))
     out = codes.copy()
     for code, other in ((LOST, after), (GAINED, before)):
-        near = cv2.dilate(farmland(other, rule).view(np.uint8), kernel).view(bool)
+        near = cv2.dilate(farmland(other.mask).view(np.uint8), kernel).view(bool)
         absorbed = (codes == code) & near
         out[absorbed] = stable[absorbed]
     return out
@@ -206,8 +234,8 @@ def sieve_changes(
 
 
 def classify_block(
-    before: np.ndarray,
-    after: np.ndarray,
+    before: Date,
+    after: Date,
     rule: ChangeRule,
     keep: slice = slice(None),
     cut_top: bool = False,
@@ -283,12 +311,26 @@ def on_grid(path: Path, grid: dict, aligned: bool, resampling: Resampling = Resa
                 yield vrt
 
 
+@contextlib.contextmanager
+def open_dates(before: Date, after: Date, aligned: bool) -> Iterator[tuple[Date, Date]]:
+    """Both dates' mask and probability opened on the before grid: the after ones as they are when ``aligned``,
+    else through warped views (the mask nearest, so that it stays a mask; the probability bilinear)."""
+    with rasterio.open(before.mask) as b_mask, rasterio.open(before.probability) as b_prob:
+        grid = grid_of(b_prob)
+        with (
+            on_grid(after.mask, grid, aligned, Resampling.nearest) as a_mask,
+            on_grid(after.probability, grid, aligned) as a_prob,
+        ):
+            yield Date(b_mask, b_prob), Date(a_mask, a_prob)
+
+
 # --- the change map --------------------------------------------------------------------------------------
 
 
 @dataclass
 class ChangeCounts:
-    """Pixel counts of one change map (farmland at each date counted where both dates hold data)."""
+    """Pixel counts of one change map (farmland at each date, by its mask, counted where both dates hold
+    data)."""
 
     valid: int = 0
     farmland_before: int = 0
@@ -296,14 +338,14 @@ class ChangeCounts:
     lost: int = 0
     gained: int = 0
     stable_farmland: int = 0
-    disagree: int = 0  # farmland at one date and not the other by the threshold alone, margin or not
+    disagree: int = 0  # farmland at one date and not the other by the masks alone, margin or not
     sure: int = 0  # of those, the ones past the margin at both dates (before the edge tolerance and the sieve)
 
-    def add(self, codes: np.ndarray, before: np.ndarray, after: np.ndarray, rule: ChangeRule) -> None:
-        """Count a strip of the map and its two probability rasters."""
+    def add(self, codes: np.ndarray, before: Date, after: Date, rule: ChangeRule) -> None:
+        """Count a strip of the map and its two dates."""
         valid = codes != NODATA
         self.valid += int(np.count_nonzero(valid))
-        farmland_before, farmland_after = farmland(before, rule) & valid, farmland(after, rule) & valid
+        farmland_before, farmland_after = farmland(before.mask) & valid, farmland(after.mask) & valid
         self.farmland_before += int(np.count_nonzero(farmland_before))
         self.farmland_after += int(np.count_nonzero(farmland_after))
         self.disagree += int(np.count_nonzero(farmland_before != farmland_after))
@@ -322,44 +364,43 @@ def margin_hides_change(counts: ChangeCounts) -> bool:
 
 
 def change_strips(
-    before: rasterio.io.DatasetReader, after: rasterio.io.DatasetReader, rule: ChangeRule, strip: int = 0
-) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(first row, change codes, before and after probability rows) of two probability rasters on one grid,
-    ``strip`` rows (STRIP when 0) at a time, each classified with halo rows: exactly classify_block of the
-    whole rasters."""
+    before: Date, after: Date, rule: ChangeRule, strip: int = 0
+) -> Iterator[tuple[int, np.ndarray, Date, Date]]:
+    """(first row, change codes, before and after rows) of two dates' open rasters on one grid, ``strip`` rows
+    (STRIP when 0) at a time, each classified with halo rows: exactly classify_block of the whole rasters."""
     strip = strip or STRIP
-    height, width = before.height, before.width
+    height, width = before.mask.height, before.mask.width
     sieve_halo = min(rule.min_pixels, polygons.SIEVE_HALO_CAP) if rule.min_pixels > 1 else 0
     halo = sieve_halo + rule.edge_tolerance
     for top in range(0, height, strip):
         bottom = min(top + strip, height)
         low, high = max(0, top - halo), min(height, bottom + halo)
         window = Window(0, low, width, high - low)
-        b, a = before.read(1, window=window), after.read(1, window=window)
+        b, a = (Date(*(raster.read(1, window=window) for raster in date)) for date in (before, after))
         # The tolerance is right on every row but the outer ``edge_tolerance`` ones: sieve only these.
         s_low, s_high = max(0, top - sieve_halo), min(height, bottom + sieve_halo)
         codes = classify_block(b, a, rule, slice(s_low - low, s_high - low), s_low > 0, s_high < height)
-        yield top, codes[top - s_low : bottom - s_low], b[top - low : bottom - low], a[top - low : bottom - low]
+        kept = slice(top - low, bottom - low)
+        rows = [Date(date.mask[kept], date.probability[kept]) for date in (b, a)]
+        yield top, codes[top - s_low : bottom - s_low], rows[0], rows[1]
 
 
-def write_change_map(
-    before_prob: Path, after_prob: Path, aligned: bool, rule: ChangeRule, target: Path
-) -> ChangeCounts:
-    """Classify two probability GeoTIFFs (the after one resampled onto the before one's grid unless
-    ``aligned``) into a change GeoTIFF at ``target`` on the before grid: uint8 with a colour table, tiled,
-    compressed, with overviews and a QGIS style beside it. Written under a temporary name, then renamed."""
+def write_change_map(before: Date, after: Date, aligned: bool, rule: ChangeRule, target: Path) -> ChangeCounts:
+    """Classify two dates' masks and probability GeoTIFFs (the after ones resampled onto the before grid,
+    nearest and bilinear, unless ``aligned``) into a change GeoTIFF at ``target`` on the before grid: uint8
+    with a colour table, tiled, compressed, with overviews and a QGIS style beside it. Written under a
+    temporary name, then renamed."""
     counts, temporary = ChangeCounts(), scene.temporary_beside(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
-            with rasterio.open(before_prob) as before:
-                with on_grid(after_prob, grid_of(before), aligned) as after:
-                    with rasterio.open(temporary, "w", **scene.raster_profile(before)) as dst:
-                        dst.write_colormap(1, CHANGE_COLOURS)
-                        for top, codes, b, a in change_strips(before, after, rule):
-                            dst.write(codes, 1, window=Window(0, top, before.width, codes.shape[0]))
-                            counts.add(codes, b, a, rule)
+            with open_dates(before, after, aligned) as (b, a):
+                with rasterio.open(temporary, "w", **scene.raster_profile(b.probability)) as dst:
+                    dst.write_colormap(1, CHANGE_COLOURS)
+                    for top, codes, b_rows, a_rows in change_strips(b, a, rule):
+                        dst.write(codes, 1, window=Window(0, top, dst.width, codes.shape[0]))
+                        counts.add(codes, b_rows, a_rows, rule)
             scene.add_overviews(temporary, Resampling.nearest)
             os.replace(temporary, target)
         finally:
@@ -540,7 +581,7 @@ def write_change_table(rows: list[dict], path: Path) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CHANGE_FIELDS})
-    files.atomic_write_text(path, buffer.getvalue())
+    files.atomic_write_csv(path, buffer.getvalue())
 
 
 def score_change(change_path: Path, truth_path: Path) -> dict:

@@ -66,6 +66,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
+def atomic_write_csv(path: Path, text: str) -> None:
+    """Write a CSV table atomically as UTF-8 with a byte-order mark, by which Excel (on a Chinese Windows too) knows
+    its encoding and shows Chinese names as they are; Python reads it with encoding="utf-8-sig", pandas as it is."""
+    atomic_write_bytes(path, b"\xef\xbb\xbf" + text.encode("utf-8", "backslashreplace"))
+
+
 def check_writable(folder: Path, need_bytes: int = 0) -> None:
     """Fail at once, not hours later, when an output folder cannot be written or its disk is nearly full.
 

@@ -285,7 +285,7 @@ def read_table(path: Path) -> list[dict]:
     """The rows of an earlier tiles.csv, or none."""
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -308,7 +308,7 @@ def write_table(out: Path, rows: list[dict], done: set[str]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(sorted(kept + rows, key=lambda r: (r["scene"], int(r["row"]), int(r["col"]))))
-    files.atomic_write_text(path, buffer.getvalue())
+    files.atomic_write_csv(path, buffer.getvalue())
     return path
 
 

@@ -115,7 +115,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in fields})
-    files.atomic_write_text(path, buffer.getvalue())
+    files.atomic_write_csv(path, buffer.getvalue())
 
 
 def made_elsewhere(mask: Path, image: Path) -> str | None:

@@ -723,7 +723,7 @@ def write_area_table(rows: Sequence[dict], path: Path) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in AREA_FIELDS})
-    files.atomic_write_text(path, buffer.getvalue())
+    files.atomic_write_csv(path, buffer.getvalue())
 
 
 def write_overlay(scene: Scene, mask_path: Path, path: Path, shown: Sequence[int] = ()) -> None:

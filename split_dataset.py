@@ -335,7 +335,7 @@ def _write_rejected(path: Path, rejected: Sequence[tuple[Path, str, str]]) -> No
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["file", "kind", "reason"])
     writer.writerows((str(p), k, r) for p, k, r in rejected)
-    files.atomic_write_text(path, buffer.getvalue())
+    files.atomic_write_csv(path, buffer.getvalue())
 
 
 def _summary(

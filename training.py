@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
-from files import DataError, atomic_write_text, shown_path
+from files import DataError, atomic_write_csv, shown_path
 from metrics import confusion_counts
 from rasters import open_raster, pixel_size_m
 from runtime import all_reduce_sum
@@ -164,7 +164,7 @@ def write_threshold_curve(curve: list[dict[str, float]], path: Path) -> None:
     writer.writeheader()
     for row in curve:
         writer.writerow({key: "" if math.isnan(value) else round(value, 6) for key, value in row.items()})
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, buffer.getvalue())
 
 
 def train_epoch(
@@ -580,7 +580,7 @@ def write_log_csv(history: list[dict[str, float]], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, buffer.getvalue())
 
 
 def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:

@@ -40,6 +40,17 @@ def percent(rows: list[list[int]]) -> np.ndarray:
     return np.array(rows, np.uint8)
 
 
+def date(probability: np.ndarray, rule: cd.ChangeRule = RULE) -> cd.Date:
+    """A hand-made date: its probability in percent and the mask scene.py cuts at the rule's threshold (from a
+    probability that is a whole percent; nodata kept)."""
+    mask = np.where(probability > 100, 255, probability > 100 * rule.threshold).astype(np.uint8)
+    return cd.Date(mask, probability)
+
+
+def codes_of(before: np.ndarray, after: np.ndarray, rule: cd.ChangeRule = RULE) -> list:
+    return cd.change_codes(date(before, rule), date(after, rule), rule).tolist()
+
+
 write_geotiff = functools.partial(geotiff, crs=CRS, transform=TRANSFORM)  # this module's scenes
 
 
@@ -54,23 +65,43 @@ def read(path: Path) -> np.ndarray:
 def test_classes_of_hand_made_probabilities() -> None:
     before = percent([[90, 90, 10, 10, 60, 255, 80]])
     after = percent([[85, 10, 95, 5, 40, 90, 255]])
-    assert cd.change_codes(before, after, RULE).tolist() == [[1, 2, 3, 0, 0, 255, 255]]
+    assert codes_of(before, after) == [[1, 2, 3, 0, 0, 255, 255]]
     # 60 -> 40 is flicker around the threshold, not change: stable, farmland by the mean (50 is not above 0.5).
-    assert cd.stable_codes(percent([[60, 60]]), percent([[40, 41]]), RULE).tolist() == [[0, 1]]
+    assert cd.stable_codes(date(percent([[60, 60]])), date(percent([[40, 41]])), RULE).tolist() == [[0, 1]]
 
 
 def test_the_confidence_margin() -> None:
     before = percent([[70, 69, 71, 60, 30, 30]])
     after = percent([[30, 30, 31, 40, 70, 69]])
-    assert cd.change_codes(before, after, RULE).tolist() == [[2, 0, 1, 0, 3, 0]]  # 70/30 inclusive
+    assert codes_of(before, after) == [[2, 0, 1, 0, 3, 0]]  # 70/30 inclusive
     no_margin = cd.ChangeRule(threshold=0.5, margin=0.0)
-    assert cd.change_codes(before, after, no_margin).tolist() == [[2, 2, 2, 2, 3, 3]]
-    assert cd.change_codes(percent([[50]]), percent([[49]]), no_margin).tolist() == [[0]]  # 50 is not farmland
+    assert codes_of(before, after, no_margin) == [[2, 2, 2, 2, 3, 3]]
+    assert codes_of(percent([[50]]), percent([[49]]), no_margin) == [[0]]  # 50 is not farmland
     # A tuned threshold moves the centre: t = 0.3 with margin 0.2 asks for >= 50 and <= 10.
     tuned = cd.ChangeRule(threshold=0.3, margin=0.2)
-    assert cd.change_codes(percent([[50, 50]]), percent([[10, 11]]), tuned).tolist() == [[2, 1]]
+    assert codes_of(percent([[50, 50]]), percent([[10, 11]]), tuned) == [[2, 1]]
     with pytest.raises(ValueError, match="change_margin=0.5: expected 0 to below 0.5"):
         cd.ChangeRule(margin=0.5).check()
+
+
+def test_the_masks_decide_and_the_margin_compares_whole_percents() -> None:
+    # At t = 0.56, 0.5601 to 0.565 is farmland in the mask and written as 56 % in the probability GeoTIFF.
+    rule = cd.ChangeRule(threshold=0.56, margin=0.2)
+    assert rule.percent_cuts() == (76, 36, 112)  # P >= 76, P <= 36, sum > 112 (100 * 0.76 is 76.00000000000001)
+    before = cd.Date(np.array([[1, 1, 1, 1, 0]], np.uint8), percent([[56, 76, 75, 76, 56]]))
+    after = cd.Date(np.array([[1, 0, 0, 0, 0]], np.uint8), percent([[56, 36, 36, 37, 55]]))
+    codes = cd.change_codes(before, after, rule)
+    # Farmland at both dates by the masks (not background by a mean of 56 %); 76 % (0.755 rounds to it) is at
+    # least 76; 75 % is not, nor 37 % at most 36: those two are stable by the mean of the percents.
+    assert codes.tolist() == [[1, 2, 0, 1, 0]]
+    counts = cd.ChangeCounts()
+    counts.add(codes, before, after, rule)
+    assert (counts.farmland_before, counts.farmland_after, counts.disagree, counts.sure) == (4, 1, 3, 1)
+    # Margin 0: the masks alone, even with a threshold between two percents (0.5531 is farmland, written 55).
+    loose = cd.ChangeRule(threshold=0.553, margin=0.0)
+    one = lambda mask, p: cd.Date(np.array([[mask]], np.uint8), percent([[p]]))
+    assert cd.change_codes(one(1, 55), one(0, 55), loose).tolist() == [[2]]
+    assert cd.change_codes(one(0, 55), one(1, 55), loose).tolist() == [[3]]
 
 
 def test_a_margin_that_hides_most_change_by_the_threshold_is_told() -> None:
@@ -78,19 +109,19 @@ def test_a_margin_that_hides_most_change_by_the_threshold_is_told() -> None:
     before = percent([[65, 62, 40, 58, 66, 61, 42, 57, 90, 20] * 10])
     after = percent([[35, 38, 60, 42, 34, 39, 58, 43, 10, 20] * 10])
     counts = cd.ChangeCounts()
-    counts.add(cd.change_codes(before, after, RULE), before, after, RULE)
+    counts.add(cd.change_codes(date(before), date(after), RULE), date(before), date(after), RULE)
     assert (counts.valid, counts.disagree, counts.sure, counts.lost, counts.gained) == (100, 90, 10, 10, 0)
     assert cd.margin_hides_change(counts)  # 10 of the 90 pixels that differ by the threshold pass the margin
     before[0, 0::10], after[0, 0::10], before[0, 1::10], after[0, 1::10] = 90, 10, 80, 20  # two more sure losses
     sure = cd.ChangeCounts()
-    sure.add(cd.change_codes(before, after, RULE), before, after, RULE)
+    sure.add(cd.change_codes(date(before), date(after), RULE), date(before), date(after), RULE)
     assert (sure.disagree, sure.sure) == (90, 30) and not cd.margin_hides_change(sure)
     # Sure change the minimum mapping unit removes (specks) is not the margin's doing: no warning.
     specks = cd.ChangeCounts()
     before, after = np.full((20, 20), 95, np.uint8), np.full((20, 20), 95, np.uint8)
     after[::4, ::4] = 5
     rule = cd.ChangeRule(margin=0.2, min_pixels=4)
-    specks.add(cd.classify_block(before, after, rule), before, after, rule)
+    specks.add(cd.classify_block(date(before), date(after), rule), date(before), date(after), rule)
     assert (specks.disagree, specks.sure, specks.lost) == (25, 25, 0) and not cd.margin_hides_change(specks)
 
 
@@ -99,12 +130,12 @@ def test_edge_tolerance_absorbs_a_field_edge_moved_by_misregistration() -> None:
     before[5:25, 10:30] = 95
     after[5:25, 12:32] = 95  # the same field, 2 pixels to the east
     before[5:25, 45:55] = 95  # a field really lost, far from the after date's farmland
-    codes = cd.classify_block(before, after, RULE)
+    codes = cd.classify_block(date(before), date(after), RULE)
     assert (codes[5:25, 10:12] == cd.LOST).all() and (codes[5:25, 30:32] == cd.GAINED).all()
-    tolerant = cd.classify_block(before, after, cd.ChangeRule(margin=0.2, edge_tolerance=2))
+    tolerant = cd.classify_block(date(before), date(after), cd.ChangeRule(margin=0.2, edge_tolerance=2))
     assert not np.isin(tolerant[:, :40], [cd.LOST, cd.GAINED]).any()
     assert (tolerant[5:25, 45:55] == cd.LOST).all()
-    assert (tolerant[5:25, 44:46] == cd.classify_block(before, after, RULE)[5:25, 44:46]).all()
+    assert (tolerant[5:25, 44:46] == codes[5:25, 44:46]).all()
 
 
 def test_minimum_mapping_unit_sends_small_patches_back_to_stable() -> None:
@@ -112,7 +143,7 @@ def test_minimum_mapping_unit_sends_small_patches_back_to_stable() -> None:
     after[2:5, 2:5] = 20  # 9 pixels lost
     after[10:16, 10:16] = 20  # 36 pixels lost
     before[2:4, 30:34] = 20  # 8 pixels gained
-    codes = cd.classify_block(before, after, cd.ChangeRule(margin=0.2, min_pixels=10))
+    codes = cd.classify_block(date(before), date(after), cd.ChangeRule(margin=0.2, min_pixels=10))
     assert (codes[10:16, 10:16] == cd.LOST).all() and np.count_nonzero(codes == cd.LOST) == 36
     assert codes[2, 2] == cd.STABLE_FARMLAND  # mean of 90 and 20 is above 50
     assert codes[2, 30] == cd.STABLE_FARMLAND and not (codes == cd.GAINED).any()
@@ -128,14 +159,22 @@ def smooth_probabilities(seed: int, height: int = HEIGHT, width: int = WIDTH) ->
     return np.rint(cv2.GaussianBlur(field, (0, 0), 2.0) * 96 + 2).astype(np.uint8)
 
 
+def write_date(folder: Path, name: str, probability: np.ndarray, **profile) -> cd.Date:
+    """A hand-made date as scene.py leaves it: ``<name>_seg.tif`` (date's mask) and ``<name>_prob.tif``."""
+    arrays = date(probability)
+    return cd.Date(
+        *(write_geotiff(folder / f"{name}_{kind}.tif", a[None], **profile) for kind, a in zip(("seg", "prob"), arrays))
+    )
+
+
 def test_strip_by_strip_equals_the_whole_arrays(tmp_path: Path) -> None:
     before, after = smooth_probabilities(1), smooth_probabilities(2)
     before[:20, :30] = 255
     rule = cd.ChangeRule(margin=0.2, edge_tolerance=2, min_pixels=40)
-    paths = [write_geotiff(tmp_path / f"{n}.tif", p[None]) for n, p in (("b", before), ("a", after))]
-    with rasterio.open(paths[0]) as b, rasterio.open(paths[1]) as a:
+    paths = {name: write_date(tmp_path, name, p) for name, p in (("b", before), ("a", after))}
+    with cd.open_dates(paths["b"], paths["a"], True) as (b, a):
         strips = list(cd.change_strips(b, a, rule, strip=16))
-    whole = cd.classify_block(before, after, rule)
+    whole = cd.classify_block(date(before), date(after), rule)
     assert np.array_equal(np.concatenate([codes for _, codes, _, _ in strips]), whole)
     assert np.isin(whole, [cd.LOST, cd.GAINED]).sum() > 200  # the case is not empty
     assert (whole[:20, :30] == 255).all()
@@ -165,23 +204,21 @@ def test_patches_cut_by_strip_seams_are_joined_with_their_mean_probabilities(
 # --- the two grids ---------------------------------------------------------------------------------------
 
 
-def changed_map(tmp_path: Path, after_prob: Path, aligned: bool) -> np.ndarray:
-    before_prob = tmp_path / "before_prob.tif"
-    target = tmp_path / f"{after_prob.stem}_change.tif"
-    cd.write_change_map(before_prob, after_prob, aligned, cd.ChangeRule(margin=0.2, min_pixels=10), target)
+def changed_map(tmp_path: Path, after: cd.Date, aligned: bool) -> np.ndarray:
+    before = cd.Date(tmp_path / "before_seg.tif", tmp_path / "before_prob.tif")
+    target = tmp_path / f"{after.probability.stem}_change.tif"
+    cd.write_change_map(before, after, aligned, cd.ChangeRule(margin=0.2, min_pixels=10), target)
     return read(target)
 
 
 def test_shifted_and_reprojected_after_probabilities_give_the_aligned_change_map(tmp_path: Path) -> None:
     before, after = smooth_probabilities(1), smooth_probabilities(2)
-    write_geotiff(tmp_path / "before_prob.tif", before[None], nodata=255)
-    aligned = changed_map(tmp_path, write_geotiff(tmp_path / "after_prob.tif", after[None], nodata=255), True)
+    write_date(tmp_path, "before", before, nodata=255)
+    aligned = changed_map(tmp_path, write_date(tmp_path, "after", after, nodata=255), True)
     # Shifted: the after raster starts 12 columns east and 8 rows south and runs 10 columns past the before's.
     shifted = np.pad(after[8:, 12:], ((0, 0), (0, 10)), constant_values=5)
     moved = TRANSFORM @ Affine.translation(12, 8)
-    shifted_map = changed_map(
-        tmp_path, write_geotiff(tmp_path / "shifted.tif", shifted[None], nodata=255, transform=moved), False
-    )
+    shifted_map = changed_map(tmp_path, write_date(tmp_path, "shifted", shifted, nodata=255, transform=moved), False)
     assert np.array_equal(shifted_map[8:, 12:], aligned[8:, 12:])
     assert (shifted_map[:8] == 255).all() and (shifted_map[:, :12] == 255).all()  # outside the overlap
     # Reprojected: Web Mercator with 1.5 m pixels, resampled (bilinear) there and back.
@@ -200,8 +237,8 @@ def test_shifted_and_reprojected_after_probabilities_give_the_aligned_change_map
         resampling=rasterio.warp.Resampling.bilinear,
         dst_nodata=255,
     )
-    path = write_geotiff(tmp_path / "mercator.tif", warped[None], crs=dst_crs, transform=transform, nodata=255)
-    mercator_map = changed_map(tmp_path, path, False)
+    mercator = write_date(tmp_path, "mercator", warped, crs=dst_crs, transform=transform, nodata=255)
+    mercator_map = changed_map(tmp_path, mercator, False)
     inner = (slice(6, -6), slice(6, -6))
     assert (mercator_map[inner] == aligned[inner]).mean() > 0.98
     assert (mercator_map[inner] != 255).all()
@@ -286,7 +323,7 @@ def test_a_pair_of_scenes_gives_map_polygons_table_and_figure(checkpoint: Path, 
     assert len(features) == row["lost_patches"] + row["gained_patches"] == len(kinds)
     assert 'type="paletted"' in out["style"].read_text(encoding="utf-8")
     assert out["figure"].stat().st_size > 10_000
-    with open(run_dir / "change" / "change_area.csv", encoding="utf-8") as handle:
+    with open(run_dir / "change" / "change_area.csv", encoding="utf-8-sig") as handle:
         (table_row,) = csv.DictReader(handle)
     assert table_row["pair"] == "farm_2019_to_farm_2024" and float(table_row["lost_ha"]) == row["lost_ha"]
     made_by = [table_row[k] for k in ("model", "epoch", "threshold", "change_margin")]
@@ -353,7 +390,7 @@ def test_other_files_under_the_same_names_are_compared_again(checkpoint: Path, t
     assert run_change(tmp_path / "fresh", checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
     rows = {}
     for name in ("run", "fresh"):
-        with open(tmp_path / name / "change" / "change_area.csv", encoding="utf-8") as handle:
+        with open(tmp_path / name / "change" / "change_area.csv", encoding="utf-8-sig") as handle:
             rows[name] = list(csv.DictReader(handle))
     assert [r["after"] for r in rows["run"]] == [str(tmp_path / "2024" / "a.tif")]
     keys = ("lost_pixels", "gained_pixels", "lost_ha", "gained_ha")
@@ -388,7 +425,7 @@ def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
     assert f"c.png: no image named c.* in {tmp_path / '2024'}" in caplog.text
     assert f"{tmp_path / '2024'}/\\xb5\\xd8.png: the file name is not UTF-8" in caplog.text
     assert "3 problem(s) left files unpaired; see the messages above" in caplog.text  # c.png and both odd names
-    with open(run_dir / "change" / "change_area.csv", encoding="utf-8") as handle:
+    with open(run_dir / "change" / "change_area.csv", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["pair"] for r in rows] == ["a", "b"] and rows[0]["lost_ha"] == "" and rows[0]["crs"] == ""
     assert read(change.pair_outputs(run_dir, "a")["change"]).shape == (64, 64)
@@ -530,3 +567,39 @@ def test_score_of_a_hand_made_change_map(tmp_path: Path) -> None:
     assert score["lost_predicted"] == pytest.approx(3 * 4 / 1e4) and score["lost_true"] == pytest.approx(3 * 4 / 1e4)
     with pytest.raises(cd.DataError, match=r"t2.tif: 3x2 pixels, expected the before scene's grid of 5x2"):
         cd.score_change(paths[0], write_geotiff(tmp_path / "t2.tif", truth[None, :, :3]))
+
+
+def test_each_dates_farmland_is_its_own_mask_at_a_threshold_on_a_whole_percent(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # At t = 0.56 a probability of 0.5601 to 0.565 is farmland in the mask but written as 56 % in the probability
+    # GeoTIFF: the change table must count it as farmland, as the date's mask and area file do.
+    before = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
+    after = write_geotiff(tmp_path / "in" / "b.tif", scene_pixels(1, moved=True))
+    run_dir = tmp_path / "run"
+    assert run_change(run_dir, checkpoint, before, after, "--threshold=0.56") == 0
+    row = json.loads(change.pair_outputs(run_dir, "a_to_b")["json"].read_text(encoding="utf-8"))
+    with open(run_dir / "change" / "change_area.csv", encoding="utf-8-sig") as handle:
+        (table_row,) = csv.DictReader(handle)
+    for date in ("before", "after"):
+        outputs = change.date_outputs(run_dir, "a_to_b", date)
+        mask, probability = read(outputs["mask"]), read(outputs["probability"])
+        assert np.count_nonzero((mask == 1) & (probability == 56)) > 0  # the case is not empty
+        area = json.loads(outputs["area"].read_text(encoding="utf-8"))
+        assert row[f"farmland_{date}_pixels"] == area["farmland_pixels"] == np.count_nonzero(mask == 1)
+        assert float(table_row[f"farmland_{date}_ha"]) == row[f"farmland_{date}_ha"] == area["farmland_area_ha"]
+    # A pair compared by the earlier rule (no change_rule in its record) is compared again, its dates kept; a
+    # pair of such a row that this command does not compare is named.
+    out = change.pair_outputs(run_dir, "a_to_b")
+    old = json.loads(out["json"].read_text(encoding="utf-8"))
+    del old["settings"]["change_rule"]
+    old["farmland_before_pixels"] -= 50
+    out["json"].write_text(json.dumps(old), encoding="utf-8")
+    (run_dir / "change" / "other_change.json").write_text(json.dumps(old | {"pair": "other"}), encoding="utf-8")
+    probability = change.date_outputs(run_dir, "a_to_b", "before")["probability"]
+    made = probability.stat().st_mtime_ns
+    assert run_change(run_dir, checkpoint, before, after, "--threshold=0.56") == 0
+    assert json.loads(out["json"].read_text(encoding="utf-8")) == row
+    assert probability.stat().st_mtime_ns == made
+    assert "1 pair(s) in" in caplog.text and "compared by an earlier version of the change rule" in caplog.text
+    assert "until change.py compares them again: other\n" in caplog.text

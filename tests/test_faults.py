@@ -31,7 +31,7 @@ from tile_prediction import SOURCE_KEY
 
 def epochs_logged(run_dir: Path) -> int:
     try:
-        with open(run_dir / "train_log.csv", encoding="utf-8") as handle:
+        with open(run_dir / "train_log.csv", encoding="utf-8-sig") as handle:
             return len(list(csv.DictReader(handle)))
     except (OSError, csv.Error):
         return 0
@@ -438,7 +438,7 @@ def test_names_that_are_not_utf8_are_reported_and_the_rest_go_on(
     listed = sum(len(read_pair_list(run_dir / "splits" / f"{name}.txt")) for name in ("train", "val", "test"))
     assert listed == len(images)
     assert r"\xb8\xfb\xb5\xd8.png: the file name is not UTF-8" in caplog.text
-    assert r"\xb8\xfb\xb5\xd8.png" in (run_dir / "splits" / "rejected.csv").read_text(encoding="utf-8")
+    assert r"\xb8\xfb\xb5\xd8.png" in (run_dir / "splits" / "rejected.csv").read_text(encoding="utf-8-sig")
     caplog.clear()
     assert predict.main(args(square_data, run_copy, f"--predict_input={square_data / 'images'}")) == 1
     assert r"\xb8\xfb\xb5\xd8.png: the file name is not UTF-8" in caplog.text

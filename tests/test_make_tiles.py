@@ -76,7 +76,7 @@ def burnt(geoms: list, shape: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
 
 
 def table(out: Path) -> list[dict]:
-    with open(out / "tiles.csv", encoding="utf-8", newline="") as handle:
+    with open(out / "tiles.csv", encoding="utf-8-sig", newline="") as handle:
         return list(csv.DictReader(handle))
 
 

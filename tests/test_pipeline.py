@@ -35,7 +35,7 @@ def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
         assert json.loads((run_dir / "configs" / f"{name}.json").read_text())["base_width"] == 4
     for name in ("best.pth", "last.pth", "epoch_002.pth", "epoch_004.pth"):
         assert (run_dir / "checkpoints" / name).is_file()
-    with open(run_dir / "train_log.csv", encoding="utf-8") as handle:
+    with open(run_dir / "train_log.csv", encoding="utf-8-sig") as handle:
         log = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in log] == [1, 2, 3, 4]
     assert [float(r["lr"]) for r in log] == pytest.approx([0.01, 0.005, 0.005, 0.0025])  # StepLR every 2 x 0.5
@@ -65,7 +65,7 @@ def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
         for i, m in read_pair_list(run_dir / "splits" / "test.txt")
     )
     assert metrics["pooled"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
-    with open(run_dir / "per_image_metrics.csv", encoding="utf-8") as handle:
+    with open(run_dir / "per_image_metrics.csv", encoding="utf-8-sig") as handle:
         assert len(list(csv.DictReader(handle))) == 2
 
 

@@ -70,7 +70,7 @@ def test_a_resampled_scene_keeps_its_nodata_exactly_without_a_declared_value(sta
     resampled = predicted_mask(tmp_path / "run", fine, checkpoint_at(state, tmp_path, 2.0))
     empty = ~fine_pixels.any(axis=0)
     assert np.array_equal(resampled == 255, empty)
-    with open(tmp_path / "run" / "predictions" / "farmland_area.csv", encoding="utf-8") as handle:
+    with open(tmp_path / "run" / "predictions" / "farmland_area.csv", encoding="utf-8-sig") as handle:
         (row,) = list(csv.DictReader(handle))
     assert int(row["valid_pixels"]) == int((~empty).sum())
 

@@ -89,7 +89,7 @@ def run_predict(run_dir: Path, checkpoint: Path, source: Path, *extra: str) -> i
 
 
 def read_table(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "predictions" / "farmland_area.csv", encoding="utf-8") as handle:
+    with open(run_dir / "predictions" / "farmland_area.csv", encoding="utf-8-sig") as handle:
         return list(csv.DictReader(handle))
 
 

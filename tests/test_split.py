@@ -21,7 +21,7 @@ def run_split(data_dir: Path, run_dir: Path, *extra: str) -> int:
 
 
 def rejected(run_dir: Path) -> dict[str, tuple[str, str]]:
-    with open(run_dir / "splits" / "rejected.csv", encoding="utf-8") as handle:
+    with open(run_dir / "splits" / "rejected.csv", encoding="utf-8-sig") as handle:
         return {Path(r["file"]).name: (r["kind"], r["reason"]) for r in csv.DictReader(handle)}
 
 

@@ -66,7 +66,9 @@ def test_threshold_curve_by_hand(tmp_path: Path) -> None:
     top = threshold_curve(np.array([[4, 0], [2, 0]]))[1]
     assert math.isnan(top["precision"]) and top["recall"] == 0.0 and top["val_farmland_iou"] == 0.0
     write_threshold_curve(threshold_curve(np.array([[4, 0], [2, 0]])), tmp_path / "curve.csv")
-    assert (tmp_path / "curve.csv").read_text().splitlines() == [
+    written = (tmp_path / "curve.csv").read_bytes()
+    assert written.startswith(b"\xef\xbb\xbf")  # the byte-order mark by which Excel reads it as UTF-8
+    assert written.decode("utf-8-sig").splitlines() == [
         "threshold,val_farmland_iou,precision,recall",
         "0.0,0.333333,0.333333,1.0",
         "0.5,0.0,,0.0",
@@ -79,7 +81,7 @@ def test_training_writes_the_best_epochs_threshold_curve(square_data: Path, tmp_
     assert train.main(args(square_data, run_dir, "--epochs=2", "--tune_threshold=true")) == 0
     state = load_checkpoint(run_dir / "checkpoints" / "best.pth")
     best = next(h for h in state["history"] if h["epoch"] == state["best_epoch"])
-    with open(run_dir / "threshold_curve.csv", encoding="utf-8") as handle:
+    with open(run_dir / "threshold_curve.csv", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == THRESHOLD_BINS
     assert [float(r["threshold"]) for r in rows[:3]] == [0.0, 0.005, 0.01]

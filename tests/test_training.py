@@ -75,7 +75,7 @@ def test_normalisation_and_threshold_are_stored_and_used(square_data: Path, tmp_
     assert state["model"]["band_mean"].tolist() == pytest.approx(mean, rel=1e-6)
     assert state["model"]["band_std"].tolist() == pytest.approx(std, rel=1e-6)
     assert 0.0 <= state["threshold"] < 1.0
-    with open(run_dir / "train_log.csv", encoding="utf-8") as handle:
+    with open(run_dir / "train_log.csv", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     assert float(rows[-1]["val_tuned_farmland_iou"]) >= float(rows[-1]["val_farmland_iou"]) - 1e-9
     # predict.py applies the checkpoint's threshold: a cut of 0 makes every pixel farmland, 1 none.
