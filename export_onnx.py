@@ -10,7 +10,8 @@ Writes under run_dir/export/:
   most tools feed it (8-bit / 255, 16-bit / 65535); the checkpoint's per-band normalisation, the folded
   BatchNorm and the softmax inside; output N x 2 x H x W probabilities (background, farmland); Deepness's
   metadata keys and this project's (see onnx_build.py). Checked at once against PyTorch's fp32 prediction on
-  random and real tiles (probabilities within 1e-4, masks agreeing); removed, and the script fails, if not.
+  real tiles and on random ones drawn like the training data (probabilities within 1e-4, masks agreeing at the
+  cut the file carries); removed, and the script fails, if not.
 - ``farmland_qgis.onnx``: the same graph with height and width fixed to ``window`` (Deepness reads its tile
   size from the input's shape).
 - ``farmland_int8.onnx`` (``--quantize=int8``): statically quantised, calibrated on ``calibration_tiles``
@@ -116,10 +117,16 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
     onnx_build.write_model(model, path)
     onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), qgis)
     try:
-        tiles = onnx_build.comparison_tiles(unet.in_channels, onnx_build.sample_tiles(Path(cfg.run_dir), state))
-        figures = onnx_build.compare_with_torch(exported_model.load_segmenter(path)[0], state, tiles)
-        window = np.random.default_rng(1).random((1, unet.in_channels, cfg.window, cfg.window), dtype=np.float32)
-        onnx_build.compare_with_torch(exported_model.load_segmenter(qgis)[0], state, [window])
+        # Random images drawn like the training inputs, not uniform noise: see onnx_build.noise_like_training.
+        statistics = onnx_build.input_statistics(state)
+        real = onnx_build.sample_tiles(Path(cfg.run_dir), state)
+        tiles = onnx_build.comparison_tiles(unet.in_channels, real, statistics=statistics)
+        segmenter, exported = exported_model.load_segmenter(path)
+        figures = onnx_build.compare_with_torch(segmenter, state, tiles, exported)
+        shape = (1, unet.in_channels, cfg.window, cfg.window)
+        window = onnx_build.noise_like_training(np.random.default_rng(1), shape, statistics)
+        segmenter, exported = exported_model.load_segmenter(qgis)
+        onnx_build.compare_with_torch(segmenter, state, [window], exported)
     except BaseException:
         path.unlink(missing_ok=True)
         qgis.unlink(missing_ok=True)

@@ -212,22 +212,66 @@ def fixed_size_copy(model: onnx.ModelProto, side: int) -> onnx.ModelProto:
     return with_metadata(fixed, metadata | {"farmland_fixed_side": side})
 
 
-def comparison_tiles(in_channels: int, real: Sequence[np.ndarray], seed: int = 0) -> list[np.ndarray]:
-    """Batches (N, C, H, W) float32 to compare onnxruntime with PyTorch on: random noise at three sizes (one
-    too small to reflect-pad, which exported_model pads itself) and the real tiles given, one batch each."""
+def input_statistics(state: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-band mean and standard deviation of the training inputs (in the [0, 1] input scale) that the
+    checkpoint's network normalises by, as float32 arrays; None where it holds none: a checkpoint trained without
+    ``normalise`` (identity: mean 0, deviation 1) or saved before the statistics were kept."""
+    weights = state["model"]
+    if weights.get("band_mean") is None or weights.get("band_std") is None:
+        return None
+    mean = torch.as_tensor(weights["band_mean"]).detach().float().cpu().numpy()
+    std = torch.as_tensor(weights["band_std"]).detach().float().cpu().numpy()
+    if not (np.all(mean == 0.0) and np.all(std == 1.0)):
+        return mean, std
+    return None
+
+
+def noise_like_training(
+    rng: np.random.Generator, shape: tuple[int, ...], statistics: tuple[np.ndarray, np.ndarray] | None
+) -> np.ndarray:
+    """Random images (N, C, H, W) float32 for the export's check, drawn where the network's inputs lie: each band
+    normal with the training inputs' mean and deviation (``statistics``), clipped to [0, 1]; uniform in [0, 1]
+    without statistics.
+
+    Uniform noise is no test of a network trained on 10- or 12-bit values stored as 16-bit (a band's deviation
+    near 0.001 of the [0, 1] scale): normalised, it lies up to ~1000 deviations from the data, and float
+    rounding alone then moves the probabilities by more than TOLERANCE. Normalised, these images are close to
+    standard normal in every band, so a graph that reorders the bands or normalises otherwise still shows.
+    """
+    if statistics is None:
+        return rng.random(shape, dtype=np.float32)
+    mean, std = (np.asarray(v, dtype=np.float32)[:, None, None] for v in statistics)
+    return np.clip(rng.standard_normal(shape, dtype=np.float32) * std + mean, 0.0, 1.0)
+
+
+def comparison_tiles(
+    in_channels: int,
+    real: Sequence[np.ndarray],
+    seed: int = 0,
+    statistics: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Batches (N, C, H, W) float32 to compare onnxruntime with PyTorch on: random images at three sizes (one
+    too small to reflect-pad, which exported_model pads itself), drawn like the training inputs
+    (noise_like_training, with the checkpoint's ``statistics`` from input_statistics), and the real tiles given,
+    one batch each."""
     rng = np.random.default_rng(seed)
     shapes = [(2, in_channels, 64, 64), (1, in_channels, 40, 72), (1, in_channels, 12, 30)]
-    return [rng.random(shape, dtype=np.float32) for shape in shapes] + [tile[None] for tile in real]
+    return [noise_like_training(rng, shape, statistics) for shape in shapes] + [tile[None] for tile in real]
 
 
 def compare_with_torch(
-    segmenter: exported_model.OnnxSegmenter, state: dict[str, Any], batches: Sequence[np.ndarray]
+    segmenter: exported_model.OnnxSegmenter,
+    state: dict[str, Any],
+    batches: Sequence[np.ndarray],
+    exported: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """onnxruntime's probabilities and masks against PyTorch's fp32 prediction path (predict.py with
     ``--amp=off``) on the same batches.
 
     Masks must agree wherever the farmland probability lies more than TOLERANCE from the decision cut; a pixel
-    within it may go either way on float rounding alone.
+    within it may go either way on float rounding alone. ``exported``: the state exported_model.load_segmenter
+    read from the file's metadata; onnxruntime's masks are cut at its threshold (the one predict.py
+    --backend=onnx and Deepness use), so a file that carries another cut than the checkpoint fails too.
 
     Raises:
         DataError: a probability differs by TOLERANCE or more, or a mask differs away from the cut.
@@ -235,6 +279,7 @@ def compare_with_torch(
     cpu = torch.device("cpu")
     reference = inference_model(state, cpu, channels_last=False, amp=None)
     threshold = decision_threshold(state)
+    carried = threshold if exported is None else decision_threshold(exported)
     cut = 0.5 if threshold is None else threshold
     worst, differing, pixels = 0.0, 0, 0
     for batch in batches:
@@ -242,7 +287,7 @@ def compare_with_torch(
         expected = predict_probabilities(reference, images, cpu, channels_last=False)
         found = predict_probabilities(segmenter, images, cpu, channels_last=False)
         worst = max(worst, float((expected - found).abs().max()))
-        differ = classes_from_probabilities(expected, threshold) != classes_from_probabilities(found, threshold)
+        differ = classes_from_probabilities(expected, threshold) != classes_from_probabilities(found, carried)
         away = int((differ & ((expected[:, 1] - cut).abs() > TOLERANCE)).sum())
         differing, pixels = differing + int(differ.sum()), pixels + differ.numel()
         if worst >= TOLERANCE or away:
@@ -273,7 +318,8 @@ def spread(items: Sequence[Any], count: int) -> list[Any]:
 
 def sample_tiles(run_dir: Path, state: dict[str, Any], count: int = 4) -> list[np.ndarray]:
     """Up to ``count`` real tiles to check the export on: from the run's test split, else its validation or
-    training split; generated demo tiles where the run has none (or none can be read)."""
+    training split; generated demo tiles where the run has none (or none can be read), each band moved to the
+    mean and deviation of the checkpoint's normalisation where it holds one (input_statistics)."""
     config = state["config"]
     for split in ("test", "val", "train"):
         listed = Path(run_dir) / "splits" / f"{split}.txt"
@@ -289,4 +335,12 @@ def sample_tiles(run_dir: Path, state: dict[str, Any], count: int = 4) -> list[n
             return tiles
     rng = np.random.default_rng(0)
     bands = np.arange(config["in_channels"]) % 3  # demo tiles are RGB: repeated for other band counts
-    return [render_tile(rng, 64)[0][:, :, bands].transpose(2, 0, 1).astype(np.float32) / 255 for _ in range(count)]
+    tiles = [render_tile(rng, 64)[0][:, :, bands].transpose(2, 0, 1).astype(np.float32) / 255 for _ in range(count)]
+    statistics = input_statistics(state)
+    if statistics is None:
+        return tiles
+    # 8-bit RGB is far from data such as 10-bit values stored as 16-bit: each band is moved to the training
+    # inputs' mean and deviation, keeping the tile's fields and edges.
+    mean, std = (np.asarray(v, dtype=np.float32)[:, None, None] for v in statistics)
+    standard = [(t - t.mean((1, 2), keepdims=True)) / np.maximum(t.std((1, 2), keepdims=True), 1e-6) for t in tiles]
+    return [np.clip(z * std + mean, 0.0, 1.0).astype(np.float32) for z in standard]

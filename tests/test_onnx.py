@@ -33,12 +33,21 @@ CPU = torch.device("cpu")
 THRESHOLD = 0.45  # a tuned threshold, as train.py stores it
 
 
-def tiny_state(seed: int = 0) -> dict:
+def tiny_state(seed: int = 0, sample: np.ndarray | None = None) -> dict:
     """A width-4 network in this project's checkpoint format, with what the export must carry into the graph:
     BatchNorm statistics to fold, a per-band normalisation, a tuned threshold, a history; its output layer is
-    rescaled so that its probabilities spread over (0, 1) on square tiles instead of sitting near 0.5."""
+    rescaled so that its probabilities spread over (0, 1) on square tiles instead of sitting near 0.5.
+
+    ``sample``: (N, C, H, W) images in [0, 1] to take the band count and the normalisation from (as train.py
+    takes them from the training split) and to spread the probabilities on, instead of the square tiles.
+    """
+    if sample is None:
+        tiles = np.stack([square_tile(np.random.default_rng(i), 64)[0] for i in range(4)]).transpose(0, 3, 1, 2)
+        sample, mean, std = tiles.astype(np.float32) / 255, [0.45, 0.4, 0.35], [0.25, 0.2, 0.3]
+    else:
+        mean, std = sample.mean(axis=(0, 2, 3)).tolist(), sample.std(axis=(0, 2, 3)).tolist()
     torch.manual_seed(seed)
-    model = build_model(3, 2, 4, 0.1)
+    model = build_model(sample.shape[1], 2, 4, 0.1)
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, nn.BatchNorm2d):
@@ -46,14 +55,22 @@ def tiny_state(seed: int = 0) -> dict:
                 layer.running_var.uniform_(0.5, 1.5)
                 layer.weight.uniform_(0.5, 1.5)
                 layer.bias.normal_(0, 0.1)
-        set_normalisation(model, [0.45, 0.4, 0.35], [0.25, 0.2, 0.3])
+        set_normalisation(model, mean, std)
         model.eval()
-        sample = np.stack([square_tile(np.random.default_rng(i), 64)[0] for i in range(4)]).transpose(0, 3, 1, 2)
-        logits = model(torch.from_numpy(sample.astype(np.float32) / 255))
-        spread_probabilities_(model, logits)
+        spread_probabilities_(model, model(torch.from_numpy(sample)))
     history = [{"epoch": 3, "val_farmland_iou": 0.7, "val_threshold": THRESHOLD, "val_tuned_farmland_iou": 0.72}]
-    config = {"in_channels": 3, "n_classes": 2, "base_width": 4, "dropout": 0.1, "bands": ""}
+    config = {"in_channels": sample.shape[1], "n_classes": 2, "base_width": 4, "dropout": 0.1, "bands": ""}
     return {"model": model.state_dict(), "config": config, "epoch": 3, "threshold": THRESHOLD, "history": history}
+
+
+def gaofen_tile(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A 4-band tile (blue, green, red, near-infrared) of 10-bit values stored as uint16, as Gaofen-2 scenes hold
+    them, with one square of farmland; mask 0/255. Scaled by 1/65535 its bands have means near 0.005 and
+    deviations near 0.0008: uniform noise in [0, 1] lies hundreds of deviations away from them."""
+    mask = square_tile(rng, size)[1]
+    levels = rng.normal([280, 260, 230, 380], 30, (size, size, 4))
+    levels[mask > 0] += [20, 50, 10, 150]  # crops: greener and much brighter in the near-infrared
+    return np.clip(levels, 0, 1023).astype(np.uint16), mask
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +126,84 @@ def test_the_export_check_fails_loudly_when_onnxruntime_drifts() -> None:
     assert onnx_build.compare_with_torch(Drifting(state, 0.0), state, batches)["max_probability_difference"] == 0
     with pytest.raises(DataError, match=r"drifting.onnx: onnxruntime disagrees .*largest probability difference 0.001"):
         onnx_build.compare_with_torch(Drifting(state, 1e-3), state, batches)
+
+
+def gaofen_run(root: Path) -> tuple[Path, dict]:
+    """A run of 4-band 10-bit GeoTIFF tiles (4 to train on, 2 to test) with a checkpoint of a network normalised
+    on its training tiles, as --recipe=recommended (normalise) trains one; the checkpoint is saved."""
+    rng = np.random.default_rng(7)
+    pairs = [write_pair(root / "data", f"gf{i}", *gaofen_tile(rng), ext=".tif") for i in range(6)]
+    run_dir = root / "run"
+    write_pair_list(run_dir / "splits" / "train.txt", pairs[:4])
+    write_pair_list(run_dir / "splits" / "test.txt", pairs[4:])
+    state = tiny_state(sample=np.stack([onnx_build.read_tile(image, 4, "") for image, _ in pairs[:4]]))
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
+    return run_dir, state
+
+
+def test_a_model_of_16_bit_tiles_is_checked_on_data_like_its_training_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Uniform noise in [0, 1] lies up to ~1000 deviations from these bands: float rounding alone then moved the
+    # probabilities by more than the tolerance, and a correct export was refused and removed.
+    run_dir, state = gaofen_run(tmp_path)
+    assert state["model"]["band_mean"].max() < 0.01 and state["model"]["band_std"].max() < 0.002
+    argv = [f"--run_dir={run_dir}", "--window=64", "--overlap=16"]
+    assert export_onnx.main(argv) == 0
+    figures = json.loads((run_dir / "export" / "export_report.json").read_text(encoding="utf-8"))["float32"]
+    assert figures["max_probability_difference"] < onnx_build.TOLERANCE / 10
+    # The same check still refuses a graph that leaves out the normalisation, and removes its files.
+    monkeypatch.setattr(onnx_build.ExportNet, "forward", lambda net, x: net.unet.body(x).softmax(1))
+    with pytest.raises(DataError, match="onnxruntime disagrees"):
+        export_onnx.main(argv)
+    assert not (run_dir / "export" / "farmland.onnx").exists()
+    assert not (run_dir / "export" / "farmland_qgis.onnx").exists()
+
+
+class Miswired(nn.Module):
+    """A stand-in for an exported model whose graph feeds ``rewire(x)`` to the network instead of ``x``."""
+
+    returns_probabilities = True
+
+    def __init__(self, state: dict, rewire) -> None:
+        super().__init__()
+        self.reference = inference_model(state, CPU, channels_last=False, amp=None)
+        self.rewire, self.path = rewire, Path("miswired.onnx")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference(self.rewire(x)).float().softmax(1)
+
+
+def test_noise_like_the_training_data_still_exposes_a_wrong_export(tmp_path: Path) -> None:
+    state = gaofen_run(tmp_path)[1]
+    statistics = onnx_build.input_statistics(state)
+    batches = onnx_build.comparison_tiles(4, [], statistics=statistics)  # noise alone, no real tiles
+    values = np.concatenate([batch.transpose(1, 0, 2, 3).reshape(4, -1) for batch in batches], axis=1)
+    assert np.allclose(values.mean(1), statistics[0], rtol=0.01) and np.allclose(values.std(1), statistics[1], 0.05)
+    assert values.min() >= 0 and values.max() <= 1
+    demo = np.stack(onnx_build.sample_tiles(tmp_path / "no splits", state))  # generated RGB, moved to the data
+    assert np.allclose(demo.mean((0, 2, 3)), statistics[0], rtol=1e-3)
+    assert np.allclose(demo.std((0, 2, 3)), statistics[1], rtol=1e-3)
+    mean, std = (torch.from_numpy(v)[:, None, None] for v in statistics)
+    right = Miswired(state, lambda x: x)
+    assert onnx_build.compare_with_torch(right, state, batches)["max_probability_difference"] == 0
+    wrong = {
+        "band order reversed": lambda x: x.flip(1),
+        "normalisation left out": lambda x: x * std + mean,
+        "normalised twice": lambda x: (x - mean) / std,
+    }
+    for name, rewire in wrong.items():
+        with pytest.raises(DataError, match="miswired.onnx: onnxruntime disagrees"):
+            onnx_build.compare_with_torch(Miswired(state, rewire), state, batches)
+            pytest.fail(name)
+    # A file whose metadata carries another cut than the checkpoint's gives other masks.
+    with pytest.raises(DataError, match=r"[1-9]\d* mask pixel\(s\) differ away from the cut"):
+        onnx_build.compare_with_torch(right, state, batches, {**state, "threshold": 0.6})
+    # Without statistics (normalise off: identity), the noise stays uniform in [0, 1].
+    identity = {**state, "model": {**state["model"], "band_mean": torch.zeros(4), "band_std": torch.ones(4)}}
+    assert onnx_build.input_statistics(identity) is None
+    uniform = np.concatenate([b.ravel() for b in onnx_build.comparison_tiles(4, [], statistics=None)])
+    assert 0.45 < uniform.mean() < 0.55 and uniform.min() >= 0 and uniform.max() < 1
 
 
 def test_metadata_round_trip_is_json_strings_that_deepness_reads(exported: dict) -> None:
@@ -198,7 +293,7 @@ def test_predict_with_onnx_maps_a_geotiff_scene_as_the_pytorch_path(exported: di
         folder = tmp_path / name / "predictions"
         with rasterio.open(folder / "scene_seg.tif") as mask, rasterio.open(folder / "scene_prob.tif") as prob:
             outputs[name] = (mask.read(1), prob.read(1).astype(int), mask.crs, mask.transform)
-        with open(folder / "farmland_area.csv", encoding="utf-8") as handle:
+        with open(folder / "farmland_area.csv", encoding="utf-8-sig") as handle:
             outputs[name] += (list(csv.DictReader(handle)),)
         assert (folder / "scene_fields.gpkg").is_file() and (folder / "overlays" / "scene_overlay.png").is_file()
     (mask, prob, crs, transform, table), onnx_out = outputs["torch"], outputs["onnx"]
