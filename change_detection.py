@@ -666,10 +666,7 @@ def write_change_figure(
 ) -> None:
     """Before, after (their channels at ``shown``: SceneSettings.shown) and the change map side by side, each
     shrunk to at most FIGURE_SIDE pixels a side (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
     from matplotlib.patches import Patch
 
     grid = grid_of(before)

@@ -360,6 +360,10 @@ def load_image(path: Path, in_channels: int) -> np.ndarray:
     return image_to_float(read_image(path), in_channels, path)
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg")  # mask formats whose values stray from 0/255 at edges
+ZERO_ONE_TOP = 2  # the most a 0/1 mask holds (1 = farmland; 2 where a lossy format rounded an edge up)
+
+
 def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndarray:
     """Turn a mask of 0/255 (or 0/1) into class indices 0/1 (uint8, H x W), unlabelled pixels into IGNORE.
 
@@ -382,8 +386,21 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
             )
         mask = mask[:, :, 0]
     unlabelled = mask == ignore_index if ignore_index >= 0 else None
+    if threshold <= 0 and Path(path).suffix.lower() in LOSSY_SUFFIXES:
+        raise DataError(
+            f"{path}: a JPEG mask; expected a lossless mask (PNG), because JPEG blurs the field edges into values "
+            "between 0 and 255 (or 0 and 1) even where they happen to pass the check. Re-export the masks as PNG, "
+            "or set --mask_threshold=128 to read values >= 128 as farmland"
+        )
     if threshold > 0:
         classes = (mask >= threshold).astype(np.uint8)
+        top = int(mask.max()) if mask.size else 0
+        if 0 < top < min(threshold, ZERO_ONE_TOP + 1):
+            raise DataError(
+                f"{path}: holds values 0 to {top}, all below --mask_threshold={threshold}, so all of it would read as "
+                "background; it looks like a 0/1 mask (1 = farmland). 0/1 masks need no threshold: leave "
+                "--mask_threshold out (for lossy 0/1 masks, --mask_threshold=1)"
+            )
     else:
         # A histogram is linear in the pixels where np.unique sorts them: this check runs on every mask read.
         values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)

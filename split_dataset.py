@@ -42,6 +42,7 @@ from data_preprocess import (
     parse_bands,
     parse_bands_for,
     read_image,
+    read_pair_list,
     scene_groups,
     select_bands,
     write_pair_list,
@@ -359,6 +360,11 @@ def _summary(
 def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path) -> None:
     """Log the farmland shares and the split counts."""
     LOG.info("farmland share of the pixels: %s", ", ".join(f"{k} {v}" for k, v in summary["farmland_share"].items()))
+    if n_usable and not any(summary["farmland_share"].values()):
+        LOG.warning(
+            "no mask holds any farmland: a network trained on these learns to call everything background. Check "
+            "that farmland is 255 (or 1) in the masks and, if --mask_threshold is set, that farmland reaches it"
+        )
     LOG.info(
         "split %d pairs: train %d, val %d, test %d | files left out: unusable %d, filtered %d, orphans %d (see %s)",
         n_usable,
@@ -370,6 +376,37 @@ def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path) ->
         summary["orphans"],
         rejected_path,
     )
+
+
+def warn_replaced_splits(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]]) -> None:
+    """Before the lists of an earlier split in ``run_dir`` are replaced: warn when they held augment.py's flipped
+    copies, which the new training list leaves out, and when the split changed under a model already trained."""
+    earlier: dict[str, list[tuple[Path, Path]]] = {}
+    for name in SPLIT_NAMES:
+        try:
+            earlier[name] = read_pair_list(run_dir / "splits" / f"{name}.txt")
+        except DataError:  # no earlier split, or one that cannot be read: nothing to compare
+            return
+    augmented = (run_dir / "augmented").resolve()
+    copies = [p for p in earlier["train"] if augmented in p[0].resolve().parents]
+    if copies:
+        LOG.warning(
+            "the new train.txt leaves out the %d flipped copies that augment.py added under %s: run augment.py again "
+            "to add them",
+            len(copies),
+            augmented,
+        )
+    own = {name: {p for p in earlier[name] if p not in copies} for name in SPLIT_NAMES}
+    changed = [name for name in SPLIT_NAMES if own[name] != {(i.resolve(), m.resolve()) for i, m in splits[name]}]
+    trained = [p for p in (run_dir / "checkpoints" / n for n in ("best.pth", "last.pth")) if p.is_file()]
+    if changed and trained:
+        LOG.warning(
+            "the %s split(s) changed, but %s was trained on the earlier split: some of the new test tiles may be "
+            "tiles it learned from, and its scores would flatter it. Train again (without --resume) before "
+            "predict.py and miou.py, or split into a new --run_dir",
+            ", ".join(changed),
+            trained[0],
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -393,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pixels = [pixels_of[p] for p in usable] if cfg.stratify else None
     splits = split_pairs(usable, cfg.split_ratios, cfg.seed, groups, pixels)
     out = Path(cfg.run_dir) / "splits"
+    warn_replaced_splits(Path(cfg.run_dir), splits)
     for name in SPLIT_NAMES:
         write_pair_list(out / f"{name}.txt", splits[name])
     _write_rejected(out / "rejected.csv", scan.rejected)

@@ -141,6 +141,23 @@ def test_lossy_mask_error_names_file_values_and_fix(tmp_path: Path) -> None:
         load_mask(tmp_path / "a_mask.png")
 
 
+def test_a_zero_one_mask_under_a_threshold_and_a_jpeg_mask_are_refused(tmp_path: Path) -> None:
+    write_image(tmp_path / "a_mask.png", np.array([[0, 1, 1, 0]], np.uint8))
+    with pytest.raises(DataError, match=r"a_mask\.png: holds values 0 to 1, all below --mask_threshold=128.*0/1 mask"):
+        load_mask(tmp_path / "a_mask.png", threshold=128)  # it would read as all background
+    assert load_mask(tmp_path / "a_mask.png", threshold=1).tolist() == [[0, 1, 1, 0]]
+    write_image(tmp_path / "empty_mask.png", np.zeros((1, 4), np.uint8))
+    assert load_mask(tmp_path / "empty_mask.png", threshold=128).tolist() == [[0, 0, 0, 0]]  # no farmland: fine
+    block = np.zeros((16, 16), np.uint8)
+    block[:, 8:] = 255  # an edge on JPEG's block grid: its values come back as 0 and 255 exactly, or nearly
+    assert cv2.imwrite(str(tmp_path / "b_mask.jpg"), block)
+    with pytest.raises(
+        DataError, match=r"b_mask\.jpg: a JPEG mask; expected a lossless mask \(PNG\).*mask_threshold=128"
+    ):
+        load_mask(tmp_path / "b_mask.jpg")
+    assert load_mask(tmp_path / "b_mask.jpg", threshold=128).tolist() == (block == 255).astype(np.uint8).tolist()
+
+
 def test_colour_mask_with_differing_bands_is_refused(tmp_path: Path) -> None:
     mask = np.zeros((2, 2, 3), np.uint8)
     mask[0, 0] = (255, 0, 0)

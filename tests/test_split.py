@@ -12,7 +12,7 @@ from conftest import declare_size, folder_digest, square_tile, write_geotiff, wr
 from rasterio.transform import Affine
 
 import split_dataset
-from data_preprocess import DataError, read_pair_list, scene_groups, write_image
+from data_preprocess import DataError, read_pair_list, scene_groups, write_image, write_pair_list
 from split_dataset import BALANCE_TOLERANCE, find_pairs, imbalance, split_counts, split_pairs, split_share
 
 
@@ -316,3 +316,37 @@ def test_a_split_that_cannot_be_balanced_is_the_closest_and_warned(caplog: pytes
     assert [len(splits[k]) for k in ("train", "val", "test")] == [2, 2, 2]
     assert "no split of these 3 scenes gives val and test about the whole set's farmland share" in caplog.text
     assert "off by 100%" in caplog.text and BALANCE_TOLERANCE < 1.0
+
+
+def test_a_new_split_warns_of_lost_flipped_copies_and_of_a_model_trained_on_the_old_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, run = tmp_path / "data", tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        write_pair(data, f"t{i}", *square_tile(rng))
+    assert run_split(data, run) == 0
+    train = read_pair_list(run / "splits" / "train.txt")
+    copy = (run / "augmented" / "images" / "t0_flip.png", run / "augmented" / "labels" / "t0_flip_mask.png")
+    write_pair_list(run / "splits" / "train.txt", [*train, copy])  # as augment.py extends it
+    caplog.clear()
+    assert run_split(data, run) == 0
+    assert "leaves out the 1 flipped copies that augment.py added" in caplog.text
+    assert "changed" not in caplog.text  # the same split: the user's own tiles are where they were
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best.pth").write_bytes(b"")
+    caplog.clear()
+    assert run_split(data, run, "--seed=7") == 0
+    assert "split(s) changed, but" in caplog.text and "best.pth was trained on the earlier split" in caplog.text
+    caplog.clear()
+    assert run_split(data, run, "--seed=7") == 0
+    assert "changed" not in caplog.text and "flipped" not in caplog.text
+
+
+def test_masks_without_any_farmland_are_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image, _ = square_tile(rng)
+        write_pair(tmp_path / "data", f"t{i}", image, np.zeros(image.shape[:2], np.uint8))
+    assert run_split(tmp_path / "data", tmp_path / "run") == 0
+    assert "no mask holds any farmland" in caplog.text
