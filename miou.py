@@ -14,6 +14,12 @@ one vectorised pass; every figure is then a formula over counts:
   and that a pixel IoU dominated by parcel interiors hardly sees. Edges of the image are not parcel edges.
 Unlabelled pixels (``ignore_index``) count in no figure.
 
+Only masks of one model and one set of settings are scored together: each mask predict.py writes records the
+model file and the settings it was made with, and a mask made otherwise than by the last predict.py run here
+(run_dir/configs/predict_outputs.json: an interrupted run with a new threshold, say), or with another model than
+the one named now (``checkpoint``, else run_dir/checkpoints/best.pth: trained again since?), is named and left
+unscored, and the exit status is 1. metrics.json says which model and threshold made the masks it scores.
+
 Inputs: the test split (run_dir/splits/test.txt) and run_dir/predictions/<stem>_seg.png.
 Outputs: run_dir/metrics.json, run_dir/per_image_metrics.csv, and run_dir/figures/: iou_per_image.png,
 gallery_worst.png, gallery_best.png.
@@ -29,7 +35,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,10 +44,11 @@ import files
 from config import Config
 from data_preprocess import load_mask, parse_bands, read_image, read_pair_list, shown_channels
 from figures import photo_to_show, pyplot, save_figure
-from files import prediction_path
+from files import file_stamp, prediction_path, shown_path
 from metrics import evaluate_pairs, summarise
+from output_record import RECORD
 from png_text import read_texts
-from tile_prediction import SOURCE_KEY, STAMP_KEY, source_texts
+from tile_prediction import MADE_WITH_COMPARED, SOURCE_KEY, STAMP_KEY, made_with_of, source_texts
 
 LOG = logging.getLogger("miou")
 
@@ -118,11 +125,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
     files.atomic_write_csv(path, buffer.getvalue())
 
 
-def made_elsewhere(mask: Path, image: Path) -> str | None:
+def made_elsewhere(mask: Path, image: Path, texts: dict[str, str] | None = None) -> str | None:
     """The error for a test image whose mask predict.py made from another file of that name (``--predict_input``
     into this run); None where the mask records this image, or records nothing (masks made otherwise are scored
-    as they are). A mask made before the image's last change (or a mere touch) is scored, with a warning."""
-    made = {k: v for k, v in read_texts(mask).items() if k in (SOURCE_KEY, STAMP_KEY)}
+    as they are). A mask made before the image's last change (or a mere touch) is scored, with a warning.
+    ``texts``: the mask's PNG texts, where already read."""
+    texts = read_texts(mask) if texts is None else texts
+    made = {k: v for k, v in texts.items() if k in (SOURCE_KEY, STAMP_KEY)}
     try:
         source = source_texts(image)
     except OSError:
@@ -143,6 +152,108 @@ def made_elsewhere(mask: Path, image: Path) -> str | None:
     )
 
 
+def examples(
+    names: Sequence[str], masks: dict[str, Path], shown: Callable[[str], str] | None = None, count: int = 3
+) -> str:
+    """A few of the ``names``, by their mask's file name (each followed by ``shown(name)`` in brackets where
+    given), and how many more."""
+    parts = [masks[n].name + (f" ({shown(n)})" if shown else "") for n in names[:count]]
+    return ", ".join(parts) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def setting(made: dict[str, Any], key: str) -> str:
+    """One key of a made_with record, as a message shows it."""
+    if key == "model_stamp":
+        return f"model {made.get('model')} ({made.get('model_stamp')})"
+    if key == "threshold" and made.get(key) == -1:
+        return "threshold -1.0, the model's own"
+    return f"{key} {made.get(key)!r}"
+
+
+def last_run(run_dir: Path, made: dict[str, dict | None], masks: dict[str, Path]) -> tuple[dict | None, str]:
+    """What the test masks must have been made with, and where that is read: the model and settings of the last
+    predict.py run in ``run_dir`` (output_record.RECORD); where no such record is left (removed, or written by an
+    older version), those of the newest mask that records any. (None, "") where no mask records any: masks of an
+    older version, or made otherwise, are scored as they are."""
+    record = files.read_record(run_dir / RECORD)
+    if isinstance(record, dict) and "model_stamp" in record:
+        return {k: record[k] for k in ("model", *MADE_WITH_COMPARED) if k in record}, str(run_dir / RECORD)
+    recorded = [n for n, m in made.items() if m is not None]
+    if not recorded:
+        return None, ""
+    newest = max(recorded, key=lambda n: masks[n].stat().st_mtime)
+    return made[newest], f"the newest mask, {masks[newest]}"
+
+
+def made_otherwise(made: dict[str, dict | None], reference: dict) -> dict[str, list[str]]:
+    """The masks, among those that record how they were made, made with another model or other settings than
+    ``reference`` (last_run): by name, the keys that differ."""
+    differ = {}
+    for name, record in made.items():
+        if record is not None:
+            keys = [k for k in MADE_WITH_COMPARED if k in reference and record.get(k) != reference[k]]
+            if keys:
+                differ[name] = keys
+    return differ
+
+
+def model_named(cfg: Config) -> tuple[Path, str, str | None]:
+    """The model file the masks must have been made with, as predict.py picks it (``checkpoint``, else
+    run_dir/checkpoints/best.pth; with ``backend=onnx``, ``onnx_model``, else run_dir/export/farmland.onnx), the
+    key that names it, and its size and time (file_stamp); None for those where no file is named and the run's own
+    is missing (a folder of masks alone: they are compared with no model).
+
+    Raises:
+        ValueError: the model file named (``checkpoint`` or ``onnx_model``) does not exist.
+    """
+    run_dir = Path(cfg.run_dir)
+    if cfg.backend == "onnx":
+        model, key = (Path(cfg.onnx_model) if cfg.onnx_model else run_dir / "export" / "farmland.onnx"), "--onnx_model"
+    else:
+        model, key = (Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"), "--checkpoint"
+    try:
+        return model, key, file_stamp(model)
+    except OSError:
+        if cfg.checkpoint or cfg.onnx_model:
+            raise ValueError(
+                f"{key}={model}: no such file; name the model the masks were made with, or leave {key} out to "
+                "compare them with the run's own"
+            ) from None
+        LOG.info("%s: not found, so the masks are not compared with a model", model)
+        return model, key, None
+
+
+def other_model(
+    named: tuple[Path, str, str | None], reference: dict, names: list[str], masks: dict[str, Path]
+) -> str | None:
+    """The error for masks made with another model file, or the same file before it changed (trained again),
+    than the one ``named`` now (model_named): ``names`` are the masks made as ``reference`` says (last_run). None
+    where it is the same file as then, or where none is named."""
+    model, key, stamp = named
+    if not names or stamp is None or reference.get("model_stamp") == stamp:
+        return None
+    made, now = reference.get("model"), shown_path(model.resolve())
+    shown = f"{len(names)} test mask(s) ({examples(names, masks)})"
+    if made == now:
+        return (
+            f"{shown}: were made with {made} as it was then ({reference.get('model_stamp')}), and it has changed "
+            f"since ({stamp}: trained again?); not scored: predict the test split again (predict.py, this "
+            "--run_dir), then run miou.py"
+        )
+    found = f"{shown}: were made with {made} ({reference.get('model_stamp')}), not with {now} ({stamp}), the model"
+    fix = f"not scored: predict the test split again with {now} (predict.py, this --run_dir)"
+    try:
+        kept = file_stamp(Path(str(made))) == reference.get("model_stamp")
+    except OSError:
+        kept = False
+    if not kept:
+        return f"{found} named here ({key}, else the run's own), and theirs has changed or gone since; {fix}"
+    flag = f"--backend=onnx --onnx_model={made}" if str(made).endswith(".onnx") else f"--checkpoint={made}"
+    return (
+        f"{found} named here ({key}, else the run's own); {fix}, or, to score these masks as made, name theirs: {flag}"
+    )
+
+
 def bands_of_the_run(cfg: Config) -> Config:
     """``cfg`` with, where it names neither ``bands`` nor ``rgb_bands``, those of the training
     (run_dir/configs/train.json), with which predict.py reads the test split, and its band count: the galleries
@@ -158,6 +269,61 @@ def bands_of_the_run(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **keys)
 
 
+def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> tuple[list[str], dict]:
+    """The test images whose masks are not scored, each problem logged: masks made from another image
+    (made_elsewhere), with another model or other settings than the last predict.py run here (made_otherwise),
+    or with another model than the one named now (other_model); and each mask's made_with record (None where it
+    holds none)."""
+    named = model_named(cfg)  # a missing --checkpoint refused before anything is read
+    masks = {name: mask for name, (_, _, mask) in lookup.items()}
+    texts = {name: read_texts(mask) for name, mask in masks.items()}
+    elsewhere = {name: made_elsewhere(mask, image, texts[name]) for name, (image, _, mask) in lookup.items()}
+    for problem in filter(None, elsewhere.values()):
+        LOG.error("%s", problem)
+    left_out = [name for name, problem in elsewhere.items() if problem]
+    made = {name: made_with_of(texts[name]) for name in masks if not elsewhere[name]}
+    reference, origin = last_run(Path(cfg.run_dir), made, masks)
+    if reference is None:
+        return left_out, made
+    differ = made_otherwise(made, reference)
+    if differ:
+        names = list(differ)
+        LOG.error(
+            "%d test mask(s) in %s: expected the model and settings of the last predict.py run here (%s: %s), found "
+            "others: %s; not scored (masks an interrupted or earlier run left): predict the test split again "
+            "(predict.py, this --run_dir, the settings you want; with the last run's it redoes only these), then run "
+            "miou.py",
+            len(names),
+            Path(cfg.run_dir) / "predictions",
+            origin,
+            ", ".join(setting(reference, k) for k in dict.fromkeys(k for keys in differ.values() for k in keys)),
+            examples(names, masks, lambda n: ", ".join(setting(made[n] or {}, k) for k in differ[n])),
+        )
+        left_out += names
+    same = [name for name, record in made.items() if record is not None and name not in differ]
+    if problem := other_model(named, reference, same, masks):
+        LOG.error("%s", problem)
+        left_out += same
+    return left_out, made
+
+
+def scored_made_with(rows: list[dict], made: dict[str, dict | None]) -> dict | None:
+    """What metrics.json says made the scored masks: the made_with record they share (tile_prediction: model
+    file and stamp, the --threshold given and the cut applied, bands, sieve_cells, tta) and ``n_images``, how
+    many of them record it (the others, of an older version, record nothing); None where none does."""
+    recorded = [made[r["name"]] for r in rows if made.get(r["name"])]
+    if not recorded:
+        return None
+    cut = recorded[0].get("cut")
+    LOG.info(
+        "the masks scored were made with %s (%s), farmland %s",
+        recorded[0].get("model"),
+        recorded[0].get("model_stamp"),
+        "by the argmax" if cut is None else f"where its probability exceeds {cut}",
+    )
+    return {**recorded[0], "n_images": len(recorded)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Score run_dir/predictions against the test split's labels; write metrics, CSV and figures."""
     cfg = cli.parse_args(argv, __doc__ or "")
@@ -171,21 +337,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.save_config(cfg, "miou")
     pairs = read_pair_list(run_dir / "splits" / "test.txt")
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
-    stale = {name: made_elsewhere(mask, image) for name, (image, _, mask) in lookup.items()}  # once: it may warn
-    for problem in filter(None, stale.values()):
-        LOG.error("%s", problem)
+    left_out, made = left_out_masks(cfg, lookup)
+    skipped = set(left_out)
     rows, pooled, errors = evaluate_pairs(
-        [(n, v[1], v[2]) for n, v in lookup.items() if not stale[n]],
+        [(n, v[1], v[2]) for n, v in lookup.items() if n not in skipped],
         cfg.mask_threshold,
         cfg.n_classes,
         cfg.ignore_index,
         cfg.boundary_width,
     )
-    errors += list(filter(None, stale.values()))
+    errors += left_out
     if not rows:
         LOG.error("no test image could be scored (%d problem(s) above)", len(errors))
         return 1
-    summary = summarise(rows, pooled)
+    summary = summarise(rows, pooled) | {"made_with": scored_made_with(rows, made)}
     files.atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     write_csv(rows, run_dir / "per_image_metrics.csv")
     figures = run_dir / "figures"

@@ -5,6 +5,7 @@ background threads while the device goes on, unreadable images reported and skip
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -187,6 +188,38 @@ def source_texts(image: Path) -> dict[str, str]:
     return {SOURCE_KEY: shown_path(image.resolve()), STAMP_KEY: file_stamp(image)}
 
 
+MADE_WITH_KEY = "farmland-made-with"  # the PNG text of a tile's mask and overlay naming its model and settings
+# The keys of MADE_WITH_KEY that a tile's mask depends on, each as output_record records it for the last run: the
+# model file's size and time, the --threshold given (-1: the model's own), the bands read, sieve_cells, tta.
+MADE_WITH_COMPARED = ("model_stamp", "threshold", "bands", "sieve_cells", "tta")
+
+
+def made_with(cfg: Config, state: dict, model: Path) -> dict[str, Any]:
+    """What a tile's outputs record of how they were made (MADE_WITH_KEY), so that miou.py can tell masks of
+    another model or other settings from the rest: the ``model`` file (a checkpoint or an ONNX model), the keys of
+    MADE_WITH_COMPARED as ``cfg`` holds them (``bands`` as resolved), and ``cut``, the farmland probability cut
+    applied (None: the argmax). Empty where the model file cannot be found (bench.py's stand-ins): then
+    nothing says which weights these are."""
+    try:
+        stamp = file_stamp(model)
+    except OSError:
+        return {}
+    keys = {key: getattr(cfg, key) for key in MADE_WITH_COMPARED if key != "model_stamp"}
+    return {"model": shown_path(Path(model).resolve()), "model_stamp": stamp, **keys, "cut": decision_threshold(state)}
+
+
+def made_with_of(texts: dict[str, str]) -> dict[str, Any] | None:
+    """The MADE_WITH_KEY record among a mask's PNG ``texts`` (png_text.read_texts): None where it holds none
+    (a mask of an older version, or made otherwise), empty where it cannot be read (it then matches nothing)."""
+    if MADE_WITH_KEY not in texts:
+        return None
+    try:
+        made = json.loads(texts[MADE_WITH_KEY])
+    except ValueError:
+        return {}
+    return made if isinstance(made, dict) else {}
+
+
 def is_complete(mask_path: Path, image: Path, checkpoint: Path, overlay: bool, since: float = 0.0) -> bool:
     """Whether an earlier run already wrote this image's outputs with this checkpoint and settings: newer than
     the checkpoint and than ``since`` (output_record.Since), and each made from this very image file as it is
@@ -202,15 +235,22 @@ def is_complete(mask_path: Path, image: Path, checkpoint: Path, overlay: bool, s
 
 
 def _write_tile_outputs(
-    mask_path: Path, source: Path, image: np.ndarray | None, mask: np.ndarray, min_pixels: int, shown: Sequence[int]
+    mask_path: Path,
+    source: Path,
+    image: np.ndarray | None,
+    mask: np.ndarray,
+    min_pixels: int,
+    shown: Sequence[int],
+    made: dict[str, str] | None = None,
 ) -> None:
     """Write one tile's sieved mask and, given the ``image``, its overlay; each names its ``source`` image file
-    (is_complete)."""
+    (is_complete) and holds the texts ``made`` (MADE_WITH_KEY: the model and settings)."""
     mask = sieve_tile(mask, min_pixels)
+    text = dict(made or {})
     try:
-        text = source_texts(source)
+        text |= source_texts(source)
     except OSError:
-        text = {}  # the image went after it was read: these outputs vouch for nothing and are made again
+        pass  # the image went after it was read: these outputs name no source, and are made again
     write_image(mask_path, mask * np.uint8(255), text)
     if image is not None:
         photo = image if image.dtype == np.uint8 else stretched(image, 0, image.any(axis=0))  # 16-bit: not black
@@ -308,6 +348,8 @@ def predict_tiles(
     if not paths:
         return 0, 0
     threshold = decision_threshold(state)
+    made = made_with(cfg, state, checkpoint)
+    made_text = {MADE_WITH_KEY: json.dumps(made, ensure_ascii=False)} if made else {}
     files = ImageFiles(paths, state["config"]["in_channels"], bands)
     model, amp, channels_last, batch_size = _prediction_setup(model, files, cfg, state, device, amp)
     loader = _batch_loader(files, batch_size, cfg.num_workers, device)
@@ -326,7 +368,14 @@ def predict_tiles(
                         photos = images.numpy() if cfg.overlay else [None] * len(indices)
                         for index, photo, mask in zip(indices, photos, masks):
                             writer.submit(
-                                _write_tile_outputs, outputs[index], paths[index], photo, mask, min_pixels, shown
+                                _write_tile_outputs,
+                                outputs[index],
+                                paths[index],
+                                photo,
+                                mask,
+                                min_pixels,
+                                shown,
+                                made_text,
                             )
                         done += len(indices)
                     bar.update(len(indices))

@@ -23,8 +23,10 @@ import cli
 import files
 import predict
 import split_dataset
+import tile_prediction
 import train
 from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
+from metrics import confusion_matrix
 from png_text import read_texts
 from tile_prediction import SOURCE_KEY
 
@@ -425,6 +427,112 @@ def test_miou_scores_no_mask_made_from_another_image(
         os.utime(test_image, ns=(was.st_atime_ns, was.st_mtime_ns))  # shared data: as it was for later tests
     assert f"{mask}: made before the test image {test_image.resolve()} last changed" in caplog.text
     assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["n_images"] == scored
+
+
+def scored_names(run_dir: Path) -> list[str]:
+    with open(run_dir / "per_image_metrics.csv", encoding="utf-8-sig") as handle:
+        return [row["name"] for row in csv.DictReader(handle)]
+
+
+def test_miou_scores_no_mask_an_interrupted_run_with_a_new_threshold_did_not_reach(
+    shared_square_data: Path,
+    trained_run: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import miou
+
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(shared_square_data, run_dir, "--split_ratios=0.5,0.1,0.4"))  # 8 test tiles
+    shutil.copytree(trained_run / "checkpoints", run_dir / "checkpoints")  # the trained network, file times kept
+    pairs = read_pair_list(run_dir / "splits" / "test.txt")
+    assert predict.main(args(shared_square_data, run_dir)) == 0  # the model's own cut (here the argmax)
+    # predict.py --threshold=0.3 stopped after three masks: the other five are the earlier run's.
+    write, redone = tile_prediction._write_tile_outputs, []
+
+    def stopped_after_three(mask_path: Path, *rest: object) -> None:
+        if len(redone) == 3:
+            raise RuntimeError("stopped")
+        write(mask_path, *rest)
+        redone.append(mask_path.name.removesuffix("_seg.png"))
+
+    monkeypatch.setattr(tile_prediction, "_write_tile_outputs", stopped_after_three)
+    with pytest.raises(RuntimeError, match="stopped"):
+        predict.main(args(shared_square_data, run_dir, "--threshold=0.3"))
+    monkeypatch.undo()
+    assert redone == [image.stem for image, _ in pairs[:3]]
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_dir)) == 1
+    assert (
+        f"5 test mask(s) in {run_dir / 'predictions'}: expected the model and settings of the last predict.py run "
+        f"here ({run_dir / 'configs' / 'predict_outputs.json'}: threshold 0.3), found others: "
+        f"{pairs[3][0].stem}_seg.png (threshold -1.0, the model's own)" in caplog.text
+    )
+    assert "and 2 more; not scored" in caplog.text and "predict the test split again" in caplog.text
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert scored_names(run_dir) == redone and metrics["n_images"] == 3
+    made = metrics["made_with"]
+    assert made["threshold"] == made["cut"] == 0.3 and made["n_images"] == 3
+    assert made["model"] == str((run_dir / "checkpoints" / "best.pth").resolve())
+    # The figures are those of the three masks made at 0.3 alone, recounted from the files.
+    cm = sum(
+        confusion_matrix(load_mask(run_dir / "predictions" / f"{image.stem}_seg.png"), load_mask(label))
+        for image, label in pairs[:3]
+    )
+    assert metrics["pooled_confusion"] == {"tp": cm[1, 1], "fp": cm[0, 1], "fn": cm[1, 0], "tn": cm[0, 0]}
+    assert metrics["pooled"]["farmland_iou"] == pytest.approx(cm[1, 1] / (cm[1, 1] + cm[0, 1] + cm[1, 0]))
+    # Without the run's record the newest mask says what the others must have been made with.
+    (run_dir / "configs" / "predict_outputs.json").rename(tmp_path / "record.json")
+    assert miou.main(args(shared_square_data, run_dir)) == 1
+    assert scored_names(run_dir) == redone
+    (tmp_path / "record.json").rename(run_dir / "configs" / "predict_outputs.json")
+    # The run finished: every mask scored.
+    assert predict.main(args(shared_square_data, run_dir, "--threshold=0.3")) == 0
+    assert miou.main(args(shared_square_data, run_dir)) == 0
+    assert scored_names(run_dir) == [image.stem for image, _ in pairs]
+
+
+def test_miou_scores_no_mask_of_a_model_trained_again_since(
+    shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import miou
+
+    best = run_copy / "checkpoints" / "best.pth"
+    assert predict.main(args(shared_square_data, run_copy)) == 0
+    assert miou.main(args(shared_square_data, run_copy)) == 0
+    first = json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))
+    stamp = files.file_stamp(best)
+    assert first["made_with"]["model"] == str(best.resolve()) and first["made_with"]["model_stamp"] == stamp
+    assert first["made_with"]["threshold"] == -1 and first["made_with"]["cut"] is None  # the argmax: not tuned
+    kept = Path(shutil.copy2(best, tmp_path / "old best.pth"))  # the weights the masks were made with, time kept
+    assert train.main(args(shared_square_data, run_copy, "--epochs=1")) == 0  # a fresh run: a new best.pth
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_copy)) == 1
+    assert f"were made with {best.resolve()} as it was then ({stamp}), and it has changed since" in caplog.text
+    assert "no test image could be scored" in caplog.text
+    assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8")) == first  # not rewritten
+    # Named as made with another file than the one named now, with how to score them as they are.
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_copy, f"--checkpoint={run_copy / 'checkpoints' / 'last.pth'}")) == 1
+    assert f"not with {(run_copy / 'checkpoints' / 'last.pth').resolve()}" in caplog.text
+    assert "and theirs has changed or gone since" in caplog.text
+    # Scoring the older model's masks on purpose: name the weights they were made with.
+    with pytest.raises(ValueError, match="no such file; name the model the masks were made with"):
+        miou.main(args(shared_square_data, run_copy, f"--checkpoint={tmp_path / 'missing.pth'}"))
+    assert miou.main(args(shared_square_data, run_copy, f"--checkpoint={kept}")) == 0
+    assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["made_with"]["model_stamp"] == stamp
+    # Masks of an older version, which record no model, are scored as before.
+    for mask in (run_copy / "predictions").glob("*_seg.png"):
+        texts = {k: v for k, v in read_texts(mask).items() if k != tile_prediction.MADE_WITH_KEY}
+        write_image(mask, load_mask(mask) * np.uint8(255), texts)
+    assert miou.main(args(shared_square_data, run_copy)) == 0
+    assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["made_with"] is None
+    # Predicted again with the new best.pth: scored, and metrics.json names it.
+    assert predict.main(args(shared_square_data, run_copy)) == 0
+    assert miou.main(args(shared_square_data, run_copy)) == 0
+    made = json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["made_with"]
+    assert made["model_stamp"] == files.file_stamp(best) != stamp and made["n_images"] == 2
 
 
 def test_names_that_are_not_utf8_are_reported_and_the_rest_go_on(

@@ -18,6 +18,7 @@ import split_dataset
 import train
 from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
 from figures import photo_to_show
+from files import file_stamp
 from metrics import confusion_matrix
 
 
@@ -56,6 +57,17 @@ def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_images"] == len(test_images) == 2
+    best = run_dir / "checkpoints" / "best.pth"  # which model and cut made the masks scored
+    assert metrics["made_with"] == {
+        "model": str(best.resolve()),
+        "model_stamp": file_stamp(best),
+        "threshold": -1.0,
+        "bands": "",
+        "sieve_cells": 16,
+        "tta": False,
+        "cut": None,
+        "n_images": 2,
+    }
     for key in ("farmland_iou", "background_iou", "miou", "precision", "recall", "f1", "accuracy", "kappa"):
         assert key in metrics["pooled"]
     assert set(metrics["per_image"]) >= {"farmland_iou", "background_iou"}
@@ -201,6 +213,7 @@ def test_miou_reports_missing_predictions(square_data: Path, tmp_path: Path, cap
     assert miou.main(args(square_data, run_dir)) == 1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_images"] == 1 and metrics["pooled"]["farmland_iou"] == 1.0
+    assert metrics["made_with"] is None  # a mask written otherwise records no model: scored as it is
     assert "prediction not found" in caplog.text
 
 
