@@ -15,10 +15,10 @@ one vectorised pass; every figure is then a formula over counts:
 Unlabelled pixels (``ignore_index``) count in no figure.
 
 Only masks of one model and one set of settings are scored together: each mask predict.py writes records the
-model file and the settings it was made with, and a mask made otherwise than by the last predict.py run here
-(run_dir/configs/predict_outputs.json: an interrupted run with a new threshold, say), or with another model than
-the one named now (``checkpoint``, else run_dir/checkpoints/best.pth: trained again since?), is named and left
-unscored, and the exit status is 1. metrics.json says which model and threshold made the masks it scores.
+model file and the settings it was made with; masks made otherwise than the newest test mask (left by a run
+stopped part-way with a new threshold, say), masks whose model file has changed since (trained again?), and,
+where ``checkpoint`` (or ``onnx_model``) names a model, masks made with another, are named and left unscored,
+and the exit status is 1. metrics.json says which model and threshold made the masks it scores.
 
 Inputs: the test split (run_dir/splits/test.txt) and run_dir/predictions/<stem>_seg.png.
 Outputs: run_dir/metrics.json, run_dir/per_image_metrics.csv, and run_dir/figures/: iou_per_image.png,
@@ -46,7 +46,6 @@ from data_preprocess import load_mask, parse_bands, read_image, read_pair_list, 
 from figures import photo_to_show, pyplot, save_figure
 from files import file_stamp, prediction_path, shown_path
 from metrics import evaluate_pairs, summarise
-from output_record import RECORD
 from png_text import read_texts
 from tile_prediction import MADE_WITH_COMPARED, SOURCE_KEY, STAMP_KEY, made_with_of, source_texts
 
@@ -170,24 +169,21 @@ def setting(made: dict[str, Any], key: str) -> str:
     return f"{key} {made.get(key)!r}"
 
 
-def last_run(run_dir: Path, made: dict[str, dict | None], masks: dict[str, Path]) -> tuple[dict | None, str]:
-    """What the test masks must have been made with, and where that is read: the model and settings of the last
-    predict.py run in ``run_dir`` (output_record.RECORD); where no such record is left (removed, or written by an
-    older version), those of the newest mask that records any. (None, "") where no mask records any: masks of an
-    older version, or made otherwise, are scored as they are."""
-    record = files.read_record(run_dir / RECORD)
-    if isinstance(record, dict) and "model_stamp" in record:
-        return {k: record[k] for k in ("model", *MADE_WITH_COMPARED) if k in record}, str(run_dir / RECORD)
+def newest_made_with(made: dict[str, dict | None], masks: dict[str, Path]) -> tuple[dict | None, str]:
+    """What the test masks must all have been made with: the model and settings the newest of them records, and
+    that mask, for messages. A run stopped part-way with new settings leaves the newest masks made with those;
+    a later predict.py run on other images leaves the test masks as they are. (None, "") where no mask records
+    any: masks of an older version, or made otherwise, are scored as they are."""
     recorded = [n for n, m in made.items() if m is not None]
     if not recorded:
         return None, ""
-    newest = max(recorded, key=lambda n: masks[n].stat().st_mtime)
-    return made[newest], f"the newest mask, {masks[newest]}"
+    newest = max(recorded, key=lambda n: masks[n].stat().st_mtime_ns)
+    return made[newest], f"the newest test mask, {masks[newest].name}"
 
 
 def made_otherwise(made: dict[str, dict | None], reference: dict) -> dict[str, list[str]]:
     """The masks, among those that record how they were made, made with another model or other settings than
-    ``reference`` (last_run): by name, the keys that differ."""
+    ``reference`` (newest_made_with): by name, the keys that differ."""
     differ = {}
     for name, record in made.items():
         if record is not None:
@@ -197,61 +193,57 @@ def made_otherwise(made: dict[str, dict | None], reference: dict) -> dict[str, l
     return differ
 
 
-def model_named(cfg: Config) -> tuple[Path, str, str | None]:
-    """The model file the masks must have been made with, as predict.py picks it (``checkpoint``, else
-    run_dir/checkpoints/best.pth; with ``backend=onnx``, ``onnx_model``, else run_dir/export/farmland.onnx), the
-    key that names it, and its size and time (file_stamp); None for those where no file is named and the run's own
-    is missing (a folder of masks alone: they are compared with no model).
+def model_named(cfg: Config) -> tuple[Path, str, str] | None:
+    """The model file given on the command line (``checkpoint``; with ``backend=onnx``, ``onnx_model``), the key
+    that names it and its size and time (file_stamp); None where none is given: the masks are then compared with
+    the model they record.
 
     Raises:
-        ValueError: the model file named (``checkpoint`` or ``onnx_model``) does not exist.
+        ValueError: the model file named does not exist.
     """
-    run_dir = Path(cfg.run_dir)
-    if cfg.backend == "onnx":
-        model, key = (Path(cfg.onnx_model) if cfg.onnx_model else run_dir / "export" / "farmland.onnx"), "--onnx_model"
-    else:
-        model, key = (Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"), "--checkpoint"
+    model, key = (cfg.onnx_model, "--onnx_model") if cfg.backend == "onnx" else (cfg.checkpoint, "--checkpoint")
+    if not model:
+        return None
     try:
-        return model, key, file_stamp(model)
+        return Path(model), key, file_stamp(Path(model))
     except OSError:
-        if cfg.checkpoint or cfg.onnx_model:
-            raise ValueError(
-                f"{key}={model}: no such file; name the model the masks were made with, or leave {key} out to "
-                "compare them with the run's own"
-            ) from None
-        LOG.info("%s: not found, so the masks are not compared with a model", model)
-        return model, key, None
+        raise ValueError(
+            f"{key}={model}: no such file; name the model the masks were made with, or leave {key} out to score "
+            "them with the model they record"
+        ) from None
 
 
 def other_model(
-    named: tuple[Path, str, str | None], reference: dict, names: list[str], masks: dict[str, Path]
+    named: tuple[Path, str, str] | None, reference: dict, names: list[str], masks: dict[str, Path]
 ) -> str | None:
-    """The error for masks made with another model file, or the same file before it changed (trained again),
-    than the one ``named`` now (model_named): ``names`` are the masks made as ``reference`` says (last_run). None
-    where it is the same file as then, or where none is named."""
-    model, key, stamp = named
-    if not names or stamp is None or reference.get("model_stamp") == stamp:
+    """The error for the masks ``names``, made as ``reference`` says (newest_made_with), when the model file they
+    record has changed or gone since (trained again?), or, where a model is ``named`` (model_named), when they
+    were made with another; None where they were made with the model as it is now."""
+    made, then = str(reference.get("model")), reference.get("model_stamp")
+    if not names or then is None:
         return None
-    made, now = reference.get("model"), shown_path(model.resolve())
     shown = f"{len(names)} test mask(s) ({examples(names, masks)})"
-    if made == now:
-        return (
-            f"{shown}: were made with {made} as it was then ({reference.get('model_stamp')}), and it has changed "
-            f"since ({stamp}: trained again?); not scored: predict the test split again (predict.py, this "
-            "--run_dir), then run miou.py"
-        )
-    found = f"{shown}: were made with {made} ({reference.get('model_stamp')}), not with {now} ({stamp}), the model"
-    fix = f"not scored: predict the test split again with {now} (predict.py, this --run_dir)"
     try:
-        kept = file_stamp(Path(str(made))) == reference.get("model_stamp")
+        now = file_stamp(Path(made))
     except OSError:
-        kept = False
-    if not kept:
-        return f"{found} named here ({key}, else the run's own), and theirs has changed or gone since; {fix}"
-    flag = f"--backend=onnx --onnx_model={made}" if str(made).endswith(".onnx") else f"--checkpoint={made}"
-    return (
-        f"{found} named here ({key}, else the run's own); {fix}, or, to score these masks as made, name theirs: {flag}"
-    )
+        now = None
+    if named is None:
+        if now == then:
+            return None
+        change = f"it has changed since ({now}: trained again?)" if now else "it is gone"
+        return (
+            f"{shown}: were made with {made} as it was then ({then}), and {change}; not scored: predict the test "
+            "split again (predict.py, this --run_dir), then run miou.py"
+        )
+    model, key, stamp = named
+    if stamp == then:
+        return None
+    found = f"{shown}: were made with {made} ({then}), not with {shown_path(model.resolve())} ({stamp}), named by {key}"
+    fix = f"not scored: predict the test split again with it (predict.py {key}={model}, this --run_dir)"
+    if now != then:
+        return f"{found}, and theirs has changed or gone since; {fix}"
+    flag = f"--backend=onnx --onnx_model={made}" if made.endswith(".onnx") else f"--checkpoint={made}"
+    return f"{found}; {fix}, or, to score these masks as made, name theirs ({flag}) or no model at all"
 
 
 def bands_of_the_run(cfg: Config) -> Config:
@@ -271,9 +263,9 @@ def bands_of_the_run(cfg: Config) -> Config:
 
 def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> tuple[list[str], dict]:
     """The test images whose masks are not scored, each problem logged: masks made from another image
-    (made_elsewhere), with another model or other settings than the last predict.py run here (made_otherwise),
-    or with another model than the one named now (other_model); and each mask's made_with record (None where it
-    holds none)."""
+    (made_elsewhere), with another model or other settings than the newest test mask (made_otherwise), or with a
+    model that has changed since or is not the one named (other_model); and each mask's made_with record (None
+    where it holds none)."""
     named = model_named(cfg)  # a missing --checkpoint refused before anything is read
     masks = {name: mask for name, (_, _, mask) in lookup.items()}
     texts = {name: read_texts(mask) for name, mask in masks.items()}
@@ -282,17 +274,16 @@ def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> t
         LOG.error("%s", problem)
     left_out = [name for name, problem in elsewhere.items() if problem]
     made = {name: made_with_of(texts[name]) for name in masks if not elsewhere[name]}
-    reference, origin = last_run(Path(cfg.run_dir), made, masks)
+    reference, origin = newest_made_with(made, masks)
     if reference is None:
         return left_out, made
     differ = made_otherwise(made, reference)
     if differ:
         names = list(differ)
         LOG.error(
-            "%d test mask(s) in %s: expected the model and settings of the last predict.py run here (%s: %s), found "
-            "others: %s; not scored (masks an interrupted or earlier run left): predict the test split again "
-            "(predict.py, this --run_dir, the settings you want; with the last run's it redoes only these), then run "
-            "miou.py",
+            "%d test mask(s) in %s: expected the model and settings of %s (%s), found others: %s; not scored (masks "
+            "an interrupted or earlier run left): predict the test split again (predict.py, this --run_dir, the "
+            "settings you want), then run miou.py",
             len(names),
             Path(cfg.run_dir) / "predictions",
             origin,

@@ -464,10 +464,11 @@ def test_miou_scores_no_mask_an_interrupted_run_with_a_new_threshold_did_not_rea
     assert redone == [image.stem for image, _ in pairs[:3]]
     caplog.clear()
     assert miou.main(args(shared_square_data, run_dir)) == 1
+    newest = max((run_dir / "predictions" / f"{image.stem}_seg.png" for image, _ in pairs[:3]), key=os.path.getmtime)
     assert (
-        f"5 test mask(s) in {run_dir / 'predictions'}: expected the model and settings of the last predict.py run "
-        f"here ({run_dir / 'configs' / 'predict_outputs.json'}: threshold 0.3), found others: "
-        f"{pairs[3][0].stem}_seg.png (threshold -1.0, the model's own)" in caplog.text
+        f"5 test mask(s) in {run_dir / 'predictions'}: expected the model and settings of the newest test mask, "
+        f"{newest.name} (threshold 0.3), found others: {pairs[3][0].stem}_seg.png (threshold -1.0, the model's own)"
+        in caplog.text
     )
     assert "and 2 more; not scored" in caplog.text and "predict the test split again" in caplog.text
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
@@ -482,13 +483,15 @@ def test_miou_scores_no_mask_an_interrupted_run_with_a_new_threshold_did_not_rea
     )
     assert metrics["pooled_confusion"] == {"tp": cm[1, 1], "fp": cm[0, 1], "fn": cm[1, 0], "tn": cm[0, 0]}
     assert metrics["pooled"]["farmland_iou"] == pytest.approx(cm[1, 1] / (cm[1, 1] + cm[0, 1] + cm[1, 0]))
-    # Without the run's record the newest mask says what the others must have been made with.
-    (run_dir / "configs" / "predict_outputs.json").rename(tmp_path / "record.json")
-    assert miou.main(args(shared_square_data, run_dir)) == 1
-    assert scored_names(run_dir) == redone
-    (tmp_path / "record.json").rename(run_dir / "configs" / "predict_outputs.json")
     # The run finished: every mask scored.
     assert predict.main(args(shared_square_data, run_dir, "--threshold=0.3")) == 0
+    assert miou.main(args(shared_square_data, run_dir)) == 0
+    assert scored_names(run_dir) == [image.stem for image, _ in pairs]
+    # Other images predicted into the run with other settings leave the test masks as one set: still scored.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(pairs[0][0], other / "elsewhere.png")
+    assert predict.main(args(shared_square_data, run_dir, f"--predict_input={other}", "--tta=true")) == 0
     assert miou.main(args(shared_square_data, run_dir)) == 0
     assert scored_names(run_dir) == [image.stem for image, _ in pairs]
 
@@ -516,12 +519,20 @@ def test_miou_scores_no_mask_of_a_model_trained_again_since(
     caplog.clear()
     assert miou.main(args(shared_square_data, run_copy, f"--checkpoint={run_copy / 'checkpoints' / 'last.pth'}")) == 1
     assert f"not with {(run_copy / 'checkpoints' / 'last.pth').resolve()}" in caplog.text
-    assert "and theirs has changed or gone since" in caplog.text
+    assert "named by --checkpoint, and theirs has changed or gone since" in caplog.text
     # Scoring the older model's masks on purpose: name the weights they were made with.
     with pytest.raises(ValueError, match="no such file; name the model the masks were made with"):
         miou.main(args(shared_square_data, run_copy, f"--checkpoint={tmp_path / 'missing.pth'}"))
     assert miou.main(args(shared_square_data, run_copy, f"--checkpoint={kept}")) == 0
     assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["made_with"]["model_stamp"] == stamp
+    # Masks predicted with another model (a copy, an ONNX export) that is still as it was are scored without
+    # naming it; naming another model refuses them, and the message offers theirs.
+    assert predict.main(args(shared_square_data, run_copy, f"--checkpoint={kept}")) == 0
+    assert miou.main(args(shared_square_data, run_copy)) == 0
+    assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["made_with"]["model"] == str(kept)
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_copy, f"--checkpoint={best}")) == 1
+    assert f"name theirs (--checkpoint={kept}) or no model at all" in caplog.text
     # Masks of an older version, which record no model, are scored as before.
     for mask in (run_copy / "predictions").glob("*_seg.png"):
         texts = {k: v for k, v in read_texts(mask).items() if k != tile_prediction.MADE_WITH_KEY}
