@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import re
-import shlex
 import threading
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch.utils.data import Dataset, Sampler
 
 from cli import FALSE_WORDS, TRUE_WORDS
-from files import DataError, atomic_write_bytes, atomic_write_text
+from files import DataError, atomic_write_bytes, atomic_write_text, shell_quoted
 from png_text import with_text
 from runtime import available_memory
 
@@ -208,13 +207,21 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
                 f"(found {np.nanmin(scaled):.3g} to {np.nanmax(scaled):.3g}); rescale it to [0, 1] or 8/16 bit"
             )
     else:
-        raise DataError(
-            f"{path}: pixel type {image.dtype} is not supported; expected 8- or 16-bit unsigned, or float in [0, 1]; "
-            f"convert a copy: gdal_translate -ot UInt16 {shlex.quote(str(path))} "
-            f"{shlex.quote(str(Path(path).with_name(Path(path).stem + '_uint16.tif')))} (negative values become 0; "
-            "add -scale MIN MAX 0 65535 where values exceed 65535)"
-        )
+        raise DataError(unsupported_type_message(image.dtype, Path(path)))
     return np.ascontiguousarray(scaled.transpose(2, 0, 1))
+
+
+def unsupported_type_message(dtype: np.dtype, path: Path) -> str:
+    """What to say of an image of a pixel type the tool does not read (signed, 32-bit): the gdal_translate command
+    that converts a copy to the nearest type it reads."""
+    target, suffix = ("Byte", "uint8") if np.dtype(dtype).itemsize == 1 else ("UInt16", "uint16")
+    top = 255 if target == "Byte" else 65535
+    return (
+        f"{path}: pixel type {dtype} is not supported; expected 8- or 16-bit unsigned, or float in [0, 1]; convert "
+        f"a copy: gdal_translate -ot {target} {shell_quoted(path)} "
+        f"{shell_quoted(path.with_name(f'{path.stem}_{suffix}.tif'))} (negative values become 0; add -scale MIN MAX "
+        f"0 {top} where values exceed {top})"
+    )
 
 
 def check_tile_values(image: np.ndarray, path: Path) -> None:

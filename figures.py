@@ -19,6 +19,11 @@ CJK_FONTS = (
     "Noto Sans CJK SC",
     "Noto Sans SC",
     "Source Han Sans SC",
+    # matplotlib before 3.11 sees only the first face of a .ttc collection, which in Noto's is the Japanese one:
+    # its Han characters serve Chinese names as well.
+    "Noto Sans CJK JP",
+    "Source Han Sans JP",
+    "Droid Sans Fallback",
     "WenQuanYi Zen Hei",
     "WenQuanYi Micro Hei",
     "Microsoft YaHei",

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,6 +65,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write UTF-8 text atomically (see atomic_write_bytes). A file name that is not UTF-8 (name_problem), in a
     saved config for one, is written with its odd bytes as \\udcNN escapes rather than stopping the run."""
     atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
+
+
+WINDOWS_SPECIAL = frozenset(" &()[]{}^=;!'+,`~%")  # characters cmd.exe needs a path quoted for
+
+
+def shell_quoted(path: Path | str) -> str:
+    """A path as a command in a message shows it, quoted where it needs to be for the user's shell: double
+    quotes on Windows (cmd.exe and the OSGeo4W shell keep single ones), POSIX quoting elsewhere."""
+    text = str(path)
+    if os.name == "nt":
+        return f'"{text}"' if any(c in text for c in WINDOWS_SPECIAL) else text
+    return shlex.quote(text)
 
 
 def atomic_write_csv(path: Path, text: str) -> None:

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import struct
 import tempfile
 import warnings
@@ -790,8 +789,8 @@ def warn_geographic_size(scene: Scene, trained: float) -> None:
         epsg,
         trained,
         trained,
-        shlex.quote(str(scene.path)),
-        shlex.quote(str(scene.path.with_name(f"{scene.path.stem}_utm.tif"))),
+        files.shell_quoted(scene.path),
+        files.shell_quoted(scene.path.with_name(f"{scene.path.stem}_utm.tif")),
     )
 
 

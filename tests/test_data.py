@@ -21,6 +21,7 @@ from data_preprocess import (
     DataError,
     FarmlandDataset,
     colour_jitter,
+    image_to_float,
     load_image,
     load_mask,
     random_d4,
@@ -398,3 +399,16 @@ def test_figures_fall_back_to_an_installed_chinese_font(monkeypatch: pytest.Monk
     monkeypatch.setattr(font_manager.fontManager, "ttflist", entries[:1])
     figures.pyplot.__wrapped__()
     assert matplotlib.rcParams["font.family"] == ["DejaVu Sans"]
+
+
+def test_commands_in_messages_quote_paths_for_the_users_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert files.shell_quoted("/data/gf2 scene.tif") == "'/data/gf2 scene.tif'"
+    monkeypatch.setattr(files.os, "name", "nt")  # cmd.exe keeps single quotes as part of the name
+    assert files.shell_quoted(r"D:\GF2\scene.tif") == r"D:\GF2\scene.tif"
+    assert files.shell_quoted(r"D:\GF2 2024\scene.tif") == r'"D:\GF2 2024\scene.tif"'
+
+
+def test_images_of_an_unsupported_pixel_type_get_the_conversion_to_make(tmp_path: Path) -> None:
+    for dtype, target in ((np.int8, "-ot Byte"), (np.int16, "-ot UInt16"), (np.int32, "-ot UInt16")):
+        with pytest.raises(DataError, match=rf"pixel type {np.dtype(dtype)} is not supported.* {target} "):
+            image_to_float(np.zeros((2, 2, 3), dtype), 3, tmp_path / "a.tif")
