@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
@@ -73,7 +74,18 @@ def help_text(description: str = "") -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None, description: str = "") -> Config:
-    """Build the config from the defaults and ``--key=value`` overrides.
+    """Build the config from the defaults, the recipe and ``--key=value`` overrides (parse_command's config).
+
+    Raises:
+        SystemExit: on ``--help`` (after printing the key list).
+        ValueError: an unknown key, a malformed argument or a value of the wrong type.
+    """
+    return parse_command(argv, description)[0]
+
+
+def parse_command(argv: Sequence[str] | None = None, description: str = "") -> tuple[Config, frozenset[str]]:
+    """Build the config from the defaults, the recipe and ``--key=value`` overrides; return it with the keys
+    given on the command line (train.py's resume takes every other key from the checkpoint).
 
     Raises:
         SystemExit: on ``--help`` (after printing the key list).
@@ -95,7 +107,7 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "") -> Conf
             raise ValueError(f"unknown config key {key!r}; valid keys are: {', '.join(valid)}")
         setattr(cfg, key, convert_value(key, text, getattr(Config, key)))
         given.add(key)
-    return apply_recipe(cfg, given)
+    return apply_recipe(cfg, given), frozenset(given)
 
 
 def apply_recipe(cfg: Config, given: Collection[str] = ()) -> Config:
@@ -160,7 +172,7 @@ def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
         handlers.append(logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8", errors="backslashreplace"))
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler.farmland_pipeline = True  # type: ignore[attr-defined]
+        handler.farmland_pipeline = script  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
@@ -220,33 +232,57 @@ def as_raised(message: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+def log_to_file(message: str, level: int = logging.ERROR) -> None:
+    """Write ``message`` to the log file setup_logging opened (run_dir/logs/<script>.log), and to nothing else;
+    nothing when none is open (a script stopped before it opened its log, or a rank other than 0)."""
+    for handler in logging.getLogger().handlers:
+        script = getattr(handler, "farmland_pipeline", "")
+        if script and isinstance(handler, logging.FileHandler):
+            record = logging.makeLogRecord(
+                {"name": script, "levelno": level, "levelname": logging.getLevelName(level), "msg": message}
+            )
+            handler.handle(record)
+
+
+def say_fatal(message: str, level: int = logging.ERROR) -> None:
+    """Say why the script stops: once on the terminal (stderr, the line as it is) and in its log file."""
+    print(message, file=sys.stderr)
+    log_to_file(message, level)
+
+
 def run_main(main: Callable[[], int]) -> int:
     """Run a script's main; turn an input error into one clear line and exit status 2, not a traceback.
 
     SIGTERM unwinds the run like Ctrl-C (exit status 143), so that temporary files of outputs being written are
-    removed and nothing half-written is left behind; without it the process would vanish mid-write.
+    removed and nothing half-written is left behind; without it the process would vanish mid-write. The line
+    that says why a script stopped goes to the terminal and to its log file; so does the traceback of an
+    unexpected error, which Python prints to the terminal as it leaves.
     """
     installed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     previous = signal.signal(signal.SIGTERM, terminate_handler(os.getpid())) if installed else None
     try:
         return main()
     except (ValueError, FloatingPointError) as err:
-        print(f"error: {as_raised(str(err))}", file=sys.stderr)
+        say_fatal(f"error: {as_raised(str(err))}")
         return 2
     except (Terminated, RuntimeError) as err:
         if not isinstance(err, Terminated) and not loader_worker_terminated(err):
+            log_to_file(f"stopped by an unexpected error:\n{traceback.format_exc().rstrip()}")
             raise
         if installed:  # this process's own SIGTERM may still be on its way: the run is ending anyway
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         leave_loader_workers_to_the_exit()
-        print(
+        say_fatal(
             "terminated (SIGTERM); outputs written so far are complete, the one being written was dropped",
-            file=sys.stderr,
+            logging.WARNING,
         )
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say_fatal("interrupted", logging.WARNING)
         return 130
+    except Exception:
+        log_to_file(f"stopped by an unexpected error:\n{traceback.format_exc().rstrip()}")
+        raise
     finally:
         if installed:  # None: the handler before was not Python's; the default is the closest to it
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

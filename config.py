@@ -67,7 +67,7 @@ class Config:
     collapse_patience: int = 3  # warn when val predictions hold one class, or the loss stalls, N epochs on end; 0 = off
     tensorboard: bool = True  # also log to run_dir/tensorboard when the tensorboard package is installed
     snapshot_every: int = 10  # also keep the weights of every N-th epoch (0 = never)
-    resume: bool = False  # continue from run_dir/checkpoints/last.pth
+    resume: bool = False  # continue from run_dir/checkpoints/last.pth with its saved config; keys given override
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks' tiles (small batches per GPU)
     deterministic: bool = False  # deterministic kernels (slower on GPU): a resumed run then ends bit-identical
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...

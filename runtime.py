@@ -230,8 +230,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain values only, never code.
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain values only, never code. ``mmap``: map
+    the tensors instead of reading them (cheap when only the config or the counters are wanted).
 
     Raises:
         DataError: the file is missing or is not a checkpoint of this project.
@@ -240,7 +241,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; train first (python train.py) or set --checkpoint")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for foreign or damaged files
         raise DataError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

@@ -3,7 +3,8 @@
 The reference recipe (Adam, StepLR, cross-entropy, batch 5, 100 epochs) plus what a trainer needs:
 - every epoch: validation loss and farmland IoU (pooled over the val split, with miou.py's code);
 - run_dir/checkpoints/best.pth (best val farmland IoU), last.pth (model, optimizer, scheduler, epoch, best
-  score, history and config: ``--resume=true`` continues exactly where it stopped) and, every
+  score, history and config: ``--resume=true`` continues exactly where it stopped, with the config saved
+  there and the keys given on the command line over it) and, every
   ``snapshot_every`` epochs, epoch_NNN.pth with the weights;
 - run_dir/train_log.csv, run_dir/figures/training_curves.png, one log line per epoch, a progress bar;
 - for two classes, the best epoch's val IoU, precision and recall against the farmland threshold:
@@ -85,6 +86,7 @@ from training import (
     prior_iou,
     prior_loss,
     recompute_batchnorm,
+    resume_config,
     stall_message,
     threshold_curve,
     tiles_pixel_size,
@@ -256,10 +258,11 @@ def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.
 
 
 def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> Progress:
-    """With ``resume``, load everything the next epoch depends on from last.pth; else start afresh.
+    """With ``resume``, load everything the next epoch depends on from last.pth (and plan anew for another
+    ``time_budget``); else start afresh.
 
     Raises:
-        DataError: last.pth is missing, unreadable or of another network.
+        DataError: last.pth is missing, unreadable, or of another network or training (training.check_resumable).
     """
     last = ckpt_dir / "last.pth"
     if not cfg.resume:
@@ -289,7 +292,31 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
         progress.best_iou,
         progress.best_epoch,
     )
+    saved_budget = state["config"].get("time_budget", 0.0)
+    if cfg.time_budget > 0 and cfg.time_budget != saved_budget:
+        replan_budget(cfg, progress, saved_budget)
     return progress
+
+
+def replan_budget(cfg: Config, progress: Progress, saved_budget: float) -> None:
+    """A run resumed under another ``time_budget`` than its plan was made for (``saved_budget``; 0: it trained by
+    epochs): plan the epochs the new budget holds at the pace of the epochs run so far (their wall time under a
+    budget, else their training and validation time), at least those already run."""
+    done = progress.start_epoch - 1
+    if saved_budget <= 0 or progress.elapsed <= 0:
+        progress.elapsed = sum(row.get("seconds", 0.0) for row in progress.history)
+    if done < 1 or progress.elapsed <= 0:
+        return  # no pace to plan by: the next epoch is timed, as at a start
+    pace = progress.elapsed / done
+    progress.planned_epochs = max(done, done + math.floor((60 * cfg.time_budget - progress.elapsed) / pace))
+    LOG.info(
+        "time budget %g min (the saved run's: %s): %.1f min spent, about %s per epoch, planning %d epochs",
+        cfg.time_budget,
+        f"{saved_budget:g} min" if saved_budget > 0 else "none",
+        progress.elapsed / 60,
+        f"{pace / 60:.1f} min" if pace >= 60 else f"{pace:.1f} s",
+        progress.planned_epochs,
+    )
 
 
 # What an earlier run leaves that a fresh one may not overwrite, beside its checkpoints (relative to run_dir).
@@ -741,13 +768,11 @@ def report(cfg: Config, progress: Progress, board: Any) -> None:
 
 def start_budget(cfg: Config, progress: Progress) -> None:
     """Start the budget's clock. Under ``time_budget``, ``epochs`` gives way to the plan: the one kept in last.pth
-    when resuming, else 0 until the first epoch has been timed (plan_budget). check_settings refused a budget
-    that is negative or not finite."""
+    (or made anew for another budget, replan_budget) when resuming, else 0 until the first epoch has been timed
+    (plan_budget). check_settings refused a budget that is negative or not finite."""
     progress.mark = budget_clock()
     if cfg.time_budget == 0:
         return
-    if cfg.epochs != Config.epochs:
-        LOG.info("--epochs=%d is ignored: --time_budget=%g plans the epochs", cfg.epochs, cfg.time_budget)
     cfg.epochs = progress.planned_epochs
     if cfg.epochs:
         LOG.info(
@@ -755,6 +780,24 @@ def start_budget(cfg: Config, progress: Progress) -> None:
             cfg.time_budget,
             cfg.epochs,
             progress.elapsed / 60,
+        )
+
+
+def note_schedule_change(cfg: Config, trainer: Trainer, progress: Progress) -> None:
+    """On resume, say so when the learning rate the schedule gives from here differs from the one the saved run
+    stood at: more epochs, or another time budget's plan, stretch a cosine (which had fallen towards 0)."""
+    if progress.start_epoch == 1 or progress.start_epoch > cfg.epochs:
+        return
+    scheduler = trainer.scheduler
+    stood = trainer.optimizer.param_groups[0]["lr"]
+    goes = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    if not math.isclose(goes, stood, rel_tol=1e-9, abs_tol=1e-12 * scheduler.base_lrs[0]):
+        LOG.info(
+            "the %s schedule now runs to epoch %d: the learning rate goes on from %.2e (the saved run stood at %.2e)",
+            cfg.schedule,
+            cfg.epochs,
+            goes,
+            stood,
         )
 
 
@@ -875,6 +918,8 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
     if job.main:  # only once the inputs passed: a failed attempt leaves the earlier run's record as it was
         cli.save_config(given, "train")
     start_budget(cfg, progress)
+    if job.main:
+        note_schedule_change(cfg, trainer, progress)
     log_start(cfg, trainer, job, tiles, progress.start_epoch)
     board = open_tensorboard(Path(cfg.run_dir) / "tensorboard") if cfg.tensorboard and job.main else None
     # A resumed run that had stopped early stays stopped, unless a larger early_stop is given.
@@ -909,13 +954,26 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train with the config and command-line overrides; print where the results are."""
-    cfg = cli.parse_args(argv, __doc__ or "")
+    """Train with the config and command-line overrides (resuming: last.pth's config and the keys given over it);
+    print where the results are."""
+    cfg, given = cli.parse_command(argv, __doc__ or "")
+    changed: dict[str, tuple[Any, Any]] = {}
+    if cfg.resume:  # refused here, before any tile is read or folder made: nothing to resume, or another training
+        cfg, changed = resume_config(cfg, given)
     cli.check_paths(cfg)
     # Kept in the checkpoint for predict.py's and change.py's figures: a bad one is refused here, not there.
     shown_channels(cfg.rgb_bands, parse_bands_for(cfg.bands, cfg.in_channels), cfg.in_channels)
     job = init_distributed(cfg.device)
     cli.setup_logging(cfg, "train", job.rank)
+    if cfg.resume:
+        LOG.info(
+            "resuming with the config saved in last.pth%s",
+            "; changed on the command line: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            if changed
+            else ", as saved",
+        )
+    if cfg.time_budget > 0 and "epochs" in given:
+        LOG.info("--epochs=%d is ignored: --time_budget=%g plans the epochs", cfg.epochs, cfg.time_budget)
     if job.world > 1:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
     with leaving_distributed():

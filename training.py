@@ -13,7 +13,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 import rasterio
@@ -27,7 +27,7 @@ from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
 from files import DataError, atomic_write_csv, shown_path
 from metrics import confusion_counts
 from rasters import open_raster, pixel_size_m
-from runtime import all_reduce_sum
+from runtime import all_reduce_sum, load_checkpoint
 
 LOG = logging.getLogger("train")
 
@@ -54,6 +54,44 @@ THRESHOLD_BINS = 200  # farmland probability histogram resolution: thresholds ar
 
 
 ARCHITECTURE_KEYS = ("in_channels", "n_classes", "base_width", "encoder", "downscale")
+
+# Beside the architecture, the keys a resumed run cannot change: what the weights are trained on and towards (the
+# tiles as read, seed, augmentation, loss, optimiser, schedule) and what best.pth keeps (tuned threshold, BatchNorm
+# statistics, moving average, which epoch). With another value the run would not go on but become another run
+# from part of the way, under the first one's history, best score and best.pth. How long it trains (epochs,
+# time_budget, early_stop), where and how fast (device, workers, precision, layout, cache) and what it reports
+# may change; keys train.py does not read change nothing.
+TRAINING_KEYS = (
+    "recipe",
+    "seed",
+    "mask_threshold",
+    "ignore_index",
+    "bands",
+    "pixel_size_m",
+    "normalise",
+    "online_aug",
+    "scale_jitter",
+    "colour_jitter",
+    "dropout",
+    "encoder_weights",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "loss",
+    "focal_gamma",
+    "schedule",
+    "step_size",
+    "gamma",
+    "warmup_epochs",
+    "tune_threshold",
+    "precise_bn",
+    "ema",
+    "keep_epoch",
+)
+
+# Values that let training choose (auto): given on resume, they stand for the choice the run made, which its
+# checkpoint's config holds.
+CHOSEN_BY_TRAINING: dict[str, Any] = {"downscale": 0, "keep_epoch": "auto", "pixel_size_m": 0.0}
 
 
 @torch.no_grad()
@@ -583,30 +621,81 @@ def write_log_csv(history: list[dict[str, float]], path: Path) -> None:
     atomic_write_csv(path, buffer.getvalue())
 
 
-def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:
-    """Refuse to resume a checkpoint whose network differs from the config's.
+def saved_config(state: dict[str, Any]) -> Config:
+    """The config a checkpoint was written with. A key it lacks was added since: it then held the key's default
+    (encoder: unet); a key no longer known is dropped."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{key: value for key, value in state["config"].items() if key in known})
+
+
+def resume_config(cfg: Config, given: Collection[str]) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """The config a resumed run goes on with: last.pth's, with the keys given on the command line (``given``,
+    cli.parse_command's) over it, and ``run_dir`` as given (last.pth was found there). Only the config is read.
+
+    Returns:
+        that config, and each key whose value differs from the saved run's, as {key: (saved, now)}.
 
     Raises:
-        DataError: naming the differing keys and how to fix them.
+        DataError: run_dir holds no last.pth (nothing to resume) or a file that is not a checkpoint, or a key of
+            ARCHITECTURE_KEYS or TRAINING_KEYS is given with another value than the saved run's.
     """
-    # A key the checkpoint lacks was added since it was written: it then held the key's default (encoder: unet).
-    saved = {f.name: f.default for f in dataclasses.fields(Config)} | state["config"]
-    differing = [
-        f"{k}: checkpoint {saved.get(k)} vs config {getattr(cfg, k)}"
-        for k in ARCHITECTURE_KEYS
-        if saved.get(k) != getattr(cfg, k)
-    ]
-    if differing:
-        auto = (
-            " (if the run chose its factor by downscale=0, auto, from the tiles' pixel size: give the first run's "
-            "--pixel_size_m)"
-            if saved.get("downscale") != cfg.downscale
-            else ""
-        )
+    last = Path(cfg.run_dir) / "checkpoints" / "last.pth"
+    if not last.is_file():
         raise DataError(
-            f"{path}: cannot resume, the network differs ({'; '.join(differing)}); pass the checkpoint's values "
-            f"on the command line{auto}, or start a new run_dir"
+            f"{last}: checkpoint not found, so there is nothing to resume; drop --resume=true to start training, "
+            "or point --run_dir at the run to resume"
         )
+    saved = saved_config(load_checkpoint(last, mmap=True))
+    resumed = dataclasses.replace(saved, run_dir=cfg.run_dir, resume=True)
+    for key in given:
+        value = getattr(cfg, key)
+        if key not in CHOSEN_BY_TRAINING or value != CHOSEN_BY_TRAINING[key]:
+            setattr(resumed, key, value)
+    refuse_changes(saved, resumed, last)
+    changed = {
+        f.name: (getattr(saved, f.name), getattr(resumed, f.name))
+        for f in dataclasses.fields(Config)
+        if f.name != "resume" and getattr(saved, f.name) != getattr(resumed, f.name)
+    }
+    return resumed, changed
+
+
+def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint whose network or training (ARCHITECTURE_KEYS, TRAINING_KEYS) differs from
+    the config's, once training has settled its auto keys.
+
+    Raises:
+        DataError: naming the differing keys, both values, and how to fix them.
+    """
+    refuse_changes(saved_config(state), cfg, path)
+
+
+def shown_value(value: Any) -> str:
+    """A config value in a message: as written, an empty one as ''."""
+    return "''" if value == "" else str(value)
+
+
+def refuse_changes(saved: Config, cfg: Config, path: Path) -> None:
+    """Raises DataError when ``cfg`` differs from ``saved`` (the checkpoint at ``path``'s) in a key a resumed run
+    cannot change, naming each with both values, and the fix."""
+    network = [key for key in ARCHITECTURE_KEYS if getattr(saved, key) != getattr(cfg, key)]
+    training = [key for key in TRAINING_KEYS if getattr(saved, key) != getattr(cfg, key)]
+    if not network and not training:
+        return
+
+    def listed(keys: list[str]) -> str:
+        return "; ".join(
+            f"{k}: checkpoint {shown_value(getattr(saved, k))} vs config {shown_value(getattr(cfg, k))}" for k in keys
+        )
+
+    parts = [f"the network differs ({listed(network)})"] if network else []
+    parts += [f"the training differs ({listed(training)})"] if training else []
+    flags = " ".join(f"--{key}" for key in network + training)
+    raise DataError(
+        f"{path}: cannot resume, {' and '.join(parts)}. A resumed run goes on with the settings saved in its "
+        f"checkpoint: drop {flags} from the command line, or start a new --run_dir to train with the new "
+        "value" + ("s" if len(network + training) > 1 else "")
+    )
 
 
 TILE_TABLE = "tiles.csv"  # make_tiles.py's table of where each tile sits on the ground

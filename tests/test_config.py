@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import close_log_files
 
 import cli
 import config
@@ -61,6 +63,12 @@ def test_overrides_are_converted_to_the_defaults_type() -> None:
     assert cfg.data_dir == "a b/数据"
 
 
+def test_the_command_says_which_keys_it_gave() -> None:
+    cfg, given = cli.parse_command(["--recipe=recommended", "--lr=0.01", "--epochs=5", "--epochs=6"])
+    assert given == {"recipe", "lr", "epochs"}  # the recipe's keys are filled in, not given
+    assert (cfg.loss, cfg.lr, cfg.epochs) == ("ce_dice", 0.01, 6)
+
+
 def test_unknown_key_lists_the_valid_keys() -> None:
     with pytest.raises(ValueError, match=r"unknown config key 'epoch'.*valid keys are: .*epochs"):
         cli.parse_args(["--epoch=3"])
@@ -106,6 +114,45 @@ def test_save_config_writes_the_resolved_values(tmp_path: Path) -> None:
     saved = json.loads(path.read_text(encoding="utf-8"))
     assert path == tmp_path / "run" / "configs" / "train.json"
     assert saved["epochs"] == 3 and saved["batch_size"] == 5
+
+
+def test_why_a_script_stopped_goes_to_its_log_file_and_once_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.utils.data._utils, "python_exit_status", False)  # a stop sets it: restored after
+    stops = [
+        (ValueError("--lr='x': expected a value of type float"), 2, "error: --lr='x': expected a value of type float"),
+        (
+            FloatingPointError("epoch 2: the training loss became nan"),
+            2,
+            "error: epoch 2: the training loss became nan",
+        ),
+        (cli.Terminated(), 143, "terminated (SIGTERM); outputs written so far are complete"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ]
+    cli.setup_logging(config.Config(run_dir=str(tmp_path)), "split_dataset")
+    try:
+        for error, status, line in stops:
+
+            def stopped(error: BaseException = error) -> int:
+                raise error
+
+            assert cli.run_main(stopped) == status
+            assert capsys.readouterr().err.count(line) == 1
+
+        def buggy() -> int:
+            raise TypeError("a bug")
+
+        with pytest.raises(TypeError, match="a bug"):  # raised as before; its traceback also goes to the log
+            cli.run_main(buggy)
+    finally:
+        close_log_files()
+    log = (tmp_path / "logs" / "split_dataset.log").read_text(encoding="utf-8")
+    for _, _, line in stops:
+        assert line in log
+    assert "split_dataset ERROR error: epoch 2: the training loss became nan" in log
+    assert "split_dataset WARNING interrupted" in log
+    assert "stopped by an unexpected error:\nTraceback" in log
 
 
 def test_run_dir_inside_data_dir_is_refused(tmp_path: Path) -> None:

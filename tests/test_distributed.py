@@ -3,12 +3,14 @@ shared by the module's tests; resuming needs launches of its own."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, args, close_log_files, folder_digest, weights
@@ -16,9 +18,11 @@ from conftest import ROOT, args, close_log_files, folder_digest, weights
 import cli
 import predict
 import split_dataset
-from data_preprocess import FarmlandDataset, read_pair_list
+import tile_prediction
+from data_preprocess import FarmlandDataset, read_image, read_pair_list
 from inference import model_from_checkpoint
 from metrics import FARMLAND, class_iou
+from png_text import read_texts
 from runtime import load_checkpoint, memory_format
 from training import evaluate, make_loader
 
@@ -88,8 +92,16 @@ def test_distributed_prediction_writes_what_one_process_writes(
     (single / "checkpoints" / "best.pth").write_bytes((ddp_run / "checkpoints" / "best.pth").read_bytes())
     torchrun("predict.py", *args(shared_square_data, ddp, *DDP, f"--predict_input={images}"))
     assert predict.main(args(shared_square_data, single, *DDP, f"--predict_input={images}")) == 0
-    ddp_files = {p.relative_to(ddp / "predictions"): p.read_bytes() for p in (ddp / "predictions").rglob("*.png")}
-    one_files = {p.relative_to(single / "predictions"): p.read_bytes() for p in (single / "predictions").rglob("*.png")}
+    ddp_files = {p.relative_to(ddp / "predictions"): p for p in (ddp / "predictions").rglob("*.png")}
+    one_files = {p.relative_to(single / "predictions"): p for p in (single / "predictions").rglob("*.png")}
     assert len(ddp_files) == 2 * 20  # a mask and an overlay for each of the 20 images
     assert ddp_files.keys() == one_files.keys()
-    assert all(ddp_files[k] == one_files[k] for k in ddp_files)
+    for name, path in ddp_files.items():
+        assert np.array_equal(read_image(path), read_image(one_files[name]))
+        # The same texts, but for the model file each run names: its own copy of best.pth.
+        texts, other = read_texts(path), read_texts(one_files[name])
+        made, made_one = (json.loads(t.pop(tile_prediction.MADE_WITH_KEY)) for t in (texts, other))
+        assert texts == other and made["model"] != made_one["model"]
+        assert {k: v for k, v in made.items() if not k.startswith("model")} == {
+            k: v for k, v in made_one.items() if not k.startswith("model")
+        }

@@ -12,10 +12,11 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import args, weights
+from conftest import args, close_log_files, weights
 from torch import nn
 from torch.utils.data import DataLoader
 
+import cli
 import split_dataset
 import train
 from config import Config
@@ -303,6 +304,26 @@ def test_time_budget_plans_the_epochs_and_ends_the_cosine(
     assert [h["lr"] for h in resumed["history"]] == lrs and resumed["elapsed"] == pytest.approx(60.0)
     a, b = weights(straight / "checkpoints" / "last.pth"), weights(interrupted / "checkpoints" / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The finished run given a larger budget: planned anew at its pace so far (60 s over 9 epochs): 9 + 30 // 6.7.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main(args(square_data, straight, *BUDGET, "--time_budget=1.5", "--resume=true")) == 0
+    assert "changed on the command line: time_budget 1.0 -> 1.5" in caplog.text
+    assert "time budget 1.5 min (the saved run's: 1 min): 1.0 min spent, about 6.7 s per epoch, planning 13" in (
+        caplog.text
+    )
+    assert "the cosine schedule now runs to epoch 13: the learning rate goes on from 2.16e-03 (the saved" in caplog.text
+    longer = load_checkpoint(straight / "checkpoints" / "last.pth")
+    assert [h["epoch"] for h in longer["history"]] == list(range(1, 14)) and longer["planned_epochs"] == 13
+    assert longer["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12) and longer["elapsed"] == pytest.approx(84.0)
+
+
+def test_a_budget_given_to_a_run_trained_by_epochs_is_planned_at_its_epochs_pace() -> None:
+    progress = train.Progress(start_epoch=4, history=[{"epoch": e, "seconds": 10.0} for e in (1, 2, 3)])
+    train.replan_budget(Config(time_budget=1.0), progress, saved_budget=0.0)
+    assert (progress.planned_epochs, progress.elapsed) == (6, 30.0)  # 30 s spent, 30 s left at 10 s an epoch
+    train.replan_budget(Config(time_budget=0.25), progress, saved_budget=1.0)
+    assert progress.planned_epochs == 3  # a budget already spent: nothing more to run
 
 
 def test_time_budget_stops_when_epochs_slow_down(
@@ -553,3 +574,136 @@ def test_batchnorm_tiles_are_seeded_and_never_end_on_a_batch_of_one(
     again = batchnorm_loader(Tiles(tiles), cfg)
     assert drawn == [int(images[i, 0, 0, 0]) for images, _ in again for i in range(len(images))]
     assert batchnorm_loader(Tiles(tiles), Config(precise_bn=0)) is None
+
+
+def stop_at_epoch(monkeypatch: pytest.MonkeyPatch, stop_at: int) -> None:
+    """Make train.py stop (as if killed) when epoch ``stop_at`` begins, its earlier epochs saved."""
+
+    def run_epoch(cfg: Config, trainer: train.Trainer, job: Distributed, epoch: int) -> float:
+        if epoch == stop_at:
+            raise RuntimeError("interrupted")
+        return RUN_EPOCH(cfg, trainer, job, epoch)
+
+    monkeypatch.setattr(train, "run_epoch", run_epoch)
+
+
+def refuse_tile_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_tiles(*_: object) -> None:
+        raise AssertionError("a tile was read before the resume was refused")
+
+    monkeypatch.setattr(train, "load_splits", read_tiles)
+
+
+RECOMMENDED_RUN = ["--recipe=recommended", "--epochs=3", "--snapshot_every=0", "--tensorboard=false"]
+
+
+def test_resume_goes_on_with_the_saved_config_and_the_keys_given_over_it(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for run_dir in (straight, stopped):
+        split_dataset.main(args(square_data, run_dir))
+    assert train.main(args(square_data, straight, *RECOMMENDED_RUN)) == 0
+    stop_at_epoch(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train.main(args(square_data, stopped, *RECOMMENDED_RUN))
+    monkeypatch.undo()
+    # Named by its run folder alone, the run goes on with its recipe, width, epochs and workers: the weights,
+    # learning rates and tuned threshold of the uninterrupted run (the old code refused, downscale: 2 vs 1).
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main([f"--run_dir={stopped}", "--resume=true"]) == 0
+    assert "resuming with the config saved in last.pth, as saved" in caplog.text
+    a, b = (load_checkpoint(run / "checkpoints" / "last.pth") for run in (straight, stopped))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [h["lr"] for h in a["history"]] == [h["lr"] for h in b["history"]]
+    saved = b["config"]
+    assert (saved["loss"], saved["tune_threshold"], saved["downscale"], saved["base_width"]) == ("ce_dice", True, 2, 4)
+    best_a, best_b = (load_checkpoint(run / "checkpoints" / "best.pth") for run in (straight, stopped))
+    assert best_b["threshold"] is not None and best_b["threshold"] == best_a["threshold"]
+    # The finished run resumed as it was: nothing to do (the old code began epoch 4/100, the cosine back at 1e-2).
+    stamp = (straight / "checkpoints" / "last.pth").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main([f"--run_dir={straight}", "--resume=true"]) == 0
+    assert "nothing to do: the checkpoint already finished epoch 3 of 3" in caplog.text
+    assert (straight / "checkpoints" / "last.pth").stat().st_mtime_ns == stamp
+    # Extended by a key given on the command line: logged, with the cosine it stretches.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main([f"--run_dir={straight}", "--resume=true", "--epochs=4", "--early_stop=5"]) == 0
+    assert "changed on the command line: epochs 3 -> 4, early_stop 0 -> 5" in caplog.text
+    assert "the cosine schedule now runs to epoch 4: the learning rate goes on from 1.46e-03" in caplog.text
+    longer = load_checkpoint(straight / "checkpoints" / "last.pth")
+    assert [h["epoch"] for h in longer["history"]] == [1, 2, 3, 4] and longer["config"]["loss"] == "ce_dice"
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("--lr=0.001", r"the training differs \(lr: checkpoint 0.01 vs config 0.001\)\. .*drop --lr from the"),
+        ("--recipe=recommended", r"\(recipe: checkpoint reference vs config recommended\)"),
+        ("--tune_threshold=true", r"\(tune_threshold: checkpoint False vs config True\)"),
+        ("--bands=3,2,1", r"\(bands: checkpoint '' vs config 3,2,1\)"),
+        (
+            "--base_width=8 --seed=1 --loss=dice",
+            r"the network differs \(base_width: checkpoint 4 vs config 8\) and the training differs \(seed: "
+            r"checkpoint 42 vs config 1; loss: checkpoint ce vs config dice\)\. A resumed run goes on with the "
+            r"settings saved in its checkpoint: drop --base_width --seed --loss from the command line, or start a "
+            r"new --run_dir to train with the new values",
+        ),
+    ],
+)
+def test_a_resume_that_would_change_the_training_is_refused_before_any_tile_is_read(
+    given: str, message: str, shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refuse_tile_reads(monkeypatch)
+    record = (run_copy / "configs" / "train.json").read_bytes()
+    with pytest.raises(DataError, match=message):
+        train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true", *given.split()))
+    assert (run_copy / "configs" / "train.json").read_bytes() == record
+
+
+def test_auto_values_given_on_resume_stand_for_the_runs_choice(
+    shared_square_data: Path, run_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # trained_run: the reference's downscale=1 and keep_epoch=best, tiles without a pixel size. Auto would now
+    # choose downscale 2 (the old code refused: downscale: checkpoint 1 vs config 2).
+    auto = ["--downscale=0", "--keep_epoch=auto", "--pixel_size_m=0"]
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main(args(shared_square_data, run_copy, "--epochs=1", "--resume=true", *auto)) == 0
+    # Only the folder differs from the saved run's (run_copy is a copy of trained_run): no key given is listed.
+    resumed = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming with the config"))
+    assert resumed.startswith("resuming with the config saved in last.pth; changed on the command line: run_dir ")
+    assert resumed.endswith(f" -> {str(run_copy)!r}")
+    assert "nothing to do: the checkpoint already finished epoch 1 of 1" in caplog.text
+    saved = json.loads((run_copy / "configs" / "train.json").read_text(encoding="utf-8"))
+    assert (saved["downscale"], saved["keep_epoch"], saved["resume"]) == (1, "best", True)
+
+
+def test_resume_without_last_pth_is_refused_before_any_work(
+    shared_square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir, mistyped = tmp_path / "run", tmp_path / "mistyped"
+    split_dataset.main(args(shared_square_data, run_dir))
+    refuse_tile_reads(monkeypatch)
+    for folder in (run_dir, mistyped):
+        with pytest.raises(DataError) as refused:
+            train.main(args(shared_square_data, folder, "--resume=true"))
+        assert str(refused.value) == (
+            f"{folder / 'checkpoints' / 'last.pth'}: checkpoint not found, so there is nothing to resume; drop "
+            "--resume=true to start training, or point --run_dir at the run to resume"
+        )
+    assert not mistyped.exists()  # no folder made for a mistyped run_dir
+    assert not (run_dir / "logs" / "train.log").exists()
+
+
+def test_the_line_that_stops_training_goes_to_its_log_file_and_once_to_the_terminal(
+    shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: (float("nan"), 1))
+    assert cli.run_main(lambda: train.main(args(shared_square_data, run_copy, "--epochs=1"))) == 2
+    close_log_files()
+    line = "error: epoch 1: the training loss became nan; training stopped and this epoch was not saved"
+    assert capsys.readouterr().err.count(line) == 1
+    log = (run_copy / "logs" / "train.log").read_text(encoding="utf-8")
+    assert f"train ERROR {line}" in log
