@@ -701,25 +701,58 @@ def refuse_changes(saved: Config, cfg: Config, path: Path) -> None:
 TILE_TABLE = "tiles.csv"  # make_tiles.py's table of where each tile sits on the ground
 
 
+SIZE_SAMPLE = 500  # training tiles whose pixel size is read, spread over the split: a header read each
+SAME_SIZE = 0.02  # pixel sizes within 2 % are one size, as scenes are resampled only beyond it
+
+
 def tiles_pixel_size(pairs: list[tuple[Path, Path]]) -> float | None:
-    """Metres per pixel of the training tiles: each tile's own georeference (a GeoTIFF in a projected CRS), else
-    its row of make_tiles.py's tiles.csv beside the images folder; None when no tile tells. Tiles of several
-    sizes get a warning naming them, and the size most of them share is the one returned."""
+    """Metres per pixel of the training tiles (at most SIZE_SAMPLE of them, spread over the list): each tile's own
+    georeference (a GeoTIFF in a projected CRS), else its row of make_tiles.py's tiles.csv beside the images
+    folder; None when no tile tells. Tiles of several sizes, or mostly of none, get a warning, and the size most of
+    them share is the one returned."""
     tables: dict[Path, dict[str, float | None]] = {}
-    sizes: dict[float, list[Path]] = {}
-    first: dict[float, float] = {}
-    for image, _ in pairs:
+    sample = pairs[:: max(1, -(-len(pairs) // SIZE_SAMPLE))]
+    groups: list[list[tuple[float, Path]]] = []  # each: (size, tile), sizes within SAME_SIZE of the first
+    for image, _ in sample:
         size = tile_pixel_size(image, tables)
-        if size is not None:
-            key = float(f"{size:.3g}")  # float noise in the transforms is one size
-            sizes.setdefault(key, []).append(image)
-            first.setdefault(key, size)
-    if not sizes:
+        if size is None:
+            continue
+        group = next((g for g in groups if abs(size / g[0][0] - 1) <= SAME_SIZE), None)
+        if group is None:
+            groups.append(group := [])
+        group.append((size, image))
+    if not groups:
         return None
-    common = max(sizes, key=lambda s: len(sizes[s]))
-    if len(sizes) > 1:
-        LOG.warning(mixed_sizes_message(sizes, common, len(pairs)))
-    return first[common]
+    common = max(groups, key=len)
+    unknown = len(sample) - sum(len(g) for g in groups)
+    if len(groups) > 1 or unknown > len(common):
+        LOG.warning(mixed_sizes_message(groups, common, unknown, len(sample) < len(pairs)))
+    return common[0][0]
+
+
+def mixed_sizes_message(
+    groups: list[list[tuple[float, Path]]], common: list[tuple[float, Path]], unknown: int, sampled: bool
+) -> str:
+    """The warning for training tiles of several pixel sizes, or mostly of none: how many of each, one example of
+    each other size, and what to do."""
+    of = " (of the tiles read, spread over the split)" if sampled else ""
+    size = f"{common[0][0]:.3g} m"
+    if len(groups) == 1:
+        return (
+            f"only {len(common)} of the training tiles{of} carry a pixel size ({size}; {unknown} carry none): {size} "
+            "is taken for all of them. If the others differ, give --pixel_size_m=METRES"
+        )
+    ordered = sorted(groups, key=len, reverse=True)
+    counts = ", ".join(f"{len(g)} at {g[0][0]:.3g} m" for g in ordered) + (
+        f", {unknown} without one" if unknown else ""
+    )
+    examples = "".join(f"; {shown_path(g[0][1])} is {g[0][0]:.3g} m" for g in ordered if g is not common)
+    return (
+        f"the training tiles{of} have several pixel sizes ({counts}{examples}): the network works at one, so "
+        f"{size}, the most common, sets it and the other tiles are seen at a scale the model will not be used at. "
+        "Resample the scenes to one pixel size before tiling (gdalwarp -tr), train one model per size, or give "
+        "--pixel_size_m=METRES to say which size to work at"
+    )
 
 
 def tile_pixel_size(image: Path, tables: dict[Path, dict[str, float | None]]) -> float | None:
@@ -735,20 +768,6 @@ def tile_pixel_size(image: Path, tables: dict[Path, dict[str, float | None]]) ->
     if table not in tables:
         tables[table] = pixel_sizes_from_table(table)
     return tables[table].get(image.stem)
-
-
-def mixed_sizes_message(sizes: dict[float, list[Path]], common: float, tiles: int) -> str:
-    """The warning for training tiles of several pixel sizes: how many of each, one example of each other size."""
-    counts = ", ".join(f"{len(sizes[s])} at {s:g} m" for s in sorted(sizes, key=lambda s: -len(sizes[s])))
-    examples = "; ".join(f"{shown_path(sizes[s][0])} is {s:g} m" for s in sizes if s != common)
-    unknown = tiles - sum(len(v) for v in sizes.values())
-    return (
-        f"the training tiles have several pixel sizes ({counts}"
-        + (f", {unknown} without one" if unknown else "")
-        + f"; {examples}): the network works at one, so the tiles of {common:g} m, the most, set it and the others "
-        "are seen at a scale the model will not be used at. Resample the scenes to one pixel size before tiling "
-        "(gdalwarp -tr), train one model per size, or give --pixel_size_m=METRES to say which size to work at"
-    )
 
 
 def pixel_sizes_from_table(table: Path) -> dict[str, float | None]:

@@ -14,6 +14,7 @@ from rasterio.transform import Affine
 from test_scene import CRS, TRANSFORM, run_predict, scene_pixels, spread_state, write_geotiff
 
 import scene
+import training
 from training import tiles_pixel_size
 
 
@@ -97,7 +98,7 @@ def test_training_tiles_tell_their_pixel_size(tmp_path: Path) -> None:
 
 
 def test_training_tiles_of_several_pixel_sizes_take_the_most_common_with_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     coarse = Affine(3.2, 0, 5e5, 0, -3.2, 4.5e6)
     tiles = [
@@ -108,9 +109,24 @@ def test_training_tiles_of_several_pixel_sizes_take_the_most_common_with_a_warni
         assert tiles_pixel_size([(t, t) for t in tiles]) == pytest.approx(1.0)  # three of 1 m, first of 3.2 m
     assert "several pixel sizes (3 at 1 m, 1 at 3.2 m" in caplog.text and "a.tif is 3.2 m" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="train"):
-        assert tiles_pixel_size([(t, t) for t in tiles[1:]]) == pytest.approx(1.0)
+    near = write_geotiff(
+        tmp_path / "images" / "e.tif", scene_pixels()[:, :16, :16], transform=Affine(1.013, 0, 5e5, 0, -1.013, 4.5e6)
+    )
+    with caplog.at_level(logging.WARNING, logger="train"):  # within 2 %: one size, as scenes count it
+        assert tiles_pixel_size([(t, t) for t in [*tiles[1:], near]]) == pytest.approx(1.0)
     assert not caplog.text
+    # Most tiles without a pixel size: the few that carry one set it, with a warning.
+    png = tmp_path / "images" / "f.png"
+    png.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert tiles_pixel_size([(tiles[0], tiles[0]), *[(png, png)] * 3]) == pytest.approx(3.2)
+    assert "only 1 of the training tiles carry a pixel size (3.2 m; 3 carry none)" in caplog.text
+    # Many tiles: a spread sample is read, and the warning says so.
+    monkeypatch.setattr(training, "SIZE_SAMPLE", 2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert tiles_pixel_size([(t, t) for t in tiles]) == pytest.approx(3.2)  # a.tif and c.tif read
+    assert "(of the tiles read, spread over the split) have several pixel sizes (1 at 3.2 m, 1 at 1 m" in caplog.text
 
 
 def test_a_scene_in_degrees_of_another_ground_size_is_predicted_with_the_reprojection_to_make(
