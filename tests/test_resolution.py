@@ -162,7 +162,7 @@ def test_train_resume_predict_scene_and_export_at_half_resolution(tmp_path: Path
     assert state["config"]["downscale"] == 2 and model_from_checkpoint(state, CPU).downscale == 2
     assert train.main(args(data, run_dir, *keys, "--epochs=2", "--resume=true")) == 0
     with pytest.raises(DataError, match=r"\(downscale: checkpoint 2 vs config 1\)"):
-        train.main(args(data, run_dir, "--epochs=3", "--resume=true"))
+        train.main(args(data, run_dir, "--downscale=1", "--epochs=3", "--resume=true"))
     assert predict.main(args(data, run_dir)) == 0
     masks = sorted((run_dir / "predictions").glob("*_seg.png"))
     assert masks and all(read_image(m).shape[:2] == (72, 72) for m in masks)
@@ -212,7 +212,7 @@ def test_auto_reads_the_pixel_size_of_georeferenced_tiles_and_resume_names_it(tm
     assert train.main(args(data, run_dir, *keys, "--epochs=1")) == 0
     state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
     assert (state["config"]["pixel_size_m"], state["config"]["downscale"]) == (0.5, 4)
-    with pytest.raises(DataError, match=r"downscale: checkpoint 4 vs config 1\).*give the first run's --pixel_size_m"):
+    with pytest.raises(DataError, match=r"pixel_size_m: checkpoint 0.5 vs config 2.0\).*drop --pixel_size_m"):
         train.main(args(data, run_dir, *keys, "--epochs=2", "--resume=true", "--pixel_size_m=2"))
     close_log_files()
 
