@@ -52,6 +52,7 @@ import train
 from config import RECOMMENDED, Config
 from data_preprocess import SPLIT_NAMES, farmland_share, load_mask, read_pair_list, scene_groups, write_pair_list
 from runtime import load_checkpoint
+from training import ARCHITECTURE_KEYS, CHOSEN_BY_TRAINING, TRAINING_KEYS
 
 LOG = logging.getLogger("compare_recipes")
 RECIPES = ("reference", "recommended")
@@ -167,6 +168,20 @@ def resumed_seconds(last: Path) -> float | None:
     return sum(float(epoch.get("seconds", 0.0)) for epoch in load_checkpoint(last).get("history", []))
 
 
+def trained_otherwise(last: Path, arguments: Sequence[str]) -> list[str]:
+    """The keys of the network and the training (training.ARCHITECTURE_KEYS, TRAINING_KEYS) in which the run saved
+    at ``last`` differs from what ``arguments`` (train.py's) now resolve to: a recipe changed since the run began.
+    Keys the run settled itself (an auto value given) are not compared."""
+    saved = load_checkpoint(last, mmap=True).get("config", {})
+    cfg = cli.parse_args(arguments)
+    keys = [*ARCHITECTURE_KEYS, *TRAINING_KEYS]
+    return [
+        k
+        for k in keys
+        if k in saved and getattr(cfg, k) != CHOSEN_BY_TRAINING.get(k, object()) and saved[k] != getattr(cfg, k)
+    ]
+
+
 def run_variant(
     run_dir: Path,
     splits: dict[str, list[tuple[Path, Path]]],
@@ -196,10 +211,20 @@ def run_variant(
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     write_scene_counts(run_dir, splits, group_pattern)
     common = [*overrides, f"--run_dir={run_dir}"]  # the last value of a key wins
-    earlier = resumed_seconds(run_dir / "checkpoints" / "last.pth") if resume else None
+    last = run_dir / "checkpoints" / "last.pth"
+    earlier = resumed_seconds(last) if resume else None
+    arguments = [*common, *variant.arguments(), f"--epochs={epochs}"]
+    if earlier is not None and (differ := trained_otherwise(last, arguments)):
+        LOG.warning(
+            "%s: began with other settings (%s) than %s has now: trained afresh",
+            run_dir,
+            ", ".join(differ),
+            variant.name,
+        )
+        earlier = None
     resume = earlier is not None
     started = time.perf_counter()
-    if train.main([*common, *variant.arguments(), f"--epochs={epochs}", f"--resume={str(resume).lower()}"]) != 0:
+    if train.main([*arguments, f"--resume={str(resume).lower()}"]) != 0:
         raise RuntimeError(f"{run_dir}: training failed; see {run_dir / 'logs' / 'train.log'}")
     seconds = (earlier or 0.0) + time.perf_counter() - started
     return scored_row(run_dir, settings, splits, variant, overrides, seconds, extras)

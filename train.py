@@ -133,6 +133,7 @@ class Progress:
     prior_loss: float = math.nan  # best training loss of a prediction ignoring the image (not kept in checkpoints)
     best_histogram: np.ndarray | None = None  # the best epoch's val probability histogram (threshold curve)
     mark: float = 0.0  # time_budget: budget_clock() when the latest epoch began (not kept in checkpoints)
+    saved_end: int = 0  # resumed: the last epoch the saved run was to train (its epochs, or its budget's plan)
 
 
 budget_clock = time.monotonic  # the clock a time budget is measured by (tests put a fake one here)
@@ -284,6 +285,8 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     progress = Progress(state["epoch"] + 1, state["best_iou"], state["best_epoch"], list(state["history"]))
     progress.best_weights = state.get("best_weights", "raw")
     progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
+    saved_budget = state["config"].get("time_budget", 0.0)
+    progress.saved_end = progress.planned_epochs if saved_budget > 0 else int(state["config"].get("epochs", 0))
     if state.get("best_histogram") is not None:  # threshold_curve.csv is written from it again
         progress.best_histogram = np.asarray(state["best_histogram"], dtype=np.int64)
     LOG.info(
@@ -292,7 +295,6 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
         progress.best_iou,
         progress.best_epoch,
     )
-    saved_budget = state["config"].get("time_budget", 0.0)
     if cfg.time_budget > 0 and cfg.time_budget != saved_budget:
         replan_budget(cfg, progress, saved_budget)
     return progress
@@ -858,6 +860,13 @@ def plan_budget(cfg: Config, progress: Progress, job: Distributed, epoch: int) -
     return False
 
 
+def stays_stopped(cfg: Config, progress: Progress) -> bool:
+    """Whether a resumed run trains no further: it had stopped early (before the end it was to train to) and
+    ``early_stop`` still says so; one that ran to its end goes on to a new end."""
+    done = progress.start_epoch - 1
+    return 0 < done < progress.saved_end and stop_early(cfg, progress, done)
+
+
 def stop_early(cfg: Config, progress: Progress, epoch: int) -> bool:
     """Whether ``early_stop`` ends the run after this epoch (said in the log). Every rank holds the same reduced
     scores, so every rank reaches the same decision."""
@@ -922,8 +931,7 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
         note_schedule_change(cfg, trainer, progress)
     log_start(cfg, trainer, job, tiles, progress.start_epoch)
     board = open_tensorboard(Path(cfg.run_dir) / "tensorboard") if cfg.tensorboard and job.main else None
-    # A resumed run that had stopped early stays stopped, unless a larger early_stop is given.
-    stopped = progress.start_epoch > 1 and stop_early(cfg, progress, progress.start_epoch - 1)
+    stopped = stays_stopped(cfg, progress)
     for epoch in [] if stopped else epoch_numbers(cfg, progress.start_epoch):
         started = time.perf_counter()
         # 2. One pass over the training tiles (the moving average of the weights follows every step).

@@ -92,6 +92,7 @@ TRAINING_KEYS = (
 # Values that let training choose (auto): given on resume, they stand for the choice the run made, which its
 # checkpoint's config holds.
 CHOSEN_BY_TRAINING: dict[str, Any] = {"downscale": 0, "keep_epoch": "auto", "pixel_size_m": 0.0}
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config")  # what last.pth holds to resume
 
 
 @torch.no_grad()
@@ -645,8 +646,17 @@ def resume_config(cfg: Config, given: Collection[str]) -> tuple[Config, dict[str
             f"{last}: checkpoint not found, so there is nothing to resume; drop --resume=true to start training, "
             "or point --run_dir at the run to resume"
         )
-    saved = saved_config(load_checkpoint(last, mmap=True))
-    resumed = dataclasses.replace(saved, run_dir=cfg.run_dir, resume=True)
+    state = load_checkpoint(last, mmap=True)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing or not isinstance(state.get("config"), dict):
+        raise DataError(
+            f"{last}: not a checkpoint train.py can resume (no {', '.join(missing) or 'config'}: weights alone, or "
+            "another tool's file); put back the last.pth the run wrote, or start afresh in a new --run_dir"
+        )
+    saved = saved_config(state)
+    # The timed choices of precision and layout stay requests as given (auto): fast_path takes the run's choice
+    # from last.pth where this machine allows it, instead of forcing it as if the user had.
+    resumed = dataclasses.replace(saved, run_dir=cfg.run_dir, resume=True, amp=cfg.amp, channels_last=cfg.channels_last)
     for key in given:
         value = getattr(cfg, key)
         if key not in CHOSEN_BY_TRAINING or value != CHOSEN_BY_TRAINING[key]:
@@ -655,7 +665,9 @@ def resume_config(cfg: Config, given: Collection[str]) -> tuple[Config, dict[str
     changed = {
         f.name: (getattr(saved, f.name), getattr(resumed, f.name))
         for f in dataclasses.fields(Config)
-        if f.name != "resume" and getattr(saved, f.name) != getattr(resumed, f.name)
+        if f.name in given
+        and f.name not in ("resume", "run_dir")
+        and getattr(saved, f.name) != getattr(resumed, f.name)
     }
     return resumed, changed
 
@@ -667,7 +679,12 @@ def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:
     Raises:
         DataError: naming the differing keys, both values, and how to fix them.
     """
-    refuse_changes(saved_config(state), cfg, path)
+    saved = saved_config(state)
+    # A key the saved run left at its auto value (an older version saved no pixel size, say) was settled now.
+    for key, auto in CHOSEN_BY_TRAINING.items():
+        if getattr(saved, key) == auto:
+            setattr(saved, key, getattr(cfg, key))
+    refuse_changes(saved, cfg, path)
 
 
 def shown_value(value: Any) -> str:

@@ -231,3 +231,18 @@ def test_each_run_records_its_splits_scene_counts_for_keep_epoch_auto(tmp_path: 
     assert split_scenes(tmp_path / "grouped", "val") == 2
     compare_recipes.write_scene_counts(tmp_path / "by_tile", splits, "")  # split by tile: no scenes to count
     assert not (tmp_path / "by_tile").exists() and split_scenes(tmp_path / "by_tile", "val") is None
+
+
+def test_a_run_begun_under_another_recipe_is_not_resumed_as_this_one(tmp_path: Path) -> None:
+    import torch
+
+    import cli
+
+    arguments = ["--recipe=recommended", f"--run_dir={tmp_path}", "--epochs=3", "--downscale=0"]
+    now = cli.parse_args(arguments)
+    last = tmp_path / "last.pth"
+    saved = {**vars(now), "downscale": 2, "pixel_size_m": 1.0}  # the auto keys as the run settled them
+    torch.save({"model": {}, "config": saved}, last)
+    assert compare_recipes.trained_otherwise(last, arguments) == []
+    torch.save({"model": {}, "config": {**saved, "dropout": 0.2, "lr": 3e-4}}, last)  # the recipe of an older version
+    assert compare_recipes.trained_otherwise(last, arguments) == ["dropout", "lr"]

@@ -707,3 +707,37 @@ def test_the_line_that_stops_training_goes_to_its_log_file_and_once_to_the_termi
     assert capsys.readouterr().err.count(line) == 1
     log = (run_copy / "logs" / "train.log").read_text(encoding="utf-8")
     assert f"train ERROR {line}" in log
+
+
+def test_a_run_that_ran_to_its_end_goes_on_and_one_stopped_early_stays_stopped() -> None:
+    cfg = Config(epochs=6, early_stop=2)
+    ended = train.Progress(start_epoch=4, best_epoch=1, saved_end=3)  # epochs 2 and 3 no better, but the end
+    assert not train.stays_stopped(cfg, ended)
+    stopped = train.Progress(start_epoch=4, best_epoch=1, saved_end=10)  # stopped at 3 of 10
+    assert train.stays_stopped(cfg, stopped)
+    assert not train.stays_stopped(Config(epochs=6, early_stop=5), stopped)  # a larger early_stop goes on
+    assert not train.stays_stopped(cfg, train.Progress())  # a fresh run
+
+
+def test_resume_config_keeps_timed_choices_as_requests_and_refuses_a_file_it_cannot_resume(tmp_path: Path) -> None:
+    from training import check_resumable, resume_config
+
+    last = tmp_path / "checkpoints" / "last.pth"
+    last.parent.mkdir()
+    saved = {**vars(Config(recipe="recommended", amp="bf16", channels_last=False, pixel_size_m=0.0, epochs=3))}
+    state = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 3, "history": [], "config": saved}
+    torch.save(state, last)
+    resumed, changed = resume_config(Config(run_dir=str(tmp_path), epochs=5), {"epochs", "run_dir", "resume"})
+    assert (resumed.amp, resumed.channels_last) == ("auto", True)  # fast_path takes the run's choice from last.pth
+    assert resumed.recipe == "recommended" and changed == {"epochs": (3, 5)}
+    resumed, _ = resume_config(Config(run_dir=str(tmp_path), amp="off"), {"amp", "run_dir"})
+    assert resumed.amp == "off"  # typed: forced
+    # A run saved without a pixel size (an older version) resumes when training now reads one from the tiles.
+    check_resumable(state, Config(**{**saved, "pixel_size_m": 0.5}), last)
+    with pytest.raises(DataError, match="training differs \\(pixel_size_m: checkpoint 1.0 vs config 0.5\\)"):
+        check_resumable(
+            {**state, "config": {**saved, "pixel_size_m": 1.0}}, Config(**{**saved, "pixel_size_m": 0.5}), last
+        )
+    torch.save({"model": {}, "config": saved}, last)  # a weight snapshot (epoch_NNN.pth) copied over last.pth
+    with pytest.raises(DataError, match="last.pth: not a checkpoint train.py can resume \\(no optimizer, scheduler"):
+        resume_config(Config(run_dir=str(tmp_path)), {"run_dir"})
