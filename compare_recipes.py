@@ -213,7 +213,9 @@ def run_variant(
     common = [*overrides, f"--run_dir={run_dir}"]  # the last value of a key wins
     last = run_dir / "checkpoints" / "last.pth"
     earlier = resumed_seconds(last) if resume else None
-    arguments = [*common, *variant.arguments(), f"--epochs={epochs}"]
+    # Under a time budget the epochs are planned: a number given too would only be reported as ignored.
+    budget = cli.parse_args([*common, *variant.arguments()]).time_budget > 0
+    arguments = [*common, *variant.arguments(), *([] if budget else [f"--epochs={epochs}"])]
     if earlier is not None and (differ := trained_otherwise(last, arguments)):
         LOG.warning(
             "%s: began with other settings (%s) than %s has now: trained afresh",
