@@ -213,26 +213,38 @@ def model_named(cfg: Config) -> tuple[Path, str, str] | None:
         ) from None
 
 
+def recorded_model_stamp(made: str, run_dir: Path) -> str | None:
+    """The size and time now of the model file a mask records (``made``), looked for where it was, else under that
+    name in the run's checkpoints/ or export/ folder (a run folder moved or copied with its times, or a path whose
+    odd bytes the record holds as escapes); None where it is nowhere."""
+    name = Path(made).name
+    for path in (Path(made), run_dir / "checkpoints" / name, run_dir / "export" / name):
+        try:
+            return file_stamp(path)
+        except OSError:
+            continue
+    return None
+
+
 def other_model(
-    named: tuple[Path, str, str] | None, reference: dict, names: list[str], masks: dict[str, Path]
+    named: tuple[Path, str, str] | None, reference: dict, names: list[str], masks: dict[str, Path], run_dir: Path
 ) -> str | None:
     """The error for the masks ``names``, made as ``reference`` says (newest_made_with), when the model file they
-    record has changed or gone since (trained again?), or, where a model is ``named`` (model_named), when they
+    record has changed since (trained again?), or, where a model is ``named`` (model_named), when they
     were made with another; None where they were made with the model as it is now."""
     made, then = str(reference.get("model")), reference.get("model_stamp")
     if not names or then is None:
         return None
     shown = f"{len(names)} test mask(s) ({examples(names, masks)})"
-    try:
-        now = file_stamp(Path(made))
-    except OSError:
-        now = None
+    now = recorded_model_stamp(made, run_dir)
     if named is None:
-        if now == then:
+        if now is None:
+            LOG.info("%s, the model the test masks record, is not there (a run folder moved?): scored as made", made)
+        if now in (None, then):
             return None
-        change = f"it has changed since ({now}: trained again?)" if now else "it is gone"
         return (
-            f"{shown}: were made with {made} as it was then ({then}), and {change}; not scored: predict the test "
+            f"{shown}: were made with {made} as it was then ({then}), and it has changed since ({now}: trained "
+            "again?); not scored: predict the test "
             "split again (predict.py, this --run_dir), then run miou.py"
         )
     model, key, stamp = named
@@ -241,7 +253,7 @@ def other_model(
     found = f"{shown}: were made with {made} ({then}), not with {shown_path(model.resolve())} ({stamp}), named by {key}"
     fix = f"not scored: predict the test split again with it (predict.py {key}={model}, this --run_dir)"
     if now != then:
-        return f"{found}, and theirs has changed or gone since; {fix}"
+        return f"{found}, and theirs has changed since or is not there; {fix}"
     flag = f"--backend=onnx --onnx_model={made}" if made.endswith(".onnx") else f"--checkpoint={made}"
     return f"{found}; {fix}, or, to score these masks as made, name theirs ({flag}) or no model at all"
 
@@ -292,7 +304,7 @@ def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> t
         )
         left_out += names
     same = [name for name, record in made.items() if record is not None and name not in differ]
-    if problem := other_model(named, reference, same, masks):
+    if problem := other_model(named, reference, same, masks, Path(cfg.run_dir)):
         LOG.error("%s", problem)
         left_out += same
     return left_out, made

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
-from files import DataError, atomic_write_csv, shown_path
+from files import DataError, atomic_write_csv, read_record, shown_path
 from metrics import confusion_counts
 from rasters import open_raster, pixel_size_m
 from runtime import all_reduce_sum, load_checkpoint
@@ -654,9 +654,7 @@ def resume_config(cfg: Config, given: Collection[str]) -> tuple[Config, dict[str
             "another tool's file); put back the last.pth the run wrote, or start afresh in a new --run_dir"
         )
     saved = saved_config(state)
-    # The timed choices of precision and layout stay requests as given (auto): fast_path takes the run's choice
-    # from last.pth where this machine allows it, instead of forcing it as if the user had.
-    resumed = dataclasses.replace(saved, run_dir=cfg.run_dir, resume=True, amp=cfg.amp, channels_last=cfg.channels_last)
+    resumed = dataclasses.replace(saved, run_dir=cfg.run_dir, resume=True, **requested_speed(cfg, saved))
     for key in given:
         value = getattr(cfg, key)
         if key not in CHOSEN_BY_TRAINING or value != CHOSEN_BY_TRAINING[key]:
@@ -670,6 +668,19 @@ def resume_config(cfg: Config, given: Collection[str]) -> tuple[Config, dict[str
         and getattr(saved, f.name) != getattr(resumed, f.name)
     }
     return resumed, changed
+
+
+def requested_speed(cfg: Config, saved: Config) -> dict[str, Any]:
+    """The precision and layout a resumed run asks for, where the command line does not say: what its first command
+    asked (run_dir/configs/train.json, written before fast_path settles them), so that a choice made by timing
+    (auto) is taken again from last.pth where this machine allows it, while one the user forced stays forced.
+    Without that record (a run of an older version), auto."""
+    asked = read_record(Path(cfg.run_dir) / "configs" / "train.json")
+    asked = asked if isinstance(asked, dict) else {}
+    return {
+        "amp": str(asked.get("amp", "auto")) if "amp" in asked else cfg.amp,
+        "channels_last": bool(asked["channels_last"]) if "channels_last" in asked else cfg.channels_last,
+    }
 
 
 def check_resumable(state: dict[str, Any], cfg: Config, path: Path) -> None:

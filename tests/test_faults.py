@@ -519,7 +519,7 @@ def test_miou_scores_no_mask_of_a_model_trained_again_since(
     caplog.clear()
     assert miou.main(args(shared_square_data, run_copy, f"--checkpoint={run_copy / 'checkpoints' / 'last.pth'}")) == 1
     assert f"not with {(run_copy / 'checkpoints' / 'last.pth').resolve()}" in caplog.text
-    assert "named by --checkpoint, and theirs has changed or gone since" in caplog.text
+    assert "named by --checkpoint, and theirs has changed since or is not there" in caplog.text
     # Scoring the older model's masks on purpose: name the weights they were made with.
     with pytest.raises(ValueError, match="no such file; name the model the masks were made with"):
         miou.main(args(shared_square_data, run_copy, f"--checkpoint={tmp_path / 'missing.pth'}"))
@@ -544,6 +544,16 @@ def test_miou_scores_no_mask_of_a_model_trained_again_since(
     assert miou.main(args(shared_square_data, run_copy)) == 0
     made = json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["made_with"]
     assert made["model_stamp"] == files.file_stamp(best) != stamp and made["n_images"] == 2
+    # The run folder moved with its times (mv, cp -a, rsync -a): its model is found under its name there.
+    moved = Path(shutil.copytree(run_copy, tmp_path / "moved", copy_function=shutil.copy2))
+    best.rename(tmp_path / "away.pth")  # where the masks record it, it is gone
+    assert miou.main(args(shared_square_data, moved)) == 0
+    os.utime(moved / "checkpoints" / "best.pth", ns=(1, 1))  # a model of that name but another time: refused
+    assert miou.main(args(shared_square_data, moved)) == 1
+    (moved / "checkpoints" / "best.pth").unlink()  # nowhere at all: the masks are scored as made
+    caplog.clear()
+    assert miou.main(args(shared_square_data, moved)) == 0
+    assert "the model the test masks record, is not there (a run folder moved?): scored as made" in caplog.text
 
 
 def test_names_that_are_not_utf8_are_reported_and_the_rest_go_on(

@@ -731,6 +731,13 @@ def test_resume_config_keeps_timed_choices_as_requests_and_refuses_a_file_it_can
     assert resumed.recipe == "recommended" and changed == {"epochs": (3, 5)}
     resumed, _ = resume_config(Config(run_dir=str(tmp_path), amp="off"), {"amp", "run_dir"})
     assert resumed.amp == "off"  # typed: forced
+    # What the first command asked (configs/train.json) stands: a precision forced there stays forced.
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "train.json").write_text(json.dumps({"amp": "off", "channels_last": False}), "utf-8")
+    resumed, _ = resume_config(Config(run_dir=str(tmp_path)), {"run_dir"})
+    assert (resumed.amp, resumed.channels_last) == ("off", False)
+    (tmp_path / "configs" / "train.json").write_text(json.dumps({"amp": "auto", "channels_last": True}), "utf-8")
+    assert resume_config(Config(run_dir=str(tmp_path)), {"run_dir"})[0].amp == "auto"
     # A run saved without a pixel size (an older version) resumes when training now reads one from the tiles.
     check_resumable(state, Config(**{**saved, "pixel_size_m": 0.5}), last)
     with pytest.raises(DataError, match="training differs \\(pixel_size_m: checkpoint 1.0 vs config 0.5\\)"):
