@@ -213,17 +213,20 @@ def model_named(cfg: Config) -> tuple[Path, str, str] | None:
         ) from None
 
 
-def recorded_model_stamp(made: str, run_dir: Path) -> str | None:
-    """The size and time now of the model file a mask records (``made``), looked for where it was, else under that
-    name in the run's checkpoints/ or export/ folder (a run folder moved or copied with its times, or a path whose
-    odd bytes the record holds as escapes); None where it is nowhere."""
+def recorded_model(made: str, then: str, run_dir: Path) -> tuple[Path | None, str | None]:
+    """Where the model file a mask records (``made``, its size and time ``then``) is now, and its size and time
+    there: looked for where it was, then under that name in the run's checkpoints/ and export/ folders (a run folder
+    moved or copied with its times, or a path whose odd bytes the record holds as escapes). The first found as it
+    was; else the first found at all (changed since); (None, None) where it is nowhere."""
     name = Path(made).name
+    found: list[tuple[Path, str]] = []
     for path in (Path(made), run_dir / "checkpoints" / name, run_dir / "export" / name):
         try:
-            return file_stamp(path)
+            found.append((path, file_stamp(path)))
         except OSError:
             continue
-    return None
+    same = [f for f in found if f[1] == then]
+    return (same or found or [(None, None)])[0]
 
 
 def other_model(
@@ -236,25 +239,28 @@ def other_model(
     if not names or then is None:
         return None
     shown = f"{len(names)} test mask(s) ({examples(names, masks)})"
-    now = recorded_model_stamp(made, run_dir)
+    where, now = recorded_model(made, then, run_dir)
     if named is None:
-        if now is None:
+        if where is None:
             LOG.info("%s, the model the test masks record, is not there (a run folder moved?): scored as made", made)
         if now in (None, then):
             return None
         return (
-            f"{shown}: were made with {made} as it was then ({then}), and it has changed since ({now}: trained "
-            "again?); not scored: predict the test "
-            "split again (predict.py, this --run_dir), then run miou.py"
+            f"{shown}: were made with {made} as it was then ({then}), and "
+            f"{'it' if where == Path(made) else f'{shown_path(where)}, found in its place,'} has changed since "
+            f"({now}: trained again?); not scored: predict the test split again (predict.py, this --run_dir), then "
+            "run miou.py"
         )
     model, key, stamp = named
     if stamp == then:
         return None
     found = f"{shown}: were made with {made} ({then}), not with {shown_path(model.resolve())} ({stamp}), named by {key}"
     fix = f"not scored: predict the test split again with it (predict.py {key}={model}, this --run_dir)"
+    if now is None:
+        return f"{found}, and theirs is not there; {fix}, or, to score these masks as made, name no model"
     if now != then:
-        return f"{found}, and theirs has changed since or is not there; {fix}"
-    flag = f"--backend=onnx --onnx_model={made}" if made.endswith(".onnx") else f"--checkpoint={made}"
+        return f"{found}, and theirs has changed since; {fix}"
+    flag = f"--backend=onnx --onnx_model={where}" if made.endswith(".onnx") else f"--checkpoint={where}"
     return f"{found}; {fix}, or, to score these masks as made, name theirs ({flag}) or no model at all"
 
 

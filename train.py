@@ -134,6 +134,9 @@ class Progress:
     best_histogram: np.ndarray | None = None  # the best epoch's val probability histogram (threshold curve)
     mark: float = 0.0  # time_budget: budget_clock() when the latest epoch began (not kept in checkpoints)
     saved_end: int = 0  # resumed: the last epoch the saved run was to train (its epochs, or its budget's plan)
+    # The precision and layout the run's command asked for (auto, or forced), before fast_path settled them: kept
+    # in last.pth, so that a resume times an auto choice again where it must and keeps a forced one.
+    requested_speed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 budget_clock = time.monotonic  # the clock a time budget is measured by (tests put a fake one here)
@@ -720,6 +723,7 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
         "elapsed": progress.elapsed,
         "history": progress.history,
         "config": dataclasses.asdict(cfg),
+        "requested_speed": progress.requested_speed,
     }
     chosen = state
     if row["weights"] == "ema":
@@ -924,6 +928,7 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
     given = dataclasses.replace(cfg)  # the command as given: build_trainer settles the auto keys in cfg
     # 1. Data, loss, network, optimiser, schedule (and a time budget's plan); restored from last.pth when resuming.
     trainer, progress, tiles = build_trainer(cfg, job, ckpt_dir)
+    progress.requested_speed = {"amp": given.amp, "channels_last": given.channels_last}
     if job.main:  # only once the inputs passed: a failed attempt leaves the earlier run's record as it was
         cli.save_config(given, "train")
     start_budget(cfg, progress)

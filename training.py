@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
-from files import DataError, atomic_write_csv, read_record, shown_path
+from files import DataError, atomic_write_csv, shown_path
 from metrics import confusion_counts
 from rasters import open_raster, pixel_size_m
 from runtime import all_reduce_sum, load_checkpoint
@@ -92,6 +92,7 @@ TRAINING_KEYS = (
 # Values that let training choose (auto): given on resume, they stand for the choice the run made, which its
 # checkpoint's config holds.
 CHOSEN_BY_TRAINING: dict[str, Any] = {"downscale": 0, "keep_epoch": "auto", "pixel_size_m": 0.0}
+AMP_REQUESTS = ("auto", "bf16", "fp16", "off")  # the amp key's values
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config")  # what last.pth holds to resume
 
 
@@ -654,7 +655,7 @@ def resume_config(cfg: Config, given: Collection[str]) -> tuple[Config, dict[str
             "another tool's file); put back the last.pth the run wrote, or start afresh in a new --run_dir"
         )
     saved = saved_config(state)
-    resumed = dataclasses.replace(saved, run_dir=cfg.run_dir, resume=True, **requested_speed(cfg, saved))
+    resumed = dataclasses.replace(saved, run_dir=cfg.run_dir, resume=True, **requested_speed(cfg, state))
     for key in given:
         value = getattr(cfg, key)
         if key not in CHOSEN_BY_TRAINING or value != CHOSEN_BY_TRAINING[key]:
@@ -670,16 +671,17 @@ def resume_config(cfg: Config, given: Collection[str]) -> tuple[Config, dict[str
     return resumed, changed
 
 
-def requested_speed(cfg: Config, saved: Config) -> dict[str, Any]:
-    """The precision and layout a resumed run asks for, where the command line does not say: what its first command
-    asked (run_dir/configs/train.json, written before fast_path settles them), so that a choice made by timing
+def requested_speed(cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
+    """The precision and layout a resumed run asks for, where the command line does not say: what the run's command
+    asked (last.pth's ``requested_speed``, kept before fast_path settled them), so that a choice made by timing
     (auto) is taken again from last.pth where this machine allows it, while one the user forced stays forced.
-    Without that record (a run of an older version), auto."""
-    asked = read_record(Path(cfg.run_dir) / "configs" / "train.json")
+    Without that record (a run of an older version, or an unreadable one), the command's (auto by default)."""
+    asked = state.get("requested_speed")
     asked = asked if isinstance(asked, dict) else {}
+    amp, layout = asked.get("amp"), asked.get("channels_last")
     return {
-        "amp": str(asked.get("amp", "auto")) if "amp" in asked else cfg.amp,
-        "channels_last": bool(asked["channels_last"]) if "channels_last" in asked else cfg.channels_last,
+        "amp": amp if isinstance(amp, str) and amp in AMP_REQUESTS else cfg.amp,
+        "channels_last": layout if isinstance(layout, bool) else cfg.channels_last,
     }
 
 

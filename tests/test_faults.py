@@ -519,7 +519,7 @@ def test_miou_scores_no_mask_of_a_model_trained_again_since(
     caplog.clear()
     assert miou.main(args(shared_square_data, run_copy, f"--checkpoint={run_copy / 'checkpoints' / 'last.pth'}")) == 1
     assert f"not with {(run_copy / 'checkpoints' / 'last.pth').resolve()}" in caplog.text
-    assert "named by --checkpoint, and theirs has changed since or is not there" in caplog.text
+    assert "named by --checkpoint, and theirs has changed since;" in caplog.text
     # Scoring the older model's masks on purpose: name the weights they were made with.
     with pytest.raises(ValueError, match="no such file; name the model the masks were made with"):
         miou.main(args(shared_square_data, run_copy, f"--checkpoint={tmp_path / 'missing.pth'}"))
@@ -546,10 +546,11 @@ def test_miou_scores_no_mask_of_a_model_trained_again_since(
     assert made["model_stamp"] == files.file_stamp(best) != stamp and made["n_images"] == 2
     # The run folder moved with its times (mv, cp -a, rsync -a): its model is found under its name there.
     moved = Path(shutil.copytree(run_copy, tmp_path / "moved", copy_function=shutil.copy2))
-    best.rename(tmp_path / "away.pth")  # where the masks record it, it is gone
+    os.utime(best, ns=(1, 1))  # where the masks record it, it has changed since (trained again), but not the copy
     assert miou.main(args(shared_square_data, moved)) == 0
-    os.utime(moved / "checkpoints" / "best.pth", ns=(1, 1))  # a model of that name but another time: refused
+    os.utime(moved / "checkpoints" / "best.pth", ns=(1, 1))  # no file is as it was: refused
     assert miou.main(args(shared_square_data, moved)) == 1
+    best.unlink()
     (moved / "checkpoints" / "best.pth").unlink()  # nowhere at all: the masks are scored as made
     caplog.clear()
     assert miou.main(args(shared_square_data, moved)) == 0

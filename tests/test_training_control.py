@@ -618,6 +618,7 @@ def test_resume_goes_on_with_the_saved_config_and_the_keys_given_over_it(
     assert [h["lr"] for h in a["history"]] == [h["lr"] for h in b["history"]]
     saved = b["config"]
     assert (saved["loss"], saved["tune_threshold"], saved["downscale"], saved["base_width"]) == ("ce_dice", True, 2, 4)
+    assert b["requested_speed"] == {"amp": "auto", "channels_last": True}  # as asked, before the fast path chose
     best_a, best_b = (load_checkpoint(run / "checkpoints" / "best.pth") for run in (straight, stopped))
     assert best_b["threshold"] is not None and best_b["threshold"] == best_a["threshold"]
     # The finished run resumed as it was: nothing to do (the old code began epoch 4/100, the cosine back at 1e-2).
@@ -731,13 +732,16 @@ def test_resume_config_keeps_timed_choices_as_requests_and_refuses_a_file_it_can
     assert resumed.recipe == "recommended" and changed == {"epochs": (3, 5)}
     resumed, _ = resume_config(Config(run_dir=str(tmp_path), amp="off"), {"amp", "run_dir"})
     assert resumed.amp == "off"  # typed: forced
-    # What the first command asked (configs/train.json) stands: a precision forced there stays forced.
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "train.json").write_text(json.dumps({"amp": "off", "channels_last": False}), "utf-8")
+    # What the run's command asked (kept in last.pth) stands: a precision forced there stays forced.
+    torch.save({**state, "requested_speed": {"amp": "off", "channels_last": False}}, last)
     resumed, _ = resume_config(Config(run_dir=str(tmp_path)), {"run_dir"})
     assert (resumed.amp, resumed.channels_last) == ("off", False)
-    (tmp_path / "configs" / "train.json").write_text(json.dumps({"amp": "auto", "channels_last": True}), "utf-8")
+    torch.save({**state, "requested_speed": {"amp": "auto", "channels_last": True}}, last)
     assert resume_config(Config(run_dir=str(tmp_path)), {"run_dir"})[0].amp == "auto"
+    torch.save({**state, "requested_speed": {"amp": None, "channels_last": "false"}}, last)  # not ours: ignored
+    resumed, _ = resume_config(Config(run_dir=str(tmp_path)), {"run_dir"})
+    assert (resumed.amp, resumed.channels_last) == ("auto", True)
+    torch.save(state, last)
     # A run saved without a pixel size (an older version) resumes when training now reads one from the tiles.
     check_resumable(state, Config(**{**saved, "pixel_size_m": 0.5}), last)
     with pytest.raises(DataError, match="training differs \\(pixel_size_m: checkpoint 1.0 vs config 0.5\\)"):
