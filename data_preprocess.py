@@ -841,9 +841,15 @@ def write_pair_list(path: Path, pairs: Sequence[tuple[Path, Path]]) -> None:
     atomic_write_text(path, "".join(lines))
 
 
-def original_training_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
-    """The training split without the flipped copies of an earlier run (entries under run_dir/augmented),
-    so that re-running never duplicates and other tools see the user's own tiles."""
+def flipped_copies(pairs: Sequence[tuple[Path, Path]], run_dir: Path) -> list[tuple[Path, Path]]:
+    """The pairs that are augment.py's flipped copies (entries under run_dir/augmented)."""
     augmented = (Path(run_dir) / "augmented").resolve()
+    return [p for p in pairs if augmented in p[0].resolve().parents]
+
+
+def original_training_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
+    """The training split without the flipped copies of an earlier run (flipped_copies), so that re-running
+    never duplicates and other tools see the user's own tiles."""
     pairs = read_pair_list(Path(run_dir) / "splits" / "train.txt")
-    return [p for p in pairs if augmented not in p[0].resolve().parents]
+    copies = set(flipped_copies(pairs, run_dir))
+    return [p for p in pairs if p not in copies]

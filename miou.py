@@ -124,12 +124,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
     files.atomic_write_csv(path, buffer.getvalue())
 
 
-def made_elsewhere(mask: Path, image: Path, texts: dict[str, str] | None = None) -> str | None:
+def made_elsewhere(mask: Path, image: Path, texts: dict[str, str]) -> str | None:
     """The error for a test image whose mask predict.py made from another file of that name (``--predict_input``
     into this run); None where the mask records this image, or records nothing (masks made otherwise are scored
     as they are). A mask made before the image's last change (or a mere touch) is scored, with a warning.
-    ``texts``: the mask's PNG texts, where already read."""
-    texts = read_texts(mask) if texts is None else texts
+    ``texts``: the mask's PNG texts (png_text.read_texts)."""
     made = {k: v for k, v in texts.items() if k in (SOURCE_KEY, STAMP_KEY)}
     try:
         source = source_texts(image)

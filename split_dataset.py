@@ -36,6 +36,7 @@ from data_preprocess import (
     DataError,
     check_tile_values,
     farmland_pixels,
+    flipped_copies,
     image_to_float,
     list_images,
     mask_to_classes,
@@ -387,14 +388,13 @@ def warn_replaced_splits(run_dir: Path, splits: dict[str, list[tuple[Path, Path]
             earlier[name] = read_pair_list(run_dir / "splits" / f"{name}.txt")
         except DataError:  # no earlier split, or one that cannot be read: nothing to compare
             return
-    augmented = (run_dir / "augmented").resolve()
-    copies = [p for p in earlier["train"] if augmented in p[0].resolve().parents]
+    copies = flipped_copies(earlier["train"], run_dir)
     if copies:
         LOG.warning(
             "the new train.txt leaves out the %d flipped copies that augment.py added under %s: run augment.py again "
             "to add them",
             len(copies),
-            augmented,
+            (run_dir / "augmented").resolve(),
         )
     own = {name: {p for p in earlier[name] if p not in copies} for name in SPLIT_NAMES}
     changed = [name for name in SPLIT_NAMES if own[name] != {(i.resolve(), m.resolve()) for i, m in splits[name]}]

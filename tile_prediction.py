@@ -189,7 +189,7 @@ def source_texts(image: Path) -> dict[str, str]:
 
 
 MADE_WITH_KEY = "farmland-made-with"  # the PNG text of a tile's mask and overlay naming its model and settings
-# The keys of MADE_WITH_KEY that a tile's mask depends on, each as output_record records it for the last run: the
+# The keys of MADE_WITH_KEY that a tile's mask depends on, which miou.py compares across the test masks: the
 # model file's size and time, the --threshold given (-1: the model's own), the bands read, sieve_cells, tta.
 MADE_WITH_COMPARED = ("model_stamp", "threshold", "bands", "sieve_cells", "tta")
 
