@@ -110,6 +110,7 @@ class Config:
     tile_stride: int = 0  # make_tiles.py: pixels between tile origins (0 = tile_size: tiles do not overlap)
     label_where: str = ""  # make_tiles.py: SQL WHERE picking the farmland polygons, e.g. DLBM LIKE '01%' (empty = all)
     label_layer: str = ""  # make_tiles.py: layer of a multi-layer vector file (GeoPackage); empty = its only layer
+    label_encoding: str = ""  # make_tiles.py: text encoding of a .dbf without .cpg file, e.g. GBK (empty = the file's)
     mark_unlabelled: bool = False  # make_tiles.py: pixels outside the labels' coverage and nodata get ignore_index
     # --- change.py ---------------------------------------------------------------------------------------
     before: str = ""  # change.py: the earlier date: a scene, or a folder of scenes or tiles paired with after's by name

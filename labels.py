@@ -17,6 +17,7 @@ and the fix.
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import re
@@ -53,6 +54,7 @@ SQL_WORDS = frozenset(  # words of a WHERE clause that are not field names
     ).split()
 )
 EXAMPLE_FILTER = "--label_where=\"DLBM LIKE '01%'\""
+UNDECLARED = "ISO-8859-1"  # what GDAL reads a .dbf as when neither a .cpg file nor the .dbf names its code page
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,10 @@ def reproject(geometries: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:
 def no_overlap(labels: Path, grid: Grid, label_box: Sequence[float], crs: CRS) -> DataError:
     """The error for labels that miss a scene, with both extents in the scene's CRS."""
     box = rasterio.warp.transform_bounds(crs, grid.crs, *label_box, densify_pts=21)
-    shown = ", ".join(f"{v:.6g}" for v in box)
-    scene = ", ".join(f"{v:.6g}" for v in grid.bounds)
+    # Fixed decimals, not significant digits: Gauss-Kruger northings have 7 digits before the point.
+    decimals = 6 if grid.crs.is_geographic else 1
+    shown = ", ".join(f"{v:.{decimals}f}" for v in box)
+    scene = ", ".join(f"{v:.{decimals}f}" for v in grid.bounds)
     return DataError(
         f"{labels}: does not overlap the scene {grid.name}: the labels cover ({shown}) and the scene ({scene}), "
         f"both in the scene's CRS {grid.crs.to_string()}; check that both show the same place and that each "
@@ -176,19 +180,34 @@ def choose_layer(path: Path, layer: str) -> str:
     return layer or layers[0]
 
 
-def filter_names(where: str) -> list[str]:
-    """Field names an SQL WHERE clause seems to use (identifiers outside quotes, minus SQL words and functions)."""
+def filter_names(where: str, bare: bool = False) -> list[str]:
+    """Field names an SQL WHERE clause seems to use (identifiers outside quotes, minus SQL words and functions);
+    with ``bare``, only those not in double quotes. Identifiers may be Chinese (地类编码)."""
     text = re.sub(r"'(?:[^']|'')*'", " ", where)
-    names = re.findall(r'"([^"]+)"|\b([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()', text)
-    found = [quoted or bare for quoted, bare in names]
+    names = re.findall(r'"([^"]+)"|\b([^\W\d]\w*)\b(?!\s*\()', text)
+    found = [name for quoted, name in names if name] if bare else [quoted or name for quoted, name in names]
     return [name for name in found if name.lower() not in SQL_WORDS]
 
 
-def field_values(path: Path, layer: str, names: Sequence[str], limit: int = 10) -> str:
+def gdal_message(err: Exception) -> str:
+    """GDAL's error text, with the bytes reprs pyogrio leaves in it (layer b'\\xe5\\x9c\\xb0...') shown as text."""
+
+    def decoded(match: re.Match) -> str:
+        try:
+            return ast.literal_eval(match.group(0)).decode("utf-8")
+        except (ValueError, SyntaxError, UnicodeDecodeError):
+            return match.group(0)
+
+    return re.sub(r"b'(?:[^'\\]|\\.)*'", decoded, str(err))[:300]
+
+
+def field_values(path: Path, layer: str, names: Sequence[str], limit: int = 10, encoding: str = "") -> str:
     """A few distinct values of some fields, read from the first features, for messages."""
     if not names:
         return ""
-    _, _, _, data = read_vector(path, layer=layer, columns=list(names), read_geometry=False, max_features=5000)
+    _, _, _, data = read_vector(
+        path, layer=layer, columns=list(names), read_geometry=False, max_features=5000, encoding=encoding or None
+    )
     parts = []
     for name, values in zip(names, data):
         distinct = sorted({str(v) for v in values})
@@ -197,7 +216,7 @@ def field_values(path: Path, layer: str, names: Sequence[str], limit: int = 10) 
     return "; " + "; ".join(parts)
 
 
-def check_filter(path: Path, layer: str, where: str, fields: Sequence[str]) -> None:
+def check_filter(path: Path, layer: str, where: str, fields: Sequence[str], encoding: str = "") -> None:
     """Run the filter once: refuse a filter GDAL cannot run or one that selects no feature.
 
     Raises:
@@ -209,29 +228,80 @@ def check_filter(path: Path, layer: str, where: str, fields: Sequence[str]) -> N
     try:
         # Every column is read: some drivers (Shapefile) see only the fetched fields in a filter.
         _, fids, _, _ = read_vector(
-            path, layer=layer, where=where, read_geometry=False, return_fids=True, max_features=1
+            path,
+            layer=layer,
+            where=where,
+            read_geometry=False,
+            return_fids=True,
+            max_features=1,
+            encoding=encoding or None,
         )
     except (pyogrio.errors.DataLayerError, ValueError) as err:  # GDAL's error, or ValueError (OGR SQL)
+        quote = [n for n in filter_names(where, bare=True) if not n.isascii() and n not in unknown]
+        if quote:  # OGR SQL (Shapefile, GeoJSON) reads only ASCII names bare
+            quoted = ", ".join(f'"{name}"' for name in quote)
+            hint += f"; put field names that are not plain ASCII in double quotes: {quoted}"
         raise DataError(
-            f"{path}: --label_where={where!r} cannot be run on layer {layer} ({str(err)[:300]}){hint}; {listing}; "
+            f"{path}: --label_where={where!r} cannot be run on layer {layer} ({gdal_message(err)}){hint}; {listing}; "
             f"fix the filter (text values go in single quotes: DLBM = '0101'), for example {EXAMPLE_FILTER}"
         ) from None
     if len(fids) == 0:
         known = [f for f in fields if f.lower() in {n.lower() for n in filter_names(where)}]
         raise DataError(
             f"{path}: --label_where={where!r} selects none of the features of layer {layer}{hint}"
-            f"{field_values(path, layer, known)}; {listing}; fix the filter (values are matched as text, "
-            f"case and leading zeros count), for example {EXAMPLE_FILTER}"
+            f"{field_values(path, layer, known, encoding=encoding)}; {listing}; fix the filter (values are matched "
+            f"as text, case and leading zeros count), for example {EXAMPLE_FILTER}"
         )
+
+
+def undeclared_chinese(path: Path, layer: str, limit: int = 200) -> tuple[str, str, str] | None:
+    """A text value of the first features that, read as ISO-8859-1, is really Chinese in UTF-8 or GBK: (as
+    read, as meant, the encoding); None when the text holds no such value (ASCII only, or other bytes)."""
+    _, _, _, data = read_vector(path, layer=layer, read_geometry=False, max_features=limit)
+    texts = [v for column in data for v in column if isinstance(v, str) and not v.isascii()]
+    for encoding in ("UTF-8", "GBK"):  # UTF-8 first: its byte patterns rarely decode by chance, GBK's often do
+        try:
+            meant = [v.encode("latin-1").decode(encoding) for v in texts]
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            continue
+        chinese = [(v, m) for v, m in zip(texts, meant) if re.search(r"[\u4e00-\u9fff]", m)]
+        if chinese:
+            return (*chinese[0], encoding)
+    return None  # real ISO-8859-1 text, or another code page: left as read
+
+
+def check_encoding(path: Path, layer: str, where: str, declared: str) -> None:
+    """Refuse a filter with non-ASCII text on a layer whose text reads as Chinese taken for ISO-8859-1 (a
+    Shapefile without a .cpg file, as ArcGIS and many Chinese tools write it): its Chinese values would match
+    nothing, or, under NOT or <>, everything. An ASCII filter (DLBM LIKE '01%') works either way: a warning.
+
+    Raises:
+        DataError: naming a garbled value, what it reads as in its likely encoding, and the fix.
+    """
+    if declared.upper() != UNDECLARED:
+        return
+    sample = undeclared_chinese(path, layer)
+    if sample is None:
+        return
+    read_as, meant, encoding = sample
+    seen = f"text such as {read_as!r}, which is {meant!r} read as {encoding}"
+    fix = f"give --label_encoding={encoding}, or put a file {path.stem}.cpg holding {encoding} beside {path.name}"
+    if where and not where.isascii():
+        raise DataError(
+            f"{path}: its text fields declare no encoding (no .cpg file) and read as {UNDECLARED} they hold {seen}; "
+            f"--label_where={where!r} compares Chinese text with that garbled text, so it would pick the wrong "
+            f"polygons; {fix}"
+        )
+    LOG.warning("%s: its text fields declare no encoding and hold %s; if so, %s", path, seen, fix)
 
 
 class VectorLabels(Labels):
     """Farmland polygons from a vector layer, selected by an SQL WHERE filter."""
 
-    def __init__(self, path: Path, where: str = "", layer: str = "") -> None:
-        self.path, self.where = Path(path), where
+    def __init__(self, path: Path, where: str = "", layer: str = "", encoding: str = "") -> None:
+        self.path, self.where, self.encoding = Path(path), where, encoding
         self.layer = choose_layer(self.path, layer)
-        info = pyogrio.read_info(self.path, layer=self.layer, force_total_bounds=True)
+        info = pyogrio.read_info(self.path, layer=self.layer, force_total_bounds=True, encoding=encoding or None)
         self.crs = check_crs(self.path, info["crs"], "layer")
         self.fields = [str(f) for f in info["fields"]]
         self.features = int(info["features"])
@@ -244,8 +314,10 @@ class VectorLabels(Labels):
         if self.features == 0:
             raise DataError(f"{self.path}: layer {self.layer} holds no features; expected farmland polygons")
         self.extent = tuple(float(v) for v in info["total_bounds"])
+        if not encoding:
+            check_encoding(self.path, self.layer, where, str(info.get("encoding") or ""))
         if where:
-            check_filter(self.path, self.layer, where, self.fields)
+            check_filter(self.path, self.layer, where, self.fields, encoding)
 
     def describe(self) -> str:
         # The layer's count: counting the filter's selection would read the whole layer (a province's survey).
@@ -261,7 +333,12 @@ class VectorLabels(Labels):
         box = rasterio.warp.transform_bounds(grid.crs, self.crs, *grid.bounds, densify_pts=21)
         if not boxes_meet(box, self.extent):
             raise no_overlap(self.path, grid, self.extent, self.crs)
-        _, _, wkb, _ = read_vector(self.path, layer=self.layer, where=self.where or None, bbox=box)
+        try:
+            _, _, wkb, _ = read_vector(
+                self.path, layer=self.layer, where=self.where or None, bbox=box, encoding=self.encoding or None
+            )
+        except UnicodeDecodeError as err:
+            raise undecodable(self.path, self.encoding, err) from None
         geometries = shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object)
         polygonal = np.array([g is not None and not g.is_empty and "Polygon" in g.geom_type for g in geometries])
         geometries = geometries[polygonal] if len(geometries) else geometries
@@ -402,7 +479,23 @@ class RasterOnGrid(GridLabels):
         self.vrt.close()
 
 
-def open_labels(path: Path, where: str = "", layer: str = "") -> Labels:
+def undecodable(path: Path, encoding: str, err: UnicodeDecodeError) -> DataError:
+    """The error for a vector file whose field names or text do not decode, with the likely cause and fix."""
+    if encoding:
+        return DataError(
+            f"{path}: holds a field name or text that is not valid {encoding}, the --label_encoding given; "
+            "leave --label_encoding out to read it as the file declares, or give its encoding (GBK for most "
+            "Chinese survey data)"
+        )
+    return DataError(
+        f"{path}: holds a field name or text that is not valid {err.encoding.upper()}, the encoding it declares; "
+        "a Shapefile's field names hold at most 10 bytes, so a Chinese name of 4 characters in UTF-8 (12 bytes) "
+        "is cut inside a character. Re-export the layer as a GeoPackage (ogr2ogr -f GPKG out.gpkg in.shp) or "
+        "with shorter or ASCII field names (DLBM, DLMC), or give its real encoding with --label_encoding"
+    )
+
+
+def open_labels(path: Path, where: str = "", layer: str = "", encoding: str = "") -> Labels:
     """Open and check a label source: a raster by its extension (.tif, .tiff, .img, .vrt, .jp2), else vectors.
 
     Raises:
@@ -412,9 +505,20 @@ def open_labels(path: Path, where: str = "", layer: str = "") -> Labels:
     if not path.exists():
         raise DataError(f"{path}: not found; expected farmland polygons (.gpkg .shp .geojson) or a label raster (.tif)")
     if path.suffix.lower() in RASTER_SUFFIXES:
-        if where or layer:
+        if where or layer or encoding:
             raise DataError(
-                f"{path}: is a raster; --label_where and --label_layer apply to vector labels only; leave them out"
+                f"{path}: is a raster; --label_where, --label_layer and --label_encoding apply to vector labels "
+                "only; leave them out"
             )
         return RasterLabels(path)
-    return VectorLabels(path, where, layer)
+    try:
+        "".encode(encoding or "utf-8")
+    except LookupError:
+        raise DataError(
+            f"{path}: --label_encoding={encoding!r} is not an encoding Python knows; expected a name such as GBK, "
+            "GB18030, UTF-8 or CP1252"
+        ) from None
+    try:
+        return VectorLabels(path, where, layer, encoding)
+    except UnicodeDecodeError as err:  # a subclass of ValueError: it would reach the user without the file's name
+        raise undecodable(path, encoding, err) from None

@@ -41,7 +41,7 @@ from config import Config
 from data_preprocess import encode_tiff, read_image, write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
-from rasters import nodata_pixels, open_raster
+from rasters import nodata_pixels, open_raster, rpc_only
 
 LOG = logging.getLogger("make_tiles")
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -141,9 +141,8 @@ def open_scene(path: Path, tile: int) -> rasterio.DatasetReader:
     src = open_raster(path)
     problem = ""
     if src.crs is None:
-        problem = (
-            "has no CRS; expected a georeferenced scene; assign its CRS on a copy (gdal_translate -a_srs EPSG:xxxx)"
-        )
+        fix = rpc_only(src) or "assign its CRS on a copy (gdal_translate -a_srs EPSG:xxxx)"
+        problem = f"has no CRS; expected a georeferenced scene; {fix}"
     elif src.dtypes[0] not in TILE_DTYPES:
         problem = (
             f"has pixel type {src.dtypes[0]}; expected 8- or 16-bit unsigned (or float32 in [0, 1]); "
@@ -276,8 +275,13 @@ def tile_scene(path: Path, labels: Labels, cfg: Config, out: Path) -> list[dict]
             f"{path}: every one of its {skipped} tiles is more than {cfg.max_nodata_fraction:.0%} nodata; "
             "check the scene, or raise --max_nodata_fraction"
         )
-    farmland = sum(float(r["farmland_fraction"]) for r in rows) / len(rows)
-    LOG.info("%s: %d tiles written, %d skipped as nodata, %.1f%% farmland", path, len(rows), skipped, 100 * farmland)
+    # Of the valid pixels of the tiles written (pixels of overlapping tiles count once per tile), not the scene's.
+    valid = sum(1 - float(r["nodata_fraction"]) for r in rows)
+    farmland = sum(float(r["farmland_fraction"]) for r in rows) / valid if valid else 0.0
+    LOG.info(
+        "%s: %d tiles written, %d skipped as nodata; farmland is %.1f%% of their valid pixels",
+        path, len(rows), skipped, 100 * farmland,
+    )  # fmt: skip
     return rows
 
 
@@ -353,14 +357,32 @@ def tile_all(
     return rows, done, dropped, failed
 
 
+def scene_bands(out: Path, rows: list[dict]) -> dict[str, int]:
+    """The band count of each scene's tiles in ``out`` (its first tile read), by the scene's path."""
+    first: dict[str, str] = {}
+    for row in rows:
+        first.setdefault(row["scene"], row["image"])
+    return {scene: read_image(out / image).shape[2] for scene, image in first.items()}
+
+
 def next_step(cfg: Config, out: Path, rows: list[dict]) -> str:
     """The split command for these tiles, with the keys every later script needs for them too: the band count
     when it is not 3, and the mask value of unlabelled pixels."""
     keys = ""
-    bands = read_image(out / rows[0]["image"]).shape[2] if rows else 3
-    keys += f" --in_channels={bands}" if bands != 3 else ""
+    bands = scene_bands(out, rows)
+    tiles = {count: sum(bands[row["scene"]] == count for row in rows) for count in set(bands.values())}
+    common = max(tiles, key=lambda count: (tiles[count], count)) if rows else 3  # the count most tiles have
+    if len(tiles) > 1:
+        counts = ", ".join(f"{Path(scene).name}: {count} bands" for scene, count in bands.items())
+        LOG.warning(
+            "the scenes in %s have different band counts (%s): a network takes one count, so split_dataset.py "
+            "will leave out the tiles without %d bands; tile scenes of another band count into another --out, or "
+            "give every scene the same bands first (gdal_translate -b 1 -b 2 -b 3 ...)", out, counts, common
+        )  # fmt: skip
+    keys += f" --in_channels={common}" if common != 3 else ""
     keys += f" --ignore_index={cfg.ignore_index}" if cfg.mark_unlabelled else ""
-    command = f"next: python split_dataset.py --data_dir={out} --run_dir=RUN --group_pattern='^(.+)_r\\d+c\\d+$'"
+    data = files.shell_quoted(out)
+    command = f"next: python split_dataset.py --data_dir={data} --run_dir=RUN --group_pattern='^(.+)_r\\d+c\\d+$'"
     return command + keys + (f" (and{keys} on train.py and miou.py too)" if keys else "")
 
 
@@ -374,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logged = dataclasses.replace(cfg, run_dir=str(out))
     cli.setup_logging(logged, "make_tiles")
     cli.save_config(logged, "make_tiles")
-    with open_labels(Path(cfg.labels), cfg.label_where, cfg.label_layer) as labels:
+    with open_labels(Path(cfg.labels), cfg.label_where, cfg.label_layer, cfg.label_encoding) as labels:
         LOG.info("labels: %s", labels.describe())
         rows, done, dropped, failed = tile_all(scenes, labels, cfg, out)
     if done or dropped:  # a dropped scene's earlier rows and tiles go too: this run overwrote some of them

@@ -33,6 +33,17 @@ def open_raster(path: Path, fix: str = "check the file or re-export it as GeoTIF
         raise DataError(f"{path}: not a readable raster ({str(err)[:200]}); {fix}") from None
 
 
+def rpc_only(src: rasterio.io.DatasetReader) -> str:
+    """For a raster placed only by RPCs (a Level-1 product, not orthorectified), what it is and the fix; else ''."""
+    if src.crs is not None or not src.transform.is_identity or not src.rpcs:
+        return ""
+    return (
+        "it is placed only by RPCs (rational polynomial coefficients), as Level-1 products such as Gaofen-2 PMS "
+        "L1A are, not on a map grid: orthorectify a copy first, for example gdalwarp -rpc -to RPC_DEM=dem.tif "
+        "-t_srs EPSG:4548 -tr 1 1 -r bilinear in.tif out.tif (the CRS and pixel size of your choice)"
+    )
+
+
 # Projections whose map metres stretch with latitude (Mercator, Web Mercator included, by 1/cos(latitude) each
 # way: a pixel of the map's 1 m x 1 m covers 0.65 m2 at 36 degrees): their units measure no ground area.
 STRETCHED_PROJECTIONS = {"merc": "Mercator", "webmerc": "Mercator", "eqc": "plate carree", "mill": "Miller"}

@@ -72,6 +72,7 @@ from rasters import (
     open_raster,
     pixel_area_m2,
     pixel_size_m,
+    rpc_only,
     utm_epsg,
     write_palette_style,
 )
@@ -261,7 +262,8 @@ def is_scene(path: Path, window: int) -> bool:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 with rasterio.open(path) as src:
-                    return src.crs is not None or not src.transform.is_identity or max(src.shape) > window
+                    placed = src.crs is not None or not src.transform.is_identity or bool(src.rpcs)
+                    return placed or max(src.shape) > window
         except rasterio.RasterioIOError:
             return False  # unreadable: the tile route reports it with the usual message
     size = image_size(path)
@@ -316,6 +318,8 @@ class RasterScene(Scene):
         self.width, self.height, self.count = self.src.width, self.src.height, self.src.count
         self.dtype = np.dtype(self.src.dtypes[0])
         self.crs, self.transform, self.nodata = self.src.crs, self.src.transform, self.src.nodata
+        if unplaced := rpc_only(self.src):
+            LOG.warning("%s: %s; as it is, its mask and fields are in pixel coordinates (column, row)", path, unplaced)
 
     def read_rows(self, top: int, bottom: int) -> np.ndarray:
         block = self.src.read(list(self.bands), window=Window(0, top, self.width, bottom - top))
@@ -844,6 +848,47 @@ def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) 
     return counts
 
 
+VALUE_SCALE_LIMIT = 4.0  # scene band means this many times above or below the training tiles' are another product
+VALUE_SAMPLE_ROWS = 256  # rows across the middle of a scene whose values are compared with the training tiles'
+
+
+def warn_value_scale(model: torch.nn.Module, scene: Scene) -> None:
+    """Warn when the scene's pixels, scaled as tiles are (8-bit / 255, 16-bit / 65535), sit on another scale than
+    the training tiles' (the band means the network normalises with, when it was trained with them): an 8-bit
+    product of a scene predicted by a model trained on its 16-bit product, or the reverse, or reflectance. The
+    network then sees values it never saw, and its mask is not worth reading."""
+    trained = getattr(model, "band_mean", None)
+    if not isinstance(trained, torch.Tensor) or not bool(trained.any()) or len(trained) != len(scene.bands):
+        return  # no normalisation: no record of the training tiles' values
+    top = max(0, scene.height // 2 - VALUE_SAMPLE_ROWS // 2)
+    block = scene.read_rows(top, min(scene.height, top + VALUE_SAMPLE_ROWS))
+    valid = ~nodata_pixels(block, scene.nodata, axis=2)
+    if not valid.any() or np.issubdtype(block.dtype, np.floating) and np.isnan(block[valid]).any():
+        return
+    try:
+        values = image_to_float(block, len(scene.bands), scene.path)
+    except DataError:
+        return  # the prediction reports it
+    means = values[:, valid].mean(axis=1)
+    ratio = float(np.median(means / trained.detach().cpu().float().numpy()))
+    if 1 / VALUE_SCALE_LIMIT <= ratio <= VALUE_SCALE_LIMIT:
+        return
+    shown = ", ".join(f"{v:.3g}" for v in means)
+    expected = ", ".join(f"{v:.3g}" for v in trained.tolist())
+    LOG.warning(
+        "%s: its pixels (%s, scaled to [0, 1] %s) average %s per band, %.3g times the training tiles' (%s): "
+        "the network will see values it never saw and its mask is not to be trusted. Predict the product the model "
+        "was trained on (the same bit depth and processing: 16-bit DN, not an 8-bit stretch or reflectance), or "
+        "train on tiles of this product",
+        scene.path,
+        scene.dtype,
+        {"uint8": "as 8-bit / 255", "uint16": "as 16-bit / 65535"}.get(str(scene.dtype), "already"),
+        shown,
+        ratio,
+        expected,
+    )
+
+
 def run_scene(
     model: torch.nn.Module,
     scene: Scene,
@@ -860,6 +905,7 @@ def run_scene(
     memory, and would fill with the scene's blocks as they are read.
     """
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        warn_value_scale(model, scene)
         ratio = resample_ratio(scene, state, settings)
         if ratio is None:
             counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)

@@ -394,7 +394,9 @@ def resolve_downscale(cfg: Config, job: Distributed) -> None:
         )
     else:
         LOG.info(
-            "downscale=0 (auto): the tiles carry no pixel size, so the network works at half resolution "
+            "downscale=0 (auto): the tiles carry no pixel size in metres (tiles without a georeference or "
+            "make_tiles.py's tiles.csv, or in a geographic CRS, whose pixels are degrees), so the network works at "
+            "half resolution "
             "(downscale=%d); give --pixel_size_m=METRES to let it follow the tiles (0.5 m: 4, 1 m: 2, 2 m: 1)",
             cfg.downscale,
         )
@@ -673,7 +675,7 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
     stuck = not scoreless and (row["val_farmland_iou"] == 0.0 or one_class)
     progress.collapsed = progress.collapsed + 1 if stuck else 0
     if 0 < cfg.collapse_patience == progress.collapsed and job.main:  # 0: the warning is off
-        LOG.warning("%s", collapse_message(row["epoch"], progress.collapsed, row["val_predicted_farmland"]))
+        LOG.warning("%s", collapse_message(row["epoch"], progress.collapsed, row["val_predicted_farmland"], cfg))
     return improved
 
 

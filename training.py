@@ -300,15 +300,22 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, cfg, steps))
 
 
-def collapse_message(epoch: int, streak: int, predicted_farmland: float) -> str:
-    """The warning for validation predictions stuck on one class: what it means, the likely causes, what to try."""
+def collapse_message(epoch: int, streak: int, predicted_farmland: float, cfg: Config | None = None) -> str:
+    """The warning for validation predictions stuck on one class: what it means, the likely causes, what to try
+    (leaving out what ``cfg`` already does)."""
     kind = {0.0: "no farmland at all", 1.0: "farmland everywhere"}.get(predicted_farmland, "no correct farmland")
+    tries = [
+        ("--loss=ce_dice or --loss=weighted_ce", cfg is None or cfg.loss not in ("ce_dice", "weighted_ce")),
+        ("--lr=1e-3 with --warmup_epochs=1", cfg is None or cfg.lr < 1e-3 or cfg.warmup_epochs <= 0),
+        ("--recipe=recommended", cfg is None or cfg.recipe != "recommended"),
+        ("more epochs (--epochs) or a wider network (--base_width)", cfg is not None),
+    ]
     return (
         f"epoch {epoch}: for {streak} epochs in a row the network predicted {kind} on the validation tiles. "
         "The model has collapsed to one class. Likely causes: farmland is a small share of the "
         "pixels (class imbalance), the learning rate is too low or too high for this budget, or the masks are "
         "encoded differently than expected (0/255 vs 0/1; check run_dir/splits/summary.json and a few masks). "
-        "Try --loss=ce_dice or --loss=weighted_ce, --lr=1e-3 with --warmup_epochs=1, or --recipe=recommended"
+        f"Try {', or '.join(text for text, useful in tries if useful)}"
     )
 
 

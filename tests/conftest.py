@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from rasterio.rpc import RPC
 from rasterio.transform import Affine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,3 +164,15 @@ def spread_probabilities_(model: torch.nn.Module, logits: torch.Tensor) -> None:
     model.outc.weight.mul_(scale)
     model.outc.bias.mul_(scale)
     model.outc.bias[1] -= mid * scale
+
+
+def write_rpc_tiff(path: Path, bands: np.ndarray) -> Path:
+    """Write (bands, H, W) as a TIFF placed only by RPCs, without CRS or geotransform: a Level-1 product (L1A)."""
+    height, width = bands.shape[1:]
+    rpcs = RPC(
+        height_off=0, height_scale=500, lat_off=40.0, lat_scale=0.01, long_off=116.4, long_scale=0.01,
+        line_off=height / 2, line_scale=height / 2, samp_off=width / 2, samp_scale=width / 2,
+        line_num_coeff=[0, 0, -1] + [0] * 17, line_den_coeff=[1] + [0] * 19,
+        samp_num_coeff=[0, 1] + [0] * 18, samp_den_coeff=[1] + [0] * 19,
+    )  # fmt: skip
+    return write_geotiff(path, bands, None, Affine.identity(), rpcs=rpcs)

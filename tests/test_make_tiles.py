@@ -16,7 +16,7 @@ import rasterio.features
 import rasterio.warp
 import shapely
 import shapely.geometry
-from conftest import folder_digest
+from conftest import folder_digest, write_rpc_tiff
 from conftest import write_geotiff as geotiff
 from pyogrio.raw import write as write_vector
 from rasterio.transform import Affine
@@ -262,6 +262,33 @@ def test_a_filter_that_matches_nothing_shows_the_values(inputs: tuple[Path, Path
         run(*inputs, tmp_path / "out", "--label_where=DLBM LIKE '11%'")
 
 
+def write_undeclared_shapefile(path: Path, geoms: list, names: list[str], encoding: str) -> Path:
+    """A land-survey Shapefile with DLMC names and no .cpg file, as ArcGIS and Chinese tools export it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wkb = np.array(shapely.to_wkb(geoms), dtype=object)
+    write_vector(str(path), wkb, [np.array(names, dtype=object)], ["DLMC"], geometry_type="MultiPolygon",
+                 promote_to_multi=True, crs=UTM, encoding=encoding)  # fmt: skip
+    path.with_suffix(".cpg").unlink()
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["GBK", "UTF-8"])
+def test_a_shapefile_without_cpg_is_not_filtered_on_garbled_names(tmp_path: Path, encoding: str) -> None:
+    geoms = fields_utm()
+    labels = write_undeclared_shapefile(
+        tmp_path / "vec" / "dltb.shp", geoms, ["水田", "果园", "旱地", "乔木林地"], encoding
+    )
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    where = "--label_where=DLMC NOT IN ('果园', '乔木林地')"  # read as ISO-8859-1 it would keep every polygon
+    with pytest.raises(
+        DataError, match=rf"dltb.shp: .*no .cpg.*'水田' read as {encoding}.*--label_encoding={encoding}"
+    ):
+        run(scene, labels, tmp_path / "out", where)
+    assert not (tmp_path / "out" / "tiles.csv").exists()
+    assert run(scene, labels, tmp_path / "out", where, f"--label_encoding={encoding}") == 0
+    assert_masks(tmp_path / "out", burnt([geoms[0], geoms[2]]))
+
+
 @pytest.mark.parametrize("ext", ["gpkg", "shp"])
 def test_an_unknown_field_lists_the_fields(inputs: tuple[Path, Path], tmp_path: Path, ext: str) -> None:
     labels = write_fields(tmp_path / "vec" / f"survey.{ext}", fields_utm(), ["0101", "0701", "0103", "1001"])
@@ -297,6 +324,7 @@ def test_bad_scenes_are_reported_and_the_others_tiled(
     assert r"\xb8\xfb.tif: the file name is not UTF-8" in caplog.text
     assert {r["tile"].split("_r")[0] for r in table(tmp_path / "out")} == {"scene"}
     assert "dltb.gpkg: does not overlap the scene" in caplog.text and "far.tif" in caplog.text
+    assert "and the scene (700000.0, 3499872.0, 700128.0, 3500000.0)" in caplog.text  # metres, not 3.5e+06
     assert "nocrs.tif: has no CRS" in caplog.text
     assert "small.tif: is 20x20 pixels, smaller than tile_size=32" in caplog.text
     assert "missing.tif: scene not found" in caplog.text
@@ -362,3 +390,70 @@ def test_several_layers_need_a_choice(inputs: tuple[Path, Path], tmp_path: Path)
     with pytest.raises(DataError, match=r"dltb.gpkg: holds 2 layers \(dltb, XZQ\); .*--label_layer=dltb"):
         run(*inputs, tmp_path / "out")
     assert run(*inputs, tmp_path / "out", "--label_layer=dltb") == 0
+
+
+def test_the_next_step_quotes_the_folder_and_warns_of_mixed_band_counts(
+    inputs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_scene(tmp_path / "scenes" / "a.tif", scene_pixels(1, bands=3, dtype="uint16"))
+    write_scene(tmp_path / "scenes" / "b.tif", scene_pixels(2, bands=4, dtype="uint16"))
+    out = tmp_path / "切片 数据"
+    assert run(tmp_path / "scenes", inputs[1], out) == 0
+    assert "have different band counts (a.tif: 3 bands, b.tif: 4 bands)" in caplog.text
+    assert f"next: python split_dataset.py --data_dir='{out}' --run_dir=RUN" in caplog.text
+    assert "--in_channels=4" in caplog.text
+
+
+def test_a_chinese_field_name_is_asked_for_in_double_quotes(tmp_path: Path) -> None:
+    geoms = fields_utm()
+    labels = tmp_path / "vec" / "地类图斑.shp"
+    labels.parent.mkdir(parents=True)
+    wkb = np.array(shapely.to_wkb(geoms), dtype=object)
+    codes = np.array(["0101", "0701", "0103", "1001"], dtype=object)
+    write_vector(
+        str(labels), wkb, [codes], ["地类编码"], geometry_type="MultiPolygon", promote_to_multi=True, crs=UTM,
+        encoding="GBK",  # 8 bytes: in UTF-8 the name (12 bytes) would be cut to a Shapefile's 10
+    )  # fmt: skip
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    match = r"layer '地类图斑'.*double quotes: \"地类编码\""  # the layer as text, not b'\xe5...'
+    with pytest.raises(DataError, match=match):
+        run(scene, labels, tmp_path / "out", "--label_where=地类编码 LIKE '01%'")
+    with pytest.raises(DataError, match=r"names 地类编玛, not a field of the layer"):
+        run(scene, labels, tmp_path / "out", "--label_where=地类编玛 LIKE '01%'")
+    assert run(scene, labels, tmp_path / "out", "--label_where=\"地类编码\" LIKE '01%'") == 0
+    assert_masks(tmp_path / "out", burnt([geoms[0], geoms[2]]))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # GDAL's note on the cut name, in bytes pyogrio cannot show
+def test_a_field_name_cut_inside_a_character_names_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    labels = tmp_path / "vec" / "fields.shp"
+    labels.parent.mkdir(parents=True)
+    wkb = np.array(shapely.to_wkb(fields_utm()), dtype=object)
+    codes = np.array(["0101"] * 4, dtype=object)
+    write_vector(str(labels), wkb, [codes], ["图斑面积"], geometry_type="MultiPolygon", promote_to_multi=True, crs=UTM)
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    with pytest.raises(DataError, match=r"fields.shp: holds a field name or text that is not valid UTF-8.*GeoPackage"):
+        run(scene, labels, tmp_path / "out")
+    gbk = write_undeclared_shapefile(tmp_path / "vec" / "dltb.shp", fields_utm(), ["水田"] * 4, "GBK")
+    assert run(scene, gbk, tmp_path / "out", "--label_encoding=UTF-8") == 1  # found as the scene's polygons are read
+    assert "dltb.shp: holds a field name or text that is not valid UTF-8, the --label_encoding given" in caplog.text
+
+
+def test_a_level_1_scene_placed_by_rpcs_is_sent_to_orthorectification(
+    inputs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    l1a = write_rpc_tiff(tmp_path / "in" / "GF2_L1A.tif", scene_pixels())
+    assert run(f"{l1a},{inputs[0]}", inputs[1], tmp_path / "out") == 1
+    assert "GF2_L1A.tif: has no CRS; expected a georeferenced scene; it is placed only by RPCs" in caplog.text
+    assert "gdalwarp -rpc" in caplog.text
+
+
+def test_the_logged_farmland_share_leaves_out_nodata(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pixels = scene_pixels()
+    pixels[:, :, :TILE] = 0  # the left half nodata: half of every tile of the middle column
+    scene = write_scene(tmp_path / "in" / "scene.tif", pixels)
+    x0, y0 = TRANSFORM.c, TRANSFORM.f
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", [shapely.box(x0, y0 - 2 * SIZE, x0 + 2 * SIZE, y0)])
+    assert run(scene, labels, tmp_path / "out", "--tile_stride=16") == 0
+    # Kept: the tiles starting at columns 16 and 32 (half and none nodata); every valid pixel is farmland.
+    assert "farmland is 100.0% of their valid pixels" in caplog.text

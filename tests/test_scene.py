@@ -15,7 +15,7 @@ import pytest
 import rasterio
 import shapely
 import torch
-from conftest import folder_digest, spread_probabilities_
+from conftest import folder_digest, spread_probabilities_, write_rpc_tiff
 from conftest import write_geotiff as geotiff
 from rasterio.transform import Affine
 
@@ -439,3 +439,30 @@ def test_pixel_area_in_ground_metres_or_none(crs: str, area: float | None) -> No
     # The pixel size in map units, which resampling compares with the training tiles', stays for Mercator.
     size = scene.pixel_size_m(rasterio.crs.CRS.from_string(crs), Affine(2.0, 0, 0, 0, -2.0, 0))
     assert size is None if crs == "EPSG:4490" else math.isclose(size, math.sqrt(area or 4.0), rel_tol=1e-6)
+
+
+def test_a_level_1_scene_placed_by_rpcs_is_a_scene_with_the_orthorectification_fix(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = write_rpc_tiff(tmp_path / "in" / "GF2_L1A.tif", scene_pixels()[:, :100, :100])  # under one window
+    assert run_predict(tmp_path / "run", checkpoint, source) == 0
+    assert "GF2_L1A.tif: it is placed only by RPCs" in caplog.text and "gdalwarp -rpc" in caplog.text
+    assert (tmp_path / "run" / "predictions" / "GF2_L1A_seg.tif").is_file()  # the scene route, not a tile's PNG
+
+
+def test_a_scene_on_another_value_scale_than_the_training_tiles_is_warned_of(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network normalised for 10-bit values in 16-bit tiles, given the 16-bit product and an 8-bit stretch."""
+    weights = dict(state["model"])
+    weights["band_mean"] = torch.full((3,), 300 / 65535)
+    weights["band_std"] = torch.full((3,), 100 / 65535)
+    saved = tmp_path / "net16.pth"
+    torch.save({**state, "model": weights, "epoch": 1}, saved)
+    ten_bit = (scene_pixels().astype(np.uint16) * 4)[:, :128, :128]  # means near 300
+    write_geotiff(tmp_path / "in" / "dn16.tif", ten_bit)
+    write_geotiff(tmp_path / "in" / "stretch8.tif", (ten_bit // 4).astype(np.uint8))
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
+    warned = [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
+    assert len(warned) == 1 and "stretch8.tif: its pixels (uint8, scaled to [0, 1] as 8-bit / 255)" in warned[0]

@@ -181,3 +181,19 @@ def test_a_training_batch_is_the_batch_size_or_the_tiles_each_process_holds() ->
     assert training.training_batch(config.Config(batch_size=8), 20) == 8
     assert training.training_batch(config.Config(batch_size=8), 3) == 3  # a split of 3 tiles: one batch of 3
     assert training.training_batch(config.Config(batch_size=8), 10, world=4) == 3  # at most 3 tiles per process
+
+
+def test_the_collapse_warning_does_not_suggest_what_the_run_already_does() -> None:
+    recommended = cli.apply_recipe(config.Config(recipe="recommended"))
+    message = training.collapse_message(3, 3, 1.0, recommended)
+    assert "--recipe=recommended" not in message and "--loss=ce_dice" not in message and "--lr=1e-3" not in message
+    assert "more epochs" in message
+    reference = training.collapse_message(3, 3, 1.0, config.Config())
+    assert "--recipe=recommended" in reference and "--loss=ce_dice" in reference and "--lr=1e-3" in reference
+
+
+def test_auto_downscale_without_a_pixel_size_names_geographic_tiles(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config.Config(downscale=0, pixel_size_m=0.0)
+    with caplog.at_level(logging.INFO):
+        train.resolve_downscale(cfg, type("Job", (), {"main": True})())
+    assert cfg.downscale == 2 and "in a geographic CRS, whose pixels are degrees" in caplog.text
