@@ -80,6 +80,9 @@ class ChangeJob:
             "threshold": self.rule.threshold,
             "bands": list(self.settings.bands),
             **{key: getattr(self.cfg, key) for key in scene.OUTPUT_KEYS},
+            # Dates predicted when nodata reached the network as zeros (false loss along collars and clouds)
+            # lack this key and are predicted again.
+            "nodata_fed_as": "nearest pixel with data",
         }
 
     def record(self, pair: Pair) -> dict:
@@ -91,6 +94,7 @@ class ChangeJob:
             **{key: getattr(self.cfg, key) for key in keys},
             "change_rule": change_detection.RULE_VERSION,  # a pair compared by an earlier rule is compared again
             "change_truth": str(self.truth or ""),
+            "change_truth_stamp": files.file_stamp(self.truth) if self.truth else "",  # a truth edited in place
             "before": str(pair.before.resolve()),
             "after": str(pair.after.resolve()),
             "before_stamp": files.file_stamp(pair.before),
@@ -222,6 +226,14 @@ def open_pair(pair: Pair, bands: Sequence[int], in_channels: int) -> Iterator[tu
         scene.open_scene(pair.before, bands, in_channels) as before,
         scene.open_scene(pair.after, bands, in_channels) as after,
     ):
+        if before.dtype != after.dtype:
+            # Each date is scaled by its type's range (255, 65535): the same ground would look many times darker
+            # at the 16-bit date, and every field would be "lost" or "gained".
+            raise DataError(
+                f"{pair.before} (before) holds {before.dtype} pixels, {pair.after} (after) {after.dtype}; expected "
+                "the same pixel type at both dates, since the network scales each by its type's range: export both "
+                "with the same bit depth (for example gdal_translate -ot Byte -scale)"
+            )
         yield before, after, change_detection.check_grids(before, after)
 
 
@@ -321,6 +333,8 @@ def detect_change(
 def run_pair(pair: Pair, job: ChangeJob) -> dict:
     """Predict both dates of a pair and write its change outputs; return its table row."""
     in_channels = job.state["config"]["in_channels"]
+    # A pair that fails from here on must not keep the row of an earlier run beside a newer map.
+    pair_outputs(Path(job.cfg.run_dir), pair.name)["json"].unlink(missing_ok=True)
     with open_pair(pair, job.settings.bands, in_channels) as (before, after, aligned):
         dates = predict_dates(pair, before, after, job)
         row = detect_change(pair, before, after, aligned, dates, job)
@@ -350,7 +364,9 @@ def check_pairs(pairs: Sequence[Pair], job: ChangeJob) -> tuple[list[Pair], int]
     ready, failures = [], 0
     for pair in pairs:
         try:
-            with open_pair(pair, job.settings.bands, job.state["config"]["in_channels"]):
+            with open_pair(pair, job.settings.bands, job.state["config"]["in_channels"]) as (before, _, _):
+                if job.truth is not None:
+                    change_detection.check_truth(job.truth, change_detection.grid_of(before), str(pair.before))
                 ready.append(pair)
         except DataError as err:
             LOG.error("%s", err)

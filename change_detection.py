@@ -135,6 +135,13 @@ class ChangeRule:
         """Raises ValueError unless the margin and tolerance can work."""
         if not 0 <= self.margin < 0.5:
             raise ValueError(f"--change_margin={self.margin}: expected 0 to below 0.5 (for example 0.2)")
+        if self.margin > min(self.threshold, 1 - self.threshold) + 1e-9:
+            raise ValueError(
+                f"--change_margin={self.margin} with the threshold {self.threshold:g}: a change would need a farmland "
+                f"probability of at most {self.threshold - self.margin:g} at one date and at least "
+                f"{self.threshold + self.margin:g} at the other, outside 0-1, so nothing could change; expected a "
+                f"margin of at most {min(self.threshold, 1 - self.threshold):g} (or another --threshold)"
+            )
         if self.edge_tolerance < 0:
             raise ValueError(f"--change_edge_tolerance={self.edge_tolerance}: expected 0 or more pixels")
 
@@ -207,7 +214,10 @@ def absorb_edges(codes: np.ndarray, stable: np.ndarray, before: Date, after: Dat
     n = rule.edge_tolerance
     if n <= 0:
         return codes
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * n + 1, 2 * n + 1))
+    # A disc of radius N: OpenCV's MORPH_ELLIPSE is not one (from N = 2 it reaches farther along rows than along
+    # columns), so a field moved east would be forgiven more than one moved south.
+    y, x = np.ogrid[-n : n + 1, -n : n + 1]
+    kernel = (x * x + y * y <= n * n).astype(np.uint8)
     out = codes.copy()
     for code, other in ((LOST, after), (GAINED, before)):
         near = cv2.dilate(farmland(other.mask).view(np.uint8), kernel).view(bool)
@@ -590,23 +600,17 @@ def score_change(change_path: Path, truth_path: Path) -> dict:
     CRS); read a strip of rows at a time.
 
     Raises:
-        DataError: the truth cannot be read or lies on another grid.
+        DataError: the truth cannot be read, lies on another grid or holds values other than 0-3 and 255.
     """
     with rasterio.open(change_path) as pred:
-        try:
-            truth = rasterio.open(truth_path)
-        except rasterio.RasterioIOError as err:
-            raise DataError(f"--change_truth={truth_path}: not a readable raster ({str(err)[:200]})") from None
-        with truth:
-            if (truth.width, truth.height) != (pred.width, pred.height):
-                raise DataError(
-                    f"--change_truth={truth_path}: {truth.width}x{truth.height} pixels, expected the before "
-                    f"scene's grid of {pred.width}x{pred.height} (the change map {change_path.name})"
-                )
+        check_truth(truth_path, grid_of(pred), f"the change map {change_path.name}")
+        with rasterio.open(truth_path) as truth:
             counts = np.zeros((2, 3), np.int64)  # lost, gained x (both, predicted only, true only)
+            found: set[int] = set()
             for top in range(0, pred.height, STRIP):
                 window = Window(0, top, pred.width, min(STRIP, pred.height - top))
                 p, t = pred.read(1, window=window), truth.read(1, window=window)
+                found.update(np.unique(t).tolist())
                 valid = (p != NODATA) & (t != NODATA)
                 for i, code in enumerate((LOST, GAINED)):
                     is_p, is_t = (p == code) & valid, (t == code) & valid
@@ -616,7 +620,41 @@ def score_change(change_path: Path, truth_path: Path) -> dict:
                         np.count_nonzero(~is_p & is_t),
                     ]
             pixel_m2 = scene.pixel_area_m2(pred.crs, pred.transform)
+    if stray := sorted(found - {*CHANGE_NAMES, NODATA}):
+        raise DataError(
+            f"--change_truth={truth_path}: holds the values {sorted(found)}; expected the change codes 0 stable "
+            f"background, 1 stable farmland, 2 farmland lost, 3 farmland gained and 255 unknown, not {stray}. "
+            "Recode it (a map of changed/unchanged pixels cannot say lost from gained)"
+        )
     return accuracy_from_counts(counts, pixel_m2)
+
+
+def check_truth(truth_path: Path, grid: dict, where: str) -> None:
+    """Check a true change map against the before scene's ``grid`` (grid_of): readable, of the same size and,
+    when georeferenced, of the same CRS and transform (a truth without a CRS is taken as the same pixels).
+
+    Raises:
+        DataError: naming the truth, the grid expected (``where``: the change map or the before scene) and the
+            grid found.
+    """
+    try:
+        truth = rasterio.open(truth_path)
+    except rasterio.RasterioIOError as err:
+        raise DataError(f"--change_truth={truth_path}: not a readable raster ({str(err)[:200]})") from None
+    with truth:
+        if (truth.width, truth.height) != (grid["width"], grid["height"]):
+            raise DataError(
+                f"--change_truth={truth_path}: {truth.width}x{truth.height} pixels, expected the before "
+                f"scene's grid of {grid['width']}x{grid['height']} ({where})"
+            )
+        t, g, crs = truth.transform, grid["transform"], grid["crs"]
+        if truth.crs is not None and (truth.crs != crs or not t.almost_equals(g, 1e-9)):
+            raise DataError(
+                f"--change_truth={truth_path}: lies on another grid than the before scene ({truth.crs.to_string()}, "
+                f"origin {t.c:.2f}, {t.f:.2f}, pixel {t.a:g} against {crs.to_string() if crs else 'no CRS'}, origin "
+                f"{g.c:.2f}, {g.f:.2f}, pixel {g.a:g} in {where}); expected the true change on the before scene's "
+                "grid: warp it there (gdalwarp -te/-tr, nearest)"
+            )
 
 
 def accuracy_from_counts(counts: np.ndarray, pixel_m2: float | None) -> dict:

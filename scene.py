@@ -471,6 +471,21 @@ def pad_to(block: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.pad(block, ((0, max(extra_rows, 0)), (0, max(extra_cols, 0)), (0, 0)), mode=mode)
 
 
+def filled_nodata(block: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """An (h, w, C) block whose nodata pixels (``empty``) take the value of the nearest pixel that holds data, so
+    that the network does not take a zero collar or a masked cloud for black ground: fed as zeros, they turn
+    the fields along them into background tens of pixels deep (false loss along every collar in change.py).
+    The block itself when it has no nodata, or no pixel with data."""
+    if not empty.any() or empty.all():
+        return block
+    # The labels of the distance transform name each pixel's nearest zero, here its nearest pixel with data.
+    _, labels = cv2.distanceTransformWithLabels(empty.view(np.uint8), cv2.DIST_L2, 3, labelType=cv2.DIST_LABEL_PIXEL)
+    with_data = np.flatnonzero(~empty)  # row-major, as the labels number the zeros (from 1)
+    filled = block.copy()
+    filled[empty] = block.reshape(-1, block.shape[2])[with_data[labels[empty] - 1]]
+    return filled
+
+
 def blended_rows(
     model: torch.nn.Module,
     scene: Scene,
@@ -504,8 +519,14 @@ def blended_rows(
         try:
             raw = scene.read_rows(top, bottom)
         except rasterio.RasterioIOError as err:
-            raise DataError(f"{scene.path}: rows {top}-{bottom} cannot be read ({str(err)[:200]})") from None
-        padded = pad_to(raw, window, padded_width)
+            # rasterio's own text only says "see previous exception"; GDAL's reason is the cause.
+            reason = str(err.__cause__ or err)[:200]
+            raise DataError(
+                f"{scene.path}: rows {top}-{bottom} cannot be read ({reason}); expected a complete GeoTIFF: the file "
+                "is truncated or corrupt, so copy or export it again (gdal_translate), or remove it"
+            ) from None
+        nodata = nodata_pixels(raw, scene.nodata, axis=2)
+        padded = pad_to(filled_nodata(raw, nodata), window, padded_width)
         for start in range(0, len(cols_at), batch):
             lefts = cols_at[start : start + batch]
             tiles = [image_to_float(padded[:, x : x + window], in_channels, scene.path) for x in lefts]
@@ -520,7 +541,7 @@ def blended_rows(
         done = bottom - top if last else stride
         divisor = torch.from_numpy(np.outer(row_cover[top : top + done], col_cover))
         blended = summed[:, :done, : scene.width] / divisor
-        yield top, blended.numpy(), nodata_pixels(raw[:done], scene.nodata, axis=2)
+        yield top, blended.numpy(), nodata[:done]
         if not last:
             # Keep the rows the next row of windows overlaps; clear the rest for it.
             summed[:, : window - stride] = summed[:, stride:].clone()

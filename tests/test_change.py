@@ -82,6 +82,9 @@ def test_the_confidence_margin() -> None:
     assert codes_of(percent([[50, 50]]), percent([[10, 11]]), tuned) == [[2, 1]]
     with pytest.raises(ValueError, match="change_margin=0.5: expected 0 to below 0.5"):
         cd.ChangeRule(margin=0.5).check()
+    cd.ChangeRule(threshold=0.3, margin=0.3).check()  # background at most 0: still possible
+    with pytest.raises(ValueError, match=r"change_margin=0.35 with the threshold 0.3: .* at most -0.05 .* nothing"):
+        cd.ChangeRule(threshold=0.3, margin=0.35).check()
 
 
 def test_the_masks_decide_and_the_margin_compares_whole_percents() -> None:
@@ -136,6 +139,17 @@ def test_edge_tolerance_absorbs_a_field_edge_moved_by_misregistration() -> None:
     assert not np.isin(tolerant[:, :40], [cd.LOST, cd.GAINED]).any()
     assert (tolerant[5:25, 45:55] == cd.LOST).all()
     assert (tolerant[5:25, 44:46] == codes[5:25, 44:46]).all()
+
+
+def test_edge_tolerance_is_the_same_distance_in_every_direction() -> None:
+    # Lost pixels at (2, 1) and (1, 2) pixels from the after date's farmland: both sqrt(5) > 2 away, both kept.
+    before, after = np.full((21, 21), 5, np.uint8), np.full((21, 21), 5, np.uint8)
+    after[10, 10] = 95
+    before[12, 11] = before[11, 12] = before[8, 10] = 95  # the last one 2 pixels north: absorbed
+    rule = cd.ChangeRule(margin=0.2, edge_tolerance=2)
+    codes = cd.classify_block(date(before), date(after), rule)
+    assert (codes[12, 11], codes[11, 12], codes[8, 10]) == (cd.LOST, cd.LOST, cd.STABLE_BACKGROUND)
+    assert np.array_equal(codes, cd.classify_block(date(before.T.copy()), date(after.T.copy()), rule).T)
 
 
 def test_minimum_mapping_unit_sends_small_patches_back_to_stable() -> None:
@@ -379,6 +393,85 @@ def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_se
     assert json.loads(record.read_text(encoding="utf-8"))["tta"] is True
 
 
+def test_a_true_change_map_edited_in_place_is_scored_again(checkpoint: Path, tmp_path: Path) -> None:
+    before = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
+    after = write_geotiff(tmp_path / "in" / "b.tif", scene_pixels(1, moved=True))
+    truth, run_dir = tmp_path / "truth.tif", tmp_path / "run"
+    pair_json = change.pair_outputs(run_dir, "a_to_b")["json"]
+    write_geotiff(truth, np.zeros((1, HEIGHT, WIDTH), np.uint8))
+    assert run_change(run_dir, checkpoint, before, after, f"--change_truth={truth}") == 0
+    assert json.loads(pair_json.read_text(encoding="utf-8"))["accuracy"]["lost_true"] == 0
+    write_geotiff(truth, np.full((1, HEIGHT, WIDTH), cd.LOST, np.uint8))  # the same path, other codes
+    assert run_change(run_dir, checkpoint, before, after, f"--change_truth={truth}") == 0
+    assert json.loads(pair_json.read_text(encoding="utf-8"))["accuracy"]["lost_true"] > 0
+
+
+def test_a_zero_collar_and_cloud_at_one_date_make_no_change_along_them(checkpoint: Path, tmp_path: Path) -> None:
+    # The same scene at both dates, the after one with a zero collar (as a reprojected scene has) and a zero
+    # cloud: nodata, not black ground, so the fields along them must not turn into "lost".
+    image = scene_pixels(1)
+    clouded = image.copy()
+    clouded[:, :, -3:] = 0
+    clouded[:, 40:60, 50:80] = 0
+    before = write_geotiff(tmp_path / "2019" / "a.tif", image)
+    after = write_geotiff(tmp_path / "2024" / "a.tif", clouded)
+    assert run_change(tmp_path / "run", checkpoint, before, after, "--change_margin=0.1") == 0
+    row = json.loads(change.pair_outputs(tmp_path / "run", "a")["json"].read_text(encoding="utf-8"))
+    assert row["valid_pixels"] == HEIGHT * WIDTH - 3 * HEIGHT - 20 * 30
+    assert (row["lost_pixels"], row["gained_pixels"]) == (0, 0)
+    # Dates predicted before nodata was fed as its nearest pixels (their records lack the key) are predicted again.
+    record = change.date_outputs(tmp_path / "run", "a", "after")["record"]
+    older = json.loads(record.read_text(encoding="utf-8"))
+    del older["nodata_fed_as"]
+    record.write_text(json.dumps(older), encoding="utf-8")
+    probability = change.date_outputs(tmp_path / "run", "a", "after")["probability"]
+    made = probability.stat().st_mtime_ns
+    assert run_change(tmp_path / "run", checkpoint, before, after, "--change_margin=0.15") == 0
+    assert probability.stat().st_mtime_ns > made
+
+
+def test_a_truncated_scene_is_named_with_gdals_reason_and_the_other_pairs_go_on(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("a", "b"):
+        write_geotiff(tmp_path / "2019" / f"{name}.tif", scene_pixels(1))
+        write_geotiff(tmp_path / "2024" / f"{name}.tif", scene_pixels(1, moved=True))
+    bad = tmp_path / "2024" / "b.tif"
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[: len(whole) * 6 // 10])  # opens; its last rows cannot be read
+    assert run_change(tmp_path / "run", checkpoint, tmp_path / "2019", tmp_path / "2024") == 1
+    assert change.pair_outputs(tmp_path / "run", "a")["json"].exists()
+    assert not change.pair_outputs(tmp_path / "run", "b")["json"].exists()
+    assert f"{bad}: rows" in caplog.text and "See previous exception" not in caplog.text
+    assert "the file is truncated or corrupt, so copy or export it again" in caplog.text
+
+
+def test_a_pair_that_fails_keeps_no_row_of_an_earlier_run(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
+    after = write_geotiff(tmp_path / "in" / "b.tif", scene_pixels(1, moved=True))
+    run_dir, table = tmp_path / "run", tmp_path / "run" / "change" / "change_area.csv"
+    assert run_change(run_dir, checkpoint, before, after) == 0
+    assert "a_to_b" in table.read_text(encoding="utf-8-sig")
+    # A truth on another grid is refused before anything is predicted or written: the earlier outputs stay whole.
+    moved = geotiff(
+        tmp_path / "moved.tif",
+        np.zeros((1, HEIGHT, WIDTH), np.uint8),
+        crs=CRS,
+        transform=TRANSFORM @ Affine.translation(5, 0),
+    )
+    made = change.pair_outputs(run_dir, "a_to_b")["change"].stat().st_mtime_ns
+    assert run_change(run_dir, checkpoint, before, after, "--change_margin=0.1", f"--change_truth={moved}") == 1
+    assert f"--change_truth={moved}: lies on another grid" in caplog.text
+    assert change.pair_outputs(run_dir, "a_to_b")["change"].stat().st_mtime_ns == made
+    # A truth whose codes are found wrong once the new map is written: the old row goes with the old map.
+    codes = write_geotiff(tmp_path / "codes.tif", np.full((1, HEIGHT, WIDTH), 9, np.uint8))
+    assert run_change(run_dir, checkpoint, before, after, "--change_margin=0.1", f"--change_truth={codes}") == 1
+    assert not change.pair_outputs(run_dir, "a_to_b")["json"].exists()
+    assert "a_to_b" not in table.read_text(encoding="utf-8-sig")
+
+
 def test_other_files_under_the_same_names_are_compared_again(checkpoint: Path, tmp_path: Path) -> None:
     # Paired folders of dates share file names by design: 2019 against 2024 after 2019 against 2022.
     before = write_geotiff(tmp_path / "2019" / "a.tif", scene_pixels(1))
@@ -444,12 +537,15 @@ def test_bad_pairs_name_both_files_and_the_good_pair_goes_on(
     write_geotiff(after_dir / "nocrs.tif", scene_pixels(1), crs=None, transform=Affine.identity())
     write_geotiff(before_dir / "bands.tif", scene_pixels(1))
     write_geotiff(after_dir / "bands.tif", np.concatenate([scene_pixels(1), scene_pixels(2)[:1]]))
+    write_geotiff(before_dir / "depth.tif", scene_pixels(1))
+    write_geotiff(after_dir / "depth.tif", scene_pixels(1).astype(np.uint16) * 4)  # 10-bit values in 16 bits
     run_dir = tmp_path / "run"
     assert run_change(run_dir, checkpoint, before_dir, after_dir) == 1
     text = caplog.text
     assert f"{before_dir / 'far.tif'} (before) and {after_dir / 'far.tif'} (after): the scenes do not overlap" in text
     assert f"{after_dir / 'nocrs.tif'} has no CRS, {before_dir / 'nocrs.tif'} has {CRS}" in text
     assert f"{before_dir / 'bands.tif'} (before) has 3 band(s), {after_dir / 'bands.tif'} (after) has 4" in text
+    assert f"{before_dir / 'depth.tif'} (before) holds uint8 pixels, {after_dir / 'depth.tif'} (after) uint16" in text
     assert [p.name for p in (run_dir / "change").glob("*_change.tif")] == ["good_change.tif"]
     assert not list((run_dir / "change" / "dates").glob("far*")) and not list(
         (run_dir / "change" / "dates").glob("bands*")
@@ -567,6 +663,13 @@ def test_score_of_a_hand_made_change_map(tmp_path: Path) -> None:
     assert score["lost_predicted"] == pytest.approx(3 * 4 / 1e4) and score["lost_true"] == pytest.approx(3 * 4 / 1e4)
     with pytest.raises(cd.DataError, match=r"t2.tif: 3x2 pixels, expected the before scene's grid of 5x2"):
         cd.score_change(paths[0], write_geotiff(tmp_path / "t2.tif", truth[None, :, :3]))
+    moved = geotiff(tmp_path / "t3.tif", truth[None], crs=CRS, transform=TRANSFORM @ Affine.translation(1, 0))
+    with pytest.raises(cd.DataError, match=r"t3.tif: lies on another grid than the before scene .*origin 500002.00"):
+        cd.score_change(paths[0], moved)
+    binary = write_geotiff(tmp_path / "t4.tif", np.where(truth == 2, 255, 1).astype(np.uint8)[None])
+    assert cd.score_change(paths[0], binary)["lost_iou"] == 0.0  # 255 is unknown: nothing left to score
+    with pytest.raises(cd.DataError, match=r"t5.tif: holds the values \[0, 1, 3, 7, 255\]; expected the change codes"):
+        cd.score_change(paths[0], write_geotiff(tmp_path / "t5.tif", np.where(truth == 2, 7, truth)[None]))
 
 
 def test_each_dates_farmland_is_its_own_mask_at_a_threshold_on_a_whole_percent(

@@ -155,6 +155,22 @@ def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(checkpoin
     assert [r["image"] for r in read_table(run_dir)] == [str(other), str(source)] and read_table(run_dir)[1] == row
 
 
+def test_nodata_reaches_the_network_as_its_nearest_pixel_with_data() -> None:
+    block = np.arange(1, 51, dtype=np.uint16).reshape(5, 5, 2)
+    empty = np.zeros((5, 5), bool)
+    empty[0], empty[:, 4], empty[2, 2] = True, True, True  # a collar along two sides and a hole
+    filled = scene.filled_nodata(np.where(empty[..., None], 0, block).astype(np.uint16), empty)
+    assert filled[:, :, 0].tolist() == [
+        [11, 13, 15, 17, 17],
+        [11, 13, 15, 17, 17],
+        [21, 23, 15, 27, 27],
+        [31, 33, 35, 37, 37],
+        [41, 43, 45, 47, 47],
+    ]
+    assert np.array_equal(filled[~empty], block[~empty]) and (filled[:, :, 1] == filled[:, :, 0] + 1).all()
+    assert scene.filled_nodata(block, np.ones((5, 5), bool)) is block  # all nodata: nothing to copy
+
+
 def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -247,7 +263,9 @@ def scene_probabilities(model: torch.nn.Module, source: Path, settings: scene.Sc
 def test_window_by_window_equals_the_whole_scene_where_windows_overlap_enough(state: dict, tmp_path: Path) -> None:
     source = write_geotiff(tmp_path / "scene.tif", scene_pixels())
     model = inference.inference_model(state, CPU, True, None)
-    image = torch.from_numpy(scene_pixels()[None].astype(np.float32) / 255)
+    pixels = scene_pixels().transpose(1, 2, 0)  # its nodata corner fed as its nearest pixels, as windows feed it
+    pixels = scene.filled_nodata(pixels, ~pixels.any(axis=2)).transpose(2, 0, 1)
+    image = torch.from_numpy(pixels[None].astype(np.float32) / 255)
     whole = inference.predict_probabilities(model, image, CPU)[0, 1].numpy()
     blended = scene_probabilities(model, source, scene.SceneSettings(window=256, overlap=128, batch_size=4))[1]
     # Away from the scene's edges (where the whole scene and a window pad differently) the blend matches the
