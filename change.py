@@ -330,9 +330,28 @@ def detect_change(
     return row
 
 
+def warn_replaced(pair: Pair, run_dir: Path) -> None:
+    """Warn when the pair's outputs hold another pair of files under its name (2019 against 2022, now against
+    2024): they are replaced, and with them that pair's row of the table."""
+    row = files.read_record(pair_outputs(run_dir, pair.name)["json"])
+    settings = row.get("settings") if isinstance(row, dict) else None
+    if not isinstance(settings, dict):
+        return
+    earlier = (settings.get("before"), settings.get("after"))
+    if None not in earlier and earlier != (str(pair.before.resolve()), str(pair.after.resolve())):
+        LOG.warning(
+            "%s: replaces the comparison of %s with %s made earlier under the same name in %s, and its row of "
+            "change_area.csv; to keep both, compare the other dates into another --run_dir",
+            pair.name,
+            *earlier,
+            run_dir,
+        )
+
+
 def run_pair(pair: Pair, job: ChangeJob) -> dict:
     """Predict both dates of a pair and write its change outputs; return its table row."""
     in_channels = job.state["config"]["in_channels"]
+    warn_replaced(pair, Path(job.cfg.run_dir))
     # A pair that fails from here on must not keep the row of an earlier run beside a newer map.
     pair_outputs(Path(job.cfg.run_dir), pair.name)["json"].unlink(missing_ok=True)
     with open_pair(pair, job.settings.bands, in_channels) as (before, after, aligned):

@@ -472,14 +472,19 @@ def test_a_pair_that_fails_keeps_no_row_of_an_earlier_run(
     assert "a_to_b" not in table.read_text(encoding="utf-8-sig")
 
 
-def test_other_files_under_the_same_names_are_compared_again(checkpoint: Path, tmp_path: Path) -> None:
+def test_other_files_under_the_same_names_are_compared_again(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Paired folders of dates share file names by design: 2019 against 2024 after 2019 against 2022.
     before = write_geotiff(tmp_path / "2019" / "a.tif", scene_pixels(1))
     for folder, seed in (("2022", 2), ("2024", 3)):
         write_geotiff(tmp_path / folder / "a.tif", scene_pixels(seed, moved=True))
     run_dir = tmp_path / "run"
     assert run_change(run_dir, checkpoint, before, tmp_path / "2022" / "a.tif") == 0
+    assert "replaces the comparison" not in caplog.text
     assert run_change(run_dir, checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
+    replaced = f"a: replaces the comparison of {before.resolve()} with {(tmp_path / '2022' / 'a.tif').resolve()}"
+    assert replaced in caplog.text
     assert run_change(tmp_path / "fresh", checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
     rows = {}
     for name in ("run", "fresh"):
