@@ -56,8 +56,9 @@ def convert_value(key: str, text: str, default: Any) -> Any:
         return kind(text)
     except ValueError:
         shown = ",".join(str(v) for v in default) if kind is tuple else default
+        words = " (true or false; also 1/0, yes/no, y/n, on/off)" if kind is bool else ""
         raise ValueError(
-            f"--{key}={text!r}: expected a value of type {kind.__name__} "
+            f"--{key}={text!r}: expected a value of type {kind.__name__}{words} "
             f"(the default is {shown!r}); fix the value on the command line"
         ) from None
 
@@ -106,6 +107,9 @@ def parse_command(argv: Sequence[str] | None = None, description: str = "") -> t
         if key not in valid:
             raise ValueError(f"unknown config key {key!r}; valid keys are: {', '.join(valid)}")
         setattr(cfg, key, convert_value(key, text, getattr(Config, key)))
+        if key == "seed" and cfg.seed < 0:
+            # numpy's generators (the split, augment.py) take no negative seed and say so without naming it.
+            raise ValueError(f"--seed={cfg.seed}: expected a seed of 0 or more; use --seed=42 as the reference")
         given.add(key)
     return apply_recipe(cfg, given), frozenset(given)
 

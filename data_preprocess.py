@@ -568,6 +568,12 @@ def split_scenes(run_dir: Path, split: str) -> int | None:
     return count if isinstance(count, int) else None
 
 
+EMPTY_TEST_SPLIT = (
+    "the test split lists no tiles (too few tiles or scenes to fill it, or --split_ratios gave it none); run "
+    "split_dataset.py again with a test share in --split_ratios and enough tiles or scenes for it"
+)
+
+
 def read_pair_list(path: Path) -> list[tuple[Path, Path]]:
     """Read a split list written by split_dataset.py: one ``image<TAB>mask`` pair per line.
 

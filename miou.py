@@ -42,9 +42,9 @@ import numpy as np
 import cli
 import files
 from config import Config
-from data_preprocess import load_mask, parse_bands, read_image, read_pair_list, shown_channels
+from data_preprocess import EMPTY_TEST_SPLIT, load_mask, parse_bands, read_image, read_pair_list, shown_channels
 from figures import photo_to_show, pyplot, save_figure
-from files import file_stamp, prediction_path, shown_path
+from files import DataError, file_stamp, prediction_path, shown_path
 from metrics import evaluate_pairs, summarise
 from png_text import read_texts
 from tile_prediction import MADE_WITH_COMPARED, SOURCE_KEY, STAMP_KEY, made_with_of, source_texts
@@ -344,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     cli.save_config(cfg, "miou")
     pairs = read_pair_list(run_dir / "splits" / "test.txt")
+    if not pairs:
+        raise DataError(f"{run_dir / 'splits' / 'test.txt'}: {EMPTY_TEST_SPLIT}")
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
     left_out, made = left_out_masks(cfg, lookup)
     skipped = set(left_out)

@@ -32,7 +32,7 @@ import torch
 import cli
 import scene
 from config import Config
-from data_preprocess import list_images, parse_bands, read_pair_list, rgb_bands_for
+from data_preprocess import EMPTY_TEST_SPLIT, list_images, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, name_problem, prediction_path
 from inference import inference_model, with_threshold
@@ -59,7 +59,11 @@ def list_inputs(cfg: Config) -> list[Path]:
         DataError: the input does not exist or holds no images.
     """
     if not cfg.predict_input:
-        return [image for image, _ in read_pair_list(Path(cfg.run_dir) / "splits" / "test.txt")]
+        test_list = Path(cfg.run_dir) / "splits" / "test.txt"
+        images = [image for image, _ in read_pair_list(test_list)]
+        if not images:
+            raise DataError(f"{test_list}: {EMPTY_TEST_SPLIT}, or predict a folder with --predict_input")
+        return images
     source = Path(cfg.predict_input)
     if source.is_file():
         return [source]

@@ -22,7 +22,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -77,6 +77,7 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
             )
     scan = Scan()
     masks: dict[str, list[Path]] = {}
+    misnamed: list[Path] = []
     for path in list_images(label_dir):
         if problem := files.name_problem(path):
             scan.rejected.append((Path(files.shown_path(path)), "error", problem))
@@ -84,13 +85,18 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
             # An empty suffix pairs labels/a.png with images/a.png.
             masks.setdefault(path.stem[: len(path.stem) - len(mask_suffix)], []).append(path)
         else:
-            scan.rejected.append((path, "orphan", f"mask name does not end in '{mask_suffix}' before the extension"))
+            misnamed.append(path)
     images: dict[str, list[Path]] = {}
     for path in list_images(image_dir):
         if problem := files.name_problem(path):
             scan.rejected.append((Path(files.shown_path(path)), "error", problem))
         else:
             images.setdefault(path.stem, []).append(path)
+    for path in misnamed:
+        reason = f"mask name does not end in '{mask_suffix}' before the extension"
+        if suffix := suffix_after_image(path.stem, images):
+            reason += f"; if masks are named <image name>{suffix}, pass --mask_suffix={suffix}"
+        scan.rejected.append((path, "orphan", reason))
     for stem in sorted(set(images) | set(masks)):
         found_images, found_masks = images.get(stem, []), masks.get(stem, [])
         if len(found_images) > 1 or len(found_masks) > 1:
@@ -110,6 +116,15 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
         else:
             scan.pairs.append((found_images[0], found_masks[0]))
     return scan
+
+
+def suffix_after_image(mask_stem: str, images: Collection[str]) -> str:
+    """What follows the longest image stem that begins ``mask_stem`` ("_label" for a_label beside image a);
+    empty when no image stem begins it."""
+    for end in range(len(mask_stem) - 1, 0, -1):
+        if mask_stem[:end] in images:
+            return mask_stem[end:]
+    return ""
 
 
 def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str] | tuple[int, int, int, int]:
@@ -321,6 +336,12 @@ def _log_rejected(rejected: Sequence[tuple[Path, str, str]]) -> None:
 def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
     """Each usable pair's scene (scene_groups), warning about the names ``pattern`` does not match."""
     groups, unmatched = scene_groups(usable, pattern)
+    if pattern and len(usable) > 1 and len(set(groups)) == 1:
+        raise ValueError(
+            f"--group_pattern={pattern!r} puts all {len(usable)} tiles in one scene ({groups[0]!r}), which leaves "
+            "no scene for val and test: its first group must name each tile's scene; for tiles named "
+            r"<scene>_r<row>c<col> use --group_pattern='^(.+)_r\d+c\d+$', or leave it out to split by tile"
+        )
     if unmatched:
         LOG.warning(
             "%d of %d tile names do not match --group_pattern=%r; each of those is split as a scene of its own",
@@ -358,13 +379,21 @@ def _summary(
     return summary
 
 
-def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path) -> None:
+def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path, ignore_index: int = -1) -> None:
     """Log the farmland shares and the split counts."""
     LOG.info("farmland share of the pixels: %s", ", ".join(f"{k} {v}" for k, v in summary["farmland_share"].items()))
     if n_usable and not any(summary["farmland_share"].values()):
+        cause = (
+            f" --ignore_index={ignore_index} makes every pixel of value {ignore_index} unlabelled, which in "
+            f"0/{ignore_index} masks is all the farmland: leave --ignore_index out unless another value marks "
+            "unlabelled pixels."
+            if ignore_index in (1, 255)
+            else ""
+        )
         LOG.warning(
-            "no mask holds any farmland: a network trained on these learns to call everything background. Check "
-            "that farmland is 255 (or 1) in the masks and, if --mask_threshold is set, that farmland reaches it"
+            "no mask holds any farmland: a network trained on these learns to call everything background.%s Check "
+            "that farmland is 255 (or 1) in the masks and, if --mask_threshold is set, that farmland reaches it",
+            cause,
         )
     LOG.info(
         "split %d pairs: train %d, val %d, test %d | files left out: unusable %d, filtered %d, orphans %d (see %s)",
@@ -413,6 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Scan, check and split the data set; write the lists and the report under run_dir/splits."""
     cfg = cli.parse_args(argv, __doc__ or "")
     check_ratios(cfg.split_ratios)
+    if cfg.ignore_index == 0:
+        raise ValueError(
+            "--ignore_index=0: 0 is background in every mask, so all background would count in no loss and no "
+            "metric; give the value that marks unlabelled pixels (--ignore_index=128), or leave it out"
+        )
     parse_bands_for(cfg.bands, cfg.in_channels)
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "split_dataset")
@@ -424,7 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not usable:
         raise DataError(
             f"no usable image/mask pairs in {data_dir}: expected {cfg.image_subdir}/<name>.png with "
-            f"{cfg.label_subdir}/<name>{cfg.mask_suffix}.png ({len(scan.rejected)} file(s) rejected, listed above)"
+            f"{cfg.label_subdir}/<name>{cfg.mask_suffix}.png ({len(scan.rejected)} file(s) rejected, listed above); "
+            "masks named otherwise need --mask_suffix (--mask_suffix=_label for a_label.png), other folders "
+            "--image_subdir and --label_subdir"
         )
     groups = _scenes_of(usable, cfg.group_pattern)
     pixels = [pixels_of[p] for p in usable] if cfg.stratify else None
@@ -437,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = _summary(splits, scan.rejected, pixels_of, dict(zip(usable, groups)) if cfg.group_pattern else None)
     files.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     warn_few_scenes(summary.get("groups", {}))
-    _log_summary(summary, len(usable), out / "rejected.csv")
+    _log_summary(summary, len(usable), out / "rejected.csv", cfg.ignore_index)
     if summary["errors"]:
         LOG.error("%d file(s) are unusable and were left out; fix them (messages above) and re-run", summary["errors"])
         return 1

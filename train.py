@@ -420,6 +420,16 @@ SETTING_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("scale_jitter", lambda v: 0 <= v < 0.5, "a zoom fraction from 0 (off) to below 0.5", "--scale_jitter=0.1"),
     ("focal_gamma", lambda v: v >= 0, "a focusing exponent of 0 or more", "--focal_gamma=2 (0 is cross-entropy)"),
     ("collapse_patience", lambda v: v >= 0, "a number of epochs, or 0 for off", "--collapse_patience=3"),
+    ("batch_size", lambda v: v >= 1, "1 or more tiles per training step", "--batch_size=5 as the reference"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a learning rate above 0", "--lr=1e-4 as the reference"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a weight decay of 0 or more", "--weight_decay=1e-8"),
+    ("step_size", lambda v: v >= 1, "1 or more epochs between learning-rate drops", "--step_size=20"),
+    ("gamma", lambda v: math.isfinite(v) and v > 0, "a factor above 0 for each learning-rate drop", "--gamma=0.5"),
+    ("warmup_epochs", lambda v: math.isfinite(v) and v >= 0, "epochs of warm-up, or 0 for none", "--warmup_epochs=1"),
+    ("early_stop", lambda v: v >= 0, "a number of epochs, or 0 for never", "--early_stop=10, or 0"),
+    ("snapshot_every", lambda v: v >= 0, "a number of epochs, or 0 for never", "--snapshot_every=10, or 0"),
+    # 0 is background in every mask: as the unlabelled value it would leave only farmland to learn from.
+    ("ignore_index", lambda v: v != 0, "the mask value of unlabelled pixels, not 0 (background)", "--ignore_index=128"),
     # One tile's one-pixel deepest maps (a ResNet encoder's) give BatchNorm no statistics.
     (
         "precise_bn",
@@ -748,7 +758,7 @@ def report(cfg: Config, progress: Progress, board: Any) -> None:
         ema_tuned = f", {row['val_ema_tuned_farmland_iou']:.4f}" if math.isfinite(row["val_ema_threshold"]) else ""
         ema = f" | EMA {row['val_ema_farmland_iou']:.4f}{ema_tuned}"
     LOG.info(
-        "epoch %d/%d | train loss %.4f | val loss %.4f | val farmland IoU %.4f%s%s (best %.4f, epoch %d%s) "
+        "epoch %d/%d | train loss %.4f | val loss %.4f | val farmland IoU %.4f%s%s (%s %.4f, epoch %d%s) "
         "| lr %.2e | %.1f s",
         row["epoch"],
         cfg.epochs,
@@ -757,6 +767,8 @@ def report(cfg: Config, progress: Progress, board: Any) -> None:
         row["val_farmland_iou"],
         f", {row['val_tuned_farmland_iou']:.4f} at threshold {row['val_threshold']:.3f}" if tuned else "",
         ema,
+        # keep_epoch=last keeps every epoch in best.pth, whatever it scored: "best" would name a worse one.
+        "kept" if cfg.keep_epoch == "last" else "best",
         progress.best_iou,
         progress.best_epoch,
         ", EMA weights" if progress.best_weights == "ema" else "",
@@ -993,7 +1005,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
     with leaving_distributed():
         summary = train(cfg, job)
-    LOG.info("best val farmland IoU %.4f at epoch %d: %s", summary["best_iou"], summary["best_epoch"], summary["best"])
+    if cfg.keep_epoch == "last":
+        LOG.info(
+            "kept the last epoch, %d (val farmland IoU %.4f; keep_epoch=last), whatever earlier epochs scored: %s",
+            summary["best_epoch"],
+            summary["best_iou"],
+            summary["best"],
+        )
+    else:
+        LOG.info(
+            "best val farmland IoU %.4f at epoch %d: %s", summary["best_iou"], summary["best_epoch"], summary["best"]
+        )
     return 0
 
 

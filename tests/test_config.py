@@ -77,8 +77,13 @@ def test_unknown_key_lists_the_valid_keys() -> None:
 def test_wrong_type_names_key_and_expected_type() -> None:
     with pytest.raises(ValueError, match=r"--epochs='ten': expected a value of type int"):
         cli.parse_args(["--epochs=ten"])
-    with pytest.raises(ValueError, match=r"--resume='maybe': expected a value of type bool"):
+    with pytest.raises(ValueError, match=r"--resume='maybe': expected a value of type bool \(true or false; "):
         cli.parse_args(["--resume=maybe"])
+
+
+def test_a_negative_seed_is_refused_naming_the_key() -> None:
+    with pytest.raises(ValueError, match=r"--seed=-1: expected a seed of 0 or more; use --seed=42"):
+        cli.parse_args(["--seed=-1"])
 
 
 def test_malformed_argument_is_refused() -> None:

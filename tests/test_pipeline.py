@@ -217,6 +217,16 @@ def test_miou_reports_missing_predictions(square_data: Path, tmp_path: Path, cap
     assert "prediction not found" in caplog.text
 
 
+def test_an_empty_test_split_is_named_by_predict_and_miou(shared_square_data: Path, run_copy: Path) -> None:
+    # The old code wrote 0 masks with exit status 0, then miou.py said "no test image could be scored (0 problem(s)".
+    (run_copy / "splits" / "test.txt").write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match=r"test\.txt: the test split lists no tiles .*--split_ratios"):
+        predict.main(args(shared_square_data, run_copy))
+    with pytest.raises(DataError, match=r"test\.txt: the test split lists no tiles"):
+        miou.main(args(shared_square_data, run_copy))
+    assert not (run_copy / "predictions").exists() and not (run_copy / "metrics.json").exists()
+
+
 def final_val_iou(run_dir: Path) -> float:
     return float(torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["history"][-1]["val_farmland_iou"])
 

@@ -98,6 +98,31 @@ def test_masks_named_as_their_images_pair_with_an_empty_suffix(tmp_path: Path) -
     assert not rejected(tmp_path / "run")
 
 
+def test_masks_with_another_suffix_are_met_with_the_mask_suffix_to_pass(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image, mask = square_tile(rng)
+        write_image(data / "images" / f"t{i}.png", image)
+        write_image(data / "labels" / f"t{i}_label.png", mask)
+    with pytest.raises(DataError, match=r"masks named otherwise need --mask_suffix"):
+        run_split(data, tmp_path / "run")
+    scan = find_pairs(data / "images", data / "labels", "_mask")
+    reasons = {p.name: reason for p, kind, reason in scan.rejected if kind == "orphan"}
+    assert "pass --mask_suffix=_label" in reasons["t0_label.png"]
+    assert run_split(data, tmp_path / "run", "--mask_suffix=_label") == 0
+
+
+def test_an_ignore_index_that_swallows_a_class_is_refused_or_named(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The old code split 0/255 masks under --ignore_index=0 as all farmland, silently.
+    with pytest.raises(ValueError, match=r"--ignore_index=0: 0 is background in every mask"):
+        run_split(square_data, tmp_path / "run", "--ignore_index=0")
+    assert run_split(square_data, tmp_path / "run", "--ignore_index=255") == 0
+    assert "--ignore_index=255 makes every pixel of value 255 unlabelled" in caplog.text
+
+
 def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -240,6 +265,13 @@ def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path, caplog: pyt
 def test_bad_group_pattern_is_refused_with_an_example(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a valid regular expression"):
         run_split(square_data, tmp_path / "run", "--group_pattern=(unclosed")
+
+
+def test_a_group_pattern_that_makes_one_scene_of_every_tile_is_refused(square_data: Path, tmp_path: Path) -> None:
+    # '^t' has no group and matches every stem the same way: the old code split every tile into train, exit 0.
+    with pytest.raises(ValueError, match=r"--group_pattern='\^t' puts all 20 tiles in one scene \('t'\)"):
+        run_split(square_data, tmp_path / "run", "--group_pattern=^t")
+    assert not (tmp_path / "run" / "splits" / "train.txt").exists()
 
 
 def test_each_alternative_of_a_group_pattern_may_hold_the_group() -> None:

@@ -350,6 +350,16 @@ def test_time_budget_stops_when_epochs_slow_down(
         ("--scale_jitter=-0.1", r"--scale_jitter=-0.1: expected a zoom fraction"),
         ("--focal_gamma=-0.5", r"--focal_gamma=-0.5: expected a focusing exponent of 0 or more; use --focal_gamma=2"),
         ("--collapse_patience=-1", r"--collapse_patience=-1: expected a number of epochs, or 0 for off"),
+        ("--batch_size=0", r"--batch_size=0: expected 1 or more tiles per training step; use --batch_size=5"),
+        ("--lr=-1", r"--lr=-1.0: expected a learning rate above 0; use --lr=1e-4"),
+        ("--lr=0", r"--lr=0.0: expected a learning rate above 0"),
+        ("--weight_decay=-1", r"--weight_decay=-1.0: expected a weight decay of 0 or more"),
+        ("--step_size=0", r"--step_size=0: expected 1 or more epochs between learning-rate drops"),
+        ("--gamma=0", r"--gamma=0.0: expected a factor above 0"),
+        ("--warmup_epochs=-1", r"--warmup_epochs=-1.0: expected epochs of warm-up, or 0 for none"),
+        ("--early_stop=-1", r"--early_stop=-1: expected a number of epochs, or 0 for never"),
+        ("--snapshot_every=-1", r"--snapshot_every=-1: expected a number of epochs, or 0 for never"),
+        ("--ignore_index=0", r"--ignore_index=0: expected the mask value of unlabelled pixels, not 0"),
     ],
 )
 def test_settings_that_would_fail_later_are_refused_before_any_tile_is_read(
@@ -430,12 +440,20 @@ def test_keep_epoch_last_makes_every_epoch_the_kept_one() -> None:
         assert progress.best_iou == pytest.approx(270 / 350 if keep == "best" else 50 / 400)
 
 
-def test_keep_epoch_last_saves_the_last_epoch_as_best_pth(shared_square_data: Path, run_copy: Path) -> None:
+def test_keep_epoch_last_saves_the_last_epoch_as_best_pth(
+    shared_square_data: Path, run_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(ValueError, match=r"--keep_epoch='first': expected one of best, last, auto"):
         train.main(args(shared_square_data, run_copy, "--keep_epoch=first", "--epochs=1"))
-    assert (
-        train.main(args(shared_square_data, run_copy, "--keep_epoch=last", "--tune_threshold=true", "--epochs=2")) == 0
-    )
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert (
+            train.main(args(shared_square_data, run_copy, "--keep_epoch=last", "--tune_threshold=true", "--epochs=2"))
+            == 0
+        )
+    # The old log called the kept epoch "best" (best 0.29, epoch 2) after an epoch 1 that scored 0.58.
+    said = [r.getMessage() for r in caplog.records]
+    assert any("(kept " in m and ", epoch 2)" in m for m in said) and not any("(best " in m for m in said)
+    assert any(m.startswith("kept the last epoch, 2 (val farmland IoU ") for m in said)
     best = load_checkpoint(run_copy / "checkpoints" / "best.pth")
     last = load_checkpoint(run_copy / "checkpoints" / "last.pth")
     assert best["epoch"] == 2 and best["threshold"] == last["history"][-1]["val_threshold"]
