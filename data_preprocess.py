@@ -274,6 +274,27 @@ def match_bands(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
     return image
 
 
+def trained_bands(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+    """match_bands for a network already trained (prediction, export), whose band count the checkpoint or the
+    exported model fixes: a file of another band count is refused with the fixes open there (pick bands, or a
+    model of the file's band count), not training's ``--in_channels``.
+
+    Raises:
+        DataError: a band count the network cannot take.
+    """
+    try:
+        return match_bands(image, in_channels, path)
+    except DataError:
+        bands = image.shape[2]
+        example = ",".join(str(b) for b in range(1, in_channels + 1))
+        pick = f"pick {in_channels} of its bands with --bands (for example --bands={example}), or "
+        pick = pick if bands > in_channels else ""
+        raise DataError(
+            f"{path}: has {bands} band(s), but the model was trained on {in_channels} (in_channels={in_channels}, "
+            f"fixed by the checkpoint or the exported model); {pick}use a model trained on {bands}-band images"
+        ) from None
+
+
 def parse_bands(text: str, key: str = "bands") -> tuple[int, ...]:
     """The ``bands`` key (or another ``key`` of band numbers): 1-based band numbers such as ``3,2,1``; empty =
     every band in file order.

@@ -12,8 +12,9 @@ Writes under run_dir/export/:
   metadata keys and this project's (see onnx_build.py). Checked at once against PyTorch's fp32 prediction on
   real tiles and on random ones drawn like the training data (probabilities within 1e-4, masks agreeing at the
   cut the file carries); removed, and the script fails, if not.
-- ``farmland_qgis.onnx``: the same graph with height and width fixed to ``window`` (Deepness reads its tile
-  size from the input's shape).
+- ``farmland_qgis.onnx``: the same network with height and width fixed to ``window`` (Deepness reads its tile
+  size from the input's shape), its farmland probability moved so that the file's cut falls at 0.5 (qgis_state):
+  Deepness can only draw farmland where it is the more probable class.
 - ``farmland_int8.onnx`` (``--quantize=int8``): statically quantised, calibrated on ``calibration_tiles``
   training tiles; kept only where, on the run's test split, its pooled farmland IoU is within 0.01 of the
   fp32 model's and its masks agree on at least 99 % of the pixels (written with a warning when the run has no
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +45,7 @@ import scene
 from config import Config
 from data_preprocess import read_pair_list
 from files import DataError, atomic_write_text
-from inference import model_from_checkpoint, with_threshold
+from inference import decision_threshold, model_from_checkpoint, with_threshold
 from net_structure import encoder_of, input_padding
 from runtime import load_checkpoint
 from training import tiles_pixel_size
@@ -83,11 +85,68 @@ def checked_network(state: dict[str, Any], checkpoint: Path) -> torch.nn.Module:
 def resolution_cm(cfg: Config, state: dict[str, Any]) -> float | None:
     """The training data's pixel size in cm for Deepness: ``pixel_size_m`` given here, else the checkpoint's,
     else the run's training tiles' georeference; None when none tells."""
-    metres = cfg.pixel_size_m or float(state["config"].get("pixel_size_m") or 0.0)
+    trained = float(state["config"].get("pixel_size_m") or 0.0)
+    if cfg.pixel_size_m and trained and abs(cfg.pixel_size_m / trained - 1) > 0.02:
+        LOG.warning(
+            "--pixel_size_m=%g differs from the %g m pixels the checkpoint was trained on: Deepness will resample "
+            "layers to %g cm per pixel, predict.py to %g m; leave --pixel_size_m out unless the checkpoint's is wrong",
+            cfg.pixel_size_m,
+            trained,
+            cfg.pixel_size_m * 100,
+            trained,
+        )
+    metres = cfg.pixel_size_m or trained
     train = Path(cfg.run_dir) / "splits" / "train.txt"
     if not metres and train.is_file():
         metres = tiles_pixel_size(read_pair_list(train)) or 0.0
     return round(metres * 100, 4) if metres > 0 else None
+
+
+def qgis_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint state the QGIS file is made from: the farmland logit lowered by logit(t), so that its
+    farmland probability is 0.5 exactly where the checkpoint's is its cut t, and the cut 0.5.
+
+    Deepness zeroes each class below its threshold and then takes the more probable class, so it draws farmland
+    only where the farmland probability is at least 0.5 as well: a cut t below 0.5 would do nothing there. With
+    the cut moved to 0.5, Deepness's mask is predict.py's at t. The state itself where the cut is 0.5 or unset.
+    """
+    cut = decision_threshold(state)
+    if cut is None or cut == 0.5:
+        return state
+    weights = dict(state["model"])
+    bias = weights["outc.bias"].clone()  # the last 1x1 convolution's, the logits' offset, in every encoder
+    bias[1] -= math.log(cut / (1 - cut))  # softmax of two classes: p = sigmoid(farmland logit - background logit)
+    weights["outc.bias"] = bias
+    return {**state, "model": weights, "threshold": 0.5}
+
+
+def export_qgis(cfg: Config, state: dict[str, Any], metadata: dict[str, Any], qgis: Path) -> None:
+    """Write farmland_qgis.onnx (qgis_state's network, fixed to the window) and check it against PyTorch.
+
+    Raises:
+        DataError: the file disagrees with PyTorch (it is then removed).
+    """
+    moved = qgis_state(state)
+    cut = decision_threshold(state)
+    if moved is not state:
+        LOG.info(
+            "%s: its farmland probability is moved so that the cut %.3g falls at 0.5, Deepness's: in QGIS the "
+            "threshold 0.5 draws predict.py's farmland (docs/qgis.md)",
+            qgis,
+            cut,
+        )
+        metadata = metadata | {"seg_thresh": 0.5, "farmland_threshold": 0.5, "farmland_cut_moved_from": cut}
+    network = model_from_checkpoint(moved, torch.device("cpu"), channels_last=False).eval()
+    model = onnx_build.with_metadata(onnx_build.export_graph(network), metadata)
+    onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), qgis)
+    try:
+        shape = (1, network.in_channels, cfg.window, cfg.window)
+        window = onnx_build.noise_like_training(np.random.default_rng(1), shape, onnx_build.input_statistics(state))
+        segmenter, exported = exported_model.load_segmenter(qgis)
+        onnx_build.compare_with_torch(segmenter, moved, [window], exported)
+    except BaseException:
+        qgis.unlink(missing_ok=True)
+        raise
 
 
 def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Path) -> dict[str, Any]:
@@ -115,7 +174,6 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
     model = onnx_build.with_metadata(onnx_build.export_graph(unet), metadata)
     path, qgis = folder / "farmland.onnx", folder / "farmland_qgis.onnx"
     onnx_build.write_model(model, path)
-    onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), qgis)
     try:
         # Random images drawn like the training inputs, not uniform noise: see onnx_build.noise_like_training.
         statistics = onnx_build.input_statistics(state)
@@ -123,10 +181,7 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
         tiles = onnx_build.comparison_tiles(unet.in_channels, real, statistics=statistics)
         segmenter, exported = exported_model.load_segmenter(path)
         figures = onnx_build.compare_with_torch(segmenter, state, tiles, exported)
-        shape = (1, unet.in_channels, cfg.window, cfg.window)
-        window = onnx_build.noise_like_training(np.random.default_rng(1), shape, statistics)
-        segmenter, exported = exported_model.load_segmenter(qgis)
-        onnx_build.compare_with_torch(segmenter, state, [window], exported)
+        export_qgis(cfg, state, metadata, qgis)
     except BaseException:
         path.unlink(missing_ok=True)
         qgis.unlink(missing_ok=True)
@@ -186,12 +241,23 @@ def export_int8(cfg: Config, state: dict[str, Any], folder: Path) -> tuple[dict[
     return {"file": str(target), "checked": True, "offered": True, **scores}, 0
 
 
+def drop_earlier_export(folder: Path) -> None:
+    """Remove the 8-bit copy and the report an earlier export left in ``folder``: they describe that export's
+    checkpoint, and would otherwise lie beside this one's files (an 8-bit copy is written again only with
+    ``--quantize=int8`` and only where it passes its check)."""
+    for name in ("farmland_int8.onnx", "export_report.json"):
+        earlier = folder / name
+        if earlier.is_file():
+            if name.endswith(".onnx"):  # the report is always written again
+                LOG.info("%s: removed, it belongs to an earlier export", earlier)
+            earlier.unlink()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Export the checkpoint, check it, and write the report; exit status 1 when the 8-bit copy is refused."""
     cfg = cli.parse_args(argv, __doc__ or "")
     if cfg.quantize not in ("off", "int8"):
         raise ValueError(f"--quantize={cfg.quantize!r}: expected off or int8")
-    scene.SceneSettings.from_config(cfg)  # window and overlap become the model's tile size and overlap
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "export_onnx")
     cli.save_config(cfg, "export_onnx")
@@ -199,8 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
     state = with_threshold(load_checkpoint(checkpoint), cfg.threshold)  # the cut the model carries
     config = state["config"]
-    scene.SceneSettings.from_config(cfg, *input_padding(config), config["in_channels"])  # Deepness tiles on its grid
+    # window and overlap become Deepness's tile size and overlap: checked on the network's own grid (32 with a
+    # ResNet encoder or downscale=2), not the U-Net's 16 first, so that one message gives the rule that holds
+    scene.SceneSettings.from_config(cfg, *input_padding(config), config["in_channels"])
     folder = run_dir / "export"
+    drop_earlier_export(folder)
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "float32": export_fp32(cfg, state, checkpoint, folder)}
     status = 0
     if cfg.quantize == "int8":

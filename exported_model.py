@@ -138,6 +138,9 @@ class OnnxSegmenter(nn.Module):
         self.grid, self.min_side = input_padding(state["config"])  # how the network pads its inputs
         self.downscale = downscale_of(state["config"])  # the graph shrinks its input by this factor
         self.input_name = session.get_inputs()[0].name
+        sides = session.get_inputs()[0].shape[2:]
+        # farmland_qgis.onnx: height and width fixed for Deepness; None where they are free (farmland.onnx)
+        self.fixed_side = tuple(sides) if all(isinstance(side, int) for side in sides) else None
 
     def padded(self, array: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 images padded at the bottom and right exactly as the PyTorch network pads them
@@ -147,7 +150,15 @@ class OnnxSegmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         height, width = array.shape[-2:]
-        probabilities = self.session.run(None, {self.input_name: self.padded(array)})[0]
+        padded = self.padded(array)
+        if self.fixed_side is not None and padded.shape[-2:] != self.fixed_side:
+            side = " x ".join(map(str, self.fixed_side))
+            raise DataError(
+                f"{self.path}: takes only {side} images (height and width fixed for QGIS's Deepness), not "
+                f"{height} x {width}; predict with farmland.onnx beside it, whose sides are free (--onnx_model="
+                f"{self.path.with_name('farmland.onnx')}), or give scenes --window={self.fixed_side[0]}"
+            )
+        probabilities = self.session.run(None, {self.input_name: padded})[0]
         return torch.from_numpy(probabilities[..., :height, :width])
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 import exported_model
 import resolution
-from data_preprocess import image_to_float, parse_bands, read_image, read_pair_list, select_bands
+from data_preprocess import image_to_float, parse_bands, read_image, read_pair_list, select_bands, trained_bands
 from demo_data import render_tile
 from files import DataError, atomic_write_bytes
 from inference import classes_from_probabilities, decision_threshold, inference_model, predict_probabilities
@@ -46,6 +46,10 @@ from training import iou_at
 
 LOG = logging.getLogger("export_onnx")
 TOLERANCE = 1e-4  # largest difference in probability allowed between onnxruntime and PyTorch's fp32 path
+# Opset 18's IR version (ONNX 1.13). torch's exporter stamps the newest (10), which onnxruntime refuses before 1.18
+# ("Unsupported model IR version"): QGIS plugins may ship an older onnxruntime than ours. The graph uses nothing of
+# IR 9 or 10 (no float8 or 4-bit types, no function overloads).
+IR_VERSION = 8
 
 
 class ExportNet(nn.Module):
@@ -98,10 +102,11 @@ def export_graph(unet: nn.Module) -> onnx.ModelProto:
             output_names=[exported_model.OUTPUT_NAME],
             dynamic_shapes=dims,
             optimize=True,
-            opset_version=18,  # onnxruntime 1.14 and later (QGIS plugins may ship an older one than ours)
+            opset_version=18,  # onnxruntime 1.14 and later, with IR_VERSION
             verbose=False,
         )
     model = program.model_proto
+    model.ir_version = IR_VERSION
     for value in (model.graph.input[0], model.graph.output[0]):
         dims_proto = value.type.tensor_type.shape.dim
         for index, name in ((0, "batch"), (2, "height"), (3, "width")):
@@ -306,7 +311,8 @@ def read_tile(path: Path, in_channels: int, bands: str) -> np.ndarray:
     Raises:
         DataError: unreadable, or bands that do not fit.
     """
-    return image_to_float(select_bands(read_image(path), parse_bands(bands), path), in_channels, path)
+    image = trained_bands(select_bands(read_image(path), parse_bands(bands), path), in_channels, path)
+    return image_to_float(image, in_channels, path)
 
 
 def spread(items: Sequence[Any], count: int) -> list[Any]:

@@ -75,6 +75,7 @@ def quantize_int8(source: Path, target: Path, tiles: Sequence[np.ndarray]) -> No
             nodes_to_exclude=[convolutions[0], convolutions[-1]],
         )
         model = onnx.load(str(quantized))
+        model.ir_version = onnx_build.IR_VERSION  # the fp32 file's: onnxruntime 1.14 and later load it
     metadata = {p.key: json.loads(p.value) for p in onnx.load(str(source), load_external_data=False).metadata_props}
     onnx_build.write_model(onnx_build.with_metadata(model, metadata | {"farmland_precision": "int8"}), target)
 

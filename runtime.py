@@ -240,10 +240,19 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", mmap: bool =
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; train first (python train.py) or set --checkpoint")
+    if path.suffix.lower() == ".onnx":
+        raise DataError(
+            f"{path}: an ONNX model, not a checkpoint (a .pth file train.py wrote, such as RUN/checkpoints/best.pth); "
+            "export from the checkpoint, or predict with the ONNX model: --backend=onnx --onnx_model=FILE"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for foreign or damaged files
-        raise DataError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+        reason = str(err).split(". In PyTorch 2.6")[0]  # torch's advice (weights_only=False) does not apply here
+        raise DataError(
+            f"{path}: not a loadable checkpoint ({type(err).__name__}: {reason[:200]}); expected a .pth file "
+            "train.py wrote (RUN/checkpoints/best.pth)"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DataError(f"{path}: not a checkpoint written by train.py (expected a dict with 'model' and 'config')")
     return state

@@ -17,7 +17,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from config import Config
-from data_preprocess import check_tile_values, image_for_network, read_image, select_bands, write_image
+from data_preprocess import (
+    check_tile_values,
+    image_for_network,
+    read_image,
+    select_bands,
+    trained_bands,
+    write_image,
+)
 from fast_path import prediction_choice
 from figures import stretched
 from files import DataError, file_stamp, shown_path, written_after
@@ -50,7 +57,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         path = self.paths[index]
         try:
-            image = select_bands(read_image(path), self.bands, path)
+            image = trained_bands(select_bands(read_image(path), self.bands, path), self.in_channels, path)
             check_tile_values(image, path)  # NaN would spread through the network to an all-background mask
             return index, torch.from_numpy(image_for_network(image, self.in_channels, path))
         except DataError as err:

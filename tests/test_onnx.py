@@ -227,6 +227,9 @@ def test_metadata_round_trip_is_json_strings_that_deepness_reads(exported: dict)
     assert dims == [["batch", 3, "height", "width"], ["batch", 2, "height", "width"]]
     fixed = onnx.load(str(exported["run_dir"] / "export" / "farmland_qgis.onnx"))
     assert [d.dim_param or d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 64, 64]
+    for written in (model, fixed):  # IR 8, which onnxruntime 1.14 loads (torch stamps 10: 1.18 and later only)
+        assert written.ir_version == 8
+        onnx.checker.check_model(written, full_check=True)
 
 
 def test_the_int8_copy_is_offered_only_with_its_test_scores(exported: dict) -> None:
@@ -257,6 +260,7 @@ def test_an_int8_copy_is_kept_when_it_meets_the_bar_and_removed_when_not(
     images = torch.from_numpy(np.random.default_rng(2).random((1, 3, 32, 32), dtype=np.float32))
     assert (int8(images) - fp32(images)).abs().mean() < 0.05 and state["threshold"] == THRESHOLD
     assert json.loads({p.key: p.value for p in onnx.load(str(target)).metadata_props}["farmland_precision"]) == "int8"
+    assert onnx.load(str(target)).ir_version == 8
     monkeypatch.setattr(onnx_quantize, "MIN_AGREEMENT", 1.01)  # a bar no copy can meet
     figures, status = export_onnx.export_int8(cfg, exported["state"], folder)
     assert status == 1 and not figures["offered"] and not target.exists()
@@ -312,13 +316,44 @@ def test_the_users_threshold_is_the_exported_models_cut(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--threshold=1.5: expected a farmland probability cut"):
         export_onnx.main([f"--run_dir={run_dir}", "--threshold=1.5", "--window=64", "--overlap=16"])
     assert export_onnx.main([f"--run_dir={run_dir}", "--threshold=0.3", "--window=64", "--overlap=16"]) == 0
-    model = onnx.load(str(run_dir / "export" / "farmland_qgis.onnx"))
+    model = onnx.load(str(run_dir / "export" / "farmland.onnx"))
     meta = {p.key: json.loads(p.value) for p in model.metadata_props}
     assert meta["seg_thresh"] == meta["farmland_threshold"] == 0.3  # not the tuned THRESHOLD
     segmenter, state = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
     assert state["threshold"] == 0.3  # predict.py --backend=onnx cuts there too
     assert state["config"]["rgb_bands"] == "3,2,1"  # and its overlays show the bands the training's did
     assert meta["farmland_val_farmland_iou"] is None  # the checkpoint holds no val histogram to score 0.3 on
+
+
+def deepness_masks(path: Path, images: np.ndarray) -> np.ndarray:
+    """Masks as Deepness draws them: each class's probability zeroed below seg_thresh, then the most probable."""
+    model = onnx.load(str(path))
+    cut = json.loads({p.key: p.value for p in model.metadata_props}["seg_thresh"])
+    session = exported_model.ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, {session.get_inputs()[0].name: images})[0]
+    return np.where(probabilities < cut, 0, probabilities).argmax(axis=1)
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.8])
+def test_the_qgis_file_draws_in_deepness_the_farmland_predict_py_draws_at_the_cut(tmp_path: Path, cut: float) -> None:
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    assert export_onnx.main([f"--run_dir={run_dir}", f"--threshold={cut}", "--window=64", "--overlap=16"]) == 0
+    qgis = run_dir / "export" / "farmland_qgis.onnx"
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(qgis)).metadata_props}
+    assert (meta["seg_thresh"], meta["farmland_threshold"], meta["farmland_cut_moved_from"]) == (0.5, 0.5, cut)
+    tiles = [square_tile(np.random.default_rng(i), 64)[0] for i in range(10, 14)]  # not the ones tiny_state spread on
+    images = np.stack(tiles).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    segmenter, state = exported_model.load_segmenter(run_dir / "export" / "farmland.onnx")
+    with torch.no_grad():
+        farmland = segmenter(torch.from_numpy(images))[:, 1].numpy()
+    expected = farmland >= cut
+    sure = np.abs(farmland - cut) > 1e-4
+    assert 0.05 < expected.mean() < 0.95  # the cut splits these images, so the test can tell the rules apart
+    assert np.array_equal(deepness_masks(qgis, images)[sure], expected[sure])
+    # Unmoved, Deepness would have drawn farmland only where it is also the more probable class.
+    unmoved = np.where(farmland >= cut, farmland, 0) > np.where(1 - farmland >= cut, 1 - farmland, 0)
+    assert cut > 0.5 or not np.array_equal(unmoved[sure], expected[sure])
 
 
 def test_the_val_iou_in_the_metadata_is_at_the_models_cut(tmp_path: Path) -> None:
@@ -377,3 +412,72 @@ def test_bad_onnx_files_are_one_line_errors_naming_the_file(
         predict.main([f"--run_dir={tmp_path / 'run'}", "--backend=tf"])
     with pytest.raises(ValueError, match="--quantize='int4': expected off or int8"):
         export_onnx.main([f"--run_dir={tmp_path / 'run'}", "--quantize=int4"])
+
+
+def test_the_fixed_size_qgis_file_is_refused_for_other_sizes_in_one_line(
+    exported: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    qgis = exported["run_dir"] / "export" / "farmland_qgis.onnx"  # 64 x 64; the run's tiles are 32 x 32
+    argv = [f"--run_dir={tmp_path / 'run'}", "--backend=onnx", f"--onnx_model={qgis}", "--num_workers=0"]
+    argv += [f"--predict_input={exported['data'] / 'images'}"]
+    assert cli.run_main(lambda: predict.main(argv)) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after predict.py's log lines
+    assert message.startswith(f"error: {qgis}: takes only 64 x 64 images"), message
+    assert "not 32 x 32" in message and "--onnx_model=" + str(qgis.with_name("farmland.onnx")) in message
+
+
+def test_a_new_export_removes_the_8_bit_copy_and_report_of_an_earlier_one(exported: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "export").mkdir(parents=True)
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    earlier = run_dir / "export" / "farmland_int8.onnx"
+    earlier.write_bytes((exported["run_dir"] / "export" / "farmland.onnx").read_bytes())  # the earlier model
+    (run_dir / "export" / "export_report.json").write_text('{"int8": {"file": "farmland_int8.onnx"}}')
+    assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16"]) == 0
+    assert not earlier.exists()
+    assert "int8" not in json.loads((run_dir / "export" / "export_report.json").read_text(encoding="utf-8"))
+
+
+def test_an_onnx_model_given_as_the_checkpoint_is_named_as_such(exported: dict, tmp_path: Path) -> None:
+    model = exported["run_dir"] / "export" / "farmland.onnx"
+    with pytest.raises(DataError, match=r"farmland.onnx: an ONNX model, not a checkpoint .*--backend=onnx"):
+        export_onnx.main([f"--run_dir={tmp_path / 'run'}", f"--checkpoint={model}"])
+    renamed = tmp_path / "model.pth"
+    renamed.write_bytes(model.read_bytes())
+    with pytest.raises(DataError, match="model.pth: not a loadable checkpoint") as caught:
+        predict.main([f"--run_dir={tmp_path / 'run'}", f"--checkpoint={renamed}"])
+    assert "weights_only" not in str(caught.value)  # torch's advice to load untrusted code is not passed on
+
+
+def test_tiles_of_another_band_count_than_the_models_name_the_fixes_of_prediction(
+    exported: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_pair(tmp_path / "in", "four", np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32), np.uint8), ".tif")
+    tile = tmp_path / "in" / "images" / "four.tif"
+    model = exported["run_dir"] / "export" / "farmland.onnx"
+    for backend in ([f"--checkpoint={exported['run_dir'] / 'checkpoints' / 'best.pth'}"], ["--backend=onnx"]):
+        argv = [f"--run_dir={tmp_path / 'run'}", f"--predict_input={tile}", "--num_workers=0", *backend]
+        assert predict.main(argv + [f"--onnx_model={model}"]) == 1
+        assert "four.tif: has 4 band(s), but the model was trained on 3" in caplog.text
+        assert "--bands=1,2,3" in caplog.text and "--in_channels" not in caplog.text.replace("in_channels=3,", "")
+        caplog.clear()
+
+
+def test_the_window_is_checked_once_on_the_networks_own_grid(tmp_path: Path) -> None:
+    state = tiny_state()
+    state["config"]["downscale"] = 2  # the graph pools by 32: a window of 200 is off both grids
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pth", state)
+    with pytest.raises(ValueError, match="--window=200: expected a multiple of 32"):
+        export_onnx.main([f"--run_dir={tmp_path / 'run'}", "--window=200"])
+
+
+def test_an_export_that_qgis_would_read_otherwise_than_predict_py_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tiny_state()
+    state["config"]["pixel_size_m"] = 2.0
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pth", state)
+    argv = [f"--run_dir={tmp_path / 'run'}", "--window=64", "--overlap=16", "--threshold=0.3", "--pixel_size_m=1"]
+    assert export_onnx.main(argv) == 0
+    assert "--pixel_size_m=1 differs from the 2 m pixels the checkpoint was trained on" in caplog.text
+    assert "farmland_qgis.onnx: its farmland probability is moved so that the cut 0.3 falls at 0.5" in caplog.text

@@ -202,7 +202,7 @@ def test_predict_refuses_images_with_another_band_count(
 ) -> None:
     write_image(tmp_path / "four.tif", np.zeros((32, 32, 4), np.uint8))
     assert predict.main(args(shared_square_data, run_copy, f"--predict_input={tmp_path / 'four.tif'}")) == 1
-    assert "four.tif: has 4 band(s), expected in_channels=3" in caplog.text
+    assert "four.tif: has 4 band(s), but the model was trained on 3" in caplog.text
 
 
 def test_miou_reports_missing_predictions(square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
