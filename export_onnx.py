@@ -115,7 +115,10 @@ def qgis_state(state: dict[str, Any]) -> dict[str, Any]:
         return state
     weights = dict(state["model"])
     bias = weights["outc.bias"].clone()  # the last 1x1 convolution's, the logits' offset, in every encoder
-    bias[1] -= math.log(cut / (1 - cut))  # softmax of two classes: p = sigmoid(farmland logit - background logit)
+    # A tuned cut may be 0 (training's lowest bin: every pixel farmland), whose logit is infinite; 1e-6 from 0 or 1
+    # draws the same farmland wherever float32 probabilities tell them apart.
+    near = min(max(cut, 1e-6), 1 - 1e-6)
+    bias[1] -= math.log(near / (1 - near))  # softmax of two classes: p = sigmoid(farmland logit - background logit)
     weights["outc.bias"] = bias
     return {**state, "model": weights, "threshold": 0.5}
 

@@ -76,6 +76,12 @@ def quantize_int8(source: Path, target: Path, tiles: Sequence[np.ndarray]) -> No
         )
         model = onnx.load(str(quantized))
         model.ir_version = onnx_build.IR_VERSION  # the fp32 file's: onnxruntime 1.14 and later load it
+        # The quantiser's optimiser imports every domain it knows, ai.onnx.ml at its newest (5, ONNX 1.16): an
+        # onnxruntime older than 1.18 refuses the file for that import alone, unused as it is. Keep the used ones.
+        used = {node.domain for node in model.graph.node} | {""}
+        kept = [opset for opset in model.opset_import if opset.domain in used]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
     metadata = {p.key: json.loads(p.value) for p in onnx.load(str(source), load_external_data=False).metadata_props}
     onnx_build.write_model(onnx_build.with_metadata(model, metadata | {"farmland_precision": "int8"}), target)
 

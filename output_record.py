@@ -33,6 +33,9 @@ MASK_KEYS = ("threshold", "bands", "sieve_cells", *OUTPUT_KEYS)
 TILE_KEYS = ("sieve_cells",)  # those of MASK_KEYS that tile masks alone depend on: scenes keep their outputs
 # What outputs made before a key of MASK_KEYS existed were made with, where that is not the key's default.
 BEFORE_KEY = {"sieve_cells": 0}
+# How scene windows feed nodata pixels to the network (scene.filled_nodata): scene outputs of a record without
+# it were made with nodata fed as zeros (false background along collars and clouds), and are redone.
+NODATA_FED_AS = "nearest pixel with data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ def settings_now(cfg: Config, model: Path) -> dict[str, Any]:
     """The model file, its size and time (a model copied over it with an older time, cp -p, is other weights
     that its outputs' times would not tell), and the keys of MASK_KEYS (``bands`` as resolved) of this run."""
     model_keys = {"model": str(Path(model).resolve()), "model_stamp": file_stamp(model)}
+    model_keys["nodata_fed_as"] = NODATA_FED_AS
     return model_keys | {key: getattr(cfg, key) for key in MASK_KEYS}
 
 
@@ -63,7 +67,7 @@ def read_earlier(run_dir: Path, now: dict[str, Any]) -> tuple[dict[str, Any] | N
         keys = {key: saved.get(key, BEFORE_KEY.get(key, getattr(Config, key))) for key in MASK_KEYS}
         since = Since(float(saved.get("tiles_since", 0.0)), float(saved.get("scenes_since", 0.0)))
         model = {key: saved.get(key, now[key]) for key in ("model", "model_stamp")}  # older records lack the stamp
-        return model | keys, since
+        return model | {"nodata_fed_as": saved.get("nodata_fed_as", "zeros")} | keys, since
     except FileNotFoundError:
         return now, Since()
     except (OSError, ValueError, TypeError, AttributeError):

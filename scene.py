@@ -873,12 +873,14 @@ VALUE_SCALE_LIMIT = 4.0  # scene band means this many times above or below the t
 VALUE_SAMPLE_ROWS = 256  # rows across the middle of a scene whose values are compared with the training tiles'
 
 
-def warn_value_scale(model: torch.nn.Module, scene: Scene) -> None:
+def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> None:
     """Warn when the scene's pixels, scaled as tiles are (8-bit / 255, 16-bit / 65535), sit on another scale than
     the training tiles' (the band means the network normalises with, when it was trained with them): an 8-bit
     product of a scene predicted by a model trained on its 16-bit product, or the reverse, or reflectance. The
     network then sees values it never saw, and its mask is not worth reading."""
     trained = getattr(model, "band_mean", None)
+    if not state["config"].get("normalise"):
+        return  # no record of the training tiles' values: no normalisation, or ImageNet's (encoder_weights)
     if not isinstance(trained, torch.Tensor) or not bool(trained.any()) or len(trained) != len(scene.bands):
         return  # no normalisation: no record of the training tiles' values
     top = max(0, scene.height // 2 - VALUE_SAMPLE_ROWS // 2)
@@ -926,7 +928,7 @@ def run_scene(
     memory, and would fill with the scene's blocks as they are read.
     """
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        warn_value_scale(model, scene)
+        warn_value_scale(model, scene, state)
         ratio = resample_ratio(scene, state, settings)
         if ratio is None:
             counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)

@@ -94,7 +94,9 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
             images.setdefault(path.stem, []).append(path)
     for path in misnamed:
         reason = f"mask name does not end in '{mask_suffix}' before the extension"
-        if suffix := suffix_after_image(path.stem, images):
+        if path.stem in images:  # before any shorter stem: labels/10.png is 10.png's mask, not 1.png's with "0"
+            reason += "; if masks are named as their images, pass --mask_suffix= (empty)"
+        elif suffix := suffix_after_image(path.stem, images):
             reason += f"; if masks are named <image name>{suffix}, pass --mask_suffix={suffix}"
         scan.rejected.append((path, "orphan", reason))
     for stem in sorted(set(images) | set(masks)):
@@ -338,9 +340,12 @@ def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
     groups, unmatched = scene_groups(usable, pattern)
     if pattern and len(usable) > 1 and len(set(groups)) == 1:
         raise ValueError(
-            f"--group_pattern={pattern!r} puts all {len(usable)} tiles in one scene ({groups[0]!r}), which leaves "
-            "no scene for val and test: its first group must name each tile's scene; for tiles named "
-            r"<scene>_r<row>c<col> use --group_pattern='^(.+)_r\d+c\d+$', or leave it out to split by tile"
+            f"--group_pattern='{pattern}' puts all {len(usable)} tiles in one scene ({groups[0]!r}), which leaves "
+            "no scene for val and test. If the tiles all come from that one scene, tile more scenes (3 or more "
+            "give val and test scenes of their own), or leave --group_pattern out to split by tile (val and test "
+            "tiles then neighbour training tiles, and score higher than new scenes would); if not, the pattern's "
+            "first group must name each tile's scene: for tiles named <scene>_r<row>c<col>, "
+            r"--group_pattern='^(.+)_r\d+c\d+$'"
         )
     if unmatched:
         LOG.warning(
@@ -459,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DataError(
             f"no usable image/mask pairs in {data_dir}: expected {cfg.image_subdir}/<name>.png with "
             f"{cfg.label_subdir}/<name>{cfg.mask_suffix}.png ({len(scan.rejected)} file(s) rejected, listed above); "
-            "masks named otherwise need --mask_suffix (--mask_suffix=_label for a_label.png), other folders "
-            "--image_subdir and --label_subdir"
+            "masks named otherwise need --mask_suffix (--mask_suffix=_label for a_label.png, --mask_suffix= for "
+            "masks named as their images), other folders --image_subdir and --label_subdir"
         )
     groups = _scenes_of(usable, cfg.group_pattern)
     pixels = [pixels_of[p] for p in usable] if cfg.stratify else None

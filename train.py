@@ -421,7 +421,8 @@ SETTING_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("focal_gamma", lambda v: v >= 0, "a focusing exponent of 0 or more", "--focal_gamma=2 (0 is cross-entropy)"),
     ("collapse_patience", lambda v: v >= 0, "a number of epochs, or 0 for off", "--collapse_patience=3"),
     ("batch_size", lambda v: v >= 1, "1 or more tiles per training step", "--batch_size=5 as the reference"),
-    ("lr", lambda v: math.isfinite(v) and v > 0, "a learning rate above 0", "--lr=1e-4 as the reference"),
+    # 0 is allowed: the weights stay as they are (BatchNorm statistics still move), as for checking a pipeline.
+    ("lr", lambda v: math.isfinite(v) and v >= 0, "a learning rate of 0 or more", "--lr=1e-4 as the reference"),
     ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a weight decay of 0 or more", "--weight_decay=1e-8"),
     ("step_size", lambda v: v >= 1, "1 or more epochs between learning-rate drops", "--step_size=20"),
     ("gamma", lambda v: math.isfinite(v) and v > 0, "a factor above 0 for each learning-rate drop", "--gamma=0.5"),

@@ -260,7 +260,11 @@ def test_an_int8_copy_is_kept_when_it_meets_the_bar_and_removed_when_not(
     images = torch.from_numpy(np.random.default_rng(2).random((1, 3, 32, 32), dtype=np.float32))
     assert (int8(images) - fp32(images)).abs().mean() < 0.05 and state["threshold"] == THRESHOLD
     assert json.loads({p.key: p.value for p in onnx.load(str(target)).metadata_props}["farmland_precision"]) == "int8"
-    assert onnx.load(str(target)).ir_version == 8
+    written = onnx.load(str(target))
+    assert written.ir_version == 8
+    # IR 8's opsets (ONNX 1.13: ai.onnx 18), which onnxruntime 1.14 takes: no newer import, used or not.
+    assert {opset.domain: opset.version for opset in written.opset_import} == {"": 18}
+    onnx.checker.check_model(written, full_check=True)
     monkeypatch.setattr(onnx_quantize, "MIN_AGREEMENT", 1.01)  # a bar no copy can meet
     figures, status = export_onnx.export_int8(cfg, exported["state"], folder)
     assert status == 1 and not figures["offered"] and not target.exists()
@@ -354,6 +358,18 @@ def test_the_qgis_file_draws_in_deepness_the_farmland_predict_py_draws_at_the_cu
     # Unmoved, Deepness would have drawn farmland only where it is also the more probable class.
     unmoved = np.where(farmland >= cut, farmland, 0) > np.where(1 - farmland >= cut, 1 - farmland, 0)
     assert cut > 0.5 or not np.array_equal(unmoved[sure], expected[sure])
+
+
+def test_a_tuned_cut_of_0_is_exported_for_qgis_as_farmland_everywhere(tmp_path: Path) -> None:
+    """Training's lowest bin, 0, can be the tuned cut (best_threshold): its logit is infinite."""
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", {**tiny_state(), "threshold": 0.0})
+    assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16"]) == 0
+    qgis = run_dir / "export" / "farmland_qgis.onnx"
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(qgis)).metadata_props}
+    assert (meta["seg_thresh"], meta["farmland_cut_moved_from"]) == (0.5, 0.0)
+    images = np.stack([square_tile(np.random.default_rng(i), 64)[0] for i in range(10, 12)])
+    assert deepness_masks(qgis, images.transpose(0, 3, 1, 2).astype(np.float32) / 255).all()
 
 
 def test_the_val_iou_in_the_metadata_is_at_the_models_cut(tmp_path: Path) -> None:

@@ -476,7 +476,7 @@ def test_a_scene_on_another_value_scale_than_the_training_tiles_is_warned_of(
     weights["band_mean"] = torch.full((3,), 300 / 65535)
     weights["band_std"] = torch.full((3,), 100 / 65535)
     saved = tmp_path / "net16.pth"
-    torch.save({**state, "model": weights, "epoch": 1}, saved)
+    torch.save({**state, "model": weights, "config": {**state["config"], "normalise": True}, "epoch": 1}, saved)
     ten_bit = (scene_pixels().astype(np.uint16) * 4)[:, :128, :128]  # means near 300
     write_geotiff(tmp_path / "in" / "dn16.tif", ten_bit)
     write_geotiff(tmp_path / "in" / "stretch8.tif", (ten_bit // 4).astype(np.uint8))
@@ -484,3 +484,20 @@ def test_a_scene_on_another_value_scale_than_the_training_tiles_is_warned_of(
         assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
     warned = [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
     assert len(warned) == 1 and "stretch8.tif: its pixels (uint8, scaled to [0, 1] as 8-bit / 255)" in warned[0]
+
+
+def test_imagenet_normalisation_is_no_record_of_the_training_tiles_values(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """encoder_weights without normalise: the network holds ImageNet's means, not the tiles', so a 16-bit scene of
+    the product it was trained on is not warned of."""
+    weights = dict(state["model"])
+    weights["band_mean"] = torch.tensor([0.485, 0.456, 0.406])
+    weights["band_std"] = torch.tensor([0.229, 0.224, 0.225])
+    saved = tmp_path / "imagenet.pth"
+    config = {**state["config"], "normalise": False, "encoder_weights": "resnet18-f37072fd.pth"}
+    torch.save({**state, "model": weights, "config": config, "epoch": 1}, saved)
+    write_geotiff(tmp_path / "in" / "dn16.tif", (scene_pixels().astype(np.uint16) * 4)[:, :128, :128])
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
+    assert not [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]

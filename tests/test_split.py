@@ -113,6 +113,20 @@ def test_masks_with_another_suffix_are_met_with_the_mask_suffix_to_pass(tmp_path
     assert run_split(data, tmp_path / "run", "--mask_suffix=_label") == 0
 
 
+def test_masks_named_as_their_numbered_images_are_met_with_the_empty_suffix(tmp_path: Path) -> None:
+    """labels/10.png beside images/1.png and images/10.png: 10.png's mask, not 1.png's named with a suffix "0"."""
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in (1, 10, 11):
+        image, mask = square_tile(rng)
+        write_image(data / "images" / f"{i}.png", image)
+        write_image(data / "labels" / f"{i}.png", mask)
+    scan = find_pairs(data / "images", data / "labels", "_mask")
+    reasons = {p.name: reason for p, kind, reason in scan.rejected if p.parent.name == "labels"}
+    assert all("pass --mask_suffix= (empty)" in reasons[f"{i}.png"] for i in (1, 10, 11))
+    assert "--mask_suffix=0" not in reasons["10.png"] and "--mask_suffix=1" not in reasons["11.png"]
+
+
 def test_an_ignore_index_that_swallows_a_class_is_refused_or_named(
     square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -272,6 +286,17 @@ def test_a_group_pattern_that_makes_one_scene_of_every_tile_is_refused(square_da
     with pytest.raises(ValueError, match=r"--group_pattern='\^t' puts all 20 tiles in one scene \('t'\)"):
         run_split(square_data, tmp_path / "run", "--group_pattern=^t")
     assert not (tmp_path / "run" / "splits" / "train.txt").exists()
+
+
+def test_tiles_of_a_single_scene_under_make_tiles_pattern_are_told_so(square_data: Path, tmp_path: Path) -> None:
+    """make_tiles.py's next step gives this pattern: for one scene's tiles the message must not offer it again as the
+    fix, and shows the pattern as typed (one backslash)."""
+    for path in [*(square_data / "images").iterdir(), *(square_data / "labels").iterdir()]:
+        row = path.stem.split()[1][:2]  # "tile 07" or "tile 07_mask"
+        path.rename(path.with_name(path.name.replace(f"tile {row}", f"GF2_r{row}c0")))
+    with pytest.raises(ValueError, match=r"puts all 20 tiles in one scene \('GF2'\)") as refused:
+        run_split(square_data, tmp_path / "run", r"--group_pattern=^(.+)_r\d+c\d+$")
+    assert r"--group_pattern='^(.+)_r\d+c\d+$' puts" in str(refused.value) and "tile more scenes" in str(refused.value)
 
 
 def test_each_alternative_of_a_group_pattern_may_hold_the_group() -> None:

@@ -205,13 +205,15 @@ def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finishe
     def since(model: Path = checkpoint, **keys: object) -> Since:
         return outputs_since(Config(run_dir=str(tmp_path), **keys), model, job)
 
-    redo = since()  # masks made before the key were not sieved: tile masks redone, scenes kept
-    assert start - 1 <= redo.tiles <= time.time() + 1 and redo.scenes == 0
+    # Masks made before the key were not sieved, and scenes fed their nodata to the network as zeros: both redone.
+    redo = since()
+    assert start - 1 <= redo.tiles <= time.time() + 1 and start - 1 <= redo.scenes <= time.time() + 1
     assert since() == redo  # a run stopped during that redo: the next redoes what it left, keeps what it made
     record = json.loads((tmp_path / RECORD).read_text(encoding="utf-8"))
     assert record["model"] == str(checkpoint.resolve()) and record["sieve_cells"] == 16
-    assert record["tiles_since"] == redo.tiles and record["scenes_since"] == 0
-    assert since(sieve_cells=0).scenes == 0  # only the sieve again: scenes keep theirs
+    assert record["tiles_since"] == redo.tiles and record["scenes_since"] == redo.scenes
+    assert record["nodata_fed_as"] == "nearest pixel with data"
+    assert since(sieve_cells=0).scenes == redo.scenes  # only the sieve again: scenes keep theirs
     assert since(sieve_cells=0, threshold=0.3).scenes >= start - 1  # a new cut: scenes too
     (tmp_path / RECORD).write_text(json.dumps(record | {"tiles_since": 0.0, "scenes_since": 0.0}), encoding="utf-8")
     assert since() == Since()  # the record's model and keys: nothing redone
