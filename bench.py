@@ -279,6 +279,9 @@ def bench_predict_onnx(images: list[Path], model: str, out_dir: Path, workers: i
     return steady_rate(run, cpu)
 
 
+LOOP_BATCH = 32  # tiles per batch of the loop without the network; --loop_tiles needs two batches or more
+
+
 class NoNetwork(torch.nn.Module):
     """Stands in for the U-Net to time prediction's reading, batching and writing alone: its class scores are
     the first two bands of the input, free to compute."""
@@ -296,7 +299,9 @@ def bench_predict_loop(paths: list[Path], device_name: str, out_dir: Path, worke
     here, whatever the device's speed."""
     keep_freed_memory()
     device = select_device(device_name)
-    cfg = dataclasses.replace(Config(), num_workers=workers, overlay=False, predict_batch_size=32, sieve_cells=0)
+    cfg = dataclasses.replace(
+        Config(), num_workers=workers, overlay=False, predict_batch_size=LOOP_BATCH, sieve_cells=0
+    )
     outputs = [out_dir / f"{i}_seg.png" for i in range(len(paths))]  # a tile may come more than once
     state = {"config": {"in_channels": 3}}
 
@@ -330,7 +335,10 @@ def steady_rate(run: Callable[[Callable[[int], None]], None], device: torch.devi
     total = marks[-1][0]
     handled, started = next((n, t) for n, t in marks if n >= total / 2)
     if handled == total:
-        raise ValueError(f"bench: {total} tiles make too few batches to time; ask for more")
+        raise ValueError(
+            f"bench: {total} tiles make too few batches to time (the first half of a run is warm-up); give more "
+            "tiles: --predict_tiles, or --loop_tiles for the loop without the network"
+        )
     return {"tiles_per_s": (total - handled) / (marks[-1][1] - started), "peak_bytes": peak_memory(device)}
 
 
@@ -414,6 +422,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(str(err))
     _fill_sizes(args, torch.cuda.is_available() and args.device != "cpu")
     _fill_networks(args, parser)
+    if not args.cases_only and args.loop_tiles < 2 * LOOP_BATCH:  # else it fails minutes in, after other rows
+        parser.error(
+            f"--loop_tiles={args.loop_tiles}: expected {2 * LOOP_BATCH} or more tiles (the loop runs batches of "
+            f"{LOOP_BATCH} and times the second half of the run); use --loop_tiles={2 * LOOP_BATCH} or the default 512"
+        )
     return args
 
 

@@ -867,14 +867,18 @@ def plan_budget(cfg: Config, progress: Progress, job: Distributed, epoch: int) -
     if epoch < cfg.epochs and progress.elapsed + seconds > budget + seconds / 2:
         LOG.warning(
             "time budget %g min: stopping after epoch %d of the %d planned, %.1f min spent: the next epoch would "
-            "end past the budget (the last took %.1f s, longer than planned), so the learning rate did not "
-            "reach the end of its schedule",
+            "end past the budget (epochs ran slower than planned: %.1f s on average, the last %.1f s), so the "
+            "learning rate did not reach the end of its schedule",
             cfg.time_budget,
             epoch,
             cfg.epochs,
             progress.elapsed / 60,
+            progress.elapsed / epoch,
             seconds,
         )
+        # The plan ends here, in last.pth too: resumed under the same budget, the run is over rather than trained
+        # past its budget (a larger budget plans anew and goes on).
+        cfg.epochs = progress.planned_epochs = epoch
         return True
     return False
 
@@ -931,6 +935,28 @@ def check_ranks_agree(model: nn.Module, job: Distributed, what: str = "weights")
     LOG.info("%s identical on all %d ranks (sha256 %s)", what, job.world, digests[0][:16])
 
 
+ALL_FARMLAND = 0.98  # a kept epoch that calls this share of the val pixels farmland has learned only the prior
+
+
+def warn_kept_prior(cfg: Config, progress: Progress) -> None:
+    """Warn when the epoch best.pth keeps called nearly every val pixel farmland: its IoU is what the class prior
+    scores, which can beat the later epochs of a short run (the collapse warning needs several such epochs)."""
+    kept = [row for row in progress.history if row["epoch"] == progress.best_epoch]
+    share = kept[0]["val_predicted_farmland"] if kept else math.nan
+    if not share >= ALL_FARMLAND:  # NaN: nothing predicted
+        return
+    advice = "more epochs (--epochs or --time_budget)"
+    advice += "" if cfg.recipe == "recommended" else " or --recipe=recommended"
+    LOG.warning(
+        "best.pth keeps epoch %d, which called %.1f%% of the val pixels farmland: its val farmland IoU (%.4f) is what "
+        "calling every pixel farmland scores, so the network has learned nothing of the images yet; try %s",
+        progress.best_epoch,
+        100 * share,
+        progress.best_iou,
+        advice,
+    )
+
+
 def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
     """Run the whole training; return a summary (best val IoU, its epoch, checkpoint paths). The config as given
     goes to run_dir/configs/train.json once the inputs are checked and the trainer is built.
@@ -973,6 +999,8 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
         check_ranks_agree(trainer.ema.averaged(), job, "moving averages of the weights")
     if progress.start_epoch > cfg.epochs:
         LOG.info("nothing to do: the checkpoint already finished epoch %d of %d", progress.start_epoch - 1, cfg.epochs)
+    elif job.main:
+        warn_kept_prior(cfg, progress)
     return {
         "best_iou": progress.best_iou,
         "best_epoch": progress.best_epoch,

@@ -418,6 +418,14 @@ def test_cuda_asked_for_without_cuda_is_refused_before_measuring(capsys: pytest.
     assert captured.out == ""  # nothing measured or printed first
 
 
+def test_too_few_loop_tiles_are_refused_before_measuring(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--device=cpu", "--loop_tiles=16"])
+    assert "--loop_tiles=16: expected 64 or more tiles (the loop runs batches of 32" in capsys.readouterr().err
+    assert bench.parse_arguments(["--device=cpu", "--loop_tiles=64"]).loop_tiles == 64
+    assert bench.parse_arguments(["--device=cpu", "--loop_tiles=16", "--cases_only"]).loop_tiles == 16  # not run
+
+
 def test_a_width_or_encoder_named_twice_is_measured_once() -> None:
     args = bench.parse_arguments(["--device=cpu", "--widths=16,8,16", "--encoders=unet,resnet18,unet"])
     assert (args.widths, args.encoders) == ([16, 8], ["unet", "resnet18"])

@@ -197,3 +197,21 @@ def test_auto_downscale_without_a_pixel_size_names_geographic_tiles(caplog: pyte
     with caplog.at_level(logging.INFO):
         train.resolve_downscale(cfg, type("Job", (), {"main": True})())
     assert cfg.downscale == 2 and "in a geographic CRS, whose pixels are degrees" in caplog.text
+
+
+KEPT_SHARES = [(0.997, "reference", True), (0.997, "recommended", True), (0.6, "reference", False)]
+
+
+@pytest.mark.parametrize(("share", "recipe", "warned"), [*KEPT_SHARES, (math.nan, "reference", False)])
+def test_a_kept_epoch_that_calls_everything_farmland_is_warned_of(
+    caplog: pytest.LogCaptureFixture, share: float, recipe: str, warned: bool
+) -> None:
+    rows = [{"epoch": 1, "val_predicted_farmland": share}, {"epoch": 2, "val_predicted_farmland": 0.3}]
+    progress = train.Progress(best_iou=0.288, best_epoch=1, history=rows)
+    with caplog.at_level(logging.WARNING, logger="train"):
+        train.warn_kept_prior(config.Config(recipe=recipe), progress)
+    text = caplog.text
+    assert ("best.pth keeps epoch 1, which called 99.7% of the val pixels farmland" in text) == warned
+    assert warned or not text
+    assert ("--recipe=recommended" in text) == (warned and recipe == "reference")
+    assert not warned or "IoU (0.2880) is what calling every pixel farmland scores" in text

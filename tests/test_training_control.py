@@ -336,7 +336,18 @@ def test_time_budget_stops_when_epochs_slow_down(
     with caplog.at_level(logging.INFO, logger="train"):
         assert train.main(args(square_data, run_dir, *BUDGET)) == 0
     assert "stopping after epoch 3 of the 9 planned, 0.8 min spent" in caplog.text
+    assert "(epochs ran slower than planned: 16.0 s on average, the last 30.0 s)" in caplog.text
     assert len(load_checkpoint(run_dir / "checkpoints" / "last.pth")["history"]) == 3
+    # The same command resumed: the budget is spent, so nothing more is trained (it had trained a 4th epoch, to 78 s).
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main(args(square_data, run_dir, *BUDGET, "--resume=true")) == 0
+    assert "nothing to do: the checkpoint already finished epoch 3 of 3" in caplog.text
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
+    assert len(state["history"]) == 3 and state["elapsed"] == pytest.approx(48.0)
+    # A larger budget goes on: 48 s spent at 16 s an epoch, 1.5 minutes hold 2 more.
+    assert train.main(args(square_data, run_dir, *BUDGET, "--time_budget=1.5", "--resume=true")) == 0
+    assert len(load_checkpoint(run_dir / "checkpoints" / "last.pth")["history"]) > 3
 
 
 @pytest.mark.parametrize(
