@@ -332,6 +332,21 @@ def scored_made_with(rows: list[dict], made: dict[str, dict | None]) -> dict | N
     return {**recorded[0], "n_images": len(recorded)}
 
 
+def warn_other_cut(threshold: float, made_with: dict | None) -> None:
+    """Warn when --threshold is not the cut the scored masks were made at: miou.py scores masks, it does not cut
+    probabilities, so the threshold given here changes nothing."""
+    cut = (made_with or {}).get("cut")
+    if threshold == -1 or cut is not None and math.isclose(threshold, cut):
+        return
+    LOG.warning(
+        "--threshold=%g is predict.py's: miou.py scores the masks as they were made (farmland %s); to score that "
+        "cut, run predict.py --threshold=%g first",
+        threshold,
+        "by the argmax" if made_with and cut is None else f"above {cut}" if cut is not None else "at an unknown cut",
+        threshold,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Score run_dir/predictions against the test split's labels; write metrics, CSV and figures."""
     cfg = cli.parse_args(argv, __doc__ or "")
@@ -361,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.error("no test image could be scored (%d problem(s) above)", len(errors))
         return 1
     summary = summarise(rows, pooled) | {"made_with": scored_made_with(rows, made)}
+    warn_other_cut(cfg.threshold, summary["made_with"])
     files.atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     write_csv(rows, run_dir / "per_image_metrics.csv")
     figures = run_dir / "figures"

@@ -481,8 +481,10 @@ def filled_nodata(block: np.ndarray, empty: np.ndarray) -> np.ndarray:
     # The labels of the distance transform name each pixel's nearest zero, here its nearest pixel with data.
     _, labels = cv2.distanceTransformWithLabels(empty.view(np.uint8), cv2.DIST_L2, 3, labelType=cv2.DIST_LABEL_PIXEL)
     with_data = np.flatnonzero(~empty)  # row-major, as the labels number the zeros (from 1)
+    nearest = with_data[labels[empty] - 1]
     filled = block.copy()
-    filled[empty] = block.reshape(-1, block.shape[2])[with_data[labels[empty] - 1]]
+    # By row and column: the block is often a transposed view, which a flat reshape would copy whole.
+    filled[empty] = block[nearest // block.shape[1], nearest % block.shape[1]]
     return filled
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import miou
 from data_preprocess import IGNORE, write_image
 from metrics import (
     boundary_band,
@@ -168,7 +169,6 @@ def test_boundary_iou_of_empty_masks_is_undefined_and_ignored_pixels_are_skipped
 def test_miou_shows_the_bands_the_test_split_was_predicted_with(tmp_path: Path) -> None:
     import json
 
-    import miou
     from config import Config
 
     run = Config(run_dir=str(tmp_path))
@@ -184,3 +184,22 @@ def test_miou_shows_the_bands_the_test_split_was_predicted_with(tmp_path: Path) 
     assert miou.bands_of_the_run(given) == given  # the user's keys win
     (tmp_path / "configs" / "train.json").write_text("{cut short", "utf-8")
     assert miou.bands_of_the_run(run) == run
+
+
+@pytest.mark.parametrize(
+    ("threshold", "made_with", "said"),
+    [
+        (-1.0, {"cut": 0.3}, ""),
+        (0.3, {"cut": 0.3}, ""),
+        (0.7, {"cut": 0.3}, "--threshold=0.7 is predict.py's: miou.py scores the masks as they were made (farmland "),
+        (0.7, {"cut": 0.3}, "(farmland above 0.3); to score that cut, run predict.py --threshold=0.7 first"),
+        (0.7, {"cut": None}, "(farmland by the argmax)"),
+        (0.7, None, "(farmland at an unknown cut)"),
+    ],
+)  # fmt: skip
+def test_a_threshold_given_to_miou_is_named_as_predicts(
+    caplog: pytest.LogCaptureFixture, threshold: float, made_with: dict | None, said: str
+) -> None:
+    with caplog.at_level("WARNING", logger="miou"):
+        miou.warn_other_cut(threshold, made_with)
+    assert (said in caplog.text) if said else not caplog.text
