@@ -82,14 +82,19 @@ def test_orphans_junk_and_upper_case_extensions(tmp_path: Path) -> None:
     assert sorted(listed) == sorted(["UPPER.PNG"] + [f"t.{i}.png" for i in range(5)])
 
 
+def write_named_tiles(data: Path, names: dict[str, str]) -> Path:
+    """Square tiles under data/images with their masks under data/labels, by image name -> mask name."""
+    rng = np.random.default_rng(0)
+    for image_name, mask_name in names.items():
+        image, mask = square_tile(rng)
+        write_image(data / "images" / image_name, image)
+        write_image(data / "labels" / mask_name, mask)
+    return data
+
+
 def test_masks_named_as_their_images_pair_with_an_empty_suffix(tmp_path: Path) -> None:
     # Every mask was an orphan ("does not end in ''") and every image had "no mask".
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        image, mask = square_tile(rng)
-        write_image(data / "images" / f"t{i}.png", image)
-        write_image(data / "labels" / f"t{i}.png", mask)
+    data = write_named_tiles(tmp_path / "data", {f"t{i}.png": f"t{i}.png" for i in range(5)})
     assert run_split(data, tmp_path / "run", "--mask_suffix=") == 0
     pairs = [p for k in ("train", "val", "test") for p in read_pair_list(tmp_path / "run" / "splits" / f"{k}.txt")]
     assert sorted((i.name, m.parent.name, m.name) for i, m in pairs) == [
@@ -99,12 +104,7 @@ def test_masks_named_as_their_images_pair_with_an_empty_suffix(tmp_path: Path) -
 
 
 def test_masks_with_another_suffix_are_met_with_the_mask_suffix_to_pass(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        image, mask = square_tile(rng)
-        write_image(data / "images" / f"t{i}.png", image)
-        write_image(data / "labels" / f"t{i}_label.png", mask)
+    data = write_named_tiles(tmp_path / "data", {f"t{i}.png": f"t{i}_label.png" for i in range(3)})
     with pytest.raises(DataError, match=r"masks named otherwise need --mask_suffix"):
         run_split(data, tmp_path / "run")
     scan = find_pairs(data / "images", data / "labels", "_mask")
@@ -115,12 +115,7 @@ def test_masks_with_another_suffix_are_met_with_the_mask_suffix_to_pass(tmp_path
 
 def test_masks_named_as_their_numbered_images_are_met_with_the_empty_suffix(tmp_path: Path) -> None:
     """labels/10.png beside images/1.png and images/10.png: 10.png's mask, not 1.png's named with a suffix "0"."""
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for i in (1, 10, 11):
-        image, mask = square_tile(rng)
-        write_image(data / "images" / f"{i}.png", image)
-        write_image(data / "labels" / f"{i}.png", mask)
+    data = write_named_tiles(tmp_path / "data", {f"{i}.png": f"{i}.png" for i in (1, 10, 11)})
     scan = find_pairs(data / "images", data / "labels", "_mask")
     reasons = {p.name: reason for p, kind, reason in scan.rejected if p.parent.name == "labels"}
     assert all("pass --mask_suffix= (empty)" in reasons[f"{i}.png"] for i in (1, 10, 11))
