@@ -91,7 +91,7 @@ class Config:
     polygons: bool = True  # scenes: also write the fields as polygons (GeoJSON and GeoPackage) with their areas
     min_field_area_ha: float = 0.01  # scenes: minimum mapping unit (ha): smaller islands and holes sieved away
     min_field_pixels: int = 0  # scenes: the minimum mapping unit in pixels where the CRS has no metres (0 = none)
-    save_sieved_mask: bool = False  # scenes: also write <stem>_sieved.tif, the mask after the minimum mapping unit
+    save_sieved_mask: bool = False  # scenes: also write <stem>_sieved.tif, the sieved mask (with polygons)
     resample_scenes: bool = True  # scenes: predict a scene of another pixel size at the model's pixel_size_m
     simplify_tolerance: float = 0.0  # scenes: simplify field outlines by this distance in CRS units (0 = off)
     backend: str = "torch"  # torch (the checkpoint, in PyTorch) or onnx (the exported model, in onnxruntime, CPU)

@@ -39,16 +39,24 @@ STRIP = 1024  # mask rows sieved and vectorised at a time
 SIEVE_HALO_CAP = 2048  # most rows read above and below a strip for the sieve
 BATCH = 4096  # polygons written to the vector files at a time
 LARGE = 100_000  # coordinates of a polygon written on its own, its GeoJSON a block at a time
+CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # a pixel's 4-connected neighbours and itself
 
 
-def small_pieces(binary: np.ndarray, min_pixels: int, cut_top: bool, cut_bottom: bool) -> np.ndarray:
-    """Where the 4-connected pieces of ``binary`` (bool, H x W) with fewer than ``min_pixels`` pixels lie.
+def small_pieces(
+    binary: np.ndarray, min_pixels: int, cut_top: bool, cut_bottom: bool, near: np.ndarray | None = None
+) -> np.ndarray:
+    """Where the 4-connected pieces of ``binary`` (bool, H x W) with fewer than ``min_pixels`` pixels lie; with
+    ``near`` (bool, H x W), only the pieces that hold a pixel of it.
 
     Pieces that touch the top row when ``cut_top`` (or the bottom row when ``cut_bottom``) continue beyond
     the block: they are never counted small.
     """
     _, labels, stats, _ = cv2.connectedComponentsWithStats(binary.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
     small = stats[:, cv2.CC_STAT_AREA] < min_pixels
+    if near is not None:
+        touching = np.zeros_like(small)
+        touching[np.unique(labels[near & binary])] = True
+        small &= touching
     small[0] = False  # label 0 is everything outside ``binary``
     if cut_top:
         small[np.unique(labels[0])] = False
@@ -59,12 +67,17 @@ def small_pieces(binary: np.ndarray, min_pixels: int, cut_top: bool, cut_bottom:
 
 def sieve_block(block: np.ndarray, min_pixels: int, cut_top: bool, cut_bottom: bool) -> np.ndarray:
     """A copy of a block of mask rows with farmland islands, then background holes, under ``min_pixels``
-    removed (islands first, so a speck inside a small hole does not keep the hole open). Nodata stays."""
+    removed (islands first, so a speck inside a small hole does not keep the hole open). Nodata stays.
+
+    A hole is background beside farmland: a removed island with only nodata and the block's edges around it
+    would otherwise come back as a hole, in the sieved mask but under the unit, so without a field.
+    """
     mask = block.copy()
     if min_pixels <= 1:
         return mask
     mask[small_pieces(mask == FARMLAND, min_pixels, cut_top, cut_bottom)] = 0
-    mask[small_pieces(mask == 0, min_pixels, cut_top, cut_bottom)] = FARMLAND
+    beside = cv2.dilate((mask == FARMLAND).view(np.uint8), CROSS).view(bool)
+    mask[small_pieces(mask == 0, min_pixels, cut_top, cut_bottom, beside)] = FARMLAND
     return mask
 
 
@@ -236,10 +249,16 @@ def mask_fields(mask_path: Path, min_pixels: int, sieved_path: Path | None = Non
                 sieved.close()
 
 
-def crs_member(crs: rasterio.crs.CRS | None) -> dict | None:
-    """The GeoJSON ``crs`` member GDAL reads back (an EPSG URN where there is a code, else the WKT)."""
+# Without a CRS the polygons are in pixel coordinates; a GeoJSON file without a ``crs`` member is read as WGS 84
+# degrees (the format's default), which put the fields of a 384-pixel scene at 384 degrees north.
+PIXEL_CRS = 'LOCAL_CS["pixel coordinates (column, row)",UNIT["unknown",1]]'
+
+
+def crs_member(crs: rasterio.crs.CRS | None) -> dict:
+    """The GeoJSON ``crs`` member GDAL reads back (an EPSG URN where there is a code, else the WKT; without a CRS
+    a local one named for pixel coordinates, so that no reader takes them for degrees)."""
     if crs is None:
-        return None
+        return {"type": "name", "properties": {"name": PIXEL_CRS}}
     code = crs.to_epsg()
     name = f"urn:ogc:def:crs:EPSG::{code}" if code else crs.to_wkt()
     return {"type": "name", "properties": {"name": name}}
@@ -268,8 +287,7 @@ class PolygonWriter:
         self.geojson = open(self.temporary["geojson"], "w", encoding="utf-8") if "geojson" in paths else None
         if self.geojson is not None:
             head = {"type": "FeatureCollection", "name": layer}
-            if crs_member(crs):
-                head["crs"] = crs_member(crs)
+            head["crs"] = crs_member(crs)
             self.geojson.write(json.dumps(head)[:-1] + ', "features": [\n')
 
     def add(self, geometry: shapely.Geometry, **values: float | int | str | None) -> None:

@@ -112,8 +112,11 @@ def utm_epsg(crs: CRS, transform: Affine, width: int, height: int) -> int:
 
 
 def nodata_pixels(block: np.ndarray, nodata: float | None, axis: int) -> np.ndarray:
-    """Where a block's bands (along ``axis``) are all zero, or all the declared nodata value: bool, bands gone."""
+    """Where a block's bands (along ``axis``) are all zero, or all the declared nodata value, or (a float block)
+    any of them NaN, declared or not: bool, bands gone. NaN is no value the network can take."""
     empty = ~block.any(axis=axis)
+    if np.issubdtype(block.dtype, np.floating):
+        empty |= np.isnan(block).any(axis=axis)
     if nodata is not None:
         same = np.isnan(block) if math.isnan(nodata) else block == np.asarray(nodata).astype(block.dtype)
         empty |= same.all(axis=axis)

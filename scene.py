@@ -45,7 +45,7 @@ import rasterio.features
 import shapely
 import shapely.affinity
 import torch
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
@@ -133,6 +133,7 @@ class SceneSettings:
     min_field_pixels: int = 0
     save_sieved_mask: bool = False
     resample: bool = True
+    pixel_size_m: float = 0.0  # the training tiles' pixel size where the checkpoint records none (0 = unknown)
     simplify_tolerance: float = 0.0
     bands: tuple[int, ...] = ()
     overlay: bool = True
@@ -163,6 +164,7 @@ class SceneSettings:
             min_field_pixels=cfg.min_field_pixels,
             save_sieved_mask=cfg.save_sieved_mask,
             resample=cfg.resample_scenes,
+            pixel_size_m=cfg.pixel_size_m,
             simplify_tolerance=cfg.simplify_tolerance,
             bands=bands,
             overlay=cfg.overlay,
@@ -318,16 +320,25 @@ class RasterScene(Scene):
         self.width, self.height, self.count = self.src.width, self.src.height, self.src.count
         self.dtype = np.dtype(self.src.dtypes[0])
         self.crs, self.transform, self.nodata = self.src.crs, self.src.transform, self.src.nodata
+        # An alpha band or an internal mask (drone orthophotos, gdalwarp -dstalpha) marks where the scene has no
+        # data, whatever its colour there (often white): such pixels are read as all-zero, which is nodata.
+        flags = self.src.mask_flag_enums[0] if self.src.count else []
+        self.masked = MaskFlags.alpha in flags or MaskFlags.per_dataset in flags
         if unplaced := rpc_only(self.src):
             LOG.warning("%s: %s; as it is, its mask and fields are in pixel coordinates (column, row)", path, unplaced)
 
     def read_rows(self, top: int, bottom: int) -> np.ndarray:
-        block = self.src.read(list(self.bands), window=Window(0, top, self.width, bottom - top))
+        where = Window(0, top, self.width, bottom - top)
+        block = self.src.read(list(self.bands), window=where)
+        if self.masked:
+            block[:, self.src.dataset_mask(window=where) == 0] = 0
         return block.transpose(1, 2, 0)
 
     def read_preview(self, height: int, width: int) -> np.ndarray:
         shape = (len(self.bands), height, width)
         small = self.src.read(list(self.bands), out_shape=shape, resampling=Resampling.average)
+        if self.masked:
+            small[:, self.src.dataset_mask(out_shape=(height, width), resampling=Resampling.nearest) == 0] = 0
         return small.transpose(1, 2, 0)
 
     def close(self) -> None:
@@ -681,15 +692,28 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
             scene.path,
             area_problem(scene.crs),
         )
+    if pixel_m2 is not None and settings.min_field_pixels:
+        LOG.warning(
+            "%s: --min_field_pixels=%d is left unused: it is the unit for scenes without metres, and this scene's CRS "
+            "has them, so --min_field_area_ha=%g (%d pixels of %.3g m2) is its minimum mapping unit; set "
+            "--min_field_area_ha for another unit",
+            scene.path,
+            settings.min_field_pixels,
+            settings.min_field_area_ha,
+            min_pixels,
+            pixel_m2,
+        )
     sieved = temporary_beside(outputs["sieved"]) if settings.save_sieved_mask else None
     columns = {"field_id": int, "area_ha": float, "pixels": int}
     t, kept = scene.transform, 0
     try:
         with polygons.PolygonWriter({k: outputs[k] for k in ("geojson", "gpkg")}, columns, scene.crs) as writer:
             for polygon in polygons.mask_fields(outputs["mask"], min_pixels, sieved):
-                area_ha = None if pixel_m2 is None else polygon.area * pixel_m2 / 1e4
-                if area_ha is not None and area_ha < settings.min_field_area_ha:
+                # By pixels, with or without a CRS: a sliver longer than the sieve's halo cap can come out of
+                # the strips in pieces under the unit (polygons.SIEVE_HALO_CAP), which are no fields.
+                if polygon.area < min_pixels:
                     continue
+                area_ha = None if pixel_m2 is None else polygon.area * pixel_m2 / 1e4
                 pixels = int(round(polygon.area))
                 shape = shapely.affinity.affine_transform(polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
                 polygon = None  # a field can be very large: one copy in memory at a time
@@ -758,9 +782,12 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path, shown: Sequence[int
     scale = min(1.0, PREVIEW_SIDE / max(scene.height, scene.width))
     height, width = max(1, round(scene.height * scale)), max(1, round(scene.width * scale))
     preview = scene.read_preview(height, width).astype(scene.dtype)
+    empty = nodata_pixels(preview, scene.nodata, axis=2)
+    # A declared nodata value outside the pixel scale (-9999 in a float scene) is no colour: shown as black.
+    preview[empty] = 0
     photo = image_to_float(preview, len(scene.bands), scene.path)
     if scene.dtype != np.uint8:
-        photo = stretched(photo, 0, ~nodata_pixels(preview, scene.nodata, axis=2))
+        photo = stretched(photo, 0, ~empty)
     with rasterio.open(mask_path) as src:
         mask = src.read(1, out_shape=(height, width), resampling=Resampling.nearest)
     write_image(path, overlay_image(photo, mask == FARMLAND, shown))
@@ -778,7 +805,16 @@ def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float 
     """The scene's pixel size over the training tiles' (``pixel_size_m`` in the checkpoint) when the scene is
     to be resampled to the model's pixel size; None when the sizes agree (within 2 %), either is unknown,
     or resampling is off or impossible, with a warning when they differ by more than a quarter."""
-    trained = float(state["config"].get("pixel_size_m") or 0.0)
+    trained, given = float(state["config"].get("pixel_size_m") or 0.0), settings.pixel_size_m
+    if trained <= 0:
+        trained = given  # a checkpoint of tiles without a pixel size (PNG): the size the user gives
+    elif given > 0 and abs(given / trained - 1) >= 0.02:
+        LOG.warning(
+            "%s: --pixel_size_m=%g is left unused: the checkpoint records the training tiles' pixel size, %g m",
+            scene.path,
+            given,
+            trained,
+        )
     size = scene_pixel_size(scene)
     if trained > 0 and size is None:
         warn_geographic_size(scene, trained)
@@ -858,6 +894,9 @@ def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) 
                 for top in range(0, scene.height, BLOCK * 4):
                     where = Window(0, top, scene.width, min(BLOCK * 4, scene.height - top))
                     rows = vrt.read(1, window=where)
+                    # A pixel with data whose pixel on the model's grid was nodata (mostly nodata, where a nodata
+                    # edge or speck cuts across it) takes the nearest prediction: it is no nodata of the scene.
+                    rows = filled_nodata(rows[:, :, None], rows == NODATA)[:, :, 0]
                     # The scene's own nodata, which resampling blurred into its neighbours' classes.
                     pixels = scene.read_rows(top, top + int(where.height))
                     rows[nodata_pixels(pixels, scene.nodata, axis=2)] = NODATA
@@ -943,6 +982,7 @@ def run_scene(
             if settings.overlay:
                 write_overlay(scene, outputs["mask"], outputs["overlay"], settings.shown)
     row = area_row(scene, counts, fields, outputs["mask"], model_file, state)
+    remove_stale_outputs(outputs, settings)
     files.atomic_write_text(outputs["area"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
     LOG.info(
         "%s: %d x %d, farmland %s of the valid pixels%s%s",
@@ -954,6 +994,22 @@ def run_scene(
         "" if fields is None else f", {fields} field(s)",
     )
     return row
+
+
+def remove_stale_outputs(outputs: dict[str, Path], settings: SceneSettings) -> None:
+    """Remove the outputs of an earlier prediction of this scene that this configuration does not write (a
+    probability, sieved mask, fields or overlay from other settings), so that none is left beside the new mask
+    that disagrees with it."""
+    wanted = set(wanted_outputs(outputs, settings))
+    stale = [path for path in outputs.values() if path not in wanted and path.is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        LOG.info(
+            "%s: removed %s, made by an earlier run with other settings",
+            outputs["mask"].stem,
+            ", ".join(p.name for p in stale),
+        )
 
 
 def is_finished(
@@ -1001,6 +1057,11 @@ def predict_scenes(
     """
     in_channels, trained = state["config"]["in_channels"], str(state["config"].get("bands", ""))
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # it logs every file it writes at INFO
+    if settings.save_sieved_mask and not settings.polygons:
+        LOG.warning(
+            "--save_sieved_mask=true writes no sieved mask with --polygons=false: the minimum mapping unit is applied "
+            "as the fields are drawn; set --polygons=true for both"
+        )
     done_before = [
         skip_existing and p.is_file() and is_finished(scene_outputs(run_dir, p), settings, checkpoint, p, since)
         for p in paths

@@ -56,6 +56,17 @@ def test_sieve_by_hand() -> None:
     assert np.array_equal(polygons.sieve_block(mask, 1, False, False), mask)
 
 
+def test_an_island_among_nodata_is_removed_not_filled_back_as_a_hole() -> None:
+    # Two rows of farmland between nodata rows (a striped cloud mask): removed as an island, it came back as a
+    # background "hole" and stayed in the sieved mask, while its field was left out for being under the unit.
+    mask = np.full((6, 8), 255, np.uint8)
+    mask[1:3, :4] = 1  # an island of 8 pixels with nodata around it
+    mask[4:6] = 1  # a field of 15 pixels with a one-pixel hole on the scene's edge: still filled
+    mask[5, 7] = 0
+    sieved = polygons.sieve_block(mask, 10, False, False)
+    assert (sieved[1:3, :4] == 0).all() and (sieved[4:6] == 1).all()
+
+
 def test_a_piece_at_a_cut_edge_is_never_removed() -> None:
     mask = np.zeros((4, 4), np.uint8)
     mask[0, 1] = 1  # one pixel on the top row: it may continue above
@@ -121,6 +132,16 @@ def test_no_fields_gives_empty_readable_files(tmp_path: Path) -> None:
     assert all(pyogrio.read_info(p)["features"] == 0 for p in paths.values())
 
 
+def test_fields_in_pixel_coordinates_are_not_read_as_degrees(tmp_path: Path) -> None:
+    # A GeoJSON file without a crs member is WGS 84 to GDAL and QGIS: pixel coordinates became degrees.
+    paths = {"geojson": tmp_path / "f.geojson"}
+    with polygons.PolygonWriter(paths, {"field_id": int}, None) as writer:
+        writer.add(shapely.box(300, 200, 310, 210), field_id=1)
+        writer.close()
+    crs = pyogrio.read_info(paths["geojson"])["crs"]
+    assert crs.startswith("LOCAL_CS") and "pixel coordinates" in crs
+
+
 def test_a_failure_leaves_no_file(tmp_path: Path) -> None:
     paths = {"geojson": tmp_path / "f.geojson", "gpkg": tmp_path / "f.gpkg"}
     with pytest.raises(RuntimeError):
@@ -160,3 +181,26 @@ def test_a_large_field_is_written_a_block_of_coordinates_at_a_time(
     for path in paths.values():
         _, _, geometry, (ids,) = pyogrio.raw.read(path)
         assert ids.tolist() == [1, 2] and shapely.equals(shapely.from_wkb(geometry[1]), field)
+
+
+def test_pieces_of_a_sliver_longer_than_the_halo_cap_are_no_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A unit larger than the halo cap: a 1-pixel sliver of 20 rows (under the unit of 25 pixels) reaches a cut
+    # edge in some strips and is wholly seen in others, so pieces of it stay in the sieved mask. In pixel
+    # coordinates (no CRS, min_field_pixels) those pieces were written as fields under the unit.
+    monkeypatch.setattr(polygons, "STRIP", 8)
+    monkeypatch.setattr(polygons, "SIEVE_HALO_CAP", 4)
+    mask = np.zeros((60, 12), np.uint8)
+    mask[:, 8:] = 1  # a field of 240 pixels
+    mask[20:40, 2] = 1  # the sliver
+    profile = {"driver": "GTiff", "width": 12, "height": 60, "count": 1, "dtype": "uint8", "nodata": 255}
+    with rasterio.open(tmp_path / "m_seg.tif", "w", **profile) as dst:
+        dst.write(mask, 1)
+    plain = scene.Scene()
+    plain.path, plain.crs, plain.transform = tmp_path / "m.tif", None, Affine.identity()
+    outputs = scene.scene_outputs(tmp_path, plain.path) | {"mask": tmp_path / "m_seg.tif"}
+    settings = scene.SceneSettings(min_field_pixels=25)
+    assert scene.write_fields(plain, settings, outputs) == 1
+    _, _, _, (_, _, pixels) = pyogrio.raw.read(outputs["gpkg"])
+    assert pixels.tolist() == [240]

@@ -76,6 +76,39 @@ def test_a_resampled_scene_keeps_its_nodata_exactly_without_a_declared_value(sta
     assert int(row["valid_pixels"]) == int((~empty).sum())
 
 
+def test_pixels_with_data_beside_nodata_specks_keep_a_prediction_when_resampled(state: dict, tmp_path: Path) -> None:
+    # A finer scene with nodata specks and edges that cut across the model's coarser pixels: scene pixels with
+    # data came back as nodata where their coarse pixel was mostly nodata (mask and probability 255, and left
+    # out of the valid area).
+    fine_pixels = scene_pixels().repeat(2, axis=1).repeat(2, axis=2).astype(np.uint16) * 257
+    rng = np.random.default_rng(0)
+    fine_pixels[:, rng.random(fine_pixels.shape[1:]) < 0.02] = 65535
+    fine_pixels[:, 201:260:2, 301:340] = 65535  # every other row: stripes across coarse pixels
+    fine = write_geotiff(tmp_path / "in" / "fine.tif", fine_pixels, transform=FINE, nodata=65535)
+    resampled = predicted_mask(tmp_path / "run", fine, checkpoint_at(state, tmp_path, 2.0))
+    empty = (fine_pixels == 65535).all(axis=0) | ~fine_pixels.any(axis=0)
+    assert np.array_equal(resampled == 255, empty)
+    with rasterio.open(scene.scene_outputs(tmp_path / "run", fine)["probability"]) as src:
+        assert np.array_equal(src.read(1) == 255, empty)
+
+
+def test_pixel_size_m_given_to_predict_stands_for_a_checkpoint_without_one(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A checkpoint trained on PNG tiles records no pixel size; --pixel_size_m on predict.py was ignored silently.
+    fine = write_geotiff(
+        tmp_path / "in" / "fine.tif", scene_pixels().repeat(2, axis=1).repeat(2, axis=2), transform=FINE
+    )
+    model = checkpoint_at(state, tmp_path, 0.0)
+    with caplog.at_level(logging.INFO, logger="scene"):
+        predicted_mask(tmp_path / "run", fine, model, "--pixel_size_m=2")
+    assert "1 m pixels, the model's 2 m: predicted at the model's size" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scene"):
+        predicted_mask(tmp_path / "run2", fine, checkpoint_at(state, tmp_path, 1.0), "--pixel_size_m=2")
+    assert "--pixel_size_m=2 is left unused" in caplog.text and "predicted at the model's size" not in caplog.text
+
+
 def test_a_scene_of_the_models_pixel_size_is_not_resampled(state: dict, tmp_path: Path) -> None:
     source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
     unknown = predicted_mask(tmp_path / "a", source, checkpoint_at(state, tmp_path, 0.0))

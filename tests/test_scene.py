@@ -227,6 +227,94 @@ def test_overlays_of_16_bit_scenes_and_tiles_are_stretched(checkpoint: Path, tmp
     assert load_overlay(tmp_path / "run" / "predictions" / "overlays" / "gf2_tile_overlay.png")[:, :, 2].max() >= 128
 
 
+def test_a_float_scene_with_a_nodata_value_outside_0_1_is_predicted_with_its_overlay(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    # Float reflectance in [0, 1] with -9999 declared as nodata, as GDAL exports float products: the overlay
+    # fed -9999 to the [0, 1] check and the scene failed after its mask was written, without an area row.
+    pixels = scene_pixels().astype(np.float32) / 255
+    pixels[:, NODATA_ROWS, NODATA_COLS] = -9999
+    source = write_geotiff(tmp_path / "in" / "float.tif", pixels, nodata=-9999)
+    run_dir = tmp_path / "run"
+    assert run_predict(run_dir, checkpoint, source) == 0
+    (row,) = read_table(run_dir)
+    assert int(row["valid_pixels"]) == HEIGHT * WIDTH - 40 * 60
+    overlay = load_overlay(run_dir / "predictions" / "overlays" / "float_overlay.png")
+    assert overlay.shape[:2] == (HEIGHT, WIDTH) and overlay[NODATA_ROWS, NODATA_COLS].max() == 0  # nodata: black
+
+
+def test_nan_pixels_of_a_float_scene_are_nodata_even_undeclared(checkpoint: Path, tmp_path: Path) -> None:
+    # Without a declared nodata value the NaN pixels reached the network, which spread them over its reach:
+    # the mask turned background around them and they counted as valid background.
+    pixels = scene_pixels().astype(np.float32) / 255
+    pixels[:, NODATA_ROWS, NODATA_COLS] = 0.5
+    pixels[:, 100:130, 200:260] = np.nan
+    pixels[1, 150:160, 10:20] = np.nan  # one band only: still nothing the network can take
+    plain = run_predict(tmp_path / "plain", checkpoint, write_geotiff(tmp_path / "a" / "s.tif", np.nan_to_num(pixels)))
+    assert (
+        plain == 0 and run_predict(tmp_path / "run", checkpoint, write_geotiff(tmp_path / "b" / "s.tif", pixels)) == 0
+    )
+    masks = {}
+    for run in ("plain", "run"):
+        with rasterio.open(tmp_path / run / "predictions" / "s_seg.tif") as src:
+            masks[run] = src.read(1)
+    empty = np.zeros((HEIGHT, WIDTH), bool)
+    empty[100:130, 200:260] = empty[150:160, 10:20] = True
+    assert (masks["run"][empty] == 255).all() and not (masks["run"][~empty] == 255).any()
+    (row,) = read_table(tmp_path / "run")
+    assert int(row["valid_pixels"]) == HEIGHT * WIDTH - 30 * 60 - 10 * 10
+    # Elsewhere the mask is the scene's with its NaN filled as nodata would be, not a blot of background.
+    assert np.mean(masks["run"][~empty] == masks["plain"][~empty]) > 0.95
+
+
+def test_min_field_pixels_on_a_scene_in_metres_is_said_to_be_unused(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
+    assert run_predict(tmp_path / "run", checkpoint, source, "--min_field_pixels=500") == 0
+    assert "--min_field_pixels=500 is left unused" in caplog.text and "--min_field_area_ha=0 (0 pixels" in caplog.text
+
+
+def test_outputs_this_configuration_does_not_write_are_not_left_from_an_earlier_run(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    # A sieved mask and a probability from a run with another threshold stayed beside the new mask and fields.
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
+    run_dir = tmp_path / "run"
+    assert run_predict(run_dir, checkpoint, source, "--save_sieved_mask=true", "--threshold=0.3") == 0
+    out = scene.scene_outputs(run_dir, source)
+    assert out["sieved"].is_file() and out["probability"].is_file()
+    assert run_predict(run_dir, checkpoint, source, "--save_probability=false", "--threshold=0.7") == 0
+    assert not out["sieved"].exists() and not out["sieved_style"].exists() and not out["probability"].exists()
+    assert out["mask"].is_file() and out["gpkg"].is_file() and out["overlay"].is_file()
+
+
+def test_a_sieved_mask_asked_for_without_polygons_is_said_not_to_come(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
+    assert run_predict(tmp_path / "run", checkpoint, source, "--polygons=false", "--save_sieved_mask=true") == 0
+    assert not scene.scene_outputs(tmp_path / "run", source)["sieved"].exists()
+    assert "--save_sieved_mask=true writes no sieved mask with --polygons=false" in caplog.text
+
+
+def test_transparent_pixels_of_an_alpha_band_are_nodata(checkpoint: Path, tmp_path: Path) -> None:
+    # An RGBA orthophoto whose collar is white and transparent: the collar counted as valid ground.
+    pixels = scene_pixels()
+    pixels[:, NODATA_ROWS, NODATA_COLS] = 255
+    alpha = np.full((1, HEIGHT, WIDTH), 255, np.uint8)
+    alpha[:, NODATA_ROWS, NODATA_COLS] = 0
+    source = write_geotiff(
+        tmp_path / "in" / "rgba.tif", np.concatenate([pixels, alpha]), photometric="RGB", alpha="YES"
+    )
+    assert run_predict(tmp_path / "run", checkpoint, source, "--bands=1,2,3") == 0
+    with rasterio.open(scene.scene_outputs(tmp_path / "run", source)["mask"]) as src:
+        mask = src.read(1)
+    assert (mask[NODATA_ROWS, NODATA_COLS] == 255).all() and (mask != 255).sum() == HEIGHT * WIDTH - 40 * 60
+    (row,) = read_table(tmp_path / "run")
+    assert int(row["valid_pixels"]) == HEIGHT * WIDTH - 40 * 60
+
+
 def test_rgb_bands_pick_the_colours_of_scene_and_tile_overlays(state: dict, checkpoint: Path, tmp_path: Path) -> None:
     source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels())  # three bands of different noise
     write_image(tmp_path / "tiles" / "tile.png", scene_pixels(2)[:, :64, :64].transpose(1, 2, 0))
