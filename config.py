@@ -68,7 +68,7 @@ class Config:
     tensorboard: bool = True  # also log to run_dir/tensorboard when the tensorboard package is installed
     snapshot_every: int = 10  # also keep the weights of every N-th epoch (0 = never)
     resume: bool = False  # continue from run_dir/checkpoints/last.pth with its saved config; keys given override
-    sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks' tiles (small batches per GPU)
+    sync_bn: bool = False  # under torchrun, CUDA only: BatchNorm statistics over all ranks' tiles (small batches)
     deterministic: bool = False  # deterministic kernels (slower on GPU): a resumed run then ends bit-identical
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
@@ -84,8 +84,8 @@ class Config:
     overlay: bool = True  # also save each mask drawn over its photo
     sieve_cells: int = 16  # tiles: farmland pieces and holes under this many working pixels are sieved; 0 = off
     skip_existing: bool = True  # keep masks already written with this checkpoint, so an interrupted run resumes
-    window: int = 512  # scenes (GeoTIFFs, images over one window): window side in pixels, a multiple of 16 x downscale
-    overlap: int = 128  # scenes: pixels shared by neighbouring windows and blended, a multiple of 16 x downscale
+    window: int = 512  # scenes (GeoTIFFs, larger images): window side, a multiple of 16 (resnet: 32) x downscale
+    overlap: int = 128  # scenes: pixels shared by windows, blended; a multiple of 16 (resnet: 32) x downscale
     tta: bool = False  # tiles and scenes: average probabilities over the 8 flips and 90-degree turns (8x slower)
     save_probability: bool = True  # scenes: also write the farmland probability GeoTIFF (percent, 255 = nodata)
     polygons: bool = True  # scenes: also write the fields as polygons (GeoJSON and GeoPackage) with their areas

@@ -220,8 +220,12 @@ def weights_in_file(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or damaged files
+        # torch's own text runs on about checkpoints in general: its first sentence says what failed.
+        reason = str(err).split(". ")[0][:200]
         raise DataError(
-            f"{path}: not a loadable weights file ({type(err).__name__}: {str(err)[:200]}); {expected}"
+            f"{path}: not a loadable weights file ({type(err).__name__}: {reason}); a file cut short or damaged in "
+            f"a download fails so: download it again ({path.stat().st_size:,} bytes here). {expected[0].upper()}"
+            f"{expected[1:]}"
         ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -277,6 +281,11 @@ def load_encoder_weights(model: nn.Module, path: Path) -> int:
         summaries = (few(missing, "key(s) missing"), few(unexpected, "unexpected"), few(wrong, "of another shape"))
         found = "; ".join(summary for summary in summaries if summary)
         hint = f" (it fits {fits[0]}: pass --encoder={fits[0]})" if fits else ""
+        if not fits and any(key.startswith("encoder.") for key in weights):
+            hint = (
+                " (it holds a whole network, an encoder.* under other layers, as train.py's best.pth and last.pth "
+                "do: --resume=true with that run's --run_dir goes on training it)"
+            )
         raise DataError(
             f"{path}: not the weights of a {name} encoder: {found}{hint}; expected a torchvision {name} state dict, "
             f"e.g. {TORCHVISION_FILES[name]} (docs/encoders.md)"

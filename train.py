@@ -219,6 +219,30 @@ def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> Non
     )
 
 
+DIM_FOR_IMAGENET = 0.25  # brightest value below this share of the 0..1 range: ImageNet's scaling sees a flat image
+
+
+def warn_dim_for_imagenet(cfg: Config, train_set: FarmlandDataset, job: Distributed, tiles: int = 8) -> None:
+    """Warn when ImageNet's input scaling (``encoder_weights`` without ``normalise``) meets tiles whose values
+    fill little of the 0..1 range, as 10- or 12-bit data stored in 16-bit files does (scaled by 1/65535): after
+    ImageNet's mean and deviation every pixel is nearly the same value, and the pretrained filters see a flat,
+    black image. The split's own statistics (``normalise``) scale such data to what the filters expect."""
+    if not cfg.encoder_weights or cfg.normalise or not job.main or not len(train_set):
+        return
+    picked = np.unique(np.linspace(0, len(train_set) - 1, min(tiles, len(train_set))).astype(int))
+    brightest = max(float(train_set.tensors(int(i))[0].float().max()) for i in picked)
+    if brightest >= DIM_FOR_IMAGENET:
+        return
+    LOG.warning(
+        "the training tiles' brightest value is %.4f of their type's range (%d tiles looked at; 16-bit files holding "
+        "10- or 12-bit data are scaled by 1/65535): ImageNet's normalisation, which --encoder_weights uses without "
+        "--normalise, then turns every pixel into nearly the same value and the pretrained encoder sees a flat image; "
+        "add --normalise=true (the split's own band statistics), or convert the tiles to 8 bit",
+        brightest,
+        len(picked),
+    )
+
+
 def split_statistics(cfg: Config, train_set: FarmlandDataset) -> tuple[list[float], list[float], list[int]] | None:
     """Band means and deviations and class pixel counts of the training split, when normalisation or class
     weights need them (None otherwise: reading every tile costs time)."""
@@ -285,6 +309,7 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     elif trainer.ema is not None:
         LOG.warning("%s holds no moving average of the weights: it starts from the resumed weights", last)
         trainer.ema = make_weight_average(trainer.model, cfg)
+    realign_schedule(trainer, state["epoch"], last, job)
     progress = Progress(state["epoch"] + 1, state["best_iou"], state["best_epoch"], list(state["history"]))
     progress.best_weights = state.get("best_weights", "raw")
     progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
@@ -301,6 +326,35 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     if cfg.time_budget > 0 and cfg.time_budget != saved_budget:
         replan_budget(cfg, progress, saved_budget)
     return progress
+
+
+def realign_schedule(trainer: Trainer, done: int, path: Path, job: Distributed) -> None:
+    """Put the learning-rate schedule, stepped per batch, at the end of epoch ``done`` for this run's steps per
+    epoch. A run resumed with another number of ranks (or of training tiles) takes another number of steps per
+    epoch; the saved step count read at the new rate would put the schedule epochs off (past the end of a cosine:
+    a learning rate of 0 for the rest of the run). Each step then also averages another number of tiles, so the
+    run goes on, but not as the saved one would have: the log says so."""
+    scheduler, steps = trainer.scheduler, len(trainer.train_loader)
+    saved = scheduler.last_epoch
+    if saved == done * steps:
+        return
+    # The learning rate itself stays: the saved one is the schedule's at the end of epoch ``done`` either way.
+    scheduler.last_epoch = done * steps
+    if job.main:
+        LOG.warning(
+            "%s was trained with %d step(s) per epoch (%d steps in %d epochs), this run takes %d (%d rank(s) of %d "
+            "tile(s) per batch): another number of ranks or training tiles. The learning-rate schedule goes on from "
+            "the end of epoch %d, but each step now averages another number of tiles, so the result will differ "
+            "from the saved run's going on; resume with the number of ranks it was trained on to continue it exactly",
+            path,
+            saved // max(done, 1),
+            saved,
+            done,
+            steps,
+            job.world,
+            trainer.train_loader.batch_size or 0,
+            done,
+        )
 
 
 def replan_budget(cfg: Config, progress: Progress, saved_budget: float) -> None:
@@ -474,6 +528,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     train_set, val_set = build_datasets(cfg, train_pairs, val_pairs)
     tile = tuple(train_set[0][0].shape)
     check_batch(cfg, tile, len(train_set), job.world)
+    warn_dim_for_imagenet(cfg, train_set, job)
     statistics = split_statistics(cfg, train_set)
     criterion = make_loss(cfg.loss, statistics[2] if statistics else None, cfg.n_classes, cfg.focal_gamma)
     # The stall warning's yardstick, measured only when the warning is on.

@@ -4,11 +4,14 @@ pipeline (train, resume, predict, export) with a ResNet encoder."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import args, close_log_files, spread_probabilities_
+from conftest import args, close_log_files, spread_probabilities_, square_tile, write_pair
 from torch import nn
 
 import export_onnx
@@ -169,6 +172,17 @@ def test_files_that_are_not_the_encoder_s_weights_are_refused(tmp_path: Path) ->
         load_encoder_weights(model, tmp_path / "notes.pth")
     with pytest.raises(DataError, match=r"absent.pth: encoder weights not found; expected a torchvision resnet34"):
         load_encoder_weights(model, tmp_path / "absent.pth")
+    torch.save({"model": ResNetUNet("resnet34", 3, 2, 4).state_dict(), "epoch": 3}, tmp_path / "best.pth")
+    with pytest.raises(DataError, match=r"best.pth: not the weights .*\(it holds a whole network.*--resume=true"):
+        load_encoder_weights(model, tmp_path / "best.pth")
+    whole = torchvision_file(tmp_path / "whole.pth", "resnet34")
+    (tmp_path / "cut.pth").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # a download cut short
+    with pytest.raises(
+        DataError,
+        match=r"cut.pth: not a loadable weights file \(RuntimeError: [^;]*central directory\); a file cut short "
+        r".* download it again \([0-9,]+ bytes here\)\. Expected a torchvision resnet34",
+    ):
+        load_encoder_weights(model, tmp_path / "cut.pth")
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(DataError, match=r"list.pth: holds list, not a dict of tensors"):
         load_encoder_weights(model, tmp_path / "list.pth")
@@ -385,3 +399,28 @@ def test_the_batch_check_counts_ranks_under_sync_bn_and_names_too_few_tiles() ->
     train.check_batch(cfg, (3, 64, 64), 100, 1)  # a 2 x 2 deepest map trains on one tile
     with pytest.raises(ValueError, match=r"the training split holds 1 tile\(s\), 1 per process: add training tiles"):
         train.check_batch(Config(encoder="resnet34", batch_size=5), (3, 32, 32), 1, 1)
+
+
+def test_dim_16_bit_tiles_under_imagenet_scaling_are_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 10-bit values in 16-bit files (as Gaofen-2 delivers them) fill 1.6 % of 0..1: after ImageNet's mean and
+    # deviation every pixel is about -2.1, a flat image to the pretrained filters.
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for i in range(20):
+        image, mask = square_tile(rng)
+        write_pair(data, f"tile {i:02d}", image.astype(np.uint16) * 4, mask, ext=".tif")
+    weights = torchvision_file(tmp_path / "resnet18-f37072fd.pth", "resnet18")
+    resnet = ["--encoder=resnet18", "--snapshot_every=0", "--tensorboard=false", "--epochs=1"]
+    for run, extra, warned in (("imagenet", [], True), ("own", ["--normalise=true"], False)):
+        assert split_dataset.main(args(data, tmp_path / run)) == 0
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train"):
+            assert train.main(args(data, tmp_path / run, *resnet, f"--encoder_weights={weights}", *extra)) == 0
+        close_log_files()
+        found = [r.getMessage() for r in caplog.records if "brightest value" in r.getMessage()]
+        assert bool(found) == warned, found
+        if warned:
+            assert re.search(r"brightest value is 0\.01[0-9]{2} of their type's range", found[0]), found[0]
+            assert "add --normalise=true" in found[0]

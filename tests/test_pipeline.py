@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,20 @@ def test_resume_reaches_the_same_weights(square_data: Path, tmp_path: Path) -> N
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(interrupted / "checkpoints" / "last.pth", weights_only=True)
     assert state["epoch"] == 3 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
+
+
+def test_resume_with_other_steps_per_epoch_keeps_the_schedule_on_its_epoch(square_data: Path, tmp_path: Path) -> None:
+    # Another number of ranks (or of training tiles) gives another number of steps per epoch: the schedule,
+    # stepped per batch, must go on from the epoch reached, not from the saved step count read at the new rate.
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    assert train.main(args(square_data, run_dir, "--epochs=2", "--schedule=cosine")) == 0  # 4 steps per epoch
+    listing = run_dir / "splits" / "train.txt"
+    listing.write_text("".join(listing.read_text(encoding="utf-8").splitlines(keepends=True)[:8]), encoding="utf-8")
+    assert train.main(args(square_data, run_dir, "--epochs=4", "--resume=true")) == 0  # 2 steps per epoch
+    history = torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["history"]
+    assert history[2]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert history[3]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_resume_refuses_another_network(shared_square_data: Path, run_copy: Path, tmp_path: Path) -> None:
