@@ -24,6 +24,7 @@ multiples of that (scene.SceneSettings checks it).
 from __future__ import annotations
 
 import copy
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -220,6 +221,13 @@ def weights_in_file(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or damaged files
+        # A whole torch.save archive that weights_only refuses holds more than tensors: nothing was cut short.
+        if zipfile.is_zipfile(path) and str(err).startswith("Weights only load failed"):
+            raise DataError(
+                f"{path}: holds Python objects besides tensors, which are not loaded (weights_only); a whole "
+                "network saved with torch.save(model) is such a file: save its weights alone, "
+                f"torch.save(model.state_dict(), path). {expected[0].upper()}{expected[1:]}"
+            ) from None
         # torch's own text runs on about checkpoints in general: its first sentence says what failed.
         reason = str(err).split(". ")[0][:200]
         raise DataError(

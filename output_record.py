@@ -29,7 +29,7 @@ LOG = logging.getLogger("predict")
 
 RECORD = Path("configs") / "predict_outputs.json"
 # The keys besides the model that change a finished output: masks, probabilities, fields.
-MASK_KEYS = ("threshold", "bands", "sieve_cells", "pixel_size_m", *OUTPUT_KEYS)
+MASK_KEYS = ("threshold", "bands", "sieve_cells", *OUTPUT_KEYS)
 TILE_KEYS = ("sieve_cells",)  # those of MASK_KEYS that tile masks alone depend on: scenes keep their outputs
 # What outputs made before a key of MASK_KEYS existed were made with, where that is not the key's default.
 BEFORE_KEY = {"sieve_cells": 0}

@@ -114,6 +114,7 @@ OUTPUT_KEYS = (
     "window",
     "overlap",
     "resample_scenes",
+    "pixel_size_m",  # stands in for a checkpoint without one: whether and how far scenes are resampled
     "min_field_area_ha",
     "min_field_pixels",
     "simplify_tolerance",

@@ -393,6 +393,23 @@ def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_se
     assert json.loads(record.read_text(encoding="utf-8"))["tta"] is True
 
 
+def test_a_rerun_with_another_pixel_size_for_a_checkpoint_without_one_predicts_the_dates_again(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    # The checkpoint records no pixel size: --pixel_size_m decides whether the dates are resampled, so dates
+    # predicted without it are not the dates this run asks for.
+    before = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
+    after = write_geotiff(tmp_path / "in" / "b.tif", scene_pixels(1, moved=True))
+    run_dir = tmp_path / "run"
+    assert run_change(run_dir, checkpoint, before, after) == 0
+    probability = change.date_outputs(run_dir, "a_to_b", "before")["probability"]
+    made = probability.stat().st_mtime_ns
+    assert run_change(run_dir, checkpoint, before, after, "--pixel_size_m=4") == 0
+    assert probability.stat().st_mtime_ns > made
+    record = change.date_outputs(run_dir, "a_to_b", "before")["record"]
+    assert json.loads(record.read_text(encoding="utf-8"))["pixel_size_m"] == 4
+
+
 def test_a_true_change_map_edited_in_place_is_scored_again(checkpoint: Path, tmp_path: Path) -> None:
     before = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
     after = write_geotiff(tmp_path / "in" / "b.tif", scene_pixels(1, moved=True))
