@@ -82,7 +82,7 @@ class ChangeJob:
             **{key: getattr(self.cfg, key) for key in scene.OUTPUT_KEYS},
             # Dates predicted when nodata reached the network as zeros (false loss along collars and clouds)
             # lack this key and are predicted again.
-            "nodata_fed_as": "nearest pixel with data",
+            "nodata_fed_as": scene.NODATA_FED_AS,
         }
 
     def record(self, pair: Pair) -> dict:

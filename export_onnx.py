@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 import cli
@@ -123,8 +124,11 @@ def qgis_state(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "model": weights, "threshold": 0.5}
 
 
-def export_qgis(cfg: Config, state: dict[str, Any], metadata: dict[str, Any], qgis: Path) -> None:
+def export_qgis(
+    cfg: Config, state: dict[str, Any], model: onnx.ModelProto, metadata: dict[str, Any], qgis: Path
+) -> None:
     """Write farmland_qgis.onnx (qgis_state's network, fixed to the window) and check it against PyTorch.
+    ``model`` is farmland.onnx's graph, with ``metadata``: traced again only where the cut is moved.
 
     Raises:
         DataError: the file disagrees with PyTorch (it is then removed).
@@ -139,11 +143,11 @@ def export_qgis(cfg: Config, state: dict[str, Any], metadata: dict[str, Any], qg
             cut,
         )
         metadata = metadata | {"seg_thresh": 0.5, "farmland_threshold": 0.5, "farmland_cut_moved_from": cut}
-    network = model_from_checkpoint(moved, torch.device("cpu"), channels_last=False).eval()
-    model = onnx_build.with_metadata(onnx_build.export_graph(network), metadata)
+        network = model_from_checkpoint(moved, torch.device("cpu"), channels_last=False).eval()
+        model = onnx_build.with_metadata(onnx_build.export_graph(network), metadata)
     onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), qgis)
     try:
-        shape = (1, network.in_channels, cfg.window, cfg.window)
+        shape = (1, int(state["config"]["in_channels"]), cfg.window, cfg.window)
         window = onnx_build.noise_like_training(np.random.default_rng(1), shape, onnx_build.input_statistics(state))
         segmenter, exported = exported_model.load_segmenter(qgis)
         onnx_build.compare_with_torch(segmenter, moved, [window], exported)
@@ -184,7 +188,7 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
         tiles = onnx_build.comparison_tiles(unet.in_channels, real, statistics=statistics)
         segmenter, exported = exported_model.load_segmenter(path)
         figures = onnx_build.compare_with_torch(segmenter, state, tiles, exported)
-        export_qgis(cfg, state, metadata, qgis)
+        export_qgis(cfg, state, model, metadata, qgis)
     except BaseException:
         path.unlink(missing_ok=True)
         qgis.unlink(missing_ok=True)

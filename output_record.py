@@ -23,7 +23,7 @@ import torch
 from config import Config
 from files import atomic_write_text, file_stamp
 from runtime import Distributed, all_reduce_sum
-from scene import OUTPUT_KEYS
+from scene import NODATA_FED_AS, OUTPUT_KEYS
 
 LOG = logging.getLogger("predict")
 
@@ -33,9 +33,6 @@ MASK_KEYS = ("threshold", "bands", "sieve_cells", *OUTPUT_KEYS)
 TILE_KEYS = ("sieve_cells",)  # those of MASK_KEYS that tile masks alone depend on: scenes keep their outputs
 # What outputs made before a key of MASK_KEYS existed were made with, where that is not the key's default.
 BEFORE_KEY = {"sieve_cells": 0}
-# How scene windows feed nodata pixels to the network (scene.filled_nodata): scene outputs of a record without
-# it were made with nodata fed as zeros (false background along collars and clouds), and are redone.
-NODATA_FED_AS = "nearest pixel with data"
 
 
 @dataclasses.dataclass(frozen=True)

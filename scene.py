@@ -483,6 +483,11 @@ def pad_to(block: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.pad(block, ((0, max(extra_rows, 0)), (0, max(extra_cols, 0)), (0, 0)), mode=mode)
 
 
+# How scene windows feed nodata pixels to the network (filled_nodata), recorded with predict.py's and change.py's
+# outputs: those whose record lacks it were made with nodata fed as zeros, and are made again.
+NODATA_FED_AS = "nearest pixel with data"
+
+
 def filled_nodata(block: np.ndarray, empty: np.ndarray) -> np.ndarray:
     """An (h, w, C) block whose nodata pixels (``empty``) take the value of the nearest pixel that holds data, so
     that the network does not take a zero collar or a masked cloud for black ground: fed as zeros, they turn
@@ -921,14 +926,16 @@ def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> None:
     product of a scene predicted by a model trained on its 16-bit product, or the reverse, or reflectance. The
     network then sees values it never saw, and its mask is not worth reading."""
     trained = getattr(model, "band_mean", None)
-    if not state["config"].get("normalise"):
-        return  # no record of the training tiles' values: no normalisation, or ImageNet's (encoder_weights)
-    if not isinstance(trained, torch.Tensor) or not bool(trained.any()) or len(trained) != len(scene.bands):
-        return  # no normalisation: no record of the training tiles' values
+    # No record of the training tiles' values without normalise (none, or ImageNet's with encoder_weights); an
+    # ONNX model holds none either.
+    if not state["config"].get("normalise") or not isinstance(trained, torch.Tensor):
+        return
+    if not bool(trained.any()) or len(trained) != len(scene.bands):
+        return
     top = max(0, scene.height // 2 - VALUE_SAMPLE_ROWS // 2)
     block = scene.read_rows(top, min(scene.height, top + VALUE_SAMPLE_ROWS))
-    valid = ~nodata_pixels(block, scene.nodata, axis=2)
-    if not valid.any() or np.issubdtype(block.dtype, np.floating) and np.isnan(block[valid]).any():
+    valid = ~nodata_pixels(block, scene.nodata, axis=2)  # NaN included: nodata_pixels counts it as nodata
+    if not valid.any():
         return
     try:
         values = image_to_float(block, len(scene.bands), scene.path)
