@@ -237,10 +237,16 @@ def test_best_pth_takes_the_better_scoring_weights(
     assert last["best_iou"] == pytest.approx(270 / 350)
 
 
-def test_resume_with_ema_ends_bit_identical(square_data: Path, tmp_path: Path) -> None:
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    for run_dir in (straight, interrupted):
+def split_runs(square_data: Path, tmp_path: Path, *names: str) -> list[Path]:
+    """Run folders under tmp_path, each with the same split of square_data: runs to compare."""
+    run_dirs = [tmp_path / name for name in names]
+    for run_dir in run_dirs:
         split_dataset.main(args(square_data, run_dir))
+    return run_dirs
+
+
+def test_resume_with_ema_ends_bit_identical(square_data: Path, tmp_path: Path) -> None:
+    straight, interrupted = split_runs(square_data, tmp_path, "straight", "interrupted")
     assert train.main(args(square_data, straight, "--epochs=3", "--ema=0.9")) == 0
     assert train.main(args(square_data, interrupted, "--epochs=2", "--ema=0.9")) == 0
     assert train.main(args(square_data, interrupted, "--epochs=3", "--ema=0.9", "--resume=true")) == 0
@@ -275,9 +281,7 @@ BUDGET = ["--time_budget=1", "--schedule=cosine", "--snapshot_every=0", "--tenso
 def test_time_budget_plans_the_epochs_and_ends_the_cosine(
     square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    for run_dir in (straight, interrupted):
-        split_dataset.main(args(square_data, run_dir))
+    straight, interrupted = split_runs(square_data, tmp_path, "straight", "interrupted")
     # 1 minute; epoch 1 takes 12 s (start-up), the others 6 s: planned 5 after epoch 1, then 2 + 42 // 6 = 9.
     fake_clock(monkeypatch, {0: 6.0, 1: 12.0})
     with caplog.at_level(logging.INFO, logger="train"):
@@ -629,9 +633,7 @@ RECOMMENDED_RUN = ["--recipe=recommended", "--epochs=3", "--snapshot_every=0", "
 def test_resume_goes_on_with_the_saved_config_and_the_keys_given_over_it(
     square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    for run_dir in (straight, stopped):
-        split_dataset.main(args(square_data, run_dir))
+    straight, stopped = split_runs(square_data, tmp_path, "straight", "stopped")
     assert train.main(args(square_data, straight, *RECOMMENDED_RUN)) == 0
     stop_at_epoch(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="interrupted"):
