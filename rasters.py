@@ -104,9 +104,13 @@ def ground_pixel_size_estimate(crs: CRS | None, transform: Affine, width: int, h
     return math.sqrt(degrees_area * per_lat * per_lon) or None
 
 
-def utm_epsg(crs: CRS, transform: Affine, width: int, height: int) -> int:
-    """The EPSG code of the WGS 84 UTM zone of a geographic grid's centre (32601..32660 north, 32701.. south)."""
+def metric_epsg(crs: CRS, transform: Affine, width: int, height: int) -> int:
+    """The EPSG code of a projected CRS in ground metres for a geographic grid's centre: CGCS2000 3-degree
+    Gauss-Kruger (CM 75E..135E: 4534..4554) for a CGCS2000 grid within China's zones, else the WGS 84 UTM zone
+    (32601..32660 north, 32701..32760 south)."""
     lon, lat = transform @ (width / 2, height / 2)  # degrees, as geographic CRSs have them
+    if crs.to_epsg() == 4490 and 73.5 <= lon < 136.5:
+        return 4534 + int((lon - 73.5) // 3)
     zone = min(60, max(1, int((lon + 180) // 6) + 1))
     return (32600 if lat >= 0 else 32700) + zone
 

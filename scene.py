@@ -68,12 +68,12 @@ from inference import (
 from rasters import (
     area_problem,
     ground_pixel_size_estimate,
+    metric_epsg,
     nodata_pixels,
     open_raster,
     pixel_area_m2,
     pixel_size_m,
     rpc_only,
-    utm_epsg,
     write_palette_style,
 )
 from runtime import handing_back_freed_memory
@@ -744,11 +744,13 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, 
     predicted before a retraining says which rows are whose."""
     pixel_m2 = pixel_area_m2(scene.crs, scene.transform)
     if pixel_m2 is None:
+        geographic = scene.crs is not None and scene.crs.is_geographic
         LOG.warning(
             "%s: %s, so areas are left empty (pixel counts and fractions only); reproject the scene to a "
-            "projected CRS in ground metres (UTM, for example) for hectares",
+            "projected CRS in ground metres for hectares%s",
             scene.path,
             area_problem(scene.crs),
+            f", for example: {reprojection_command(scene)}" if geographic else " (UTM or CGCS2000 Gauss-Kruger)",
         )
     hectares = (lambda pixels: round(pixels * pixel_m2 / 1e4, 6)) if pixel_m2 is not None else (lambda pixels: None)
     return {
@@ -847,20 +849,25 @@ def warn_geographic_size(scene: Scene, trained: float) -> None:
     size = ground_pixel_size_estimate(scene.crs, scene.transform, scene.width, scene.height)
     if size is None or abs(size / trained - 1) <= 0.25:
         return
-    epsg = utm_epsg(scene.crs, scene.transform, scene.width, scene.height)
     LOG.warning(
         "%s: a geographic CRS, pixels of about %.3g m on the ground, but the model was trained on %.3g m pixels and "
         "a scene in degrees is predicted on its own pixels; expect poorer masks. Reproject it to the model's pixel "
-        "size first, for example: gdalwarp -t_srs EPSG:%d -tr %g %g -r bilinear %s %s",
+        "size first, for example: %s",
         scene.path,
         size,
         trained,
-        epsg,
-        trained,
-        trained,
-        files.shell_quoted(scene.path),
-        files.shell_quoted(scene.path.with_name(f"{scene.path.stem}_utm.tif")),
+        reprojection_command(scene, trained),
     )
+
+
+def reprojection_command(scene: Scene, pixel_m: float = 0.0) -> str:
+    """A gdalwarp command that writes a copy of a scene in degrees in ground metres (at ``pixel_m``, 0: GDAL's
+    choice), beside it: CGCS2000 Gauss-Kruger for CGCS2000 scenes in China, UTM otherwise."""
+    epsg = metric_epsg(scene.crs, scene.transform, scene.width, scene.height)
+    size = f" -tr {pixel_m:g} {pixel_m:g}" if pixel_m > 0 else ""
+    target = scene.path.with_name(f"{scene.path.stem}_{epsg}.tif")
+    paths = f"{files.shell_quoted(scene.path)} {files.shell_quoted(target)}"
+    return f"gdalwarp -t_srs EPSG:{epsg}{size} -r bilinear {paths}"
 
 
 def predict_resampled(

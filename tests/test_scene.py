@@ -477,21 +477,29 @@ def test_image_size_reads_png_and_jpeg_headers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "crs, transform, said",
+    "crs, transform, said, advice",
     [
-        ("EPSG:4326", Affine(0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0), "a geographic CRS"),
+        ("EPSG:4326", Affine(0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0), "a geographic CRS", "-t_srs EPSG:32632 "),
+        # CGCS2000 at 108.3 degrees east: the 3-degree Gauss-Kruger zone of central meridian 108E.
+        ("EPSG:4490", Affine(0.0001, 0.0, 108.3, 0.0, -0.0001, 34.2), "a geographic CRS", "-t_srs EPSG:4545 "),
         # Web Mercator's 1 m map pixels at 36.5 degrees north cover 0.65 m2: hectares would be 55 % too large.
-        ("EPSG:3857", Affine(1.0, 0.0, 13024000.0, 0.0, -1.0, 4369000.0), "a Mercator projection"),
+        ("EPSG:3857", Affine(1.0, 0.0, 13024000.0, 0.0, -1.0, 4369000.0), "a Mercator projection", "Gauss-Kruger)"),
     ],
 )
 def test_geographic_crs_gives_fractions_without_hectares(
-    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, crs: str, transform: Affine, said: str
+    checkpoint: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    crs: str,
+    transform: Affine,
+    said: str,
+    advice: str,
 ) -> None:
     source = write_geotiff(tmp_path / "in.tif", scene_pixels(), crs=crs, transform=transform)
     assert run_predict(tmp_path / "run", checkpoint, source) == 0
     (row,) = read_table(tmp_path / "run")
     assert row["crs"] == crs and row["farmland_area_ha"] == "" and float(row["farmland_fraction"]) > 0
-    assert f"{source}: {said}" in caplog.text and "reproject the scene" in caplog.text
+    assert f"{source}: {said}" in caplog.text and "reproject the scene" in caplog.text and advice in caplog.text
     _, _, geometry, (_, area_ha, _) = pyogrio.raw.read(scene.scene_outputs(tmp_path / "run", source)["geojson"])
     assert len(geometry) and all(a is None or math.isnan(a) for a in area_ha)
 
@@ -589,3 +597,16 @@ def test_imagenet_normalisation_is_no_record_of_the_training_tiles_values(
     with caplog.at_level("WARNING"):
         assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
     assert not [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
+
+
+def test_scene_in_degrees_of_another_pixel_size_gets_the_gdalwarp_command(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 0.0001 degrees at 34.2 north is about 10 m: five times the model's 2 m.
+    source = write_geotiff(
+        tmp_path / "gf2 scene.tif", scene_pixels(), crs="EPSG:4490", transform=Affine(1e-4, 0, 108.3, 0, -1e-4, 34.2)
+    )
+    with scene.RasterScene(source) as opened:
+        scene.warn_geographic_size(opened, 2.0)
+    target = tmp_path / "gf2 scene_4545.tif"
+    assert f"gdalwarp -t_srs EPSG:4545 -tr 2 2 -r bilinear '{source}' '{target}'" in caplog.text
