@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import os
 import resource
 import tempfile
 import time
@@ -427,7 +428,22 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
             f"--loop_tiles={args.loop_tiles}: expected {2 * LOOP_BATCH} or more tiles (the loop runs batches of "
             f"{LOOP_BATCH} and times the second half of the run); use --loop_tiles={2 * LOOP_BATCH} or the default 512"
         )
+    problem = out_problem(args.out)
+    if problem:  # else the first row's minutes are lost when its results cannot be written
+        parser.error(f"--out={args.out}: {problem}")
     return args
+
+
+def out_problem(out: Path) -> str:
+    """Why the results file cannot be written there, with the fix ('' if it can), creating nothing."""
+    if out.is_dir():
+        return f"a folder; expected the JSON file to write, such as {out / 'bench.json'}"
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder; choose another --out"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written; choose another --out or fix its permissions"
+    return ""
 
 
 def _add_network_arguments(parser: argparse.ArgumentParser) -> None:

@@ -85,13 +85,17 @@ def atomic_write_csv(path: Path, text: str) -> None:
     atomic_write_bytes(path, b"\xef\xbb\xbf" + text.encode("utf-8", "backslashreplace"))
 
 
-def check_writable(folder: Path, need_bytes: int = 0) -> None:
-    """Fail at once, not hours later, when an output folder cannot be written or its disk is nearly full.
+def check_writable(folder: Path, need_bytes: int = 0, key: str = "--run_dir") -> None:
+    """Fail at once, not hours later, when an output folder cannot be written or its disk is nearly full;
+    ``key`` is the option that chose it, named in the fix.
 
     Raises:
         ValueError: naming the folder, the problem and the fix.
     """
     folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(f"{folder}: {blocking} is a file, not a folder; choose another {key}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
@@ -101,13 +105,13 @@ def check_writable(folder: Path, need_bytes: int = 0) -> None:
             os.unlink(probe)
     except OSError as err:
         raise ValueError(
-            f"{folder}: cannot write there ({err.strerror}); choose another --run_dir or fix its permissions"
+            f"{folder}: cannot write there ({err.strerror}); choose another {key} or fix its permissions"
         ) from None
     free = shutil.disk_usage(folder).free
     if free < need_bytes:
         raise ValueError(
             f"{folder}: only {free / 2**20:.0f} MiB free on its disk, about {need_bytes / 2**20:.0f} MiB are needed; "
-            "free some space or choose another --run_dir"
+            f"free some space or choose another {key}"
         )
 
 

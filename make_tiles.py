@@ -117,7 +117,7 @@ def check_out(out: Path, inputs: Sequence[Path], subdirs: Sequence[str] = ("imag
                     f"--out={out} would write its tiles into {sub}, where {path} lies; nothing is ever written "
                     "beside your scenes and labels: choose another --out, for example ../tiles"
                 )
-    files.check_writable(target)
+    files.check_writable(target, key="--out")
 
 
 def tile_origins(size: int, tile: int, stride: int) -> list[int]:

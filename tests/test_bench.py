@@ -471,3 +471,17 @@ def test_freed_memory_is_reused_rather_than_faulted_in_again() -> None:
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.is_file() and "[always]" not in thp.read_text():  # with huge pages always on, few faults either way
         assert late_pass_faults("default") > pages // 2  # the control: glibc maps the block afresh each time
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "notes.txt").write_text("a file")
+    for out, said in (
+        (tmp_path / "notes.txt" / "b" / "bench.json", f"{tmp_path / 'notes.txt'} is a file, not a folder"),
+        (tmp_path, f"a folder; expected the JSON file to write, such as {tmp_path / 'bench.json'}"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_arguments(["--device=cpu", f"--out={out}"])
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and (tmp_path / "notes.txt").read_text() == "a file"

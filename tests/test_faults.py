@@ -276,7 +276,7 @@ def test_unwritable_run_folder_and_full_disk_fail_before_training(
 ) -> None:
     blocker = tmp_path / "a file"
     blocker.write_text("not a folder")
-    with pytest.raises(ValueError, match="cannot write there"):
+    with pytest.raises(ValueError, match=f"{blocker} is a file, not a folder; choose another --run_dir"):
         train.main(args(square_data, blocker / "run"))
     run_dir = tmp_path / "run"
     split_dataset.main(args(square_data, run_dir))
