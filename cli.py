@@ -74,6 +74,15 @@ def help_text(description: str = "") -> str:
     return "\n".join(lines)
 
 
+def print_help(text: str) -> None:
+    """Print the help; a reader that stops early (``--help | head``) ends it quietly, not with a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The interpreter flushes stdout again at exit and would fail the same way: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def parse_args(argv: Sequence[str] | None = None, description: str = "") -> Config:
     """Build the config from the defaults, the recipe and ``--key=value`` overrides (parse_command's config).
 
@@ -98,7 +107,7 @@ def parse_command(argv: Sequence[str] | None = None, description: str = "") -> t
     given: set[str] = set()
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help_text(description))
+            print_help(help_text(description))
             raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected --key=value, for example --epochs=50")

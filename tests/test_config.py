@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,22 @@ def test_help_lists_keys_defaults_and_comments(capsys: pytest.CaptureFixture[str
     assert "Train the U-Net." in out
     assert "--batch_size=5" in out and "tiles per training step" in out
     assert "--split_ratios=0.8,0.1,0.1" in out
+
+
+def test_help_into_a_closed_pipe_ends_quietly() -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # as `train.py --help | head -1` once head has its line
+    try:
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).parents[1] / "train.py"), "--help"],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(writer)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("name", ["gpu", "cuda0", "CPU:x"])
