@@ -130,6 +130,7 @@ class Progress:
     planned_epochs: int = 0  # time_budget: the epochs planned (0 = not yet, the first epoch is being timed)
     elapsed: float = 0.0  # time_budget: seconds spent so far, over every epoch of this run and the runs it resumes
     stall_warned: bool = False  # the loss-not-falling warning was given for the current streak
+    scored: bool = True  # the latest epoch's val split held farmland to score (not kept in checkpoints)
     prior_loss: float = math.nan  # best training loss of a prediction ignoring the image (not kept in checkpoints)
     best_histogram: np.ndarray | None = None  # the best epoch's val probability histogram (threshold curve)
     mark: float = 0.0  # time_budget: budget_clock() when the latest epoch began (not kept in checkpoints)
@@ -727,6 +728,7 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
     cm, histogram = row.pop("cm"), row.pop("histogram")
     progress.history.append(row)
     scoreless = not np.isfinite(class_iou(cm)[FARMLAND])
+    progress.scored = not scoreless
     if scoreless and row["epoch"] == progress.start_epoch:
         LOG.warning("the val split is empty or holds no farmland: best.pth will be the latest epoch's weights")
     score = epoch_score(row, "val_ema_" if row["weights"] == "ema" else "val_")
@@ -813,21 +815,20 @@ def report(cfg: Config, progress: Progress, board: Any) -> None:
     if math.isfinite(row["val_ema_farmland_iou"]):
         ema_tuned = f", {row['val_ema_tuned_farmland_iou']:.4f}" if math.isfinite(row["val_ema_threshold"]) else ""
         ema = f" | EMA {row['val_ema_farmland_iou']:.4f}{ema_tuned}"
+    if progress.scored:
+        cut = f", {row['val_tuned_farmland_iou']:.4f} at threshold {row['val_threshold']:.3f}" if tuned else ""
+        # keep_epoch=last keeps every epoch in best.pth, whatever it scored: "best" would name a worse one.
+        kept = f"{'kept' if cfg.keep_epoch == 'last' else 'best'} {progress.best_iou:.4f}, epoch {progress.best_epoch}"
+        kept += ", EMA weights" if progress.best_weights == "ema" else ""
+        scores = f"val loss {row['val_loss']:.4f} | val farmland IoU {row['val_farmland_iou']:.4f}{cut}{ema} ({kept})"
+    else:  # an IoU of 0/0 printed as 0.0000 reads as a network that found nothing
+        scores = f"val loss {row['val_loss']:.4f} | no val farmland to score: keeping this epoch"
     LOG.info(
-        "epoch %d/%d | train loss %.4f | val loss %.4f | val farmland IoU %.4f%s%s (%s %.4f, epoch %d%s) "
-        "| lr %.2e | %.1f s",
+        "epoch %d/%d | train loss %.4f | %s | lr %.2e | %.1f s",
         row["epoch"],
         cfg.epochs,
         row["train_loss"],
-        row["val_loss"],
-        row["val_farmland_iou"],
-        f", {row['val_tuned_farmland_iou']:.4f} at threshold {row['val_threshold']:.3f}" if tuned else "",
-        ema,
-        # keep_epoch=last keeps every epoch in best.pth, whatever it scored: "best" would name a worse one.
-        "kept" if cfg.keep_epoch == "last" else "best",
-        progress.best_iou,
-        progress.best_epoch,
-        ", EMA weights" if progress.best_weights == "ema" else "",
+        scores,
         row["lr"],
         row["seconds"],
     )
@@ -1061,6 +1062,7 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
         "best_epoch": progress.best_epoch,
         "best": ckpt_dir / "best.pth",
         "last": ckpt_dir / "last.pth",
+        "scored": progress.scored,
     }
 
 
@@ -1089,7 +1091,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
     with leaving_distributed():
         summary = train(cfg, job)
-    if cfg.keep_epoch == "last":
+    if not summary["scored"]:
+        LOG.info("kept the last epoch, %d (no val farmland to score it by): %s", summary["best_epoch"], summary["best"])
+    elif cfg.keep_epoch == "last":
         LOG.info(
             "kept the last epoch, %d (val farmland IoU %.4f; keep_epoch=last), whatever earlier epochs scored: %s",
             summary["best_epoch"],

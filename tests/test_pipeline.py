@@ -292,8 +292,12 @@ def test_rgb_bands_outside_the_bands_read_are_refused_before_any_work(square_dat
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
 
 
-def test_without_val_tiles_best_follows_the_latest_epoch(square_data: Path, tmp_path: Path) -> None:
+def test_without_val_tiles_best_follows_the_latest_epoch(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     split_dataset.main(args(square_data, run_dir, "--split_ratios=0.9,0,0.1"))
     assert train.main(args(square_data, run_dir, "--epochs=2")) == 0
     assert torch.load(run_dir / "checkpoints" / "best.pth", weights_only=True)["epoch"] == 2
+    assert "epoch 2/2 | train loss" in caplog.text and "| no val farmland to score: keeping this epoch |" in caplog.text
+    assert "val farmland IoU 0.0000" not in caplog.text and "kept the last epoch, 2 (no val farmland" in caplog.text
