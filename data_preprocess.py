@@ -869,9 +869,18 @@ def write_pair_list(path: Path, pairs: Sequence[tuple[Path, Path]]) -> None:
 
 
 def flipped_copies(pairs: Sequence[tuple[Path, Path]], run_dir: Path) -> list[tuple[Path, Path]]:
-    """The pairs that are augment.py's flipped copies (entries under run_dir/augmented)."""
+    """The pairs that are augment.py's flipped copies: entries under run_dir/augmented, or under another run
+    folder's (a run folder copied whole lists the copies of the run it was copied from)."""
     augmented = (Path(run_dir) / "augmented").resolve()
-    return [p for p in pairs if augmented in p[0].resolve().parents]
+
+    def is_copy(image: Path) -> bool:
+        folder = image.resolve().parent
+        if augmented in folder.parents or folder.parent == augmented:
+            return True
+        run = folder.parent.parent
+        return folder.name == "images" and folder.parent.name == "augmented" and (run / "splits").is_dir()
+
+    return [p for p in pairs if is_copy(p[0])]
 
 
 def original_training_pairs(run_dir: Path) -> list[tuple[Path, Path]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,12 @@ def test_augment_rerun_does_not_duplicate(square_data: Path, tmp_path: Path) -> 
         source_image, source_mask = next((i, m) for i, m in originals if i.stem == stem)
         axis = 0 if flip == "vflip" else 1
         assert np.array_equal(load_mask(mask_path), np.flip(load_mask(source_mask), axis))
+    # A run folder copied whole lists the first folder's copies: augment.py there flips only the originals.
+    shutil.copytree(run_dir, tmp_path / "copy")
+    augment.main(args(square_data, tmp_path / "copy"))
+    copied = read_pair_list(tmp_path / "copy" / "splits" / "train.txt")
+    assert copied[: len(originals)] == originals and len(copied) == len(first)
+    assert all((tmp_path / "copy" / "augmented") in image.parents for image, _ in copied[len(originals) :])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.int32])
