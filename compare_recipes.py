@@ -23,10 +23,11 @@ every run's last epoch (last.pth, at its own tuned threshold) in its last/ folde
 see what choosing the best epoch on the validation split gained or cost.
 A run whose result.json matches its settings (the recipe's values among them) is not trained again: an
 interrupted comparison continues (and gains its ``--tta`` and ``--last`` figures without training when they are
-missing); one whose masks were sieved otherwise (``sieve_cells``, or made before the sieve) is predicted and
-scored again from its weights. A run stopped part-way through its epochs goes on from its last.pth with
-``--resume=true`` (runs done are taken as they are, runs not begun start afresh); its minutes then count the
-epochs before the stop too.
+missing); one whose masks were sieved otherwise (``sieve_cells``, or made before the sieve), or whose test images
+or masks have changed since (size or time), is predicted and scored again from its weights; one whose training or
+validation images or masks have changed since is trained afresh. A run stopped part-way through its epochs goes
+on from its last.pth with ``--resume=true`` (runs done are taken as they are, runs not begun start afresh); its
+minutes then count the epochs before the stop too.
 Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -159,6 +161,34 @@ def write_scene_counts(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]]
     files.atomic_write_text(run_dir / "splits" / "summary.json", json.dumps({"groups": groups}, indent=2) + "\n")
 
 
+def data_stamps(splits: dict[str, list[tuple[Path, Path]]]) -> dict[str, str]:
+    """Digests of the size and time (files.file_stamp) of every image and mask a run trains and validates on
+    (``train``) and of those it is tested on (``test``): a mask corrected since a run was done makes its figures
+    stale, though the splits list the same files."""
+    digests = {}
+    for part, names in (("train", ("train", "val")), ("test", ("test",))):
+        digest = hashlib.sha256()
+        for path in (path for name in names for pair in splits[name] for path in pair):
+            try:
+                stamp = files.file_stamp(path)
+            except OSError:
+                stamp = "missing"
+            digest.update(f"{path}\t{stamp}\n".encode("utf-8", "surrogateescape"))
+        digests[part] = digest.hexdigest()
+    return digests
+
+
+def trained_on_other_data(run_dir: Path, settings: dict) -> bool:
+    """Whether the run done in ``run_dir`` (its result.json) trained or validated on images or masks that have
+    changed since (data_stamps); False where it records none (done by an older version) or is not done."""
+    try:
+        earlier = json.loads((run_dir / "result.json").read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError):
+        return False
+    data = earlier.get("data") if isinstance(earlier, dict) else None
+    return isinstance(data, dict) and data.get("train") != settings["data"]["train"]
+
+
 def resumed_seconds(last: Path) -> float | None:
     """Seconds of the epochs that a run's ``last`` (its last.pth) holds (their ``seconds`` in the history), so
     that the minutes of a run continued with ``--resume=true`` count them too; None where there is no last.pth
@@ -204,9 +234,15 @@ def run_variant(
     if variant.recipe == "recommended":  # the recipe's values change as it is measured again
         settings["recipe"] = {key: str(value) for key, value in RECOMMENDED.items()}
     settings["splits"] = {name: [str(p[0]) for p in splits[name]] for name in SPLIT_NAMES}
+    settings["data"] = data_stamps(splits)
     done = done_row(run_dir, settings, splits, variant, overrides, extras)
     if done is not None:
         return done
+    if trained_on_other_data(run_dir, settings):
+        LOG.info(
+            "%s: its training or validation images or masks have changed since it was done: trained afresh", run_dir
+        )
+        resume = False  # its last.pth holds the weights of the old data
     for name in SPLIT_NAMES:
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     write_scene_counts(run_dir, splits, group_pattern)
@@ -249,10 +285,18 @@ def done_row(
     result = json.loads(saved.read_text(encoding="utf-8"))
     earlier, row = result.get("settings", {}), result["row"]
     weights = [run_dir / "checkpoints" / name for name in ("best.pth", "last.pth")]
-    if {**earlier, "sieve_cells": settings["sieve_cells"]} != settings or not all(w.is_file() for w in weights):
+    changeable = {"sieve_cells": settings["sieve_cells"], "data": settings["data"]}
+    if {**earlier, **changeable} != settings or not all(w.is_file() for w in weights):
         return None
-    if earlier.get("sieve_cells") != settings["sieve_cells"]:
-        LOG.info("%s: done with masks sieved otherwise; predicted and scored again, not trained", run_dir)
+    if trained_on_other_data(run_dir, settings):
+        return None
+    if earlier.get("sieve_cells") != settings["sieve_cells"] or earlier.get("data") != settings["data"]:
+        why = (
+            "with masks sieved otherwise"
+            if earlier.get("sieve_cells") != settings["sieve_cells"]
+            else "before its test images or masks last changed (or by an older version, which did not record them)"
+        )
+        LOG.info("%s: done %s; predicted and scored again, not trained", run_dir, why)
         kinds = [kind for kind in EXTRA_SCORINGS if kind in extras or extra_columns(kind)[0] in row]
         return scored_row(run_dir, settings, splits, variant, overrides, row["train_minutes"] * 60, kinds)
     LOG.info("%s: already done, figures taken from %s", run_dir, saved)

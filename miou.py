@@ -35,14 +35,14 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
 import cli
 import files
 from config import Config
-from data_preprocess import EMPTY_TEST_SPLIT, load_mask, parse_bands, read_image, read_pair_list, shown_channels
+from data_preprocess import EMPTY_TEST_SPLIT, IGNORE, load_mask, parse_bands, read_image, read_pair_list, shown_channels
 from figures import photo_to_show, pyplot, save_figure
 from files import DataError, file_stamp, prediction_path, shown_path
 from metrics import evaluate_pairs, summarise
@@ -74,6 +74,14 @@ def plot_iou_curves(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def label_to_show(classes: np.ndarray) -> np.ndarray:
+    """A decoded label (load_mask) as grey levels in [0, 1]: farmland white, background black and unlabelled
+    pixels (IGNORE) mid-grey, not white: they are scored as neither class, so they must not look like farmland."""
+    shown = classes.astype(np.float32)
+    shown[classes == IGNORE] = 0.5
+    return shown
+
+
 def gallery(
     rows: list[dict],
     lookup: dict[str, tuple[Path, Path, Path]],
@@ -91,10 +99,12 @@ def gallery(
     for ax_row, row in zip(axes, rows):
         image_path, label_path, pred_path = lookup[row["name"]]
         ax_row[0].imshow(photo_to_show(read_image(image_path), image_path, bands, shown), cmap="gray")
-        ax_row[1].imshow(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index), cmap="gray", vmin=0, vmax=1)
+        label = label_to_show(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index))
+        ax_row[1].imshow(label, cmap="gray", vmin=0, vmax=1)
         ax_row[2].imshow(load_mask(pred_path), cmap="gray", vmin=0, vmax=1)
         ax_row[0].set_ylabel(f"{row['name']}\nIoU {row['farmland_iou']:.3f}", fontsize=8)
-        for ax, label in zip(ax_row, ("photo", "label", "prediction")):
+        titles = ("photo", "label" if cfg.ignore_index < 0 else "label (grey: unlabelled)", "prediction")
+        for ax, label in zip(ax_row, titles):
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(label, fontsize=8)
@@ -278,6 +288,27 @@ def bands_of_the_run(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **keys)
 
 
+MASK_KEYS = ("ignore_index", "mask_threshold")  # how masks are read: the test split's as the training read its own
+
+
+def masks_read_as_trained(cfg: Config, given: Collection[str]) -> Config:
+    """``cfg`` with the training's ``ignore_index`` and ``mask_threshold`` (run_dir/configs/train.json) for those
+    not ``given`` on the command line: the test masks are read as the training read the train and val ones, so
+    unlabelled pixels left out there are left out here too, without the keys given again."""
+    trained = files.read_record(Path(cfg.run_dir) / "configs" / "train.json")
+    if not isinstance(trained, dict):
+        return cfg
+    keys = {k: trained[k] for k in MASK_KEYS if k not in given and isinstance(trained.get(k), int)}
+    keys = {k: v for k, v in keys.items() if v != getattr(cfg, k)}
+    if keys:
+        LOG.info(
+            "reading the test masks as the training did: %s (from %s)",
+            " ".join(f"--{k}={v}" for k, v in keys.items()),
+            Path(cfg.run_dir) / "configs" / "train.json",
+        )
+    return dataclasses.replace(cfg, **keys)
+
+
 def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> tuple[list[str], dict]:
     """The test images whose masks are not scored, each problem logged: masks made from another image
     (made_elsewhere), with another model or other settings than the newest test mask (made_otherwise), or with a
@@ -349,9 +380,10 @@ def warn_other_cut(threshold: float, made_with: dict | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Score run_dir/predictions against the test split's labels; write metrics, CSV and figures."""
-    cfg = cli.parse_args(argv, __doc__ or "")
+    cfg, given = cli.parse_command(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "miou")
+    cfg = masks_read_as_trained(cfg, given)
     if cfg.boundary_width < 1:
         raise ValueError(f"--boundary_width={cfg.boundary_width}: expected the edge band's depth in pixels, 1 or more")
     cfg = bands_of_the_run(cfg)

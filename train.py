@@ -994,11 +994,24 @@ def check_ranks_agree(model: nn.Module, job: Distributed, what: str = "weights")
 ALL_FARMLAND = 0.98  # a kept epoch that calls this share of the val pixels farmland has learned only the prior
 
 
+def kept_farmland_share(row: dict, progress: Progress) -> float:
+    """Share of the val pixels the kept epoch (its history ``row``) called farmland where best.pth is judged: at
+    its tuned threshold when tuned (from the best epoch's probability histogram), else at the argmax. A tuned cut
+    above 0.5 can call far fewer pixels farmland than the argmax, and best.pth is judged and used at that cut."""
+    cut = row.get("val_ema_threshold" if progress.best_weights == "ema" else "val_threshold", math.nan)
+    histogram = progress.best_histogram
+    if not math.isfinite(cut) or histogram is None or not histogram.sum():
+        return row["val_predicted_farmland"]
+    bins = histogram.shape[1]
+    first = min(bins - 1, max(0, math.floor(cut * bins + 0.5)))  # farmland: bins at or above the cut's
+    return float(histogram[:, first:].sum() / histogram.sum())
+
+
 def warn_kept_prior(cfg: Config, progress: Progress) -> None:
     """Warn when the epoch best.pth keeps called nearly every val pixel farmland: its IoU is what the class prior
     scores, which can beat the later epochs of a short run (the collapse warning needs several such epochs)."""
     kept = [row for row in progress.history if row["epoch"] == progress.best_epoch]
-    share = kept[0]["val_predicted_farmland"] if kept else math.nan
+    share = kept_farmland_share(kept[0], progress) if kept else math.nan
     if not share >= ALL_FARMLAND:  # NaN: nothing predicted
         return
     advice = "more epochs (--epochs or --time_budget)"

@@ -246,3 +246,42 @@ def test_a_run_begun_under_another_recipe_is_not_resumed_as_this_one(tmp_path: P
     assert compare_recipes.trained_otherwise(last, arguments) == []
     torch.save({"model": {}, "config": {**saved, "dropout": 0.2, "lr": 3e-4}}, last)  # the recipe of an older version
     assert compare_recipes.trained_otherwise(last, arguments) == ["dropout", "lr"]
+
+
+def test_a_finished_run_whose_masks_changed_is_scored_or_trained_again(square_data: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from data_preprocess import read_pair_list
+
+    run_dir = tmp_path / "cmp"
+    # Unstratified, the split stays as it is when a mask changes.
+    extra = ("--epochs=1", "--tensorboard=false", "--stratify=false")
+    argv = [*args(square_data, run_dir, *extra), "--skip_minority", "--variants=reference"]
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    run = run_dir / "all" / "reference"
+    best = run / "checkpoints" / "best.pth"
+    trained = best.stat().st_mtime_ns
+
+    def clear_mask(split: str) -> None:
+        """Correct the first mask of a split: no farmland in it after all."""
+        mask = read_pair_list(run / "splits" / f"{split}.txt")[0][1]
+        cv2.imwrite(str(mask), cv2.imread(str(mask), cv2.IMREAD_UNCHANGED) * 0)
+
+    # A test mask corrected since: the figures are scored again against it, without training again.
+    clear_mask("test")
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    assert best.stat().st_mtime_ns == trained
+    row = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))[0]
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert row["test_farmland_iou_pooled"] == metrics["pooled"]["farmland_iou"]
+    assert metrics["pooled_confusion"]["fn"] + metrics["pooled_confusion"]["tp"] < 16 * 16 * len(
+        read_pair_list(run / "splits" / "test.txt")
+    )  # the cleared mask's square is scored as background now
+    # A training mask corrected since: the run is trained again, afresh even with --resume=true.
+    clear_mask("train")
+    assert compare_recipes.main([*argv, "--resume=true"]) == 0
+    close_log_files()
+    assert best.stat().st_mtime_ns != trained
+    assert len(load_checkpoint(run / "checkpoints" / "last.pth")["history"]) == 1

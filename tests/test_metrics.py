@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import close_log_files
 
 import miou
 from data_preprocess import IGNORE, write_image
@@ -203,3 +204,49 @@ def test_a_threshold_given_to_miou_is_named_as_predicts(
     with caplog.at_level("WARNING", logger="miou"):
         miou.warn_other_cut(threshold, made_with)
     assert (said in caplog.text) if said else not caplog.text
+
+
+def test_the_gallery_shows_unlabelled_pixels_grey_not_as_farmland(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.axes
+
+    from config import Config
+
+    label = np.zeros((8, 8), np.uint8)
+    label[:, 4:] = 255
+    label[:2] = 128  # unlabelled: scored as neither class
+    write_image(tmp_path / "a.png", np.full((8, 8, 3), 90, np.uint8))
+    write_image(tmp_path / "a_mask.png", label)
+    write_image(tmp_path / "a_seg.png", np.full((8, 8), 255, np.uint8))
+    shown = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda ax, array, **kw: shown.append(np.asarray(array)))
+    lookup = {"a": (tmp_path / "a.png", tmp_path / "a_mask.png", tmp_path / "a_seg.png")}
+    cfg = Config(ignore_index=128)
+    miou.gallery([{"name": "a", "farmland_iou": 0.5}], lookup, cfg, (0, 1, 2), tmp_path / "g.png", "gallery")
+    drawn = shown[1]  # photo, label, prediction
+    assert drawn[:2].tolist() == [[0.5] * 8] * 2  # mid-grey, where it was white (farmland) before
+    assert drawn[2:, :4].max() == 0 and drawn[2:, 4:].min() == 1
+
+
+def test_miou_reads_the_test_masks_with_the_trainings_ignore_index(tmp_path: Path) -> None:
+    import json
+
+    run = tmp_path / "run"
+    label = np.zeros((8, 8), np.uint8)
+    label[:, 4:] = 255
+    label[:4] = 128  # unlabelled top half: of the 32 labelled pixels, 16 are farmland
+    write_image(tmp_path / "a.png", np.full((8, 8, 3), 90, np.uint8))
+    write_image(tmp_path / "a_mask.png", label)
+    write_image(run / "predictions" / "a_seg.png", np.full((8, 8), 255, np.uint8))
+    (run / "splits").mkdir(parents=True)
+    (run / "splits" / "test.txt").write_text(f"{tmp_path / 'a.png'}\t{tmp_path / 'a_mask.png'}\n", "utf-8")
+    (run / "configs").mkdir()
+    (run / "configs" / "train.json").write_text(json.dumps({"ignore_index": 128, "mask_threshold": 0}), "utf-8")
+    # Trained with --ignore_index=128, scored without it given again: the unlabelled pixels count nowhere.
+    assert miou.main([f"--run_dir={run}"]) == 0
+    close_log_files()
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["pooled_confusion"] == {"tp": 16, "fp": 16, "fn": 0, "tn": 0}
+    assert json.loads((run / "configs" / "miou.json").read_text(encoding="utf-8"))["ignore_index"] == 128
+    # A key given on the command line wins: 128 is then no mask value, and the mask is refused.
+    assert miou.main([f"--run_dir={run}", "--ignore_index=-1"]) == 1
+    close_log_files()

@@ -215,3 +215,20 @@ def test_a_kept_epoch_that_calls_everything_farmland_is_warned_of(
     assert warned or not text
     assert ("--recipe=recommended" in text) == (warned and recipe == "reference")
     assert not warned or "IoU (0.2880) is what calling every pixel farmland scores" in text
+
+
+@pytest.mark.parametrize(("below_cut", "warned"), [(50, False), (0, True)])
+def test_a_kept_epoch_is_judged_at_its_tuned_threshold(
+    caplog: pytest.LogCaptureFixture, below_cut: int, warned: bool
+) -> None:
+    # The argmax calls 99.5% of the val pixels farmland, but best.pth is judged and used at the tuned cut 0.6:
+    # 50 of 100 pixels (of each class) lie below it, so the kept epoch does tell the classes apart.
+    histogram = np.zeros((2, 200), dtype=np.int64)
+    histogram[:, 110] = below_cut  # probability 0.55: below the cut, above the argmax's 0.5
+    histogram[:, 150] = 100 - below_cut
+    row = {"epoch": 1, "val_predicted_farmland": 0.995, "val_threshold": 0.6}
+    progress = train.Progress(best_iou=0.5, best_epoch=1, history=[row], best_histogram=histogram)
+    with caplog.at_level(logging.WARNING, logger="train"):
+        train.warn_kept_prior(config.Config(), progress)
+    assert ("best.pth keeps epoch 1" in caplog.text) == warned
+    assert not warned or "called 100.0% of the val pixels farmland" in caplog.text
