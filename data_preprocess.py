@@ -108,7 +108,8 @@ def decode_other(raw: np.ndarray, path: Path) -> np.ndarray | None:
 
 
 def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:
-    """A TIFF's bands as (H, W, C) in file order, palette colours expanded to RGB; None where GDAL cannot read it.
+    """A TIFF's bands as (H, W, C) in file order, palette colours expanded to RGB, an alpha band after grey or RGB
+    dropped; None where GDAL cannot read it.
 
     OpenCV reads a TIFF by its photometric tag: a 3- or 4-band 16-bit TIFF tagged grey (as GDAL writes them)
     comes back as one band of wrong values, and more than 4 bands not at all. GDAL reads every layout.
@@ -126,8 +127,11 @@ def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:
                 raise_too_large(*declared)
             if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
                 bands = palette_colours(bands[0], src.colormap(1))
-            elif src.count == 2 and src.colorinterp[1] == ColorInterp.alpha:
-                bands = bands[:1]  # grey and alpha: the grey, as for an RGBA PNG's colour
+            elif src.count in (2, 4) and src.colorinterp[-1] == ColorInterp.alpha:
+                # Grey or RGB and alpha (QGIS or gdalwarp -dstalpha exports): the colour, as of an RGBA PNG, not a
+                # band to train on; pixels the alpha marks as empty read as all-zero, nodata, as in a scene.
+                bands, alpha = bands[:-1], bands[-1]
+                bands[:, alpha == 0] = 0
     except RasterioError:
         return None
     return np.ascontiguousarray(bands.transpose(1, 2, 0))
@@ -392,6 +396,46 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg")  # mask formats whose values stray from 0/255
 ZERO_ONE_TOP = 2  # the most a 0/1 mask holds (1 = farmland; 2 where a lossy format rounded an edge up)
 
 
+COLOURS_SHOWN = 4  # colours of a colour mask named in its refusal, the most frequent first
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_PALETTE = 3  # the IHDR colour type of a palette PNG (byte 25 of the file)
+
+
+def is_palette_png(path: Path) -> bool:
+    """Say whether a file is a palette PNG, whose indices OpenCV hands over as the colours they stand for."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(26)
+    except OSError:
+        return False
+    return len(head) == 26 and head.startswith(PNG_SIGNATURE) and head[25] == PNG_PALETTE
+
+
+def colour_mask_error(mask: np.ndarray, path: Path) -> DataError:
+    """The refusal of a mask whose bands differ, naming the colours found and how to write the mask expected.
+
+    A conversion to grey is not the fix: it turns a farmland colour into another grey (red into 76), which the
+    value check refuses again or ``--mask_threshold=128`` reads as background."""
+    colours, counts = np.unique(
+        mask[:, :, : min(3, mask.shape[2])].reshape(-1, min(3, mask.shape[2])), axis=0, return_counts=True
+    )
+    shown = ", ".join(f"({', '.join(str(int(v)) for v in colours[i])})" for i in np.argsort(-counts)[:COLOURS_SHOWN])
+    shown += ", ..." if len(colours) > COLOURS_SHOWN else ""
+    expected = "expected a single-band mask with 255 (or 1) = farmland and 0 = background"
+    if is_palette_png(path):
+        return DataError(
+            f"{path}: colour mask: a palette PNG whose indices are drawn in the colours {shown}; {expected}. Where "
+            "index 1 is farmland and 0 background (as labelme writes them), save the indices as a grayscale PNG "
+            "(Python: Image.fromarray(numpy.array(Image.open(src))).save(dst), with PIL, keeps the indices); "
+            "converting the colours to grey does not (it turns a colour into another grey value)"
+        )
+    return DataError(
+        f"{path}: colour mask drawn in {len(colours)} colour(s), most frequent first {shown}; {expected}. Write "
+        "255 where the farmland colour is and 0 elsewhere; converting the colours to grey does not do it (red "
+        "becomes 76, which the mask check refuses and --mask_threshold=128 reads as background)"
+    )
+
+
 def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndarray:
     """Turn a mask of 0/255 (or 0/1) into class indices 0/1 (uint8, H x W), unlabelled pixels into IGNORE.
 
@@ -408,10 +452,7 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
         if mask.shape[2] > 1 and not all(
             np.array_equal(mask[:, :, 0], mask[:, :, b]) for b in range(1, min(3, mask.shape[2]))
         ):
-            raise DataError(
-                f"{path}: colour mask with {mask.shape[2]} differing bands; expected a single-band mask "
-                "with 255 = farmland and 0 = background. Save it as a grayscale PNG"
-            )
+            raise colour_mask_error(mask, path)
         mask = mask[:, :, 0]
     unlabelled = mask == ignore_index if ignore_index >= 0 else None
     if threshold <= 0 and Path(path).suffix.lower() in LOSSY_SUFFIXES:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +14,8 @@ import numpy as np
 
 from data_preprocess import image_to_float, picked_for_colour, select_bands
 from files import atomic_write_bytes
+
+LOG = logging.getLogger("figures")
 
 # Fonts with Chinese characters, tried in this order where installed (Linux, Windows, macOS): figures name tiles
 # and scenes, whose names DejaVu Sans, matplotlib's own font, would show as empty boxes.
@@ -49,12 +53,33 @@ def pyplot() -> Any:
     return plt
 
 
+MISSING_GLYPH = "missing from font"  # in matplotlib's warning for a character no font of font.family draws
+
+
+@functools.cache
+def warn_missing_glyphs() -> None:
+    """Say once, in the log, that names show as boxes and how to fix it, in place of matplotlib's warning per
+    character and figure (a screenful of UserWarnings on a machine without a Chinese font)."""
+    LOG.warning(
+        "names in the figures hold characters (Chinese, say) that no installed font draws, so they show as empty "
+        "boxes; install a Chinese font (fonts-noto-cjk or fonts-wqy-zenhei on Debian and Ubuntu), then delete "
+        "matplotlib's font cache (~/.cache/matplotlib), which does not see fonts installed after it was made"
+    )
+
+
 def save_figure(fig: "object", path: Path) -> None:
     """Render a matplotlib figure to PNG in memory, then write it atomically, and close it."""
     plt = pyplot()
     buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=110)
+    for warning in caught:
+        if MISSING_GLYPH in str(warning.message):
+            warn_missing_glyphs()
+        else:  # any other warning as it would have been shown
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 

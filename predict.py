@@ -34,7 +34,7 @@ import scene
 from config import Config
 from data_preprocess import EMPTY_TEST_SPLIT, list_images, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter
-from files import DataError, name_problem, prediction_path
+from files import DataError, name_problem, prediction_path, read_record
 from inference import inference_model, with_threshold
 from net_structure import input_padding
 from output_record import Since, outputs_since
@@ -72,7 +72,33 @@ def list_inputs(cfg: Config) -> list[Path]:
     images = list_images(source)
     if not images:
         raise DataError(f"{source}: holds no images (.png .jpg .tif); point --predict_input at a folder of tiles")
-    return images
+    return without_masks(images, mask_suffixes(cfg))
+
+
+def mask_suffixes(cfg: Config) -> set[str]:
+    """The mask suffixes of this run: the key's, and the one split_dataset.py recorded in run_dir (masks named
+    a_label.png there, say, while predict.py is run without --mask_suffix); empty suffixes left out."""
+    recorded = read_record(Path(cfg.run_dir) / "configs" / "split_dataset.json")
+    split_suffix = recorded.get("mask_suffix", "") if isinstance(recorded, dict) else ""
+    return {suffix for suffix in (cfg.mask_suffix, split_suffix) if isinstance(suffix, str) and suffix}
+
+
+def without_masks(images: list[Path], suffixes: set[str]) -> list[Path]:
+    """A folder's images less the masks lying beside them (a_mask.png next to a.jpg): predicted as photos they would
+    give masks of masks. Said in the log; a folder of masks alone, or a mask named as --predict_input, is predicted."""
+    stems = {path.stem for path in images}
+    masks = [p for p in images if any(p.stem.endswith(s) and p.stem[: -len(s)] in stems for s in suffixes)]
+    if masks:
+        LOG.info(
+            "left out %d mask(s) lying beside their images in %s (%s, ...: named <image>%s); to predict one as an "
+            "image, give it as --predict_input",
+            len(masks),
+            masks[0].parent,
+            masks[0].name,
+            " or <image>".join(sorted(suffixes)),
+        )
+    left_out = set(masks)
+    return [path for path in images if path not in left_out]
 
 
 @dataclasses.dataclass(frozen=True)

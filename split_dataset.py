@@ -60,6 +60,28 @@ class Scan:
     rejected: list[tuple[Path, str, str]] = field(default_factory=list)  # (file, kind, reason)
 
 
+FOLDERS_SHOWN = 8  # sub-folders of data_dir named when the one expected is not there
+CONTENT = {"image_subdir": "images", "label_subdir": "masks"}  # what each folder key names
+
+
+def what_is_there(folder: Path, key: str) -> str:
+    """What the folder above a missing image or mask folder holds, for its error: the folder names to choose from
+    (a data set's own image/ and label/, say), or that it does not exist or holds the images itself."""
+    parent = folder.parent
+    if not parent.is_dir():
+        return f"; {parent} does not exist either: check --data_dir"
+    found = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if found:
+        shown = ", ".join(found[:FOLDERS_SHOWN]) + (", ..." if len(found) > FOLDERS_SHOWN else "")
+        return f"; {parent} holds the folder(s) {shown}: name the one with the {CONTENT[key]} as --{key}=NAME"
+    if list_images(parent):
+        return (
+            f"; {parent} holds images itself and no folders: point --data_dir at the folder above it, or, with masks "
+            "beside the images, give --image_subdir=. --label_subdir=. and --mask_suffix"
+        )
+    return f"; {parent} holds no folders"
+
+
 def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     """Pair images with masks by stem: a.png goes with a<mask_suffix>.png (extensions in any case).
 
@@ -72,9 +94,18 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     for folder, key in ((image_dir, "image_subdir"), (label_dir, "label_subdir")):
         if not folder.is_dir():
             raise DataError(
-                f"{folder}: folder not found; expected data_dir/{folder.name} holding the "
-                f"{'images' if key == 'image_subdir' else 'masks'} (set --data_dir or --{key})"
+                f"{folder}: folder not found; expected data_dir/{folder.name} holding the {CONTENT[key]} "
+                f"(set --data_dir or --{key}){what_is_there(folder, key)}"
             )
+    # Images and masks side by side in one folder (a.jpg beside a_label.png): the suffix alone tells them apart,
+    # so a file without it is an image there, not a misnamed mask, and a mask is not an image without a mask.
+    shared = image_dir.resolve() == label_dir.resolve()
+    if shared and not mask_suffix:
+        raise DataError(
+            f"{image_dir}: holds both images and masks (--image_subdir and --label_subdir name the same folder), "
+            "so masks need a suffix that tells them from their images: set --mask_suffix (--mask_suffix=_label for "
+            "a_label.png beside a.png), or put the masks in a folder of their own and name it with --label_subdir"
+        )
     scan = Scan()
     masks: dict[str, list[Path]] = {}
     misnamed: list[Path] = []
@@ -84,12 +115,15 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
         elif path.stem.endswith(mask_suffix):
             # An empty suffix pairs labels/a.png with images/a.png.
             masks.setdefault(path.stem[: len(path.stem) - len(mask_suffix)], []).append(path)
-        else:
+        elif not shared:
             misnamed.append(path)
     images: dict[str, list[Path]] = {}
     for path in list_images(image_dir):
+        if shared and path.stem.endswith(mask_suffix):
+            continue  # a mask, paired above
         if problem := files.name_problem(path):
-            scan.rejected.append((Path(files.shown_path(path)), "error", problem))
+            if not shared:  # in a shared folder the mask loop above reported it already
+                scan.rejected.append((Path(files.shown_path(path)), "error", problem))
         else:
             images.setdefault(path.stem, []).append(path)
     for path in misnamed:

@@ -91,6 +91,23 @@ def test_tiffs_as_gdal_writes_them_keep_every_band_in_file_order(tmp_path: Path,
         alpha="YES",
     )
     assert np.array_equal(read_image(grey), bands[0].astype(np.uint8)[:, :, None])
+    # RGB with an alpha band likewise (it was refused with "set --in_channels=4", training on the alpha), the
+    # pixels the alpha leaves out read as nodata (all-zero), as in a scene.
+    rgb = (bands[:3] % 200 + 20).astype(np.uint8)
+    alpha = np.full(rgb.shape[1:], 255, np.uint8)
+    alpha[0, 0] = 0
+    rgba = write_geotiff(
+        tmp_path / "耕地 rgba.tif",
+        np.concatenate([rgb, alpha[None]]),
+        None,
+        Affine.identity(),
+        photometric="RGB",
+        alpha="YES",
+    )
+    expected = rgb.transpose(1, 2, 0).copy()
+    expected[0, 0] = 0
+    assert np.array_equal(read_image(rgba), expected)
+    assert load_image(rgba, 3).shape == (3, *rgb.shape[1:])
     # A palette image gives its colours, as OpenCV did.
     palette = write_geotiff(tmp_path / "p.tif", np.array([[[0, 2, 1]]], np.uint8), None, Affine.identity())
     with rasterio.open(palette, "r+") as dst:
@@ -163,7 +180,10 @@ def test_colour_mask_with_differing_bands_is_refused(tmp_path: Path) -> None:
     mask = np.zeros((2, 2, 3), np.uint8)
     mask[0, 0] = (255, 0, 0)
     write_image(tmp_path / "m.png", mask)
-    with pytest.raises(DataError, match="colour mask"):
+    # The colours found, the most frequent first, and not a conversion to grey as the fix (red becomes 76).
+    with pytest.raises(
+        DataError, match=r"m\.png: colour mask drawn in 2 colour\(s\), .* \(0, 0, 0\), \(255, 0, 0\);.* 255 where"
+    ):
         load_mask(tmp_path / "m.png")
     write_image(tmp_path / "grey3.png", np.dstack([np.array([[0, 255]], np.uint8)] * 3))
     assert load_mask(tmp_path / "grey3.png").tolist() == [[0, 1]]
@@ -399,6 +419,30 @@ def test_figures_fall_back_to_an_installed_chinese_font(monkeypatch: pytest.Monk
     monkeypatch.setattr(font_manager.fontManager, "ttflist", entries[:1])
     figures.pyplot.__wrapped__()
     assert matplotlib.rcParams["font.family"] == ["DejaVu Sans"]
+
+
+def test_names_no_font_draws_are_one_log_line_not_a_warning_per_character(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without a Chinese font, matplotlib warned once per character and figure, with its own file and line.
+    import warnings
+
+    import matplotlib
+
+    import figures
+
+    plt = figures.pyplot()
+    monkeypatch.setitem(matplotlib.rcParams, "font.family", ["DejaVu Sans"])  # as on a machine without one
+    figures.warn_missing_glyphs.cache_clear()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        for name in ("区域 3_018", "田块 7"):
+            fig, ax = plt.subplots(figsize=(2, 2))
+            ax.set_title(name)
+            figures.save_figure(fig, tmp_path / f"{name}.png")
+    assert [str(w.message) for w in shown] == []
+    assert caplog.text.count("show as empty boxes; install a Chinese font") == 1
+    assert "~/.cache/matplotlib" in caplog.text and (tmp_path / "田块 7.png").is_file()
 
 
 def test_commands_in_messages_quote_paths_for_the_users_shell(monkeypatch: pytest.MonkeyPatch) -> None:

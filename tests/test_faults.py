@@ -587,7 +587,11 @@ def test_palette_mask_with_colours_is_refused(tmp_path: Path) -> None:
     palette_mask = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
     palette_mask.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 drawn red
     palette_mask.save(tmp_path / "p_mask.png")
-    with pytest.raises(DataError, match=r"p_mask\.png: colour mask"):
+    # The refusal named "3 differing bands" of a one-band file and offered a conversion to grey, which turns the
+    # colour into another grey value; it now names the palette, its colours and a conversion that keeps the indices.
+    with pytest.raises(
+        DataError, match=r"p_mask\.png: colour mask: a palette PNG .* colours \(0, 0, 0\), \(255, 0, 0\);.*indices"
+    ):
         load_mask(tmp_path / "p_mask.png")
     grey = Image.fromarray(np.array([[0, 1]], np.uint8), mode="P")
     grey.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)  # a palette of black and white reads as 0/255

@@ -219,6 +219,21 @@ def test_predict_a_folder_reports_bad_files_and_goes_on(
     assert not (run_dir / "predictions" / "overlays").exists()
 
 
+def test_predict_a_folder_leaves_out_the_masks_beside_its_images(
+    shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Images and masks in one folder: each mask was predicted as a photo, giving tile 1_label_seg.png and so on.
+    folder = tmp_path / "耕地 同夹"
+    for name in ("tile 1.jpg", "tile 1_label.png", "tile 2.png", "tile 2_mask.png", "only_label.png"):
+        write_image(folder / name, np.full((32, 32, 3), 90, np.uint8))
+    split_record = run_copy / "configs" / "split_dataset.json"
+    split_record.write_text(json.dumps({**json.loads(split_record.read_text()), "mask_suffix": "_label"}))
+    assert predict.main(args(shared_square_data, run_copy, f"--predict_input={folder}", "--overlay=false")) == 0
+    made = sorted(p.name for p in (run_copy / "predictions").glob("*_seg.png"))
+    assert made == ["only_label_seg.png", "tile 1_seg.png", "tile 2_seg.png"]  # a mask without its image is kept
+    assert "left out 2 mask(s) lying beside their images" in caplog.text
+
+
 def test_predict_refuses_images_with_another_band_count(
     shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -82,6 +82,29 @@ def test_orphans_junk_and_upper_case_extensions(tmp_path: Path) -> None:
     assert sorted(listed) == sorted(["UPPER.PNG"] + [f"t.{i}.png" for i in range(5)])
 
 
+def test_images_and_masks_in_one_folder_pair_without_false_orphans(tmp_path: Path) -> None:
+    # Each image was reported as a misnamed mask (with the wrong advice --mask_suffix=), each mask as an image
+    # without a mask.
+    rng = np.random.default_rng(0)
+    data = tmp_path / "耕地 数据"
+    for i in range(5):
+        image, mask = square_tile(rng)
+        write_image(data / "tiles" / f"t {i}.jpg", image)
+        write_image(data / "tiles" / f"t {i}_label.png", mask)
+    image, mask = square_tile(rng)
+    write_image(data / "tiles" / "lonely.jpg", image)
+    write_image(data / "tiles" / "ghost_label.png", mask)
+    shared = ("--image_subdir=tiles", "--label_subdir=tiles")
+    assert run_split(data, tmp_path / "run", *shared, "--mask_suffix=_label") == 0
+    pairs = [p for k in ("train", "val", "test") for p in read_pair_list(tmp_path / "run" / "splits" / f"{k}.txt")]
+    assert sorted((i.name, m.name) for i, m in pairs) == [(f"t {i}.jpg", f"t {i}_label.png") for i in range(5)]
+    found = rejected(tmp_path / "run")
+    assert sorted(found) == ["ghost_label.png", "lonely.jpg"]
+    assert "no mask lonely_label.png" in found["lonely.jpg"][1] and "no image ghost" in found["ghost_label.png"][1]
+    with pytest.raises(DataError, match=r"tiles: holds both images and masks .* set --mask_suffix"):
+        run_split(data, tmp_path / "run2", *shared, "--mask_suffix=")
+
+
 def write_named_tiles(data: Path, names: dict[str, str]) -> Path:
     """Square tiles under data/images with their masks under data/labels, by image name -> mask name."""
     rng = np.random.default_rng(0)
@@ -213,6 +236,24 @@ def test_empty_or_missing_folders(tmp_path: Path) -> None:
     (tmp_path / "empty" / "labels").mkdir()
     with pytest.raises(DataError, match="no usable image/mask pairs"):
         run_split(tmp_path / "empty", tmp_path / "run")
+
+
+def test_a_missing_folder_names_what_data_dir_holds(tmp_path: Path) -> None:
+    # "folder not found" alone left a data set's own image/ and label/ folders, or a mistyped data_dir, to guess.
+    with pytest.raises(DataError, match=r"nothing does not exist either: check --data_dir"):
+        run_split(tmp_path / "nothing", tmp_path / "run")
+    data = tmp_path / "耕地 数据集"
+    (data / "image").mkdir(parents=True)
+    (data / "label").mkdir()
+    with pytest.raises(
+        DataError, match=r"holds the folder\(s\) image, label: name the one with the images as --image_"
+    ):
+        run_split(data, tmp_path / "run")
+    with pytest.raises(DataError, match=r"labels: folder not found.* the masks as --label_subdir=NAME"):
+        run_split(data, tmp_path / "run", "--image_subdir=image")
+    write_image(data / "image" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"image holds images itself and no folders: point --data_dir at the folder"):
+        run_split(data / "image", tmp_path / "run")
 
 
 def test_bands_that_do_not_fit_in_channels_are_refused_once(square_data: Path, tmp_path: Path) -> None:
