@@ -47,6 +47,9 @@ LOG = logging.getLogger("make_tiles")
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 TILE_DTYPES = ("uint8", "uint16", "float32")  # what the pipeline's tile reader takes
 TABLE = "tiles.csv"
+# A scene whose valid pixels are this much farmland or more is warned of: its labels most likely hold every
+# land-use class (a whole land-survey layer, unfiltered), and tiles without background teach the network nothing.
+ALL_FARMLAND = 0.99
 COLUMNS = [
     "tile", "scene", "image", "mask", "row", "col", "width", "height", "crs",
     "a", "b", "c", "d", "e", "f", "pixel_size_x", "pixel_size_y", "nodata_fraction", "farmland_fraction",
@@ -282,7 +285,25 @@ def tile_scene(path: Path, labels: Labels, cfg: Config, out: Path) -> list[dict]
         "%s: %d tiles written, %d skipped as nodata; farmland is %.1f%% of their valid pixels",
         path, len(rows), skipped, 100 * farmland,
     )  # fmt: skip
+    if farmland >= ALL_FARMLAND:
+        LOG.warning("%s", all_farmland_message(path, farmland, cfg))
     return rows
+
+
+def all_farmland_message(path: Path, farmland: float, cfg: Config) -> str:
+    """What to say of a scene whose tiles are (almost) all farmland: which labels to check, and the filter."""
+    if cfg.label_where:
+        fix = f'check that --label_where="{cfg.label_where}" picks the farmland alone'
+    else:
+        fix = (
+            "if the labels hold every land-use class (a land-survey layer such as DLTB), pick the farmland with "
+            "--label_where, for example --label_where=\"DLBM LIKE '01%'\""
+        )
+    return (
+        f"{path}: {100 * farmland:.1f}% of the valid pixels of its tiles are farmland, expected a mix of farmland "
+        f"and background (a network learns nothing from tiles without background): the labels {cfg.labels} "
+        f"cover the whole scene; {fix}"
+    )
 
 
 def read_table(path: Path) -> list[dict]:

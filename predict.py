@@ -69,9 +69,13 @@ def list_inputs(cfg: Config) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise DataError(f"--predict_input={source}: no such file or folder")
-    images = list_images(source)
+    mosaics = [p for p in source.iterdir() if p.is_file() and p.suffix.lower() in scene.SCENE_ONLY_SUFFIXES]
+    images = sorted(list_images(source) + [p for p in mosaics if not p.name.startswith(".")])
     if not images:
-        raise DataError(f"{source}: holds no images (.png .jpg .tif); point --predict_input at a folder of tiles")
+        raise DataError(
+            f"{source}: holds no images (.png .jpg .tif, or .vrt .img .jp2 scenes); point --predict_input at a "
+            "folder of tiles or scenes"
+        )
     return without_masks(images, mask_suffixes(cfg))
 
 

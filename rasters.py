@@ -16,7 +16,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError, NotGeoreferencedWarning
 from rasterio.transform import Affine
 
-from files import DataError, atomic_write_text
+from files import DataError, atomic_write_text, shell_quoted
 
 
 def open_raster(path: Path, fix: str = "check the file or re-export it as GeoTIFF") -> rasterio.io.DatasetReader:
@@ -37,10 +37,13 @@ def rpc_only(src: rasterio.io.DatasetReader) -> str:
     """For a raster placed only by RPCs (a Level-1 product, not orthorectified), what it is and the fix; else ''."""
     if src.crs is not None or not src.transform.is_identity or not src.rpcs:
         return ""
+    path = Path(src.name)
     return (
         "it is placed only by RPCs (rational polynomial coefficients), as Level-1 products such as Gaofen-2 PMS "
         "L1A are, not on a map grid: orthorectify a copy first, for example gdalwarp -rpc -to RPC_DEM=dem.tif "
-        "-t_srs EPSG:4548 -tr 1 1 -r bilinear in.tif out.tif (the CRS and pixel size of your choice)"
+        f"-t_srs EPSG:{zone_epsg(src.rpcs.long_off, src.rpcs.lat_off, cgcs2000=True)} -tr 1 1 -r bilinear "
+        f"{shell_quoted(path)} {shell_quoted(path.with_name(f'{path.stem}_ortho.tif'))} "
+        "(the CRS and pixel size of your choice)"
     )
 
 
@@ -105,11 +108,17 @@ def ground_pixel_size_estimate(crs: CRS | None, transform: Affine, width: int, h
 
 
 def metric_epsg(crs: CRS, transform: Affine, width: int, height: int) -> int:
-    """The EPSG code of a projected CRS in ground metres for a geographic grid's centre: CGCS2000 3-degree
-    Gauss-Kruger (CM 75E..135E: 4534..4554) for a CGCS2000 grid within China's zones, else the WGS 84 UTM zone
-    (32601..32660 north, 32701..32760 south)."""
+    """The EPSG code of a projected CRS in ground metres for a geographic grid's centre (zone_epsg), Gauss-Kruger
+    for a CGCS2000 grid."""
     lon, lat = transform @ (width / 2, height / 2)  # degrees, as geographic CRSs have them
-    if crs.to_epsg() == 4490 and 73.5 <= lon < 136.5:
+    return zone_epsg(lon, lat, cgcs2000=crs.to_epsg() == 4490)
+
+
+def zone_epsg(lon: float, lat: float, cgcs2000: bool) -> int:
+    """The projected CRS in ground metres of the zone a point in degrees lies in: with ``cgcs2000`` and within
+    China's zones, CGCS2000 3-degree Gauss-Kruger without zone prefix (central meridians 75E..135E: EPSG:4534..
+    4554, as Chinese land surveys use), else the WGS 84 UTM zone (32601..32660 north, 32701..32760 south)."""
+    if cgcs2000 and 73.5 <= lon < 136.5 and lat >= 0:
         return 4534 + int((lon - 73.5) // 3)
     zone = min(60, max(1, int((lon + 180) // 6) + 1))
     return (32600 if lat >= 0 else 32700) + zone

@@ -79,7 +79,9 @@ from rasters import (
 from runtime import handing_back_freed_memory
 
 LOG = logging.getLogger("scene")
-RASTER_SUFFIXES = (".tif", ".tiff")
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")  # read through GDAL (RasterScene)
+# Rasters no tile reader takes (a GDAL mosaic, ERDAS Imagine, JPEG 2000), as make_tiles.py's scenes: always scenes.
+SCENE_ONLY_SUFFIXES = (".vrt", ".img", ".jp2")
 FARMLAND = 1
 NODATA = 255  # in the mask and the probability GeoTIFFs
 MASK_COLOURS = {0: (0, 0, 0, 255), FARMLAND: (255, 220, 0, 255), NODATA: (255, 255, 255, 0)}
@@ -184,7 +186,8 @@ class SceneSettings:
         why = (
             ""
             if g == 16
-            else f" for this network (it pools the scene by {g} pixels: 32 with a ResNet encoder, times downscale)"
+            else f" for this network (it pools the scene by {g} pixels: 16 for the U-Net, 32 with a ResNet encoder, "
+            "times downscale)"
         )
         least = max(32, self.least)
         if self.window < least or self.window % g:
@@ -196,8 +199,18 @@ class SceneSettings:
                 f"--overlap={self.overlap}: expected a multiple of {g} from 0 to window-{g} ({self.window - g}){why}; "
                 f"windows must step by a multiple of {g} so that they see the scene as the whole scene would"
             )
-        if self.min_field_area_ha < 0 or self.simplify_tolerance < 0 or self.min_field_pixels < 0:
-            raise ValueError("--min_field_area_ha, --min_field_pixels and --simplify_tolerance must be 0 or more")
+        negative = {
+            key: value
+            for key, value in (
+                ("min_field_area_ha", self.min_field_area_ha),
+                ("min_field_pixels", self.min_field_pixels),
+                ("simplify_tolerance", self.simplify_tolerance),
+            )
+            if value < 0
+        }
+        if negative:
+            given = ", ".join(f"--{key}={value:g}" for key, value in negative.items())
+            raise ValueError(f"{given}: expected 0 or more (0 turns it off); give a value of 0 or above")
 
 
 def scene_outputs(run_dir: Path, image: Path) -> dict[str, Path]:
@@ -260,6 +273,8 @@ def is_scene(path: Path, window: int) -> bool:
     Tiles (not georeferenced, at most one window a side) keep predict.py's batched tile route.
     """
     path = Path(path)
+    if path.suffix.lower() in SCENE_ONLY_SUFFIXES:
+        return True  # unreadable: the scene route reports it with GDAL's reason
     if path.suffix.lower() in RASTER_SUFFIXES:
         try:
             with warnings.catch_warnings():
@@ -315,7 +330,7 @@ class Scene:
 class RasterScene(Scene):
     """A raster read through rasterio, one block of rows at a time."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, warn: bool = True) -> None:
         self.path = Path(path)
         self.src = open_raster(self.path)
         self.width, self.height, self.count = self.src.width, self.src.height, self.src.count
@@ -325,7 +340,7 @@ class RasterScene(Scene):
         # data, whatever its colour there (often white): such pixels are read as all-zero, which is nodata.
         flags = self.src.mask_flag_enums[0] if self.src.count else []
         self.masked = MaskFlags.alpha in flags or MaskFlags.per_dataset in flags
-        if unplaced := rpc_only(self.src):
+        if warn and (unplaced := rpc_only(self.src)):
             LOG.warning("%s: %s; as it is, its mask and fields are in pixel coordinates (column, row)", path, unplaced)
 
     def read_rows(self, top: int, bottom: int) -> np.ndarray:
@@ -393,16 +408,17 @@ class ResampledScene(Scene):
         self.vrt.close()
 
 
-def open_scene(path: Path, bands: Sequence[int], in_channels: int, trained: str = "") -> Scene:
+def open_scene(path: Path, bands: Sequence[int], in_channels: int, trained: str = "", warn: bool = True) -> Scene:
     """Open a scene, select its bands and check them against the network's, before any work starts; ``trained``:
-    the checkpoint's ``bands`` key, offered as the fix where they fit the file.
+    the checkpoint's ``bands`` key, offered as the fix where they fit the file; ``warn``: of a scene placed only
+    by RPCs (off for the check before prediction, which opens it again).
 
     Raises:
         DataError: unreadable file, a band number beyond the file's bands, or a band count (after the
             selection) that the network cannot take.
     """
     path = Path(path)
-    scene: Scene = RasterScene(path) if path.suffix.lower() in RASTER_SUFFIXES else ImageScene(path)
+    scene: Scene = RasterScene(path, warn) if path.suffix.lower() in RASTER_SUFFIXES else ImageScene(path)
     try:
         if any(b > scene.count for b in bands):
             raise DataError(
@@ -545,7 +561,10 @@ def blended_rows(
                 "is truncated or corrupt, so copy or export it again (gdal_translate), or remove it"
             ) from None
         nodata = nodata_pixels(raw, scene.nodata, axis=2)
-        padded = pad_to(filled_nodata(raw, nodata), window, padded_width)
+        # A row of windows without a pixel of data has nothing to copy: fed as zeros, not as its nodata value
+        # (-9999 or NaN in a float scene failed the [0, 1] check or spread NaN); its rows are nodata anyway.
+        filled = np.zeros_like(raw) if nodata.all() else filled_nodata(raw, nodata)
+        padded = pad_to(filled, window, padded_width)
         for start in range(0, len(cols_at), batch):
             lefts = cols_at[start : start + batch]
             tiles = [image_to_float(padded[:, x : x + window], in_channels, scene.path) for x in lefts]
@@ -1092,7 +1111,7 @@ def predict_scenes(
     failures, ready = 0, []
     for path in todo:
         try:
-            with open_scene(path, settings.bands, in_channels, trained):
+            with open_scene(path, settings.bands, in_channels, trained, warn=False):
                 ready.append(path)
         except DataError as err:
             LOG.error("%s", err)

@@ -133,6 +133,21 @@ def test_the_filter_keeps_the_cultivated_land_codes(tmp_path: Path, caplog: pyte
     assert "dltb.shp layer dltb: 4 polygons in EPSG:32650, those where DLBM LIKE '01%' used" in caplog.text
 
 
+def test_labels_covering_the_whole_scene_are_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A land-survey layer holds every land-use class: without --label_where every pixel was farmland, silently.
+    x0, y0 = TRANSFORM.c, TRANSFORM.f
+    halves = [shapely.box(x0 - 10, y0 - 64, x0 + 140, y0 + 10), shapely.box(x0 - 10, y0 - 140, x0 + 140, y0 - 64)]
+    labels = write_fields(tmp_path / "vec" / "dltb.gpkg", halves, ["0101", "0701"])  # paddy, residential
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    assert run(scene, labels, tmp_path / "out") == 0
+    assert f"{scene}: 100.0% of the valid pixels of its tiles are farmland, expected a mix" in caplog.text
+    assert "pick the farmland with --label_where, for example --label_where=\"DLBM LIKE '01%'\"" in caplog.text
+    caplog.clear()
+    assert run(scene, labels, tmp_path / "out", "--label_where=DLBM LIKE '01%'") == 0
+    assert "are farmland, expected a mix" not in caplog.text  # half of it: no warning
+    assert_masks(tmp_path / "out", burnt(halves[:1]))
+
+
 def test_mostly_nodata_tiles_are_skipped_and_nodata_written_as_zero(tmp_path: Path) -> None:
     pixels = scene_pixels(bands=4, dtype="uint16")
     pixels[:, :40, :32] = 65535  # the declared nodata: the top-left tile is all nodata, the one below it a quarter

@@ -23,6 +23,7 @@ import demo_data
 import inference
 import polygons
 import predict
+import rasters
 import scene
 from data_preprocess import load_mask, write_image
 from files import DataError
@@ -214,6 +215,33 @@ def test_images_sharing_a_name_are_reported_and_the_others_predicted(
     assert not list((tmp_path / "run" / "predictions").glob("gf2_mss1*"))
 
 
+def test_a_gdal_mosaic_vrt_is_a_scene_named_or_in_a_folder(checkpoint: Path, tmp_path: Path) -> None:
+    # A .vrt (gdalbuildvrt's mosaic of a county's scenes, which make_tiles.py takes) went to the tile reader and
+    # was reported "not a readable image (truncated, corrupt or not an image file)"; in a folder, not seen at all.
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
+    with rasterio.open(source) as src:
+        band = "".join(
+            f'<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>0</NoDataValue><SimpleSource>'
+            f'<SourceFilename relativeToVRT="0">{source}</SourceFilename><SourceBand>{b}</SourceBand></SimpleSource>'
+            "</VRTRasterBand>"
+            for b in (1, 2, 3)
+        )
+        mosaic = tmp_path / "vrt" / "mosaic.vrt"
+        mosaic.parent.mkdir()
+        mosaic.write_text(
+            f'<VRTDataset rasterXSize="{WIDTH}" rasterYSize="{HEIGHT}"><SRS>{src.crs.to_wkt()}</SRS>'
+            f"<GeoTransform>{', '.join(map(str, src.transform.to_gdal()))}</GeoTransform>{band}</VRTDataset>"
+        )
+    assert run_predict(tmp_path / "tif", checkpoint, source) == 0
+    assert run_predict(tmp_path / "named", checkpoint, mosaic) == 0
+    assert run_predict(tmp_path / "folder", checkpoint, mosaic.parent) == 0
+    with rasterio.open(scene.scene_outputs(tmp_path / "tif", source)["mask"]) as src:
+        expected = src.read(1)
+    for run in ("named", "folder"):
+        with rasterio.open(scene.scene_outputs(tmp_path / run, mosaic)["mask"]) as src:
+            assert (src.crs.to_string(), src.transform) == (CRS, TRANSFORM) and np.array_equal(src.read(1), expected)
+
+
 def test_overlays_of_16_bit_scenes_and_tiles_are_stretched(checkpoint: Path, tmp_path: Path) -> None:
     # 10-bit values in a 16-bit file, as Gaofen-2 delivers them: the overlay's photo was black (values 0 to 4).
     ten_bit = scene_pixels().astype(np.uint16) * 4
@@ -241,6 +269,26 @@ def test_a_float_scene_with_a_nodata_value_outside_0_1_is_predicted_with_its_ove
     assert int(row["valid_pixels"]) == HEIGHT * WIDTH - 40 * 60
     overlay = load_overlay(run_dir / "predictions" / "overlays" / "float_overlay.png")
     assert overlay.shape[:2] == (HEIGHT, WIDTH) and overlay[NODATA_ROWS, NODATA_COLS].max() == 0  # nodata: black
+
+
+@pytest.mark.parametrize("empty_value", [-9999.0, math.nan])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NaN fed to the network came out as NaN probabilities
+def test_a_float_scene_whose_first_row_of_windows_is_all_nodata_is_predicted(
+    checkpoint: Path, tmp_path: Path, empty_value: float
+) -> None:
+    # A whole row of 128-pixel windows of -9999 (declared) had no pixel with data to fill it from: the value
+    # reached the [0, 1] check and the scene failed ("values outside [0, 1] (found -1e+04 to -1e+04)").
+    pixels = scene_pixels().astype(np.float32) / 255
+    pixels[:, :140] = empty_value
+    nodata = {} if math.isnan(empty_value) else {"nodata": empty_value}
+    source = write_geotiff(tmp_path / "in" / "float.tif", pixels, **nodata)
+    run_dir = tmp_path / "run"
+    assert run_predict(run_dir, checkpoint, source) == 0
+    (row,) = read_table(run_dir)
+    assert int(row["valid_pixels"]) == (HEIGHT - 140) * WIDTH
+    with rasterio.open(scene.scene_outputs(run_dir, source)["probability"]) as src:
+        percent = src.read(1)
+    assert (percent[:140] == 255).all() and percent[140:].max() <= 100
 
 
 def test_nan_pixels_of_a_float_scene_are_nodata_even_undeclared(checkpoint: Path, tmp_path: Path) -> None:
@@ -528,11 +576,26 @@ def test_demo_scene_is_a_georeferenced_mosaic_with_its_label(tmp_path: Path) -> 
         assert np.array_equal(label.read(1)[:32, 32:], mask // 255)
 
 
+@pytest.mark.parametrize(
+    "lon, lat, epsg",
+    [(114.0, 31.6, 4547), (112.4, 35.0, 4546), (75.2, 39.0, 4534), (135.0, 47.0, 4554), (10.5, 50.0, 32632)],
+)
+def test_a_level_1_scene_is_sent_to_the_gauss_kruger_zone_of_its_centre(lon: float, lat: float, epsg: int) -> None:
+    # The orthorectification command named EPSG:4548 (central meridian 117 E) for every Level-1 scene.
+    assert rasters.zone_epsg(lon, lat, cgcs2000=True) == epsg
+
+
 def test_windows_must_follow_the_pooling_grid() -> None:
     with pytest.raises(ValueError, match="--window=500: expected a multiple of 16"):
         scene.SceneSettings(window=500).check()
     with pytest.raises(ValueError, match="--overlap=100: expected a multiple of 16"):
         scene.SceneSettings(window=512, overlap=100).check()
+    # A U-Net at downscale 2 pools by 32: the message said "32 with a ResNet encoder" to a U-Net user.
+    with pytest.raises(ValueError, match="by 32 pixels: 16 for the U-Net, 32 with a ResNet encoder, times downscale"):
+        scene.SceneSettings(window=100, grid=32).check()
+    # The value given is named, not only the three keys it might be.
+    with pytest.raises(ValueError, match=r"^--min_field_area_ha=-0.5: expected 0 or more \(0 turns it off\)"):
+        scene.SceneSettings(min_field_area_ha=-0.5).check()
     assert math.isclose(scene.pixel_area_m2(rasterio.crs.CRS.from_string(CRS), TRANSFORM), 4.0)
 
 
@@ -561,6 +624,9 @@ def test_a_level_1_scene_placed_by_rpcs_is_a_scene_with_the_orthorectification_f
     source = write_rpc_tiff(tmp_path / "in" / "GF2_L1A.tif", scene_pixels()[:, :100, :100])  # under one window
     assert run_predict(tmp_path / "run", checkpoint, source) == 0
     assert "GF2_L1A.tif: it is placed only by RPCs" in caplog.text and "gdalwarp -rpc" in caplog.text
+    assert caplog.text.count("it is placed only by RPCs") == 1  # once, not again for the check before prediction
+    # The zone of the scene's centre (116.4 E: central meridian 117 E) and the file itself, not a fixed example.
+    assert f"-t_srs EPSG:4548 -tr 1 1 -r bilinear {source} {source.with_name('GF2_L1A_ortho.tif')}" in caplog.text
     assert (tmp_path / "run" / "predictions" / "GF2_L1A_seg.tif").is_file()  # the scene route, not a tile's PNG
 
 
