@@ -59,7 +59,7 @@ from data_preprocess import IGNORE, FarmlandDataset, load_image, load_mask, writ
 from demo_data import generate_dataset
 from exported_model import load_segmenter
 from fast_path import prediction_choice, training_choice
-from inference import inference_model, model_from_checkpoint
+from inference import BATCH_MOST, inference_model, model_from_checkpoint
 from metrics import class_iou, confusion_matrix, evaluate_pairs
 from net_structure import ENCODERS, build_model
 from resolution import FACTORS, check_factor
@@ -421,8 +421,16 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         select_device(args.device)
     except ValueError as err:
         parser.error(str(err))
-    _fill_sizes(args, torch.cuda.is_available() and args.device != "cpu")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    _fill_sizes(args, cuda)
     _fill_networks(args, parser)
+    most = BATCH_MOST["cuda" if cuda else "cpu"]
+    if args.predict_tiles < 2 * most:  # else it fails minutes in, after the training rows
+        parser.error(
+            f"--predict_tiles={args.predict_tiles}: expected {2 * most} or more tiles (prediction runs batches of up "
+            f"to {most} tiles on this device and times the second half of the run); use --predict_tiles={2 * most}, "
+            "or leave it out for the default"
+        )
     if not args.cases_only and args.loop_tiles < 2 * LOOP_BATCH:  # else it fails minutes in, after other rows
         parser.error(
             f"--loop_tiles={args.loop_tiles}: expected {2 * LOOP_BATCH} or more tiles (the loop runs batches of "

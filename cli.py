@@ -67,10 +67,13 @@ def help_text(description: str = "") -> str:
     """Return the usage text listing every key, its default and its comment."""
     comments = key_comments()
     lines = [description.strip(), "", "Every key can be set as --key=value:", ""] if description else []
+    settings = []
     for field in dataclasses.fields(Config):
         default = field.default
         shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
-        lines.append(f"  --{field.name}={shown!s:<14} {comments.get(field.name, '')}")
+        settings.append((f"--{field.name}={shown!s}", comments.get(field.name, "")))
+    column = max(len(setting) for setting, _ in settings)  # every comment starts in one column
+    lines += [f"  {setting:<{column}}  {comment}" for setting, comment in settings]
     return "\n".join(lines)
 
 

@@ -7,8 +7,10 @@ leaves half a file; output folders are checked for write access and room before 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -155,6 +157,16 @@ def file_stamp(path: Path) -> str:
     """
     info = Path(path).stat()
     return f"{info.st_size} bytes, {info.st_mtime_ns} ns"
+
+
+def shown_stamp(stamp: object) -> str:
+    """A file_stamp as a message shows it: the size and the time of day in UTC, to the millisecond
+    ("1563407 bytes, modified 2026-11-27 22:58:25.783 UTC"); anything else as it is."""
+    match = re.fullmatch(r"(\d+) bytes, (\d+) ns", str(stamp))
+    if match is None:
+        return str(stamp)
+    when = datetime.datetime.fromtimestamp(int(match[2]) / 1e9, datetime.timezone.utc)
+    return f"{match[1]} bytes, modified {when:%Y-%m-%d %H:%M:%S}.{when.microsecond // 1000:03d} UTC"
 
 
 def written_after(paths: Iterable[Path], model: Path, since: float = 0.0) -> bool:

@@ -203,6 +203,9 @@ def predict_batch(
     return classes_from_probabilities(scores, threshold).cpu().numpy()
 
 
+BATCH_MOST = {"cpu": 4, "cuda": 128}  # choose_batch_size's largest batch on each device type
+
+
 @torch.inference_mode()
 def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, requested: int) -> int:
     """The ``predict_batch_size`` key: as requested when > 0, else sized to half the device's free memory.
@@ -222,9 +225,9 @@ def choose_batch_size(model: torch.nn.Module, shape: tuple[int, ...], device: to
         free = torch.cuda.mem_get_info(device)[0]
         # Beyond about a hundred 256-pixel tiles a pass is long enough that per-batch costs vanish; larger
         # batches would only hold more memory in flight (loader workers' shared memory, pinned copies, writes).
-        return int(max(1, min(128, free // 2 // per_tile)))
+        return int(max(1, min(BATCH_MOST["cuda"], free // 2 // per_tile)))
     width = model.outc.in_channels if hasattr(model, "outc") else model.base_width  # an OnnxSegmenter has no layers
     # The full-size level holds about 6 activations of `width` channels at once (convolutions, skip, concat).
     per_tile = 6 * width * shape[-2] * shape[-1] * torch.finfo(dtype).bits // 8
     free = available_memory() or 4 * 2**30
-    return int(max(1, min(4, free // 2 // per_tile)))
+    return int(max(1, min(BATCH_MOST["cpu"], free // 2 // per_tile)))

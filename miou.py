@@ -44,7 +44,7 @@ import files
 from config import Config
 from data_preprocess import EMPTY_TEST_SPLIT, IGNORE, load_mask, parse_bands, read_image, read_pair_list, shown_channels
 from figures import photo_to_show, pyplot, save_figure
-from files import DataError, file_stamp, prediction_path, shown_path
+from files import DataError, file_stamp, prediction_path, shown_path, shown_stamp
 from metrics import evaluate_pairs, summarise
 from png_text import read_texts
 from tile_prediction import MADE_WITH_COMPARED, SOURCE_KEY, STAMP_KEY, made_with_of, source_texts
@@ -172,7 +172,7 @@ def examples(
 def setting(made: dict[str, Any], key: str) -> str:
     """One key of a made_with record, as a message shows it."""
     if key == "model_stamp":
-        return f"model {made.get('model')} ({made.get('model_stamp')})"
+        return f"model {made.get('model')} ({shown_stamp(made.get('model_stamp'))})"
     if key == "threshold" and made.get(key) == -1:
         return "threshold -1.0, the model's own"
     return f"{key} {made.get(key)!r}"
@@ -255,15 +255,18 @@ def other_model(
         if now in (None, then):
             return None
         return (
-            f"{shown}: were made with {made} as it was then ({then}), and "
+            f"{shown}: were made with {made} as it was then ({shown_stamp(then)}), and "
             f"{'it' if where == Path(made) else f'{shown_path(where)}, found in its place,'} has changed since "
-            f"({now}: trained again?); not scored: predict the test split again (predict.py, this --run_dir), then "
-            "run miou.py"
+            f"({shown_stamp(now)}: trained again?); not scored: predict the test split again (predict.py, this "
+            "--run_dir), then run miou.py"
         )
     model, key, stamp = named
     if stamp == then:
         return None
-    found = f"{shown}: were made with {made} ({then}), not with {shown_path(model.resolve())} ({stamp}), named by {key}"
+    found = (
+        f"{shown}: were made with {made} ({shown_stamp(then)}), not with {shown_path(model.resolve())} "
+        f"({shown_stamp(stamp)}), named by {key}"
+    )
     fix = f"not scored: predict the test split again with it (predict.py {key}={model}, this --run_dir)"
     if now is None:
         return f"{found}, and theirs is not there; {fix}, or, to score these masks as made, name no model"
@@ -357,7 +360,7 @@ def scored_made_with(rows: list[dict], made: dict[str, dict | None]) -> dict | N
     LOG.info(
         "the masks scored were made with %s (%s), farmland %s",
         recorded[0].get("model"),
-        recorded[0].get("model_stamp"),
+        shown_stamp(recorded[0].get("model_stamp")),
         "by the argmax" if cut is None else f"where its probability exceeds {cut}",
     )
     return {**recorded[0], "n_images": len(recorded)}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from config import Config
-from files import atomic_write_text, file_stamp
+from files import atomic_write_text, file_stamp, shown_stamp
 from runtime import Distributed, all_reduce_sum
 from scene import NODATA_FED_AS, OUTPUT_KEYS
 
@@ -87,11 +87,16 @@ def outputs_since(cfg: Config, model: Path, job: Distributed) -> Since:
     if differ and cfg.skip_existing:
         shown = "its record unreadable"
         if earlier is not None:
-            shown = ", ".join(f"{k} {earlier[k]!r}, now {now[k]!r}" for k in differ)
+            shown = ", ".join(
+                f"{k} {shown_stamp(earlier[k])!r}, now {shown_stamp(now[k])!r}"
+                if k == "model_stamp"
+                else f"{k} {earlier[k]!r}, now {now[k]!r}"
+                for k in differ
+            )
         LOG.info(
-            "the last predict.py run here made its outputs otherwise (%s): %s redone",
+            "the last predict.py run here made its outputs otherwise (%s): %s",
             shown,
-            "they are" if flags[1] else "tile masks are (scenes keep theirs)",
+            "they are redone" if flags[1] else "tile masks are redone (scenes keep theirs)",
         )
     if job.main:
         record = now | {"tiles_since": since.tiles, "scenes_since": since.scenes}

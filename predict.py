@@ -200,14 +200,17 @@ def resolve_bands(cfg: Config, trained: dict) -> None:
     """Set ``bands`` and ``rgb_bands`` in ``cfg`` to the training's (``trained``: the checkpoint's config) unless
     the user gave others for these images; warn where the bands read differ from the training's."""
     bands = str(trained.get("bands", ""))
+    # A training that named no bands read every band of its tiles in file order: 1..in_channels.
+    read = bands or ",".join(str(band) for band in range(1, int(trained.get("in_channels", 3)) + 1))
     if not cfg.bands:
         cfg.bands = bands  # the bands the network was trained on, unless the user names others for these images
-    elif bands and parse_bands(cfg.bands) != parse_bands(bands):
+    elif parse_bands(cfg.bands) != parse_bands(read):
         LOG.warning(
-            "--bands=%s differs from the bands the network was trained on (--bands=%s): right only where these "
+            "--bands=%s differs from the bands the network was trained on (--bands=%s%s): right only where these "
             "images hold those bands at other numbers; leave --bands out to use the training's",
             cfg.bands,
-            bands,
+            read,
+            "" if bands else ", every band of its tiles in file order",
         )
     cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, trained)
 

@@ -912,12 +912,19 @@ def plan_budget(cfg: Config, progress: Progress, job: Distributed, epoch: int) -
     budget = 60 * cfg.time_budget
     if cfg.epochs == 0 or (epoch == 2 and cfg.epochs - epoch >= 3):
         planned = max(epoch, epoch + math.floor((budget - progress.elapsed) / seconds))
+        # Epoch 1's time holds the start-up but not its own checkpoints and log, which epoch 2's holds: say which
+        # of the two moved the plan.
+        why = (
+            "epoch 1 also paid for start-up"
+            if planned >= cfg.epochs
+            else "epoch 2 also paid for epoch 1's checkpoints and log"
+        )
         LOG.info(
             "time budget %g min: about %s per epoch, planning %d epochs%s",
             cfg.time_budget,
             f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s",
             planned,
-            f" (was {cfg.epochs}; epoch 1 also paid for start-up)" if cfg.epochs else "",
+            f" (was {cfg.epochs}; {why})" if cfg.epochs else "",
         )
         cfg.epochs = progress.planned_epochs = planned
     if epoch < cfg.epochs and progress.elapsed + seconds > budget + seconds / 2:

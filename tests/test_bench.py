@@ -426,6 +426,15 @@ def test_too_few_loop_tiles_are_refused_before_measuring(capsys: pytest.CaptureF
     assert bench.parse_arguments(["--device=cpu", "--loop_tiles=16", "--cases_only"]).loop_tiles == 16  # not run
 
 
+def test_too_few_prediction_tiles_are_refused_before_measuring(capsys: pytest.CaptureFixture) -> None:
+    """Prediction times the second half of its batches (up to 4 tiles each on a CPU): fewer than two batches
+    are refused at once rather than minutes in, after the training rows."""
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--device=cpu", "--predict_tiles=4", "--cases_only"])
+    assert "--predict_tiles=4: expected 8 or more tiles (prediction runs batches of up to 4" in capsys.readouterr().err
+    assert bench.parse_arguments(["--device=cpu", "--predict_tiles=8", "--cases_only"]).predict_tiles == 8
+
+
 def test_a_width_or_encoder_named_twice_is_measured_once() -> None:
     args = bench.parse_arguments(["--device=cpu", "--widths=16,8,16", "--encoders=unet,resnet18,unet"])
     assert (args.widths, args.encoders) == ([16, 8], ["unet", "resnet18"])

@@ -106,6 +106,10 @@ def test_help_lists_keys_defaults_and_comments(capsys: pytest.CaptureFixture[str
     assert "Train the U-Net." in out
     assert "--batch_size=5" in out and "tiles per training step" in out
     assert "--split_ratios=0.8,0.1,0.1" in out
+    # Every comment starts in one column, however long the key and its default.
+    rows = [line for line in out.splitlines() if line.startswith("  --")]
+    columns = {re.match(r"  \S+ +", line).end() for line in rows}
+    assert len(rows) == len(dataclasses.fields(config.Config)) and len(columns) == 1, columns
 
 
 def test_help_into_a_closed_pipe_ends_quietly() -> None:

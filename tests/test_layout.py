@@ -110,3 +110,15 @@ def test_a_script_takes_only_main_from_another_script() -> None:
 def test_the_pipeline_scripts_are_scripts() -> None:
     assert {"split_dataset", "augment", "train", "predict", "miou", "demo"} <= SCRIPTS
     assert not {"config", "net_structure", "data_preprocess", "inference", "runtime", "scene"} & SCRIPTS
+
+
+def test_the_docs_name_every_module_and_test_file() -> None:
+    """docs/architecture.md names every module of the project and docs/testing.md's table every test file, so
+    that neither page falls behind the code."""
+    architecture = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    testing = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
+    unnamed = sorted(name for name in MODULES if f"`{name}.py`" not in architecture)
+    assert not unnamed, f"docs/architecture.md: add a line for each of {unnamed}"
+    tests = sorted(path.name for path in (ROOT / "tests").glob("test_*.py"))
+    missing = [name for name in tests if f"| `{name}` |" not in testing]
+    assert not missing, f"docs/testing.md: add a row to the table of test files for each of {missing}"

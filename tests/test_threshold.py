@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
@@ -193,7 +194,9 @@ def test_a_threshold_outside_0_1_is_refused(shared_square_data: Path, run_copy: 
         with_threshold({"config": {"n_classes": 3}}, 0.5)
 
 
-def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finished_next_time(tmp_path: Path) -> None:
+def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finished_next_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "configs").mkdir()
     keys = {key: getattr(Config(), key) for key in MASK_KEYS if key != "sieve_cells"}
     (tmp_path / "configs" / "predict.json").write_text(json.dumps(keys), encoding="utf-8")  # before the sieve
@@ -213,7 +216,9 @@ def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finishe
     assert record["model"] == str(checkpoint.resolve()) and record["sieve_cells"] == 16
     assert record["tiles_since"] == redo.tiles and record["scenes_since"] == redo.scenes
     assert record["nodata_fed_as"] == "nearest pixel with data"
-    assert since(sieve_cells=0).scenes == redo.scenes  # only the sieve again: scenes keep theirs
+    with caplog.at_level(logging.INFO, logger="predict"):
+        assert since(sieve_cells=0).scenes == redo.scenes  # only the sieve again: scenes keep theirs
+    assert "(sieve_cells 16, now 0): tile masks are redone (scenes keep theirs)" in caplog.text
     assert since(sieve_cells=0, threshold=0.3).scenes >= start - 1  # a new cut: scenes too
     (tmp_path / RECORD).write_text(json.dumps(record | {"tiles_since": 0.0, "scenes_since": 0.0}), encoding="utf-8")
     assert since() == Since()  # the record's model and keys: nothing redone

@@ -158,6 +158,26 @@ def test_band_selection_trains_and_predicts_alike(tmp_path: Path, caplog: pytest
         split_dataset.main(args(data_dir, tmp_path / "plain"))
 
 
+def test_bands_given_to_predict_are_warned_of_where_training_read_every_band(caplog: pytest.LogCaptureFixture) -> None:
+    """A network trained without --bands read every band in file order: --bands=3,2,1 at prediction feeds it
+    the bands reversed, which is warned of as for a training that named its bands; the same bands are not."""
+    for given, trained, warned in (
+        ("3,2,1", {"bands": "", "in_channels": 3}, "(--bands=1,2,3, every band of its tiles in file order)"),
+        ("1,2,3", {"bands": "", "in_channels": 3}, None),
+        ("4,3,2,1", {"bands": "", "in_channels": 4}, "(--bands=1,2,3,4, every band of its tiles in file order)"),
+        ("3,2,1", {"bands": "1,2,3", "in_channels": 3}, "(--bands=1,2,3)"),
+    ):
+        cfg = config.Config(bands=given)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="predict"):
+            predict.resolve_bands(cfg, trained)
+        assert cfg.bands == given
+        if warned is None:
+            assert "differs from the bands" not in caplog.text
+        else:
+            assert f"--bands={given} differs from the bands the network was trained on {warned}" in caplog.text
+
+
 def test_validation_histogram_counts_each_labelled_pixel_once() -> None:
     # A network whose farmland probability is the input's first band: the histogram can be worked by hand.
     class Probe(torch.nn.Module):

@@ -322,6 +322,25 @@ def test_time_budget_plans_the_epochs_and_ends_the_cosine(
     assert longer["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12) and longer["elapsed"] == pytest.approx(84.0)
 
 
+def test_the_second_plan_names_what_moved_it(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Epoch 1's time holds the start-up, epoch 2's the first epoch's checkpoints and log: the second plan says
+    which of the two moved it, fewer epochs or more."""
+    for first, second, planned, why in (
+        (12.0, 6.0, (5, 9), "epoch 1 also paid for start-up"),
+        (6.0, 12.0, (10, 5), "epoch 2 also paid for epoch 1's checkpoints and log"),
+    ):
+        clock = iter([first, first + second])
+        monkeypatch.setattr(train, "budget_clock", lambda: next(clock))
+        cfg, progress = Config(time_budget=1.0, epochs=0), train.Progress()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="train"):
+            assert not train.plan_budget(cfg, progress, Distributed(), 1)
+            assert cfg.epochs == planned[0]
+            assert not train.plan_budget(cfg, progress, Distributed(), 2)
+        assert cfg.epochs == planned[1]
+        assert f"planning {planned[1]} epochs (was {planned[0]}; {why})" in caplog.text
+
+
 def test_a_budget_given_to_a_run_trained_by_epochs_is_planned_at_its_epochs_pace() -> None:
     progress = train.Progress(start_epoch=4, history=[{"epoch": e, "seconds": 10.0} for e in (1, 2, 3)])
     train.replan_budget(Config(time_budget=1.0), progress, saved_budget=0.0)
