@@ -18,7 +18,7 @@ from typing import Any, Callable, Collection, Sequence
 
 import config
 from config import RECOMMENDED, Config
-from files import atomic_write_text, check_writable
+from files import atomic_write_text, check_writable, disk_problem
 
 TRUE_WORDS = {"1", "true", "yes", "y", "on"}
 FALSE_WORDS = {"0", "false", "no", "n", "off"}
@@ -296,6 +296,13 @@ def run_main(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         say_fatal("interrupted", logging.WARNING)
         return 130
+    except OSError as err:
+        problem = disk_problem(err)
+        if problem is None:
+            log_to_file(f"stopped by an unexpected error:\n{traceback.format_exc().rstrip()}")
+            raise
+        say_fatal(f"error: {problem}")
+        return 1
     except Exception:
         log_to_file(f"stopped by an unexpected error:\n{traceback.format_exc().rstrip()}")
         raise

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import re
 import secrets
 import shlex
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 
 class DataError(ValueError):
@@ -51,9 +54,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
+    except OSError as err:
+        remove_quietly(tmp)
+        if err.filename is None:  # a write or close that failed (a full disk) names no file: name the output
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         remove_quietly(tmp)
         raise
+
+
+# What a full or read-only disk raises (errno names): the run stops with one line rather than a traceback.
+DISK_ERRORS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS) if code)
+
+
+def disk_problem(err: OSError) -> str | None:
+    """The line that stops a script whose output could not be written for want of room (or on a read-only disk),
+    naming the file and the fix; None for any other OSError, which is a fault to show in full."""
+    if err.errno not in DISK_ERRORS:
+        return None
+    where = shown_path(Path(err.filename)) if err.filename else "an output"
+    folder = shown_path(Path(err.filename).parent) if err.filename else "the output folder"
+    return (
+        f"{where}: could not be written ({err.strerror}); free some space on the disk of {folder} (or make it "
+        "writable), or choose another --run_dir, and run again: outputs written before are complete, the one being "
+        "written was dropped"
+    )
 
 
 def remove_quietly(path: Path) -> None:
@@ -180,3 +206,82 @@ def written_after(paths: Iterable[Path], model: Path, since: float = 0.0) -> boo
 def prediction_path(run_dir: Path, image_path: Path) -> Path:
     """Where predict.py writes the mask for an image: run_dir/predictions/<stem>_seg.png."""
     return Path(run_dir) / "predictions" / f"{Path(image_path).stem}_seg.png"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one of another user's counts as running)."""
+    if os.name == "nt":  # os.kill(pid, 0) there sends Ctrl-C (signal 0 is CTRL_C_EVENT): ask the kernel instead
+        return windows_process_alive(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def windows_process_alive(pid: int) -> bool:
+    """process_alive on Windows: a process handle that can be opened and has not yet exited."""
+    import ctypes  # Windows only; imported here so that other systems never load it
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists, under another user
+    try:
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        return code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def lock_holder(lock: Path) -> dict[str, Any] | None:
+    """The process named in a lock file (pid, host, started), or None where the lock is stale: its process has
+    ended on this machine, or the file cannot be read (a run killed while writing it)."""
+    holder = read_record(lock)
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return None
+    if holder.get("host") == socket.gethostname() and not process_alive(holder["pid"]):
+        return None
+    return holder
+
+
+@contextlib.contextmanager
+def run_lock(lock: Path, what: str) -> Iterator[None]:
+    """Hold ``lock`` (a file naming this process) while ``what`` runs, so that a second run of it into the same
+    folder is refused rather than overwriting the first one's outputs. A lock left by a process that has ended
+    (killed with -9, a crash) is taken over.
+
+    Raises:
+        ValueError: another live process holds the lock, naming it, the lock file and the fixes; or the folder
+            cannot be written (check_writable).
+    """
+    lock = Path(lock)
+    check_writable(lock.parent)  # a folder that cannot be written is named as such, not as a failed lock
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    text = json.dumps(mine).encode("utf-8")
+    while True:
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            holder = lock_holder(lock)
+            if holder is not None:
+                process = f"process {holder['pid']} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+                raise ValueError(
+                    f"{shown_path(lock.parent.parent)}: {what} ({process}) is already running into this run folder, "
+                    "and two would overwrite each other's checkpoints and logs; wait for it to finish (predict.py may "
+                    f"run meanwhile), or use another --run_dir. If it is not running (its machine stopped), delete "
+                    f"{shown_path(lock)}"
+                ) from None
+            remove_quietly(lock)  # stale: its process has ended
+            continue
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text)
+        break
+    try:
+        yield
+    finally:
+        if read_record(lock) == mine:
+            remove_quietly(lock)

@@ -44,10 +44,11 @@ class Since:
     scenes: float = 0.0
 
 
-def settings_now(cfg: Config, model: Path) -> dict[str, Any]:
+def settings_now(cfg: Config, model: Path, stamp: str = "") -> dict[str, Any]:
     """The model file, its size and time (a model copied over it with an older time, cp -p, is other weights
-    that its outputs' times would not tell), and the keys of MASK_KEYS (``bands`` as resolved) of this run."""
-    model_keys = {"model": str(Path(model).resolve()), "model_stamp": file_stamp(model)}
+    that its outputs' times would not tell; ``stamp``: as it was when loaded, where given), and the keys of
+    MASK_KEYS (``bands`` as resolved) of this run."""
+    model_keys = {"model": str(Path(model).resolve()), "model_stamp": stamp or file_stamp(model)}
     model_keys["nodata_fed_as"] = NODATA_FED_AS
     return model_keys | {key: getattr(cfg, key) for key in MASK_KEYS}
 
@@ -71,11 +72,11 @@ def read_earlier(run_dir: Path, now: dict[str, Any]) -> tuple[dict[str, Any] | N
         return None, Since()  # unreadable: redo rather than keep outputs made in an unknown way
 
 
-def outputs_since(cfg: Config, model: Path, job: Distributed) -> Since:
+def outputs_since(cfg: Config, model: Path, job: Distributed, stamp: str = "") -> Since:
     """This run's Since, after recording it (rank 0): unchanged where the model and keys are the last run's,
     else now for tiles, and for scenes too unless only keys of TILE_KEYS differ; now for both where
     ``skip_existing`` is off (every output is redone)."""
-    now = settings_now(cfg, model)
+    now = settings_now(cfg, model, stamp)
     earlier, since = read_earlier(Path(cfg.run_dir), now)
     differ = list(now) if earlier is None else [key for key in now if earlier[key] != now[key]]
     flags = [bool(differ) or not cfg.skip_existing, any(key not in TILE_KEYS for key in differ)]

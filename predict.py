@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ import scene
 from config import Config
 from data_preprocess import EMPTY_TEST_SPLIT, list_images, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter
-from files import DataError, name_problem, prediction_path, read_record
+from files import DataError, file_stamp, name_problem, prediction_path, read_record, shown_path
 from inference import inference_model, with_threshold
 from net_structure import input_padding
 from output_record import Since, outputs_since
@@ -47,7 +47,7 @@ from runtime import (
     load_checkpoint,
     resolve_amp,
 )
-from tile_prediction import is_complete, predict_tiles, sieve_pixels
+from tile_prediction import LOADED_STAMP, is_complete, predict_tiles, sieve_pixels
 
 LOG = logging.getLogger("predict")
 
@@ -185,15 +185,72 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
     run_dir = Path(cfg.run_dir)
     if cfg.backend == "torch":
         checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
-        return checkpoint, load_checkpoint(checkpoint, job.device), None, job.device
+        return checkpoint, load_pinned(checkpoint, lambda: load_checkpoint(checkpoint, job.device)), None, job.device
     if cfg.backend != "onnx":
         raise ValueError(f"--backend={cfg.backend!r}: expected torch or onnx")
     if job.world > 1:
         raise ValueError("--backend=onnx runs in one process on the CPU; start predict.py without torchrun")
     model_path = Path(cfg.onnx_model) if cfg.onnx_model else run_dir / "export" / "farmland.onnx"
-    segmenter, state = load_segmenter(model_path)
+    segmenter, state = load_pinned_model(model_path)
     LOG.info("backend onnx: %s in onnxruntime on the CPU", model_path)
     return model_path, state, segmenter, torch.device("cpu")
+
+
+LOAD_TRIES = 3  # a model file replaced while it is read (train.py saving best.pth) is read again, this many times
+
+
+def loaded_stamp(path: Path) -> str:
+    """The file's stamp (files.file_stamp), or "" where it cannot be found (load_checkpoint names that)."""
+    try:
+        return file_stamp(path)
+    except OSError:
+        return ""
+
+
+def load_pinned(path: Path, load: Callable[[], dict]) -> dict:
+    """``load()`` the model file at ``path``, with its stamp as read under LOADED_STAMP: train.py may save a new
+    best.pth in the same run while predict.py starts, and the outputs must record the weights that made them,
+    not the file that stands there later.
+
+    Raises:
+        DataError: the file was replaced during each of LOAD_TRIES reads.
+    """
+    for _ in range(LOAD_TRIES):
+        before = loaded_stamp(path)
+        state = load()
+        if before and loaded_stamp(path) == before:
+            return {**state, LOADED_STAMP: before}
+    raise DataError(
+        f"{shown_path(path)}: replaced while being read, {LOAD_TRIES} times in a row (is train.py saving it?); "
+        "predict once training has finished, or name a weight snapshot that stays: --checkpoint=RUN/checkpoints/"
+        "epoch_NNN.pth"
+    )
+
+
+def load_pinned_model(path: Path) -> tuple[OnnxSegmenter, dict]:
+    """load_segmenter, with the model file's stamp as read kept in its state (load_pinned)."""
+    loaded: list[OnnxSegmenter] = []
+
+    def load() -> dict:
+        segmenter, state = load_segmenter(path)
+        loaded[:] = [segmenter]
+        return state
+
+    state = load_pinned(path, load)
+    return loaded[0], state
+
+
+def warn_replaced(checkpoint: Path, state: dict) -> None:
+    """Warn when the model file was replaced while predicting (train.py still running in this run): the outputs
+    are of the weights loaded at the start, and say so in their records."""
+    if loaded_stamp(checkpoint) != state[LOADED_STAMP]:
+        LOG.warning(
+            "%s was replaced while predicting (is train.py still training in this run?): these outputs are of the "
+            "weights loaded at the start (epoch %s) and record them, so miou.py will not score them as the new "
+            "file's; run predict.py again once training has finished",
+            shown_path(checkpoint),
+            state.get("epoch", "?"),
+        )
 
 
 def resolve_bands(cfg: Config, trained: dict) -> None:
@@ -278,7 +335,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     resolve_bands(cfg, state["config"])
     # Scene keys checked (and rgb_bands against the bands) before the outputs' record is touched.
     settings = scene.SceneSettings.from_config(cfg, *input_padding(state["config"]), state["config"]["in_channels"])
-    since = outputs_since(cfg, checkpoint, job)
+    since = outputs_since(cfg, checkpoint, job, state[LOADED_STAMP])
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included
     amp = None if segmenter is not None else resolve_amp(cfg.amp, device)  # an ONNX model runs in its own dtype
@@ -295,6 +352,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
         # After the reduction above every rank has finished, so every scene's area file is in place.
         scene.write_run_table(run_dir)
     LOG.info("wrote %d mask(s) to %s", done, run_dir / "predictions")
+    warn_replaced(checkpoint, state)
     if failures:
         LOG.error("%d image(s) could not be predicted; see the messages above", failures)
         return 1

@@ -201,14 +201,20 @@ MADE_WITH_KEY = "farmland-made-with"  # the PNG text of a tile's mask and overla
 MADE_WITH_COMPARED = ("model_stamp", "threshold", "bands", "sieve_cells", "tta")
 
 
+# The key under which predict.py keeps, in the state it loaded, the model file's stamp (files.file_stamp) as it was
+# read: train.py may replace best.pth while predict.py runs, and the outputs must name the weights that made them.
+LOADED_STAMP = "loaded_file_stamp"
+
+
 def made_with(cfg: Config, state: dict, model: Path) -> dict[str, Any]:
     """What a tile's outputs record of how they were made (MADE_WITH_KEY), so that miou.py can tell masks of
     another model or other settings from the rest: the ``model`` file (a checkpoint or an ONNX model), the keys of
     MADE_WITH_COMPARED as ``cfg`` holds them (``bands`` as resolved), and ``cut``, the farmland probability cut
-    applied (None: the argmax). Empty where the model file cannot be found (bench.py's stand-ins): then
+    applied (None: the argmax). The model's stamp is the one it had when it was loaded (LOADED_STAMP), where
+    the state holds it. Empty where the model file cannot be found (bench.py's stand-ins): then
     nothing says which weights these are."""
     try:
-        stamp = file_stamp(model)
+        stamp = state.get(LOADED_STAMP) or file_stamp(model)
     except OSError:
         return {}
     keys = {key: getattr(cfg, key) for key in MADE_WITH_COMPARED if key != "model_stamp"}

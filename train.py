@@ -19,6 +19,7 @@ train() below is the loop; each of its steps is a function of this file or of tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -843,6 +844,15 @@ def report(cfg: Config, progress: Progress, board: Any) -> None:
         board.flush()
 
 
+def restore_reports(progress: Progress, run_dir: Path) -> None:
+    """On resume, write train_log.csv, the curves and the best epoch's threshold curve again from last.pth: a run
+    stopped after last.pth was saved but before its report lacks them, and later epochs that do not beat the best
+    one would never write its threshold curve."""
+    write_log_csv(progress.history, run_dir / "train_log.csv")
+    plot_curves(progress.history, run_dir / "figures" / "training_curves.png")
+    save_threshold_curve(progress, run_dir)
+
+
 def start_budget(cfg: Config, progress: Progress) -> None:
     """Start the budget's clock. Under ``time_budget``, ``epochs`` gives way to the plan: the one kept in last.pth
     (or made anew for another budget, replan_budget) when resuming, else 0 until the first epoch has been timed
@@ -1052,6 +1062,8 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
     if job.main:
         note_schedule_change(cfg, trainer, progress)
     log_start(cfg, trainer, job, tiles, progress.start_epoch)
+    if job.main and progress.history:
+        restore_reports(progress, Path(cfg.run_dir))
     board = open_tensorboard(Path(cfg.run_dir) / "tensorboard") if cfg.tensorboard and job.main else None
     stopped = stays_stopped(cfg, progress)
     for epoch in [] if stopped else epoch_numbers(cfg, progress.start_epoch):
@@ -1086,6 +1098,40 @@ def train(cfg: Config, job: Distributed | None = None) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def training_lock(cfg: Config, job: Distributed) -> Iterator[None]:
+    """Hold run_dir/checkpoints/train.lock while training (rank 0 takes it, every rank learns whether it could), so
+    a second train.py started into the same run folder stops at once instead of mixing two runs' checkpoints.
+
+    Raises:
+        ValueError: another train.py is training into this run folder (every rank raises).
+    """
+    lock = Path(cfg.run_dir) / "checkpoints" / "train.lock"
+    with contextlib.ExitStack() as stack:
+        refusal = ""
+        if job.main:
+            try:
+                stack.enter_context(files.run_lock(lock, "train.py"))
+            except ValueError as err:
+                refusal = str(err)
+        if job.world > 1 and int(all_reduce_sum(torch.tensor([int(bool(refusal))], device=job.device))):
+            refusal = refusal or f"{lock}: rank 0 found another train.py training into this run folder"
+        if refusal:
+            raise ValueError(refusal)
+        yield
+
+
+def say_how_to_go_on(run_dir: Path) -> None:
+    """Before the line that says why training stopped (interrupted, terminated, a full disk): how to go on from the
+    last epoch saved, where there is one."""
+    if (run_dir / "checkpoints" / "last.pth").is_file():
+        LOG.warning(
+            "training stopped; checkpoints/last.pth holds the last finished epoch: python train.py --run_dir=%s "
+            "--resume=true goes on from there",
+            files.shell_quoted(run_dir),
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Train with the config and command-line overrides (resuming: last.pth's config and the keys given over it);
     print where the results are."""
@@ -1109,8 +1155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("--epochs=%d is ignored: --time_budget=%g plans the epochs", cfg.epochs, cfg.time_budget)
     if job.world > 1:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
-    with leaving_distributed():
-        summary = train(cfg, job)
+    try:
+        with leaving_distributed(), training_lock(cfg, job):
+            summary = train(cfg, job)
+    except (KeyboardInterrupt, OSError):
+        if job.main:
+            say_how_to_go_on(Path(cfg.run_dir))
+        raise
     if not summary["scored"]:
         LOG.info("kept the last epoch, %d (no val farmland to score it by): %s", summary["best_epoch"], summary["best"])
     elif cfg.keep_epoch == "last":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -616,3 +617,64 @@ def test_augment_reports_a_broken_tile_and_flips_the_rest(
     assert augment.main(args(square_data, run_dir, "--aug_prob=1")) == 1
     assert "broken.png: not a readable image" in caplog.text
     assert len(list((run_dir / "augmented" / "images").iterdir())) == 2 * (len(listed) - 1)
+
+
+def replace_best_pth_after(monkeypatch: pytest.MonkeyPatch, name: str, best: Path, new: Path) -> None:
+    """Make train.py's atomic save of a new best.pth (the weights of ``new``) land right after predict.py's
+    ``name`` (load_checkpoint or inference_model) first returns, as when training goes on in the same run."""
+    original = getattr(predict, name)
+    done: list[bool] = []
+
+    def then_replace(*a: object, **k: object) -> object:
+        result = original(*a, **k)
+        if not done:
+            done.append(True)
+            files.atomic_write_bytes(best, new.read_bytes())
+        return result
+
+    monkeypatch.setattr(predict, name, then_replace)
+
+
+def test_masks_record_the_weights_they_were_made_with_while_training_replaces_best_pth(
+    shared_square_data: Path,
+    run_copy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import miou
+
+    best = run_copy / "checkpoints" / "best.pth"
+    # Other weights, as the next epoch of a training still running would save them.
+    state = torch.load(best, weights_only=True)
+    state["model"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["epoch"] = 2
+    newer = tmp_path / "newer.pth"
+    torch.save(state, newer)
+    # Replaced as predict.py starts, after it read best.pth: the old code recorded the new file's stamp on masks of
+    # the old weights, so miou.py scored them as the new model's and a second predict.py skipped them.
+    replace_best_pth_after(monkeypatch, "inference_model", best, newer)
+    with caplog.at_level(logging.WARNING, logger="predict"):
+        assert predict.main(args(shared_square_data, run_copy)) == 0
+    assert "was replaced while predicting (is train.py still training in this run?)" in caplog.text
+    assert "weights loaded at the start (epoch 1)" in caplog.text
+    monkeypatch.undo()
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_copy)) == 1
+    assert "and it has changed since" in caplog.text
+    made_before = {p.name: read_texts(p) for p in (run_copy / "predictions").glob("*_seg.png")}
+    assert predict.main(args(shared_square_data, run_copy)) == 0  # redone with the new weights, not skipped
+    made_after = {p.name: read_texts(p) for p in (run_copy / "predictions").glob("*_seg.png")}
+    assert made_after and all(made_after[n] != made_before[n] for n in made_after)
+    assert miou.main(args(shared_square_data, run_copy)) == 0
+    scored = json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["made_with"]
+    assert scored["model_stamp"] == files.file_stamp(best)
+    # Replaced while predict.py read it: read again, so the masks are the new weights' and say so.
+    torch.save(torch.load(newer, weights_only=True) | {"epoch": 3}, newer)
+    replace_best_pth_after(monkeypatch, "load_checkpoint", best, newer)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="predict"):
+        assert predict.main(args(shared_square_data, run_copy)) == 0
+    assert "(epoch 3)" in caplog.text and "was replaced while predicting" not in caplog.text
+    monkeypatch.undo()
+    assert miou.main(args(shared_square_data, run_copy)) == 0

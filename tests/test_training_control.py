@@ -3,9 +3,11 @@ weights (ema) and the time budget (time_budget), each with exact resume."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import cli
+import files
 import split_dataset
 import train
 from config import Config
@@ -801,3 +804,97 @@ def test_resume_config_keeps_timed_choices_as_requests_and_refuses_a_file_it_can
     torch.save({"model": {}, "config": saved}, last)  # a weight snapshot (epoch_NNN.pth) copied over last.pth
     with pytest.raises(DataError, match="last.pth: not a checkpoint train.py can resume \\(no optimizer, scheduler"):
         resume_config(Config(run_dir=str(tmp_path)), {"run_dir"})
+
+
+def test_a_second_training_into_the_same_run_folder_is_refused_and_a_dead_ones_lock_taken_over(
+    shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    lock = run_copy / "checkpoints" / "train.lock"
+    best = (run_copy / "checkpoints" / "best.pth").read_bytes()
+    # A training still running here (this very process stands in for it): the old code trained on, and the two
+    # runs overwrote each other's best.pth and last.pth, each then naming the other's weights as its own.
+    held = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01 08:00:00"}
+    lock.write_text(json.dumps(held), encoding="utf-8")
+    refuse_tile_reads(monkeypatch)
+    with pytest.raises(ValueError, match=rf"train.py \(process {os.getpid()} on .*\) is already running into this run"):
+        train.main(args(shared_square_data, run_copy, "--epochs=1"))
+    with pytest.raises(ValueError, match=r"delete .*train.lock"):
+        train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true"))
+    assert (run_copy / "checkpoints" / "best.pth").read_bytes() == best and json.loads(lock.read_text()) == held
+    monkeypatch.undo()
+    # The lock of a training that has ended (killed with -9) is taken over, and released at the end.
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    lock.write_text(json.dumps(held | {"pid": int(ended.stdout)}), encoding="utf-8")
+    assert train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true")) == 0
+    assert not lock.exists()
+
+
+def test_a_resumed_run_writes_the_reports_a_stop_after_last_pth_left_unwritten(
+    shared_square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(shared_square_data, run_dir))
+
+    def stopped(*_: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C once last.pth of epoch 1 was saved, before its log and threshold curve
+
+    monkeypatch.setattr(train, "report", stopped)
+    with caplog.at_level(logging.WARNING, logger="train"), pytest.raises(KeyboardInterrupt):
+        train.main(args(shared_square_data, run_dir, "--epochs=2", "--lr=0"))
+    assert f"python train.py --run_dir={run_dir} --resume=true goes on from there" in caplog.text
+    assert not (run_dir / "threshold_curve.csv").exists()
+    monkeypatch.undo()
+    # Epoch 2 (at lr 0) does not beat epoch 1: the old code never wrote epoch 1's threshold curve.
+    assert train.main([f"--run_dir={run_dir}", "--resume=true"]) == 0
+    assert load_checkpoint(run_dir / "checkpoints" / "best.pth")["epoch"] == 1
+    assert (run_dir / "threshold_curve.csv").is_file() and (run_dir / "figures" / "threshold_curve.png").is_file()
+    assert (run_dir / "train_log.csv").read_text(encoding="utf-8-sig").count("\n") == 3  # header, epochs 1 and 2
+
+
+class FullDiskFile:
+    """What os.fdopen gives on a full disk: a file whose writes fail as the OS fails them."""
+
+    def __init__(self, fd: int, mode: str) -> None:
+        os.close(fd)
+
+    def __enter__(self) -> "FullDiskFile":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_stops_training_with_one_line_and_keeps_the_checkpoints(
+    shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import figures
+
+    def on_a_full_disk(path: Path, data: bytes) -> None:
+        with monkeypatch.context() as patch:
+            patch.setattr(files.os, "fdopen", FullDiskFile)
+            files.atomic_write_bytes(path, data)
+
+    # The disk fills as epoch 1's curves figure is written, after its checkpoints: the old code ended in a
+    # traceback (OSError: [Errno 28] No space left on device) naming no file and no way on.
+    last = (run_copy / "checkpoints" / "last.pth").read_bytes()
+    monkeypatch.setattr(figures, "atomic_write_bytes", on_a_full_disk)
+    status = cli.run_main(lambda: train.main(args(shared_square_data, run_copy, "--epochs=2", "--seed=1")))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert status == 1, err
+    curves = run_copy / "figures" / "training_curves.png"
+    assert f"error: {curves}: could not be written (No space left on device); free some space" in err
+    assert "Traceback" not in err and "--resume=true goes on from there" in err
+    assert not [p for p in curves.parent.iterdir() if p.name.endswith(".tmp")]
+    assert (run_copy / "checkpoints" / "last.pth").read_bytes() != last  # epoch 1's, saved before the figure
+    assert load_checkpoint(run_copy / "checkpoints" / "last.pth")["epoch"] == 1
