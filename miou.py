@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     LOG.info(
-        "per-image means: farmland IoU %s (%d images), background IoU %s (%d images)",
+        "per-image means: farmland IoU %s (%d image(s)), background IoU %s (%d image(s))",
         fmt(per_image["farmland_iou"]),
         per_image["farmland_iou_images_counted"],
         fmt(per_image["background_iou"]),

@@ -220,7 +220,9 @@ def describe_device(device: torch.device) -> str:
     """A short description of the device for the log."""
     if device.type == "cuda":
         return f"CUDA ({torch.cuda.get_device_name(device)})"
-    return f"CPU ({torch.get_num_threads()} threads){'' if torch.cuda.is_available() else ', no CUDA device found'}"
+    threads = torch.get_num_threads()
+    cuda = "" if torch.cuda.is_available() else ", no CUDA device found"
+    return f"CPU ({threads} thread{'' if threads == 1 else 's'}){cuda}"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -575,7 +575,9 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
 
 
 def log_start(cfg: Config, trainer: Trainer, job: Distributed, tiles: tuple[int, int], start_epoch: int) -> None:
-    """One line saying where, how and on what the training runs."""
+    """One line saying where, how and on what the training runs (none for a finished run resumed: nothing runs)."""
+    if 0 < cfg.epochs < start_epoch:
+        return
     LOG.info(
         "training on %s, %s, %s layout%s | %s width %d, %d parameters | %d training tiles, %d validation tiles"
         " | epochs %d..%s",

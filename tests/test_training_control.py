@@ -369,6 +369,7 @@ def test_time_budget_stops_when_epochs_slow_down(
     with caplog.at_level(logging.INFO, logger="train"):
         assert train.main(args(square_data, run_dir, *BUDGET, "--resume=true")) == 0
     assert "nothing to do: the checkpoint already finished epoch 3 of 3" in caplog.text
+    assert "| epochs 4..3" not in caplog.text  # no start line for epochs that do not run
     state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
     assert len(state["history"]) == 3 and state["elapsed"] == pytest.approx(48.0)
     # A larger budget goes on: 48 s spent at 16 s an epoch, 1.5 minutes hold 2 more.
