@@ -521,6 +521,27 @@ def filled_nodata(block: np.ndarray, empty: np.ndarray) -> np.ndarray:
     return filled
 
 
+# Float scenes: values up to this far outside [0, 1] are reflectance that overshoots (bright clouds, glint, an
+# atmospheric correction's small negatives) and are clipped into it; beyond it a scene is on another scale, refused.
+REFLECTANCE_SLACK = 0.5
+
+
+def clipped_reflectance(block: np.ndarray, nodata: np.ndarray) -> tuple[np.ndarray, int]:
+    """A float block of a scene with its values slightly outside [0, 1] (REFLECTANCE_SLACK) clipped into it, and
+    how many pixels with data were; other blocks as they are (image_to_float refuses those out of range)."""
+    if not np.issubdtype(block.dtype, np.floating):
+        return block, 0
+    with np.errstate(invalid="ignore"):
+        outside = ((block < 0) | (block > 1)).any(axis=2) & ~nodata
+    count = int(outside.sum())
+    if not count:
+        return block, 0
+    values = block[outside]
+    if np.nanmin(values) < -REFLECTANCE_SLACK or np.nanmax(values) > 1 + REFLECTANCE_SLACK:
+        return block, 0
+    return np.clip(block, 0.0, 1.0), count
+
+
 def blended_rows(
     model: torch.nn.Module,
     scene: Scene,
@@ -549,6 +570,7 @@ def blended_rows(
     padded_width = cols_at[-1] + window
     batch = choose_batch_size(model, (in_channels, window, window), device, settings.batch_size)
     summed = torch.zeros((n_classes, window, padded_width), dtype=torch.float32)
+    warned = False
     for strip, top in enumerate(rows_at):
         bottom = min(top + window, scene.height)
         try:
@@ -564,6 +586,18 @@ def blended_rows(
         # A row of windows without a pixel of data has nothing to copy: fed as zeros, not as its nodata value
         # (-9999 or NaN in a float scene failed the [0, 1] check or spread NaN); its rows are nodata anyway.
         filled = np.zeros_like(raw) if nodata.all() else filled_nodata(raw, nodata)
+        filled, clipped = clipped_reflectance(filled, nodata)
+        if clipped and not warned:  # once a scene: the scene's first such rows, not every row of windows
+            LOG.warning(
+                "%s: %d pixel(s) of rows %d-%d lie a little outside [0, 1] (bright cloud or haze in reflectance): "
+                "clipped to [0, 1]; values further than %g outside it are refused",
+                scene.path,
+                clipped,
+                top,
+                bottom,
+                REFLECTANCE_SLACK,
+            )
+            warned = True
         padded = pad_to(filled, window, padded_width)
         for start in range(0, len(cols_at), batch):
             lefts = cols_at[start : start + batch]
@@ -812,7 +846,7 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path, shown: Sequence[int
     empty = nodata_pixels(preview, scene.nodata, axis=2)
     # A declared nodata value outside the pixel scale (-9999 in a float scene) is no colour: shown as black.
     preview[empty] = 0
-    photo = image_to_float(preview, len(scene.bands), scene.path)
+    photo = image_to_float(clipped_reflectance(preview, empty)[0], len(scene.bands), scene.path)
     if scene.dtype != np.uint8:
         photo = stretched(photo, 0, ~empty)
     with rasterio.open(mask_path) as src:

@@ -676,3 +676,27 @@ def test_scene_in_degrees_of_another_pixel_size_gets_the_gdalwarp_command(
         scene.warn_geographic_size(opened, 2.0)
     target = tmp_path / "gf2 scene_4545.tif"
     assert f"gdalwarp -t_srs EPSG:4545 -tr 2 2 -r bilinear '{source}' '{target}'" in caplog.text
+
+
+def test_a_float_scene_a_little_above_1_is_clipped_and_one_far_above_refused(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bright cloud at 1.08 in the last rows of a reflectance scene failed the scene after nearly all of it
+    # had been predicted; clipped, it is predicted as the same scene at 1.0.
+    pixels = scene_pixels().astype(np.float32) / 255
+    pixels[:, -20:, 100:140] = 1.0
+    capped = run_predict(tmp_path / "capped", checkpoint, write_geotiff(tmp_path / "a" / "s.tif", pixels))
+    pixels[:, -20:, 100:140] = 1.08
+    source = write_geotiff(tmp_path / "b" / "s.tif", pixels)
+    assert capped == 0 and run_predict(tmp_path / "run", checkpoint, source) == 0
+    said = [r.getMessage() for r in caplog.records if "lie a little outside [0, 1]" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{source}: 800 pixel(s) of rows")
+    masks = []
+    for run in ("capped", "run"):
+        with rasterio.open(tmp_path / run / "predictions" / "s_seg.tif") as src:
+            masks.append(src.read(1))
+    assert np.array_equal(*masks)
+    pixels[:, -20:, 100:140] = 3.0  # another scale altogether (a scaled reflectance of 0-10000 / 3333, say)
+    far = write_geotiff(tmp_path / "c" / "s.tif", pixels)
+    assert run_predict(tmp_path / "far", checkpoint, far) == 1
+    assert "floating-point image with values outside [0, 1]" in caplog.text
