@@ -141,6 +141,8 @@ def plan_jobs(
             continue
         by_name.setdefault(prediction_path(run_dir, path), []).append(path)
     for output, namesakes in by_name.items():
+        if len(namesakes) > 1 and cfg.predict_input:
+            namesakes = without_browse_images(namesakes, settings, report)
         if len(namesakes) > 1:
             (LOG.error if report else LOG.debug)(
                 "%s: share the name %s, so their outputs in %s would overwrite each other; both skipped: rename "
@@ -154,6 +156,24 @@ def plan_jobs(
         path = namesakes[0]
         jobs.append(Job(path, output, bool(cfg.predict_input) and scene.is_scene(path, settings.window)))
     return jobs, refused
+
+
+BROWSE_SUFFIXES = (".jpg", ".jpeg", ".png")  # the browse image a satellite delivery puts beside its scene
+
+
+def without_browse_images(namesakes: list[Path], settings: scene.SceneSettings, report: bool) -> list[Path]:
+    """Of images sharing a name, the one GeoTIFF scene where the others are JPEG or PNG pictures of it (a Gaofen-2
+    delivery's browse .jpg beside its .tiff), the pictures logged as left out; else all of them, as given."""
+    rasters = [p for p in namesakes if p.suffix.lower() in scene.RASTER_SUFFIXES]
+    pictures = [p for p in namesakes if p.suffix.lower() in BROWSE_SUFFIXES]
+    if len(rasters) != 1 or len(pictures) != len(namesakes) - 1 or not scene.is_scene(rasters[0], settings.window):
+        return namesakes
+    (LOG.info if report else LOG.debug)(
+        "%s: left out, a picture of the scene %s beside it (its browse image); move it away to predict it",
+        " and ".join(map(str, pictures)),
+        rasters[0],
+    )
+    return rasters
 
 
 def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path, since: float = 0.0) -> list[Job]:

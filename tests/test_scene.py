@@ -204,15 +204,18 @@ def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
 def test_images_sharing_a_name_are_reported_and_the_others_predicted(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A delivery folder: the scene, its browse JPEG of the same name, and another scene.
+    # A delivery folder: the scene, its browse JPEG of the same name, and another scene. The browse image is left
+    # out (both were skipped, so the scene was never predicted); two scenes of one name are both refused.
     scene_file = write_geotiff(tmp_path / "in" / "gf2_mss1.tiff", scene_pixels(1))
     browse = tmp_path / "in" / "gf2_mss1.jpg"
     write_image(browse, scene_pixels(1)[:, ::4, ::4].transpose(1, 2, 0))
     other = write_geotiff(tmp_path / "in" / "other.tif", scene_pixels(2))
+    twin = write_geotiff(tmp_path / "in" / "other.tiff", scene_pixels(3))
     assert run_predict(tmp_path / "run", checkpoint, tmp_path / "in", "--polygons=false") == 1
-    assert f"{browse} and {scene_file}: share the name gf2_mss1, so their outputs" in caplog.text
-    assert [r["image"] for r in read_table(tmp_path / "run")] == [str(other)]
-    assert not list((tmp_path / "run" / "predictions").glob("gf2_mss1*"))
+    assert f"{browse}: left out, a picture of the scene {scene_file} beside it" in caplog.text
+    assert f"{other} and {twin}: share the name other, so their outputs" in caplog.text
+    assert [r["image"] for r in read_table(tmp_path / "run")] == [str(scene_file)]
+    assert not list((tmp_path / "run" / "predictions").glob("other*"))
 
 
 def test_a_gdal_mosaic_vrt_is_a_scene_named_or_in_a_folder(checkpoint: Path, tmp_path: Path) -> None:
