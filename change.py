@@ -39,7 +39,7 @@ import files
 import polygons
 import scene
 from config import Config
-from data_preprocess import list_images, rgb_bands_for
+from data_preprocess import entry_problem, image_entries, rgb_bands_for
 from files import DataError
 from inference import decision_threshold, inference_model, with_threshold
 from net_structure import input_padding
@@ -110,13 +110,15 @@ def pair_name(before: Path, after: Path) -> str:
     return before.stem if before.stem == after.stem else f"{before.stem}_to_{after.stem}"
 
 
-def images_by_stem(folder: Path, problems: list[str]) -> dict[str, list[Path]]:
-    """The images of a folder (not its sub-folders), by file stem; an image whose name is not UTF-8 is left out
-    and its error added to ``problems``."""
+def images_by_stem(folder: Path, problems: list[str], reported: set[str]) -> dict[str, list[Path]]:
+    """The images of a folder (not its sub-folders), by file stem; an image whose name is not UTF-8, a link to
+    nothing or a folder named as an image is left out, its error added to ``problems`` and its stem to
+    ``reported`` (its partner is not called lonely as well)."""
     found: dict[str, list[Path]] = {}
-    for path in list_images(folder):
-        if problem := files.name_problem(path):
+    for path in image_entries(folder):
+        if problem := files.name_problem(path) or entry_problem(path):
             problems.append(problem)
+            reported.add(path.stem)
         else:
             found.setdefault(path.stem, []).append(path)
     return found
@@ -140,7 +142,8 @@ def list_pairs(cfg: Config) -> tuple[list[Pair], list[str]]:
     if not (before.is_dir() and after.is_dir()):
         raise ValueError(f"--before={before} and --after={after}: expected two files or two folders, not one of each")
     problems: list[str] = []
-    first, second = images_by_stem(before, problems), images_by_stem(after, problems)
+    reported: set[str] = set()
+    first, second = images_by_stem(before, problems, reported), images_by_stem(after, problems, reported)
     pairs = []
     for stem in sorted(set(first) | set(second)):
         found = {before: first.get(stem, []), after: second.get(stem, [])}
@@ -148,7 +151,7 @@ def list_pairs(cfg: Config) -> tuple[list[Pair], list[str]]:
             if len(paths) > 1:
                 problems.append(f"{', '.join(map(str, paths))}: one name twice in {folder}; rename one of them")
         lonely = [folder for folder, paths in found.items() if not paths]
-        if lonely:
+        if lonely and stem not in reported:
             other = after if lonely[0] == before else before
             problems.append(
                 f"{found[other][0]}: no image named {stem}.* in {lonely[0]}; the dates are paired by file name"

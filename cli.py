@@ -154,8 +154,14 @@ def check_paths(cfg: Config) -> None:
     and one that cannot be written.
 
     Raises:
-        ValueError: run_dir and data_dir overlap, or run_dir is not writable.
+        ValueError: run_dir or data_dir is empty, they overlap, or run_dir is not writable.
     """
+    for key, example in (("run_dir", "runs/exp"), ("data_dir", "data")):
+        if not str(getattr(cfg, key)).strip():  # Path("") is the current folder: outputs strewn there, or inputs sought
+            raise ValueError(
+                f"--{key} is empty, which would be the current folder ({Path.cwd()}); name the folder, for example "
+                f"--{key}={example}"
+            )
     data = Path(cfg.data_dir).resolve()
     run = Path(cfg.run_dir).resolve()
     if run == data or data in run.parents:

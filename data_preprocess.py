@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import threading
 import warnings
@@ -58,6 +59,29 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
 
 
+def image_entries(folder: Path) -> list[Path]:
+    """Every entry of a folder named as an image, sorted by name: its image files, and also what only looks like
+    one (a link whose target is gone, a folder called a.png), which read_image refuses by name rather than the
+    entry being passed over while ``ls`` shows it."""
+    return sorted(p for p in Path(folder).iterdir() if is_image_file(p))
+
+
+def entry_problem(path: Path) -> str | None:
+    """The error for what stands where an image file was expected: a folder, or a link whose target is gone;
+    None for a file (or for nothing at all, which reading reports)."""
+    if path.is_dir():
+        return (
+            f"{path}: a folder, not an image file; move it out of {path.parent}, or rename it without an image "
+            "extension"
+        )
+    if path.is_symlink() and not path.exists():
+        return (
+            f"{path}: a link to {os.readlink(path)}, which does not exist; copy the image itself in place of the "
+            "link (or mount the drive it points to), or remove the link"
+        )
+    return None
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read an image as (H, W, C) in file band order (RGB, RGBA, RGB+NIR), 8- or 16-bit or float.
 
@@ -65,6 +89,8 @@ def read_image(path: Path) -> np.ndarray:
         DataError: the file is missing, unreadable or not an image.
     """
     path = Path(path)
+    if problem := entry_problem(path):
+        raise DataError(problem)
     try:
         # np.fromfile + imdecode instead of imread: imread cannot open non-ASCII paths on Windows.
         raw = np.fromfile(str(path), dtype=np.uint8)
@@ -454,6 +480,12 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
         ):
             raise colour_mask_error(mask, path)
         mask = mask[:, :, 0]
+    if np.issubdtype(mask.dtype, np.floating) and np.isnan(mask).any():  # a float raster's nodata; int(NaN) fails
+        raise DataError(
+            f"{path}: floating-point mask with NaN pixels (nodata?); expected only 0 and 255 (or 0 and 1). Give them "
+            "a value of their own in an 8-bit mask, for example numpy.nan_to_num(mask, nan=128), and set "
+            "--ignore_index=128; or fill them with 0 where they are background"
+        )
     unlabelled = mask == ignore_index if ignore_index >= 0 else None
     if threshold <= 0 and Path(path).suffix.lower() in LOSSY_SUFFIXES:
         raise DataError(
@@ -484,7 +516,26 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
             other = values[~np.isin(values, (0, 1, 255))]
             one_more = other.size == 1 and float(other[0]).is_integer()
             one_more = one_more and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
-            if one_more and ignore_index < 0:  # 0/255 or 0/1 and one more value: most likely unlabelled pixels
+            if mask.dtype == np.uint16 and np.isin(values, (0, 65535)).all():  # 16-bit full scale, not unlabelled
+                fix = (
+                    "it looks like a 16-bit mask with 65535 = farmland: save the masks as 8-bit PNGs of 0 and 255, or "
+                    "set --mask_threshold=128 to read values >= 128 as farmland"
+                )
+            elif np.isin((1, 255), values).all() and np.isin(values, (0, 1, 255)).all():
+                # A 0/1 raster with 255 around it, as GIS tools write nodata: --mask_threshold=128 would make the
+                # nodata farmland and the farmland background.
+                fix = (
+                    "it looks like a 0/1 mask with 255 for nodata (unlabelled pixels, as GIS rasters hold around the "
+                    "labelled area): set --ignore_index=255; if 255 is farmland as 1 is, set --mask_threshold=1 "
+                    "(not 128, which would read the 1s as background)"
+                )
+            elif one_more and ignore_index < 0 and other[0] < 0:  # a nodata value --ignore_index cannot take
+                fix = (
+                    f"if {other[0]:g} marks nodata (unlabelled pixels), give them a value from 2 to 254 instead, for "
+                    f"example numpy.where(mask == {other[0]:g}, 128, mask) saved as an 8-bit PNG, and set "
+                    "--ignore_index=128 (--ignore_index takes no negative value: -1 means none)"
+                )
+            elif one_more and ignore_index < 0:  # 0/255 or 0/1 and one more value: most likely unlabelled pixels
                 value = int(other[0])
                 fix = (
                     f"if {value} marks unlabelled pixels (make_tiles.py --mark_unlabelled writes the --ignore_index "

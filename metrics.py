@@ -166,9 +166,21 @@ def evaluate_pairs(
             label = load_mask(label_path, mask_threshold, ignore_index)
             if not Path(pred_path).is_file():
                 raise DataError(f"{pred_path}: prediction not found; run predict.py with the same --run_dir")
-            pred = load_mask(pred_path)
+            # A mask's own fixes (--ignore_index, --mask_threshold, re-export) are for labels; a prediction that
+            # is not as predict.py writes it (0 and 255, its image's size) is made again.
+            again = "predict the test split again (python predict.py with this --run_dir)"
+            try:
+                pred = load_mask(pred_path)
+            except DataError as err:
+                found = str(err).removeprefix(f"{pred_path}: ").split("; ")[0]
+                raise DataError(
+                    f"{pred_path}: {found}; expected a mask as predict.py writes them (0 and 255): {again}"
+                ) from None
             if pred.shape != label.shape:
-                raise DataError(f"{pred_path}: prediction is {pred.shape} pixels, label {label_path} is {label.shape}")
+                raise DataError(
+                    f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]} pixels, but its label {label_path} "
+                    f"is {label.shape[1]}x{label.shape[0]}; predict.py writes each mask at its image's size: {again}"
+                )
         except DataError as err:
             errors.append(str(err))
             LOG.error("%s", err)

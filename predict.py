@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,7 +33,7 @@ import torch
 import cli
 import scene
 from config import Config
-from data_preprocess import EMPTY_TEST_SPLIT, list_images, parse_bands, read_pair_list, rgb_bands_for
+from data_preprocess import EMPTY_TEST_SPLIT, image_entries, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter
 from files import DataError, file_stamp, name_problem, prediction_path, read_record, shown_path
 from inference import inference_model, with_threshold
@@ -67,10 +68,15 @@ def list_inputs(cfg: Config) -> list[Path]:
     source = Path(cfg.predict_input)
     if source.is_file():
         return [source]
+    if source.is_symlink() and not source.exists():
+        raise DataError(
+            f"--predict_input={source}: a link to {os.readlink(source)}, which does not exist; point --predict_input "
+            "at the image itself, or mount the drive the link points to"
+        )
     if not source.is_dir():
         raise DataError(f"--predict_input={source}: no such file or folder")
     mosaics = [p for p in source.iterdir() if p.is_file() and p.suffix.lower() in scene.SCENE_ONLY_SUFFIXES]
-    images = sorted(list_images(source) + [p for p in mosaics if not p.name.startswith(".")])
+    images = sorted(image_entries(source) + [p for p in mosaics if not p.name.startswith(".")])
     if not images:
         raise DataError(
             f"{source}: holds no images (.png .jpg .tif, or .vrt .img .jp2 scenes); point --predict_input at a "

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import platform
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -240,6 +241,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", mmap: bool =
         DataError: the file is missing or is not a checkpoint of this project.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"{path}: a folder, not a checkpoint; name the .pth file in it (for example {path / 'best.pth'})"
+        )
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; train first (python train.py) or set --checkpoint")
     if path.suffix.lower() == ".onnx":
@@ -247,10 +252,26 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", mmap: bool =
             f"{path}: an ONNX model, not a checkpoint (a .pth file train.py wrote, such as RUN/checkpoints/best.pth); "
             "export from the checkpoint, or predict with the ONNX model: --backend=onnx --onnx_model=FILE"
         )
+    size = path.stat().st_size
+    # train.py writes checkpoints whole (a temporary file renamed), so a short or empty one was cut by a copy, a
+    # transfer or a full disk; torch's own words for it ("use _use_new_zipfile_serialization", a miniz error) are
+    # about saving, not about a file cut short.
+    fix = "copy it again from where it came, or use another checkpoint of the run (best.pth, last.pth, epoch_NNN.pth)"
+    if size == 0:
+        raise DataError(
+            f"{path}: an empty file (0 bytes), as a copy or transfer cut short (or a full disk) leaves; {fix}"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for foreign or damaged files
         reason = str(err).split(". In PyTorch 2.6")[0]  # torch's advice (weights_only=False) does not apply here
+        with open(path, "rb") as handle:
+            cut_short = handle.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)  # a zip without its end
+        if cut_short:
+            raise DataError(
+                f"{path}: the start of a checkpoint without its end ({size:,} bytes; {reason.split('. ')[0]}), as a "
+                f"copy or transfer cut short (or a full disk) leaves; {fix}"
+            ) from None
         raise DataError(
             f"{path}: not a loadable checkpoint ({type(err).__name__}: {reason[:200]}); expected a .pth file "
             "train.py wrote (RUN/checkpoints/best.pth)"

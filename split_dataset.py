@@ -37,6 +37,7 @@ from data_preprocess import (
     check_tile_values,
     farmland_pixels,
     flipped_copies,
+    image_entries,
     image_to_float,
     list_images,
     mask_to_classes,
@@ -87,9 +88,11 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
 
     Non-image files (Thumbs.db, .DS_Store, ...) are ignored; images without a mask and masks without an
     image are recorded as orphans; two images or two masks with the same stem are recorded as ambiguous.
+    Entries named as images that are not files (a link to nothing, a folder a.png) pair as files do, and
+    check_pair reports them by name. One folder may hold both, told apart by the suffix.
 
     Raises:
-        DataError: a folder is missing.
+        DataError: a folder is missing, or one folder holds both and the suffix is empty.
     """
     for folder, key in ((image_dir, "image_subdir"), (label_dir, "label_subdir")):
         if not folder.is_dir():
@@ -109,7 +112,7 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     scan = Scan()
     masks: dict[str, list[Path]] = {}
     misnamed: list[Path] = []
-    for path in list_images(label_dir):
+    for path in image_entries(label_dir):
         if problem := files.name_problem(path):
             scan.rejected.append((Path(files.shown_path(path)), "error", problem))
         elif path.stem.endswith(mask_suffix):
@@ -118,7 +121,7 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
         elif not shared:
             misnamed.append(path)
     images: dict[str, list[Path]] = {}
-    for path in list_images(image_dir):
+    for path in image_entries(image_dir):
         if shared and path.stem.endswith(mask_suffix):
             continue  # a mask, paired above
         if problem := files.name_problem(path):
@@ -131,7 +134,12 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
         if path.stem in images:  # before any shorter stem: labels/10.png is 10.png's mask, not 1.png's with "0"
             reason += "; if masks are named as their images, pass --mask_suffix= (empty)"
         elif suffix := suffix_after_image(path.stem, images):
-            reason += f"; if masks are named <image name>{suffix}, pass --mask_suffix={suffix}"
+            image = path.stem[: len(path.stem) - len(suffix)]
+            if mask_suffix and suffix.startswith(mask_suffix) and image in masks:
+                # "a_mask (copy).png" beside a_mask.png: a second file of a's mask, not another naming rule
+                reason += f"; it looks like another copy of {image}'s mask {image}{mask_suffix}: left out, not paired"
+            else:
+                reason += f"; if masks are named <image name>{suffix}, pass --mask_suffix={suffix}"
         scan.rejected.append((path, "orphan", reason))
     for stem in sorted(set(images) | set(masks)):
         found_images, found_masks = images.get(stem, []), masks.get(stem, [])
@@ -179,11 +187,15 @@ def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str
             f"{image_path}: image is {image.shape[1]}x{image.shape[0]} pixels but its mask {mask_path.name} is "
             f"{mask.shape[1]}x{mask.shape[0]}; they must be the same size"
         )
-    nodata = float((image == 0).all(axis=2).mean())
+    empty = (image == 0).all(axis=2)
+    # An RGBA PNG loses its alpha (match_bands); its transparent pixels, often white, are nodata all the same.
+    transparent = image.shape[2] == 4 and cfg.in_channels == 3 and image_path.suffix.lower() == ".png"
+    nodata = float((empty | (image[:, :, 3] == 0) if transparent else empty).mean())
     if nodata > cfg.max_nodata_fraction:
         return (
             "filtered",
-            f"{nodata:.0%} of pixels are nodata (all bands 0) > max_nodata_fraction={cfg.max_nodata_fraction}",
+            f"{nodata:.0%} of pixels are nodata (all bands 0{', or transparent' if transparent else ''}) > "
+            f"max_nodata_fraction={cfg.max_nodata_fraction}",
         )
     return image.shape[0], image.shape[1], *farmland_pixels(mask)
 
@@ -426,7 +438,7 @@ def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path, ig
             f" --ignore_index={ignore_index} makes every pixel of value {ignore_index} unlabelled, which in "
             f"0/{ignore_index} masks is all the farmland: leave --ignore_index out unless another value marks "
             "unlabelled pixels."
-            if ignore_index in (1, 255)
+            if ignore_index in (1, 255, 65535)
             else ""
         )
         LOG.warning(
@@ -485,6 +497,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(
             "--ignore_index=0: 0 is background in every mask, so all background would count in no loss and no "
             "metric; give the value that marks unlabelled pixels (--ignore_index=128), or leave it out"
+        )
+    if not 0 <= cfg.max_nodata_fraction <= 1:  # below 0 every tile was left out as "0% nodata > -0.5"
+        raise ValueError(
+            f"--max_nodata_fraction={cfg.max_nodata_fraction}: expected a share of the pixels from 0 to 1 (0.5 as the "
+            "reference; 1 keeps every tile)"
         )
     parse_bands_for(cfg.bands, cfg.in_channels)
     cli.check_paths(cfg)

@@ -535,11 +535,19 @@ def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
         write_image(
             Path(os.fsdecode(os.fsencode(tmp_path / folder) + b"/\xb5\xd8.png")), np.zeros((64, 64, 3), np.uint8)
         )
+    # A link to nothing and a folder named as an image were passed over, their partners called lonely.
+    write_image(tmp_path / "2024" / "d.png", np.zeros((64, 64, 3), np.uint8))
+    (tmp_path / "2019" / "d.png").symlink_to(tmp_path / "gone.png")
+    write_image(tmp_path / "2019" / "e.png", np.zeros((64, 64, 3), np.uint8))
+    (tmp_path / "2024" / "e.png").mkdir()
     run_dir = tmp_path / "run"
     assert run_change(run_dir, checkpoint, tmp_path / "2019", tmp_path / "2024", "--min_field_pixels=10") == 1
     assert f"c.png: no image named c.* in {tmp_path / '2024'}" in caplog.text
     assert f"{tmp_path / '2024'}/\\xb5\\xd8.png: the file name is not UTF-8" in caplog.text
-    assert "3 problem(s) left files unpaired; see the messages above" in caplog.text  # c.png and both odd names
+    assert f"d.png: a link to {tmp_path / 'gone.png'}, which does not exist" in caplog.text
+    assert f"{tmp_path / '2024' / 'e.png'}: a folder, not an image file" in caplog.text
+    assert "no image named d.*" not in caplog.text and "no image named e.*" not in caplog.text
+    assert "5 problem(s) left files unpaired; see the messages above" in caplog.text  # c, both odd names, d, e
     with open(run_dir / "change" / "change_area.csv", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["pair"] for r in rows] == ["a", "b"] and rows[0]["lost_ha"] == "" and rows[0]["crs"] == ""

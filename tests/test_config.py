@@ -188,6 +188,15 @@ def test_run_dir_inside_data_dir_is_refused(tmp_path: Path) -> None:
         cli.check_paths(cfg)
 
 
+@pytest.mark.parametrize("key", ["run_dir", "data_dir"])
+def test_an_empty_run_or_data_folder_is_refused(tmp_path: Path, key: str) -> None:
+    # --run_dir= wrote splits/, logs/ and configs/ into the current folder; --data_dir= called every run_dir
+    # below it "inside data_dir ''".
+    cfg = cli.parse_args([f"--data_dir={tmp_path / 'data'}", f"--run_dir={tmp_path / 'run'}", f"--{key}="])
+    with pytest.raises(ValueError, match=rf"--{key} is empty, which would be the current folder .* --{key}="):
+        cli.check_paths(cfg)
+
+
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     files.atomic_write_text(tmp_path / "a.txt", "first")
     files.atomic_write_text(tmp_path / "a.txt", "second")

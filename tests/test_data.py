@@ -159,6 +159,45 @@ def test_lossy_mask_error_names_file_values_and_fix(tmp_path: Path) -> None:
         load_mask(tmp_path / "a_mask.png")
 
 
+def test_a_sixteen_bit_mask_of_0_and_65535_is_told_to_be_saved_as_8_bit(tmp_path: Path) -> None:
+    # The fix offered was --ignore_index=65535, which makes all the farmland unlabelled.
+    write_image(tmp_path / "a_mask.png", np.array([[0, 65535, 65535, 0]], np.uint16))
+    with pytest.raises(
+        DataError, match=r"a_mask\.png: holds values \{0, 65535\}.*16-bit mask with 65535 = farmland"
+    ) as err:
+        load_mask(tmp_path / "a_mask.png")
+    assert "ignore_index" not in str(err.value)
+    assert load_mask(tmp_path / "a_mask.png", threshold=128).tolist() == [[0, 1, 1, 0]]  # the fix offered works
+
+
+def test_a_zero_one_mask_with_255_for_nodata_is_offered_ignore_index_not_a_cut_at_128(tmp_path: Path) -> None:
+    # The first fix offered was --mask_threshold=128, which reads the nodata as farmland and the farmland as
+    # background.
+    write_image(tmp_path / "a_mask.png", np.array([[0, 1, 1, 255]], np.uint8))
+    with pytest.raises(
+        DataError, match=r"a_mask\.png: holds values \{0, 1, 255\}.*0/1 mask with 255 for nodata"
+    ) as err:
+        load_mask(tmp_path / "a_mask.png")
+    assert "set --ignore_index=255" in str(err.value) and "not 128" in str(err.value)
+    assert load_mask(tmp_path / "a_mask.png", ignore_index=255).tolist() == [[0, 1, 1, IGNORE]]
+    assert load_mask(tmp_path / "a_mask.png", threshold=1).tolist() == [[0, 1, 1, 1]]
+
+
+def test_float_masks_with_nan_or_a_negative_nodata_value_get_a_fix_that_works(tmp_path: Path) -> None:
+    # NaN under --mask_threshold raised "cannot convert float NaN to integer", naming no file and stopping the
+    # split; -9999 was met with --ignore_index=-9999, which means none.
+    profile = {"driver": "GTiff", "width": 4, "height": 1, "count": 1, "dtype": "float32"}
+    for name, nodata in (("nan_mask.tif", np.nan), ("minus_mask.tif", -9999.0)):
+        with rasterio.open(tmp_path / name, "w", **profile) as dst:
+            dst.write(np.array([[[0, 1, 1, nodata]]], np.float32))
+    for threshold in (0, 128):
+        with pytest.raises(DataError, match=r"nan_mask\.tif: floating-point mask with NaN pixels .*--ignore_index=128"):
+            load_mask(tmp_path / "nan_mask.tif", threshold=threshold)
+    with pytest.raises(DataError, match=r"minus_mask\.tif: holds values \{-9999\.0, 0\.0, 1\.0\}") as err:
+        load_mask(tmp_path / "minus_mask.tif")
+    assert "set --ignore_index=128" in str(err.value) and "--ignore_index=-9999" not in str(err.value)
+
+
 def test_a_zero_one_mask_under_a_threshold_and_a_jpeg_mask_are_refused(tmp_path: Path) -> None:
     write_image(tmp_path / "a_mask.png", np.array([[0, 1, 1, 0]], np.uint8))
     with pytest.raises(DataError, match=r"a_mask\.png: holds values 0 to 1, all below --mask_threshold=128.*0/1 mask"):

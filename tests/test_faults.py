@@ -29,6 +29,7 @@ import train
 from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
 from metrics import confusion_matrix
 from png_text import read_texts
+from runtime import load_checkpoint, save_checkpoint
 from tile_prediction import SOURCE_KEY
 
 
@@ -314,6 +315,25 @@ def test_crafted_checkpoint_is_refused_without_running_its_code(square_data: Pat
     with pytest.raises(DataError, match="crafted.pth: not a loadable checkpoint"):
         predict.main(args(square_data, run_dir, f"--checkpoint={crafted}"))
     assert not marker.exists()
+
+
+def test_a_checkpoint_cut_short_empty_or_a_folder_is_named_as_such(tmp_path: Path) -> None:
+    # torch's words were shown: a miniz error cut off mid-sentence, an EOFError with no text, or (mapped) advice
+    # to save with _use_new_zipfile_serialization; a folder was "not found".
+    whole = tmp_path / "whole.pth"
+    save_checkpoint(whole, {"model": {"w": torch.zeros(1000)}, "config": {}})
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "folder.pth").mkdir()
+    for mmap in (False, True):
+        with pytest.raises(DataError, match=r"cut\.pth: the start of a checkpoint without its end .*copy it again"):
+            load_checkpoint(cut, mmap=mmap)
+        with pytest.raises(DataError, match=r"empty\.pth: an empty file \(0 bytes\), .*copy it again"):
+            load_checkpoint(tmp_path / "empty.pth", mmap=mmap)
+    with pytest.raises(DataError, match=r"folder\.pth: a folder, not a checkpoint; name the \.pth file in it"):
+        load_checkpoint(tmp_path / "folder.pth")
+    assert load_checkpoint(whole)["model"]["w"].shape == (1000,)
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_config(

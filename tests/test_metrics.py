@@ -250,3 +250,17 @@ def test_miou_reads_the_test_masks_with_the_trainings_ignore_index(tmp_path: Pat
     # A key given on the command line wins: 128 is then no mask value, and the mask is refused.
     assert miou.main([f"--run_dir={run}", "--ignore_index=-1"]) == 1
     close_log_files()
+
+
+def test_a_prediction_of_another_size_or_values_is_met_with_predicting_again(tmp_path: Path) -> None:
+    # The advice was a label's (--ignore_index=7, re-export losslessly), and the sizes came as numpy shapes.
+    write_image(tmp_path / "a_mask.png", np.zeros((4, 6), np.uint8))
+    write_image(tmp_path / "a_seg.png", np.zeros((6, 4), np.uint8))
+    write_image(tmp_path / "b_mask.png", np.zeros((4, 6), np.uint8))
+    write_image(tmp_path / "b_seg.png", np.full((4, 6), 7, np.uint8))
+    items = [(n, tmp_path / f"{n}_mask.png", tmp_path / f"{n}_seg.png") for n in ("a", "b")]
+    rows, _, errors = evaluate_pairs(items)
+    assert rows == [] and len(errors) == 2
+    assert "a_seg.png: prediction is 4x6 pixels, but its label" in errors[0] and "a_mask.png is 6x4" in errors[0]
+    assert "b_seg.png: holds values {7}; expected a mask as predict.py writes them" in errors[1]
+    assert all("predict the test split again" in e for e in errors) and "ignore_index" not in errors[1]

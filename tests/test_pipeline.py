@@ -83,6 +83,15 @@ def test_scripts_in_order(square_data: Path, tmp_path: Path) -> None:
         assert len(list(csv.DictReader(handle))) == 2
 
 
+@pytest.mark.parametrize("value", ["-1", "2"])
+def test_an_aug_prob_outside_0_to_1_is_refused(square_data: Path, tmp_path: Path, value: str) -> None:
+    # Taken as 0 or 1 without a word.
+    split_dataset.main(args(square_data, tmp_path / "run"))
+    with pytest.raises(ValueError, match=rf"--aug_prob={value}\.0: expected a probability from 0 to 1"):
+        augment.main(args(square_data, tmp_path / "run", f"--aug_prob={value}"))
+    assert not (tmp_path / "run" / "augmented").exists()
+
+
 def test_augment_rerun_does_not_duplicate(square_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     split_dataset.main(args(square_data, run_dir))
@@ -204,15 +213,19 @@ def test_train_without_split_says_what_to_run(tmp_path: Path) -> None:
 
 
 def test_predict_a_folder_reports_bad_files_and_goes_on(
-    shared_square_data: Path, run_copy: Path, tmp_path: Path
+    shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     run_dir = run_copy
     folder = tmp_path / "新 tiles"
     write_image(folder / "odd size.png", np.full((37, 50, 3), 90, np.uint8))
     write_image(folder / "b.png", np.full((32, 32, 3), 90, np.uint8))
     (folder / "broken.png").write_bytes(b"nope")
+    (folder / "gone.png").symlink_to(tmp_path / "moved.png")  # passed over without a word, as was a folder
+    (folder / "folder.png").mkdir()
     code = predict.main(args(shared_square_data, run_dir, f"--predict_input={folder}", "--overlay=false"))
     assert code == 1
+    assert f"gone.png: a link to {tmp_path / 'moved.png'}, which does not exist" in caplog.text
+    assert "folder.png: a folder, not an image file" in caplog.text
     assert load_mask(run_dir / "predictions" / "odd size_seg.png").shape == (37, 50)
     assert (run_dir / "predictions" / "b_seg.png").is_file()
     assert not (run_dir / "predictions" / "broken_seg.png").exists()

@@ -12,7 +12,7 @@ from conftest import declare_size, folder_digest, square_tile, write_geotiff, wr
 from rasterio.transform import Affine
 
 import split_dataset
-from data_preprocess import DataError, read_pair_list, scene_groups, write_image, write_pair_list
+from data_preprocess import DataError, read_image, read_pair_list, scene_groups, write_image, write_pair_list
 from split_dataset import BALANCE_TOLERANCE, find_pairs, imbalance, split_counts, split_pairs, split_share
 
 
@@ -105,6 +105,29 @@ def test_images_and_masks_in_one_folder_pair_without_false_orphans(tmp_path: Pat
         run_split(data, tmp_path / "run2", *shared, "--mask_suffix=")
 
 
+def test_links_to_nothing_and_folders_named_as_images_are_reported_by_name(tmp_path: Path) -> None:
+    # Both were passed over, and their partners reported as orphans: "no image gone.png" while ls showed it.
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_pair(data, f"t{i}", *square_tile(rng))
+    image, mask = square_tile(rng)
+    write_image(data / "labels" / "gone_mask.png", mask)
+    (data / "images" / "gone.png").symlink_to(tmp_path / "moved" / "gone.png")
+    write_image(data / "labels" / "folder_mask.png", mask)
+    (data / "images" / "folder.png").mkdir()
+    write_image(data / "images" / "folder mask.png", image)
+    (data / "labels" / "folder mask_mask.png").mkdir()
+    assert run_split(data, tmp_path / "run") == 1
+    found = rejected(tmp_path / "run")
+    assert found["gone.png"][0] == "error"
+    assert f"gone.png: a link to {tmp_path / 'moved' / 'gone.png'}, which does not exist" in found["gone.png"][1]
+    assert "copy the image itself in place of the link" in found["gone.png"][1]
+    assert found["folder.png"][0] == "error" and "folder.png: a folder, not an image file" in found["folder.png"][1]
+    assert "folder mask_mask.png: a folder, not an image file" in found["folder mask.png"][1]
+    assert "gone_mask.png" not in found and "folder_mask.png" not in found  # not orphans: their images are named
+
+
 def write_named_tiles(data: Path, names: dict[str, str]) -> Path:
     """Square tiles under data/images with their masks under data/labels, by image name -> mask name."""
     rng = np.random.default_rng(0)
@@ -134,6 +157,12 @@ def test_masks_with_another_suffix_are_met_with_the_mask_suffix_to_pass(tmp_path
     reasons = {p.name: reason for p, kind, reason in scan.rejected if kind == "orphan"}
     assert "pass --mask_suffix=_label" in reasons["t0_label.png"]
     assert run_split(data, tmp_path / "run", "--mask_suffix=_label") == 0
+    # A copy of a mask beside it was met with --mask_suffix=_label (copy), which pairs no other tile.
+    write_image(data / "labels" / "t0_label (copy).png", read_image(data / "labels" / "t0_label.png"))
+    scan = find_pairs(data / "images", data / "labels", "_label")
+    reasons = {p.name: reason for p, kind, reason in scan.rejected if kind == "orphan"}
+    assert "another copy of t0's mask t0_label: left out" in reasons["t0_label (copy).png"]
+    assert "--mask_suffix=" not in reasons["t0_label (copy).png"]
 
 
 def test_masks_named_as_their_numbered_images_are_met_with_the_empty_suffix(tmp_path: Path) -> None:
@@ -153,6 +182,11 @@ def test_an_ignore_index_that_swallows_a_class_is_refused_or_named(
         run_split(square_data, tmp_path / "run", "--ignore_index=0")
     assert run_split(square_data, tmp_path / "run", "--ignore_index=255") == 0
     assert "--ignore_index=255 makes every pixel of value 255 unlabelled" in caplog.text
+    caplog.clear()
+    for mask in (square_data / "labels").iterdir():  # 16-bit masks: 65535 = farmland
+        write_image(mask, (read_image(mask)[:, :, 0] > 0).astype(np.uint16) * 65535)
+    assert run_split(square_data, tmp_path / "run", "--ignore_index=65535") == 0
+    assert "--ignore_index=65535 makes every pixel of value 65535 unlabelled" in caplog.text
 
 
 def test_bad_pairs_are_reported_and_the_rest_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -229,6 +263,21 @@ def test_quality_filter_drops_mostly_nodata_tiles(tmp_path: Path) -> None:
     assert "edge.png" not in rejected(tmp_path / "run_all")
 
 
+def test_transparent_pixels_of_an_rgba_png_count_as_nodata(tmp_path: Path) -> None:
+    # The alpha band is dropped on reading, so a tile 75 % transparent (white there, as exports draw it) was kept.
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_pair(data, f"t{i}", *square_tile(rng))
+    image, mask = square_tile(rng)
+    alpha = np.full(image.shape[:2], 255, np.uint8)
+    image[:, :24], alpha[:, :24] = 255, 0
+    write_pair(data, "clipped", np.dstack([image, alpha]), mask)
+    assert run_split(data, tmp_path / "run") == 0
+    kind, reason = rejected(tmp_path / "run")["clipped.png"]
+    assert kind == "filtered" and "75% of pixels are nodata (all bands 0, or transparent)" in reason
+
+
 def test_empty_or_missing_folders(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"images: folder not found"):
         run_split(tmp_path / "nothing", tmp_path / "run")
@@ -269,6 +318,14 @@ def test_bands_that_do_not_fit_in_channels_are_refused_once(square_data: Path, t
 def test_bad_ratios_are_refused(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sum to 1"):
         run_split(square_data, tmp_path / "run", "--split_ratios=0.8,0.3,0.1")
+
+
+@pytest.mark.parametrize("value", ["-0.5", "1.5"])
+def test_a_nodata_share_outside_0_to_1_is_refused(square_data: Path, tmp_path: Path, value: str) -> None:
+    # -0.5 left every tile out as "0% of pixels are nodata > max_nodata_fraction=-0.5".
+    with pytest.raises(ValueError, match=rf"--max_nodata_fraction={value}: expected a share of the pixels from 0 to 1"):
+        run_split(square_data, tmp_path / "run", f"--max_nodata_fraction={value}")
+    assert not (tmp_path / "run").exists()
 
 
 def test_tiles_of_another_size_are_reported(tmp_path: Path) -> None:
