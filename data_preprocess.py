@@ -82,6 +82,23 @@ def entry_problem(path: Path) -> str | None:
     return None
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera or phone sets instead of turning the pixels
+
+
+def exif_turned(path: Path) -> bool:
+    """Whether a JPEG carries an EXIF orientation other than "as stored" (2 to 8: mirrored or turned), which
+    image viewers apply and this tool, as GDAL and QGIS, does not."""
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
+        return False
+    from PIL import Image, UnidentifiedImageError  # matplotlib's own dependency; only JPEG tiles need it
+
+    try:
+        with Image.open(path) as image:
+            return image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
+    except (OSError, UnidentifiedImageError, SyntaxError):  # unreadable: read_image reports it
+        return False
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read an image as (H, W, C) in file band order (RGB, RGBA, RGB+NIR), 8- or 16-bit or float.
 

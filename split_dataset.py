@@ -35,6 +35,7 @@ from data_preprocess import (
     SPLIT_NAMES,
     DataError,
     check_tile_values,
+    exif_turned,
     farmland_pixels,
     flipped_copies,
     image_entries,
@@ -352,7 +353,24 @@ def _check_pairs(scan: Scan, cfg: Config) -> tuple[list[tuple[Path, Path]], dict
             sizes.append(result[:2])
             pixels_of[(image_path, mask_path)] = (int(result[2]), int(result[3]))
     _keep_common_size(usable, sizes, scan.rejected)
+    warn_exif_turned([image for image, _ in usable])
     return usable, pixels_of
+
+
+def warn_exif_turned(images: list[Path]) -> None:
+    """Warn of JPEG tiles a viewer shows turned or mirrored (EXIF orientation) while they are read as stored: a
+    mask drawn on the turned view does not match them, and a square tile gives no size error to tell."""
+    turned = [path for path in images if exif_turned(path)]
+    if turned:
+        LOG.warning(
+            "%d JPEG tile(s) (%s%s) carry an EXIF orientation: image viewers show them turned or mirrored, but they "
+            "are read as stored, as GDAL and QGIS read them. If their masks were drawn on the view a viewer shows, "
+            "they do not match: save the tiles with the turn applied to their pixels (exiftran -ai, or PIL's "
+            "ImageOps.exif_transpose) and split again",
+            len(turned),
+            ", ".join(str(p) for p in turned[:3]),
+            ", ..." if len(turned) > 3 else "",
+        )
 
 
 def _keep_common_size(

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import declare_size, folder_digest, square_tile, write_geotiff, write_pair
+from PIL import Image
 from rasterio.transform import Affine
 
 import split_dataset
@@ -500,3 +501,19 @@ def test_masks_without_any_farmland_are_warned_of(tmp_path: Path, caplog: pytest
         write_pair(tmp_path / "data", f"t{i}", image, np.zeros(image.shape[:2], np.uint8))
     assert run_split(tmp_path / "data", tmp_path / "run") == 0
     assert "no mask holds any farmland" in caplog.text
+
+
+def test_jpeg_tiles_a_viewer_shows_turned_are_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A phone's or a camera's JPEG turned by its EXIF orientation (6: 90 degrees clockwise) was read as stored,
+    # without a word, while its mask may have been drawn on the turned view a viewer shows.
+    for index in range(4):
+        image, mask = square_tile(np.random.default_rng(index), 32)
+        image_path, _ = write_pair(tmp_path / "data", f"t{index}", image, mask, ext=".jpg")
+        if index < 2:
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.fromarray(image).save(image_path, exif=exif, quality=95)
+    assert run_split(tmp_path / "data", tmp_path / "run", "--mask_threshold=128") == 0
+    said = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("2 JPEG tile(s) (")
+    assert "t0.jpg" in said[0] and "t1.jpg" in said[0] and "t2.jpg" not in said[0]
