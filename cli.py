@@ -272,8 +272,9 @@ def say_fatal(message: str, level: int = logging.ERROR) -> None:
     log_to_file(message, level)
 
 
-def run_main(main: Callable[[], int]) -> int:
-    """Run a script's main; turn an input error into one clear line and exit status 2, not a traceback.
+def run_main(main: Callable[[], int], output_key: str = "--run_dir") -> int:
+    """Run a script's main; turn an input error into one clear line and exit status 2, not a traceback;
+    ``output_key``: the option that chooses the script's output folder, named where its disk is full.
 
     SIGTERM unwinds the run like Ctrl-C (exit status 143), so that temporary files of outputs being written are
     removed and nothing half-written is left behind; without it the process would vanish mid-write. The line
@@ -303,7 +304,7 @@ def run_main(main: Callable[[], int]) -> int:
         say_fatal("interrupted", logging.WARNING)
         return 130
     except OSError as err:
-        problem = disk_problem(err)
+        problem = disk_problem(err, output_key)
         if problem is None:
             log_to_file(f"stopped by an unexpected error:\n{traceback.format_exc().rstrip()}")
             raise

@@ -243,6 +243,10 @@ def run_variant(
             "%s: its training or validation images or masks have changed since it was done: trained afresh", run_dir
         )
         resume = False  # its last.pth holds the weights of the old data
+        # Nothing of the old run is left to be taken up again: a retraining stopped before its first epoch saved
+        # would otherwise leave result.json to retrain afresh forever, or last.pth to resume the old data's weights.
+        for stale in ("result.json", "checkpoints/last.pth", "checkpoints/best.pth"):
+            files.remove_quietly(run_dir / stale)
     for name in SPLIT_NAMES:
         write_pair_list(run_dir / "splits" / f"{name}.txt", splits[name])
     write_scene_counts(run_dir, splits, group_pattern)

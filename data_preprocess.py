@@ -150,9 +150,17 @@ def decode_other(raw: np.ndarray, path: Path) -> np.ndarray | None:
     return image
 
 
+def is_alpha_band(band: np.ndarray) -> bool:
+    """Whether a band tagged alpha holds a mask: only 0 (empty) and its type's largest value (opaque). GDAL tags
+    the fourth band of every 4-band 8-bit TIFF written without PHOTOMETRIC/ALPHA options as alpha, so a B, G, R,
+    NIR tile's near-infrared band, a spread of values, is tagged so too: it is kept, not dropped."""
+    top = np.iinfo(band.dtype).max if np.issubdtype(band.dtype, np.integer) else 1.0
+    return bool(np.isin(band, (0, top)).all())
+
+
 def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:
     """A TIFF's bands as (H, W, C) in file order, palette colours expanded to RGB, an alpha band after grey or RGB
-    dropped; None where GDAL cannot read it.
+    dropped (is_alpha_band: a band tagged alpha that holds image values is kept); None where GDAL cannot read it.
 
     OpenCV reads a TIFF by its photometric tag: a 3- or 4-band 16-bit TIFF tagged grey (as GDAL writes them)
     comes back as one band of wrong values, and more than 4 bands not at all. GDAL reads every layout.
@@ -170,7 +178,7 @@ def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:
                 raise_too_large(*declared)
             if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
                 bands = palette_colours(bands[0], src.colormap(1))
-            elif src.count in (2, 4) and src.colorinterp[-1] == ColorInterp.alpha:
+            elif src.count in (2, 4) and src.colorinterp[-1] == ColorInterp.alpha and is_alpha_band(bands[-1]):
                 # Grey or RGB and alpha (QGIS or gdalwarp -dstalpha exports): the colour, as of an RGBA PNG, not a
                 # band to train on; pixels the alpha marks as empty read as all-zero, nodata, as in a scene.
                 bands, alpha = bands[:-1], bands[-1]

@@ -54,6 +54,9 @@ def pyplot() -> Any:
 
 
 MISSING_GLYPH = "missing from font"  # in matplotlib's warning for a character no font of font.family draws
+# Other warnings raised while a figure is drawn, passed on once each (message, category, file, line), as Python
+# shows a warning once per place: catch_warnings forgets what was shown, and every figure would repeat them.
+PASSED_ON: set[tuple[str, type, str, int]] = set()
 
 
 @functools.cache
@@ -78,7 +81,8 @@ def save_figure(fig: "object", path: Path) -> None:
     for warning in caught:
         if MISSING_GLYPH in str(warning.message):
             warn_missing_glyphs()
-        else:  # any other warning as it would have been shown
+        elif (key := (str(warning.message), warning.category, warning.filename, warning.lineno)) not in PASSED_ON:
+            PASSED_ON.add(key)  # any other warning as it would have been shown: once
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())

@@ -68,16 +68,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 DISK_ERRORS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS) if code)
 
 
-def disk_problem(err: OSError) -> str | None:
+def disk_problem(err: OSError, key: str = "--run_dir") -> str | None:
     """The line that stops a script whose output could not be written for want of room (or on a read-only disk),
-    naming the file and the fix; None for any other OSError, which is a fault to show in full."""
+    naming the file and the fix (``key``: the option that chose the output folder); None for any other OSError,
+    which is a fault to show in full."""
     if err.errno not in DISK_ERRORS:
         return None
     where = shown_path(Path(err.filename)) if err.filename else "an output"
     folder = shown_path(Path(err.filename).parent) if err.filename else "the output folder"
     return (
         f"{where}: could not be written ({err.strerror}); free some space on the disk of {folder} (or make it "
-        "writable), or choose another --run_dir, and run again: outputs written before are complete, the one being "
+        f"writable), or choose another {key}, and run again: outputs written before are complete, the one being "
         "written was dropped"
     )
 
@@ -237,13 +238,22 @@ def windows_process_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
+LOCK_WRITING_S = 10.0  # an unreadable lock file younger than this is being written, not left by a dead run
+
+
 def lock_holder(lock: Path) -> dict[str, Any] | None:
     """The process named in a lock file (pid, host, started), or None where the lock is stale: its process has
-    ended on this machine, or the file cannot be read (a run killed while writing it)."""
+    ended on this machine, or is this very process (which has not taken it yet: a run killed with -9 whose pid
+    came back, as pid 1 does in a restarted container), or the file cannot be read (a run killed while writing it)."""
     holder = read_record(lock)
     if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        # run_lock creates the file, then writes it: one this young is being written, held by the run writing it.
+        with contextlib.suppress(OSError):
+            if time.time() - lock.stat().st_mtime < LOCK_WRITING_S:
+                return {"pid": "?", "host": "?", "started": "a moment ago"}
         return None
-    if holder.get("host") == socket.gethostname() and not process_alive(holder["pid"]):
+    here = holder.get("host") == socket.gethostname()
+    if here and (holder["pid"] == os.getpid() or not process_alive(holder["pid"])):
         return None
     return holder
 

@@ -1123,15 +1123,18 @@ def training_lock(cfg: Config, job: Distributed) -> Iterator[None]:
         yield
 
 
-def say_how_to_go_on(run_dir: Path) -> None:
+def say_how_to_go_on(run_dir: Path, since: float = 0.0) -> None:
     """Before the line that says why training stopped (interrupted, terminated, a full disk): how to go on from the
-    last epoch saved, where there is one."""
-    if (run_dir / "checkpoints" / "last.pth").is_file():
-        LOG.warning(
-            "training stopped; checkpoints/last.pth holds the last finished epoch: python train.py --run_dir=%s "
-            "--resume=true goes on from there",
-            files.shell_quoted(run_dir),
-        )
+    last epoch saved, where there is one of this run: a last.pth written before ``since`` (seconds since the epoch;
+    a fresh run's start) is an earlier run's, which a resume would continue instead."""
+    last = run_dir / "checkpoints" / "last.pth"
+    with contextlib.suppress(OSError):
+        if last.is_file() and last.stat().st_mtime >= since:
+            LOG.warning(
+                "training stopped; checkpoints/last.pth holds the last finished epoch: python train.py --run_dir=%s "
+                "--resume=true goes on from there",
+                files.shell_quoted(run_dir),
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1157,12 +1160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("--epochs=%d is ignored: --time_budget=%g plans the epochs", cfg.epochs, cfg.time_budget)
     if job.world > 1:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
+    started = time.time()  # a fresh run stopped before its first last.pth leaves an earlier run's in place
     try:
         with leaving_distributed(), training_lock(cfg, job):
             summary = train(cfg, job)
     except (KeyboardInterrupt, OSError):
         if job.main:
-            say_how_to_go_on(Path(cfg.run_dir))
+            say_how_to_go_on(Path(cfg.run_dir), 0.0 if cfg.resume else started)
         raise
     if not summary["scored"]:
         LOG.info("kept the last epoch, %d (no val farmland to score it by): %s", summary["best_epoch"], summary["best"])

@@ -248,7 +248,9 @@ def test_a_run_begun_under_another_recipe_is_not_resumed_as_this_one(tmp_path: P
     assert compare_recipes.trained_otherwise(last, arguments) == ["dropout", "lr"]
 
 
-def test_a_finished_run_whose_masks_changed_is_scored_or_trained_again(square_data: Path, tmp_path: Path) -> None:
+def test_a_finished_run_whose_masks_changed_is_scored_or_trained_again(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import cv2
 
     from data_preprocess import read_pair_list
@@ -279,8 +281,20 @@ def test_a_finished_run_whose_masks_changed_is_scored_or_trained_again(square_da
     assert metrics["pooled_confusion"]["fn"] + metrics["pooled_confusion"]["tp"] < 16 * 16 * len(
         read_pair_list(run / "splits" / "test.txt")
     )  # the cleared mask's square is scored as background now
-    # A training mask corrected since: the run is trained again, afresh even with --resume=true.
+    # A training mask corrected since: the run is trained again, afresh even with --resume=true. A retraining
+    # stopped before its first epoch leaves nothing of the old run to take up again (its result.json would have it
+    # retrained afresh every time, its last.pth resumed on the old data's weights).
     clear_mask("train")
+
+    def stopped(argv: list[str]) -> int:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare_recipes.train, "main", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            compare_recipes.main([*argv, "--resume=true"])
+    close_log_files()
+    assert not any((run / name).exists() for name in ("result.json", "checkpoints/last.pth", "checkpoints/best.pth"))
     assert compare_recipes.main([*argv, "--resume=true"]) == 0
     close_log_files()
     assert best.stat().st_mtime_ns != trained

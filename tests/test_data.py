@@ -65,6 +65,20 @@ def test_rgba_png_drops_alpha_but_four_band_tiff_keeps_nir(tmp_path: Path) -> No
         load_image(tmp_path / "b.tif", 3)
 
 
+def test_a_four_band_8_bit_tiff_as_gdal_writes_it_by_default_keeps_its_nir(tmp_path: Path) -> None:
+    # GDAL tags the fourth band of a 4-band 8-bit TIFF written without options as alpha: a B, G, R, NIR tile's
+    # near-infrared band is no alpha band (it holds a spread of values), so it is kept and no pixel is blanked.
+    bands = np.arange(4 * 3 * 4, dtype=np.uint8).reshape(4, 3, 4) * 5 + 1
+    bands[3, 0] = 0  # NIR 0 over water
+    path = tmp_path / "高分 rgbn.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=4, height=3, count=4, dtype="uint8") as dst:
+        dst.write(bands)
+    with rasterio.open(path) as src:
+        assert src.colorinterp[-1] == rasterio.enums.ColorInterp.alpha  # as GDAL tags it
+    assert np.array_equal(read_image(path), bands.transpose(1, 2, 0))
+    assert load_image(path, 4).shape == (4, 3, 4)
+
+
 @pytest.mark.parametrize("interleave", ["pixel", "band"])
 def test_tiffs_as_gdal_writes_them_keep_every_band_in_file_order(tmp_path: Path, interleave: str) -> None:
     # Tagged grey with 3, 4 or 5 samples (gdal_translate's default): OpenCV read such a 16-bit tile as one band.
@@ -482,6 +496,21 @@ def test_names_no_font_draws_are_one_log_line_not_a_warning_per_character(
     assert [str(w.message) for w in shown] == []
     assert caplog.text.count("show as empty boxes; install a Chinese font") == 1
     assert "~/.cache/matplotlib" in caplog.text and (tmp_path / "田块 7.png").is_file()
+
+
+def test_another_warning_while_figures_are_drawn_is_shown_once_not_per_figure(tmp_path: Path) -> None:
+    import warnings
+
+    import figures
+
+    plt = figures.pyplot()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")  # Python's own: a warning once per place
+        for i in range(3):
+            fig, _ = plt.subplots(figsize=(2, 2))
+            fig.tight_layout = lambda: warnings.warn("layout not applied (tiles of 3 sizes)", UserWarning)
+            figures.save_figure(fig, tmp_path / f"{i}.png")
+    assert [str(w.message) for w in shown] == ["layout not applied (tiles of 3 sizes)"]
 
 
 def test_commands_in_messages_quote_paths_for_the_users_shell(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -148,6 +148,36 @@ def test_labels_covering_the_whole_scene_are_warned_of(tmp_path: Path, caplog: p
     assert_masks(tmp_path / "out", burnt(halves[:1]))
 
 
+def test_a_full_disk_names_the_out_key_that_chose_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import errno
+
+    import cli
+    import files
+
+    class FullDisk:  # what os.fdopen gives on a full disk: a file whose writes fail
+        def __init__(self, fd: int, mode: str) -> None:
+            os.close(fd)
+
+        def __enter__(self) -> "FullDisk":
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+        def write(self, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    monkeypatch.setattr(files.os, "fdopen", FullDisk)
+    # make_tiles.py has no --run_dir: the fix named it all the same.
+    assert cli.run_main(lambda: run(scene, labels, tmp_path / "out"), output_key="--out") == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "choose another --out," in err and "--run_dir" not in err
+
+
 def test_mostly_nodata_tiles_are_skipped_and_nodata_written_as_zero(tmp_path: Path) -> None:
     pixels = scene_pixels(bands=4, dtype="uint16")
     pixels[:, :40, :32] = 65535  # the declared nodata: the top-left tile is all nodata, the one below it a quarter

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -817,12 +818,13 @@ def test_a_second_training_into_the_same_run_folder_is_refused_and_a_dead_ones_l
 
     lock = run_copy / "checkpoints" / "train.lock"
     best = (run_copy / "checkpoints" / "best.pth").read_bytes()
-    # A training still running here (this very process stands in for it): the old code trained on, and the two
-    # runs overwrote each other's best.pth and last.pth, each then naming the other's weights as its own.
-    held = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01 08:00:00"}
+    # A training still running here (the process that started this one stands in for it): the old code trained
+    # on, and the two runs overwrote each other's best.pth and last.pth, each then naming the other's weights.
+    held = {"pid": os.getppid(), "host": socket.gethostname(), "started": "2026-01-01 08:00:00"}
     lock.write_text(json.dumps(held), encoding="utf-8")
     refuse_tile_reads(monkeypatch)
-    with pytest.raises(ValueError, match=rf"train.py \(process {os.getpid()} on .*\) is already running into this run"):
+    running = rf"train.py \(process {os.getppid()} on .*\) is already running into this run"
+    with pytest.raises(ValueError, match=running):
         train.main(args(shared_square_data, run_copy, "--epochs=1"))
     with pytest.raises(ValueError, match=r"delete .*train.lock"):
         train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true"))
@@ -835,6 +837,53 @@ def test_a_second_training_into_the_same_run_folder_is_refused_and_a_dead_ones_l
     lock.write_text(json.dumps(held | {"pid": int(ended.stdout)}), encoding="utf-8")
     assert train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true")) == 0
     assert not lock.exists()
+
+
+def test_a_lock_naming_this_very_process_is_stale(tmp_path: Path) -> None:
+    import socket
+
+    # A training killed with -9 in a container, started again there with the same pid (1, often) and host name:
+    # the lock names this process, which has not taken it yet, so it is the dead one's; it was refused for ever.
+    lock = tmp_path / "run" / "checkpoints" / "train.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "?"}), encoding="utf-8")
+    with files.run_lock(lock, "train.py"):
+        assert json.loads(lock.read_text(encoding="utf-8"))["started"] != "?"
+    assert not lock.exists()
+
+
+def test_a_lock_being_written_is_held_and_an_old_unreadable_one_stale(tmp_path: Path) -> None:
+    # run_lock creates the file and then writes it: a second run reading it between the two took it as a dead
+    # run's and took the lock too. Empty and young, it is held; empty and old (a run killed in that instant), stale.
+    lock = tmp_path / "run" / "checkpoints" / "train.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"train.py \(process \? on \?, started a moment ago\) is already running"):
+        with files.run_lock(lock, "train.py"):
+            pass
+    assert lock.read_bytes() == b""
+    old = time.time() - 2 * files.LOCK_WRITING_S
+    os.utime(lock, (old, old))
+    with files.run_lock(lock, "train.py"):
+        assert json.loads(lock.read_text(encoding="utf-8"))["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_a_fresh_run_stopped_before_its_first_epoch_does_not_offer_the_earlier_runs_last_pth(
+    shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the tiles are read, before epoch 1 of the new run
+
+    monkeypatch.setattr(train, "load_splits", interrupted)
+    # run_copy holds an earlier, finished run's last.pth: resuming it would go on with that run, not this one.
+    with caplog.at_level(logging.WARNING, logger="train"), pytest.raises(KeyboardInterrupt):
+        train.main(args(shared_square_data, run_copy, "--epochs=3", "--base_width=4"))
+    assert "goes on from there" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train"), pytest.raises(KeyboardInterrupt):
+        train.main(args(shared_square_data, run_copy, "--epochs=3", "--resume=true"))
+    assert "--resume=true goes on from there" in caplog.text  # a resumed run's last.pth is its own
 
 
 def test_a_resumed_run_writes_the_reports_a_stop_after_last_pth_left_unwritten(
