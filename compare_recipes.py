@@ -68,7 +68,6 @@ def extra_columns(kind: str) -> tuple[str, str]:
     return f"test_farmland_iou_pooled_{kind}", f"test_farmland_iou_per_image_{kind}"
 
 
-TTA_SCORES = extra_columns("tta")  # with --tta
 # Keys that act at prediction alone: a variant's changes reach only train.py, where these do nothing.
 PREDICTION_KEYS = ("threshold", "tta", "sieve_cells")
 

@@ -8,12 +8,15 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from data_preprocess import image_to_float, picked_for_colour, select_bands
 from files import atomic_write_bytes
+
+if TYPE_CHECKING:  # matplotlib is imported when the first figure is drawn (pyplot), not with this module
+    from matplotlib.figure import Figure
 
 LOG = logging.getLogger("figures")
 
@@ -70,7 +73,7 @@ def warn_missing_glyphs() -> None:
     )
 
 
-def save_figure(fig: "object", path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """Render a matplotlib figure to PNG in memory, then write it atomically, and close it."""
     plt = pyplot()
     buffer = io.BytesIO()

@@ -214,11 +214,6 @@ def whole_fields(waiting: list[bytes]) -> list[shapely.Polygon]:
     ]
 
 
-def mask_pieces(rows: np.ndarray, top: int) -> list[shapely.Polygon]:
-    """The farmland polygons of a strip of mask rows in scene pixel coordinates."""
-    return [piece for _, piece in strip_pieces(rows, top).pieces]
-
-
 def handed_out(fields: list[shapely.Polygon]) -> Iterator[shapely.Polygon]:
     """Yield the fields in order, each dropped from the list as it goes: a large field is not kept here
     while the caller turns it into another copy."""

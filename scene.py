@@ -4,7 +4,7 @@ A scene is a GeoTIFF (read with rasterio, window by window) or a PNG/JPEG of any
 tile reader, no GDAL code path). It is predicted in square windows of ``window`` pixels that overlap by
 ``overlap`` pixels. Each window's class probabilities are weighted by a separable cosine ramp that falls
 towards the window's edges (and never reaches 0, so the scene's own edges keep weight), summed, and divided
-by the summed weights; the classes then come from predict.classes_from_probabilities with the checkpoint's
+by the summed weights; the classes then come from inference.classes_from_probabilities with the checkpoint's
 threshold, as for tiles. Windows are taken one row at a time and finished rows are written at once, so
 memory follows one row of windows, not the scene. Window origins fall on a grid of ``window - overlap``
 pixels, a multiple of 16 (32 with a ResNet encoder; times downscale) like the network's pooling grid, so a

@@ -1,7 +1,7 @@
 """Train the U-Net on the training split, validating on the val split every epoch.
 
 The reference recipe (Adam, StepLR, cross-entropy, batch 5, 100 epochs) plus what a trainer needs:
-- every epoch: validation loss and farmland IoU (pooled over the val split, with miou.py's code);
+- every epoch: validation loss and farmland IoU (pooled over the val split, counted by metrics.py as miou.py counts);
 - run_dir/checkpoints/best.pth (best val farmland IoU), last.pth (model, optimizer, scheduler, epoch, best
   score, history and config: ``--resume=true`` continues exactly where it stopped, with the config saved
   there and the keys given on the command line over it) and, every

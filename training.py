@@ -1,6 +1,8 @@
 """The pieces of training that train.py's loop calls and bench.py times: data loaders, the optimiser and
 learning-rate schedule, one epoch, validation with the threshold histogram, the tuned threshold, the
-collapse warning, and the per-epoch log (CSV, TensorBoard).
+collapse warning, the weight average (``ema``) and BatchNorm statistics recomputed (``precise_bn``), the
+per-epoch log (CSV, TensorBoard), the config a resumed run goes on with and the changes it refuses, and the
+training tiles' pixel size (their georeference or make_tiles.py's tiles.csv).
 """
 
 from __future__ import annotations

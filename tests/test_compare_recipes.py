@@ -125,7 +125,7 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(
         run = run_dir / f"seed_{after['seed']}" / "all" / after["recipe"]
         scored = json.loads((run / "tta" / "metrics.json").read_text(encoding="utf-8"))
         assert after["test_farmland_iou_pooled_tta"] == scored["pooled"]["farmland_iou"]
-        assert after == {**before, **{k: after[k] for k in compare_recipes.TTA_SCORES}}
+        assert after == {**before, **{k: after[k] for k in compare_recipes.extra_columns("tta")}}
     assert "with --tta |" in (run_dir / "comparison.md").read_text(encoding="utf-8")
     # --last scores each run's last epoch in its last/ folder; where the best epoch is the last, the same figures.
     assert compare_recipes.main([*argv, "--tta", "--last"]) == 0

@@ -1,13 +1,19 @@
 """The module layout stays walkable: no import circles, no import inside a function to dodge one, shared
-modules never import a script, and a script takes nothing but ``main`` from another script."""
+modules never import a script, a script takes nothing but ``main`` from another script, no function is left
+unused, and the ``module.function`` a docstring or comment points to is there."""
 
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
+from tokenize import COMMENT
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {path.stem: path for path in ROOT.glob("*.py")}
+DOCUMENTED = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 def parsed(name: str) -> ast.Module:
@@ -122,3 +128,67 @@ def test_the_docs_name_every_module_and_test_file() -> None:
     tests = sorted(path.name for path in (ROOT / "tests").glob("test_*.py"))
     missing = [name for name in tests if f"| `{name}` |" not in testing]
     assert not missing, f"docs/testing.md: add a row to the table of test files for each of {missing}"
+
+
+FILE_EXTENSIONS = {"py", "txt", "json", "md", "csv", "log", "lock", "tif", "png", "pth", "onnx", "gpkg", "geojson"}
+
+
+def named_elsewhere(name: str, text: str) -> list[str]:
+    """The ``module.function`` names a docstring or comment of module ``name`` gives that the module named does
+    not define at its top level (file names such as metrics.json left aside)."""
+    stale = []
+    for module, attribute in re.findall(r"\b([a-z_][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\b", text):
+        if module not in MODULES or attribute in FILE_EXTENSIONS:
+            continue
+        tree = TREES[module]
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {
+            target.id
+            for node in tree.body
+            if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Name)
+        }
+        if attribute not in defined:
+            stale.append(f"{name}.py names {module}.{attribute}")
+    return stale
+
+
+def test_the_functions_docstrings_and_comments_name_exist() -> None:
+    """A docstring or comment that sends the reader to ``module.function`` names one that module defines: a
+    function moved to another module takes its mentions with it."""
+    stale = []
+    for name, path in MODULES.items():
+        source = path.read_text(encoding="utf-8")
+        texts = [ast.get_docstring(node) or "" for node in ast.walk(TREES[name]) if isinstance(node, DOCUMENTED)]
+        texts += [tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == COMMENT]
+        stale += named_elsewhere(name, "\n".join(texts))
+    assert stale == []
+
+
+def test_the_docstring_check_finds_a_moved_function() -> None:
+    assert named_elsewhere("scene", "see predict.classes_from_probabilities") == [
+        "scene.py names predict.classes_from_probabilities"
+    ]
+    assert named_elsewhere("scene", "inference.classes_from_probabilities, metrics.json") == []
+
+
+def test_every_function_is_called_by_the_project() -> None:
+    """No dead code: each top-level function and class of a module is used by some module, not by tests alone (a
+    helper only a test needs lives in the test)."""
+    used = set()
+    for tree in TREES.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name):
+                used.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif isinstance(node, ast.ImportFrom):
+                used.update(alias.name for alias in node.names)
+    unused = [
+        f"{name}.py: {node.name}"
+        for name, tree in TREES.items()
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "main" and node.name not in used
+    ]
+    assert unused == []
