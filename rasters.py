@@ -33,6 +33,18 @@ def open_raster(path: Path, fix: str = "check the file or re-export it as GeoTIF
         raise DataError(f"{path}: not a readable raster ({str(err)[:200]}); {fix}") from None
 
 
+def declared_nodata(path: Path) -> float | None:
+    """The nodata value a TIFF tile declares (65535 or -9999, say), or None: no TIFF, none declared, unreadable
+    (the tile reader reports that)."""
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with open_raster(path) as src:
+            return src.nodata
+    except DataError:
+        return None
+
+
 def rpc_only(src: rasterio.io.DatasetReader) -> str:
     """For a raster placed only by RPCs (a Level-1 product, not orthorectified), what it is and the fix; else ''."""
     if src.crs is not None or not src.transform.is_identity or not src.rpcs:

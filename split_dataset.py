@@ -50,6 +50,7 @@ from data_preprocess import (
     select_bands,
     write_pair_list,
 )
+from rasters import declared_nodata, nodata_pixels
 
 LOG = logging.getLogger("split_dataset")
 
@@ -188,14 +189,17 @@ def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str
             f"{image_path}: image is {image.shape[1]}x{image.shape[0]} pixels but its mask {mask_path.name} is "
             f"{mask.shape[1]}x{mask.shape[0]}; they must be the same size"
         )
-    empty = (image == 0).all(axis=2)
+    # All bands 0, or the value a TIFF tile declares as nodata (65535 around a 16-bit tile, say), as scenes count it.
+    declared = declared_nodata(image_path)
+    empty = nodata_pixels(image, declared, axis=2)
     # An RGBA PNG loses its alpha (match_bands); its transparent pixels, often white, are nodata all the same.
     transparent = image.shape[2] == 4 and cfg.in_channels == 3 and image_path.suffix.lower() == ".png"
     nodata = float((empty | (image[:, :, 3] == 0) if transparent else empty).mean())
     if nodata > cfg.max_nodata_fraction:
+        what = "all bands 0" + (f" or the declared nodata {declared:g}" if declared not in (None, 0) else "")
         return (
             "filtered",
-            f"{nodata:.0%} of pixels are nodata (all bands 0{', or transparent' if transparent else ''}) > "
+            f"{nodata:.0%} of pixels are nodata ({what}{', or transparent' if transparent else ''}) > "
             f"max_nodata_fraction={cfg.max_nodata_fraction}",
         )
     return image.shape[0], image.shape[1], *farmland_pixels(mask)

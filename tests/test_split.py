@@ -279,6 +279,23 @@ def test_transparent_pixels_of_an_rgba_png_count_as_nodata(tmp_path: Path) -> No
     assert kind == "filtered" and "75% of pixels are nodata (all bands 0, or transparent)" in reason
 
 
+def test_pixels_of_a_tiffs_declared_nodata_count_as_nodata(tmp_path: Path) -> None:
+    # A 4-band 16-bit tile 87 % of its declared nodata 65535 (not 0) was kept: only all-zero pixels counted.
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image, mask = square_tile(rng)
+        bands = np.concatenate([image, image[:, :, :1]], axis=2).transpose(2, 0, 1).astype(np.uint16) * 257
+        if i == 0:
+            bands[:, :28] = 65535
+        write_geotiff(data / "images" / f"t{i}.tif", bands, None, Affine.identity(), nodata=65535)
+        write_image(data / "labels" / f"t{i}_mask.png", mask)
+    assert run_split(data, tmp_path / "run", "--in_channels=4") == 0
+    kind, reason = rejected(tmp_path / "run")["t0.tif"]
+    assert kind == "filtered" and "88% of pixels are nodata (all bands 0 or the declared nodata 65535)" in reason
+    assert len(rejected(tmp_path / "run")) == 1
+
+
 def test_empty_or_missing_folders(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"images: folder not found"):
         run_split(tmp_path / "nothing", tmp_path / "run")
