@@ -469,7 +469,8 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
     """This script's own options, the config keys passed to every run, and the config they make.
 
     Raises:
-        ValueError: --recipe given (the variants set it), or bad --split_seeds.
+        ValueError: --recipe given (the variants set it), --skip_minority with --only_minority, or bad
+            --split_seeds.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="", help="comma separated recipe[+key=value...]; default: both recipes")
@@ -487,6 +488,11 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
     cfg = cli.parse_args(overrides, __doc__ or "")
     if any(a.startswith("--recipe=") for a in overrides):
         raise ValueError("compare_recipes.py sets --recipe itself through --variants; leave --recipe out")
+    if known.skip_minority and known.only_minority:
+        raise ValueError(
+            "--skip_minority and --only_minority together leave no data set to compare; give one of them, or "
+            "neither to compare on both"
+        )
     try:
         known.seeds = [int(s) for s in known.split_seeds.split(",") if s.strip()] or [cfg.seed]
     except ValueError:
@@ -515,7 +521,18 @@ def seed_datasets(
             {k: len(v) for k, v in subset.items()},
             100 * share,
         )
-        datasets.append(("minority", subset, epochs))
+        # A subset with nothing to train on or to score would train first and then stop the whole comparison.
+        if empty := [name for name in ("train", "test") if not subset[name]]:
+            LOG.warning(
+                "split seed %d: the minority subset (the %g%% of tiles with the least farmland) holds no %s tiles, so "
+                "its runs are left out; raise --minority_quantile, give the test split more tiles or scenes "
+                "(--split_ratios), or compare on the whole data set alone (--skip_minority)",
+                seed,
+                100 * known.minority_quantile,
+                " and no ".join(empty),
+            )
+        else:
+            datasets.append(("minority", subset, epochs))
     return datasets
 
 
@@ -544,6 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs
                 LOG.info("%s", json.dumps(row))
                 files.atomic_write_text(base / "comparison.json", json.dumps(rows, indent=2) + "\n")
+    if not rows:
+        LOG.error("no data set was left to compare (see the warnings above); nothing was trained")
+        return 1
     text = table(rows + mean_rows(rows))
     files.atomic_write_text(base / "comparison.md", text + "\n")
     print(text)

@@ -730,7 +730,8 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
     the latest epoch is the best), and warn of a collapse to one class or of a training loss that does not fall."""
     cm, histogram = row.pop("cm"), row.pop("histogram")
     progress.history.append(row)
-    scoreless = not np.isfinite(class_iou(cm)[FARMLAND])
+    # No farmland among the val labels (rows of cm): IoU is 0 for any farmland predicted and says nothing of the epoch.
+    scoreless = not cm[FARMLAND].sum()
     progress.scored = not scoreless
     if scoreless and row["epoch"] == progress.start_epoch:
         LOG.warning("the val split is empty or holds no farmland: best.pth will be the latest epoch's weights")
@@ -1031,7 +1032,7 @@ def warn_kept_prior(cfg: Config, progress: Progress) -> None:
     scores, which can beat the later epochs of a short run (the collapse warning needs several such epochs)."""
     kept = [row for row in progress.history if row["epoch"] == progress.best_epoch]
     share = kept_farmland_share(kept[0], progress) if kept else math.nan
-    if not share >= ALL_FARMLAND:  # NaN: nothing predicted
+    if not share >= ALL_FARMLAND or not progress.scored:  # NaN: nothing predicted; unscored: no val farmland
         return
     advice = "more epochs (--epochs or --time_budget)"
     advice += "" if cfg.recipe == "recommended" else " or --recipe=recommended"

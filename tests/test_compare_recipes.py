@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import args, close_log_files
+from conftest import args, close_log_files, write_pair
 
 import compare_recipes
 from config import RECOMMENDED, Config
@@ -218,6 +219,35 @@ def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
 def test_recipe_key_is_refused(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--variants"):
         compare_recipes.main([*args(square_data, tmp_path / "cmp"), "--recipe=recommended"])
+
+
+def test_skipping_both_data_sets_is_refused_before_any_split(square_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "cmp"
+    with pytest.raises(ValueError, match="--skip_minority and --only_minority together"):
+        compare_recipes.main([*args(square_data, run_dir), "--skip_minority", "--only_minority"])
+    assert not (run_dir / "splits").exists()
+
+
+def test_a_minority_subset_without_test_tiles_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tile i holds i + 1 rows of farmland: at quantile 0 the subset is tile 0 alone, so train or test is empty.
+    data_dir, rng = tmp_path / "data", np.random.default_rng(0)
+    for i in range(20):
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        mask[: i + 1] = 255
+        write_pair(data_dir, f"tile {i:02d}", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), mask)
+    run_dir = tmp_path / "cmp"
+    base = [*args(data_dir, run_dir, "--epochs=1", "--tensorboard=false"), "--minority_quantile=0"]
+    assert compare_recipes.main([*base, "--variants=reference"]) == 0
+    close_log_files()
+    rows = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))
+    assert [r["data"] for r in rows] == ["all"]
+    assert "the minority subset (the 0% of tiles with the least farmland) holds no" in caplog.text
+    assert not (run_dir / "minority").exists()
+    assert compare_recipes.main([*base, "--variants=reference", "--only_minority"]) == 1
+    close_log_files()
+    assert "no data set was left to compare" in caplog.text
 
 
 def test_each_run_records_its_splits_scene_counts_for_keep_epoch_auto(tmp_path: Path) -> None:

@@ -72,6 +72,20 @@ def stall_warnings(
     return [r.getMessage() for r in caplog.records if "has not fallen" in r.getMessage()]
 
 
+def test_a_val_split_without_farmland_keeps_the_latest_epoch_though_farmland_is_predicted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Farmland predicted where the labels hold none scores IoU 0, not 0/0: no reason to keep epoch 1.
+    cfg, progress, job = Config(collapse_patience=2), train.Progress(), Distributed()
+    no_farmland = np.array([[700, 300], [0, 0]])
+    with caplog.at_level(logging.WARNING, logger="train"):
+        for epoch in (1, 2, 3):
+            assert train.judge(cfg, scripted_row(epoch, 0.7, no_farmland), progress, job)
+    assert progress.best_epoch == 3 and not progress.scored
+    assert "the val split is empty or holds no farmland" in caplog.text
+    assert "collapsed" not in caplog.text
+
+
 def test_loss_stall_by_hand() -> None:
     assert loss_stall([1.0]) == 0
     assert loss_stall([1.25, 0.99, 0.991, 0.989, 0.99]) == 3  # 0.989 is not 1 % below 0.99
