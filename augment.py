@@ -77,8 +77,7 @@ def preview(samples: list[Sample], path: Path, bands: Sequence[int] = (), shown:
 def main(argv: Sequence[str] | None = None) -> int:
     """Flip the chosen training tiles, write the copies and extend train.txt."""
     cfg = cli.parse_args(argv, __doc__ or "")
-    if not 0 <= cfg.aug_prob <= 1:  # taken as 1 or 0 without a word
-        raise ValueError(f"--aug_prob={cfg.aug_prob}: expected a probability from 0 to 1 (0.6 as the reference)")
+    cli.check_fraction(cfg, "aug_prob")  # taken as 1 or 0 without a word
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "augment")
     bands = parse_bands(cfg.bands)

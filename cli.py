@@ -149,6 +149,24 @@ def save_config(cfg: Config, script: str) -> Path:
     return path
 
 
+# Keys that are a share or a probability: outside [0, 1] they act as 0 or 1 without a word (every tile left out).
+FRACTIONS = {
+    "max_nodata_fraction": "a share of the pixels from 0 to 1 (0.5 as the reference; 1 keeps every tile)",
+    "aug_prob": "a probability from 0 to 1 (0.6 as the reference)",
+}
+
+
+def check_fraction(cfg: Config, key: str) -> None:
+    """Refuse a FRACTIONS key outside [0, 1].
+
+    Raises:
+        ValueError: naming the key, its value and the range.
+    """
+    value = getattr(cfg, key)
+    if not 0 <= value <= 1:
+        raise ValueError(f"--{key}={value}: expected {FRACTIONS[key]}")
+
+
 def check_paths(cfg: Config) -> None:
     """Refuse a run folder that is, or lies inside, the data folder (nothing is ever written into data_dir),
     and one that cannot be written.

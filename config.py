@@ -25,7 +25,7 @@ class Config:
     split_ratios: tuple = (0.8, 0.1, 0.1)  # train, val, test fractions (comma separated on the command line)
     seed: int = 42  # seed for the split, augmentation, weight init and data order
     mask_threshold: int = 0  # 0: masks must hold only 0/255 or 0/1; N>0: values >= N are farmland (lossy masks)
-    max_nodata_fraction: float = 0.5  # drop tiles with a larger share of nodata (0, or a TIFF's own); 1 keeps all
+    max_nodata_fraction: float = 0.5  # drop tiles whose nodata share (0, a TIFF's own, transparent) exceeds it
     group_pattern: str = ""  # regex on file stems; tiles whose first group matches share a split ("" = split by tile)
     stratify: bool = True  # reshuffle (seeded) until val and test each hold about the whole set's farmland share
     # --- augment.py ------------------------------------------------------------------------------------

@@ -151,11 +151,12 @@ def decode_other(raw: np.ndarray, path: Path) -> np.ndarray | None:
 
 
 def is_alpha_band(band: np.ndarray) -> bool:
-    """Whether a band tagged alpha holds a mask: only 0 (empty) and its type's largest value (opaque). GDAL tags
+    """Whether a band tagged alpha holds a mask: only 0 (empty) and its type's largest value or 255 (opaque; a
+    16-bit or float file's alpha is often 0/255, as gdal_translate -b mask and older gdalwarp write it). GDAL tags
     the fourth band of every 4-band 8-bit TIFF written without PHOTOMETRIC/ALPHA options as alpha, so a B, G, R,
     NIR tile's near-infrared band, a spread of values, is tagged so too: it is kept, not dropped."""
     top = np.iinfo(band.dtype).max if np.issubdtype(band.dtype, np.integer) else 1.0
-    return bool(np.isin(band, (0, top)).all())
+    return bool(np.isin(band, (0, 255, top)).all())
 
 
 def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:

@@ -287,8 +287,12 @@ def run_lock(lock: Path, what: str) -> Iterator[None]:
                 ) from None
             remove_quietly(lock)  # stale: its process has ended
             continue
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(text)
+        except BaseException:  # a full disk or Ctrl-C: an empty lock left would refuse the next run as "running"
+            remove_quietly(lock)
+            raise
         break
     try:
         yield

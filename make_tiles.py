@@ -41,7 +41,7 @@ from config import Config
 from data_preprocess import encode_tiff, read_image, write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
-from rasters import nodata_pixels, open_raster, rpc_only
+from rasters import REFLECTANCE_SLACK, clipped_reflectance, nodata_pixels, open_raster, rpc_only
 
 LOG = logging.getLogger("make_tiles")
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -87,6 +87,7 @@ def check_settings(cfg: Config) -> None:
         raise ValueError(f"--tile_size={cfg.tile_size}: expected at least 16 pixels, for example --tile_size=256")
     if cfg.tile_stride < 0:
         raise ValueError(f"--tile_stride={cfg.tile_stride}: expected 0 (= tile_size) or a positive number of pixels")
+    cli.check_fraction(cfg, "max_nodata_fraction")  # below 0 every tile was skipped as "more than -50% nodata"
     if cfg.mark_unlabelled and not 1 < cfg.ignore_index < 255:
         raise ValueError(
             f"--mark_unlabelled=true needs --ignore_index=N, the mask value of unlabelled pixels, other than 0, 1 "
@@ -228,7 +229,7 @@ def cut_tiles(
         for row in tile_origins(src.height, tile, stride)
         for col in tile_origins(src.width, tile, stride)
     ]
-    rows, skipped = [], 0
+    rows, skipped, clipped = [], 0, 0
     for window in tqdm(windows, desc=stem, unit="tile", disable=None):
         block = src.read(window=window)
         nodata = nodata_pixels(block, src.nodata, axis=0)
@@ -236,6 +237,10 @@ def cut_tiles(
             skipped += 1
             continue
         block[:, nodata] = 0
+        # Reflectance a little outside [0, 1] (a bright cloud) is clipped, as predict.py clips it in a scene: the
+        # tile reader refuses a float tile outside [0, 1], and split_dataset.py would leave the tile out.
+        pixels, outside = clipped_reflectance(block.transpose(1, 2, 0), nodata)
+        block, clipped = np.ascontiguousarray(pixels.transpose(2, 0, 1)), clipped + outside
         farmland, labelled = on_grid.read(window)
         mask = tile_mask(farmland & ~nodata, labelled, nodata, cfg)
         name = f"{stem}_r{int(window.row_off)}c{int(window.col_off)}"
@@ -248,6 +253,15 @@ def cut_tiles(
         write_image(mask_path, mask)
         written.append(mask_path)
         rows.append(table_row(name, src, window, cfg, (float(nodata.mean()), float((mask == 255).mean()))))
+    if clipped:
+        LOG.warning(
+            "%s: %d pixel(s) of its tiles lie a little outside [0, 1] (bright cloud or haze in reflectance): clipped "
+            "to [0, 1] in the tiles; values further than %g outside it are left as they are, and those tiles refused "
+            "by split_dataset.py",
+            src.name,
+            clipped,
+            REFLECTANCE_SLACK,
+        )
     return rows, skipped
 
 

@@ -151,11 +151,12 @@ def plan_jobs(
             namesakes = without_browse_images(namesakes, settings, report)
         if len(namesakes) > 1:
             (LOG.error if report else LOG.debug)(
-                "%s: share the name %s, so their outputs in %s would overwrite each other; both skipped: rename "
-                "one, or move the other out of the folder (a browse .jpg beside its scene, for example)",
+                "%s: share the name %s, so their outputs in %s would overwrite each other; all %d skipped: rename "
+                "them apart, or move all but one out of the folder (a.tif and a.tiff of one scene, for example)",
                 " and ".join(map(str, namesakes)),
                 namesakes[0].stem,
                 predictions,
+                len(namesakes),
             )
             refused += len(namesakes)
             continue

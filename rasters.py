@@ -1,4 +1,5 @@
-"""Rasters on the ground: opening a GeoTIFF with an error a user can act on, and the size of its pixels.
+"""Rasters on the ground: opening a GeoTIFF with an error a user can act on, the size of its pixels, its nodata and
+its float reflectance a little outside [0, 1] clipped.
 
 Shared by scene prediction, tile making, training (the tiles' pixel size) and change detection.
 """
@@ -146,6 +147,28 @@ def nodata_pixels(block: np.ndarray, nodata: float | None, axis: int) -> np.ndar
         same = np.isnan(block) if math.isnan(nodata) else block == np.asarray(nodata).astype(block.dtype)
         empty |= same.all(axis=axis)
     return empty
+
+
+# Float scenes: values up to this far outside [0, 1] are reflectance that overshoots (bright clouds, glint, an
+# atmospheric correction's small negatives) and are clipped into it; beyond it a scene is on another scale, refused.
+REFLECTANCE_SLACK = 0.5
+
+
+def clipped_reflectance(block: np.ndarray, nodata: np.ndarray) -> tuple[np.ndarray, int]:
+    """A float (H, W, C) block of a scene or tile with its values slightly outside [0, 1] (REFLECTANCE_SLACK)
+    clipped into it, and how many pixels with data were; other blocks as they are (image_to_float refuses those
+    out of range)."""
+    if not np.issubdtype(block.dtype, np.floating):
+        return block, 0
+    with np.errstate(invalid="ignore"):
+        outside = ((block < 0) | (block > 1)).any(axis=2) & ~nodata
+    count = int(outside.sum())
+    if not count:
+        return block, 0
+    values = block[outside]
+    if np.nanmin(values) < -REFLECTANCE_SLACK or np.nanmax(values) > 1 + REFLECTANCE_SLACK:
+        return block, 0
+    return np.clip(block, 0.0, 1.0), count
 
 
 def write_palette_style(path: Path, entries: Sequence[tuple[int, tuple[int, int, int], int, str]]) -> None:

@@ -66,7 +66,9 @@ from inference import (
     overlay_image,
 )
 from rasters import (
+    REFLECTANCE_SLACK,
     area_problem,
+    clipped_reflectance,
     ground_pixel_size_estimate,
     metric_epsg,
     nodata_pixels,
@@ -519,27 +521,6 @@ def filled_nodata(block: np.ndarray, empty: np.ndarray) -> np.ndarray:
     # By row and column: the block is often a transposed view, which a flat reshape would copy whole.
     filled[empty] = block[nearest // block.shape[1], nearest % block.shape[1]]
     return filled
-
-
-# Float scenes: values up to this far outside [0, 1] are reflectance that overshoots (bright clouds, glint, an
-# atmospheric correction's small negatives) and are clipped into it; beyond it a scene is on another scale, refused.
-REFLECTANCE_SLACK = 0.5
-
-
-def clipped_reflectance(block: np.ndarray, nodata: np.ndarray) -> tuple[np.ndarray, int]:
-    """A float block of a scene with its values slightly outside [0, 1] (REFLECTANCE_SLACK) clipped into it, and
-    how many pixels with data were; other blocks as they are (image_to_float refuses those out of range)."""
-    if not np.issubdtype(block.dtype, np.floating):
-        return block, 0
-    with np.errstate(invalid="ignore"):
-        outside = ((block < 0) | (block > 1)).any(axis=2) & ~nodata
-    count = int(outside.sum())
-    if not count:
-        return block, 0
-    values = block[outside]
-    if np.nanmin(values) < -REFLECTANCE_SLACK or np.nanmax(values) > 1 + REFLECTANCE_SLACK:
-        return block, 0
-    return np.clip(block, 0.0, 1.0), count
 
 
 def blended_rows(
@@ -997,8 +978,8 @@ def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> None:
     valid = ~nodata_pixels(block, scene.nodata, axis=2)  # NaN included: nodata_pixels counts it as nodata
     if not valid.any():
         return
-    try:
-        values = image_to_float(block, len(scene.bands), scene.path)
+    try:  # reflectance a little outside [0, 1] (a bright cloud) clipped, as the prediction clips it
+        values = image_to_float(clipped_reflectance(block, ~valid)[0], len(scene.bands), scene.path)
     except DataError:
         return  # the prediction reports it
     means = values[:, valid].mean(axis=1)

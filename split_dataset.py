@@ -520,11 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--ignore_index=0: 0 is background in every mask, so all background would count in no loss and no "
             "metric; give the value that marks unlabelled pixels (--ignore_index=128), or leave it out"
         )
-    if not 0 <= cfg.max_nodata_fraction <= 1:  # below 0 every tile was left out as "0% nodata > -0.5"
-        raise ValueError(
-            f"--max_nodata_fraction={cfg.max_nodata_fraction}: expected a share of the pixels from 0 to 1 (0.5 as the "
-            "reference; 1 keeps every tile)"
-        )
+    cli.check_fraction(cfg, "max_nodata_fraction")  # below 0 every tile was left out as "0% nodata > -0.5"
     parse_bands_for(cfg.bands, cfg.in_channels)
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "split_dataset")

@@ -736,3 +736,12 @@ def test_each_dates_farmland_is_its_own_mask_at_a_threshold_on_a_whole_percent(
     assert probability.stat().st_mtime_ns == made
     assert "1 pair(s) in" in caplog.text and "compared by an earlier version of the change rule" in caplog.text
     assert "until change.py compares them again: other\n" in caplog.text
+
+
+def test_a_float_pair_a_little_above_1_is_compared_as_predict_py_takes_it(checkpoint: Path, tmp_path: Path) -> None:
+    # predict.py clips reflectance a little outside [0, 1] (a bright cloud); change.py's figure refused the pair.
+    before, after = (scene_pixels(1).astype(np.float32) / 255, scene_pixels(1, moved=True).astype(np.float32) / 255)
+    before[:, :10, :10] = 1.05
+    paths = [write_geotiff(tmp_path / "in" / f"farm_{y}.tif", p) for y, p in (("2019", before), ("2024", after))]
+    assert run_change(tmp_path / "run", checkpoint, *paths) == 0
+    assert change.pair_outputs(tmp_path / "run", "farm_2019_to_farm_2024")["figure"].is_file()

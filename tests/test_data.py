@@ -79,6 +79,24 @@ def test_a_four_band_8_bit_tiff_as_gdal_writes_it_by_default_keeps_its_nir(tmp_p
     assert load_image(path, 4).shape == (4, 3, 4)
 
 
+@pytest.mark.parametrize("opaque", [255, 65535])
+def test_a_sixteen_bit_rgb_tiff_with_an_alpha_of_0_and_255_or_65535_loses_its_alpha(
+    tmp_path: Path, opaque: int
+) -> None:
+    # gdal_translate -b 1 -b 2 -b 3 -b mask writes a 16-bit file's alpha as 0/255: it was kept as a fourth band,
+    # and the tile refused as "4 band(s), expected in_channels=3".
+    bands = np.random.default_rng(0).integers(1, 60000, (4, 3, 4)).astype(np.uint16)
+    bands[3], bands[3, 0] = opaque, 0
+    path = tmp_path / "rgba16.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=4, height=3, count=4, dtype="uint16") as dst:
+        dst.write(bands)
+        dst.colorinterp = [rasterio.enums.ColorInterp[c] for c in ("red", "green", "blue", "alpha")]
+    expected = bands[:3].transpose(1, 2, 0).copy()
+    expected[0] = 0  # the empty row reads as nodata
+    assert np.array_equal(read_image(path), expected)
+    assert load_image(path, 3).shape == (3, 3, 4)
+
+
 @pytest.mark.parametrize("interleave", ["pixel", "band"])
 def test_tiffs_as_gdal_writes_them_keep_every_band_in_file_order(tmp_path: Path, interleave: str) -> None:
     # Tagged grey with 3, 4 or 5 samples (gdal_translate's default): OpenCV read such a 16-bit tile as one band.

@@ -178,6 +178,35 @@ def test_a_full_disk_names_the_out_key_that_chose_the_folder(
     assert "No space left on device" in err and "choose another --out," in err and "--run_dir" not in err
 
 
+def test_a_float_scene_a_little_above_1_gives_tiles_clipped_as_predict_py_clips_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # predict.py clips reflectance a little outside [0, 1] (a bright cloud); make_tiles.py wrote it as it was, and
+    # split_dataset.py refused the tile ("floating-point image with values outside [0, 1]").
+    pixels = scene_pixels().astype(np.float32) / 255
+    pixels[:, :20, :20] = 1.05
+    scene = write_scene(tmp_path / "in" / "scene.tif", pixels)
+    assert run(scene, write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm()), tmp_path / "out") == 0
+    assert "400 pixel(s) of its tiles lie a little outside [0, 1]" in caplog.text
+    corner = read_image(tmp_path / "out" / "images" / "scene_r0c0.tif")
+    assert corner.max() == 1.0 and np.array_equal(corner[20:, 20:], pixels[:, 20:TILE, 20:TILE].transpose(1, 2, 0))
+    run_dir = tmp_path / "run"
+    assert split_dataset.main([f"--data_dir={tmp_path / 'out'}", f"--run_dir={run_dir}"]) == 0
+    assert "scene_r0c0.tif" in (run_dir / "splits" / "train.txt").read_text(encoding="utf-8") + (
+        run_dir / "splits" / "val.txt"
+    ).read_text(encoding="utf-8") + (run_dir / "splits" / "test.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("value", ["-0.5", "1.5"])
+def test_a_nodata_share_outside_0_to_1_is_refused_before_any_tile(tmp_path: Path, value: str) -> None:
+    # -0.5 skipped every tile as "more than -50% nodata", as split_dataset.py, which refuses it, once did.
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    with pytest.raises(ValueError, match=rf"--max_nodata_fraction={value}: expected a share of the pixels from 0 to 1"):
+        run(scene, labels, tmp_path / "out", f"--max_nodata_fraction={value}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_mostly_nodata_tiles_are_skipped_and_nodata_written_as_zero(tmp_path: Path) -> None:
     pixels = scene_pixels(bands=4, dtype="uint16")
     pixels[:, :40, :32] = 65535  # the declared nodata: the top-left tile is all nodata, the one below it a quarter

@@ -214,6 +214,8 @@ def test_images_sharing_a_name_are_reported_and_the_others_predicted(
     assert run_predict(tmp_path / "run", checkpoint, tmp_path / "in", "--polygons=false") == 1
     assert f"{browse}: left out, a picture of the scene {scene_file} beside it" in caplog.text
     assert f"{other} and {twin}: share the name other, so their outputs" in caplog.text
+    # The browse image beside its scene no longer stops anything: not the example of a clash to resolve by hand.
+    assert "all 2 skipped" in caplog.text and "browse .jpg beside its scene, for example" not in caplog.text
     assert [r["image"] for r in read_table(tmp_path / "run")] == [str(scene_file)]
     assert not list((tmp_path / "run" / "predictions").glob("other*"))
 
@@ -649,6 +651,24 @@ def test_a_scene_on_another_value_scale_than_the_training_tiles_is_warned_of(
         assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
     warned = [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
     assert len(warned) == 1 and "stretch8.tif: its pixels (uint8, scaled to [0, 1] as 8-bit / 255)" in warned[0]
+
+
+def test_a_reflectance_scene_with_a_bright_cloud_is_still_checked_for_its_value_scale(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network normalised for tiles of means near 0.5, given dark reflectance (near 0.1) with a cloud at 1.05 in
+    the rows sampled: the prediction clips the cloud, and the check gave up on it without a word."""
+    weights = dict(state["model"])
+    weights["band_mean"], weights["band_std"] = torch.full((3,), 0.5), torch.full((3,), 0.2)
+    saved = tmp_path / "net.pth"
+    torch.save({**state, "model": weights, "config": {**state["config"], "normalise": True}, "epoch": 1}, saved)
+    pixels = scene_pixels().astype(np.float32)[:, :128, :128] / 1000
+    pixels[:, 60:70, 60:70] = 1.05
+    source = write_geotiff(tmp_path / "in" / "toa.tif", pixels)
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", saved, source) == 0
+    warned = [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
+    assert len(warned) == 1 and "toa.tif: its pixels (float32, scaled to [0, 1] already)" in warned[0]
 
 
 def test_imagenet_normalisation_is_no_record_of_the_training_tiles_values(

@@ -883,6 +883,26 @@ def test_a_lock_being_written_is_held_and_an_old_unreadable_one_stale(tmp_path: 
     assert not lock.exists()
 
 
+def test_a_lock_that_could_not_be_written_is_not_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    # A full disk as the lock was written left it empty: the next train.py was refused as if one were running.
+    def full_disk(fd: int, mode: str) -> object:
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    lock = tmp_path / "run" / "checkpoints" / "train.lock"
+    lock.parent.mkdir(parents=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(files.os, "fdopen", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            with files.run_lock(lock, "train.py"):
+                pass
+    assert not lock.exists()
+    with files.run_lock(lock, "train.py"):
+        assert lock.is_file()
+
+
 def test_a_fresh_run_stopped_before_its_first_epoch_does_not_offer_the_earlier_runs_last_pth(
     shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
