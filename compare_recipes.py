@@ -25,9 +25,10 @@ A run whose result.json matches its settings (the recipe's values among them) is
 interrupted comparison continues (and gains its ``--tta`` and ``--last`` figures without training when they are
 missing); one whose masks were sieved otherwise (``sieve_cells``, or made before the sieve), or whose test images
 or masks have changed since (size or time), is predicted and scored again from its weights; one whose training or
-validation images or masks have changed since is trained afresh. A run stopped part-way through its epochs goes
-on from its last.pth with ``--resume=true`` (runs done are taken as they are, runs not begun start afresh); its
-minutes then count the epochs before the stop too.
+validation images or masks have changed since is trained afresh (for a run of an older version, which recorded
+none of them: written after its training began). The log says why a finished run is trained or scored again.
+A run stopped part-way through its epochs goes on from its last.pth with ``--resume=true`` (runs done are taken
+as they are, runs not begun start afresh); its minutes then count the epochs before the stop too.
 Offline flips (augment.py) are left out of every variant, so all see exactly the same tiles.
 """
 
@@ -177,15 +178,24 @@ def data_stamps(splits: dict[str, list[tuple[Path, Path]]]) -> dict[str, str]:
     return digests
 
 
-def trained_on_other_data(run_dir: Path, settings: dict) -> bool:
+def trained_on_other_data(run_dir: Path, settings: dict, splits: dict[str, list[tuple[Path, Path]]]) -> bool:
     """Whether the run done in ``run_dir`` (its result.json) trained or validated on images or masks that have
-    changed since (data_stamps); False where it records none (done by an older version) or is not done."""
+    changed since (data_stamps); False where it is not done. A run done by an older version records no digests:
+    there, an image or mask of ``splits``' train and val written after its training began (configs/train.json,
+    else its last.pth) is one it did not train on."""
     try:
         earlier = json.loads((run_dir / "result.json").read_text(encoding="utf-8")).get("settings", {})
     except (OSError, ValueError):
         return False
     data = earlier.get("data") if isinstance(earlier, dict) else None
-    return isinstance(data, dict) and data.get("train") != settings["data"]["train"]
+    if isinstance(data, dict):
+        return data.get("train") != settings["data"]["train"]
+    began = [run_dir / "configs" / "train.json", run_dir / "checkpoints" / "last.pth"]
+    began = [path.stat().st_mtime_ns for path in began if path.is_file()]
+    if not began:
+        return False
+    paths = [path for name in ("train", "val") for pair in splits[name] for path in pair]
+    return any(not path.is_file() or path.stat().st_mtime_ns > began[0] for path in paths)
 
 
 def resumed_seconds(last: Path) -> float | None:
@@ -237,7 +247,7 @@ def run_variant(
     done = done_row(run_dir, settings, splits, variant, overrides, extras)
     if done is not None:
         return done
-    if trained_on_other_data(run_dir, settings):
+    if trained_on_other_data(run_dir, settings, splits):
         LOG.info(
             "%s: its training or validation images or masks have changed since it was done: trained afresh", run_dir
         )
@@ -271,6 +281,31 @@ def run_variant(
     return scored_row(run_dir, settings, splits, variant, overrides, seconds, extras)
 
 
+def settings_changes(earlier: dict, settings: dict) -> list[str]:
+    """What differs between the settings a run was done with (its result.json) and ``settings``, as a log shows
+    it: "epochs 1, now 2", "--base_width=4 now --base_width=8", "the split's tiles"; the data digests and the
+    sieve are left out (done_row scores again for those)."""
+    changes = []
+    for key in settings.keys() - {"sieve_cells", "data"} | earlier.keys() - {"sieve_cells", "data"}:
+        was, now = earlier.get(key), settings.get(key)
+        if was == now:
+            continue
+        if key == "splits":
+            changes.append("the split's tiles")
+        elif isinstance(was, list) and isinstance(now, list):
+            gone, new = [a for a in was if a not in now], [a for a in now if a not in was]
+            changes.append(f"{' '.join(gone) or 'nothing'} now {' '.join(new) or 'nothing'}")
+        elif isinstance(was, dict) and isinstance(now, dict):
+            changes += [
+                f"{key}.{k} {was.get(k)}, now {now.get(k)}"
+                for k in sorted(was.keys() | now.keys())
+                if was.get(k) != now.get(k)
+            ]
+        else:
+            changes.append(f"{key} {was}, now {now}")
+    return sorted(changes)
+
+
 def done_row(
     run_dir: Path,
     settings: dict,
@@ -290,8 +325,12 @@ def done_row(
     weights = [run_dir / "checkpoints" / name for name in ("best.pth", "last.pth")]
     changeable = {"sieve_cells": settings["sieve_cells"], "data": settings["data"]}
     if {**earlier, **changeable} != settings or not all(w.is_file() for w in weights):
+        why = settings_changes(earlier, settings) or [f"{w.name} missing" for w in weights if not w.is_file()]
+        LOG.info(
+            "%s: done before with other settings (%s): its figures are not taken, it trains", run_dir, "; ".join(why)
+        )
         return None
-    if trained_on_other_data(run_dir, settings):
+    if trained_on_other_data(run_dir, settings, splits):
         return None
     if earlier.get("sieve_cells") != settings["sieve_cells"] or earlier.get("data") != settings["data"]:
         why = (

@@ -417,8 +417,18 @@ def next_step(cfg: Config, out: Path, rows: list[dict]) -> str:
     keys += f" --in_channels={common}" if common != 3 else ""
     keys += f" --ignore_index={cfg.ignore_index}" if cfg.mark_unlabelled else ""
     data = files.shell_quoted(out)
-    command = f"next: python split_dataset.py --data_dir={data} --run_dir=RUN --group_pattern='^(.+)_r\\d+c\\d+$'"
-    return command + keys + (f" (and{keys} on train.py and miou.py too)" if keys else "")
+    command = f"next: python split_dataset.py --data_dir={data} --run_dir=RUN"
+    scenes = {row.get("scene") for row in read_table(out / TABLE)} or {row["scene"] for row in rows}
+    by_scene = " --group_pattern='^(.+)_r\\d+c\\d+$'"
+    also = f" (and{keys} on train.py and miou.py too)" if keys else ""
+    if len(scenes) >= 3:
+        return command + by_scene + keys + also
+    # split_dataset.py refuses a scene split that leaves val or test without a scene of its own.
+    return (
+        f"{command}{keys}{also}: split by tile, as {len(scenes)} scene(s) are too few to give val and test scenes "
+        f"of their own (val and test tiles then neighbour training tiles and score higher than new scenes would); "
+        f"with 3 or more scenes in {data}, add{by_scene} to keep each scene's tiles in one split"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -333,7 +333,17 @@ def warn_few_scenes(groups: dict[str, int]) -> None:
     """
     for name, purpose in (("val", "the best epoch and the threshold are chosen on"), ("test", "the scores come from")):
         count = groups.get(name, FEW_SCENES)
-        if count < FEW_SCENES:
+        if count == 0:  # not few: none, so that nothing is chosen on it or scored
+            LOG.warning(
+                "the %s split holds no scene, though %s: its share of --split_ratios gives none of the %d scene(s); "
+                "give it a larger share (--split_ratios), tile more scenes (%d or more each for val and test), or "
+                "leave --group_pattern out to split by tile",
+                name,
+                purpose.replace("are chosen on", "are chosen on it").replace("come from", "come from it"),
+                sum(groups.values()),
+                FEW_SCENES,
+            )
+        elif count < FEW_SCENES:
             LOG.warning(
                 "the %s split holds %d scene(s), which %s: with so few, expect them to differ from scene to "
                 "scene; give it %d or more scenes (--split_ratios), or split several ways (compare_recipes.py "

@@ -329,3 +329,61 @@ def test_a_finished_run_whose_masks_changed_is_scored_or_trained_again(
     close_log_files()
     assert best.stat().st_mtime_ns != trained
     assert len(load_checkpoint(run / "checkpoints" / "last.pth")["history"]) == 1
+
+
+def test_a_run_done_by_an_older_version_is_trained_again_where_its_training_masks_changed_since(
+    square_data: Path, tmp_path: Path
+) -> None:
+    import os
+
+    import cv2
+
+    from data_preprocess import read_pair_list
+
+    run_dir = tmp_path / "cmp"
+    extra = ("--epochs=1", "--tensorboard=false", "--stratify=false")
+    argv = [*args(square_data, run_dir, *extra), "--skip_minority", "--variants=reference"]
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    run = run_dir / "all" / "reference"
+    best, saved = run / "checkpoints" / "best.pth", run / "result.json"
+
+    def as_older_version() -> None:
+        """result.json as an older version wrote it: no digests of the data."""
+        result = json.loads(saved.read_text(encoding="utf-8"))
+        del result["settings"]["data"]
+        saved.write_text(json.dumps(result), encoding="utf-8")
+
+    # Data untouched since: scored again, not trained.
+    as_older_version()
+    trained = best.stat().st_mtime_ns
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    assert best.stat().st_mtime_ns == trained
+    # A training mask corrected after the older version trained: its weights are not of this data.
+    as_older_version()
+    mask = read_pair_list(run / "splits" / "train.txt")[0][1]
+    cv2.imwrite(str(mask), cv2.imread(str(mask), cv2.IMREAD_UNCHANGED) * 0)
+    later = (run / "configs" / "train.json").stat().st_mtime_ns + 10**9
+    os.utime(mask, ns=(later, later))
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    assert best.stat().st_mtime_ns != trained
+
+
+def test_a_finished_run_trained_again_under_other_settings_says_which(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "cmp"
+    argv = [*args(square_data, run_dir, "--tensorboard=false"), "--skip_minority", "--variants=reference"]
+    assert compare_recipes.main([*argv, "--epochs=1"]) == 0
+    close_log_files()
+    caplog.clear()
+    assert compare_recipes.main([*argv, "--epochs=2"]) == 0
+    close_log_files()
+    run = run_dir / "all" / "reference"
+    assert f"{run}: done before with other settings (epochs 1, now 2): its figures are not taken" in caplog.text
+    assert compare_recipes.settings_changes(
+        {"overrides": ["--base_width=4", "--seed=1"], "recipe": {"lr": "0.001"}, "splits": {"test": ["a"]}},
+        {"overrides": ["--base_width=8", "--seed=1"], "recipe": {"lr": "0.002"}, "splits": {"test": ["b"]}},
+    ) == ["--base_width=4 now --base_width=8", "recipe.lr 0.001, now 0.002", "the split's tiles"]

@@ -239,7 +239,7 @@ def test_scenes_of_any_band_count_give_tiles_of_the_same_bands(
         image = read_image(tmp_path / "out" / row["image"])
         np.testing.assert_array_equal(image, pixels[:, y : y + TILE, x : x + TILE].transpose(1, 2, 0))
     # The next command says the band count, which every later script needs too.
-    assert f"--group_pattern='^(.+)_r\\d+c\\d+$' --in_channels={bands} (and --in_channels={bands} on" in caplog.text
+    assert f"--run_dir=RUN --in_channels={bands} (and --in_channels={bands} on" in caplog.text
 
 
 def test_tiff_tiles_keep_the_band_names_of_their_scene(tmp_path: Path) -> None:
@@ -305,7 +305,7 @@ def test_outside_the_labels_extent_is_unlabelled_when_asked(tmp_path: Path, capl
     mask = read_image(tmp_path / "out" / "labels" / "scene_r0c0_mask.png")[:, :, 0]
     assert (mask == np.where(burnt([field])[:32, :32], 255, 0)).all()
     assert (read_image(tmp_path / "out" / "labels" / "scene_r32c32_mask.png") == 128).all()
-    assert "--group_pattern='^(.+)_r\\d+c\\d+$' --ignore_index=128 (and --ignore_index=128 on" in caplog.text
+    assert "--run_dir=RUN --ignore_index=128 (and --ignore_index=128 on" in caplog.text
 
 
 def test_rerunning_replaces_the_tiles_of_a_scene(tmp_path: Path) -> None:
@@ -531,3 +531,18 @@ def test_the_logged_farmland_share_leaves_out_nodata(tmp_path: Path, caplog: pyt
     assert run(scene, labels, tmp_path / "out", "--tile_stride=16") == 0
     # Kept: the tiles starting at columns 16 and 32 (half and none nodata); every valid pixel is farmland.
     assert "farmland is 100.0% of their valid pixels" in caplog.text
+
+
+def test_the_next_step_splits_by_scene_only_with_scenes_enough_for_val_and_test(
+    inputs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    assert run(inputs[0], inputs[1], out) == 0
+    step = caplog.text.split("next: ")[-1]
+    # One scene: split_dataset.py would refuse --group_pattern (no scene left for val and test).
+    assert step.startswith(f"python split_dataset.py --data_dir={out} --run_dir=RUN: split by tile, as 1 scene(s)")
+    for name in ("b", "c"):  # three scenes tiled into the same folder, one run after another
+        write_scene(tmp_path / "in" / f"{name}.tif", scene_pixels(ord(name)))
+        caplog.clear()
+        assert run(tmp_path / "in" / f"{name}.tif", inputs[1], out) == 0
+    assert f"next: python split_dataset.py --data_dir={out} --run_dir=RUN --group_pattern=" in caplog.text

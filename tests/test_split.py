@@ -534,3 +534,19 @@ def test_jpeg_tiles_a_viewer_shows_turned_are_warned_of(tmp_path: Path, caplog: 
     said = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("2 JPEG tile(s) (")
     assert "t0.jpg" in said[0] and "t1.jpg" in said[0] and "t2.jpg" not in said[0]
+
+
+def test_two_scenes_leave_val_and_test_without_a_scene_and_say_what_to_do(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "scenes"
+    rng = np.random.default_rng(2)
+    for scene in ("a", "b"):
+        for col in range(4):
+            write_pair(data_dir, f"{scene}_r0c{col}", *square_tile(rng, 16))
+    run_dir = tmp_path / "run"
+    assert run_split(data_dir, run_dir, r"--group_pattern=^(.+)_r\d+c\d+$") == 0
+    assert json.loads((run_dir / "splits" / "summary.json").read_text())["groups"] == {"train": 2, "val": 0, "test": 0}
+    assert "the val split holds no scene, though the best epoch and the threshold are chosen on it" in caplog.text
+    assert "the test split holds no scene, though the scores come from it" in caplog.text
+    assert "none of the 2 scene(s)" in caplog.text and "holds 0 scene(s)" not in caplog.text
