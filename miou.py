@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gallery(ranked[::-1][:count], lookup, cfg, shown, figures / "gallery_best.png", f"{count} highest farmland IoU")
     pooled_s, per_image = summary["pooled"], summary["per_image"]
     LOG.info(
-        "%d test images | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "
+        "%d test image(s) | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "
         "boundary IoU %s",
         len(rows),
         *(
