@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import args, close_log_files, write_pair
 
 import compare_recipes
 from config import RECOMMENDED, Config
-from data_preprocess import split_scenes
+from data_preprocess import read_pair_list, split_scenes
 from runtime import load_checkpoint
 
 
@@ -278,30 +280,33 @@ def test_a_run_begun_under_another_recipe_is_not_resumed_as_this_one(tmp_path: P
     assert compare_recipes.trained_otherwise(last, arguments) == ["dropout", "lr"]
 
 
+def finished_comparison(data: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """A tiny comparison of the reference recipe, done: its command and its run folder. Unstratified, so that the
+    split stays as it is when a mask changes."""
+    extra = ("--epochs=1", "--tensorboard=false", "--stratify=false")
+    argv = [*args(data, tmp_path / "cmp", *extra), "--skip_minority", "--variants=reference"]
+    assert compare_recipes.main(argv) == 0
+    close_log_files()
+    return argv, tmp_path / "cmp" / "all" / "reference"
+
+
+def clear_first_mask(run: Path, split: str) -> Path:
+    """Correct the first mask of a run's split: no farmland in it after all."""
+    mask = read_pair_list(run / "splits" / f"{split}.txt")[0][1]
+    cv2.imwrite(str(mask), cv2.imread(str(mask), cv2.IMREAD_UNCHANGED) * 0)
+    return mask
+
+
 def test_a_finished_run_whose_masks_changed_is_scored_or_trained_again(
     square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cv2
-
-    from data_preprocess import read_pair_list
-
-    run_dir = tmp_path / "cmp"
-    # Unstratified, the split stays as it is when a mask changes.
-    extra = ("--epochs=1", "--tensorboard=false", "--stratify=false")
-    argv = [*args(square_data, run_dir, *extra), "--skip_minority", "--variants=reference"]
-    assert compare_recipes.main(argv) == 0
-    close_log_files()
-    run = run_dir / "all" / "reference"
+    argv, run = finished_comparison(square_data, tmp_path)
+    run_dir = run.parent.parent
     best = run / "checkpoints" / "best.pth"
     trained = best.stat().st_mtime_ns
 
-    def clear_mask(split: str) -> None:
-        """Correct the first mask of a split: no farmland in it after all."""
-        mask = read_pair_list(run / "splits" / f"{split}.txt")[0][1]
-        cv2.imwrite(str(mask), cv2.imread(str(mask), cv2.IMREAD_UNCHANGED) * 0)
-
     # A test mask corrected since: the figures are scored again against it, without training again.
-    clear_mask("test")
+    clear_first_mask(run, "test")
     assert compare_recipes.main(argv) == 0
     close_log_files()
     assert best.stat().st_mtime_ns == trained
@@ -314,7 +319,7 @@ def test_a_finished_run_whose_masks_changed_is_scored_or_trained_again(
     # A training mask corrected since: the run is trained again, afresh even with --resume=true. A retraining
     # stopped before its first epoch leaves nothing of the old run to take up again (its result.json would have it
     # retrained afresh every time, its last.pth resumed on the old data's weights).
-    clear_mask("train")
+    clear_first_mask(run, "train")
 
     def stopped(argv: list[str]) -> int:
         raise KeyboardInterrupt
@@ -334,18 +339,7 @@ def test_a_finished_run_whose_masks_changed_is_scored_or_trained_again(
 def test_a_run_done_by_an_older_version_is_trained_again_where_its_training_masks_changed_since(
     square_data: Path, tmp_path: Path
 ) -> None:
-    import os
-
-    import cv2
-
-    from data_preprocess import read_pair_list
-
-    run_dir = tmp_path / "cmp"
-    extra = ("--epochs=1", "--tensorboard=false", "--stratify=false")
-    argv = [*args(square_data, run_dir, *extra), "--skip_minority", "--variants=reference"]
-    assert compare_recipes.main(argv) == 0
-    close_log_files()
-    run = run_dir / "all" / "reference"
+    argv, run = finished_comparison(square_data, tmp_path)
     best, saved = run / "checkpoints" / "best.pth", run / "result.json"
 
     def as_older_version() -> None:
@@ -362,8 +356,7 @@ def test_a_run_done_by_an_older_version_is_trained_again_where_its_training_mask
     assert best.stat().st_mtime_ns == trained
     # A training mask corrected after the older version trained: its weights are not of this data.
     as_older_version()
-    mask = read_pair_list(run / "splits" / "train.txt")[0][1]
-    cv2.imwrite(str(mask), cv2.imread(str(mask), cv2.IMREAD_UNCHANGED) * 0)
+    mask = clear_first_mask(run, "train")
     later = (run / "configs" / "train.json").stat().st_mtime_ns + 10**9
     os.utime(mask, ns=(later, later))
     assert compare_recipes.main(argv) == 0
