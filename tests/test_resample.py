@@ -174,4 +174,6 @@ def test_a_scene_in_degrees_of_another_ground_size_is_predicted_with_the_reproje
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         predicted_mask(tmp_path / "near", source, checkpoint_at(state, tmp_path, 2.9))  # within a quarter
-    assert "gdalwarp" not in caplog.text
+    # No reprojection to the model's pixel size; the hectares warning still gives one in metres, without -tr.
+    assert "expect poorer masks" not in caplog.text and " -tr " not in caplog.text
+    assert f"gdalwarp -t_srs EPSG:32650 -r bilinear {source}" in caplog.text
