@@ -147,17 +147,25 @@ class OnnxSegmenter(nn.Module):
         (resolution.pad_to_grid): the sides the graph takes."""
         return resolution.pad_to_grid(torch.from_numpy(array), self.grid, self.min_side).numpy()
 
+    def size_problem(self, height: int, width: int) -> str | None:
+        """Why an image of this size cannot go through a model of fixed sides (farmland_qgis.onnx), with the fix;
+        None where it can."""
+        padded = tuple(resolution.padded_side(side, self.grid, self.min_side) for side in (height, width))
+        if self.fixed_side is None or padded == self.fixed_side:
+            return None
+        side = " x ".join(map(str, self.fixed_side))
+        return (
+            f"{self.path}: takes only {side} images (height and width fixed for QGIS's Deepness), not "
+            f"{height} x {width}; predict with farmland.onnx beside it, whose sides are free (--onnx_model="
+            f"{self.path.with_name('farmland.onnx')}), or give scenes --window={self.fixed_side[0]}"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         height, width = array.shape[-2:]
+        if problem := self.size_problem(height, width):
+            raise DataError(problem)
         padded = self.padded(array)
-        if self.fixed_side is not None and padded.shape[-2:] != self.fixed_side:
-            side = " x ".join(map(str, self.fixed_side))
-            raise DataError(
-                f"{self.path}: takes only {side} images (height and width fixed for QGIS's Deepness), not "
-                f"{height} x {width}; predict with farmland.onnx beside it, whose sides are free (--onnx_model="
-                f"{self.path.with_name('farmland.onnx')}), or give scenes --window={self.fixed_side[0]}"
-            )
         probabilities = self.session.run(None, {self.input_name: padded})[0]
         return torch.from_numpy(probabilities[..., :height, :width])
 

@@ -280,6 +280,22 @@ def warn_replaced(checkpoint: Path, state: dict) -> None:
         )
 
 
+def check_fixed_side(jobs: list[Job], segmenter: OnnxSegmenter | None, settings: scene.SceneSettings) -> None:
+    """Refuse at once an ONNX model of fixed sides (farmland_qgis.onnx) that a scene's windows or a tile (by its
+    PNG or JPEG header; other tiles when predicted) cannot go through, rather than after the outputs' record says
+    every earlier output was made otherwise.
+
+    Raises:
+        DataError: the model's message, with the fix.
+    """
+    if segmenter is None or segmenter.fixed_side is None:
+        return
+    for job in jobs:
+        size = (settings.window, settings.window) if job.is_scene else scene.image_size(job.image)
+        if size is not None and (problem := segmenter.size_problem(*size)):
+            raise DataError(problem)
+
+
 def resolve_bands(cfg: Config, trained: dict) -> None:
     """Set ``bands`` and ``rgb_bands`` in ``cfg`` to the training's (``trained``: the checkpoint's config) unless
     the user gave others for these images; warn where the bands read differ from the training's."""
@@ -362,6 +378,8 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     resolve_bands(cfg, state["config"])
     # Scene keys checked (and rgb_bands against the bands) before the outputs' record is touched.
     settings = scene.SceneSettings.from_config(cfg, *input_padding(state["config"]), state["config"]["in_channels"])
+    jobs, refused = plan_jobs(cfg, list_inputs(cfg), settings, job.main)
+    check_fixed_side(jobs, segmenter, settings)  # before the outputs' record is touched: a refusal redoes nothing
     since = outputs_since(cfg, checkpoint, job, state[LOADED_STAMP])
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included
@@ -369,7 +387,6 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if cfg.reuse_memory:
         keep_freed_memory()
     model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
-    jobs, refused = plan_jobs(cfg, list_inputs(cfg), settings, job.main)
     mine = unfinished(my_share(jobs, job), cfg, checkpoint, since.tiles)
     done, failures = predict_jobs(mine, model, cfg, state, checkpoint, device, amp, settings, since)
     failures += refused if job.main else 0  # every rank saw them; counted once

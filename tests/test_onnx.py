@@ -440,6 +440,8 @@ def test_the_fixed_size_qgis_file_is_refused_for_other_sizes_in_one_line(
     message = capsys.readouterr().err.strip().splitlines()[-1]  # after predict.py's log lines
     assert message.startswith(f"error: {qgis}: takes only 64 x 64 images"), message
     assert "not 32 x 32" in message and "--onnx_model=" + str(qgis.with_name("farmland.onnx")) in message
+    # Refused before the outputs' record is written: it would have the next run redo every earlier output.
+    assert not (tmp_path / "run" / "configs" / "predict_outputs.json").exists()
 
 
 def test_a_new_export_removes_the_8_bit_copy_and_report_of_an_earlier_one(exported: dict, tmp_path: Path) -> None:
