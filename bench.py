@@ -446,7 +446,7 @@ def out_problem(out: Path) -> str:
     """Why the results file cannot be written there, with the fix ('' if it can), creating nothing."""
     if out.is_dir():
         return f"a folder; expected the JSON file to write, such as {out / 'bench.json'}"
-    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    existing = files.nearest_existing(out.parent)
     if not existing.is_dir():
         return f"{existing} is a file, not a folder; choose another --out"
     if not os.access(existing, os.W_OK | os.X_OK):

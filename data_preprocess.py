@@ -992,10 +992,10 @@ def flipped_copies(pairs: Sequence[tuple[Path, Path]], run_dir: Path) -> list[tu
     augmented = (Path(run_dir) / "augmented").resolve()
 
     def is_copy(image: Path) -> bool:
-        folder = image.resolve().parent
-        if augmented in folder.parents or folder.parent == augmented:
+        resolved = image.resolve()
+        if augmented in resolved.parents:
             return True
-        run = folder.parent.parent
+        folder, run = resolved.parent, resolved.parent.parent.parent
         return folder.name == "images" and folder.parent.name == "augmented" and (run / "splits").is_dir()
 
     return [p for p in pairs if is_copy(p[0])]

@@ -114,6 +114,13 @@ def atomic_write_csv(path: Path, text: str) -> None:
     atomic_write_bytes(path, b"\xef\xbb\xbf" + text.encode("utf-8", "backslashreplace"))
 
 
+def nearest_existing(folder: Path) -> Path:
+    """The folder, or the nearest of its parents that exists (the current folder's, for a relative path): where a
+    folder to make would go, and what is in the way where that is a file."""
+    folder = Path(folder)
+    return next(p for p in (folder, *folder.parents) if p.exists())  # "." or the root always does
+
+
 def check_writable(folder: Path, need_bytes: int = 0, key: str = "--run_dir") -> None:
     """Fail at once, not hours later, when an output folder cannot be written or its disk is nearly full;
     ``key`` is the option that chose it, named in the fix.
@@ -122,8 +129,8 @@ def check_writable(folder: Path, need_bytes: int = 0, key: str = "--run_dir") ->
         ValueError: naming the folder, the problem and the fix.
     """
     folder = Path(folder)
-    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
+    blocking = nearest_existing(folder)
+    if not blocking.is_dir():
         raise ValueError(f"{folder}: {blocking} is a file, not a folder; choose another {key}")
     try:
         folder.mkdir(parents=True, exist_ok=True)

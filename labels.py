@@ -41,10 +41,9 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from files import DataError
-from rasters import open_raster
+from rasters import RASTER_SUFFIXES, open_raster
 
 LOG = logging.getLogger("labels")
-RASTER_SUFFIXES = (".tif", ".tiff", ".img", ".vrt", ".jp2")
 MAX_PIXEL_RATIO = 4.0  # a label raster with pixels more than this many times the scene's is refused
 ALLOWED_VALUES = (0, 1, 255)
 SQL_WORDS = frozenset(  # words of a WHERE clause that are not field names

@@ -41,10 +41,9 @@ from config import Config
 from data_preprocess import encode_tiff, read_image, write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
-from rasters import REFLECTANCE_SLACK, clipped_reflectance, nodata_pixels, open_raster, rpc_only
+from rasters import RASTER_SUFFIXES, REFLECTANCE_SLACK, clipped_reflectance, nodata_pixels, open_raster, rpc_only
 
 LOG = logging.getLogger("make_tiles")
-SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 TILE_DTYPES = ("uint8", "uint16", "float32")  # what the pipeline's tile reader takes
 TABLE = "tiles.csv"
 # A scene whose valid pixels are this much farmland or more is warned of: its labels most likely hold every
@@ -68,9 +67,9 @@ def scene_paths(text: str) -> list[Path]:
     for part in (p.strip() for p in text.split(",") if p.strip()):
         path = Path(part)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SCENE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
             if not found:
-                raise ValueError(f"--scene={part}: the folder holds no rasters ({', '.join(SCENE_SUFFIXES)})")
+                raise ValueError(f"--scene={part}: the folder holds no rasters ({', '.join(RASTER_SUFFIXES)})")
             paths.extend(found)
         else:
             paths.append(path)  # a missing file is reported with the other bad scenes

@@ -19,6 +19,8 @@ from rasterio.transform import Affine
 
 from files import DataError, atomic_write_text, shell_quoted
 
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")  # scenes and label rasters, read through GDAL
+
 
 def open_raster(path: Path, fix: str = "check the file or re-export it as GeoTIFF") -> rasterio.io.DatasetReader:
     """Open a raster for reading (a plain image without georeference is no warning here: callers check).

@@ -66,6 +66,7 @@ from inference import (
     overlay_image,
 )
 from rasters import (
+    RASTER_SUFFIXES,
     REFLECTANCE_SLACK,
     area_problem,
     clipped_reflectance,
@@ -81,7 +82,6 @@ from rasters import (
 from runtime import handing_back_freed_memory
 
 LOG = logging.getLogger("scene")
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")  # read through GDAL (RasterScene)
 # Rasters no tile reader takes (a GDAL mosaic, ERDAS Imagine, JPEG 2000), as make_tiles.py's scenes: always scenes.
 SCENE_ONLY_SUFFIXES = (".vrt", ".img", ".jp2")
 FARMLAND = 1
