@@ -294,6 +294,27 @@ def check_encoding(path: Path, layer: str, where: str, declared: str) -> None:
     LOG.warning("%s: its text fields declare no encoding and hold %s; if so, %s", path, seen, fix)
 
 
+def polygon_parts(geometry: shapely.Geometry) -> list[shapely.Polygon]:
+    """The polygons of a geometry, those inside (nested) geometry collections included; none of a point or line."""
+    if geometry.geom_type == "GeometryCollection":
+        return [polygon for part in shapely.get_parts(geometry) for polygon in polygon_parts(part)]
+    return [p for p in shapely.get_parts(geometry) if not p.is_empty] if "Polygon" in geometry.geom_type else []
+
+
+def polygonal(geometries: np.ndarray) -> np.ndarray:
+    """The polygons and multipolygons among ``geometries``; a geometry collection (as clipping tools write
+    them) gives the multipolygon of its polygons. Empty and missing geometries, points and lines are left out."""
+    kept = []
+    for geometry in geometries:
+        if geometry is None or geometry.is_empty:
+            continue
+        if "Polygon" in geometry.geom_type:
+            kept.append(geometry)
+        elif polygons := polygon_parts(geometry):
+            kept.append(shapely.MultiPolygon(polygons))
+    return np.array(kept, dtype=object)
+
+
 class VectorLabels(Labels):
     """Farmland polygons from a vector layer, selected by an SQL WHERE filter."""
 
@@ -338,9 +359,7 @@ class VectorLabels(Labels):
             )
         except UnicodeDecodeError as err:
             raise undecodable(self.path, self.encoding, err) from None
-        geometries = shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object)
-        polygonal = np.array([g is not None and not g.is_empty and "Polygon" in g.geom_type for g in geometries])
-        geometries = geometries[polygonal] if len(geometries) else geometries
+        geometries = polygonal(shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object))
         extent = shapely.segmentize(shapely.box(*self.extent), max((self.extent[2] - self.extent[0]) / 64, 1e-9))
         coverage = reproject(np.array([extent]), self.crs, grid.crs)[0]
         polygons = reproject(geometries, self.crs, grid.crs)

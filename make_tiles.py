@@ -15,7 +15,8 @@ Outputs, under ``out`` (never inside a scene's or the labels' folder; the inputs
 Tiles are ``tile_size`` pixels a side, every ``tile_stride`` pixels (the last row and column end at the
 scene's edge); tiles with more than ``max_nodata_fraction`` nodata pixels (all bands 0 or the declared
 nodata) are skipped, and nodata pixels are written as 0. A scene that cannot be tiled is reported and the
-others go on (exit status 1). Re-running replaces the tiles of the scenes it tiles and keeps the others.
+others go on (exit status 1). Re-running replaces the tiles of the scenes it tiles and keeps the others (another
+tile size than theirs is refused).
 """
 
 from __future__ import annotations
@@ -121,6 +122,30 @@ def check_out(out: Path, inputs: Sequence[Path], subdirs: Sequence[str] = ("imag
                     "beside your scenes and labels: choose another --out, for example ../tiles"
                 )
     files.check_writable(target, key="--out")
+
+
+def check_tile_size(out: Path, scenes: Sequence[Path], tile: int) -> None:
+    """Refuse a tile size other than that of the tiles an earlier run left in ``out`` for scenes not tiled now:
+    re-running keeps those tiles, and training batches need one size.
+
+    Raises:
+        DataError: naming the folder, both sizes, the scenes kept and the fix.
+    """
+    now = {path.stem for path in scenes}
+    other = {
+        Path(row.get("scene", "")).stem: f"{row.get('width')}x{row.get('height')}"
+        for row in read_table(out / TABLE)
+        if Path(row.get("scene", "")).stem not in now and (row.get("width"), row.get("height")) != (str(tile),) * 2
+    }
+    if other:
+        names = sorted(other)
+        shown = ", ".join(f"{name} ({other[name]})" for name in names[:5]) + (", ..." if len(names) > 5 else "")
+        raise DataError(
+            f"{out / TABLE}: holds tiles of {len(names)} other scene(s) of another size, {shown}, which this run "
+            f"keeps, and it cuts {tile}x{tile} tiles; training batches need one size (split_dataset.py refuses the "
+            f"tiles of the less common size): give --tile_size={other[names[0]].split('x')[0]} as before, re-tile "
+            "those scenes too (name them in --scene), or tile into another --out"
+        )
 
 
 def tile_origins(size: int, tile: int, stride: int) -> list[int]:
@@ -437,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenes, out = scene_paths(cfg.scene), Path(cfg.out)
     inputs = [*(Path(p.strip()) for p in cfg.scene.split(",") if p.strip()), Path(cfg.labels)]
     check_out(out, inputs, (cfg.image_subdir, cfg.label_subdir))
+    check_tile_size(out, scenes, cfg.tile_size)
     logged = dataclasses.replace(cfg, run_dir=str(out))
     cli.setup_logging(logged, "make_tiles")
     cli.save_config(logged, "make_tiles")

@@ -123,6 +123,18 @@ def test_labels_in_wgs84_are_reprojected_to_the_utm_scene(tmp_path: Path) -> Non
     assert_masks(tmp_path / "out", burnt(fields_utm()))
 
 
+def test_the_polygons_of_a_geometry_collection_are_burnt_in(tmp_path: Path) -> None:
+    geoms = fields_utm()  # a clipping tool's output: a field with a sliver line, and a field on its own
+    collection = shapely.GeometryCollection([geoms[2], shapely.LineString(geoms[2].exterior.coords[:2])])
+    labels = tmp_path / "vec" / "clipped.gpkg"
+    labels.parent.mkdir()
+    wkb = np.array(shapely.to_wkb([collection, geoms[0]]), dtype=object)
+    write_vector(str(labels), wkb, [], [], geometry_type="Unknown", crs=UTM)
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    assert run(scene, labels, tmp_path / "out") == 0
+    assert_masks(tmp_path / "out", burnt([geoms[2], geoms[0]]))
+
+
 def test_the_filter_keeps_the_cultivated_land_codes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     geoms = fields_utm()
     codes = ["0101", "0701", "0103", "1001"]  # paddy, residential, dry land, water
@@ -318,6 +330,19 @@ def test_rerunning_replaces_the_tiles_of_a_scene(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out" / "labels").iterdir()) == [
         f"scene_r{y}c{x}_mask.png" for y in (0, 32) for x in (0, 32)
     ]
+
+
+def test_rerunning_one_scene_at_another_tile_size_is_refused_while_others_keep_theirs(tmp_path: Path) -> None:
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    a = write_scene(tmp_path / "in" / "a.tif", scene_pixels(0))
+    b = write_scene(tmp_path / "in" / "b.tif", scene_pixels(1))
+    assert run(f"{a},{b}", labels, tmp_path / "out") == 0
+    before = folder_digest(tmp_path / "out")
+    with pytest.raises(DataError, match=r"tiles.csv: holds tiles of 1 other scene\(s\) of another size, b \(32x32\)"):
+        run(a, labels, tmp_path / "out", "--tile_size=16")
+    assert folder_digest(tmp_path / "out") == before
+    assert run(f"{a},{b}", labels, tmp_path / "out", "--tile_size=16") == 0  # both re-tiled: one size again
+    assert {(r["width"], r["height"]) for r in table(tmp_path / "out")} == {("16", "16")}
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------
