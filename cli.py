@@ -305,6 +305,8 @@ def run_main(main: Callable[[], int], output_key: str = "--run_dir") -> int:
         return main()
     except (ValueError, FloatingPointError) as err:
         say_fatal(f"error: {as_raised(str(err))}")
+        # A slip in the code raises ValueError too ("too many values to unpack"): the log keeps where it came from.
+        log_to_file(f"where the error above was raised:\n{traceback.format_exc().rstrip()}", logging.DEBUG)
         return 2
     except (Terminated, RuntimeError) as err:
         if not isinstance(err, Terminated) and not loader_worker_terminated(err):

@@ -488,6 +488,46 @@ def colour_mask_error(mask: np.ndarray, path: Path) -> DataError:
     )
 
 
+def mask_values_error(mask: np.ndarray, values: np.ndarray, path: Path, ignore_index: int) -> DataError:
+    """The refusal of a mask holding values outside {0, 255} and {0, 1} (``values``: its values, ``ignore_index``
+    left out), with the fix its values point to: a 16-bit mask, 255 around a 0/1 mask, or one value more."""
+    shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+    other = values[~np.isin(values, (0, 1, 255))]
+    one_more = other.size == 1 and float(other[0]).is_integer()
+    one_more = one_more and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
+    if mask.dtype == np.uint16 and np.isin(values, (0, 65535)).all():  # 16-bit full scale, not unlabelled
+        fix = (
+            "it looks like a 16-bit mask with 65535 = farmland: save the masks as 8-bit PNGs of 0 and 255, or "
+            "set --mask_threshold=128 to read values >= 128 as farmland"
+        )
+    elif np.isin((1, 255), values).all() and np.isin(values, (0, 1, 255)).all():
+        # A 0/1 raster with 255 around it, as GIS tools write nodata: --mask_threshold=128 would make the
+        # nodata farmland and the farmland background.
+        fix = (
+            "it looks like a 0/1 mask with 255 for nodata (unlabelled pixels, as GIS rasters hold around the "
+            "labelled area): set --ignore_index=255; if 255 is farmland as 1 is, set --mask_threshold=1 "
+            "(not 128, which would read the 1s as background)"
+        )
+    elif one_more and ignore_index < 0 and other[0] < 0:  # a nodata value --ignore_index cannot take
+        fix = (
+            f"if {other[0]:g} marks nodata (unlabelled pixels), give them a value from 2 to 254 instead, for "
+            f"example numpy.where(mask == {other[0]:g}, 128, mask) saved as an 8-bit PNG, and set "
+            "--ignore_index=128 (--ignore_index takes no negative value: -1 means none)"
+        )
+    elif one_more and ignore_index < 0:  # 0/255 or 0/1 and one more value: most likely unlabelled pixels
+        value = int(other[0])
+        fix = (
+            f"if {value} marks unlabelled pixels (make_tiles.py --mark_unlabelled writes the --ignore_index "
+            f"it is given), set --ignore_index={value}; else re-export the masks losslessly (PNG, not JPEG)"
+        )
+    else:
+        fix = "re-export masks losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"
+        fix += "" if ignore_index >= 0 else ", or --ignore_index=N when value N marks unlabelled pixels"
+    return DataError(
+        f"{path}: holds values {{{shown}}}; expected only 0 and 255 (or 0 and 1). {fix[0].upper()}{fix[1:]}"
+    )
+
+
 def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndarray:
     """Turn a mask of 0/255 (or 0/1) into class indices 0/1 (uint8, H x W), unlabelled pixels into IGNORE.
 
@@ -538,41 +578,7 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
         elif np.isin(values, (0, 1)).all():
             classes = mask.astype(np.uint8)
         else:
-            shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
-            other = values[~np.isin(values, (0, 1, 255))]
-            one_more = other.size == 1 and float(other[0]).is_integer()
-            one_more = one_more and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
-            if mask.dtype == np.uint16 and np.isin(values, (0, 65535)).all():  # 16-bit full scale, not unlabelled
-                fix = (
-                    "it looks like a 16-bit mask with 65535 = farmland: save the masks as 8-bit PNGs of 0 and 255, or "
-                    "set --mask_threshold=128 to read values >= 128 as farmland"
-                )
-            elif np.isin((1, 255), values).all() and np.isin(values, (0, 1, 255)).all():
-                # A 0/1 raster with 255 around it, as GIS tools write nodata: --mask_threshold=128 would make the
-                # nodata farmland and the farmland background.
-                fix = (
-                    "it looks like a 0/1 mask with 255 for nodata (unlabelled pixels, as GIS rasters hold around the "
-                    "labelled area): set --ignore_index=255; if 255 is farmland as 1 is, set --mask_threshold=1 "
-                    "(not 128, which would read the 1s as background)"
-                )
-            elif one_more and ignore_index < 0 and other[0] < 0:  # a nodata value --ignore_index cannot take
-                fix = (
-                    f"if {other[0]:g} marks nodata (unlabelled pixels), give them a value from 2 to 254 instead, for "
-                    f"example numpy.where(mask == {other[0]:g}, 128, mask) saved as an 8-bit PNG, and set "
-                    "--ignore_index=128 (--ignore_index takes no negative value: -1 means none)"
-                )
-            elif one_more and ignore_index < 0:  # 0/255 or 0/1 and one more value: most likely unlabelled pixels
-                value = int(other[0])
-                fix = (
-                    f"if {value} marks unlabelled pixels (make_tiles.py --mark_unlabelled writes the --ignore_index "
-                    f"it is given), set --ignore_index={value}; else re-export the masks losslessly (PNG, not JPEG)"
-                )
-            else:
-                fix = "re-export masks losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"
-                fix += "" if ignore_index >= 0 else ", or --ignore_index=N when value N marks unlabelled pixels"
-            raise DataError(
-                f"{path}: holds values {{{shown}}}; expected only 0 and 255 (or 0 and 1). {fix[0].upper()}{fix[1:]}"
-            )
+            raise mask_values_error(mask, values, path, ignore_index)
     if unlabelled is not None:
         classes[unlabelled] = IGNORE
     return classes

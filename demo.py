@@ -59,7 +59,6 @@ DEMO_OVERRIDES = [
     "--num_workers=0",
     "--predict_batch_size=32",
 ]
-STAGES = (split_dataset, augment, train, predict, miou)
 
 
 def colour_baseline_iou(run_dir: Path, mask_threshold: int = 0) -> float:
@@ -85,12 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir, run_dir = Path(cfg.data_dir), Path(cfg.run_dir)
     generate_dataset(data_dir, N_TILES, TILE_SIZE, DATA_SEED)
     LOG.info("demo data: %d tiles of %dx%d in %s", N_TILES, TILE_SIZE, TILE_SIZE, data_dir)
-    for stage in STAGES:
-        LOG.info("---- %s.py %s", stage.__name__, " ".join(overrides))
-        code = stage.main(overrides)
+    for stage in (split_dataset.main, augment.main, train.main, predict.main, miou.main):
+        LOG.info("---- %s.py %s", stage.__module__, " ".join(overrides))
+        code = stage(overrides)
         cli.setup_logging(cfg, "demo")
         if code != 0:
-            LOG.error("%s.py failed with status %d; see the messages above", stage.__name__, code)
+            LOG.error("%s.py failed with status %d; see the messages above", stage.__module__, code)
             return code
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     colour_iou = colour_baseline_iou(run_dir, cfg.mask_threshold)

@@ -439,7 +439,6 @@ def apply_colour_classifier(table: np.ndarray, image: np.ndarray) -> np.ndarray:
 
 LOSS_CHANCE = 0.4  # chance that a tile loses part of its farmland to buildings, a road or a pond by the second date
 GAIN_CHANCE = 0.3  # chance that a tile turns part of its background (bare land, meadow, yard) into a field
-TRUTH_CODES = {"stable background": 0, "stable farmland": 1, "lost": 2, "gained": 3}  # as change_detection.py's
 
 
 def _patch_region(rng: np.random.Generator, allowed: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
@@ -534,7 +533,7 @@ def write_demo_change_pair(folder: Path, tiles: int = 12, size: int = 64, seed: 
 
     Returns:
         Paths by kind: before, after (RGB scenes), before_label, after_label (1 = farmland) and truth (0 stable
-        background, 1 stable farmland, 2 farmland lost, 3 farmland gained; TRUTH_CODES).
+        background, 1 stable farmland, 2 farmland lost, 3 farmland gained: change_detection.py's codes).
     """
     import rasterio  # only the scenes need GDAL; the tile data sets do not
 

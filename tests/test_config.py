@@ -182,6 +182,24 @@ def test_why_a_script_stopped_goes_to_its_log_file_and_once_to_the_terminal(
     assert "stopped by an unexpected error:\nTraceback" in log
 
 
+def test_a_value_error_keeps_its_traceback_in_the_log_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A ValueError of a slip in the code reads on the terminal like a refused input: the log says where it was."""
+
+    def slip() -> int:
+        first, second = (1, 2, 3)
+        return first + second
+
+    cli.setup_logging(config.Config(run_dir=str(tmp_path)), "split_dataset")
+    try:
+        assert cli.run_main(slip) == 2
+    finally:
+        close_log_files()
+    said = capsys.readouterr().err
+    assert said.startswith("error: too many values to unpack") and said.count("\n") == 1  # one line, as before
+    log = (tmp_path / "logs" / "split_dataset.log").read_text(encoding="utf-8")
+    assert "where the error above was raised:\nTraceback" in log and "first, second = (1, 2, 3)" in log
+
+
 def test_run_dir_inside_data_dir_is_refused(tmp_path: Path) -> None:
     cfg = cli.parse_args([f"--data_dir={tmp_path}", f"--run_dir={tmp_path / 'runs'}"])
     with pytest.raises(ValueError, match="lies inside data_dir"):

@@ -1,6 +1,7 @@
 """The module layout stays walkable: no import circles, no import inside a function to dodge one, shared
-modules never import a script, a script takes nothing but ``main`` from another script, no function is left
-unused, and the ``module.function`` a docstring or comment points to is there."""
+modules never import a script, a script takes nothing but ``main`` from another script (nor hands the script
+itself on), no function, class or constant is left unused, the ``module.function`` a docstring or comment points to
+is there, and the docs' lists of modules and test files hold those there are."""
 
 from __future__ import annotations
 
@@ -28,10 +29,14 @@ def is_script(tree: ast.Module) -> bool:
     )
 
 
+MODULE_AS_VALUE = "(the module itself, as a value)"
+
+
 def local_imports(tree: ast.Module) -> list[tuple[str, list[str], bool]]:
     """(module, names taken from it, imported at module level) for every import of a project module.
 
-    For ``import X`` the names are the attributes the module reads from X."""
+    For ``import X`` the names are the attributes the module reads from X, and MODULE_AS_VALUE where X itself is
+    handed on (``stages = (X,)``), since what is read from it then cannot be told."""
     found = []
     top_level = {id(node) for node in tree.body}
     for node in ast.walk(tree):
@@ -39,14 +44,16 @@ def local_imports(tree: ast.Module) -> list[tuple[str, list[str], bool]]:
             for alias in node.names:
                 if alias.name in MODULES:
                     bound = alias.asname or alias.name
-                    used = sorted(
-                        {
-                            n.attr
-                            for n in ast.walk(tree)
-                            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == bound
-                        }
-                    )
-                    found.append((alias.name, used, id(node) in top_level))
+                    reads = [
+                        n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                    ]
+                    used = {n.attr for n in reads if n.value.id == bound}
+                    read_from = {id(n.value) for n in reads}
+                    if any(
+                        isinstance(n, ast.Name) and n.id == bound and id(n) not in read_from for n in ast.walk(tree)
+                    ):
+                        used.add(MODULE_AS_VALUE)
+                    found.append((alias.name, sorted(used), id(node) in top_level))
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in MODULES:
             found.append((node.module, [a.name for a in node.names], id(node) in top_level))
     return found
@@ -113,21 +120,32 @@ def test_a_script_takes_only_main_from_another_script() -> None:
     assert helpers == []
 
 
+def test_a_script_handed_on_as_a_value_is_seen() -> None:
+    """``stages = (augment,)`` takes the whole module: what is read from it later cannot be told."""
+    assert local_imports(ast.parse("import augment\nstages = (augment,)\n")) == [("augment", [MODULE_AS_VALUE], True)]
+    assert local_imports(ast.parse("import augment as a\na.main()\n")) == [("augment", ["main"], True)]
+
+
 def test_the_pipeline_scripts_are_scripts() -> None:
     assert {"split_dataset", "augment", "train", "predict", "miou", "demo"} <= SCRIPTS
     assert not {"config", "net_structure", "data_preprocess", "inference", "runtime", "scene"} & SCRIPTS
 
 
 def test_the_docs_name_every_module_and_test_file() -> None:
-    """docs/architecture.md names every module of the project and docs/testing.md's table every test file, so
-    that neither page falls behind the code."""
+    """docs/architecture.md gives every module of the project a line of its own and docs/testing.md's table every
+    test file a row, and neither keeps one for a file that is gone, so that neither page falls behind the code."""
     architecture = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
-    testing = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
-    unnamed = sorted(name for name in MODULES if f"`{name}.py`" not in architecture)
+    described = set(re.findall(r"^- `(\w+)\.py`:", architecture, re.M))
+    unnamed = sorted(set(MODULES) - described)
     assert not unnamed, f"docs/architecture.md: add a line for each of {unnamed}"
-    tests = sorted(path.name for path in (ROOT / "tests").glob("test_*.py"))
-    missing = [name for name in tests if f"| `{name}` |" not in testing]
+    gone = sorted(described - set(MODULES))
+    assert not gone, f"docs/architecture.md: remove the lines of {gone}, which are no longer modules"
+    rows = set(re.findall(r"^\| `(test_\w+\.py)` \|", (ROOT / "docs" / "testing.md").read_text(encoding="utf-8"), re.M))
+    tests = {path.name for path in (ROOT / "tests").glob("test_*.py")}
+    missing = sorted(tests - rows)
     assert not missing, f"docs/testing.md: add a row to the table of test files for each of {missing}"
+    gone = sorted(rows - tests)
+    assert not gone, f"docs/testing.md: remove the rows of {gone}, which are no longer test files"
 
 
 FILE_EXTENSIONS = {"py", "txt", "json", "md", "csv", "log", "lock", "tif", "png", "pth", "onnx", "gpkg", "geojson"}
@@ -173,22 +191,57 @@ def test_the_docstring_check_finds_a_moved_function() -> None:
     assert named_elsewhere("scene", "inference.classes_from_probabilities, metrics.json") == []
 
 
-def test_every_function_is_called_by_the_project() -> None:
-    """No dead code: each top-level function and class of a module is used by some module, not by tests alone (a
-    helper only a test needs lives in the test)."""
-    used = set()
-    for tree in TREES.values():
+def defined_names(node: ast.stmt) -> set[str]:
+    """The names a top-level statement defines: a function, a class, or the constants of an assignment."""
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return set()
+
+
+def unused_definitions(trees: dict[str, ast.Module]) -> list[str]:
+    """The top-level functions, classes and constants (``main`` and dunders aside) that no module uses. A use names
+    this module's own definition: its name read in its module outside its own statement, taken by ``from module
+    import name``, or read as ``module.name`` after ``import module``; a same-named one of another module does not
+    count."""
+    used: set[tuple[str, str]] = set()
+    for name, tree in trees.items():
+        own = set().union(*(defined_names(node) for node in tree.body))
+        bound = {}  # the name each ``import module`` binds -> the module
         for node in ast.walk(tree):
-            if isinstance(node, ast.Name):
-                used.add(node.id)
-            elif isinstance(node, ast.Attribute):
-                used.add(node.attr)
-            elif isinstance(node, ast.ImportFrom):
-                used.update(alias.name for alias in node.names)
-    unused = [
-        f"{name}.py: {node.name}"
-        for name, tree in TREES.items()
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in trees:
+                used.update((node.module, alias.name) for alias in node.names)
+            elif isinstance(node, ast.Import):
+                bound.update({alias.asname or alias.name: alias.name for alias in node.names if alias.name in trees})
+        for top in tree.body:
+            itself = defined_names(top)  # a function calling itself is not used by that
+            for node in ast.walk(top):
+                if isinstance(node, ast.Name) and node.id in own and node.id not in itself:
+                    used.add((name, node.id))
+                elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound:
+                    used.add((bound[node.value.id], node.attr))
+    return [
+        f"{name}.py: {defined}"
+        for name, tree in trees.items()
         for node in tree.body
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "main" and node.name not in used
+        for defined in sorted(defined_names(node))
+        if defined != "main" and not defined.startswith("__") and (name, defined) not in used
     ]
-    assert unused == []
+
+
+def test_the_dead_code_check_tells_same_named_functions_apart() -> None:
+    """One module's call of its own ``write_table`` does not keep another module's ``write_table`` alive."""
+    trees = {
+        "a": ast.parse("def write_table(): pass\ndef helper(): pass\n"),
+        "b": ast.parse("import a\ndef write_table(): pass\ndef other(): write_table()\na.helper()\n"),
+        "c": ast.parse("from b import other\ndef again(): again()\nCODES = {0: 'none'}\nKEPT = 1\nX = KEPT\n"),
+    }
+    assert unused_definitions(trees) == ["a.py: write_table", "c.py: again", "c.py: CODES", "c.py: X"]
+
+
+def test_every_function_is_called_by_the_project() -> None:
+    """No dead code: each top-level function, class and constant of a module is used by some module, not by tests
+    alone (a helper only a test needs lives in the test)."""
+    assert unused_definitions(TREES) == []
