@@ -111,11 +111,15 @@ def pair_name(before: Path, after: Path) -> str:
 
 
 def images_by_stem(folder: Path, problems: list[str], reported: set[str]) -> dict[str, list[Path]]:
-    """The images of a folder (not its sub-folders), by file stem; an image whose name is not UTF-8, a link to
-    nothing or a folder named as an image is left out, its error added to ``problems`` and its stem to
-    ``reported`` (its partner is not called lonely as well)."""
+    """The images of a folder (not its sub-folders), by file stem: tiles and scenes, with the ``.vrt``, ``.img``
+    and ``.jp2`` scenes that predict.py takes too; an image whose name is not UTF-8, a link to nothing or a folder
+    named as an image is left out, its error added to ``problems`` and its stem to ``reported`` (its partner is
+    not called lonely as well)."""
     found: dict[str, list[Path]] = {}
-    for path in image_entries(folder):
+    scenes = [
+        p for p in folder.iterdir() if p.suffix.lower() in scene.SCENE_ONLY_SUFFIXES and not p.name.startswith(".")
+    ]
+    for path in sorted(image_entries(folder) + scenes):
         if problem := files.name_problem(path) or entry_problem(path):
             problems.append(problem)
             reported.add(path.stem)
@@ -137,6 +141,12 @@ def list_pairs(cfg: Config) -> tuple[list[Pair], list[str]]:
     for key, path in (("before", before), ("after", after)):
         if not path.exists():
             raise DataError(f"--{key}={path}: no such file or folder")
+    if before.resolve() == after.resolve():  # a typo would report every pair unchanged
+        kind = "folder" if before.is_dir() else "file"
+        raise ValueError(
+            f"--before={before} and --after={after}: the same {kind} twice; expected the two dates to compare, the "
+            "earlier with --before and the later with --after"
+        )
     if before.is_file() and after.is_file():
         return [Pair(pair_name(before, after), before, after)], []
     if not (before.is_dir() and after.is_dir()):
@@ -289,6 +299,12 @@ def detect_change(
     rule = dataclasses.replace(job.rule, min_pixels=min_pixels)
     with rasterio.Env(GDAL_CACHEMAX=scene.GDAL_CACHE_MB):
         counts = change_detection.write_change_map(dates["before"], dates["after"], aligned, rule, outputs["change"])
+        if counts.valid == 0:  # the extents overlap, the data do not (collars of nodata around rotated footprints)
+            raise DataError(
+                f"{pair.before} (before) and {pair.after} (after): no pixel holds data at both dates, so nothing can "
+                "be compared: their extents overlap, but where one has data the other is nodata; expected two dates "
+                "of the same place (check the scenes' footprints, not only their extents)"
+            )
         if change_detection.margin_hides_change(counts):
             LOG.warning(
                 "%s: %.1f%% of the valid pixels are farmland at one date and not the other by the threshold %.2f, "

@@ -266,6 +266,20 @@ def grid_of(item: scene.Scene | rasterio.io.DatasetReader) -> dict:
     return {"crs": item.crs, "transform": item.transform, "width": item.width, "height": item.height}
 
 
+def same_crs(first: rasterio.crs.CRS | None, second: rasterio.crs.CRS | None) -> bool:
+    """Whether two CRSs are the same: equal, or both identified as one EPSG code (the same CRS written in another
+    dialect, as an ESRI WKT, which rasterio does not call equal)."""
+    if first is None or second is None:
+        return first is second
+    if first == second:
+        return True
+    try:
+        code = first.to_epsg(confidence_threshold=90)
+        return code is not None and code == second.to_epsg(confidence_threshold=90)
+    except rasterio.errors.CRSError:  # a CRS that PROJ cannot identify
+        return False
+
+
 def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
     """Whether the after scene lies on the before scene's grid (True) or must be resampled onto it (False).
 
@@ -289,7 +303,7 @@ def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
             f"{names}: neither has a CRS, and their grids differ ({before.width}x{before.height} against "
             f"{after.width}x{after.height} pixels); expected the same size, or georeference both"
         )
-    if same_size and before.crs == after.crs and before.transform.almost_equals(after.transform, 1e-9):
+    if same_size and same_crs(before.crs, after.crs) and before.transform.almost_equals(after.transform, 1e-9):
         return True
     west, south, east, north = array_bounds(before.height, before.width, before.transform)
     try:
@@ -648,7 +662,7 @@ def check_truth(truth_path: Path, grid: dict, where: str) -> None:
                 f"scene's grid of {grid['width']}x{grid['height']} ({where})"
             )
         t, g, crs = truth.transform, grid["transform"], grid["crs"]
-        if truth.crs is not None and (truth.crs != crs or not t.almost_equals(g, 1e-9)):
+        if truth.crs is not None and (not same_crs(truth.crs, crs) or not t.almost_equals(g, 1e-9)):
             raise DataError(
                 f"--change_truth={truth_path}: lies on another grid than the before scene ({truth.crs.to_string()}, "
                 f"origin {t.c:.2f}, {t.f:.2f}, pixel {t.a:g} against {crs.to_string() if crs else 'no CRS'}, origin "

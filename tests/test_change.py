@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ import change
 import change_detection as cd
 import demo_data
 import scene
+from config import Config
 from data_preprocess import write_image
 from net_structure import build_model
 
@@ -447,6 +449,22 @@ def test_a_zero_collar_and_cloud_at_one_date_make_no_change_along_them(checkpoin
     assert probability.stat().st_mtime_ns > made
 
 
+def test_scenes_whose_data_do_not_overlap_are_refused_not_reported_unchanged(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Extents that overlap, data that do not (nodata where the other date has data): this was "lost 0 ha,
+    # gained 0 ha" with exit status 0, as if nothing had changed.
+    image = scene_pixels(1)
+    left, right = image.copy(), image.copy()
+    left[:, :, WIDTH // 2 :] = 0
+    right[:, :, : WIDTH // 2] = 0
+    before = write_geotiff(tmp_path / "in" / "left.tif", left)
+    after = write_geotiff(tmp_path / "in" / "right.tif", right)
+    assert run_change(tmp_path / "run", checkpoint, before, after) == 1
+    assert f"{before} (before) and {after} (after): no pixel holds data at both dates" in caplog.text
+    assert not change.pair_outputs(tmp_path / "run", "left_to_right")["json"].exists()
+
+
 def test_a_truncated_scene_is_named_with_gdals_reason_and_the_other_pairs_go_on(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -552,6 +570,35 @@ def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
         rows = list(csv.DictReader(handle))
     assert [r["pair"] for r in rows] == ["a", "b"] and rows[0]["lost_ha"] == "" and rows[0]["crs"] == ""
     assert read(change.pair_outputs(run_dir, "a")["change"]).shape == (64, 64)
+
+
+def test_folders_of_vrt_img_and_jp2_scenes_are_paired_as_predict_py_takes_them(tmp_path: Path) -> None:
+    # A folder of ERDAS .img scenes was passed over: "no image has a namesake in the other folder".
+    for folder, names in (
+        ("2019", ("county.img", "mosaic.vrt", "strip.jp2", "tile.tif")),
+        ("2024", ("county.IMG", "mosaic.vrt", "tile.tif")),
+    ):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"")  # only the names are paired here
+    pairs, problems = change.list_pairs(Config(before=str(tmp_path / "2019"), after=str(tmp_path / "2024")))
+    assert [(p.name, p.before.name, p.after.name) for p in pairs] == [
+        ("county", "county.img", "county.IMG"),
+        ("mosaic", "mosaic.vrt", "mosaic.vrt"),
+        ("tile", "tile.tif", "tile.tif"),
+    ]
+    paired = "the dates are paired by file name"
+    assert problems == [f"{tmp_path / '2019' / 'strip.jp2'}: no image named strip.* in {tmp_path / '2024'}; " + paired]
+
+
+def test_the_same_folder_or_file_as_both_dates_stops_at_once(tmp_path: Path) -> None:
+    # By a typo, every scene was compared with itself and reported "0 ha lost, 0 ha gained".
+    (tmp_path / "2019").mkdir()
+    write_geotiff(tmp_path / "2019" / "a.tif", scene_pixels(1))
+    with pytest.raises(ValueError, match=r"2019 and --after=.*2019: the same folder twice; expected the two dates"):
+        change.list_pairs(Config(before=f"{tmp_path / '2019'}/", after=str(tmp_path / "2019")))
+    with pytest.raises(ValueError, match=r"a.tif: the same file twice"):
+        change.list_pairs(Config(before=str(tmp_path / "2019" / "a.tif"), after=str(tmp_path / "2019" / "a.tif")))
 
 
 def test_bad_pairs_name_both_files_and_the_good_pair_goes_on(
@@ -700,6 +747,23 @@ def test_score_of_a_hand_made_change_map(tmp_path: Path) -> None:
     assert cd.score_change(paths[0], binary)["lost_iou"] == 0.0  # 255 is unknown: nothing left to score
     with pytest.raises(cd.DataError, match=r"t5.tif: holds the values \[0, 1, 3, 7, 255\]; expected the change codes"):
         cd.score_change(paths[0], write_geotiff(tmp_path / "t5.tif", np.where(truth == 2, 7, truth)[None]))
+
+
+def test_a_cgcs2000_crs_written_as_esri_wkt_is_the_same_grid(tmp_path: Path) -> None:
+    # ArcGIS writes CGCS2000 / 3-degree Gauss-Kruger as ESRI WKT (datum China_2000): the same CRS, which rasterio
+    # does not call equal to EPSG:4549; a truth on the before grid so written was refused as "another grid".
+    gk = rasterio.crs.CRS.from_epsg(4549)
+    esri = rasterio.crs.CRS.from_wkt(gk.to_wkt(version="WKT1_ESRI"))
+    codes = np.array([[2, 2, 0, 3], [1, 2, 3, 3]], np.uint8)
+    predicted = geotiff(tmp_path / "p.tif", codes[None], crs=gk, transform=TRANSFORM)
+    truth = geotiff(tmp_path / "t.tif", codes[None], crs=esri, transform=TRANSFORM)
+    assert cd.score_change(predicted, truth)["lost_iou"] == 1.0
+    before, after = (
+        SimpleNamespace(path=p, crs=c, transform=TRANSFORM, width=4, height=2)
+        for p, c in ((predicted, gk), (truth, rasterio.open(truth).crs))
+    )
+    assert cd.check_grids(before, after)  # aligned: read as it is, not warped
+    assert not cd.same_crs(gk, rasterio.crs.CRS.from_epsg(4550))  # the next zone is another CRS
 
 
 def test_each_dates_farmland_is_its_own_mask_at_a_threshold_on_a_whole_percent(
