@@ -527,7 +527,8 @@ def write_change_polygons(
         rasterio.open(change_path) as change,
     ):
         t, pixel_m2 = before.transform, scene.pixel_area_m2(before.crs, before.transform)
-        with polygons.PolygonWriter(targets, columns, before.crs, layer="changes") as writer:
+        placed = not t.is_identity  # without a CRS, map coordinates of a geotransform or pixels
+        with polygons.PolygonWriter(targets, columns, before.crs, layer="changes", placed=placed) as writer:
             for code, (polygon, sums) in change_patches(change, before, after):
                 pixels = int(sums[2])
                 if pixels < min_pixels:

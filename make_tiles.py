@@ -42,7 +42,15 @@ from config import Config
 from data_preprocess import encode_tiff, read_image, write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
-from rasters import RASTER_SUFFIXES, REFLECTANCE_SLACK, clipped_reflectance, nodata_pixels, open_raster, rpc_only
+from rasters import (
+    RASTER_SUFFIXES,
+    REFLECTANCE_SLACK,
+    clipped_reflectance,
+    gcp_only,
+    nodata_pixels,
+    open_raster,
+    rpc_only,
+)
 
 LOG = logging.getLogger("make_tiles")
 TILE_DTYPES = ("uint8", "uint16", "float32")  # what the pipeline's tile reader takes
@@ -169,7 +177,7 @@ def open_scene(path: Path, tile: int) -> rasterio.DatasetReader:
     src = open_raster(path)
     problem = ""
     if src.crs is None:
-        fix = rpc_only(src) or "assign its CRS on a copy (gdal_translate -a_srs EPSG:xxxx)"
+        fix = rpc_only(src) or gcp_only(src) or "assign its CRS on a copy (gdal_translate -a_srs EPSG:xxxx)"
         problem = f"has no CRS; expected a georeferenced scene; {fix}"
     elif src.dtypes[0] not in TILE_DTYPES:
         problem = (

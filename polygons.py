@@ -247,13 +247,17 @@ def mask_fields(mask_path: Path, min_pixels: int, sieved_path: Path | None = Non
 # Without a CRS the polygons are in pixel coordinates; a GeoJSON file without a ``crs`` member is read as WGS 84
 # degrees (the format's default), which put the fields of a 384-pixel scene at 384 degrees north.
 PIXEL_CRS = 'LOCAL_CS["pixel coordinates (column, row)",UNIT["unknown",1]]'
+# A scene with a geotransform but no CRS (a TIFF placed by a .tfw world file alone): its fields are in the map
+# coordinates of that transform, in a CRS nobody named, not in pixels.
+UNNAMED_CRS = 'LOCAL_CS["map coordinates of the scene\'s geotransform, CRS unknown",UNIT["unknown",1]]'
 
 
-def crs_member(crs: rasterio.crs.CRS | None) -> dict:
+def crs_member(crs: rasterio.crs.CRS | None, placed: bool = False) -> dict:
     """The GeoJSON ``crs`` member GDAL reads back (an EPSG URN where there is a code, else the WKT; without a CRS
-    a local one named for pixel coordinates, so that no reader takes them for degrees)."""
+    a local one, so that no reader takes the coordinates for degrees: named for pixel coordinates, or with
+    ``placed`` (a geotransform, no CRS) for map coordinates of an unknown CRS)."""
     if crs is None:
-        return {"type": "name", "properties": {"name": PIXEL_CRS}}
+        return {"type": "name", "properties": {"name": UNNAMED_CRS if placed else PIXEL_CRS}}
     code = crs.to_epsg()
     name = f"urn:ogc:def:crs:EPSG::{code}" if code else crs.to_wkt()
     return {"type": "name", "properties": {"name": name}}
@@ -261,10 +265,16 @@ def crs_member(crs: rasterio.crs.CRS | None) -> dict:
 
 class PolygonWriter:
     """Writes polygons with attributes to a GeoPackage and a GeoJSON file as they come, a batch at a time,
-    under temporary names renamed when complete (nothing half-written is ever left under the real names)."""
+    under temporary names renamed when complete (nothing half-written is ever left under the real names).
+    ``placed``: without a CRS, the polygons are in map coordinates (a geotransform), not pixels."""
 
     def __init__(
-        self, paths: dict[str, Path], columns: dict[str, type], crs: rasterio.crs.CRS | None, layer: str = "fields"
+        self,
+        paths: dict[str, Path],
+        columns: dict[str, type],
+        crs: rasterio.crs.CRS | None,
+        layer: str = "fields",
+        placed: bool = False,
     ) -> None:
         self.paths = paths
         self.columns = columns
@@ -282,7 +292,7 @@ class PolygonWriter:
         self.geojson = open(self.temporary["geojson"], "w", encoding="utf-8") if "geojson" in paths else None
         if self.geojson is not None:
             head = {"type": "FeatureCollection", "name": layer}
-            head["crs"] = crs_member(crs)
+            head["crs"] = crs_member(crs, placed)
             self.geojson.write(json.dumps(head)[:-1] + ', "features": [\n')
 
     def add(self, geometry: shapely.Geometry, **values: float | int | str | None) -> None:

@@ -62,6 +62,28 @@ def rpc_only(src: rasterio.io.DatasetReader) -> str:
     )
 
 
+def gcp_only(src: rasterio.io.DatasetReader) -> str:
+    """For a raster placed only by ground control points (GCPs, no geotransform: a scan or a raw product
+    georeferenced by hand), what it is and the fix; else ''."""
+    points, points_crs = src.gcps
+    if src.crs is not None or not src.transform.is_identity or not points:
+        return ""
+    if points_crs is not None and points_crs.is_projected and not area_problem(points_crs) and points_crs.to_epsg():
+        target = f"EPSG:{points_crs.to_epsg()}"
+    elif points_crs is not None and points_crs.is_geographic:
+        lon, lat = np.mean([(p.x, p.y) for p in points], axis=0)
+        target = f"EPSG:{zone_epsg(float(lon), float(lat), cgcs2000=points_crs.to_epsg() == 4490)}"
+    else:
+        target = "EPSG:NNNN"
+    path = Path(src.name)
+    return (
+        f"it is placed only by {len(points)} ground control points (GCPs), not on a map grid, so it has no CRS or "
+        f"geotransform of its own: warp a copy onto a projected grid first, for example gdalwarp -t_srs {target} "
+        f"-r bilinear {shell_quoted(path)} {shell_quoted(path.with_name(f'{path.stem}_warped.tif'))} "
+        "(a projected CRS in ground metres of your choice)"
+    )
+
+
 # Projections whose map metres stretch with latitude (Mercator, Web Mercator included, by 1/cos(latitude) each
 # way: a pixel of the map's 1 m x 1 m covers 0.65 m2 at 36 degrees): their units measure no ground area.
 STRETCHED_PROJECTIONS = {"merc": "Mercator", "webmerc": "Mercator", "eqc": "plate carree", "mill": "Miller"}

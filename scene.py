@@ -70,6 +70,7 @@ from rasters import (
     REFLECTANCE_SLACK,
     area_problem,
     clipped_reflectance,
+    gcp_only,
     ground_pixel_size_estimate,
     metric_epsg,
     nodata_pixels,
@@ -282,7 +283,7 @@ def is_scene(path: Path, window: int) -> bool:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 with rasterio.open(path) as src:
-                    placed = src.crs is not None or not src.transform.is_identity or bool(src.rpcs)
+                    placed = src.crs is not None or not src.transform.is_identity or bool(src.rpcs or src.gcps[0])
                     return placed or max(src.shape) > window
         except rasterio.RasterioIOError:
             return False  # unreadable: the tile route reports it with the usual message
@@ -342,7 +343,7 @@ class RasterScene(Scene):
         # data, whatever its colour there (often white): such pixels are read as all-zero, which is nodata.
         flags = self.src.mask_flag_enums[0] if self.src.count else []
         self.masked = MaskFlags.alpha in flags or MaskFlags.per_dataset in flags
-        if warn and (unplaced := rpc_only(self.src)):
+        if warn and (unplaced := rpc_only(self.src) or gcp_only(self.src)):
             LOG.warning("%s: %s; as it is, its mask and fields are in pixel coordinates (column, row)", path, unplaced)
 
     def read_rows(self, top: int, bottom: int) -> np.ndarray:
@@ -728,9 +729,10 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
     if pixel_m2 is None and settings.min_field_area_ha > 0 and not settings.min_field_pixels:
         LOG.warning(
             "%s: %s, so min_field_area_ha cannot apply; set --min_field_pixels for a minimum mapping unit in "
-            "pixels, or reproject the scene to UTM",
+            "pixels, or %s",
             scene.path,
             area_problem(scene.crs),
+            assign_crs_fix(scene) or "reproject the scene to UTM",
         )
     if pixel_m2 is not None and settings.min_field_pixels:
         LOG.warning(
@@ -747,7 +749,8 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
     columns = {"field_id": int, "area_ha": float, "pixels": int}
     t, kept = scene.transform, 0
     try:
-        with polygons.PolygonWriter({k: outputs[k] for k in ("geojson", "gpkg")}, columns, scene.crs) as writer:
+        targets, placed = {k: outputs[k] for k in ("geojson", "gpkg")}, not t.is_identity
+        with polygons.PolygonWriter(targets, columns, scene.crs, placed=placed) as writer:
             for polygon in polygons.mask_fields(outputs["mask"], min_pixels, sieved):
                 # By pixels, with or without a CRS: a sliver longer than the sieve's halo cap can come out of
                 # the strips in pieces under the unit (polygons.SIEVE_HALO_CAP), which are no fields.
@@ -772,6 +775,19 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
     return written
 
 
+def assign_crs_fix(scene: Scene) -> str:
+    """For a scene with a geotransform but no CRS (a TIFF placed by a .tfw world file alone), the fix: name the CRS
+    its coordinates are in, as nothing can be reprojected from an unknown one; '' for any other scene."""
+    if scene.crs is not None or scene.transform.is_identity:
+        return ""
+    path = Path(scene.path)
+    return (
+        "assign on a copy the CRS its geotransform's map coordinates are in (it names none), for example "
+        f"gdal_translate -a_srs EPSG:xxxx {files.shell_quoted(path)} "
+        f"{files.shell_quoted(path.with_name(f'{path.stem}_crs.tif'))}"
+    )
+
+
 def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, model_file: Path, state: dict) -> dict:
     """One line of the area table: pixel counts and fractions always, hectares with a projected CRS, and the
     model file, its epoch and the cut that made the mask (empty: argmax), so that a table holding scenes
@@ -779,12 +795,16 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, 
     pixel_m2 = pixel_area_m2(scene.crs, scene.transform)
     if pixel_m2 is None:
         geographic = scene.crs is not None and scene.crs.is_geographic
+        fix = "reproject the scene to a projected CRS in ground metres for hectares" + (
+            f", for example: {reprojection_command(scene)}" if geographic else " (UTM or CGCS2000 Gauss-Kruger)"
+        )
+        if unnamed := assign_crs_fix(scene):
+            fix = f"for hectares, {unnamed}"
         LOG.warning(
-            "%s: %s, so areas are left empty (pixel counts and fractions only); reproject the scene to a "
-            "projected CRS in ground metres for hectares%s",
+            "%s: %s, so areas are left empty (pixel counts and fractions only); %s",
             scene.path,
             area_problem(scene.crs),
-            f", for example: {reprojection_command(scene)}" if geographic else " (UTM or CGCS2000 Gauss-Kruger)",
+            fix,
         )
     hectares = (lambda pixels: round(pixels * pixel_m2 / 1e4, 6)) if pixel_m2 is not None else (lambda pixels: None)
     return {
@@ -1086,6 +1106,23 @@ def made_from(area: Path, image: Path) -> bool:
     return row.get("image_stamp", stamp) == stamp
 
 
+def remove_outputs_of_another_file(outputs: dict[str, Path], image: Path) -> None:
+    """After ``image`` failed: remove the outputs an earlier run made from another file of its name or from an
+    earlier version of it, so that neither they nor their row in farmland_area.csv pass for this file's. Outputs
+    made from the file as it is now are kept."""
+    if not outputs["area"].is_file() or made_from(outputs["area"], image):
+        return
+    stale = [path for path in outputs.values() if path.is_file()]
+    for path in stale:
+        path.unlink()
+    LOG.warning(
+        "%s: removed %s, made from another file of this name or an earlier version of this one, which no longer "
+        "match it (and its row in farmland_area.csv); predict it again once it reads",
+        image,
+        ", ".join(path.name for path in stale),
+    )
+
+
 def predict_scenes(
     model: torch.nn.Module,
     paths: Sequence[Path],
@@ -1130,6 +1167,7 @@ def predict_scenes(
                 ready.append(path)
         except DataError as err:
             LOG.error("%s", err)
+            remove_outputs_of_another_file(scene_outputs(run_dir, path), path)
             failures += 1
     if ready:
         LOG.info(
@@ -1147,6 +1185,7 @@ def predict_scenes(
             done += 1
         except DataError as err:
             LOG.error("%s", err)
+            remove_outputs_of_another_file(scene_outputs(run_dir, path), path)
             failures += 1
     return done, failures
 

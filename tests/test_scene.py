@@ -17,6 +17,7 @@ import shapely
 import torch
 from conftest import folder_digest, spread_probabilities_, write_rpc_tiff
 from conftest import write_geotiff as geotiff
+from rasterio.control import GroundControlPoint
 from rasterio.transform import Affine
 
 import demo_data
@@ -633,6 +634,59 @@ def test_a_level_1_scene_placed_by_rpcs_is_a_scene_with_the_orthorectification_f
     # The zone of the scene's centre (116.4 E: central meridian 117 E) and the file itself, not a fixed example.
     assert f"-t_srs EPSG:4548 -tr 1 1 -r bilinear {source} {source.with_name('GF2_L1A_ortho.tif')}" in caplog.text
     assert (tmp_path / "run" / "predictions" / "GF2_L1A_seg.tif").is_file()  # the scene route, not a tile's PNG
+
+
+def test_a_scene_replaced_by_one_that_fails_loses_the_outputs_and_row_of_its_earlier_version(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder, run = tmp_path / "in", tmp_path / "run"
+    write_geotiff(folder / "a.tif", scene_pixels(1))
+    write_geotiff(folder / "b.tif", scene_pixels(2))
+    assert run_predict(run, checkpoint, folder) == 0
+    earlier = sorted(p.name for p in (run / "predictions").rglob("b_*"))
+    assert "b_seg.tif" in earlier and "b_area.json" in earlier
+    # Failing with the files as they were (here a band selection the network cannot take) keeps their outputs.
+    assert run_predict(run, checkpoint, folder, "--bands=1,2") == 1
+    assert sorted(p.name for p in (run / "predictions").rglob("b_*")) == earlier
+    # b.tif exported again, now with 4 bands: it fails, and what was made from its earlier version goes.
+    write_geotiff(folder / "b.tif", np.concatenate([scene_pixels(3), scene_pixels(3)[:1]]))
+    assert run_predict(run, checkpoint, folder) == 1
+    assert "b.tif: has 4 band(s), expected in_channels=3" in caplog.text
+    assert "b.tif: removed b_seg.tif" in caplog.text
+    assert not list((run / "predictions").rglob("b_*"))
+    assert [Path(row["image"]).name for row in read_table(run)] == ["a.tif"]
+    assert (run / "predictions" / "a_seg.tif").is_file()
+
+
+def test_a_scene_with_a_geotransform_but_no_crs_has_fields_in_map_coordinates_not_called_pixels(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = geotiff(tmp_path / "in" / "world file.tif", scene_pixels(), None, TRANSFORM)  # as a .tfw places it
+    assert run_predict(tmp_path / "run", checkpoint, source) == 0
+    fields = tmp_path / "run" / "predictions" / "world file_fields.geojson"
+    crs = pyogrio.read_info(fields)["crs"]
+    assert crs.startswith("LOCAL_CS") and "CRS unknown" in crs and "pixel coordinates" not in crs
+    left, bottom, right, top = pyogrio.read_info(fields)["total_bounds"]
+    assert left >= TRANSFORM.c and top <= TRANSFORM.f and right <= TRANSFORM.c + 2 * WIDTH  # metres, not pixels
+    # The fix names the CRS the coordinates are in: reprojecting needs one to start from.
+    fix = f"gdal_translate -a_srs EPSG:xxxx '{source}' '{source.with_name('world file_crs.tif')}'"
+    assert "areas are left empty (pixel counts and fractions only); for hectares, assign on a copy" in caplog.text
+    assert fix in caplog.text
+
+
+def test_a_scene_placed_only_by_gcps_is_a_scene_with_the_warping_fix(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    corners = [(0, 0, 500000.0, 4500000.0), (0, 99, 500198.0, 4500000.0), (99, 0, 500000.0, 4499802.0)]
+    gcps = [GroundControlPoint(row, col, x, y) for row, col, x, y in corners]
+    source = geotiff(tmp_path / "in" / "scan.tif", scene_pixels()[:, :100, :100], CRS, Affine.identity(), gcps=gcps)
+    with rasterio.open(source) as src:
+        assert src.crs is None and src.gcps[0]  # GDAL keeps the CRS with the points, not as the raster's
+    assert run_predict(tmp_path / "run", checkpoint, source) == 0  # under one window: still a scene, not a tile
+    assert "scan.tif: it is placed only by 3 ground control points (GCPs)" in caplog.text
+    # The points' own projected CRS and the file itself, not a fixed example.
+    assert f"gdalwarp -t_srs {CRS} -r bilinear {source} {source.with_name('scan_warped.tif')}" in caplog.text
+    assert (tmp_path / "run" / "predictions" / "scan_seg.tif").is_file()
 
 
 def test_a_scene_on_another_value_scale_than_the_training_tiles_is_warned_of(
