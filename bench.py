@@ -39,8 +39,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import os
-import resource
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -53,7 +51,7 @@ import torch
 import files
 import onnx_build
 import onnx_quantize
-from benchmarking import measure_scene, random_checkpoint
+from benchmarking import measure_scene, peak_rss, random_checkpoint
 from config import Config
 from data_preprocess import IGNORE, FarmlandDataset, load_image, load_mask, write_image
 from demo_data import generate_dataset
@@ -127,10 +125,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes: GPU memory allocated on CUDA, else this process's resident memory."""
+    """Peak bytes: GPU memory allocated on CUDA, else this process's own peak resident memory (peak_rss: a
+    spawned measurement's ru_maxrss would start at what bench.py's main process held when it was started)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    return peak_rss()
 
 
 def bench_train(pairs: list[tuple[Path, Path]], settings: dict[str, Any], steps: int, fast: bool) -> dict[str, float]:
@@ -436,22 +435,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
             f"--loop_tiles={args.loop_tiles}: expected {2 * LOOP_BATCH} or more tiles (the loop runs batches of "
             f"{LOOP_BATCH} and times the second half of the run); use --loop_tiles={2 * LOOP_BATCH} or the default 512"
         )
-    problem = out_problem(args.out)
+    problem = files.out_problem(args.out, "bench.json")
+    if not problem and args.out.suffix.lower() == ".md":  # the table by network goes to out.with_suffix(".md")
+        problem = f"the table by network goes beside the JSON as .md, over it; use {args.out.with_suffix('.json')}"
     if problem:  # else the first row's minutes are lost when its results cannot be written
         parser.error(f"--out={args.out}: {problem}")
     return args
-
-
-def out_problem(out: Path) -> str:
-    """Why the results file cannot be written there, with the fix ('' if it can), creating nothing."""
-    if out.is_dir():
-        return f"a folder; expected the JSON file to write, such as {out / 'bench.json'}"
-    existing = files.nearest_existing(out.parent)
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder; choose another --out"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} cannot be written; choose another --out or fix its permissions"
-    return ""
 
 
 def _add_network_arguments(parser: argparse.ArgumentParser) -> None:

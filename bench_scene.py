@@ -46,7 +46,7 @@ from benchmarking import (
 from config import Config
 from data_preprocess import read_image
 from demo_data import generate_dataset
-from runtime import machine
+from runtime import machine, resolve_amp, select_device
 
 CASES = ("realistic", "worst", "prediction")
 
@@ -111,10 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, auto or cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench_scene.json"), help="the JSON")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    cases = [c for c in args.cases.split(",") if c]
-    if set(cases) - set(CASES):
-        parser.error(f"--cases: expected some of {', '.join(CASES)}")
+    sizes, cases = checked_arguments(args, parser)
     settings = {"window": args.window, "overlap": args.overlap, "amp": args.amp, "device": args.device}
     info = machine()
     print(f"{info['cpu']} ({info['cpu_cores']} cores), torch {info['torch']}")
@@ -131,6 +128,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     files.atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(f"written to {args.out}")
     return 0
+
+
+def checked_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[int], list[str]]:
+    """The scene sides and cases asked for; anything that would fail only after minutes of training or writing
+    scenes (a side that is not a positive number, an unknown amp or device, an --out that cannot be written) is
+    refused first."""
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        parser.error(f"--sizes={args.sizes}: expected comma-separated scene sides in pixels, such as 2000,4000")
+    cases = [c for c in args.cases.split(",") if c]
+    if set(cases) - set(CASES):
+        parser.error(f"--cases: expected some of {', '.join(CASES)}")
+    if args.width < 1:
+        parser.error(f"--width={args.width}: expected a positive U-Net base width, such as 8")
+    try:
+        resolve_amp(args.amp, select_device(args.device))
+    except ValueError as err:
+        parser.error(str(err))
+    problem = files.out_problem(args.out, "bench_scene.json")
+    if problem:
+        parser.error(f"--out={args.out}: {problem}")
+    return sizes, cases
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -62,7 +62,8 @@ def write_synthetic_scene(path: Path, size: int, seed: int = 0, cell: int = 64) 
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory in bytes (VmHWM from /proc; ru_maxrss where /proc is absent)."""
+    """This process's peak resident memory in bytes (VmHWM from /proc; ru_maxrss where /proc is absent). VmHWM is the
+    process's own: Linux carries the forking process's resident memory into ru_maxrss across fork and exec."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

@@ -121,6 +121,20 @@ def nearest_existing(folder: Path) -> Path:
     return next(p for p in (folder, *folder.parents) if p.exists())  # "." or the root always does
 
 
+def out_problem(out: Path, example: str) -> str:
+    """Why a results file given as ``--out`` cannot be written there, with the fix ('' if it can), creating nothing;
+    ``example`` is a file name that the fix for a folder suggests."""
+    out = Path(out)
+    if out.is_dir():
+        return f"a folder; expected the JSON file to write, such as {out / example}"
+    existing = nearest_existing(out.parent)
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder; choose another --out"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written; choose another --out or fix its permissions"
+    return ""
+
+
 def check_writable(folder: Path, need_bytes: int = 0, key: str = "--run_dir") -> None:
     """Fail at once, not hours later, when an output folder cannot be written or its disk is nearly full;
     ``key`` is the option that chose it, named in the fix.

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -1124,17 +1125,26 @@ def training_lock(cfg: Config, job: Distributed) -> Iterator[None]:
         yield
 
 
-def say_how_to_go_on(run_dir: Path, since: float = 0.0) -> None:
+def say_how_to_go_on(run_dir: Path, since: float = 0.0, world: int = 1) -> None:
     """Before the line that says why training stopped (interrupted, terminated, a full disk): how to go on from the
     last epoch saved, where there is one of this run: a last.pth written before ``since`` (seconds since the epoch;
-    a fresh run's start) is an earlier run's, which a resume would continue instead."""
+    a fresh run's start) is an earlier run's, which a resume would continue instead. A run of ``world`` ranks is
+    resumed under torchrun with as many, the one way it continues exactly (docs/distributed.md)."""
     last = run_dir / "checkpoints" / "last.pth"
+    command = f"train.py --run_dir={files.shell_quoted(run_dir)} --resume=true"
+    if world == 1:
+        command = f"python {command}"
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:  # one machine
+        command = f"torchrun --standalone --nproc_per_node={world} {command}"
+    else:
+        command = f"the same torchrun command on every machine with {command}"
+    ranks = f" ({world} ranks, as trained: another number does not continue it exactly)" if world > 1 else ""
     with contextlib.suppress(OSError):
         if last.is_file() and last.stat().st_mtime >= since:
             LOG.warning(
-                "training stopped; checkpoints/last.pth holds the last finished epoch: python train.py --run_dir=%s "
-                "--resume=true goes on from there",
-                files.shell_quoted(run_dir),
+                "training stopped; checkpoints/last.pth holds the last finished epoch: %s goes on from there%s",
+                command,
+                ranks,
             )
 
 
@@ -1167,7 +1177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = train(cfg, job)
     except (KeyboardInterrupt, OSError):
         if job.main:
-            say_how_to_go_on(Path(cfg.run_dir), 0.0 if cfg.resume else started)
+            say_how_to_go_on(Path(cfg.run_dir), 0.0 if cfg.resume else started, job.world)
         raise
     if not summary["scored"]:
         LOG.info("kept the last epoch, %d (no val farmland to score it by): %s", summary["best_epoch"], summary["best"])

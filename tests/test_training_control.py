@@ -982,3 +982,19 @@ def test_a_full_disk_stops_training_with_one_line_and_keeps_the_checkpoints(
     assert not [p for p in curves.parent.iterdir() if p.name.endswith(".tmp")]
     assert (run_copy / "checkpoints" / "last.pth").read_bytes() != last  # epoch 1's, saved before the figure
     assert load_checkpoint(run_copy / "checkpoints" / "last.pth")["epoch"] == 1
+
+
+def test_a_stopped_torchrun_run_is_told_to_resume_under_torchrun_with_its_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pth").write_bytes(b"saved")
+    with caplog.at_level(logging.WARNING, logger="train"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        train.say_how_to_go_on(tmp_path, 0.0, 2)
+        assert f"torchrun --standalone --nproc_per_node=2 train.py --run_dir={tmp_path} --resume=true" in caplog.text
+        assert "2 ranks, as trained" in caplog.text and "python train.py" not in caplog.text
+        caplog.clear()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # two machines of 8
+        train.say_how_to_go_on(tmp_path, 0.0, 16)
+        assert "the same torchrun command on every machine with train.py" in caplog.text
