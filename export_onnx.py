@@ -45,7 +45,7 @@ import onnx_quantize
 import scene
 from config import Config
 from data_preprocess import read_pair_list
-from files import DataError, atomic_write_text
+from files import DataError, atomic_write_text, check_writable
 from inference import decision_threshold, model_from_checkpoint, with_threshold
 from net_structure import encoder_of, input_padding
 from runtime import load_checkpoint
@@ -276,6 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ResNet encoder or downscale=2), not the U-Net's 16 first, so that one message gives the rule that holds
     scene.SceneSettings.from_config(cfg, *input_padding(config), config["in_channels"])
     folder = run_dir / "export"
+    train = run_dir / "splits" / "train.txt"
+    if cfg.quantize == "int8" and not train.is_file():  # at once, not after the fp32 export
+        raise DataError(
+            f"{train}: not found; --quantize=int8 calibrates the 8-bit copy on the run's training tiles: run "
+            "split_dataset.py with this --run_dir first, or export without --quantize"
+        )
+    check_writable(folder)  # at once, not after the network is traced and checked
     drop_earlier_export(folder)
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "float32": export_fp32(cfg, state, checkpoint, folder)}
     status = 0

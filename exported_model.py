@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import resolution
-from files import DataError
+from files import DataError, file_digest
 from net_structure import downscale_of, input_padding
 
 INPUT_NAME = "images"
@@ -97,11 +97,31 @@ def state_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
             "config": config,
             "threshold": None if threshold is None else float(threshold),
             "epoch": meta.get("farmland_epoch"),
+            "exported_from": (
+                str(meta.get("farmland_checkpoint") or ""),
+                str(meta.get("farmland_checkpoint_sha256") or ""),
+            ),
         }
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(
             f"{path}: farmland metadata incomplete or malformed ({err!r}); re-export it with export_onnx.py"
         ) from None
+
+
+def stale_export(path: Path, state: dict[str, Any], run_dir: Path) -> str | None:
+    """Why a model in ``run_dir/export`` is not the run's checkpoint of the same name any more (train.py wrote it
+    again after the export), with the fix; None where it still is, or where the model or checkpoint lies elsewhere."""
+    name, digest = state.get("exported_from", ("", ""))
+    checkpoint = Path(run_dir) / "checkpoints" / name
+    if not (name and digest) or Path(path).resolve().parent != (Path(run_dir) / "export").resolve():
+        return None
+    if not checkpoint.is_file() or file_digest(checkpoint) == digest:
+        return None
+    return (
+        f"{path}: exported from another {name} (epoch {state.get('epoch')}) than the one now in {checkpoint}: "
+        f"these outputs are the exported network's; export again (python export_onnx.py --run_dir={run_dir}) to "
+        "predict with the current one"
+    )
 
 
 def check_shapes(session: ort.InferenceSession, state: dict[str, Any], path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import os
 import re
@@ -81,6 +82,15 @@ def disk_problem(err: OSError, key: str = "--run_dir") -> str | None:
         f"writable), or choose another {key}, and run again: outputs written before are complete, the one being "
         "written was dropped"
     )
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_quietly(path: Path) -> None:

@@ -36,7 +36,14 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
         model.load_state_dict(weights)
     except RuntimeError as err:  # weights that do not fit the architecture the checkpoint itself declares
         network = "a U-Net" if encoder == "unet" else f"a {encoder} U-Net"
-        raise DataError(f"checkpoint weights do not fit {network} of its own config ({str(err)[:300]})") from None
+        plain, resnet = "inc.block.0.weight" in weights, "encoder.conv1.weight" in weights
+        found = "a plain U-Net's" if plain else "a ResNet encoder's" if resnet else "another network's"
+        detail = " ".join(str(err).split())[:300]  # torch's message spans lines and names every key
+        raise DataError(
+            f"checkpoint weights do not fit {network} of its own config (encoder={encoder}): the weights are "
+            f"{found}; the file was altered or mixed up with another run's: use the checkpoint train.py wrote "
+            f"({detail})"
+        ) from None
     return model.to(device, memory_format=memory_format(channels_last))
 
 

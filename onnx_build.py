@@ -20,7 +20,6 @@ keys, which exported_model reads back.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -39,7 +38,7 @@ import exported_model
 import resolution
 from data_preprocess import image_to_float, parse_bands, read_image, read_pair_list, select_bands, trained_bands
 from demo_data import render_tile
-from files import DataError, atomic_write_bytes
+from files import DataError, atomic_write_bytes, file_digest
 from inference import classes_from_probabilities, decision_threshold, inference_model, predict_probabilities
 from net_structure import downscale_of, encoder_of, fold_batchnorm_plain, input_padding
 from training import iou_at
@@ -112,15 +111,6 @@ def export_graph(unet: nn.Module) -> onnx.ModelProto:
         for index, name in ((0, "batch"), (2, "height"), (3, "width")):
             dims_proto[index].dim_param = name  # the output's own names are sympy expressions of the input's
     return model
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def validation_iou(state: dict[str, Any]) -> float | None:

@@ -34,7 +34,7 @@ import cli
 import scene
 from config import Config
 from data_preprocess import EMPTY_TEST_SPLIT, image_entries, parse_bands, read_pair_list, rgb_bands_for
-from exported_model import OnnxSegmenter, load_segmenter
+from exported_model import OnnxSegmenter, load_segmenter, stale_export
 from files import DataError, file_stamp, name_problem, prediction_path, read_record, shown_path
 from inference import inference_model, with_threshold
 from net_structure import input_padding
@@ -220,6 +220,8 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
     model_path = Path(cfg.onnx_model) if cfg.onnx_model else run_dir / "export" / "farmland.onnx"
     segmenter, state = load_pinned_model(model_path)
     LOG.info("backend onnx: %s in onnxruntime on the CPU", model_path)
+    if problem := stale_export(model_path, state, run_dir):
+        LOG.warning(problem)
     return model_path, state, segmenter, torch.device("cpu")
 
 

@@ -499,3 +499,49 @@ def test_an_export_that_qgis_would_read_otherwise_than_predict_py_warns(
     assert export_onnx.main(argv) == 0
     assert "--pixel_size_m=1 differs from the 2 m pixels the checkpoint was trained on" in caplog.text
     assert "farmland_qgis.onnx: its farmland probability is moved so that the cut 0.3 falls at 0.5" in caplog.text
+
+
+def test_an_export_folder_that_cannot_be_written_is_refused_before_the_trace(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    (run_dir / "export").write_text("a file where the export folder goes")
+    with pytest.raises(ValueError, match=r"export: .*export is a file, not a folder"):
+        export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16"])
+
+
+def test_an_8_bit_copy_without_a_training_split_is_refused_before_the_export(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    with pytest.raises(DataError, match=r"splits.train\.txt: not found; --quantize=int8 calibrates"):
+        export_onnx.main([f"--run_dir={run_dir}", "--quantize=int8", "--window=64", "--overlap=16"])
+    assert not (run_dir / "export" / "farmland.onnx").exists()
+
+
+def test_predict_warns_when_the_runs_checkpoint_changed_after_its_export(
+    exported: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir, tile = tmp_path / "run", next((exported["data"] / "images").iterdir())
+    (run_dir / "export").mkdir(parents=True)
+    model = run_dir / "export" / "farmland.onnx"
+    model.write_bytes((exported["run_dir"] / "export" / "farmland.onnx").read_bytes())
+    checkpoint = run_dir / "checkpoints" / "best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes((exported["run_dir"] / "checkpoints" / "best.pth").read_bytes())  # the exported one
+    argv = [f"--run_dir={run_dir}", f"--predict_input={tile}", "--num_workers=0", "--backend=onnx"]
+    assert predict.main(argv) == 0
+    assert "exported from another" not in caplog.text
+    save_checkpoint(checkpoint, tiny_state(seed=1))  # trained again, not exported again
+    assert predict.main(argv + ["--skip_existing=false"]) == 0
+    assert f"{model}: exported from another best.pth (epoch 3) than the one now in {checkpoint}" in caplog.text
+    assert f"export again (python export_onnx.py --run_dir={run_dir})" in caplog.text
+
+
+def test_a_checkpoint_whose_config_names_another_encoder_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    state = tiny_state()
+    state["config"]["encoder"] = "resnet18"  # U-Net weights under a config that says ResNet-18
+    save_checkpoint(tmp_path / "mixed.pth", state)
+    with pytest.raises(DataError) as caught:
+        export_onnx.main([f"--run_dir={tmp_path / 'run'}", f"--checkpoint={tmp_path / 'mixed.pth'}"])
+    message = str(caught.value)
+    assert "\n" not in message and "mixed.pth: checkpoint weights do not fit a resnet18 U-Net" in message
+    assert "the weights are a plain U-Net's" in message and "use the checkpoint train.py wrote" in message
