@@ -799,13 +799,16 @@ _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.2
 def colour_jitter(image: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random brightness, contrast and hue changes of up to ``amount`` on an image (C, H, W) in [0, 1].
 
-    Brightness and contrast apply to every band; the hue rotation (up to amount x 180 degrees) only to the
-    first three bands, read as RGB. The mask is untouched: colour changes move no parcel edge.
+    Brightness is a gain of 1 +- amount and contrast a stretch about each band's mean by as much, both on every
+    band and both relative to the tile's own values: 16-bit tiles of 10- or 12-bit data, which fill only the
+    bottom of [0, 1], are jittered as much as 8-bit ones (a shift of +-amount would blank them or lift them far
+    above any real pixel). The hue rotation (up to amount x 180 degrees) applies only to the first three bands,
+    read as RGB. The mask is untouched: colour changes move no parcel edge.
     """
     draws = 2.0 * torch.rand(3, generator=generator) - 1.0
     brightness, contrast, hue = (float(v) * amount for v in draws)
     mean = image.mean(dim=(-2, -1), keepdim=True)
-    image = (image - mean) * (1.0 + contrast) + mean + brightness
+    image = ((image - mean) * (1.0 + contrast) + mean) * (1.0 + brightness)
     if image.shape[0] >= 3 and hue:
         angle = hue * math.pi
         rotate = torch.tensor(

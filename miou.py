@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
@@ -82,6 +83,9 @@ def label_to_show(classes: np.ndarray) -> np.ndarray:
     return shown
 
 
+GALLERY_NAME_CHARS = 26  # characters of a tile name per line beside a gallery row: one row's height at 8 points
+
+
 def gallery(
     rows: list[dict],
     lookup: dict[str, tuple[Path, Path, Path]],
@@ -102,7 +106,9 @@ def gallery(
         label = label_to_show(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index))
         ax_row[1].imshow(label, cmap="gray", vmin=0, vmax=1)
         ax_row[2].imshow(load_mask(pred_path), cmap="gray", vmin=0, vmax=1)
-        ax_row[0].set_ylabel(f"{row['name']}\nIoU {row['farmland_iou']:.3f}", fontsize=8)
+        # A long tile name (a Gaofen-2 scene's, some 60 characters) in one line would run over the rows beside.
+        name = "\n".join(textwrap.wrap(row["name"], GALLERY_NAME_CHARS, break_on_hyphens=False))
+        ax_row[0].set_ylabel(f"{name}\nIoU {row['farmland_iou']:.3f}", fontsize=8)
         titles = ("photo", "label" if cfg.ignore_index < 0 else "label (grey: unlabelled)", "prediction")
         for ax, label in zip(ax_row, titles):
             ax.set_xticks([])

@@ -64,6 +64,7 @@ from inference import (
     classes_from_probabilities,
     decision_threshold,
     overlay_image,
+    value_scale_ratio,
 )
 from rasters import (
     RASTER_SUFFIXES,
@@ -977,22 +978,17 @@ def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) 
     return counts
 
 
-VALUE_SCALE_LIMIT = 4.0  # scene band means this many times above or below the training tiles' are another product
 VALUE_SAMPLE_ROWS = 256  # rows across the middle of a scene whose values are compared with the training tiles'
 
 
 def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> None:
     """Warn when the scene's pixels, scaled as tiles are (8-bit / 255, 16-bit / 65535), sit on another scale than
-    the training tiles' (the band means the network normalises with, when it was trained with them): an 8-bit
-    product of a scene predicted by a model trained on its 16-bit product, or the reverse, or reflectance. The
-    network then sees values it never saw, and its mask is not worth reading."""
+    the training tiles' (inference.value_scale_ratio): an 8-bit product of a scene predicted by a model trained on
+    its 16-bit product, or the reverse, or reflectance. The network then sees values it never saw, and its mask is
+    not worth reading."""
     trained = getattr(model, "band_mean", None)
-    # No record of the training tiles' values without normalise (none, or ImageNet's with encoder_weights); an
-    # ONNX model holds none either.
     if not state["config"].get("normalise") or not isinstance(trained, torch.Tensor):
-        return
-    if not bool(trained.any()) or len(trained) != len(scene.bands):
-        return
+        return  # no training means to compare with: spare reading the scene
     top = max(0, scene.height // 2 - VALUE_SAMPLE_ROWS // 2)
     block = scene.read_rows(top, min(scene.height, top + VALUE_SAMPLE_ROWS))
     valid = ~nodata_pixels(block, scene.nodata, axis=2)  # NaN included: nodata_pixels counts it as nodata
@@ -1003,8 +999,8 @@ def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> None:
     except DataError:
         return  # the prediction reports it
     means = values[:, valid].mean(axis=1)
-    ratio = float(np.median(means / trained.detach().cpu().float().numpy()))
-    if 1 / VALUE_SCALE_LIMIT <= ratio <= VALUE_SCALE_LIMIT:
+    ratio = value_scale_ratio(model, state, means)
+    if ratio is None:
         return
     shown = ", ".join(f"{v:.3g}" for v in means)
     expected = ", ".join(f"{v:.3g}" for v in trained.tolist())

@@ -33,6 +33,7 @@ from inference import (
     decision_threshold,
     overlay_image,
     predict_batch,
+    value_scale_ratio,
 )
 from net_structure import downscale_of
 from png_text import read_texts
@@ -283,6 +284,37 @@ def first_readable(files: ImageFiles) -> torch.Tensor | None:
     return None
 
 
+def off_scale_tiles(model: torch.nn.Module, state: dict, images: torch.Tensor) -> list[tuple[int, float]]:
+    """(position in the batch, ratio) of each tile whose band means, over its pixels with data and scaled as in
+    training (8-bit / 255, 16-bit / 65535), lie on another scale than the training tiles' (value_scale_ratio)."""
+    values = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    found = []
+    for position, image in enumerate(values):
+        valid = image.any(dim=0)  # all bands zero: nodata
+        if bool(valid.any()):
+            ratio = value_scale_ratio(model, state, image[:, valid].mean(dim=1).numpy().astype(np.float64))
+            if ratio is not None:
+                found.append((position, ratio))
+    return found
+
+
+def warn_off_scale(off_scale: list[tuple[Path, float]], count: int, model: torch.nn.Module) -> None:
+    """Warn once for the tiles of a run on another value scale than the training tiles', naming a few."""
+    if not off_scale:
+        return
+    named = "; ".join(f"{path} ({ratio:.3g} times)" for path, ratio in off_scale[:3])
+    LOG.warning(
+        "%d of %d tile(s) average several times above or below the training tiles' band means (%s, scaled to "
+        "[0, 1] as 8-bit / 255, 16-bit / 65535), e.g. %s: the network sees values it never saw and their masks are "
+        "not to be trusted. Predict the product the model was trained on (the same bit depth and processing: 16-bit "
+        "DN, not an 8-bit stretch or reflectance), or train on tiles of this product",
+        len(off_scale),
+        count,
+        ", ".join(f"{v:.3g}" for v in model.band_mean.tolist()),
+        named,
+    )
+
+
 def _prediction_setup(
     model: torch.nn.Module,
     files: ImageFiles,
@@ -364,6 +396,7 @@ def predict_tiles(
     made = made_with(cfg, state, checkpoint)
     made_text = {MADE_WITH_KEY: json.dumps(made, ensure_ascii=False)} if made else {}
     files = ImageFiles(paths, state["config"]["in_channels"], bands)
+    trained_model, off_scale = model, []  # the model as loaded, which keeps the training tiles' band means
     model, amp, channels_last, batch_size = _prediction_setup(model, files, cfg, state, device, amp)
     loader = _batch_loader(files, batch_size, cfg.num_workers, device)
     _log_plan(len(paths), checkpoint, state, device, amp, batch_size, cfg, min_pixels)
@@ -377,6 +410,8 @@ def predict_tiles(
                         LOG.error("%s", error)
                         failures += 1
                     else:
+                        for position, ratio in off_scale_tiles(trained_model, state, images):
+                            off_scale.append((paths[indices[position]], ratio))
                         masks = predict_batch(model, images, device, channels_last, threshold, cfg.tta)
                         photos = images.numpy() if cfg.overlay else [None] * len(indices)
                         for index, photo, mask in zip(indices, photos, masks):
@@ -394,4 +429,5 @@ def predict_tiles(
                     bar.update(len(indices))
                     if progress is not None:
                         progress(done + failures)
+    warn_off_scale(off_scale, done, trained_model)
     return done, failures

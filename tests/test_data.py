@@ -401,6 +401,15 @@ def test_colour_jitter_keeps_range_and_grey_pixels_hue() -> None:
     assert torch.equal(colour_jitter(image, 0.0, generator), image.clamp(0, 1))
 
 
+def test_colour_jitter_keeps_a_16_bit_tile_of_10_bit_data_on_its_own_scale() -> None:
+    # Gaofen-2's 10-bit values stored in 16 bits: about 300-1000 of 65535, the bottom 1.5 % of [0, 1].
+    image = torch.linspace(300, 1000, 4 * 8 * 8).reshape(4, 8, 8) / 65535.0
+    for seed in range(20):
+        out = colour_jitter(image, 0.1, torch.Generator().manual_seed(seed))
+        assert out.min() > 0.5 * image.min()  # never blanked
+        assert 0.8 < float(out.mean() / image.mean()) < 1.2  # brightened or darkened by about 10 %, not 7-fold
+
+
 def test_band_statistics_and_class_counts_by_hand(tmp_path: Path) -> None:
     image = np.zeros((1, 2, 3), np.uint8)
     image[0, 0] = (255, 0, 51)

@@ -227,6 +227,29 @@ def test_the_gallery_shows_unlabelled_pixels_grey_not_as_farmland(tmp_path: Path
     assert drawn[2:, :4].max() == 0 and drawn[2:, 4:].min() == 1
 
 
+def test_a_long_tile_name_beside_a_gallery_row_stays_within_its_row(tmp_path: Path, monkeypatch) -> None:
+    import figures
+    from config import Config
+
+    name = "GF2_PMS1_E113.5_N23.1_20200301_L1A0004651234-MSS1_0_3"
+    write_image(tmp_path / "a.png", np.full((8, 8, 3), 90, np.uint8))
+    write_image(tmp_path / "a_mask.png", np.zeros((8, 8), np.uint8))
+    write_image(tmp_path / "a_seg.png", np.zeros((8, 8), np.uint8))
+    saved = []
+    monkeypatch.setattr(miou, "save_figure", lambda fig, path: saved.append(fig))
+    lookup = {name: (tmp_path / "a.png", tmp_path / "a_mask.png", tmp_path / "a_seg.png")}
+    rows = [{"name": name, "farmland_iou": 0.5}] * 3
+    miou.gallery(rows, lookup, Config(), (0, 1, 2), tmp_path / "g.png", "gallery")
+    fig = saved[0]
+    fig.tight_layout()  # as save_figure lays it out
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes[::3]:  # the photo of each row carries the name
+        label = ax.yaxis.label
+        assert label.get_text().replace("\n", "").startswith(name)  # the whole name, only wrapped
+        assert label.get_window_extent(renderer).height <= ax.get_window_extent(renderer).height
+    figures.pyplot().close(fig)
+
+
 def test_miou_reads_the_test_masks_with_the_trainings_ignore_index(tmp_path: Path) -> None:
     import json
 

@@ -707,6 +707,28 @@ def test_a_scene_on_another_value_scale_than_the_training_tiles_is_warned_of(
     assert len(warned) == 1 and "stretch8.tif: its pixels (uint8, scaled to [0, 1] as 8-bit / 255)" in warned[0]
 
 
+def test_tiles_on_another_value_scale_than_the_training_tiles_are_warned_of(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tiles as scenes above: a network normalised for 10-bit values in 16-bit tiles, given a folder of 16-bit
+    tiles of the same product and an 8-bit stretch of one, which it predicts as all one class without a word."""
+    weights = dict(state["model"])
+    weights["band_mean"] = torch.full((3,), 300 / 65535)
+    weights["band_std"] = torch.full((3,), 100 / 65535)
+    saved = tmp_path / "net16.pth"
+    torch.save({**state, "model": weights, "config": {**state["config"], "normalise": True}, "epoch": 1}, saved)
+    ten_bit = (scene_pixels().astype(np.uint16) * 4)[:, :56, :56].transpose(1, 2, 0)  # means near 300
+    write_image(tmp_path / "in" / "dn16_a.png", ten_bit)
+    write_image(tmp_path / "in" / "dn16_b.png", ten_bit[::-1])
+    write_image(tmp_path / "in" / "stretch8.png", (ten_bit // 4).astype(np.uint8))
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
+    assert (tmp_path / "run" / "predictions" / "stretch8_seg.png").is_file()  # a tile, predicted as such
+    warned = [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("1 of 3 tile(s) average several times above or below")
+    assert f"e.g. {tmp_path / 'in' / 'stretch8.png'} (" in warned[0] and "dn16" not in warned[0]
+
+
 def test_a_reflectance_scene_with_a_bright_cloud_is_still_checked_for_its_value_scale(
     state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
