@@ -46,9 +46,13 @@ from benchmarking import (
 from config import Config
 from data_preprocess import read_image
 from demo_data import generate_dataset
+from net_structure import padding_of
 from runtime import machine, resolve_amp, select_device
 
 CASES = ("realistic", "worst", "prediction")
+# Each case's network works at this downscale (the realistic one is trained on demo tiles, which carry no pixel size,
+# at train.py's choice for them): it sets the pooling grid that --window and --overlap must keep to.
+DOWNSCALE = {"realistic": 2, "worst": 1, "prediction": 1}
 
 
 def worker(args: Sequence[str]) -> int:
@@ -79,6 +83,7 @@ def trained_checkpoint(width: int, folder: Path) -> tuple[Path, list[Any]]:
     run = folder / "trained"
     common = [f"--data_dir={folder / 'demo'}", f"--run_dir={run}", "--num_workers=0"]
     settings = [f"--base_width={width}", "--epochs=6", "--batch_size=16", "--recipe=recommended", "--tensorboard=false"]
+    settings.append(f"--downscale={DOWNSCALE['realistic']}")
     if split_dataset.main(common) != 0 or train.main([*common, *settings, "--snapshot_every=0"]) != 0:
         raise RuntimeError(f"training the realistic case's network failed; see {run / 'logs'}")
     tiles = [read_image(path)[:, :, :3] for path in images[-64:]]
@@ -133,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def checked_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[int], list[str]]:
     """The scene sides and cases asked for; anything that would fail only after minutes of training or writing
     scenes (a side that is not a positive number, an unknown amp or device, an --out that cannot be written) is
-    refused first."""
+    refused first, and so are a window and overlap off the networks' pooling grids."""
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -145,6 +150,12 @@ def checked_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(f"--cases: expected some of {', '.join(CASES)}")
     if args.width < 1:
         parser.error(f"--width={args.width}: expected a positive U-Net base width, such as 8")
+    for case in cases:  # the networks' pooling grids: else predict.py refuses them after the training
+        grid, least = padding_of("unet", DOWNSCALE[case])
+        try:
+            scene.SceneSettings(window=args.window, overlap=args.overlap, grid=grid, least=least).check()
+        except ValueError as err:
+            parser.error(f"{err} (--cases={case})")
     try:
         resolve_amp(args.amp, select_device(args.device))
     except ValueError as err:

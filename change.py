@@ -278,6 +278,28 @@ def predict_dates(
     return dates
 
 
+def no_common_data(pair: Pair, run_dir: Path) -> DataError:
+    """The refusal of a pair without a pixel of data at both dates: a date that holds no data at all (an all-nodata
+    tile or scene) is named as such; else their extents overlap and their data do not (collars of nodata around
+    rotated footprints)."""
+    empty = []
+    for date, path in (("before", pair.before), ("after", pair.after)):
+        row = files.read_record(date_outputs(run_dir, pair.name, date)["area"])
+        if isinstance(row, dict) and row.get("valid_pixels") == 0:
+            empty.append(f"{path} ({date})")
+    if empty:
+        return DataError(
+            f"{' and '.join(empty)}: {'holds' if len(empty) == 1 else 'hold'} no data, every pixel nodata (all bands "
+            "0 or the declared nodata), so the pair cannot be compared; expected an image with data, or leave this "
+            "pair out"
+        )
+    return DataError(
+        f"{pair.before} (before) and {pair.after} (after): no pixel holds data at both dates, so nothing can "
+        "be compared: their extents overlap, but where one has data the other is nodata; expected two dates "
+        "of the same place (check the scenes' footprints, not only their extents)"
+    )
+
+
 def detect_change(
     pair: Pair,
     before: scene.Scene,
@@ -299,12 +321,8 @@ def detect_change(
     rule = dataclasses.replace(job.rule, min_pixels=min_pixels)
     with rasterio.Env(GDAL_CACHEMAX=scene.GDAL_CACHE_MB):
         counts = change_detection.write_change_map(dates["before"], dates["after"], aligned, rule, outputs["change"])
-        if counts.valid == 0:  # the extents overlap, the data do not (collars of nodata around rotated footprints)
-            raise DataError(
-                f"{pair.before} (before) and {pair.after} (after): no pixel holds data at both dates, so nothing can "
-                "be compared: their extents overlap, but where one has data the other is nodata; expected two dates "
-                "of the same place (check the scenes' footprints, not only their extents)"
-            )
+        if counts.valid == 0:
+            raise no_common_data(pair, Path(job.cfg.run_dir))
         if change_detection.margin_hides_change(counts):
             LOG.warning(
                 "%s: %.1f%% of the valid pixels are farmland at one date and not the other by the threshold %.2f, "

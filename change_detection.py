@@ -299,6 +299,14 @@ def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
     if before.crs is None:
         if same_size and before.transform.almost_equals(after.transform):
             return True
+        if same_size:  # placed by geotransforms (world files) alone, at other places or pixel sizes
+            b, a = before.transform, after.transform
+            raise DataError(
+                f"{names}: neither has a CRS, and their geotransforms differ (origin {b.c:.2f}, {b.f:.2f}, "
+                f"pixel {b.a:g} against origin {a.c:.2f}, {a.f:.2f}, pixel {a.a:g}), so their pixels are not the same "
+                "places; expected the same geotransform, or name the CRS of both (gdal_translate -a_srs EPSG:xxxx) so "
+                "that the after date can be resampled onto the before grid"
+            )
         raise DataError(
             f"{names}: neither has a CRS, and their grids differ ({before.width}x{before.height} against "
             f"{after.width}x{after.height} pixels); expected the same size, or georeference both"

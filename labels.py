@@ -326,7 +326,8 @@ class VectorLabels(Labels):
         self.fields = [str(f) for f in info["fields"]]
         self.features = int(info["features"])
         kind = str(info["geometry_type"] or "Unknown")
-        if "polygon" not in kind.lower() and kind.lower() not in ("unknown", "geometry", "geometrycollection"):
+        flat = kind.lower().removesuffix(" z")  # a 3D layer ("GeometryCollection Z") is read as a 2D one
+        if "polygon" not in flat and flat not in ("unknown", "geometry", "geometrycollection"):
             raise DataError(
                 f"{self.path}: layer {self.layer} holds {kind} geometries; expected polygons (farmland parcels); "
                 "choose the parcel layer with --label_layer, or buffer lines/points into polygons first"

@@ -387,12 +387,16 @@ def tile_all(
     scenes: Sequence[Path], labels: Labels, cfg: Config, out: Path
 ) -> tuple[list[dict], set[str], set[str], int]:
     """Tile every scene; a bad one is reported and the others go on. Returns rows, scenes done, scenes whose
-    tiles must all go (PartlyTiled; an earlier run's half-overwritten tiles with them), failures."""
+    tiles must all go (PartlyTiled; an earlier run's half-overwritten tiles with them; or a bad one whose earlier
+    tiles are of another size than this run's), failures."""
     rows: list[dict] = []
     done: set[str] = set()
     dropped: set[str] = set()
     failed = 0
-    earlier = {Path(r.get("scene", "")).stem: r.get("scene", "") for r in read_table(out / TABLE)}
+    earlier_rows = read_table(out / TABLE)
+    earlier = {Path(r.get("scene", "")).stem: r.get("scene", "") for r in earlier_rows}
+    size = (str(cfg.tile_size),) * 2
+    resized = {Path(r.get("scene", "")).stem for r in earlier_rows if (r.get("width"), r.get("height")) != size}
     for path in scenes:
         if problem := files.name_problem(path):
             LOG.error("%s", problem)
@@ -420,6 +424,16 @@ def tile_all(
             LOG.error("%s", err)
             failed += 1
             if isinstance(err, PartlyTiled):
+                dropped.add(path.stem)
+            elif path.stem in resized:  # kept, its tiles would sit beside this run's of another size
+                LOG.error(
+                    "%s: its tiles from an earlier run in %s are removed too: they are of another size than this "
+                    "run's %dx%d tiles, and training batches need one size; re-run it once fixed",
+                    path,
+                    out,
+                    cfg.tile_size,
+                    cfg.tile_size,
+                )
                 dropped.add(path.stem)
     return rows, done, dropped, failed
 

@@ -1102,18 +1102,23 @@ def made_from(area: Path, image: Path) -> bool:
     return row.get("image_stamp", stamp) == stamp
 
 
-def remove_outputs_of_another_file(outputs: dict[str, Path], image: Path) -> None:
-    """After ``image`` failed: remove the outputs an earlier run made from another file of its name or from an
-    earlier version of it, so that neither they nor their row in farmland_area.csv pass for this file's. Outputs
-    made from the file as it is now are kept."""
-    if not outputs["area"].is_file() or made_from(outputs["area"], image):
+def remove_outputs_of_earlier_version(outputs: dict[str, Path], image: Path) -> None:
+    """After ``image`` failed: remove the outputs an earlier run made from an earlier version of this very file (one
+    exported again), so that neither they nor their row in farmland_area.csv pass for it. Outputs of another file of
+    the same name (another folder's) stay, as true for that file; outputs of the file as it is now stay too."""
+    row = files.read_record(outputs["area"]) if outputs["area"].is_file() else None
+    recorded = (row.get("image_file") or row.get("image")) if isinstance(row, dict) else None
+    if not isinstance(recorded, str) or made_from(outputs["area"], image):
+        return
+    if Path(recorded).resolve() != Path(image).resolve():
+        LOG.warning("%s: the outputs of its name in %s are still those of %s", image, outputs["area"].parent, recorded)
         return
     stale = [path for path in outputs.values() if path.is_file()]
     for path in stale:
         path.unlink()
     LOG.warning(
-        "%s: removed %s, made from another file of this name or an earlier version of this one, which no longer "
-        "match it (and its row in farmland_area.csv); predict it again once it reads",
+        "%s: removed %s, made from an earlier version of this file, which no longer match it (and its row in "
+        "farmland_area.csv); predict it again once it reads",
         image,
         ", ".join(path.name for path in stale),
     )
@@ -1163,7 +1168,7 @@ def predict_scenes(
                 ready.append(path)
         except DataError as err:
             LOG.error("%s", err)
-            remove_outputs_of_another_file(scene_outputs(run_dir, path), path)
+            remove_outputs_of_earlier_version(scene_outputs(run_dir, path), path)
             failures += 1
     if ready:
         LOG.info(
@@ -1181,7 +1186,7 @@ def predict_scenes(
             done += 1
         except DataError as err:
             LOG.error("%s", err)
-            remove_outputs_of_another_file(scene_outputs(run_dir, path), path)
+            remove_outputs_of_earlier_version(scene_outputs(run_dir, path), path)
             failures += 1
     return done, failures
 

@@ -514,6 +514,10 @@ def test_a_measurement_reports_its_own_peak_memory_not_that_of_the_process_that_
         ("--amp=fp8", "--amp='fp8': expected auto, bf16, fp16 or off"),
         ("--device=gpu", "--device=gpu: expected auto, cpu, cuda or cuda:N"),
         ("--out={tmp}/notes.txt/bench_scene.json", "notes.txt is a file, not a folder; choose another --out"),
+        # predict.py refused these only after the realistic case's network had trained (downscale 2: a 32-px grid)
+        ("--overlap=512", "--overlap=512: expected a multiple of 32 from 0 to window-32 (480)"),
+        ("--overlap=48", "--overlap=48: expected a multiple of 32"),
+        ("--window=500", "--window=500: expected a multiple of 32, at least 64"),
     ],
 )
 def test_bench_scene_refuses_bad_arguments_before_training_or_writing_a_scene(

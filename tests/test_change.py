@@ -465,6 +465,22 @@ def test_scenes_whose_data_do_not_overlap_are_refused_not_reported_unchanged(
     assert not change.pair_outputs(tmp_path / "run", "left_to_right")["json"].exists()
 
 
+def test_a_date_without_data_is_named_as_such_not_as_footprints_that_miss(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A blank tile at both dates (the edge of a tiling) was said to be "extents that overlap, data that do not".
+    tile = scene_pixels(1)[:, :64, :64].transpose(1, 2, 0)
+    for folder, names in (("2019", ("blank", "half")), ("2024", ("blank",))):
+        for name in names:
+            write_image(tmp_path / folder / f"{name}.png", np.zeros((64, 64, 3), np.uint8))
+    write_image(tmp_path / "2024" / "half.png", tile)
+    assert run_change(tmp_path / "run", checkpoint, tmp_path / "2019", tmp_path / "2024", "--min_field_pixels=10") == 1
+    blank = f"{tmp_path / '2019' / 'blank.png'} (before) and {tmp_path / '2024' / 'blank.png'} (after): hold no data"
+    assert blank in caplog.text
+    assert f"{tmp_path / '2019' / 'half.png'} (before): holds no data, every pixel nodata" in caplog.text
+    assert "where one has data the other is nodata" not in caplog.text
+
+
 def test_a_truncated_scene_is_named_with_gdals_reason_and_the_other_pairs_go_on(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -764,6 +780,19 @@ def test_a_cgcs2000_crs_written_as_esri_wkt_is_the_same_grid(tmp_path: Path) -> 
     )
     assert cd.check_grids(before, after)  # aligned: read as it is, not warped
     assert not cd.same_crs(gk, rasterio.crs.CRS.from_epsg(4550))  # the next zone is another CRS
+
+
+def test_two_scenes_placed_apart_by_world_files_alone_are_refused_for_their_placement(tmp_path: Path) -> None:
+    # Of the same size, they were told to be "the same size": their geotransforms were what differed.
+    before, after = (
+        SimpleNamespace(path=tmp_path / f"{name}.tif", crs=None, transform=TRANSFORM * Affine.translation(dx, 0),
+                        width=4, height=2)
+        for name, dx in (("a", 0), ("b", 50))
+    )  # fmt: skip
+    origin = f"origin {TRANSFORM.c:.2f}, {TRANSFORM.f:.2f}, pixel {TRANSFORM.a:g} against origin "
+    with pytest.raises(cd.DataError, match=f"neither has a CRS, and their geotransforms differ \\({origin}"):
+        cd.check_grids(before, after)
+    assert cd.check_grids(before, before)
 
 
 def test_each_dates_farmland_is_its_own_mask_at_a_threshold_on_a_whole_percent(

@@ -135,6 +135,19 @@ def test_the_polygons_of_a_geometry_collection_are_burnt_in(tmp_path: Path) -> N
     assert_masks(tmp_path / "out", burnt([geoms[2], geoms[0]]))
 
 
+def test_a_layer_of_3d_geometry_collections_is_burnt_in_not_refused(tmp_path: Path) -> None:
+    # A clipping tool on 3D parcels writes a "GeometryCollection Z" layer: it was refused as holding no polygons.
+    geoms = fields_utm()
+    collection = shapely.GeometryCollection([geoms[2], shapely.LineString(geoms[2].exterior.coords[:2])])
+    labels = tmp_path / "vec" / "clipped_3d.gpkg"
+    labels.parent.mkdir()
+    wkb = np.array(shapely.to_wkb(shapely.force_3d([collection, geoms[0]]), output_dimension=3), dtype=object)
+    write_vector(str(labels), wkb, [], [], geometry_type="GeometryCollection Z", crs=UTM)
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    assert run(scene, labels, tmp_path / "out") == 0
+    assert_masks(tmp_path / "out", burnt([geoms[2], geoms[0]]))
+
+
 def test_the_filter_keeps_the_cultivated_land_codes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     geoms = fields_utm()
     codes = ["0101", "0701", "0103", "1001"]  # paddy, residential, dry land, water
@@ -343,6 +356,17 @@ def test_rerunning_one_scene_at_another_tile_size_is_refused_while_others_keep_t
     assert folder_digest(tmp_path / "out") == before
     assert run(f"{a},{b}", labels, tmp_path / "out", "--tile_size=16") == 0  # both re-tiled: one size again
     assert {(r["width"], r["height"]) for r in table(tmp_path / "out")} == {("16", "16")}
+
+
+def test_a_scene_that_fails_at_a_new_tile_size_does_not_keep_its_tiles_of_the_old_one(tmp_path: Path) -> None:
+    # b named again at 48 px fails (too small): its 32-px tiles stayed beside a's new 48-px ones in tiles.csv.
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    a = write_scene(tmp_path / "in" / "a.tif", scene_pixels(0))
+    b = write_scene(tmp_path / "in" / "b.tif", scene_pixels(1)[:, :40, :40])
+    assert run(f"{a},{b}", labels, tmp_path / "out") == 0
+    assert run(f"{a},{b}", labels, tmp_path / "out", "--tile_size=48") == 1
+    assert {(Path(r["scene"]).name, r["width"]) for r in table(tmp_path / "out")} == {("a.tif", "48")}
+    assert not list((tmp_path / "out").rglob("b_*"))
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------

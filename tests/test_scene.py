@@ -648,6 +648,12 @@ def test_a_scene_replaced_by_one_that_fails_loses_the_outputs_and_row_of_its_ear
     # Failing with the files as they were (here a band selection the network cannot take) keeps their outputs.
     assert run_predict(run, checkpoint, folder, "--bands=1,2") == 1
     assert sorted(p.name for p in (run / "predictions").rglob("b_*")) == earlier
+    # Another folder's b.tif that fails leaves them too: they are true for the file they name.
+    other = tmp_path / "other" / "b.tif"
+    write_geotiff(other, np.concatenate([scene_pixels(3), scene_pixels(3)[:1]]))
+    assert run_predict(run, checkpoint, other) == 1
+    assert sorted(p.name for p in (run / "predictions").rglob("b_*")) == earlier
+    assert f"{other}: the outputs of its name in {run / 'predictions'} are still those of" in caplog.text
     # b.tif exported again, now with 4 bands: it fails, and what was made from its earlier version goes.
     write_geotiff(folder / "b.tif", np.concatenate([scene_pixels(3), scene_pixels(3)[:1]]))
     assert run_predict(run, checkpoint, folder) == 1
