@@ -35,7 +35,7 @@ class Config:
     recipe: str = "reference"  # reference (these defaults) or recommended (RECOMMENDED below); explicit keys win
     online_aug: bool = True  # random flips and 90-degree rotations of training tiles at load time
     scale_jitter: float = 0.0  # online: random zoom by up to this fraction, below 0.5 (0.1: 0.9x to 1.1x); 0 = off
-    colour_jitter: float = 0.0  # online: brightness gain, contrast and hue jitter of up to this amount (0.1); 0 = off
+    colour_jitter: float = 0.0  # online: brightness (gain), contrast, hue jitter up to this (0.1), below 1; 0 = off
     normalise: bool = False  # standardise each band by its training-split mean and std (kept in the checkpoint)
     ignore_index: int = -1  # mask value of unlabelled pixels (e.g. 128), left out of losses and metrics; -1 = none
     bands: str = ""  # 1-based bands to use, e.g. 3,2,1 of a 4-band TIFF; empty = all; predict.py defaults to training's
@@ -100,7 +100,7 @@ class Config:
     quantize: str = "off"  # off, or int8: also an 8-bit copy for CPUs, offered only if it passes the test split
     calibration_tiles: int = 32  # --quantize=int8: training tiles that calibrate the 8-bit value ranges
     # --- miou.py ---------------------------------------------------------------------------------------
-    gallery_size: int = 6  # tiles in each of the worst / best galleries
+    gallery_size: int = 6  # tiles in each of the worst / best galleries (0 = none)
     boundary_width: int = 3  # pixels inside each parcel edge that the boundary IoU scores
     # --- make_tiles.py ---------------------------------------------------------------------------------
     scene: str = ""  # make_tiles.py: scene GeoTIFF(s) to cut: a file, several separated by commas, or a folder

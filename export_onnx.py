@@ -265,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.parse_args(argv, __doc__ or "")
     if cfg.quantize not in ("off", "int8"):
         raise ValueError(f"--quantize={cfg.quantize!r}: expected off or int8")
+    if cfg.quantize == "int8" and cfg.calibration_tiles < 1:  # else "no training tiles could be read", after the export
+        raise ValueError(
+            f"--calibration_tiles={cfg.calibration_tiles}: expected 1 or more training tiles to calibrate the 8-bit "
+            "ranges; use --calibration_tiles=32"
+        )
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "export_onnx")
     cli.save_config(cfg, "export_onnx")

@@ -395,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = masks_read_as_trained(cfg, given)
     if cfg.boundary_width < 1:
         raise ValueError(f"--boundary_width={cfg.boundary_width}: expected the edge band's depth in pixels, 1 or more")
+    if cfg.gallery_size < 0:  # a negative count sliced all tiles but the last into a gallery titled "-1 lowest"
+        raise ValueError(f"--gallery_size={cfg.gallery_size}: expected tiles per gallery, 0 (none) or more; use 6")
     cfg = bands_of_the_run(cfg)
     shown = shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # refused before the scoring
     run_dir = Path(cfg.run_dir)
@@ -424,9 +426,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_iou_curves(rows, figures / "iou_per_image.png")
     ranked = sorted((r for r in rows if not math.isnan(r["farmland_iou"])), key=lambda r: r["farmland_iou"])
     count = min(cfg.gallery_size, len(ranked))
-    if count:
-        gallery(ranked[:count], lookup, cfg, shown, figures / "gallery_worst.png", f"{count} lowest farmland IoU")
-        gallery(ranked[::-1][:count], lookup, cfg, shown, figures / "gallery_best.png", f"{count} highest farmland IoU")
+    for name, title, order in (("worst", "lowest", ranked), ("best", "highest", ranked[::-1])):
+        path = figures / f"gallery_{name}.png"
+        if count:
+            gallery(order[:count], lookup, cfg, shown, path, f"{count} {title} farmland IoU")
+        else:  # an earlier run's gallery would stand beside these scores as if it showed them
+            path.unlink(missing_ok=True)
     pooled_s, per_image = summary["pooled"], summary["per_image"]
     LOG.info(
         "%d test image(s) | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "

@@ -185,7 +185,8 @@ class SceneSettings:
         return settings
 
     def check(self) -> None:
-        """Raises ValueError unless window and overlap keep windows on the network's pooling grid (``grid``)."""
+        """Raises ValueError unless window and overlap keep windows on the network's pooling grid (``grid``) and
+        the minimum mapping units, the simplification and the pixel size are finite and 0 or more."""
         g = self.grid
         why = (
             ""
@@ -203,18 +204,21 @@ class SceneSettings:
                 f"--overlap={self.overlap}: expected a multiple of {g} from 0 to window-{g} ({self.window - g}){why}; "
                 f"windows must step by a multiple of {g} so that they see the scene as the whole scene would"
             )
-        negative = {
+        # nan and inf pass a sign test, then fail deep in the sieve (a pixel count) or resample to nothing.
+        invalid = {
             key: value
             for key, value in (
                 ("min_field_area_ha", self.min_field_area_ha),
                 ("min_field_pixels", self.min_field_pixels),
                 ("simplify_tolerance", self.simplify_tolerance),
+                ("pixel_size_m", self.pixel_size_m),
             )
-            if value < 0
+            if not (math.isfinite(value) and value >= 0)
         }
-        if negative:
-            given = ", ".join(f"--{key}={value:g}" for key, value in negative.items())
-            raise ValueError(f"{given}: expected 0 or more (0 turns it off); give a value of 0 or above")
+        if invalid:
+            given = ", ".join(f"--{key}={value:g}" for key, value in invalid.items())
+            zero = "0 turns it off" + ("; a pixel_size_m of 0 is unknown" if "pixel_size_m" in invalid else "")
+            raise ValueError(f"{given}: expected a finite number of 0 or more ({zero}); give a value of 0 or above")
 
 
 def scene_outputs(run_dir: Path, image: Path) -> dict[str, Path]:

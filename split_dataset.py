@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -222,8 +223,15 @@ def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
 
 
 def check_ratios(ratios: Sequence[float]) -> None:
-    """Raises ValueError unless the ratios are three non-negative numbers summing to 1 with train > 0."""
-    if len(ratios) != 3 or min(ratios) < 0 or ratios[0] <= 0 or abs(sum(ratios) - 1.0) > 1e-6:
+    """Raises ValueError unless the ratios are three finite non-negative numbers summing to 1 with train > 0."""
+    # Written as what is valid: nan fails every comparison, so a test for what is invalid let nan,0.5,0.5 through.
+    valid = (
+        len(ratios) == 3
+        and all(math.isfinite(r) and r >= 0 for r in ratios)
+        and ratios[0] > 0
+        and abs(sum(ratios) - 1.0) <= 1e-6
+    )
+    if not valid:
         raise ValueError(
             f"split_ratios={','.join(str(r) for r in ratios)}: expected three non-negative fractions for "
             "train, val and test that sum to 1, for example --split_ratios=0.8,0.1,0.1"

@@ -475,6 +475,20 @@ SETTING_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ),
     # A zoom out by half or more would need more reflect padding than the shrunk tile holds.
     ("scale_jitter", lambda v: 0 <= v < 0.5, "a zoom fraction from 0 (off) to below 0.5", "--scale_jitter=0.1"),
+    # The contrast factor 1 + c (c within +-amount) reaches 0 at 1: a tile flattened to its mean, or inverted beyond.
+    (
+        "colour_jitter",
+        lambda v: 0 <= v < 1,
+        "a jitter amount from 0 (off) to below 1",
+        "--colour_jitter=0.1, or 0 for off",
+    ),
+    # Kept in the checkpoint: scenes are resampled to it, downscale=0 follows it (nan, inf: a crash or a ratio of 0).
+    (
+        "pixel_size_m",
+        lambda v: math.isfinite(v) and v >= 0,
+        "metres per pixel of the training tiles, or 0 to read them from the tiles",
+        "--pixel_size_m=0.5, or 0",
+    ),
     ("focal_gamma", lambda v: v >= 0, "a focusing exponent of 0 or more", "--focal_gamma=2 (0 is cross-entropy)"),
     ("collapse_patience", lambda v: v >= 0, "a number of epochs, or 0 for off", "--collapse_patience=3"),
     ("batch_size", lambda v: v >= 1, "1 or more tiles per training step", "--batch_size=5 as the reference"),

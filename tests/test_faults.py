@@ -448,6 +448,14 @@ def test_miou_scores_no_mask_made_from_another_image(
         os.utime(test_image, ns=(was.st_atime_ns, was.st_mtime_ns))  # shared data: as it was for later tests
     assert f"{mask}: made before the test image {test_image.resolve()} last changed" in caplog.text
     assert json.loads((run_copy / "metrics.json").read_text(encoding="utf-8"))["n_images"] == scored
+    # No gallery asked for: the earlier run's galleries go rather than stand beside these scores.
+    galleries = [run_copy / "figures" / f"gallery_{name}.png" for name in ("worst", "best")]
+    assert all(path.is_file() for path in galleries)
+    assert miou.main(args(shared_square_data, run_copy, "--gallery_size=0")) == 0
+    assert not any(path.exists() for path in galleries)
+    # A negative count made a gallery of every tile but one, titled "-1 lowest farmland IoU".
+    with pytest.raises(ValueError, match=r"--gallery_size=-1: expected tiles per gallery, 0 \(none\) or more"):
+        miou.main(args(shared_square_data, run_copy, "--gallery_size=-1"))
 
 
 def scored_names(run_dir: Path) -> list[str]:

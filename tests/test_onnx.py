@@ -428,6 +428,10 @@ def test_bad_onnx_files_are_one_line_errors_naming_the_file(
         predict.main([f"--run_dir={tmp_path / 'run'}", "--backend=tf"])
     with pytest.raises(ValueError, match="--quantize='int4': expected off or int8"):
         export_onnx.main([f"--run_dir={tmp_path / 'run'}", "--quantize=int4"])
+    # Refused before anything is written, not blamed on unreadable tiles after the fp32 export.
+    with pytest.raises(ValueError, match="--calibration_tiles=0: expected 1 or more training tiles"):
+        export_onnx.main([f"--run_dir={tmp_path / 'run'}", "--quantize=int8", "--calibration_tiles=0"])
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def test_the_fixed_size_qgis_file_is_refused_for_other_sizes_in_one_line(

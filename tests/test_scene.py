@@ -600,8 +600,12 @@ def test_windows_must_follow_the_pooling_grid() -> None:
     with pytest.raises(ValueError, match="by 32 pixels: 16 for the U-Net, 32 with a ResNet encoder, times downscale"):
         scene.SceneSettings(window=100, grid=32).check()
     # The value given is named, not only the three keys it might be.
-    with pytest.raises(ValueError, match=r"^--min_field_area_ha=-0.5: expected 0 or more \(0 turns it off\)"):
+    with pytest.raises(ValueError, match=r"^--min_field_area_ha=-0.5: expected a finite number of 0 or more \(0 turns"):
         scene.SceneSettings(min_field_area_ha=-0.5).check()
+    # nan and inf passed the sign test: a traceback in the sieve (a pixel count), or a scene resampled by 0.
+    for key, value in (("min_field_area_ha", math.inf), ("simplify_tolerance", math.nan), ("pixel_size_m", math.inf)):
+        with pytest.raises(ValueError, match=rf"^--{key}={value:g}: expected a finite number of 0 or more"):
+            scene.SceneSettings(**{key: value}).check()
     assert math.isclose(scene.pixel_area_m2(rasterio.crs.CRS.from_string(CRS), TRANSFORM), 4.0)
 
 

@@ -336,6 +336,11 @@ def test_bands_that_do_not_fit_in_channels_are_refused_once(square_data: Path, t
 def test_bad_ratios_are_refused(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sum to 1"):
         run_split(square_data, tmp_path / "run", "--split_ratios=0.8,0.3,0.1")
+    # nan passed every check and split the tiles 1 / 11 / 12 of 24 without a word.
+    for ratios in ("nan,0.5,0.5", "0.5,nan,0.5"):
+        with pytest.raises(ValueError, match=f"split_ratios={ratios}: expected three non-negative fractions"):
+            run_split(square_data, tmp_path / "run", f"--split_ratios={ratios}")
+    assert not (tmp_path / "run" / "splits").exists()
 
 
 @pytest.mark.parametrize("value", ["-0.5", "1.5"])

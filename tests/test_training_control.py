@@ -413,6 +413,13 @@ def test_time_budget_stops_when_epochs_slow_down(
         ("--early_stop=-1", r"--early_stop=-1: expected a number of epochs, or 0 for never"),
         ("--snapshot_every=-1", r"--snapshot_every=-1: expected a number of epochs, or 0 for never"),
         ("--ignore_index=0", r"--ignore_index=0: expected the mask value of unlabelled pixels, not 0"),
+        # Beyond 1 the contrast factor turns negative (tiles inverted); below 0 the jitter was silently off.
+        ("--colour_jitter=5", r"--colour_jitter=5.0: expected a jitter amount from 0 \(off\) to below 1"),
+        ("--colour_jitter=-0.1", r"--colour_jitter=-0.1: expected a jitter amount"),
+        # Saved in the checkpoint: inf made predict.py resample scenes by a ratio of 0, nan crashed it.
+        ("--pixel_size_m=inf", r"--pixel_size_m=inf: expected metres per pixel of the training tiles, or 0"),
+        ("--pixel_size_m=nan", r"--pixel_size_m=nan: expected metres per pixel"),
+        ("--pixel_size_m=-1", r"--pixel_size_m=-1.0: expected metres per pixel"),
     ],
 )
 def test_settings_that_would_fail_later_are_refused_before_any_tile_is_read(
