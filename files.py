@@ -145,6 +145,19 @@ def out_problem(out: Path, example: str) -> str:
     return ""
 
 
+def unwritable_inside(folder: Path) -> list[Path]:
+    """The folders inside ``folder``, and its log files (appended to in place), that this user cannot write: a
+    run folder copied from a read-only one (``cp -r`` keeps the modes) and then made writable at the top only.
+    Links are not followed (a link to a read-only data folder is only read)."""
+    found = []
+    for top, dirs, names in os.walk(folder):
+        paths = sorted(Path(top, d) for d in dirs)
+        found += [p for p in paths if not p.is_symlink() and not os.access(p, os.W_OK | os.X_OK)]
+        logs = sorted(Path(top, n) for n in names if n.endswith(".log"))
+        found += [p for p in logs if not p.is_symlink() and not os.access(p, os.W_OK)]
+    return found
+
+
 def check_writable(folder: Path, need_bytes: int = 0, key: str = "--run_dir") -> None:
     """Fail at once, not hours later, when an output folder cannot be written or its disk is nearly full;
     ``key`` is the option that chose it, named in the fix.
@@ -167,6 +180,14 @@ def check_writable(folder: Path, need_bytes: int = 0, key: str = "--run_dir") ->
         raise ValueError(
             f"{folder}: cannot write there ({err.strerror}); choose another {key} or fix its permissions"
         ) from None
+    locked = unwritable_inside(folder)
+    if locked:
+        named = ", ".join(str(p.relative_to(folder)) for p in locked[:3])
+        more = f" and {len(locked) - 3} more" if len(locked) > 3 else ""
+        raise ValueError(
+            f"{folder}: {named}{more} inside it cannot be written (a copy keeps a read-only folder's modes); "
+            f"make them writable (chmod -R u+w {folder}) or choose another {key}"
+        )
     free = shutil.disk_usage(folder).free
     if free < need_bytes:
         raise ValueError(

@@ -21,6 +21,7 @@ import ast
 import logging
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,10 @@ SQL_WORDS = frozenset(  # words of a WHERE clause that are not field names
 )
 EXAMPLE_FILTER = "--label_where=\"DLBM LIKE '01%'\""
 UNDECLARED = "ISO-8859-1"  # what GDAL reads a .dbf as when neither a .cpg file nor the .dbf names its code page
+# GDAL's note on every open of a WAL-mode GeoPackage (as QGIS leaves them) in a folder the user cannot write, which
+# it then reads as the file stands: "attempt to write a readonly database", raised by pyogrio as a RuntimeWarning.
+# The file is only read; read_only_wal says so once, in words, instead.
+WAL_READ_ONLY = r"(?s).*this file is a WAL-enabled database.*IMMUTABLE=YES"
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,14 @@ def choose_layer(path: Path, layer: str) -> str:
         DataError: unreadable file, an unknown layer name, or several layers and none named.
     """
     try:
-        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+        for warning in caught:
+            if re.match(WAL_READ_ONLY, str(warning.message)):
+                read_only_wal(path)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as err:
         raise DataError(
             f"{path}: not a readable vector file ({str(err)[:200]}); expected polygons as GeoPackage, Shapefile "
@@ -177,6 +189,23 @@ def choose_layer(path: Path, layer: str) -> str:
             f"polygons, for example --label_layer={layers[0]}"
         )
     return layer or layers[0]
+
+
+def read_only_wal(path: Path) -> None:
+    """Say once, in words, that a WAL-mode GeoPackage in a folder this user cannot write is read as the file stands
+    (GDAL opens it immutable), and hide GDAL's warning about it on every later read of the file in this process."""
+    warnings.filterwarnings("ignore", message=WAL_READ_ONLY, category=RuntimeWarning)
+    journal = Path(f"{path}-wal")
+    if journal.exists() and journal.stat().st_size > 0:
+        LOG.warning(
+            "%s: a GeoPackage in WAL mode with unsaved changes in %s, in a folder this user cannot write: it is read "
+            "as the file stands, without them; to include them, close the layer in QGIS (or whatever holds the file "
+            "open) so the changes are written into it, or copy the file with its -wal file to a folder you can write",
+            path,
+            journal.name,
+        )
+    else:
+        LOG.info("%s: a GeoPackage in WAL mode in a folder this user cannot write: read as it stands, unchanged", path)
 
 
 def filter_names(where: str, bare: bool = False) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, args, weights
+from conftest import ROOT, args, folder_digest, weights
 from PIL import Image
 
 import cli
@@ -286,6 +286,37 @@ def test_unwritable_run_folder_and_full_disk_fail_before_training(
     with pytest.raises(ValueError, match=r"checkpoints: only 0 MiB free on its disk, about \d+ MiB are needed"):
         train.main(args(square_data, run_dir, "--epochs=1"))
     assert not (run_dir / "checkpoints" / "last.pth").exists()
+
+
+def set_modes(folder: Path, write: bool) -> None:
+    """chmod -R u+w (``write``) or a-w on a folder, itself included."""
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if write else mode & ~0o222)
+
+
+def test_a_run_copied_from_a_read_only_folder_is_refused_in_one_line_before_any_work(
+    shared_square_data: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A class's shared run, read-only, copied with cp -r (the modes kept) and made writable at the top only:
+    # every script died in a traceback opening logs/<script>.log, or later inside a folder it could not write.
+    if os.geteuid() == 0:  # root writes anywhere: answer as the folder's owner would be answered
+        monkeypatch.setattr(files.os, "access", lambda p, mode: not mode & os.W_OK or bool(os.stat(p).st_mode & 0o200))
+    set_modes(run_copy, write=False)
+    run_copy.chmod(0o755)
+    try:
+        before = folder_digest(run_copy)
+        for script in (predict, train, split_dataset):
+            with pytest.raises(ValueError) as raised:
+                script.main(args(shared_square_data, run_copy, "--epochs=1"))
+            assert str(raised.value) == (
+                f"{run_copy}: checkpoints, configs, figures and 5 more inside it cannot be written (a copy keeps a "
+                f"read-only folder's modes); make them writable (chmod -R u+w {run_copy}) or choose another --run_dir"
+            )
+        assert folder_digest(run_copy) == before
+    finally:
+        set_modes(run_copy, write=True)
+    assert predict.main(args(shared_square_data, run_copy)) == 0
 
 
 def test_training_refuses_a_split_with_missing_files(square_data: Path, tmp_path: Path) -> None:

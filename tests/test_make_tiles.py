@@ -595,3 +595,60 @@ def test_the_next_step_splits_by_scene_only_with_scenes_enough_for_val_and_test(
         caplog.clear()
         assert run(tmp_path / "in" / f"{name}.tif", inputs[1], out) == 0
     assert f"next: python split_dataset.py --data_dir={out} --run_dir=RUN --group_pattern=" in caplog.text
+
+
+def wal_geopackage(folder: Path, geoms: list, codes: list[str], edited_codes: list[str] | None = None) -> Path:
+    """A GeoPackage in WAL mode (as QGIS leaves one) in ``folder``, made read-only; with ``edited_codes``, a later
+    edit of its DLBM codes sits in its -wal file (saved, not yet written into the file), as a copy taken while the
+    layer was open holds it. Skips the test where this user may write into a read-only folder (root)."""
+    import sqlite3
+
+    work = write_fields(folder.parent / "work" / "fields.gpkg", geoms, codes)
+    db = sqlite3.connect(work)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    if edited_codes:  # GeoPackage triggers call SpatiaLite functions that plain sqlite3 lacks
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+            db.execute(f'DROP TRIGGER "{name}"')
+        db.executemany("UPDATE fields SET DLBM = ? WHERE fid = ?", [(c, i + 1) for i, c in enumerate(edited_codes)])
+        db.commit()
+    folder.mkdir(parents=True)
+    for suffix in ("", "-wal") if edited_codes else ("",):
+        shutil.copy(f"{work}{suffix}", folder / f"fields.gpkg{suffix}")
+    db.close()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        folder.chmod(0o755)
+        pytest.skip("this user writes into read-only folders: GDAL opens the GeoPackage writable")
+    return folder / "fields.gpkg"
+
+
+def test_a_wal_geopackage_in_a_read_only_folder_is_read_without_gdal_noise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    labels = wal_geopackage(tmp_path / "shared", fields_utm(), ["0101"] * 4)
+    try:
+        before = folder_digest(labels.parent)
+        assert run(scene, labels, tmp_path / "out", "--label_where=DLBM LIKE '01%'") == 0
+        assert folder_digest(labels.parent) == before
+    finally:
+        labels.parent.chmod(0o755)
+    assert_masks(tmp_path / "out", burnt(fields_utm()))
+    assert not [w for w in recwarn if "WAL" in str(w.message)]  # was 4 RuntimeWarnings: "attempt to write a ..."
+    assert f"{labels}: a GeoPackage in WAL mode in a folder this user cannot write: read as it stands" in caplog.text
+    assert "WARNING" not in caplog.text
+
+
+def test_changes_left_in_a_read_only_geopackages_wal_file_are_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    labels = wal_geopackage(tmp_path / "shared", fields_utm(), ["0101"] * 4, edited_codes=["0701"] * 4)
+    try:
+        assert run(scene, labels, tmp_path / "out", "--label_where=DLBM LIKE '01%'") == 0
+    finally:
+        labels.parent.chmod(0o755)
+    assert not [w for w in recwarn if "WAL" in str(w.message)]
+    assert f"{labels}: a GeoPackage in WAL mode with unsaved changes in fields.gpkg-wal" in caplog.text
+    assert "it is read as the file stands, without them" in caplog.text
