@@ -27,7 +27,7 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import rasterio
@@ -41,7 +41,7 @@ import scene
 from config import Config
 from data_preprocess import entry_problem, image_entries, rgb_bands_for
 from files import DataError
-from inference import decision_threshold, inference_model, with_threshold
+from inference import decision_threshold, inference_model, warn_network_keys, with_threshold
 from net_structure import input_padding
 from runtime import keep_freed_memory, load_checkpoint, resolve_amp, select_device
 
@@ -430,8 +430,9 @@ def check_pairs(pairs: Sequence[Pair], job: ChangeJob) -> tuple[list[Pair], int]
     return ready, failures
 
 
-def make_job(cfg: Config) -> ChangeJob:
-    """Load the checkpoint, build the network and read the change settings.
+def make_job(cfg: Config, given: Collection[str] = ()) -> ChangeJob:
+    """Load the checkpoint, build the network and read the change settings (``given``: the keys on the command
+    line, whose network keys the checkpoint overrules).
 
     Raises:
         ValueError: a setting that cannot work; DataError: the checkpoint or the truth cannot be used.
@@ -441,6 +442,7 @@ def make_job(cfg: Config) -> ChangeJob:
     device = select_device(cfg.device)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.run_dir) / "checkpoints" / "best.pth"
     state = with_threshold(load_checkpoint(checkpoint, device), cfg.threshold)  # the user's cut, if given
+    warn_network_keys(cfg, given, state["config"], checkpoint)
     if not cfg.bands:
         cfg.bands = str(state["config"].get("bands", ""))  # the bands the network was trained on
     cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, state["config"])
@@ -486,13 +488,13 @@ def write_run_table(run_dir: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Compare every pair of dates and write its change map, patches, table and figure under run_dir/change."""
-    cfg = cli.parse_args(argv, __doc__ or "")
+    cfg, given = cli.parse_command(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "change")
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # it logs every file it writes at INFO
     run_dir = Path(cfg.run_dir)
     pairs, problems = list_pairs(cfg)
-    job = make_job(cfg)
+    job = make_job(cfg, given)
     cli.save_config(cfg, "change")
     if job.truth is not None and len(pairs) != 1:
         raise ValueError(f"--change_truth scores one pair; {len(pairs)} pairs were given")

@@ -46,7 +46,7 @@ import scene
 from config import Config
 from data_preprocess import read_pair_list
 from files import DataError, atomic_write_text, check_writable
-from inference import decision_threshold, model_from_checkpoint, with_threshold
+from inference import decision_threshold, model_from_checkpoint, warn_network_keys, with_threshold
 from net_structure import encoder_of, input_padding
 from runtime import load_checkpoint
 from training import tiles_pixel_size
@@ -262,7 +262,7 @@ def drop_earlier_export(folder: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Export the checkpoint, check it, and write the report; exit status 1 when the 8-bit copy is refused."""
-    cfg = cli.parse_args(argv, __doc__ or "")
+    cfg, given = cli.parse_command(argv, __doc__ or "")
     if cfg.quantize not in ("off", "int8"):
         raise ValueError(f"--quantize={cfg.quantize!r}: expected off or int8")
     if cfg.quantize == "int8" and cfg.calibration_tiles < 1:  # else "no training tiles could be read", after the export
@@ -276,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
     state = with_threshold(load_checkpoint(checkpoint), cfg.threshold)  # the cut the model carries
+    warn_network_keys(cfg, given, state["config"], checkpoint)
     config = state["config"]
     # window and overlap become Deepness's tile size and overlap: checked on the network's own grid (32 with a
     # ResNet encoder or downscale=2), not the U-Net's 16 first, so that one message gives the rule that holds

@@ -8,18 +8,41 @@ checkpoint's tuned threshold or the argmax. Used by predict.py for tiles and by 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from config import Config
 from data_preprocess import picked_for_colour
 from files import DataError
 from net_structure import encoder_of, fold_batchnorm, model_from_config
 from runtime import available_memory, memory_format
+from training import ARCHITECTURE_KEYS
 
 LOG = logging.getLogger("inference")
+
+
+def warn_network_keys(cfg: Config, given: Collection[str], saved: dict[str, Any], model_file: object) -> None:
+    """Warn of network keys (training.ARCHITECTURE_KEYS, normalise) given on the command line with another value
+    than the model file's: the network is always the one the file records, so ``--encoder=resnet18`` or
+    ``--base_width=32`` given to predict.py would otherwise be ignored without a word."""
+    defaults = Config()
+    ignored = [
+        key
+        for key in (*ARCHITECTURE_KEYS, "normalise")
+        if key in given
+        and getattr(cfg, key) != saved.get(key, getattr(defaults, key))
+        and not (key == "downscale" and cfg.downscale == 0)  # auto stands for the run's own choice
+    ]
+    if ignored:
+        LOG.warning(
+            "%s ignored: the network is %s's own (%s); train again to change it",
+            ", ".join(f"--{key}={getattr(cfg, key)}" for key in ignored),
+            model_file,
+            ", ".join(f"{key}={saved.get(key, getattr(defaults, key))}" for key in ignored),
+        )
 
 
 def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_last: bool = True) -> nn.Module:

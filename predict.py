@@ -36,7 +36,7 @@ from config import Config
 from data_preprocess import EMPTY_TEST_SPLIT, image_entries, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter, stale_export
 from files import DataError, file_stamp, name_problem, prediction_path, read_record, shown_path
-from inference import inference_model, with_threshold
+from inference import inference_model, warn_network_keys, with_threshold
 from net_structure import input_padding
 from output_record import Since, outputs_since
 from runtime import (
@@ -369,12 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def predict_all(argv: Sequence[str] | None = None) -> int:
     """The body of main: parse the config, join torchrun's job if any, predict this rank's share."""
-    cfg = cli.parse_args(argv, __doc__ or "")
+    cfg, given = cli.parse_command(argv, __doc__ or "")
     cli.check_paths(cfg)
     job = init_distributed(cfg.device)
     cli.setup_logging(cfg, "predict", job.rank)
     run_dir = Path(cfg.run_dir)
     checkpoint, state, segmenter, device = open_network(cfg, job)
+    warn_network_keys(cfg, given, state["config"], checkpoint)
     state = with_threshold(state, cfg.threshold)  # the user's cut, if given
     sieve_pixels(cfg.sieve_cells, state["config"])  # a bad sieve_cells refused before any output is redone
     resolve_bands(cfg, state["config"])

@@ -809,3 +809,18 @@ def test_a_float_scene_a_little_above_1_is_clipped_and_one_far_above_refused(
     far = write_geotiff(tmp_path / "c" / "s.tif", pixels)
     assert run_predict(tmp_path / "far", checkpoint, far) == 1
     assert "floating-point image with values outside [0, 1]" in caplog.text
+
+
+def test_network_keys_given_to_predict_py_are_warned_of_as_the_checkpoints_win(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # predict.py builds the checkpoint's network whatever the command line says: these were ignored without a word.
+    source = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
+    same = ["--base_width=8", "--in_channels=3", "--downscale=0", "--encoder=unet"]  # the checkpoint's, or auto
+    assert run_predict(tmp_path / "run", checkpoint, source, *same) == 0
+    assert "ignored: the network is" not in caplog.text
+    assert run_predict(tmp_path / "run2", checkpoint, source, "--encoder=resnet18", "--base_width=32") == 0
+    said = (
+        f"--base_width=32, --encoder=resnet18 ignored: the network is {checkpoint}'s own (base_width=8, encoder=unet)"
+    )
+    assert said in caplog.text
