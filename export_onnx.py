@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch
 
 import cli
 import exported_model
+import files
 import onnx_build
 import onnx_quantize
 import scene
@@ -125,10 +127,11 @@ def qgis_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_qgis(
-    cfg: Config, state: dict[str, Any], model: onnx.ModelProto, metadata: dict[str, Any], qgis: Path
+    cfg: Config, state: dict[str, Any], model: onnx.ModelProto, metadata: dict[str, Any], qgis: Path, written: Path
 ) -> None:
-    """Write farmland_qgis.onnx (qgis_state's network, fixed to the window) and check it against PyTorch.
-    ``model`` is farmland.onnx's graph, with ``metadata``: traced again only where the cut is moved.
+    """Write farmland_qgis.onnx (qgis_state's network, fixed to the window) to ``written`` and check it against
+    PyTorch; the caller renames it to ``qgis``. ``model`` is farmland.onnx's graph, with ``metadata``: traced again
+    only where the cut is moved.
 
     Raises:
         DataError: the file disagrees with PyTorch (it is then removed).
@@ -145,14 +148,15 @@ def export_qgis(
         metadata = metadata | {"seg_thresh": 0.5, "farmland_threshold": 0.5, "farmland_cut_moved_from": cut}
         network = model_from_checkpoint(moved, torch.device("cpu"), channels_last=False).eval()
         model = onnx_build.with_metadata(onnx_build.export_graph(network), metadata)
-    onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), qgis)
+    onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), written)
     try:
         shape = (1, int(state["config"]["in_channels"]), cfg.window, cfg.window)
         window = onnx_build.noise_like_training(np.random.default_rng(1), shape, onnx_build.input_statistics(state))
-        segmenter, exported = exported_model.load_segmenter(qgis)
+        segmenter, exported = exported_model.load_segmenter(written)
+        segmenter.path = qgis  # its messages name the file it becomes
         onnx_build.compare_with_torch(segmenter, moved, [window], exported)
     except BaseException:
-        qgis.unlink(missing_ok=True)
+        written.unlink(missing_ok=True)
         raise
 
 
@@ -180,18 +184,25 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
     )
     model = onnx_build.with_metadata(onnx_build.export_graph(unet), metadata)
     path, qgis = folder / "farmland.onnx", folder / "farmland_qgis.onnx"
-    onnx_build.write_model(model, path)
+    # Both are written under hidden names and renamed once both pass their checks: a run killed part way (kill -9,
+    # a power cut) leaves no unchecked file under these names, nor a new farmland.onnx beside an earlier export's
+    # farmland_qgis.onnx.
+    written = {path: files.temporary_beside(path), qgis: files.temporary_beside(qgis)}
+    onnx_build.write_model(model, written[path])
     try:
         # Random images drawn like the training inputs, not uniform noise: see onnx_build.noise_like_training.
         statistics = onnx_build.input_statistics(state)
         real = onnx_build.sample_tiles(Path(cfg.run_dir), state)
         tiles = onnx_build.comparison_tiles(unet.in_channels, real, statistics=statistics)
-        segmenter, exported = exported_model.load_segmenter(path)
+        segmenter, exported = exported_model.load_segmenter(written[path])
+        segmenter.path = path  # its messages name the file it becomes
         figures = onnx_build.compare_with_torch(segmenter, state, tiles, exported)
-        export_qgis(cfg, state, model, metadata, qgis)
+        export_qgis(cfg, state, model, metadata, qgis, written[qgis])
+        for final, temporary in written.items():
+            os.replace(temporary, final)
     except BaseException:
-        path.unlink(missing_ok=True)
-        qgis.unlink(missing_ok=True)
+        for file in (path, qgis, *written.values()):
+            file.unlink(missing_ok=True)
         raise
     LOG.info(
         "%s: onnxruntime matches PyTorch's fp32 prediction (largest probability difference %.1e, %d of %d mask "

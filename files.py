@@ -290,6 +290,39 @@ def windows_process_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
+def temporary_beside(path: Path) -> Path:
+    """A hidden temporary name beside ``path`` (``.<stem>.<pid>.tmp<suffix>``), renamed to ``path`` once the file is
+    whole; the real extension stays last, as GDAL picks formats and checks names by it.
+
+    A process killed while writing (kill -9, a power cut) cannot remove its temporary file, which may be as large
+    as the scene: those of ``path`` left by a process that has ended on this machine (or by a process of this one's
+    id, a pid that came back) are removed here, so that an interrupted run's next try does not leave them for good.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.(\d+)\.tmp{re.escape(path.suffix)}")
+    with contextlib.suppress(OSError):  # a folder not made yet holds none
+        for left in path.parent.glob(f".{glob_escaped(path.stem)}.*.tmp{glob_escaped(path.suffix)}"):
+            match = pattern.fullmatch(left.name)
+            if match and (int(match[1]) == os.getpid() or not process_alive(int(match[1]))):
+                remove_quietly(left)
+    return path.parent / f".{path.stem}.{os.getpid()}.tmp{path.suffix}"
+
+
+def remove_left_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files of atomic_write_bytes (``.<name>.<12 hex digits>.tmp``) in ``folder``, which a
+    process killed while writing (kill -9, a power cut) left, each as large as its output (a checkpoint); return
+    them. Only for a folder this process alone writes to (one whose run_lock it holds)."""
+    left = [p for p in Path(folder).glob(".*.tmp") if re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", p.name) and p.is_file()]
+    for path in left:
+        remove_quietly(path)
+    return left
+
+
+def glob_escaped(text: str) -> str:
+    """``text`` with the characters glob reads as patterns (``*?[``) matching themselves."""
+    return re.sub(r"([*?[])", r"[\1]", text)
+
+
 LOCK_WRITING_S = 10.0  # an unreadable lock file younger than this is being written, not left by a dead run
 
 

@@ -34,6 +34,8 @@ from pyogrio.raw import write as write_vector
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+import files
+
 FARMLAND = 1
 STRIP = 1024  # mask rows sieved and vectorised at a time
 SIEVE_HALO_CAP = 2048  # most rows read above and below a strip for the sieve
@@ -280,8 +282,8 @@ class PolygonWriter:
         self.columns = columns
         self.crs = crs
         self.layer = layer
-        # The real extension stays last: GDAL picks formats and checks names by it.
-        self.temporary = {k: p.parent / f".{p.stem}.{os.getpid()}.tmp{p.suffix}" for k, p in paths.items()}
+        # Hidden names beside the outputs; those a killed run left for them are removed.
+        self.temporary = {k: files.temporary_beside(p) for k, p in paths.items()}
         self.geometries: list[shapely.Geometry] = []
         self.values: dict[str, list] = {name: [] for name in columns}
         self.count = 0

@@ -611,9 +611,9 @@ def blended_rows(
 
 
 def temporary_beside(path: Path) -> Path:
-    """A hidden temporary name beside ``path``, renamed to ``path`` once the file is whole."""
-    # The real extension stays last: GDAL picks formats and checks names by it.
-    return path.parent / f".{path.stem}.{os.getpid()}.tmp{path.suffix}"
+    """A hidden temporary name beside ``path``, renamed to ``path`` once the file is whole; those a killed run
+    left for it are removed (files.temporary_beside)."""
+    return files.temporary_beside(path)
 
 
 def raster_profile(scene: Scene) -> dict:

@@ -559,6 +559,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = split_pairs(usable, cfg.split_ratios, cfg.seed, groups, pixels)
     out = Path(cfg.run_dir) / "splits"
     warn_replaced_splits(Path(cfg.run_dir), splits)
+    # An earlier split's lists go first: a split stopped between its lists (kill -9, a power cut) would otherwise
+    # leave the new train.txt beside the old test.txt, sharing tiles, and training would go on unwarned. A list
+    # missing is refused by the next script, naming the file.
+    for name in (*(f"{n}.txt" for n in SPLIT_NAMES), "rejected.csv", "summary.json"):
+        (out / name).unlink(missing_ok=True)
     for name in SPLIT_NAMES:
         write_pair_list(out / f"{name}.txt", splits[name])
     _write_rejected(out / "rejected.csv", scan.rejected)

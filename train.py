@@ -1132,6 +1132,9 @@ def training_lock(cfg: Config, job: Distributed) -> Iterator[None]:
                 stack.enter_context(files.run_lock(lock, "train.py"))
             except ValueError as err:
                 refusal = str(err)
+            else:  # the folder is this run's alone now: a run killed while saving left its half checkpoint there
+                for left in files.remove_left_temporaries(lock.parent):
+                    LOG.info("%s: removed, a checkpoint half written by a run that was stopped", left)
         if job.world > 1 and int(all_reduce_sum(torch.tensor([int(bool(refusal))], device=job.device))):
             refusal = refusal or f"{lock}: rank 0 found another train.py training into this run folder"
         if refusal:

@@ -460,6 +460,35 @@ def test_a_new_export_removes_the_8_bit_copy_and_report_of_an_earlier_one(export
     assert "int8" not in json.loads((run_dir / "export" / "export_report.json").read_text(encoding="utf-8"))
 
 
+def test_an_export_killed_while_checking_leaves_no_unchecked_file_under_the_final_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kill -9 (a power cut) while the new files are checked left the new, unchecked farmland.onnx beside the
+    # earlier export's farmland_qgis.onnx, of another checkpoint, with nothing to tell them apart.
+    run_dir = tmp_path / "run"
+    folder = run_dir / "export"
+    folder.mkdir(parents=True)
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    earlier = {name: f"{name} of an earlier checkpoint".encode() for name in ONNX_NAMES}
+    for name, data in earlier.items():
+        (folder / name).write_bytes(data)
+    seen = []
+    check = onnx_build.compare_with_torch
+
+    def checked_while_looking(*args: object, **kwargs: object) -> dict:
+        seen.append({name: (folder / name).read_bytes() for name in ONNX_NAMES})  # what a kill now would leave
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_build, "compare_with_torch", checked_while_looking)
+    assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16"]) == 0
+    assert len(seen) == 2 and all(files == earlier for files in seen)
+    assert all((folder / name).read_bytes() != data for name, data in earlier.items())  # the new ones, renamed
+    assert sorted(p.name for p in folder.iterdir()) == ["export_report.json", *ONNX_NAMES]  # no temporary left
+
+
+ONNX_NAMES = ("farmland.onnx", "farmland_qgis.onnx")
+
+
 def test_an_onnx_model_given_as_the_checkpoint_is_named_as_such(exported: dict, tmp_path: Path) -> None:
     model = exported["run_dir"] / "export" / "farmland.onnx"
     with pytest.raises(DataError, match=r"farmland.onnx: an ONNX model, not a checkpoint .*--backend=onnx"):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -341,6 +344,24 @@ def test_outputs_this_configuration_does_not_write_are_not_left_from_an_earlier_
     assert run_predict(run_dir, checkpoint, source, "--save_probability=false", "--threshold=0.7") == 0
     assert not out["sieved"].exists() and not out["sieved_style"].exists() and not out["probability"].exists()
     assert out["mask"].is_file() and out["gpkg"].is_file() and out["overlay"].is_file()
+
+
+def test_temporary_files_a_killed_run_left_are_removed_by_the_next_one(checkpoint: Path, tmp_path: Path) -> None:
+    # A run killed with -9 (a power cut) while writing a scene's rasters and fields cannot remove their temporary
+    # files, each as large as the scene; the next run finished the scene and left them there for good.
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
+    run_dir = tmp_path / "run"
+    out = scene.scene_outputs(run_dir, source)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    left = [f".{p.stem}.{ended.pid}.tmp{p.suffix}" for p in (out["mask"], out["probability"], out["gpkg"])]
+    writing = f".{out['mask'].stem}.{os.getppid()}.tmp.tif"  # a live process's: not touched
+    out["mask"].parent.mkdir(parents=True)
+    for name in (*left, writing):
+        (out["mask"].parent / name).write_bytes(b"half a file")
+    assert run_predict(run_dir, checkpoint, source) == 0
+    assert out["mask"].is_file() and out["gpkg"].is_file()
+    assert sorted(p.name for p in out["mask"].parent.glob(".*")) == [writing]
 
 
 def test_a_sieved_mask_asked_for_without_polygons_is_said_not_to_come(

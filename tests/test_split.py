@@ -60,6 +60,30 @@ def test_main_writes_lists_and_leaves_data_untouched(square_data: Path, tmp_path
     assert summary == {"train": 16, "val": 2, "test": 2, "farmland_share": farmland, **counts}
 
 
+class PowerCut(BaseException):
+    """A process stopped where it stands (kill -9, a power cut): no handler runs."""
+
+
+def test_a_split_stopped_between_its_lists_leaves_none_of_the_earlier_splits_beside_them(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The new train.txt stayed beside the earlier split's val.txt and test.txt, sharing tiles with them, and
+    # training and scoring went on with no word of it.
+    run_dir = tmp_path / "run"
+    assert run_split(square_data, run_dir, "--seed=1") == 0
+    written = split_dataset.write_pair_list
+
+    def stopped_after_one(path: Path, pairs: list) -> None:
+        written(path, pairs)
+        raise PowerCut
+
+    monkeypatch.setattr(split_dataset, "write_pair_list", stopped_after_one)
+    with pytest.raises(PowerCut):
+        run_split(square_data, run_dir, "--seed=2")
+    left = sorted(p.name for p in (run_dir / "splits").iterdir())
+    assert left == ["train.txt"]  # a missing list is refused by name by the next script
+
+
 def test_orphans_junk_and_upper_case_extensions(tmp_path: Path) -> None:
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
