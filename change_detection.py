@@ -297,15 +297,16 @@ def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
         )
     same_size = (before.width, before.height) == (after.width, after.height)
     if before.crs is None:
-        if same_size and before.transform.almost_equals(after.transform):
+        # As with a CRS below: almost_equals' default 1e-5 spans pixels of a world file in degrees (2.7e-6 at 0.3 m).
+        if same_size and before.transform.almost_equals(after.transform, 1e-9):
             return True
         if same_size:  # placed by geotransforms (world files) alone, at other places or pixel sizes
             b, a = before.transform, after.transform
             raise DataError(
-                f"{names}: neither has a CRS, and their geotransforms differ (origin {b.c:.2f}, {b.f:.2f}, "
-                f"pixel {b.a:g} against origin {a.c:.2f}, {a.f:.2f}, pixel {a.a:g}), so their pixels are not the same "
-                "places; expected the same geotransform, or name the CRS of both (gdal_translate -a_srs EPSG:xxxx) so "
-                "that the after date can be resampled onto the before grid"
+                f"{names}: neither has a CRS, and their geotransforms differ (origin {b.c:.12g}, {b.f:.12g}, pixel "
+                f"{b.a:.12g} against origin {a.c:.12g}, {a.f:.12g}, pixel {a.a:.12g}), so their pixels are not the "
+                "same places; expected the same geotransform, or name the CRS of both (gdal_translate -a_srs "
+                "EPSG:xxxx) so that the after date can be resampled onto the before grid"
             )
         raise DataError(
             f"{names}: neither has a CRS, and their grids differ ({before.width}x{before.height} against "

@@ -146,15 +146,24 @@ def out_problem(out: Path, example: str) -> str:
 
 
 def unwritable_inside(folder: Path) -> list[Path]:
-    """The folders inside ``folder``, and its log files (appended to in place), that this user cannot write: a
-    run folder copied from a read-only one (``cp -r`` keeps the modes) and then made writable at the top only.
-    Links are not followed (a link to a read-only data folder is only read)."""
+    """The folders inside ``folder``, and its log files (appended to in place), that this user owns and cannot
+    write: a run folder copied from a read-only one (``cp -r`` keeps the modes, and the copy is the user's) and
+    then made writable at the top only. Links are not followed (a link to a read-only data folder is only read),
+    and another owner's folder is no copy's (a volume's root-owned lost+found, a shared data folder): chmod could
+    not change it, and nothing is written there."""
+    user = os.geteuid() if hasattr(os, "geteuid") else None
+
+    def locked(path: Path, mode: int) -> bool:
+        if path.is_symlink() or os.access(path, mode):
+            return False
+        with contextlib.suppress(OSError):
+            return user is None or path.stat().st_uid == user
+        return False
+
     found = []
     for top, dirs, names in os.walk(folder):
-        paths = sorted(Path(top, d) for d in dirs)
-        found += [p for p in paths if not p.is_symlink() and not os.access(p, os.W_OK | os.X_OK)]
-        logs = sorted(Path(top, n) for n in names if n.endswith(".log"))
-        found += [p for p in logs if not p.is_symlink() and not os.access(p, os.W_OK)]
+        found += [p for p in sorted(Path(top, d) for d in dirs) if locked(p, os.W_OK | os.X_OK)]
+        found += [p for p in sorted(Path(top, n) for n in names if n.endswith(".log")) if locked(p, os.W_OK)]
     return found
 
 

@@ -73,20 +73,25 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
 VALUE_SCALE_LIMIT = 4.0  # input band means this many times above or below the training tiles' are another product
 
 
-def value_scale_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:
+def band_mean_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:
     """The median over bands of ``means`` (an input's band means, scaled to [0, 1] as tiles are: 8-bit / 255,
-    16-bit / 65535) over the training tiles' band means, where it lies beyond VALUE_SCALE_LIMIT either way: an
-    8-bit stretch predicted by a model trained on 16-bit DN, or the reverse, whose mask is not worth reading.
-    None where it lies within, or where the model keeps no training means (trained without normalise, or an
-    ONNX model)."""
+    16-bit / 65535) over the training tiles' band means; None where the model keeps no training means (trained
+    without normalise, or an ONNX model)."""
     trained = getattr(model, "band_mean", None)
     # No record of the training tiles' values without normalise (none, or ImageNet's with encoder_weights).
     if not state["config"].get("normalise") or not isinstance(trained, torch.Tensor):
         return None
     if not bool(trained.any()) or len(trained) != len(means):
         return None
-    ratio = float(np.median(means / trained.detach().cpu().float().numpy()))
-    return None if 1 / VALUE_SCALE_LIMIT <= ratio <= VALUE_SCALE_LIMIT else ratio
+    return float(np.median(means / trained.detach().cpu().float().numpy()))
+
+
+def value_scale_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:
+    """band_mean_ratio where it lies beyond VALUE_SCALE_LIMIT either way: an 8-bit stretch predicted by a model
+    trained on 16-bit DN, or the reverse, whose mask is not worth reading. None where it lies within, or where
+    the model keeps no training means."""
+    ratio = band_mean_ratio(model, state, means)
+    return None if ratio is None or 1 / VALUE_SCALE_LIMIT <= ratio <= VALUE_SCALE_LIMIT else ratio
 
 
 OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown

@@ -134,16 +134,17 @@ def check_out(out: Path, inputs: Sequence[Path], subdirs: Sequence[str] = ("imag
 
 def check_tile_size(out: Path, scenes: Sequence[Path], tile: int) -> None:
     """Refuse a tile size other than that of the tiles an earlier run left in ``out`` for scenes not tiled now:
-    re-running keeps those tiles, and training batches need one size.
+    re-running keeps those tiles, and training batches need one size. Tiles of another file of a scene's name (in
+    another folder) are kept too: that scene is refused as their namesake, not tiled again.
 
     Raises:
         DataError: naming the folder, both sizes, the scenes kept and the fix.
     """
-    now = {path.stem for path in scenes}
+    now = {path.resolve() for path in scenes}
     other = {
         Path(row.get("scene", "")).stem: f"{row.get('width')}x{row.get('height')}"
         for row in read_table(out / TABLE)
-        if Path(row.get("scene", "")).stem not in now and (row.get("width"), row.get("height")) != (str(tile),) * 2
+        if Path(row.get("scene", "")).resolve() not in now and (row.get("width"), row.get("height")) != (str(tile),) * 2
     }
     if other:
         names = sorted(other)

@@ -29,11 +29,12 @@ from fast_path import prediction_choice
 from figures import stretched
 from files import DataError, file_stamp, shown_path, written_after
 from inference import (
+    VALUE_SCALE_LIMIT,
+    band_mean_ratio,
     choose_batch_size,
     decision_threshold,
     overlay_image,
     predict_batch,
-    value_scale_ratio,
 )
 from net_structure import downscale_of
 from png_text import read_texts
@@ -284,18 +285,42 @@ def first_readable(files: ImageFiles) -> torch.Tensor | None:
     return None
 
 
-def off_scale_tiles(model: torch.nn.Module, state: dict, images: torch.Tensor) -> list[tuple[int, float]]:
-    """(position in the batch, ratio) of each tile whose band means, over its pixels with data and scaled as in
-    training (8-bit / 255, 16-bit / 65535), lie on another scale than the training tiles' (value_scale_ratio)."""
-    values = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+# A single tile of a run whose tiles are on the training scale is warned of only this far off: a tile of water,
+# shadow or cloud sits 4 to 10 times below or above the training means; another bit depth (8-bit against 12-bit
+# data in 16 bits) 16 times or more.
+TILE_SCALE_LIMIT = 16.0
+SCALE_SAMPLE_STEP = 4  # rows and columns apart of the pixels whose band means are compared: ample for 4 times
+
+
+def tile_scale_ratios(model: torch.nn.Module, state: dict, images: torch.Tensor) -> list[tuple[int, float]]:
+    """(position in the batch, ratio) of each tile with data: its band means over its pixels with data, scaled as
+    in training (8-bit / 255, 16-bit / 65535), over the training tiles' (inference.band_mean_ratio); none where
+    the model keeps no training means. Every SCALE_SAMPLE_STEP-th row and column of the whole batch at once:
+    every pixel of each tile in turn held up the device (a fourth of a second for 128 256-px tiles on 2 cores)."""
+    if band_mean_ratio(model, state, np.ones(images.shape[1])) is None:
+        return []
+    sample = images[:, :, ::SCALE_SAMPLE_STEP, ::SCALE_SAMPLE_STEP]
+    sums = sample.sum(dim=(2, 3), dtype=torch.float64)  # nodata pixels (all bands zero) add nothing
+    counts = sample.any(dim=1).sum(dim=(1, 2))
+    means = (sums / counts.clamp(min=1).unsqueeze(1)).numpy() / (255.0 if images.dtype == torch.uint8 else 1.0)
     found = []
-    for position, image in enumerate(values):
-        valid = image.any(dim=0)  # all bands zero: nodata
-        if bool(valid.any()):
-            ratio = value_scale_ratio(model, state, image[:, valid].mean(dim=1).numpy().astype(np.float64))
-            if ratio is not None:
-                found.append((position, ratio))
+    for position in torch.nonzero(counts).flatten().tolist():
+        ratio = band_mean_ratio(model, state, means[position])
+        if ratio is not None:
+            found.append((position, ratio))
     return found
+
+
+def off_scale_tiles(ratios: Sequence[float]) -> list[int]:
+    """Positions in ``ratios`` (each tile's, tile_scale_ratios) of the tiles on another value scale than the
+    training tiles'. Judged as a scene is, on the run's tiles together (their median) against VALUE_SCALE_LIMIT,
+    since one tile of water or shadow is as dark as another product; in a run on the training scale, a tile is
+    named only beyond TILE_SCALE_LIMIT (a tile of another bit depth among the others)."""
+    if not ratios:
+        return []
+    typical = float(np.median(ratios))
+    limit = TILE_SCALE_LIMIT if 1 / VALUE_SCALE_LIMIT <= typical <= VALUE_SCALE_LIMIT else VALUE_SCALE_LIMIT
+    return [i for i, ratio in enumerate(ratios) if not 1 / limit <= ratio <= limit]
 
 
 def warn_off_scale(off_scale: list[tuple[Path, float]], count: int, model: torch.nn.Module) -> None:
@@ -396,7 +421,9 @@ def predict_tiles(
     made = made_with(cfg, state, checkpoint)
     made_text = {MADE_WITH_KEY: json.dumps(made, ensure_ascii=False)} if made else {}
     files = ImageFiles(paths, state["config"]["in_channels"], bands)
-    trained_model, off_scale = model, []  # the model as loaded, which keeps the training tiles' band means
+    trained_model = model  # the model as loaded, which keeps the training tiles' band means
+    scale_tiles: list[int] = []  # indices in paths of the tiles of scale_ratios
+    scale_ratios: list[float] = []
     model, amp, channels_last, batch_size = _prediction_setup(model, files, cfg, state, device, amp)
     loader = _batch_loader(files, batch_size, cfg.num_workers, device)
     _log_plan(len(paths), checkpoint, state, device, amp, batch_size, cfg, min_pixels)
@@ -410,8 +437,9 @@ def predict_tiles(
                         LOG.error("%s", error)
                         failures += 1
                     else:
-                        for position, ratio in off_scale_tiles(trained_model, state, images):
-                            off_scale.append((paths[indices[position]], ratio))
+                        for position, ratio in tile_scale_ratios(trained_model, state, images):
+                            scale_tiles.append(indices[position])
+                            scale_ratios.append(ratio)
                         masks = predict_batch(model, images, device, channels_last, threshold, cfg.tta)
                         photos = images.numpy() if cfg.overlay else [None] * len(indices)
                         for index, photo, mask in zip(indices, photos, masks):
@@ -429,5 +457,6 @@ def predict_tiles(
                     bar.update(len(indices))
                     if progress is not None:
                         progress(done + failures)
+    off_scale = [(paths[scale_tiles[i]], scale_ratios[i]) for i in off_scale_tiles(scale_ratios)]
     warn_off_scale(off_scale, done, trained_model)
     return done, failures

@@ -789,10 +789,25 @@ def test_two_scenes_placed_apart_by_world_files_alone_are_refused_for_their_plac
                         width=4, height=2)
         for name, dx in (("a", 0), ("b", 50))
     )  # fmt: skip
-    origin = f"origin {TRANSFORM.c:.2f}, {TRANSFORM.f:.2f}, pixel {TRANSFORM.a:g} against origin "
+    origin = f"origin {TRANSFORM.c:.12g}, {TRANSFORM.f:.12g}, pixel {TRANSFORM.a:.12g} against origin "
     with pytest.raises(cd.DataError, match=f"neither has a CRS, and their geotransforms differ \\({origin}"):
         cd.check_grids(before, after)
     assert cd.check_grids(before, before)
+
+
+def test_world_files_in_degrees_that_place_two_dates_apart_are_refused_and_told_apart(tmp_path: Path) -> None:
+    # A world file in degrees (0.3 m pixels: 2.7e-6 degrees): a pixel size twice the other's, or an origin a few
+    # pixels off, lay within almost_equals' default 1e-5 and passed for the same grid, compared pixel by pixel.
+    pixel = 2.7e-6
+    before = SimpleNamespace(path=tmp_path / "a.jpg", crs=None, transform=Affine(pixel, 0, 113.12345, 0, -pixel, 23.1),
+                             width=100, height=100)  # fmt: skip
+    for transform, shown in (
+        (Affine(2 * pixel, 0, 113.12345, 0, -2 * pixel, 23.1), "origin 113.12345, 23.1, pixel 5.4e-06"),
+        (Affine(pixel, 0, 113.12348, 0, -pixel, 23.1), "origin 113.12348, 23.1, pixel 2.7e-06"),  # 11 pixels east
+    ):
+        after = SimpleNamespace(**{**vars(before), "path": tmp_path / "b.jpg", "transform": transform})
+        with pytest.raises(cd.DataError, match=f"geotransforms differ .*against {shown}"):
+            cd.check_grids(before, after)
 
 
 def test_each_dates_farmland_is_its_own_mask_at_a_threshold_on_a_whole_percent(

@@ -319,6 +319,30 @@ def test_a_run_copied_from_a_read_only_folder_is_refused_in_one_line_before_any_
     assert predict.main(args(shared_square_data, run_copy)) == 0
 
 
+def test_another_owners_folder_inside_a_run_folder_is_not_taken_for_a_read_only_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run folder at the root of a volume given to its user holds root's lost+found (0700): every script refused
+    # the run folder, advising a chmod that could not change lost+found, which nothing writes into.
+    if os.geteuid() != 0:
+        pytest.skip("another owner's folder needs chown, which only root may do")
+    user = os.geteuid()  # root: answered as a user who writes only their own folders with a write bit
+
+    def access(path: str | Path, mode: int) -> bool:
+        info = os.stat(path)
+        return not mode & os.W_OK or (info.st_uid == user and bool(info.st_mode & 0o200))
+
+    monkeypatch.setattr(files.os, "access", access)
+    run = tmp_path / "volume"
+    (run / "lost+found").mkdir(parents=True, mode=0o700)
+    os.chown(run / "lost+found", 65534, 65534)
+    (run / "logs").mkdir()
+    files.check_writable(run)
+    (run / "logs").chmod(0o555)  # the user's own read-only folder: a copy's, refused as before
+    with pytest.raises(ValueError, match=r"volume: logs inside it cannot be written"):
+        files.check_writable(run)
+
+
 def test_training_refuses_a_split_with_missing_files(square_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     split_dataset.main(args(square_data, run_dir))

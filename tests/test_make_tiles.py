@@ -369,6 +369,20 @@ def test_a_scene_that_fails_at_a_new_tile_size_does_not_keep_its_tiles_of_the_ol
     assert not list((tmp_path / "out").rglob("b_*"))
 
 
+def test_a_namesake_from_another_folder_at_a_new_tile_size_is_refused_before_any_tile(tmp_path: Path) -> None:
+    # dirB/s.tif is refused as the namesake of dirA/s.tif, whose 32-px tiles stay: t.tif's 48-px ones were cut
+    # beside them, and tiles.csv held two sizes.
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    first = write_scene(tmp_path / "dirA" / "s.tif", scene_pixels(0))
+    namesake = write_scene(tmp_path / "dirB" / "s.tif", scene_pixels(1))
+    other = write_scene(tmp_path / "dirB" / "t.tif", scene_pixels(2))
+    assert run(f"{first}", labels, tmp_path / "out") == 0
+    with pytest.raises(DataError, match=r"holds tiles of 1 other scene\(s\) of another size, s \(32x32\)"):
+        run(f"{namesake},{other}", labels, tmp_path / "out", "--tile_size=48")
+    assert {(Path(r["scene"]), r["width"]) for r in table(tmp_path / "out")} == {(first.resolve(), "32")}
+    assert not list((tmp_path / "out").rglob("t_*"))
+
+
 # --- bad inputs -------------------------------------------------------------------------------------------
 
 

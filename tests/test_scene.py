@@ -760,6 +760,32 @@ def test_tiles_on_another_value_scale_than_the_training_tiles_are_warned_of(
     assert f"e.g. {tmp_path / 'in' / 'stretch8.png'} (" in warned[0] and "dn16" not in warned[0]
 
 
+def test_a_tile_of_water_among_tiles_of_the_training_product_is_not_called_another_product(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network normalised on 8-bit tiles of means near 0.4, given a folder of such tiles and one of a lake (8-bit
+    values near 20, a fifth of the means): water is dark, not another bit depth, and the warning called its mask
+    untrustworthy. A folder of nothing but such dark tiles is another product and is warned of."""
+    weights = dict(state["model"])
+    weights["band_mean"], weights["band_std"] = torch.full((3,), 0.4), torch.full((3,), 0.2)
+    saved = tmp_path / "net.pth"
+    torch.save({**state, "model": weights, "config": {**state["config"], "normalise": True}, "epoch": 1}, saved)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_image(tmp_path / "in" / f"field_{i}.png", rng.integers(60, 150, (56, 56, 3)).astype(np.uint8))
+    lake = rng.integers(14, 26, (56, 56, 3)).astype(np.uint8)
+    write_image(tmp_path / "in" / "lake.png", lake)
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
+    assert not [r for r in caplog.records if "training tiles'" in r.getMessage()]
+    for i in range(2):
+        write_image(tmp_path / "dark" / f"lake_{i}.png", lake[::-1] if i else lake)
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run2", saved, tmp_path / "dark") == 0
+    warned = [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("2 of 2 tile(s) average several times above or below")
+
+
 def test_a_reflectance_scene_with_a_bright_cloud_is_still_checked_for_its_value_scale(
     state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
