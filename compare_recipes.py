@@ -54,6 +54,7 @@ import split_dataset
 import train
 from config import RECOMMENDED, Config
 from data_preprocess import SPLIT_NAMES, farmland_share, load_mask, read_pair_list, scene_groups, write_pair_list
+from inference import NETWORK_KEYS
 from runtime import load_checkpoint
 from training import ARCHITECTURE_KEYS, CHOSEN_BY_TRAINING, TRAINING_KEYS
 
@@ -350,6 +351,13 @@ def done_row(
     return row
 
 
+def prediction_overrides(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` less the network keys (inference.NETWORK_KEYS): predict.py builds each run's network from its
+    checkpoint, which a variant may have trained with other values (``reference+base_width=8`` beside a
+    ``--base_width=4`` given to every run), and would warn them ignored with "train again to change it"."""
+    return [a for a in overrides if a[2:].partition("=")[0].replace("-", "_") not in NETWORK_KEYS]
+
+
 def scored_row(
     run_dir: Path,
     settings: dict,
@@ -368,7 +376,7 @@ def scored_row(
     common = [*overrides, f"--run_dir={run_dir}"]
     # A stale metrics.json from an earlier run must never pass for this one's.
     (run_dir / "metrics.json").unlink(missing_ok=True)
-    if predict.main([*common, "--overlay=false"]) != 0:
+    if predict.main([*prediction_overrides(common), "--overlay=false"]) != 0:
         raise RuntimeError(f"{run_dir}: prediction failed; see {run_dir / 'logs' / 'predict.log'}")
     if miou.main(common) != 0:
         raise RuntimeError(f"{run_dir}: scoring failed; see {run_dir / 'logs' / 'miou.log'}")
@@ -390,7 +398,7 @@ def extra_scores(
     common = [*overrides, f"--run_dir={folder}"]
     (folder / "metrics.json").unlink(missing_ok=True)
     weights = f"--checkpoint={run_dir / 'checkpoints' / checkpoint}"
-    if predict.main([*common, weights, "--overlay=false", *arguments]) != 0:
+    if predict.main([*prediction_overrides(common), weights, "--overlay=false", *arguments]) != 0:
         raise RuntimeError(
             f"{run_dir}: prediction for the {kind} columns failed; see {folder / 'logs' / 'predict.log'}"
         )

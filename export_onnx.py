@@ -202,7 +202,7 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
             os.replace(temporary, final)
     except BaseException:
         for file in (path, qgis, *written.values()):
-            file.unlink(missing_ok=True)
+            files.remove_quietly(file)  # a file still open elsewhere (Windows) must not hide the error raised
         raise
     LOG.info(
         "%s: onnxruntime matches PyTorch's fp32 prediction (largest probability difference %.1e, %d of %d mask "

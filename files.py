@@ -272,6 +272,8 @@ def prediction_path(run_dir: Path, image_path: Path) -> Path:
 
 def process_alive(pid: int) -> bool:
     """Whether a process of this id runs on this machine (one of another user's counts as running)."""
+    if pid >= 2**32:  # no process has such an id (a stray file's digits): os.kill would raise OverflowError
+        return False
     if os.name == "nt":  # os.kill(pid, 0) there sends Ctrl-C (signal 0 is CTRL_C_EVENT): ask the kernel instead
         return windows_process_alive(pid)
     try:

@@ -22,17 +22,23 @@ from runtime import available_memory, memory_format
 from training import ARCHITECTURE_KEYS
 
 LOG = logging.getLogger("inference")
+NETWORK_KEYS = (*ARCHITECTURE_KEYS, "normalise")  # keys a model file decides at prediction, whatever is given
 
 
-def warn_network_keys(cfg: Config, given: Collection[str], saved: dict[str, Any], model_file: object) -> None:
-    """Warn of network keys (training.ARCHITECTURE_KEYS, normalise) given on the command line with another value
+def warn_network_keys(
+    cfg: Config, given: Collection[str], saved: dict[str, Any], model_file: object, exported: bool = False
+) -> None:
+    """Warn of network keys (NETWORK_KEYS) given on the command line with another value
     than the model file's: the network is always the one the file records, so ``--encoder=resnet18`` or
-    ``--base_width=32`` given to predict.py would otherwise be ignored without a word."""
+    ``--base_width=32`` given to predict.py would otherwise be ignored without a word. A key a checkpoint lacks
+    (one saved before the key) has its default; one an ``exported`` model's metadata lacks (normalise, which is
+    inside its graph) is unknown, and not warned of."""
     defaults = Config()
     ignored = [
         key
-        for key in (*ARCHITECTURE_KEYS, "normalise")
+        for key in NETWORK_KEYS
         if key in given
+        and not (exported and key not in saved)
         and getattr(cfg, key) != saved.get(key, getattr(defaults, key))
         and not (key == "downscale" and cfg.downscale == 0)  # auto stands for the run's own choice
     ]

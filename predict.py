@@ -375,7 +375,8 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(cfg, "predict", job.rank)
     run_dir = Path(cfg.run_dir)
     checkpoint, state, segmenter, device = open_network(cfg, job)
-    warn_network_keys(cfg, given, state["config"], checkpoint)
+    if job.main:  # once, not once per torchrun rank
+        warn_network_keys(cfg, given, state["config"], checkpoint, exported=segmenter is not None)
     state = with_threshold(state, cfg.threshold)  # the user's cut, if given
     sieve_pixels(cfg.sieve_cells, state["config"])  # a bad sieve_cells refused before any output is redone
     resolve_bands(cfg, state["config"])

@@ -176,6 +176,19 @@ def test_a_tiny_comparison_runs_scores_and_reuses_finished_runs(
     assert predicted["sieve_cells"] == tta["sieve_cells"] == 0
 
 
+def test_a_variant_that_changes_a_network_key_given_to_every_run_is_predicted_without_a_warning(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # --base_width=4 reaches every run; reference+base_width=8 trains at 8 as asked, and predict.py (its plain and its
+    # --last scoring) said "--base_width=4 ignored ... train again to change it" of the comparison's own choice.
+    argv = [*args(square_data, tmp_path / "cmp", "--epochs=1", "--tensorboard=false"), "--skip_minority", "--last"]
+    assert compare_recipes.main([*argv, "--variants=reference+base_width=8", "--split_seeds=3"]) == 0
+    close_log_files()
+    assert "ignored: the network is" not in caplog.text
+    saved = tmp_path / "cmp" / "all" / "reference+base_width=8" / "configs" / "train.json"
+    assert json.loads(saved.read_text(encoding="utf-8"))["base_width"] == 8
+
+
 def test_a_resumed_run_counts_the_minutes_of_the_epochs_it_continues(
     square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

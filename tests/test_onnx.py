@@ -289,6 +289,18 @@ def test_predict_with_onnx_writes_the_masks_of_the_pytorch_path(exported: dict, 
         assert np.array_equal(read_image(tmp_path / "torch" / name), read_image(tmp_path / "onnx" / name)), name
 
 
+def test_normalise_given_to_predict_with_onnx_is_not_said_to_be_ignored(
+    exported: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An exported model's metadata records no normalise (the normalisation is inside its graph): --normalise=true,
+    # as the model was trained, was said to be ignored for "the network's own normalise=False".
+    images, model = exported["data"] / "images", exported["run_dir"] / "export" / "farmland.onnx"
+    given = ["--backend=onnx", f"--onnx_model={model}", "--normalise=true", "--base_width=8"]
+    assert run_predict(tmp_path / "run", images, *given) == 0
+    assert f"--base_width=8 ignored: the network is {model}'s own (base_width=4)" in caplog.text
+    assert "--normalise" not in caplog.text
+
+
 def test_predict_with_onnx_maps_a_geotiff_scene_as_the_pytorch_path(exported: dict, tmp_path: Path) -> None:
     source = tmp_path / "in" / "scene.tif"
     demo_data.write_demo_scene(source, tiles=3, size=64)

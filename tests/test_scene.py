@@ -364,6 +364,15 @@ def test_temporary_files_a_killed_run_left_are_removed_by_the_next_one(checkpoin
     assert sorted(p.name for p in out["mask"].parent.glob(".*")) == [writing]
 
 
+def test_a_temporary_name_with_more_digits_than_any_process_id_is_taken_as_left(tmp_path: Path) -> None:
+    # A file of the temporary pattern whose digits exceed any process id stopped every run writing that output
+    # with "OverflowError: Python int too large to convert to C long".
+    left = tmp_path / ".scene_mask.99999999999999999999.tmp.tif"
+    left.write_bytes(b"half a file")
+    assert scene.temporary_beside(tmp_path / "scene_mask.tif").name == f".scene_mask.{os.getpid()}.tmp.tif"
+    assert not left.exists()
+
+
 def test_a_sieved_mask_asked_for_without_polygons_is_said_not_to_come(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
