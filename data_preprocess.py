@@ -560,6 +560,13 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
             "or set --mask_threshold=128 to read values >= 128 as farmland"
         )
     if threshold > 0:
+        if np.issubdtype(mask.dtype, np.integer) and threshold > np.iinfo(mask.dtype).max:
+            bits, most = np.iinfo(mask.dtype).bits, np.iinfo(mask.dtype).max
+            raise DataError(
+                f"{path}: its {bits}-bit values reach {most} at most, and --mask_threshold={threshold} is above that, "
+                "so all of it would read as background; give a threshold within its range (--mask_threshold=128 for "
+                "0/255 masks), or leave it out"
+            )
         classes = (mask >= threshold).astype(np.uint8)
         top = int(mask.max()) if mask.size else 0
         if 0 < top < min(threshold, ZERO_ONE_TOP + 1):

@@ -237,6 +237,13 @@ def test_a_zero_one_mask_under_a_threshold_and_a_jpeg_mask_are_refused(tmp_path:
     assert load_mask(tmp_path / "a_mask.png", threshold=1).tolist() == [[0, 1, 1, 0]]
     write_image(tmp_path / "empty_mask.png", np.zeros((1, 4), np.uint8))
     assert load_mask(tmp_path / "empty_mask.png", threshold=128).tolist() == [[0, 0, 0, 0]]  # no farmland: fine
+    # A threshold past what an 8-bit mask can hold read every tile as background, with no word but "no farmland".
+    write_image(tmp_path / "c_mask.png", np.array([[0, 255, 255, 0]], np.uint8))
+    with pytest.raises(
+        DataError, match=r"c_mask\.png: its 8-bit values reach 255 at most, and --mask_threshold=300 is"
+    ):
+        load_mask(tmp_path / "c_mask.png", threshold=300)
+    assert load_mask(tmp_path / "c_mask.png", threshold=255).tolist() == [[0, 1, 1, 0]]
     block = np.zeros((16, 16), np.uint8)
     block[:, 8:] = 255  # an edge on JPEG's block grid: its values come back as 0 and 255 exactly, or nearly
     assert cv2.imwrite(str(tmp_path / "b_mask.jpg"), block)
