@@ -805,6 +805,9 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, 
         )
         if unnamed := assign_crs_fix(scene):
             fix = f"for hectares, {unnamed}"
+        src = getattr(scene, "src", None)  # a Level-1 scene placed by RPCs, or a scan by GCPs: a grid comes first
+        if src is not None and (rpc_only(src) or gcp_only(src)):
+            fix = "for hectares, put it on a map grid first (gdalwarp: the command is in its warning above)"
         LOG.warning(
             "%s: %s, so areas are left empty (pixel counts and fractions only); %s",
             scene.path,

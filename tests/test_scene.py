@@ -726,6 +726,8 @@ def test_a_scene_placed_only_by_gcps_is_a_scene_with_the_warping_fix(
     assert "scan.tif: it is placed only by 3 ground control points (GCPs)" in caplog.text
     # The points' own projected CRS and the file itself, not a fixed example.
     assert f"gdalwarp -t_srs {CRS} -r bilinear {source} {source.with_name('scan_warped.tif')}" in caplog.text
+    # The area table's warning gives the same fix, not a reprojection that needs a grid to start from.
+    assert "areas are left empty (pixel counts and fractions only); for hectares, put it on a map grid" in caplog.text
     assert (tmp_path / "run" / "predictions" / "scan_seg.tif").is_file()
 
 
