@@ -26,7 +26,8 @@ import predict
 import split_dataset
 import tile_prediction
 import train
-from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
+from data_preprocess import load_mask, read_image, read_pair_list, write_image
+from files import DataError
 from metrics import confusion_matrix
 from png_text import read_texts
 from runtime import load_checkpoint, save_checkpoint

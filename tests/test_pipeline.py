@@ -18,9 +18,9 @@ import miou
 import predict
 import split_dataset
 import train
-from data_preprocess import DataError, load_mask, read_image, read_pair_list, write_image
+from data_preprocess import load_mask, read_image, read_pair_list, write_image
 from figures import photo_to_show
-from files import file_stamp
+from files import DataError, file_stamp
 from metrics import confusion_matrix
 
 

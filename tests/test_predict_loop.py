@@ -18,7 +18,8 @@ import figures
 import files
 import tile_prediction
 from config import Config
-from data_preprocess import DataError, image_to_float, read_image, shown_channels, write_image
+from data_preprocess import image_to_float, read_image, shown_channels, write_image
+from files import DataError
 from inference import inference_model, network_logits, overlay_image, predict_batch
 from net_structure import build_model
 from tile_prediction import BackgroundWriter, ImageBatches, ImageFiles

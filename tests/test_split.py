@@ -13,7 +13,8 @@ from PIL import Image
 from rasterio.transform import Affine
 
 import split_dataset
-from data_preprocess import DataError, read_image, read_pair_list, scene_groups, write_image, write_pair_list
+from data_preprocess import read_image, read_pair_list, scene_groups, write_image, write_pair_list
+from files import DataError
 from split_dataset import BALANCE_TOLERANCE, find_pairs, imbalance, split_counts, split_pairs, split_share
 
 

@@ -24,7 +24,8 @@ import files
 import split_dataset
 import train
 from config import Config
-from data_preprocess import IGNORE, DataError
+from data_preprocess import IGNORE
+from files import DataError
 from inference import model_from_checkpoint
 from losses import SegmentationLoss, class_weights
 from metrics import class_iou
