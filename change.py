@@ -95,10 +95,14 @@ class ChangeJob:
             "change_rule": change_detection.RULE_VERSION,  # a pair compared by an earlier rule is compared again
             "change_truth": str(self.truth or ""),
             "change_truth_stamp": files.file_stamp(self.truth) if self.truth else "",  # a truth edited in place
+            "change_truth_sha256": files.file_digest(self.truth) if self.truth else "",  # its old time set back too
             "before": str(pair.before.resolve()),
             "after": str(pair.after.resolve()),
             "before_stamp": files.file_stamp(pair.before),
             "after_stamp": files.file_stamp(pair.after),
+            # Files edited in place to the same size with their old times set back (touch -r) are told apart too.
+            "before_sha256": files.file_digest(pair.before),
+            "after_sha256": files.file_digest(pair.after),
         }
 
 

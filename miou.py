@@ -48,7 +48,7 @@ from figures import photo_to_show, pyplot, save_figure
 from files import DataError, file_stamp, prediction_path, shown_path, shown_stamp
 from metrics import evaluate_pairs, summarise
 from png_text import read_texts
-from tile_prediction import MADE_WITH_COMPARED, SOURCE_KEY, STAMP_KEY, made_with_of, source_texts
+from tile_prediction import DIGEST_KEY, MADE_WITH_COMPARED, SOURCE_KEY, STAMP_KEY, made_with_of, source_texts
 
 LOG = logging.getLogger("miou")
 
@@ -145,12 +145,12 @@ def made_elsewhere(mask: Path, image: Path, texts: dict[str, str]) -> str | None
     into this run); None where the mask records this image, or records nothing (masks made otherwise are scored
     as they are). A mask made before the image's last change (or a mere touch) is scored, with a warning.
     ``texts``: the mask's PNG texts (png_text.read_texts)."""
-    made = {k: v for k, v in texts.items() if k in (SOURCE_KEY, STAMP_KEY)}
+    made = {k: v for k, v in texts.items() if k in (SOURCE_KEY, STAMP_KEY, DIGEST_KEY)}
     try:
         source = source_texts(image)
     except OSError:
         return None  # a missing image is the split's problem, reported where the label is read
-    if not made or made == source:
+    if not made or made == {k: v for k, v in source.items() if k in made}:  # masks of older versions lack a digest
         return None
     if made.get(SOURCE_KEY) == source[SOURCE_KEY]:
         LOG.warning(

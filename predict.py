@@ -190,6 +190,13 @@ def unfinished(jobs: list[Job], cfg: Config, checkpoint: Path, since: float = 0.
     if not cfg.skip_existing:
         return jobs
     todo = [j for j in jobs if j.is_scene or not is_complete(j.output, j.image, checkpoint, cfg.overlay, since)]
+    if redone := [j for j in todo if not j.is_scene and j.output.is_file()]:
+        LOG.info(
+            "%d image(s) have masks made before the model, the settings or the image file last changed, or from "
+            "another file of that name, and are predicted again: %s",
+            len(redone),
+            ", ".join(j.output.name for j in redone[:3]) + (f" and {len(redone) - 3} more" if len(redone) > 3 else ""),
+        )
     if len(todo) < len(jobs):
         LOG.info(
             "%d of %d image(s) already have masks from this checkpoint and are skipped "

@@ -819,6 +819,7 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, 
         "image": str(scene.path),
         "image_file": str(Path(scene.path).resolve()),  # the file itself, however its path was spelt
         "image_stamp": files.file_stamp(scene.path),  # and as it was: a copy with an older time is told apart
+        "image_sha256": files.file_digest(scene.path),  # an edit in place of the same size, its time set back, too
         "width": scene.width,
         "height": scene.height,
         "crs": scene.crs.to_string() if scene.crs is not None else "",
@@ -1099,14 +1100,16 @@ def is_finished(
 
 def made_from(area: Path, image: Path) -> bool:
     """Whether a scene's area file was written for ``image`` (the same file, however the path was spelt) as it
-    is now (its size and time, where the area file records them)."""
+    is now (its size and time, and the SHA-256 of its bytes, where the area file records them)."""
     row = files.read_record(area)
     recorded = (row.get("image_file") or row.get("image")) if isinstance(row, dict) else None
     # Unreadable, or from a version that did not record it: predict again.
     if not isinstance(recorded, str) or Path(recorded).resolve() != Path(image).resolve():
         return False
     stamp = files.file_stamp(image)
-    return row.get("image_stamp", stamp) == stamp
+    if row.get("image_stamp", stamp) != stamp:
+        return False
+    return "image_sha256" not in row or row["image_sha256"] == files.file_digest(image)
 
 
 def remove_outputs_of_earlier_version(outputs: dict[str, Path], image: Path) -> None:

@@ -27,7 +27,7 @@ from data_preprocess import (
 )
 from fast_path import prediction_choice
 from figures import stretched
-from files import DataError, file_stamp, shown_path, written_after
+from files import DataError, file_digest, file_stamp, shown_path, written_after
 from inference import (
     VALUE_SCALE_LIMIT,
     band_mean_ratio,
@@ -185,16 +185,18 @@ def sieve_tile(mask: np.ndarray, min_pixels: int) -> np.ndarray:
 
 SOURCE_KEY = "farmland-source"  # the PNG text of a tile's mask and overlay naming the image
 STAMP_KEY = "farmland-source-stamp"  # and the image file's size and modification time then
+DIGEST_KEY = "farmland-source-sha256"  # and the SHA-256 of its bytes then
 
 
 def source_texts(image: Path) -> dict[str, str]:
-    """What a tile's outputs record of the image file they are made from: its full path and its size and
-    modification time (a file copied in with its old time, cp -p or rsync -a, differs from the one before).
+    """What a tile's outputs record of the image file they are made from: its full path, its size and
+    modification time (a file copied in with its old time, cp -p or rsync -a, differs from the one before) and
+    the SHA-256 of its bytes (a file edited in place to the same size, its old time set back with touch -r).
 
     Raises:
-        OSError: the image cannot be found.
+        OSError: the image cannot be found or read.
     """
-    return {SOURCE_KEY: shown_path(image.resolve()), STAMP_KEY: file_stamp(image)}
+    return {SOURCE_KEY: shown_path(image.resolve()), STAMP_KEY: file_stamp(image), DIGEST_KEY: file_digest(image)}
 
 
 MADE_WITH_KEY = "farmland-made-with"  # the PNG text of a tile's mask and overlay naming its model and settings

@@ -556,6 +556,15 @@ def test_other_files_under_the_same_names_are_compared_again(
     shutil.copy2(tmp_path / "2022" / "a.tif", tmp_path / "2024" / "a.tif")
     assert run_change(run_dir, checkpoint, before, tmp_path / "2024" / "a.tif", "--change_margin=0.1") == 0
     assert probability.stat().st_mtime_ns > made
+    # Edited in place to the same size, its old time set back (touch -r): compared again too.
+    made, was, after = probability.stat().st_mtime_ns, (tmp_path / "2024" / "a.tif").stat(), tmp_path / "2024" / "a.tif"
+    edited = write_geotiff(tmp_path / "edited" / "a.tif", scene_pixels(4, moved=True)).read_bytes()
+    assert len(edited) == was.st_size
+    with open(after, "r+b") as handle:
+        handle.write(edited)
+    os.utime(after, ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert run_change(run_dir, checkpoint, before, after, "--change_margin=0.1") == 0
+    assert probability.stat().st_mtime_ns > made
 
 
 def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(

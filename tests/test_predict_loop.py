@@ -247,3 +247,34 @@ def test_a_tile_smaller_than_the_sieve_keeps_its_one_class_and_its_large_pieces(
     kept = halves.copy()
     kept[2, 9] = 0
     assert np.array_equal(tile_prediction.sieve_tile(halves, minimum), kept)
+
+
+def edit_in_place_keeping_time(path: Path, data: bytes) -> None:
+    """Overwrite a file with ``data`` of its own size, then set its old times back (touch -r)."""
+    was = path.stat()
+    assert len(data) == was.st_size and data != path.read_bytes()
+    with open(path, "r+b") as handle:
+        handle.write(data)
+    os.utime(path, ns=(was.st_atime_ns, was.st_mtime_ns))
+
+
+def test_a_tile_edited_in_place_with_its_old_time_set_back_is_predicted_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import predict
+
+    image, _ = write_pair(tmp_path / "data", "a", np.full((16, 16, 3), 90, np.uint8), np.zeros((16, 16), np.uint8))
+    checkpoint = tmp_path / "best.pth"
+    checkpoint.write_bytes(b"weights")
+    os.utime(checkpoint, (1, 1))
+    mask = tmp_path / "predictions" / "a_seg.png"
+    write_image(mask, np.zeros((16, 16), np.uint8), tile_prediction.source_texts(image))
+    assert tile_prediction.is_complete(mask, image, checkpoint, overlay=False)
+    edit_in_place_keeping_time(image, bytes(255 - b for b in image.read_bytes()))  # same size, same time
+    assert files.file_stamp(image) == tile_prediction.source_texts(image)[tile_prediction.STAMP_KEY]
+    assert not tile_prediction.is_complete(mask, image, checkpoint, overlay=False)
+    cfg = dataclasses.replace(Config(), overlay=False)
+    caplog.set_level(logging.INFO, logger="predict")
+    assert predict.unfinished([predict.Job(image, mask, False)], cfg, checkpoint) == [predict.Job(image, mask, False)]
+    assert "1 image(s) have masks made before the model, the settings or the image file last changed" in caplog.text
+    assert "and are predicted again: a_seg.png" in caplog.text

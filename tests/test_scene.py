@@ -181,6 +181,8 @@ def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
 ) -> None:
     first = write_geotiff(tmp_path / "2019" / "a.tif", scene_pixels(1))
     second = write_geotiff(tmp_path / "2024" / "a.tif", scene_pixels(2))
+    fresh_bytes = second.read_bytes()
+    assert len(fresh_bytes) == first.stat().st_size  # uncompressed: an edit in place keeps the size
     run_dir = tmp_path / "run"
     assert run_predict(run_dir, checkpoint, first, "--polygons=false") == 0
     assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
@@ -203,6 +205,14 @@ def test_a_scene_of_the_same_name_from_another_folder_is_predicted_not_skipped(
     assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
     assert mask.stat().st_mtime_ns != made
     assert read_table(run_dir)[0]["farmland_pixels"] != fresh["farmland_pixels"]
+    # Edited in place to the same size, its old time set back (touch -r): its size and time tell nothing.
+    made, was = mask.stat().st_mtime_ns, second.stat()
+    with open(second, "r+b") as handle:
+        handle.write(fresh_bytes)
+    os.utime(second, ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert run_predict(run_dir, checkpoint, second, "--polygons=false") == 0
+    assert mask.stat().st_mtime_ns != made
+    assert read_table(run_dir)[0]["farmland_pixels"] == fresh["farmland_pixels"]
 
 
 def test_images_sharing_a_name_are_reported_and_the_others_predicted(
