@@ -492,6 +492,12 @@ def write_run_table(run_dir: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Compare every pair of dates and write its change map, patches, table and figure under run_dir/change."""
+    with files.remembered_digests():
+        return compare_all(argv)
+
+
+def compare_all(argv: Sequence[str] | None = None) -> int:
+    """The body of main: parse the config, compare the pairs not yet compared, write the run's table."""
     cfg, given = cli.parse_command(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "change")

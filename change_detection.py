@@ -423,7 +423,7 @@ def write_change_map(before: Date, after: Date, aligned: bool, rule: ChangeRule,
     nearest and bilinear, unless ``aligned``) into a change GeoTIFF at ``target`` on the before grid: uint8
     with a colour table, tiled, compressed, with overviews and a QGIS style beside it. Written under a
     temporary name, then renamed."""
-    counts, temporary = ChangeCounts(), scene.temporary_beside(target)
+    counts, temporary = ChangeCounts(), files.temporary_beside(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)

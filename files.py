@@ -38,7 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        tmp = atomic_temporary(path)
         try:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:  # a name already taken: draw another
@@ -84,12 +84,34 @@ def disk_problem(err: OSError, key: str = "--run_dir") -> str | None:
     )
 
 
+# The SHA-256 of each file read within remembered_digests, by path and stat: a command checks an input, then
+# records it with the outputs made from it, and a scene of gigabytes must not be read for that twice. The status
+# change time is in the key as no one can set it back: an edit in place with its old time set back is read again.
+REMEMBERED: list[dict[tuple, str]] = []
+
+
+@contextlib.contextmanager
+def remembered_digests() -> Iterator[None]:
+    """Within this block (one command's run), file_digest reads each version of a file once."""
+    REMEMBERED.append({})
+    try:
+        yield
+    finally:
+        REMEMBERED.pop()
+
+
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks."""
+    """SHA-256 of a file's bytes, read in blocks (or remembered: remembered_digests)."""
+    info = os.stat(path)
+    key = (str(Path(path).resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    if REMEMBERED and key in REMEMBERED[-1]:
+        return REMEMBERED[-1][key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(2**20), b""):
             digest.update(block)
+    if REMEMBERED:
+        REMEMBERED[-1][key] = digest.hexdigest()
     return digest.hexdigest()
 
 
@@ -319,11 +341,20 @@ def temporary_beside(path: Path) -> Path:
     return path.parent / f".{path.stem}.{os.getpid()}.tmp{path.suffix}"
 
 
+ATOMIC_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # the names atomic_temporary gives
+
+
+def atomic_temporary(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` for atomic_write_bytes to write first (``.<name>.<12 hex digits>.tmp``,
+    ATOMIC_TEMPORARY), by which remove_left_temporaries knows those a killed process left."""
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+
+
 def remove_left_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporary files of atomic_write_bytes (``.<name>.<12 hex digits>.tmp``) in ``folder``, which a
-    process killed while writing (kill -9, a power cut) left, each as large as its output (a checkpoint); return
-    them. Only for a folder this process alone writes to (one whose run_lock it holds)."""
-    left = [p for p in Path(folder).glob(".*.tmp") if re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", p.name) and p.is_file()]
+    """Remove the temporary files of atomic_write_bytes (ATOMIC_TEMPORARY) in ``folder``, which a process killed
+    while writing (kill -9, a power cut) left, each as large as its output (a checkpoint); return them. Only for a
+    folder this process alone writes to (one whose run_lock it holds)."""
+    left = [p for p in Path(folder).glob(".*.tmp") if ATOMIC_TEMPORARY.fullmatch(p.name) and p.is_file()]
     for path in left:
         remove_quietly(path)
     return left

@@ -79,17 +79,23 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_
 VALUE_SCALE_LIMIT = 4.0  # input band means this many times above or below the training tiles' are another product
 
 
-def band_mean_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:
-    """The median over bands of ``means`` (an input's band means, scaled to [0, 1] as tiles are: 8-bit / 255,
-    16-bit / 65535) over the training tiles' band means; None where the model keeps no training means (trained
-    without normalise, or an ONNX model)."""
+def training_means(model: torch.nn.Module, state: dict) -> np.ndarray | None:
+    """The training tiles' band means (scaled to [0, 1] as tiles are: 8-bit / 255, 16-bit / 65535) that the model
+    keeps; None where it keeps none (trained without normalise, or an ONNX model)."""
     trained = getattr(model, "band_mean", None)
     # No record of the training tiles' values without normalise (none, or ImageNet's with encoder_weights).
-    if not state["config"].get("normalise") or not isinstance(trained, torch.Tensor):
+    if not state["config"].get("normalise") or not isinstance(trained, torch.Tensor) or not bool(trained.any()):
         return None
-    if not bool(trained.any()) or len(trained) != len(means):
+    return trained.detach().cpu().float().numpy()
+
+
+def band_mean_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:
+    """The median over bands of ``means`` (an input's band means, scaled to [0, 1] as tiles are) over the training
+    tiles' band means (training_means); None where the model keeps none, or keeps them for other bands."""
+    trained = training_means(model, state)
+    if trained is None or len(trained) != len(means):
         return None
-    return float(np.median(means / trained.detach().cpu().float().numpy()))
+    return float(np.median(means / trained))
 
 
 def value_scale_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:

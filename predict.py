@@ -35,7 +35,7 @@ import scene
 from config import Config
 from data_preprocess import EMPTY_TEST_SPLIT, image_entries, parse_bands, read_pair_list, rgb_bands_for
 from exported_model import OnnxSegmenter, load_segmenter, stale_export
-from files import DataError, file_stamp, name_problem, prediction_path, read_record, shown_path
+from files import DataError, file_stamp, name_problem, prediction_path, read_record, remembered_digests, shown_path
 from inference import inference_model, warn_network_keys, with_threshold
 from net_structure import input_padding
 from output_record import Since, outputs_since
@@ -370,7 +370,7 @@ def predict_jobs(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every input image and write its mask (and overlay) under run_dir/predictions."""
-    with leaving_distributed():
+    with leaving_distributed(), remembered_digests():
         return predict_all(argv)
 
 

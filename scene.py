@@ -610,12 +610,6 @@ def blended_rows(
 # --- writing rasters -----------------------------------------------------------------------------------
 
 
-def temporary_beside(path: Path) -> Path:
-    """A hidden temporary name beside ``path``, renamed to ``path`` once the file is whole; those a killed run
-    left for it are removed (files.temporary_beside)."""
-    return files.temporary_beside(path)
-
-
 def raster_profile(scene: Scene) -> dict:
     """A tiled, DEFLATE-compressed single-band uint8 GeoTIFF with the scene's size, CRS and transform."""
     return {
@@ -681,7 +675,7 @@ def predict_scene(
     counts = SceneCounts()
     profile = raster_profile(scene)
     targets = {"mask": outputs["mask"]} | ({"probability": outputs["probability"]} if settings.save_probability else {})
-    temporary = {kind: temporary_beside(path) for kind, path in targets.items()}
+    temporary = {kind: files.temporary_beside(path) for kind, path in targets.items()}
     for path in targets.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -750,7 +744,7 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
             min_pixels,
             pixel_m2,
         )
-    sieved = temporary_beside(outputs["sieved"]) if settings.save_sieved_mask else None
+    sieved = files.temporary_beside(outputs["sieved"]) if settings.save_sieved_mask else None
     columns = {"field_id": int, "area_ha": float, "pixels": int}
     t, kept = scene.transform, 0
     try:
@@ -960,7 +954,7 @@ def predict_resampled(
 def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) -> SceneCounts:
     """Write ``source`` (a mask or probability on another grid) onto the scene's grid at ``target``, a strip of
     rows at a time, with overviews; return its valid and farmland pixel counts (meaningful for a mask)."""
-    counts, temporary = SceneCounts(), temporary_beside(target)
+    counts, temporary = SceneCounts(), files.temporary_beside(target)
     grid = {"crs": scene.crs, "transform": scene.transform, "width": scene.width, "height": scene.height}
     try:
         with rasterio.open(source) as src, WarpedVRT(src, resampling=resampling, nodata=NODATA, **grid) as vrt:
@@ -1101,7 +1095,11 @@ def is_finished(
 def made_from(area: Path, image: Path) -> bool:
     """Whether a scene's area file was written for ``image`` (the same file, however the path was spelt) as it
     is now (its size and time, and the SHA-256 of its bytes, where the area file records them)."""
-    row = files.read_record(area)
+    return record_made_from(files.read_record(area), image)
+
+
+def record_made_from(row: object, image: Path) -> bool:
+    """made_from, of an area file's record (files.read_record) already read."""
     recorded = (row.get("image_file") or row.get("image")) if isinstance(row, dict) else None
     # Unreadable, or from a version that did not record it: predict again.
     if not isinstance(recorded, str) or Path(recorded).resolve() != Path(image).resolve():
@@ -1118,7 +1116,7 @@ def remove_outputs_of_earlier_version(outputs: dict[str, Path], image: Path) -> 
     the same name (another folder's) stay, as true for that file; outputs of the file as it is now stay too."""
     row = files.read_record(outputs["area"]) if outputs["area"].is_file() else None
     recorded = (row.get("image_file") or row.get("image")) if isinstance(row, dict) else None
-    if not isinstance(recorded, str) or made_from(outputs["area"], image):
+    if not isinstance(recorded, str) or record_made_from(row, image):
         return
     if Path(recorded).resolve() != Path(image).resolve():
         LOG.warning("%s: the outputs of its name in %s are still those of %s", image, outputs["area"].parent, recorded)

@@ -30,11 +30,11 @@ from figures import stretched
 from files import DataError, file_digest, file_stamp, shown_path, written_after
 from inference import (
     VALUE_SCALE_LIMIT,
-    band_mean_ratio,
     choose_batch_size,
     decision_threshold,
     overlay_image,
     predict_batch,
+    training_means,
 )
 from net_structure import downscale_of
 from png_text import read_texts
@@ -295,22 +295,19 @@ SCALE_SAMPLE_STEP = 4  # rows and columns apart of the pixels whose band means a
 
 
 def tile_scale_ratios(model: torch.nn.Module, state: dict, images: torch.Tensor) -> list[tuple[int, float]]:
-    """(position in the batch, ratio) of each tile with data: its band means over its pixels with data, scaled as
-    in training (8-bit / 255, 16-bit / 65535), over the training tiles' (inference.band_mean_ratio); none where
-    the model keeps no training means. Every SCALE_SAMPLE_STEP-th row and column of the whole batch at once:
-    every pixel of each tile in turn held up the device (a fourth of a second for 128 256-px tiles on 2 cores)."""
-    if band_mean_ratio(model, state, np.ones(images.shape[1])) is None:
+    """(position in the batch, ratio) of each tile with data: the median over bands of its band means over its pixels
+    with data, scaled as in training (8-bit / 255, 16-bit / 65535), over the training tiles' (inference.training_means);
+    none where the model keeps no training means for these bands. Every SCALE_SAMPLE_STEP-th row and column of the
+    whole batch at once: every pixel of each tile in turn held up the device (a fourth of a second for 128 256-px
+    tiles on 2 cores)."""
+    trained = training_means(model, state)
+    if trained is None or len(trained) != images.shape[1]:
         return []
     sample = images[:, :, ::SCALE_SAMPLE_STEP, ::SCALE_SAMPLE_STEP]
     sums = sample.sum(dim=(2, 3), dtype=torch.float64)  # nodata pixels (all bands zero) add nothing
     counts = sample.any(dim=1).sum(dim=(1, 2))
     means = (sums / counts.clamp(min=1).unsqueeze(1)).numpy() / (255.0 if images.dtype == torch.uint8 else 1.0)
-    found = []
-    for position in torch.nonzero(counts).flatten().tolist():
-        ratio = band_mean_ratio(model, state, means[position])
-        if ratio is not None:
-            found.append((position, ratio))
-    return found
+    return [(i, float(np.median(means[i] / trained))) for i in torch.nonzero(counts).flatten().tolist()]
 
 
 def off_scale_tiles(ratios: Sequence[float]) -> list[int]:

@@ -4,6 +4,7 @@ unwritable disks, interrupted predictions, crafted checkpoints, broken splits, p
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -221,6 +222,51 @@ def test_a_signal_just_as_the_temporary_file_is_made_leaves_nothing_behind(
     monkeypatch.undo()
     os.close(opened[0])
     assert [p.name for p in out.parent.iterdir()] == ["result.bin"] and out.read_bytes() == b"first"
+
+
+def test_the_temporary_file_of_a_write_killed_with_9_is_removed_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "checkpoints" / "last.pth"
+    files.atomic_write_bytes(out, b"first")
+
+    def killed_before_rename(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # kill -9 between writing and renaming: nothing runs after it, so the temporary file stays.
+    monkeypatch.setattr(files, "remove_quietly", lambda _: None)
+    monkeypatch.setattr(files.os, "replace", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write_bytes(out, b"second")
+    monkeypatch.undo()
+    (left,) = [p for p in out.parent.iterdir() if p != out]
+    (out.parent / ".notes.txt.tmp").write_text("the user's own")  # not a name atomic_write_bytes gives
+    assert files.remove_left_temporaries(out.parent) == [left]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".notes.txt.tmp", "last.pth"]
+    assert out.read_bytes() == b"first"
+
+
+def test_a_file_is_hashed_once_per_version_within_a_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "scene.tif"
+    image.write_bytes(b"before")
+    reads, real_open = [], open
+
+    def counted_open(path: Path, *rest: object) -> object:
+        reads.append(Path(path).name)
+        return real_open(path, *rest)
+
+    monkeypatch.setattr(files, "open", counted_open, raising=False)
+    first = hashlib.sha256(b"before").hexdigest()
+    assert files.file_digest(image) == files.file_digest(image) == first and reads == ["scene.tif"] * 2
+    with files.remembered_digests():
+        assert files.file_digest(image) == files.file_digest(image) == first and len(reads) == 3
+        # Edited in place to the same size with its old time set back: its change time tells, and it is read again.
+        was = image.stat()
+        time.sleep(0.05)  # past the file system's clock tick
+        image.write_bytes(b"after!")
+        os.utime(image, ns=(was.st_atime_ns, was.st_mtime_ns))
+        assert files.file_digest(image) == hashlib.sha256(b"after!").hexdigest() and len(reads) == 4
+    assert files.REMEMBERED == []
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_unwinds_cleanly(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from rasterio.control import GroundControlPoint
 from rasterio.transform import Affine
 
 import demo_data
+import files
 import inference
 import polygons
 import predict
@@ -379,7 +380,7 @@ def test_a_temporary_name_with_more_digits_than_any_process_id_is_taken_as_left(
     # with "OverflowError: Python int too large to convert to C long".
     left = tmp_path / ".scene_mask.99999999999999999999.tmp.tif"
     left.write_bytes(b"half a file")
-    assert scene.temporary_beside(tmp_path / "scene_mask.tif").name == f".scene_mask.{os.getpid()}.tmp.tif"
+    assert files.temporary_beside(tmp_path / "scene_mask.tif").name == f".scene_mask.{os.getpid()}.tmp.tif"
     assert not left.exists()
 
 

@@ -858,7 +858,7 @@ def test_a_second_training_into_the_same_run_folder_is_refused_and_a_dead_ones_l
     )
     lock.write_text(json.dumps(held | {"pid": int(ended.stdout)}), encoding="utf-8")
     # The half checkpoint it was saving stayed for good beside the new run's, as large as a checkpoint.
-    half = run_copy / "checkpoints" / ".last.pth.0123456789ab.tmp"
+    half = files.atomic_temporary(run_copy / "checkpoints" / "last.pth")
     half.write_bytes(b"half a checkpoint")
     assert train.main(args(shared_square_data, run_copy, "--epochs=2", "--resume=true")) == 0
     assert not lock.exists() and not half.exists()
