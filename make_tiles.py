@@ -45,16 +45,17 @@ from labels import Grid, GridLabels, Labels, open_labels
 from rasters import (
     RASTER_SUFFIXES,
     REFLECTANCE_SLACK,
+    TILE_TABLE,
     clipped_reflectance,
     gcp_only,
     nodata_pixels,
     open_raster,
+    read_tile_table,
     rpc_only,
 )
 
 LOG = logging.getLogger("make_tiles")
 TILE_DTYPES = ("uint8", "uint16", "float32")  # what the pipeline's tile reader takes
-TABLE = "tiles.csv"
 # A scene whose valid pixels are this much farmland or more is warned of: its labels most likely hold every
 # land-use class (a whole land-survey layer, unfiltered), and tiles without background teach the network nothing.
 ALL_FARMLAND = 0.99
@@ -143,14 +144,14 @@ def check_tile_size(out: Path, scenes: Sequence[Path], tile: int) -> None:
     now = {path.resolve() for path in scenes}
     other = {
         Path(row.get("scene", "")).stem: f"{row.get('width')}x{row.get('height')}"
-        for row in read_table(out / TABLE)
+        for row in read_tile_table(out / TILE_TABLE)
         if Path(row.get("scene", "")).resolve() not in now and (row.get("width"), row.get("height")) != (str(tile),) * 2
     }
     if other:
         names = sorted(other)
         shown = ", ".join(f"{name} ({other[name]})" for name in names[:5]) + (", ..." if len(names) > 5 else "")
         raise DataError(
-            f"{out / TABLE}: holds tiles of {len(names)} other scene(s) of another size, {shown}, which this run "
+            f"{out / TILE_TABLE}: holds tiles of {len(names)} other scene(s) of another size, {shown}, which this run "
             f"keeps, and it cuts {tile}x{tile} tiles; training batches need one size (split_dataset.py refuses the "
             f"tiles of the less common size): give --tile_size={other[names[0]].split('x')[0]} as before, re-tile "
             "those scenes too (name them in --scene), or tile into another --out"
@@ -353,23 +354,15 @@ def all_farmland_message(path: Path, farmland: float, cfg: Config) -> str:
     )
 
 
-def read_table(path: Path) -> list[dict]:
-    """The rows of an earlier tiles.csv, or none."""
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def write_table(out: Path, rows: list[dict], done: set[str]) -> Path:
     """Write tiles.csv: this run's rows and an earlier run's rows of the scenes not tiled now.
 
     Tiles an earlier run wrote for a scene tiled now, and not written again, are removed (they were ours).
     """
-    path = out / TABLE
+    path = out / TILE_TABLE
     kept = []
     names = {r["tile"] for r in rows}
-    for old in read_table(path):
+    for old in read_tile_table(path):
         if Path(old.get("scene", "")).stem not in done:
             kept.append(old)
         elif old.get("tile") not in names:
@@ -394,7 +387,7 @@ def tile_all(
     done: set[str] = set()
     dropped: set[str] = set()
     failed = 0
-    earlier_rows = read_table(out / TABLE)
+    earlier_rows = read_tile_table(out / TILE_TABLE)
     earlier = {Path(r.get("scene", "")).stem: r.get("scene", "") for r in earlier_rows}
     size = (str(cfg.tile_size),) * 2
     resized = {Path(r.get("scene", "")).stem for r in earlier_rows if (r.get("width"), r.get("height")) != size}
@@ -465,7 +458,7 @@ def next_step(cfg: Config, out: Path, rows: list[dict]) -> str:
     keys += f" --ignore_index={cfg.ignore_index}" if cfg.mark_unlabelled else ""
     data = files.shell_quoted(out)
     command = f"next: python split_dataset.py --data_dir={data} --run_dir=RUN"
-    scenes = {row.get("scene") for row in read_table(out / TABLE)} or {row["scene"] for row in rows}
+    scenes = {row.get("scene") for row in read_tile_table(out / TILE_TABLE)} or {row["scene"] for row in rows}
     by_scene = " --group_pattern='^(.+)_r\\d+c\\d+$'"
     also = f" (and{keys} on train.py and miou.py too)" if keys else ""
     if len(scenes) >= 3:

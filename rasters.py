@@ -1,11 +1,12 @@
 """Rasters on the ground: opening a GeoTIFF with an error a user can act on, the size of its pixels, its nodata and
-its float reflectance a little outside [0, 1] clipped.
+its float reflectance a little outside [0, 1] clipped; make_tiles.py's table of where each tile sits.
 
 Shared by scene prediction, tile making, training (the tiles' pixel size) and change detection.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import warnings
 from pathlib import Path
@@ -20,6 +21,17 @@ from rasterio.transform import Affine
 from files import DataError, atomic_write_text, shell_quoted
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")  # scenes and label rasters, read through GDAL
+
+
+TILE_TABLE = "tiles.csv"  # make_tiles.py's table of where each tile sits on the ground, beside images/ and labels/
+
+
+def read_tile_table(path: Path) -> list[dict[str, str]]:
+    """The rows of a tiles.csv (TILE_TABLE), or none where there is no such file."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def open_raster(path: Path, fix: str = "check the file or re-export it as GeoTIFF") -> rasterio.io.DatasetReader:

@@ -28,7 +28,7 @@ from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
 from files import DataError, atomic_write_csv, shown_path
 from metrics import confusion_counts
-from rasters import open_raster, pixel_size_m
+from rasters import TILE_TABLE, open_raster, pixel_size_m, read_tile_table
 from runtime import all_reduce_sum, load_checkpoint
 
 LOG = logging.getLogger("train")
@@ -737,9 +737,6 @@ def refuse_changes(saved: Config, cfg: Config, path: Path) -> None:
     )
 
 
-TILE_TABLE = "tiles.csv"  # make_tiles.py's table of where each tile sits on the ground
-
-
 SIZE_SAMPLE = 500  # training tiles whose pixel size is read, spread over the split: a header read each
 SAME_SIZE = 0.02  # pixel sizes within 2 % are one size, as scenes are resampled only beyond it
 
@@ -812,10 +809,7 @@ def tile_pixel_size(image: Path, tables: dict[Path, dict[str, float | None]]) ->
 def pixel_sizes_from_table(table: Path) -> dict[str, float | None]:
     """Metres per pixel of each tile (by stem) as tiles.csv records it (its CRS must be projected); {} without
     the table."""
-    if not table.is_file():
-        return {}
-    with table.open(newline="", encoding="utf-8-sig") as handle:
-        return {row.get("tile") or "": row_pixel_size(row) for row in csv.DictReader(handle)}
+    return {row.get("tile") or "": row_pixel_size(row) for row in read_tile_table(table)}
 
 
 def row_pixel_size(row: dict[str, str]) -> float | None:
