@@ -263,6 +263,24 @@ def fit_window(settings: scene.SceneSettings, image: scene.Scene) -> scene.Scene
     return dataclasses.replace(settings, window=max(32, -(-side // settings.grid) * settings.grid), overlap=0)
 
 
+def say_predicted_again(pair: Pair, date: str, record: Path, settings: dict) -> None:
+    """Log why a date that an earlier run predicted (``record``, its settings file) is predicted again: the
+    settings that differ from ``settings`` (ChangeJob.date_record); those an older version did not record show as
+    None. Nothing where there is no earlier record, or where only its files are older than the checkpoint or the
+    image."""
+    earlier = files.read_record(record)
+    if not isinstance(earlier, dict):
+        return
+    differ = [key for key, value in settings.items() if earlier.get(key) != value]
+    if differ:
+        LOG.info(
+            "%s: the %s date is predicted again: its earlier outputs were made otherwise (%s)",
+            pair.name,
+            date,
+            ", ".join(f"{key} {earlier.get(key)!r}, now {settings[key]!r}" for key in differ),
+        )
+
+
 def predict_dates(
     pair: Pair, before: scene.Scene, after: scene.Scene, job: ChangeJob
 ) -> dict[str, change_detection.Date]:
@@ -275,6 +293,7 @@ def predict_dates(
         if job.cfg.skip_existing and date_is_done(outputs, settings, image.path, job):
             LOG.info("%s: the %s date's mask and probability are already there from this checkpoint", pair.name, date)
         else:
+            say_predicted_again(pair, date, outputs["record"], job.date_record)
             outputs["record"].unlink(missing_ok=True)
             scene.run_scene(job.model, image, job.state, job.device, settings, outputs, job.checkpoint)
             files.atomic_write_text(outputs["record"], json.dumps(job.date_record, indent=2) + "\n")

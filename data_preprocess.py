@@ -446,6 +446,7 @@ def load_image(path: Path, in_channels: int) -> np.ndarray:
 
 LOSSY_SUFFIXES = (".jpg", ".jpeg")  # mask formats whose values stray from 0/255 at edges
 ZERO_ONE_TOP = 2  # the most a 0/1 mask holds (1 = farmland; 2 where a lossy format rounded an edge up)
+CLASS_NUMBER_TOP = 15  # the most a mask of class numbers (0, 1 = farmland, 2 = water, ...) is taken to hold
 
 
 COLOURS_SHOWN = 4  # colours of a colour mask named in its refusal, the most frequent first
@@ -463,6 +464,19 @@ def is_palette_png(path: Path) -> bool:
     return len(head) == 26 and head.startswith(PNG_SIGNATURE) and head[25] == PNG_PALETTE
 
 
+def is_palette_tiff(path: Path) -> bool:
+    """Say whether a file is a one-band TIFF with a colour table (class rasters from ArcGIS or GDAL), whose indices
+    decode_tiff hands over as the colours they stand for."""
+    if Path(path).suffix.lower() not in TIFF_EXTENSIONS:
+        return False
+    try:
+        with quiet_gdal(), MemoryFile(np.fromfile(str(path), dtype=np.uint8).tobytes()) as memory:
+            with memory.open(driver="GTiff") as src:
+                return src.count == 1 and src.colorinterp[0] == ColorInterp.palette
+    except (OSError, RasterioError):
+        return False
+
+
 def colour_mask_error(mask: np.ndarray, path: Path) -> DataError:
     """The refusal of a mask whose bands differ, naming the colours found and how to write the mask expected.
 
@@ -474,17 +488,57 @@ def colour_mask_error(mask: np.ndarray, path: Path) -> DataError:
     shown = ", ".join(f"({', '.join(str(int(v)) for v in colours[i])})" for i in np.argsort(-counts)[:COLOURS_SHOWN])
     shown += ", ..." if len(colours) > COLOURS_SHOWN else ""
     expected = "expected a single-band mask with 255 (or 1) = farmland and 0 = background"
-    if is_palette_png(path):
+    kind = "PNG" if is_palette_png(path) else "TIFF" if is_palette_tiff(path) else ""
+    if kind:
         return DataError(
-            f"{path}: colour mask: a palette PNG whose indices are drawn in the colours {shown}; {expected}. Where "
-            "index 1 is farmland and 0 background (as labelme writes them), save the indices as a grayscale PNG "
-            "(Python: Image.fromarray(numpy.array(Image.open(src))).save(dst), with PIL, keeps the indices); "
-            "converting the colours to grey does not (it turns a colour into another grey value)"
+            f"{path}: colour mask: a palette {kind} whose indices are drawn in the colours {shown}; {expected}. Where "
+            "index 1 is farmland and 0 background (as labelme writes them, and ArcGIS's Classified Tiles with class "
+            f"value 1), save the indices as a grayscale {kind} (Python: "
+            "Image.fromarray(numpy.array(Image.open(src))).save(dst), with PIL, keeps the indices); converting the "
+            "colours to grey does not (it turns a colour into another grey value)"
         )
+    drawn = [tuple(int(v) for v in colours[i]) for i in np.argsort(-counts) if colours[i].any()]
+    colour = str(drawn[0] if drawn else (255, 0, 0))  # the most frequent colour other than black, for the example
     return DataError(
         f"{path}: colour mask drawn in {len(colours)} colour(s), most frequent first {shown}; {expected}. Write "
-        "255 where the farmland colour is and 0 elsewhere; converting the colours to grey does not do it (red "
-        "becomes 76, which the mask check refuses and --mask_threshold=128 reads as background)"
+        "255 where the farmland colour is and 0 elsewhere (Python, with PIL: rgb = numpy.array(Image.open(src)"
+        f".convert('RGB')).astype(int); Image.fromarray(numpy.where(numpy.abs(rgb - {colour}).max(axis=2) < 64, 255, "
+        f"0).astype(numpy.uint8)).save(dst) with dst a .png, and farmland's colour in place of {colour} if it is "
+        "another); converting the colours to grey does not do it (red becomes 76, which the mask check refuses and "
+        "--mask_threshold=128 reads as background)"
+    )
+
+
+def holds_class_numbers(mask: np.ndarray, path: Path, top: int) -> bool:
+    """Whether a mask reaching ``top`` looks like one of class numbers (0 = background, 1 = farmland, 2 and up other
+    classes), as labelme and GIS classification exports write them: whole numbers from 2 to CLASS_NUMBER_TOP, where
+    neither anti-aliasing nor JPEG rounding explains them (JPEG rounds a 0/1 mask's edges up to 2, not further)."""
+    lossless = Path(path).suffix.lower() not in LOSSY_SUFFIXES
+    return np.issubdtype(mask.dtype, np.integer) and (2 if lossless else ZERO_ONE_TOP + 1) <= top <= CLASS_NUMBER_TOP
+
+
+def class_numbers_error(values: np.ndarray, path: Path, found: str, ignore_index: int) -> DataError:
+    """The refusal of a mask of class numbers (``found``: what was wrong with it), with a recoding that keeps
+    farmland and makes every other class background; neither --mask_threshold nor --ignore_index does that."""
+    others = [int(v) for v in values if v >= 2 and v != ignore_index]
+    lossy = (
+        "; JPEG has changed the numbers near the edges, so export the masks from the labelling tool as PNG if you can"
+        if Path(path).suffix.lower() in LOSSY_SUFFIXES
+        else ""
+    )
+    unlabelled = (
+        f"; if {others[0]} marks unlabelled pixels rather than a class, set --ignore_index={others[0]} instead"
+        if len(others) == 1 and ignore_index < 0
+        else ""
+    )
+    return DataError(
+        f"{path}: {found}; it looks like a mask of class numbers (0 = background, 1 = farmland, "
+        f"{', '.join(str(v) for v in others[:6])} = {'another class' if len(others) == 1 else 'other classes'} such "
+        "as water or roads); expected only 0 and 255 "
+        "(or 0 and 1), every class that is not farmland being 0. Recode the masks so: in Python, "
+        "numpy.where(mask == 1, 1, 0).astype(numpy.uint8) saved as PNG (put farmland's number in place of 1 if it "
+        f"has another); --mask_threshold cannot pick one class out (it reads every value from N up as farmland)"
+        f"{unlabelled}{lossy}"
     )
 
 
@@ -495,6 +549,8 @@ def mask_values_error(mask: np.ndarray, values: np.ndarray, path: Path, ignore_i
     other = values[~np.isin(values, (0, 1, 255))]
     one_more = other.size == 1 and float(other[0]).is_integer()
     one_more = one_more and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
+    if holds_class_numbers(mask, path, int(values.max())) and float(values.min()) >= 0:
+        return class_numbers_error(values, path, f"holds values {{{shown}}}", ignore_index)
     if mask.dtype == np.uint16 and np.isin(values, (0, 65535)).all():  # 16-bit full scale, not unlabelled
         fix = (
             "it looks like a 16-bit mask with 65535 = farmland: save the masks as 8-bit PNGs of 0 and 255, or "
@@ -569,11 +625,25 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
             )
         classes = (mask >= threshold).astype(np.uint8)
         top = int(mask.max()) if mask.size else 0
+        values = np.unique(mask) if 0 < top < threshold else np.zeros(0, mask.dtype)  # all background: why?
+        values = values[values != ignore_index]
+        if values.size and holds_class_numbers(mask, path, int(values.max())):
+            shown = ", ".join(str(v) for v in values.tolist())
+            found = f"holds values {{{shown}}}, all below --mask_threshold={threshold}, so all of it would read as "
+            raise class_numbers_error(values, path, found + "background", ignore_index)
         if 0 < top < min(threshold, ZERO_ONE_TOP + 1):
+            lossy = top == ZERO_ONE_TOP and Path(path).suffix.lower() in LOSSY_SUFFIXES
             raise DataError(
                 f"{path}: holds values 0 to {top}, all below --mask_threshold={threshold}, so all of it would read as "
                 "background; it looks like a 0/1 mask (1 = farmland). 0/1 masks need no threshold: leave "
                 "--mask_threshold out (for lossy 0/1 masks, --mask_threshold=1)"
+                + (
+                    "; but where 2 is a class of its own (water, say) rather than JPEG's rounding of 1, "
+                    "--mask_threshold=1 would make it farmland: export the masks as PNG with every class but "
+                    "farmland as 0"
+                    if lossy
+                    else ""
+                )
             )
     else:
         # A histogram is linear in the pixels where np.unique sorts them: this check runs on every mask read.

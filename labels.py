@@ -41,6 +41,7 @@ from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from data_preprocess import CLASS_NUMBER_TOP
 from files import DataError
 from rasters import RASTER_SUFFIXES, open_raster
 
@@ -460,10 +461,22 @@ class RasterLabels(Labels):
             bad = [v for v in values.tolist() if v not in ALLOWED_VALUES]
             if bad:
                 shown = ", ".join(f"{v:g}" for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
+                fix = (
+                    "recode the raster (gdal_calc.py), or declare the value that marks unlabelled pixels as nodata "
+                    "(gdal_translate -a_nodata N)"
+                )
+                if all(float(v).is_integer() and 2 <= v <= CLASS_NUMBER_TOP for v in bad):  # a classification
+                    others = "another class" if len(bad) == 1 else "other classes"
+                    fix = (
+                        f"it looks like class numbers ({shown} = {others} such as water or roads): make every "
+                        f'class but farmland 0, for example gdal_calc.py -A "{path}" --outfile=farmland.tif '
+                        '--calc="A==1" --type=Byte (farmland\'s number in place of 1 if it has another); declaring '
+                        "them nodata (gdal_translate -a_nodata N) would leave those places out of training instead "
+                        "of making them background"
+                    )
                 raise DataError(
                     f"{path}: holds the values {{{shown}}}; expected only 0 = background, 1 or 255 = farmland, "
-                    "255 (beside 1) or the declared nodata = unlabelled; recode the raster (gdal_calc.py), or "
-                    "declare the value that marks unlabelled pixels as nodata (gdal_translate -a_nodata N)"
+                    f"255 (beside 1) or the declared nodata = unlabelled; {fix}"
                 )
         except BaseException:
             self.src.close()

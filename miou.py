@@ -318,6 +318,25 @@ def masks_read_as_trained(cfg: Config, given: Collection[str]) -> Config:
     return dataclasses.replace(cfg, **keys)
 
 
+def warn_older_than_model(cfg: Config, named: tuple[Path, str, str] | None, unrecorded: list[Path]) -> None:
+    """Warn when test masks that record no model (an older version's, or another tool's) are all older than the
+    model that predict.py would use now (the one ``named`` by model_named, else the run's checkpoints/best.pth):
+    they may be an earlier model's, trained over since, and their figures not the model's now."""
+    model = named[0] if named else Path(cfg.run_dir) / "checkpoints" / "best.pth"
+    times = [mask.stat().st_mtime_ns for mask in unrecorded if mask.is_file()]
+    if not times or not model.is_file() or max(times) >= model.stat().st_mtime_ns:
+        return
+    LOG.warning(
+        "%d test mask(s) in %s record no model (an older version's) and are older than %s (%s): they may be an "
+        "earlier model's, and these figures not this one's; predict the test split again (predict.py, this "
+        "--run_dir), then run miou.py",
+        len(times),
+        Path(cfg.run_dir) / "predictions",
+        model,
+        shown_stamp(file_stamp(model)),
+    )
+
+
 def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> tuple[list[str], dict]:
     """The test images whose masks are not scored, each problem logged: masks made from another image
     (made_elsewhere), with another model or other settings than the newest test mask (made_otherwise), or with a
@@ -333,6 +352,7 @@ def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> t
     made = {name: made_with_of(texts[name]) for name in masks if not elsewhere[name]}
     reference, origin = newest_made_with(made, masks)
     if reference is None:
+        warn_older_than_model(cfg, named, [masks[name] for name in made])
         return left_out, made
     differ = made_otherwise(made, reference)
     if differ:
@@ -348,6 +368,17 @@ def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> t
             examples(names, masks, lambda n: ", ".join(setting(made[n] or {}, k) for k in differ[n])),
         )
         left_out += names
+    if unrecorded := [name for name, record in made.items() if record is None]:
+        LOG.error(
+            "%d test mask(s) in %s: expected the model and settings of %s, found none recorded (masks of an older "
+            "version, or of another tool, that an interrupted run left): %s; not scored: predict the test split "
+            "again (predict.py, this --run_dir), then run miou.py",
+            len(unrecorded),
+            Path(cfg.run_dir) / "predictions",
+            origin,
+            examples(unrecorded, masks),
+        )
+        left_out += unrecorded
     same = [name for name, record in made.items() if record is not None and name not in differ]
     if problem := other_model(named, reference, same, masks, Path(cfg.run_dir)):
         LOG.error("%s", problem)

@@ -147,15 +147,8 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
     for stem in sorted(set(images) | set(masks)):
         found_images, found_masks = images.get(stem, []), masks.get(stem, [])
         if len(found_images) > 1 or len(found_masks) > 1:
-            for path in found_images + found_masks:
-                scan.rejected.append(
-                    (
-                        path,
-                        "error",
-                        f"stem '{stem}' is ambiguous: {[p.name for p in found_images + found_masks]}; "
-                        "rename so each stem is unique",
-                    )
-                )
+            reason = several_of_a_stem(stem, found_images, found_masks, mask_suffix)
+            scan.rejected.extend((path, "error", reason) for path in found_images + found_masks)
         elif not found_masks:
             scan.rejected.append((found_images[0], "orphan", f"no mask {stem}{mask_suffix}.png in {label_dir}"))
         elif not found_images:
@@ -163,6 +156,19 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
         else:
             scan.pairs.append((found_images[0], found_masks[0]))
     return scan
+
+
+def several_of_a_stem(stem: str, images: Sequence[Path], masks: Sequence[Path], mask_suffix: str) -> str:
+    """The error of a name with several images or several masks (a.tif and a.png: files are paired by name, whatever
+    the extension), naming each file with its folder and what to do."""
+    found = []
+    for kind, paths, name in (("images", images, stem), ("masks", masks, f"{stem}{mask_suffix}")):
+        if len(paths) > 1:
+            found.append(f"{len(paths)} {kind} named {name} in {paths[0].parent} ({', '.join(p.name for p in paths)})")
+    return (
+        f"{' and '.join(found)}; expected one image and one mask of each name, whatever their extensions; keep one "
+        "and move the others out of the folder (a mask converted to PNG beside its original, say), or rename them"
+    )
 
 
 def suffix_after_image(mask_stem: str, images: Collection[str]) -> str:

@@ -393,6 +393,18 @@ def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_se
     assert probability.stat().st_mtime_ns > again
     record = change.date_outputs(run_dir, "a_to_b", "before")["record"]
     assert json.loads(record.read_text(encoding="utf-8"))["tta"] is True
+    # A date an older version predicted records fewer settings: predicted again, and the log says why.
+    earlier = json.loads(record.read_text(encoding="utf-8"))
+    del earlier["nodata_fed_as"]
+    record.write_text(json.dumps(earlier), encoding="utf-8")
+    again = probability.stat().st_mtime_ns
+    caplog.clear()
+    assert run_change(run_dir, own, before, after, "--change_margin=0.3", "--tta=true") == 0
+    assert probability.stat().st_mtime_ns > again
+    assert "a_to_b: the before date is predicted again: its earlier outputs were made otherwise (nodata_fed_as " in (
+        caplog.text
+    )
+    assert "the after date is predicted again" not in caplog.text
 
 
 def test_a_rerun_with_another_pixel_size_for_a_checkpoint_without_one_predicts_the_dates_again(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -254,6 +255,36 @@ def test_a_zero_one_mask_under_a_threshold_and_a_jpeg_mask_are_refused(tmp_path:
     assert load_mask(tmp_path / "b_mask.jpg", threshold=128).tolist() == (block == 255).astype(np.uint8).tolist()
 
 
+def test_a_mask_of_class_numbers_is_refused_with_a_recoding_not_a_threshold(tmp_path: Path) -> None:
+    # 0 = background, 1 = farmland, 2 = water, 3 = road (labelme, GIS class exports). The refusal offered
+    # --mask_threshold=128, which then read every such mask as all background; 0/1/2 was offered --ignore_index=2,
+    # which leaves the water out of training and scoring, or --mask_threshold=1, which makes it farmland.
+    write_image(tmp_path / "a_mask.png", np.array([[0, 1, 2, 3]], np.uint8))
+    write_image(tmp_path / "b_mask.png", np.array([[0, 1, 2, 2]], np.uint8))
+    for threshold in (0, 128):
+        with pytest.raises(DataError, match=r"a_mask\.png: holds values \{0, 1, 2, 3\}.*class numbers") as err:
+            load_mask(tmp_path / "a_mask.png", threshold=threshold)
+        assert "numpy.where(mask == 1, 1, 0)" in str(err.value) and "set --mask_threshold" not in str(err.value)
+        with pytest.raises(DataError, match=r"b_mask\.png: holds values \{0, 1, 2\}.*2 = another class") as err:
+            load_mask(tmp_path / "b_mask.png", threshold=threshold)
+        assert "re-export the masks losslessly" not in str(err.value)
+        assert "if 2 marks unlabelled pixels rather than a class, set --ignore_index=2" in str(err.value)
+    assert "all below --mask_threshold=128" in str(err.value)
+    assert load_mask(tmp_path / "b_mask.png", ignore_index=2).tolist() == [[0, 1, IGNORE, IGNORE]]
+    assert load_mask(tmp_path / "a_mask.png", threshold=2).tolist() == [[0, 0, 1, 1]]  # a threshold it reaches: asked
+    block = np.zeros((16, 16), np.uint8)
+    block[6:, 3:] = 1  # a lossy 0/1 mask, rounded to 2 here and there, is not taken for class numbers
+    assert cv2.imwrite(str(tmp_path / "c_mask.jpg"), block)
+    with pytest.raises(DataError, match=r"c_mask\.jpg: holds values 0 to 2, .*0/1 mask.*2 is a class of its own"):
+        load_mask(tmp_path / "c_mask.jpg", threshold=128)
+    block[:, 3:] = 1
+    block[6:9, :] = 2  # a JPEG of class numbers rounds 2 up to 3 near edges: it read as all background
+    assert cv2.imwrite(str(tmp_path / "d_mask.jpg"), block)
+    assert read_image(tmp_path / "d_mask.jpg").max() == 3
+    with pytest.raises(DataError, match=r"d_mask\.jpg: holds values \{0, 1, 2, 3.*class numbers.*JPEG has changed"):
+        load_mask(tmp_path / "d_mask.jpg", threshold=128)
+
+
 def test_colour_mask_with_differing_bands_is_refused(tmp_path: Path) -> None:
     mask = np.zeros((2, 2, 3), np.uint8)
     mask[0, 0] = (255, 0, 0)
@@ -263,6 +294,12 @@ def test_colour_mask_with_differing_bands_is_refused(tmp_path: Path) -> None:
         DataError, match=r"m\.png: colour mask drawn in 2 colour\(s\), .* \(0, 0, 0\), \(255, 0, 0\);.* 255 where"
     ):
         load_mask(tmp_path / "m.png")
+    # The fix named no way to write the mask; the one it now gives, run as given, makes the mask expected.
+    with pytest.raises(DataError) as err:
+        load_mask(tmp_path / "m.png")
+    code = re.search(r"Python, with PIL: (.*?\.save\(dst\))", str(err.value)).group(1).replace("; ", "\n")
+    exec(code, {"numpy": np, "Image": Image, "src": tmp_path / "m.png", "dst": tmp_path / "m_fixed.png"})
+    assert load_mask(tmp_path / "m_fixed.png").tolist() == [[1, 0], [0, 0]]
     write_image(tmp_path / "grey3.png", np.dstack([np.array([[0, 255]], np.uint8)] * 3))
     assert load_mask(tmp_path / "grey3.png").tolist() == [[0, 1]]
 

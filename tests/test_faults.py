@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from conftest import ROOT, args, folder_digest, weights
 from PIL import Image
@@ -627,6 +628,50 @@ def test_miou_scores_no_mask_an_interrupted_run_with_a_new_threshold_did_not_rea
     assert scored_names(run_dir) == [image.stem for image, _ in pairs]
 
 
+def test_miou_scores_no_mask_of_an_older_version_beside_those_an_interrupted_run_made(
+    shared_square_data: Path, tmp_path: Path, trained_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import miou
+
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(shared_square_data, run_dir, "--split_ratios=0.5,0.1,0.4"))  # 8 test tiles
+    shutil.copytree(trained_run / "checkpoints", run_dir / "checkpoints")
+    pairs = read_pair_list(run_dir / "splits" / "test.txt")
+    assert predict.main(args(shared_square_data, run_dir)) == 0
+    # An older version wrote the same masks without a record of how; its run predated the update, whose
+    # predict.py was stopped after the first three masks.
+    older = [run_dir / "predictions" / f"{image.stem}_seg.png" for image, _ in pairs[3:]]
+    for mask in older:
+        write_image(mask, load_mask(mask) * 255)
+        os.utime(mask, ns=(mask.stat().st_mtime_ns - 10**9,) * 2)
+        assert not read_texts(mask)
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_dir)) == 1
+    assert f"5 test mask(s) in {run_dir / 'predictions'}: expected the model and settings of the newest" in caplog.text
+    assert "found none recorded (masks of an older version" in caplog.text and older[0].name in caplog.text
+    assert scored_names(run_dir) == [image.stem for image, _ in pairs[:3]]
+    assert json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["n_images"] == 3
+    # Masks that all record nothing (an older version's whole run) are scored as they are.
+    for image, _ in pairs[:3]:
+        mask = run_dir / "predictions" / f"{image.stem}_seg.png"
+        write_image(mask, load_mask(mask) * 255)
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_dir)) == 0
+    assert scored_names(run_dir) == [image.stem for image, _ in pairs]
+    assert json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["made_with"] is None
+    assert "record no model" not in caplog.text
+    # Trained again since (here: best.pth newer than every mask), they are still scored, with a warning.
+    best = run_dir / "checkpoints" / "best.pth"
+    later = time.time() + 10
+    os.utime(best, (later, later))
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_dir)) == 0
+    assert f"8 test mask(s) in {run_dir / 'predictions'} record no model (an older version's) and are older " in (
+        caplog.text
+    )
+    assert f"than {best} (" in caplog.text and "predict the test split again" in caplog.text
+
+
 def test_miou_scores_no_mask_of_a_model_trained_again_since(
     shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -726,6 +771,17 @@ def test_palette_mask_with_colours_is_refused(tmp_path: Path) -> None:
         DataError, match=r"p_mask\.png: colour mask: a palette PNG .* colours \(0, 0, 0\), \(255, 0, 0\);.*indices"
     ):
         load_mask(tmp_path / "p_mask.png")
+    # A one-band TIFF with a colour table (ArcGIS's Classified Tiles labels) was called a colour mask, with no
+    # word of the palette or of a conversion that keeps its class values.
+    profile = {"driver": "GTiff", "width": 2, "height": 2, "count": 1, "dtype": "uint8", "photometric": "palette"}
+    profile["transform"] = rasterio.Affine(1, 0, 0, 0, -1, 2)
+    with rasterio.open(tmp_path / "t.tif", "w", **profile) as dst:
+        dst.write(np.array([[[0, 1], [1, 0]]], np.uint8))
+        dst.write_colormap(1, {0: (0, 0, 0, 255), 1: (0, 255, 0, 255)})
+    with pytest.raises(DataError, match=r"t\.tif: colour mask: a palette TIFF .* \(0, 255, 0\);.*ArcGIS.*indices"):
+        load_mask(tmp_path / "t.tif")
+    Image.fromarray(np.array(Image.open(tmp_path / "t.tif"))).save(tmp_path / "fixed.tif")  # the fix offered
+    assert load_mask(tmp_path / "fixed.tif").tolist() == [[0, 1], [1, 0]]
     grey = Image.fromarray(np.array([[0, 1]], np.uint8), mode="P")
     grey.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)  # a palette of black and white reads as 0/255
     grey.save(tmp_path / "g_mask.png")

@@ -446,6 +446,12 @@ def test_a_label_raster_with_other_values_is_refused(inputs: tuple[Path, Path], 
     labels = write_scene(tmp_path / "lab" / "labels.tif", values)
     with pytest.raises(DataError, match=r"labels.tif: holds the values \{7, 38\}; expected only 0"):
         run(inputs[0], labels, tmp_path / "out")
+    # A classification (1 = farmland, 2 = water) was offered "declare the value as nodata" beside a bare
+    # "gdal_calc.py", which leaves the water out of training instead of making it background.
+    values[0, :3, :3] = [[0, 1, 2], [2, 1, 0], [1, 1, 1]]
+    labels = write_scene(tmp_path / "lab" / "classes.tif", values)
+    with pytest.raises(DataError, match=r"classes.tif: holds the values \{2\}; .* class numbers .*--calc=\"A==1\""):
+        run(inputs[0], labels, tmp_path / "out")
 
 
 def test_bad_scenes_are_reported_and_the_others_tiled(

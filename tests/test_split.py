@@ -108,6 +108,23 @@ def test_orphans_junk_and_upper_case_extensions(tmp_path: Path) -> None:
     assert sorted(listed) == sorted(["UPPER.PNG"] + [f"t.{i}.png" for i in range(5)])
 
 
+def test_two_masks_of_one_name_are_named_with_their_folder_and_what_to_do(tmp_path: Path) -> None:
+    # A palette TIFF mask converted to PNG beside its original: the refusal listed ['a.tif', 'a.png', 'a.tif'],
+    # image and masks alike, without folders, and asked to rename them so each stem is unique.
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        image, mask = square_tile(rng)
+        write_image(data / "images" / f"{i:09d}.tif", image)
+        write_image(data / "labels" / f"{i:09d}.tif", mask)
+    write_image(data / "labels" / "000000000.png", mask)
+    assert run_split(data, tmp_path / "run", "--mask_suffix=") == 1
+    found = rejected(tmp_path / "run")
+    reason = found["000000000.png"][1]
+    assert reason.startswith(f"2 masks named 000000000 in {data / 'labels'} (000000000.png, 000000000.tif); expected")
+    assert "move the others out of the folder" in reason and found["000000000.tif"][1] == reason
+
+
 def test_images_and_masks_in_one_folder_pair_without_false_orphans(tmp_path: Path) -> None:
     # Each image was reported as a misnamed mask (with the wrong advice --mask_suffix=), each mask as an image
     # without a mask.
