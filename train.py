@@ -76,7 +76,9 @@ from training import (
     best_threshold,
     check_resumable,
     collapse_message,
+    counts_at,
     evaluate,
+    iou_at,
     loss_stall,
     make_loader,
     make_optimizer,
@@ -758,12 +760,23 @@ def judge(cfg: Config, row: dict, progress: Progress, job: Distributed) -> bool:
         progress.best_histogram = histogram
     check_stall(cfg, progress, job, score, cm)
     # A one-class network is the commonest silent failure: say so, with causes and fixes.
-    one_class = int((cm.sum(axis=0) > 0).sum()) == 1  # every val pixel predicted background, or every one farmland
-    stuck = not scoreless and (row["val_farmland_iou"] == 0.0 or one_class)
+    iou, share = classes_used(row, histogram)
+    stuck = not scoreless and (iou == 0.0 or share in (0.0, 1.0))  # every val pixel background, or every one farmland
     progress.collapsed = progress.collapsed + 1 if stuck else 0
     if 0 < cfg.collapse_patience == progress.collapsed and job.main:  # 0: the warning is off
-        LOG.warning("%s", collapse_message(row["epoch"], progress.collapsed, row["val_predicted_farmland"], cfg))
+        LOG.warning("%s", collapse_message(row["epoch"], progress.collapsed, share, cfg))
     return improved
+
+
+def classes_used(row: dict, histogram: np.ndarray | None) -> tuple[float, float]:
+    """An epoch's val farmland IoU and share of val pixels called farmland as its masks are made: at the tuned
+    threshold of the weights its history ``row`` names (``histogram``: theirs) when tuned, else at the argmax.
+    A tuned cut above 0.5 can split the pixels well where the argmax calls them all farmland."""
+    cut = row["val_ema_threshold" if row["weights"] == "ema" else "val_threshold"]
+    if not math.isfinite(cut) or histogram is None or not histogram.sum():
+        return row["val_farmland_iou"], row["val_predicted_farmland"]
+    farmland, background = counts_at(histogram, cut)
+    return float(np.nan_to_num(iou_at(histogram, cut))), farmland / (farmland + background)
 
 
 def check_stall(cfg: Config, progress: Progress, job: Distributed, score: float, cm: np.ndarray) -> None:
@@ -1037,9 +1050,8 @@ def kept_farmland_share(row: dict, progress: Progress) -> float:
     histogram = progress.best_histogram
     if not math.isfinite(cut) or histogram is None or not histogram.sum():
         return row["val_predicted_farmland"]
-    bins = histogram.shape[1]
-    first = min(bins - 1, max(0, math.floor(cut * bins + 0.5)))  # farmland: bins at or above the cut's
-    return float(histogram[:, first:].sum() / histogram.sum())
+    farmland, background = counts_at(histogram, cut)
+    return farmland / (farmland + background)
 
 
 def warn_kept_prior(cfg: Config, progress: Progress) -> None:

@@ -192,6 +192,15 @@ def threshold_curve(histogram: np.ndarray) -> list[dict[str, float]]:
     return [dict(zip(CURVE_FIELDS, (float(c[k]) for c in columns))) for k in range(bins)]
 
 
+def counts_at(histogram: np.ndarray, cut: float) -> tuple[int, int]:
+    """Pixels called farmland and pixels called background at the bin edge nearest ``cut`` (to 1 / bins) on the
+    (2, bins) histogram: farmland is every pixel whose probability bin is at or above the cut's, as in
+    best_threshold."""
+    bins = histogram.shape[1]
+    first = min(bins - 1, max(0, math.floor(cut * bins + 0.5)))
+    return int(histogram[:, first:].sum()), int(histogram[:, :first].sum())
+
+
 def iou_at(histogram: np.ndarray, cut: float) -> float:
     """Farmland IoU at the bin edge nearest ``cut`` (to 1 / bins) on the (2, bins) histogram (threshold_curve's
     row there)."""

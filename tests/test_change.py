@@ -775,6 +775,8 @@ def test_score_of_a_hand_made_change_map(tmp_path: Path) -> None:
     score = cd.score_change(*paths)
     assert score["lost_iou"] == pytest.approx(2 / 4) and score["gained_iou"] == pytest.approx(2 / 3, abs=1e-4)
     assert score["lost_predicted"] == pytest.approx(3 * 4 / 1e4) and score["lost_true"] == pytest.approx(3 * 4 / 1e4)
+    # gained: 3 pixels predicted, 2 true: an error of 1 pixel (4e-4 ha), half the true area
+    assert score["gained_error"] == pytest.approx(4e-4) and score["gained_relative_error"] == pytest.approx(0.5)
     with pytest.raises(cd.DataError, match=r"t2.tif: 3x2 pixels, expected the before scene's grid of 5x2"):
         cd.score_change(paths[0], write_geotiff(tmp_path / "t2.tif", truth[None, :, :3]))
     moved = geotiff(tmp_path / "t3.tif", truth[None], crs=CRS, transform=TRANSFORM @ Affine.translation(1, 0))
@@ -784,6 +786,56 @@ def test_score_of_a_hand_made_change_map(tmp_path: Path) -> None:
     assert cd.score_change(paths[0], binary)["lost_iou"] == 0.0  # 255 is unknown: nothing left to score
     with pytest.raises(cd.DataError, match=r"t5.tif: holds the values \[0, 1, 3, 7, 255\]; expected the change codes"):
         cd.score_change(paths[0], write_geotiff(tmp_path / "t5.tif", np.where(truth == 2, 7, truth)[None]))
+
+
+def test_a_tuned_threshold_on_a_half_percent_rounds_the_cuts_inwards() -> None:
+    # Tuned thresholds come in steps of 0.005: t = 0.555 with margin 0.2 asks for P >= 75.5 (so 76) and
+    # P <= 35.5 (so 35); the mean of two dates is farmland above 55.5 (a sum above 111).
+    rule = cd.ChangeRule(threshold=0.555, margin=0.2)
+    assert rule.percent_cuts() == (76, 35, 111)
+    before = cd.Date(np.array([[1, 1, 1, 1]], np.uint8), percent([[75, 76, 76, 76]]))
+    after = cd.Date(np.array([[0, 0, 0, 0]], np.uint8), percent([[20, 35, 36, 20]]))
+    assert cd.change_codes(before, after, rule).tolist() == [[0, 2, 1, 2]]  # 75 and 36 are not sure: by the mean
+
+
+def test_a_probability_of_100_percent_holds_data() -> None:
+    # 100 % is the most certain farmland, not nodata (255 is).
+    assert codes_of(percent([[100, 100, 0]]), percent([[0, 100, 100]])) == [[2, 1, 3]]
+
+
+def test_the_edge_tolerance_reaches_across_strip_seams(tmp_path: Path) -> None:
+    # A field moved 2 rows south across the seam at row 8, with no minimum mapping unit: each strip must read the
+    # tolerance's rows beyond its seams, or the moved edge is reported as lost and gained farmland.
+    before, after = np.full((24, 10), 5, np.uint8), np.full((24, 10), 5, np.uint8)
+    before[6:8, 2:8] = 95
+    after[8:10, 2:8] = 95
+    rule = cd.ChangeRule(margin=0.2, edge_tolerance=2)
+    paths = {name: write_date(tmp_path, name, p) for name, p in (("b", before), ("a", after))}
+    with cd.open_dates(paths["b"], paths["a"], True) as (b, a):
+        codes = np.concatenate([c for _, c, _, _ in cd.change_strips(b, a, rule, strip=8)])
+    assert not np.isin(codes, [cd.LOST, cd.GAINED]).any()
+    assert np.array_equal(codes, cd.classify_block(date(before), date(after), rule))
+
+
+def test_the_change_row_in_hectares_by_hand(tmp_path: Path) -> None:
+    # 2 m pixels (4 m2): 100 valid pixels, 30 stable farmland, 10 lost, 5 gained, so 55 stable background.
+    counts = cd.ChangeCounts(valid=100, farmland_before=40, farmland_after=35, lost=10, gained=5, stable_farmland=30)
+    grid = {"crs": rasterio.crs.CRS.from_string(CRS), "transform": TRANSFORM, "width": 10, "height": 10}
+    row = cd.change_row(
+        "p",
+        tmp_path / "b.tif",
+        tmp_path / "a.tif",
+        grid,
+        True,
+        counts,
+        {"lost": 1, "gained": 1},
+        tmp_path / "p_change.tif",
+    )
+    assert row["pixel_area_m2"] == pytest.approx(4.0)
+    assert (row["valid_area_ha"], row["lost_ha"], row["gained_ha"]) == pytest.approx((0.04, 0.004, 0.002))
+    assert (row["farmland_before_ha"], row["farmland_after_ha"]) == pytest.approx((0.016, 0.014))
+    assert row["net_ha"] == pytest.approx(-0.002) and row["stable_farmland_ha"] == pytest.approx(0.012)
+    assert row["stable_background_ha"] == pytest.approx(0.022)
 
 
 def test_a_cgcs2000_crs_written_as_esri_wkt_is_the_same_grid(tmp_path: Path) -> None:

@@ -47,6 +47,13 @@ def test_dice_by_hand() -> None:
     assert float(SegmentationLoss("dice")(logits, targets)) == pytest.approx(1 - dice, rel=1e-6)
 
 
+def test_dice_is_pooled_over_the_batch_not_averaged_per_image() -> None:
+    # Two 1 x 1 images at p = 1/2, labelled background and farmland. Pooled, each class has intersection 1/2,
+    # |P| = 1, |G| = 1: dice (1 + 1) / (2 + 1). Per image it would be (0.8 + 2/3) / 2 per class instead.
+    logits, targets = torch.zeros(2, 2, 1, 1), torch.tensor([[[0]], [[1]]])
+    assert float(SegmentationLoss("dice")(logits, targets)) == pytest.approx(1 - 2 / 3, rel=1e-6)
+
+
 def test_dice_of_a_perfect_prediction_is_zero_and_of_an_empty_mask_is_small() -> None:
     logits, targets = pixels([[30.0, -30.0], [-30.0, 30.0]], [0, 1])
     assert float(SegmentationLoss("dice")(logits, targets)) == pytest.approx(0.0, abs=1e-6)

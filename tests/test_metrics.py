@@ -36,6 +36,15 @@ def test_confusion_matrix_counts_by_hand() -> None:
     assert confusion_matrix(torch.from_numpy(PRED), torch.from_numpy(LABEL)).tolist() == [[3, 1], [1, 3]]
 
 
+def test_a_lopsided_case_keeps_labels_in_rows_on_numpy_and_torch() -> None:
+    # label 6 farmland, 2 background; prediction all farmland: fp = 2, fn = 0. The case above has fp = fn, so a
+    # matrix with rows and columns swapped (precision and recall exchanged) would pass it.
+    label = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    pred = np.ones((2, 4), dtype=int)
+    assert confusion_matrix(pred, label).tolist() == [[0, 2], [0, 6]]
+    assert confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label)).tolist() == [[0, 2], [0, 6]]
+
+
 def test_scores_by_hand() -> None:
     s = scores(confusion_matrix(PRED, LABEL))
     assert s["farmland_iou"] == pytest.approx(3 / 5)
@@ -105,6 +114,7 @@ def test_all_empty_split_writes_null_not_nan() -> None:
     summary = summarise([{"name": "a", "farmland_iou": math.nan, "background_iou": 1.0}], cm)
     assert summary["pooled"]["farmland_iou"] is None
     assert summary["per_image"]["farmland_iou"] is None
+    assert summary["per_image"]["miou"] == 1.0  # the mean over the classes that occur: background alone
 
 
 def test_vectorised_counts_match_a_per_pixel_loop() -> None:
@@ -121,6 +131,9 @@ def test_bad_inputs_to_confusion_matrix() -> None:
         confusion_matrix(np.zeros((2, 2), dtype=int), np.zeros((2, 3), dtype=int))
     with pytest.raises(ValueError, match=r"class indices must lie in \[0, 2\)"):
         confusion_matrix(np.full((2, 2), 255), np.zeros((2, 2), dtype=int))
+    for pred, label in ((np.full((2, 2), 2), np.zeros((2, 2))), (np.zeros((2, 2)), np.full((2, 2), 2))):
+        with pytest.raises(ValueError, match=r"class indices must lie in \[0, 2\)"):  # 2 is one past the last class
+            confusion_matrix(pred.astype(int), label.astype(int))
 
 
 def test_unlabelled_pixels_count_nowhere() -> None:
@@ -165,6 +178,18 @@ def test_boundary_iou_of_empty_masks_is_undefined_and_ignored_pixels_are_skipped
     rows, _, _ = evaluate_pairs([("e", tmp_path / "l.png", tmp_path / "p.png")])
     assert math.isnan(rows[0]["boundary_iou"])
     assert summarise(rows, np.array([[36, 0], [0, 0]]))["pooled"]["boundary_iou"] is None
+
+
+def test_per_image_rows_count_false_positives_and_negatives_by_hand(tmp_path: Path) -> None:
+    # label: 6 farmland, 2 background; prediction: farmland everywhere but one labelled farmland pixel.
+    label = np.array([[255, 255, 255, 255], [255, 255, 0, 0]], np.uint8)
+    pred = np.array([[255, 255, 255, 0], [255, 255, 255, 255]], np.uint8)
+    write_image(tmp_path / "l.png", label)
+    write_image(tmp_path / "p.png", pred)
+    rows, pooled, errors = evaluate_pairs([("a", tmp_path / "l.png", tmp_path / "p.png")])
+    assert not errors and pooled.tolist() == [[0, 2], [1, 5]]
+    assert {k: rows[0][k] for k in ("tp", "fp", "fn", "tn")} == {"tp": 5, "fp": 2, "fn": 1, "tn": 0}
+    assert summarise(rows, pooled)["pooled_confusion"] == {"tp": 5, "fp": 2, "fn": 1, "tn": 0}
 
 
 def test_miou_shows_the_bands_the_test_split_was_predicted_with(tmp_path: Path) -> None:

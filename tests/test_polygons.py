@@ -204,3 +204,67 @@ def test_pieces_of_a_sliver_longer_than_the_halo_cap_are_no_fields(
     assert scene.write_fields(plain, settings, outputs) == 1
     _, _, _, (_, _, pixels) = pyogrio.raw.read(outputs["gpkg"])
     assert pixels.tolist() == [240]
+
+
+def test_a_piece_of_exactly_the_unit_is_kept_and_one_pixel_less_is_removed() -> None:
+    # The unit removes pieces of fewer than min_pixels pixels: a field of exactly 0.01 ha of 4 m2 pixels (25
+    # pixels) is a field, and so is a hole of exactly the unit.
+    mask = np.zeros((12, 12), np.uint8)
+    mask[0:5, 0:5] = 1  # an island of 25 pixels: kept at a unit of 25
+    mask[7:12, 0:5] = 1
+    mask[7, 0] = 0  # an island of 24 pixels: removed
+    sieved = polygons.sieve_block(mask, 25, False, False)
+    assert (sieved[0:5, 0:5] == 1).all() and (sieved[7:12, 0:5] == 0).all()
+    holes = np.zeros((12, 12), np.uint8)
+    holes[0:7, 6:12] = 1
+    holes[1:6, 8] = 0  # a hole of 5 pixels: kept at a unit of 5
+    holes[8:12, 6:12] = 1
+    holes[9:11, 8:10] = 0  # a hole of 4 pixels: filled
+    sieved = polygons.sieve_block(holes, 5, False, False)
+    assert (sieved[1:6, 8] == 0).all() and (sieved[9:11, 8:10] == 1).all()
+
+
+def test_a_unit_of_two_pixels_removes_single_pixels() -> None:
+    mask = np.zeros((5, 5), np.uint8)
+    mask[2, 2] = 1  # a lone pixel
+    mask[0, 0:2] = 1  # two pixels: a piece of the unit
+    sieved = polygons.sieve_block(mask, 2, False, False)
+    assert sieved[2, 2] == 0 and (sieved[0, 0:2] == 1).all()
+
+
+def test_nodata_in_a_block_of_farmland_stays_nodata() -> None:
+    # Outside the pieces lies everything else (component label 0): never a piece itself, even with fewer pixels
+    # than the unit (a nodata pixel in a block of farmland would become background, then a filled hole).
+    mask = np.ones((6, 6), np.uint8)
+    mask[3, 3] = 255
+    sieved = polygons.sieve_block(mask, 5, False, False)
+    assert sieved[3, 3] == 255 and (sieved[mask == 1] == 1).all()
+
+
+def test_a_sliver_across_a_seam_is_sieved_as_in_the_whole_mask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 1-pixel wide sliver of 8 rows (under a unit of 10) across the seam at row 8: each strip must see all of it
+    # in its halo (min_pixels rows), or the second strip finds it reaching its cut edge and keeps rows 8 and 9.
+    monkeypatch.setattr(polygons, "STRIP", 8)
+    mask = np.zeros((32, 6), np.uint8)
+    mask[2:10, 2] = 1
+    source = write_mask(tmp_path / "mask.tif", mask)
+    with rasterio.open(source) as src:
+        sieved = np.concatenate([rows for _, rows in polygons.sieved_strips(src, 10)])
+    assert not sieved.any() and list(polygons.mask_fields(source, 10)) == []
+
+
+def test_a_field_of_exactly_the_unit_is_written(tmp_path: Path) -> None:
+    # min_field_pixels=25: a field of 25 pixels is kept by the sieve and must be written too; 24 pixels are not.
+    mask = np.zeros((12, 12), np.uint8)
+    mask[0:5, 0:5] = 1
+    mask[7:12, 0:5] = 1
+    mask[7, 0] = 0
+    profile = {"driver": "GTiff", "width": 12, "height": 12, "count": 1, "dtype": "uint8", "nodata": 255}
+    with rasterio.open(tmp_path / "m_seg.tif", "w", **profile) as dst:
+        dst.write(mask, 1)
+    plain = scene.Scene()
+    plain.path, plain.crs, plain.transform = tmp_path / "m.tif", None, Affine.identity()
+    outputs = scene.scene_outputs(tmp_path, plain.path) | {"mask": tmp_path / "m_seg.tif"}
+    assert scene.write_fields(plain, scene.SceneSettings(min_field_pixels=25), outputs) == 1
+    _, _, _, (_, _, pixels) = pyogrio.raw.read(outputs["gpkg"])
+    assert pixels.tolist() == [25]

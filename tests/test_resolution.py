@@ -44,6 +44,22 @@ def test_shrink_averages_blocks_and_repeats_the_last_row_and_column() -> None:
     assert resolution.shrink(x, 1) is x
 
 
+def test_shrink_by_four_extends_a_side_one_past_a_block_to_a_whole_block() -> None:
+    x = torch.arange(25.0).reshape(1, 1, 5, 5)  # padded to 8 x 8 by repeating row 4 and column 4 three times
+    # Blocks: rows 0-3 x columns 0-3 (mean 9), column 4 alone (11.5), row 4 alone (21.5), pixel (4, 4) = 24.
+    assert resolution.shrink(x, 4).flatten().tolist() == [9.0, 11.5, 21.5, 24.0]
+
+
+def test_pad_to_grid_replicates_a_pad_as_long_as_the_side() -> None:
+    # Reflection needs a pad shorter than the side: an 8-pixel tile padded to 16 (or 16 to a minimum of 32) is
+    # replicated, not refused.
+    for side, grid, minimum in ((8, 16, 0), (16, 16, 32)):
+        x = torch.rand(1, 2, side, side)
+        padded = resolution.pad_to_grid(x, grid, minimum)
+        assert padded.shape[-2:] == (2 * side, 2 * side) and torch.equal(padded[..., :side, :side], x)
+        assert torch.equal(padded[..., -1, :side], x[..., -1, :])
+
+
 def test_grow_puts_block_values_at_block_centres_and_crops() -> None:
     logits = torch.tensor([[[[0.0, 4.0]]]])  # one row of two blocks
     grown = resolution.grow(logits, 2, (2, 3))

@@ -76,6 +76,14 @@ def test_threshold_curve_by_hand(tmp_path: Path) -> None:
     ]
 
 
+def test_iou_at_a_tuned_threshold_reads_its_own_cut() -> None:
+    # 57 / 200 = 0.285, a tuned cut, is 56.99999999999999 bins as a float: the row read must be cut 57, not 56.
+    histogram = np.zeros((2, THRESHOLD_BINS), np.int64)
+    histogram[0, 56] = 1  # a background pixel called farmland at cut 56 but not at 57
+    histogram[1, 57] = 1
+    assert iou_at(histogram, 57 / THRESHOLD_BINS) == 1.0 and iou_at(histogram, 56 / THRESHOLD_BINS) == 0.5
+
+
 def test_training_writes_the_best_epochs_threshold_curve(square_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert split_dataset.main(args(square_data, run_dir)) == 0

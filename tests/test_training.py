@@ -50,6 +50,8 @@ def test_schedules_by_hand() -> None:
     assert [schedule_factor(s, cfg, 10) for s in (0, 1, 4, 5)] == pytest.approx([0.2, 0.4, 1.0, 1.0])
     cfg.warmup_epochs, cfg.schedule = 0.0, "cosine"
     assert [schedule_factor(s, cfg, 10) for s in (0, 20, 40)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    cfg.epochs = 0  # time_budget's first epoch, being timed: no plan yet, so no decay
+    assert [schedule_factor(s, cfg, 10) for s in (0, 1, 9, 25)] == [1.0, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="expected one of step, cosine"):
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         training.make_scheduler(optimizer, config.Config(schedule="x"), 1)
@@ -61,6 +63,8 @@ def test_best_threshold_by_hand() -> None:
     # k=0: 7/(7+9); k=1: 7/(7+4); k=2: 5/(7+1); k=3: 4/(7+0). Best: k=1, cut 0.25.
     cut, iou = best_threshold(histogram)
     assert cut == 0.25 and iou == pytest.approx(7 / 11)
+    # Empty bins make ties: cuts 0.25, 0.5 and 0.75 all separate the classes (IoU 1); the one nearest 0.5 wins.
+    assert best_threshold(np.array([[3, 0, 0, 0], [0, 0, 0, 2]])) == (0.5, 1.0)
     cut, iou = best_threshold(np.array([[5, 3, 0, 0], [0, 0, 0, 0]]))  # no farmland to score
     assert cut == 0.5 and math.isnan(iou)
 

@@ -30,7 +30,7 @@ from inference import model_from_checkpoint
 from losses import SegmentationLoss, class_weights
 from metrics import class_iou
 from runtime import Distributed, load_checkpoint
-from training import WeightAverage, batchnorm_loader, loss_stall, prior_loss, recompute_batchnorm
+from training import WeightAverage, batchnorm_loader, best_threshold, loss_stall, prior_loss, recompute_batchnorm
 
 PRIOR_CM = np.array([[600, 100], [250, 50]])  # farmland IoU 50/400 = 0.125; calling all farmland scores 0.3
 GOOD_CM = np.array([[650, 50], [30, 270]])  # farmland IoU 270/350 = 0.77
@@ -366,6 +366,10 @@ def test_a_budget_given_to_a_run_trained_by_epochs_is_planned_at_its_epochs_pace
     assert (progress.planned_epochs, progress.elapsed) == (6, 30.0)  # 30 s spent, 30 s left at 10 s an epoch
     train.replan_budget(Config(time_budget=0.25), progress, saved_budget=1.0)
     assert progress.planned_epochs == 3  # a budget already spent: nothing more to run
+    # 42 s spent at 14 s an epoch: the 18 s left hold one more epoch, not two (rounded down, never past the budget).
+    progress = train.Progress(start_epoch=4, history=[{"epoch": e, "seconds": 14.0} for e in (1, 2, 3)])
+    train.replan_budget(Config(time_budget=1.0), progress, saved_budget=0.0)
+    assert progress.planned_epochs == 4
 
 
 def test_time_budget_stops_when_epochs_slow_down(
@@ -482,6 +486,30 @@ def test_collapse_patience_0_turns_the_collapse_warning_off(caplog: pytest.LogCa
                 train.judge(cfg, scripted_row(epoch, 0.5, cm), progress, job)
         found = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
         assert [int(m.split(":")[0].removeprefix("epoch ")) for m in found] == warned
+
+
+def test_the_collapse_warning_judges_the_tuned_threshold_not_the_argmax(caplog: pytest.LogCaptureFixture) -> None:
+    # The argmax calls every val pixel farmland (probabilities 0.5-0.6 for background, 0.7-0.9 for farmland),
+    # but the tuned cut, which best.pth and predict.py use, separates them: no collapse.
+    all_farmland = np.array([[0, 700], [0, 300]])
+    separated = np.zeros((2, 200), np.int64)
+    separated[0, 100:120], separated[1, 150:180] = 35, 10
+    cut, tuned = best_threshold(separated)
+    assert 0.6 <= cut <= 0.7 and tuned == 1.0
+    everywhere = np.zeros((2, 200), np.int64)  # the tuned cut calls every pixel farmland: a collapse still
+    everywhere[0, 150:170], everywhere[1, 150:170] = 35, 15
+    for histogram, warned in ((separated, []), (everywhere, [3])):
+        caplog.clear()
+        cfg, progress, job = Config(collapse_patience=3), train.Progress(), Distributed()
+        with caplog.at_level(logging.WARNING, logger="train"):
+            for epoch in (1, 2, 3):
+                row = scripted_row(epoch, 0.5, all_farmland)
+                row["val_threshold"], row["val_tuned_farmland_iou"] = best_threshold(histogram)
+                row["histogram"] = histogram
+                train.judge(cfg, row, progress, job)
+        found = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+        assert [int(m.split(":")[0].removeprefix("epoch ")) for m in found] == warned
+        assert all("farmland everywhere" in m for m in found)
 
 
 def test_bad_ema_and_time_budget_are_refused(shared_square_data: Path, run_copy: Path) -> None:
