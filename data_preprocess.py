@@ -825,6 +825,27 @@ def read_pair_list(path: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def check_split_in_data_dir(pairs: Sequence[tuple[Path, Path]], list_path: Path, data_dir: str) -> None:
+    """Refuse a ``--data_dir`` given to a script that reads a split list naming files outside that folder: such
+    a script reads the files the list names, so the folder given would be silently ignored (a corrected copy of
+    the labels scored as if it were the originals).
+
+    A pair with either file inside data_dir counts as its own (a ``label_subdir`` may lie beside the folder).
+
+    Raises:
+        ValueError: a pair of the list lies outside data_dir; the message names one and the fix.
+    """
+    root = Path(data_dir).resolve()
+    outside = [pair for pair in pairs if not any(Path(path).resolve().is_relative_to(root) for path in pair)]
+    if outside:
+        raise ValueError(
+            f"--data_dir={data_dir}: {list_path} names files outside it ({len(outside)} of its {len(pairs)} pairs, "
+            f"for example {outside[0][0]}), and the files a list names are the ones read; to use those in "
+            f"{data_dir}, split them into a new run (python split_dataset.py --data_dir={data_dir} --run_dir=NEW_RUN) "
+            f"or write their paths into {list_path}; leave --data_dir out to use the files the list names"
+        )
+
+
 def random_d4(
     image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -206,8 +206,12 @@ def evaluate_pairs(
     return rows, pooled, errors
 
 
-def summarise(rows: list[dict], pooled: np.ndarray) -> dict:
-    """The metrics.json content: per-image means (classes absent in an image skipped) and pooled figures."""
+def summarise(rows: list[dict], pooled: np.ndarray, split: Sequence[str] | None = None) -> dict:
+    """The metrics.json content: per-image means (classes absent in an image skipped) and pooled figures.
+
+    ``split``: the names of every image of the split scored; with it, ``n_test_images`` counts them and
+    ``not_scored`` names those without a row, so the figures do not pass for the whole split's.
+    """
     per_image = {}
     for key in ("farmland_iou", "background_iou", "boundary_iou"):
         values = np.array([r.get(key, math.nan) for r in rows], dtype=np.float64)
@@ -220,8 +224,13 @@ def summarise(rows: list[dict], pooled: np.ndarray) -> dict:
     pooled_scores["boundary_iou"] = ratio(
         sum(r.get("boundary_intersection", 0) for r in rows), sum(r.get("boundary_union", 0) for r in rows)
     )
+    scored = {r["name"] for r in rows}
+    coverage = {}
+    if split is not None:
+        coverage = {"n_test_images": len(split), "not_scored": [n for n in split if n not in scored]}
     return {
         "n_images": len(rows),
+        **coverage,
         "per_image": per_image,
         "pooled": {k: nan_to_none(v) for k, v in pooled_scores.items()},
         "pooled_confusion": {

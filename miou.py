@@ -18,7 +18,8 @@ Only masks of one model and one set of settings are scored together: each mask p
 model file and the settings it was made with; masks made otherwise than the newest test mask (left by a run
 stopped part-way with a new threshold, say), masks whose model file has changed since (trained again?), and,
 where ``checkpoint`` (or ``onnx_model``) names a model, masks made with another, are named and left unscored,
-and the exit status is 1. metrics.json says which model and threshold made the masks it scores.
+and the exit status is 1. metrics.json says which model and threshold made the masks it scores, and which test
+images it left out (not_scored).
 
 Inputs: the test split (run_dir/splits/test.txt) and run_dir/predictions/<stem>_seg.png.
 Outputs: run_dir/metrics.json, run_dir/per_image_metrics.csv, and run_dir/figures/: iou_per_image.png,
@@ -43,7 +44,16 @@ import numpy as np
 import cli
 import files
 from config import Config
-from data_preprocess import EMPTY_TEST_SPLIT, IGNORE, load_mask, parse_bands, read_image, read_pair_list, shown_channels
+from data_preprocess import (
+    EMPTY_TEST_SPLIT,
+    IGNORE,
+    check_split_in_data_dir,
+    load_mask,
+    parse_bands,
+    read_image,
+    read_pair_list,
+    shown_channels,
+)
 from figures import photo_to_show, pyplot, save_figure
 from files import DataError, file_stamp, prediction_path, shown_path, shown_stamp
 from metrics import evaluate_pairs, summarise
@@ -95,21 +105,28 @@ def gallery(
     title: str,
 ) -> None:
     """Save a photo | label | prediction grid of the given rows as one PNG, the photo's bands at ``shown``
-    (shown_channels) as colour."""
+    (shown_channels) as colour. A test image that cannot be read (not copied with the labels and masks) is
+    warned of and its photo left blank: the scores need only the label and the prediction."""
     plt = pyplot()
 
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
     bands = parse_bands(cfg.bands)
     for ax_row, row in zip(axes, rows):
         image_path, label_path, pred_path = lookup[row["name"]]
-        ax_row[0].imshow(photo_to_show(read_image(image_path), image_path, bands, shown), cmap="gray")
         label = label_to_show(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index))
+        photo_title = "photo"
+        try:
+            photo = photo_to_show(read_image(image_path), image_path, bands, shown)
+        except DataError as err:
+            LOG.warning("%s; %s shows no photo of it (its scores need only its label and prediction)", err, path)
+            photo, photo_title = np.zeros(label.shape, np.float32), "photo (unreadable)"
+        ax_row[0].imshow(photo, cmap="gray")
         ax_row[1].imshow(label, cmap="gray", vmin=0, vmax=1)
         ax_row[2].imshow(load_mask(pred_path), cmap="gray", vmin=0, vmax=1)
         # A long tile name (a Gaofen-2 scene's, some 60 characters) in one line would run over the rows beside.
         name = "\n".join(textwrap.wrap(row["name"], GALLERY_NAME_CHARS, break_on_hyphens=False))
         ax_row[0].set_ylabel(f"{name}\nIoU {row['farmland_iou']:.3f}", fontsize=8)
-        titles = ("photo", "label" if cfg.ignore_index < 0 else "label (grey: unlabelled)", "prediction")
+        titles = (photo_title, "label" if cfg.ignore_index < 0 else "label (grey: unlabelled)", "prediction")
         for ax, label in zip(ax_row, titles):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -435,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = read_pair_list(run_dir / "splits" / "test.txt")
     if not pairs:
         raise DataError(f"{run_dir / 'splits' / 'test.txt'}: {EMPTY_TEST_SPLIT}")
+    if "data_dir" in given:
+        check_split_in_data_dir(pairs, run_dir / "splits" / "test.txt", cfg.data_dir)
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
     left_out, made = left_out_masks(cfg, lookup)
     skipped = set(left_out)
@@ -449,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         LOG.error("no test image could be scored (%d problem(s) above)", len(errors))
         return 1
-    summary = summarise(rows, pooled) | {"made_with": scored_made_with(rows, made)}
+    summary = summarise(rows, pooled, list(lookup)) | {"made_with": scored_made_with(rows, made)}
     warn_other_cut(cfg.threshold, summary["made_with"])
     files.atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     write_csv(rows, run_dir / "per_image_metrics.csv")
@@ -465,9 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.unlink(missing_ok=True)
     pooled_s, per_image = summary["pooled"], summary["per_image"]
     LOG.info(
-        "%d test image(s) | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "
+        "%d of %d test image(s) | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "
         "boundary IoU %s",
         len(rows),
+        len(lookup),
         *(
             fmt(pooled_s[k])
             for k in ("farmland_iou", "background_iou", "miou", "f1", "accuracy", "kappa", "boundary_iou")
@@ -482,7 +502,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     LOG.info("wrote %s, %s and figures in %s", run_dir / "metrics.json", run_dir / "per_image_metrics.csv", figures)
     if errors:
-        LOG.error("%d test image(s) could not be scored; see the messages above", len(errors))
+        LOG.error(
+            "%d test image(s) could not be scored (see the messages above; metrics.json names them in not_scored): "
+            "the figures are of the other %d alone",
+            len(errors),
+            len(rows),
+        )
         return 1
     return 0
 

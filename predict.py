@@ -26,14 +26,21 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
 import cli
 import scene
 from config import Config
-from data_preprocess import EMPTY_TEST_SPLIT, image_entries, parse_bands, read_pair_list, rgb_bands_for
+from data_preprocess import (
+    EMPTY_TEST_SPLIT,
+    check_split_in_data_dir,
+    image_entries,
+    parse_bands,
+    read_pair_list,
+    rgb_bands_for,
+)
 from exported_model import OnnxSegmenter, load_segmenter, stale_export
 from files import DataError, file_stamp, name_problem, prediction_path, read_record, remembered_digests, shown_path
 from inference import inference_model, warn_network_keys, with_threshold
@@ -53,18 +60,22 @@ from tile_prediction import LOADED_STAMP, is_complete, predict_tiles, sieve_pixe
 LOG = logging.getLogger("predict")
 
 
-def list_inputs(cfg: Config) -> list[Path]:
-    """The images to predict: ``predict_input`` (a file or a folder), or the test split's images.
+def list_inputs(cfg: Config, given: Collection[str] = ()) -> list[Path]:
+    """The images to predict: ``predict_input`` (a file or a folder), or the test split's images (``given``: the
+    keys on the command line; a ``data_dir`` given must hold them).
 
     Raises:
         DataError: the input does not exist or holds no images.
+        ValueError: a data_dir given does not hold the test split's files.
     """
     if not cfg.predict_input:
         test_list = Path(cfg.run_dir) / "splits" / "test.txt"
-        images = [image for image, _ in read_pair_list(test_list)]
-        if not images:
+        pairs = read_pair_list(test_list)
+        if not pairs:
             raise DataError(f"{test_list}: {EMPTY_TEST_SPLIT}, or predict a folder with --predict_input")
-        return images
+        if "data_dir" in given:
+            check_split_in_data_dir(pairs, test_list, cfg.data_dir)
+        return [image for image, _ in pairs]
     source = Path(cfg.predict_input)
     if source.is_file():
         return [source]
@@ -389,7 +400,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     resolve_bands(cfg, state["config"])
     # Scene keys checked (and rgb_bands against the bands) before the outputs' record is touched.
     settings = scene.SceneSettings.from_config(cfg, *input_padding(state["config"]), state["config"]["in_channels"])
-    jobs, refused = plan_jobs(cfg, list_inputs(cfg), settings, job.main)
+    jobs, refused = plan_jobs(cfg, list_inputs(cfg, given), settings, job.main)
     check_fixed_side(jobs, segmenter, settings)  # before the outputs' record is touched: a refusal redoes nothing
     since = outputs_since(cfg, checkpoint, job, state[LOADED_STAMP])
     if job.main:

@@ -312,3 +312,70 @@ def test_a_prediction_of_another_size_or_values_is_met_with_predicting_again(tmp
     assert "a_seg.png: prediction is 4x6 pixels, but its label" in errors[0] and "a_mask.png is 6x4" in errors[0]
     assert "b_seg.png: holds values {7}; expected a mask as predict.py writes them" in errors[1]
     assert all("predict the test split again" in e for e in errors) and "ignore_index" not in errors[1]
+
+
+def test_metrics_json_names_the_test_images_left_unscored(tmp_path: Path) -> None:
+    import json
+
+    # Three test tiles; b's prediction is missing and c's is of another size: only a is scored.
+    run = tmp_path / "run"
+    (run / "splits").mkdir(parents=True)
+    lines = []
+    for name, prediction in (("a", np.full((8, 8), 255, np.uint8)), ("b", None), ("c", np.zeros((4, 4), np.uint8))):
+        write_image(tmp_path / f"{name}.png", np.full((8, 8, 3), 90, np.uint8))
+        write_image(tmp_path / f"{name}_mask.png", np.full((8, 8), 255, np.uint8))
+        if prediction is not None:
+            write_image(run / "predictions" / f"{name}_seg.png", prediction)
+        lines.append(f"{tmp_path / f'{name}.png'}\t{tmp_path / f'{name}_mask.png'}\n")
+    (run / "splits" / "test.txt").write_text("".join(lines), "utf-8")
+    assert miou.main([f"--run_dir={run}"]) == 1
+    close_log_files()
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    # The perfect score is of one tile of three, and the report says so, not only the log.
+    assert metrics["pooled"]["farmland_iou"] == 1.0 and metrics["n_images"] == 1
+    assert metrics["n_test_images"] == 3 and metrics["not_scored"] == ["b", "c"]
+
+
+def test_test_images_not_copied_with_the_masks_are_scored_and_shown_without_a_photo(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    # Labels and predictions copied without the imagery: the scores need neither image, nor may the gallery stop.
+    run = tmp_path / "run"
+    (run / "splits").mkdir(parents=True)
+    write_image(tmp_path / "a_mask.png", np.full((8, 8), 255, np.uint8))
+    write_image(run / "predictions" / "a_seg.png", np.full((8, 8), 255, np.uint8))
+    (run / "splits" / "test.txt").write_text(f"{tmp_path / 'a.png'}\t{tmp_path / 'a_mask.png'}\n", "utf-8")
+    assert miou.main([f"--run_dir={run}"]) == 0
+    close_log_files()
+    assert json.loads((run / "metrics.json").read_text(encoding="utf-8"))["pooled"]["farmland_iou"] == 1.0
+    assert (run / "figures" / "gallery_best.png").is_file()
+    assert f"{tmp_path / 'a.png'}: cannot be read" in caplog.text and "shows no photo of it" in caplog.text
+
+
+def test_a_data_dir_that_does_not_hold_the_test_split_is_refused_not_ignored(tmp_path: Path) -> None:
+    import json
+
+    import cli
+    import predict
+
+    # The split names data/; a corrected copy of the labels given as --data_dir was silently not read.
+    data, corrected, run = tmp_path / "data", tmp_path / "corrected", tmp_path / "run"
+    for folder, value in ((data, 255), (corrected, 0)):
+        write_image(folder / "images" / "a.png", np.full((8, 8, 3), 90, np.uint8))
+        write_image(folder / "labels" / "a_mask.png", np.full((8, 8), value, np.uint8))
+    write_image(run / "predictions" / "a_seg.png", np.full((8, 8), 255, np.uint8))
+    (run / "splits").mkdir(parents=True)
+    test_list = run / "splits" / "test.txt"
+    test_list.write_text(f"{data / 'images' / 'a.png'}\t{data / 'labels' / 'a_mask.png'}\n", "utf-8")
+    refused = rf"--data_dir={corrected}: {test_list} names files outside it"
+    with pytest.raises(ValueError, match=refused):
+        miou.main([f"--data_dir={corrected}", f"--run_dir={run}"])
+    close_log_files()
+    with pytest.raises(ValueError, match=refused):  # predict.py's test split, as miou.py's
+        predict.list_inputs(*cli.parse_command([f"--data_dir={corrected}", f"--run_dir={run}"]))
+    assert predict.list_inputs(*cli.parse_command([f"--run_dir={run}"])) == [data / "images" / "a.png"]
+    assert miou.main([f"--data_dir={data}", f"--run_dir={run}"]) == 0  # the folder the split was made from
+    close_log_files()
+    assert json.loads((run / "metrics.json").read_text(encoding="utf-8"))["pooled"]["farmland_iou"] == 1.0
