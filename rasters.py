@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import rasterio
+import rasterio.warp
 from rasterio.crs import CRS
 from rasterio.errors import CRSError, NotGeoreferencedWarning
 from rasterio.transform import Affine
@@ -132,28 +133,59 @@ def pixel_area_m2(crs: CRS | None, transform: Affine) -> float | None:
 
 def pixel_size_m(crs: CRS | None, transform: Affine) -> float | None:
     """Metres per pixel (the side of a square of the pixel's area) in a projected CRS's map units; None
-    otherwise. Mercator's too: tiles and scenes of one area share its stretch, so their sizes compare."""
+    otherwise."""
     area = map_pixel_area(crs, transform)
     return math.sqrt(area) if area else None
 
 
-def ground_pixel_size_estimate(crs: CRS | None, transform: Affine, width: int, height: int) -> float | None:
-    """About how many metres on the ground a pixel of a grid in a geographic CRS (degrees) spans at the grid's
-    centre (the side of a square of its area, on the WGS 84 ellipsoid); None for any other grid."""
-    if crs is None or not crs.is_geographic:
+def ground_pixel_size(crs: CRS | None, transform: Affine, width: int, height: int) -> float | None:
+    """Metres on the ground per pixel (the side of a square of its area) of a grid in a projected CRS, which
+    resampling compares between tiles and scenes: its map metres where they are ground metres, else (Mercator,
+    whose metres stretch with latitude: 1 m of Web Mercator spans 0.77 m at 40 degrees) estimated at the grid's
+    centre (ground_pixel_size_estimate); None in degrees or without a CRS."""
+    if crs is None or not crs.is_projected:
         return None
-    try:
-        degrees_per_unit = math.degrees(crs.units_factor[1])
-    except (CRSError, TypeError, IndexError):  # a unit PROJ does not name: degrees, as nearly all are
-        degrees_per_unit = 1.0
-    lat = math.radians((transform @ (width / 2, height / 2))[1] * degrees_per_unit)
-    if not -math.pi / 2 <= lat <= math.pi / 2:
-        return None
-    # Metres per degree of latitude and of longitude at that latitude (series for WGS 84).
+    if area_problem(crs):
+        return ground_pixel_size_estimate(crs, transform, width, height)
+    return pixel_size_m(crs, transform)
+
+
+def metres_per_degree(lat: float) -> tuple[float, float]:
+    """Metres per degree of latitude and of longitude at latitude ``lat`` (radians), on WGS 84 (series)."""
     per_lat = 111132.92 - 559.82 * math.cos(2 * lat) + 1.175 * math.cos(4 * lat)
     per_lon = 111412.84 * math.cos(lat) - 93.5 * math.cos(3 * lat)
-    degrees_area = abs(transform.a * transform.e - transform.b * transform.d) * degrees_per_unit**2
-    return math.sqrt(degrees_area * per_lat * per_lon) or None
+    return per_lat, per_lon
+
+
+def ground_pixel_size_estimate(crs: CRS | None, transform: Affine, width: int, height: int) -> float | None:
+    """About how many metres on the ground a pixel spans at the grid's centre (the side of a square of its area,
+    on the WGS 84 ellipsoid), for a grid in a geographic CRS (degrees) or in a projection whose metres stretch
+    with latitude (area_problem); None for any other grid, or where its centre cannot be placed on the globe."""
+    if crs is None or not area_problem(crs):
+        return None
+    if crs.is_geographic:
+        try:
+            degrees_per_unit = math.degrees(crs.units_factor[1])
+        except (CRSError, TypeError, IndexError):  # a unit PROJ does not name: degrees, as nearly all are
+            degrees_per_unit = 1.0
+        lat = math.radians((transform @ (width / 2, height / 2))[1] * degrees_per_unit)
+        if not -math.pi / 2 <= lat <= math.pi / 2:
+            return None
+        per_lat, per_lon = metres_per_degree(lat)
+        degrees_area = abs(transform.a * transform.e - transform.b * transform.d) * degrees_per_unit**2
+        return math.sqrt(degrees_area * per_lat * per_lon) or None
+    # A projection: the centre pixel's corner and its neighbours across and down, in degrees, then in metres.
+    corners = [transform @ (width / 2 + dx, height / 2 + dy) for dx, dy in ((0, 0), (1, 0), (0, 1))]
+    try:
+        lons, lats = rasterio.warp.transform(crs, "EPSG:4326", *zip(*corners))
+    except (CRSError, rasterio.errors.RasterioError, ValueError):
+        return None
+    if not all(map(math.isfinite, [*lons, *lats])) or not -90 < lats[0] < 90:
+        return None
+    per_lat, per_lon = metres_per_degree(math.radians(lats[0]))
+    east = [(lon - lons[0]) * per_lon for lon in lons[1:]]
+    north = [(lat - lats[0]) * per_lat for lat in lats[1:]]
+    return math.sqrt(abs(east[0] * north[1] - east[1] * north[0])) or None
 
 
 def metric_epsg(crs: CRS, transform: Affine, width: int, height: int) -> int:

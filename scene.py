@@ -72,12 +72,12 @@ from rasters import (
     area_problem,
     clipped_reflectance,
     gcp_only,
+    ground_pixel_size,
     ground_pixel_size_estimate,
     metric_epsg,
     nodata_pixels,
     open_raster,
     pixel_area_m2,
-    pixel_size_m,
     rpc_only,
     write_palette_style,
 )
@@ -862,8 +862,8 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path, shown: Sequence[int
 
 
 def scene_pixel_size(scene: Scene) -> float | None:
-    """Metres per pixel (the side of a square of the pixel's area) with a projected CRS; else None."""
-    return pixel_size_m(scene.crs, scene.transform)
+    """Metres on the ground per pixel with a projected CRS (rasters.ground_pixel_size); else None."""
+    return ground_pixel_size(scene.crs, scene.transform, scene.width, scene.height)
 
 
 def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float | None:

@@ -28,7 +28,7 @@ from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
 from files import DataError, atomic_write_csv, shown_path
 from metrics import confusion_counts
-from rasters import TILE_TABLE, open_raster, pixel_size_m, read_tile_table
+from rasters import TILE_TABLE, ground_pixel_size, open_raster, read_tile_table
 from runtime import all_reduce_sum, load_checkpoint
 
 LOG = logging.getLogger("train")
@@ -801,10 +801,11 @@ def mixed_sizes_message(
 
 
 def tile_pixel_size(image: Path, tables: dict[Path, dict[str, float | None]]) -> float | None:
-    """One tile's metres per pixel, from its georeference or its folder's tiles.csv (read once into ``tables``)."""
+    """One tile's metres per pixel on the ground (rasters.ground_pixel_size), from its georeference or its folder's
+    tiles.csv (read once into ``tables``)."""
     try:
         with open_raster(image) as src:
-            size = pixel_size_m(src.crs, src.transform)
+            size = ground_pixel_size(src.crs, src.transform, src.width, src.height)
     except DataError:
         size = None
     if size:
@@ -828,6 +829,7 @@ def row_pixel_size(row: dict[str, str]) -> float | None:
     try:
         crs = rasterio.crs.CRS.from_user_input(row["crs"])
         transform = rasterio.Affine(*(float(row[k]) for k in "abcdef"))
+        width, height = int(row.get("width") or 1), int(row.get("height") or 1)  # for Mercator's latitude alone
     except (KeyError, TypeError, ValueError, rasterio.errors.CRSError):
         return None
-    return pixel_size_m(crs, transform)
+    return ground_pixel_size(crs, transform, width, height)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.warp
 import torch
 from rasterio.transform import Affine
 from test_scene import CRS, TRANSFORM, run_predict, scene_pixels, spread_state, write_geotiff
@@ -177,3 +178,36 @@ def test_a_scene_in_degrees_of_another_ground_size_is_predicted_with_the_reproje
     # No reprojection to the model's pixel size; the hectares warning still gives one in metres, without -tr.
     assert "expect poorer masks" not in caplog.text and " -tr " not in caplog.text
     assert f"gdalwarp -t_srs EPSG:32650 -r bilinear {source}" in caplog.text
+
+
+def test_a_web_mercator_scene_is_resampled_by_its_size_on_the_ground(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A download in Web Mercator at 40 N, 1 m map pixels (0.766 m on the ground), predicted with a model of
+    # 0.8 m Gauss-Kruger tiles: it was resampled by its map metres, 1.25 times, showing the network fields 30 %
+    # larger than it was trained on; by the ground, 0.96 times.
+    x, y = rasterio.warp.transform("EPSG:4326", "EPSG:3857", [116.0], [40.0])
+    mercator = Affine(1.0, 0, x[0], 0, -1.0, y[0])
+    source = write_geotiff(tmp_path / "in" / "web.tif", scene_pixels(), crs="EPSG:3857", transform=mercator)
+    with caplog.at_level(logging.INFO, logger="scene"):
+        predicted_mask(tmp_path / "run", source, checkpoint_at(state, tmp_path, 0.8))
+    assert f"{source}: 0.766 m pixels, the model's 0.8 m: predicted at the model's size" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scene"):
+        predicted_mask(tmp_path / "same", source, checkpoint_at(state, tmp_path, 0.77))  # within 2 %: as it is
+    assert "predicted at the model's size" not in caplog.text
+    # Tiles cut from such a download tell the same size on the ground, from their georeference or tiles.csv.
+    tile = write_geotiff(
+        tmp_path / "images" / "t.tif", scene_pixels()[:, :32, :32], crs="EPSG:3857", transform=mercator
+    )
+    assert tiles_pixel_size([(tile, tile)]) == pytest.approx(0.7656, rel=1e-3)
+    png = tmp_path / "data" / "images" / "w_r0c0.png"
+    png.parent.mkdir(parents=True)
+    png.write_bytes(b"")
+    with open(tmp_path / "data" / "tiles.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["tile", "crs", "width", "height", *"abcdef"])
+        writer.writeheader()
+        writer.writerow(
+            {"tile": "w_r0c0", "crs": "EPSG:3857", "width": 32, "height": 32, **dict(zip("abcdef", mercator))}
+        )
+    assert tiles_pixel_size([(png, png)]) == pytest.approx(0.7656, rel=1e-3)

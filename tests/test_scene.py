@@ -16,6 +16,7 @@ import numpy as np
 import pyogrio
 import pytest
 import rasterio
+import rasterio.warp
 import shapely
 import torch
 from conftest import folder_digest, spread_probabilities_, write_rpc_tiff
@@ -664,9 +665,31 @@ def test_windows_must_follow_the_pooling_grid() -> None:
 def test_pixel_area_in_ground_metres_or_none(crs: str, area: float | None) -> None:
     found = scene.pixel_area_m2(rasterio.crs.CRS.from_string(crs), Affine(2.0, 0, 0, 0, -2.0, 0))
     assert found == area if area is None else math.isclose(found, area, rel_tol=1e-6)
-    # The pixel size in map units, which resampling compares with the training tiles', stays for Mercator.
-    size = scene.pixel_size_m(rasterio.crs.CRS.from_string(crs), Affine(2.0, 0, 0, 0, -2.0, 0))
+    # The pixel size in map units stays for Mercator; the size on the ground is another matter (below).
+    size = rasters.pixel_size_m(rasterio.crs.CRS.from_string(crs), Affine(2.0, 0, 0, 0, -2.0, 0))
     assert size is None if crs == "EPSG:4490" else math.isclose(size, math.sqrt(area or 4.0), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "crs, ground",
+    [
+        ("EPSG:4549", 1.0),  # CGCS2000 Gauss-Kruger: its metres are the ground's
+        # Web Mercator at 40 N: a map metre spans cos(40) = 0.766 m, a little less north-south on the ellipsoid
+        # (0.7622) and a little more east-west (0.7671); the side of a square of that area is 0.7656 m.
+        ("EPSG:3857", 0.7656),
+        ("EPSG:3395", math.cos(math.radians(40)) / math.sqrt(1 - 0.00669438 * math.sin(math.radians(40)) ** 2)),
+        ("EPSG:4490", None),  # degrees: a scene in them is predicted on its own pixels
+    ],
+)
+def test_pixel_size_on_the_ground_of_a_grid_in_mercator_is_its_map_size_shrunk_by_latitude(
+    crs: str, ground: float | None
+) -> None:
+    # A model trained on ground-metre tiles (a Gauss-Kruger survey) and a Web Mercator download of the same
+    # place: their map metres compare at 1.25 where the ground says 1 / 0.766 (fields 30 % larger than trained).
+    x, y = rasterio.warp.transform("EPSG:4326", crs, [116.0], [40.0]) if crs != "EPSG:4549" else ([5e5], [4.4e6])
+    transform = Affine(1.0, 0, x[0] - 500, 0, -1.0, y[0] + 500)
+    size = rasters.ground_pixel_size(rasterio.crs.CRS.from_string(crs), transform, 1000, 1000)
+    assert size is None if ground is None else math.isclose(size, ground, rel_tol=2e-4)
 
 
 def test_a_level_1_scene_placed_by_rpcs_is_a_scene_with_the_orthorectification_fix(
