@@ -41,7 +41,7 @@ import scene
 from config import Config
 from data_preprocess import entry_problem, image_entries, rgb_bands_for
 from files import DataError
-from inference import decision_threshold, inference_model, warn_network_keys, with_threshold
+from inference import checkpoint_file, decision_threshold, inference_model, warn_network_keys, with_threshold
 from net_structure import input_padding
 from runtime import keep_freed_memory, load_checkpoint, resolve_amp, select_device
 
@@ -220,8 +220,7 @@ def date_is_done(outputs: dict[str, Path], settings: scene.SceneSettings, image:
 
 def band_count(path: Path) -> int:
     """The bands in an image file (DataError when it cannot be read)."""
-    opened = scene.RasterScene(path) if path.suffix.lower() in scene.RASTER_SUFFIXES else scene.ImageScene(path)
-    with opened:
+    with scene.scene_reader(path) as opened:
         return opened.count
 
 
@@ -463,7 +462,7 @@ def make_job(cfg: Config, given: Collection[str] = ()) -> ChangeJob:
     if cfg.backend != "torch":
         raise ValueError(f"--backend={cfg.backend}: change.py predicts with the checkpoint in PyTorch; drop --backend")
     device = select_device(cfg.device)
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.run_dir) / "checkpoints" / "best.pth"
+    checkpoint = checkpoint_file(cfg)
     state = with_threshold(load_checkpoint(checkpoint, device), cfg.threshold)  # the user's cut, if given
     warn_network_keys(cfg, given, state["config"], checkpoint)
     if not cfg.bands:

@@ -56,9 +56,9 @@ import figures
 import files
 import polygons
 import scene
-from data_preprocess import image_to_float, picked_for_colour
+from data_preprocess import picked_for_colour
 from files import DataError
-from rasters import clipped_reflectance, nodata_pixels, write_palette_style
+from rasters import write_palette_style
 
 STABLE_BACKGROUND, STABLE_FARMLAND, LOST, GAINED = 0, 1, 2, 3
 NODATA = scene.NODATA  # 255, as in the probability GeoTIFFs
@@ -716,12 +716,7 @@ def photo_preview(
         small_grid["transform"] = grid["transform"] @ Affine.scale(grid["width"] / shape[1], grid["height"] / shape[0])
         with rasterio.open(image.path) as src, WarpedVRT(src, resampling=Resampling.average, **small_grid) as vrt:
             small = vrt.read(list(image.bands)).transpose(1, 2, 0)
-    small = small.astype(image.dtype)
-    empty = nodata_pixels(small, image.nodata, axis=2)
-    # Reflectance a little outside [0, 1] (a bright cloud) is clipped, as the dates' prediction clipped it.
-    photo = image_to_float(clipped_reflectance(small, empty)[0], len(image.bands), image.path)
-    if image.dtype != np.uint8:  # 10- or 12-bit values of a 16-bit scene would be black
-        photo = figures.stretched(photo, 0, ~empty)
+    photo = scene.preview_photo(image, small)
     picked = photo[picked_for_colour(photo.shape[0], shown)]
     return np.clip(np.broadcast_to(picked.transpose(1, 2, 0), (*shape, 3)), 0, 1)
 

@@ -96,6 +96,16 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "") -> Conf
     return parse_command(argv, description)[0]
 
 
+# Whole-number keys with no meaning below 0, which their users would otherwise take as 0 or fail on with another
+# library's message: what each expects.
+COUNTS = {
+    # numpy's generators (the split, augment.py) take no negative seed and say so without naming it.
+    "seed": "a seed of 0 or more; use --seed=42 as the reference",
+    "num_workers": "0 or more loader worker processes (0 loads in the main process)",
+    "predict_batch_size": "0 or more tiles per forward pass (0 chooses from the free memory)",
+}
+
+
 def parse_command(argv: Sequence[str] | None = None, description: str = "") -> tuple[Config, frozenset[str]]:
     """Build the config from the defaults, the recipe and ``--key=value`` overrides; return it with the keys
     given on the command line (train.py's resume takes every other key from the checkpoint).
@@ -119,9 +129,8 @@ def parse_command(argv: Sequence[str] | None = None, description: str = "") -> t
         if key not in valid:
             raise ValueError(f"unknown config key {key!r}; valid keys are: {', '.join(valid)}")
         setattr(cfg, key, convert_value(key, text, getattr(Config, key)))
-        if key == "seed" and cfg.seed < 0:
-            # numpy's generators (the split, augment.py) take no negative seed and say so without naming it.
-            raise ValueError(f"--seed={cfg.seed}: expected a seed of 0 or more; use --seed=42 as the reference")
+        if key in COUNTS and getattr(cfg, key) < 0:
+            raise ValueError(f"--{key}={getattr(cfg, key)}: expected {COUNTS[key]}")
         given.add(key)
     return apply_recipe(cfg, given), frozenset(given)
 

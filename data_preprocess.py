@@ -36,6 +36,7 @@ from torch.utils.data import Dataset, Sampler
 
 from cli import FALSE_WORDS, TRUE_WORDS
 from files import DataError, atomic_write_bytes, atomic_write_text, shell_quoted
+from png_text import SIGNATURE as PNG_SIGNATURE
 from png_text import with_text
 from runtime import available_memory
 
@@ -450,7 +451,6 @@ CLASS_NUMBER_TOP = 15  # the most a mask of class numbers (0, 1 = farmland, 2 = 
 
 
 COLOURS_SHOWN = 4  # colours of a colour mask named in its refusal, the most frequent first
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_PALETTE = 3  # the IHDR colour type of a palette PNG (byte 25 of the file)
 
 

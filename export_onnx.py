@@ -48,8 +48,9 @@ import scene
 from config import Config
 from data_preprocess import read_pair_list
 from files import DataError, atomic_write_text, check_writable
-from inference import decision_threshold, model_from_checkpoint, warn_network_keys, with_threshold
+from inference import checkpoint_file, decision_threshold, model_from_checkpoint, warn_network_keys, with_threshold
 from net_structure import encoder_of, input_padding
+from rasters import SAME_PIXEL_SIZE
 from runtime import load_checkpoint
 from training import tiles_pixel_size
 
@@ -89,7 +90,7 @@ def resolution_cm(cfg: Config, state: dict[str, Any]) -> float | None:
     """The training data's pixel size in cm for Deepness: ``pixel_size_m`` given here, else the checkpoint's,
     else the run's training tiles' georeference; None when none tells."""
     trained = float(state["config"].get("pixel_size_m") or 0.0)
-    if cfg.pixel_size_m and trained and abs(cfg.pixel_size_m / trained - 1) > 0.02:
+    if cfg.pixel_size_m and trained and abs(cfg.pixel_size_m / trained - 1) > SAME_PIXEL_SIZE:
         LOG.warning(
             "--pixel_size_m=%g differs from the %g m pixels the checkpoint was trained on: Deepness will resample "
             "layers to %g cm per pixel, predict.py to %g m; leave --pixel_size_m out unless the checkpoint's is wrong",
@@ -285,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(cfg, "export_onnx")
     cli.save_config(cfg, "export_onnx")
     run_dir = Path(cfg.run_dir)
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
+    checkpoint = checkpoint_file(cfg)
     state = with_threshold(load_checkpoint(checkpoint), cfg.threshold)  # the cut the model carries
     warn_network_keys(cfg, given, state["config"], checkpoint)
     config = state["config"]

@@ -8,6 +8,7 @@ checkpoint's tuned threshold or the argmax. Used by predict.py for tiles and by 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Collection, Sequence
 
 import numpy as np
@@ -49,6 +50,12 @@ def warn_network_keys(
             model_file,
             ", ".join(f"{key}={saved.get(key, getattr(defaults, key))}" for key in ignored),
         )
+
+
+def checkpoint_file(cfg: Config) -> Path:
+    """The checkpoint a command predicts or exports with: ``checkpoint`` where given, else the run's best weights
+    (run_dir/checkpoints/best.pth)."""
+    return Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.run_dir) / "checkpoints" / "best.pth"
 
 
 def model_from_checkpoint(state: dict[str, Any], device: torch.device, channels_last: bool = True) -> nn.Module:

@@ -43,7 +43,7 @@ from data_preprocess import (
 )
 from exported_model import OnnxSegmenter, load_segmenter, stale_export
 from files import DataError, file_stamp, name_problem, prediction_path, read_record, remembered_digests, shown_path
-from inference import inference_model, warn_network_keys, with_threshold
+from inference import checkpoint_file, inference_model, warn_network_keys, with_threshold
 from net_structure import input_padding
 from output_record import Since, outputs_since
 from runtime import (
@@ -229,7 +229,7 @@ def open_network(cfg: Config, job: Distributed) -> tuple[Path, dict, OnnxSegment
     """
     run_dir = Path(cfg.run_dir)
     if cfg.backend == "torch":
-        checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "checkpoints" / "best.pth"
+        checkpoint = checkpoint_file(cfg)
         return checkpoint, load_pinned(checkpoint, lambda: load_checkpoint(checkpoint, job.device)), None, job.device
     if cfg.backend != "onnx":
         raise ValueError(f"--backend={cfg.backend!r}: expected torch or onnx")

@@ -131,6 +131,11 @@ def pixel_area_m2(crs: CRS | None, transform: Affine) -> float | None:
     return None if area_problem(crs) else map_pixel_area(crs, transform)
 
 
+# Pixel sizes within 2 % of each other are one size: training tiles are grouped by it, and a scene is resampled to
+# the model's pixel size (or --pixel_size_m called different from the checkpoint's) only beyond it.
+SAME_PIXEL_SIZE = 0.02
+
+
 def pixel_size_m(crs: CRS | None, transform: Affine) -> float | None:
     """Metres per pixel (the side of a square of the pixel's area) in a projected CRS's map units; None
     otherwise."""

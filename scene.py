@@ -66,9 +66,11 @@ from inference import (
     overlay_image,
     value_scale_ratio,
 )
+from png_text import SIGNATURE as PNG_SIGNATURE
 from rasters import (
     RASTER_SUFFIXES,
     REFLECTANCE_SLACK,
+    SAME_PIXEL_SIZE,
     area_problem,
     clipped_reflectance,
     gcp_only,
@@ -255,7 +257,7 @@ def image_size(path: Path) -> tuple[int, int] | None:
     try:
         with open(path, "rb") as handle:
             head = handle.read(32)
-            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR":
                 width, height = struct.unpack(">II", head[16:24])
                 return height, width
             if head[:2] != b"\xff\xd8":
@@ -416,6 +418,17 @@ class ResampledScene(Scene):
         self.vrt.close()
 
 
+def scene_reader(path: Path, warn: bool = True) -> Scene:
+    """A scene file opened by the reader its suffix calls for: GDAL, by windows, for RASTER_SUFFIXES; else the whole
+    image decoded (ImageScene). ``warn``: of a raster placed only by RPCs.
+
+    Raises:
+        DataError: the file cannot be read.
+    """
+    path = Path(path)
+    return RasterScene(path, warn) if path.suffix.lower() in RASTER_SUFFIXES else ImageScene(path)
+
+
 def open_scene(path: Path, bands: Sequence[int], in_channels: int, trained: str = "", warn: bool = True) -> Scene:
     """Open a scene, select its bands and check them against the network's, before any work starts; ``trained``:
     the checkpoint's ``bands`` key, offered as the fix where they fit the file; ``warn``: of a scene placed only
@@ -426,7 +439,7 @@ def open_scene(path: Path, bands: Sequence[int], in_channels: int, trained: str 
             selection) that the network cannot take.
     """
     path = Path(path)
-    scene: Scene = RasterScene(path, warn) if path.suffix.lower() in RASTER_SUFFIXES else ImageScene(path)
+    scene = scene_reader(path, warn)
     try:
         if any(b > scene.count for b in bands):
             raise DataError(
@@ -846,44 +859,46 @@ def write_overlay(scene: Scene, mask_path: Path, path: Path, shown: Sequence[int
     PREVIEW_SIDE pixels a side."""
     scale = min(1.0, PREVIEW_SIDE / max(scene.height, scene.width))
     height, width = max(1, round(scene.height * scale)), max(1, round(scene.width * scale))
-    preview = scene.read_preview(height, width).astype(scene.dtype)
-    empty = nodata_pixels(preview, scene.nodata, axis=2)
-    # A declared nodata value outside the pixel scale (-9999 in a float scene) is no colour: shown as black.
-    preview[empty] = 0
-    photo = image_to_float(clipped_reflectance(preview, empty)[0], len(scene.bands), scene.path)
-    if scene.dtype != np.uint8:
-        photo = stretched(photo, 0, ~empty)
+    photo = preview_photo(scene, scene.read_preview(height, width))
     with rasterio.open(mask_path) as src:
         mask = src.read(1, out_shape=(height, width), resampling=Resampling.nearest)
     write_image(path, overlay_image(photo, mask == FARMLAND, shown))
 
 
+def preview_photo(scene: Scene, block: np.ndarray) -> np.ndarray:
+    """A shrunk (H, W, C) block of the scene's bands as a float (C, H, W) photo in [0, 1] to show (overlays, the
+    change figure): nodata black, reflectance a little outside [0, 1] clipped as the prediction clips it, and the
+    bands of a scene that is not 8-bit stretched over the pixels with data, or 10- or 12-bit values of a 16-bit
+    scene would be black."""
+    block = block.astype(scene.dtype)  # a copy: the caller's block stays as read
+    empty = nodata_pixels(block, scene.nodata, axis=2)
+    # A declared nodata value outside the pixel scale (-9999 in a float scene) is no colour: shown as black.
+    block[empty] = 0
+    photo = image_to_float(clipped_reflectance(block, empty)[0], len(scene.bands), scene.path)
+    return stretched(photo, 0, ~empty) if scene.dtype != np.uint8 else photo
+
+
 # --- one scene, start to end -----------------------------------------------------------------------------
-
-
-def scene_pixel_size(scene: Scene) -> float | None:
-    """Metres on the ground per pixel with a projected CRS (rasters.ground_pixel_size); else None."""
-    return ground_pixel_size(scene.crs, scene.transform, scene.width, scene.height)
 
 
 def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float | None:
     """The scene's pixel size over the training tiles' (``pixel_size_m`` in the checkpoint) when the scene is
-    to be resampled to the model's pixel size; None when the sizes agree (within 2 %), either is unknown,
+    to be resampled to the model's pixel size; None when the sizes agree (within SAME_PIXEL_SIZE), either is unknown,
     or resampling is off or impossible, with a warning when they differ by more than a quarter."""
     trained, given = float(state["config"].get("pixel_size_m") or 0.0), settings.pixel_size_m
     if trained <= 0:
         trained = given  # a checkpoint of tiles without a pixel size (PNG): the size the user gives
-    elif given > 0 and abs(given / trained - 1) >= 0.02:
+    elif given > 0 and abs(given / trained - 1) >= SAME_PIXEL_SIZE:
         LOG.warning(
             "%s: --pixel_size_m=%g is left unused: the checkpoint records the training tiles' pixel size, %g m",
             scene.path,
             given,
             trained,
         )
-    size = scene_pixel_size(scene)
+    size = ground_pixel_size(scene.crs, scene.transform, scene.width, scene.height)
     if trained > 0 and size is None:
         warn_geographic_size(scene, trained)
-    if trained <= 0 or size is None or abs(size / trained - 1) < 0.02:
+    if trained <= 0 or size is None or abs(size / trained - 1) < SAME_PIXEL_SIZE:
         return None
     if settings.resample and isinstance(scene, RasterScene):
         LOG.info("%s: %.3g m pixels, the model's %.3g m: predicted at the model's size", scene.path, size, trained)

@@ -434,6 +434,9 @@ def resolve_keep_epoch(cfg: Config, job: Distributed) -> None:
         )
         if cfg.early_stop > 0:
             LOG.warning("--early_stop=%d has no effect when the last epoch is kept: every epoch runs", cfg.early_stop)
+    elif job.main:
+        counted = f"the val split holds {scenes} scenes" if scenes is not None else "no scene count (split by tile)"
+        LOG.info("keep_epoch=auto: %s, so best.pth keeps the epoch with the best val farmland IoU", counted)
 
 
 def resolve_downscale(cfg: Config, job: Distributed) -> None:
@@ -542,6 +545,12 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
     if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
         cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0
+        if cfg.pixel_size_m > 0 and job.main:
+            LOG.info(
+                "pixel_size_m=0: the training tiles have %.3g m pixels, kept in the checkpoint (scenes of another "
+                "pixel size are resampled to it)",
+                cfg.pixel_size_m,
+            )
     resolve_downscale(cfg, job)
     amp = prepare_device(cfg, job.device)
     train_set, val_set = build_datasets(cfg, train_pairs, val_pairs)

@@ -28,7 +28,7 @@ from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
 from files import DataError, atomic_write_csv, shown_path
 from metrics import confusion_counts
-from rasters import TILE_TABLE, ground_pixel_size, open_raster, read_tile_table
+from rasters import SAME_PIXEL_SIZE, TILE_TABLE, ground_pixel_size, open_raster, read_tile_table
 from runtime import all_reduce_sum, load_checkpoint
 
 LOG = logging.getLogger("train")
@@ -747,7 +747,6 @@ def refuse_changes(saved: Config, cfg: Config, path: Path) -> None:
 
 
 SIZE_SAMPLE = 500  # training tiles whose pixel size is read, spread over the split: a header read each
-SAME_SIZE = 0.02  # pixel sizes within 2 % are one size, as scenes are resampled only beyond it
 
 
 def tiles_pixel_size(pairs: list[tuple[Path, Path]]) -> float | None:
@@ -757,12 +756,12 @@ def tiles_pixel_size(pairs: list[tuple[Path, Path]]) -> float | None:
     them share is the one returned."""
     tables: dict[Path, dict[str, float | None]] = {}
     sample = pairs[:: max(1, -(-len(pairs) // SIZE_SAMPLE))]
-    groups: list[list[tuple[float, Path]]] = []  # each: (size, tile), sizes within SAME_SIZE of the first
+    groups: list[list[tuple[float, Path]]] = []  # each: (size, tile), sizes within SAME_PIXEL_SIZE of the first
     for image, _ in sample:
         size = tile_pixel_size(image, tables)
         if size is None:
             continue
-        group = next((g for g in groups if abs(size / g[0][0] - 1) <= SAME_SIZE), None)
+        group = next((g for g in groups if abs(size / g[0][0] - 1) <= SAME_PIXEL_SIZE), None)
         if group is None:
             groups.append(group := [])
         group.append((size, image))

@@ -365,6 +365,17 @@ def test_the_change_figure_shows_the_rgb_bands(
     assert drawn == [(2, 1, 0)]
 
 
+def test_the_change_figure_shows_a_float_scene_with_a_nodata_value_outside_zero_to_one(tmp_path: Path) -> None:
+    # -9999 around float reflectance, as the dates' prediction takes it: black in the figure, not a refusal.
+    image = (scene_pixels(1) / 255).astype(np.float32)
+    image[:, :20, :30] = -9999
+    source = write_geotiff(tmp_path / "in" / "float.tif", image, nodata=-9999)
+    with scene.open_scene(source, (), 3) as opened:
+        shape = cd.preview_shape(opened.height, opened.width)
+        photo = cd.photo_preview(opened, cd.grid_of(opened), True, shape)
+    assert photo.shape == (*shape, 3) and (photo[:10, :15] == 0).all() and photo[30:].std() > 0.1
+
+
 def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_setting(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

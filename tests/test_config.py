@@ -83,9 +83,15 @@ def test_wrong_type_names_key_and_expected_type() -> None:
         cli.parse_args(["--resume=maybe"])
 
 
-def test_a_negative_seed_is_refused_naming_the_key() -> None:
+def test_a_negative_seed_worker_count_or_batch_is_refused_naming_the_key() -> None:
     with pytest.raises(ValueError, match=r"--seed=-1: expected a seed of 0 or more; use --seed=42"):
         cli.parse_args(["--seed=-1"])
+    # Taken as 0 (chosen from free memory) without a word; torch's own message, naming no key.
+    with pytest.raises(ValueError, match=r"--predict_batch_size=-1: expected 0 or more tiles per forward pass"):
+        cli.parse_args(["--predict_batch_size=-1"])
+    with pytest.raises(ValueError, match=r"--num_workers=-2: expected 0 or more loader worker processes"):
+        cli.parse_args(["--num_workers=-2"])
+    assert cli.parse_args(["--num_workers=0", "--predict_batch_size=0", "--seed=0"]).num_workers == 0
 
 
 def test_malformed_argument_is_refused() -> None:

@@ -215,14 +215,20 @@ def test_the_fast_path_counts_a_quarter_of_the_work_at_half_resolution() -> None
     assert half == pytest.approx(full / 4)
 
 
-def test_auto_reads_the_pixel_size_of_georeferenced_tiles_and_resume_names_it(tmp_path: Path) -> None:
-    data, run_dir, rng = tmp_path / "data", tmp_path / "run", np.random.default_rng(5)
-    for i in range(6):  # GeoTIFF tiles of 0.5 m pixels in UTM, no --pixel_size_m
+def write_half_metre_tiles(data: Path) -> None:
+    """Six GeoTIFF tiles of 0.5 m pixels in UTM (and their PNG masks) under data."""
+    rng = np.random.default_rng(5)
+    for i in range(6):
         image, mask = square_tile(rng, 64)
         transform = Affine(0.5, 0.0, 500000.0 + 32.0 * i, 0.0, -0.5, 4000000.0)
         write_geotiff(data / "images" / f"g{i}.tif", image.transpose(2, 0, 1), "EPSG:32650", transform)
         write_pair(data, f"g{i}", image, mask)  # the mask; its PNG image is ignored beside the GeoTIFF
         (data / "images" / f"g{i}.png").unlink()
+
+
+def test_auto_reads_the_pixel_size_of_georeferenced_tiles_and_resume_names_it(tmp_path: Path) -> None:
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    write_half_metre_tiles(data)  # no --pixel_size_m
     keys = ["--downscale=0", "--snapshot_every=0", "--tensorboard=false"]
     assert split_dataset.main(args(data, run_dir)) == 0
     assert train.main(args(data, run_dir, *keys, "--epochs=1")) == 0
@@ -231,6 +237,20 @@ def test_auto_reads_the_pixel_size_of_georeferenced_tiles_and_resume_names_it(tm
     with pytest.raises(DataError, match=r"pixel_size_m: checkpoint 0.5 vs config 2.0\).*drop --pixel_size_m"):
         train.main(args(data, run_dir, *keys, "--epochs=2", "--resume=true", "--pixel_size_m=2"))
     close_log_files()
+
+
+def test_a_pixel_size_read_from_the_tiles_is_logged_at_full_resolution_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # docs/configuration.md: pixel_size_m=0 settled by training is in the log, not only with downscale=0.
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    write_half_metre_tiles(data)
+    assert split_dataset.main(args(data, run_dir)) == 0
+    with caplog.at_level("INFO"):
+        assert train.main(args(data, run_dir, "--epochs=1", "--snapshot_every=0", "--tensorboard=false")) == 0
+    close_log_files()
+    assert load_checkpoint(run_dir / "checkpoints" / "best.pth")["config"]["pixel_size_m"] == 0.5
+    assert "pixel_size_m=0: the training tiles have 0.5 m pixels" in caplog.text
 
 
 def test_a_checkpoint_config_without_a_factor_is_refused_and_an_old_one_is_full_resolution() -> None:

@@ -638,15 +638,19 @@ def test_bad_precise_bn_is_refused(shared_square_data: Path, run_copy: Path) -> 
     ],
 )
 def test_keep_epoch_auto_keeps_the_last_epoch_with_few_validation_scenes(
-    summary: dict | str | None, kept: str, tmp_path: Path
+    summary: dict | str | None, kept: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / "splits").mkdir()
     if summary is not None:
         text = summary if isinstance(summary, str) else json.dumps(summary)
         (tmp_path / "splits" / "summary.json").write_text(text, encoding="utf-8")
     cfg = Config(run_dir=str(tmp_path), keep_epoch="auto")
-    train.resolve_keep_epoch(cfg, Distributed())
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.resolve_keep_epoch(cfg, Distributed())
     assert cfg.keep_epoch == kept
+    # The choice is in the log either way (docs/configuration.md: the values chosen are in the log).
+    assert "keep_epoch=auto: " in caplog.text
+    assert ("keeps the last epoch" if kept == "last" else "keeps the epoch with the best val") in caplog.text
     for fixed in ("best", "last"):  # given explicitly, whatever the split
         cfg = Config(run_dir=str(tmp_path), keep_epoch=fixed)
         train.resolve_keep_epoch(cfg, Distributed())
