@@ -583,6 +583,18 @@ def seed_datasets(
     return datasets
 
 
+def say_how_to_go_on(cfg: Config, run_dir: Path) -> None:
+    """After a comparison stopped during ``run_dir``'s run: the whole comparison goes on with ``--resume=true``.
+    train.py's own advice names that one run alone; resumed by hand, it would still be trained afresh by a
+    comparison repeated without ``--resume=true``."""
+    cli.setup_logging(cfg, "compare_recipes")  # the scripts of the run set up their own logs
+    LOG.warning(
+        "the comparison stopped during %s: repeat this compare_recipes.py command with --resume=true to go on "
+        "(runs done are kept, a run stopped part-way goes on from its last.pth)",
+        run_dir,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Split once per seed, run every variant on the whole data and on its minority subset, print and save."""
     known, overrides, cfg = parse_arguments(argv)
@@ -597,13 +609,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for variant in known.variant_list:
                 run_dir = root / data_name / variant.name
                 run_args = [*overrides, f"--seed={seed}"]
-                row = {
-                    "data": data_name,
-                    "seed": seed,
-                    **run_variant(
+                try:
+                    result = run_variant(
                         run_dir, data_splits, variant, epochs, run_args, known.extras, cfg.group_pattern, cfg.resume
-                    ),
-                }
+                    )
+                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.Terminated)
+                    say_how_to_go_on(cfg, run_dir)
+                    raise
+                row = {"data": data_name, "seed": seed, **result}
                 rows.append(row)
                 cli.setup_logging(cfg, "compare_recipes")  # the scripts above set up their own logs
                 LOG.info("%s", json.dumps(row))

@@ -509,12 +509,30 @@ def colour_mask_error(mask: np.ndarray, path: Path) -> DataError:
     )
 
 
-def holds_class_numbers(mask: np.ndarray, path: Path, top: int) -> bool:
-    """Whether a mask reaching ``top`` looks like one of class numbers (0 = background, 1 = farmland, 2 and up other
-    classes), as labelme and GIS classification exports write them: whole numbers from 2 to CLASS_NUMBER_TOP, where
-    neither anti-aliasing nor JPEG rounding explains them (JPEG rounds a 0/1 mask's edges up to 2, not further)."""
+def fills_a_block(mask: np.ndarray, values: np.ndarray) -> bool:
+    """Whether some pixel of a 2-D mask holds one of ``values`` and its eight neighbours hold the same: an area of
+    a class, which the 1-pixel fringe that anti-aliasing draws along an edge never is."""
+    if mask.ndim != 2 or min(mask.shape) < 3 or not values.size:
+        return False
+    height, width = mask.shape
+    centre = mask[1:-1, 1:-1]
+    same = np.isin(centre, values)
+    for dy in range(3):
+        for dx in range(3):
+            same &= mask[dy : dy + height - 2, dx : dx + width - 2] == centre
+    return bool(same.any())
+
+
+def holds_class_numbers(mask: np.ndarray, path: Path, values: np.ndarray) -> bool:
+    """Whether a mask of ``values`` (those found, unlabelled ones left out) looks like one of class numbers
+    (0 = background, 1 = farmland, 2 and up other classes), as labelme and GIS classification exports write them:
+    whole numbers from 2 to CLASS_NUMBER_TOP, where neither anti-aliasing nor JPEG rounding explains them (JPEG
+    rounds a 0/1 mask's edges up to 2, not further), one of them filling an area (fills_a_block): a tile of an
+    anti-aliased 0/255 mask that holds only the faint fringe of a field beyond its edge is no such mask."""
+    top = int(values.max()) if values.size else 0
     lossless = Path(path).suffix.lower() not in LOSSY_SUFFIXES
-    return np.issubdtype(mask.dtype, np.integer) and (2 if lossless else ZERO_ONE_TOP + 1) <= top <= CLASS_NUMBER_TOP
+    within = (2 if lossless else ZERO_ONE_TOP + 1) <= top <= CLASS_NUMBER_TOP
+    return np.issubdtype(mask.dtype, np.integer) and within and fills_a_block(mask, values[values > 0])
 
 
 def class_numbers_error(values: np.ndarray, path: Path, found: str, ignore_index: int) -> DataError:
@@ -549,7 +567,7 @@ def mask_values_error(mask: np.ndarray, values: np.ndarray, path: Path, ignore_i
     other = values[~np.isin(values, (0, 1, 255))]
     one_more = other.size == 1 and float(other[0]).is_integer()
     one_more = one_more and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
-    if holds_class_numbers(mask, path, int(values.max())) and float(values.min()) >= 0:
+    if float(values.min()) >= 0 and holds_class_numbers(mask, path, values):
         return class_numbers_error(values, path, f"holds values {{{shown}}}", ignore_index)
     if mask.dtype == np.uint16 and np.isin(values, (0, 65535)).all():  # 16-bit full scale, not unlabelled
         fix = (
@@ -627,11 +645,12 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
         top = int(mask.max()) if mask.size else 0
         values = np.unique(mask) if 0 < top < threshold else np.zeros(0, mask.dtype)  # all background: why?
         values = values[values != ignore_index]
-        if values.size and holds_class_numbers(mask, path, int(values.max())):
+        if values.size and holds_class_numbers(mask, path, values):
             shown = ", ".join(str(v) for v in values.tolist())
             found = f"holds values {{{shown}}}, all below --mask_threshold={threshold}, so all of it would read as "
             raise class_numbers_error(values, path, found + "background", ignore_index)
-        if 0 < top < min(threshold, ZERO_ONE_TOP + 1):
+        # A 0/1 mask's farmland fills an area; a faint anti-aliased fringe (values 1 and 2) reads as background.
+        if 0 < top < min(threshold, ZERO_ONE_TOP + 1) and fills_a_block(mask, values[values > 0]):
             lossy = top == ZERO_ONE_TOP and Path(path).suffix.lower() in LOSSY_SUFFIXES
             raise DataError(
                 f"{path}: holds values 0 to {top}, all below --mask_threshold={threshold}, so all of it would read as "
@@ -825,18 +844,30 @@ def read_pair_list(path: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def check_split_in_data_dir(pairs: Sequence[tuple[Path, Path]], list_path: Path, data_dir: str) -> None:
+def check_split_in_data_dir(
+    pairs: Sequence[tuple[Path, Path]], list_path: Path, data_dir: str, subdirs: Sequence[str] = ()
+) -> None:
     """Refuse a ``--data_dir`` given to a script that reads a split list naming files outside that folder: such
     a script reads the files the list names, so the folder given would be silently ignored (a corrected copy of
     the labels scored as if it were the originals).
 
-    A pair with either file inside data_dir counts as its own (a ``label_subdir`` may lie beside the folder).
+    A pair with either file inside data_dir counts as its own (a ``label_subdir`` may lie beside the folder), and
+    so does one whose files are each inside it or pointed to by a link in data_dir's ``subdirs`` (image_subdir,
+    label_subdir): split_dataset.py lists a linked file by its target. Links to the images beside copies of the
+    labels (corrected ones) are not the split's folder: its labels are not those the list names.
 
     Raises:
         ValueError: a pair of the list lies outside data_dir; the message names one and the fix.
     """
     root = Path(data_dir).resolve()
     outside = [pair for pair in pairs if not any(Path(path).resolve().is_relative_to(root) for path in pair)]
+    if outside:
+        linked = {entry.resolve() for sub in subdirs if (root / sub).is_dir() for entry in (root / sub).iterdir()}
+        outside = [
+            pair
+            for pair in outside
+            if not all(Path(path).resolve() in linked or Path(path).resolve().is_relative_to(root) for path in pair)
+        ]
     if outside:
         raise ValueError(
             f"--data_dir={data_dir}: {list_path} names files outside it ({len(outside)} of its {len(pairs)} pairs, "

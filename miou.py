@@ -385,7 +385,8 @@ def left_out_masks(cfg: Config, lookup: dict[str, tuple[Path, Path, Path]]) -> t
             examples(names, masks, lambda n: ", ".join(setting(made[n] or {}, k) for k in differ[n])),
         )
         left_out += names
-    if unrecorded := [name for name, record in made.items() if record is None]:
+    # A mask not there is no older version's: evaluate_pairs names it as not found.
+    if unrecorded := [name for name, record in made.items() if record is None and masks[name].is_file()]:
         LOG.error(
             "%d test mask(s) in %s: expected the model and settings of %s, found none recorded (masks of an older "
             "version, or of another tool, that an interrupted run left): %s; not scored: predict the test split "
@@ -453,7 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not pairs:
         raise DataError(f"{run_dir / 'splits' / 'test.txt'}: {EMPTY_TEST_SPLIT}")
     if "data_dir" in given:
-        check_split_in_data_dir(pairs, run_dir / "splits" / "test.txt", cfg.data_dir)
+        check_split_in_data_dir(
+            pairs, run_dir / "splits" / "test.txt", cfg.data_dir, (cfg.image_subdir, cfg.label_subdir)
+        )
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
     left_out, made = left_out_masks(cfg, lookup)
     skipped = set(left_out)

@@ -74,7 +74,7 @@ def list_inputs(cfg: Config, given: Collection[str] = ()) -> list[Path]:
         if not pairs:
             raise DataError(f"{test_list}: {EMPTY_TEST_SPLIT}, or predict a folder with --predict_input")
         if "data_dir" in given:
-            check_split_in_data_dir(pairs, test_list, cfg.data_dir)
+            check_split_in_data_dir(pairs, test_list, cfg.data_dir, (cfg.image_subdir, cfg.label_subdir))
         return [image for image, _ in pairs]
     source = Path(cfg.predict_input)
     if source.is_file():

@@ -209,18 +209,25 @@ def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> Non
     encoder on tiles of 32 px or less, times ``downscale``, needs two; under torchrun with ``sync_bn`` the ranks'
     tiles count together), with the ways out."""
     batch = training_batch(cfg, tiles, world)
+    pooled = batch * (world if cfg.sync_bn and world > 1 else 1)  # the tiles each BatchNorm layer normalises over
     needed = smallest_batch(cfg.encoder, *tile[-2:], cfg.downscale)
-    if batch * (world if cfg.sync_bn and world > 1 else 1) >= needed:
+    if pooled >= needed:
         return
     if batch < cfg.batch_size:
         fix = f"the training split holds {tiles} tile(s), {batch} per process: add training tiles"
     else:
         fix = f"use --batch_size={needed} or more (per process under torchrun)"
+    # A finer working resolution is a way out only where it gives the tile a deepest map of more than one pixel.
+    finer = [
+        factor
+        for factor in (cfg.downscale // 2, cfg.downscale // 4)
+        if factor >= 1 and pooled >= smallest_batch(cfg.encoder, *tile[-2:], factor)
+    ]
     raise ValueError(
         f"--encoder={cfg.encoder} on {tile[-1]}x{tile[-2]}-pixel tiles with batches of {batch} tile(s): the "
         "encoder's deepest map of such a tile is one pixel, and BatchNorm cannot train on one value per "
         f"channel; {fix}, or use tiles of more than {32 * cfg.downscale} px, or --encoder=unet"
-        + (f", or --downscale={cfg.downscale // 2}" if cfg.downscale > 1 else "")
+        + (f", or --downscale={finer[0]}" if finer else "")
     )
 
 
@@ -373,13 +380,19 @@ def replan_budget(cfg: Config, progress: Progress, saved_budget: float) -> None:
         return  # no pace to plan by: the next epoch is timed, as at a start
     pace = progress.elapsed / done
     progress.planned_epochs = max(done, done + math.floor((60 * cfg.time_budget - progress.elapsed) / pace))
+    # A budget the epochs run already fill plans no further one: "planning N epochs" would read as more training.
+    plan = (
+        f"planning {progress.planned_epochs} epochs"
+        if progress.planned_epochs > done
+        else f"no further epoch fits: the run ends at epoch {done} (a larger --time_budget goes on)"
+    )
     LOG.info(
-        "time budget %g min (the saved run's: %s): %.1f min spent, about %s per epoch, planning %d epochs",
+        "time budget %g min (the saved run's: %s): %.1f min spent, about %s per epoch, %s",
         cfg.time_budget,
         f"{saved_budget:g} min" if saved_budget > 0 else "none",
         progress.elapsed / 60,
         f"{pace / 60:.1f} min" if pace >= 60 else f"{pace:.1f} s",
-        progress.planned_epochs,
+        plan,
     )
 
 
@@ -422,21 +435,21 @@ def resolve_keep_epoch(cfg: Config, job: Distributed) -> None:
     """
     if cfg.keep_epoch not in KEEP_EPOCHS:
         raise ValueError(f"--keep_epoch={cfg.keep_epoch!r}: expected one of {', '.join(KEEP_EPOCHS)}")
-    if cfg.keep_epoch != "auto":
-        return
-    scenes = split_scenes(Path(cfg.run_dir), "val")
-    cfg.keep_epoch = "last" if scenes is not None and scenes < FEW_SCENES else "best"
-    if job.main and cfg.keep_epoch == "last":
-        LOG.info(
-            "keep_epoch=auto: the val split holds %d scene(s), too few to pick an epoch by; best.pth keeps the "
-            "last epoch (--keep_epoch=best to pick by val IoU anyway)",
-            scenes,
-        )
-        if cfg.early_stop > 0:
-            LOG.warning("--early_stop=%d has no effect when the last epoch is kept: every epoch runs", cfg.early_stop)
-    elif job.main:
-        counted = f"the val split holds {scenes} scenes" if scenes is not None else "no scene count (split by tile)"
-        LOG.info("keep_epoch=auto: %s, so best.pth keeps the epoch with the best val farmland IoU", counted)
+    if cfg.keep_epoch == "auto":
+        scenes = split_scenes(Path(cfg.run_dir), "val")
+        cfg.keep_epoch = "last" if scenes is not None and scenes < FEW_SCENES else "best"
+        if job.main and cfg.keep_epoch == "last":
+            LOG.info(
+                "keep_epoch=auto: the val split holds %d scene(s), too few to pick an epoch by; best.pth keeps the "
+                "last epoch (--keep_epoch=best to pick by val IoU anyway)",
+                scenes,
+            )
+        elif job.main:
+            counted = f"the val split holds {scenes} scenes" if scenes is not None else "no scene count (split by tile)"
+            LOG.info("keep_epoch=auto: %s, so best.pth keeps the epoch with the best val farmland IoU", counted)
+    # Given or chosen, keep_epoch=last runs every epoch: an early_stop beside it would be dropped without a word.
+    if job.main and cfg.keep_epoch == "last" and cfg.early_stop > 0:
+        LOG.warning("--early_stop=%d has no effect when the last epoch is kept: every epoch runs", cfg.early_stop)
 
 
 def resolve_downscale(cfg: Config, job: Distributed) -> None:

@@ -243,6 +243,23 @@ def test_skipping_both_data_sets_is_refused_before_any_split(square_data: Path, 
     assert not (run_dir / "splits").exists()
 
 
+def test_a_stopped_comparison_says_to_repeat_it_with_resume(
+    square_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def stopped(*_: object) -> dict:
+        raise KeyboardInterrupt  # Ctrl-C while a variant trains
+
+    monkeypatch.setattr(compare_recipes, "run_variant", stopped)
+    run_dir = tmp_path / "cmp"
+    with pytest.raises(KeyboardInterrupt):
+        compare_recipes.main([*args(square_data, run_dir, "--epochs=1"), "--skip_minority"])
+    close_log_files()
+    assert (
+        f"the comparison stopped during {run_dir / 'all' / 'reference'}: repeat this compare_recipes.py" in caplog.text
+    )
+    assert "with --resume=true to go on" in caplog.text
+
+
 def test_a_minority_subset_without_test_tiles_is_left_out_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -232,10 +232,12 @@ def test_float_masks_with_nan_or_a_negative_nodata_value_get_a_fix_that_works(tm
 
 
 def test_a_zero_one_mask_under_a_threshold_and_a_jpeg_mask_are_refused(tmp_path: Path) -> None:
-    write_image(tmp_path / "a_mask.png", np.array([[0, 1, 1, 0]], np.uint8))
+    zero_one = np.zeros((4, 4), np.uint8)
+    zero_one[1:, :3] = 1
+    write_image(tmp_path / "a_mask.png", zero_one)
     with pytest.raises(DataError, match=r"a_mask\.png: holds values 0 to 1, all below --mask_threshold=128.*0/1 mask"):
         load_mask(tmp_path / "a_mask.png", threshold=128)  # it would read as all background
-    assert load_mask(tmp_path / "a_mask.png", threshold=1).tolist() == [[0, 1, 1, 0]]
+    assert load_mask(tmp_path / "a_mask.png", threshold=1).tolist() == zero_one.tolist()
     write_image(tmp_path / "empty_mask.png", np.zeros((1, 4), np.uint8))
     assert load_mask(tmp_path / "empty_mask.png", threshold=128).tolist() == [[0, 0, 0, 0]]  # no farmland: fine
     # A threshold past what an 8-bit mask can hold read every tile as background, with no word but "no farmland".
@@ -259,8 +261,13 @@ def test_a_mask_of_class_numbers_is_refused_with_a_recoding_not_a_threshold(tmp_
     # 0 = background, 1 = farmland, 2 = water, 3 = road (labelme, GIS class exports). The refusal offered
     # --mask_threshold=128, which then read every such mask as all background; 0/1/2 was offered --ignore_index=2,
     # which leaves the water out of training and scoring, or --mask_threshold=1, which makes it farmland.
-    write_image(tmp_path / "a_mask.png", np.array([[0, 1, 2, 3]], np.uint8))
-    write_image(tmp_path / "b_mask.png", np.array([[0, 1, 2, 2]], np.uint8))
+
+    def areas(row: list[int]) -> np.ndarray:
+        """A mask of one row of classes, each an area of 3 x 3 pixels."""
+        return np.kron(np.array([row], np.uint8), np.ones((3, 3), np.uint8))
+
+    write_image(tmp_path / "a_mask.png", areas([0, 1, 2, 3]))
+    write_image(tmp_path / "b_mask.png", areas([0, 1, 2, 2]))
     for threshold in (0, 128):
         with pytest.raises(DataError, match=r"a_mask\.png: holds values \{0, 1, 2, 3\}.*class numbers") as err:
             load_mask(tmp_path / "a_mask.png", threshold=threshold)
@@ -270,8 +277,8 @@ def test_a_mask_of_class_numbers_is_refused_with_a_recoding_not_a_threshold(tmp_
         assert "re-export the masks losslessly" not in str(err.value)
         assert "if 2 marks unlabelled pixels rather than a class, set --ignore_index=2" in str(err.value)
     assert "all below --mask_threshold=128" in str(err.value)
-    assert load_mask(tmp_path / "b_mask.png", ignore_index=2).tolist() == [[0, 1, IGNORE, IGNORE]]
-    assert load_mask(tmp_path / "a_mask.png", threshold=2).tolist() == [[0, 0, 1, 1]]  # a threshold it reaches: asked
+    assert load_mask(tmp_path / "b_mask.png", ignore_index=2).tolist() == areas([0, 1, IGNORE, IGNORE]).tolist()
+    assert load_mask(tmp_path / "a_mask.png", threshold=2).tolist() == areas([0, 0, 1, 1]).tolist()  # asked for
     block = np.zeros((16, 16), np.uint8)
     block[6:, 3:] = 1  # a lossy 0/1 mask, rounded to 2 here and there, is not taken for class numbers
     assert cv2.imwrite(str(tmp_path / "c_mask.jpg"), block)
@@ -283,6 +290,21 @@ def test_a_mask_of_class_numbers_is_refused_with_a_recoding_not_a_threshold(tmp_
     assert read_image(tmp_path / "d_mask.jpg").max() == 3
     with pytest.raises(DataError, match=r"d_mask\.jpg: holds values \{0, 1, 2, 3.*class numbers.*JPEG has changed"):
         load_mask(tmp_path / "d_mask.jpg", threshold=128)
+
+
+def test_a_tile_holding_only_the_faint_fringe_of_an_anti_aliased_mask_is_background(tmp_path: Path) -> None:
+    # A tile of a resized 0/255 mask whose field lies beyond its edge holds a 1-pixel fringe of low values; it was
+    # taken for class numbers and refused under --mask_threshold=128, which reads it as background.
+    mask = np.zeros((8, 8), np.uint8)
+    mask[7, 2:8] = [3, 7, 12, 12, 12, 7]
+    write_image(tmp_path / "a_mask.png", mask)
+    assert load_mask(tmp_path / "a_mask.png", threshold=128).tolist() == np.zeros((8, 8), np.uint8).tolist()
+    write_image(tmp_path / "c_mask.png", np.where(mask > 0, 1 + (mask > 5), 0).astype(np.uint8))  # fainter: 1, 2
+    assert load_mask(tmp_path / "c_mask.png", threshold=128).tolist() == np.zeros((8, 8), np.uint8).tolist()
+    mask[2:5, 2:5] = 2  # an area of another class beside the fringe: class numbers
+    write_image(tmp_path / "b_mask.png", mask)
+    with pytest.raises(DataError, match=r"b_mask\.png: holds values \{0, 2, 3, 7, 12\}.*class numbers"):
+        load_mask(tmp_path / "b_mask.png", threshold=128)
 
 
 def test_colour_mask_with_differing_bands_is_refused(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ pipeline (train, resume, predict, export) with a ResNet encoder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -402,6 +403,17 @@ def test_the_batch_check_counts_ranks_under_sync_bn_and_names_too_few_tiles() ->
     train.check_batch(cfg, (3, 64, 64), 100, 1)  # a 2 x 2 deepest map trains on one tile
     with pytest.raises(ValueError, match=r"the training split holds 1 tile\(s\), 1 per process: add training tiles"):
         train.check_batch(Config(encoder="resnet34", batch_size=5), (3, 32, 32), 1, 1)
+
+
+def test_the_batch_check_offers_a_finer_resolution_only_where_it_trains_on_one_tile() -> None:
+    cfg = Config(encoder="resnet18", batch_size=1, downscale=2)
+    with pytest.raises(ValueError, match="use --batch_size=2 or more") as refused:
+        train.check_batch(cfg, (3, 32, 32), 100, 1)  # at full resolution still one pixel deep down: no way out
+    assert "--downscale" not in str(refused.value)
+    with pytest.raises(ValueError, match=r"--encoder=unet, or --downscale=1$"):
+        train.check_batch(cfg, (3, 48, 48), 100, 1)  # padded to 64 at full resolution: two pixels
+    with pytest.raises(ValueError, match=r"--encoder=unet, or --downscale=1$"):
+        train.check_batch(dataclasses.replace(cfg, downscale=4), (3, 48, 48), 100, 1)  # 2 is not enough, 1 is
 
 
 def test_dim_16_bit_tiles_under_imagenet_scaling_are_warned_of(

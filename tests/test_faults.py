@@ -651,6 +651,16 @@ def test_miou_scores_no_mask_of_an_older_version_beside_those_an_interrupted_run
     assert "found none recorded (masks of an older version" in caplog.text and older[0].name in caplog.text
     assert scored_names(run_dir) == [image.stem for image, _ in pairs[:3]]
     assert json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["n_images"] == 3
+    # A mask not there is named as not found, not as one of an older version.
+    kept, times = older[0].read_bytes(), older[0].stat().st_mtime_ns
+    older[0].unlink()
+    caplog.clear()
+    assert miou.main(args(shared_square_data, run_dir)) == 1
+    assert f"{older[0]}: prediction not found" in caplog.text
+    said = [line for line in caplog.text.splitlines() if "found none recorded" in line]
+    assert len(said) == 1 and "4 test mask(s) in" in said[0] and f" {older[0].name}" not in said[0]
+    older[0].write_bytes(kept)
+    os.utime(older[0], ns=(times, times))
     # Masks that all record nothing (an older version's whole run) are scored as they are.
     for image, _ in pairs[:3]:
         mask = run_dir / "predictions" / f"{image.stem}_seg.png"

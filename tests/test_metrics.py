@@ -379,3 +379,22 @@ def test_a_data_dir_that_does_not_hold_the_test_split_is_refused_not_ignored(tmp
     assert miou.main([f"--data_dir={data}", f"--run_dir={run}"]) == 0  # the folder the split was made from
     close_log_files()
     assert json.loads((run / "metrics.json").read_text(encoding="utf-8"))["pooled"]["farmland_iou"] == 1.0
+    # A folder of links to the files, split as it is: split_dataset.py lists the files the links point to.
+    linked = tmp_path / "linked"
+    for sub, name in (("images", "a.png"), ("labels", "a_mask.png")):
+        (linked / sub).mkdir(parents=True)
+        try:
+            (linked / sub / name).symlink_to(data / sub / name)
+        except OSError:
+            pytest.skip("no symbolic links here")
+    assert predict.list_inputs(*cli.parse_command([f"--data_dir={linked}", f"--run_dir={run}"])) == [
+        data / "images" / "a.png"
+    ]
+    assert miou.main([f"--data_dir={linked}", f"--run_dir={run}"]) == 0
+    close_log_files()
+    # Links to the images beside corrected labels: the list's labels are not those, and it is refused as before.
+    (linked / "labels" / "a_mask.png").unlink()
+    write_image(linked / "labels" / "a_mask.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match=rf"--data_dir={linked}: {test_list} names files outside it"):
+        miou.main([f"--data_dir={linked}", f"--run_dir={run}"])
+    close_log_files()

@@ -360,12 +360,19 @@ def test_the_second_plan_names_what_moved_it(monkeypatch: pytest.MonkeyPatch, ca
         assert f"planning {planned[1]} epochs (was {planned[0]}; {why})" in caplog.text
 
 
-def test_a_budget_given_to_a_run_trained_by_epochs_is_planned_at_its_epochs_pace() -> None:
+def test_a_budget_given_to_a_run_trained_by_epochs_is_planned_at_its_epochs_pace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     progress = train.Progress(start_epoch=4, history=[{"epoch": e, "seconds": 10.0} for e in (1, 2, 3)])
-    train.replan_budget(Config(time_budget=1.0), progress, saved_budget=0.0)
-    assert (progress.planned_epochs, progress.elapsed) == (6, 30.0)  # 30 s spent, 30 s left at 10 s an epoch
-    train.replan_budget(Config(time_budget=0.25), progress, saved_budget=1.0)
-    assert progress.planned_epochs == 3  # a budget already spent: nothing more to run
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.replan_budget(Config(time_budget=1.0), progress, saved_budget=0.0)
+        assert (progress.planned_epochs, progress.elapsed) == (6, 30.0)  # 30 s spent, 30 s left at 10 s an epoch
+        assert "planning 6 epochs" in caplog.text
+        caplog.clear()
+        train.replan_budget(Config(time_budget=0.25), progress, saved_budget=1.0)
+    assert progress.planned_epochs == 3  # a budget already spent: nothing more to run, and the log does not plan
+    assert "no further epoch fits: the run ends at epoch 3 (a larger --time_budget goes on)" in caplog.text
+    assert "planning" not in caplog.text
     # 42 s spent at 14 s an epoch: the 18 s left hold one more epoch, not two (rounded down, never past the budget).
     progress = train.Progress(start_epoch=4, history=[{"epoch": e, "seconds": 14.0} for e in (1, 2, 3)])
     train.replan_budget(Config(time_budget=1.0), progress, saved_budget=0.0)
@@ -655,6 +662,18 @@ def test_keep_epoch_auto_keeps_the_last_epoch_with_few_validation_scenes(
         cfg = Config(run_dir=str(tmp_path), keep_epoch=fixed)
         train.resolve_keep_epoch(cfg, Distributed())
         assert cfg.keep_epoch == fixed
+
+
+def test_early_stop_beside_keep_epoch_last_is_warned_of_whether_given_or_chosen(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "summary.json").write_text(json.dumps({"groups": {"val": 1}}), encoding="utf-8")
+    for keep, warned in (("last", True), ("auto", True), ("best", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train"):
+            train.resolve_keep_epoch(Config(run_dir=str(tmp_path), keep_epoch=keep, early_stop=3), Distributed())
+        assert ("--early_stop=3 has no effect when the last epoch is kept" in caplog.text) == warned, keep
 
 
 class Tiles:
