@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import rasterio
 import rasterio.warp
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.errors import CRSError, NotGeoreferencedWarning
 from rasterio.transform import Affine
@@ -179,16 +180,19 @@ def ground_pixel_size_estimate(crs: CRS | None, transform: Affine, width: int, h
         per_lat, per_lon = metres_per_degree(lat)
         degrees_area = abs(transform.a * transform.e - transform.b * transform.d) * degrees_per_unit**2
         return math.sqrt(degrees_area * per_lat * per_lon) or None
+    if not crs.is_projected:  # an engineering (local) CRS: no place on the globe
+        return None
     # A projection: the centre pixel's corner and its neighbours across and down, in degrees, then in metres.
     corners = [transform @ (width / 2 + dx, height / 2 + dy) for dx, dy in ((0, 0), (1, 0), (0, 1))]
     try:
         lons, lats = rasterio.warp.transform(crs, "EPSG:4326", *zip(*corners))
-    except (CRSError, rasterio.errors.RasterioError, ValueError):
+    except (CRSError, CPLE_BaseError, rasterio.errors.RasterioError, ValueError):  # PROJ finds no way (Mars)
         return None
     if not all(map(math.isfinite, [*lons, *lats])) or not -90 < lats[0] < 90:
         return None
     per_lat, per_lon = metres_per_degree(math.radians(lats[0]))
-    east = [(lon - lons[0]) * per_lon for lon in lons[1:]]
+    # A centre pixel across the antimeridian: its corners' longitudes differ by a pixel, not by 360 degrees.
+    east = [((lon - lons[0] + 180) % 360 - 180) * per_lon for lon in lons[1:]]
     north = [(lat - lats[0]) * per_lat for lat in lats[1:]]
     return math.sqrt(abs(east[0] * north[1] - east[1] * north[0])) or None
 

@@ -794,8 +794,9 @@ def mixed_sizes_message(
     return (
         f"the training tiles{of} have several pixel sizes ({counts}{examples}): the network works at one, so "
         f"{size}, the most common, sets it and the other tiles are seen at a scale the model will not be used at. "
-        "Resample the scenes to one pixel size before tiling (gdalwarp -tr), train one model per size, or give "
-        "--pixel_size_m=METRES to say which size to work at"
+        "Resample the scenes to one pixel size before tiling (gdalwarp -tr; a Mercator scene, whose pixels span less "
+        "ground the farther it lies from the equator, into a CRS in ground metres: gdalwarp -t_srs EPSG:NNNN -tr), "
+        "train one model per size, or give --pixel_size_m=METRES to say which size to work at"
     )
 
 
@@ -828,7 +829,15 @@ def row_pixel_size(row: dict[str, str]) -> float | None:
     try:
         crs = rasterio.crs.CRS.from_user_input(row["crs"])
         transform = rasterio.Affine(*(float(row[k]) for k in "abcdef"))
-        width, height = int(row.get("width") or 1), int(row.get("height") or 1)  # for Mercator's latitude alone
     except (KeyError, TypeError, ValueError, rasterio.errors.CRSError):
         return None
-    return ground_pixel_size(crs, transform, width, height)
+    return ground_pixel_size(crs, transform, row_side(row, "width"), row_side(row, "height"))
+
+
+def row_side(row: dict[str, str], key: str) -> int:
+    """A tiles.csv row's tile width or height in pixels, which places a Mercator tile's centre alone: 1 where the
+    cell is empty or no whole number ("64.0", as a spreadsheet saves it, is 64)."""
+    try:
+        return max(1, int(float(row.get(key) or 1)))
+    except (TypeError, ValueError, OverflowError):
+        return 1

@@ -211,3 +211,40 @@ def test_a_web_mercator_scene_is_resampled_by_its_size_on_the_ground(
             {"tile": "w_r0c0", "crs": "EPSG:3857", "width": 32, "height": 32, **dict(zip("abcdef", mercator))}
         )
     assert tiles_pixel_size([(png, png)]) == pytest.approx(0.7656, rel=1e-3)
+
+
+@pytest.mark.parametrize("side", ["", "64", "64.0", "n/a"])
+def test_a_tiles_csv_row_in_ground_metres_keeps_its_size_whatever_its_width_cell_holds(side: str) -> None:
+    # Width and height place a Mercator tile's centre alone: a spreadsheet's "64.0" lost a UTM row its pixel size.
+    utm = dict(zip("abcdef", "0.5 0 5e5 0 -0.5 4.4e6".split()))
+    row = {"tile": "t", "crs": "EPSG:32650", "width": side, "height": side, **utm}
+    assert training.row_pixel_size(row) == pytest.approx(0.5)
+    mercator = {**row, "crs": "EPSG:3857", "c": "12913060", "f": "4865942"}  # 116 E, 40 N
+    assert training.row_pixel_size(mercator) == pytest.approx(0.3828, rel=1e-3)
+
+
+def test_a_scene_in_a_local_engineering_crs_is_predicted_on_its_own_pixels(state: dict, tmp_path: Path) -> None:
+    # A drone mosaic in a site's local metres (LOCAL_CS) is on no place of the globe: no ground size, no crash.
+    local = 'LOCAL_CS["Site",LOCAL_DATUM["Site",0],UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]'
+    source = write_geotiff(tmp_path / "in" / "site.tif", scene_pixels(), crs=local, transform=FINE)
+    assert rasterio.open(source).crs is not None
+    mask = predicted_mask(tmp_path / "run", source, checkpoint_at(state, tmp_path, 0.8))
+    assert mask.shape == scene_pixels().shape[1:]
+
+
+def test_mercator_tiles_of_several_latitudes_are_told_to_be_reprojected_into_ground_metres(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Web Mercator tiles of one zoom level, 30 and 45 N: 0.6 map metres, 0.52 and 0.42 m on the ground. gdalwarp -tr
+    # in Web Mercator keeps them so; only a CRS in ground metres gives them one size.
+    (tmp_path / "images").mkdir()
+    with open(tmp_path / "tiles.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["tile", "crs", "width", "height", *"abcdef"])
+        writer.writeheader()
+        for name, lat in (("south", 30.0), ("north", 45.0)):
+            x, y = rasterio.warp.transform("EPSG:4326", "EPSG:3857", [116.0], [lat])
+            writer.writerow({"tile": name, "crs": "EPSG:3857", **dict(zip("abcdef", [0.6, 0, x[0], 0, -0.6, y[0]]))})
+    pngs = [tmp_path / "images" / f"{name}.png" for name in ("south", "north")]
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert tiles_pixel_size([(p, p) for p in pngs]) == pytest.approx(0.519, rel=1e-2)
+    assert "several pixel sizes" in caplog.text and "gdalwarp -t_srs EPSG:NNNN -tr" in caplog.text

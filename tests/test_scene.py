@@ -916,3 +916,21 @@ def test_network_keys_given_to_predict_py_are_warned_of_as_the_checkpoints_win(
         f"--base_width=32, --encoder=resnet18 ignored: the network is {checkpoint}'s own (base_width=8, encoder=unet)"
     )
     assert said in caplog.text
+
+
+@pytest.mark.parametrize(
+    "crs, left, ground",
+    [
+        # Web Mercator across the antimeridian (Fiji), its centre pixel's corners at 179.99999 and -179.99999
+        # degrees: one pixel apart, not 360 degrees (a ground size of 6 km, a scene resampled 12,000 times).
+        ("EPSG:3857", 20037508.34 - 50.5, 0.9545),
+        # A Mercator of Mars: PROJ finds no way to EPSG:4326, so no ground size (it was a crash of the whole run).
+        ("+proj=merc +R=3396190 +units=m +no_defs", 1e5, None),
+    ],
+)
+def test_ground_pixel_size_of_a_mercator_grid_across_the_antimeridian_or_off_the_earth(
+    crs: str, left: float, ground: float | None
+) -> None:
+    transform = Affine(1.0, 0, left, 0, -1.0, -1.9e6)
+    size = rasters.ground_pixel_size(rasterio.crs.CRS.from_user_input(crs), transform, 100, 100)
+    assert size is None if ground is None else math.isclose(size, ground, rel_tol=1e-3)
