@@ -346,19 +346,7 @@ def detect_change(
         if counts.valid == 0:
             raise no_common_data(pair, Path(job.cfg.run_dir))
         if change_detection.margin_hides_change(counts):
-            LOG.warning(
-                "%s: %.1f%% of the valid pixels are farmland at one date and not the other by the threshold %.2f, "
-                "but only %.1f%% pass the confidence margin (--change_margin=%g): the network's probabilities "
-                "seldom leave %.2f to %.2f. A smaller --change_margin (for example 0.1) finds more change, less "
-                "surely; a network trained longer separates the classes better",
-                pair.name,
-                100 * counts.disagree / counts.valid,
-                rule.threshold,
-                100 * counts.sure / counts.valid,
-                rule.margin,
-                rule.threshold - rule.margin,
-                rule.threshold + rule.margin,
-            )
+            LOG.warning("%s", change_detection.margin_warning(pair.name, counts, rule))
         patches = change_detection.write_change_polygons(
             outputs["change"],
             dates["before"].probability,

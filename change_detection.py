@@ -396,6 +396,19 @@ def margin_hides_change(counts: ChangeCounts) -> bool:
     return counts.disagree >= 0.01 * counts.valid and counts.sure < 0.25 * counts.disagree
 
 
+def margin_warning(name: str, counts: ChangeCounts, rule: ChangeRule) -> str:
+    """The warning for a pair whose confidence margin hides most of the change by the threshold
+    (margin_hides_change): both shares, the probabilities' band, and a smaller margin to try than the one used."""
+    low, high = (round(rule.threshold + sign * rule.margin, 4) for sign in (-1, 1))
+    return (
+        f"{name}: {100 * counts.disagree / counts.valid:.1f}% of the valid pixels are farmland at one date and not "
+        f"the other by the threshold {round(rule.threshold, 4):g}, but only {100 * counts.sure / counts.valid:.1f}% "
+        f"pass the confidence margin (--change_margin={rule.margin:g}): the network's probabilities seldom leave "
+        f"{low:g} to {high:g}. A smaller --change_margin (for example {rule.margin / 2:g}) finds more change, less "
+        "surely; a network trained longer separates the classes better"
+    )
+
+
 def change_strips(
     before: Date, after: Date, rule: ChangeRule, strip: int = 0
 ) -> Iterator[tuple[int, np.ndarray, Date, Date]]:
@@ -666,19 +679,39 @@ def check_truth(truth_path: Path, grid: dict, where: str) -> None:
     except rasterio.RasterioIOError as err:
         raise DataError(f"--change_truth={truth_path}: not a readable raster ({str(err)[:200]})") from None
     with truth:
-        if (truth.width, truth.height) != (grid["width"], grid["height"]):
+        t, g, crs = truth.transform, grid["transform"], grid["crs"]
+        same_size = (truth.width, truth.height) == (grid["width"], grid["height"])
+        if truth.crs is None and not same_size:
             raise DataError(
                 f"--change_truth={truth_path}: {truth.width}x{truth.height} pixels, expected the before "
-                f"scene's grid of {grid['width']}x{grid['height']} ({where})"
+                f"scene's grid of {grid['width']}x{grid['height']} ({where}); a truth without a CRS is taken as the "
+                "before scene's pixels: give it the before scene's size, or its CRS and geotransform and warp it there"
             )
-        t, g, crs = truth.transform, grid["transform"], grid["crs"]
-        if truth.crs is not None and (not same_crs(truth.crs, crs) or not t.almost_equals(g, 1e-9)):
+        if truth.crs is not None and (not same_size or not same_crs(truth.crs, crs) or not t.almost_equals(g, 1e-9)):
             raise DataError(
                 f"--change_truth={truth_path}: lies on another grid than the before scene ({truth.crs.to_string()}, "
-                f"origin {t.c:.2f}, {t.f:.2f}, pixel {t.a:g} against {crs.to_string() if crs else 'no CRS'}, origin "
+                f"{truth.width}x{truth.height} pixels, origin {t.c:.2f}, {t.f:.2f}, pixel {t.a:g} against "
+                f"{crs.to_string() if crs else 'no CRS'}, {grid['width']}x{grid['height']} pixels, origin "
                 f"{g.c:.2f}, {g.f:.2f}, pixel {g.a:g} in {where}); expected the true change on the before scene's "
-                "grid: warp it there (gdalwarp -te/-tr, nearest)"
+                f"grid: warp it there, {truth_warp_command(Path(truth_path), grid)}"
             )
+
+
+def truth_warp_command(truth_path: Path, grid: dict) -> str:
+    """How to warp a true change map onto the before scene's ``grid`` (grid_of): a gdalwarp command with the grid's
+    CRS, extent and size (nearest, 255 outside the truth), or the options to use where the grid has no CRS or is
+    rotated."""
+    g, crs = grid["transform"], grid["crs"]
+    if crs is None or g.b or g.d:
+        return "with gdalwarp -t_srs/-te/-ts (nearest neighbour, -dstnodata 255)"
+    west, south, east, north = (float(v) for v in array_bounds(grid["height"], grid["width"], g))
+    srs = f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else crs.to_wkt()
+    target = truth_path.with_name(f"{truth_path.stem}_on_before_grid.tif")
+    return (
+        f"for example gdalwarp -t_srs {files.shell_quoted(srs)} -te {west!r} {south!r} {east!r} {north!r} "
+        f"-ts {grid['width']} {grid['height']} -r near -dstnodata 255 {files.shell_quoted(truth_path)} "
+        f"{files.shell_quoted(target)}"
+    )
 
 
 def accuracy_from_counts(counts: np.ndarray, pixel_m2: float | None) -> dict:

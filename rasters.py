@@ -198,9 +198,11 @@ def ground_pixel_size_estimate(crs: CRS | None, transform: Affine, width: int, h
 
 
 def metric_epsg(crs: CRS, transform: Affine, width: int, height: int) -> int:
-    """The EPSG code of a projected CRS in ground metres for a geographic grid's centre (zone_epsg), Gauss-Kruger
-    for a CGCS2000 grid."""
+    """The EPSG code of a projected CRS in ground metres for the centre of a grid in degrees or in a projection whose
+    metres stretch with latitude (Web Mercator): zone_epsg, Gauss-Kruger for a CGCS2000 grid."""
     lon, lat = transform @ (width / 2, height / 2)  # degrees, as geographic CRSs have them
+    if crs.is_projected:  # map metres: the centre in degrees first
+        (lon,), (lat,) = rasterio.warp.transform(crs, "EPSG:4326", [lon], [lat])
     return zone_epsg(lon, lat, cgcs2000=crs.to_epsg() == 4490)
 
 

@@ -806,9 +806,10 @@ def area_row(scene: Scene, counts: SceneCounts, fields: int | None, mask: Path, 
     predicted before a retraining says which rows are whose."""
     pixel_m2 = pixel_area_m2(scene.crs, scene.transform)
     if pixel_m2 is None:
-        geographic = scene.crs is not None and scene.crs.is_geographic
+        # Degrees or a Mercator projection whose centre lies on the Earth: the zone is known, and so is the command.
+        placed = ground_pixel_size_estimate(scene.crs, scene.transform, scene.width, scene.height) is not None
         fix = "reproject the scene to a projected CRS in ground metres for hectares" + (
-            f", for example: {reprojection_command(scene)}" if geographic else " (UTM or CGCS2000 Gauss-Kruger)"
+            f", for example: {reprojection_command(scene)}" if placed else " (UTM or CGCS2000 Gauss-Kruger)"
         )
         if unnamed := assign_crs_fix(scene):
             fix = f"for hectares, {unnamed}"
@@ -933,8 +934,8 @@ def warn_geographic_size(scene: Scene, trained: float) -> None:
 
 
 def reprojection_command(scene: Scene, pixel_m: float = 0.0) -> str:
-    """A gdalwarp command that writes a copy of a scene in degrees in ground metres (at ``pixel_m``, 0: GDAL's
-    choice), beside it: CGCS2000 Gauss-Kruger for CGCS2000 scenes in China, UTM otherwise."""
+    """A gdalwarp command that writes a copy of a scene in degrees or in Mercator in ground metres (at ``pixel_m``,
+    0: GDAL's choice), beside it: CGCS2000 Gauss-Kruger for CGCS2000 scenes in China, UTM otherwise."""
     epsg = metric_epsg(scene.crs, scene.transform, scene.width, scene.height)
     size = f" -tr {pixel_m:g} {pixel_m:g}" if pixel_m > 0 else ""
     target = scene.path.with_name(f"{scene.path.stem}_{epsg}.tif")

@@ -117,6 +117,13 @@ def test_a_margin_that_hides_most_change_by_the_threshold_is_told() -> None:
     counts.add(cd.change_codes(date(before), date(after), RULE), date(before), date(after), RULE)
     assert (counts.valid, counts.disagree, counts.sure, counts.lost, counts.gained) == (100, 90, 10, 10, 0)
     assert cd.margin_hides_change(counts)  # 10 of the 90 pixels that differ by the threshold pass the margin
+    told = cd.margin_warning("a_to_b", counts, RULE)
+    assert "90.0% of the valid pixels" in told and "only 10.0% pass" in told and "leave 0.3 to 0.7" in told
+    assert "(for example 0.1)" in told
+    # Already at 0.1, the margin to try is a smaller one, not the one just used; the cut is shown as it is (0.435).
+    told = cd.margin_warning("a_to_b", counts, cd.ChangeRule(threshold=0.435, margin=0.1))
+    assert "--change_margin=0.1)" in told and "(for example 0.05)" in told
+    assert "threshold 0.435," in told and "leave 0.335 to 0.535" in told
     before[0, 0::10], after[0, 0::10], before[0, 1::10], after[0, 1::10] = 90, 10, 80, 20  # two more sure losses
     sure = cd.ChangeCounts()
     sure.add(cd.change_codes(date(before), date(after), RULE), date(before), date(after), RULE)
@@ -788,15 +795,56 @@ def test_score_of_a_hand_made_change_map(tmp_path: Path) -> None:
     assert score["lost_predicted"] == pytest.approx(3 * 4 / 1e4) and score["lost_true"] == pytest.approx(3 * 4 / 1e4)
     # gained: 3 pixels predicted, 2 true: an error of 1 pixel (4e-4 ha), half the true area
     assert score["gained_error"] == pytest.approx(4e-4) and score["gained_relative_error"] == pytest.approx(0.5)
-    with pytest.raises(cd.DataError, match=r"t2.tif: 3x2 pixels, expected the before scene's grid of 5x2"):
+    with pytest.raises(cd.DataError, match=r"t2.tif: lies on another grid .*3x2 pixels.* 5x2 pixels.*gdalwarp"):
         cd.score_change(paths[0], write_geotiff(tmp_path / "t2.tif", truth[None, :, :3]))
     moved = geotiff(tmp_path / "t3.tif", truth[None], crs=CRS, transform=TRANSFORM @ Affine.translation(1, 0))
     with pytest.raises(cd.DataError, match=r"t3.tif: lies on another grid than the before scene .*origin 500002.00"):
         cd.score_change(paths[0], moved)
+
     binary = write_geotiff(tmp_path / "t4.tif", np.where(truth == 2, 255, 1).astype(np.uint8)[None])
     assert cd.score_change(paths[0], binary)["lost_iou"] == 0.0  # 255 is unknown: nothing left to score
     with pytest.raises(cd.DataError, match=r"t5.tif: holds the values \[0, 1, 3, 7, 255\]; expected the change codes"):
         cd.score_change(paths[0], write_geotiff(tmp_path / "t5.tif", np.where(truth == 2, 7, truth)[None]))
+
+
+def test_a_true_change_map_on_another_crs_is_refused_with_the_warp_that_puts_it_on_the_before_grid(
+    tmp_path: Path,
+) -> None:
+    # A before scene downloaded in Web Mercator and the true change drawn on the land survey's Gauss-Kruger grid:
+    # sizes and CRSs differ. The refusal names both grids and the gdalwarp command; that warp is then accepted.
+    truth = np.tile(np.array([[0, 1, 2, 3]], np.uint8), (24, 6))
+    gauss_kruger = Affine(0.8, 0.0, 607512.0, 0.0, -0.8, 4041694.0)
+    survey = geotiff(tmp_path / "truth.tif", truth[None], crs="EPSG:4547", transform=gauss_kruger)
+    grid = rasterio.warp.calculate_default_transform(
+        "EPSG:4547", "EPSG:3857", 24, 24, 607512, 4041674.8, 607531.2, 4041694, resolution=0.597
+    )
+    before = {"crs": rasterio.crs.CRS.from_epsg(3857), "transform": grid[0], "width": grid[1], "height": grid[2]}
+    with pytest.raises(cd.DataError) as refused:
+        cd.check_truth(survey, before, "before.tif")
+    message = str(refused.value)
+    assert f"--change_truth={survey}: lies on another grid than the before scene (EPSG:4547, 24x24 pixels" in message
+    command = message.split("for example ")[1].split()
+    assert command[:3] == ["gdalwarp", "-t_srs", "EPSG:3857"] and command[-1].endswith("truth_on_before_grid.tif")
+    west, south, east, north = map(float, command[command.index("-te") + 1 : command.index("-te") + 5])
+    width, height = map(int, command[command.index("-ts") + 1 : command.index("-ts") + 3])
+    assert command[command.index("-r") + 1] == "near" and command[command.index("-dstnodata") + 1] == "255"
+    warped_grid = rasterio.transform.from_bounds(west, south, east, north, width, height)
+    warped = np.full((height, width), 255, np.uint8)
+    rasterio.warp.reproject(
+        truth,
+        warped,
+        src_transform=gauss_kruger,
+        src_crs="EPSG:4547",
+        dst_transform=warped_grid,
+        dst_crs="EPSG:3857",
+        dst_nodata=255,
+    )
+    target = geotiff(Path(command[-1]), warped[None], crs="EPSG:3857", transform=warped_grid)
+    cd.check_truth(target, before, "before.tif")  # on the before grid now: accepted
+    # A truth without a CRS of another size is taken as pixels: the refusal says what to give it.
+    with pytest.raises(cd.DataError, match=r"3x2 pixels, expected the before scene's grid .* give it the before"):
+        plain = geotiff(tmp_path / "plain.tif", truth[None, :2, :3], crs=None, transform=Affine.identity())
+        cd.check_truth(plain, before, "before.tif")
 
 
 def test_a_tuned_threshold_on_a_half_percent_rounds_the_cuts_inwards() -> None:

@@ -223,13 +223,18 @@ def test_a_tiles_csv_row_in_ground_metres_keeps_its_size_whatever_its_width_cell
     assert training.row_pixel_size(mercator) == pytest.approx(0.3828, rel=1e-3)
 
 
-def test_a_scene_in_a_local_engineering_crs_is_predicted_on_its_own_pixels(state: dict, tmp_path: Path) -> None:
-    # A drone mosaic in a site's local metres (LOCAL_CS) is on no place of the globe: no ground size, no crash.
+def test_a_scene_in_a_local_engineering_crs_is_predicted_on_its_own_pixels(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A drone mosaic in a site's local metres (LOCAL_CS) is on no place of the globe: no ground size, no crash,
+    # and no reprojection command into a zone made up from its metres read as degrees.
     local = 'LOCAL_CS["Site",LOCAL_DATUM["Site",0],UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]'
     source = write_geotiff(tmp_path / "in" / "site.tif", scene_pixels(), crs=local, transform=FINE)
     assert rasterio.open(source).crs is not None
-    mask = predicted_mask(tmp_path / "run", source, checkpoint_at(state, tmp_path, 0.8))
+    with caplog.at_level(logging.WARNING, logger="scene"):
+        mask = predicted_mask(tmp_path / "run", source, checkpoint_at(state, tmp_path, 0.8))
     assert mask.shape == scene_pixels().shape[1:]
+    assert "areas are left empty" in caplog.text and "gdalwarp" not in caplog.text
 
 
 def test_mercator_tiles_of_several_latitudes_are_told_to_be_reprojected_into_ground_metres(

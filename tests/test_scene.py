@@ -578,8 +578,14 @@ def test_image_size_reads_png_and_jpeg_headers(tmp_path: Path) -> None:
         ("EPSG:4326", Affine(0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0), "a geographic CRS", "-t_srs EPSG:32632 "),
         # CGCS2000 at 108.3 degrees east: the 3-degree Gauss-Kruger zone of central meridian 108E.
         ("EPSG:4490", Affine(0.0001, 0.0, 108.3, 0.0, -0.0001, 34.2), "a geographic CRS", "-t_srs EPSG:4545 "),
-        # Web Mercator's 1 m map pixels at 36.5 degrees north cover 0.65 m2: hectares would be 55 % too large.
-        ("EPSG:3857", Affine(1.0, 0.0, 13024000.0, 0.0, -1.0, 4369000.0), "a Mercator projection", "Gauss-Kruger)"),
+        # Web Mercator's 1 m map pixels at 36.5 degrees north cover 0.65 m2: hectares would be 55 % too large. Its
+        # centre, 117.0 E, lies in UTM zone 50: the command reprojects the download there.
+        (
+            "EPSG:3857",
+            Affine(1.0, 0.0, 13024000.0, 0.0, -1.0, 4369000.0),
+            "a Mercator projection",
+            "-t_srs EPSG:32650 ",
+        ),
     ],
 )
 def test_geographic_crs_gives_fractions_without_hectares(
