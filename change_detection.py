@@ -687,29 +687,54 @@ def check_truth(truth_path: Path, grid: dict, where: str) -> None:
                 f"scene's grid of {grid['width']}x{grid['height']} ({where}); a truth without a CRS is taken as the "
                 "before scene's pixels: give it the before scene's size, or its CRS and geotransform and warp it there"
             )
-        if truth.crs is not None and (not same_size or not same_crs(truth.crs, crs) or not t.almost_equals(g, 1e-9)):
+        on_grid = same_size and same_crs(truth.crs, crs) and same_pixels(t, g, grid["width"], grid["height"])
+        if truth.crs is not None and not on_grid:
             raise DataError(
                 f"--change_truth={truth_path}: lies on another grid than the before scene ({truth.crs.to_string()}, "
-                f"{truth.width}x{truth.height} pixels, origin {t.c:.2f}, {t.f:.2f}, pixel {t.a:g} against "
+                f"{truth.width}x{truth.height} pixels, origin {t.c:.12g}, {t.f:.12g}, pixel {t.a:g} against "
                 f"{crs.to_string() if crs else 'no CRS'}, {grid['width']}x{grid['height']} pixels, origin "
-                f"{g.c:.2f}, {g.f:.2f}, pixel {g.a:g} in {where}); expected the true change on the before scene's "
-                f"grid: warp it there, {truth_warp_command(Path(truth_path), grid)}"
+                f"{g.c:.12g}, {g.f:.12g}, pixel {g.a:g} in {where}); expected the true change on the before scene's "
+                f"grid: {truth_warp_command(Path(truth_path), grid)}"
             )
 
 
+def same_pixels(first: Affine, second: Affine, width: int, height: int) -> bool:
+    """Whether two geotransforms put the pixels of a ``width`` x ``height`` grid at the same places: each corner
+    within a millionth of a pixel, so that float noise in large map coordinates (a unit in the last place of a Web
+    Mercator or a southern UTM origin, above almost_equals' 1e-9) is no move, whatever the pixel size."""
+    if not second.determinant:  # no pixel grid at all
+        return first == second
+    to_second = ~second @ first
+    corners = ((0, 0), (width, 0), (0, height), (width, height))
+    return all(math.dist(to_second @ corner, corner) < 1e-6 for corner in corners)
+
+
 def truth_warp_command(truth_path: Path, grid: dict) -> str:
-    """How to warp a true change map onto the before scene's ``grid`` (grid_of): a gdalwarp command with the grid's
-    CRS, extent and size (nearest, 255 outside the truth), or the options to use where the grid has no CRS or is
-    rotated."""
+    """How to put a true change map on the before scene's ``grid`` (grid_of): a gdalwarp command with the grid's
+    CRS (its EPSG code where that names the same CRS, else its WKT), extent and size (nearest, 255 outside the
+    truth); for a grid without a CRS, or rotated or south-up (gdalwarp -te/-ts writes north-up grids only), what to
+    do instead."""
     g, crs = grid["transform"], grid["crs"]
-    if crs is None or g.b or g.d:
-        return "with gdalwarp -t_srs/-te/-ts (nearest neighbour, -dstnodata 255)"
-    west, south, east, north = (float(v) for v in array_bounds(grid["height"], grid["width"], g))
-    srs = f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else crs.to_wkt()
+    size = f"{grid['width']}x{grid['height']}"
     target = truth_path.with_name(f"{truth_path.stem}_on_before_grid.tif")
+    if crs is None:
+        return (
+            f"the before scene has no CRS, so nothing can be warped onto it: give the truth its {size} pixels and "
+            "no CRS (taken as the same pixels), or name the before scene's CRS (gdal_translate -a_srs EPSG:xxxx)"
+        )
+    if g.b or g.d or g.a < 0 or g.e > 0:
+        return (
+            "the before grid is rotated or south-up, which gdalwarp -te/-ts cannot write: warp the truth into a copy "
+            "of the before grid holding 255, for example gdal_create -if <before scene> -bands 1 -ot Byte -burn 255 "
+            f"-a_nodata 255 {files.shell_quoted(target)}, then gdalwarp -r near {files.shell_quoted(truth_path)} "
+            f"{files.shell_quoted(target)}"
+        )
+    west, south, east, north = (float(v) for v in array_bounds(grid["height"], grid["width"], g))
+    code = crs.to_epsg()  # confidence 70: where that names another CRS, the warped truth would be refused again
+    srs = f"EPSG:{code}" if code and same_crs(rasterio.crs.CRS.from_epsg(code), crs) else crs.to_wkt()
     return (
-        f"for example gdalwarp -t_srs {files.shell_quoted(srs)} -te {west!r} {south!r} {east!r} {north!r} "
-        f"-ts {grid['width']} {grid['height']} -r near -dstnodata 255 {files.shell_quoted(truth_path)} "
+        f"warp it there, for example gdalwarp -t_srs {files.shell_quoted(srs)} -te {west!r} {south!r} {east!r} "
+        f"{north!r} -ts {grid['width']} {grid['height']} -r near -dstnodata 255 {files.shell_quoted(truth_path)} "
         f"{files.shell_quoted(target)}"
     )
 

@@ -132,10 +132,12 @@ WINDOWS_SPECIAL = frozenset(" &()[]{}^=;!'+,`~%")  # characters cmd.exe needs a 
 
 
 def shell_quoted(path: Path | str) -> str:
-    """A path as a command in a message shows it, quoted where it needs to be for the user's shell: double
-    quotes on Windows (cmd.exe and the OSGeo4W shell keep single ones), POSIX quoting elsewhere."""
+    """A path (or a CRS's WKT) as a command in a message shows it, quoted where it needs to be for the user's shell:
+    double quotes on Windows (cmd.exe and the OSGeo4W shell keep single ones), POSIX quoting elsewhere."""
     text = str(path)
     if os.name == "nt":
+        if '"' in text:  # a CRS's WKT (no path holds one): its quotes escaped as programs read their arguments
+            return '"' + text.replace('"', '\\"') + '"'
         return f'"{text}"' if any(c in text for c in WINDOWS_SPECIAL) else text
     return shlex.quote(text)
 

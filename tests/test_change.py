@@ -8,6 +8,7 @@ import csv
 import functools
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from rasterio.transform import Affine
 import change
 import change_detection as cd
 import demo_data
+import files
 import scene
 from config import Config
 from data_preprocess import write_image
@@ -798,7 +800,7 @@ def test_score_of_a_hand_made_change_map(tmp_path: Path) -> None:
     with pytest.raises(cd.DataError, match=r"t2.tif: lies on another grid .*3x2 pixels.* 5x2 pixels.*gdalwarp"):
         cd.score_change(paths[0], write_geotiff(tmp_path / "t2.tif", truth[None, :, :3]))
     moved = geotiff(tmp_path / "t3.tif", truth[None], crs=CRS, transform=TRANSFORM @ Affine.translation(1, 0))
-    with pytest.raises(cd.DataError, match=r"t3.tif: lies on another grid than the before scene .*origin 500002.00"):
+    with pytest.raises(cd.DataError, match=r"t3.tif: lies on another grid than the before scene .*origin 500002,"):
         cd.score_change(paths[0], moved)
 
     binary = write_geotiff(tmp_path / "t4.tif", np.where(truth == 2, 255, 1).astype(np.uint8)[None])
@@ -845,6 +847,51 @@ def test_a_true_change_map_on_another_crs_is_refused_with_the_warp_that_puts_it_
     with pytest.raises(cd.DataError, match=r"3x2 pixels, expected the before scene's grid .* give it the before"):
         plain = geotiff(tmp_path / "plain.tif", truth[None, :2, :3], crs=None, transform=Affine.identity())
         cd.check_truth(plain, before, "before.tif")
+
+
+def test_a_truth_on_the_before_grid_but_for_float_noise_is_accepted_and_a_warp_told_is_accepted_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truth = np.tile(np.array([[0, 1, 2, 3]], np.uint8), (8, 2))
+    # A Web Mercator origin one unit in the last place off (1.9e-9 m, above almost_equals' 1e-9): the same pixels.
+    grid = Affine(0.6, 0.0, 13024000.3, 0.0, -0.6, 4369000.7)
+    before = {"crs": rasterio.crs.CRS.from_epsg(3857), "transform": grid, "width": 8, "height": 8}
+    noisy = Affine(0.6, 0.0, float(np.nextafter(13024000.3, 2e7)), 0.0, -0.6, 4369000.7)
+    cd.check_truth(geotiff(tmp_path / "noisy.tif", truth[None], crs="EPSG:3857", transform=noisy), before, "b.tif")
+    moved = geotiff(tmp_path / "moved.tif", truth[None], crs="EPSG:3857", transform=grid @ Affine.translation(0.01, 0))
+    with pytest.raises(cd.DataError, match=r"origin 13024000.306, 4369000.7, pixel 0.6 against .*origin 13024000.3,"):
+        cd.check_truth(moved, before, "b.tif")  # a hundredth of a pixel is a move, and the message shows it
+    # Beijing 1954 Gauss-Kruger without its datum shift: PROJ guesses EPSG:2436 at confidence 70, a CRS it does not
+    # equal; a truth warped there would be refused again. The command names the grid's own CRS, which is accepted.
+    beijing = rasterio.crs.CRS.from_proj4("+proj=tmerc +lon_0=117 +k=1 +x_0=500000 +ellps=krass +units=m +no_defs")
+    gk = Affine(0.5, 0.0, 512345.0, 0.0, -0.5, 4031234.0)
+    before = {"crs": beijing, "transform": gk, "width": 8, "height": 8}
+    survey = geotiff(
+        tmp_path / "survey.tif", truth[None], crs="EPSG:4326", transform=Affine(5e-6, 0, 117.13763, 0, -5e-6, 36.41105)
+    )
+    with pytest.raises(cd.DataError) as refused:
+        cd.check_truth(survey, before, "b.tif")
+    command = shlex.split(str(refused.value).split("for example ")[1])
+    srs = rasterio.crs.CRS.from_user_input(command[command.index("-t_srs") + 1])
+    warped = np.full((8, 8), 255, np.uint8)
+    rasterio.warp.reproject(truth, warped, src_transform=Affine(5e-6, 0, 117.13763, 0, -5e-6, 36.41105),
+                            src_crs="EPSG:4326", dst_transform=gk, dst_crs=srs, dst_nodata=255)  # fmt: skip
+    assert (warped != 255).sum() > 16  # the survey covers the grid's corner
+    cd.check_truth(geotiff(tmp_path / "warped.tif", warped[None], crs=srs, transform=gk), before, "b.tif")
+    # gdalwarp -te/-ts writes north-up grids: a south-up grid gets no -te (its south above its north), and a grid
+    # without a CRS no -t_srs.
+    with pytest.raises(cd.DataError, match=r"rotated or south-up, which gdalwarp -te/-ts cannot write") as refused:
+        cd.check_truth(survey, {**before, "transform": Affine(0.5, 0.0, 512345.0, 0.0, 0.5, 4031234.0)}, "b.tif")
+    assert "-te" not in str(refused.value).split("gdalwarp -te/-ts")[1]
+    with pytest.raises(cd.DataError, match=r"the before scene has no CRS, so nothing can be warped onto it"):
+        cd.check_truth(survey, {**before, "crs": None}, "b.tif")
+    # On Windows the WKT is double-quoted with its own quotes escaped, as gdalwarp reads its arguments back.
+    truth_path = tmp_path / "truth.tif"
+    with monkeypatch.context() as windows:  # undone before the asserts, which pytest reports with paths
+        windows.setattr(files.os, "name", "nt")
+        quoted = cd.truth_warp_command(truth_path, before).split("-t_srs ")[1].split(" -te ")[0]
+    assert quoted[0] == quoted[-1] == '"' and '"' not in quoted[1:-1].replace('\\"', "")
+    assert quoted[1:-1].replace('\\"', '"') == beijing.to_wkt()
 
 
 def test_a_tuned_threshold_on_a_half_percent_rounds_the_cuts_inwards() -> None:
