@@ -297,8 +297,8 @@ def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
         )
     same_size = (before.width, before.height) == (after.width, after.height)
     if before.crs is None:
-        # As with a CRS below: almost_equals' default 1e-5 spans pixels of a world file in degrees (2.7e-6 at 0.3 m).
-        if same_size and before.transform.almost_equals(after.transform, 1e-9):
+        # As with a CRS below: judged in pixels (same_pixels), as a world file in degrees has pixels of 2.7e-6 at 0.3 m.
+        if same_size and same_pixels(before.transform, after.transform, before.width, before.height):
             return True
         if same_size:  # placed by geotransforms (world files) alone, at other places or pixel sizes
             b, a = before.transform, after.transform
@@ -312,7 +312,11 @@ def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
             f"{names}: neither has a CRS, and their grids differ ({before.width}x{before.height} against "
             f"{after.width}x{after.height} pixels); expected the same size, or georeference both"
         )
-    if same_size and same_crs(before.crs, after.crs) and before.transform.almost_equals(after.transform, 1e-9):
+    if (
+        same_size
+        and same_crs(before.crs, after.crs)
+        and same_pixels(before.transform, after.transform, before.width, before.height)
+    ):
         return True
     west, south, east, north = array_bounds(before.height, before.width, before.transform)
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -987,6 +988,24 @@ def test_world_files_in_degrees_that_place_two_dates_apart_are_refused_and_told_
         after = SimpleNamespace(**{**vars(before), "path": tmp_path / "b.jpg", "transform": transform})
         with pytest.raises(cd.DataError, match=f"geotransforms differ .*against {shown}"):
             cd.check_grids(before, after)
+
+
+def test_two_dates_whose_origins_differ_by_float_noise_are_one_grid(tmp_path: Path) -> None:
+    # A Web Mercator origin of 13 million metres one unit in the last place off (2e-9 m): above almost_equals'
+    # 1e-9, it was resampled needlessly with a CRS and refused as "placed apart" without one.
+    origin = Affine(0.6, 0, 13024000.3, 0, -0.6, 4369000.7)
+    noisy = Affine(0.6, 0, math.nextafter(13024000.3, math.inf), 0, -0.6, 4369000.7)
+    assert not origin.almost_equals(noisy, 1e-9)
+    for crs in (rasterio.crs.CRS.from_epsg(3857), None):
+        before, after = (
+            SimpleNamespace(path=tmp_path / f"{name}.tif", crs=crs, transform=t, width=100, height=100)
+            for name, t in (("a", origin), ("b", noisy))
+        )
+        assert cd.check_grids(before, after)
+    # A hundredth of a pixel is a move.
+    moved = SimpleNamespace(**{**vars(before), "transform": origin * Affine.translation(0.01, 0)})
+    with pytest.raises(cd.DataError, match="geotransforms differ"):
+        cd.check_grids(before, moved)
 
 
 def test_each_dates_farmland_is_its_own_mask_at_a_threshold_on_a_whole_percent(
