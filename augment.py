@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 import cli
 from data_preprocess import (
+    IGNORE,
     DataError,
+    mask_to_classes,
     original_training_pairs,
     parse_bands,
     png_holds,
@@ -52,22 +54,27 @@ def choose_tiles(n: int, probability: float, seed: int) -> np.ndarray:
     return np.flatnonzero(np.random.default_rng(seed).random(n) < probability)
 
 
-Sample = tuple[Path, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]  # tile, image, mask, flips
+# tile, image, mask classes (0, 1, IGNORE), flips of both
+Sample = tuple[Path, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
 
 
 def preview(samples: list[Sample], path: Path, bands: Sequence[int] = (), shown: Sequence[int] = ()) -> None:
     """Save a figure: each row is a tile and its mask, then each flip and its mask; ``bands``: the tiles' bands
-    (the ``bands`` key), as training reads them, of which those at ``shown`` (shown_channels) are shown."""
+    (the ``bands`` key), as training reads them, of which those at ``shown`` (shown_channels) are shown; masks
+    as classes: farmland white, background black, unlabelled grey."""
     plt = pyplot()
 
     columns = 2 + 2 * len(FLIPS)
     fig, axes = plt.subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)
     for ax_row, (tile, image, mask, flips) in zip(axes, samples):
-        panels = [("original", photo_to_show(image, tile, bands, shown)), ("mask", mask[:, :, 0])]
+        panels = [("original", photo_to_show(image, tile, bands, shown)), ("mask", mask)]
         for name, (flipped, flipped_mask) in flips.items():
-            panels += [(name, photo_to_show(flipped, tile, bands, shown)), (f"{name} mask", flipped_mask[:, :, 0])]
+            panels += [(name, photo_to_show(flipped, tile, bands, shown)), (f"{name} mask", flipped_mask)]
         for ax, (title, array) in zip(ax_row, panels):
-            ax.imshow(array, cmap="gray")
+            if title.endswith("mask"):  # on a fixed scale: scaled to its own values, one all farmland was black
+                ax.imshow(np.where(array == IGNORE, 0.5, array), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(array, cmap="gray")
             ax.set_title(title, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -112,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             added.append((out_dir / "images" / image_name, out_dir / "labels" / mask_name))
             flips[flip] = (flipped, flipped_mask)
         if len(samples) < cfg.preview_count:
-            samples.append((image_path, image, mask, flips))
+            classes = mask_to_classes(mask, mask_path, cfg.mask_threshold, cfg.ignore_index)
+            shown_flips = {flip: (flipped, np.flip(classes, FLIPS[flip])) for flip, (flipped, _) in flips.items()}
+            samples.append((image_path, image, classes, shown_flips))
     write_pair_list(train_list, originals + added)
     if samples:
         preview(samples, run_dir / "figures" / "augment_preview.png", bands, shown)

@@ -897,7 +897,15 @@ def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float 
             trained,
         )
     size = ground_pixel_size(scene.crs, scene.transform, scene.width, scene.height)
-    if trained > 0 and size is None:
+    if trained > 0 and size is None and scene.crs is None:
+        LOG.info(
+            "%s: no CRS, so its pixel size is unknown: predicted on its own pixels, taken to be the model's %.3g m "
+            "(a scene of other pixels, 0.5 m for a model of 1 m say, gives poorer masks; a GeoTIFF of it with a CRS "
+            "would be resampled to the model's size)",
+            scene.path,
+            trained,
+        )
+    elif trained > 0 and size is None:
         warn_geographic_size(scene, trained)
     if trained <= 0 or size is None or abs(size / trained - 1) < SAME_PIXEL_SIZE:
         return None

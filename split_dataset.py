@@ -144,6 +144,7 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
             else:
                 reason += f"; if masks are named <image name>{suffix}, pass --mask_suffix={suffix}"
         scan.rejected.append((path, "orphan", reason))
+    lone_images = sorted(stem for stem in images if stem not in masks)
     for stem in sorted(set(images) | set(masks)):
         found_images, found_masks = images.get(stem, []), masks.get(stem, [])
         if len(found_images) > 1 or len(found_masks) > 1:
@@ -152,7 +153,15 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
         elif not found_masks:
             scan.rejected.append((found_images[0], "orphan", f"no mask {stem}{mask_suffix}.png in {label_dir}"))
         elif not found_images:
-            scan.rejected.append((found_masks[0], "orphan", f"no image {stem}.png/.jpg/.tif in {image_dir}"))
+            reason = f"no image {stem}.png/.jpg/.tif in {image_dir}"
+            if extra := suffix_after_mask(stem, lone_images):
+                image = images[f"{stem}{extra}"][0]
+                reason += (
+                    f"; the image {image.name} has no mask of its own and is named as this mask's image with "
+                    f"'{extra}' added (DeepGlobe's <id>_sat.jpg beside <id>_mask.png, say): tiles pair with masks "
+                    f"by name alone, so rename the images without '{extra}' ({stem}{image.suffix})"
+                )
+            scan.rejected.append((found_masks[0], "orphan", reason))
         else:
             scan.pairs.append((found_images[0], found_masks[0]))
     return scan
@@ -177,6 +186,16 @@ def suffix_after_image(mask_stem: str, images: Collection[str]) -> str:
     for end in range(len(mask_stem) - 1, 0, -1):
         if mask_stem[:end] in images:
             return mask_stem[end:]
+    return ""
+
+
+def suffix_after_mask(mask_base: str, lone_images: Sequence[str]) -> str:
+    """What an image stem without a mask adds after ``mask_base``, the name a mask gives its image ("_sat" for
+    image 1_sat beside mask 1_mask); empty when no such image stem begins ``mask_base`` and then a separator
+    (_ - . or space), so that image t10 is not taken for t1's."""
+    for stem in lone_images:
+        if stem.startswith(mask_base) and stem[len(mask_base) : len(mask_base) + 1] in ("_", "-", ".", " "):
+            return stem[len(mask_base) :]
     return ""
 
 
@@ -246,6 +265,7 @@ def check_ratios(ratios: Sequence[float]) -> None:
 
 BALANCE_TOLERANCE = 0.25  # val's and test's farmland share within this fraction of the rarer class's share
 BALANCE_TRIES = 2000  # shuffles drawn before the closest one is taken
+TILED_NAMES = r"^(.+)_r\d+c\d+$"  # <scene>_r<row>c<col>: make_tiles.py's tile names, the docs' --group_pattern
 
 
 def imbalance(order: np.ndarray, counts: Sequence[int], farmland: np.ndarray, labelled: np.ndarray) -> float:
@@ -430,6 +450,17 @@ def _log_rejected(rejected: Sequence[tuple[Path, str, str]]) -> None:
 def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
     """Each usable pair's scene (scene_groups), warning about the names ``pattern`` does not match."""
     groups, unmatched = scene_groups(usable, pattern)
+    if not pattern and len(usable) > 1:
+        scenes, left = scene_groups(usable, TILED_NAMES)
+        if not left and len(set(scenes)) > 1:
+            LOG.info(
+                "the %d tile names all read <scene>_r<row>c<col>, from %d scenes, but no --group_pattern is given: "
+                "tiles are split one by one, so val and test tiles neighbour training tiles of their scene and score "
+                "higher than new scenes would; --group_pattern='%s' keeps each scene in one split",
+                len(usable),
+                len(set(scenes)),
+                TILED_NAMES,
+            )
     if pattern and len(usable) > 1 and len(set(groups)) == 1:
         raise ValueError(
             f"--group_pattern='{pattern}' puts all {len(usable)} tiles in one scene ({groups[0]!r}), which leaves "
@@ -505,6 +536,31 @@ def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path, ig
     )
 
 
+def warn_no_farmland(
+    splits: dict[str, list[tuple[Path, Path]]], pixels_of: dict[tuple[Path, Path], tuple[int, int]]
+) -> None:
+    """Warn when the val or test split holds tiles but not one farmland pixel, while the set holds some
+    (``pixels_of``: each pair's farmland and labelled pixels): no epoch or threshold can be chosen on such a val
+    split, and a test split without farmland scores a farmland IoU of 0 whenever the network calls any."""
+    if not any(pixels_of[p][0] for pairs in splits.values() for p in pairs):
+        return  # no farmland anywhere: warned of as such
+    purposes = {
+        "val": "training cannot choose its best epoch or tune its threshold on it (it keeps the last epoch at 0.5)",
+        "test": "its farmland IoU is 0 wherever the network calls any farmland, whatever the network has learned",
+    }
+    for name, purpose in purposes.items():
+        if splits[name] and not any(pixels_of[p][0] for p in splits[name]):
+            LOG.warning(
+                "the %s split holds no farmland in its %d tile(s), though the set holds some: %s. Draw another "
+                "split (--seed=N; --stratify=true, the default, balances farmland across the splits where the "
+                "scenes allow it), or give %s a larger share (--split_ratios)",
+                name,
+                len(splits[name]),
+                purpose,
+                name,
+            )
+
+
 def warn_replaced_splits(run_dir: Path, splits: dict[str, list[tuple[Path, Path]]]) -> None:
     """Before the lists of an earlier split in ``run_dir`` are replaced: warn when they held augment.py's flipped
     copies, which the new training list leaves out, and when the split changed under a model already trained."""
@@ -577,6 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     warn_few_scenes(summary.get("groups", {}))
     _log_summary(summary, len(usable), out / "rejected.csv", cfg.ignore_index)
+    warn_no_farmland(splits, pixels_of)
     if summary["errors"]:
         LOG.error("%d file(s) are unusable and were left out; fix them (messages above) and re-run", summary["errors"])
         return 1

@@ -16,7 +16,9 @@ from conftest import declare_size, write_geotiff
 from PIL import Image
 from rasterio.transform import Affine
 
+import augment
 import files
+import split_dataset
 from data_preprocess import (
     IGNORE,
     DataError,
@@ -617,3 +619,27 @@ def test_images_of_an_unsupported_pixel_type_get_the_conversion_to_make(tmp_path
     for dtype, target in ((np.int8, "-ot Byte"), (np.int16, "-ot UInt16"), (np.int32, "-ot UInt16")):
         with pytest.raises(DataError, match=rf"pixel type {np.dtype(dtype)} is not supported.* {target} "):
             image_to_float(np.zeros((2, 2, 3), dtype), 3, tmp_path / "a.tif")
+
+
+def test_the_augment_preview_draws_a_mask_all_farmland_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each mask panel was scaled to its own values: a tile all farmland (common in real scenes) came out black,
+    # as if it held none.
+    rng = np.random.default_rng(0)
+    for i, farmland in enumerate((255, 0, 255, 0)):
+        write_image(tmp_path / "data" / "images" / f"t{i}.png", (rng.random((32, 32, 3)) * 255).astype(np.uint8))
+        write_image(tmp_path / "data" / "labels" / f"t{i}_mask.png", np.full((32, 32), farmland, np.uint8))
+    paths = [f"--data_dir={tmp_path / 'data'}", f"--run_dir={tmp_path / 'run'}"]
+    assert split_dataset.main([*paths, "--split_ratios=1,0,0"]) == 0
+    figures = []
+    monkeypatch.setattr(augment, "save_figure", lambda fig, path: figures.append(fig))
+    assert augment.main([*paths, "--aug_prob=1", "--preview_count=4"]) == 0
+    (figure,) = figures
+    rows = np.array(figure.axes).reshape(4, -1)
+    shown = {0: 0, 255: 0}
+    for row in rows:
+        for ax in row[1::2]:  # the mask panels
+            image = ax.get_images()[0]
+            colour = float(image.to_rgba(image.get_array())[..., 0].mean())
+            assert colour in (0.0, 1.0)
+            shown[255 if colour == 1.0 else 0] += 1
+    assert shown == {0: 6, 255: 6}  # two tiles of each, three mask panels a tile

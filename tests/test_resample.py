@@ -16,6 +16,7 @@ from test_scene import CRS, TRANSFORM, run_predict, scene_pixels, spread_state, 
 
 import scene
 import training
+from data_preprocess import write_image
 from training import tiles_pixel_size
 
 
@@ -108,6 +109,23 @@ def test_pixel_size_m_given_to_predict_stands_for_a_checkpoint_without_one(
     with caplog.at_level(logging.INFO, logger="scene"):
         predicted_mask(tmp_path / "run2", fine, checkpoint_at(state, tmp_path, 1.0), "--pixel_size_m=2")
     assert "--pixel_size_m=2 is left unused" in caplog.text and "predicted at the model's size" not in caplog.text
+
+
+def test_a_scene_without_a_crs_is_said_to_be_taken_at_the_models_pixel_size(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A PNG or JPEG scene (DeepGlobe's 0.5 m JPEGs, say) fed to a model of 1 m tiles was predicted on its own
+    # pixels without a word, where a GeoTIFF is resampled to the model's size.
+    source = tmp_path / "in" / "scene.png"
+    write_image(source, scene_pixels().transpose(1, 2, 0))
+    with caplog.at_level(logging.INFO, logger="scene"):
+        assert run_predict(tmp_path / "run", checkpoint_at(state, tmp_path, 1.0), source, "--polygons=false") == 0
+    said = "scene.png: no CRS, so its pixel size is unknown: predicted on its own pixels, taken to be the model's 1 m"
+    assert said in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scene"):  # a model without a pixel size: nothing to take
+        assert run_predict(tmp_path / "run2", checkpoint_at(state, tmp_path, 0.0), source, "--polygons=false") == 0
+    assert "its pixel size is unknown" not in caplog.text
 
 
 def test_a_scene_of_the_models_pixel_size_is_not_resampled(state: dict, tmp_path: Path) -> None:

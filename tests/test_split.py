@@ -15,7 +15,7 @@ from rasterio.transform import Affine
 import split_dataset
 from data_preprocess import read_image, read_pair_list, scene_groups, write_image, write_pair_list
 from files import DataError
-from split_dataset import BALANCE_TOLERANCE, find_pairs, imbalance, split_counts, split_pairs, split_share
+from split_dataset import BALANCE_TOLERANCE, SPLIT_NAMES, find_pairs, imbalance, split_counts, split_pairs, split_share
 
 
 def run_split(data_dir: Path, run_dir: Path, *extra: str) -> int:
@@ -146,6 +146,25 @@ def test_images_and_masks_in_one_folder_pair_without_false_orphans(tmp_path: Pat
     assert "no mask lonely_label.png" in found["lonely.jpg"][1] and "no image ghost" in found["ghost_label.png"][1]
     with pytest.raises(DataError, match=r"tiles: holds both images and masks .* set --mask_suffix"):
         run_split(data, tmp_path / "run2", *shared, "--mask_suffix=")
+
+
+def test_images_named_with_an_extra_suffix_are_named_in_their_masks_orphan_reason(tmp_path: Path) -> None:
+    # DeepGlobe's layout, 1_sat.jpg beside 1_mask.png: every file was an orphan, and the reasons pointed at
+    # --mask_suffix, which cannot pair them; image t10 is not taken for mask t1's image.
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for name in ("1", "2"):
+        image, mask = square_tile(rng)
+        write_image(data / "tiles" / f"{name}_sat.jpg", image)
+        write_image(data / "tiles" / f"{name}_mask.png", mask)
+    image, mask = square_tile(rng)
+    write_image(data / "tiles" / "t10.png", image)
+    write_image(data / "tiles" / "t1_mask.png", mask)
+    scan = find_pairs(data / "tiles", data / "tiles", "_mask")
+    reasons = {path.name: reason for path, _, reason in scan.rejected}
+    assert not scan.pairs and "rename the images without '_sat' (1.jpg)" in reasons["1_mask.png"]
+    assert "the image 2_sat.jpg has no mask of its own" in reasons["2_mask.png"]
+    assert "rename" not in reasons["t1_mask.png"]
 
 
 def test_links_to_nothing_and_folders_named_as_images_are_reported_by_name(tmp_path: Path) -> None:
@@ -597,3 +616,42 @@ def test_two_scenes_leave_val_and_test_without_a_scene_and_say_what_to_do(
     assert "the val split holds no scene, though the best epoch and the threshold are chosen on it" in caplog.text
     assert "the test split holds no scene, though the scores come from it" in caplog.text
     assert "none of the 2 scene(s)" in caplog.text and "holds 0 scene(s)" not in caplog.text
+
+
+def test_a_val_or_test_split_without_farmland_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    # A split by scene put a scene without farmland in val: split_dataset.py only logged "val 0.0" among the
+    # shares, and training then kept its last epoch at 0.5 without a choice.
+    pairs = {name: [(Path(f"{name}{i}.png"), Path(f"{name}{i}_mask.png")) for i in range(2)] for name in SPLIT_NAMES}
+    pixels_of = {p: (0 if name == "val" else 1, 100) for name, ps in pairs.items() for p in ps}
+    with caplog.at_level("WARNING", logger="split_dataset"):
+        split_dataset.warn_no_farmland(pairs, pixels_of)
+    assert "the val split holds no farmland in its 2 tile(s)" in caplog.text and "test split" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="split_dataset"):
+        split_dataset.warn_no_farmland(pairs, dict.fromkeys(pixels_of, (0, 100)))  # none anywhere: warned elsewhere
+        assert not caplog.text
+        # One farmland pixel in 100,000 is a share of 0.0 to 4 places, but farmland.
+        pixels_of |= {pairs["val"][0]: (1, 100_000)} | {p: (0, 100) for p in pairs["test"]}
+        split_dataset.warn_no_farmland(pairs, pixels_of)
+    assert "val split" not in caplog.text and "the test split holds no farmland" in caplog.text
+
+
+def test_tiles_named_by_scene_but_split_by_tile_are_told_of_the_group_pattern(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # make_tiles.py's <scene>_r<row>c<col> names were split tile by tile without a word, which flatters the test
+    # figures with neighbours of training tiles.
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for scene in ("a", "b", "c"):
+        for row in range(3):
+            write_pair(data, f"{scene}_r{row * 256}c0", *square_tile(rng))
+    hint = "all read <scene>_r<row>c<col>, from 3 scenes, but no --group_pattern is given"
+    with caplog.at_level("INFO", logger="split_dataset"):
+        assert run_split(data, tmp_path / "run") == 0
+        assert hint in caplog.text and r"--group_pattern='^(.+)_r\d+c\d+$' keeps each scene" in caplog.text
+        caplog.clear()
+        assert run_split(data, tmp_path / "run2", r"--group_pattern=^(.+)_r\d+c\d+$") == 0
+        write_pair(data, "other", *square_tile(rng))  # not every name is a scene's tile: no advice
+        assert run_split(data, tmp_path / "run3") == 0
+    assert "no --group_pattern is given" not in caplog.text
