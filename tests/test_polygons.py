@@ -183,6 +183,20 @@ def test_a_large_field_is_written_a_block_of_coordinates_at_a_time(
         assert ids.tolist() == [1, 2] and shapely.equals(shapely.from_wkb(geometry[1]), field)
 
 
+def fields_in_pixels(folder: Path, mask: np.ndarray, min_field_pixels: int) -> list[int]:
+    """The pixel counts of the fields scene.write_fields writes for a mask of a scene without a CRS."""
+    profile = {"driver": "GTiff", "width": mask.shape[1], "height": mask.shape[0], "count": 1, "dtype": "uint8"}
+    with rasterio.open(folder / "m_seg.tif", "w", nodata=255, **profile) as dst:
+        dst.write(mask, 1)
+    plain = scene.Scene()
+    plain.path, plain.crs, plain.transform = folder / "m.tif", None, Affine.identity()
+    outputs = scene.scene_outputs(folder, plain.path) | {"mask": folder / "m_seg.tif"}
+    written = scene.write_fields(plain, scene.SceneSettings(min_field_pixels=min_field_pixels), outputs)
+    _, _, _, (_, _, pixels) = pyogrio.raw.read(outputs["gpkg"])
+    assert written == len(pixels)
+    return pixels.tolist()
+
+
 def test_pieces_of_a_sliver_longer_than_the_halo_cap_are_no_fields(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -194,16 +208,7 @@ def test_pieces_of_a_sliver_longer_than_the_halo_cap_are_no_fields(
     mask = np.zeros((60, 12), np.uint8)
     mask[:, 8:] = 1  # a field of 240 pixels
     mask[20:40, 2] = 1  # the sliver
-    profile = {"driver": "GTiff", "width": 12, "height": 60, "count": 1, "dtype": "uint8", "nodata": 255}
-    with rasterio.open(tmp_path / "m_seg.tif", "w", **profile) as dst:
-        dst.write(mask, 1)
-    plain = scene.Scene()
-    plain.path, plain.crs, plain.transform = tmp_path / "m.tif", None, Affine.identity()
-    outputs = scene.scene_outputs(tmp_path, plain.path) | {"mask": tmp_path / "m_seg.tif"}
-    settings = scene.SceneSettings(min_field_pixels=25)
-    assert scene.write_fields(plain, settings, outputs) == 1
-    _, _, _, (_, _, pixels) = pyogrio.raw.read(outputs["gpkg"])
-    assert pixels.tolist() == [240]
+    assert fields_in_pixels(tmp_path, mask, min_field_pixels=25) == [240]
 
 
 def test_a_piece_of_exactly_the_unit_is_kept_and_one_pixel_less_is_removed() -> None:
@@ -259,12 +264,4 @@ def test_a_field_of_exactly_the_unit_is_written(tmp_path: Path) -> None:
     mask[0:5, 0:5] = 1
     mask[7:12, 0:5] = 1
     mask[7, 0] = 0
-    profile = {"driver": "GTiff", "width": 12, "height": 12, "count": 1, "dtype": "uint8", "nodata": 255}
-    with rasterio.open(tmp_path / "m_seg.tif", "w", **profile) as dst:
-        dst.write(mask, 1)
-    plain = scene.Scene()
-    plain.path, plain.crs, plain.transform = tmp_path / "m.tif", None, Affine.identity()
-    outputs = scene.scene_outputs(tmp_path, plain.path) | {"mask": tmp_path / "m_seg.tif"}
-    assert scene.write_fields(plain, scene.SceneSettings(min_field_pixels=25), outputs) == 1
-    _, _, _, (_, _, pixels) = pyogrio.raw.read(outputs["gpkg"])
-    assert pixels.tolist() == [25]
+    assert fields_in_pixels(tmp_path, mask, min_field_pixels=25) == [25]
