@@ -424,8 +424,9 @@ def picked_for_colour(channels: int, shown: Sequence[int] = ()) -> list[int]:
     return [0, 1, 2] if channels >= 3 else [0]
 
 
-def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
-    """The ``bands`` key on an (H, W, C) image: those 1-based bands in that order; all when empty.
+def select_bands(image: np.ndarray, bands: Sequence[int], path: Path, in_channels: int = 0) -> np.ndarray:
+    """The ``bands`` key on an (H, W, C) image: those 1-based bands in that order; all when empty. ``in_channels``,
+    where given: the network's band count, which an image of fewer bands cannot be given by any choice.
 
     Raises:
         DataError: a band number beyond the image's bands.
@@ -433,9 +434,16 @@ def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndar
     if not bands:
         return image
     if max(bands) > image.shape[2]:
+        count = image.shape[2]
+        fix = (
+            f"no choice of them makes the {in_channels} the model was trained on: predict it with a model trained "
+            f"on {count} bands, or use a product of the image with all {in_channels} bands"
+            if count < in_channels
+            else f"choose band numbers from 1 to {count}"
+        )
         raise DataError(
             f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the image has "
-            f"{image.shape[2]} band(s); choose band numbers from 1 to {image.shape[2]}"
+            f"{count} band(s); {fix}"
         )
     return image[:, :, [b - 1 for b in bands]]
 

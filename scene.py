@@ -442,9 +442,16 @@ def open_scene(path: Path, bands: Sequence[int], in_channels: int, trained: str 
     scene = scene_reader(path, warn)
     try:
         if any(b > scene.count for b in bands):
+            fix = (
+                f"choose band numbers from 1 to {scene.count}"
+                if scene.count >= in_channels
+                else f"no choice of them makes the {in_channels} the checkpoint's network was trained on: predict it "
+                f"with a checkpoint trained on {scene.count} bands, or use a product of the scene with all "
+                f"{in_channels} bands"
+            )
             raise DataError(
                 f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the file has "
-                f"{scene.count} band(s); choose band numbers from 1 to {scene.count}"
+                f"{scene.count} band(s); {fix}"
             )
         scene.bands = tuple(bands) or tuple(range(1, scene.count + 1))
         try:
@@ -1084,7 +1091,19 @@ def run_scene(
         "" if row["farmland_area_ha"] is None else f", {row['farmland_area_ha']:.2f} ha",
         "" if fields is None else f", {fields} field(s)",
     )
+    if counts.valid == 0:
+        warn_no_valid_pixel(scene.path)
     return row
+
+
+def warn_no_valid_pixel(path: Path) -> None:
+    """Warn that a scene holds no pixel with data: its row of 0 ha would otherwise read as land without farmland."""
+    LOG.warning(
+        "%s: every pixel is nodata (the declared nodata value, 0 in every band, NaN or transparent), so nothing was "
+        "predicted and its row in farmland_area.csv counts no area; expected imagery: check that the file is the "
+        "export you meant (not an empty clip or a failed mosaic) and predict it again, or remove it from the folder",
+        path,
+    )
 
 
 def remove_stale_outputs(outputs: dict[str, Path], settings: SceneSettings) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from config import Config
 from data_preprocess import (
     check_tile_values,
+    exif_turned,
     image_for_network,
     read_image,
     select_bands,
@@ -59,7 +60,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         path = self.paths[index]
         try:
-            image = trained_bands(select_bands(read_image(path), self.bands, path), self.in_channels, path)
+            image = select_bands(read_image(path), self.bands, path, self.in_channels)
+            image = trained_bands(image, self.in_channels, path)
             check_tile_values(image, path)  # NaN would spread through the network to an all-background mask
             return index, torch.from_numpy(image_for_network(image, self.in_channels, path))
         except DataError as err:
@@ -394,6 +396,24 @@ def _log_plan(
     )
 
 
+def warn_exif_turned(paths: Sequence[Path], outputs: Sequence[Path]) -> None:
+    """Warn of JPEG tiles a viewer shows turned or mirrored (EXIF orientation): they are predicted as stored, as
+    GDAL and QGIS read them, so their masks and overlays do not line up with the photo an image viewer shows."""
+    turned = [(path, output) for path, output in zip(paths, outputs) if exif_turned(path)]
+    if turned:
+        LOG.warning(
+            "%d JPEG tile(s) (%s%s) carry an EXIF orientation: image viewers show them turned or mirrored, but they "
+            "are predicted as stored, as GDAL and QGIS read them, so their masks (%s%s) do not line up with the "
+            "photo a viewer shows; to have both turned, save the tiles with the turn applied to their pixels "
+            "(exiftran -ai, or PIL's ImageOps.exif_transpose) and predict them again",
+            len(turned),
+            ", ".join(str(path) for path, _ in turned[:3]),
+            ", ..." if len(turned) > 3 else "",
+            ", ".join(output.name for _, output in turned[:3]),
+            ", ..." if len(turned) > 3 else "",
+        )
+
+
 def predict_tiles(
     model: torch.nn.Module,
     paths: Sequence[Path],
@@ -416,6 +436,7 @@ def predict_tiles(
     min_pixels = sieve_pixels(cfg.sieve_cells, state["config"])
     if not paths:
         return 0, 0
+    warn_exif_turned(paths, outputs)
     threshold = decision_threshold(state)
     made = made_with(cfg, state, checkpoint)
     made_text = {MADE_WITH_KEY: json.dumps(made, ensure_ascii=False)} if made else {}

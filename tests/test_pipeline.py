@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import args, folder_digest, square_tile, weights, write_pair
+from PIL import Image
 
 import augment
 import miou
@@ -336,3 +337,23 @@ def test_without_val_tiles_best_follows_the_latest_epoch(
     assert torch.load(run_dir / "checkpoints" / "best.pth", weights_only=True)["epoch"] == 2
     assert "epoch 2/2 | train loss" in caplog.text and "| no val farmland to score: keeping this epoch |" in caplog.text
     assert "val farmland IoU 0.0000" not in caplog.text and "kept the last epoch, 2 (no val farmland" in caplog.text
+
+
+def test_predict_warns_of_jpeg_tiles_a_viewer_shows_turned(
+    shared_square_data: Path, run_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A phone's JPEG with an EXIF orientation was predicted as stored without a word: its mask did not line up
+    # with the photo an image viewer shows turned.
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned by 90 degrees
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "turned.jpg", exif=exif)
+    Image.fromarray(pixels).save(folder / "plain.jpg")
+    assert predict.main(args(shared_square_data, run_copy, f"--predict_input={folder}", "--overlay=false")) == 0
+    assert load_mask(run_copy / "predictions" / "turned_seg.png").shape == (32, 48)  # as stored
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    turned = [m for m in warnings if "EXIF orientation" in m]
+    assert len(turned) == 1 and "turned.jpg" in turned[0] and "turned_seg.png" in turned[0]
+    assert "plain.jpg" not in turned[0] and "exif_transpose" in turned[0]

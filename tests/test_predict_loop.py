@@ -278,3 +278,14 @@ def test_a_tile_edited_in_place_with_its_old_time_set_back_is_predicted_again(
     assert predict.unfinished([predict.Job(image, mask, False)], cfg, checkpoint) == [predict.Job(image, mask, False)]
     assert "1 image(s) have masks made before the model, the settings or the image file last changed" in caplog.text
     assert "and are predicted again: a_seg.png" in caplog.text
+
+
+def test_a_tile_of_fewer_bands_than_the_network_is_not_told_to_choose_among_them(tmp_path: Path) -> None:
+    # --bands=1,2,3 on a 2-band tile said "choose band numbers from 1 to 2", which no choice of 3 bands can follow.
+    two = tmp_path / "two.tif"
+    write_image(two, np.full((32, 32, 2), 90, np.uint8))
+    _, error = ImageFiles([two], 3, (1, 2, 3))[0]
+    assert isinstance(error, str) and error.startswith(f"{two}: --bands=1,2,3 asks for band 3, but the image has 2")
+    assert "no choice of them makes the 3 the model was trained on" in error and "from 1 to 2" not in error
+    _, error = ImageFiles([two], 2, (1, 3))[0]  # a choice that fits the network stays the fix
+    assert isinstance(error, str) and error.endswith("choose band numbers from 1 to 2")

@@ -514,6 +514,9 @@ def test_band_count_mismatch_fails_before_anything_is_written(
     with pytest.raises(DataError, match=r"has 2 band\(s\), .*; the file has only 2: predict it with a checkpoint") as e:
         scene.open_scene(write_geotiff(tmp_path / "two.tif", four[:2]), (), 3)
     assert "--bands" not in str(e.value)
+    # Given --bands=1,2,3 for a folder, a 2-band file was told to "choose band numbers from 1 to 2": no choice fits.
+    with pytest.raises(DataError, match=r"but the file has 2 band\(s\); no choice of them makes the 3 .* trained on 2"):
+        scene.open_scene(tmp_path / "two.tif", (1, 2, 3), 3)
     signed = write_geotiff(tmp_path / "signed.tif", four[:3].astype(np.int16))
     with pytest.raises(DataError, match=r"pixel type int16 is not supported.* gdal_translate -ot UInt16 .*signed\.tif"):
         scene.open_scene(signed, (), 3)
@@ -940,3 +943,16 @@ def test_ground_pixel_size_of_a_mercator_grid_across_the_antimeridian_or_off_the
     transform = Affine(1.0, 0, left, 0, -1.0, -1.9e6)
     size = rasters.ground_pixel_size(rasterio.crs.CRS.from_user_input(crs), transform, 100, 100)
     assert size is None if ground is None else math.isclose(size, ground, rel_tol=1e-3)
+
+
+def test_a_scene_without_a_pixel_of_data_is_warned_of_not_reported_as_bare_land(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An all-nodata scene (an empty clip, a failed mosaic) wrote a row of 0 ha with no warning: in a folder of
+    # scenes predicted overnight it read as land without farmland.
+    source = write_geotiff(tmp_path / "in" / "empty.tif", np.zeros((3, 64, 64), np.uint8), nodata=0)
+    assert run_predict(tmp_path / "run", checkpoint, source) == 0
+    (row,) = read_table(tmp_path / "run")
+    assert row["valid_pixels"] == "0"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(source) in message and "every pixel is nodata" in message for message in warnings)
