@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     added: list[tuple[Path, Path]] = []
     samples: list[Sample] = []
     failures = 0
+    unreadable_preview = False  # a mask the preview could not read as classes was warned of
     for index in tqdm(chosen, desc="flipping", unit="tile", disable=None):
         image_path, mask_path = originals[index]
         try:
@@ -119,7 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             added.append((out_dir / "images" / image_name, out_dir / "labels" / mask_name))
             flips[flip] = (flipped, flipped_mask)
         if len(samples) < cfg.preview_count:
-            classes = mask_to_classes(mask, mask_path, cfg.mask_threshold, cfg.ignore_index)
+            try:
+                classes = mask_to_classes(mask, mask_path, cfg.mask_threshold, cfg.ignore_index)
+            except DataError as err:  # flipped as read all the same: the values only matter to the preview
+                if not unreadable_preview:
+                    LOG.warning(
+                        "%s. Flipped all the same, but left out of the preview, which draws masks as classes: pass "
+                        "augment.py the --mask_threshold and --ignore_index the split was made with",
+                        err,
+                    )
+                unreadable_preview = True
+                continue
             shown_flips = {flip: (flipped, np.flip(classes, FLIPS[flip])) for flip, (flipped, _) in flips.items()}
             samples.append((image_path, image, classes, shown_flips))
     write_pair_list(train_list, originals + added)

@@ -303,10 +303,10 @@ def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
         if same_size:  # placed by geotransforms (world files) alone, at other places or pixel sizes
             b, a = before.transform, after.transform
             raise DataError(
-                f"{names}: neither has a CRS, and their geotransforms differ (origin {b.c:.12g}, {b.f:.12g}, pixel "
-                f"{b.a:.12g} against origin {a.c:.12g}, {a.f:.12g}, pixel {a.a:.12g}), so their pixels are not the "
-                "same places; expected the same geotransform, or name the CRS of both (gdal_translate -a_srs "
-                "EPSG:xxxx) so that the after date can be resampled onto the before grid"
+                f"{names}: neither has a CRS, and their geotransforms differ ({transform_text(b)} against "
+                f"{transform_text(a)}), so their pixels are not the same places; expected the same geotransform, or "
+                "name the CRS of both (gdal_translate -a_srs EPSG:xxxx) so that the after date can be resampled onto "
+                "the before grid"
             )
         raise DataError(
             f"{names}: neither has a CRS, and their grids differ ({before.width}x{before.height} against "
@@ -695,9 +695,9 @@ def check_truth(truth_path: Path, grid: dict, where: str) -> None:
         if truth.crs is not None and not on_grid:
             raise DataError(
                 f"--change_truth={truth_path}: lies on another grid than the before scene ({truth.crs.to_string()}, "
-                f"{truth.width}x{truth.height} pixels, origin {t.c:.12g}, {t.f:.12g}, pixel {t.a:g} against "
-                f"{crs.to_string() if crs else 'no CRS'}, {grid['width']}x{grid['height']} pixels, origin "
-                f"{g.c:.12g}, {g.f:.12g}, pixel {g.a:g} in {where}); expected the true change on the before scene's "
+                f"{truth.width}x{truth.height} pixels, {transform_text(t)} against "
+                f"{crs.to_string() if crs else 'no CRS'}, {grid['width']}x{grid['height']} pixels, "
+                f"{transform_text(g)} in {where}); expected the true change on the before scene's "
                 f"grid: {truth_warp_command(Path(truth_path), grid)}"
             )
 
@@ -711,6 +711,14 @@ def same_pixels(first: Affine, second: Affine, width: int, height: int) -> bool:
     to_second = ~second @ first
     corners = ((0, 0), (width, 0), (0, height), (width, height))
     return all(math.dist(to_second @ corner, corner) < 1e-6 for corner in corners)
+
+
+def transform_text(transform: Affine) -> str:
+    """A geotransform as a message shows it: its origin and pixel width and height (negative height: north-up),
+    and its rotation terms where there are any, so that two grids told apart are told apart in the message too."""
+    t = transform
+    text = f"origin {t.c:.12g}, {t.f:.12g}, pixel {t.a:.12g} x {t.e:.12g}"
+    return text + (f", rotation {t.b:.12g}, {t.d:.12g}" if t.b or t.d else "")
 
 
 def truth_warp_command(truth_path: Path, grid: dict) -> str:

@@ -14,6 +14,7 @@ the threshold and the best epoch are not chosen on scenes without farmland, nor 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -192,9 +193,13 @@ def suffix_after_image(mask_stem: str, images: Collection[str]) -> str:
 def suffix_after_mask(mask_base: str, lone_images: Sequence[str]) -> str:
     """What an image stem without a mask adds after ``mask_base``, the name a mask gives its image ("_sat" for
     image 1_sat beside mask 1_mask); empty when no such image stem begins ``mask_base`` and then a separator
-    (_ - . or space), so that image t10 is not taken for t1's."""
-    for stem in lone_images:
-        if stem.startswith(mask_base) and stem[len(mask_base) : len(mask_base) + 1] in ("_", "-", ".", " "):
+    (_ - . or space), so that image t10 is not taken for t1's. ``lone_images`` is sorted: the stems that begin
+    ``mask_base`` follow one another from where it would sort, so a set of orphans is not searched once per mask."""
+    for index in range(bisect.bisect_left(lone_images, mask_base), len(lone_images)):
+        stem = lone_images[index]
+        if not stem.startswith(mask_base):
+            break
+        if stem[len(mask_base) : len(mask_base) + 1] in ("_", "-", ".", " "):
             return stem[len(mask_base) :]
     return ""
 
@@ -452,7 +457,7 @@ def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
     groups, unmatched = scene_groups(usable, pattern)
     if not pattern and len(usable) > 1:
         scenes, left = scene_groups(usable, TILED_NAMES)
-        if not left and len(set(scenes)) > 1:
+        if not left and 1 < len(set(scenes)) < len(scenes):  # some scene of several tiles, and more than one scene
             LOG.info(
                 "the %d tile names all read <scene>_r<row>c<col>, from %d scenes, but no --group_pattern is given: "
                 "tiles are split one by one, so val and test tiles neighbour training tiles of their scene and score "

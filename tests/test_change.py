@@ -860,7 +860,7 @@ def test_a_truth_on_the_before_grid_but_for_float_noise_is_accepted_and_a_warp_t
     noisy = Affine(0.6, 0.0, float(np.nextafter(13024000.3, 2e7)), 0.0, -0.6, 4369000.7)
     cd.check_truth(geotiff(tmp_path / "noisy.tif", truth[None], crs="EPSG:3857", transform=noisy), before, "b.tif")
     moved = geotiff(tmp_path / "moved.tif", truth[None], crs="EPSG:3857", transform=grid @ Affine.translation(0.01, 0))
-    with pytest.raises(cd.DataError, match=r"origin 13024000.306, 4369000.7, pixel 0.6 against .*origin 13024000.3,"):
+    with pytest.raises(cd.DataError, match=r"13024000.306, 4369000.7, pixel 0.6 x -0.6 against .*origin 13024000.3,"):
         cd.check_truth(moved, before, "b.tif")  # a hundredth of a pixel is a move, and the message shows it
     # Beijing 1954 Gauss-Kruger without its datum shift: PROJ guesses EPSG:2436 at confidence 70, a CRS it does not
     # equal; a truth warped there would be refused again. The command names the grid's own CRS, which is accepted.
@@ -969,7 +969,8 @@ def test_two_scenes_placed_apart_by_world_files_alone_are_refused_for_their_plac
                         width=4, height=2)
         for name, dx in (("a", 0), ("b", 50))
     )  # fmt: skip
-    origin = f"origin {TRANSFORM.c:.12g}, {TRANSFORM.f:.12g}, pixel {TRANSFORM.a:.12g} against origin "
+    t = TRANSFORM
+    origin = f"origin {t.c:.12g}, {t.f:.12g}, pixel {t.a:.12g} x {t.e:.12g} against origin "
     with pytest.raises(cd.DataError, match=f"neither has a CRS, and their geotransforms differ \\({origin}"):
         cd.check_grids(before, after)
     assert cd.check_grids(before, before)
@@ -984,6 +985,9 @@ def test_world_files_in_degrees_that_place_two_dates_apart_are_refused_and_told_
     for transform, shown in (
         (Affine(2 * pixel, 0, 113.12345, 0, -2 * pixel, 23.1), "origin 113.12345, 23.1, pixel 5.4e-06"),
         (Affine(pixel, 0, 113.12348, 0, -pixel, 23.1), "origin 113.12348, 23.1, pixel 2.7e-06"),  # 11 pixels east
+        # South-up: the same origin and pixel width, which was all the message showed of either grid.
+        (Affine(pixel, 0, 113.12345, 0, pixel, 23.1), r"origin 113.12345, 23.1, pixel 2.7e-06 x 2.7e-06\)"),
+        (Affine(pixel, 1e-9, 113.12345, 0, -pixel, 23.1), "origin 113.12345, 23.1, pixel 2.7e-06 x -2.7e-06, rot"),
     ):
         after = SimpleNamespace(**{**vars(before), "path": tmp_path / "b.jpg", "transform": transform})
         with pytest.raises(cd.DataError, match=f"geotransforms differ .*against {shown}"):

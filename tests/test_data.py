@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import zlib
@@ -643,3 +644,23 @@ def test_the_augment_preview_draws_a_mask_all_farmland_white(tmp_path: Path, mon
             assert colour in (0.0, 1.0)
             shown[255 if colour == 1.0 else 0] += 1
     assert shown == {0: 6, 255: 6}  # two tiles of each, three mask panels a tile
+
+
+def test_augment_flips_a_tile_whose_mask_its_preview_cannot_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A split made with --ignore_index=128, augment.py run without it: the preview's classes raised, after the copies
+    # were written and before train.txt listed them.
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_image(tmp_path / "data" / "images" / f"t{i}.png", (rng.random((32, 32, 3)) * 255).astype(np.uint8))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:16], mask[:, :4] = 255, 128
+        write_image(tmp_path / "data" / "labels" / f"t{i}_mask.png", mask)
+    paths = [f"--data_dir={tmp_path / 'data'}", f"--run_dir={tmp_path / 'run'}"]
+    assert split_dataset.main([*paths, "--split_ratios=1,0,0", "--ignore_index=128"]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert augment.main([*paths, "--aug_prob=1", "--preview_count=2"]) == 0
+    assert len(read_pair_list(tmp_path / "run" / "splits" / "train.txt")) == 2 + 2 * len(augment.FLIPS)
+    warned = [r.getMessage() for r in caplog.records if "left out of the preview" in r.getMessage()]
+    assert len(warned) == 1 and "--ignore_index=128" in warned[0]

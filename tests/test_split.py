@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,26 @@ def test_images_named_with_an_extra_suffix_are_named_in_their_masks_orphan_reaso
     assert not scan.pairs and "rename the images without '_sat' (1.jpg)" in reasons["1_mask.png"]
     assert "the image 2_sat.jpg has no mask of its own" in reasons["2_mask.png"]
     assert "rename" not in reasons["t1_mask.png"]
+
+
+def test_the_image_of_an_orphan_mask_is_looked_up_not_searched_for() -> None:
+    # Every orphan mask read every image without a mask: 20,000 tiles of two naming rules took 39 s to scan (0.6 s
+    # before the DeepGlobe hint).
+    class Counted(list):
+        reads = 0
+
+        def __getitem__(self, index: int) -> str:  # bisect reads here; a plain loop reads all through __iter__
+            Counted.reads += 1
+            return super().__getitem__(index)
+
+        def __iter__(self) -> Iterator[str]:
+            Counted.reads += len(self)
+            return super().__iter__()
+
+    lone = Counted(sorted([f"IMG_{i:05d}" for i in range(10_000)] + ["MSK_00042_sat"]))
+    assert split_dataset.suffix_after_mask("MSK_00042", lone) == "_sat"
+    assert split_dataset.suffix_after_mask("MSK_00043", lone) == ""
+    assert Counted.reads < 100
 
 
 def test_links_to_nothing_and_folders_named_as_images_are_reported_by_name(tmp_path: Path) -> None:
@@ -654,4 +675,8 @@ def test_tiles_named_by_scene_but_split_by_tile_are_told_of_the_group_pattern(
         assert run_split(data, tmp_path / "run2", r"--group_pattern=^(.+)_r\d+c\d+$") == 0
         write_pair(data, "other", *square_tile(rng))  # not every name is a scene's tile: no advice
         assert run_split(data, tmp_path / "run3") == 0
+        # Scenes of one tile each: split by tile is split by scene, and no tile neighbours another.
+        for scene in ("d", "e", "f", "g"):
+            write_pair(tmp_path / "single", f"{scene}_r0c0", *square_tile(rng))
+        assert run_split(tmp_path / "single", tmp_path / "run4") == 0
     assert "no --group_pattern is given" not in caplog.text
