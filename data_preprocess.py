@@ -118,9 +118,13 @@ def read_image(path: Path) -> np.ndarray:
     if image is None and raw.size:
         image = decode_other(raw, path)  # also a PNG or JPEG saved under a TIFF name
     if image is None:
+        what = (
+            "an empty file (0 bytes), as a copy cut short leaves"
+            if not raw.size
+            else "truncated, corrupt or not an image file"
+        )
         raise DataError(
-            f"{path}: not a readable image (truncated, corrupt or not an image file); "
-            "re-export it as PNG or TIFF, or remove it from the folder"
+            f"{path}: not a readable image ({what}); re-export it as PNG or TIFF, or remove it from the folder"
         )
     return image
 

@@ -908,7 +908,7 @@ def resample_ratio(scene: Scene, state: dict, settings: SceneSettings) -> float 
         LOG.info(
             "%s: no CRS, so its pixel size is unknown: predicted on its own pixels, taken to be the model's %.3g m "
             "(a scene of other pixels, 0.5 m for a model of 1 m say, gives poorer masks; a GeoTIFF of it with a CRS "
-            "would be resampled to the model's size)",
+            "is resampled to the model's size, with --resample_scenes=true)",
             scene.path,
             trained,
         )

@@ -542,11 +542,12 @@ def _log_summary(summary: dict[str, Any], n_usable: int, rejected_path: Path, ig
 
 
 def warn_no_farmland(
-    splits: dict[str, list[tuple[Path, Path]]], pixels_of: dict[tuple[Path, Path], tuple[int, int]]
+    splits: dict[str, list[tuple[Path, Path]]], pixels_of: dict[tuple[Path, Path], tuple[int, int]], stratify: bool
 ) -> None:
     """Warn when the val or test split holds tiles but not one farmland pixel, while the set holds some
     (``pixels_of``: each pair's farmland and labelled pixels): no epoch or threshold can be chosen on such a val
-    split, and a test split without farmland scores a farmland IoU of 0 whenever the network calls any."""
+    split, and a test split without farmland scores a farmland IoU of 0 whenever the network calls any;
+    ``stratify``: whether the split was balanced already (then only another seed or share is offered)."""
     if not any(pixels_of[p][0] for pairs in splits.values() for p in pairs):
         return  # no farmland anywhere: warned of as such
     purposes = {
@@ -557,11 +558,11 @@ def warn_no_farmland(
         if splits[name] and not any(pixels_of[p][0] for p in splits[name]):
             LOG.warning(
                 "the %s split holds no farmland in its %d tile(s), though the set holds some: %s. Draw another "
-                "split (--seed=N; --stratify=true, the default, balances farmland across the splits where the "
-                "scenes allow it), or give %s a larger share (--split_ratios)",
+                "split (--seed=N%s), or give %s a larger share (--split_ratios)",
                 name,
                 len(splits[name]),
                 purpose,
+                "" if stratify else "; --stratify=true balances farmland across the splits where the scenes allow it",
                 name,
             )
 
@@ -638,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     warn_few_scenes(summary.get("groups", {}))
     _log_summary(summary, len(usable), out / "rejected.csv", cfg.ignore_index)
-    warn_no_farmland(splits, pixels_of)
+    warn_no_farmland(splits, pixels_of, cfg.stratify)
     if summary["errors"]:
         LOG.error("%d file(s) are unusable and were left out; fix them (messages above) and re-run", summary["errors"])
         return 1

@@ -645,16 +645,18 @@ def test_a_val_or_test_split_without_farmland_is_warned_of(caplog: pytest.LogCap
     pairs = {name: [(Path(f"{name}{i}.png"), Path(f"{name}{i}_mask.png")) for i in range(2)] for name in SPLIT_NAMES}
     pixels_of = {p: (0 if name == "val" else 1, 100) for name, ps in pairs.items() for p in ps}
     with caplog.at_level("WARNING", logger="split_dataset"):
-        split_dataset.warn_no_farmland(pairs, pixels_of)
+        split_dataset.warn_no_farmland(pairs, pixels_of, stratify=False)
     assert "the val split holds no farmland in its 2 tile(s)" in caplog.text and "test split" not in caplog.text
+    assert "--stratify=true balances farmland" in caplog.text  # offered where the split was not balanced
     caplog.clear()
     with caplog.at_level("WARNING", logger="split_dataset"):
-        split_dataset.warn_no_farmland(pairs, dict.fromkeys(pixels_of, (0, 100)))  # none anywhere: warned elsewhere
+        split_dataset.warn_no_farmland(pairs, dict.fromkeys(pixels_of, (0, 100)), stratify=True)  # warned elsewhere
         assert not caplog.text
         # One farmland pixel in 100,000 is a share of 0.0 to 4 places, but farmland.
         pixels_of |= {pairs["val"][0]: (1, 100_000)} | {p: (0, 100) for p in pairs["test"]}
-        split_dataset.warn_no_farmland(pairs, pixels_of)
+        split_dataset.warn_no_farmland(pairs, pixels_of, stratify=True)
     assert "val split" not in caplog.text and "the test split holds no farmland" in caplog.text
+    assert "--stratify" not in caplog.text  # already on: only another seed or share can help
 
 
 def test_tiles_named_by_scene_but_split_by_tile_are_told_of_the_group_pattern(
