@@ -438,18 +438,24 @@ def select_bands(image: np.ndarray, bands: Sequence[int], path: Path, in_channel
     if not bands:
         return image
     if max(bands) > image.shape[2]:
-        count = image.shape[2]
-        fix = (
-            f"no choice of them makes the {in_channels} the model was trained on: predict it with a model trained "
-            f"on {count} bands, or use a product of the image with all {in_channels} bands"
-            if count < in_channels
-            else f"choose band numbers from 1 to {count}"
-        )
-        raise DataError(
-            f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the image has "
-            f"{count} band(s); {fix}"
-        )
+        raise bands_beyond_error(path, bands, image.shape[2], in_channels, "image")
     return image[:, :, [b - 1 for b in bands]]
+
+
+def bands_beyond_error(path: Path, bands: Sequence[int], count: int, in_channels: int, holder: str) -> DataError:
+    """The refusal of a --bands asking for a band beyond the ``count`` a file (the ``holder``: image or file) has:
+    another choice where the file has the network's ``in_channels`` bands or more (0: not known), else what can
+    give the network its bands, as no choice among fewer can."""
+    fix = (
+        f"no choice of them makes the {in_channels} the model was trained on: predict it with a model trained "
+        f"on {count} bands, or use a product of it with all {in_channels} bands"
+        if count < in_channels
+        else f"choose band numbers from 1 to {count}"
+    )
+    return DataError(
+        f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the {holder} has "
+        f"{count} band(s); {fix}"
+    )
 
 
 def load_image(path: Path, in_channels: int) -> np.ndarray:

@@ -55,7 +55,7 @@ from tqdm import tqdm
 import files
 import polygons
 from config import Config
-from data_preprocess import image_to_float, parse_bands, read_image, shown_channels, write_image
+from data_preprocess import bands_beyond_error, image_to_float, parse_bands, read_image, shown_channels, write_image
 from figures import stretched
 from files import DataError
 from inference import (
@@ -442,17 +442,7 @@ def open_scene(path: Path, bands: Sequence[int], in_channels: int, trained: str 
     scene = scene_reader(path, warn)
     try:
         if any(b > scene.count for b in bands):
-            fix = (
-                f"choose band numbers from 1 to {scene.count}"
-                if scene.count >= in_channels
-                else f"no choice of them makes the {in_channels} the checkpoint's network was trained on: predict it "
-                f"with a checkpoint trained on {scene.count} bands, or use a product of the scene with all "
-                f"{in_channels} bands"
-            )
-            raise DataError(
-                f"{path}: --bands={','.join(map(str, bands))} asks for band {max(bands)}, but the file has "
-                f"{scene.count} band(s); {fix}"
-            )
+            raise bands_beyond_error(path, bands, scene.count, in_channels, "file")
         scene.bands = tuple(bands) or tuple(range(1, scene.count + 1))
         try:
             # The tile rules, on one pixel: the same band-count and pixel-type checks as for tiles.

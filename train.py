@@ -795,10 +795,19 @@ def classes_used(row: dict, histogram: np.ndarray | None) -> tuple[float, float]
     threshold of the weights its history ``row`` names (``histogram``: theirs) when tuned, else at the argmax.
     A tuned cut above 0.5 can split the pixels well where the argmax calls them all farmland."""
     cut = row["val_ema_threshold" if row["weights"] == "ema" else "val_threshold"]
-    if not math.isfinite(cut) or histogram is None or not histogram.sum():
+    share = share_at(histogram, cut)
+    if share is None:
         return row["val_farmland_iou"], row["val_predicted_farmland"]
+    return float(np.nan_to_num(iou_at(histogram, cut))), share
+
+
+def share_at(histogram: np.ndarray | None, cut: float) -> float | None:
+    """The share of val pixels a tuned ``cut`` calls farmland on an epoch's probability ``histogram``
+    (training.counts_at); None where no cut was tuned or there is no histogram to read it on."""
+    if not math.isfinite(cut) or histogram is None or not histogram.sum():
+        return None
     farmland, background = counts_at(histogram, cut)
-    return float(np.nan_to_num(iou_at(histogram, cut))), farmland / (farmland + background)
+    return farmland / (farmland + background)
 
 
 def check_stall(cfg: Config, progress: Progress, job: Distributed, score: float, cm: np.ndarray) -> None:
@@ -1069,11 +1078,8 @@ def kept_farmland_share(row: dict, progress: Progress) -> float:
     its tuned threshold when tuned (from the best epoch's probability histogram), else at the argmax. A tuned cut
     above 0.5 can call far fewer pixels farmland than the argmax, and best.pth is judged and used at that cut."""
     cut = row.get("val_ema_threshold" if progress.best_weights == "ema" else "val_threshold", math.nan)
-    histogram = progress.best_histogram
-    if not math.isfinite(cut) or histogram is None or not histogram.sum():
-        return row["val_predicted_farmland"]
-    farmland, background = counts_at(histogram, cut)
-    return farmland / (farmland + background)
+    share = share_at(progress.best_histogram, cut)
+    return row["val_predicted_farmland"] if share is None else share
 
 
 def warn_kept_prior(cfg: Config, progress: Progress) -> None:
