@@ -340,6 +340,9 @@ def detect_change(
             pair.before,
             scene.area_problem(before.crs),
         )
+    overlap = polygons.simplification_overlap(job.cfg.simplify_tolerance, before.transform)
+    if overlap:
+        LOG.warning("%s: %s", pair.name, overlap)
     rule = dataclasses.replace(job.rule, min_pixels=min_pixels)
     with rasterio.Env(GDAL_CACHEMAX=scene.GDAL_CACHE_MB):
         counts = change_detection.write_change_map(dates["before"], dates["after"], aligned, rule, outputs["change"])

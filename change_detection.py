@@ -58,7 +58,7 @@ import polygons
 import scene
 from data_preprocess import picked_for_colour
 from files import DataError
-from rasters import write_palette_style
+from rasters import north_up, write_palette_style
 
 STABLE_BACKGROUND, STABLE_FARMLAND, LOST, GAINED = 0, 1, 2, 3
 NODATA = scene.NODATA  # 255, as in the probability GeoTIFFs
@@ -266,6 +266,14 @@ def grid_of(item: scene.Scene | rasterio.io.DatasetReader) -> dict:
     return {"crs": item.crs, "transform": item.transform, "width": item.width, "height": item.height}
 
 
+def extent(grid: dict) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of a grid (grid_of) in its CRS's units, west below east and south below north
+    whatever way its rows run: rasterio's array_bounds gives a south-up grid's (positive y pixel size, rows from
+    south to north) north as its south."""
+    west, south, east, north = array_bounds(grid["height"], grid["width"], grid["transform"])
+    return min(west, east), min(south, north), max(west, east), max(south, north)
+
+
 def same_crs(first: rasterio.crs.CRS | None, second: rasterio.crs.CRS | None) -> bool:
     """Whether two CRSs are the same: equal, or both identified as one EPSG code (the same CRS written in another
     dialect, as an ESRI WKT, which rasterio does not call equal)."""
@@ -318,10 +326,10 @@ def check_grids(before: scene.Scene, after: scene.Scene) -> bool:
         and same_pixels(before.transform, after.transform, before.width, before.height)
     ):
         return True
-    west, south, east, north = array_bounds(before.height, before.width, before.transform)
+    west, south, east, north = extent(grid_of(before))
     try:
         a_west, a_south, a_east, a_north = rasterio.warp.transform_bounds(
-            after.crs, before.crs, *array_bounds(after.height, after.width, after.transform), densify_pts=21
+            after.crs, before.crs, *extent(grid_of(after)), densify_pts=21
         )
     except (rasterio.errors.CRSError, ValueError) as err:  # GDAL cannot project one onto the other
         raise DataError(f"{names}: the after scene cannot be projected onto the before scene's CRS ({err})") from None
@@ -562,6 +570,7 @@ def write_change_polygons(
                 shape = shapely.affinity.affine_transform(polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
                 if simplify_tolerance > 0:
                     shape = shape.simplify(simplify_tolerance, preserve_topology=True)
+                shape = polygons.right_hand(shape)
                 kind = "lost" if code == LOST else "gained"
                 written[kind] += 1
                 writer.add(
@@ -795,7 +804,7 @@ def write_change_figure(
     before: scene.Scene, after: scene.Scene, aligned: bool, change_path: Path, target: Path, shown: Sequence[int] = ()
 ) -> None:
     """Before, after (their channels at ``shown``: SceneSettings.shown) and the change map side by side, each
-    shrunk to at most FIGURE_SIDE pixels a side (PNG)."""
+    shrunk to at most FIGURE_SIDE pixels a side and north up (PNG)."""
     plt = figures.pyplot()
     from matplotlib.patches import Patch
 
@@ -813,7 +822,7 @@ def write_change_figure(
         (lut[codes], "change"),
     ]
     for ax, (picture, title) in zip(axes, panels):
-        ax.imshow(picture, interpolation="nearest")
+        ax.imshow(north_up(picture, grid["transform"]), interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
     legend = [Patch(color=lut[code][:3], label=CHANGE_NAMES[code]) for code in CHANGE_NAMES]

@@ -126,6 +126,20 @@ def map_pixel_area(crs: CRS | None, transform: Affine) -> float | None:
     return abs(transform.a * transform.e - transform.b * transform.d) * metres_per_unit**2
 
 
+def north_up(picture: np.ndarray, transform: Affine) -> np.ndarray:
+    """A picture (H, W, ...) of a grid's rows and columns as a map shows it, north up and east right: rows turned
+    over for a south-up grid (positive y pixel size: rows run from south to north, as GIS software does not show
+    them), columns for one whose x runs west; a rotated grid, or one without a geotransform (the identity: rows run
+    down as in any image), is left as it is."""
+    if transform.b or transform.d or transform.is_identity:
+        return picture
+    if transform.e > 0:
+        picture = picture[::-1]
+    if transform.a < 0:
+        picture = picture[:, ::-1]
+    return np.ascontiguousarray(picture)
+
+
 def pixel_area_m2(crs: CRS | None, transform: Affine) -> float | None:
     """Area of one pixel in square metres on the ground, for a projected CRS whose units are metres (or feet)
     there; None for a geographic CRS, none at all, or one that stretches with latitude (area_problem)."""

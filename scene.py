@@ -78,6 +78,7 @@ from rasters import (
     ground_pixel_size_estimate,
     metric_epsg,
     nodata_pixels,
+    north_up,
     open_raster,
     pixel_area_m2,
     rpc_only,
@@ -754,6 +755,9 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
             min_pixels,
             pixel_m2,
         )
+    overlap = polygons.simplification_overlap(settings.simplify_tolerance, scene.transform)
+    if overlap:
+        LOG.warning("%s: %s", scene.path, overlap)
     sieved = files.temporary_beside(outputs["sieved"]) if settings.save_sieved_mask else None
     columns = {"field_id": int, "area_ha": float, "pixels": int}
     t, kept = scene.transform, 0
@@ -771,6 +775,7 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
                 polygon = None  # a field can be very large: one copy in memory at a time
                 if settings.simplify_tolerance > 0:
                     shape = shape.simplify(settings.simplify_tolerance, preserve_topology=True)
+                shape = polygons.right_hand(shape)
                 kept += 1
                 writer.add(shape, field_id=kept, area_ha=area_ha, pixels=pixels)
             written = writer.close()
@@ -854,13 +859,13 @@ def write_area_table(rows: Sequence[dict], path: Path) -> None:
 
 def write_overlay(scene: Scene, mask_path: Path, path: Path, shown: Sequence[int] = ()) -> None:
     """The farmland tint over the photo (its channels at ``shown``: SceneSettings.shown), shrunk to at most
-    PREVIEW_SIDE pixels a side."""
+    PREVIEW_SIDE pixels a side, north up as GIS software shows the scene."""
     scale = min(1.0, PREVIEW_SIDE / max(scene.height, scene.width))
     height, width = max(1, round(scene.height * scale)), max(1, round(scene.width * scale))
     photo = preview_photo(scene, scene.read_preview(height, width))
     with rasterio.open(mask_path) as src:
         mask = src.read(1, out_shape=(height, width), resampling=Resampling.nearest)
-    write_image(path, overlay_image(photo, mask == FARMLAND, shown))
+    write_image(path, north_up(overlay_image(photo, mask == FARMLAND, shown), scene.transform))
 
 
 def preview_photo(scene: Scene, block: np.ndarray) -> np.ndarray:

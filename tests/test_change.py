@@ -994,6 +994,33 @@ def test_world_files_in_degrees_that_place_two_dates_apart_are_refused_and_told_
             cd.check_grids(before, after)
 
 
+def test_a_south_up_date_is_paired_with_a_north_up_one_of_the_same_ground(tmp_path: Path) -> None:
+    # A bottom-up raster (positive y pixel size, rows from south to north) has array_bounds' "south" above its
+    # "north": such a before scene was refused as "the scenes do not overlap" against any after scene.
+    rows = np.arange(HEIGHT * WIDTH, dtype=np.uint8).reshape(HEIGHT, WIDTH) % 200
+    north_up = write_geotiff(tmp_path / "north_up.tif", rows[None])
+    t = TRANSFORM
+    south_up_transform = Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * HEIGHT)
+    south_up = write_geotiff(tmp_path / "south_up.tif", rows[::-1][None].copy(), transform=south_up_transform)
+    grids = {p: SimpleNamespace(path=p, **cd.grid_of(rasterio.open(p))) for p in (north_up, south_up)}
+    for before, after in ((south_up, north_up), (north_up, south_up)):
+        assert not cd.check_grids(grids[before], grids[after])  # the same ground on another grid: resampled
+        with cd.on_grid(after, cd.grid_of(grids[before]), False, rasterio.enums.Resampling.nearest) as view:
+            assert np.array_equal(view.read(1), read(before))  # each pixel read at its own place
+    assert cd.extent(cd.grid_of(grids[south_up])) == cd.extent(cd.grid_of(grids[north_up]))
+    # The figure shows both grids north up, as GIS software does (a south-up before grid's was upside down).
+    figures = []
+    for before in (north_up, south_up):
+        codes = write_geotiff(tmp_path / f"{before.stem}_change.tif", (read(before) // 50)[None])
+        with rasterio.open(codes, "r+") as dst:
+            dst.transform = grids[before].transform
+        target = tmp_path / f"{before.stem}_figure.png"
+        with scene.open_scene(before, (1, 1, 1), 3) as b, scene.open_scene(north_up, (1, 1, 1), 3) as a:
+            cd.write_change_figure(b, a, before == north_up, codes, target)
+        figures.append(cv2.imread(str(target)).astype(int))
+    assert np.abs(figures[0] - figures[1]).mean() < 1
+
+
 def test_two_dates_whose_origins_differ_by_float_noise_are_one_grid(tmp_path: Path) -> None:
     # A Web Mercator origin of 13 million metres one unit in the last place off (2e-9 m): above almost_equals'
     # 1e-9, it was resampled needlessly with a CRS and refused as "placed apart" without one.

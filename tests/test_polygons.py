@@ -265,3 +265,67 @@ def test_a_field_of_exactly_the_unit_is_written(tmp_path: Path) -> None:
     mask[7:12, 0:5] = 1
     mask[7, 0] = 0
     assert fields_in_pixels(tmp_path, mask, min_field_pixels=25) == [25]
+
+
+def parcels_a_pixel_apart(size: int = 80, seed: int = 3) -> np.ndarray:
+    """Farmland parcels separated by winding one-pixel lines of background (ridges, ditches), 4 apart."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((size, size), np.uint8)
+    for start in (25, 55):
+        x = y = start
+        for i in range(size):
+            dx, dy = rng.integers(-1, 2, 2)
+            mask[i, min(x, x + dx) : max(x, x + dx) + 1] = 0
+            mask[min(y, y + dy) : max(y, y + dy) + 1, i] = 0
+            x, y = x + dx, y + dy
+    return mask
+
+
+def test_a_simplification_that_can_make_neighbours_overlap_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each outline is simplified on its own: with a tolerance above a pixel, parcels a pixel apart overlapped in the
+    # GeoPackage (a topology error in GIS, and their areas counted twice) without a word.
+    source = write_mask(tmp_path / "m_seg.tif", parcels_a_pixel_apart())
+    plain = scene.Scene()
+    plain.path, plain.crs, plain.transform = tmp_path / "m.tif", UTM, TRANSFORM
+    outputs = scene.scene_outputs(tmp_path, plain.path) | {"mask": source}
+    overlaps = {}
+    for tolerance in (2.0, 5.0):  # one pixel of 2 m, and 2.5 pixels
+        caplog.clear()
+        scene.write_fields(plain, scene.SceneSettings(simplify_tolerance=tolerance), outputs)
+        _, _, wkb, _ = pyogrio.raw.read(outputs["gpkg"])
+        fields = shapely.from_wkb(wkb)
+        assert shapely.is_valid(fields).all()
+        pairs = shapely.STRtree(fields).query(fields, predicate="intersects")
+        overlaps[tolerance] = sum(fields[i].intersection(fields[j]).area for i, j in pairs.T if i < j)
+        warned = "--simplify_tolerance" in caplog.text
+        assert warned == (tolerance > 2.0), caplog.text
+    assert overlaps[2.0] == 0 and overlaps[5.0] > 0
+    assert "m.tif: --simplify_tolerance=5 is 2.5 pixels (2 CRS units each)" in caplog.text
+    assert "give at most one pixel (2)" in caplog.text
+    assert polygons.simplification_overlap(0.0, TRANSFORM) == ""
+
+
+def test_fields_of_a_south_up_grid_follow_the_right_hand_rule_as_north_up_ones_do(tmp_path: Path) -> None:
+    # RFC 7946: outer rings counter-clockwise, holes clockwise. The fields of a bottom-up raster (positive y pixel
+    # size) came out the other way round, which GeoJSON readers that go by the winding (d3) fill inside out.
+    mask = np.zeros((30, 40), np.uint8)
+    mask[3:20, 4:30] = 1
+    mask[8:12, 10:14] = 0  # a pond
+    mask[22:28, 5:9] = 1
+    south_up = Affine(TRANSFORM.a, 0, TRANSFORM.c, 0, -TRANSFORM.e, TRANSFORM.f + TRANSFORM.e * mask.shape[0])
+    for name, transform, rows in (("north", TRANSFORM, mask), ("south", south_up, mask[::-1])):
+        path = write_mask(tmp_path / f"{name}_seg.tif", np.ascontiguousarray(rows))
+        with rasterio.open(path, "r+") as dst:
+            dst.transform = transform
+        plain = scene.Scene()
+        plain.path, plain.crs, plain.transform = tmp_path / f"{name}.tif", UTM, transform
+        outputs = scene.scene_outputs(tmp_path, plain.path) | {"mask": path}
+        for tolerance in (0.0, 2.0):
+            scene.write_fields(plain, scene.SceneSettings(simplify_tolerance=tolerance), outputs)
+            for kind in ("geojson", "gpkg"):
+                fields = shapely.from_wkb(pyogrio.raw.read(outputs[kind])[2])
+                assert len(fields) == 2 and sum(len(f.interiors) for f in fields) == 1
+                assert all(f.exterior.is_ccw for f in fields), (name, kind)
+                assert not any(ring.is_ccw for f in fields for ring in f.interiors), (name, kind)

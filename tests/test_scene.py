@@ -276,6 +276,26 @@ def test_overlays_of_16_bit_scenes_and_tiles_are_stretched(checkpoint: Path, tmp
     assert load_overlay(tmp_path / "run" / "predictions" / "overlays" / "gf2_tile_overlay.png")[:, :, 2].max() >= 128
 
 
+def test_the_overlay_of_a_south_up_scene_is_north_up_as_gis_software_shows_it(tmp_path: Path) -> None:
+    # A bottom-up raster (positive y pixel size) stores its southern rows first: its overlay PNG was drawn upside
+    # down, unlike the same ground stored north-up and unlike the scene in QGIS.
+    pixels = scene_pixels()
+    mask = (pixels[0] > 100).astype(np.uint8)[None]
+    south_up = Affine(TRANSFORM.a, 0, TRANSFORM.c, 0, -TRANSFORM.e, TRANSFORM.f + TRANSFORM.e * HEIGHT)
+    overlays = []
+    for name, transform, flip in (("north", TRANSFORM, slice(None)), ("south", south_up, slice(None, None, -1))):
+        source = write_geotiff(tmp_path / f"{name}.tif", pixels[:, flip].copy(), transform=transform)
+        mask_path = write_geotiff(tmp_path / f"{name}_seg.tif", mask[:, flip].copy(), transform=transform)
+        with scene.open_scene(source, (), 3) as opened:
+            scene.write_overlay(opened, mask_path, tmp_path / f"{name}.png")
+        overlays.append(load_overlay(tmp_path / f"{name}.png"))
+    assert np.array_equal(overlays[0], overlays[1])
+    picture = np.arange(6).reshape(2, 3)
+    assert rasters.north_up(picture, Affine(-1, 0, 0, 0, 1, 0)).tolist() == [[5, 4, 3], [2, 1, 0]]
+    assert rasters.north_up(picture, Affine.rotation(30)).tolist() == picture.tolist()  # rotated: left as it is
+    assert rasters.north_up(picture, Affine.identity()).tolist() == picture.tolist()  # no geotransform: an image
+
+
 def test_a_float_scene_with_a_nodata_value_outside_0_1_is_predicted_with_its_overlay(
     checkpoint: Path, tmp_path: Path
 ) -> None:
