@@ -35,7 +35,7 @@ from data_preprocess import (
     write_image,
     write_pair_list,
 )
-from figures import photo_to_show, pyplot, save_figure
+from figures import photo_to_show, save_figure, subplots
 
 LOG = logging.getLogger("augment")
 FLIPS = {"vflip": 0, "hflip": 1}  # name -> numpy axis
@@ -62,10 +62,8 @@ def preview(samples: list[Sample], path: Path, bands: Sequence[int] = (), shown:
     """Save a figure: each row is a tile and its mask, then each flip and its mask; ``bands``: the tiles' bands
     (the ``bands`` key), as training reads them, of which those at ``shown`` (shown_channels) are shown; masks
     as classes: farmland white, background black, unlabelled grey."""
-    plt = pyplot()
-
     columns = 2 + 2 * len(FLIPS)
-    fig, axes = plt.subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)
+    fig, axes = subplots(len(samples), columns, figsize=(1.8 * columns, 1.9 * len(samples)), squeeze=False)
     for ax_row, (tile, image, mask, flips) in zip(axes, samples):
         panels = [("original", photo_to_show(image, tile, bands, shown)), ("mask", mask)]
         for name, (flipped, flipped_mask) in flips.items():

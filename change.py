@@ -43,7 +43,7 @@ from data_preprocess import entry_problem, image_entries, rgb_bands_for
 from files import DataError
 from inference import checkpoint_file, decision_threshold, inference_model, warn_network_keys, with_threshold
 from net_structure import input_padding
-from runtime import keep_freed_memory, load_checkpoint, resolve_amp, select_device
+from runtime import apply_reuse_memory, load_checkpoint, resolve_amp, select_device
 
 LOG = logging.getLogger("change")
 
@@ -467,8 +467,7 @@ def make_job(cfg: Config, given: Collection[str] = ()) -> ChangeJob:
     truth = Path(cfg.change_truth) if cfg.change_truth else None
     if truth is not None and not truth.is_file():
         raise DataError(f"--change_truth={truth}: no such file; give the true change map (codes 0-3) of the pair")
-    if cfg.reuse_memory:
-        keep_freed_memory()
+    apply_reuse_memory(cfg.reuse_memory)
     model = inference_model(state, device, cfg.channels_last, resolve_amp(cfg.amp, device))
     settings = dataclasses.replace(
         scene.SceneSettings.from_config(cfg, *input_padding(state["config"]), state["config"]["in_channels"]),

@@ -805,7 +805,6 @@ def write_change_figure(
 ) -> None:
     """Before, after (their channels at ``shown``: SceneSettings.shown) and the change map side by side, each
     shrunk to at most FIGURE_SIDE pixels a side and north up (PNG)."""
-    plt = figures.pyplot()
     from matplotlib.patches import Patch
 
     grid = grid_of(before)
@@ -815,7 +814,7 @@ def write_change_figure(
     lut = np.zeros((256, 4), np.float32)
     for code, colour in CHANGE_COLOURS.items():
         lut[code] = np.asarray(colour) / 255
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6))
+    fig, axes = figures.subplots(1, 3, figsize=(15, 5.6))
     panels = [
         (photo_preview(before, grid, True, shape, shown), f"before: {before.path.name}"),
         (photo_preview(after, grid, aligned, shape, shown), f"after: {after.path.name}"),

@@ -1,4 +1,4 @@
-"""Figures saved as PNG files (matplotlib's Agg backend: no display needed)."""
+"""Figures saved as PNG files (drawn by matplotlib's Agg, outside pyplot: no display needed)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import warnings
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -15,7 +16,7 @@ import numpy as np
 from data_preprocess import image_to_float, picked_for_colour, select_bands
 from files import atomic_write_bytes
 
-if TYPE_CHECKING:  # matplotlib is imported when the first figure is drawn (pyplot), not with this module
+if TYPE_CHECKING:  # matplotlib is imported when the first figure is drawn (subplots), not with this module
     from matplotlib.figure import Figure
 
 LOG = logging.getLogger("figures")
@@ -42,18 +43,27 @@ CJK_FONTS = (
 
 
 @functools.cache
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (no display needed), with the first installed font of CJK_FONTS after
-    DejaVu Sans, so that a glyph DejaVu lacks is drawn from it (matplotlib falls back along font.family)."""
+def matplotlib_fonts() -> None:
+    """Put the first installed font of CJK_FONTS after DejaVu Sans in matplotlib's font.family, so that a glyph
+    DejaVu lacks is drawn from it (matplotlib falls back along font.family)."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import font_manager
 
     installed = {font.name for font in font_manager.fontManager.ttflist}
     matplotlib.rcParams["font.family"] = ["DejaVu Sans", *[name for name in CJK_FONTS if name in installed][:1]]
-    return plt
+
+
+def subplots(*grid: int, figsize: tuple[float, float] | None = None, **options: Any) -> tuple[Figure, Any]:
+    """A figure and its axes as pyplot.subplots makes them (``grid``: rows, columns; ``options``: squeeze, ...),
+    but outside pyplot, on an Agg canvas: no display needed, and the backend of the process (a notebook's inline
+    one, say) is left as it was. Nothing to close: the figure goes when its last reference does."""
+    matplotlib_fonts()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*grid, **options)
 
 
 MISSING_GLYPH = "missing from font"  # in matplotlib's warning for a character no font of font.family draws
@@ -62,10 +72,18 @@ MISSING_GLYPH = "missing from font"  # in matplotlib's warning for a character n
 PASSED_ON: set[tuple[str, type, str, int]] = set()
 
 
-@functools.cache
+# The log handlers warn_missing_glyphs has written to: each script's run sets up its own (cli.setup_logging), so a
+# second run in one process (a notebook calling miou.py's main again) says it in its own log too.
+GLYPHS_SAID_TO: weakref.WeakSet[logging.Handler] = weakref.WeakSet()
+
+
 def warn_missing_glyphs() -> None:
-    """Say once, in the log, that names show as boxes and how to fix it, in place of matplotlib's warning per
-    character and figure (a screenful of UserWarnings on a machine without a Chinese font)."""
+    """Say once per run, in its log, that names show as boxes and how to fix it, in place of matplotlib's warning
+    per character and figure (a screenful of UserWarnings on a machine without a Chinese font)."""
+    handlers = logging.getLogger().handlers or [logging.lastResort]  # lastResort: where a record goes without any
+    if all(handler in GLYPHS_SAID_TO for handler in handlers if handler is not None):
+        return
+    GLYPHS_SAID_TO.update(handler for handler in handlers if handler is not None)
     LOG.warning(
         "names in the figures hold characters (Chinese, say) that no installed font draws, so they show as empty "
         "boxes; install a Chinese font (fonts-noto-cjk or fonts-wqy-zenhei on Debian and Ubuntu), then delete "
@@ -74,8 +92,7 @@ def warn_missing_glyphs() -> None:
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    """Render a matplotlib figure to PNG in memory, then write it atomically, and close it."""
-    plt = pyplot()
+    """Render a matplotlib figure to PNG in memory, then write it atomically."""
     buffer = io.BytesIO()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -87,7 +104,6 @@ def save_figure(fig: Figure, path: Path) -> None:
         elif (key := (str(warning.message), warning.category, warning.filename, warning.lineno)) not in PASSED_ON:
             PASSED_ON.add(key)  # any other warning as it would have been shown: once
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -120,10 +136,8 @@ def stretched(photo: np.ndarray, channel_axis: int, valid: np.ndarray | None = N
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     """Save the training and validation loss and the val IoU per epoch as a PNG."""
-    plt = pyplot()
-
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_iou) = subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val loss")
     ax_loss.set(xlabel="epoch", ylabel="loss (the loss key)", title="Loss")
@@ -141,10 +155,8 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
 def plot_threshold_curve(curve: list[dict[str, float]], threshold: float, tuned: bool, epoch: int, path: Path) -> None:
     """Save the val farmland IoU, precision and recall against the farmland probability cut as a PNG, with a
     vertical line at ``threshold`` (the tuned cut when ``tuned``, else the argmax's 0.5)."""
-    plt = pyplot()
-
     cuts = [row["threshold"] for row in curve]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     # IoU drawn last and widest: where precision is 1 it equals recall, and would hide under it.
     for key, label, colour, width in (
         ("precision", "precision", "tab:blue", 1.2),

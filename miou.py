@@ -54,7 +54,7 @@ from data_preprocess import (
     read_pair_list,
     shown_channels,
 )
-from figures import photo_to_show, pyplot, save_figure
+from figures import photo_to_show, save_figure, subplots
 from files import DataError, file_stamp, prediction_path, shown_path, shown_stamp
 from metrics import evaluate_pairs, summarise
 from png_text import read_texts
@@ -65,9 +65,7 @@ LOG = logging.getLogger("miou")
 
 def plot_iou_curves(rows: list[dict], path: Path) -> None:
     """Save the per-image farmland and background IoU, with their means, as a PNG."""
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = subplots(figsize=(9, 4))
     index = np.arange(len(rows))
     for key, colour in (("farmland_iou", "tab:green"), ("background_iou", "tab:brown")):
         values = np.array([r[key] for r in rows], dtype=np.float64)
@@ -107,9 +105,7 @@ def gallery(
     """Save a photo | label | prediction grid of the given rows as one PNG, the photo's bands at ``shown``
     (shown_channels) as colour. A test image that cannot be read (not copied with the labels and masks) is
     warned of and its photo left blank: the scores need only the label and the prediction."""
-    plt = pyplot()
-
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
+    fig, axes = subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
     bands = parse_bands(cfg.bands)
     for ax_row, row in zip(axes, rows):
         image_path, label_path, pred_path = lookup[row["name"]]

@@ -49,8 +49,8 @@ from output_record import Since, outputs_since
 from runtime import (
     Distributed,
     all_reduce_sum,
+    apply_reuse_memory,
     init_distributed,
-    keep_freed_memory,
     leaving_distributed,
     load_checkpoint,
     resolve_amp,
@@ -406,8 +406,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included
     amp = None if segmenter is not None else resolve_amp(cfg.amp, device)  # an ONNX model runs in its own dtype
-    if cfg.reuse_memory:
-        keep_freed_memory()
+    apply_reuse_memory(cfg.reuse_memory)
     model = segmenter if segmenter is not None else inference_model(state, device, cfg.channels_last, amp)
     mine = unfinished(my_share(jobs, job), cfg, checkpoint, since.tiles)
     done, failures = predict_jobs(mine, model, cfg, state, checkpoint, device, amp, settings, since)

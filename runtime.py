@@ -89,6 +89,21 @@ def keep_freed_memory() -> bool:
     return MEMORY_SETTING["kept"]
 
 
+def apply_reuse_memory(keep: bool) -> bool:
+    """Apply the ``reuse_memory`` key: keep_freed_memory when ``keep``; otherwise glibc's starting thresholds again
+    and the kept heap handed back, where an earlier run in this process (a notebook calling predict.py's main
+    before) kept freed memory. Returns whether freed memory is kept now."""
+    if keep:
+        return keep_freed_memory()
+    libc = glibc()
+    if libc is not None and MEMORY_SETTING["kept"]:
+        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
+        MEMORY_SETTING["kept"] = False
+    return False
+
+
 @contextlib.contextmanager
 def handing_back_freed_memory() -> Iterator[None]:
     """Within the block, glibc hands freed memory back as it does by default, starting with the heap the
@@ -215,6 +230,25 @@ def set_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def kernel_settings_restored() -> Iterator[None]:
+    """Within the block, set_deterministic and cuDNN autotuning may change torch's process-wide kernel settings;
+    after it they are as they were, so that a later run in the same process (train.py's main called again from a
+    notebook, without --deterministic) gets the kernels it asks for, not the ones an earlier run left."""
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    algorithms = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
 def describe_device(device: torch.device) -> str:

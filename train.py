@@ -57,9 +57,10 @@ from net_structure import ENCODERS, build_model, count_parameters, set_normalisa
 from runtime import (
     Distributed,
     all_reduce_sum,
+    apply_reuse_memory,
     describe_device,
     init_distributed,
-    keep_freed_memory,
+    kernel_settings_restored,
     leaving_distributed,
     load_checkpoint,
     memory_format,
@@ -172,8 +173,7 @@ def load_splits(run_dir: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path
 def prepare_device(cfg: Config, device: torch.device) -> torch.dtype | None:
     """Apply the device-wide settings (allocator, determinism, cuDNN autotuning); return the autocast dtype."""
     amp = resolve_amp(cfg.amp, device)
-    if cfg.reuse_memory:
-        keep_freed_memory()
+    apply_reuse_memory(cfg.reuse_memory)
     if cfg.deterministic:
         set_deterministic()
     if device.type == "cuda" and not cfg.deterministic:
@@ -1230,7 +1230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("distributed training: %d ranks, batch %d per rank", job.world, cfg.batch_size)
     started = time.time()  # a fresh run stopped before its first last.pth leaves an earlier run's in place
     try:
-        with leaving_distributed(), training_lock(cfg, job):
+        with leaving_distributed(), training_lock(cfg, job), kernel_settings_restored():
             summary = train(cfg, job)
     except (KeyboardInterrupt, OSError):
         if job.main:

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import declare_size, write_geotiff
+from conftest import close_log_files, declare_size, write_geotiff
 from PIL import Image
 from rasterio.transform import Affine
 
 import augment
 import files
 import split_dataset
+from config import Config
 from data_preprocess import (
     IGNORE,
     DataError,
@@ -565,10 +566,10 @@ def test_figures_fall_back_to_an_installed_chinese_font(monkeypatch: pytest.Monk
     monkeypatch.setitem(matplotlib.rcParams, "font.family", ["sans-serif"])
     entries = [font_manager.FontEntry(name=name) for name in ("DejaVu Sans", "Heiti SC", "SimHei")]
     monkeypatch.setattr(font_manager.fontManager, "ttflist", entries)
-    figures.pyplot.__wrapped__()
+    figures.matplotlib_fonts.__wrapped__()
     assert matplotlib.rcParams["font.family"] == ["DejaVu Sans", "SimHei"]  # the first of CJK_FONTS installed
     monkeypatch.setattr(font_manager.fontManager, "ttflist", entries[:1])
-    figures.pyplot.__wrapped__()
+    figures.matplotlib_fonts.__wrapped__()
     assert matplotlib.rcParams["font.family"] == ["DejaVu Sans"]
 
 
@@ -582,13 +583,13 @@ def test_names_no_font_draws_are_one_log_line_not_a_warning_per_character(
 
     import figures
 
-    plt = figures.pyplot()
+    figures.matplotlib_fonts()  # its fonts set first, then replaced
     monkeypatch.setitem(matplotlib.rcParams, "font.family", ["DejaVu Sans"])  # as on a machine without one
-    figures.warn_missing_glyphs.cache_clear()
+    figures.GLYPHS_SAID_TO.clear()
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         for name in ("区域 3_018", "田块 7"):
-            fig, ax = plt.subplots(figsize=(2, 2))
+            fig, ax = figures.subplots(figsize=(2, 2))
             ax.set_title(name)
             figures.save_figure(fig, tmp_path / f"{name}.png")
     assert [str(w.message) for w in shown] == []
@@ -596,16 +597,59 @@ def test_names_no_font_draws_are_one_log_line_not_a_warning_per_character(
     assert "~/.cache/matplotlib" in caplog.text and (tmp_path / "田块 7.png").is_file()
 
 
+def test_names_no_font_draws_are_said_in_the_log_of_each_run_in_one_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A notebook runs miou.py's main for two run folders in one process: each run's log says it, not the first alone.
+    import matplotlib
+
+    import cli
+    import figures
+
+    figures.matplotlib_fonts()  # its fonts set first, then replaced
+    monkeypatch.setitem(matplotlib.rcParams, "font.family", ["DejaVu Sans"])  # as on a machine without one
+    for run in ("first", "second"):
+        cli.setup_logging(Config(run_dir=str(tmp_path / run)), "miou")
+        for name in ("区域 3_018", "田块 7"):
+            fig, ax = figures.subplots(figsize=(2, 2))
+            ax.set_title(name)
+            figures.save_figure(fig, tmp_path / f"{run} {name}.png")
+    close_log_files()
+    for run in ("first", "second"):
+        log = (tmp_path / run / "logs" / "miou.log").read_text(encoding="utf-8")
+        assert log.count("show as empty boxes; install a Chinese font") == 1, run
+
+
+def test_figures_leave_the_backend_of_the_process_as_it_was(tmp_path: Path) -> None:
+    # A notebook draws its own figures on its own backend (Jupyter's inline one): the scripts' figures, drawn in the
+    # same process, must not switch it to Agg, after which the notebook's figures are no longer shown.
+    import matplotlib
+
+    import figures
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for the notebook's backend
+    try:
+        rows = [
+            {"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "val_farmland_iou": 0.5, "val_miou": 0.5}
+            for e in (1, 2)
+        ]
+        figures.plot_curves(rows, tmp_path / "training_curves.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_another_warning_while_figures_are_drawn_is_shown_once_not_per_figure(tmp_path: Path) -> None:
     import warnings
 
     import figures
 
-    plt = figures.pyplot()
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("default")  # Python's own: a warning once per place
         for i in range(3):
-            fig, _ = plt.subplots(figsize=(2, 2))
+            fig, _ = figures.subplots(figsize=(2, 2))
             fig.tight_layout = lambda: warnings.warn("layout not applied (tiles of 3 sizes)", UserWarning)
             figures.save_figure(fig, tmp_path / f"{i}.png")
     assert [str(w.message) for w in shown] == ["layout not applied (tiles of 3 sizes)"]

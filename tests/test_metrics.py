@@ -253,7 +253,6 @@ def test_the_gallery_shows_unlabelled_pixels_grey_not_as_farmland(tmp_path: Path
 
 
 def test_a_long_tile_name_beside_a_gallery_row_stays_within_its_row(tmp_path: Path, monkeypatch) -> None:
-    import figures
     from config import Config
 
     name = "GF2_PMS1_E113.5_N23.1_20200301_L1A0004651234-MSS1_0_3"
@@ -272,7 +271,6 @@ def test_a_long_tile_name_beside_a_gallery_row_stays_within_its_row(tmp_path: Pa
         label = ax.yaxis.label
         assert label.get_text().replace("\n", "").startswith(name)  # the whole name, only wrapped
         assert label.get_window_extent(renderer).height <= ax.get_window_extent(renderer).height
-    figures.pyplot().close(fig)
 
 
 def test_miou_reads_the_test_masks_with_the_trainings_ignore_index(tmp_path: Path) -> None:

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_pair
+from conftest import close_log_files, write_pair
 
 import figures
 import files
+import predict
+import runtime
 import tile_prediction
 from config import Config
 from data_preprocess import image_to_float, read_image, shown_channels, write_image
@@ -289,3 +291,18 @@ def test_a_tile_of_fewer_bands_than_the_network_is_not_told_to_choose_among_them
     assert "no choice of them makes the 3 the model was trained on" in error and "from 1 to 2" not in error
     _, error = ImageFiles([two], 2, (1, 3))[0]  # a choice that fits the network stays the fix
     assert isinstance(error, str) and error.endswith("choose band numbers from 1 to 2")
+
+
+@pytest.mark.skipif(runtime.glibc() is None, reason="the allocator setting is glibc's")
+def test_reuse_memory_false_after_a_run_that_kept_freed_memory_hands_it_back(
+    shared_square_data: Path, run_copy: Path
+) -> None:
+    # Two predictions in one process (a notebook): the second's --reuse_memory=false is applied, not the first's true.
+    settings = [f"--data_dir={shared_square_data}", f"--run_dir={run_copy}", "--num_workers=0", "--skip_existing=false"]
+    try:
+        assert predict.main(settings) == 0
+        assert runtime.MEMORY_SETTING["kept"]
+        assert predict.main([*settings, "--reuse_memory=false"]) == 0
+        assert not runtime.MEMORY_SETTING["kept"]
+    finally:
+        close_log_files()

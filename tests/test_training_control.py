@@ -1060,3 +1060,17 @@ def test_a_stopped_torchrun_run_is_told_to_resume_under_torchrun_with_its_ranks(
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # two machines of 8
         train.say_how_to_go_on(tmp_path, 0.0, 16)
         assert "the same torchrun command on every machine with train.py" in caplog.text
+
+
+def test_a_deterministic_run_leaves_the_next_run_in_the_process_its_own_kernels(
+    shared_square_data: Path, tmp_path: Path
+) -> None:
+    # Two trainings in one process (a notebook calling main twice): the first's --deterministic=true must not stay
+    # in force for the second, which did not ask for it.
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(shared_square_data, run_dir))
+    settings = ["--epochs=1", "--snapshot_every=0", "--tensorboard=false", "--deterministic=true"]
+    assert train.main(args(shared_square_data, run_dir, *settings)) == 0
+    close_log_files()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
