@@ -19,6 +19,7 @@ from typing import Any, Callable, Collection, Sequence
 import config
 from config import RECOMMENDED, Config
 from files import atomic_write_text, check_writable, disk_problem
+from runtime import RankStopped
 
 TRUE_WORDS = {"1", "true", "yes", "y", "on"}
 FALSE_WORDS = {"0", "false", "no", "n", "off"}
@@ -317,6 +318,9 @@ def run_main(main: Callable[[], int], output_key: str = "--run_dir") -> int:
         # A slip in the code raises ValueError too ("too many values to unpack"): the log keeps where it came from.
         log_to_file(f"where the error above was raised:\n{traceback.format_exc().rstrip()}", logging.DEBUG)
         return 2
+    except RankStopped as err:  # the rank that stopped first said why; this one says that it followed
+        say_fatal(f"error: {err}")
+        return 1
     except (Terminated, RuntimeError) as err:
         if not isinstance(err, Terminated) and not loader_worker_terminated(err):
             log_to_file(f"stopped by an unexpected error:\n{traceback.format_exc().rstrip()}")

@@ -196,14 +196,51 @@ def close_distributed(barrier: bool = True) -> None:
         torch.distributed.destroy_process_group()
 
 
+class RankStopped(RuntimeError):
+    """Under torchrun, a collective failed because another rank of the job had stopped (an error, Ctrl-C, a stopped
+    machine): that rank's own message says why."""
+
+
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer")  # gloo's words for a rank that is gone
+
+
+def lost_rank(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's failure because another rank of this torchrun job is gone (False without
+    torchrun)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return False
+    return isinstance(err, torch.distributed.DistError) or (
+        isinstance(err, RuntimeError) and any(words in str(err) for words in LOST_PEER)
+    )
+
+
+def rank_stopped(err: BaseException) -> RankStopped:
+    """The one-line report of a collective that ``err`` says another rank left (lost_rank)."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = reason.split("] ", 1)[-1].split(". ")[0]  # gloo's source location and advice left out
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return RankStopped(
+        f"rank {rank} of {world} stopped: another rank of this torchrun job stopped first (an error, Ctrl-C or a "
+        "stopped machine), and its own message says why: look above, or on the terminal of the machine it ran on "
+        f"(ranks other than 0 keep no log file); torch reported: {reason}"
+    )
+
+
 @contextlib.contextmanager
 def leaving_distributed() -> Iterator[None]:
     """Around a script's work under torchrun: leave the job cleanly when it ends (close_distributed), and
-    without a barrier when it ends in an error or a stop."""
+    without a barrier when it ends in an error or a stop.
+
+    Raises:
+        RankStopped: in place of torch's error, when a collective failed because another rank had stopped.
+    """
     try:
         yield
-    except BaseException:
+    except BaseException as err:
+        lost = rank_stopped(err) if lost_rank(err) else None
         close_distributed(barrier=False)
+        if lost is not None:
+            raise lost from None
         raise
     close_distributed()
 

@@ -56,6 +56,7 @@ from metrics import FARMLAND, class_iou
 from net_structure import ENCODERS, build_model, count_parameters, set_normalisation, smallest_batch
 from runtime import (
     Distributed,
+    RankStopped,
     all_reduce_sum,
     apply_reuse_memory,
     describe_device,
@@ -231,6 +232,23 @@ def check_batch(cfg: Config, tile: Sequence[int], tiles: int, world: int) -> Non
     )
 
 
+def warn_ranks_beyond_tiles(tiles: int, job: Distributed) -> None:
+    """Warn when torchrun started more ranks than there are training tiles: every rank takes as many tiles an
+    epoch, so the epoch's order is padded with repeats and some ranks train only on tiles another rank also took."""
+    if not 0 < tiles < job.world or not job.main:
+        return
+    LOG.warning(
+        "%d ranks for %d training tile(s): every rank takes as many tiles an epoch, so %d of each epoch's %d are "
+        "repeats, which count some tiles more than once; train with %d rank(s) at most (torchrun's --nproc_per_node, "
+        "times --nnodes), or add training tiles",
+        job.world,
+        tiles,
+        job.world - tiles,
+        job.world,
+        tiles,
+    )
+
+
 DIM_FOR_IMAGENET = 0.25  # brightest value below this share of the 0..1 range: ImageNet's scaling sees a flat image
 
 
@@ -325,6 +343,7 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     progress = Progress(state["epoch"] + 1, state["best_iou"], state["best_epoch"], list(state["history"]))
     progress.best_weights = state.get("best_weights", "raw")
     progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
+    progress.collapsed, progress.stall_warned = state.get("collapsed", 0), state.get("stall_warned", False)
     saved_budget = state["config"].get("time_budget", 0.0)
     progress.saved_end = progress.planned_epochs if saved_budget > 0 else int(state["config"].get("epochs", 0))
     if state.get("best_histogram") is not None:  # threshold_curve.csv is written from it again
@@ -569,6 +588,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     train_set, val_set = build_datasets(cfg, train_pairs, val_pairs)
     tile = tuple(train_set[0][0].shape)
     check_batch(cfg, tile, len(train_set), job.world)
+    warn_ranks_beyond_tiles(len(train_set), job)
     warn_dim_for_imagenet(cfg, train_set, job)
     statistics = split_statistics(cfg, train_set)
     criterion = make_loss(cfg.loss, statistics[2] if statistics else None, cfg.n_classes, cfg.focal_gamma)
@@ -854,6 +874,9 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
         "ema": None if trainer.ema is None else trainer.ema.state_dict(),
         "planned_epochs": progress.planned_epochs,  # time_budget: the plan the schedule follows (0 = none)
         "elapsed": progress.elapsed,
+        # The warnings' streaks, so that a resumed run warns where the run it continues would have.
+        "collapsed": progress.collapsed,
+        "stall_warned": progress.stall_warned,
         "history": progress.history,
         "config": dataclasses.asdict(cfg),
         "requested_speed": progress.requested_speed,
@@ -1232,7 +1255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with leaving_distributed(), training_lock(cfg, job), kernel_settings_restored():
             summary = train(cfg, job)
-    except (KeyboardInterrupt, OSError):
+    except (KeyboardInterrupt, OSError, RankStopped):
         if job.main:
             say_how_to_go_on(Path(cfg.run_dir), 0.0 if cfg.resume else started, job.world)
         raise

@@ -19,7 +19,7 @@ import cli
 import predict
 import split_dataset
 import tile_prediction
-from data_preprocess import FarmlandDataset, read_image, read_pair_list
+from data_preprocess import EpochSampler, FarmlandDataset, read_image, read_pair_list
 from inference import model_from_checkpoint
 from metrics import FARMLAND, class_iou
 from png_text import read_texts
@@ -30,10 +30,13 @@ DDP = ["--batch_size=1", "--num_workers=0", "--amp=off", "--predict_batch_size=1
 TRAIN = [*DDP, "--precise_bn=4"]  # every rank recomputes BatchNorm statistics over the same four tiles
 
 
-def torchrun(script: str, *arguments: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script)]
+def torchrun(script: str, *arguments: str, succeeds: bool = True) -> subprocess.CompletedProcess:
+    """Launch a script on 2 CPU processes; ``succeeds``: assert that it ended well, else that it failed (torchrun
+    then looks at its processes every 2 s, so that a rank left by another is not stopped before it has said so)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [*([] if succeeds else ["--monitor-interval=2"]), str(ROOT / script)]
     result = subprocess.run([*command, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == succeeds, result.stderr[-3000:]
     return result
 
 
@@ -80,6 +83,30 @@ def test_ddp_resume_continues_exactly(ddp_run: Path, shared_square_data: Path, t
     torchrun("train.py", *args(shared_square_data, resumed, *TRAIN, "--epochs=3", "--resume=true"))
     a, b = weights(ddp_run / "checkpoints" / "last.pth"), weights(resumed / "checkpoints" / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rank_left_by_another_says_so_and_how_to_go_on(square_data: Path, tmp_path: Path) -> None:
+    """A tile broken after epoch 1 stops the rank that reads it in epoch 2; rank 0, left waiting in a collective,
+    says in one line that another rank stopped first, and how to go on from last.pth, not torch's traceback."""
+    run_dir = tmp_path / "run"
+    split_dataset.main(args(square_data, run_dir))
+    close_log_files()
+    torchrun("train.py", *args(square_data, run_dir, *DDP, "--epochs=1"))
+    pairs = read_pair_list(run_dir / "splits" / "train.txt")
+    sampler = EpochSampler(len(pairs), 42, rank=1, world=2)
+    sampler.set_epoch(2)
+    index = next(i for i, _ in sampler if i != 0)  # the first training tile is read by every rank at start-up
+    broken = pairs[index][0]
+    broken.write_bytes(broken.read_bytes()[:60])  # cut short: its header still reads, its pixels do not
+    # Tiles read from disk as the epoch goes, with no pass over them at start-up.
+    extra = ["--resume=true", "--epochs=2", "--cache_tiles=no", "--collapse_patience=0"]
+    result = torchrun("train.py", *args(square_data, run_dir, *DDP, *extra), succeeds=False)
+    assert broken.name in result.stderr  # rank 1's own reason
+    assert "[rank0]: Traceback" not in result.stderr
+    log = (run_dir / "logs" / "train.log").read_text(encoding="utf-8")
+    assert "rank 0 of 2 stopped: another rank of this torchrun job stopped first" in log
+    assert "torchrun --standalone --nproc_per_node=2 train.py" in log and "--resume=true goes on from there" in log
+    assert "unexpected error" not in log
 
 
 def test_distributed_prediction_writes_what_one_process_writes(

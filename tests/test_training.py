@@ -137,6 +137,23 @@ def test_collapse_is_reported_with_causes(
     assert len(warnings) == 1 and "epoch 2:" in warnings[0] and "farmland everywhere" in warnings[0]
 
 
+def test_a_resumed_run_warns_of_a_collapse_where_the_whole_run_would(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The collapse streak goes on across a resume: stopped after epoch 2 of a collapsed run, resumed, it warns at
+    epoch 3 as the run without the stop does."""
+    run_dir = tmp_path / "run"
+    assert split_dataset.main(args(square_data, run_dir)) == 0
+    all_farmland = np.array([[0, 900], [0, 124]])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (0.7, all_farmland, np.zeros((2, 200), np.int64)))
+    given = args(square_data, run_dir, "--collapse_patience=3")
+    assert train.main([*given, "--epochs=2"]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert train.main([*given, "--epochs=3", "--resume=true"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("epoch 3: for 3 epochs in a row")
+
+
 def test_band_selection_trains_and_predicts_alike(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data_dir = tmp_path / "rgbn"
     rng = np.random.default_rng(5)

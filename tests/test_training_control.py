@@ -1074,3 +1074,17 @@ def test_a_deterministic_run_leaves_the_next_run_in_the_process_its_own_kernels(
     assert train.main(args(shared_square_data, run_dir, *settings)) == 0
     close_log_files()
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
+
+
+def test_more_ranks_than_training_tiles_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    # 6 ranks on 4 tiles: each epoch pads the order with 2 repeats; rank 0 alone says so, and only where it happens.
+    with caplog.at_level(logging.WARNING, logger="train"):
+        train.warn_ranks_beyond_tiles(4, Distributed(rank=0, world=6))
+        train.warn_ranks_beyond_tiles(4, Distributed(rank=1, world=6))
+        train.warn_ranks_beyond_tiles(4, Distributed(rank=0, world=4))
+        train.warn_ranks_beyond_tiles(4, Distributed())
+    assert [r.getMessage() for r in caplog.records] == [
+        "6 ranks for 4 training tile(s): every rank takes as many tiles an epoch, so 2 of each epoch's 6 are repeats, "
+        "which count some tiles more than once; train with 4 rank(s) at most (torchrun's --nproc_per_node, times "
+        "--nnodes), or add training tiles"
+    ]
