@@ -1092,8 +1092,9 @@ class FarmlandDataset(Dataset):
                 image_t = colour_jitter(image_t, self.colour_jitter, generator)
         return image_t, mask_t
 
-    def statistics(self) -> tuple[list[float], list[float], list[int]]:
-        """Per-band mean and standard deviation of the [0, 1] scaled images, and pixel counts per class.
+    def statistics(self, indices: Sequence[int] | None = None) -> tuple[list[float], list[float], list[int]]:
+        """Per-band mean and standard deviation of the [0, 1] scaled images, and pixel counts per class, over the
+        tiles at ``indices`` (None = every tile).
 
         Sums run in float64 over every pixel of every tile (not augmented), so the figures do not depend
         on tile order or size; nodata pixels (all bands zero: a scene's edge) are left out of the band figures,
@@ -1104,7 +1105,7 @@ class FarmlandDataset(Dataset):
         squares = np.zeros(self.in_channels)
         classes = np.zeros(256, dtype=np.int64)
         pixels = 0
-        for index in range(len(self.pairs)):
+        for index in range(len(self.pairs)) if indices is None else indices:
             image, mask = self.cached[index] if self.cached is not None else self.read(index)
             bands = image_to_float(image, self.in_channels, self.pairs[index][0]).reshape(self.in_channels, -1)
             bands = bands[:, bands.any(axis=0)]

@@ -87,13 +87,15 @@ VALUE_SCALE_LIMIT = 4.0  # input band means this many times above or below the t
 
 
 def training_means(model: torch.nn.Module, state: dict) -> np.ndarray | None:
-    """The training tiles' band means (scaled to [0, 1] as tiles are: 8-bit / 255, 16-bit / 65535) that the model
-    keeps; None where it keeps none (trained without normalise, or an ONNX model)."""
+    """The training tiles' band means (scaled to [0, 1] as tiles are: 8-bit / 255, 16-bit / 65535): the network's
+    with normalise, else those the checkpoint keeps beside it (``band_means``); None where there are none (a
+    checkpoint trained without normalise before they were kept, or an ONNX model)."""
     trained = getattr(model, "band_mean", None)
-    # No record of the training tiles' values without normalise (none, or ImageNet's with encoder_weights).
-    if not state["config"].get("normalise") or not isinstance(trained, torch.Tensor) or not bool(trained.any()):
-        return None
-    return trained.detach().cpu().float().numpy()
+    if state["config"].get("normalise") and isinstance(trained, torch.Tensor) and bool(trained.any()):
+        return trained.detach().cpu().float().numpy()
+    # Without normalise the network holds none (zeros, or ImageNet's with encoder_weights): the checkpoint's own.
+    kept = state.get("band_means")
+    return np.asarray(kept, dtype=np.float32) if kept else None
 
 
 def band_mean_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:

@@ -60,10 +60,12 @@ from figures import stretched
 from files import DataError
 from inference import (
     averaged_probabilities,
+    band_mean_ratio,
     choose_batch_size,
     classes_from_probabilities,
     decision_threshold,
     overlay_image,
+    training_means,
     value_scale_ratio,
 )
 from png_text import SIGNATURE as PNG_SIGNATURE
@@ -1009,27 +1011,28 @@ def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) 
 VALUE_SAMPLE_ROWS = 256  # rows across the middle of a scene whose values are compared with the training tiles'
 
 
-def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> None:
+def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> float | None:
     """Warn when the scene's pixels, scaled as tiles are (8-bit / 255, 16-bit / 65535), sit on another scale than
     the training tiles' (inference.value_scale_ratio): an 8-bit product of a scene predicted by a model trained on
     its 16-bit product, or the reverse, or reflectance. The network then sees values it never saw, and its mask is
-    not worth reading."""
-    trained = getattr(model, "band_mean", None)
-    if not state["config"].get("normalise") or not isinstance(trained, torch.Tensor):
-        return  # no training means to compare with: spare reading the scene
+    not worth reading. Return the median ratio of the scene's band means to the training tiles' (warned of or not),
+    or None where there is nothing to compare."""
+    trained = training_means(model, state)
+    if trained is None:
+        return None  # no training means to compare with: spare reading the scene
     top = max(0, scene.height // 2 - VALUE_SAMPLE_ROWS // 2)
     block = scene.read_rows(top, min(scene.height, top + VALUE_SAMPLE_ROWS))
     valid = ~nodata_pixels(block, scene.nodata, axis=2)  # NaN included: nodata_pixels counts it as nodata
     if not valid.any():
-        return
+        return None
     try:  # reflectance a little outside [0, 1] (a bright cloud) clipped, as the prediction clips it
         values = image_to_float(clipped_reflectance(block, ~valid)[0], len(scene.bands), scene.path)
     except DataError:
-        return  # the prediction reports it
+        return None  # the prediction reports it
     means = values[:, valid].mean(axis=1)
     ratio = value_scale_ratio(model, state, means)
     if ratio is None:
-        return
+        return band_mean_ratio(model, state, means)
     shown = ", ".join(f"{v:.3g}" for v in means)
     expected = ", ".join(f"{v:.3g}" for v in trained.tolist())
     LOG.warning(
@@ -1044,6 +1047,7 @@ def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> None:
         ratio,
         expected,
     )
+    return ratio
 
 
 def run_scene(
@@ -1062,7 +1066,7 @@ def run_scene(
     memory, and would fill with the scene's blocks as they are read.
     """
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        warn_value_scale(model, scene, state)
+        value_ratio = warn_value_scale(model, scene, state)
         ratio = resample_ratio(scene, state, settings)
         if ratio is None:
             counts = predict_scene(model, scene, state, decision_threshold(state), device, settings, outputs)
@@ -1088,7 +1092,31 @@ def run_scene(
     )
     if counts.valid == 0:
         warn_no_valid_pixel(scene.path)
+    elif counts.valid >= ALL_FARMLAND_PIXELS and counts.farmland >= ALL_FARMLAND_SHARE * counts.valid:
+        warn_all_farmland(scene.path, counts.farmland / counts.valid, value_ratio)
     return row
+
+
+ALL_FARMLAND_PIXELS = 65536  # valid pixels (256 x 256) of a scene that cannot be farmland from edge to edge
+ALL_FARMLAND_SHARE = 0.995  # the share of them farmland that calls a scene all farmland
+
+
+def warn_all_farmland(path: Path, share: float, value_ratio: float | None) -> None:
+    """Warn that (nearly) every valid pixel of a scene came out farmland: rare at that size (roads, ditches and
+    villages break the fields up), but what a network given values brighter or otherwise unlike its training tiles'
+    (another gain or processing, bands in another order) does, which the value-scale warning lets pass within 4
+    times. A scene inside one large field is the false alarm; a warning, not a refusal."""
+    compared = "" if value_ratio is None else f" (its band means are {value_ratio:.3g} times the training tiles')"
+    LOG.warning(
+        "%s: %.2f %% of its valid pixels are farmland, rare for a scene of this size (roads, ditches and villages "
+        "break fields up): unless it lies inside one large field, the network most likely sees values unlike its "
+        "training tiles'%s. Check that --bands gives the "
+        "bands in the training tiles' order and that the scene is the product trained on (bit depth, gain, "
+        "processing), or train on tiles of this product (make_tiles.py)",
+        path,
+        100 * share,
+        compared,
+    )
 
 
 def warn_no_valid_pixel(path: Path) -> None:

@@ -204,9 +204,24 @@ def suffix_after_mask(mask_base: str, lone_images: Sequence[str]) -> str:
     return ""
 
 
-def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str] | tuple[int, int, int, int]:
-    """Check one pair; return its (height, width, farmland pixels, labelled pixels) if usable, else (kind,
-    reason), kind 'error' or 'filtered'."""
+FULL_SCALE = {"uint8": 255.0, "uint16": 65535.0}  # what tiles of each pixel type are divided by (float: 1)
+MIXED_SCALE_LIMIT = 4.0  # tiles of two pixel types whose typical values lie this many times apart are two products
+
+
+def value_level(image: np.ndarray, nodata: np.ndarray) -> float:
+    """The median over bands of an (H, W, C) image's band means over its pixels with data (``nodata`` False),
+    scaled to [0, 1] as training scales it (8-bit / 255, 16-bit / 65535); NaN without such pixels."""
+    data = image[~nodata]
+    if not data.size:
+        return math.nan
+    return float(np.median(data.mean(axis=0, dtype=np.float64))) / FULL_SCALE.get(str(image.dtype), 1.0)
+
+
+def check_pair(
+    image_path: Path, mask_path: Path, cfg: Config
+) -> tuple[str, str] | tuple[int, int, int, int, str, float]:
+    """Check one pair; return its (height, width, farmland pixels, labelled pixels, pixel type, value level
+    (value_level)) if usable, else (kind, reason), kind 'error' or 'filtered'."""
     try:
         image = select_bands(read_image(image_path), parse_bands(cfg.bands), image_path)
         # Band count and pixel type; the value range of float tiles, whose every pixel is checked.
@@ -233,7 +248,7 @@ def check_pair(image_path: Path, mask_path: Path, cfg: Config) -> tuple[str, str
             f"{nodata:.0%} of pixels are nodata ({what}{', or transparent' if transparent else ''}) > "
             f"max_nodata_fraction={cfg.max_nodata_fraction}",
         )
-    return image.shape[0], image.shape[1], *farmland_pixels(mask)
+    return image.shape[0], image.shape[1], *farmland_pixels(mask), str(image.dtype), value_level(image, empty)
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
@@ -396,7 +411,7 @@ def warn_few_scenes(groups: dict[str, int]) -> None:
 
 def _check_pairs(scan: Scan, cfg: Config) -> tuple[list[tuple[Path, Path]], dict[tuple[Path, Path], tuple[int, int]]]:
     """Check every pair found; reject the unusable ones into ``scan.rejected``; return (usable, pixels of each)."""
-    usable, sizes, pixels_of = [], [], {}
+    usable, sizes, pixels_of, levels = [], [], {}, {}
     for image_path, mask_path in tqdm(scan.pairs, desc="checking pairs", unit="pair", disable=None):
         result = check_pair(image_path, mask_path, cfg)
         if isinstance(result[0], str):
@@ -405,9 +420,43 @@ def _check_pairs(scan: Scan, cfg: Config) -> tuple[list[tuple[Path, Path]], dict
             usable.append((image_path, mask_path))
             sizes.append(result[:2])
             pixels_of[(image_path, mask_path)] = (int(result[2]), int(result[3]))
+            levels[image_path] = (result[4], result[5])
     _keep_common_size(usable, sizes, scan.rejected)
     warn_exif_turned([image for image, _ in usable])
+    warn_mixed_value_scales({image: levels[image] for image, _ in usable})
     return usable, pixels_of
+
+
+def warn_mixed_value_scales(levels: dict[Path, tuple[str, float]]) -> None:
+    """Warn when the tiles come in pixel types whose typical values, scaled as training scales them (8-bit / 255,
+    16-bit / 65535), lie more than MIXED_SCALE_LIMIT times apart: 8-bit tiles exported by a labelling tool beside
+    16-bit tiles of 10- or 12-bit DN. The network sees the same land at two brightness levels, one of them
+    near black, and learns neither well; normalise cannot help, since it scales both alike."""
+    by_type: dict[str, list[tuple[Path, float]]] = {}
+    for image, (dtype, level) in levels.items():
+        if math.isfinite(level) and level > 0:
+            by_type.setdefault(dtype, []).append((image, level))
+    if len(by_type) < 2:
+        return
+    typical = {dtype: float(np.median([level for _, level in tiles])) for dtype, tiles in by_type.items()}
+    low, high = min(typical, key=typical.get), max(typical, key=typical.get)
+    if typical[high] <= MIXED_SCALE_LIMIT * typical[low]:
+        return
+    kinds = "; ".join(
+        f"{len(tiles)} {dtype} (e.g. {tiles[0][0]}), typically {typical[dtype]:.3g} of full scale"
+        for dtype, tiles in by_type.items()
+    )
+    LOG.warning(
+        "the tiles come in %d pixel types whose values, scaled as training scales them (8-bit / 255, 16-bit / 65535), "
+        "lie %.3g times apart: %s. The network would learn the same land at two brightness levels and predict both "
+        "poorly, with or without --normalise. Train on one product: cut every tile from the same scenes with "
+        "make_tiles.py (16-bit scenes give 16-bit tiles), or move the %s tiles out of the data folder, then split "
+        "again",
+        len(by_type),
+        typical[high] / typical[low],
+        kinds,
+        low if len(by_type[low]) < len(by_type[high]) else high,
+    )
 
 
 def warn_exif_turned(images: list[Path]) -> None:

@@ -324,9 +324,10 @@ def off_scale_tiles(ratios: Sequence[float]) -> list[int]:
     return [i for i, ratio in enumerate(ratios) if not 1 / limit <= ratio <= limit]
 
 
-def warn_off_scale(off_scale: list[tuple[Path, float]], count: int, model: torch.nn.Module) -> None:
+def warn_off_scale(off_scale: list[tuple[Path, float]], count: int, model: torch.nn.Module, state: dict) -> None:
     """Warn once for the tiles of a run on another value scale than the training tiles', naming a few."""
-    if not off_scale:
+    trained = training_means(model, state)
+    if not off_scale or trained is None:
         return
     named = "; ".join(f"{path} ({ratio:.3g} times)" for path, ratio in off_scale[:3])
     LOG.warning(
@@ -336,7 +337,7 @@ def warn_off_scale(off_scale: list[tuple[Path, float]], count: int, model: torch
         "DN, not an 8-bit stretch or reflectance), or train on tiles of this product",
         len(off_scale),
         count,
-        ", ".join(f"{v:.3g}" for v in model.band_mean.tolist()),
+        ", ".join(f"{v:.3g}" for v in trained.tolist()),
         named,
     )
 
@@ -478,5 +479,5 @@ def predict_tiles(
                     if progress is not None:
                         progress(done + failures)
     off_scale = [(paths[scale_tiles[i]], scale_ratios[i]) for i in off_scale_tiles(scale_ratios)]
-    warn_off_scale(off_scale, done, trained_model)
+    warn_off_scale(off_scale, done, trained_model, state)
     return done, failures

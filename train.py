@@ -138,6 +138,7 @@ class Progress:
     stall_warned: bool = False  # the loss-not-falling warning was given for the current streak
     scored: bool = True  # the latest epoch's val split held farmland to score (not kept in checkpoints)
     prior_loss: float = math.nan  # best training loss of a prediction ignoring the image (not kept in checkpoints)
+    band_means: list[float] | None = None  # the training tiles' band means (value_means), kept in every checkpoint
     best_histogram: np.ndarray | None = None  # the best epoch's val probability histogram (threshold curve)
     mark: float = 0.0  # time_budget: budget_clock() when the latest epoch began (not kept in checkpoints)
     saved_end: int = 0  # resumed: the last epoch the saved run was to train (its epochs, or its budget's plan)
@@ -286,6 +287,21 @@ def split_statistics(cfg: Config, train_set: FarmlandDataset) -> tuple[list[floa
         statistics[2][: cfg.n_classes],
     )
     return statistics
+
+
+VALUE_TILES = 64  # training tiles, spread over the split, whose band means a checkpoint keeps without normalise
+
+
+def value_means(train_set: FarmlandDataset, statistics: Any) -> list[float]:
+    """The training tiles' band means, scaled to [0, 1] as tiles are (8-bit / 255, 16-bit / 65535), which every
+    checkpoint keeps so that predict.py can warn of images of another product (16-bit DN given to a network trained
+    on 8-bit tiles, which it then calls all background): the split's (split_statistics) where they were read, else
+    those of VALUE_TILES tiles spread over the split (its lists run scene by scene)."""
+    if statistics:
+        return [float(v) for v in statistics[0]]
+    count = min(VALUE_TILES, len(train_set))
+    chosen = np.unique(np.linspace(0, len(train_set) - 1, count).round().astype(int)) if count else []
+    return [float(v) for v in train_set.statistics([int(i) for i in chosen])[0]]
 
 
 def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.memory_format) -> nn.Module:
@@ -621,6 +637,7 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     )
     progress = restore(cfg, trainer, ckpt_dir, job)
     progress.prior_loss = loss_prior
+    progress.band_means = value_means(train_set, statistics)
     if job.main and math.isfinite(progress.prior_loss):
         LOG.info(
             "a prediction that ignores the image scores a training loss of %.4f at best: a learning network "
@@ -880,6 +897,7 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
         "history": progress.history,
         "config": dataclasses.asdict(cfg),
         "requested_speed": progress.requested_speed,
+        "band_means": progress.band_means,  # the training tiles' band means, scaled to [0, 1] (value_means)
     }
     chosen = state
     if row["weights"] == "ema":
@@ -888,7 +906,7 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
     if improved:
         save_checkpoint(ckpt_dir / "best.pth", chosen)
     if cfg.snapshot_every > 0 and epoch % cfg.snapshot_every == 0:
-        snapshot = {key: chosen[key] for key in ("model", "epoch", "threshold", "weights", "config")}
+        snapshot = {key: chosen[key] for key in ("model", "epoch", "threshold", "weights", "config", "band_means")}
         save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pth", snapshot)
     save_checkpoint(ckpt_dir / "last.pth", state)
 

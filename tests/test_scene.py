@@ -812,6 +812,53 @@ def test_a_scene_on_another_value_scale_than_the_training_tiles_is_warned_of(
     assert len(warned) == 1 and "stretch8.tif: its pixels (uint8, scaled to [0, 1] as 8-bit / 255)" in warned[0]
 
 
+def test_a_network_trained_without_normalise_warns_of_another_value_scale_from_the_band_means_it_keeps(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reference recipe (no normalise) trained on 8-bit tiles, given a 16-bit scene of 10-bit DN and 16-bit tiles
+    of it: it calls them all background, and nothing said so, since only normalised networks kept training means.
+    A checkpoint from before the means were kept is not checked."""
+    saved = tmp_path / "net8.pth"
+    torch.save({**state, "band_means": [0.4, 0.4, 0.3], "epoch": 1}, saved)
+    ten_bit = (scene_pixels().astype(np.uint16) * 4)[:, :128, :128]  # 16-bit / 65535: near 0.005
+    write_geotiff(tmp_path / "in" / "dn16.tif", ten_bit)
+    write_image(tmp_path / "tiles" / "dn16_a.png", ten_bit[:, :56, :56].transpose(1, 2, 0))
+    write_image(tmp_path / "tiles" / "dn16_b.png", ten_bit[:, 56:112, 56:112].transpose(1, 2, 0))
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
+        assert run_predict(tmp_path / "run", saved, tmp_path / "tiles") == 0
+    warned = [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
+    assert len(warned) == 2 and "dn16.tif: its pixels (uint16, scaled to [0, 1] as 16-bit / 65535)" in warned[0]
+    assert "(0.4, 0.4, 0.3)" in warned[0] and warned[1].startswith("2 of 2 tile(s) average several times")
+    caplog.clear()
+    old = tmp_path / "old.pth"
+    torch.save({**state, "epoch": 1}, old)
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run_old", old, tmp_path / "in") == 0
+    assert not [r for r in caplog.records if "training tiles'" in r.getMessage()]
+
+
+def test_a_scene_predicted_all_farmland_is_warned_of_with_its_value_ratio(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network given a scene twice as bright as its training tiles (another gain, within the value-scale
+    warning's 4 times) called it all farmland without a word. A small scene all farmland (one field) is not warned
+    of."""
+    weights = dict(state["model"])
+    weights["outc.bias"] = torch.tensor([-50.0, 50.0])  # every pixel farmland, as a network out of its depth
+    saved = tmp_path / "net.pth"
+    torch.save({**state, "model": weights, "band_means": [0.125, 0.125, 0.125], "epoch": 1}, saved)
+    bright = write_geotiff(tmp_path / "in" / "bright.tif", scene_pixels())  # means near 0.25: twice the training's
+    field = write_geotiff(tmp_path / "small" / "field.tif", scene_pixels()[:, 100:300, 100:300])
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", saved, bright) == 0
+        assert run_predict(tmp_path / "run", saved, field) == 0
+    warned = [r.getMessage() for r in caplog.records if "of its valid pixels are farmland" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"{bright}: 100.00 % of its valid pixels are farmland")
+    assert "(its band means are 2." in warned[0] and "--bands" in warned[0] and "make_tiles.py" in warned[0]
+    assert not [r for r in caplog.records if "scaled to [0, 1]" in r.getMessage()]  # within 4 times: no other word
+
+
 def test_tiles_on_another_value_scale_than_the_training_tiles_are_warned_of(
     state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

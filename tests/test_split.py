@@ -682,3 +682,27 @@ def test_tiles_named_by_scene_but_split_by_tile_are_told_of_the_group_pattern(
             write_pair(tmp_path / "single", f"{scene}_r0c0", *square_tile(rng))
         assert run_split(tmp_path / "single", tmp_path / "run4") == 0
     assert "no --group_pattern is given" not in caplog.text
+
+
+def test_8_bit_tiles_beside_16_bit_tiles_of_10_bit_dn_are_warned_of(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A labelling tool's 8-bit PNG tiles beside make_tiles.py's 16-bit tiles of 10-bit DN: scaled by 1/255 and
+    1/65535 the same land lies 64 times apart, and the split, training and its scores said nothing. 16-bit tiles
+    stretched over the full range sit on the 8-bit scale and are not warned of."""
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        image, mask = square_tile(rng)
+        write_pair(square_data, f"dn {i}", image.astype(np.uint16) * 4, mask, ext=".tif")  # 10-bit DN
+    with caplog.at_level("WARNING"):
+        assert run_split(square_data, tmp_path / "run") == 0
+    warned = [r.getMessage() for r in caplog.records if "pixel types" in r.getMessage()]
+    assert len(warned) == 1 and "4 uint16 (e.g. " in warned[0] and "20 uint8 (e.g. " in warned[0]
+    assert "move the uint16 tiles out of the data folder" in warned[0]
+    caplog.clear()
+    for i in range(4):
+        image, mask = square_tile(rng)
+        write_pair(square_data, f"dn {i}", image.astype(np.uint16) * 257, mask, ext=".tif")  # full 16-bit range
+    with caplog.at_level("WARNING"):
+        assert run_split(square_data, tmp_path / "run2") == 0
+    assert "pixel types" not in caplog.text

@@ -69,6 +69,15 @@ def test_best_threshold_by_hand() -> None:
     assert cut == 0.5 and math.isnan(iou)
 
 
+def test_a_run_without_normalise_keeps_its_training_tiles_band_means(trained_run: Path) -> None:
+    """The reference recipe's checkpoint keeps the training tiles' band means beside the network (which holds
+    none), so that predict.py can warn of a 16-bit scene given to a network trained on 8-bit tiles."""
+    state = load_checkpoint(trained_run / "checkpoints" / "best.pth")
+    assert not state["config"]["normalise"] and not state["model"]["band_mean"].any()
+    mean, _, _ = FarmlandDataset(read_pair_list(trained_run / "splits" / "train.txt")).statistics()
+    assert state["band_means"] == pytest.approx(mean, rel=1e-6)  # fewer tiles than train.VALUE_TILES: all of them
+
+
 def test_normalisation_and_threshold_are_stored_and_used(square_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert split_dataset.main(args(square_data, run_dir)) == 0
