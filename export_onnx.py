@@ -216,21 +216,35 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
     return {"file": str(path), "qgis_file": str(qgis), "resolution_cm": resolution, **figures}
 
 
-def export_int8(cfg: Config, state: dict[str, Any], folder: Path) -> tuple[dict[str, Any], int]:
-    """Write farmland_int8.onnx and check it on the test split; return its figures and the exit status.
+def calibration_tiles(cfg: Config, state: dict[str, Any]) -> list[np.ndarray]:
+    """Up to ``calibration_tiles`` of the run's training tiles, read as the network takes them, to calibrate the
+    8-bit ranges on; unreadable ones are left out with a warning.
 
     Raises:
-        DataError: the run has no training split to calibrate on.
+        DataError: the run has no training split, or none of its tiles can be read (the data moved or deleted).
     """
-    source, target = folder / "farmland.onnx", folder / "farmland_int8.onnx"
     config = state["config"]
-    train = read_pair_list(Path(cfg.run_dir) / "splits" / "train.txt")
+    listed = Path(cfg.run_dir) / "splits" / "train.txt"
     tiles = []
-    for image, _ in onnx_build.spread(train, cfg.calibration_tiles):
+    for image, _ in onnx_build.spread(read_pair_list(listed), cfg.calibration_tiles):
         try:
             tiles.append(onnx_build.read_tile(image, config["in_channels"], str(config.get("bands", ""))))
         except DataError as err:
             LOG.warning("%s (left out of the calibration)", err)
+    if not tiles:
+        raise DataError(
+            f"{listed}: none of its training tiles could be read to calibrate the 8-bit copy (see the warnings "
+            "above); put the run's data back where the split lists it, or export without --quantize"
+        )
+    return tiles
+
+
+def export_int8(
+    cfg: Config, state: dict[str, Any], folder: Path, tiles: Sequence[np.ndarray]
+) -> tuple[dict[str, Any], int]:
+    """Write farmland_int8.onnx, calibrated on ``tiles`` (calibration_tiles), and check it on the test split;
+    return its figures and the exit status."""
+    source, target = folder / "farmland.onnx", folder / "farmland_int8.onnx"
     LOG.info("quantising to 8 bits, calibrated on %d training tile(s) ...", len(tiles))
     onnx_quantize.quantize_int8(source, target, tiles)
     test = Path(cfg.run_dir) / "splits" / "test.txt"
@@ -301,11 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "split_dataset.py with this --run_dir first, or export without --quantize"
         )
     check_writable(folder)  # at once, not after the network is traced and checked
+    # Read at once too: training tiles that moved since the split would otherwise stop the script after the fp32
+    # export, leaving its files without their report.
+    tiles = calibration_tiles(cfg, state) if cfg.quantize == "int8" else []
     drop_earlier_export(folder)
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "float32": export_fp32(cfg, state, checkpoint, folder)}
     status = 0
     if cfg.quantize == "int8":
-        report["int8"], status = export_int8(cfg, state, folder)
+        report["int8"], status = export_int8(cfg, state, folder, tiles)
     atomic_write_text(folder / "export_report.json", json.dumps(report, indent=2) + "\n")
     LOG.info("wrote %s; predict with python predict.py --run_dir=%s --backend=onnx", folder, run_dir)
     return status

@@ -114,9 +114,11 @@ def export_graph(unet: nn.Module) -> onnx.ModelProto:
 
 
 def validation_iou(state: dict[str, Any]) -> float | None:
-    """The validation farmland IoU of the checkpoint's own epoch (tuned-threshold IoU where tuned), if recorded;
-    at the user's cut (inference.with_threshold) it is computed from the best epoch's val histogram when the
-    checkpoint holds those weights, and unknown (None) otherwise or for a checkpoint saved without one."""
+    """The validation farmland IoU of the checkpoint's own epoch and weights (tuned-threshold IoU where tuned), if
+    recorded: the moving average's figures where the checkpoint holds those (``weights`` "ema"), the trained
+    weights' otherwise; at the user's cut (inference.with_threshold) it is computed from the best epoch's val
+    histogram when the checkpoint holds those weights, and unknown (None) otherwise or for a checkpoint saved
+    without one."""
     if state.get("threshold_source") == "user":
         histogram = state.get("best_histogram")
         best = (state.get("epoch"), state.get("weights")) == (state.get("best_epoch"), state.get("best_weights"))
@@ -124,8 +126,9 @@ def validation_iou(state: dict[str, Any]) -> float | None:
         return round(float(value), 4) if math.isfinite(value) else None
     for row in state.get("history", []):
         if row.get("epoch") == state.get("epoch"):
-            tuned, cut = row.get("val_tuned_farmland_iou", math.nan), row.get("val_threshold", math.nan)
-            value = tuned if math.isfinite(cut) and math.isfinite(tuned) else row.get("val_farmland_iou", math.nan)
+            prefix = "val_ema_" if state.get("weights") == "ema" else "val_"  # the figures of the weights it holds
+            tuned, cut = row.get(f"{prefix}tuned_farmland_iou", math.nan), row.get(f"{prefix}threshold", math.nan)
+            value = tuned if math.isfinite(cut) and math.isfinite(tuned) else row.get(f"{prefix}farmland_iou", math.nan)
             return round(float(value), 4) if math.isfinite(value) else None
     return None
 

@@ -253,7 +253,8 @@ def test_an_int8_copy_is_kept_when_it_meets_the_bar_and_removed_when_not(
     target = folder / "farmland_int8.onnx"
     monkeypatch.setattr(onnx_quantize, "MIN_AGREEMENT", 0.5)
     monkeypatch.setattr(onnx_quantize, "IOU_MARGIN", 1.0)
-    figures, status = export_onnx.export_int8(cfg, exported["state"], folder)
+    tiles = export_onnx.calibration_tiles(cfg, exported["state"])
+    figures, status = export_onnx.export_int8(cfg, exported["state"], folder, tiles)
     assert status == 0 and figures["offered"] and target.is_file()
     int8, state = exported_model.load_segmenter(target)
     fp32, _ = exported_model.load_segmenter(folder / "farmland.onnx")
@@ -266,7 +267,7 @@ def test_an_int8_copy_is_kept_when_it_meets_the_bar_and_removed_when_not(
     assert {opset.domain: opset.version for opset in written.opset_import} == {"": 18}
     onnx.checker.check_model(written, full_check=True)
     monkeypatch.setattr(onnx_quantize, "MIN_AGREEMENT", 1.01)  # a bar no copy can meet
-    figures, status = export_onnx.export_int8(cfg, exported["state"], folder)
+    figures, status = export_onnx.export_int8(cfg, exported["state"], folder, tiles)
     assert status == 1 and not figures["offered"] and not target.exists()
 
 
@@ -399,6 +400,25 @@ def test_the_val_iou_in_the_metadata_is_at_the_models_cut(tmp_path: Path) -> Non
     assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16", "--threshold=0.3"]) == 0
     model = onnx.load(str(run_dir / "export" / "farmland_qgis.onnx"))
     assert json.loads({p.key: p.value for p in model.metadata_props}["farmland_val_farmland_iou"]) is None
+
+
+def test_the_val_iou_in_the_metadata_is_that_of_the_weights_the_checkpoint_holds() -> None:
+    # best.pth of a run with ema holds the moving average where it scored better: its figures, not the trained ones'.
+    row = {
+        "epoch": 2,
+        "val_farmland_iou": 0.49,
+        "val_threshold": 0.515,
+        "val_tuned_farmland_iou": 0.5788,
+        "val_ema_farmland_iou": 0.48,
+        "val_ema_threshold": 0.52,
+        "val_ema_tuned_farmland_iou": 0.5818,
+        "weights": "ema",
+    }
+    state = {"epoch": 2, "history": [row], "weights": "ema"}
+    assert onnx_build.validation_iou(state) == 0.5818
+    assert onnx_build.validation_iou({**state, "weights": "raw"}) == 0.5788  # last.pth: the trained weights
+    untuned = {**row, "val_threshold": float("nan"), "val_ema_threshold": float("nan")}
+    assert onnx_build.validation_iou({**state, "history": [untuned]}) == 0.48
 
 
 def test_a_checkpoint_of_another_band_count_or_width_is_refused_naming_the_file(tmp_path: Path) -> None:
@@ -560,6 +580,22 @@ def test_an_8_bit_copy_without_a_training_split_is_refused_before_the_export(tmp
     with pytest.raises(DataError, match=r"splits.train\.txt: not found; --quantize=int8 calibrates"):
         export_onnx.main([f"--run_dir={run_dir}", "--quantize=int8", "--window=64", "--overlap=16"])
     assert not (run_dir / "export" / "farmland.onnx").exists()
+
+
+def test_an_8_bit_copy_whose_training_tiles_moved_is_refused_before_the_export(tmp_path: Path) -> None:
+    # The run folder copied to another machine without its data: the split lists tiles that are not there.
+    run_dir, data = tmp_path / "run", tmp_path / "data"
+    pairs = [write_pair(data, f"t{i}", *square_tile(np.random.default_rng(i))) for i in range(2)]
+    write_pair_list(run_dir / "splits" / "train.txt", pairs)
+    (run_dir / "export").mkdir(parents=True)
+    (run_dir / "export" / "export_report.json").write_text("{}", encoding="utf-8")  # an earlier export's
+    for image, _ in pairs:
+        image.unlink()
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    with pytest.raises(DataError, match=r"train\.txt: none of its training tiles could be read to calibrate"):
+        export_onnx.main([f"--run_dir={run_dir}", "--quantize=int8", "--window=64", "--overlap=16"])
+    assert not (run_dir / "export" / "farmland.onnx").exists()  # not written without the report that goes with it
+    assert (run_dir / "export" / "export_report.json").is_file()  # the earlier export is left as it was
 
 
 def test_predict_warns_when_the_runs_checkpoint_changed_after_its_export(
