@@ -48,13 +48,22 @@ import scene
 from config import Config
 from data_preprocess import read_pair_list
 from files import DataError, atomic_write_text, check_writable
-from inference import checkpoint_file, decision_threshold, model_from_checkpoint, warn_network_keys, with_threshold
+from inference import (
+    checkpoint_file,
+    decision_threshold,
+    model_from_checkpoint,
+    training_means,
+    warn_network_keys,
+    with_threshold,
+)
 from net_structure import encoder_of, input_padding
 from rasters import SAME_PIXEL_SIZE
 from runtime import load_checkpoint
 from training import tiles_pixel_size
 
 LOG = logging.getLogger("export_onnx")
+# Band means below this share of full scale (4095 / 65535) are those of 10- or 12-bit values stored as 16-bit.
+FEW_BIT_MEANS = 4095 / 65535
 
 
 def checked_network(state: dict[str, Any], checkpoint: Path) -> torch.nn.Module:
@@ -161,6 +170,21 @@ def export_qgis(
         raise
 
 
+def warn_few_bit_training(means: np.ndarray | None) -> None:
+    """Warn where the training tiles' band means (scaled to [0, 1]) say 10- or 12-bit values stored as 16-bit: a
+    QGIS plugin that divides every layer by 255 (Deepness) cannot feed farmland_qgis.onnx such values, and the
+    colleagues who receive the file would not know it."""
+    if means is None or not len(means) or float(np.max(means)) >= FEW_BIT_MEANS:
+        return
+    LOG.warning(
+        "the training tiles' band means (%s of full scale) are those of 10- or 12-bit values stored as 16-bit: "
+        "Deepness divides every layer by 255, so farmland_qgis.onnx cannot map such scenes there, even rescaled "
+        "to 8 bits by the full 16-bit range. Map them with predict.py (its masks and fields open in QGIS), or train "
+        "on tiles stretched once to 8 bits (docs/qgis.md, 16-bit layers)",
+        ", ".join(f"{float(m):.4g}" for m in means),
+    )
+
+
 def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Path) -> dict[str, Any]:
     """Write farmland.onnx and farmland_qgis.onnx and check them against PyTorch; return the figures.
 
@@ -175,6 +199,7 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
             "the training tiles' pixel size is unknown, so the model carries no 'resolution' for QGIS: set it in "
             "Deepness by hand, or export with --pixel_size_m=METRES (docs/qgis.md)"
         )
+    warn_few_bit_training(training_means(unet, state))
     metadata = onnx_build.model_metadata(state, checkpoint, cfg.window, cfg.overlap, resolution)
     LOG.info(
         "exporting %s (%s, %d bands, width %d) ...",

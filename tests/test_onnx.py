@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +420,20 @@ def test_the_val_iou_in_the_metadata_is_that_of_the_weights_the_checkpoint_holds
     assert onnx_build.validation_iou({**state, "weights": "raw"}) == 0.5788  # last.pth: the trained weights
     untuned = {**row, "val_threshold": float("nan"), "val_ema_threshold": float("nan")}
     assert onnx_build.validation_iou({**state, "history": [untuned]}) == 0.48
+
+
+def test_a_network_trained_on_few_bit_values_stored_as_16_bit_is_warned_of_for_qgis(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 10-bit values (up to 1023) stored as 16-bit average near 0.005 of full scale: Deepness's / 255 cannot feed them.
+    with caplog.at_level(logging.WARNING, logger="export_onnx"):
+        export_onnx.warn_few_bit_training(np.array([0.0049, 0.0061, 0.0058, 0.0152]))
+        export_onnx.warn_few_bit_training(np.array([0.31, 0.35, 0.28]))  # 8-bit tiles
+        export_onnx.warn_few_bit_training(np.array([0.02, 0.07, 0.03]))  # one band beyond 12 bits: a 16-bit stretch
+        export_onnx.warn_few_bit_training(None)  # nothing kept
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and messages[0].startswith("the training tiles' band means (0.0049, 0.0061, 0.0058,")
+    assert "Deepness divides every layer by 255" in messages[0]
 
 
 def test_a_checkpoint_of_another_band_count_or_width_is_refused_naming_the_file(tmp_path: Path) -> None:
