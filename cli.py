@@ -18,7 +18,7 @@ from typing import Any, Callable, Collection, Sequence
 
 import config
 from config import RECOMMENDED, Config
-from files import atomic_write_text, check_writable, disk_problem
+from files import DISK_ERRORS, atomic_write_text, check_writable, disk_problem, shown_path
 from runtime import RankStopped
 
 TRUE_WORDS = {"1", "true", "yes", "y", "on"}
@@ -200,6 +200,37 @@ def check_paths(cfg: Config) -> None:
     check_writable(run)
 
 
+class RunLogHandler(logging.FileHandler):
+    """run_dir/logs/<script>.log. Where its disk fills (or turns read-only) it says so in one line on the terminal
+    and writes no more, rather than have logging print a traceback for every line that follows (the line that
+    says why the script stopped among them)."""
+
+    given_up = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.given_up:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not (isinstance(err, OSError) and err.errno in DISK_ERRORS):
+            super().handleError(record)
+            return
+        self.given_up = True
+        print(
+            f"{shown_path(Path(self.baseFilename))}: the log could not be written ({err.strerror}); from here its "
+            "lines are on the terminal alone",
+            file=sys.stderr,
+        )
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as err:  # the last lines buffered for a full disk
+            if err.errno not in DISK_ERRORS:
+                raise
+
+
 def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
     """Log to the terminal and to run_dir/logs/<script>.log; safe to call again for another script.
 
@@ -219,7 +250,7 @@ def setup_logging(cfg: Config, script: str, rank: int = 0) -> None:
     )
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank == 0:  # one log file, written by one process
-        handlers.append(logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8", errors="backslashreplace"))
+        handlers.append(RunLogHandler(log_dir / f"{script}.log", encoding="utf-8", errors="backslashreplace"))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.farmland_pipeline = script  # type: ignore[attr-defined]

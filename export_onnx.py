@@ -158,7 +158,8 @@ def export_qgis(
         metadata = metadata | {"seg_thresh": 0.5, "farmland_threshold": 0.5, "farmland_cut_moved_from": cut}
         network = model_from_checkpoint(moved, torch.device("cpu"), channels_last=False).eval()
         model = onnx_build.with_metadata(onnx_build.export_graph(network), metadata)
-    onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), written)
+    with files.written_or_disk_error(qgis):
+        onnx_build.write_model(onnx_build.fixed_size_copy(model, cfg.window), written)
     try:
         shape = (1, int(state["config"]["in_channels"]), cfg.window, cfg.window)
         window = onnx_build.noise_like_training(np.random.default_rng(1), shape, onnx_build.input_statistics(state))
@@ -214,7 +215,8 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
     # a power cut) leaves no unchecked file under these names, nor a new farmland.onnx beside an earlier export's
     # farmland_qgis.onnx.
     written = {path: files.temporary_beside(path), qgis: files.temporary_beside(qgis)}
-    onnx_build.write_model(model, written[path])
+    with files.written_or_disk_error(path):  # a full disk names farmland.onnx, not its temporary name
+        onnx_build.write_model(model, written[path])
     try:
         # Random images drawn like the training inputs, not uniform noise: see onnx_build.noise_like_training.
         statistics = onnx_build.input_statistics(state)

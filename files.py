@@ -43,7 +43,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:  # a name already taken: draw another
             continue
-        except OSError:  # the file could not be made: nothing to remove
+        except OSError as err:  # the file could not be made: nothing to remove
+            if err.errno in DISK_ERRORS:  # a full or read-only disk: the line names the output, not this name
+                raise OSError(err.errno, err.strerror, str(path)) from err
             raise
         except BaseException:
             # A signal handled as os.open returns (SIGTERM, Ctrl-C) raises here, after the file was made; its
@@ -82,6 +84,45 @@ def disk_problem(err: OSError, key: str = "--run_dir") -> str | None:
         f"writable), or choose another {key}, and run again: outputs written before are complete, the one being "
         "written was dropped"
     )
+
+
+DISK_PROBE_BYTES = 2**16  # what disk_error_at writes to learn whether a folder's disk has room and takes writes
+
+
+def disk_error_at(path: Path) -> OSError | None:
+    """The OSError of a full (or read-only) disk under ``path``'s folder, naming ``path``; None where a small
+    file can be written there. For writers that do not say why a write failed (GDAL, SQLite in a GeoPackage,
+    libtiff's flush as a GeoTIFF is closed): their error is the disk's when a probe beside the output fails too."""
+    try:
+        with tempfile.TemporaryFile(dir=Path(path).parent, prefix=".space-probe.") as probe:
+            probe.write(b"\0" * DISK_PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        if err.errno in DISK_ERRORS:
+            return OSError(err.errno, err.strerror, str(path))
+    return None
+
+
+@contextlib.contextmanager
+def written_or_disk_error(path: Path, writer_errors: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Within this block ``path`` (an output) is written: an OSError of a full or read-only disk, or one of
+    ``writer_errors`` (a library's own) raised while that disk is full, becomes the disk's OSError naming ``path``
+    (not the temporary file being written, nor "an output"), which scripts report in one line (disk_problem)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in DISK_ERRORS:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        problem = disk_error_at(path)
+        if problem is None:
+            raise
+        raise problem from err
+    except writer_errors as err:
+        problem = disk_error_at(path)
+        if problem is None:
+            raise
+        raise problem from err
 
 
 # The SHA-256 of each file read within remembered_digests, by path and stat: a command checks an input, then

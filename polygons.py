@@ -15,6 +15,8 @@ is never removed on a guess.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -30,6 +32,8 @@ import rasterio.enums
 import rasterio.features
 import shapely
 import shapely.affinity
+from pyogrio import read_info
+from pyogrio.errors import DataLayerError, DataSourceError
 from pyogrio.raw import write as write_vector
 from rasterio.transform import Affine
 from rasterio.windows import Window
@@ -311,9 +315,11 @@ class PolygonWriter:
             return
         arrays = [self.array(name) for name in self.columns]
         if "gpkg" in self.paths:
-            self.write_gpkg(arrays)
+            with files.written_or_disk_error(self.paths["gpkg"], (DataSourceError, DataLayerError)):
+                self.write_gpkg(arrays)
         if self.geojson is not None:
-            self.write_geojson()
+            with files.written_or_disk_error(self.paths["geojson"]):
+                self.write_geojson()
         self.count += len(self.geometries)
         self.geometries, self.values = [], {name: [] for name in self.columns}
 
@@ -358,16 +364,33 @@ class PolygonWriter:
         """Write what is queued, finish both files and move them into place; return the polygon count."""
         self.flush()
         if self.geojson is not None:
-            self.geojson.write("\n]}\n")
-            self.geojson.close()
+            with files.written_or_disk_error(self.paths["geojson"]):
+                self.geojson.write("\n]}\n")
+                self.geojson.close()
+        if "gpkg" in self.paths:
+            self.check_gpkg()
         for kind, path in self.paths.items():
             os.replace(self.temporary[kind], path)
         return self.count
 
+    def check_gpkg(self) -> None:
+        """Read the GeoPackage back before it is renamed: GDAL closes it without a word where SQLite could not
+        write its last pages (a full disk), and a file without its tables would be left under the output's name."""
+        target = self.paths["gpkg"]
+        with files.written_or_disk_error(target, (DataSourceError, DataLayerError)):
+            features = read_info(str(self.temporary["gpkg"]), layer=self.layer)["features"]
+        if features != self.count:
+            raise files.disk_error_at(target) or OSError(
+                errno.EIO, f"{features} of its {self.count} features could be read back", str(target)
+            )
+
     def abandon(self) -> None:
         """Remove the temporary files after a failure."""
         if self.geojson is not None and not self.geojson.closed:
-            self.geojson.close()
+            # Its buffer cannot be written where the disk is full: that must neither hide the error being raised
+            # nor leave the temporary files.
+            with contextlib.suppress(OSError):
+                self.geojson.close()
         for path in self.temporary.values():
             path.unlink(missing_ok=True)
 

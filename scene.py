@@ -45,8 +45,9 @@ import rasterio.features
 import shapely
 import shapely.affinity
 import torch
+from rasterio._err import CPLE_BaseError
 from rasterio.enums import MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -642,6 +643,26 @@ def raster_profile(scene: Scene) -> dict:
     }
 
 
+# What GDAL raises where it cannot write a GeoTIFF, or open or read one cut short (rasterio.open's TypeError): the
+# disk's error when it is full (files.written_or_disk_error).
+GDAL_WRITE_ERRORS = (RasterioError, CPLE_BaseError, TypeError)
+
+
+def finish_geotiff(temporary: Path, target: Path, resampling: Resampling) -> None:
+    """Add overviews to a GeoTIFF written under ``temporary``, read it back whole and rename it to ``target``.
+
+    libtiff writes the last blocks and the directory as the file is closed, and a failure there (a full disk) is
+    only printed, not raised: every block is read back before the rename, so that no file cut short is left under
+    the output's name, and the disk's error names ``target``.
+    """
+    with files.written_or_disk_error(target, GDAL_WRITE_ERRORS):
+        add_overviews(temporary, resampling)
+        with rasterio.open(temporary) as src:
+            for _, window in src.block_windows(1):
+                src.read(1, window=window)
+    os.replace(temporary, target)
+
+
 def add_overviews(path: Path, resampling: Resampling) -> None:
     """Build internal overviews (halving until a level fits in one block) into a finished GeoTIFF."""
     with rasterio.open(path, "r+") as dst:
@@ -692,7 +713,7 @@ def predict_scene(
     for path in targets.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), files.written_or_disk_error(outputs["mask"], GDAL_WRITE_ERRORS):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             handles = {kind: rasterio.open(path, "w", **profile) for kind, path in temporary.items()}
             try:
@@ -717,8 +738,7 @@ def predict_scene(
                     handle.close()
         for kind, path in targets.items():
             # Overviews inside the file, so that GIS software opens even a 20,000-pixel mask at once.
-            add_overviews(temporary[kind], Resampling.nearest if kind == "mask" else Resampling.average)
-            os.replace(temporary[kind], path)
+            finish_geotiff(temporary[kind], path, Resampling.nearest if kind == "mask" else Resampling.average)
         write_mask_style(outputs["style"])
     finally:
         for path in temporary.values():
@@ -782,8 +802,7 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
                 writer.add(shape, field_id=kept, area_ha=area_ha, pixels=pixels)
             written = writer.close()
         if sieved is not None:
-            add_overviews(sieved, Resampling.nearest)
-            os.replace(sieved, outputs["sieved"])
+            finish_geotiff(sieved, outputs["sieved"], Resampling.nearest)
             write_mask_style(outputs["sieved_style"])
     finally:
         if sieved is not None:
@@ -986,7 +1005,10 @@ def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) 
     grid = {"crs": scene.crs, "transform": scene.transform, "width": scene.width, "height": scene.height}
     try:
         with rasterio.open(source) as src, WarpedVRT(src, resampling=resampling, nodata=NODATA, **grid) as vrt:
-            with rasterio.open(temporary, "w", **raster_profile(scene)) as dst:
+            with (
+                files.written_or_disk_error(target, GDAL_WRITE_ERRORS),
+                rasterio.open(temporary, "w", **raster_profile(scene)) as dst,
+            ):
                 if resampling == Resampling.nearest:
                     dst.write_colormap(1, MASK_COLOURS)
                 for top in range(0, scene.height, BLOCK * 4):
@@ -1001,8 +1023,7 @@ def warp_back(source: Path, scene: Scene, target: Path, resampling: Resampling) 
                     dst.write(rows, 1, window=where)
                     counts.valid += int(np.count_nonzero(rows != NODATA))
                     counts.farmland += int(np.count_nonzero(rows == FARMLAND))
-        add_overviews(temporary, resampling if resampling == Resampling.nearest else Resampling.average)
-        os.replace(temporary, target)
+        finish_geotiff(temporary, target, resampling if resampling == Resampling.nearest else Resampling.average)
     finally:
         temporary.unlink(missing_ok=True)
     return counts

@@ -617,8 +617,10 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     choice = training_choice(cfg, model, criterion, tile, job.device, batch)
     amp, layout = choice.candidate.amp, choice.candidate.layout
     # Room for best.pth, last.pth and its temporary copy, and a snapshot: weights plus Adam's two moments each
-    # (and the weights' moving average).
-    files.check_writable(ckpt_dir, 4 * (3 + (cfg.ema > 0)) * 4 * count_parameters(model))
+    # (and the weights' moving average). A best.pth or last.pth already there (a run resumed after space was freed)
+    # is replaced in place: its room is held already.
+    held = sum(path.stat().st_size for path in (ckpt_dir / "best.pth", ckpt_dir / "last.pth") if path.is_file())
+    files.check_writable(ckpt_dir, max(4 * (3 + (cfg.ema > 0)) * 4 * count_parameters(model) - held, 0))
     optimizer = make_optimizer(model, cfg, job.device)
     train_loader = make_loader(train_set, cfg, job.device, True, job.rank, job.world)
     trainer = Trainer(

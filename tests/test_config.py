@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -186,6 +189,38 @@ def test_why_a_script_stopped_goes_to_its_log_file_and_once_to_the_terminal(
     assert "split_dataset ERROR error: epoch 2: the training loss became nan" in log
     assert "split_dataset WARNING interrupted" in log
     assert "stopped by an unexpected error:\nTraceback" in log
+
+
+def test_a_log_file_on_a_full_disk_is_one_line_not_a_traceback_per_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run folder whose disk fills: logging printed "--- Logging error ---" and a traceback for every line the log
+    file could not take, the line that says why the script stopped among them."""
+
+    class FullDisk(io.StringIO):
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full() -> int:
+        logging.getLogger("split_dataset").info("a line the log file cannot take")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "splits" / "train.txt"))
+
+    cli.setup_logging(config.Config(run_dir=str(tmp_path)), "split_dataset")
+    try:
+        (log,) = [
+            h
+            for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and getattr(h, "farmland_pipeline", "")
+        ]
+        log.stream.close()
+        log.stream = FullDisk()
+        assert cli.run_main(full) == 1
+    finally:
+        close_log_files()
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err
+    assert err.count("split_dataset.log: the log could not be written (No space left on device)") == 1
+    assert err.count(f"error: {tmp_path / 'splits' / 'train.txt'}: could not be written (No space left") == 1
 
 
 def test_a_value_error_keeps_its_traceback_in_the_log_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

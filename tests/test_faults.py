@@ -4,6 +4,7 @@ unwritable disks, interrupted predictions, crafted checkpoints, broken splits, p
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -225,6 +226,26 @@ def test_a_signal_just_as_the_temporary_file_is_made_leaves_nothing_behind(
     assert [p.name for p in out.parent.iterdir()] == ["result.bin"] and out.read_bytes() == b"first"
 
 
+def test_a_disk_turned_read_only_is_named_by_the_output_not_its_temporary_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A drive that turned read-only refuses the temporary file itself: the line said ".last.pth.3f9a0c21e4b7.tmp
+    # could not be written", a file the user never sees, instead of checkpoints/last.pth.
+    out = tmp_path / "checkpoints" / "last.pth"
+    files.atomic_write_bytes(out, b"first")
+
+    def read_only(*_: object) -> int:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out.parent / ".last.pth.3f9a0c21e4b7.tmp"))
+
+    monkeypatch.setattr(files.os, "open", read_only)
+    with pytest.raises(OSError) as raised:
+        files.atomic_write_bytes(out, b"second")
+    monkeypatch.undo()
+    assert raised.value.errno == errno.EROFS and raised.value.filename == str(out)
+    assert files.disk_problem(raised.value).startswith(f"{out}: could not be written (Read-only file system)")
+    assert [p.name for p in out.parent.iterdir()] == ["last.pth"] and out.read_bytes() == b"first"
+
+
 def test_the_temporary_file_of_a_write_killed_with_9_is_removed_by_the_next_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -334,6 +355,18 @@ def test_unwritable_run_folder_and_full_disk_fail_before_training(
     with pytest.raises(ValueError, match=r"checkpoints: only 0 MiB free on its disk, about \d+ MiB are needed"):
         train.main(args(square_data, run_dir, "--epochs=1"))
     assert not (run_dir / "checkpoints" / "last.pth").exists()
+
+
+def test_the_room_of_checkpoints_already_there_counts_as_held(
+    run_copy: Path, shared_square_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A training stopped by a full disk says to free space and resume; the check before the first epoch asked for
+    # room for four checkpoints as if best.pth and last.pth were not there, and refused a resume that fitted.
+    last = run_copy / "checkpoints" / "last.pth"
+    free = int(2.2 * last.stat().st_size)  # a temporary copy and a snapshot; not four checkpoints
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: type("Usage", (), {"free": free})())
+    assert train.main(args(shared_square_data, run_copy, "--resume=true", "--epochs=2")) == 0
+    assert torch.load(last, weights_only=True)["epoch"] == 2
 
 
 def set_modes(folder: Path, write: bool) -> None:

@@ -4,8 +4,10 @@ PyTorch's fp32 path, the metadata QGIS reads, the 8-bit copy's check, every outp
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -587,6 +589,27 @@ def test_an_export_folder_that_cannot_be_written_is_refused_before_the_trace(tmp
     (run_dir / "export").write_text("a file where the export folder goes")
     with pytest.raises(ValueError, match=r"export: .*export is a file, not a folder"):
         export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16"])
+
+
+@pytest.mark.parametrize("failing", ["farmland.onnx", "farmland_qgis.onnx"])
+def test_a_full_disk_names_the_onnx_file_not_its_temporary_name(
+    failing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The line said ".farmland_qgis.9602.tmp.onnx could not be written", a hidden name the user never sees.
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state())
+    real_write = onnx_build.write_model
+
+    def full_disk(model: onnx.ModelProto, path: Path) -> None:
+        if f".{Path(failing).stem}." in path.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(model, path)
+
+    monkeypatch.setattr(onnx_build, "write_model", full_disk)
+    with pytest.raises(OSError) as raised:
+        export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16"])
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(run_dir / "export" / failing)
+    assert not [p.name for p in (run_dir / "export").iterdir() if p.name.startswith(".")]
 
 
 def test_an_8_bit_copy_without_a_training_split_is_refused_before_the_export(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import math
 import os
@@ -394,6 +395,50 @@ def test_temporary_files_a_killed_run_left_are_removed_by_the_next_one(checkpoin
     assert run_predict(run_dir, checkpoint, source) == 0
     assert out["mask"].is_file() and out["gpkg"].is_file()
     assert sorted(p.name for p in out["mask"].parent.glob(".*")) == [writing]
+
+
+def test_a_disk_that_fills_as_a_scene_s_files_are_closed_leaves_none_cut_short_under_its_name(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libtiff writes a GeoTIFF's last blocks as it is closed, and GDAL a GeoPackage's last pages: on a full disk
+    # both failed with a line on the terminal only, and the file cut short was renamed to the output's name (a
+    # 4096-byte _prob.tif, a .gpkg without its tables); a GeoPackage that said so ended in pyogrio's traceback.
+    source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
+    out = scene.scene_outputs(tmp_path / "run", source)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(
+        files, "disk_error_at", lambda path: OSError(full.errno, full.strerror, str(path)), raising=False
+    )
+    real_overviews, real_vector = scene.add_overviews, polygons.write_vector
+
+    def cut_short(path: Path, size: int) -> None:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+
+    def probability_cut_short(path: Path, resampling: object) -> None:
+        real_overviews(path, resampling)
+        if "_prob" in path.name:
+            cut_short(path, 4096)
+
+    monkeypatch.setattr(scene, "add_overviews", probability_cut_short)
+    with pytest.raises(OSError) as raised:
+        run_predict(tmp_path / "run", checkpoint, source)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out["probability"])
+    assert out["mask"].is_file() and not out["probability"].exists()
+    monkeypatch.setattr(scene, "add_overviews", real_overviews)
+
+    def gpkg_cut_short(path: str, *given: object, **named: object) -> None:
+        real_vector(path, *given, **named)
+        cut_short(Path(path), 4096)
+
+    monkeypatch.setattr(polygons, "write_vector", gpkg_cut_short)
+    with pytest.raises(OSError) as raised:
+        run_predict(tmp_path / "run", checkpoint, source)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out["gpkg"])
+    assert out["probability"].is_file() and not out["gpkg"].exists() and not out["geojson"].exists()
+    assert not list(out["mask"].parent.glob(".*"))  # no temporary file left
+    with rasterio.open(out["probability"]) as src:
+        src.read()  # whole
 
 
 def test_a_temporary_name_with_more_digits_than_any_process_id_is_taken_as_left(tmp_path: Path) -> None:
