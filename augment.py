@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 import cli
 from data_preprocess import (
@@ -97,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples: list[Sample] = []
     failures = 0
     unreadable_preview = False  # a mask the preview could not read as classes was warned of
-    for index in tqdm(chosen, desc="flipping", unit="tile", disable=None):
+    for index in cli.progress(chosen, "flipping", "tile", LOG):
         image_path, mask_path = originals[index]
         try:
             image, mask = read_image(image_path), read_image(mask_path)

@@ -12,9 +12,12 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence, TypeVar
+
+from tqdm import tqdm
 
 import config
 from config import RECOMMENDED, Config
@@ -380,3 +383,46 @@ def run_main(main: Callable[[], int], output_key: str = "--run_dir") -> int:
     finally:
         if installed:  # None: the handler before was not Python's; the default is the closest to it
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+PROGRESS_EVERY_S = 60.0  # seconds between progress lines in the log where no progress bar is shown
+Item = TypeVar("Item")
+
+
+class Progress:
+    """A progress bar on a terminal; where output goes to a file (nohup, a batch job), where tqdm draws none, a
+    log line on ``log`` at most every PROGRESS_EVERY_S seconds instead (``desc: 1200 of 40000 units (3%)``),
+    so that a long loop is never silent for minutes."""
+
+    def __init__(self, total: int, desc: str, unit: str, log: logging.Logger) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=None)
+        self.total, self.desc, self.unit, self.log = total, desc, unit, log
+        self.done = 0
+        self.last = time.monotonic()
+
+    def update(self, count: int = 1) -> None:
+        """Count ``count`` more items done."""
+        self.bar.update(count)
+        self.done += count
+        now = time.monotonic()
+        if self.bar.disable and now - self.last >= PROGRESS_EVERY_S and self.done < self.total:
+            self.last = now
+            share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+            self.log.info("%s: %d of %d %s(s)%s", self.desc, self.done, self.total, self.unit, share)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(items: Sequence[Item], desc: str, unit: str, log: logging.Logger) -> Iterator[Item]:
+    """The items, counted on a Progress as each is handed out."""
+    with Progress(len(items), desc, unit, log) as bar:
+        for item in items:
+            yield item
+            bar.update()

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Any, Collection, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 import cli
 import files
@@ -42,6 +42,7 @@ from data_preprocess import (
     flipped_copies,
     image_entries,
     image_to_float,
+    is_image_file,
     list_images,
     mask_to_classes,
     parse_bands,
@@ -85,6 +86,19 @@ def what_is_there(folder: Path, key: str) -> str:
             "beside the images, give --image_subdir=. --label_subdir=. and --mask_suffix"
         )
     return f"; {parent} holds no folders"
+
+
+def nested_image_folders(folder: Path, other: Path) -> list[tuple[Path, int]]:
+    """The sub-folders of ``folder``, at any depth, that hold image files, each with their count; hidden folders
+    and ``other`` (the other of the image and mask folders, which may lie inside this one) are passed over.
+    Tiles are read from the image and mask folders themselves only, so the images of these are never read."""
+    folder, other = Path(folder), Path(other).resolve()
+    found = []
+    for top, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(top, d).resolve() != other)
+        if Path(top) != folder and (count := sum(is_image_file(Path(top, name)) for name in names)):
+            found.append((Path(top), count))
+    return found
 
 
 def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
@@ -165,6 +179,15 @@ def find_pairs(image_dir: Path, label_dir: Path, mask_suffix: str) -> Scan:
             scan.rejected.append((found_masks[0], "orphan", reason))
         else:
             scan.pairs.append((found_images[0], found_masks[0]))
+    folders = {image_dir: ("image_subdir", label_dir), label_dir: ("label_subdir", image_dir)}
+    for top, (key, other) in folders.items():
+        for folder, count in nested_image_folders(top, other):
+            reason = (
+                f"a sub-folder of {top} holding {count} image file(s), none of them read: tiles and masks are read "
+                f"from {top} itself, not from its sub-folders; move them up into {top}, or name this folder "
+                f"with --{key}"
+            )
+            scan.rejected.append((folder, "orphan", reason))
     return scan
 
 
@@ -412,7 +435,7 @@ def warn_few_scenes(groups: dict[str, int]) -> None:
 def _check_pairs(scan: Scan, cfg: Config) -> tuple[list[tuple[Path, Path]], dict[tuple[Path, Path], tuple[int, int]]]:
     """Check every pair found; reject the unusable ones into ``scan.rejected``; return (usable, pixels of each)."""
     usable, sizes, pixels_of, levels = [], [], {}, {}
-    for image_path, mask_path in tqdm(scan.pairs, desc="checking pairs", unit="pair", disable=None):
+    for image_path, mask_path in cli.progress(scan.pairs, "checking pairs", "pair", LOG):
         result = check_pair(image_path, mask_path, cfg)
         if isinstance(result[0], str):
             scan.rejected.append((image_path, *result))

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from cli import Progress
 from config import Config
 from data_preprocess import (
     check_tile_values,
@@ -449,7 +449,7 @@ def predict_tiles(
     loader = _batch_loader(files, batch_size, cfg.num_workers, device)
     _log_plan(len(paths), checkpoint, state, device, amp, batch_size, cfg, min_pixels)
     failures, done = 0, 0
-    with tqdm(total=len(paths), desc="predicting", unit="image", disable=None) as bar:
+    with Progress(len(paths), "predicting", "image", LOG) as bar:
         # Room for two batches of jobs, so the device goes on with the next batch while one is written.
         with BackgroundWriter(writer_threads(device), pending=2 * batch_size) as writer:
             for groups in loader:

@@ -13,6 +13,7 @@ from conftest import declare_size, folder_digest, square_tile, write_geotiff, wr
 from PIL import Image
 from rasterio.transform import Affine
 
+import cli
 import split_dataset
 from data_preprocess import read_image, read_pair_list, scene_groups, write_image, write_pair_list
 from files import DataError
@@ -706,3 +707,49 @@ def test_8_bit_tiles_beside_16_bit_tiles_of_10_bit_dn_are_warned_of(
     with caplog.at_level("WARNING"):
         assert run_split(square_data, tmp_path / "run2") == 0
     assert "pixel types" not in caplog.text
+
+
+def test_tiles_in_sub_folders_are_reported_not_silently_left_out(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_pair(data, f"t{i}", *square_tile(rng))
+    for i in range(3):  # a survey's tiles filed by district: images/north/n0.png, labels/north/n0_mask.png
+        image, mask = square_tile(rng)
+        write_image(data / "images" / "north" / f"n{i}.png", image)
+        write_image(data / "labels" / "north" / f"n{i}_mask.png", mask)
+    (data / "images" / ".thumbs").mkdir()
+    write_image(data / "images" / ".thumbs" / "t0.png", image)  # hidden folders are passed over
+    assert run_split(data, tmp_path / "run") == 0
+    found = rejected(tmp_path / "run")
+    assert set(found) == {"north"}  # one row per folder (both have that name), not one per tile
+    with open(tmp_path / "run" / "splits" / "rejected.csv", encoding="utf-8-sig") as handle:
+        rows = {Path(r["file"]).parent.name: r for r in csv.DictReader(handle)}
+    assert rows["images"]["kind"] == "orphan" and "3 image file(s), none of them read" in rows["images"]["reason"]
+    assert "--image_subdir" in rows["images"]["reason"] and "--label_subdir" in rows["labels"]["reason"]
+    summary = json.loads((tmp_path / "run" / "splits" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["orphans"] == 2
+
+
+def test_a_mask_folder_inside_the_image_folder_is_not_reported_as_nested(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(5):  # images in the data folder itself, their masks in data/labels
+        image, mask = square_tile(rng)
+        write_image(data / f"t{i}.png", image)
+        write_image(data / "labels" / f"t{i}_mask.png", mask)
+    scan = find_pairs(data, data / "labels", "_mask")  # image_subdir=. : the masks' folder lies inside it
+    assert len(scan.pairs) == 5
+    assert not [row for row in scan.rejected if Path(row[0]).name == "labels"]
+
+
+def test_a_long_check_logs_its_progress_where_no_bar_is_shown(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)  # every item, as a check of tens of thousands does each minute
+    caplog.set_level("INFO", logger="split_dataset")
+    assert run_split(square_data, tmp_path / "run") == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checking pairs: ")]
+    total = len(list((square_data / "images").iterdir()))
+    assert lines and lines[0] == f"checking pairs: 1 of {total} pair(s) ({100 / total:.0f}%)"
+    assert len(lines) == total - 1  # the last is told by the summary line
