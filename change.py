@@ -47,6 +47,10 @@ from runtime import apply_reuse_memory, load_checkpoint, resolve_amp, select_dev
 
 LOG = logging.getLogger("change")
 
+# The keys of scene.OUTPUT_KEYS that only shape a scene's field polygons, which no date of a pair has: a new unit
+# or simplification redoes the comparison (ChangeJob.record), not the dates' prediction.
+FIELD_KEYS = ("min_field_area_ha", "min_field_pixels", "simplify_tolerance")
+
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
@@ -79,7 +83,7 @@ class ChangeJob:
             "checkpoint_stamp": files.file_stamp(self.checkpoint),  # other weights copied over it, cp -p
             "threshold": self.rule.threshold,
             "bands": list(self.settings.bands),
-            **{key: getattr(self.cfg, key) for key in scene.OUTPUT_KEYS},
+            **{key: getattr(self.cfg, key) for key in scene.OUTPUT_KEYS if key not in FIELD_KEYS},
             # Dates predicted when nodata reached the network as zeros (false loss along collars and clouds)
             # lack this key and are predicted again.
             "nodata_fed_as": scene.NODATA_FED_AS,
@@ -88,7 +92,7 @@ class ChangeJob:
     def record(self, pair: Pair) -> dict:
         """The inputs and settings a pair's outputs depend on, kept in its JSON: a re-run with other files
         under the same names (paired folders of other dates) or other settings redoes the pair."""
-        keys = ("change_margin", "change_edge_tolerance")
+        keys = (*FIELD_KEYS, "change_margin", "change_edge_tolerance")
         return {
             **self.date_record,
             **{key: getattr(self.cfg, key) for key in keys},
@@ -210,9 +214,13 @@ def is_done(pair: Pair, job: ChangeJob) -> bool:
 
 def date_is_done(outputs: dict[str, Path], settings: scene.SceneSettings, image: Path, job: ChangeJob) -> bool:
     """Whether an earlier run predicted this date from this very image file, after the checkpoint was made
-    and after the file last changed, with the same settings."""
+    and after the file last changed, with the same settings (the unit and simplification that records of earlier
+    versions hold left out: they shape no date)."""
     finished = scene.is_finished(outputs, settings, job.checkpoint, image)
-    return finished and files.read_record(outputs["record"]) == job.date_record
+    record = files.read_record(outputs["record"])
+    if isinstance(record, dict):
+        record = {key: value for key, value in record.items() if key not in FIELD_KEYS}
+    return finished and record == job.date_record
 
 
 # --- one pair -------------------------------------------------------------------------------------------
@@ -229,14 +237,23 @@ def open_pair(pair: Pair, bands: Sequence[int], in_channels: int) -> Iterator[tu
     """Both scenes of a pair, opened and checked, and whether the after one lies on the before one's grid.
 
     Raises:
-        DataError: an unreadable file, band counts that differ between the dates or do not fit the network,
-            scenes without a common grid (one without a CRS) or without overlap.
+        DataError: an unreadable file, band counts that differ between the dates (all their bands read, no
+            ``bands`` given) or do not fit the network, scenes without a common grid (one without a CRS) or
+            without overlap.
     """
     counts = band_count(pair.before), band_count(pair.after)
-    if counts[0] != counts[1]:
+    if not bands and counts[0] != counts[1]:
+        # With --bands both dates feed the network the same band numbers (an RGB date against an RGB-NIR one).
+        fix = "export both with the same bands in the same order"
+        if min(counts) >= in_channels:
+            example = ",".join(str(b) for b in range(1, in_channels + 1))
+            fix += (
+                f", or, where the first {in_channels} bands are the same at both dates, read those of both with "
+                f"--bands={example}"
+            )
         raise DataError(
             f"{pair.before} (before) has {counts[0]} band(s), {pair.after} (after) has {counts[1]}; expected the "
-            "same bands at both dates: export both with the same bands in the same order"
+            f"same bands at both dates: {fix}"
         )
     with (
         scene.open_scene(pair.before, bands, in_channels) as before,
@@ -515,7 +532,11 @@ def compare_all(argv: Sequence[str] | None = None) -> int:
     job = make_job(cfg, given)
     cli.save_config(cfg, "change")
     if job.truth is not None and len(pairs) != 1:
-        raise ValueError(f"--change_truth scores one pair; {len(pairs)} pairs were given")
+        raise ValueError(
+            f"--change_truth={job.truth} scores one pair; --before={cfg.before} and --after={cfg.after} give "
+            f"{len(pairs)} pairs: give the two files of the pair it was drawn for (for example "
+            f"--before={pairs[0].before} --after={pairs[0].after}), and compare the folders without it"
+        )
     for problem in problems:
         LOG.error("%s", problem)
     todo = [p for p in pairs if not (cfg.skip_existing and is_done(p, job))]

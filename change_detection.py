@@ -104,6 +104,8 @@ CHANGE_FIELDS = [
     "lost_pixels",
     "gained_pixels",
     "stable_farmland_pixels",
+    "net_pixels",
+    "stable_background_pixels",
     "change_map",
     "model",
     "epoch",
@@ -630,16 +632,26 @@ def change_row(
         "lost_pixels": counts.lost,
         "gained_pixels": counts.gained,
         "stable_farmland_pixels": counts.stable_farmland,
+        "net_pixels": counts.gained - counts.lost,
+        "stable_background_pixels": stable_background,
         "change_map": change_map.name,
     }
 
 
 def write_change_table(rows: list[dict], path: Path) -> None:
-    """Write the change rows of a run as CSV (atomically); empty cells where a figure is undefined."""
+    """Write the change rows of a run as CSV (atomically); empty cells where a figure is undefined. The net and
+    stable background pixels that rows of earlier versions lack are derived from their other pixel counts."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CHANGE_FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
+        counts = [row.get(f"{k}_pixels") for k in ("valid", "stable_farmland", "lost", "gained")]
+        if all(isinstance(count, int) for count in counts):
+            valid, stable_farmland, lost, gained = counts
+            row = {
+                "net_pixels": gained - lost,
+                "stable_background_pixels": valid - stable_farmland - lost - gained,
+            } | row
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CHANGE_FIELDS})
     files.atomic_write_csv(path, buffer.getvalue())
 

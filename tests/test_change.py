@@ -404,6 +404,16 @@ def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_se
     assert run_change(run_dir, own, before, after, "--change_margin=0.3") == 0  # another setting: the change only
     assert out["change"].stat().st_mtime_ns > made[out["change"]]
     assert probability.stat().st_mtime_ns == made[probability]
+    # A new unit shapes the change patches only, not the dates: they were predicted again (a record of an earlier
+    # version, which kept the unit and simplification, too).
+    record = change.date_outputs(run_dir, "a_to_b", "before")["record"]
+    fields = {"min_field_area_ha": 0.004, "min_field_pixels": 0, "simplify_tolerance": 0.0}
+    record.write_text(json.dumps(json.loads(record.read_text(encoding="utf-8")) | fields), encoding="utf-8")
+    changed = out["change"].stat().st_mtime_ns
+    assert run_change(run_dir, own, before, after, "--change_margin=0.3", "--min_field_area_ha=0.04") == 0
+    assert out["change"].stat().st_mtime_ns > changed
+    assert probability.stat().st_mtime_ns == made[probability]
+    assert json.loads(out["json"].read_text(encoding="utf-8"))["settings"]["min_field_area_ha"] == 0.04
     later = max(p.stat().st_mtime for p in out.values()) + 10
     os.utime(own, (later, later))  # a newer checkpoint: everything again
     assert run_change(run_dir, own, before, after, "--change_margin=0.3") == 0
@@ -414,10 +424,14 @@ def test_a_rerun_skips_finished_pairs_and_redoes_them_for_a_new_checkpoint_or_se
     assert probability.stat().st_mtime_ns > again
     record = change.date_outputs(run_dir, "a_to_b", "before")["record"]
     assert json.loads(record.read_text(encoding="utf-8"))["tta"] is True
-    # A date an older version predicted records fewer settings: predicted again, and the log says why.
+    # A date an older version predicted records fewer settings: predicted again, and the log says why. Its pair's
+    # JSON lacks the key too, so the pair is not skipped however long ago the checkpoint's time lies.
     earlier = json.loads(record.read_text(encoding="utf-8"))
     del earlier["nodata_fed_as"]
     record.write_text(json.dumps(earlier), encoding="utf-8")
+    row = json.loads(out["json"].read_text(encoding="utf-8"))
+    del row["settings"]["nodata_fed_as"]
+    out["json"].write_text(json.dumps(row), encoding="utf-8")
     again = probability.stat().st_mtime_ns
     caplog.clear()
     assert run_change(run_dir, own, before, after, "--change_margin=0.3", "--tta=true") == 0
@@ -627,7 +641,17 @@ def test_folders_of_tiles_are_paired_by_name_and_a_lonely_tile_is_reported(
     with open(run_dir / "change" / "change_area.csv", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["pair"] for r in rows] == ["a", "b"] and rows[0]["lost_ha"] == "" and rows[0]["crs"] == ""
-    assert read(change.pair_outputs(run_dir, "a")["change"]).shape == (64, 64)
+    codes = read(change.pair_outputs(run_dir, "a")["change"])
+    assert codes.shape == (64, 64)
+    # Without hectares, the pixel columns hold the net and the stable background too (they were missing).
+    net, background = np.count_nonzero(codes == cd.GAINED) - np.count_nonzero(codes == cd.LOST), codes == 0
+    assert (int(rows[0]["net_pixels"]), int(rows[0]["stable_background_pixels"])) == (net, background.sum())
+    # Rows of an earlier version, without these keys, get them from their other counts.
+    table = run_dir / "change" / "change_area.csv"
+    older = [{k: v for k, v in row.items() if k not in ("net_pixels", "stable_background_pixels")} for row in rows]
+    cd.write_change_table([{k: int(v) if k.endswith("_pixels") else v for k, v in row.items()} for row in older], table)
+    with open(table, encoding="utf-8-sig") as handle:
+        assert list(csv.DictReader(handle)) == rows
 
 
 def test_folders_of_vrt_img_and_jp2_scenes_are_paired_as_predict_py_takes_them(tmp_path: Path) -> None:
@@ -687,6 +711,33 @@ def test_bad_pairs_name_both_files_and_the_good_pair_goes_on(
     )
     with pytest.raises(ValueError, match="expected two files or two folders"):
         run_change(run_dir, checkpoint, before_dir / "good.tif", after_dir)
+    # A truth with two folders was refused without saying how to score the pair it belongs to.
+    truth = write_geotiff(tmp_path / "truth.tif", np.zeros((1, HEIGHT, WIDTH), np.uint8))
+    with pytest.raises(ValueError, match="scores one pair") as refused:
+        run_change(run_dir, checkpoint, before_dir, after_dir, f"--change_truth={truth}")
+    fix = f"give the two files of the pair it was drawn for (for example --before={before_dir / 'bands.tif'} "
+    assert f"--after={after_dir} give 5 pairs: {fix}" in str(refused.value)
+
+
+def test_an_rgb_date_against_an_rgb_nir_date_is_compared_with_bands_and_told_so_without(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A 3-band date against a 4-band one was refused even with --bands=1,2,3, which reads the same bands of both,
+    # and the refusal offered only exporting the scenes again.
+    before = write_geotiff(tmp_path / "2019" / "a.tif", scene_pixels(1))
+    after = write_geotiff(
+        tmp_path / "2024" / "a.tif", np.concatenate([scene_pixels(1, moved=True), scene_pixels(2)[:1]])
+    )
+    assert run_change(tmp_path / "run", checkpoint, before, after) == 1
+    assert f"{before} (before) has 3 band(s), {after} (after) has 4" in caplog.text
+    assert "read those of both with --bands=1,2,3" in caplog.text
+    assert run_change(tmp_path / "run", checkpoint, before, after, "--bands=1,2,3") == 0
+    rgb = write_geotiff(tmp_path / "rgb" / "a.tif", scene_pixels(1, moved=True))
+    assert run_change(tmp_path / "run_rgb", checkpoint, before, rgb) == 0
+    assert np.array_equal(
+        read(change.pair_outputs(tmp_path / "run", "a")["change"]),
+        read(change.pair_outputs(tmp_path / "run_rgb", "a")["change"]),
+    )
 
 
 # --- shifted and reprojected scenes, end to end; accuracy --------------------------------------------------
