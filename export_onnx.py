@@ -46,7 +46,7 @@ import onnx_build
 import onnx_quantize
 import scene
 from config import Config
-from data_preprocess import read_pair_list
+from data_preprocess import read_image, read_pair_list
 from files import DataError, atomic_write_text, check_writable
 from inference import (
     checkpoint_file,
@@ -171,11 +171,33 @@ def export_qgis(
         raise
 
 
-def warn_few_bit_training(means: np.ndarray | None) -> None:
+PIXEL_TYPE_TRIES = 8  # training tiles tried, in list order, to learn the tiles' pixel type
+
+
+def training_pixel_type(cfg: Config) -> str | None:
+    """The pixel type ("uint8", "uint16", ...) of the run's first readable training tile (splits/train.txt); None
+    where the split is missing or none of the first few of its tiles can be read."""
+    try:
+        pairs = read_pair_list(Path(cfg.run_dir) / "splits" / "train.txt")
+    except DataError:  # no split (a checkpoint exported on its own): the means alone decide
+        return None
+    for image, _ in pairs[:PIXEL_TYPE_TRIES]:
+        try:
+            return str(read_image(image).dtype)
+        except DataError:
+            continue
+    return None
+
+
+def warn_few_bit_training(means: np.ndarray | None, pixel_type: str | None = None) -> None:
     """Warn where the training tiles' band means (scaled to [0, 1]) say 10- or 12-bit values stored as 16-bit: a
     QGIS plugin that divides every layer by 255 (Deepness) cannot feed farmland_qgis.onnx such values, and the
-    colleagues who receive the file would not know it."""
+    colleagues who receive the file would not know it. ``pixel_type``: the training tiles' (training_pixel_type);
+    tiles of another type than 16-bit (dark 8-bit imagery, whose means are as low) are not warned of, and where it
+    is unknown (None) the means alone decide."""
     if means is None or not len(means) or float(np.max(means)) >= FEW_BIT_MEANS:
+        return
+    if pixel_type is not None and pixel_type != "uint16":
         return
     LOG.warning(
         "the training tiles' band means (%s of full scale) are those of 10- or 12-bit values stored as 16-bit: "
@@ -200,7 +222,7 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
             "the training tiles' pixel size is unknown, so the model carries no 'resolution' for QGIS: set it in "
             "Deepness by hand, or export with --pixel_size_m=METRES (docs/qgis.md)"
         )
-    warn_few_bit_training(training_means(unet, state))
+    warn_few_bit_training(training_means(unet, state), training_pixel_type(cfg))
     metadata = onnx_build.model_metadata(state, checkpoint, cfg.window, cfg.overlap, resolution)
     LOG.info(
         "exporting %s (%s, %d bands, width %d) ...",

@@ -58,6 +58,7 @@ M_MMAP_THRESHOLD = -3
 
 
 GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's starting mmap and trim thresholds
+GLIBC_MMAP_CEILING = 32 * 1024 * 1024  # the highest mmap threshold glibc's own rise reaches (64-bit)
 MEMORY_SETTING = {"kept": False}  # whether keep_freed_memory is in force in this process
 
 
@@ -89,16 +90,25 @@ def keep_freed_memory() -> bool:
     return MEMORY_SETTING["kept"]
 
 
+def settle_thresholds(libc: ctypes.CDLL) -> None:
+    """glibc's thresholds as a process's own frees leave them: each freed mapped block raises the mmap threshold to
+    its size, up to GLIBC_MMAP_CEILING, and the trim threshold to twice that. mallopt turns that rise off for good,
+    so the starting 128 KiB set by hand would stay fixed and map every larger block afresh on each pass (1 MiB
+    blocks took 30 times as long as in a fresh process)."""
+    libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_CEILING)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_CEILING)
+
+
 def apply_reuse_memory(keep: bool) -> bool:
-    """Apply the ``reuse_memory`` key: keep_freed_memory when ``keep``; otherwise glibc's starting thresholds again
-    and the kept heap handed back, where an earlier run in this process (a notebook calling predict.py's main
-    before) kept freed memory. Returns whether freed memory is kept now."""
+    """Apply the ``reuse_memory`` key: keep_freed_memory when ``keep``; otherwise, where an earlier run in this
+    process (a notebook calling predict.py's main before) kept freed memory, the kept heap handed back and glibc's
+    thresholds as a process that never kept it has them (settle_thresholds). Returns whether freed memory is kept
+    now."""
     if keep:
         return keep_freed_memory()
     libc = glibc()
     if libc is not None and MEMORY_SETTING["kept"]:
-        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        settle_thresholds(libc)
         libc.malloc_trim(0)
         MEMORY_SETTING["kept"] = False
     return False
@@ -108,7 +118,8 @@ def apply_reuse_memory(keep: bool) -> bool:
 def handing_back_freed_memory() -> Iterator[None]:
     """Within the block, glibc hands freed memory back as it does by default, starting with the heap the
     network's passes left (malloc_trim): work of many objects of all sizes after prediction (field polygons)
-    then does not add its memory on top of the kept heap. keep_freed_memory is restored after, if it was on.
+    then does not add its memory on top of the kept heap. keep_freed_memory is restored after, if it was on, else
+    glibc's thresholds as a process's own frees leave them (settle_thresholds).
     """
     libc = glibc()
     kept = MEMORY_SETTING["kept"]
@@ -124,6 +135,8 @@ def handing_back_freed_memory() -> Iterator[None]:
             libc.malloc_trim(0)
             if kept:
                 keep_freed_memory()
+            else:  # not the starting thresholds fixed: every later pass would map its blocks afresh
+                settle_thresholds(libc)
 
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:

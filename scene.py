@@ -1118,7 +1118,10 @@ def run_scene(
     return row
 
 
-ALL_FARMLAND_PIXELS = 65536  # valid pixels (256 x 256) of a scene that cannot be farmland from edge to edge
+# Valid pixels (512 x 512) of a scene that cannot be farmland from edge to edge: four of make_tiles.py's 256-px
+# tiles, which predict.py maps as scenes where georeferenced (16-bit or 4-band tiles), and which are all farmland
+# wherever they were cut from inside a field.
+ALL_FARMLAND_PIXELS = 512 * 512
 ALL_FARMLAND_SHARE = 0.995  # the share of them farmland that calls a scene all farmland
 
 

@@ -438,6 +438,30 @@ def test_a_network_trained_on_few_bit_values_stored_as_16_bit_is_warned_of_for_q
     assert "Deepness divides every layer by 255" in messages[0]
 
 
+def test_dark_8_bit_training_tiles_are_not_called_few_bit_values_stored_as_16_bit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Band means near 0.04 of full scale: 10 of 255 for dark 8-bit tiles (Deepness's / 255 feeds them as trained),
+    # 2700 of 65535 for 12-bit values stored as 16-bit (which it cannot feed).
+    rng = np.random.default_rng(0)
+    dark, mask = write_pair(
+        tmp_path / "data", "dark", rng.integers(0, 20, (32, 32, 3), dtype=np.uint8), square_tile(rng, 32)[1]
+    )
+    deep, _ = write_pair(
+        tmp_path / "data", "deep", rng.integers(0, 5400, (32, 32, 3), dtype=np.uint16), square_tile(rng, 32)[1], ".tif"
+    )
+    run_dir, means = tmp_path / "run", np.array([0.04, 0.041, 0.039])
+    write_pair_list(run_dir / "splits" / "train.txt", [(dark, mask)])
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", {**tiny_state(), "band_means": means.tolist()})
+    with caplog.at_level(logging.WARNING, logger="export_onnx"):
+        assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16"]) == 0
+        assert not [r for r in caplog.records if "stored as 16-bit" in r.getMessage()]
+        write_pair_list(run_dir / "splits" / "train.txt", [(tmp_path / "gone.png", mask), (deep, mask)])
+        assert export_onnx.training_pixel_type(Config(run_dir=str(run_dir))) == "uint16"
+        export_onnx.warn_few_bit_training(means, "uint16")
+    assert [r for r in caplog.records if "stored as 16-bit" in r.getMessage()]
+
+
 def test_a_checkpoint_of_another_band_count_or_width_is_refused_naming_the_file(tmp_path: Path) -> None:
     state = tiny_state()
     for key, value in (("in_channels", 4), ("base_width", 8)):

@@ -888,16 +888,22 @@ def test_a_scene_predicted_all_farmland_is_warned_of_with_its_value_ratio(
 ) -> None:
     """A network given a scene twice as bright as its training tiles (another gain, within the value-scale
     warning's 4 times) called it all farmland without a word. A small scene all farmland (one field) is not warned
-    of."""
+    of, nor a georeferenced 256-px tile of make_tiles.py (one warning per tile of a field had been given)."""
     weights = dict(state["model"])
     weights["outc.bias"] = torch.tensor([-50.0, 50.0])  # every pixel farmland, as a network out of its depth
     saved = tmp_path / "net.pth"
-    torch.save({**state, "model": weights, "band_means": [0.125, 0.125, 0.125], "epoch": 1}, saved)
-    bright = write_geotiff(tmp_path / "in" / "bright.tif", scene_pixels())  # means near 0.25: twice the training's
+    torch.save({**state, "model": weights, "band_means": [0.11, 0.11, 0.11], "epoch": 1}, saved)
+    # Means near 0.22 across its middle: twice the training tiles'. 2 x 2 test scenes: more than four 256-px tiles.
+    bright = write_geotiff(tmp_path / "in" / "bright.tif", np.tile(scene_pixels(), (1, 2, 2)))
     field = write_geotiff(tmp_path / "small" / "field.tif", scene_pixels()[:, 100:300, 100:300])
+    # A georeferenced tile of make_tiles.py's default size, cut from inside a field: mapped as a scene.
+    tile = write_geotiff(
+        tmp_path / "tiles" / "tile_r256c512.tif", np.tile(scene_pixels(), (1, 2, 2))[:, 40:296, 60:316]
+    )
     with caplog.at_level("WARNING"):
         assert run_predict(tmp_path / "run", saved, bright) == 0
         assert run_predict(tmp_path / "run", saved, field) == 0
+        assert run_predict(tmp_path / "run", saved, tile.parent) == 0
     warned = [r.getMessage() for r in caplog.records if "of its valid pixels are farmland" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith(f"{bright}: 100.00 % of its valid pixels are farmland")
     assert "(its band means are 2." in warned[0] and "--bands" in warned[0] and "make_tiles.py" in warned[0]
