@@ -360,6 +360,7 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     progress.best_weights = state.get("best_weights", "raw")
     progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
     progress.collapsed, progress.stall_warned = state.get("collapsed", 0), state.get("stall_warned", False)
+    progress.band_means = state.get("band_means")  # the run's own, not read again from its tiles
     saved_budget = state["config"].get("time_budget", 0.0)
     progress.saved_end = progress.planned_epochs if saved_budget > 0 else int(state["config"].get("epochs", 0))
     if state.get("best_histogram") is not None:  # threshold_curve.csv is written from it again
@@ -639,7 +640,8 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     )
     progress = restore(cfg, trainer, ckpt_dir, job)
     progress.prior_loss = loss_prior
-    progress.band_means = value_means(train_set, statistics)
+    if progress.band_means is None:  # a new run, or one resumed from a checkpoint that keeps none
+        progress.band_means = value_means(train_set, statistics)
     if job.main and math.isfinite(progress.prior_loss):
         LOG.info(
             "a prediction that ignores the image scores a training loss of %.4f at best: a learning network "
