@@ -149,6 +149,10 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     ax_iou.plot(epochs, [h["val_miou"] for h in history], color="tab:gray", label="val mIoU")
     ax_iou.set(xlabel="epoch", ylabel="IoU (pooled over val)", ylim=(0, 1), title="Validation IoU")
     ax_iou.legend(loc="lower right")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_iou):  # epochs are whole: no tick at epoch 1.25
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     save_figure(fig, path)
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import io
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,8 +66,9 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def scene_paths(text: str) -> list[Path]:
-    """The scenes named by ``--scene``: files separated by commas, or folders (their rasters, sorted).
+def scene_paths(text: str, labels: Path | None = None) -> list[Path]:
+    """The scenes named by ``--scene``: files separated by commas, or folders (their rasters, sorted), less the
+    ``labels`` raster where it lies in such a folder (it is the labels, not a scene to tile).
 
     Raises:
         ValueError: nothing named, or a folder without rasters.
@@ -77,13 +79,23 @@ def scene_paths(text: str) -> list[Path]:
     for part in (p.strip() for p in text.split(",") if p.strip()):
         path = Path(part)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            rasters = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            found = [p for p in rasters if labels is None or not is_same_file(p, labels)]
             if not found:
-                raise ValueError(f"--scene={part}: the folder holds no rasters ({', '.join(RASTER_SUFFIXES)})")
+                besides = " besides the labels" if rasters else ""
+                raise ValueError(f"--scene={part}: the folder holds no rasters{besides} ({', '.join(RASTER_SUFFIXES)})")
             paths.extend(found)
         else:
             paths.append(path)  # a missing file is reported with the other bad scenes
     return paths
+
+
+def is_same_file(a: Path, b: Path) -> bool:
+    """Whether the paths ``a`` and ``b`` name one existing file (however written: relative, by a link)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing or unreadable: not shown to be the same
+        return False
 
 
 def check_settings(cfg: Config) -> None:
@@ -475,13 +487,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Cut every scene and its labels into tiles, masks and tiles.csv under ``out``."""
     cfg = cli.parse_args(argv, __doc__ or "")
     check_settings(cfg)
-    scenes, out = scene_paths(cfg.scene), Path(cfg.out)
+    scenes, out = scene_paths(cfg.scene, Path(cfg.labels)), Path(cfg.out)
     inputs = [*(Path(p.strip()) for p in cfg.scene.split(",") if p.strip()), Path(cfg.labels)]
     check_out(out, inputs, (cfg.image_subdir, cfg.label_subdir))
     check_tile_size(out, scenes, cfg.tile_size)
     logged = dataclasses.replace(cfg, run_dir=str(out))
     cli.setup_logging(logged, "make_tiles")
     cli.save_config(logged, "make_tiles")
+    folders = [Path(p.strip()) for p in cfg.scene.split(",") if p.strip() and Path(p.strip()).is_dir()]
+    labels_path = Path(cfg.labels)
+    if labels_path.suffix.lower() in RASTER_SUFFIXES and any(
+        is_same_file(folder / labels_path.name, labels_path) for folder in folders
+    ):
+        LOG.info("%s: the labels lie in a --scene folder; read as the labels, not tiled as a scene", cfg.labels)
     with open_labels(Path(cfg.labels), cfg.label_where, cfg.label_layer, cfg.label_encoding) as labels:
         LOG.info("labels: %s", labels.describe())
         rows, done, dropped, failed = tile_all(scenes, labels, cfg, out)

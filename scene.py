@@ -1103,7 +1103,7 @@ def run_scene(
     remove_stale_outputs(outputs, settings)
     files.atomic_write_text(outputs["area"], json.dumps(row, indent=2, ensure_ascii=False) + "\n")
     LOG.info(
-        "%s: %d x %d, farmland %s of the valid pixels%s%s",
+        "%s: %d x %d pixels, farmland %s of the valid pixels%s%s",
         scene.path.name,
         scene.width,
         scene.height,

@@ -549,7 +549,7 @@ def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
         )
     if unmatched:
         LOG.warning(
-            "%d of %d tile names do not match --group_pattern=%r; each of those is split as a scene of its own",
+            "%d of %d tile names do not match --group_pattern='%s'; each of those is split as a scene of its own",
             unmatched,
             len(usable),
             pattern,

@@ -111,8 +111,8 @@ def evaluate(
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Validate: mean loss per labelled pixel, the pooled confusion matrix of argmax predictions, and the
     histogram of farmland probabilities (2, THRESHOLD_BINS) of background (row 0) and farmland (row 1)
-    pixels, from which best_threshold finds the best cut (zeros unless ``thresholds``). Unlabelled pixels
-    count nowhere.
+    pixels, bin k holding the probabilities in (k / bins, (k + 1) / bins], from which best_threshold finds the
+    best cut (zeros unless ``thresholds``). Unlabelled pixels count nowhere.
 
     ``criterion`` is the training loss (cross-entropy when None), weighted by each batch's labelled pixels.
     """
@@ -136,7 +136,9 @@ def evaluate(
         cm += confusion_counts(logits.argmax(1), masks, n_classes)
         if thresholds and n_classes == 2:
             farmland = logits.float().softmax(1)[:, 1]
-            bins = (farmland * THRESHOLD_BINS).long().clamp_(max=THRESHOLD_BINS - 1)
+            # Bin k holds (k / bins, (k + 1) / bins], so bins k and above are the pixels whose probability
+            # exceeds k / bins, as predict.py cuts: a pixel at exactly 0.5 (a tie) is background there and here.
+            bins = (farmland * THRESHOLD_BINS).ceil_().long().sub_(1).clamp_(0, THRESHOLD_BINS - 1)
             # One bincount over (label, bin), unlabelled pixels in a dropped extra bin: no boolean indexing,
             # so no device sync.
             index = torch.where(masks <= 1, masks * THRESHOLD_BINS + bins, 2 * THRESHOLD_BINS)

@@ -641,6 +641,22 @@ def test_figures_leave_the_backend_of_the_process_as_it_was(tmp_path: Path) -> N
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_training_curves_tick_whole_epochs_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three epochs drew ticks at 1.25, 1.5, 1.75, ...: epochs that do not exist.
+    import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.append(fig))
+    rows = [
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "val_farmland_iou": 0.5, "val_miou": 0.5}
+        for e in (1, 2, 3)
+    ]
+    figures.plot_curves(rows, tmp_path / "training_curves.png")
+    for ax in drawn[0].axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_another_warning_while_figures_are_drawn_is_shown_once_not_per_figure(tmp_path: Path) -> None:
     import warnings
 

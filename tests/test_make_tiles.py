@@ -319,6 +319,22 @@ def test_a_label_raster_on_another_grid_is_resampled_nearest(tmp_path: Path) -> 
         )
 
 
+def test_a_label_raster_in_the_scene_folder_is_not_tiled_as_a_scene(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The old code listed the folder's every raster as a scene: the labels were tiled too, a 1-band "scene" of
+    # 100 % farmland beside the real one, with a warning for each and a band count the network cannot take.
+    write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    labels = write_scene(tmp_path / "in" / "scene_label.tif", burnt(fields_utm()).astype(np.uint8)[None])
+    assert run(tmp_path / "in", labels, tmp_path / "out") == 0
+    assert {row["scene"] for row in table(tmp_path / "out")} == {str(tmp_path / "in" / "scene.tif")}
+    assert_masks(tmp_path / "out", burnt(fields_utm()))
+    assert "the labels lie in a --scene folder; read as the labels, not tiled as a scene" in caplog.text
+    (tmp_path / "in" / "scene.tif").unlink()
+    with pytest.raises(ValueError, match="the folder holds no rasters besides the labels"):
+        run(tmp_path / "in", labels, tmp_path / "out")
+
+
 def test_outside_the_labels_extent_is_unlabelled_when_asked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
     x0, y0 = TRANSFORM.c, TRANSFORM.f

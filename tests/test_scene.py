@@ -101,11 +101,14 @@ def read_table(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(checkpoint: Path, tmp_path: Path) -> None:
+def test_geotiff_outputs_keep_georeferencing_nodata_areas_and_polygons(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     source = write_geotiff(tmp_path / "in" / "scene.tif", scene_pixels(), nodata=0)
     before = folder_digest(tmp_path / "in")
     run_dir = tmp_path / "run"
     assert run_predict(run_dir, checkpoint, source) == 0
+    assert f"scene.tif: {WIDTH} x {HEIGHT} pixels, farmland " in caplog.text  # the size's unit is stated
     assert folder_digest(tmp_path / "in") == before  # the input is only read
 
     out = scene.scene_outputs(run_dir, source)

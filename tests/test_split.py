@@ -465,6 +465,8 @@ def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path, caplog: pyt
     assert summary["groups"] == {"train": 9, "val": 1, "test": 1}
     assert "the val split holds 1 scene(s), which the best epoch and the threshold are chosen on" in caplog.text
     assert "the test split holds 1 scene(s)" in caplog.text
+    # The pattern is shown as typed (one backslash), so the line can be copied back into a command.
+    assert r"1 of 41 tile names do not match --group_pattern='^(.+)_r\d+c\d+$'" in caplog.text
     assert summary["train"] + summary["val"] + summary["test"] == 41
     # Without the pattern the same tiles split by tile, and scenes leak across splits.
     assert run_split(data_dir, tmp_path / "by_tile") == 0
@@ -478,6 +480,9 @@ def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path, caplog: pyt
 def test_bad_group_pattern_is_refused_with_an_example(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a valid regular expression"):
         run_split(square_data, tmp_path / "run", "--group_pattern=(unclosed")
+    with pytest.raises(ValueError) as refused:  # shown as typed: one backslash, not the repr's two
+        run_split(square_data, tmp_path / "run", r"--group_pattern=^(.+)_r\d+c\d+$)")
+    assert str(refused.value).startswith(r"--group_pattern='^(.+)_r\d+c\d+$)': not a valid regular expression")
 
 
 def test_a_group_pattern_that_makes_one_scene_of_every_tile_is_refused(square_data: Path, tmp_path: Path) -> None:

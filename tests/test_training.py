@@ -27,6 +27,7 @@ from data_preprocess import (
     read_image,
     read_pair_list,
 )
+from inference import classes_from_probabilities
 from runtime import load_checkpoint, save_checkpoint
 from training import best_threshold, schedule_factor
 
@@ -215,7 +216,7 @@ def test_validation_histogram_counts_each_labelled_pixel_once() -> None:
             p = x[:, :1].clamp(1e-6, 1 - 1e-6)
             return torch.cat([torch.log1p(-p), torch.log(p)], dim=1)
 
-    images = torch.tensor([0.125, 0.125, 0.625, 0.875]).view(1, 1, 1, 4).expand(1, 3, 1, 4).contiguous()
+    images = torch.tensor([0.1225, 0.1225, 0.625, 0.8725]).view(1, 1, 1, 4).expand(1, 3, 1, 4).contiguous()
     masks = torch.tensor([[[0, 1, IGNORE, 1]]])
     loader = [(images, masks)]
     _, cm, histogram = train.evaluate(
@@ -223,8 +224,31 @@ def test_validation_histogram_counts_each_labelled_pixel_once() -> None:
     )
     assert cm.tolist() == [[1, 0], [1, 1]]  # the unlabelled pixel is not counted
     assert histogram.sum() == 3
-    # Probabilities exact in binary, so each bin is known: 0.125 -> 25, 0.875 -> 175.
-    assert histogram[0, 25] == 1 and histogram[1, 25] == 1 and histogram[1, 175] == 1
+    # Probabilities mid-bin, so each bin is known whatever the softmax rounds: bin k holds (k / 200, (k + 1) / 200],
+    # so 0.1225 -> 24 and 0.8725 -> 174.
+    assert histogram[0, 24] == 1 and histogram[1, 24] == 1 and histogram[1, 174] == 1
+
+
+def test_the_threshold_curve_at_one_half_is_the_argmax_where_probabilities_tie() -> None:
+    # bf16 logits often tie (a farmland probability of exactly 0.5): the argmax, and predict.py's cut, call such a
+    # pixel background, so the curve's row at 0.5 must too. Counted as farmland, the tuned IoU at "0.500" fell
+    # below the argmax's IoU printed beside it, and was not what predict.py then gave.
+    class Tie(torch.nn.Module):  # farmland logit 4 * (x - 0.5) against 0: x = 0.5 is an exact tie
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.zeros_like(x[:, :1]), 4 * (x[:, :1] - 0.5)], dim=1)
+
+    probabilities = torch.tensor([0.5, 0.5, 0.5, 0.75, 0.75, 0.25])
+    images = probabilities.view(1, 1, 1, 6).expand(1, 3, 1, 6).contiguous()
+    masks = torch.tensor([[[0, 0, 1, 1, 1, 0]]])
+    _, cm, histogram = train.evaluate(
+        Tie(), [(images, masks)], torch.device("cpu"), 2, torch.contiguous_format, None, None, True
+    )
+    argmax_iou = cm[1, 1] / (cm[1, 1] + cm[0, 1] + cm[1, 0])
+    assert argmax_iou == pytest.approx(2 / 3)
+    assert training.iou_at(histogram, 0.5) == pytest.approx(argmax_iou)
+    logits = Tie()(images)
+    called = classes_from_probabilities(logits.softmax(1), 0.5)
+    assert called.flatten().tolist() == logits.argmax(1).flatten().tolist() == [0, 0, 0, 1, 1, 0]
 
 
 def test_a_training_batch_is_the_batch_size_or_the_tiles_each_process_holds() -> None:
