@@ -798,7 +798,7 @@ def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list
         regex = re.compile(pattern)
     except re.error as err:
         raise ValueError(
-            f"--group_pattern='{pattern}': not a valid regular expression ({err}); "
+            f"--group_pattern={shell_quoted(pattern)}: not a valid regular expression ({err}); "
             r"for tiles named <scene>_r<row>c<col> use --group_pattern='^(.+)_r\d+c\d+$'"
         ) from None
     groups, unmatched = [], 0

@@ -46,7 +46,7 @@ import onnx_build
 import onnx_quantize
 import scene
 from config import Config
-from data_preprocess import read_image, read_pair_list
+from data_preprocess import original_training_pairs, read_image, read_pair_list
 from files import DataError, atomic_write_text, check_writable
 from inference import (
     checkpoint_file,
@@ -111,7 +111,7 @@ def resolution_cm(cfg: Config, state: dict[str, Any]) -> float | None:
     metres = cfg.pixel_size_m or trained
     train = Path(cfg.run_dir) / "splits" / "train.txt"
     if not metres and train.is_file():
-        metres = tiles_pixel_size(read_pair_list(train)) or 0.0
+        metres = tiles_pixel_size(original_training_pairs(Path(cfg.run_dir))) or 0.0
     return round(metres * 100, 4) if metres > 0 else None
 
 

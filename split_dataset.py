@@ -540,19 +540,20 @@ def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
             )
     if pattern and len(usable) > 1 and len(set(groups)) == 1:
         raise ValueError(
-            f"--group_pattern='{pattern}' puts all {len(usable)} tiles in one scene ({groups[0]!r}), which leaves "
-            "no scene for val and test. If the tiles all come from that one scene, tile more scenes (3 or more "
-            "give val and test scenes of their own), or leave --group_pattern out to split by tile (val and test "
-            "tiles then neighbour training tiles, and score higher than new scenes would); if not, the pattern's "
-            "first group must name each tile's scene: for tiles named <scene>_r<row>c<col>, "
+            f"--group_pattern={files.shell_quoted(pattern)} puts all {len(usable)} tiles in one scene "
+            f"({groups[0]!r}), which leaves no scene for val and test. If the tiles all come from that one scene, "
+            "tile more scenes (3 or more give val and test scenes of their own), or leave --group_pattern out to "
+            "split by tile (val and test tiles then neighbour training tiles, and score higher than new scenes "
+            "would); if not, the pattern's first group must name each tile's scene: for tiles named "
+            "<scene>_r<row>c<col>, "
             r"--group_pattern='^(.+)_r\d+c\d+$'"
         )
     if unmatched:
         LOG.warning(
-            "%d of %d tile names do not match --group_pattern='%s'; each of those is split as a scene of its own",
+            "%d of %d tile names do not match --group_pattern=%s; each of those is split as a scene of its own",
             unmatched,
             len(usable),
-            pattern,
+            files.shell_quoted(pattern),
         )
     return groups
 

@@ -42,6 +42,7 @@ from data_preprocess import (
     FEW_SCENES,
     DataError,
     FarmlandDataset,
+    original_training_pairs,
     parse_bands_for,
     read_pair_list,
     should_cache,
@@ -593,7 +594,8 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     resolve_keep_epoch(cfg, job)
     train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
     if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
-        cfg.pixel_size_m = tiles_pixel_size(train_pairs) or 0.0
+        # augment.py's flipped copies are in no tiles.csv and tell nothing the tiles they copy do not
+        cfg.pixel_size_m = tiles_pixel_size(original_training_pairs(Path(cfg.run_dir))) or 0.0
         if cfg.pixel_size_m > 0 and job.main:
             LOG.info(
                 "pixel_size_m=0: the training tiles have %.3g m pixels, kept in the checkpoint (scenes of another "

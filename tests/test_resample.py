@@ -11,11 +11,17 @@ import pytest
 import rasterio
 import rasterio.warp
 import torch
+from conftest import args
 from rasterio.transform import Affine
 from test_scene import CRS, TRANSFORM, run_predict, scene_pixels, spread_state, write_geotiff
 
+import augment
+import export_onnx
 import scene
+import split_dataset
+import train
 import training
+from config import Config
 from data_preprocess import write_image
 from training import tiles_pixel_size
 
@@ -179,6 +185,30 @@ def test_training_tiles_of_several_pixel_sizes_take_the_most_common_with_a_warni
     with caplog.at_level(logging.WARNING, logger="train"):
         assert tiles_pixel_size([(t, t) for t in tiles]) == pytest.approx(3.2)  # a.tif and c.tif read
     assert "(of the tiles read, spread over the split) have several pixel sizes (1 at 3.2 m, 1 at 1 m" in caplog.text
+
+
+def test_flipped_copies_of_tiles_in_tiles_csv_take_its_pixel_size_without_a_warning(
+    square_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PNG tiles placed by make_tiles.py's tiles.csv, and augment.py's copies of them (listed in train.txt, in no
+    # table): the copies are the same tiles flipped, so they neither outvote the table nor call for --pixel_size_m.
+    with open(square_data / "tiles.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["tile", "crs", *"abcdef"])
+        writer.writeheader()
+        for image in sorted((square_data / "images").iterdir()):
+            row = {"tile": image.stem, "crs": CRS, **dict(zip("abcdef", [0.8, 0, 5e5, 0, -0.8, 4.5e6]))}
+            writer.writerow(row)
+    run_dir = tmp_path / "run"
+    assert split_dataset.main(args(square_data, run_dir)) == 0
+    assert augment.main(args(square_data, run_dir, "--aug_prob=1")) == 0
+    with caplog.at_level(logging.WARNING):
+        assert train.main(args(square_data, run_dir, "--epochs=1", "--tensorboard=false")) == 0
+    assert "carry a pixel size" not in caplog.text
+    assert torch.load(run_dir / "checkpoints" / "best.pth", weights_only=True)["config"]["pixel_size_m"] == 0.8
+    # export_onnx.py reads the same tiles for a checkpoint that carries no pixel size.
+    with caplog.at_level(logging.WARNING):
+        assert export_onnx.resolution_cm(Config(run_dir=str(run_dir)), {"config": {}}) == pytest.approx(80.0)
+    assert "carry a pixel size" not in caplog.text
 
 
 def test_a_scene_in_degrees_of_another_ground_size_is_predicted_with_the_reprojection_to_make(

@@ -16,7 +16,7 @@ from rasterio.transform import Affine
 import cli
 import split_dataset
 from data_preprocess import read_image, read_pair_list, scene_groups, write_image, write_pair_list
-from files import DataError
+from files import DataError, shell_quoted
 from split_dataset import BALANCE_TOLERANCE, SPLIT_NAMES, find_pairs, imbalance, split_counts, split_pairs, split_share
 
 
@@ -480,9 +480,11 @@ def test_group_pattern_keeps_each_scene_in_one_split(tmp_path: Path, caplog: pyt
 def test_bad_group_pattern_is_refused_with_an_example(square_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a valid regular expression"):
         run_split(square_data, tmp_path / "run", "--group_pattern=(unclosed")
-    with pytest.raises(ValueError) as refused:  # shown as typed: one backslash, not the repr's two
-        run_split(square_data, tmp_path / "run", r"--group_pattern=^(.+)_r\d+c\d+$)")
-    assert str(refused.value).startswith(r"--group_pattern='^(.+)_r\d+c\d+$)': not a valid regular expression")
+    # The pattern is shown as it is typed in the shell, not as Python writes the string ('\\d' for \d).
+    pattern = r"^(.+_r\d+c\d+$"
+    with pytest.raises(ValueError) as refused:
+        run_split(square_data, tmp_path / "run", f"--group_pattern={pattern}")
+    assert str(refused.value).startswith(f"--group_pattern={shell_quoted(pattern)}: not a valid regular expression")
 
 
 def test_a_group_pattern_that_makes_one_scene_of_every_tile_is_refused(square_data: Path, tmp_path: Path) -> None:
