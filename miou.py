@@ -432,27 +432,77 @@ def warn_other_cut(threshold: float, made_with: dict | None) -> None:
     )
 
 
+def check_report_options(cfg: Config) -> None:
+    """Refuse report settings that would draw nonsense: an edge band under a pixel, a negative gallery."""
+    if cfg.boundary_width < 1:
+        raise ValueError(f"--boundary_width={cfg.boundary_width}: expected the edge band's depth in pixels, 1 or more")
+    if cfg.gallery_size < 0:  # a negative count sliced all tiles but the last into a gallery titled "-1 lowest"
+        raise ValueError(f"--gallery_size={cfg.gallery_size}: expected tiles per gallery, 0 (none) or more; use 6")
+
+
+def split_test_pairs(cfg: Config, given: Collection[str]) -> list[tuple[Path, Path]]:
+    """The test split's (image, mask) pairs, checked against ``--data_dir`` where it was given.
+
+    Raises:
+        DataError: the split is empty, or the pairs do not lie in the data folder given.
+    """
+    listed = Path(cfg.run_dir) / "splits" / "test.txt"
+    pairs = read_pair_list(listed)
+    if not pairs:
+        raise DataError(f"{listed}: {EMPTY_TEST_SPLIT}")
+    if "data_dir" in given:
+        check_split_in_data_dir(pairs, listed, cfg.data_dir, (cfg.image_subdir, cfg.label_subdir))
+    return pairs
+
+
+def write_galleries(
+    rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: Config, shown: Sequence[int], figures: Path
+) -> None:
+    """The galleries of the tiles of lowest and highest farmland IoU (gallery_size each); none where it is 0."""
+    ranked = sorted((r for r in rows if not math.isnan(r["farmland_iou"])), key=lambda r: r["farmland_iou"])
+    count = min(cfg.gallery_size, len(ranked))
+    for name, title, order in (("worst", "lowest", ranked), ("best", "highest", ranked[::-1])):
+        path = figures / f"gallery_{name}.png"
+        if count:
+            gallery(order[:count], lookup, cfg, shown, path, f"{count} {title} farmland IoU")
+        else:  # an earlier run's gallery would stand beside these scores as if it showed them
+            path.unlink(missing_ok=True)
+
+
+def log_summary(summary: dict, scored: int, listed: int) -> None:
+    """The pooled and per-image figures of metrics.json, in two lines."""
+    pooled, per_image = summary["pooled"], summary["per_image"]
+    LOG.info(
+        "%d of %d test image(s) | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "
+        "boundary IoU %s",
+        scored,
+        listed,
+        *(
+            fmt(pooled[k])
+            for k in ("farmland_iou", "background_iou", "miou", "f1", "accuracy", "kappa", "boundary_iou")
+        ),
+    )
+    LOG.info(
+        "per-image means: farmland IoU %s (%d image(s)), background IoU %s (%d image(s))",
+        fmt(per_image["farmland_iou"]),
+        per_image["farmland_iou_images_counted"],
+        fmt(per_image["background_iou"]),
+        per_image["background_iou_images_counted"],
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Score run_dir/predictions against the test split's labels; write metrics, CSV and figures."""
     cfg, given = cli.parse_command(argv, __doc__ or "")
     cli.check_paths(cfg)
     cli.setup_logging(cfg, "miou")
     cfg = masks_read_as_trained(cfg, given)
-    if cfg.boundary_width < 1:
-        raise ValueError(f"--boundary_width={cfg.boundary_width}: expected the edge band's depth in pixels, 1 or more")
-    if cfg.gallery_size < 0:  # a negative count sliced all tiles but the last into a gallery titled "-1 lowest"
-        raise ValueError(f"--gallery_size={cfg.gallery_size}: expected tiles per gallery, 0 (none) or more; use 6")
+    check_report_options(cfg)
     cfg = bands_of_the_run(cfg)
     shown = shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # refused before the scoring
     run_dir = Path(cfg.run_dir)
     cli.save_config(cfg, "miou")
-    pairs = read_pair_list(run_dir / "splits" / "test.txt")
-    if not pairs:
-        raise DataError(f"{run_dir / 'splits' / 'test.txt'}: {EMPTY_TEST_SPLIT}")
-    if "data_dir" in given:
-        check_split_in_data_dir(
-            pairs, run_dir / "splits" / "test.txt", cfg.data_dir, (cfg.image_subdir, cfg.label_subdir)
-        )
+    pairs = split_test_pairs(cfg, given)
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
     left_out, made = left_out_masks(cfg, lookup)
     skipped = set(left_out)
@@ -473,32 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_csv(rows, run_dir / "per_image_metrics.csv")
     figures = run_dir / "figures"
     plot_iou_curves(rows, figures / "iou_per_image.png")
-    ranked = sorted((r for r in rows if not math.isnan(r["farmland_iou"])), key=lambda r: r["farmland_iou"])
-    count = min(cfg.gallery_size, len(ranked))
-    for name, title, order in (("worst", "lowest", ranked), ("best", "highest", ranked[::-1])):
-        path = figures / f"gallery_{name}.png"
-        if count:
-            gallery(order[:count], lookup, cfg, shown, path, f"{count} {title} farmland IoU")
-        else:  # an earlier run's gallery would stand beside these scores as if it showed them
-            path.unlink(missing_ok=True)
-    pooled_s, per_image = summary["pooled"], summary["per_image"]
-    LOG.info(
-        "%d of %d test image(s) | pooled: farmland IoU %s, background IoU %s, mIoU %s, F1 %s, accuracy %s, kappa %s, "
-        "boundary IoU %s",
-        len(rows),
-        len(lookup),
-        *(
-            fmt(pooled_s[k])
-            for k in ("farmland_iou", "background_iou", "miou", "f1", "accuracy", "kappa", "boundary_iou")
-        ),
-    )
-    LOG.info(
-        "per-image means: farmland IoU %s (%d image(s)), background IoU %s (%d image(s))",
-        fmt(per_image["farmland_iou"]),
-        per_image["farmland_iou_images_counted"],
-        fmt(per_image["background_iou"]),
-        per_image["background_iou_images_counted"],
-    )
+    write_galleries(rows, lookup, cfg, shown, figures)
+    log_summary(summary, len(rows), len(lookup))
     LOG.info("wrote %s, %s and figures in %s", run_dir / "metrics.json", run_dir / "per_image_metrics.csv", figures)
     if errors:
         LOG.error(
