@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 import cli
+from config import Config
 from data_preprocess import (
     IGNORE,
     DataError,
@@ -78,6 +79,38 @@ def preview(samples: list[Sample], path: Path, bands: Sequence[int] = (), shown:
     save_figure(fig, path)
 
 
+def write_flips(
+    image_path: Path, image: np.ndarray, mask: np.ndarray, out_dir: Path, mask_suffix: str
+) -> tuple[list[tuple[Path, Path]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Write a tile's flipped copies under ``out_dir``; return their (image, mask) paths and the flipped arrays."""
+    added, flips = [], {}
+    for flip, axis in FLIPS.items():
+        image_name, mask_name = copy_names(image_path, flip, mask_suffix, image, mask)
+        flipped, flipped_mask = np.flip(image, axis), np.flip(mask, axis)
+        # Masks are kept as read (0/255 or 0/1); image arrays keep their bit depth.
+        write_image(
+            out_dir / "images" / image_name,
+            np.ascontiguousarray(flipped.squeeze(2) if flipped.shape[2] == 1 else flipped),
+        )
+        write_image(out_dir / "labels" / mask_name, np.ascontiguousarray(flipped_mask[:, :, 0]))
+        added.append((out_dir / "images" / image_name, out_dir / "labels" / mask_name))
+        flips[flip] = (flipped, flipped_mask)
+    return added, flips
+
+
+def preview_sample(
+    image_path: Path, mask_path: Path, image: np.ndarray, mask: np.ndarray, flips: dict, cfg: Config
+) -> Sample:
+    """A tile and its flips for the preview, masks drawn as classes.
+
+    Raises:
+        DataError: the mask cannot be read as classes with the split's ``mask_threshold`` and ``ignore_index``.
+    """
+    classes = mask_to_classes(mask, mask_path, cfg.mask_threshold, cfg.ignore_index)
+    shown_flips = {flip: (flipped, np.flip(classes, FLIPS[flip])) for flip, (flipped, _) in flips.items()}
+    return image_path, image, classes, shown_flips
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Flip the chosen training tiles, write the copies and extend train.txt."""
     cfg = cli.parse_args(argv, __doc__ or "")
@@ -88,7 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = shown_channels(cfg.rgb_bands, bands, cfg.in_channels)
     cli.save_config(cfg, "augment")
     run_dir = Path(cfg.run_dir)
-    train_list = run_dir / "splits" / "train.txt"
     out_dir = (run_dir / "augmented").resolve()
     originals = original_training_pairs(run_dir)
     chosen = choose_tiles(len(originals), cfg.aug_prob, cfg.seed)
@@ -104,21 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             LOG.error("%s", err)
             failures += 1
             continue
-        flips = {}
-        for flip, axis in FLIPS.items():
-            image_name, mask_name = copy_names(image_path, flip, cfg.mask_suffix, image, mask)
-            flipped, flipped_mask = np.flip(image, axis), np.flip(mask, axis)
-            # Masks are kept as read (0/255 or 0/1); image arrays keep their bit depth.
-            write_image(
-                out_dir / "images" / image_name,
-                np.ascontiguousarray(flipped.squeeze(2) if flipped.shape[2] == 1 else flipped),
-            )
-            write_image(out_dir / "labels" / mask_name, np.ascontiguousarray(flipped_mask[:, :, 0]))
-            added.append((out_dir / "images" / image_name, out_dir / "labels" / mask_name))
-            flips[flip] = (flipped, flipped_mask)
+        copies, flips = write_flips(image_path, image, mask, out_dir, cfg.mask_suffix)
+        added += copies
         if len(samples) < cfg.preview_count:
             try:
-                classes = mask_to_classes(mask, mask_path, cfg.mask_threshold, cfg.ignore_index)
+                samples.append(preview_sample(image_path, mask_path, image, mask, flips, cfg))
             except DataError as err:  # flipped as read all the same: the values only matter to the preview
                 if not unreadable_preview:
                     LOG.warning(
@@ -127,10 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         err,
                     )
                 unreadable_preview = True
-                continue
-            shown_flips = {flip: (flipped, np.flip(classes, FLIPS[flip])) for flip, (flipped, _) in flips.items()}
-            samples.append((image_path, image, classes, shown_flips))
-    write_pair_list(train_list, originals + added)
+    write_pair_list(run_dir / "splits" / "train.txt", originals + added)
     if samples:
         preview(samples, run_dir / "figures" / "augment_preview.png", bands, shown)
     LOG.info(
