@@ -782,6 +782,9 @@ def encode_tiff(bands: np.ndarray, descriptions: Sequence[str | None] = (), **pr
         return memory.read()
 
 
+TILED_NAMES = r"^(.+)_r\d+c\d+$"  # <scene>_r<row>c<col>: make_tiles.py's tile names, the docs' --group_pattern
+
+
 def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list[str], int]:
     """The group of each pair: the first capture group that took part (else the whole match) of ``pattern`` in the
     image's stem, so tiles cut from one scene stay together. An empty pattern makes every tile its own group.
@@ -799,7 +802,7 @@ def scene_groups(pairs: Sequence[tuple[Path, Path]], pattern: str) -> tuple[list
     except re.error as err:
         raise ValueError(
             f"--group_pattern={shell_quoted(pattern)}: not a valid regular expression ({err}); "
-            r"for tiles named <scene>_r<row>c<col> use --group_pattern='^(.+)_r\d+c\d+$'"
+            f"for tiles named <scene>_r<row>c<col> use --group_pattern={shell_quoted(TILED_NAMES)}"
         ) from None
     groups, unmatched = [], 0
     for image, _ in pairs:

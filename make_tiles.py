@@ -40,7 +40,7 @@ from tqdm import tqdm
 import cli
 import files
 from config import Config
-from data_preprocess import encode_tiff, read_image, write_image
+from data_preprocess import TILED_NAMES, encode_tiff, read_image, write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
 from rasters import (
@@ -79,7 +79,7 @@ def scene_paths(text: str, labels: Path | None = None) -> list[Path]:
     for part in (p.strip() for p in text.split(",") if p.strip()):
         path = Path(part)
         if path.is_dir():
-            rasters = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            rasters = folder_rasters(path)
             found = [p for p in rasters if labels is None or not is_same_file(p, labels)]
             if not found:
                 besides = " besides the labels" if rasters else ""
@@ -88,6 +88,11 @@ def scene_paths(text: str, labels: Path | None = None) -> list[Path]:
         else:
             paths.append(path)  # a missing file is reported with the other bad scenes
     return paths
+
+
+def folder_rasters(folder: Path) -> list[Path]:
+    """The rasters in a ``--scene`` folder (its files of RASTER_SUFFIXES), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
 
 
 def is_same_file(a: Path, b: Path) -> bool:
@@ -471,7 +476,7 @@ def next_step(cfg: Config, out: Path, rows: list[dict]) -> str:
     data = files.shell_quoted(out)
     command = f"next: python split_dataset.py --data_dir={data} --run_dir=RUN"
     scenes = {row.get("scene") for row in read_tile_table(out / TILE_TABLE)} or {row["scene"] for row in rows}
-    by_scene = " --group_pattern='^(.+)_r\\d+c\\d+$'"
+    by_scene = f" --group_pattern={files.shell_quoted(TILED_NAMES)}"
     also = f" (and{keys} on train.py and miou.py too)" if keys else ""
     if len(scenes) >= 3:
         return command + by_scene + keys + also
@@ -495,11 +500,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(logged, "make_tiles")
     cli.save_config(logged, "make_tiles")
     folders = [Path(p.strip()) for p in cfg.scene.split(",") if p.strip() and Path(p.strip()).is_dir()]
-    labels_path = Path(cfg.labels)
-    if labels_path.suffix.lower() in RASTER_SUFFIXES and any(
-        is_same_file(folder / labels_path.name, labels_path) for folder in folders
-    ):
-        LOG.info("%s: the labels lie in a --scene folder; read as the labels, not tiled as a scene", cfg.labels)
+    for left in (p for folder in folders for p in folder_rasters(folder) if is_same_file(p, Path(cfg.labels))):
+        # scene_paths left it out, under whatever name the folder holds it (a link to the labels too)
+        LOG.info(
+            "%s: the labels lie in a --scene folder; read as the labels, not tiled as a scene (--labels=%s)",
+            left,
+            cfg.labels,
+        )
     with open_labels(Path(cfg.labels), cfg.label_where, cfg.label_layer, cfg.label_encoding) as labels:
         LOG.info("labels: %s", labels.describe())
         rows, done, dropped, failed = tile_all(scenes, labels, cfg, out)

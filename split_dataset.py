@@ -35,6 +35,7 @@ from config import Config
 from data_preprocess import (
     FEW_SCENES,
     SPLIT_NAMES,
+    TILED_NAMES,
     DataError,
     check_tile_values,
     exif_turned,
@@ -308,7 +309,6 @@ def check_ratios(ratios: Sequence[float]) -> None:
 
 BALANCE_TOLERANCE = 0.25  # val's and test's farmland share within this fraction of the rarer class's share
 BALANCE_TRIES = 2000  # shuffles drawn before the closest one is taken
-TILED_NAMES = r"^(.+)_r\d+c\d+$"  # <scene>_r<row>c<col>: make_tiles.py's tile names, the docs' --group_pattern
 
 
 def imbalance(order: np.ndarray, counts: Sequence[int], farmland: np.ndarray, labelled: np.ndarray) -> float:
@@ -533,10 +533,10 @@ def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
             LOG.info(
                 "the %d tile names all read <scene>_r<row>c<col>, from %d scenes, but no --group_pattern is given: "
                 "tiles are split one by one, so val and test tiles neighbour training tiles of their scene and score "
-                "higher than new scenes would; --group_pattern='%s' keeps each scene in one split",
+                "higher than new scenes would; --group_pattern=%s keeps each scene in one split",
                 len(usable),
                 len(set(scenes)),
-                TILED_NAMES,
+                files.shell_quoted(TILED_NAMES),
             )
     if pattern and len(usable) > 1 and len(set(groups)) == 1:
         raise ValueError(
@@ -545,8 +545,7 @@ def _scenes_of(usable: Sequence[tuple[Path, Path]], pattern: str) -> list[str]:
             "tile more scenes (3 or more give val and test scenes of their own), or leave --group_pattern out to "
             "split by tile (val and test tiles then neighbour training tiles, and score higher than new scenes "
             "would); if not, the pattern's first group must name each tile's scene: for tiles named "
-            "<scene>_r<row>c<col>, "
-            r"--group_pattern='^(.+)_r\d+c\d+$'"
+            f"<scene>_r<row>c<col>, --group_pattern={files.shell_quoted(TILED_NAMES)}"
         )
     if unmatched:
         LOG.warning(

@@ -459,17 +459,26 @@ def test_a_rerun_with_another_pixel_size_for_a_checkpoint_without_one_predicts_t
     assert json.loads(record.read_text(encoding="utf-8"))["pixel_size_m"] == 4
 
 
-def test_a_true_change_map_edited_in_place_is_scored_again(checkpoint: Path, tmp_path: Path) -> None:
+def test_a_true_change_map_edited_in_place_is_scored_again(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     before = write_geotiff(tmp_path / "in" / "a.tif", scene_pixels(1))
     after = write_geotiff(tmp_path / "in" / "b.tif", scene_pixels(1, moved=True))
     truth, run_dir = tmp_path / "truth.tif", tmp_path / "run"
     pair_json = change.pair_outputs(run_dir, "a_to_b")["json"]
-    write_geotiff(truth, np.zeros((1, HEIGHT, WIDTH), np.uint8))
+    # A 0/1 mask of changed pixels holds only codes that exist (1 reads as stable farmland): scored without a word,
+    # every lost and gained IoU 0 or empty.
+    changed = np.zeros((1, HEIGHT, WIDTH), np.uint8)
+    changed[:, :20] = 1
+    write_geotiff(truth, changed)
     assert run_change(run_dir, checkpoint, before, after, f"--change_truth={truth}") == 0
     assert json.loads(pair_json.read_text(encoding="utf-8"))["accuracy"]["lost_true"] == 0
+    assert f"a_to_b: --change_truth={truth} holds no lost (2) or gained (3) pixel" in caplog.text
+    caplog.clear()
     write_geotiff(truth, np.full((1, HEIGHT, WIDTH), cd.LOST, np.uint8))  # the same path, other codes
     assert run_change(run_dir, checkpoint, before, after, f"--change_truth={truth}") == 0
     assert json.loads(pair_json.read_text(encoding="utf-8"))["accuracy"]["lost_true"] > 0
+    assert "holds no lost (2) or gained (3) pixel" not in caplog.text
 
 
 def test_a_zero_collar_and_cloud_at_one_date_make_no_change_along_them(checkpoint: Path, tmp_path: Path) -> None:

@@ -21,8 +21,10 @@ from conftest import write_geotiff as geotiff
 from pyogrio.raw import write as write_vector
 from rasterio.transform import Affine
 
+import files
 import make_tiles
 import split_dataset
+from config import Config
 from data_preprocess import read_image, read_pair_list
 from files import DataError
 
@@ -330,6 +332,16 @@ def test_a_label_raster_in_the_scene_folder_is_not_tiled_as_a_scene(
     assert {row["scene"] for row in table(tmp_path / "out")} == {str(tmp_path / "in" / "scene.tif")}
     assert_masks(tmp_path / "out", burnt(fields_utm()))
     assert "the labels lie in a --scene folder; read as the labels, not tiled as a scene" in caplog.text
+    # A link to the labels under another name is left out too, and the log names it: it said nothing.
+    (tmp_path / "lab").mkdir()
+    moved, link = labels.rename(tmp_path / "lab" / "labels.tif"), tmp_path / "in" / "labels_2024.tif"
+    os.symlink(moved, link)
+    caplog.clear()
+    assert run(tmp_path / "in", moved, tmp_path / "out_link") == 0
+    assert {row["scene"] for row in table(tmp_path / "out_link")} == {str(tmp_path / "in" / "scene.tif")}
+    assert f"{link}: the labels lie in a --scene folder; read as the labels, not tiled as a scene" in caplog.text
+    link.unlink()
+    moved.rename(labels)
     (tmp_path / "in" / "scene.tif").unlink()
     with pytest.raises(ValueError, match="the folder holds no rasters besides the labels"):
         run(tmp_path / "in", labels, tmp_path / "out")
@@ -619,7 +631,7 @@ def test_the_logged_farmland_share_leaves_out_nodata(tmp_path: Path, caplog: pyt
 
 
 def test_the_next_step_splits_by_scene_only_with_scenes_enough_for_val_and_test(
-    inputs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    inputs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
     assert run(inputs[0], inputs[1], out) == 0
@@ -631,6 +643,16 @@ def test_the_next_step_splits_by_scene_only_with_scenes_enough_for_val_and_test(
         caplog.clear()
         assert run(tmp_path / "in" / f"{name}.tif", inputs[1], out) == 0
     assert f"next: python split_dataset.py --data_dir={out} --run_dir=RUN --group_pattern=" in caplog.text
+    # On Windows the pattern is double-quoted, as cmd.exe takes it: single quotes were passed on as part of it.
+    posix_quoted = files.shell_quoted
+
+    def windows_quoted(text: Path | str) -> str:  # os.name "nt" for the quoting only: pathlib reads it too
+        with monkeypatch.context() as windows:
+            windows.setattr(files.os, "name", "nt")
+            return posix_quoted(text)
+
+    monkeypatch.setattr(files, "shell_quoted", windows_quoted)
+    assert make_tiles.next_step(Config(), out, table(out)).endswith(r' --group_pattern="^(.+)_r\d+c\d+$"')
 
 
 def wal_geopackage(folder: Path, geoms: list, codes: list[str], edited_codes: list[str] | None = None) -> Path:

@@ -14,6 +14,7 @@ from PIL import Image
 from rasterio.transform import Affine
 
 import cli
+import files
 import split_dataset
 from data_preprocess import read_image, read_pair_list, scene_groups, write_image, write_pair_list
 from files import DataError, shell_quoted
@@ -503,6 +504,23 @@ def test_tiles_of_a_single_scene_under_make_tiles_pattern_are_told_so(square_dat
     with pytest.raises(ValueError, match=r"puts all 20 tiles in one scene \('GF2'\)") as refused:
         run_split(square_data, tmp_path / "run", r"--group_pattern=^(.+)_r\d+c\d+$")
     assert r"--group_pattern='^(.+)_r\d+c\d+$' puts" in str(refused.value) and "tile more scenes" in str(refused.value)
+
+
+def test_the_example_group_pattern_is_quoted_for_the_users_shell_as_the_pattern_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The example pattern was written in single quotes on Windows too, where cmd.exe passes them on as part of the
+    # pattern (and takes ^ as its escape outside double quotes): the copied pattern then matched no tile name.
+    pairs = [(Path(f"t{i}.png"), Path(f"t{i}_mask.png")) for i in range(3)]
+    with monkeypatch.context() as windows:  # undone before the asserts, which pytest reports with paths
+        windows.setattr(files.os, "name", "nt")
+        with pytest.raises(ValueError) as invalid:
+            scene_groups(pairs, "(unclosed")
+        with pytest.raises(ValueError) as one_scene:
+            split_dataset._scenes_of(pairs, "^t")
+    example = r'--group_pattern="^(.+)_r\d+c\d+$"'
+    assert str(invalid.value).endswith(f"use {example}")
+    assert str(one_scene.value).startswith('--group_pattern="^t" puts') and str(one_scene.value).endswith(example)
 
 
 def test_each_alternative_of_a_group_pattern_may_hold_the_group() -> None:
