@@ -419,13 +419,14 @@ def warn_replaced(pair: Pair, run_dir: Path) -> None:
 def warn_truth_without_change(pair: Pair, truth: Path, accuracy: dict) -> None:
     """Warn where a true change map holds no lost or gained pixel that both dates have data for (score_change's
     ``accuracy``): its IoU say nothing of the map, and a mask of changed pixels (0/1, 0/255) reads so."""
-    if accuracy["lost_true"] or accuracy["gained_true"]:
+    if accuracy["lost_true_pixels"] or accuracy["gained_true_pixels"]:  # not the areas: rounded, 0 ha at 5 cm
         return
     LOG.warning(
         "%s: --change_truth=%s holds no lost (2) or gained (3) pixel where both dates hold data, so the lost and "
         "gained IoU are 0 wherever the map shows change (empty where it shows none); a mask of changed pixels reads "
-        "as stable background (0), stable farmland (1) and unknown (255): expected the change codes 0 stable "
-        "background, 1 stable farmland, 2 farmland lost, 3 farmland gained, 255 unknown; recode it",
+        "as stable background (0), stable farmland (1) and unknown (255): recode such a mask to the change codes 0 "
+        "stable background, 1 stable farmland, 2 farmland lost, 3 farmland gained, 255 unknown (a truth of a place "
+        "without change is right as it is)",
         pair.name,
         truth,
     )

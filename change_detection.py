@@ -774,7 +774,8 @@ def truth_warp_command(truth_path: Path, grid: dict) -> str:
 
 def accuracy_from_counts(counts: np.ndarray, pixel_m2: float | None) -> dict:
     """IoU, predicted and true area, and the area error of lost and gained from (both, predicted only,
-    true only) pixel counts; areas in hectares with a pixel area, else in pixels."""
+    true only) pixel counts; areas in hectares with a pixel area, else in pixels; the true pixels counted too
+    (an area of a few pixels under centimetre pixels rounds to 0 ha)."""
     unit, scale = ("ha", pixel_m2 / 1e4) if pixel_m2 else ("pixels", 1.0)
     result: dict = {"area_unit": unit}
     for (both, predicted_only, true_only), kind in zip(counts.tolist(), ("lost", "gained")):
@@ -783,6 +784,7 @@ def accuracy_from_counts(counts: np.ndarray, pixel_m2: float | None) -> dict:
         result[f"{kind}_iou"] = round(both / union, 4) if union else None
         result[f"{kind}_predicted"] = round(predicted, 4)
         result[f"{kind}_true"] = round(true, 4)
+        result[f"{kind}_true_pixels"] = both + true_only
         result[f"{kind}_error"] = round(predicted - true, 4)
         result[f"{kind}_relative_error"] = round((predicted - true) / true, 4) if true else None
     return result

@@ -481,6 +481,28 @@ def test_a_true_change_map_edited_in_place_is_scored_again(
     assert "holds no lost (2) or gained (3) pixel" not in caplog.text
 
 
+def test_a_true_change_map_of_centimetre_pixels_is_not_called_empty_for_its_hectares_rounding_to_0(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 100 lost pixels of 5 cm are 0.000025 ha, which the accuracy rounds to 0: the truth was called one without a
+    # lost or gained pixel and to be recoded, beside a lost IoU of 0.5.
+    predicted, truth = np.zeros((1, 20, 20), np.uint8), np.zeros((1, 20, 20), np.uint8)
+    truth[:, :10, :10], predicted[:, :10, :5] = cd.LOST, cd.LOST
+    fine = Affine(0.05, 0.0, 500000.0, 0.0, -0.05, 4500000.0)
+    paths = [geotiff(tmp_path / f"{n}.tif", a, CRS, fine) for n, a in (("p", predicted), ("t", truth))]
+    accuracy = cd.score_change(*paths)
+    assert accuracy["lost_true"] == 0 and accuracy["lost_true_pixels"] == 100 and accuracy["lost_iou"] == 0.5
+    change.warn_truth_without_change(change.Pair("a_to_b", paths[0], paths[0]), paths[1], accuracy)
+    assert "holds no lost (2) or gained (3) pixel" not in caplog.text
+    unchanged = geotiff(tmp_path / "u.tif", np.ones_like(truth), CRS, fine)  # a 0/1 mask: warned of still
+    change.warn_truth_without_change(
+        change.Pair("a_to_b", paths[0], paths[0]), unchanged, cd.score_change(paths[0], unchanged)
+    )
+    assert f"a_to_b: --change_truth={unchanged} holds no lost (2) or gained (3) pixel" in caplog.text
+    # A true map of a place without change is right as it is: it was told to recode it all the same.
+    assert "recode such a mask to the change codes" in caplog.text and "without change is right as it is" in caplog.text
+
+
 def test_a_zero_collar_and_cloud_at_one_date_make_no_change_along_them(checkpoint: Path, tmp_path: Path) -> None:
     # The same scene at both dates, the after one with a zero collar (as a reprojected scene has) and a zero
     # cloud: nodata, not black ground, so the fields along them must not turn into "lost".

@@ -709,20 +709,27 @@ def test_the_augment_preview_draws_a_mask_all_farmland_white(tmp_path: Path, mon
 
 
 def test_augment_flips_a_tile_whose_mask_its_preview_cannot_read(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A split made with --ignore_index=128, augment.py run without it: the preview's classes raised, after the copies
     # were written and before train.txt listed them.
     rng = np.random.default_rng(0)
-    for i in range(2):
+    for i in range(3):
         write_image(tmp_path / "data" / "images" / f"t{i}.png", (rng.random((32, 32, 3)) * 255).astype(np.uint8))
         mask = np.zeros((32, 32), np.uint8)
-        mask[:16], mask[:, :4] = 255, 128
+        mask[:16] = 255
+        if i < 2:  # t2 holds no 128: its preview can be drawn
+            mask[:, :4] = 128
         write_image(tmp_path / "data" / "labels" / f"t{i}_mask.png", mask)
     paths = [f"--data_dir={tmp_path / 'data'}", f"--run_dir={tmp_path / 'run'}"]
     assert split_dataset.main([*paths, "--split_ratios=1,0,0", "--ignore_index=128"]) == 0
+    train = tmp_path / "run" / "splits" / "train.txt"
+    assert [image.stem for image, _ in read_pair_list(train)][-1] == "t2"  # after both unreadable masks
+    drawn: list = []
+    monkeypatch.setattr(augment, "preview", lambda samples, *_: drawn.extend(s[0].stem for s in samples))
     with caplog.at_level(logging.WARNING):
-        assert augment.main([*paths, "--aug_prob=1", "--preview_count=2"]) == 0
-    assert len(read_pair_list(tmp_path / "run" / "splits" / "train.txt")) == 2 + 2 * len(augment.FLIPS)
+        assert augment.main([*paths, "--aug_prob=1", "--preview_count=3"]) == 0
+    assert len(read_pair_list(train)) == 3 + 3 * len(augment.FLIPS)  # every tile flipped
     warned = [r.getMessage() for r in caplog.records if "left out of the preview" in r.getMessage()]
     assert len(warned) == 1 and "--ignore_index=128" in warned[0]
+    assert drawn == ["t2"]  # a later tile is previewed all the same

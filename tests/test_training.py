@@ -79,6 +79,29 @@ def test_a_run_without_normalise_keeps_its_training_tiles_band_means(trained_run
     assert state["band_means"] == pytest.approx(mean, rel=1e-6)  # fewer tiles than train.VALUE_TILES: all of them
 
 
+def test_a_resumed_run_keeps_its_band_means_and_reads_them_for_a_checkpoint_that_keeps_none(
+    square_data: Path, tmp_path: Path
+) -> None:
+    """A resumed run writes the band means its last.pth keeps (not read from its tiles again), with ``normalise``
+    too; one resumed from a checkpoint of a version that kept none reads them from its training tiles."""
+    for normalise in ("false", "true"):
+        run_dir = tmp_path / f"run_{normalise}"
+        assert split_dataset.main(args(square_data, run_dir)) == 0
+        given = args(square_data, run_dir, f"--normalise={normalise}", "--snapshot_every=0")
+        assert train.main([*given, "--epochs=1"]) == 0
+        last = run_dir / "checkpoints" / "last.pth"
+        state = load_checkpoint(last)
+        tiles = state["band_means"]
+        save_checkpoint(last, {**state, "band_means": [0.5, 0.25, 0.125]})  # the run's own, whatever its tiles
+        assert train.main([*given, "--epochs=2", "--resume=true"]) == 0
+        assert load_checkpoint(last)["band_means"] == [0.5, 0.25, 0.125]
+        state = load_checkpoint(last)
+        del state["band_means"]  # saved before checkpoints kept band means
+        save_checkpoint(last, state)
+        assert train.main([*given, "--epochs=3", "--resume=true"]) == 0
+        assert load_checkpoint(last)["band_means"] == pytest.approx(tiles, rel=1e-6)
+
+
 def test_normalisation_and_threshold_are_stored_and_used(square_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert split_dataset.main(args(square_data, run_dir)) == 0
