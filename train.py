@@ -934,7 +934,7 @@ def report(cfg: Config, progress: Progress, board: Any) -> None:
     else:  # an IoU of 0/0 printed as 0.0000 reads as a network that found nothing
         scores = f"val loss {row['val_loss']:.4f} | no val farmland to score: keeping this epoch"
     LOG.info(
-        "epoch %d/%d | train loss %.4f | %s | lr %.2e | %.1f s",
+        "epoch %d/%d | train loss %.4f | %s | next lr %.2e | %.1f s",
         row["epoch"],
         cfg.epochs,
         row["train_loss"],
