@@ -1,16 +1,21 @@
 """The module layout stays walkable: no import circles, no import inside a function to dodge one, shared
 modules never import a script, a script takes nothing but ``main`` from another script (nor hands the script
 itself on), no function, class or constant is left unused, the ``module.function`` a docstring or comment points to
-is there, and the docs' lists of modules and test files hold those there are."""
+is there, the docs' lists of modules and test files hold those there are, and the oldest Python the README
+promises can install every release requirements.txt pins."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import io
 import re
 import tokenize
 from pathlib import Path
 from tokenize import COMMENT
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {path.stem: path for path in ROOT.glob("*.py")}
@@ -146,6 +151,34 @@ def test_the_docs_name_every_module_and_test_file() -> None:
     assert not missing, f"docs/testing.md: add a row to the table of test files for each of {missing}"
     gone = sorted(rows - tests)
     assert not gone, f"docs/testing.md: remove the rows of {gone}, which are no longer test files"
+
+
+def test_the_readme_python_installs_every_pinned_release() -> None:
+    """The "With Python X.Y or newer" of README.md meets the Requires-Python of every release requirements.txt
+    pins with ``==`` for that Python (its environment marker, if any, evaluated there), read from the installed
+    package where it is that release, so the quick start installs."""
+    promise = re.search(r"With Python (\d+\.\d+) or newer", (ROOT / "README.md").read_text(encoding="utf-8"))
+    assert promise, "README.md: expected a line 'With Python X.Y or newer'"
+    too_old = []
+    for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        text = line.split(" #")[0].strip()
+        if not text or text.startswith(("#", "-")):
+            continue
+        requirement = Requirement(text)
+        pinned = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+        if not pinned or (requirement.marker and not requirement.marker.evaluate({"python_version": promise[1]})):
+            continue
+        try:
+            installed = importlib.metadata.metadata(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        requires = installed.get("Requires-Python") or ""
+        if installed["Version"] == pinned[0] and not SpecifierSet(requires).contains(promise[1]):
+            too_old.append(f"{text} requires Python {requires}")
+    assert not too_old, (
+        f"README.md promises Python {promise[1]}, but requirements.txt pins {too_old} for it: pin a release for "
+        "that Python behind a python_version marker, or raise the promise"
+    )
 
 
 FILE_EXTENSIONS = {"py", "txt", "json", "md", "csv", "log", "lock", "tif", "png", "pth", "onnx", "gpkg", "geojson"}

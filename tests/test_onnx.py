@@ -489,7 +489,9 @@ def test_bad_onnx_files_are_one_line_errors_naming_the_file(
     )
     other = tmp_path / "other.onnx"
     other.write_bytes(
-        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]).SerializeToString()
+        onnx.helper.make_model(
+            graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=8
+        ).SerializeToString()
     )
     cases = {corrupt: "not a loadable ONNX model", other: "no farmland metadata", tmp_path / "none.onnx": "not found"}
     for path, problem in cases.items():
