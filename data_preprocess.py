@@ -898,6 +898,24 @@ def check_split_in_data_dir(
         )
 
 
+def read_test_split(
+    run_dir: Path | str, data_dir: str | None, subdirs: Sequence[str] = (), fix: str = ""
+) -> list[tuple[Path, Path]]:
+    """The test split's (image, mask) pairs, checked against ``data_dir`` where one was given (None: not given).
+
+    Raises:
+        DataError: the list is missing, unreadable or empty (``fix``: another way on, added to the message).
+        ValueError: the pairs lie outside data_dir (check_split_in_data_dir).
+    """
+    listed = Path(run_dir) / "splits" / "test.txt"
+    pairs = read_pair_list(listed)
+    if not pairs:
+        raise DataError(f"{listed}: {EMPTY_TEST_SPLIT}{fix}")
+    if data_dir is not None:
+        check_split_in_data_dir(pairs, listed, data_dir, subdirs)
+    return pairs
+
+
 def random_d4(
     image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

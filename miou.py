@@ -45,13 +45,11 @@ import cli
 import files
 from config import Config
 from data_preprocess import (
-    EMPTY_TEST_SPLIT,
     IGNORE,
-    check_split_in_data_dir,
     load_mask,
     parse_bands,
     read_image,
-    read_pair_list,
+    read_test_split,
     shown_channels,
 )
 from figures import photo_to_show, save_figure, subplots
@@ -440,21 +438,6 @@ def check_report_options(cfg: Config) -> None:
         raise ValueError(f"--gallery_size={cfg.gallery_size}: expected tiles per gallery, 0 (none) or more; use 6")
 
 
-def split_test_pairs(cfg: Config, given: Collection[str]) -> list[tuple[Path, Path]]:
-    """The test split's (image, mask) pairs, checked against ``--data_dir`` where it was given.
-
-    Raises:
-        DataError: the split is empty, or the pairs do not lie in the data folder given.
-    """
-    listed = Path(cfg.run_dir) / "splits" / "test.txt"
-    pairs = read_pair_list(listed)
-    if not pairs:
-        raise DataError(f"{listed}: {EMPTY_TEST_SPLIT}")
-    if "data_dir" in given:
-        check_split_in_data_dir(pairs, listed, cfg.data_dir, (cfg.image_subdir, cfg.label_subdir))
-    return pairs
-
-
 def write_galleries(
     rows: list[dict], lookup: dict[str, tuple[Path, Path, Path]], cfg: Config, shown: Sequence[int], figures: Path
 ) -> None:
@@ -502,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # refused before the scoring
     run_dir = Path(cfg.run_dir)
     cli.save_config(cfg, "miou")
-    pairs = split_test_pairs(cfg, given)
+    given_dir = cfg.data_dir if "data_dir" in given else None
+    pairs = read_test_split(run_dir, given_dir, (cfg.image_subdir, cfg.label_subdir))
     lookup = {p[0].stem: (p[0], p[1], prediction_path(run_dir, p[0])) for p in pairs}
     left_out, made = left_out_masks(cfg, lookup)
     skipped = set(left_out)

@@ -34,11 +34,9 @@ import cli
 import scene
 from config import Config
 from data_preprocess import (
-    EMPTY_TEST_SPLIT,
-    check_split_in_data_dir,
     image_entries,
     parse_bands,
-    read_pair_list,
+    read_test_split,
     rgb_bands_for,
 )
 from exported_model import OnnxSegmenter, load_segmenter, stale_export
@@ -69,12 +67,9 @@ def list_inputs(cfg: Config, given: Collection[str] = ()) -> list[Path]:
         ValueError: a data_dir given does not hold the test split's files.
     """
     if not cfg.predict_input:
-        test_list = Path(cfg.run_dir) / "splits" / "test.txt"
-        pairs = read_pair_list(test_list)
-        if not pairs:
-            raise DataError(f"{test_list}: {EMPTY_TEST_SPLIT}, or predict a folder with --predict_input")
-        if "data_dir" in given:
-            check_split_in_data_dir(pairs, test_list, cfg.data_dir, (cfg.image_subdir, cfg.label_subdir))
+        given_dir = cfg.data_dir if "data_dir" in given else None
+        subdirs = (cfg.image_subdir, cfg.label_subdir)
+        pairs = read_test_split(cfg.run_dir, given_dir, subdirs, ", or predict a folder with --predict_input")
         return [image for image, _ in pairs]
     source = Path(cfg.predict_input)
     if source.is_file():
