@@ -248,6 +248,9 @@ def palette_colours(indices: np.ndarray, colormap: dict[int, tuple[int, ...]]) -
     return table[indices].transpose(2, 0, 1)
 
 
+FULL_SCALE = {"uint8": 255.0, "uint16": 65535.0}  # what images of each pixel type are divided by (float: as they are)
+
+
 def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
     """Convert an (H, W, C) image to float32 (in_channels, H, W) in [0, 1], following the module's rules.
 
@@ -255,10 +258,8 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
         DataError: the band count or the value range does not fit.
     """
     image = match_bands(image, in_channels, path)
-    if image.dtype == np.uint8:
-        scaled = image.astype(np.float32) / 255.0
-    elif image.dtype == np.uint16:
-        scaled = image.astype(np.float32) / 65535.0
+    if str(image.dtype) in FULL_SCALE:
+        scaled = image.astype(np.float32) / FULL_SCALE[str(image.dtype)]
     elif np.issubdtype(image.dtype, np.floating):
         scaled = image.astype(np.float32)
         # NaN is left to the callers: a scene's nodata, a tile's fault (check_tile_values).

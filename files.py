@@ -111,14 +111,9 @@ def written_or_disk_error(path: Path, writer_errors: tuple[type[BaseException], 
     (not the temporary file being written, nor "an output"), which scripts report in one line (disk_problem)."""
     try:
         yield
-    except OSError as err:
-        if err.errno in DISK_ERRORS:
+    except (OSError, *writer_errors) as err:
+        if isinstance(err, OSError) and err.errno in DISK_ERRORS:
             raise OSError(err.errno, err.strerror, str(path)) from err
-        problem = disk_error_at(path)
-        if problem is None:
-            raise
-        raise problem from err
-    except writer_errors as err:
         problem = disk_error_at(path)
         if problem is None:
             raise

@@ -107,12 +107,11 @@ def band_mean_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> f
     return float(np.median(means / trained))
 
 
-def value_scale_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:
-    """band_mean_ratio where it lies beyond VALUE_SCALE_LIMIT either way: an 8-bit stretch predicted by a model
-    trained on 16-bit DN, or the reverse, whose mask is not worth reading. None where it lies within, or where
-    the model keeps no training means."""
-    ratio = band_mean_ratio(model, state, means)
-    return None if ratio is None or 1 / VALUE_SCALE_LIMIT <= ratio <= VALUE_SCALE_LIMIT else ratio
+def on_value_scale(ratio: float) -> bool:
+    """Whether a ratio of band means to the training tiles' (band_mean_ratio) lies within VALUE_SCALE_LIMIT either
+    way; beyond it, an 8-bit stretch predicted by a model trained on 16-bit DN, or the reverse, whose mask is not
+    worth reading."""
+    return 1 / VALUE_SCALE_LIMIT <= ratio <= VALUE_SCALE_LIMIT
 
 
 OVERLAY_COLOUR = np.array([255, 220, 0], dtype=np.float32)  # farmland tint: yellow reads on green and brown

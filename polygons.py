@@ -439,7 +439,7 @@ def simplification_overlap(tolerance: float, transform: Affine) -> str:
     ridge or ditch between parcels) can each move into the gap and overlap. On masks of parcels separated by
     one-pixel lines none overlapped up to a tolerance of one pixel; at 1.25 pixels some did, at 1.5 many.
     """
-    pixel = math.sqrt(abs(transform.a * transform.e - transform.b * transform.d))
+    pixel = math.sqrt(abs(transform.determinant))
     if tolerance <= 0 or not pixel or tolerance <= pixel * (1 + 1e-9):
         return ""
     return (

@@ -123,7 +123,7 @@ def map_pixel_area(crs: CRS | None, transform: Affine) -> float | None:
     if crs is None or not crs.is_projected:
         return None
     _, metres_per_unit = crs.linear_units_factor
-    return abs(transform.a * transform.e - transform.b * transform.d) * metres_per_unit**2
+    return abs(transform.determinant) * metres_per_unit**2
 
 
 def north_up(picture: np.ndarray, transform: Affine) -> np.ndarray:
@@ -192,7 +192,7 @@ def ground_pixel_size_estimate(crs: CRS | None, transform: Affine, width: int, h
         if not -math.pi / 2 <= lat <= math.pi / 2:
             return None
         per_lat, per_lon = metres_per_degree(lat)
-        degrees_area = abs(transform.a * transform.e - transform.b * transform.d) * degrees_per_unit**2
+        degrees_area = abs(transform.determinant) * degrees_per_unit**2
         return math.sqrt(degrees_area * per_lat * per_lon) or None
     if not crs.is_projected:  # an engineering (local) CRS: no place on the globe
         return None

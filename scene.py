@@ -65,9 +65,9 @@ from inference import (
     choose_batch_size,
     classes_from_probabilities,
     decision_threshold,
+    on_value_scale,
     overlay_image,
     training_means,
-    value_scale_ratio,
 )
 from png_text import SIGNATURE as PNG_SIGNATURE
 from rasters import (
@@ -1034,7 +1034,7 @@ VALUE_SAMPLE_ROWS = 256  # rows across the middle of a scene whose values are co
 
 def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> float | None:
     """Warn when the scene's pixels, scaled as tiles are (8-bit / 255, 16-bit / 65535), sit on another scale than
-    the training tiles' (inference.value_scale_ratio): an 8-bit product of a scene predicted by a model trained on
+    the training tiles' (inference.on_value_scale): an 8-bit product of a scene predicted by a model trained on
     its 16-bit product, or the reverse, or reflectance. The network then sees values it never saw, and its mask is
     not worth reading. Return the median ratio of the scene's band means to the training tiles' (warned of or not),
     or None where there is nothing to compare."""
@@ -1051,9 +1051,9 @@ def warn_value_scale(model: torch.nn.Module, scene: Scene, state: dict) -> float
     except DataError:
         return None  # the prediction reports it
     means = values[:, valid].mean(axis=1)
-    ratio = value_scale_ratio(model, state, means)
-    if ratio is None:
-        return band_mean_ratio(model, state, means)
+    ratio = band_mean_ratio(model, state, means)
+    if ratio is None or on_value_scale(ratio):
+        return ratio
     shown = ", ".join(f"{v:.3g}" for v in means)
     expected = ", ".join(f"{v:.3g}" for v in trained.tolist())
     LOG.warning(

@@ -34,6 +34,7 @@ import files
 from config import Config
 from data_preprocess import (
     FEW_SCENES,
+    FULL_SCALE,
     SPLIT_NAMES,
     TILED_NAMES,
     DataError,
@@ -228,7 +229,6 @@ def suffix_after_mask(mask_base: str, lone_images: Sequence[str]) -> str:
     return ""
 
 
-FULL_SCALE = {"uint8": 255.0, "uint16": 65535.0}  # what tiles of each pixel type are divided by (float: 1)
 MIXED_SCALE_LIMIT = 4.0  # tiles of two pixel types whose typical values lie this many times apart are two products
 
 

@@ -33,6 +33,7 @@ from inference import (
     VALUE_SCALE_LIMIT,
     choose_batch_size,
     decision_threshold,
+    on_value_scale,
     overlay_image,
     predict_batch,
     training_means,
@@ -320,7 +321,7 @@ def off_scale_tiles(ratios: Sequence[float]) -> list[int]:
     if not ratios:
         return []
     typical = float(np.median(ratios))
-    limit = TILE_SCALE_LIMIT if 1 / VALUE_SCALE_LIMIT <= typical <= VALUE_SCALE_LIMIT else VALUE_SCALE_LIMIT
+    limit = TILE_SCALE_LIMIT if on_value_scale(typical) else VALUE_SCALE_LIMIT
     return [i for i, ratio in enumerate(ratios) if not 1 / limit <= ratio <= limit]
 
 
