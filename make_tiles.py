@@ -66,9 +66,10 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def scene_paths(text: str, labels: Path | None = None) -> list[Path]:
+def scene_paths(text: str, labels: Path | None = None) -> tuple[list[Path], list[Path]]:
     """The scenes named by ``--scene``: files separated by commas, or folders (their rasters, sorted), less the
-    ``labels`` raster where it lies in such a folder (it is the labels, not a scene to tile).
+    ``labels`` raster where it lies in such a folder (it is the labels, not a scene to tile); and the rasters so
+    left out, under whatever name the folder holds them (a link to the labels too).
 
     Raises:
         ValueError: nothing named, or a folder without rasters.
@@ -76,18 +77,20 @@ def scene_paths(text: str, labels: Path | None = None) -> list[Path]:
     if not text.strip():
         raise ValueError("--scene is empty; name the scene GeoTIFF(s): --scene=a.tif, --scene=a.tif,b.tif or a folder")
     paths: list[Path] = []
+    left_out: list[Path] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         path = Path(part)
         if path.is_dir():
             rasters = folder_rasters(path)
             found = [p for p in rasters if labels is None or not is_same_file(p, labels)]
+            left_out.extend(p for p in rasters if p not in found)
             if not found:
                 besides = " besides the labels" if rasters else ""
                 raise ValueError(f"--scene={part}: the folder holds no rasters{besides} ({', '.join(RASTER_SUFFIXES)})")
             paths.extend(found)
         else:
             paths.append(path)  # a missing file is reported with the other bad scenes
-    return paths
+    return paths, left_out
 
 
 def folder_rasters(folder: Path) -> list[Path]:
@@ -492,16 +495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Cut every scene and its labels into tiles, masks and tiles.csv under ``out``."""
     cfg = cli.parse_args(argv, __doc__ or "")
     check_settings(cfg)
-    scenes, out = scene_paths(cfg.scene, Path(cfg.labels)), Path(cfg.out)
+    (scenes, left_out), out = scene_paths(cfg.scene, Path(cfg.labels)), Path(cfg.out)
     inputs = [*(Path(p.strip()) for p in cfg.scene.split(",") if p.strip()), Path(cfg.labels)]
     check_out(out, inputs, (cfg.image_subdir, cfg.label_subdir))
     check_tile_size(out, scenes, cfg.tile_size)
     logged = dataclasses.replace(cfg, run_dir=str(out))
     cli.setup_logging(logged, "make_tiles")
     cli.save_config(logged, "make_tiles")
-    folders = [Path(p.strip()) for p in cfg.scene.split(",") if p.strip() and Path(p.strip()).is_dir()]
-    for left in (p for folder in folders for p in folder_rasters(folder) if is_same_file(p, Path(cfg.labels))):
-        # scene_paths left it out, under whatever name the folder holds it (a link to the labels too)
+    for left in left_out:
         LOG.info(
             "%s: the labels lie in a --scene folder; read as the labels, not tiled as a scene (--labels=%s)",
             left,
