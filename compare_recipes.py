@@ -86,6 +86,12 @@ class Variant:
         """The variant as written on the command line, e.g. recommended+dropout=0."""
         return "+".join([self.recipe, *(f"{k}={v}" for k, v in self.changes)])
 
+    @property
+    def folder(self) -> str:
+        """The name of its run folder: the variant's name, a path in it (init_weights=runs/a/best.pth) made one
+        folder name."""
+        return self.name.replace("/", "_").replace("\\", "_")
+
     def arguments(self) -> list[str]:
         """The train.py arguments that select it."""
         return [f"--recipe={self.recipe}", *(f"--{k}={v}" for k, v in self.changes)]
@@ -607,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.setup_logging(cfg, "compare_recipes")
         for data_name, data_splits, epochs in datasets:
             for variant in known.variant_list:
-                run_dir = root / data_name / variant.name
+                run_dir = root / data_name / variant.folder
                 run_args = [*overrides, f"--seed={seed}"]
                 try:
                     result = run_variant(

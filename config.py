@@ -45,6 +45,7 @@ class Config:
     n_classes: int = 2  # 0 = background, 1 = farmland
     encoder: str = "unet"  # unet (the reference U-Net), resnet18 or resnet34 (ResNet encoder, U-Net decoder)
     encoder_weights: str = ""  # resnet: torchvision ImageNet weights (.pth) to start from; "" = random init
+    init_weights: str = ""  # a checkpoint of another run (best.pth) to fine-tune: its weights, not its schedule
     base_width: int = 64  # channels of the first U-Net level (w, 2w, 4w, 8w, 16w); resnet: decoder widths 4w..w/4
     downscale: int = 1  # 1, 2, 4: the network works on tiles shrunk by it; 0 = auto: about 2 m per pixel (unknown: 2)
     dropout: float = 0.3  # Dropout2d rate inside every double convolution

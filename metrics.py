@@ -243,3 +243,38 @@ def summarise(rows: list[dict], pooled: np.ndarray, split: Sequence[str] | None 
         "both its label and prediction; pooled: from one confusion matrix over all test pixels; boundary_iou: "
         "farmland edge bands of boundary_width pixels; unlabelled pixels not counted; null = 0/0",
     }
+
+
+INTERVAL_LEVEL = 0.95  # the share of resampled test splits the interval holds
+INTERVAL_DRAWS = 2000  # resampled test splits; fixed seed, so the interval is the same on every run
+FEW_UNITS = 5  # with fewer scenes (or images) in the test split, no interval is given
+
+
+def resampled_interval(
+    rows: Sequence[dict], units: Sequence[str], level: float = INTERVAL_LEVEL, draws: int = INTERVAL_DRAWS
+) -> dict[str, list[float] | None]:
+    """How far the test figures would move on another test split from the same place: percentile bootstrap
+    intervals of the pooled and the per-image farmland IoU, drawing whole units (``units``: each row's scene,
+    or its own name) with replacement, since tiles of one scene err together. None where fewer than FEW_UNITS
+    units were scored, or no draw defines the figure."""
+    names = sorted(set(units))
+    if len(names) < FEW_UNITS:
+        return {"pooled_farmland_iou": None, "per_image_farmland_iou": None}
+    index = np.array([names.index(unit) for unit in units])
+    sums = np.zeros((len(names), 5))  # per unit: tp, fp, fn, sum of per-image IoUs, images counted
+    for row, unit in zip(rows, index):
+        iou = row["farmland_iou"]
+        sums[unit] += [row["tp"], row["fp"], row["fn"], 0.0 if math.isnan(iou) else iou, not math.isnan(iou)]
+    rng = np.random.default_rng(0)
+    picks = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=draws).astype(np.float64)
+    drawn = picks @ sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = drawn[:, 0] / drawn[:, :3].sum(axis=1)
+        per_image = drawn[:, 3] / drawn[:, 4]
+    tails = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+
+    def bounds(values: np.ndarray) -> list[float] | None:
+        values = values[np.isfinite(values)]
+        return [float(v) for v in np.percentile(values, tails)] if values.size else None
+
+    return {"pooled_farmland_iou": bounds(pooled), "per_image_farmland_iou": bounds(per_image)}

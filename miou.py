@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import math
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -46,15 +47,17 @@ import files
 from config import Config
 from data_preprocess import (
     IGNORE,
+    TILED_NAMES,
     load_mask,
     parse_bands,
     read_image,
     read_test_split,
+    scene_groups,
     shown_channels,
 )
 from figures import photo_to_show, save_figure, subplots
-from files import DataError, file_stamp, prediction_path, shown_path, shown_stamp
-from metrics import evaluate_pairs, summarise
+from files import DataError, file_stamp, prediction_path, read_record, shown_path, shown_stamp
+from metrics import FEW_UNITS, INTERVAL_DRAWS, INTERVAL_LEVEL, evaluate_pairs, resampled_interval, summarise
 from png_text import read_texts
 from tile_prediction import DIGEST_KEY, MADE_WITH_COMPARED, SOURCE_KEY, STAMP_KEY, made_with_of, source_texts
 
@@ -452,6 +455,62 @@ def write_galleries(
             path.unlink(missing_ok=True)
 
 
+def test_scenes(cfg: Config, given: Collection[str], images: Sequence[Path]) -> tuple[list[str], str]:
+    """Each scored image's scene, and what the units are ("scenes" or "images"): by ``--group_pattern`` where
+    given, else the one split_dataset.py split by, else make_tiles.py's <scene>_r<row>c<col> names where every
+    image has one; with none of those each image is a unit of its own."""
+    pattern = cfg.group_pattern
+    if "group_pattern" not in given:
+        recorded = read_record(Path(cfg.run_dir) / "configs" / "split_dataset.json")
+        pattern = recorded.get("group_pattern", "") if isinstance(recorded, dict) else ""
+        pattern = pattern if isinstance(pattern, str) else ""
+    if not pattern and images and all(re.search(TILED_NAMES, image.stem) for image in images):
+        pattern = TILED_NAMES
+    if not pattern:
+        return [image.stem for image in images], "images"
+    return scene_groups([(image, image) for image in images], pattern)[0], "scenes"
+
+
+def interval_of(rows: list[dict], units: list[str], kind: str) -> dict[str, Any]:
+    """metrics.json's ``interval``: the resampled intervals (metrics.resampled_interval) and what was resampled."""
+    return {
+        "level": INTERVAL_LEVEL,
+        "resampled": kind,
+        "units": len(set(units)),
+        "draws": INTERVAL_DRAWS,
+        **resampled_interval(rows, units),
+    }
+
+
+def log_interval(interval: dict[str, Any]) -> None:
+    """The interval in one line, or why there is none; resampled by image, a word on what that misses."""
+    units, kind = interval["units"], interval["resampled"]
+    pooled, per_image = interval["pooled_farmland_iou"], interval["per_image_farmland_iou"]
+    if pooled is None and per_image is None:
+        LOG.warning(
+            "the test split holds %d %s: too few (under %d) to say how far its figures would move on other %s of "
+            "the same place, so take them as one draw, not a measure of the model (docs/metrics.md)",
+            units,
+            kind,
+            FEW_UNITS,
+            kind,
+        )
+        return
+    LOG.info(
+        "%d%% interval over %d resamplings of the %d test %s: pooled farmland IoU %s to %s, per image %s to %s%s",
+        round(100 * interval["level"]),
+        interval["draws"],
+        units,
+        kind,
+        *(fmt(v) for v in pooled or (None, None)),
+        *(fmt(v) for v in per_image or (None, None)),
+        ""
+        if kind == "scenes"
+        else " (tiles of one scene err together: where they come from few scenes this is too narrow; give "
+        f"--group_pattern={files.shell_quoted(TILED_NAMES)} or your own to resample scenes)",
+    )
+
+
 def log_summary(summary: dict, scored: int, listed: int) -> None:
     """The pooled and per-image figures of metrics.json, in two lines."""
     pooled, per_image = summary["pooled"], summary["per_image"]
@@ -501,7 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         LOG.error("no test image could be scored (%d problem(s) above)", len(errors))
         return 1
-    summary = summarise(rows, pooled, list(lookup)) | {"made_with": scored_made_with(rows, made)}
+    units, kind = test_scenes(cfg, given, [lookup[row["name"]][0] for row in rows])
+    summary = summarise(rows, pooled, list(lookup)) | {"interval": interval_of(rows, units, kind)}
+    summary["made_with"] = scored_made_with(rows, made)
     warn_other_cut(cfg.threshold, summary["made_with"])
     files.atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     write_csv(rows, run_dir / "per_image_metrics.csv")
@@ -509,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_iou_curves(rows, figures / "iou_per_image.png")
     write_galleries(rows, lookup, cfg, shown, figures)
     log_summary(summary, len(rows), len(lookup))
+    log_interval(summary["interval"])
     LOG.info("wrote %s, %s and figures in %s", run_dir / "metrics.json", run_dir / "per_image_metrics.csv", figures)
     if errors:
         LOG.error(

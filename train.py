@@ -82,6 +82,7 @@ from training import (
     counts_at,
     evaluate,
     iou_at,
+    load_farmland_weights,
     loss_stall,
     make_loader,
     make_optimizer,
@@ -323,6 +324,14 @@ def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.
     if cfg.encoder_weights and not cfg.resume:
         loaded = load_encoder_weights(model, Path(cfg.encoder_weights))
         LOG.info("%s encoder: %d ImageNet tensors loaded from %s", cfg.encoder, loaded, cfg.encoder_weights)
+    if cfg.init_weights and not cfg.resume:
+        loaded = load_farmland_weights(model, cfg)
+        if job.main:
+            LOG.info(
+                "started from %s: %d tensors loaded (its weights; schedule and threshold anew)",
+                cfg.init_weights,
+                loaded,
+            )
     if cfg.sync_bn and job.world > 1:
         if job.device.type != "cuda":
             raise ValueError(
@@ -580,6 +589,11 @@ def check_settings(cfg: Config) -> None:
         raise ValueError(
             f"--epochs={cfg.epochs}: expected 1 or more epochs; use --epochs=100 as the reference, or "
             "--time_budget=MINUTES"
+        )
+    if cfg.init_weights and cfg.encoder_weights:
+        raise ValueError(
+            f"--init_weights={cfg.init_weights} and --encoder_weights={cfg.encoder_weights}: a network starts from "
+            "one or the other; drop --encoder_weights to fine-tune the checkpoint (its encoder was trained already)"
         )
     for key, valid, expected, fix in SETTING_RULES:
         value = getattr(cfg, key)

@@ -76,6 +76,7 @@ TRAINING_KEYS = (
     "colour_jitter",
     "dropout",
     "encoder_weights",
+    "init_weights",
     "batch_size",
     "lr",
     "weight_decay",
@@ -746,6 +747,60 @@ def refuse_changes(saved: Config, cfg: Config, path: Path) -> None:
         f"checkpoint: drop {flags} from the command line, or start a new --run_dir to train with the new "
         "value" + ("s" if len(network + training) > 1 else "")
     )
+
+
+NORMALISATION_BUFFERS = ("band_mean", "band_std")
+
+
+def load_farmland_weights(model: nn.Module, cfg: Config) -> int:
+    """Start ``model`` from the weights of another run's checkpoint (the ``init_weights`` key): a network trained on
+    farmland elsewhere, fine-tuned here. The schedule, threshold and history start afresh. With ``normalise`` the
+    band normalisation is this run's (its split's statistics, already set), else the checkpoint's, which its weights
+    were trained with. Returns the number of tensors loaded.
+
+    Raises:
+        DataError: naming the file: not a checkpoint, or a network of another architecture than this run's.
+    """
+    path = Path(cfg.init_weights)
+    state = load_checkpoint(path)
+    saved = saved_config(state)
+    # downscale changes no weight: a network of another working resolution loads, and is warned of.
+    differ = [key for key in ARCHITECTURE_KEYS if key != "downscale" and getattr(saved, key) != getattr(cfg, key)]
+    if differ:
+        raise DataError(
+            f"--init_weights={path}: a network of "
+            + ", ".join(f"{key}={shown_value(getattr(saved, key))}" for key in differ)
+            + ", but this run builds "
+            + ", ".join(f"{key}={shown_value(getattr(cfg, key))}" for key in differ)
+            + "; give "
+            + " ".join(f"--{key}={shown_value(getattr(saved, key))}" for key in differ)
+            + " to fine-tune it, or start from a checkpoint of the same network"
+        )
+    weights = dict(state["model"])
+    if cfg.normalise:
+        for key in NORMALISATION_BUFFERS:
+            weights[key] = model.state_dict()[key]
+    for key in NORMALISATION_BUFFERS:  # checkpoints of older versions kept none: identity, as they were trained
+        weights.setdefault(key, model.state_dict()[key])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise DataError(
+            f"--init_weights={path}: its weights do not fit the network its own config declares ({detail}); "
+            "the file was altered or mixed up: use a best.pth or last.pth as train.py wrote it"
+        ) from None
+    there, here = saved.pixel_size_m * saved.downscale, cfg.pixel_size_m * cfg.downscale
+    if there > 0 and here > 0 and max(there, here) / min(there, here) > 1.5:
+        LOG.warning(
+            "--init_weights=%s learned at %.3g m per working pixel and this run works at %.3g m: fields look %.3g "
+            "times as large to it; give --downscale so that the two match, where the tiles allow",
+            path,
+            there,
+            here,
+            there / here,
+        )
+    return len(state["model"])
 
 
 SIZE_SAMPLE = 500  # training tiles whose pixel size is read, spread over the split: a header read each

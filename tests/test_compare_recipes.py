@@ -22,6 +22,10 @@ def test_variant_names_round_trip_to_train_arguments() -> None:
     assert variant.name == "recommended+dropout=0+colour_jitter=0"
     assert variant.arguments() == ["--recipe=recommended", "--dropout=0", "--colour_jitter=0"]
     assert compare_recipes.parse_variant(" reference ").arguments() == ["--recipe=reference"]
+    # A path in a variant (the weights to start from) stays one folder of the comparison.
+    tuned = compare_recipes.parse_variant("recommended+init_weights=runs/a/checkpoints/best.pth")
+    assert tuned.arguments()[1] == "--init_weights=runs/a/checkpoints/best.pth"
+    assert tuned.folder == "recommended+init_weights=runs_a_checkpoints_best.pth"
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from metrics import (
     class_iou,
     confusion_matrix,
     evaluate_pairs,
+    resampled_interval,
     scores,
     summarise,
 )
@@ -396,3 +397,67 @@ def test_a_data_dir_that_does_not_hold_the_test_split_is_refused_not_ignored(tmp
     with pytest.raises(ValueError, match=rf"--data_dir={linked}: {test_list} names files outside it"):
         miou.main([f"--data_dir={linked}", f"--run_dir={run}"])
     close_log_files()
+
+
+def hit_or_miss(hits: list[bool], tiles: int = 1) -> tuple[list[dict], list[str]]:
+    """Rows of scenes whose every tile is one pixel, farmland, found (IoU 1) or missed (IoU 0), and their scenes."""
+    rows = [
+        {"tp": int(hit), "fp": 0, "fn": int(not hit), "farmland_iou": float(hit)} for hit in hits for _ in range(tiles)
+    ]
+    return rows, [f"s{i}" for i in range(len(hits)) for _ in range(tiles)]
+
+
+def test_the_interval_by_hand_from_the_binomial() -> None:
+    # 10 scenes, 5 found: a resampled split's IoU is Binomial(10, 0.5) / 10, whose 2.5 % and 97.5 % points are
+    # 0.2 and 0.8 (P(X <= 1) = 11/1024 < 0.025 < P(X <= 2) = 56/1024), for the pooled and the per-image mean alike.
+    rows, scenes = hit_or_miss([True, False] * 5)
+    assert resampled_interval(rows, scenes) == {"pooled_farmland_iou": [0.2, 0.8], "per_image_farmland_iou": [0.2, 0.8]}
+    # Three tiles a scene that err together: resampled by scene the interval is the same; taken for 30
+    # independent images it is narrower (Binomial(30, 0.5) / 30), which is why scenes are resampled where known.
+    rows, scenes = hit_or_miss([True, False] * 5, tiles=3)
+    assert resampled_interval(rows, scenes)["pooled_farmland_iou"] == [0.2, 0.8]
+    low, high = resampled_interval(rows, [str(i) for i in range(30)])["pooled_farmland_iou"]
+    assert 0.2 < low < 0.5 < high < 0.8
+
+
+def test_the_interval_of_equal_scenes_is_a_point_and_few_scenes_give_none() -> None:
+    rows = [{"tp": 3, "fp": 1, "fn": 0, "farmland_iou": 0.75}] * 5
+    assert resampled_interval(rows, ["a", "b", "c", "d", "e"]) == {
+        "pooled_farmland_iou": [0.75, 0.75],
+        "per_image_farmland_iou": [0.75, 0.75],
+    }
+    assert resampled_interval(rows[:4], ["a", "b", "c", "d"]) == {
+        "pooled_farmland_iou": None,
+        "per_image_farmland_iou": None,
+    }
+    # Images without farmland in label or prediction (IoU 0/0) count in no per-image mean; none anywhere: None.
+    empty = [{"tp": 0, "fp": 0, "fn": 0, "farmland_iou": math.nan}] * 5
+    assert resampled_interval(rows + empty, list("abcde") * 2)["per_image_farmland_iou"] == [0.75, 0.75]
+    assert resampled_interval(empty, list("abcde")) == {"pooled_farmland_iou": None, "per_image_farmland_iou": None}
+
+
+def test_miou_resamples_the_scenes_of_tiled_names_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    run = tmp_path / "run"
+    (run / "splits").mkdir(parents=True)
+    lines = []
+    for scene in range(5):
+        for col in range(2):
+            name = f"scene{scene}_r0c{col}"
+            write_image(tmp_path / f"{name}.png", np.full((4, 4, 3), 90, np.uint8))
+            write_image(tmp_path / f"{name}_mask.png", np.full((4, 4), 255, np.uint8))
+            write_image(run / "predictions" / f"{name}_seg.png", np.full((4, 4), 255 * (scene % 2), np.uint8))
+            lines.append(f"{tmp_path / f'{name}.png'}\t{tmp_path / f'{name}_mask.png'}\n")
+    (run / "splits" / "test.txt").write_text("".join(lines), "utf-8")
+    with caplog.at_level(logging.INFO, logger="miou"):
+        assert miou.main([f"--run_dir={run}"]) == 0
+    interval = json.loads((run / "metrics.json").read_text(encoding="utf-8"))["interval"]
+    assert interval["resampled"] == "scenes" and interval["units"] == 5 and interval["level"] == 0.95
+    assert interval["pooled_farmland_iou"][0] < 0.4 < interval["pooled_farmland_iou"][1]
+    assert "over 2000 resamplings of the 5 test scenes: pooled farmland IoU" in caplog.text
+    # With a pattern that makes each tile its own scene, ten units: the log says nothing of scenes missed.
+    assert miou.main([f"--run_dir={run}", "--group_pattern=^(.+)$"]) == 0
+    close_log_files()
+    assert json.loads((run / "metrics.json").read_text(encoding="utf-8"))["interval"]["units"] == 10
