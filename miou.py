@@ -455,15 +455,26 @@ def write_galleries(
             path.unlink(missing_ok=True)
 
 
-def test_scenes(cfg: Config, given: Collection[str], images: Sequence[Path]) -> tuple[list[str], str]:
-    """Each scored image's scene, and what the units are ("scenes" or "images"): by ``--group_pattern`` where
-    given, else the one split_dataset.py split by, else make_tiles.py's <scene>_r<row>c<col> names where every
-    image has one; with none of those each image is a unit of its own."""
+def scene_pattern(cfg: Config, given: Collection[str]) -> str:
+    """The pattern naming each test image's scene, for the interval: ``--group_pattern`` where given, else the one
+    split_dataset.py split by ("" for none), checked before any image is scored.
+
+    Raises:
+        ValueError: a pattern given that is not a regular expression.
+    """
     pattern = cfg.group_pattern
     if "group_pattern" not in given:
         recorded = read_record(Path(cfg.run_dir) / "configs" / "split_dataset.json")
         pattern = recorded.get("group_pattern", "") if isinstance(recorded, dict) else ""
         pattern = pattern if isinstance(pattern, str) else ""
+    scene_groups([], pattern)
+    return pattern
+
+
+def test_scenes(pattern: str, images: Sequence[Path]) -> tuple[list[str], str]:
+    """Each scored image's scene by ``pattern`` (scene_pattern), else by make_tiles.py's <scene>_r<row>c<col>
+    names where every image has one, and what the units are ("scenes"); with neither each image is a unit of its
+    own ("images")."""
     if not pattern and images and all(re.search(TILED_NAMES, image.stem) for image in images):
         pattern = TILED_NAMES
     if not pattern:
@@ -540,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(cfg, "miou")
     cfg = masks_read_as_trained(cfg, given)
     check_report_options(cfg)
+    pattern = scene_pattern(cfg, given)
     cfg = bands_of_the_run(cfg)
     shown = shown_channels(cfg.rgb_bands, parse_bands(cfg.bands), cfg.in_channels)  # refused before the scoring
     run_dir = Path(cfg.run_dir)
@@ -560,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         LOG.error("no test image could be scored (%d problem(s) above)", len(errors))
         return 1
-    units, kind = test_scenes(cfg, given, [lookup[row["name"]][0] for row in rows])
+    units, kind = test_scenes(pattern, [lookup[row["name"]][0] for row in rows])
     summary = summarise(rows, pooled, list(lookup)) | {"interval": interval_of(rows, units, kind)}
     summary["made_with"] = scored_made_with(rows, made)
     warn_other_cut(cfg.threshold, summary["made_with"])

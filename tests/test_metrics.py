@@ -461,3 +461,6 @@ def test_miou_resamples_the_scenes_of_tiled_names_and_says_so(tmp_path: Path, ca
     assert miou.main([f"--run_dir={run}", "--group_pattern=^(.+)$"]) == 0
     close_log_files()
     assert json.loads((run / "metrics.json").read_text(encoding="utf-8"))["interval"]["units"] == 10
+    with pytest.raises(ValueError, match=r"--group_pattern='\(': not a valid regular expression"):
+        miou.main([f"--run_dir={run}", "--group_pattern=("])
+    close_log_files()
