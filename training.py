@@ -752,11 +752,50 @@ def refuse_changes(saved: Config, cfg: Config, path: Path) -> None:
 NORMALISATION_BUFFERS = ("band_mean", "band_std")
 
 
+def check_same_network(saved: Config, cfg: Config, path: Path) -> None:
+    """Refuse a checkpoint to start from whose network is not this run's (ARCHITECTURE_KEYS but the working
+    resolution, which changes no weight; more bands than the checkpoint's are taken with ``normalise``).
+
+    Raises:
+        DataError: naming the file, each differing key with both values, and the fix.
+    """
+    more_bands = cfg.normalise and cfg.in_channels > saved.in_channels
+    skipped = ("downscale", "in_channels") if more_bands else ("downscale",)
+    differ = [key for key in ARCHITECTURE_KEYS if key not in skipped and getattr(saved, key) != getattr(cfg, key)]
+    if not differ:
+        return
+    fix = " ".join(f"--{key}={shown_value(getattr(saved, key))}" for key in differ)
+    if differ == ["in_channels"] and cfg.in_channels > saved.in_channels:
+        fix += f" to fine-tune it on {saved.in_channels} of your bands (--bands), or --normalise=true to add bands"
+    else:
+        fix += " to fine-tune it"
+    raise DataError(
+        f"--init_weights={path}: a network of "
+        + ", ".join(f"{key}={shown_value(getattr(saved, key))}" for key in differ)
+        + ", but this run builds "
+        + ", ".join(f"{key}={shown_value(getattr(cfg, key))}" for key in differ)
+        + f"; give {fix}, or start from a checkpoint of the same network"
+    )
+
+
+def widened_first_layer(weights: dict[str, torch.Tensor], bands: int, in_channels: int) -> dict[str, torch.Tensor]:
+    """``weights`` of a network of ``bands`` input bands made to take ``in_channels`` (more): the filters of the
+    first convolution (the first 4-d tensor over ``bands`` channels) get the extra bands (NIR beside RGB, say)
+    from the mean of their filters of the others, as ImageNet's RGB filters are widened."""
+    if in_channels == bands:
+        return weights
+    key = next(k for k, v in weights.items() if v.dim() == 4 and v.shape[1] == bands)
+    first = weights[key].float()
+    extra = first.mean(dim=1, keepdim=True).expand(-1, in_channels - bands, -1, -1)
+    return weights | {key: torch.cat([first, extra], dim=1).to(weights[key].dtype)}
+
+
 def load_farmland_weights(model: nn.Module, cfg: Config) -> int:
     """Start ``model`` from the weights of another run's checkpoint (the ``init_weights`` key): a network trained on
     farmland elsewhere, fine-tuned here. The schedule, threshold and history start afresh. With ``normalise`` the
     band normalisation is this run's (its split's statistics, already set), else the checkpoint's, which its weights
-    were trained with. Returns the number of tensors loaded.
+    were trained with; with ``normalise`` a run of more bands than the checkpoint's gets the extra bands' filters
+    from the others' (widened_first_layer). Returns the number of tensors loaded.
 
     Raises:
         DataError: naming the file: not a checkpoint, or a network of another architecture than this run's.
@@ -764,19 +803,8 @@ def load_farmland_weights(model: nn.Module, cfg: Config) -> int:
     path = Path(cfg.init_weights)
     state = load_checkpoint(path)
     saved = saved_config(state)
-    # downscale changes no weight: a network of another working resolution loads, and is warned of.
-    differ = [key for key in ARCHITECTURE_KEYS if key != "downscale" and getattr(saved, key) != getattr(cfg, key)]
-    if differ:
-        raise DataError(
-            f"--init_weights={path}: a network of "
-            + ", ".join(f"{key}={shown_value(getattr(saved, key))}" for key in differ)
-            + ", but this run builds "
-            + ", ".join(f"{key}={shown_value(getattr(cfg, key))}" for key in differ)
-            + "; give "
-            + " ".join(f"--{key}={shown_value(getattr(saved, key))}" for key in differ)
-            + " to fine-tune it, or start from a checkpoint of the same network"
-        )
-    weights = dict(state["model"])
+    check_same_network(saved, cfg, path)
+    weights = widened_first_layer(dict(state["model"]), saved.in_channels, cfg.in_channels)
     if cfg.normalise:
         for key in NORMALISATION_BUFFERS:
             weights[key] = model.state_dict()[key]

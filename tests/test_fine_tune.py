@@ -69,6 +69,29 @@ def test_another_architecture_is_refused_naming_the_file_and_the_fix(trained_run
         load_farmland_weights(fresh_model(wider), wider)
 
 
+@pytest.mark.parametrize("encoder", ["unet", "resnet18"])
+def test_a_run_of_more_bands_widens_the_first_filters_with_normalise_only(
+    trained_run: Path, tmp_path: Path, encoder: str
+) -> None:
+    three = dataclasses.replace(source_config(trained_run), encoder=encoder, base_width=8)
+    source = tmp_path / "rgb.pth"
+    torch.save({"model": fresh_model(three).state_dict(), "config": dataclasses.asdict(three)}, source)
+    four = dataclasses.replace(three, in_channels=4, init_weights=str(source))
+    with pytest.raises(
+        DataError,
+        match=r"give --in_channels=3 to fine-tune it on 3 of your bands \(--bands\), or "
+        r"--normalise=true to add bands",
+    ):
+        load_farmland_weights(fresh_model(four), four)
+    four = dataclasses.replace(four, normalise=True)
+    model = fresh_model(four)
+    load_farmland_weights(model, four)
+    first = "inc.block.0.weight" if encoder == "unet" else "encoder.conv1.weight"
+    rgb, widened = weights(source)[first], model.state_dict()[first]
+    assert widened.shape[1] == 4 and torch.equal(widened[:, :3], rgb)
+    assert torch.allclose(widened[:, 3], rgb.mean(dim=1))
+
+
 def test_a_file_that_is_not_a_checkpoint_is_refused(trained_run: Path, tmp_path: Path) -> None:
     cfg = source_config(trained_run)
     for content, found in ((b"", "an empty file"), (b"not torch", "not a loadable checkpoint")):
