@@ -791,7 +791,7 @@ def write_fields(scene: Scene, settings: SceneSettings, outputs: dict[str, Path]
                 # the strips in pieces under the unit (polygons.SIEVE_HALO_CAP), which are no fields.
                 if polygon.area < min_pixels:
                     continue
-                area_ha = None if pixel_m2 is None else polygon.area * pixel_m2 / 1e4
+                area_ha = None if pixel_m2 is None else round(polygon.area * pixel_m2 / 1e4, 6)  # to 0.01 m2
                 pixels = int(round(polygon.area))
                 shape = shapely.affinity.affine_transform(polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
                 polygon = None  # a field can be very large: one copy in memory at a time

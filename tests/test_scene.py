@@ -677,6 +677,17 @@ def test_geographic_crs_gives_fractions_without_hectares(
     assert len(geometry) and all(a is None or math.isnan(a) for a in area_ha)
 
 
+def test_field_areas_are_given_to_the_square_centimetre(checkpoint: Path, tmp_path: Path) -> None:
+    # 0.3 m pixels: 0.09 m2 each, whose products come out as 0.0006659999999999999 ha unrounded.
+    transform = Affine(0.3, 0.0, 500000.0, 0.0, -0.3, 4100000.0)
+    source = write_geotiff(tmp_path / "in.tif", scene_pixels(), crs=CRS, transform=transform)
+    assert run_predict(tmp_path / "run", checkpoint, source, "--min_field_area_ha=0", "--resample_scenes=false") == 0
+    _, _, _, (_, area_ha, pixels) = pyogrio.raw.read(scene.scene_outputs(tmp_path / "run", source)["gpkg"])
+    assert len(area_ha) > 1
+    assert list(area_ha) == [round(p * 0.3 * 0.3 / 1e4, 6) for p in pixels]
+    assert all(repr(a) == repr(round(a, 6)) for a in area_ha)
+
+
 def test_fields_cut_by_vectorising_strips_are_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mask = np.zeros((50, 40), np.uint8)
     mask[5:45, 5:10] = mask[5:45, 20:25] = mask[40:45, 5:25] = 1  # a U across three strips of 16 rows
