@@ -177,7 +177,15 @@ def list_pairs(cfg: Config) -> tuple[list[Pair], list[str]]:
         elif all(len(paths) == 1 for paths in found.values()):
             pairs.append(Pair(stem, found[before][0], found[after][0]))
     if not pairs:
-        raise DataError(f"--before={before} and --after={after}: no image has a namesake in the other folder")
+        shown = [
+            ", ".join(sorted(side)[:3]) + (", ..." if len(side) > 3 else "") or "no image" for side in (first, second)
+        ]
+        raise DataError(
+            f"--before={before} and --after={after}: no image has a namesake in the other folder (the before folder "
+            f"holds {shown[0]}; the after folder {shown[1]}); the dates are paired by file name: give each place's "
+            "scenes the same name in both folders (or links of that name), or compare one pair by giving the two "
+            "files as --before and --after"
+        )
     return pairs, problems
 
 

@@ -894,7 +894,8 @@ def check_split_in_data_dir(
         raise ValueError(
             f"--data_dir={data_dir}: {list_path} names files outside it ({len(outside)} of its {len(pairs)} pairs, "
             f"for example {outside[0][0]}), and the files a list names are the ones read; to use those in "
-            f"{data_dir}, split them into a new run (python split_dataset.py --data_dir={data_dir} --run_dir=NEW_RUN) "
+            f"{data_dir}, split them into a new run (python split_dataset.py --data_dir={shell_quoted(data_dir)} "
+            "--run_dir=NEW_RUN) "
             f"or write their paths into {list_path}; leave --data_dir out to use the files the list names"
         )
 

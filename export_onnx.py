@@ -373,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.quantize == "int8":
         report["int8"], status = export_int8(cfg, state, folder, tiles)
     atomic_write_text(folder / "export_report.json", json.dumps(report, indent=2) + "\n")
-    LOG.info("wrote %s; predict with python predict.py --run_dir=%s --backend=onnx", folder, run_dir)
+    command = f"python predict.py --run_dir={files.shell_quoted(run_dir)} --backend=onnx"
+    LOG.info("wrote %s; predict with %s", folder, command)
     return status
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import resolution
-from files import DataError, file_digest
+from files import DataError, file_digest, shell_quoted
 from net_structure import downscale_of, input_padding
 
 INPUT_NAME = "images"
@@ -119,8 +119,8 @@ def stale_export(path: Path, state: dict[str, Any], run_dir: Path) -> str | None
         return None
     return (
         f"{path}: exported from another {name} (epoch {state.get('epoch')}) than the one now in {checkpoint}: "
-        f"these outputs are the exported network's; export again (python export_onnx.py --run_dir={run_dir}) to "
-        "predict with the current one"
+        "these outputs are the exported network's; export again "
+        f"(python export_onnx.py --run_dir={shell_quoted(run_dir)}) to predict with the current one"
     )
 
 

@@ -43,7 +43,7 @@ from rasterio.windows import Window
 
 from data_preprocess import CLASS_NUMBER_TOP
 from files import DataError
-from rasters import RASTER_SUFFIXES, open_raster
+from rasters import RASTER_SUFFIXES, open_raster, zone_prefix_hint
 
 LOG = logging.getLogger("labels")
 MAX_PIXEL_RATIO = 4.0  # a label raster with pixels more than this many times the scene's is refused
@@ -100,16 +100,26 @@ def reproject(geometries: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:
 
 
 def no_overlap(labels: Path, grid: Grid, label_box: Sequence[float], crs: CRS) -> DataError:
-    """The error for labels that miss a scene, with both extents in the scene's CRS."""
+    """The error for labels that miss a scene, with both extents in the scene's CRS (or the labels' own where their
+    box cannot be put in the scene's CRS), and a hint when a Gauss-Kruger zone number prefix is the cause."""
     box = rasterio.warp.transform_bounds(crs, grid.crs, *label_box, densify_pts=21)
     # Fixed decimals, not significant digits: Gauss-Kruger northings have 7 digits before the point.
     decimals = 6 if grid.crs.is_geographic else 1
-    shown = ", ".join(f"{v:.{decimals}f}" for v in box)
     scene = ", ".join(f"{v:.{decimals}f}" for v in grid.bounds)
+    if all(map(math.isfinite, box)):
+        where = f"the labels cover ({', '.join(f'{v:.{decimals}f}' for v in box)}) and the scene ({scene}), both in "
+        where += f"the scene's CRS {grid.crs.to_string()}"
+    else:  # off the projection's map: shown in their own CRS rather than as inf
+        own = ", ".join(f"{v:.{6 if crs.is_geographic else 1}f}" for v in label_box)
+        where = (
+            f"the labels cover ({own}) in their CRS {crs.to_string()}, which lies off the map of the scene's CRS "
+            f"{grid.crs.to_string()}, where the scene covers ({scene})"
+        )
+    hints = (zone_prefix_hint(labels, crs, label_box), zone_prefix_hint(grid.name, grid.crs, grid.bounds))
+    hint = "".join(f"; {h}" for h in hints if h)
     return DataError(
-        f"{labels}: does not overlap the scene {grid.name}: the labels cover ({shown}) and the scene ({scene}), "
-        f"both in the scene's CRS {grid.crs.to_string()}; check that both show the same place and that each "
-        "file's CRS is right"
+        f"{labels}: does not overlap the scene {grid.name}: {where}; check that both show the same place and that "
+        f"each file's CRS is right{hint}"
     )
 
 
@@ -123,6 +133,23 @@ def check_crs(path: Path, crs: CRS | None, kind: str) -> CRS:
         )
         raise DataError(f"{path}: has no CRS (coordinate reference system); expected a georeferenced {kind}; {fix}")
     return CRS.from_user_input(crs)
+
+
+def check_shapefile_parts(path: Path, where: str) -> None:
+    """Raises DataError naming the missing file where a Shapefile lacks its .shx index, or its .dbf attribute table
+    when a filter needs it, rather than GDAL's note on the .shx or the filter's "not a field of the layer"."""
+    if path.suffix.lower() != ".shp":
+        return
+    roles = {".shx": "the index of its shapes", ".dbf": "the attribute table --label_where reads"}
+    for suffix, role in roles.items():
+        if suffix == ".dbf" and not where:
+            continue
+        if not any(path.with_suffix(ext).exists() for ext in (suffix, suffix.upper())):
+            raise DataError(
+                f"{path}: {path.stem}{suffix} ({role}) is missing beside it; a Shapefile is the .shp, .shx, .dbf, "
+                f".prj (and .cpg) files of one name in one folder: copy {path.stem}{suffix} from where {path.name} "
+                "came from"
+            )
 
 
 class Labels:
@@ -265,6 +292,8 @@ def check_filter(path: Path, layer: str, where: str, fields: Sequence[str], enco
             max_features=1,
             encoding=encoding or None,
         )
+    except UnicodeDecodeError:  # the text, not the filter: open_labels names the encoding to give
+        raise
     except (pyogrio.errors.DataLayerError, ValueError) as err:  # GDAL's error, or ValueError (OGR SQL)
         quote = [n for n in filter_names(where, bare=True) if not n.isascii() and n not in unknown]
         if quote:  # OGR SQL (Shapefile, GeoJSON) reads only ASCII names bare
@@ -548,6 +577,24 @@ def undecodable(path: Path, encoding: str, err: UnicodeDecodeError) -> DataError
             "leave --label_encoding out to read it as the file declares, or give its encoding (GBK for most "
             "Chinese survey data)"
         )
+    declared = err.encoding.upper().replace("_", "-")
+    raw = err.object if isinstance(err.object, bytes) else b""
+    if err.reason == "unexpected end of data":  # valid up to a character cut at the end: a cut field name
+        raw = b""
+    for candidate in ("GBK", "UTF-8"):  # text of another code page than the one declared (a wrong .cpg file)
+        try:
+            meant = raw.decode(candidate)
+        except UnicodeDecodeError:
+            continue
+        if candidate != declared and re.search(r"[\u4e00-\u9fff]", meant):
+            cpg = path.with_suffix(".cpg")
+            written = cpg.read_text(encoding="ascii", errors="replace").strip() if cpg.exists() else ""
+            where = f" (its {cpg.name} says {written!r})" if cpg.exists() else ""
+            fix = f", or write {candidate} into {cpg.name}" if cpg.exists() else ""
+            return DataError(
+                f"{path}: declares its text {declared}{where}, but holds text such as {raw!r} that is not valid "
+                f"{declared} and reads as {meant!r} in {candidate}; give --label_encoding={candidate}{fix}"
+            )
     return DataError(
         f"{path}: holds a field name or text that is not valid {err.encoding.upper()}, the encoding it declares; "
         "a Shapefile's field names hold at most 10 bytes, so a Chinese name of 4 characters in UTF-8 (12 bytes) "
@@ -579,6 +626,7 @@ def open_labels(path: Path, where: str = "", layer: str = "", encoding: str = ""
             f"{path}: --label_encoding={encoding!r} is not an encoding Python knows; expected a name such as GBK, "
             "GB18030, UTF-8 or CP1252"
         ) from None
+    check_shapefile_parts(path, where)
     try:
         return VectorLabels(path, where, layer, encoding)
     except UnicodeDecodeError as err:  # a subclass of ValueError: it would reach the user without the file's name

@@ -36,6 +36,53 @@ def read_tile_table(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def gauss_kruger_match(params: dict, zone: int) -> str:
+    """The EPSG code (``EPSG:4527``) of the CGCS2000, Xian 1980 or Beijing 1954 Gauss-Kruger CRS with these PROJ
+    parameters, else the PROJ string itself (which ``-a_srs`` also takes). ``zone`` (3-degree zones are numbered
+    25 to 45, 6-degree ones 13 to 23) tells the two apart where they share a central meridian (117 E)."""
+    three = (range(4513, 4555), range(2349, 2391), range(2401, 2443))
+    six = (range(4491, 4513), range(2327, 2349), range(21413, 21424), range(21453, 21464))
+    for code in (code for codes in (three if zone > 23 else six) for code in codes):
+        try:
+            if CRS.from_epsg(code).to_dict() == params:
+                return f"EPSG:{code}"
+        except CRSError:
+            continue
+    return " ".join(f"+{k}={v}" if v is not True else f"+{k}" for k, v in params.items())
+
+
+def zone_prefix_hint(path: Path | str, crs: CRS | None, box: Sequence[float]) -> str:
+    """A sentence for a Gauss-Kruger file whose eastings and CRS disagree on the zone number prefix, else "".
+
+    Chinese survey data give eastings either with the zone number in front (39 510 000 m in 3-degree zone 39)
+    or without it (510 000 m); a CRS of the other kind puts the file thousands of kilometres away.
+    """
+    try:
+        params = crs.to_dict() if crs else {}
+    except CRSError:  # a CRS PROJ cannot write as parameters: not a plain Gauss-Kruger one
+        return ""
+    if params.get("proj") != "tmerc" or "lon_0" not in params or not all(map(math.isfinite, box)):
+        return ""
+    false_easting, lon_0, left, right = float(params.get("x_0", 0)), float(params["lon_0"]), box[0], box[2]
+    if false_easting == 500000 and 1e7 <= left and right < 1e8 and int(left // 1e6) == int(right // 1e6):
+        zone = int(left // 1e6)
+        if lon_0 != (3 * zone if zone > 23 else 6 * zone - 3):
+            return ""
+        wanted = {**params, "x_0": zone * 1000000 + 500000}
+        found = f"eastings from {left:.1f} carry the zone number {zone} in front, which its CRS lacks"
+    elif false_easting >= 1e7 and 0 < left and right < 1e6:
+        wanted, zone = {**params, "x_0": 500000}, int(false_easting // 1e6)
+        found = f"eastings from {left:.1f} lack the zone number {zone} its CRS puts in front"
+    else:
+        return ""
+    code = gauss_kruger_match(wanted, zone)
+    tool = "gdal_translate" if Path(path).suffix.lower() in RASTER_SUFFIXES else "ogr2ogr"
+    return (
+        f"{path}: its {found} ({crs.to_string()}, false easting {false_easting:.0f}): it is probably in {code}; "
+        f"declare that CRS on a copy ({tool} -a_srs {code} out{Path(path).suffix} {Path(path).name})"
+    )
+
+
 def open_raster(path: Path, fix: str = "check the file or re-export it as GeoTIFF") -> rasterio.io.DatasetReader:
     """Open a raster for reading (a plain image without georeference is no warning here: callers check).
 

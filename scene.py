@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 import rasterio
 import rasterio.features
+import rasterio.windows
 import shapely
 import shapely.affinity
 import torch
@@ -86,6 +87,7 @@ from rasters import (
     pixel_area_m2,
     rpc_only,
     write_palette_style,
+    zone_prefix_hint,
 )
 from runtime import handing_back_freed_memory
 
@@ -356,6 +358,9 @@ class RasterScene(Scene):
         self.masked = MaskFlags.alpha in flags or MaskFlags.per_dataset in flags
         if warn and (unplaced := rpc_only(self.src) or gcp_only(self.src)):
             LOG.warning("%s: %s; as it is, its mask and fields are in pixel coordinates (column, row)", path, unplaced)
+        bounds = rasterio.windows.bounds(Window(0, 0, self.width, self.height), self.transform)
+        if warn and (misplaced := zone_prefix_hint(self.path, self.crs, bounds)):
+            LOG.warning("%s; as it is, its mask and fields lie far from its ground in a GIS", misplaced)
 
     def read_rows(self, top: int, bottom: int) -> np.ndarray:
         where = Window(0, top, self.width, bottom - top)
@@ -424,7 +429,7 @@ class ResampledScene(Scene):
 
 def scene_reader(path: Path, warn: bool = True) -> Scene:
     """A scene file opened by the reader its suffix calls for: GDAL, by windows, for RASTER_SUFFIXES; else the whole
-    image decoded (ImageScene). ``warn``: of a raster placed only by RPCs.
+    image decoded (ImageScene). ``warn``: of a raster placed only by RPCs, or off its Gauss-Kruger zone.
 
     Raises:
         DataError: the file cannot be read.

@@ -33,6 +33,7 @@ import files
 import scene
 from config import Config
 from data_preprocess import write_image
+from files import DataError
 from net_structure import build_model
 
 CRS = "EPSG:32615"
@@ -1164,3 +1165,17 @@ def test_a_float_pair_a_little_above_1_is_compared_as_predict_py_takes_it(checkp
     paths = [write_geotiff(tmp_path / "in" / f"farm_{y}.tif", p) for y, p in (("2019", before), ("2024", after))]
     assert run_change(tmp_path / "run", checkpoint, *paths) == 0
     assert change.pair_outputs(tmp_path / "run", "farm_2019_to_farm_2024")["figure"].is_file()
+
+
+def test_folders_of_dated_scene_names_say_what_each_holds_and_how_to_pair_them(tmp_path: Path) -> None:
+    # Gaofen-2 scenes keep their date in the name: two years' folders share no name, and the refusal said only
+    # "no image has a namesake in the other folder", not what it found nor what to do.
+    for folder, name in (("2023年 影像", "GF2_某县_20230815.tif"), ("2024年 影像", "GF2_某县_20240815.tif")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"")  # only the names are paired here
+    config = Config(before=str(tmp_path / "2023年 影像"), after=str(tmp_path / "2024年 影像"))
+    with pytest.raises(DataError, match="no image has a namesake in the other folder") as refused:
+        change.list_pairs(config)
+    assert "(the before folder holds GF2_某县_20230815; the after folder GF2_某县_20240815)" in str(refused.value)
+    assert "give each place's scenes the same name in both folders" in str(refused.value)
+    assert "giving the two files as --before and --after" in str(refused.value)

@@ -15,6 +15,7 @@ import rasterio
 import rasterio.features
 import rasterio.warp
 import shapely
+import shapely.affinity
 import shapely.geometry
 from conftest import folder_digest, write_rpc_tiff
 from conftest import write_geotiff as geotiff
@@ -710,3 +711,65 @@ def test_changes_left_in_a_read_only_geopackages_wal_file_are_warned_of(
     assert not [w for w in recwarn if "WAL" in str(w.message)]
     assert f"{labels}: a GeoPackage in WAL mode with unsaved changes in fields.gpkg-wal" in caplog.text
     assert "it is read as the file stands, without them" in caplog.text
+
+
+def test_labels_whose_gauss_kruger_eastings_and_crs_disagree_on_the_zone_prefix_name_the_crs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A land-survey layer's eastings carry the zone number 39 (EPSG:4527) but its .prj says EPSG:4548, the same
+    # zone without it: the miss was reported with the labels' box as (inf, inf, inf, inf) and no fix.
+    shift = Affine.translation(39000000.0 + 10000, 0)  # 39 510 000 m: 10 km east of 117 E in zone 39
+    scene = write_scene(
+        tmp_path / "影像" / "GF2_某县.tif", scene_pixels(), crs="EPSG:4527", transform=shift @ TRANSFORM
+    )
+    prefixed = [shapely.affinity.affine_transform(g, [1, 0, 0, 1, shift.c, 0]) for g in fields_utm()]
+    labels = write_fields(tmp_path / "三调" / "地类图斑.shp", prefixed, crs="EPSG:4548")
+    assert run(scene, labels, tmp_path / "out") == 1
+    assert "地类图斑.shp: does not overlap the scene" in caplog.text and "(inf, " not in caplog.text
+    assert "the labels cover (39510003.1, 3499873.0, 39510126.0, 3499997.8) in their CRS EPSG:4548" in caplog.text
+    assert "eastings from 39510003.1 carry the zone number 39 in front, which its CRS lacks" in caplog.text
+    assert "it is probably in EPSG:4527; declare that CRS on a copy (ogr2ogr -a_srs EPSG:4527" in caplog.text
+    caplog.clear()
+    # The other way round: eastings without the zone number under a CRS that puts it in front.
+    labels = write_fields(tmp_path / "三调" / "无带号.shp", fields_utm(), crs="EPSG:4527")
+    assert run(scene, labels, tmp_path / "out") == 1
+    assert "eastings from 500003.1 lack the zone number 39 its CRS puts in front" in caplog.text
+    assert "it is probably in EPSG:4548" in caplog.text
+    # Labels simply elsewhere get no such hint.
+    caplog.clear()
+    far = [shapely.affinity.affine_transform(g, [1, 0, 0, 1, shift.c + 50000, 0]) for g in fields_utm()]
+    assert run(scene, write_fields(tmp_path / "三调" / "远.shp", far, crs="EPSG:4527"), tmp_path / "out") == 1
+    assert "does not overlap the scene" in caplog.text and "probably in" not in caplog.text
+
+
+def test_a_shapefile_copied_without_its_shx_or_dbf_names_the_missing_file(
+    inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The .shx was reported with GDAL's note alone, and a missing .dbf as "--label_where names DLBM, not a field".
+    labels = write_fields(tmp_path / "三调" / "地类图斑.shp", fields_utm())
+    labels.with_suffix(".dbf").unlink()
+    with pytest.raises(
+        DataError, match=r"地类图斑.shp: 地类图斑.dbf \(the attribute table --label_where reads\) is missing"
+    ):
+        run(inputs[0], labels, tmp_path / "out", "--label_where=DLBM LIKE '01%'")
+    labels.with_suffix(".shx").unlink()
+    with pytest.raises(DataError, match=r"地类图斑.shp: 地类图斑.shx \(the index of its shapes\) is missing beside it"):
+        run(inputs[0], labels, tmp_path / "out")
+
+
+def test_a_cpg_file_that_says_utf8_over_gbk_text_names_the_encoding_to_give(tmp_path: Path) -> None:
+    # Some tools write a .cpg saying UTF-8 beside GBK text: an ASCII filter was then blamed ("fix the filter"), and
+    # without one the message spoke of a field name cut inside a character.
+    labels = write_undeclared_shapefile(tmp_path / "三调" / "地类图斑.shp", fields_utm(), ["水田"] * 4, "GBK")
+    labels.with_suffix(".cpg").write_text("UTF-8", encoding="ascii")
+    scene = write_scene(tmp_path / "in" / "scene.tif", scene_pixels())
+    expected = (
+        r"地类图斑.shp: declares its text UTF-8 \(its 地类图斑.cpg says 'UTF-8'\), but holds text such as "
+        r"b'\\xcb\\xae\\xcc\\xef' that is not valid UTF-8 and reads as '水田' in GBK; give --label_encoding=GBK, "
+        r"or write GBK into 地类图斑.cpg"
+    )
+    with pytest.raises(DataError, match=expected):
+        run(scene, labels, tmp_path / "out", "--label_where=DLMC LIKE '%'")
+    with pytest.raises(DataError, match=expected):
+        run(scene, labels, tmp_path / "out", "--label_where=DLMC = '水田'")
+    assert run(scene, labels, tmp_path / "out", "--label_where=DLMC = '水田'", "--label_encoding=GBK") == 0

@@ -12,6 +12,7 @@ from conftest import close_log_files
 
 import miou
 from data_preprocess import IGNORE, write_image
+from files import shell_quoted
 from metrics import (
     boundary_band,
     boundary_counts,
@@ -360,7 +361,7 @@ def test_a_data_dir_that_does_not_hold_the_test_split_is_refused_not_ignored(tmp
     import predict
 
     # The split names data/; a corrected copy of the labels given as --data_dir was silently not read.
-    data, corrected, run = tmp_path / "data", tmp_path / "corrected", tmp_path / "run"
+    data, corrected, run = tmp_path / "data", tmp_path / "校正 标签", tmp_path / "run"
     for folder, value in ((data, 255), (corrected, 0)):
         write_image(folder / "images" / "a.png", np.full((8, 8, 3), 90, np.uint8))
         write_image(folder / "labels" / "a_mask.png", np.full((8, 8), value, np.uint8))
@@ -369,8 +370,9 @@ def test_a_data_dir_that_does_not_hold_the_test_split_is_refused_not_ignored(tmp
     test_list = run / "splits" / "test.txt"
     test_list.write_text(f"{data / 'images' / 'a.png'}\t{data / 'labels' / 'a_mask.png'}\n", "utf-8")
     refused = rf"--data_dir={corrected}: {test_list} names files outside it"
-    with pytest.raises(ValueError, match=refused):
+    with pytest.raises(ValueError, match=refused) as error:
         miou.main([f"--data_dir={corrected}", f"--run_dir={run}"])
+    assert f"(python split_dataset.py --data_dir={shell_quoted(corrected)} --run_dir=NEW_RUN)" in str(error.value)
     close_log_files()
     with pytest.raises(ValueError, match=refused):  # predict.py's test split, as miou.py's
         predict.list_inputs(*cli.parse_command([f"--data_dir={corrected}", f"--run_dir={run}"]))

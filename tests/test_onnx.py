@@ -27,7 +27,7 @@ import onnx_quantize
 import predict
 from config import Config
 from data_preprocess import read_image, write_pair_list
-from files import DataError
+from files import DataError, shell_quoted
 from inference import inference_model, predict_probabilities
 from net_structure import build_model, set_normalisation
 from runtime import save_checkpoint
@@ -602,11 +602,13 @@ def test_an_export_that_qgis_would_read_otherwise_than_predict_py_warns(
 ) -> None:
     state = tiny_state()
     state["config"]["pixel_size_m"] = 2.0
-    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pth", state)
-    argv = [f"--run_dir={tmp_path / 'run'}", "--window=64", "--overlap=16", "--threshold=0.3", "--pixel_size_m=1"]
+    run_dir = tmp_path / "运行" / "实验 1"  # the command it ends with is quoted for a copy and paste
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
+    argv = [f"--run_dir={run_dir}", "--window=64", "--overlap=16", "--threshold=0.3", "--pixel_size_m=1"]
     assert export_onnx.main(argv) == 0
     assert "--pixel_size_m=1 differs from the 2 m pixels the checkpoint was trained on" in caplog.text
     assert "farmland_qgis.onnx: its farmland probability is moved so that the cut 0.3 falls at 0.5" in caplog.text
+    assert f"predict with python predict.py --run_dir={shell_quoted(run_dir)} --backend=onnx" in caplog.text
 
 
 def test_an_export_folder_that_cannot_be_written_is_refused_before_the_trace(tmp_path: Path) -> None:
@@ -665,7 +667,7 @@ def test_an_8_bit_copy_whose_training_tiles_moved_is_refused_before_the_export(t
 def test_predict_warns_when_the_runs_checkpoint_changed_after_its_export(
     exported: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run_dir, tile = tmp_path / "run", next((exported["data"] / "images").iterdir())
+    run_dir, tile = tmp_path / "运行" / "实验 1", next((exported["data"] / "images").iterdir())
     (run_dir / "export").mkdir(parents=True)
     model = run_dir / "export" / "farmland.onnx"
     model.write_bytes((exported["run_dir"] / "export" / "farmland.onnx").read_bytes())
@@ -678,7 +680,7 @@ def test_predict_warns_when_the_runs_checkpoint_changed_after_its_export(
     save_checkpoint(checkpoint, tiny_state(seed=1))  # trained again, not exported again
     assert predict.main(argv + ["--skip_existing=false"]) == 0
     assert f"{model}: exported from another best.pth (epoch 3) than the one now in {checkpoint}" in caplog.text
-    assert f"export again (python export_onnx.py --run_dir={run_dir})" in caplog.text
+    assert f"export again (python export_onnx.py --run_dir={shell_quoted(run_dir)})" in caplog.text
 
 
 def test_a_checkpoint_whose_config_names_another_encoder_is_one_line_with_the_fix(tmp_path: Path) -> None:

@@ -1088,3 +1088,24 @@ def test_a_scene_without_a_pixel_of_data_is_warned_of_not_reported_as_bare_land(
     assert row["valid_pixels"] == "0"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(str(source) in message and "every pixel is nodata" in message for message in warnings)
+
+
+def test_a_scene_whose_gauss_kruger_eastings_carry_a_zone_number_its_crs_lacks_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Eastings of 39 510 000 m (zone 39 in front, EPSG:4527) under EPSG:4548 (no zone number): hectares are right, but
+    # the mask and fields lay thousands of kilometres off in a GIS, without a word.
+    pixels = np.full((3, 32, 32), 90, np.uint8)
+    path = geotiff(
+        tmp_path / "错坐标" / "GF2_某县.tif", pixels, crs="EPSG:4548", transform=Affine(1, 0, 39510000, 0, -1, 3500000)
+    )
+    scene.scene_reader(path).close()
+    assert f"{path}: its eastings from 39510000.0 carry the zone number 39 in front, which its CRS lacks" in caplog.text
+    assert "it is probably in EPSG:4527; declare that CRS on a copy (gdal_translate -a_srs EPSG:4527" in caplog.text
+    caplog.clear()
+    scene.scene_reader(
+        geotiff(
+            tmp_path / "对" / "GF2_某县.tif", pixels, crs="EPSG:4527", transform=Affine(1, 0, 39510000, 0, -1, 3500000)
+        )
+    ).close()
+    assert "zone number" not in caplog.text
