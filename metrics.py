@@ -247,7 +247,14 @@ def summarise(rows: list[dict], pooled: np.ndarray, split: Sequence[str] | None 
 
 INTERVAL_LEVEL = 0.95  # the share of resampled test splits the interval holds
 INTERVAL_DRAWS = 2000  # resampled test splits; fixed seed, so the interval is the same on every run
-FEW_UNITS = 5  # with fewer scenes (or images) in the test split, no interval is given
+FEW_UNITS = 5  # with fewer test scenes (or images) holding farmland in a label or prediction, no interval is given
+DRAWN_AT_ONCE = 2_000_000  # units drawn in one block of resamplings: 32 MB with its float copy, however many images
+
+
+def farmland_units(rows: Sequence[dict], units: Sequence[str]) -> int:
+    """How many of the units (each row's scene, or its own name) hold farmland in a label or a prediction of
+    theirs: those alone move the farmland IoU (an image of neither counts 0/0, in no figure)."""
+    return len({unit for row, unit in zip(rows, units) if row["tp"] + row["fp"] + row["fn"] > 0})
 
 
 def resampled_interval(
@@ -256,18 +263,27 @@ def resampled_interval(
     """How far the test figures would move on another test split from the same place: percentile bootstrap
     intervals of the pooled and the per-image farmland IoU, drawing whole units (``units``: each row's scene,
     or its own name) with replacement, since tiles of one scene err together. None where fewer than FEW_UNITS
-    units were scored, or no draw defines the figure."""
+    units hold farmland in a label or prediction (farmland_units): the others change neither figure, so the draws
+    would repeat those few."""
     names = sorted(set(units))
-    if len(names) < FEW_UNITS:
+    if farmland_units(rows, units) < FEW_UNITS:
         return {"pooled_farmland_iou": None, "per_image_farmland_iou": None}
-    index = np.array([names.index(unit) for unit in units])
+    position = {name: i for i, name in enumerate(names)}
+    index = np.array([position[unit] for unit in units])
     sums = np.zeros((len(names), 5))  # per unit: tp, fp, fn, sum of per-image IoUs, images counted
     for row, unit in zip(rows, index):
         iou = row["farmland_iou"]
         sums[unit] += [row["tp"], row["fp"], row["fn"], 0.0 if math.isnan(iou) else iou, not math.isnan(iou)]
     rng = np.random.default_rng(0)
-    picks = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=draws).astype(np.float64)
-    drawn = picks @ sums
+    # In blocks of draws (the same draws as in one): one draws x units matrix would take 1.6 GB at 100,000 images.
+    block = max(1, DRAWN_AT_ONCE // len(names))
+    chances = np.full(len(names), 1.0 / len(names))
+    drawn = np.concatenate(
+        [
+            rng.multinomial(len(names), chances, size=min(block, draws - start)).astype(np.float64) @ sums
+            for start in range(0, draws, block)
+        ]
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         pooled = drawn[:, 0] / drawn[:, :3].sum(axis=1)
         per_image = drawn[:, 3] / drawn[:, 4]

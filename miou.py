@@ -57,7 +57,15 @@ from data_preprocess import (
 )
 from figures import photo_to_show, save_figure, subplots
 from files import DataError, file_stamp, prediction_path, read_record, shown_path, shown_stamp
-from metrics import FEW_UNITS, INTERVAL_DRAWS, INTERVAL_LEVEL, evaluate_pairs, resampled_interval, summarise
+from metrics import (
+    FEW_UNITS,
+    INTERVAL_DRAWS,
+    INTERVAL_LEVEL,
+    evaluate_pairs,
+    farmland_units,
+    resampled_interval,
+    summarise,
+)
 from png_text import read_texts
 from tile_prediction import DIGEST_KEY, MADE_WITH_COMPARED, SOURCE_KEY, STAMP_KEY, made_with_of, source_texts
 
@@ -473,13 +481,25 @@ def scene_pattern(cfg: Config, given: Collection[str]) -> str:
 
 def test_scenes(pattern: str, images: Sequence[Path]) -> tuple[list[str], str]:
     """Each scored image's scene by ``pattern`` (scene_pattern), else by make_tiles.py's <scene>_r<row>c<col>
-    names where every image has one, and what the units are ("scenes"); with neither each image is a unit of its
-    own ("images")."""
+    names where every image has one, and what the units are ("scenes"); with neither, or a pattern that names no
+    image's scene (warned of), each image is a unit of its own ("images")."""
     if not pattern and images and all(re.search(TILED_NAMES, image.stem) for image in images):
         pattern = TILED_NAMES
     if not pattern:
         return [image.stem for image in images], "images"
-    return scene_groups([(image, image) for image in images], pattern)[0], "scenes"
+    scenes, unmatched = scene_groups([(image, image) for image in images], pattern)
+    if unmatched:
+        LOG.warning(
+            "%d of the %d test images' names do not match --group_pattern=%s (e.g. %s): %s, for the interval",
+            unmatched,
+            len(images),
+            files.shell_quoted(pattern),
+            next(image.name for image in images if not re.search(pattern, image.stem)),
+            "each is resampled as a scene of its own"
+            if unmatched < len(images)
+            else "the tiles are resampled one by one, not by scene",
+        )
+    return scenes, "scenes" if unmatched < len(images) else "images"
 
 
 def interval_of(rows: list[dict], units: list[str], kind: str) -> dict[str, Any]:
@@ -488,6 +508,7 @@ def interval_of(rows: list[dict], units: list[str], kind: str) -> dict[str, Any]
         "level": INTERVAL_LEVEL,
         "resampled": kind,
         "units": len(set(units)),
+        "units_with_farmland": farmland_units(rows, units),
         "draws": INTERVAL_DRAWS,
         **resampled_interval(rows, units),
     }
@@ -497,6 +518,18 @@ def log_interval(interval: dict[str, Any]) -> None:
     """The interval in one line, or why there is none; resampled by image, a word on what that misses."""
     units, kind = interval["units"], interval["resampled"]
     pooled, per_image = interval["pooled_farmland_iou"], interval["per_image_farmland_iou"]
+    if pooled is None and per_image is None and units >= FEW_UNITS:
+        LOG.warning(
+            "%d of the %d test %s hold farmland in a label or prediction (the others change no farmland IoU): too "
+            "few (under %d) to say how far its figures would move on other %s of the same place, so take them as "
+            "one draw, not a measure of the model (docs/metrics.md)",
+            interval["units_with_farmland"],
+            units,
+            kind,
+            FEW_UNITS,
+            kind,
+        )
+        return
     if pooled is None and per_image is None:
         LOG.warning(
             "the test split holds %d %s: too few (under %d) to say how far its figures would move on other %s of "

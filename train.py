@@ -96,6 +96,7 @@ from training import (
     recompute_batchnorm,
     resume_config,
     stall_message,
+    starting_checkpoint,
     threshold_curve,
     tiles_pixel_size,
     train_epoch,
@@ -325,7 +326,7 @@ def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.
         loaded = load_encoder_weights(model, Path(cfg.encoder_weights))
         LOG.info("%s encoder: %d ImageNet tensors loaded from %s", cfg.encoder, loaded, cfg.encoder_weights)
     if cfg.init_weights and not cfg.resume:
-        loaded = load_farmland_weights(model, cfg)
+        loaded = load_farmland_weights(model, cfg, warn=job.main)
         if job.main:
             LOG.info(
                 "started from %s: %d tensors loaded (its weights; schedule and threshold anew)",
@@ -583,6 +584,7 @@ def check_settings(cfg: Config) -> None:
 
     Raises:
         ValueError: the first key of SETTING_RULES whose value is not valid, naming what was expected and the fix.
+        DataError: an ``init_weights`` file missing, not a checkpoint, or of another network.
     """
     resolution.check_setting(cfg.downscale)
     if cfg.epochs < 1 and cfg.time_budget == 0:
@@ -595,6 +597,8 @@ def check_settings(cfg: Config) -> None:
             f"--init_weights={cfg.init_weights} and --encoder_weights={cfg.encoder_weights}: a network starts from "
             "one or the other; drop --encoder_weights to fine-tune the checkpoint (its encoder was trained already)"
         )
+    if cfg.init_weights and not cfg.resume:  # a missing file or another network, refused before any tile is read
+        starting_checkpoint(cfg, mmap=True)
     for key, valid, expected, fix in SETTING_RULES:
         value = getattr(cfg, key)
         if not valid(value):

@@ -790,20 +790,38 @@ def widened_first_layer(weights: dict[str, torch.Tensor], bands: int, in_channel
     return weights | {key: torch.cat([first, extra], dim=1).to(weights[key].dtype)}
 
 
-def load_farmland_weights(model: nn.Module, cfg: Config) -> int:
+def starting_checkpoint(cfg: Config, mmap: bool = False) -> tuple[dict[str, Any], Config]:
+    """The checkpoint of the ``init_weights`` key and its config, checked to be of this run's network
+    (check_same_network); ``mmap``: its tensors mapped, not read (a check before any tile is read).
+
+    Raises:
+        DataError: naming the file: missing, not a checkpoint, or a network of another architecture than this run's.
+    """
+    path = Path(cfg.init_weights)
+    if not path.exists():  # load_checkpoint's advice (train first, --checkpoint) is prediction's
+        raise DataError(
+            f"--init_weights={path}: no such file; give the checkpoint of the run to start from, such as "
+            "RUN/checkpoints/best.pth, or leave --init_weights out to start from random weights"
+        )
+    state = load_checkpoint(path, mmap=mmap)
+    saved = saved_config(state)
+    check_same_network(saved, cfg, path)
+    return state, saved
+
+
+def load_farmland_weights(model: nn.Module, cfg: Config, warn: bool = True) -> int:
     """Start ``model`` from the weights of another run's checkpoint (the ``init_weights`` key): a network trained on
     farmland elsewhere, fine-tuned here. The schedule, threshold and history start afresh. With ``normalise`` the
     band normalisation is this run's (its split's statistics, already set), else the checkpoint's, which its weights
     were trained with; with ``normalise`` a run of more bands than the checkpoint's gets the extra bands' filters
-    from the others' (widened_first_layer). Returns the number of tensors loaded.
+    from the others' (widened_first_layer). ``warn``: say when it learned at another working resolution (under
+    torchrun rank 0 alone says so). Returns the number of tensors loaded.
 
     Raises:
-        DataError: naming the file: not a checkpoint, or a network of another architecture than this run's.
+        DataError: naming the file: missing, not a checkpoint, or a network of another architecture than this run's.
     """
     path = Path(cfg.init_weights)
-    state = load_checkpoint(path)
-    saved = saved_config(state)
-    check_same_network(saved, cfg, path)
+    state, saved = starting_checkpoint(cfg)
     weights = widened_first_layer(dict(state["model"]), saved.in_channels, cfg.in_channels)
     if cfg.normalise:
         for key in NORMALISATION_BUFFERS:
@@ -819,7 +837,7 @@ def load_farmland_weights(model: nn.Module, cfg: Config) -> int:
             "the file was altered or mixed up: use a best.pth or last.pth as train.py wrote it"
         ) from None
     there, here = saved.pixel_size_m * saved.downscale, cfg.pixel_size_m * cfg.downscale
-    if there > 0 and here > 0 and max(there, here) / min(there, here) > 1.5:
+    if warn and there > 0 and here > 0 and max(there, here) / min(there, here) > 1.5:
         LOG.warning(
             "--init_weights=%s learned at %.3g m per working pixel and this run works at %.3g m: fields look %.3g "
             "times as large to it; give --downscale so that the two match, where the tiles allow",

@@ -16,7 +16,7 @@ import train
 from config import Config
 from files import DataError
 from net_structure import build_model
-from runtime import load_checkpoint
+from runtime import Distributed, load_checkpoint
 from training import load_farmland_weights
 
 BUFFERS = ("band_mean", "band_std")
@@ -94,6 +94,10 @@ def test_a_run_of_more_bands_widens_the_first_filters_with_normalise_only(
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(trained_run: Path, tmp_path: Path) -> None:
     cfg = source_config(trained_run)
+    missing = dataclasses.replace(cfg, init_weights=str(tmp_path / "typo.pth"))
+    with pytest.raises(DataError, match=r"--init_weights=.*typo\.pth: no such file; give the checkpoint") as caught:
+        load_farmland_weights(fresh_model(cfg), missing)
+    assert "--checkpoint" not in str(caught.value)  # prediction's key, no use to train.py
     for content, found in ((b"", "an empty file"), (b"not torch", "not a loadable checkpoint")):
         (tmp_path / "start.pth").write_bytes(content)
         with pytest.raises(DataError, match=f"start.pth: {found}"):
@@ -111,6 +115,20 @@ def test_another_working_resolution_is_warned_of(trained_run: Path, caplog: pyte
     finally:
         source.unlink()
     assert "learned at 4 m per working pixel and this run works at 1 m: fields look 4 times as large" in caplog.text
+
+
+def test_under_torchrun_rank_0_alone_warns_of_another_working_resolution(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = tmp_path / "metres.pth"
+    state = load_checkpoint(trained_run / "checkpoints" / "best.pth")
+    torch.save(state | {"config": state["config"] | {"pixel_size_m": 1.0, "downscale": 4}}, source)
+    cfg = dataclasses.replace(source_config(trained_run), pixel_size_m=1.0, downscale=1, init_weights=str(source))
+    for rank, warned in ((1, False), (0, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train.build_network(cfg, None, Distributed(rank=rank, world=2), torch.contiguous_format)
+        assert ("learned at 4 m per working pixel" in caplog.text) == warned, rank
 
 
 def test_a_run_fine_tunes_resumes_without_the_file_and_refuses_imagenet_weights_beside_it(
@@ -133,3 +151,15 @@ def test_a_run_fine_tunes_resumes_without_the_file_and_refuses_imagenet_weights_
     assert train.main(resumed) == 0
     assert [h["epoch"] for h in load_checkpoint(run_dir / "checkpoints" / "last.pth")["history"]] == [1, 2]
     close_log_files()
+
+
+def test_a_missing_file_or_another_network_is_refused_before_any_tile_is_read(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    cfg = dataclasses.replace(source_config(trained_run), recipe="recommended", normalise=True, epochs=1)
+    with pytest.raises(DataError, match=r"typo\.pth: no such file"):
+        train.check_settings(dataclasses.replace(cfg, init_weights=str(tmp_path / "typo.pth")))
+    with pytest.raises(DataError, match=r"a network of base_width=4, but this run builds base_width=8"):
+        train.check_settings(dataclasses.replace(cfg, base_width=8))
+    train.check_settings(cfg)
+    train.check_settings(dataclasses.replace(cfg, base_width=8, resume=True))  # a resumed run reads last.pth alone

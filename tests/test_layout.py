@@ -1,8 +1,8 @@
 """The module layout stays walkable: no import circles, no import inside a function to dodge one, shared
 modules never import a script, a script takes nothing but ``main`` from another script (nor hands the script
 itself on), no function, class or constant is left unused, the ``module.function`` a docstring or comment points to
-is there, the docs' lists of modules and test files hold those there are, and the oldest Python the README
-promises can install every release requirements.txt pins."""
+is there, the docs' lists of modules and test files hold those there are, every link to a section of the docs
+finds it, and the oldest Python the README promises can install every release requirements.txt pins."""
 
 from __future__ import annotations
 
@@ -151,6 +151,23 @@ def test_the_docs_name_every_module_and_test_file() -> None:
     assert not missing, f"docs/testing.md: add a row to the table of test files for each of {missing}"
     gone = sorted(rows - tests)
     assert not gone, f"docs/testing.md: remove the rows of {gone}, which are no longer test files"
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor a Markdown heading gets on GitHub: lower case, punctuation dropped, spaces made hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_to_a_section_of_the_docs_finds_it() -> None:
+    """Each ``[text](file.md#anchor)`` or ``[text](#anchor)`` of README.md and docs/ names a heading there."""
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*\.md)?#([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            linked = page.parent / target if target else page
+            text = linked.read_text(encoding="utf-8") if linked.is_file() else ""
+            if anchor not in {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}:
+                broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}")
+    assert not broken, f"links to sections that are not there: {broken}"
 
 
 def test_the_readme_python_installs_every_pinned_release() -> None:

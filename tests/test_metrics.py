@@ -466,3 +466,58 @@ def test_miou_resamples_the_scenes_of_tiled_names_and_says_so(tmp_path: Path, ca
     with pytest.raises(ValueError, match=r"--group_pattern='\(': not a valid regular expression"):
         miou.main([f"--run_dir={run}", "--group_pattern=("])
     close_log_files()
+
+
+def test_a_pattern_that_names_no_test_scene_resamples_images_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    tiles = [Path(f"tile_{i:04d}.png") for i in range(6)]
+    with caplog.at_level(logging.WARNING, logger="miou"):
+        assert miou.test_scenes(r"^(.+)_r\d+c\d+$", tiles) == ([t.stem for t in tiles], "images")
+    assert "6 of the 6 test images' names do not match --group_pattern=" in caplog.text
+    assert "(e.g. tile_0000.png): the tiles are resampled one by one, not by scene" in caplog.text
+    caplog.clear()
+    mixed = [Path("a_r0c0.png"), Path("a_r0c1.png"), Path("loose.png")]
+    with caplog.at_level(logging.WARNING, logger="miou"):
+        assert miou.test_scenes(r"^(.+)_r\d+c\d+$", mixed) == (["a", "a", "loose"], "scenes")
+    assert "1 of the 3 test images' names do not match" in caplog.text
+    assert "each is resampled as a scene of its own" in caplog.text
+
+
+def test_scenes_without_farmland_anywhere_count_for_no_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    # One scene of six holds farmland: every draw that defines the IoU is a repeat of it, which gave [0.6, 0.6], an
+    # interval of no width from one scene.
+    empty = [{"tp": 0, "fp": 0, "fn": 0, "farmland_iou": math.nan}] * 5
+    one = [*empty, {"tp": 6, "fp": 2, "fn": 2, "farmland_iou": 0.6}]
+    assert resampled_interval(one, list("abcdef")) == {"pooled_farmland_iou": None, "per_image_farmland_iou": None}
+    hits, scenes = hit_or_miss([True, False] * 3)  # five with farmland (found or missed) and one without
+    assert resampled_interval([*hits[:5], empty[0]], scenes)["pooled_farmland_iou"] is not None
+    with caplog.at_level(logging.WARNING, logger="miou"):
+        interval = miou.interval_of(one, list("abcdef"), "scenes")
+        miou.log_interval(interval)
+    assert interval["units"] == 6 and interval["units_with_farmland"] == 1
+    assert "1 of the 6 test scenes hold farmland in a label or prediction" in caplog.text
+    assert "the test split holds 6 scenes: too few" not in caplog.text
+
+
+def test_the_interval_of_many_images_is_drawn_in_blocks_of_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    import metrics
+
+    rng = np.random.default_rng(1)
+    rows = [
+        {"tp": int(a), "fp": int(b), "fn": 5, "farmland_iou": a / (a + b + 5)} for a, b in rng.integers(0, 9, (5000, 2))
+    ]
+    names = [f"tile{i}" for i in range(5000)]
+    tracemalloc.start()
+    try:
+        blocks = resampled_interval(rows, names)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64e6, f"{peak / 1e6:.0f} MB"  # all 2000 draws of 5000 images at once: 160 MB
+    monkeypatch.setattr(metrics, "DRAWN_AT_ONCE", 10**12)
+    assert resampled_interval(rows, names) == blocks  # the same draws as in one block
