@@ -31,6 +31,7 @@ from data_preprocess import (
     parse_bands,
     png_holds,
     read_image,
+    read_mask,
     shown_channels,
     write_image,
     write_pair_list,
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for index in cli.progress(chosen, "flipping", "tile", LOG):
         image_path, mask_path = originals[index]
         try:
-            image, mask = read_image(image_path), read_image(mask_path)
+            image, mask = read_image(image_path), read_mask(mask_path)
         except DataError as err:
             LOG.error("%s", err)
             failures += 1

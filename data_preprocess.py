@@ -507,15 +507,6 @@ def colour_mask_error(mask: np.ndarray, path: Path) -> DataError:
     shown = ", ".join(f"({', '.join(str(int(v)) for v in colours[i])})" for i in np.argsort(-counts)[:COLOURS_SHOWN])
     shown += ", ..." if len(colours) > COLOURS_SHOWN else ""
     expected = "expected a single-band mask with 255 (or 1) = farmland and 0 = background"
-    kind = "PNG" if is_palette_png(path) else "TIFF" if is_palette_tiff(path) else ""
-    if kind:
-        return DataError(
-            f"{path}: colour mask: a palette {kind} whose indices are drawn in the colours {shown}; {expected}. Where "
-            "index 1 is farmland and 0 background (as labelme writes them, and ArcGIS's Classified Tiles with class "
-            f"value 1), save the indices as a grayscale {kind} (Python: "
-            "Image.fromarray(numpy.array(Image.open(src))).save(dst), with PIL, keeps the indices); converting the "
-            "colours to grey does not (it turns a colour into another grey value)"
-        )
     drawn = [tuple(int(v) for v in colours[i]) for i in np.argsort(-counts) if colours[i].any()]
     colour = str(drawn[0] if drawn else (255, 0, 0))  # the most frequent colour other than black, for the example
     return DataError(
@@ -699,9 +690,26 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
     return classes
 
 
+def read_mask(path: Path) -> np.ndarray:
+    """Read a mask file's values as (H, W, C): a palette PNG or TIFF (labelme's, VOC's, ArcGIS's class rasters) as
+    its indices, the class values its colours only draw; any other file as read_image reads it.
+
+    Raises:
+        DataError: the file is missing, unreadable or not an image.
+    """
+    if is_palette_png(path) or is_palette_tiff(path):
+        try:
+            with quiet_gdal(), MemoryFile(np.fromfile(str(path), dtype=np.uint8).tobytes()) as memory:
+                with memory.open() as src:
+                    return src.read(1)[:, :, None]
+        except (OSError, RasterioError):
+            pass  # read_image says what is wrong with the file
+    return read_image(path)
+
+
 def load_mask(path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndarray:
     """Read a mask file as class indices (uint8, H x W: 1 = farmland, 0 = background, IGNORE = unlabelled)."""
-    return mask_to_classes(read_image(path), path, threshold, ignore_index)
+    return mask_to_classes(read_mask(path), path, threshold, ignore_index)
 
 
 def farmland_pixels(classes: np.ndarray) -> tuple[int, int]:

@@ -50,6 +50,7 @@ from data_preprocess import (
     parse_bands,
     parse_bands_for,
     read_image,
+    read_mask,
     read_pair_list,
     scene_groups,
     select_bands,
@@ -251,7 +252,7 @@ def check_pair(
         # Band count and pixel type; the value range of float tiles, whose every pixel is checked.
         image_to_float(image if np.issubdtype(image.dtype, np.floating) else image[:1, :1], cfg.in_channels, image_path)
         check_tile_values(image, image_path)
-        mask = mask_to_classes(read_image(mask_path), mask_path, cfg.mask_threshold, cfg.ignore_index)
+        mask = mask_to_classes(read_mask(mask_path), mask_path, cfg.mask_threshold, cfg.ignore_index)
     except DataError as err:
         return "error", str(err)
     if image.shape[:2] != mask.shape:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import ROOT, args, folder_digest, weights
+from conftest import ROOT, args, close_log_files, folder_digest, square_tile, weights
 from PIL import Image
 
 import cli
@@ -804,31 +804,50 @@ def test_output_folder_is_never_an_input_folder(shared_square_data: Path, run_co
         predict.main(args(shared_square_data, run_copy, f"--predict_input={run_copy / 'predictions'}"))
 
 
-def test_palette_mask_with_colours_is_refused(tmp_path: Path) -> None:
+def test_palette_masks_are_read_as_their_indices(tmp_path: Path) -> None:
+    # labelme and VOC write masks as palette PNGs whose indices are the classes (1 = farmland, drawn red here);
+    # they were refused as colour masks, with a conversion to run on every file first.
     palette_mask = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
-    palette_mask.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 drawn red
+    palette_mask.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     palette_mask.save(tmp_path / "p_mask.png")
-    # The refusal named "3 differing bands" of a one-band file and offered a conversion to grey, which turns the
-    # colour into another grey value; it now names the palette, its colours and a conversion that keeps the indices.
-    with pytest.raises(
-        DataError, match=r"p_mask\.png: colour mask: a palette PNG .* colours \(0, 0, 0\), \(255, 0, 0\);.*indices"
-    ):
-        load_mask(tmp_path / "p_mask.png")
-    # A one-band TIFF with a colour table (ArcGIS's Classified Tiles labels) was called a colour mask, with no
-    # word of the palette or of a conversion that keeps its class values.
+    assert load_mask(tmp_path / "p_mask.png").tolist() == [[0, 1], [1, 0]]
+    # A one-band TIFF with a colour table (ArcGIS's Classified Tiles labels): its class values, not its colours.
     profile = {"driver": "GTiff", "width": 2, "height": 2, "count": 1, "dtype": "uint8", "photometric": "palette"}
     profile["transform"] = rasterio.Affine(1, 0, 0, 0, -1, 2)
     with rasterio.open(tmp_path / "t.tif", "w", **profile) as dst:
         dst.write(np.array([[[0, 1], [1, 0]]], np.uint8))
         dst.write_colormap(1, {0: (0, 0, 0, 255), 1: (0, 255, 0, 255)})
-    with pytest.raises(DataError, match=r"t\.tif: colour mask: a palette TIFF .* \(0, 255, 0\);.*ArcGIS.*indices"):
-        load_mask(tmp_path / "t.tif")
-    Image.fromarray(np.array(Image.open(tmp_path / "t.tif"))).save(tmp_path / "fixed.tif")  # the fix offered
-    assert load_mask(tmp_path / "fixed.tif").tolist() == [[0, 1], [1, 0]]
+    assert load_mask(tmp_path / "t.tif").tolist() == [[0, 1], [1, 0]]
     grey = Image.fromarray(np.array([[0, 1]], np.uint8), mode="P")
-    grey.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)  # a palette of black and white reads as 0/255
+    grey.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
     grey.save(tmp_path / "g_mask.png")
     assert load_mask(tmp_path / "g_mask.png").tolist() == [[0, 1]]
+    # Indices of several classes are class numbers: refused with the recoding, as a grey mask of them is.
+    classes = Image.fromarray(np.kron(np.array([[0, 1], [2, 0]], np.uint8), np.ones((3, 3), np.uint8)), mode="P")
+    classes.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    classes.save(tmp_path / "c_mask.png")
+    with pytest.raises(DataError, match=r"c_mask\.png: .*class"):
+        load_mask(tmp_path / "c_mask.png")
+
+
+def test_a_folder_of_palette_masks_is_split_and_flipped(tmp_path: Path) -> None:
+    import augment
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        image, mask = square_tile(rng)
+        write_image(data / "images" / f"t{i}.png", image)
+        palette = Image.fromarray((mask > 0).astype(np.uint8), mode="P")
+        palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+        (data / "labels").mkdir(parents=True, exist_ok=True)
+        palette.save(data / "labels" / f"t{i}_mask.png")
+    assert split_dataset.main(args(data, run_dir)) == 0
+    assert augment.main(args(data, run_dir, "--aug_prob=1")) == 0
+    close_log_files()
+    flipped = sorted((run_dir / "augmented" / "labels").glob("*.png"))
+    assert flipped and all(set(np.unique(load_mask(m))) <= {0, 1} for m in flipped)
+    assert all(load_mask(m).any() for m in flipped)
 
 
 def test_augment_reports_a_broken_tile_and_flips_the_rest(
