@@ -222,8 +222,11 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
             "the training tiles' pixel size is unknown, so the model carries no 'resolution' for QGIS: set it in "
             "Deepness by hand, or export with --pixel_size_m=METRES (docs/qgis.md)"
         )
-    warn_few_bit_training(training_means(unet, state), training_pixel_type(cfg))
+    means = training_means(unet, state)
+    warn_few_bit_training(means, training_pixel_type(cfg))
     metadata = onnx_build.model_metadata(state, checkpoint, cfg.window, cfg.overlap, resolution)
+    if means is not None:  # predict.py --backend=onnx warns of images of another value scale, as with checkpoints
+        metadata["farmland_training_means"] = [round(float(v), 6) for v in means]
     LOG.info(
         "exporting %s (%s, %d bands, width %d) ...",
         checkpoint,

@@ -97,6 +97,8 @@ def state_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
             "config": config,
             "threshold": None if threshold is None else float(threshold),
             "epoch": meta.get("farmland_epoch"),
+            # The training tiles' band means (models exported before the key: none, so no value-scale check).
+            "band_means": [float(v) for v in meta.get("farmland_training_means") or []] or None,
             "exported_from": (
                 str(meta.get("farmland_checkpoint") or ""),
                 str(meta.get("farmland_checkpoint_sha256") or ""),

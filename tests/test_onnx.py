@@ -26,7 +26,7 @@ import onnx_build
 import onnx_quantize
 import predict
 from config import Config
-from data_preprocess import read_image, write_pair_list
+from data_preprocess import read_image, write_image, write_pair_list
 from files import DataError, shell_quoted
 from inference import inference_model, predict_probabilities
 from net_structure import build_model, set_normalisation
@@ -291,6 +291,30 @@ def test_predict_with_onnx_writes_the_masks_of_the_pytorch_path(exported: dict, 
     assert len(written) == 16  # 8 masks and 8 overlays
     for name in written:
         assert np.array_equal(read_image(tmp_path / "torch" / name), read_image(tmp_path / "onnx" / name)), name
+
+
+def test_predict_with_onnx_warns_of_images_of_another_value_scale_as_with_the_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An exported model carried no training means, so a 16-bit product given to a model of 8-bit tiles went
+    # through --backend=onnx without the word the checkpoint gives.
+    rng = np.random.default_rng(5)
+    pairs = [write_pair(tmp_path / "data", f"t{i}", *square_tile(rng)) for i in range(4)]
+    run_dir = tmp_path / "run"
+    write_pair_list(run_dir / "splits" / "test.txt", pairs[2:])
+    save_checkpoint(run_dir / "checkpoints" / "best.pth", tiny_state() | {"band_means": [0.45, 0.4, 0.35]})
+    assert export_onnx.main([f"--run_dir={run_dir}", "--window=64", "--overlap=16"]) == 0
+    meta = exported_model.decoded_metadata(exported_model.open_session(run_dir / "export" / "farmland.onnx"))
+    assert meta["farmland_training_means"] == [0.45, 0.4, 0.35]
+    ten_bit = (read_image(pairs[0][0]).astype(np.uint16) * 4)[:, :, :3]  # 16-bit / 65535: near 0.005
+    write_image(tmp_path / "in" / "dn16.png", ten_bit)
+    write_image(tmp_path / "in" / "dn16_b.png", ten_bit[::-1])
+    for backend in ("torch", "onnx"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert run_predict(run_dir, tmp_path / "in", f"--backend={backend}", "--skip_existing=false") == 0
+        warned = [r.getMessage() for r in caplog.records if "training tiles'" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].startswith("2 of 2 tile(s) average several times"), backend
 
 
 def test_normalise_given_to_predict_with_onnx_is_not_said_to_be_ignored(
