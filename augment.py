@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for index in cli.progress(chosen, "flipping", "tile", LOG):
         image_path, mask_path = originals[index]
         try:
-            image, mask = read_image(image_path), read_mask(mask_path)
+            image, mask = read_image(image_path, nodata_as_zero=True), read_mask(mask_path)
         except DataError as err:
             LOG.error("%s", err)
             failures += 1

@@ -39,7 +39,7 @@ import files
 import polygons
 import scene
 from config import Config
-from data_preprocess import entry_problem, image_entries, rgb_bands_for
+from data_preprocess import entry_problem, full_scale, image_entries, rgb_bands_for
 from files import DataError
 from inference import checkpoint_file, decision_threshold, inference_model, warn_network_keys, with_threshold
 from net_structure import input_padding
@@ -267,13 +267,16 @@ def open_pair(pair: Pair, bands: Sequence[int], in_channels: int) -> Iterator[tu
         scene.open_scene(pair.before, bands, in_channels) as before,
         scene.open_scene(pair.after, bands, in_channels) as after,
     ):
-        if before.dtype != after.dtype:
+        if full_scale(before.dtype) != full_scale(after.dtype):
             # Each date is scaled by its type's range (255, 65535): the same ground would look many times darker
-            # at the 16-bit date, and every field would be "lost" or "gained".
+            # at the 16-bit date, and every field would be "lost" or "gained". Float32 and float64 are both
+            # reflectance, taken as they are.
             raise DataError(
                 f"{pair.before} (before) holds {before.dtype} pixels, {pair.after} (after) {after.dtype}; expected "
-                "the same pixel type at both dates, since the network scales each by its type's range: export both "
-                "with the same bit depth (for example gdal_translate -ot Byte -scale)"
+                "the same pixel type at both dates (float32 and float64 count as one), since the network scales each "
+                "by its type's range: export both as the same product, stretched alike (for example gdal_translate "
+                "-ot Byte -scale MIN MAX 0 255 with the same MIN and MAX for both dates; -scale alone stretches each "
+                "date by its own range)"
             )
         yield before, after, change_detection.check_grids(before, after)
 

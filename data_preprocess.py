@@ -2,7 +2,9 @@
 
 What happens to each kind of image (C = bands in the file, ``in_channels`` from config):
 - 8-bit images are scaled to [0, 1] by 1/255, 16-bit images by 1/65535 (so 12-bit sensor data looks dark,
-  which the network learns around; convert to 8-bit first if you prefer).
+  which the network learns around; convert to 8-bit first if you prefer). Float images are taken as reflectance
+  in [0, 1]: values up to REFLECTANCE_SLACK outside it are clipped into it, further out refused.
+- A TIFF image's pixels whose bands all hold its declared nodata value (65535, -9999) read as 0, the nodata.
 - Grayscale (C = 1) with ``in_channels`` = 3 is repeated into three equal bands.
 - RGBA PNGs (C = 4) with ``in_channels`` = 3 lose their alpha band. TIFFs are read through GDAL, every band
   in file order (for example B, G, R, NIR), whatever their sample layout or photometric tag; a 4-band TIFF
@@ -38,6 +40,7 @@ from cli import FALSE_WORDS, TRUE_WORDS
 from files import DataError, atomic_write_bytes, atomic_write_text, shell_quoted
 from png_text import SIGNATURE as PNG_SIGNATURE
 from png_text import with_text
+from rasters import REFLECTANCE_SLACK
 from runtime import available_memory
 
 __all__ = ["DataError"]  # re-exported: scripts name input errors from here, with the readers
@@ -100,8 +103,9 @@ def exif_turned(path: Path) -> bool:
         return False
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image as (H, W, C) in file band order (RGB, RGBA, RGB+NIR), 8- or 16-bit or float.
+def read_image(path: Path, nodata_as_zero: bool = False) -> np.ndarray:
+    """Read an image as (H, W, C) in file band order (RGB, RGBA, RGB+NIR), 8- or 16-bit or float; with
+    ``nodata_as_zero`` (images, not masks) a TIFF's pixels of its declared nodata value read as 0, the nodata.
 
     Raises:
         DataError: the file is missing, unreadable or not an image.
@@ -114,7 +118,7 @@ def read_image(path: Path) -> np.ndarray:
         raw = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror}); check that the file exists") from None
-    image = decode_tiff(raw, path) if raw.size and path.suffix.lower() in TIFF_EXTENSIONS else None
+    image = decode_tiff(raw, path, nodata_as_zero) if raw.size and path.suffix.lower() in TIFF_EXTENSIONS else None
     if image is None and raw.size:
         image = decode_other(raw, path)  # also a PNG or JPEG saved under a TIFF name
     if image is None:
@@ -164,7 +168,7 @@ def is_alpha_band(band: np.ndarray) -> bool:
     return bool(np.isin(band, (0, 255, top)).all())
 
 
-def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:
+def decode_tiff(raw: np.ndarray, path: Path, nodata_as_zero: bool = False) -> np.ndarray | None:
     """A TIFF's bands as (H, W, C) in file order, palette colours expanded to RGB, an alpha band after grey or RGB
     dropped (is_alpha_band: a band tagged alpha that holds image values is kept); None where GDAL cannot read it.
 
@@ -189,9 +193,25 @@ def decode_tiff(raw: np.ndarray, path: Path) -> np.ndarray | None:
                 # band to train on; pixels the alpha marks as empty read as all-zero, nodata, as in a scene.
                 bands, alpha = bands[:-1], bands[-1]
                 bands[:, alpha == 0] = 0
+            if nodata_as_zero and src.colorinterp[0] != ColorInterp.palette:  # a palette's nodata is an index
+                declared_nodata_to_zero(bands, src.nodata)
     except RasterioError:
         return None
     return np.ascontiguousarray(bands.transpose(1, 2, 0))
+
+
+def declared_nodata_to_zero(bands: np.ndarray, nodata: float | None) -> None:
+    """Set, in place, the pixels of a (C, H, W) tile whose bands all hold the TIFF's declared nodata value (65535
+    around a 16-bit tile, -9999 in a float one; a declared NaN in any band) to 0, the pipeline's nodata: as scenes
+    and make_tiles.py count them, so they stay out of the band statistics and the value-scale checks, and no
+    nodata value reaches the network as a pixel (65535 as full brightness, NaN) or fails the float [0, 1] check.
+    NaN a float tile does not declare is left as it is (check_tile_values names it)."""
+    if nodata is None or nodata == 0:
+        return
+    if math.isnan(nodata):
+        bands[:, np.isnan(bands).any(axis=0)] = 0
+    else:
+        bands[:, (bands == np.float64(nodata)).all(axis=0)] = 0
 
 
 def check_tile_size(path: Path, height: int, width: int, count: int, itemsize: int) -> None:
@@ -251,6 +271,14 @@ def palette_colours(indices: np.ndarray, colormap: dict[int, tuple[int, ...]]) -
 FULL_SCALE = {"uint8": 255.0, "uint16": 65535.0}  # what images of each pixel type are divided by (float: as they are)
 
 
+def full_scale(dtype: np.dtype | str) -> float | None:
+    """What image_to_float divides images of a pixel type by: 255, 65535, 1 for every float type (reflectance in
+    [0, 1] already), None for a type it refuses."""
+    if str(dtype) in FULL_SCALE:
+        return FULL_SCALE[str(dtype)]
+    return 1.0 if np.issubdtype(np.dtype(dtype), np.floating) else None
+
+
 def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
     """Convert an (H, W, C) image to float32 (in_channels, H, W) in [0, 1], following the module's rules.
 
@@ -263,11 +291,14 @@ def image_to_float(image: np.ndarray, in_channels: int, path: Path) -> np.ndarra
     elif np.issubdtype(image.dtype, np.floating):
         scaled = image.astype(np.float32)
         # NaN is left to the callers: a scene's nodata, a tile's fault (check_tile_values).
-        if scaled.size and (np.nanmin(scaled) < 0.0 or np.nanmax(scaled) > 1.0):
+        low, high = (float(np.nanmin(scaled)), float(np.nanmax(scaled))) if scaled.size else (0.0, 1.0)
+        if low < -REFLECTANCE_SLACK or high > 1.0 + REFLECTANCE_SLACK:
             raise DataError(
                 f"{path}: floating-point image with values outside [0, 1] "
-                f"(found {np.nanmin(scaled):.3g} to {np.nanmax(scaled):.3g}); rescale it to [0, 1] or 8/16 bit"
+                f"(found {low:.3g} to {high:.3g}); rescale it to [0, 1] or 8/16 bit"
             )
+        if low < 0.0 or high > 1.0:  # reflectance a little outside [0, 1]: clipped, as in scenes and make_tiles.py
+            scaled = np.clip(scaled, 0.0, 1.0)
     else:
         raise DataError(unsupported_type_message(image.dtype, Path(path)))
     return np.ascontiguousarray(scaled.transpose(2, 0, 1))
@@ -295,7 +326,8 @@ def check_tile_values(image: np.ndarray, path: Path) -> None:
     if np.issubdtype(image.dtype, np.floating) and np.isnan(image).any():
         raise DataError(
             f"{path}: floating-point image with NaN pixels (nodata?); fill them with 0, which counts as nodata "
-            "(max_nodata_fraction), for example with gdal_calc or numpy.nan_to_num, or export the tile as 8/16 bit"
+            "(max_nodata_fraction), for example with gdal_calc or numpy.nan_to_num, declare NaN the TIFF's nodata "
+            f"value (gdal_edit.py -a_nodata nan {shell_quoted(path)}), which reads as 0, or export the tile as 8/16 bit"
         )
 
 
@@ -461,7 +493,7 @@ def bands_beyond_error(path: Path, bands: Sequence[int], count: int, in_channels
 
 def load_image(path: Path, in_channels: int) -> np.ndarray:
     """Read an image file straight to float32 (in_channels, H, W) in [0, 1]."""
-    return image_to_float(read_image(path), in_channels, path)
+    return image_to_float(read_image(path, nodata_as_zero=True), in_channels, path)
 
 
 LOSSY_SUFFIXES = (".jpg", ".jpeg")  # mask formats whose values stray from 0/255 at edges
@@ -1096,7 +1128,7 @@ class FarmlandDataset(Dataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decode one pair: the image as stored (H x W x C) and the mask as class indices, sizes checked."""
         image_path, mask_path = self.pairs[index]
-        image = select_bands(read_image(image_path), self.bands, image_path)
+        image = select_bands(read_image(image_path, nodata_as_zero=True), self.bands, image_path)
         mask = load_mask(mask_path, self.mask_threshold, self.ignore_index)
         if image.shape[:2] != mask.shape:
             raise DataError(

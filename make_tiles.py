@@ -40,7 +40,7 @@ from tqdm import tqdm
 import cli
 import files
 from config import Config
-from data_preprocess import TILED_NAMES, encode_tiff, read_image, write_image
+from data_preprocess import TILED_NAMES, encode_tiff, read_image, unsupported_type_message, write_image
 from files import DataError
 from labels import Grid, GridLabels, Labels, open_labels
 from rasters import (
@@ -56,7 +56,7 @@ from rasters import (
 )
 
 LOG = logging.getLogger("make_tiles")
-TILE_DTYPES = ("uint8", "uint16", "float32")  # what the pipeline's tile reader takes
+TILE_DTYPES = ("uint8", "uint16", "float32", "float64")  # what the pipeline's tile reader takes (float64: as float32)
 # A scene whose valid pixels are this much farmland or more is warned of: its labels most likely hold every
 # land-use class (a whole land-survey layer, unfiltered), and tiles without background teach the network nothing.
 ALL_FARMLAND = 0.99
@@ -202,10 +202,8 @@ def open_scene(path: Path, tile: int) -> rasterio.DatasetReader:
         fix = rpc_only(src) or gcp_only(src) or "assign its CRS on a copy (gdal_translate -a_srs EPSG:xxxx)"
         problem = f"has no CRS; expected a georeferenced scene; {fix}"
     elif src.dtypes[0] not in TILE_DTYPES:
-        problem = (
-            f"has pixel type {src.dtypes[0]}; expected 8- or 16-bit unsigned (or float32 in [0, 1]); "
-            "convert a copy (gdal_translate -ot UInt16)"
-        )
+        src.close()
+        raise DataError(unsupported_type_message(np.dtype(src.dtypes[0]), path))
     elif min(src.width, src.height) < tile:
         problem = f"is {src.width}x{src.height} pixels, smaller than tile_size={tile}; lower --tile_size"
     if problem:
@@ -287,6 +285,7 @@ def cut_tiles(
     for window in tqdm(windows, desc=stem, unit="tile", disable=None):
         block = src.read(window=window)
         nodata = nodata_pixels(block, src.nodata, axis=0)
+        block = block.astype(np.float32) if block.dtype == np.float64 else block  # reflectance: float32 is plenty
         if nodata.mean() > cfg.max_nodata_fraction:
             skipped += 1
             continue

@@ -304,7 +304,9 @@ def read_tile(path: Path, in_channels: int, bands: str) -> np.ndarray:
     Raises:
         DataError: unreadable, or bands that do not fit.
     """
-    image = trained_bands(select_bands(read_image(path), parse_bands(bands), path), in_channels, path)
+    image = trained_bands(
+        select_bands(read_image(path, nodata_as_zero=True), parse_bands(bands), path), in_channels, path
+    )
     return image_to_float(image, in_channels, path)
 
 

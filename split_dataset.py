@@ -248,7 +248,7 @@ def check_pair(
     """Check one pair; return its (height, width, farmland pixels, labelled pixels, pixel type, value level
     (value_level)) if usable, else (kind, reason), kind 'error' or 'filtered'."""
     try:
-        image = select_bands(read_image(image_path), parse_bands(cfg.bands), image_path)
+        image = select_bands(read_image(image_path, nodata_as_zero=True), parse_bands(cfg.bands), image_path)
         # Band count and pixel type; the value range of float tiles, whose every pixel is checked.
         image_to_float(image if np.issubdtype(image.dtype, np.floating) else image[:1, :1], cfg.in_channels, image_path)
         check_tile_values(image, image_path)

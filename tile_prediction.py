@@ -61,7 +61,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         path = self.paths[index]
         try:
-            image = select_bands(read_image(path), self.bands, path, self.in_channels)
+            image = select_bands(read_image(path, nodata_as_zero=True), self.bands, path, self.in_channels)
             image = trained_bands(image, self.in_channels, path)
             check_tile_values(image, path)  # NaN would spread through the network to an all-background mask
             return index, torch.from_numpy(image_for_network(image, self.in_channels, path))

@@ -715,6 +715,22 @@ def test_the_same_folder_or_file_as_both_dates_stops_at_once(tmp_path: Path) -> 
         change.list_pairs(Config(before=str(tmp_path / "2019" / "a.tif"), after=str(tmp_path / "2019" / "a.tif")))
 
 
+def test_float32_and_float64_reflectance_dates_are_compared_and_the_fix_for_two_bit_depths_stretches_alike(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both float types are reflectance taken as they are, yet a float64 date beside a float32 one was refused as
+    # "another pixel type"; the fix offered for two bit depths (-scale alone) stretched each date by its own range.
+    before_dir, after_dir = tmp_path / "2019", tmp_path / "2024"
+    write_geotiff(before_dir / "wide.tif", scene_pixels(1).astype(np.float64) / 255)
+    write_geotiff(after_dir / "wide.tif", (scene_pixels(1, moved=True) / 255).astype(np.float32))
+    write_geotiff(before_dir / "depth.tif", scene_pixels(1))
+    write_geotiff(after_dir / "depth.tif", scene_pixels(1).astype(np.uint16) * 4)
+    run_dir = tmp_path / "run"
+    assert run_change(run_dir, checkpoint, before_dir, after_dir) == 1
+    assert [p.name for p in (run_dir / "change").glob("*_change.tif")] == ["wide_change.tif"]
+    assert "-scale MIN MAX 0 255 with the same MIN and MAX for both dates" in caplog.text
+
+
 def test_bad_pairs_name_both_files_and_the_good_pair_goes_on(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

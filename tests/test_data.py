@@ -505,6 +505,48 @@ def test_band_statistics_leave_nodata_pixels_out(tmp_path: Path) -> None:
     assert classes[:2] == [3, 1]  # the class counts keep every pixel
 
 
+def test_a_tiles_declared_nodata_value_stays_out_of_the_statistics_and_reads_as_zero(tmp_path: Path) -> None:
+    # 65535 declared as nodata around a 16-bit reflectance tile counted as full-brightness pixels: the band
+    # means came out five times too bright, and the same product was then warned of at prediction.
+    image = np.full((4, 4, 4), 65535, np.uint16)
+    image[:2] = np.array([200, 300, 400, 2000], np.uint16)
+    image[3, 3] = (65535, 300, 400, 2000)  # one band at the nodata value is a saturated pixel, not nodata
+    grid = Affine(1.0, 0.0, 500000.0, 0.0, -1.0, 3500000.0)
+    write_geotiff(tmp_path / "i.tif", image.transpose(2, 0, 1), None, grid, nodata=65535)
+    write_image(tmp_path / "m.png", np.zeros((4, 4), np.uint8))
+    dataset = FarmlandDataset([(tmp_path / "i.tif", tmp_path / "m.png")], in_channels=4)
+    mean, _, _ = dataset.statistics()
+    kept = image[:2].reshape(-1, 4).tolist() + [image[3, 3].tolist()]
+    assert mean == pytest.approx((np.array(kept, np.float64) / 65535).mean(axis=0).tolist(), rel=1e-6)
+    assert (dataset[0][0][:, 2:, :3] == 0).all()  # nodata reaches the network as 0, as make_tiles.py writes it
+    # A float tile's declared -9999 is nodata too, not a value outside [0, 1]; so is a declared NaN (in any band).
+    reflectance = np.full((3, 4, 4), -9999, np.float32)
+    reflectance[:, :2] = 0.25
+    write_geotiff(tmp_path / "f.tif", reflectance, None, grid, nodata=-9999)
+    assert load_image(tmp_path / "f.tif", 3).tolist() == [[[0.25] * 4] * 2 + [[0.0] * 4] * 2] * 3
+    reflectance[:, 2:] = np.nan
+    reflectance[0, 0, 0] = np.nan
+    write_geotiff(tmp_path / "n.tif", reflectance, None, grid, nodata=np.nan)
+    assert load_image(tmp_path / "n.tif", 3).tolist() == [[[0.0] + [0.25] * 3, [0.25] * 4] + [[0.0] * 4] * 2] * 3
+    # Masks keep their declared nodata value: it marks unlabelled pixels, not background.
+    write_geotiff(tmp_path / "m.tif", np.array([[[0, 1], [255, 255]]], np.uint8), None, grid, nodata=255)
+    assert (load_mask(tmp_path / "m.tif", ignore_index=255)[1] == IGNORE).all()
+
+
+def test_a_float_tile_a_little_outside_0_to_1_is_clipped_as_scenes_are(tmp_path: Path) -> None:
+    # Reflectance a little outside [0, 1] (an atmospheric correction's negatives, a bright cloud) was refused in
+    # a tile ("rescale it to [0, 1]") while predict.py and make_tiles.py clip it in a scene; further out, refused.
+    grid = Affine(1.0, 0.0, 500000.0, 0.0, -1.0, 3500000.0)
+    reflectance = np.array([[[-0.02, 0.5], [1.03, np.nan]]] * 3, np.float32)
+    write_geotiff(tmp_path / "r.tif", reflectance, None, grid)
+    assert np.array_equal(load_image(tmp_path / "r.tif", 3), [[[0.0, 0.5], [1.0, np.nan]]] * 3, equal_nan=True)
+    write_geotiff(tmp_path / "far.tif", reflectance * 100, None, grid)
+    with pytest.raises(
+        DataError, match=r"far\.tif: floating-point image with values outside \[0, 1\] \(found -2 to 103\)"
+    ):
+        load_image(tmp_path / "far.tif", 3)
+
+
 def test_statistics_of_a_16_bit_four_band_tiff_standardise_every_band(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     # 12-bit sensor values in a 16-bit file, NIR far brighter than the visible bands.

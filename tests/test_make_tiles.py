@@ -225,6 +225,25 @@ def test_a_float_scene_a_little_above_1_gives_tiles_clipped_as_predict_py_clips_
     ).read_text(encoding="utf-8") + (run_dir / "splits" / "test.txt").read_text(encoding="utf-8")
 
 
+def test_a_float64_scene_gives_float32_tiles_and_a_signed_one_the_command_that_converts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Float64 reflectance, which predict.py reads, was refused with "gdal_translate -ot UInt16", which truncates
+    # every value in [0, 1] to 0 or 1; a signed scene's fix named no file to convert.
+    pixels = scene_pixels(bands=4).astype(np.float64) / 255
+    labels = write_fields(tmp_path / "vec" / "fields.gpkg", fields_utm())
+    assert run(write_scene(tmp_path / "in" / "wide.tif", pixels), labels, tmp_path / "out") == 0
+    corner = read_image(tmp_path / "out" / "images" / "wide_r0c0.tif")
+    assert corner.dtype == np.float32
+    assert np.array_equal(corner, pixels[:, :TILE, :TILE].transpose(1, 2, 0).astype(np.float32))
+    signed = write_scene(tmp_path / "in" / "signed.tif", (pixels * 10000).astype(np.int16))
+    assert run(signed, labels, tmp_path / "out_signed") == 1
+    assert (
+        f"pixel type int16 is not supported; expected 8- or 16-bit unsigned, or float in [0, 1]; convert a copy: "
+        f"gdal_translate -ot UInt16 {signed} " in caplog.text
+    )
+
+
 @pytest.mark.parametrize("value", ["-0.5", "1.5"])
 def test_a_nodata_share_outside_0_to_1_is_refused_before_any_tile(tmp_path: Path, value: str) -> None:
     # -0.5 skipped every tile as "more than -50% nodata", as split_dataset.py, which refuses it, once did.

@@ -330,6 +330,7 @@ def test_float_tiles_are_checked_pixel_by_pixel(tmp_path: Path) -> None:
     assert found["bright.tif"][1].endswith("values outside [0, 1] (found 0.2 to 5); rescale it to [0, 1] or 8/16 bit")
     assert "bright.tif: floating-point image" in found["bright.tif"][1]
     assert "holes.tif: floating-point image with NaN pixels (nodata?); fill them with 0" in found["holes.tif"][1]
+    assert "declare NaN the TIFF's nodata value (gdal_edit.py -a_nodata nan " in found["holes.tif"][1]
     assert set(found) == {"bright.tif", "holes.tif"}  # the float tile in [0, 1] is split with the rest
 
 
