@@ -227,6 +227,8 @@ def export_fp32(cfg: Config, state: dict[str, Any], checkpoint: Path, folder: Pa
     metadata = onnx_build.model_metadata(state, checkpoint, cfg.window, cfg.overlap, resolution)
     if means is not None:  # predict.py --backend=onnx warns of images of another value scale, as with checkpoints
         metadata["farmland_training_means"] = [round(float(v), 6) for v in means]
+    if state.get("tile_bands"):  # and of products of another band count than the training tiles'
+        metadata["farmland_tile_bands"] = int(state["tile_bands"])
     LOG.info(
         "exporting %s (%s, %d bands, width %d) ...",
         checkpoint,

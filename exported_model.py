@@ -99,6 +99,7 @@ def state_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
             "epoch": meta.get("farmland_epoch"),
             # The training tiles' band means (models exported before the key: none, so no value-scale check).
             "band_means": [float(v) for v in meta.get("farmland_training_means") or []] or None,
+            "tile_bands": meta.get("farmland_tile_bands"),  # the training tiles' band count (before the key: none)
             "exported_from": (
                 str(meta.get("farmland_checkpoint") or ""),
                 str(meta.get("farmland_checkpoint_sha256") or ""),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from config import Config
-from data_preprocess import picked_for_colour
+from data_preprocess import parse_bands, picked_for_colour
 from files import DataError
 from net_structure import encoder_of, fold_batchnorm, model_from_config
 from runtime import available_memory, memory_format
@@ -96,6 +96,20 @@ def training_means(model: torch.nn.Module, state: dict) -> np.ndarray | None:
     # Without normalise the network holds none (zeros, or ImageNet's with encoder_weights): the checkpoint's own.
     kept = state.get("band_means")
     return np.asarray(kept, dtype=np.float32) if kept else None
+
+
+def other_band_count(count: int, path: Path, state: dict, bands: str) -> str | None:
+    """The warning for an input of ``count`` bands given the training's ``bands`` though the training tiles had
+    another count (the checkpoint's ``tile_bands``): bands 3,2,1 of B,G,R,NIR tiles, taken from an R,G,B product,
+    are its B,G,R. None where the counts agree or are unknown, or where the training picked no bands."""
+    tile_bands, trained = state.get("tile_bands"), str(state["config"].get("bands", ""))
+    if not tile_bands or count == tile_bands or not trained or parse_bands(bands) != parse_bands(trained):
+        return None
+    return (
+        f"{path}: has {count} band(s), the training tiles {tile_bands}, of which the network took bands {trained}; "
+        f"it takes bands {trained} of this file too, right only where they hold the same colours here (bands 3,2,1 "
+        "of a B,G,R,NIR sensor are 1,2,3 of its R,G,B product): give --bands with this file's numbers of them"
+    )
 
 
 def band_mean_ratio(model: torch.nn.Module, state: dict, means: np.ndarray) -> float | None:

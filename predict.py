@@ -41,7 +41,7 @@ from data_preprocess import (
 )
 from exported_model import OnnxSegmenter, load_segmenter, stale_export
 from files import DataError, file_stamp, name_problem, prediction_path, read_record, remembered_digests, shown_path
-from inference import checkpoint_file, inference_model, warn_network_keys, with_threshold
+from inference import checkpoint_file, inference_model, other_band_count, warn_network_keys, with_threshold
 from net_structure import input_padding
 from output_record import Since, outputs_since
 from runtime import (
@@ -330,6 +330,16 @@ def resolve_bands(cfg: Config, trained: dict) -> None:
     cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, trained)
 
 
+def warn_band_counts(jobs: list[Job], state: dict, bands: str) -> None:
+    """Warn of inputs whose band count is not the training tiles' where the training's bands are picked from them
+    (inference.other_band_count): every scene, and the first tile of a folder (tiles come as one product)."""
+    checked = [j.image for j in jobs if j.is_scene] + [j.image for j in jobs if not j.is_scene][:1]
+    for path in checked:
+        count = scene.band_count(path)
+        if count is not None and (message := other_band_count(count, path, state, bands)):
+            LOG.warning("%s", message)
+
+
 def my_share(jobs: list[Job], job: Distributed) -> list[Job]:
     """This rank's jobs: under torchrun every world-th, so that no output is written twice and none is missed.
     Shard before skipping finished outputs: the other ranks are writing theirs meanwhile."""
@@ -397,6 +407,8 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     settings = scene.SceneSettings.from_config(cfg, *input_padding(state["config"]), state["config"]["in_channels"])
     jobs, refused = plan_jobs(cfg, list_inputs(cfg, given), settings, job.main)
     check_fixed_side(jobs, segmenter, settings)  # before the outputs' record is touched: a refusal redoes nothing
+    if job.main:
+        warn_band_counts(jobs, state, cfg.bands)
     since = outputs_since(cfg, checkpoint, job, state[LOADED_STAMP])
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included

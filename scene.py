@@ -283,6 +283,19 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def band_count(path: Path) -> int | None:
+    """The bands in an image file (a raster's header alone); None where it cannot be read (reported later)."""
+    try:
+        if path.suffix.lower() in RASTER_SUFFIXES:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    return int(src.count)
+        return int(read_image(path).shape[2])
+    except (DataError, rasterio.RasterioIOError):
+        return None
+
+
 def is_scene(path: Path, window: int) -> bool:
     """Whether an image takes the scene route: a georeferenced TIFF, or any image larger than one window.
 

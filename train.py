@@ -44,6 +44,7 @@ from data_preprocess import (
     FarmlandDataset,
     original_training_pairs,
     parse_bands_for,
+    read_image,
     read_pair_list,
     should_cache,
     shown_channels,
@@ -142,6 +143,7 @@ class Progress:
     scored: bool = True  # the latest epoch's val split held farmland to score (not kept in checkpoints)
     prior_loss: float = math.nan  # best training loss of a prediction ignoring the image (not kept in checkpoints)
     band_means: list[float] | None = None  # the training tiles' band means (value_means), kept in every checkpoint
+    tile_bands: int | None = None  # the band count of the training tiles' files, before --bands picks from them
     best_histogram: np.ndarray | None = None  # the best epoch's val probability histogram (threshold curve)
     mark: float = 0.0  # time_budget: budget_clock() when the latest epoch began (not kept in checkpoints)
     saved_end: int = 0  # resumed: the last epoch the saved run was to train (its epochs, or its budget's plan)
@@ -307,6 +309,17 @@ def value_means(train_set: FarmlandDataset, statistics: Any) -> list[float]:
     return [float(v) for v in train_set.statistics([int(i) for i in chosen])[0]]
 
 
+def tile_band_count(pairs: list[tuple[Path, Path]]) -> int | None:
+    """The band count of the first readable training tile's file, before ``bands`` picks from it (a model of bands
+    3,2,1 of B,G,R,NIR tiles given an R,G,B product takes 3,2,1 of it too, which prediction warns of)."""
+    for image, _ in pairs[:8]:
+        try:
+            return int(read_image(image).shape[2])
+        except DataError:
+            continue  # the loader reports a bad tile
+    return None
+
+
 def build_network(cfg: Config, statistics: Any, job: Distributed, layout: torch.memory_format) -> nn.Module:
     """The seeded network of the ``encoder`` key with its band normalisation (the split's with ``normalise``,
     else ImageNet's with ``encoder_weights``), the ImageNet weights loaded when a run starts (on resume
@@ -372,6 +385,7 @@ def restore(cfg: Config, trainer: Trainer, ckpt_dir: Path, job: Distributed) -> 
     progress.planned_epochs, progress.elapsed = state.get("planned_epochs", 0), state.get("elapsed", 0.0)
     progress.collapsed, progress.stall_warned = state.get("collapsed", 0), state.get("stall_warned", False)
     progress.band_means = state.get("band_means")  # the run's own, not read again from its tiles
+    progress.tile_bands = state.get("tile_bands")
     saved_budget = state["config"].get("time_budget", 0.0)
     progress.saved_end = progress.planned_epochs if saved_budget > 0 else int(state["config"].get("epochs", 0))
     if state.get("best_histogram") is not None:  # threshold_curve.csv is written from it again
@@ -662,6 +676,8 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     progress.prior_loss = loss_prior
     if progress.band_means is None:  # a new run, or one resumed from a checkpoint that keeps none
         progress.band_means = value_means(train_set, statistics)
+    if progress.tile_bands is None:  # prediction warns of products of another band count
+        progress.tile_bands = tile_band_count(train_pairs)
     if job.main and math.isfinite(progress.prior_loss):
         LOG.info(
             "a prediction that ignores the image scores a training loss of %.4f at best: a learning network "
@@ -922,6 +938,7 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
         "config": dataclasses.asdict(cfg),
         "requested_speed": progress.requested_speed,
         "band_means": progress.band_means,  # the training tiles' band means, scaled to [0, 1] (value_means)
+        "tile_bands": progress.tile_bands,  # the training tiles' band count, before --bands
     }
     chosen = state
     if row["weights"] == "ema":
@@ -930,7 +947,9 @@ def save_checkpoints(cfg: Config, trainer: Trainer, progress: Progress, improved
     if improved:
         save_checkpoint(ckpt_dir / "best.pth", chosen)
     if cfg.snapshot_every > 0 and epoch % cfg.snapshot_every == 0:
-        snapshot = {key: chosen[key] for key in ("model", "epoch", "threshold", "weights", "config", "band_means")}
+        snapshot = {
+            key: chosen[key] for key in ("model", "epoch", "threshold", "weights", "config", "band_means", "tile_bands")
+        }
         save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pth", snapshot)
     save_checkpoint(ckpt_dir / "last.pth", state)
 

@@ -871,6 +871,35 @@ def test_a_scene_on_another_value_scale_than_the_training_tiles_is_warned_of(
     assert len(warned) == 1 and "stretch8.tif: its pixels (uint8, scaled to [0, 1] as 8-bit / 255)" in warned[0]
 
 
+def test_a_product_of_another_band_count_than_the_training_tiles_is_warned_of_where_their_bands_are_picked(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network of bands 3,2,1 of B,G,R,NIR tiles, given an R,G,B product: it took bands 3,2,1 of it, its B,G,R,
+    without a word. A 4-band scene is not warned of, nor the product with its own --bands given, nor a checkpoint
+    that does not record its tiles' band count."""
+    saved = tmp_path / "bgrn.pth"
+    torch.save({**state, "config": {**state["config"], "bands": "3,2,1"}, "tile_bands": 4, "epoch": 1}, saved)
+    rgb = scene_pixels()[:, :128, :128]
+    write_geotiff(tmp_path / "in" / "rgb.tif", rgb)
+    write_geotiff(tmp_path / "in" / "bgrn.tif", np.concatenate([rgb[::-1], rgb[:1]]))
+    write_image(tmp_path / "tiles" / "rgb_a.png", rgb[:, :56, :56].transpose(1, 2, 0))
+    write_image(tmp_path / "tiles" / "rgb_b.png", rgb[:, 56:112, :56].transpose(1, 2, 0))
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", saved, tmp_path / "in") == 0
+        assert run_predict(tmp_path / "run", saved, tmp_path / "tiles") == 0
+    warned = [r.getMessage() for r in caplog.records if "the training tiles 4" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith(f"{tmp_path / 'in' / 'rgb.tif'}: has 3 band(s), the training")
+    assert "took bands 3,2,1; it takes bands 3,2,1 of this file too" in warned[0]
+    assert warned[1].startswith(f"{tmp_path / 'tiles' / 'rgb_a.png'}: has 3 band(s)")
+    caplog.clear()
+    old = tmp_path / "old.pth"
+    torch.save({**state, "config": {**state["config"], "bands": "3,2,1"}, "epoch": 1}, old)
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "own", saved, tmp_path / "in" / "rgb.tif", "--bands=1,2,3") == 0
+        assert run_predict(tmp_path / "old", old, tmp_path / "in" / "rgb.tif") == 0
+    assert not [r for r in caplog.records if "the training tiles 4" in r.getMessage()]
+
+
 def test_a_network_trained_without_normalise_warns_of_another_value_scale_from_the_band_means_it_keeps(
     state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -77,6 +77,8 @@ def test_a_run_without_normalise_keeps_its_training_tiles_band_means(trained_run
     assert not state["config"]["normalise"] and not state["model"]["band_mean"].any()
     mean, _, _ = FarmlandDataset(read_pair_list(trained_run / "splits" / "train.txt")).statistics()
     assert state["band_means"] == pytest.approx(mean, rel=1e-6)  # fewer tiles than train.VALUE_TILES: all of them
+    # And the band count of the tiles' files, before --bands: a product of another count is warned of.
+    assert state["tile_bands"] == load_checkpoint(trained_run / "checkpoints" / "last.pth")["tile_bands"] == 3
 
 
 def test_a_resumed_run_keeps_its_band_means_and_reads_them_for_a_checkpoint_that_keeps_none(
