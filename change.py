@@ -41,7 +41,14 @@ import scene
 from config import Config
 from data_preprocess import entry_problem, full_scale, image_entries, rgb_bands_for
 from files import DataError
-from inference import checkpoint_file, decision_threshold, inference_model, warn_network_keys, with_threshold
+from inference import (
+    checkpoint_file,
+    decision_threshold,
+    inference_model,
+    other_band_count,
+    warn_network_keys,
+    with_threshold,
+)
 from net_structure import input_padding
 from runtime import apply_reuse_memory, load_checkpoint, resolve_amp, select_device
 
@@ -478,9 +485,12 @@ def check_pairs(pairs: Sequence[Pair], job: ChangeJob) -> tuple[list[Pair], int]
     ready, failures = [], 0
     for pair in pairs:
         try:
-            with open_pair(pair, job.settings.bands, job.state["config"]["in_channels"]) as (before, _, _):
+            with open_pair(pair, job.settings.bands, job.state["config"]["in_channels"]) as (before, after, _):
                 if job.truth is not None:
                     change_detection.check_truth(job.truth, change_detection.grid_of(before), str(pair.before))
+                for date in (before, after):
+                    if message := other_band_count(date.count, date.path, job.state, job.cfg.bands):
+                        LOG.warning("%s", message)
                 ready.append(pair)
         except DataError as err:
             LOG.error("%s", err)

@@ -788,6 +788,22 @@ def test_an_rgb_date_against_an_rgb_nir_date_is_compared_with_bands_and_told_so_
     )
 
 
+def test_a_date_of_another_band_count_than_the_training_tiles_is_warned_of_where_their_bands_are_picked(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A network of bands 3,2,1 of B,G,R,NIR tiles took bands 3,2,1 of an R,G,B date, its B,G,R, without a word.
+    state = torch.load(checkpoint, weights_only=True)
+    saved = tmp_path / "bgrn.pth"
+    torch.save({**state, "config": {**state["config"], "bands": "3,2,1"}, "tile_bands": 4}, saved)
+    rgb = scene_pixels(1)
+    before = write_geotiff(tmp_path / "2019" / "a.tif", np.concatenate([rgb[::-1], rgb[:1]]))
+    after = write_geotiff(tmp_path / "2024" / "a.tif", scene_pixels(1, moved=True))
+    with caplog.at_level("WARNING"):
+        assert run_change(tmp_path / "run", saved, before, after) == 0
+    warned = [r.getMessage() for r in caplog.records if "the training tiles 4" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"{after}: has 3 band(s)")
+
+
 # --- shifted and reprojected scenes, end to end; accuracy --------------------------------------------------
 
 
