@@ -218,6 +218,10 @@ def weights_in_file(path: Path, name: str) -> dict[str, torch.Tensor]:
     expected = f"expected a torchvision {name} state dict, e.g. {TORCHVISION_FILES[name]} (docs/encoders.md)"
     if not path.is_file():
         raise DataError(f"{path}: encoder weights not found; {expected}, or --encoder_weights= for random weights")
+    if path.stat().st_size == 0:
+        raise DataError(
+            f"{path}: an empty file (0 bytes), as a download cut short leaves: download it again; {expected}"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or damaged files

@@ -184,6 +184,9 @@ def test_files_that_are_not_the_encoder_s_weights_are_refused(tmp_path: Path) ->
         r".* download it again \([0-9,]+ bytes here\)\. Expected a torchvision resnet34",
     ):
         load_encoder_weights(model, tmp_path / "cut.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")  # a download that wrote nothing read "(EOFError: )"
+    with pytest.raises(DataError, match=r"empty.pth: an empty file \(0 bytes\), as a download cut short leaves"):
+        load_encoder_weights(model, tmp_path / "empty.pth")
     torch.save(nn.Conv2d(3, 4, 3), tmp_path / "pickled.pth")  # a whole network, not a download cut short
     with pytest.raises(DataError, match=r"pickled.pth: holds Python objects besides tensors.*model.state_dict\(\)"):
         load_encoder_weights(model, tmp_path / "pickled.pth")
