@@ -31,6 +31,9 @@ RECORD = Path("configs") / "predict_outputs.json"
 # The keys besides the model that change a finished output: masks, probabilities, fields.
 MASK_KEYS = ("threshold", "bands", "sieve_cells", *OUTPUT_KEYS)
 TILE_KEYS = ("sieve_cells",)  # those of MASK_KEYS that tile masks alone depend on: scenes keep their outputs
+# Those that scene outputs alone depend on (how a scene is cut into windows, resampled, drawn as fields): tile masks,
+# predicted whole, keep theirs.
+SCENE_KEYS = tuple(key for key in OUTPUT_KEYS if key != "tta")
 # What outputs made before a key of MASK_KEYS existed were made with, where that is not the key's default.
 BEFORE_KEY = {"sieve_cells": 0}
 
@@ -73,18 +76,17 @@ def read_earlier(run_dir: Path, now: dict[str, Any]) -> tuple[dict[str, Any] | N
 
 
 def outputs_since(cfg: Config, model: Path, job: Distributed, stamp: str = "") -> Since:
-    """This run's Since, after recording it (rank 0): unchanged where the model and keys are the last run's,
-    else now for tiles, and for scenes too unless only keys of TILE_KEYS differ; now for both where
-    ``skip_existing`` is off (every output is redone)."""
+    """This run's Since, after recording it (rank 0): unchanged where the model and keys are the last run's, else
+    now for tiles unless only keys of SCENE_KEYS differ, and for scenes unless only keys of TILE_KEYS differ; now
+    for both where ``skip_existing`` is off (every output is redone)."""
     now = settings_now(cfg, model, stamp)
     earlier, since = read_earlier(Path(cfg.run_dir), now)
     differ = list(now) if earlier is None else [key for key in now if earlier[key] != now[key]]
-    flags = [bool(differ) or not cfg.skip_existing, any(key not in TILE_KEYS for key in differ)]
+    redo = [not cfg.skip_existing or any(key not in keys for key in differ) for keys in (SCENE_KEYS, TILE_KEYS)]
     if job.world > 1:  # also a barrier: every rank has read the last run's record before rank 0 writes this one
-        flags = [bool(v) for v in all_reduce_sum(torch.tensor([int(f) for f in flags], device=job.device))]
+        redo = [bool(v) for v in all_reduce_sum(torch.tensor([int(f) for f in redo], device=job.device))]
     start = file_system_now(Path(cfg.run_dir) / RECORD.parent)
-    if flags[0]:
-        since = Since(start, start if flags[1] or not cfg.skip_existing else since.scenes)
+    since = Since(start if redo[0] else since.tiles, start if redo[1] else since.scenes)
     if differ and cfg.skip_existing:
         shown = "its record unreadable"
         if earlier is not None:
@@ -97,7 +99,11 @@ def outputs_since(cfg: Config, model: Path, job: Distributed, stamp: str = "") -
         LOG.info(
             "the last predict.py run here made its outputs otherwise (%s): %s",
             shown,
-            "they are redone" if flags[1] else "tile masks are redone (scenes keep theirs)",
+            "any of its outputs this run meets is redone"
+            if all(redo)
+            else "any of its tile masks this run meets is redone (scenes keep theirs)"
+            if redo[0]
+            else "any of its scene outputs this run meets is redone (tile masks keep theirs)",
         )
     if job.main:
         record = now | {"tiles_since": since.tiles, "scenes_since": since.scenes}

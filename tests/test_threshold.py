@@ -226,7 +226,12 @@ def test_a_changed_setting_or_model_redoes_outputs_and_a_stopped_redo_is_finishe
     assert record["nodata_fed_as"] == "nearest pixel with data"
     with caplog.at_level(logging.INFO, logger="predict"):
         assert since(sieve_cells=0).scenes == redo.scenes  # only the sieve again: scenes keep theirs
-    assert "(sieve_cells 16, now 0): tile masks are redone (scenes keep theirs)" in caplog.text
+    assert "(sieve_cells 16, now 0): any of its tile masks this run meets is redone (scenes keep theirs)" in caplog.text
+    kept = since(sieve_cells=0)
+    with caplog.at_level(logging.INFO, logger="predict"):  # a scene setting alone: tile masks keep theirs
+        assert since(sieve_cells=0, min_field_area_ha=0.5, window=256).tiles == kept.tiles
+    assert "any of its scene outputs this run meets is redone (tile masks keep theirs)" in caplog.text
+    assert since(sieve_cells=0, min_field_area_ha=0.5, window=256, tta=True).tiles >= start - 1  # tta: tiles too
     assert since(sieve_cells=0, threshold=0.3).scenes >= start - 1  # a new cut: scenes too
     (tmp_path / RECORD).write_text(json.dumps(record | {"tiles_since": 0.0, "scenes_since": 0.0}), encoding="utf-8")
     assert since() == Since()  # the record's model and keys: nothing redone
