@@ -242,14 +242,18 @@ def date_is_done(outputs: dict[str, Path], settings: scene.SceneSettings, image:
 
 
 def band_count(path: Path) -> int:
-    """The bands in an image file (DataError when it cannot be read)."""
-    with scene.scene_reader(path) as opened:
+    """The bands in an image file (DataError when it cannot be read); the file's warnings come as the pair opens."""
+    with scene.scene_reader(path, warn=False) as opened:
         return opened.count
 
 
 @contextlib.contextmanager
-def open_pair(pair: Pair, bands: Sequence[int], in_channels: int) -> Iterator[tuple[scene.Scene, scene.Scene, bool]]:
-    """Both scenes of a pair, opened and checked, and whether the after one lies on the before one's grid.
+def open_pair(
+    pair: Pair, bands: Sequence[int], in_channels: int, warn: bool = True
+) -> Iterator[tuple[scene.Scene, scene.Scene, bool]]:
+    """Both scenes of a pair, opened and checked, and whether the after one lies on the before one's grid;
+    ``warn``: of a scene placed only by RPCs or off its Gauss-Kruger zone (off for the check before prediction,
+    which opens the pair again).
 
     Raises:
         DataError: an unreadable file, band counts that differ between the dates (all their bands read, no
@@ -271,8 +275,8 @@ def open_pair(pair: Pair, bands: Sequence[int], in_channels: int) -> Iterator[tu
             f"same bands at both dates: {fix}"
         )
     with (
-        scene.open_scene(pair.before, bands, in_channels) as before,
-        scene.open_scene(pair.after, bands, in_channels) as after,
+        scene.open_scene(pair.before, bands, in_channels, warn=warn) as before,
+        scene.open_scene(pair.after, bands, in_channels, warn=warn) as after,
     ):
         if full_scale(before.dtype) != full_scale(after.dtype):
             # Each date is scaled by its type's range (255, 65535): the same ground would look many times darker
@@ -485,7 +489,8 @@ def check_pairs(pairs: Sequence[Pair], job: ChangeJob) -> tuple[list[Pair], int]
     ready, failures = [], 0
     for pair in pairs:
         try:
-            with open_pair(pair, job.settings.bands, job.state["config"]["in_channels"]) as (before, after, _):
+            in_channels = job.state["config"]["in_channels"]
+            with open_pair(pair, job.settings.bands, in_channels, warn=False) as (before, after, _):
                 if job.truth is not None:
                     change_detection.check_truth(job.truth, change_detection.grid_of(before), str(pair.before))
                 for date in (before, after):

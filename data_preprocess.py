@@ -684,9 +684,11 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
                 "0/255 masks), or leave it out"
             )
         classes = (mask >= threshold).astype(np.uint8)
-        top = int(mask.max()) if mask.size else 0
-        values = np.unique(mask) if 0 < top < threshold else np.zeros(0, mask.dtype)  # all background: why?
-        values = values[values != ignore_index]
+        # The labelled pixels' top: an unlabelled value at or above the threshold (128, VOC's 255) hides none of
+        # the checks below, which a 0/1 mask with unlabelled pixels would pass read as all background.
+        labelled = mask[mask != ignore_index] if ignore_index >= 0 else mask
+        top = int(labelled.max()) if labelled.size else 0
+        values = np.unique(labelled) if 0 < top < threshold else np.zeros(0, mask.dtype)  # all background: why?
         if values.size and holds_class_numbers(mask, path, values):
             shown = ", ".join(str(v) for v in values.tolist())
             found = f"holds values {{{shown}}}, all below --mask_threshold={threshold}, so all of it would read as "

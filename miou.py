@@ -121,7 +121,7 @@ def gallery(
         label = label_to_show(load_mask(label_path, cfg.mask_threshold, cfg.ignore_index))
         photo_title = "photo"
         try:
-            photo = photo_to_show(read_image(image_path), image_path, bands, shown)
+            photo = photo_to_show(read_image(image_path, nodata_as_zero=True), image_path, bands, shown)
         except DataError as err:
             LOG.warning("%s; %s shows no photo of it (its scores need only its label and prediction)", err, path)
             photo, photo_title = np.zeros(label.shape, np.float32), "photo (unreadable)"

@@ -75,11 +75,16 @@ def zone_prefix_hint(path: Path | str, crs: CRS | None, box: Sequence[float]) ->
         found = f"eastings from {left:.1f} lack the zone number {zone} its CRS puts in front"
     else:
         return ""
-    code = gauss_kruger_match(wanted, zone)
-    tool = "gdal_translate" if Path(path).suffix.lower() in RASTER_SUFFIXES else "ogr2ogr"
+    code, source = gauss_kruger_match(wanted, zone), Path(path)
+    if source.suffix.lower() in RASTER_SUFFIXES:  # gdal_translate takes the source first, ogr2ogr the copy first
+        copy = source.with_name(f"{source.stem}_crs.tif")
+        command = f"gdal_translate -a_srs {shell_quoted(code)} {shell_quoted(source)} {shell_quoted(copy)}"
+    else:
+        copy = source.with_name(f"{source.stem}_crs{source.suffix}")
+        command = f"ogr2ogr -a_srs {shell_quoted(code)} {shell_quoted(copy)} {shell_quoted(source)}"
     return (
         f"{path}: its {found} ({crs.to_string()}, false easting {false_easting:.0f}): it is probably in {code}; "
-        f"declare that CRS on a copy ({tool} -a_srs {code} out{Path(path).suffix} {Path(path).name})"
+        f"declare that CRS on a copy ({command})"
     )
 
 

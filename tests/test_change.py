@@ -1211,3 +1211,20 @@ def test_folders_of_dated_scene_names_say_what_each_holds_and_how_to_pair_them(t
     assert "(the before folder holds GF2_某县_20230815; the after folder GF2_某县_20240815)" in str(refused.value)
     assert "give each place's scenes the same name in both folders" in str(refused.value)
     assert "giving the two files as --before and --after" in str(refused.value)
+
+
+def test_a_date_off_its_gauss_kruger_zone_is_warned_of_once_not_at_every_opening(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Eastings with the zone number 39 in front under EPSG:4548 (none): each date was warned of four times, as its
+    # band count was read and as the pair was opened, both when checked and when predicted.
+    shifted = Affine(2.0, 0.0, 39500000.0, 0.0, -2.0, 4500000.0)
+    before, after = (
+        geotiff(tmp_path / "in" / f"farm_{year}.tif", scene_pixels(1), crs="EPSG:4548", transform=shifted)
+        for year in (2019, 2024)
+    )
+    with caplog.at_level("WARNING"):
+        assert run_change(tmp_path / "run", checkpoint, before, after) == 0
+    for path in (before, after):
+        warned = [r for r in caplog.records if r.getMessage().startswith(f"{path}: its eastings from 39500000.0")]
+        assert len(warned) == 1, path

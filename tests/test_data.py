@@ -261,6 +261,28 @@ def test_a_zero_one_mask_under_a_threshold_and_a_jpeg_mask_are_refused(tmp_path:
     assert load_mask(tmp_path / "b_mask.jpg", threshold=128).tolist() == (block == 255).astype(np.uint8).tolist()
 
 
+def test_a_zero_one_mask_with_unlabelled_pixels_under_a_threshold_is_refused_not_read_as_background(
+    tmp_path: Path,
+) -> None:
+    # A 0/1 mask (a VOC or labelme palette mask's indices) with its unlabelled value (128, or VOC's 255) at or above
+    # --mask_threshold=128: the unlabelled value hid the 0/1 check, and every farmland pixel read as background.
+    zero_one = np.zeros((8, 8), np.uint8)
+    zero_one[1:6, :5] = 1
+    for unlabelled in (128, 255):
+        mask = zero_one.copy()
+        mask[7] = unlabelled
+        write_image(tmp_path / f"u{unlabelled}_mask.png", mask)
+        with pytest.raises(DataError, match=rf"u{unlabelled}_mask\.png: holds values 0 to 1, all below --mask_thr"):
+            load_mask(tmp_path / f"u{unlabelled}_mask.png", threshold=128, ignore_index=unlabelled)
+        read = load_mask(tmp_path / f"u{unlabelled}_mask.png", ignore_index=unlabelled)
+        assert read[:7].tolist() == zero_one[:7].tolist() and (read[7] == IGNORE).all()
+    # A 0/255 mask with unlabelled 128 under the same threshold is read as before.
+    mask = np.where(zero_one == 1, 255, 0).astype(np.uint8)
+    mask[7] = 128
+    write_image(tmp_path / "w_mask.png", mask)
+    assert load_mask(tmp_path / "w_mask.png", threshold=128, ignore_index=128)[:7].tolist() == zero_one[:7].tolist()
+
+
 def test_a_mask_of_class_numbers_is_refused_with_a_recoding_not_a_threshold(tmp_path: Path) -> None:
     # 0 = background, 1 = farmland, 2 = water, 3 = road (labelme, GIS class exports). The refusal offered
     # --mask_threshold=128, which then read every such mask as all background; 0/1/2 was offered --ignore_index=2,

@@ -20,10 +20,12 @@ import shapely.geometry
 from conftest import folder_digest, write_rpc_tiff
 from conftest import write_geotiff as geotiff
 from pyogrio.raw import write as write_vector
+from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 import files
 import make_tiles
+import rasters
 import split_dataset
 from config import Config
 from data_preprocess import read_image, read_pair_list
@@ -747,7 +749,14 @@ def test_labels_whose_gauss_kruger_eastings_and_crs_disagree_on_the_zone_prefix_
     assert "地类图斑.shp: does not overlap the scene" in caplog.text and "(inf, " not in caplog.text
     assert "the labels cover (39510003.1, 3499873.0, 39510126.0, 3499997.8) in their CRS EPSG:4548" in caplog.text
     assert "eastings from 39510003.1 carry the zone number 39 in front, which its CRS lacks" in caplog.text
-    assert "it is probably in EPSG:4527; declare that CRS on a copy (ogr2ogr -a_srs EPSG:4527" in caplog.text
+    copy = labels.with_name("地类图斑_crs.shp")  # ogr2ogr takes the copy to write first, then the source
+    fix = f"ogr2ogr -a_srs EPSG:4527 {files.shell_quoted(copy)} {files.shell_quoted(labels)}"
+    assert f"it is probably in EPSG:4527; declare that CRS on a copy ({fix})" in caplog.text
+    # A CRS without an EPSG code is named by its PROJ string, quoted in the command as one argument.
+    custom = CRS.from_proj4("+proj=tmerc +lat_0=0 +lon_0=117 +k=1 +x_0=500000 +y_0=0 +ellps=WGS84 +units=m +no_defs")
+    hint = rasters.zone_prefix_hint(labels, custom, (39510000.0, 3499000.0, 39511000.0, 3500000.0))
+    proj = "+proj=tmerc +lat_0=0 +lon_0=117 +k=1 +x_0=39500000 +y_0=0 +ellps=WGS84 +units=m +no_defs"
+    assert f"(ogr2ogr -a_srs {files.shell_quoted(proj)} {files.shell_quoted(copy)}" in hint
     caplog.clear()
     # The other way round: eastings without the zone number under a CRS that puts it in front.
     labels = write_fields(tmp_path / "三调" / "无带号.shp", fields_utm(), crs="EPSG:4527")

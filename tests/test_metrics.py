@@ -254,6 +254,33 @@ def test_the_gallery_shows_unlabelled_pixels_grey_not_as_farmland(tmp_path: Path
     assert drawn[2:, :4].max() == 0 and drawn[2:, 4:].min() == 1
 
 
+def test_the_gallery_shows_a_tile_with_a_declared_nodata_value_as_training_reads_it(
+    tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A float tile whose declared nodata is -9999 trains and predicts (nodata reads as 0), but the gallery read it
+    # raw and called it unreadable, telling the user to rescale it to [0, 1].
+    import matplotlib.axes
+    import rasterio
+
+    from config import Config
+
+    reflectance = np.full((3, 8, 8), 0.3, np.float32)
+    reflectance[:, :2] = -9999
+    with rasterio.open(
+        tmp_path / "a.tif", "w", driver="GTiff", width=8, height=8, count=3, dtype="float32", nodata=-9999
+    ) as dst:
+        dst.write(reflectance)
+    write_image(tmp_path / "a_mask.png", np.zeros((8, 8), np.uint8))
+    write_image(tmp_path / "a_seg.png", np.zeros((8, 8), np.uint8))
+    shown = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda ax, array, **kw: shown.append(np.asarray(array)))
+    lookup = {"a": (tmp_path / "a.tif", tmp_path / "a_mask.png", tmp_path / "a_seg.png")}
+    with caplog.at_level("WARNING", logger="miou"):
+        miou.gallery([{"name": "a", "farmland_iou": 0.5}], lookup, Config(), (0, 1, 2), tmp_path / "g.png", "g")
+    assert "unreadable" not in caplog.text and "outside [0, 1]" not in caplog.text
+    assert shown[0][:2].max() == 0  # nodata drawn black, as the network sees it
+
+
 def test_a_long_tile_name_beside_a_gallery_row_stays_within_its_row(tmp_path: Path, monkeypatch) -> None:
     from config import Config
 

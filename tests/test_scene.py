@@ -33,7 +33,7 @@ import predict
 import rasters
 import scene
 from data_preprocess import load_mask, write_image
-from files import DataError
+from files import DataError, shell_quoted
 from net_structure import build_model
 
 CPU = torch.device("cpu")
@@ -677,7 +677,7 @@ def test_geographic_crs_gives_fractions_without_hectares(
     assert len(geometry) and all(a is None or math.isnan(a) for a in area_ha)
 
 
-def test_field_areas_are_given_to_the_square_centimetre(checkpoint: Path, tmp_path: Path) -> None:
+def test_field_areas_are_given_to_a_hundredth_of_a_square_metre(checkpoint: Path, tmp_path: Path) -> None:
     # 0.3 m pixels: 0.09 m2 each, whose products come out as 0.0006659999999999999 ha unrounded.
     transform = Affine(0.3, 0.0, 500000.0, 0.0, -0.3, 4100000.0)
     source = write_geotiff(tmp_path / "in.tif", scene_pixels(), crs=CRS, transform=transform)
@@ -1130,7 +1130,10 @@ def test_a_scene_whose_gauss_kruger_eastings_carry_a_zone_number_its_crs_lacks_i
     )
     scene.scene_reader(path).close()
     assert f"{path}: its eastings from 39510000.0 carry the zone number 39 in front, which its CRS lacks" in caplog.text
-    assert "it is probably in EPSG:4527; declare that CRS on a copy (gdal_translate -a_srs EPSG:4527" in caplog.text
+    # gdal_translate takes the source first: the command once named a copy "out.tif" as its source, then the scene
+    # as the file to write.
+    fix = f"gdal_translate -a_srs EPSG:4527 {shell_quoted(path)} {shell_quoted(path.with_name('GF2_某县_crs.tif'))}"
+    assert f"it is probably in EPSG:4527; declare that CRS on a copy ({fix})" in caplog.text
     caplog.clear()
     scene.scene_reader(
         geotiff(
