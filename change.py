@@ -80,6 +80,7 @@ class ChangeJob:
     rule: change_detection.ChangeRule
     cfg: Config
     truth: Path | None = None
+    bands_given: bool = False  # --bands on the command line: no date is warned of its band count
 
     @property
     def date_record(self) -> dict:
@@ -493,8 +494,11 @@ def check_pairs(pairs: Sequence[Pair], job: ChangeJob) -> tuple[list[Pair], int]
             with open_pair(pair, job.settings.bands, in_channels, warn=False) as (before, after, _):
                 if job.truth is not None:
                     change_detection.check_truth(job.truth, change_detection.grid_of(before), str(pair.before))
-                for date in (before, after):
-                    if message := other_band_count(date.count, date.path, job.state, job.cfg.bands):
+                for date in (before, after):  # counted as train.py counts its tiles: an alpha band left out
+                    count = scene.band_count(date.path)
+                    if count is not None and (
+                        message := other_band_count(count, date.path, job.state, job.bands_given)
+                    ):
                         LOG.warning("%s", message)
                 ready.append(pair)
         except DataError as err:
@@ -536,7 +540,7 @@ def make_job(cfg: Config, given: Collection[str] = ()) -> ChangeJob:
         overlay=False,
         save_sieved_mask=False,
     )
-    return ChangeJob(model, state, device, checkpoint, settings, rule, cfg, truth)
+    return ChangeJob(model, state, device, checkpoint, settings, rule, cfg, truth, "bands" in given)
 
 
 def write_run_table(run_dir: Path) -> Path:

@@ -30,17 +30,19 @@ from typing import Iterator, NoReturn, Sequence
 
 import cv2
 import numpy as np
+import rasterio
 import torch
 from rasterio import MemoryFile
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
 from torch.utils.data import Dataset, Sampler
 
 from cli import FALSE_WORDS, TRUE_WORDS
 from files import DataError, atomic_write_bytes, atomic_write_text, shell_quoted
 from png_text import SIGNATURE as PNG_SIGNATURE
 from png_text import with_text
-from rasters import REFLECTANCE_SLACK
+from rasters import RASTER_SUFFIXES, REFLECTANCE_SLACK
 from runtime import available_memory
 
 __all__ = ["DataError"]  # re-exported: scripts name input errors from here, with the readers
@@ -198,6 +200,37 @@ def decode_tiff(raw: np.ndarray, path: Path, nodata_as_zero: bool = False) -> np
     except RasterioError:
         return None
     return np.ascontiguousarray(bands.transpose(1, 2, 0))
+
+
+ALPHA_SAMPLE = 256  # rows across a raster's middle whose last band tells an alpha mask from image values (a few blocks)
+
+
+def colour_band_count(path: Path) -> int:
+    """The bands of an image file as the network can be given them: a palette's expanded to red, green and blue,
+    and a last band of alpha after grey or RGB left out (an RGBA PNG's; a TIFF's holding a mask, is_alpha_band, as
+    QGIS and gdalwarp -dstalpha write it), which never moves the numbers of the bands before it. A raster (a
+    GeoTIFF scene) is read by its header and that last band's rows across its middle, not whole. train.py records
+    its tiles' count so; prediction compares an input's with it (inference.other_band_count).
+
+    Raises:
+        DataError: the file is missing, unreadable or not an image.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in RASTER_SUFFIXES:
+        count = int(read_image(path).shape[2])  # OpenCV: a PNG's 2 or 4 channels are grey or RGB and alpha
+        return count - 1 if count in (2, 4) else count
+    try:
+        with quiet_gdal(), rasterio.open(path) as src:
+            count, last = src.count, src.colorinterp[-1] if src.count else None
+            if count == 1 and last == ColorInterp.palette:
+                return 3
+            if count in (2, 4) and last == ColorInterp.alpha:
+                rows = min(src.height, ALPHA_SAMPLE)
+                middle = Window(0, (src.height - rows) // 2, src.width, rows)
+                return count - int(is_alpha_band(src.read(count, window=middle)))
+            return count
+    except RasterioError as err:
+        raise DataError(f"{path}: not a readable raster ({err}); export it again as a GeoTIFF") from None
 
 
 def declared_nodata_to_zero(bands: np.ndarray, nodata: float | None) -> None:

@@ -98,12 +98,13 @@ def training_means(model: torch.nn.Module, state: dict) -> np.ndarray | None:
     return np.asarray(kept, dtype=np.float32) if kept else None
 
 
-def other_band_count(count: int, path: Path, state: dict, bands: str) -> str | None:
-    """The warning for an input of ``count`` bands given the training's ``bands`` though the training tiles had
-    another count (the checkpoint's ``tile_bands``): bands 3,2,1 of B,G,R,NIR tiles, taken from an R,G,B product,
-    are its B,G,R. None where the counts agree or are unknown, or where the training picked no bands."""
+def other_band_count(count: int, path: Path, state: dict, bands_given: bool) -> str | None:
+    """The warning for an input of ``count`` bands (data_preprocess.colour_band_count) fed the training's bands
+    though the training tiles had another count (the checkpoint's ``tile_bands``): bands 3,2,1 of B,G,R,NIR tiles,
+    taken from an R,G,B product, are its B,G,R. None where the counts agree or are unknown, where the training
+    picked no bands, or where the user named this input's bands (``bands_given``: --bands, the fix it asks for)."""
     tile_bands, trained = state.get("tile_bands"), str(state["config"].get("bands", ""))
-    if not tile_bands or count == tile_bands or not trained or parse_bands(bands) != parse_bands(trained):
+    if not tile_bands or count == tile_bands or not parse_bands(trained) or bands_given:
         return None
     return (
         f"{path}: has {count} band(s), the training tiles {tile_bands}, of which the network took bands {trained}; "

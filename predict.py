@@ -330,13 +330,14 @@ def resolve_bands(cfg: Config, trained: dict) -> None:
     cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, trained)
 
 
-def warn_band_counts(jobs: list[Job], state: dict, bands: str) -> None:
+def warn_band_counts(jobs: list[Job], state: dict, bands_given: bool) -> None:
     """Warn of inputs whose band count is not the training tiles' where the training's bands are picked from them
-    (inference.other_band_count): every scene, and the first tile of a folder (tiles come as one product)."""
+    and no --bands is given (inference.other_band_count): every scene, and the first tile of a folder (tiles come
+    as one product)."""
     checked = [j.image for j in jobs if j.is_scene] + [j.image for j in jobs if not j.is_scene][:1]
     for path in checked:
         count = scene.band_count(path)
-        if count is not None and (message := other_band_count(count, path, state, bands)):
+        if count is not None and (message := other_band_count(count, path, state, bands_given)):
             LOG.warning("%s", message)
 
 
@@ -408,7 +409,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     jobs, refused = plan_jobs(cfg, list_inputs(cfg, given), settings, job.main)
     check_fixed_side(jobs, segmenter, settings)  # before the outputs' record is touched: a refusal redoes nothing
     if job.main:
-        warn_band_counts(jobs, state, cfg.bands)
+        warn_band_counts(jobs, state, "bands" in given)
     since = outputs_since(cfg, checkpoint, job, state[LOADED_STAMP])
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included

@@ -57,7 +57,15 @@ from tqdm import tqdm
 import files
 import polygons
 from config import Config
-from data_preprocess import bands_beyond_error, image_to_float, parse_bands, read_image, shown_channels, write_image
+from data_preprocess import (
+    bands_beyond_error,
+    colour_band_count,
+    image_to_float,
+    parse_bands,
+    read_image,
+    shown_channels,
+    write_image,
+)
 from figures import stretched
 from files import DataError
 from inference import (
@@ -284,15 +292,11 @@ def image_size(path: Path) -> tuple[int, int] | None:
 
 
 def band_count(path: Path) -> int | None:
-    """The bands in an image file (a raster's header alone); None where it cannot be read (reported later)."""
+    """The bands in an image file less an alpha band (data_preprocess.colour_band_count, as train.py counts its
+    tiles'); None where it cannot be read (reported later)."""
     try:
-        if path.suffix.lower() in RASTER_SUFFIXES:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                with rasterio.open(path) as src:
-                    return int(src.count)
-        return int(read_image(path).shape[2])
-    except (DataError, rasterio.RasterioIOError):
+        return colour_band_count(path)
+    except DataError:
         return None
 
 

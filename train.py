@@ -42,9 +42,9 @@ from data_preprocess import (
     FEW_SCENES,
     DataError,
     FarmlandDataset,
+    colour_band_count,
     original_training_pairs,
     parse_bands_for,
-    read_image,
     read_pair_list,
     should_cache,
     shown_channels,
@@ -310,11 +310,12 @@ def value_means(train_set: FarmlandDataset, statistics: Any) -> list[float]:
 
 
 def tile_band_count(pairs: list[tuple[Path, Path]]) -> int | None:
-    """The band count of the first readable training tile's file, before ``bands`` picks from it (a model of bands
-    3,2,1 of B,G,R,NIR tiles given an R,G,B product takes 3,2,1 of it too, which prediction warns of)."""
+    """The band count of the first readable training tile's file, before ``bands`` picks from it, an alpha band
+    left out (colour_band_count) (a model of bands 3,2,1 of B,G,R,NIR tiles given an R,G,B product takes 3,2,1 of
+    it too, which prediction warns of)."""
     for image, _ in pairs[:8]:
         try:
-            return int(read_image(image).shape[2])
+            return colour_band_count(image)
         except DataError:
             continue  # the loader reports a bad tile
     return None

@@ -84,6 +84,27 @@ def test_a_four_band_8_bit_tiff_as_gdal_writes_it_by_default_keeps_its_nir(tmp_p
     assert load_image(path, 4).shape == (4, 3, 4)
 
 
+def test_training_and_prediction_count_an_image_files_bands_alike_without_its_alpha(tmp_path: Path) -> None:
+    # train.py recorded an RGBA PNG tile as 4 bands where an RGB+alpha TIFF was 3, and prediction counted a TIFF's
+    # alpha: a network given the very kind of file it was trained on was warned of another band count.
+    import scene
+    import train
+
+    rgb = np.random.default_rng(0).integers(1, 200, (3, 8, 8)).astype(np.uint8)
+    alpha = np.full((1, 8, 8), 255, np.uint8)
+    alpha[0, 0] = 0
+    write_image(tmp_path / "rgba.png", np.concatenate([rgb, alpha]).transpose(1, 2, 0))
+    write_image(tmp_path / "grey.png", rgb[0])
+    with rasterio.open(tmp_path / "rgba.tif", "w", driver="GTiff", width=8, height=8, count=4, dtype="uint8") as dst:
+        dst.write(np.concatenate([rgb, alpha]))  # tagged red, green, blue, alpha by GDAL's default
+    with rasterio.open(tmp_path / "bgrn.tif", "w", driver="GTiff", width=8, height=8, count=4, dtype="uint8") as dst:
+        dst.write(np.concatenate([rgb, rgb[:1] // 2 + 1]))  # tagged alpha too, but near-infrared values
+    for name, count in {"rgba.png": 3, "rgba.tif": 3, "bgrn.tif": 4, "grey.png": 1}.items():
+        path = tmp_path / name
+        assert train.tile_band_count([(path, path)]) == scene.band_count(path) == count, name
+    assert read_image(tmp_path / "rgba.tif").shape[2] == 3 and read_image(tmp_path / "bgrn.tif").shape[2] == 4
+
+
 @pytest.mark.parametrize("opaque", [255, 65535])
 def test_a_sixteen_bit_rgb_tiff_with_an_alpha_of_0_and_255_or_65535_loses_its_alpha(
     tmp_path: Path, opaque: int

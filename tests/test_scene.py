@@ -900,6 +900,30 @@ def test_a_product_of_another_band_count_than_the_training_tiles_is_warned_of_wh
     assert not [r for r in caplog.records if "the training tiles 4" in r.getMessage()]
 
 
+def test_an_alpha_band_or_the_bands_named_again_are_not_warned_of_as_another_band_count(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network of bands 3,2,1 of R,G,B tiles given an R,G,B scene with an alpha band (gdalwarp -dstalpha): the
+    same colour bands at the same numbers, not another product. And --bands named by the user, the training's own
+    numbers included, is the fix the warning asks for: it silences it. A B,G,R,NIR scene is still warned of."""
+    rgb = scene_pixels()[:, :128, :128]
+    alpha = np.where(rgb.any(axis=0), 255, 0).astype(np.uint8)[None]
+    write_geotiff(tmp_path / "in" / "rgba.tif", np.concatenate([rgb, alpha]), photometric="RGB", alpha="YES")
+    write_geotiff(tmp_path / "bgrn" / "bgrn.tif", np.concatenate([rgb[::-1], rgb[:1] // 2 + 1]))
+    write_geotiff(tmp_path / "rgb" / "rgb.tif", rgb)
+    of_rgb, of_bgrn = tmp_path / "rgb.pth", tmp_path / "bgrn.pth"
+    torch.save({**state, "config": {**state["config"], "bands": "3,2,1"}, "tile_bands": 3, "epoch": 1}, of_rgb)
+    torch.save({**state, "config": {**state["config"], "bands": "3,2,1"}, "tile_bands": 4, "epoch": 1}, of_bgrn)
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "run", of_rgb, tmp_path / "in") == 0
+        assert run_predict(tmp_path / "again", of_bgrn, tmp_path / "rgb", "--bands=3,2,1") == 0  # its own 3,2,1
+    assert not [r for r in caplog.records if "the training tiles" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        assert run_predict(tmp_path / "other", of_rgb, tmp_path / "bgrn") == 0
+    warned = [r.getMessage() for r in caplog.records if "the training tiles" in r.getMessage()]
+    assert len(warned) == 1 and "bgrn.tif: has 4 band(s), the training tiles 3" in warned[0]
+
+
 def test_a_network_trained_without_normalise_warns_of_another_value_scale_from_the_band_means_it_keeps(
     state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
