@@ -610,10 +610,15 @@ def holds_class_numbers(mask: np.ndarray, path: Path, values: np.ndarray) -> boo
     return np.issubdtype(mask.dtype, np.integer) and within and fills_a_block(mask, values[values > 0])
 
 
-def class_numbers_error(values: np.ndarray, path: Path, found: str, ignore_index: int) -> DataError:
+def class_numbers_error(
+    values: np.ndarray, path: Path, found: str, ignore_index: int, void: int | None = None
+) -> DataError:
     """The refusal of a mask of class numbers (``found``: what was wrong with it), with a recoding that keeps
-    farmland and makes every other class background; neither --mask_threshold nor --ignore_index does that."""
-    others = [int(v) for v in values if v >= 2 and v != ignore_index]
+    farmland and makes every other class background; neither --mask_threshold nor --ignore_index does that.
+    ``void``: a value beside the classes that marks unlabelled pixels (VOC's 255), kept by the recoding and offered
+    as --ignore_index."""
+    kept = ignore_index if ignore_index >= 0 else void
+    others = [int(v) for v in values if v >= 2 and v != kept]
     lossy = (
         "; JPEG has changed the numbers near the edges, so export the masks from the labelling tool as PNG if you can"
         if Path(path).suffix.lower() in LOSSY_SUFFIXES
@@ -621,7 +626,15 @@ def class_numbers_error(values: np.ndarray, path: Path, found: str, ignore_index
     )
     unlabelled = (
         f"; if {others[0]} marks unlabelled pixels rather than a class, set --ignore_index={others[0]} instead"
-        if len(others) == 1 and ignore_index < 0
+        if len(others) == 1 and kept is None
+        else ""
+    )
+    recoding = "numpy.where(mask == 1, 1, 0)"
+    if kept is not None:  # unlabelled pixels stay unlabelled, not background
+        recoding = f"numpy.where(mask == 1, 1, numpy.where(mask == {kept}, {kept}, 0))"
+    void_fix = (
+        f", and set --ignore_index={void}: {void} beside the classes looks like unlabelled pixels (VOC marks them so)"
+        if void is not None and ignore_index < 0
         else ""
     )
     return DataError(
@@ -629,9 +642,9 @@ def class_numbers_error(values: np.ndarray, path: Path, found: str, ignore_index
         f"{', '.join(str(v) for v in others[:6])} = {'another class' if len(others) == 1 else 'other classes'} such "
         "as water or roads); expected only 0 and 255 "
         "(or 0 and 1), every class that is not farmland being 0. Recode the masks so: in Python, "
-        "numpy.where(mask == 1, 1, 0).astype(numpy.uint8) saved as PNG (put farmland's number in place of 1 if it "
-        f"has another); --mask_threshold cannot pick one class out (it reads every value from N up as farmland)"
-        f"{unlabelled}{lossy}"
+        f"{recoding}.astype(numpy.uint8) saved as PNG (put farmland's number in place of 1 if it "
+        f"has another){void_fix}; --mask_threshold cannot pick one class out (it reads every value from N up as "
+        f"farmland){unlabelled}{lossy}"
     )
 
 
@@ -644,6 +657,10 @@ def mask_values_error(mask: np.ndarray, values: np.ndarray, path: Path, ignore_i
     one_more = one_more and any(np.isin(values, (0, top, *other)).all() for top in (1, 255))
     if float(values.min()) >= 0 and holds_class_numbers(mask, path, values):
         return class_numbers_error(values, path, f"holds values {{{shown}}}", ignore_index)
+    labelled = values[values != 255]  # class numbers with 255 for unlabelled pixels, as VOC's masks hold them
+    if ignore_index < 0 and labelled.size < values.size and np.isin((0, 1), labelled).all():
+        if float(labelled.min()) >= 0 and holds_class_numbers(mask, path, labelled):
+            return class_numbers_error(values, path, f"holds values {{{shown}}}", ignore_index, void=255)
     if mask.dtype == np.uint16 and np.isin(values, (0, 65535)).all():  # 16-bit full scale, not unlabelled
         fix = (
             "it looks like a 16-bit mask with 65535 = farmland: save the masks as 8-bit PNGs of 0 and 255, or "
@@ -726,6 +743,16 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
             shown = ", ".join(str(v) for v in values.tolist())
             found = f"holds values {{{shown}}}, all below --mask_threshold={threshold}, so all of it would read as "
             raise class_numbers_error(values, path, found + "background", ignore_index)
+        if ignore_index < 0 and top == 255 and mask.dtype == np.uint8:
+            # Class numbers with VOC's 255 for unlabelled pixels: only the unlabelled pixels would read as farmland.
+            found_values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+            lower = found_values[found_values != 255]
+            if 1 in lower and int(lower.max()) < threshold and holds_class_numbers(mask, path, lower):
+                shown = ", ".join(str(v) for v in found_values.tolist())
+                found = (
+                    f"holds values {{{shown}}}; under --mask_threshold={threshold} only the 255s would read as farmland"
+                )
+                raise class_numbers_error(found_values, path, found, ignore_index, void=255)
         # A 0/1 mask's farmland fills an area; a faint anti-aliased fringe (values 1 and 2) reads as background.
         if 0 < top < min(threshold, ZERO_ONE_TOP + 1) and fills_a_block(mask, values[values > 0]):
             lossy = top == ZERO_ONE_TOP and Path(path).suffix.lower() in LOSSY_SUFFIXES

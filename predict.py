@@ -313,30 +313,49 @@ def check_fixed_side(jobs: list[Job], segmenter: OnnxSegmenter | None, settings:
 
 def resolve_bands(cfg: Config, trained: dict) -> None:
     """Set ``bands`` and ``rgb_bands`` in ``cfg`` to the training's (``trained``: the checkpoint's config) unless
-    the user gave others for these images; warn where the bands read differ from the training's."""
-    bands = str(trained.get("bands", ""))
-    # A training that named no bands read every band of its tiles in file order: 1..in_channels.
-    read = bands or ",".join(str(band) for band in range(1, int(trained.get("in_channels", 3)) + 1))
+    the user gave others for these images (warn_other_bands warns of those once the inputs are known)."""
     if not cfg.bands:
-        cfg.bands = bands  # the bands the network was trained on, unless the user names others for these images
-    elif parse_bands(cfg.bands) != parse_bands(read):
-        LOG.warning(
-            "--bands=%s differs from the bands the network was trained on (--bands=%s%s): right only where these "
-            "images hold those bands at other numbers; leave --bands out to use the training's",
-            cfg.bands,
-            read,
-            "" if bands else ", every band of its tiles in file order",
-        )
+        cfg.bands = str(trained.get("bands", ""))  # the bands the network was trained on, unless the user names others
     cfg.rgb_bands = rgb_bands_for(cfg.rgb_bands, cfg.bands, trained)
 
 
-def warn_band_counts(jobs: list[Job], state: dict, bands_given: bool) -> None:
+def warn_other_bands(given: str, state: dict, counts: Sequence[int]) -> None:
+    """Warn where the bands the user gave (``given``, empty where none) differ from those the network was trained
+    on, unless every input checked (``counts``, their band counts) has another band count than the training tiles
+    (the checkpoint's ``tile_bands``): those bands name this product's, as inference.other_band_count asks."""
+    trained = state["config"]
+    bands = str(trained.get("bands", ""))
+    # A training that named no bands read every band of its tiles in file order: 1..in_channels.
+    read = bands or ",".join(str(band) for band in range(1, int(trained.get("in_channels", 3)) + 1))
+    if not given or parse_bands(given) == parse_bands(read):
+        return
+    tile_bands = state.get("tile_bands")
+    if tile_bands and counts and all(count != tile_bands for count in counts):
+        LOG.info(
+            "--bands=%s of these %s-band input(s) stand for bands %s of the %d-band training tiles",
+            given,
+            ",".join(str(count) for count in sorted(set(counts))),
+            read,
+            tile_bands,
+        )
+        return
+    LOG.warning(
+        "--bands=%s differs from the bands the network was trained on (--bands=%s%s): right only where these "
+        "images hold those bands at other numbers; leave --bands out to use the training's",
+        given,
+        read,
+        "" if bands else ", every band of its tiles in file order",
+    )
+
+
+def warn_band_counts(jobs: list[Job], state: dict, bands_given: bool, given: str = "") -> None:
     """Warn of inputs whose band count is not the training tiles' where the training's bands are picked from them
-    and no --bands is given (inference.other_band_count): every scene, and the first tile of a folder (tiles come
-    as one product)."""
+    and no --bands is given (inference.other_band_count), and of --bands (``given``) other than the training's
+    (warn_other_bands): every scene, and the first tile of a folder (tiles come as one product)."""
     checked = [j.image for j in jobs if j.is_scene] + [j.image for j in jobs if not j.is_scene][:1]
-    for path in checked:
-        count = scene.band_count(path)
+    counts = [scene.band_count(path) for path in checked]
+    warn_other_bands(given, state, [count for count in counts if count is not None])
+    for path, count in zip(checked, counts):
         if count is not None and (message := other_band_count(count, path, state, bands_given)):
             LOG.warning("%s", message)
 
@@ -409,7 +428,7 @@ def predict_all(argv: Sequence[str] | None = None) -> int:
     jobs, refused = plan_jobs(cfg, list_inputs(cfg, given), settings, job.main)
     check_fixed_side(jobs, segmenter, settings)  # before the outputs' record is touched: a refusal redoes nothing
     if job.main:
-        warn_band_counts(jobs, state, "bands" in given)
+        warn_band_counts(jobs, state, "bands" in given, cfg.bands if "bands" in given else "")
     since = outputs_since(cfg, checkpoint, job, state[LOADED_STAMP])
     if job.main:
         cli.save_config(cfg, "predict")  # as resolved, bands included

@@ -339,6 +339,31 @@ def test_a_mask_of_class_numbers_is_refused_with_a_recoding_not_a_threshold(tmp_
         load_mask(tmp_path / "d_mask.jpg", threshold=128)
 
 
+def test_a_voc_mask_of_class_numbers_with_255_for_unlabelled_pixels_is_offered_the_recoding(tmp_path: Path) -> None:
+    # A palette mask as labelme or VOC write it: 0 background, 1 farmland, 2 water, 255 unlabelled. It was told to
+    # re-export as grayscale (it is lossless and read as its indices) or to use --mask_threshold=128, which makes
+    # the unlabelled pixels farmland and the farmland background.
+    mask = np.kron(np.array([[0, 1, 2, 255]], np.uint8), np.ones((3, 3), np.uint8))
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette([0, 0, 0, 128, 0, 0, 0, 0, 128] + [0] * (252 * 3) + [224, 224, 192])
+    image.save(tmp_path / "a_mask.png")
+    with pytest.raises(DataError, match=r"a_mask\.png: holds values \{0, 1, 2, 255\}.*class numbers") as err:
+        load_mask(tmp_path / "a_mask.png")
+    message = str(err.value)
+    assert "2 = another class" in message and "set --ignore_index=255" in message
+    assert "numpy.where(mask == 1, 1, numpy.where(mask == 255, 255, 0))" in message
+    assert "--mask_threshold=128" not in message and "grayscale, not palette" not in message
+    # Under --mask_threshold=128 it read the farmland as background and the unlabelled pixels as farmland.
+    with pytest.raises(DataError, match=r"under --mask_threshold=128 only the 255s would read as farmland") as err:
+        load_mask(tmp_path / "a_mask.png", threshold=128)
+    assert "set --ignore_index=255" in str(err.value)
+    # Following it: the recoded mask, read with --ignore_index=255, keeps farmland and leaves 255 out.
+    recoded = np.where(mask == 1, 1, np.where(mask == 255, 255, 0)).astype(np.uint8)
+    write_image(tmp_path / "b_mask.png", recoded)
+    read = np.kron(np.array([[0, 1, 0, IGNORE]], np.uint8), np.ones((3, 3), np.uint8))
+    assert load_mask(tmp_path / "b_mask.png", ignore_index=255).tolist() == read.tolist()
+
+
 def test_a_tile_holding_only_the_faint_fringe_of_an_anti_aliased_mask_is_background(tmp_path: Path) -> None:
     # A tile of a resized 0/255 mask whose field lies beyond its edge holds a 1-pixel fringe of low values; it was
     # taken for class numbers and refused under --mask_threshold=128, which reads it as background.

@@ -227,11 +227,29 @@ def test_bands_given_to_predict_are_warned_of_where_training_read_every_band(cap
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="predict"):
             predict.resolve_bands(cfg, trained)
+            predict.warn_other_bands(given, {"config": trained}, [len(given.split(","))])
         assert cfg.bands == given
         if warned is None:
             assert "differs from the bands" not in caplog.text
         else:
             assert f"--bands={given} differs from the bands the network was trained on {warned}" in caplog.text
+
+
+def test_bands_named_for_a_product_of_another_band_count_are_not_warned_against(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A network trained on bands 3,2,1 of B,G,R,NIR tiles, given --bands=1,2,3 for an R,G,B scene as the band count
+    warning asks, is not told to leave --bands out; a 4-band input given other bands still is."""
+    state = {"config": {"bands": "3,2,1", "in_channels": 3}, "tile_bands": 4}
+    with caplog.at_level(logging.INFO, logger="predict"):
+        predict.warn_other_bands("1,2,3", state, [3])
+    assert "differs from the bands" not in caplog.text and "leave --bands out" not in caplog.text
+    assert "--bands=1,2,3 of these 3-band input(s) stand for bands 3,2,1 of the 4-band training tiles" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="predict"):
+        predict.warn_other_bands("1,2,3", state, [4])
+        predict.warn_other_bands("1,2,3", state, [3, 4])
+    assert caplog.text.count("--bands=1,2,3 differs from the bands the network was trained on (--bands=3,2,1)") == 2
 
 
 def test_validation_histogram_counts_each_labelled_pixel_once() -> None:
