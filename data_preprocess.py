@@ -687,7 +687,7 @@ def mask_values_error(mask: np.ndarray, values: np.ndarray, path: Path, ignore_i
             f"it is given), set --ignore_index={value}; else re-export the masks losslessly (PNG, not JPEG)"
         )
     else:
-        fix = "re-export masks losslessly (PNG, not JPEG; grayscale, not palette), or set --mask_threshold=128"
+        fix = "re-export masks losslessly (PNG, not JPEG), or set --mask_threshold=128"
         fix += "" if ignore_index >= 0 else ", or --ignore_index=N when value N marks unlabelled pixels"
     return DataError(
         f"{path}: holds values {{{shown}}}; expected only 0 and 255 (or 0 and 1). {fix[0].upper()}{fix[1:]}"
@@ -753,6 +753,16 @@ def mask_to_classes(mask: np.ndarray, path: Path, threshold: int = 0, ignore_ind
                     f"holds values {{{shown}}}; under --mask_threshold={threshold} only the 255s would read as farmland"
                 )
                 raise class_numbers_error(found_values, path, found, ignore_index, void=255)
+            lossless = Path(path).suffix.lower() not in LOSSY_SUFFIXES
+            zero_one = np.isin(found_values, (0, 1, 255)).all() and fills_a_block(mask, lower[lower == 1])
+            if lossless and zero_one and threshold > 1:
+                # A 0/1 mask with 255 for unlabelled pixels (VOC's): the farmland would read as background.
+                raise DataError(
+                    f"{path}: holds values {{0, 1, 255}}; under --mask_threshold={threshold} only the 255s would read "
+                    "as farmland and the 1s as background; it looks like a 0/1 mask (1 = farmland) with 255 for "
+                    "unlabelled pixels, as VOC marks them: leave --mask_threshold out and set --ignore_index=255 (if "
+                    "255 is farmland as 1 is, set --mask_threshold=1)"
+                )
         # A 0/1 mask's farmland fills an area; a faint anti-aliased fringe (values 1 and 2) reads as background.
         if 0 < top < min(threshold, ZERO_ONE_TOP + 1) and fills_a_block(mask, values[values > 0]):
             lossy = top == ZERO_ONE_TOP and Path(path).suffix.lower() in LOSSY_SUFFIXES

@@ -89,7 +89,7 @@ VALUE_SCALE_LIMIT = 4.0  # input band means this many times above or below the t
 def training_means(model: torch.nn.Module, state: dict) -> np.ndarray | None:
     """The training tiles' band means (scaled to [0, 1] as tiles are: 8-bit / 255, 16-bit / 65535): the network's
     with normalise, else those the checkpoint keeps beside it (``band_means``); None where there are none (a
-    checkpoint trained without normalise before they were kept, or an ONNX model)."""
+    checkpoint trained without normalise before they were kept, or an ONNX model exported before it carried them)."""
     trained = getattr(model, "band_mean", None)
     if state["config"].get("normalise") and isinstance(trained, torch.Tensor) and bool(trained.any()):
         return trained.detach().cpu().float().numpy()

@@ -364,6 +364,35 @@ def test_a_voc_mask_of_class_numbers_with_255_for_unlabelled_pixels_is_offered_t
     assert load_mask(tmp_path / "b_mask.png", ignore_index=255).tolist() == read.tolist()
 
 
+def test_a_voc_zero_one_mask_with_255_for_unlabelled_pixels_under_a_threshold_is_refused(tmp_path: Path) -> None:
+    # A VOC palette mask of 0 background, 1 farmland and 255 unlabelled (or the recoding the class-number refusal
+    # offers) under --mask_threshold=128 without --ignore_index read its farmland as background and the unlabelled
+    # pixels as farmland, silently.
+    mask = np.kron(np.array([[0, 1, 255]], np.uint8), np.ones((3, 3), np.uint8))
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette([0, 0, 0, 128, 0, 0] + [0] * (253 * 3) + [224, 224, 192])
+    image.save(tmp_path / "a_mask.png")
+    with pytest.raises(DataError, match=r"a_mask\.png: holds values \{0, 1, 255\}; under --mask_threshold=128") as err:
+        load_mask(tmp_path / "a_mask.png", threshold=128)
+    assert "set --ignore_index=255" in str(err.value)
+    read = np.kron(np.array([[0, 1, IGNORE]], np.uint8), np.ones((3, 3), np.uint8))
+    assert load_mask(tmp_path / "a_mask.png", ignore_index=255).tolist() == read.tolist()
+    # A palette mask of other indices is not told to be saved as grayscale: its indices are what is read, and
+    # a conversion to grey would give each colour's brightness instead.
+    other = np.kron(np.array([[0, 38, 75, 255]], np.uint8), np.ones((3, 3), np.uint8))
+    image = Image.fromarray(other, mode="P")
+    image.putpalette([0, 0, 0] + [90, 10, 200] * 255)
+    image.save(tmp_path / "c_mask.png")
+    with pytest.raises(DataError, match=r"c_mask\.png: holds values \{0, 38, 75, 255\}") as err:
+        load_mask(tmp_path / "c_mask.png")
+    assert "grayscale" not in str(err.value)
+    # A 0/255 mask with a stray 1 along an edge is read as before under the threshold.
+    plain = np.kron(np.array([[0, 255]], np.uint8), np.ones((3, 3), np.uint8))
+    plain[0, 2] = 1
+    write_image(tmp_path / "b_mask.png", plain)
+    assert load_mask(tmp_path / "b_mask.png", threshold=128).tolist() == (plain == 255).astype(np.uint8).tolist()
+
+
 def test_a_tile_holding_only_the_faint_fringe_of_an_anti_aliased_mask_is_background(tmp_path: Path) -> None:
     # A tile of a resized 0/255 mask whose field lies beyond its edge holds a 1-pixel fringe of low values; it was
     # taken for class numbers and refused under --mask_threshold=128, which reads it as background.
