@@ -49,6 +49,7 @@ from data_preprocess import (
     mask_to_classes,
     parse_bands,
     parse_bands_for,
+    quiet_gdal,
     read_image,
     read_mask,
     read_pair_list,
@@ -261,7 +262,8 @@ def check_pair(
             f"{mask.shape[1]}x{mask.shape[0]}; they must be the same size"
         )
     # All bands 0, or the value a TIFF tile declares as nodata (65535 around a 16-bit tile, say), as scenes count it.
-    declared = declared_nodata(image_path)
+    with quiet_gdal():  # libtiff's notes on a B,G,R,NIR tile's tags, once a tile
+        declared = declared_nodata(image_path)
     empty = nodata_pixels(image, declared, axis=2)
     # An RGBA PNG loses its alpha (match_bands); its transparent pixels, often white, are nodata all the same.
     transparent = image.shape[2] == 4 and cfg.in_channels == 3 and image_path.suffix.lower() == ".png"

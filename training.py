@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import Config
-from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset
+from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset, quiet_gdal
 from files import DataError, atomic_write_csv, shown_path
 from metrics import confusion_counts
 from rasters import SAME_PIXEL_SIZE, TILE_TABLE, ground_pixel_size, open_raster, read_tile_table
@@ -907,7 +907,7 @@ def tile_pixel_size(image: Path, tables: dict[Path, dict[str, float | None]]) ->
     """One tile's metres per pixel on the ground (rasters.ground_pixel_size), from its georeference or its folder's
     tiles.csv (read once into ``tables``)."""
     try:
-        with open_raster(image) as src:
+        with quiet_gdal(), open_raster(image) as src:  # libtiff's notes on a B,G,R,NIR tile's tags, once a tile
             size = ground_pixel_size(src.crs, src.transform, src.width, src.height)
     except DataError:
         size = None

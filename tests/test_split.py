@@ -779,3 +779,27 @@ def test_a_long_check_logs_its_progress_where_no_bar_is_shown(
     total = len(list((square_data / "images").iterdir()))
     assert lines and lines[0] == f"checking pairs: 1 of {total} pair(s) ({100 / total:.0f}%)"
     assert len(lines) == total - 1  # the last is told by the summary line
+
+
+def test_b_g_r_nir_8_bit_tiff_tiles_are_split_and_sized_without_a_libtiff_note_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 4-band 8-bit TIFFs as write_image writes them: libtiff noted their extra samples once a tile, at the split's
+    # nodata check and the training's pixel-size read (up to 500 lines before the first epoch).
+    import logging
+
+    import training
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(10):
+        image, mask = square_tile(rng)
+        pairs.append(write_pair(tmp_path / "data", f"t{i}", np.dstack([image, image[:, :, :1]]), mask, ext=".tif"))
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        assert split_dataset.main([f"--data_dir={tmp_path / 'data'}", f"--run_dir={run_dir}", "--in_channels=4"]) == 0
+    assert "TIFFReadDirectory" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert training.tiles_pixel_size(pairs) is None
+    assert "TIFFReadDirectory" not in caplog.text
