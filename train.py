@@ -624,8 +624,8 @@ def build_trainer(cfg: Config, job: Distributed, ckpt_dir: Path) -> tuple[Traine
     """Data, loss, network, optimiser, schedule and scaler, restored when resuming and wrapped for torchrun.
     Returns the trainer, the progress so far and the (training, validation) tile counts."""
     check_settings(cfg)
+    train_pairs, val_pairs = load_splits(Path(cfg.run_dir))  # a missing split first, before what it would decide
     resolve_keep_epoch(cfg, job)
-    train_pairs, val_pairs = load_splits(Path(cfg.run_dir))
     if cfg.pixel_size_m <= 0:  # stored with the config in every checkpoint: scenes are resampled to it
         # augment.py's flipped copies are in no tiles.csv and tell nothing the tiles they copy do not
         cfg.pixel_size_m = tiles_pixel_size(original_training_pairs(Path(cfg.run_dir))) or 0.0

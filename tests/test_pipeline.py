@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import args, folder_digest, square_tile, weights, write_pair
+from conftest import args, close_log_files, folder_digest, square_tile, weights, write_pair
 from PIL import Image
 
 import augment
@@ -208,9 +209,11 @@ def test_resume_refuses_another_network(shared_square_data: Path, run_copy: Path
         train.main(args(shared_square_data, tmp_path / "fresh", "--resume=true"))
 
 
-def test_train_without_split_says_what_to_run(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="run split_dataset.py first"):
-        train.main(args(tmp_path / "data", tmp_path / "run"))
+def test_train_without_split_says_what_to_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO), pytest.raises(DataError, match="run split_dataset.py first"):
+        train.main(args(tmp_path / "data", tmp_path / "run", "--recipe=recommended"))
+    close_log_files()
+    assert "keep_epoch" not in caplog.text  # no word of a scene count from a split that is not there
 
 
 def test_predict_a_folder_reports_bad_files_and_goes_on(
