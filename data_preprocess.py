@@ -105,9 +105,10 @@ def exif_turned(path: Path) -> bool:
         return False
 
 
-def read_image(path: Path, nodata_as_zero: bool = False) -> np.ndarray:
+def read_image(path: Path, nodata_as_zero: bool = False, palette_as_indices: bool = False) -> np.ndarray:
     """Read an image as (H, W, C) in file band order (RGB, RGBA, RGB+NIR), 8- or 16-bit or float; with
-    ``nodata_as_zero`` (images, not masks) a TIFF's pixels of its declared nodata value read as 0, the nodata.
+    ``nodata_as_zero`` (images, not masks) a TIFF's pixels of its declared nodata value read as 0, the nodata; with
+    ``palette_as_indices`` (masks) a palette TIFF as its indices, not the colours they stand for.
 
     Raises:
         DataError: the file is missing, unreadable or not an image.
@@ -120,7 +121,8 @@ def read_image(path: Path, nodata_as_zero: bool = False) -> np.ndarray:
         raw = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror}); check that the file exists") from None
-    image = decode_tiff(raw, path, nodata_as_zero) if raw.size and path.suffix.lower() in TIFF_EXTENSIONS else None
+    tiff = raw.size and path.suffix.lower() in TIFF_EXTENSIONS
+    image = decode_tiff(raw, path, nodata_as_zero, palette_as_indices) if tiff else None
     if image is None and raw.size:
         image = decode_other(raw, path)  # also a PNG or JPEG saved under a TIFF name
     if image is None:
@@ -170,9 +172,12 @@ def is_alpha_band(band: np.ndarray) -> bool:
     return bool(np.isin(band, (0, 255, top)).all())
 
 
-def decode_tiff(raw: np.ndarray, path: Path, nodata_as_zero: bool = False) -> np.ndarray | None:
-    """A TIFF's bands as (H, W, C) in file order, palette colours expanded to RGB, an alpha band after grey or RGB
-    dropped (is_alpha_band: a band tagged alpha that holds image values is kept); None where GDAL cannot read it.
+def decode_tiff(
+    raw: np.ndarray, path: Path, nodata_as_zero: bool = False, palette_as_indices: bool = False
+) -> np.ndarray | None:
+    """A TIFF's bands as (H, W, C) in file order, palette colours expanded to RGB (unless ``palette_as_indices``),
+    an alpha band after grey or RGB dropped (is_alpha_band: a band tagged alpha that holds image values is kept);
+    None where GDAL cannot read it.
 
     OpenCV reads a TIFF by its photometric tag: a 3- or 4-band 16-bit TIFF tagged grey (as GDAL writes them)
     comes back as one band of wrong values, and more than 4 bands not at all. GDAL reads every layout.
@@ -188,14 +193,15 @@ def decode_tiff(raw: np.ndarray, path: Path, nodata_as_zero: bool = False) -> np
                 bands = src.read()
             except MemoryError:
                 raise_too_large(*declared)
-            if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
+            palette = src.count == 1 and src.colorinterp[0] == ColorInterp.palette
+            if palette and not palette_as_indices:
                 bands = palette_colours(bands[0], src.colormap(1))
             elif src.count in (2, 4) and src.colorinterp[-1] == ColorInterp.alpha and is_alpha_band(bands[-1]):
                 # Grey or RGB and alpha (QGIS or gdalwarp -dstalpha exports): the colour, as of an RGBA PNG, not a
                 # band to train on; pixels the alpha marks as empty read as all-zero, nodata, as in a scene.
                 bands, alpha = bands[:-1], bands[-1]
                 bands[:, alpha == 0] = 0
-            if nodata_as_zero and src.colorinterp[0] != ColorInterp.palette:  # a palette's nodata is an index
+            if nodata_as_zero and not palette:  # a palette's nodata is an index
                 declared_nodata_to_zero(bands, src.nodata)
     except RasterioError:
         return None
@@ -548,19 +554,6 @@ def is_palette_png(path: Path) -> bool:
     return len(head) == 26 and head.startswith(PNG_SIGNATURE) and head[25] == PNG_PALETTE
 
 
-def is_palette_tiff(path: Path) -> bool:
-    """Say whether a file is a one-band TIFF with a colour table (class rasters from ArcGIS or GDAL), whose indices
-    decode_tiff hands over as the colours they stand for."""
-    if Path(path).suffix.lower() not in TIFF_EXTENSIONS:
-        return False
-    try:
-        with quiet_gdal(), MemoryFile(np.fromfile(str(path), dtype=np.uint8).tobytes()) as memory:
-            with memory.open(driver="GTiff") as src:
-                return src.count == 1 and src.colorinterp[0] == ColorInterp.palette
-    except (OSError, RasterioError):
-        return False
-
-
 def colour_mask_error(mask: np.ndarray, path: Path) -> DataError:
     """The refusal of a mask whose bands differ, naming the colours found and how to write the mask expected.
 
@@ -801,14 +794,14 @@ def read_mask(path: Path) -> np.ndarray:
     Raises:
         DataError: the file is missing, unreadable or not an image.
     """
-    if is_palette_png(path) or is_palette_tiff(path):
+    if is_palette_png(path):  # OpenCV hands a palette PNG over as its colours: GDAL reads its indices
         try:
             with quiet_gdal(), MemoryFile(np.fromfile(str(path), dtype=np.uint8).tobytes()) as memory:
                 with memory.open() as src:
                     return src.read(1)[:, :, None]
         except (OSError, RasterioError):
             pass  # read_image says what is wrong with the file
-    return read_image(path)
+    return read_image(path, palette_as_indices=True)
 
 
 def load_mask(path: Path, threshold: int = 0, ignore_index: int = -1) -> np.ndarray:
