@@ -190,16 +190,18 @@ def imagenet_normalisation(in_channels: int) -> tuple[list[float], list[float]]:
 
 
 def first_conv_for_bands(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """conv1's ImageNet filters (64, 3, 7, 7) adapted to ``in_channels`` bands.
+    """A first convolution's filters (out, bands, k, k), ImageNet's conv1 (64, 3, 7, 7) or a farmland network's
+    first layer, adapted to ``in_channels`` bands.
 
-    Three bands keep them. More: the extra bands get the mean of the R, G and B filters. Fewer: every band gets
-    the sum of the three divided by the band count, so a uniform input answers as the RGB filters answered
-    the same value on all three bands (a grey band gets exactly the response to a grey RGB image).
+    As many bands keep them. More: the extra bands (NIR beside R, G, B) get the mean of the others' filters. Fewer:
+    every band gets the sum of them divided by the band count, so a uniform input answers as the filters answered
+    the same value on all bands (a grey band gets exactly the response to a grey RGB image).
     """
-    if in_channels == 3:
+    bands = weight.shape[1]
+    if in_channels == bands:
         return weight.clone()
-    if in_channels > 3:
-        extra = weight.mean(dim=1, keepdim=True).expand(-1, in_channels - 3, -1, -1)
+    if in_channels > bands:
+        extra = weight.mean(dim=1, keepdim=True).expand(-1, in_channels - bands, -1, -1)
         return torch.cat([weight, extra], dim=1)
     return (weight.sum(dim=1, keepdim=True) / in_channels).expand(-1, in_channels, -1, -1).clone()
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from config import Config
 from data_preprocess import IGNORE, EpochSampler, FarmlandDataset, PlainSubset, quiet_gdal
+from encoders import first_conv_for_bands
 from files import DataError, atomic_write_csv, shown_path
 from metrics import confusion_counts
 from rasters import SAME_PIXEL_SIZE, TILE_TABLE, ground_pixel_size, open_raster, read_tile_table
@@ -780,14 +781,12 @@ def check_same_network(saved: Config, cfg: Config, path: Path) -> None:
 
 def widened_first_layer(weights: dict[str, torch.Tensor], bands: int, in_channels: int) -> dict[str, torch.Tensor]:
     """``weights`` of a network of ``bands`` input bands made to take ``in_channels`` (more): the filters of the
-    first convolution (the first 4-d tensor over ``bands`` channels) get the extra bands (NIR beside RGB, say)
-    from the mean of their filters of the others, as ImageNet's RGB filters are widened."""
+    first convolution (the first 4-d tensor over ``bands`` channels) widened as ImageNet's are
+    (encoders.first_conv_for_bands: the extra bands, NIR beside RGB say, from the mean of the others')."""
     if in_channels == bands:
         return weights
     key = next(k for k, v in weights.items() if v.dim() == 4 and v.shape[1] == bands)
-    first = weights[key].float()
-    extra = first.mean(dim=1, keepdim=True).expand(-1, in_channels - bands, -1, -1)
-    return weights | {key: torch.cat([first, extra], dim=1).to(weights[key].dtype)}
+    return weights | {key: first_conv_for_bands(weights[key].float(), in_channels).to(weights[key].dtype)}
 
 
 def starting_checkpoint(cfg: Config, mmap: bool = False) -> tuple[dict[str, Any], Config]:
