@@ -487,10 +487,9 @@ def run_pair(pair: Pair, job: ChangeJob) -> dict:
 
 def check_pairs(pairs: Sequence[Pair], job: ChangeJob) -> tuple[list[Pair], int]:
     """Open and check every pair before the first is predicted; return the good ones and the count of bad."""
-    ready, failures = [], 0
+    ready, failures, in_channels = [], 0, job.state["config"]["in_channels"]
     for pair in pairs:
         try:
-            in_channels = job.state["config"]["in_channels"]
             with open_pair(pair, job.settings.bands, in_channels, warn=False) as (before, after, _):
                 if job.truth is not None:
                     change_detection.check_truth(job.truth, change_detection.grid_of(before), str(pair.before))

@@ -518,24 +518,17 @@ def log_interval(interval: dict[str, Any]) -> None:
     """The interval in one line, or why there is none; resampled by image, a word on what that misses."""
     units, kind = interval["units"], interval["resampled"]
     pooled, per_image = interval["pooled_farmland_iou"], interval["per_image_farmland_iou"]
-    if pooled is None and per_image is None and units >= FEW_UNITS:
-        LOG.warning(
-            "%d of the %d test %s hold farmland in a label or prediction (the others change no farmland IoU): too "
-            "few (under %d) to say how far its figures would move on other %s of the same place, so take them as "
-            "one draw, not a measure of the model (docs/metrics.md)",
-            interval["units_with_farmland"],
-            units,
-            kind,
-            FEW_UNITS,
-            kind,
-        )
-        return
     if pooled is None and per_image is None:
+        held = (
+            f"{interval['units_with_farmland']} of the {units} test {kind} hold farmland in a label or prediction "
+            "(the others change no farmland IoU)"
+            if units >= FEW_UNITS
+            else f"the test split holds {units} {kind}"
+        )
         LOG.warning(
-            "the test split holds %d %s: too few (under %d) to say how far its figures would move on other %s of "
-            "the same place, so take them as one draw, not a measure of the model (docs/metrics.md)",
-            units,
-            kind,
+            "%s: too few (under %d) to say how far its figures would move on other %s of the same place, so take "
+            "them as one draw, not a measure of the model (docs/metrics.md)",
+            held,
             FEW_UNITS,
             kind,
         )
